@@ -1,0 +1,1 @@
+"""loom-ops: durable runbook runs, exactly once or a human decides."""

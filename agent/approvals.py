@@ -1,0 +1,95 @@
+"""Who may decide an approval request, and what each decision does to the run."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from enum import StrEnum
+
+from agent.records import (
+    ApprovalKind,
+    ApprovalRecord,
+    ApprovalStatus,
+    Checkpoint,
+    RunRecord,
+    RunStatus,
+)
+from agent.store import DecisionEffect
+
+
+class Decision(StrEnum):
+    """What a decider can say: approve (retry, for an in-doubt step), skip, or reject (abort)."""
+
+    APPROVE = "approve"
+    SKIP = "skip"
+    REJECT = "reject"
+
+
+class DecisionRefused(Exception):
+    """The decider may not make this decision; `str()` says why in one line."""
+
+
+def check_decider(approval: ApprovalRecord, decider: str, global_approvers: Sequence[str]) -> None:
+    """Raise DecisionRefused unless `decider` may decide `approval`.
+
+    Every list that is set must name the decider: the global `LOOM_OPS_APPROVERS` and the
+    runbook's `approvers` (which can only narrow it). Four eyes bars the requester.
+    """
+    if global_approvers and decider not in global_approvers:
+        raise DecisionRefused(f"{decider} is not an approver (LOOM_OPS_APPROVERS)")
+    if approval.deciders and decider not in approval.deciders:
+        raise DecisionRefused(
+            f"{decider} may not decide this request (runbook approvers: "
+            f"{', '.join(approval.deciders)})"
+        )
+    if approval.four_eyes and decider == approval.requested_by:
+        raise DecisionRefused(f"{decider} requested this run and the runbook asks for four eyes")
+
+
+def decision_status(approval: ApprovalRecord, decision: Decision) -> ApprovalStatus:
+    """The approval status a decision records; skip exists only for in-doubt requests."""
+    if decision == Decision.SKIP and approval.kind != ApprovalKind.IN_DOUBT:
+        raise DecisionRefused("skip applies only to a step that may or may not have run")
+    return {
+        Decision.APPROVE: ApprovalStatus.APPROVED,
+        Decision.SKIP: ApprovalStatus.SKIPPED,
+        Decision.REJECT: ApprovalStatus.REJECTED,
+    }[decision]
+
+
+def decision_effect(
+    approval: ApprovalRecord,
+    run: RunRecord,
+    decision: Decision,
+    decider: str,
+    note: str | None,
+    rollback_on_reject: bool,
+) -> DecisionEffect:
+    """What the decision does to the gated call and the run, applied in one transaction."""
+    now = time.time()
+    checkpoint = run.checkpoint
+    decided = {"decided_by": decider, "decided_at": now, "note": note}
+    if decision == Decision.REJECT:
+        outcome = {"approved": False, **decided}
+        if approval.kind == ApprovalKind.GATE and rollback_on_reject:
+            # The kernel rolls completed steps back, then ends the run as rejected.
+            rollback = Checkpoint(
+                **{
+                    **dataclasses.asdict(checkpoint),
+                    "turn": checkpoint.turn + 1,
+                    "call": 0,
+                    "phase": "rollback",
+                }
+            )
+            return DecisionEffect("ok", outcome, RunStatus.QUEUED, rollback)
+        error = f"rejected by {decider}" + (f": {note}" if note else "")
+        status = "ok" if approval.kind == ApprovalKind.GATE else None
+        return DecisionEffect(status, outcome, RunStatus.REJECTED, None, error=error)
+    advanced = dataclasses.replace(checkpoint, call=checkpoint.call + 1)
+    if approval.kind == ApprovalKind.GATE:
+        return DecisionEffect("ok", {"approved": True, **decided}, RunStatus.QUEUED, advanced)
+    if decision == Decision.SKIP:
+        outcome = {"skipped": True, "may_have_run": True, **decided}
+        return DecisionEffect("skipped", outcome, RunStatus.QUEUED, advanced)
+    return DecisionEffect("retry", None, RunStatus.QUEUED, None)

@@ -1,0 +1,368 @@
+"""The `loom-ops` command line: start, resume, decide, cancel, list and explain runs.
+
+Exit codes: 0 when the run succeeded or waits for a decision; 1 when it failed, was rejected,
+cancelled or expired (or was interrupted); 2 for bad usage or input. Errors are one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from pydantic import ValidationError
+
+from agent.approvals import Decision
+from agent.explain import render_timeline
+from agent.records import ApprovalRecord, RunRecord, RunStatus
+from agent.request import RequestError
+from agent.runbook import RunbookError, load_catalog, load_runbook
+from agent.service import RunService, ServiceError
+from agent.settings import Settings
+from agent.store import StoreError
+from agent.summary import build_summary, render_summary
+
+EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad usage or input: one line on stderr, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One clear line instead of argparse's usage dump.
+        self.exit(EXIT_USAGE, f"loom-ops: {message} (see loom-ops {self._sub_name()} --help)\n")
+
+    def _sub_name(self) -> str:
+        return self.prog.partition(" ")[2]
+
+
+def _common(parser: argparse.ArgumentParser, run_flags: bool = False) -> None:
+    parser.add_argument("--db", help="SQLite database file (LOOM_OPS_DB, default ops.sqlite)")
+    parser.add_argument(
+        "--workspace", type=Path, help="workspace with runbooks/ (LOOM_OPS_WORKSPACE, default .)"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    if run_flags:
+        parser.add_argument(
+            "--mock-llm", action="store_true", default=None, help="use the deterministic policy"
+        )
+        parser.add_argument("--max-steps", type=int, help="policy turns per run")
+        parser.add_argument("--max-tool-calls", type=int, help="tool calls per run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = _Parser(prog="loom-ops", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("runbook", help="start a runbook run from an incident message")
+    p.add_argument("message", help='e.g. "incident: API latency spike service=checkout"')
+    p.add_argument("--run-id", required=True)
+    _common(p, run_flags=True)
+
+    p = sub.add_parser("resume", help="drive a run on from its checkpoint (all orphans if no id)")
+    p.add_argument("--run-id")
+    _common(p, run_flags=True)
+
+    for name, help_text in (("approve", "approve the pending request"), ("reject", "reject it")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--run-id", required=True)
+        p.add_argument("--note", help="why (recorded with the decision)")
+        p.add_argument("--as", dest="as_user", help="decide as cli:<name> (default: OS user)")
+        if name == "approve":
+            p.add_argument(
+                "--skip",
+                action="store_true",
+                help="for a step that may or may not have run: treat it as done, do not rerun",
+            )
+        _common(p, run_flags=True)
+
+    p = sub.add_parser("cancel", help="cancel a run")
+    p.add_argument("--run-id", required=True)
+    p.add_argument("--as", dest="as_user", help="cancel as cli:<name>")
+    _common(p)
+
+    p = sub.add_parser("runs", help="list runs, newest first")
+    p.add_argument("--status", choices=[s.value for s in RunStatus])
+    p.add_argument("--limit", type=int, default=50)
+    _common(p)
+
+    p = sub.add_parser("explain", help="a run's timeline")
+    p.add_argument("--run-id", required=True)
+    _common(p)
+
+    p = sub.add_parser("runbooks", help="list or validate runbooks")
+    p.add_argument("action", choices=["list", "validate"])
+    p.add_argument("path", nargs="?", type=Path, help="file or directory (default: runbooks/)")
+    _common(p)
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    for name in ("db", "workspace", "mock_llm", "max_steps", "max_tool_calls"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise UsageError(f"bad setting {field}: {first['msg']}") from None
+
+
+# -- output -------------------------------------------------------------------------------------
+
+
+def _exit_code(run: RunRecord) -> int:
+    if run.status in (RunStatus.SUCCEEDED, RunStatus.WAITING_APPROVAL, RunStatus.WAITING_CHILDREN):
+        return EXIT_OK
+    return EXIT_RUN_FAILED
+
+
+def _approval_json(approval: ApprovalRecord | None) -> dict[str, Any] | None:
+    if approval is None:
+        return None
+    return {
+        "id": approval.id,
+        "kind": approval.kind,
+        "step_id": approval.step_id,
+        "action": approval.action,
+        "reason": approval.reason,
+        "rollback": approval.rollback,
+        "deciders": approval.deciders,
+        "status": approval.status,
+        "decided_by": approval.decided_by,
+        "deadline_at": approval.deadline_at,
+    }
+
+
+def _run_json(run: RunRecord) -> dict[str, Any]:
+    return {
+        "run_id": run.id,
+        "status": str(run.status),
+        "role": run.role,
+        "runbook_id": run.runbook_id,
+        "params": run.params,
+        "requested_by": run.requested_by,
+        "summary": run.summary,
+        "error": run.error,
+        "created_at": run.created_at,
+        "finished_at": run.finished_at,
+    }
+
+
+async def _report(service: RunService, run: RunRecord, as_json: bool, extra: str = "") -> int:
+    """Print where a run stands: its pending approval, or its audit summary once final."""
+    approval = await service.pending_approval(run.id)
+    if as_json:
+        payload = _run_json(run) | {"approval": _approval_json(approval)}
+        if extra:
+            payload["message"] = extra
+        print(json.dumps(payload, ensure_ascii=False))
+        return _exit_code(run)
+    if extra:
+        print(extra)
+    if approval is not None:
+        print(f"Run {run.id} is waiting for approval #{approval.id} ({approval.kind}).")
+        print(f"  step:     {approval.step_id}")
+        print(f"  action:   {approval.action}")
+        print(f"  why:      {approval.reason}")
+        print(f"  rollback: {approval.rollback or '-'}")
+        print(f"  who:      {', '.join(approval.deciders) or 'any approver'}")
+        print(f"Decide with: loom-ops approve --run-id {run.id}   (or: loom-ops reject …)")
+    elif run.status.is_terminal:
+        print(render_summary(await build_summary(service.store, run.id)), end="")
+    else:
+        reason = f": {run.error}" if run.error else ""
+        print(
+            f"Run {run.id} is {run.status}{reason}; continue with loom-ops resume --run-id {run.id}"
+        )
+    return _exit_code(run)
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+
+async def _cmd_runbook(service: RunService, args: argparse.Namespace) -> int:
+    run = await service.start(args.run_id, args.message, requested_by=_cli_user(service, None))
+    if run.status in (RunStatus.QUEUED, RunStatus.RUNNING):
+        return await _interrupted(service, run, args.json)
+    return await _report(service, run, args.json)
+
+
+async def _interrupted(service: RunService, run: RunRecord, as_json: bool) -> int:
+    events = await service.store.list_events(run.id)
+    reason = next((e.data["error"] for e in reversed(events) if e.type == "run_interrupted"), None)
+    message = f"run {run.id} was interrupted: {reason or 'unknown reason'}"
+    if as_json:
+        print(json.dumps(_run_json(run) | {"error": message}))
+    else:
+        print(
+            f"loom-ops: {message}; resume with loom-ops resume --run-id {run.id}", file=sys.stderr
+        )
+    return EXIT_RUN_FAILED
+
+
+async def _cmd_resume(service: RunService, args: argparse.Namespace) -> int:
+    if args.run_id:
+        run = await service.resume(args.run_id)
+        if run.status in (RunStatus.QUEUED, RunStatus.RUNNING):
+            return await _interrupted(service, run, args.json)
+        return await _report(service, run, args.json)
+    runs = await service.recover()
+    if args.json:
+        print(json.dumps({"run_id": None, "status": "ok", "runs": [_run_json(r) for r in runs]}))
+    else:
+        for run in runs:
+            print(f"{run.id}: {run.status}")
+        print(f"resumed {len(runs)} run(s)")
+    return EXIT_OK if all(_exit_code(r) == EXIT_OK for r in runs) else EXIT_RUN_FAILED
+
+
+async def _cmd_decide(service: RunService, args: argparse.Namespace) -> int:
+    if args.command == "reject":
+        decision = Decision.REJECT
+    else:
+        decision = Decision.SKIP if args.skip else Decision.APPROVE
+    decider = _cli_user(service, args.as_user)
+    result = await service.decide(args.run_id, decision, decider, args.note)
+    if not result.changed:
+        raise UsageError(f"run {args.run_id}: {result.message}")
+    return await _report(service, result.run, args.json, extra=f"Decision: {result.message}")
+
+
+async def _cmd_cancel(service: RunService, args: argparse.Namespace) -> int:
+    run = await service.cancel(args.run_id, _cli_user(service, args.as_user))
+    return await _report(service, run, args.json)
+
+
+async def _cmd_runs(service: RunService, args: argparse.Namespace) -> int:
+    runs = await service.list(RunStatus(args.status) if args.status else None, args.limit)
+    if args.json:
+        print(json.dumps({"run_id": None, "status": "ok", "runs": [_run_json(r) for r in runs]}))
+        return EXIT_OK
+    if not runs:
+        print("no runs")
+    for run in runs:
+        print(f"{run.id:<24} {run.status:<17} {run.runbook_id or '-':<24} {run.request[:60]}")
+    return EXIT_OK
+
+
+async def _cmd_explain(service: RunService, args: argparse.Namespace) -> int:
+    run = await service.get(args.run_id)
+    events = await service.store.list_events(run.id)
+    if args.json:
+        payload = _run_json(run) | {
+            "events": [
+                {"seq": e.seq, "ts": e.ts, "type": e.type, "data": e.data, "hash": e.hash}
+                for e in events
+            ]
+        }
+        print(json.dumps(payload, ensure_ascii=False))
+    else:
+        print(render_timeline(run, events), end="")
+    return EXIT_OK
+
+
+def _cmd_runbooks(settings: Settings, args: argparse.Namespace) -> int:
+    path: Path = args.path or settings.runbooks_dir
+    if path.is_file():
+        try:
+            runbooks, errors = [load_runbook(path)], []
+        except RunbookError as exc:
+            runbooks, errors = [], [exc]
+    elif path.is_dir():
+        catalog = load_catalog(path)
+        runbooks, errors = list(catalog.runbooks.values()), catalog.errors
+    else:
+        raise UsageError(f"no such file or directory: {path}")
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "run_id": None,
+                    "status": "invalid" if errors else "ok",
+                    "runbooks": [
+                        {"id": r.id, "title": r.title, "steps": len(r.steps)} for r in runbooks
+                    ],
+                    "errors": [str(e) for e in errors],
+                }
+            )
+        )
+    else:
+        for runbook in runbooks:
+            gated = sum(1 for s in runbook.steps if s.needs_approval)
+            if args.action == "list":
+                print(
+                    f"{runbook.id:<26} {len(runbook.steps)} steps, {gated} gated  {runbook.title}"
+                )
+            else:
+                print(f"ok       {runbook.id}")
+        for error in errors:
+            print(f"invalid  {error}", file=sys.stderr)
+    return EXIT_USAGE if errors else EXIT_OK
+
+
+def _cli_user(service: RunService, name: str | None) -> str:
+    return f"cli:{name or service.settings.user}"
+
+
+COMMANDS: dict[str, Callable[[RunService, argparse.Namespace], Awaitable[int]]] = {
+    "runbook": _cmd_runbook,
+    "resume": _cmd_resume,
+    "approve": _cmd_decide,
+    "reject": _cmd_decide,
+    "cancel": _cmd_cancel,
+    "runs": _cmd_runs,
+    "explain": _cmd_explain,
+}
+
+
+async def _run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if args.command == "runbooks":
+        return _cmd_runbooks(settings, args)
+    service = await RunService.open(settings)
+    try:
+        return await COMMANDS[args.command](service, args)
+    finally:
+        await service.close()
+
+
+class _OneLineFormatter(logging.Formatter):
+    """Log lines without tracebacks: the journal keeps the detail, the terminal stays readable."""
+
+    def formatException(self, ei: Any) -> str:
+        return ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).rstrip()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `loom-ops` console script."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(_OneLineFormatter("loom-ops: %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    args = build_parser().parse_args(argv)
+    try:
+        return asyncio.run(_run(args))
+    except (UsageError, ServiceError, StoreError, RequestError, RunbookError) as exc:
+        print(f"loom-ops: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("loom-ops: interrupted; resume with loom-ops resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,494 @@
+"""The durable run kernel: the loop that asks a policy, checks, journals and executes tool calls.
+
+Every tool call is committed as an intent before it runs, and its outcome is committed together
+with the run's next checkpoint. A call found with an intent and no outcome on resume is in doubt:
+an idempotent one runs again, any other waits for a human to say retry, skip or abort.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shlex
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import ValidationError
+
+from agent.failpoints import Failpoints
+from agent.leases import LeaseKeeper, owner_is_dead
+from agent.policy import FinalAnswer, Observation, Policy, PolicyContext, PolicyDecision, ToolCall
+from agent.records import ApprovalKind, Checkpoint, RunRecord, RunStatus, ToolCallRecord
+from agent.redaction import Redactor
+from agent.runbook import Runbook, RunbookCatalog, Step, render_command, render_text
+from agent.settings import Settings
+from agent.store import LeaseLost, NewApproval, NewPolicyTurn, NewToolCall, RunStore
+from agent.tools import (
+    TOOL_SPECS,
+    AwaitApprovalArgs,
+    ReadRunbookArgs,
+    RecordAuditArgs,
+    StepArgs,
+    Toolbox,
+    ToolResult,
+    tools_for_role,
+)
+
+log = logging.getLogger(__name__)
+
+KERNEL_ROLE = "kernel"  # the kernel's own rollback turns
+ROLLBACK_POLICY = "kernel:rollback"
+
+
+class PolicyUnavailable(Exception):
+    """No policy can serve this run (e.g. no LLM configured); the run stays resumable."""
+
+
+class _Wait(Exception):
+    """The run is parked (waiting for a human); the loop ends without finishing the run."""
+
+
+class _Finish(Exception):
+    """The run must end now with this status and message."""
+
+    def __init__(self, status: RunStatus, error: str) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+
+
+def call_key(run_id: str, turn: int, position: int) -> str:
+    """The idempotency key of one tool call: stable across crashes and resumes."""
+    return f"{run_id}#{turn}.{position}"
+
+
+def describe_action(step: Step, params: dict[str, Any], rollback: bool = False) -> str:
+    """The exact action a step performs, as a human approving it should read it."""
+    if rollback:
+        if step.rollback is None:
+            return "(no rollback)"
+        if step.rollback.run is not None:
+            return shlex.join(render_command(step.rollback.run, params))
+        return f"note: {render_text(step.rollback.note or '', params)}"
+    if step.run is not None:
+        return shlex.join(render_command(step.run, params))
+    if step.check is not None:
+        return (
+            f"GET {render_text(step.check.url, params)} "
+            f"(expect {step.check.expect_status}, within {step.check.max_latency_ms} ms)"
+        )
+    return f"note: {render_text(step.note or '', params)}"
+
+
+class RunKernel:
+    """Drives runs to their next wait or their end; one kernel serves many runs at once."""
+
+    def __init__(
+        self,
+        store: RunStore,
+        toolbox: Toolbox,
+        settings: Settings,
+        policy_for: Callable[[str], Policy],
+        catalog_loader: Callable[[], RunbookCatalog],
+        redactor: Redactor,
+        owner: str,
+    ) -> None:
+        self.store = store
+        self.toolbox = toolbox
+        self.settings = settings
+        self.policy_for = policy_for
+        self.catalog_loader = catalog_loader
+        self.redactor = redactor
+        self.owner = owner
+        self.failpoints = Failpoints(settings.failpoint)
+
+    async def drive(self, run_id: str) -> RunRecord:
+        """Claim the run's lease and drive it until it waits or ends; returns the run after."""
+        ttl = self.settings.lease_ttl
+        run = await self.store.claim_run(run_id, self.owner, ttl, owner_is_dead)
+        self.failpoints.reached("after_claim")
+        keeper = LeaseKeeper(lambda: self.store.renew_lease(run_id, self.owner, ttl), ttl)
+        try:
+            async with keeper:
+                await _RunLoop(self, run, keeper).run()
+        except LeaseLost as exc:
+            log.info("stopped driving %s: %s", run_id, exc)
+        except PolicyUnavailable as exc:
+            await self._interrupt(run_id, str(exc))
+        except Exception as exc:
+            # A bug or an outage must not take the whole process down, nor fail the incident
+            # run: journal it, free the lease, and leave the run for `resume`.
+            log.exception("run %s interrupted", run_id)
+            await self._interrupt(run_id, f"{type(exc).__name__}: {exc}")
+        return await self.store.get_run(run_id)
+
+    async def _interrupt(self, run_id: str, reason: str) -> None:
+        try:
+            await self.store.append_event(run_id, "run_interrupted", {"error": reason})
+        finally:
+            await self.store.release_lease(run_id, self.owner)
+
+
+class _RunLoop:
+    """The state of one drive of one run: its checkpoint, pinned runbook and history."""
+
+    def __init__(self, kernel: RunKernel, run: RunRecord, keeper: LeaseKeeper) -> None:
+        self.k = kernel
+        self.store = kernel.store
+        self.run_record = run
+        self.run_id = run.id
+        self.keeper = keeper
+        self.state = run.checkpoint
+        self.runbook = Runbook.model_validate(run.runbook) if run.runbook else None
+        self.params: dict[str, Any] = dict(run.params)
+        self.history: list[Observation] = []
+        self.approved_steps: set[str] = set()
+        self.started = time.monotonic()
+        self.base_active = run.checkpoint.active_seconds
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        for record in await self.store.list_tool_calls(self.run_id):
+            if record.outcome is not None and record.status not in ("intent", "retry"):
+                self.history.append(_observation(record))
+        self.approved_steps = await self.store.approved_gate_steps(self.run_id)
+        fresh_turn = False  # True once we know no journaled answer exists for this turn
+        try:
+            while True:
+                decision, pending = await self._decision(fresh_turn)
+                await self._execute_calls(decision, pending, fresh_turn)
+                if decision.final is not None or not decision.calls:
+                    await self._finish_from(decision, pending if not decision.calls else None)
+                    return
+                self.state = dataclasses.replace(self.state, turn=self.state.turn + 1, call=0)
+                fresh_turn = True
+        except _Wait:
+            self.k.failpoints.reached("after_wait")
+        except _Finish as finish:
+            await self.store.finish_run(
+                self.run_id,
+                self.k.owner,
+                finish.status,
+                self._checkpoint(),
+                summary=None,
+                error=finish.error,
+            )
+
+    async def _decision(self, fresh_turn: bool) -> tuple[PolicyDecision, NewPolicyTurn | None]:
+        """The journaled answer for this turn, or a new one (to be committed with its first use)."""
+        if not fresh_turn:
+            recorded = await self.store.get_policy_turn(self.run_id, self.state.turn)
+            if recorded is not None:
+                return PolicyDecision.model_validate(recorded.response), None
+        if self.state.steps_used >= self.run_record.limits.max_steps:
+            raise _Finish(
+                RunStatus.FAILED,
+                f"budget exhausted: max_steps={self.run_record.limits.max_steps}",
+            )
+        self._check_deadline()
+        if self.state.phase == "rollback":
+            decision, policy_name, request_hash = self._rollback_plan(), ROLLBACK_POLICY, ""
+        else:
+            policy = self.k.policy_for(self.run_record.role)
+            context = PolicyContext(
+                run_id=self.run_id,
+                role=self.run_record.role,
+                request=self.run_record.request,
+                catalog=self.k.catalog_loader(),
+                runbook=self.runbook,
+                params=self.params,
+                history=self.history,
+                memory=self.k.toolbox.memory_lines(),
+                tools=tools_for_role(self.run_record.role),
+            )
+            decision = await policy.decide(context)
+            policy_name, request_hash = policy.name, context.request_hash()
+        response = self.k.redactor.data(decision.model_dump(mode="json"))
+        decision = PolicyDecision.model_validate(response)
+        self.state = dataclasses.replace(self.state, steps_used=self.state.steps_used + 1)
+        pending = NewPolicyTurn(
+            turn=self.state.turn,
+            policy=policy_name,
+            request_hash=request_hash,
+            response=response,
+            prompt_tokens=decision.prompt_tokens,
+            completion_tokens=decision.completion_tokens,
+        )
+        return decision, pending
+
+    async def _execute_calls(
+        self, decision: PolicyDecision, pending: NewPolicyTurn | None, fresh_turn: bool
+    ) -> None:
+        while self.state.call < len(decision.calls):
+            if self.keeper.lost:
+                raise LeaseLost(f"lease of run {self.run_id} lost")
+            call = decision.calls[self.state.call]
+            key = call_key(self.run_id, self.state.turn, self.state.call)
+            existing = None if fresh_turn or pending else await self.store.get_tool_call(key)
+            await self._one_call(call, key, pending, existing)
+            pending = None  # the turn is journaled with the first call's commit
+
+    async def _finish_from(self, decision: PolicyDecision, pending: NewPolicyTurn | None) -> None:
+        final = decision.final or FinalAnswer(
+            outcome="failed", summary="the policy proposed no action and gave no final answer"
+        )
+        if self.state.phase == "rollback":
+            status = RunStatus.REJECTED
+        elif final.outcome == "succeeded":
+            status = RunStatus.SUCCEEDED
+        else:
+            status = RunStatus.FAILED
+        await self.store.finish_run(
+            self.run_id,
+            self.k.owner,
+            status,
+            self._checkpoint(),
+            summary=final.summary,
+            error=None if status == RunStatus.SUCCEEDED else final.summary,
+            turn=pending,
+        )
+
+    # -- one call ----------------------------------------------------------------------------
+
+    async def _one_call(
+        self,
+        call: ToolCall,
+        key: str,
+        pending: NewPolicyTurn | None,
+        existing: ToolCallRecord | None,
+    ) -> None:
+        args = self.k.redactor.data(call.args)
+        rerun = False
+        if existing is not None:
+            if existing.status == "intent":
+                if not self.k.toolbox.is_idempotent(existing.tool, existing.args, self.runbook):
+                    await self._open_in_doubt(existing)
+                rerun = True
+            elif existing.status != "retry":  # already decided by a human (e.g. skipped)
+                self.history.append(_observation(existing))
+                self.state = dataclasses.replace(self.state, call=self.state.call + 1)
+                return
+        if self.state.tool_calls_used >= self.run_record.limits.max_tool_calls:
+            raise _Finish(
+                RunStatus.FAILED,
+                f"budget exhausted: max_tool_calls={self.run_record.limits.max_tool_calls}",
+            )
+        self._check_deadline()
+        step_id = args.get("step_id") if isinstance(args.get("step_id"), str) else None
+        new_call = NewToolCall(key, self.state.turn, self.state.call, call.name, args, step_id)
+        refusal, parsed = self._check(call.name, args)
+        if refusal is None and call.name == "await_approval":
+            assert isinstance(parsed, AwaitApprovalArgs)
+            if parsed.step_id not in self.approved_steps:
+                # An in-doubt await_approval already has its intent row; only the request is new.
+                await self._open_gate(parsed, None if existing else new_call, pending)
+        self.k.failpoints.reached("before_intent")
+        attempt = await self.store.begin_tool_call(
+            self.run_id, self.k.owner, new_call, self._checkpoint(), pending, rerun=rerun
+        )
+        self.k.failpoints.reached("after_intent")
+        started = time.perf_counter()
+        if refusal is not None:
+            result = ToolResult("refused", {"refused": refusal})
+        else:
+            result = await self._run_tool(call.name, parsed)
+        duration_ms = (time.perf_counter() - started) * 1000
+        self.k.failpoints.reached("after_tool")
+        outcome = self.k.redactor.data(result.outcome)
+        self.state = dataclasses.replace(
+            self.state, call=self.state.call + 1, tool_calls_used=self.state.tool_calls_used + 1
+        )
+        await self.store.finish_tool_call(
+            self.run_id,
+            self.k.owner,
+            key,
+            attempt,
+            result.status,
+            outcome,
+            duration_ms,
+            self._checkpoint(),
+            pin=result.pin,
+            extra_events=result.events,
+        )
+        self.k.failpoints.reached("after_outcome")
+        if result.pin is not None:
+            self.runbook = Runbook.model_validate(result.pin.runbook)
+            self.params = dict(result.pin.params)
+        self.history.append(Observation(key, call.name, args, result.status, outcome))
+
+    def _checkpoint(self) -> Checkpoint:
+        active = self.base_active + (time.monotonic() - self.started)
+        return dataclasses.replace(self.state, active_seconds=round(active, 3))
+
+    def _check_deadline(self) -> None:
+        if self._remaining() <= 0:
+            raise _Finish(
+                RunStatus.FAILED,
+                f"deadline exceeded: {self.run_record.limits.deadline_seconds:g} s of running time",
+            )
+
+    def _remaining(self) -> float:
+        active = self.base_active + (time.monotonic() - self.started)
+        return self.run_record.limits.deadline_seconds - active
+
+    # -- the kernel's checks -------------------------------------------------------------------
+
+    def _check(self, tool: str, args: dict[str, Any]) -> tuple[str | None, Any]:
+        """Refuse what the policy may not do; a refusal is an observation, not a crash."""
+        spec = TOOL_SPECS.get(tool)
+        role = KERNEL_ROLE if self.state.phase == "rollback" else self.run_record.role
+        if spec is None:
+            return f"unknown tool {tool!r}", None
+        if role not in spec.roles:
+            return f"tool {tool!r} is not available to the {role} role", None
+        try:
+            parsed = spec.args_model.model_validate(args)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'args'}: {err['msg']}"
+                for err in exc.errors()
+            )
+            return f"invalid arguments for {tool}: {problems}", None
+        if isinstance(parsed, ReadRunbookArgs | RecordAuditArgs):
+            return None, parsed
+        assert isinstance(parsed, StepArgs | AwaitApprovalArgs)
+        if self.runbook is None:
+            return "no runbook chosen yet: call read_runbook with a runbook_id first", None
+        try:
+            step = self.runbook.step(parsed.step_id)
+        except KeyError:
+            return f"step {parsed.step_id!r} is not in runbook {self.runbook.id!r}", None
+        if tool == "check_health" and step.check is None:
+            return f"step {step.id!r} is not a health check", None
+        if tool == "rollback_step" and step.rollback is None:
+            return f"step {step.id!r} has no rollback", None
+        if tool == "await_approval" and not step.needs_approval:
+            return f"step {step.id!r} does not need approval", None
+        if tool == "execute_step" and step.needs_approval and step.id not in self.approved_steps:
+            return (
+                f"step {step.id!r} requires approval: call await_approval and wait for an "
+                "approver's decision first"
+            ), None
+        return None, parsed
+
+    async def _run_tool(self, tool: str, parsed: Any) -> ToolResult:
+        toolbox = self.k.toolbox
+        try:
+            if tool == "read_runbook":
+                return await toolbox.read_runbook(parsed, self.runbook)
+            if tool == "record_audit":
+                return await toolbox.record_audit(parsed)
+            if tool == "await_approval":
+                # Reached only when the gate is already approved (e.g. a retried step).
+                return ToolResult("ok", {"approved": True, "step_id": parsed.step_id})
+            assert self.runbook is not None
+            step = self.runbook.step(parsed.step_id)
+            if tool == "check_health":
+                assert step.check is not None
+                return await toolbox.check(step.check, self.params, self._remaining())
+            return await toolbox.execute_step(
+                step,
+                self.runbook,
+                self.params,
+                self._remaining(),
+                rollback=tool == "rollback_step",
+            )
+        except Exception as exc:  # a tool's failure is an outcome the policy sees
+            log.warning("tool %s failed in run %s", tool, self.run_id, exc_info=True)
+            return ToolResult("error", {"error": f"{type(exc).__name__}: {exc}"})
+
+    # -- approvals ---------------------------------------------------------------------------
+
+    def _deadline(self) -> float:
+        assert self.runbook is not None
+        timeout = self.runbook.approval_timeout or self.k.settings.approval_timeout
+        return time.time() + timeout
+
+    async def _open_gate(
+        self, args: AwaitApprovalArgs, new_call: NewToolCall, pending: NewPolicyTurn | None
+    ) -> None:
+        assert self.runbook is not None
+        step = self.runbook.step(args.step_id)
+        rollback = describe_action(step, self.params, rollback=True) if step.rollback else None
+        approval = NewApproval(
+            call_key=new_call.call_key,
+            kind=ApprovalKind.GATE,
+            step_id=step.id,
+            action=self.k.redactor.text(describe_action(step, self.params)),
+            reason=args.reason or step.title,
+            rollback=self.k.redactor.text(rollback) if rollback else None,
+            deciders=list(self.runbook.approvers),
+            four_eyes=self.runbook.four_eyes,
+            requested_by=self.run_record.requested_by,
+            deadline_at=self._deadline(),
+        )
+        await self.store.open_approval(
+            self.run_id, self.k.owner, approval, self._checkpoint(), call=new_call, turn=pending
+        )
+        raise _Wait()
+
+    async def _open_in_doubt(self, existing: ToolCallRecord) -> None:
+        step = None
+        if self.runbook is not None and existing.step_id is not None:
+            try:
+                step = self.runbook.step(existing.step_id)
+            except KeyError:
+                step = None
+        action = f"{existing.tool} {existing.args}"
+        if step is not None:
+            action = describe_action(step, self.params, rollback=existing.tool == "rollback_step")
+        what = f"step {existing.step_id!r}" if existing.step_id else f"call {existing.call_key}"
+        approval = NewApproval(
+            call_key=existing.call_key,
+            kind=ApprovalKind.IN_DOUBT,
+            step_id=existing.step_id,
+            action=self.k.redactor.text(action),
+            reason=(
+                f"{what} may or may not have run (the process stopped during attempt "
+                f"{existing.attempt}): approve to retry, skip to treat it as done, reject to abort"
+            ),
+            rollback=None,
+            deciders=list(self.runbook.approvers) if self.runbook else [],
+            four_eyes=False,
+            requested_by=self.run_record.requested_by,
+            deadline_at=self._deadline() if self.runbook else time.time() + 3600,
+        )
+        await self.store.open_approval(self.run_id, self.k.owner, approval, self._checkpoint())
+        raise _Wait()
+
+    # -- rollback after a rejection ------------------------------------------------------------
+
+    def _rollback_plan(self) -> PolicyDecision:
+        """Roll back completed steps that declare a rollback, newest first."""
+        assert self.runbook is not None
+        done: list[str] = []
+        for obs in self.history:
+            if obs.tool == "execute_step" and obs.status == "ok":
+                step_id = obs.args.get("step_id")
+                if step_id not in done:
+                    done.append(step_id)
+        calls = [
+            ToolCall(name="rollback_step", args={"step_id": step_id})
+            for step_id in reversed(done)
+            if self.runbook.step(step_id).rollback is not None
+        ]
+        summary = (
+            f"rejected; rolled back {len(calls)} step(s)"
+            if calls
+            else "rejected; nothing to roll back"
+        )
+        return PolicyDecision(
+            calls=calls, final=FinalAnswer(outcome="failed", summary=summary), thought="rollback"
+        )
+
+
+def _observation(record: ToolCallRecord) -> Observation:
+    return Observation(
+        call_key=record.call_key,
+        tool=record.tool,
+        args=record.args,
+        status=record.status,
+        outcome=record.outcome or {},
+    )

@@ -1,0 +1,165 @@
+"""The deterministic, key-free policy: matches a runbook, then walks its steps in order.
+
+It proposes exactly the tool calls a real LLM policy would, through the same kernel path.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from agent.policy import FinalAnswer, Observation, PolicyContext, PolicyDecision, ToolCall
+from agent.request import RequestError, parse_request
+from agent.runbook import Runbook, RunbookCatalog
+
+_WORD = re.compile(r"[a-z0-9]+")
+_STEP_TOOLS = ("execute_step", "check_health", "await_approval")
+_FAILED = "FAILED"
+
+
+def _words(text: str) -> set[str]:
+    return set(_WORD.findall(text.lower()))
+
+
+def match_runbook(catalog: RunbookCatalog, text: str) -> Runbook | None:
+    """The runbook whose id, triggers and title best match the request text, if any."""
+    lowered = text.lower()
+    words = _words(text)
+    best: tuple[int, str] | None = None
+    for runbook in catalog.runbooks.values():
+        score = 0
+        if runbook.id in lowered:
+            score += 100
+        for trigger in runbook.triggers:
+            trigger_words = _words(trigger)
+            if trigger_words and (trigger.lower() in lowered or trigger_words <= words):
+                score += 10 * len(trigger_words)
+        # Title words count only when they carry meaning ("latency", not "the").
+        score += len({w for w in _words(runbook.title) if len(w) >= 4} & words)
+        if score > 0 and (best is None or (score, runbook.id) > best):
+            best = (score, runbook.id)
+    return catalog.runbooks[best[1]] if best else None
+
+
+def _call(name: str, **args: object) -> PolicyDecision:
+    return PolicyDecision(calls=[ToolCall(name=name, args=dict(args))])
+
+
+def _final(outcome: str, summary: str) -> PolicyDecision:
+    return PolicyDecision(final=FinalAnswer(outcome=outcome, summary=summary))  # type: ignore[arg-type]
+
+
+class MockPolicy:
+    """Picks a runbook by matching text, fills params, asks approval where needed, audits."""
+
+    name = "mock"
+
+    def preflight(self, request: str, catalog: RunbookCatalog) -> None:
+        """Refuse, before any run exists, a request that matches no runbook or has bad params."""
+        parsed = parse_request(request)
+        runbook = match_runbook(catalog, parsed.text or request)
+        if runbook is None:
+            raise RequestError(_no_match(parsed.text or request, catalog))
+        runbook.resolve_params(parsed.params)
+
+    async def decide(self, context: PolicyContext) -> PolicyDecision:
+        """Next turn, from the runbook and the last observation only (constant time per turn)."""
+        last = context.history[-1] if context.history else None
+        if last is not None and last.status == "refused":
+            return _final("failed", f"the kernel refused {last.tool}: {last.outcome['refused']}")
+        runbook = context.runbook
+        if runbook is None:
+            return self._choose(context, last)
+        if last is not None and last.tool == "record_audit":
+            return self._conclude(runbook, context, failed=_FAILED in last.args.get("entry", ""))
+        index, retry = self._next_step(runbook, context.history)
+        if index is None:
+            return self._audit(runbook, context, failed=True)
+        if index >= len(runbook.steps):
+            return self._audit(runbook, context, failed=False)
+        step = runbook.steps[index]
+        if step.needs_approval and not retry and not _approved(last, step.id):
+            return _call("await_approval", step_id=step.id, reason=step.title)
+        tool = "check_health" if step.check is not None else "execute_step"
+        return _call(tool, step_id=step.id)
+
+    def _choose(self, context: PolicyContext, last: Observation | None) -> PolicyDecision:
+        if last is not None and last.tool == "read_runbook" and last.status == "error":
+            return _final("failed", f"cannot start the runbook: {last.outcome.get('error')}")
+        try:
+            parsed = parse_request(context.request)
+        except RequestError as exc:
+            return _final("failed", str(exc))
+        runbook = match_runbook(context.catalog, parsed.text or context.request)
+        if runbook is None:
+            return _final("failed", _no_match(parsed.text or context.request, context.catalog))
+        return _call("read_runbook", runbook_id=runbook.id, params=parsed.params)
+
+    @staticmethod
+    def _next_step(runbook: Runbook, history: Sequence[Observation]) -> tuple[int | None, bool]:
+        """(index of the step to do next, whether it is a retry); (None, True) when out of retries.
+
+        Looks only at the tail of the history: the consecutive failures of the current step.
+        """
+        current = None
+        failures = 0
+        for obs in reversed(history):
+            if obs.tool not in _STEP_TOOLS:
+                break
+            step_id = obs.args.get("step_id")
+            if current is None:
+                current = step_id
+            elif step_id != current:
+                break
+            if obs.tool != "await_approval" and obs.status == "error":
+                failures += 1
+                continue
+            break
+        if current is None:
+            return 0, False
+        step = runbook.step(current)
+        index = runbook.steps.index(step)
+        if failures == 0:
+            return (index, False) if history[-1].tool == "await_approval" else (index + 1, False)
+        if failures <= step.retries:
+            return index, True
+        return None, True
+
+    @staticmethod
+    def _audit(runbook: Runbook, context: PolicyContext, failed: bool) -> PolicyDecision:
+        last = context.history[-1] if context.history else None
+        where = f" at step {last.args.get('step_id')}" if failed and last else ""
+        verdict = f"{_FAILED}{where}" if failed else "completed"
+        params = " ".join(f"{k}={v}" for k, v in sorted(context.params.items()))
+        entry = f"{context.run_id}: runbook {runbook.id} {verdict} ({params})"
+        return _call("record_audit", entry=entry)
+
+    @staticmethod
+    def _conclude(runbook: Runbook, context: PolicyContext, failed: bool) -> PolicyDecision:
+        last_error = next((obs for obs in reversed(context.history) if obs.status == "error"), None)
+        if failed and last_error is not None:
+            step_id = last_error.args.get("step_id")
+            detail = (
+                last_error.outcome.get("error")
+                or last_error.outcome.get("denied")
+                or (f"exit code {last_error.outcome.get('exit_code')}")
+            )
+            return _final("failed", f"{runbook.title}: step {step_id} failed ({detail})")
+        return _final("succeeded", f"{runbook.title}: all {len(runbook.steps)} steps done")
+
+
+def _no_match(text: str, catalog: RunbookCatalog) -> str:
+    known = ", ".join(sorted(catalog.runbooks)) or "none"
+    message = f"no runbook matches {text[:80]!r} (known: {known})"
+    if catalog.errors:
+        message += f"; {len(catalog.errors)} invalid runbook file(s), first: {catalog.errors[0]}"
+    return message
+
+
+def _approved(last: Observation | None, step_id: str) -> bool:
+    return (
+        last is not None
+        and last.tool == "await_approval"
+        and last.args.get("step_id") == step_id
+        and bool(last.outcome.get("approved"))
+    )

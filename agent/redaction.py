@@ -1,0 +1,49 @@
+"""Secret redaction: applied by the kernel to everything it journals or shows a policy."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+REDACTED = "[REDACTED]"
+
+# Shapes of credentials that show up in command output and URLs often enough to catch by default.
+BUILTIN_PATTERNS = (
+    r"(?i)\b(?:bearer|token|basic)\s+[A-Za-z0-9._~+/=-]{12,}",
+    r"(?i)\b(?:password|passwd|pwd|secret|api[_-]?key|access[_-]?key|token)\s*[=:]\s*[^\s'\"&]{4,}",
+    r"\bAKIA[0-9A-Z]{16}\b",
+    r"\bgh[pousr]_[A-Za-z0-9]{30,}\b",
+    r"\bsk-[A-Za-z0-9_-]{20,}\b",
+    r"\bxox[abprs]-[A-Za-z0-9-]{10,}\b",
+    r"\b\d{6,12}:[A-Za-z0-9_-]{30,}\b",  # Telegram bot tokens
+    r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----",
+    r"(?<=://)[^/\s:@]+:[^/\s@]+(?=@)",  # user:password@ in URLs
+)
+
+
+class Redactor:
+    """Replaces secrets (configured patterns and known secret values) with a marker."""
+
+    def __init__(self, patterns: Iterable[str] = (), secret_values: Iterable[str] = ()) -> None:
+        compiled = [re.compile(p) for p in (*BUILTIN_PATTERNS, *patterns)]
+        values = sorted({v for v in secret_values if len(v) >= 4}, key=len, reverse=True)
+        if values:
+            compiled.append(re.compile("|".join(re.escape(v) for v in values)))
+        self._patterns = compiled
+
+    def text(self, value: str) -> str:
+        """Return `value` with every secret replaced."""
+        for pattern in self._patterns:
+            value = pattern.sub(REDACTED, value)
+        return value
+
+    def data(self, value: Any) -> Any:
+        """Redact every string inside a JSON-like structure."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, dict):
+            return {k: self.data(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.data(v) for v in value]
+        return value

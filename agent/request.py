@@ -1,0 +1,46 @@
+"""Parsing a request: free incident text plus `key=value` words that become runbook params."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import dataclass
+
+PARAM_WORD = re.compile(r"^([a-z_][a-z0-9_]{0,31})=(.*)$", re.DOTALL)
+MAX_REQUEST_BYTES = 4096
+
+
+class RequestError(ValueError):
+    """A request that cannot be understood; `str()` is one line for a human."""
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    """The words of a request split into incident text and params."""
+
+    text: str
+    params: dict[str, str]
+
+
+def parse_request(message: str) -> ParsedRequest:
+    """Split `message` into text and `key=value` params; quotes group words (`note="a b"`)."""
+    if len(message.encode("utf-8", errors="surrogatepass")) > MAX_REQUEST_BYTES:
+        raise RequestError(f"message is longer than {MAX_REQUEST_BYTES} bytes")
+    if "\x00" in message:
+        raise RequestError("message contains a NUL character")
+    try:
+        words = shlex.split(message, posix=True)
+    except ValueError as exc:  # unbalanced quotes
+        raise RequestError(f"cannot parse message: {exc}") from None
+    text_words: list[str] = []
+    params: dict[str, str] = {}
+    for word in words:
+        match = PARAM_WORD.match(word)
+        if match is None:
+            text_words.append(word)
+            continue
+        key, value = match.group(1), match.group(2)
+        if key in params:
+            raise RequestError(f"parameter {key!r} is given twice")
+        params[key] = value
+    return ParsedRequest(text=" ".join(text_words), params=params)

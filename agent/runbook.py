@@ -1,0 +1,829 @@
+"""Runbooks: the YAML format, its loader with file/line/field errors, and command templating.
+
+A runbook is an ordered list of steps, each with exactly one action (`run`, `check` or `note`).
+Commands are Jinja2 templates rendered in a sandbox; every `{{ expr }}` output is shell-quoted
+so that after `shlex.split` a parameter value is always exactly one argv element. Commands are
+executed without a shell elsewhere (see the shell tool); this module only builds the argv.
+
+Loading never half-loads: a file either yields a fully validated `Runbook` or one `RunbookError`
+naming the file, the 1-based line and the field (`steps[2].check.expect_status`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import re
+import shlex
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import jinja2
+import jinja2.meta
+import jinja2.sandbox
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "MAX_FILE_BYTES",
+    "HealthCheck",
+    "ParamError",
+    "RenderError",
+    "RollbackAction",
+    "Runbook",
+    "RunbookCatalog",
+    "RunbookError",
+    "RunbookParam",
+    "Step",
+    "load_catalog",
+    "load_runbook",
+    "render_command",
+    "render_text",
+    "render_url",
+    "runbook_json_schema",
+]
+
+MAX_FILE_BYTES = 256 * 1024
+# Aliases let a small file expand into a huge tree ("billion laughs"); validation walks the
+# expanded tree, so the expanded size is capped, not just the file size.
+MAX_EXPANDED_NODES = 20_000
+# A single parameter value ends up as one argv element; keep it to a sane size.
+MAX_PARAM_CHARS = 4096
+
+SLUG_PATTERN = r"[a-z0-9][a-z0-9_-]{0,62}"
+PARAM_NAME_PATTERN = r"[a-z_][a-z0-9_]{0,31}"
+ENV_NAME_PATTERN = r"[A-Za-z_][A-Za-z0-9_]{0,127}"
+APPROVER_PATTERN = r"[a-z][a-z0-9_]*:\S+"
+
+_TRUE_WORDS = frozenset({"true", "yes", "1"})
+_FALSE_WORDS = frozenset({"false", "no", "0"})
+_INTEGER_RE = re.compile(r"[+-]?[0-9]{1,18}")
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+
+
+class ParamError(ValueError):
+    """A parameter value given by a user was refused; the message is one line naming it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class RenderError(ValueError):
+    """A template could not be rendered into a command, text or URL."""
+
+
+class RunbookError(ValueError):
+    """A runbook file is invalid: where (path, line, field) and why (message)."""
+
+    def __init__(self, path: Path, line: int | None, field: str, message: str) -> None:
+        self.path = path
+        self.line = line
+        self.field = field
+        self.message = message
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = str(self.path) if self.line is None else f"{self.path}:{self.line}"
+        return (
+            f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+        )
+
+
+class _FieldError(ValueError):
+    """Raised inside validators to point below the validated object (e.g. `steps[3].id`).
+
+    Pydantic keeps the original exception in the error's ctx, so the loader can append `loc`
+    to pydantic's own location and report the precise line instead of the enclosing object's.
+    """
+
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+
+
+# --------------------------------------------------------------------------------------------
+# Templating
+# --------------------------------------------------------------------------------------------
+
+
+def _text_value(value: object) -> str:
+    """Render a value the way commands and texts expect (booleans as true/false)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _shell_finalize(value: object) -> str:
+    """Quote every `{{ expr }}` output so it can never split into several argv elements."""
+    return shlex.quote(_text_value(value))
+
+
+# Two environments: commands quote every expression output, texts (URLs, notes) do not.
+_COMMAND_ENV = jinja2.sandbox.SandboxedEnvironment(
+    undefined=jinja2.StrictUndefined, autoescape=False, finalize=_shell_finalize
+)
+_TEXT_ENV = jinja2.sandbox.SandboxedEnvironment(
+    undefined=jinja2.StrictUndefined, autoescape=False, finalize=_text_value
+)
+
+
+@functools.lru_cache(maxsize=1024)
+def _compiled(template: str, command: bool) -> jinja2.Template:
+    """Compile once per template string: rendering is on the hot path."""
+    env = _COMMAND_ENV if command else _TEXT_ENV
+    return env.from_string(template)
+
+
+def _render(template: str, params: Mapping[str, object], command: bool) -> str:
+    """Render in the sandbox; every Jinja2 failure becomes a RenderError."""
+    try:
+        return _compiled(template, command).render(dict(params))
+    except jinja2.UndefinedError as exc:
+        raise RenderError(f"template uses an undefined value: {exc.message}") from exc
+    except jinja2.TemplateError as exc:
+        raise RenderError(f"template error: {exc.message or exc}") from exc
+
+
+def render_command(template: str, params: Mapping[str, object]) -> list[str]:
+    """Render a command template to argv; each `{{ expr }}` output stays inside one element."""
+    rendered = _render(template, params, command=True)
+    try:
+        argv = shlex.split(rendered)
+    except ValueError as exc:
+        raise RenderError(f"rendered command is not valid shell syntax: {exc}") from exc
+    if not argv:
+        raise RenderError("command template rendered to an empty command")
+    if any("\x00" in arg for arg in argv):
+        # execve cannot carry NUL bytes; fail here with a clear message, not in the executor.
+        raise RenderError("rendered command contains a NUL byte")
+    return argv
+
+
+def render_text(template: str, params: Mapping[str, object]) -> str:
+    """Render a plain text template (notes, URLs) in the sandbox, without shell quoting."""
+    return _render(template, params, command=False)
+
+
+def render_url(template: str, params: Mapping[str, object]) -> str:
+    """Render a health-check URL and verify it is an absolute http(s) URL with a host."""
+    url = render_text(template, params)
+    if any(ch.isspace() or ord(ch) < 0x20 for ch in url):
+        raise RenderError(f"rendered URL contains whitespace or control characters: {url!r}")
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise RenderError(f"rendered URL is invalid: {exc}") from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RenderError(f"rendered URL must be http:// or https:// with a host: {url!r}")
+    return url
+
+
+def _template_problem(source: str, declared: set[str], command: bool) -> str | None:
+    """Return why a template is unusable (syntax, undeclared names, quoting), or None."""
+    env = _COMMAND_ENV if command else _TEXT_ENV
+    try:
+        ast = env.parse(source)
+    except jinja2.TemplateSyntaxError as exc:
+        return f"template syntax error (template line {exc.lineno}): {exc.message}"
+    unknown = jinja2.meta.find_undeclared_variables(ast) - declared - set(env.globals)
+    if unknown:
+        names = ", ".join(sorted(unknown))
+        return f"template references undeclared param(s): {names}"
+    if command:
+        return _quoting_problem(source)
+    return None
+
+
+def _quoting_problem(source: str) -> str | None:
+    """Refuse `'{{ x }}'`, `"{{ x }}"` and `\\{{ x }}`: the output is already quoted, and
+    quoting it again would let the value split into several argv elements."""
+    quote: str | None = None
+    escaped = False
+    for _, token, value in _COMMAND_ENV.lex(source):
+        if token == "variable_begin" and (quote is not None or escaped):
+            return (
+                "a {{ expression }} must not be inside quotes or after a backslash: "
+                "its output is shell-quoted already"
+            )
+        if token != "data":
+            continue
+        for ch in value:
+            if escaped:
+                escaped = False
+            elif quote == "'":
+                quote = None if ch == "'" else quote
+            elif ch == "\\":
+                escaped = True
+            elif quote == '"':
+                quote = None if ch == '"' else quote
+            elif ch in "'\"":
+                quote = ch
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+
+class RunbookParam(BaseModel):
+    """A typed runbook parameter; it is required exactly when it has no default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["string", "integer", "boolean"] = "string"
+    description: str = ""
+    default: str | int | bool | None = None
+    pattern: str | None = None
+    choices: list[str] | None = None
+
+    @field_validator("default", mode="before")
+    @classmethod
+    def _default_is_scalar(cls, value: object) -> object:
+        # Without this, a list default yields three union errors ("valid string/int/bool").
+        if value is not None and not isinstance(value, (str, int, bool)):
+            raise ValueError("default must be a string, an integer or a boolean")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunbookParam:
+        if self.pattern is not None and self.choices is not None:
+            raise _FieldError(("choices",), "use either pattern or choices, not both")
+        if self.type != "string" and (self.pattern is not None or self.choices is not None):
+            key = "pattern" if self.pattern is not None else "choices"
+            raise _FieldError((key,), f"{key} applies only to string params, not {self.type}")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise _FieldError(("pattern",), f"invalid regular expression: {exc}") from None
+        if self.choices is not None:
+            if not self.choices:
+                raise _FieldError(("choices",), "choices must not be empty")
+            if len(set(self.choices)) != len(self.choices):
+                raise _FieldError(("choices",), "choices must be unique")
+        if self.default is not None:
+            problem = self._default_problem(self.default)
+            if problem:
+                raise _FieldError(("default",), problem)
+        return self
+
+    @property
+    def required(self) -> bool:
+        """True when the user must give a value (there is no default)."""
+        return self.default is None
+
+    def _default_problem(self, value: str | int | bool) -> str | None:
+        """Why a default does not fit the declared type/pattern/choices, or None."""
+        if self.type == "string" and not isinstance(value, str):
+            return f"default {value!r} is not a string (quote it in YAML)"
+        if self.type == "integer" and (isinstance(value, bool) or not isinstance(value, int)):
+            return f"default {value!r} is not an integer"
+        if self.type == "boolean" and not isinstance(value, bool):
+            return f"default {value!r} is not a boolean (true or false)"
+        if isinstance(value, str):
+            return self._string_problem(value)
+        return None
+
+    def _string_problem(self, value: str) -> str | None:
+        """Why a string value is refused (NUL, length, pattern, choices), or None."""
+        if "\x00" in value:
+            return "value contains a NUL byte"
+        if len(value) > MAX_PARAM_CHARS:
+            return f"value is longer than {MAX_PARAM_CHARS} characters"
+        if self.pattern is not None and re.fullmatch(self.pattern, value) is None:
+            return f"{value!r} does not match pattern {self.pattern}"
+        if self.choices is not None and value not in self.choices:
+            return f"{value!r} is not one of: {', '.join(self.choices)}"
+        return None
+
+    def _convert(self, name: str, raw: object) -> str | int | bool:
+        """Convert one user-given value (text from chat/CLI, or a JSON scalar) to the type."""
+        if self.type == "integer":
+            if isinstance(raw, int) and not isinstance(raw, bool):
+                return raw
+            if isinstance(raw, str) and _INTEGER_RE.fullmatch(raw.strip()):
+                return int(raw.strip())
+            raise ParamError(name, f"param {name!r}: {_short(raw)} is not an integer")
+        if self.type == "boolean":
+            if isinstance(raw, bool):
+                return raw
+            word = raw.strip().lower() if isinstance(raw, str) else None
+            if word in _TRUE_WORDS:
+                return True
+            if word in _FALSE_WORDS:
+                return False
+            raise ParamError(
+                name, f"param {name!r}: {_short(raw)} is not a boolean (true/false, yes/no, 1/0)"
+            )
+        if not isinstance(raw, str):
+            raise ParamError(name, f"param {name!r}: {_short(raw)} is not text")
+        problem = self._string_problem(raw)
+        if problem:
+            raise ParamError(name, f"param {name!r}: {problem}")
+        return raw
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """repr() capped, so one bad value cannot flood a chat message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class HealthCheck(BaseModel):
+    """An HTTP health check: the URL (a template), the expected status, a latency limit."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str
+    # strict: YAML already types numbers and booleans; "5" or `true` here is a mistake.
+    expect_status: int = Field(default=200, ge=100, le=599, strict=True)
+    max_latency_ms: int = Field(default=2000, gt=0, strict=True)
+
+    @field_validator("url")
+    @classmethod
+    def _http_scheme(cls, value: str) -> str:
+        # The scheme must be literal so a parameter can never turn a health check into a
+        # file:// or gopher:// fetch; render_url re-checks the rendered result.
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("url must start with http:// or https://")
+        return value
+
+
+class RollbackAction(BaseModel):
+    """What undoes a step: a command template (`run`) or an instruction for a human (`note`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run: str | None = None
+    note: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> RollbackAction:
+        if (self.run is None) == (self.note is None):
+            raise ValueError("a rollback has exactly one of: run, note")
+        return self
+
+
+class Step(BaseModel):
+    """One runbook step with exactly one action: run (command), check (HTTP) or note."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=f"^{SLUG_PATTERN}$")
+    title: str = Field(min_length=1)
+    run: str | None = None
+    check: HealthCheck | None = None
+    note: str | None = None
+    approval: Literal["required", "none"] = "none"
+    timeout: float = Field(default=60, gt=0, le=3600, allow_inf_nan=False, strict=True)
+    retries: int = Field(default=0, ge=0, le=5, strict=True)
+    idempotent: bool = Field(default=False, strict=True)
+    rollback: RollbackAction | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_action(self) -> Step:
+        present = [name for name in ("run", "check", "note") if getattr(self, name) is not None]
+        if not present:
+            raise ValueError("a step needs exactly one action: run, check or note (found none)")
+        if len(present) > 1:
+            # Point at the second action: that is the line to delete or move to a new step.
+            found = " and ".join(present)
+            raise _FieldError(
+                (present[1],), f"a step has exactly one action: run, check or note (found {found})"
+            )
+        if self.run is not None and not self.run.strip():
+            raise _FieldError(("run",), "run must not be empty")
+        return self
+
+    @property
+    def action_kind(self) -> Literal["run", "check", "note"]:
+        """Which action this step performs."""
+        if self.run is not None:
+            return "run"
+        if self.check is not None:
+            return "check"
+        return "note"
+
+    @property
+    def needs_approval(self) -> bool:
+        """True when a human must approve before the step runs."""
+        return self.approval == "required"
+
+
+class Runbook(BaseModel):
+    """A validated runbook: identity, triggers, typed params, approvers and ordered steps."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=f"^{SLUG_PATTERN}$")
+    title: str = Field(min_length=1)
+    description: str = ""
+    triggers: list[str] = Field(default_factory=list)
+    params: dict[str, RunbookParam] = Field(default_factory=dict)
+    approvers: list[str] = Field(default_factory=list)
+    four_eyes: bool = Field(default=False, strict=True)
+    approval_timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False, strict=True)
+    on_reject: Literal["stop", "rollback"] = "stop"
+    env: list[str] = Field(default_factory=list)
+    steps: list[Step] = Field(min_length=1)
+
+    @field_validator("triggers")
+    @classmethod
+    def _triggers_not_blank(cls, value: list[str]) -> list[str]:
+        for index, trigger in enumerate(value):
+            if not trigger.strip():
+                raise _FieldError((index,), "a trigger must not be blank")
+        return value
+
+    @field_validator("params")
+    @classmethod
+    def _param_names(cls, value: dict[str, RunbookParam]) -> dict[str, RunbookParam]:
+        for name in value:
+            if not re.fullmatch(PARAM_NAME_PATTERN, name):
+                raise _FieldError((name,), f"param name {name!r} must match {PARAM_NAME_PATTERN}")
+        return value
+
+    @field_validator("approvers")
+    @classmethod
+    def _approver_identities(cls, value: list[str]) -> list[str]:
+        for index, approver in enumerate(value):
+            if not re.fullmatch(APPROVER_PATTERN, approver):
+                raise _FieldError(
+                    (index,),
+                    f"approver {approver!r} must be a decider identity like cli:alice "
+                    "or telegram:12345",
+                )
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: list[str]) -> list[str]:
+        for index, name in enumerate(value):
+            if not re.fullmatch(ENV_NAME_PATTERN, name):
+                raise _FieldError((index,), f"{name!r} is not an environment variable name")
+        return value
+
+    @field_validator("steps")
+    @classmethod
+    def _unique_step_ids(cls, value: list[Step]) -> list[Step]:
+        seen: dict[str, int] = {}
+        for index, step in enumerate(value):
+            if step.id in seen:
+                raise _FieldError(
+                    (index, "id"), f"duplicate step id {step.id!r} (also steps[{seen[step.id]}])"
+                )
+            seen[step.id] = index
+        return value
+
+    @model_validator(mode="after")
+    def _templates(self) -> Runbook:
+        # Checked here, not per step: only the runbook knows which params are declared.
+        declared = set(self.params)
+        for loc, source, command in self._template_fields():
+            problem = _template_problem(source, declared, command)
+            if problem:
+                raise _FieldError(loc, problem)
+        return self
+
+    def _template_fields(self) -> Iterator[tuple[tuple[str | int, ...], str, bool]]:
+        """Every template in the runbook: (location, source, is_command)."""
+        for index, step in enumerate(self.steps):
+            if step.run is not None:
+                yield ("steps", index, "run"), step.run, True
+            if step.check is not None:
+                yield ("steps", index, "check", "url"), step.check.url, False
+            if step.note is not None:
+                yield ("steps", index, "note"), step.note, False
+            if step.rollback is not None and step.rollback.run is not None:
+                yield ("steps", index, "rollback", "run"), step.rollback.run, True
+            if step.rollback is not None and step.rollback.note is not None:
+                yield ("steps", index, "rollback", "note"), step.rollback.note, False
+
+    def step(self, step_id: str) -> Step:
+        """The step with this id; KeyError if there is none."""
+        for step in self.steps:
+            if step.id == step_id:
+                return step
+        raise KeyError(f"runbook {self.id!r} has no step {step_id!r}")
+
+    def resolve_params(self, given: Mapping[str, str]) -> dict[str, str | int | bool]:
+        """Check and convert user-given values, fill defaults; ParamError names the param."""
+        for name in given:
+            if name not in self.params:
+                known = ", ".join(sorted(self.params)) or "none"
+                raise ParamError(
+                    str(name), f"unknown param {_short(name)} for {self.id} (known: {known})"
+                )
+        resolved: dict[str, str | int | bool] = {}
+        for name, param in self.params.items():
+            if name in given:
+                resolved[name] = param._convert(name, given[name])
+            elif param.default is not None:
+                resolved[name] = param.default
+            else:
+                hint = f" ({param.description})" if param.description else ""
+                raise ParamError(name, f"param {name!r} is required{hint}")
+        return resolved
+
+
+def runbook_json_schema() -> dict[str, Any]:
+    """The JSON Schema of a runbook file, for editors and linters."""
+    schema = Runbook.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _yaml_error(path: Path, text: str, exc: yaml.YAMLError) -> RunbookError:
+    """Turn a PyYAML error into a RunbookError with the line of its problem mark."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    line = mark.line + 1 if mark is not None else None
+    if isinstance(exc, yaml.reader.ReaderError):
+        line = text.count("\n", 0, exc.position) + 1
+        character = f"#x{exc.character:04x}" if isinstance(exc.character, int) else "?"
+        return RunbookError(path, line, "", f"character {character} is not allowed in YAML")
+    problem = getattr(exc, "problem", None)
+    context = getattr(exc, "context", None)
+    if problem:
+        message = f"{context}, {problem}" if context else str(problem)
+    else:
+        message = str(exc).splitlines()[0]
+    kind = (
+        "YAML error" if isinstance(exc, yaml.constructor.ConstructorError) else "YAML syntax error"
+    )
+    return RunbookError(path, line, "", f"{kind}: {message}")
+
+
+def _check_tree(path: Path, root: yaml.Node) -> None:
+    """Refuse duplicate keys, recursive aliases and oversized alias expansions."""
+    sizes: dict[int, int] = {}
+    visiting: set[int] = set()
+
+    def walk(node: yaml.Node, loc: tuple[str | int, ...]) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in visiting:
+            raise RunbookError(path, node.start_mark.line + 1, _field(loc), "recursive alias")
+        visiting.add(key)
+        size = 1
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[tuple[str, str], int] = {}
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        size += walk(value_node, loc)
+                        continue
+                    ident = (key_node.tag, key_node.value)
+                    line = key_node.start_mark.line + 1
+                    if ident in first_line:
+                        raise RunbookError(
+                            path,
+                            line,
+                            _field((*loc, key_node.value)),
+                            f"duplicate key {key_node.value!r} (first on line {first_line[ident]})",
+                        )
+                    first_line[ident] = line
+                    size += walk(value_node, (*loc, key_node.value))
+                else:
+                    size += walk(key_node, loc) + walk(value_node, loc)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                size += walk(item, (*loc, index))
+        visiting.discard(key)
+        if size > MAX_EXPANDED_NODES:
+            raise RunbookError(
+                path,
+                node.start_mark.line + 1,
+                _field(loc),
+                f"document expands to more than {MAX_EXPANDED_NODES} nodes (alias bomb?)",
+            )
+        sizes[key] = size
+        return size
+
+    walk(root, ())
+
+
+def _field(loc: tuple[object, ...]) -> str:
+    """Render a location like `steps[2].check.expect_status`."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int) and not isinstance(part, bool):
+            out += f"[{part}]"
+        elif isinstance(part, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", part):
+            out += f".{part}" if out else part
+        else:
+            out += f"[{str(part)!r}]"
+    return out
+
+
+def _locate(root: yaml.Node, loc: tuple[object, ...]) -> tuple[int, tuple[object, ...]]:
+    """Follow loc down the YAML tree: the 1-based line of the deepest node on the path, and
+    the part of loc worth showing (trailing union-member tags below a scalar are dropped)."""
+    node = root
+    line = root.start_mark.line + 1
+    for depth, part in enumerate(loc):
+        if isinstance(node, yaml.MappingNode):
+            # Last match wins, like the dict the constructor built (merge keys come first).
+            match = None
+            for key_node, value_node in node.value:
+                if _key_matches(key_node, part):
+                    match = (key_node, value_node)
+            if match is None:
+                return line, loc  # a missing field: report where its parent is
+            # The key's line is what a human looks for, even when the value is a block below.
+            line = match[0].start_mark.line + 1
+            node = match[1]
+        elif isinstance(node, yaml.SequenceNode):
+            if not isinstance(part, int) or not 0 <= part < len(node.value):
+                return line, loc
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line, loc[:depth]  # below a scalar: only union-member tags remain
+    return line, loc
+
+
+def _key_matches(key_node: yaml.Node, part: object) -> bool:
+    """Does this YAML key stand for loc element `part`? (`1`, `null` and `true` are keys too.)"""
+    if not isinstance(key_node, yaml.ScalarNode):
+        return False
+    if key_node.value == str(part):
+        return True
+    try:
+        key = yaml.constructor.SafeConstructor().construct_object(key_node)
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError):
+        return False
+    return key == part or str(key) == str(part)
+
+
+def _validation_error(path: Path, root: yaml.Node, exc: ValidationError) -> RunbookError:
+    """The first error by line (ties in pydantic's order), located in the YAML tree."""
+    found: list[tuple[int, int, RunbookError]] = []
+    for order, error in enumerate(exc.errors()):
+        loc: tuple[object, ...] = tuple(error["loc"])
+        message = error["msg"]
+        original = (error.get("ctx") or {}).get("error")
+        if isinstance(original, _FieldError):
+            loc = (*loc, *original.loc)
+        if isinstance(original, ValueError):
+            # Our own messages are complete sentences; drop pydantic's "Value error, " prefix.
+            message = str(original)
+        if loc and loc[-1] == "[key]":
+            loc = loc[:-1]
+            message = f"invalid key: {message}"
+        elif error["type"] == "missing":
+            message = "required field is missing"
+        elif error["type"] == "extra_forbidden" and loc:
+            message = _unknown_field_message(loc)
+        line, shown = _locate(root, loc)
+        found.append((line, order, RunbookError(path, line, _field(shown), message)))
+    found.sort(key=lambda item: (item[0], item[1]))
+    return found[0][2]
+
+
+def _unknown_field_message(loc: tuple[object, ...]) -> str:
+    """'unknown field' with a did-you-mean from the fields of the model at that place."""
+    parent = loc[:-1]
+    model: type[BaseModel] = Runbook
+    if len(parent) == 2 and parent[0] == "params":
+        model = RunbookParam
+    elif len(parent) == 2 and parent[0] == "steps":
+        model = Step
+    elif len(parent) == 3 and parent[0] == "steps" and parent[2] == "check":
+        model = HealthCheck
+    elif len(parent) == 3 and parent[0] == "steps" and parent[2] == "rollback":
+        model = RollbackAction
+    name = str(loc[-1])
+    close = difflib.get_close_matches(name, list(model.model_fields), n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown field {name!r}{hint}"
+
+
+def load_runbook(path: Path) -> Runbook:
+    """Load and validate one runbook file; any problem raises one precise RunbookError."""
+    return _load(Path(path))[0]
+
+
+def _load(path: Path) -> tuple[Runbook, yaml.Node]:
+    """Load a runbook and keep its YAML tree, so later errors (duplicate id) get a line."""
+    try:
+        with path.open("rb") as handle:
+            # Read one byte past the limit: never trust stat() for special or growing files.
+            data = handle.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise RunbookError(path, None, "", f"cannot read file: {exc.strerror or exc}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise RunbookError(path, None, "", f"file is larger than {MAX_FILE_BYTES // 1024} KiB")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise RunbookError(path, line, "", "file is not valid UTF-8 text") from None
+
+    root, document = _parse_yaml(path, text)
+    try:
+        return Runbook.model_validate(document), root
+    except ValidationError as exc:
+        raise _validation_error(path, root, exc) from None
+    except RecursionError:
+        raise RunbookError(path, None, "", "runbook is nested too deeply") from None
+
+
+def _parse_yaml(path: Path, text: str) -> tuple[yaml.MappingNode, object]:
+    """Compose the node tree (marks, duplicate keys), then construct Python data from it."""
+    loader: _Loader | None = None
+    try:
+        loader = _Loader(text)  # the reader already refuses non-printable characters
+        root = loader.get_single_node()
+        if root is None:
+            raise RunbookError(path, None, "", "file is empty; a runbook is a YAML mapping")
+        if not isinstance(root, yaml.MappingNode):
+            line = root.start_mark.line + 1
+            raise RunbookError(path, line, "", "top level must be a mapping (id: ..., steps: ...)")
+        _check_tree(path, root)
+        return root, loader.construct_document(root)
+    except RunbookError:
+        raise
+    except yaml.YAMLError as exc:
+        raise _yaml_error(path, text, exc) from None
+    except RecursionError:
+        raise RunbookError(path, None, "", "YAML is nested too deeply") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader whose scalar conversion errors carry the node's line."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        """Like SafeLoader's, but `!!int abc` or `!!timestamp 2024-13-01` become marked errors."""
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError, OverflowError) as exc:
+            # SafeConstructor lets int()/float()/datetime() errors escape without a mark.
+            raise yaml.constructor.ConstructorError(
+                None, None, f"invalid value: {exc}", node.start_mark
+            ) from None
+
+
+@dataclass(frozen=True)
+class RunbookCatalog:
+    """All runbooks of a directory that loaded, by id, and the errors of those that did not."""
+
+    runbooks: dict[str, Runbook]
+    errors: list[RunbookError]
+
+    def get(self, runbook_id: str) -> Runbook:
+        """The runbook with this id; KeyError if it is unknown or failed to load."""
+        try:
+            return self.runbooks[runbook_id]
+        except KeyError:
+            raise KeyError(f"unknown runbook {runbook_id!r}") from None
+
+
+def load_catalog(directory: Path) -> RunbookCatalog:
+    """Load every *.yaml / *.yml file (sorted); bad files are reported, never half-loaded."""
+    directory = Path(directory)
+    runbooks: dict[str, Runbook] = {}
+    errors: list[RunbookError] = []
+    if not directory.is_dir():
+        return RunbookCatalog(
+            {}, [RunbookError(directory, None, "", "runbook directory not found")]
+        )
+    sources: dict[str, Path] = {}
+    files = sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml"))
+    for path in files:
+        try:
+            runbook, root = _load(path)
+        except RunbookError as exc:
+            errors.append(exc)
+            continue
+        if runbook.id in runbooks:
+            line = _locate(root, ("id",))[0]
+            errors.append(
+                RunbookError(
+                    path,
+                    line,
+                    "id",
+                    f"duplicate runbook id {runbook.id!r} (also {sources[runbook.id]})",
+                )
+            )
+            continue
+        runbooks[runbook.id] = runbook
+        sources[runbook.id] = path
+    return RunbookCatalog(runbooks, errors)

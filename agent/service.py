@@ -1,0 +1,292 @@
+"""RunService: the one facade the CLI, the bot and the HTTP API drive runs through."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from dataclasses import dataclass
+
+from agent.approvals import (
+    Decision,
+    DecisionRefused,
+    check_decider,
+    decision_effect,
+    decision_status,
+)
+from agent.kernel import PolicyUnavailable, RunKernel
+from agent.leases import new_owner_id, owner_is_dead
+from agent.memory import WorkspaceMemory
+from agent.mock_policy import MockPolicy
+from agent.policy import Policy
+from agent.records import ApprovalRecord, ApprovalStatus, Origin, RunLimits, RunRecord, RunStatus
+from agent.redaction import Redactor
+from agent.request import MAX_REQUEST_BYTES
+from agent.runbook import Runbook, RunbookCatalog, load_catalog
+from agent.settings import Settings
+from agent.store import NewRun, RunStore, StoreError
+from agent.tools import Toolbox, tools_for_role
+
+log = logging.getLogger(__name__)
+
+RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+MAX_NOTE_CHARS = 1000
+
+
+class ServiceError(Exception):
+    """A request the service refuses; `str()` is one line for a human."""
+
+
+@dataclass(frozen=True)
+class DecisionResult:
+    """What came of a decision: whether it changed anything, and the run after it."""
+
+    changed: bool
+    message: str
+    approval: ApprovalRecord
+    run: RunRecord
+
+
+class RunService:
+    """Start, resume, decide, cancel, list and explain runs over one store."""
+
+    def __init__(self, store: RunStore, settings: Settings, policy: Policy | None = None) -> None:
+        self.store = store
+        self.settings = settings
+        self._catalog: RunbookCatalog | None = None
+        self._catalog_stamp: tuple[tuple[str, int, int], ...] = ()
+        self.redactor = Redactor(settings.redact_patterns, settings.secret_values())
+        self._policy = (
+            policy if policy is not None else (MockPolicy() if settings.mock_llm else None)
+        )
+        self.toolbox = Toolbox(
+            settings,
+            self.catalog,
+            WorkspaceMemory(settings.memory_path, settings.memory_max_lines),
+        )
+        self.kernel = RunKernel(
+            store,
+            self.toolbox,
+            settings,
+            self._policy_for,
+            self.catalog,
+            self.redactor,
+            new_owner_id(),
+        )
+        self._drives: dict[str, asyncio.Task[RunRecord]] = {}
+
+    @classmethod
+    async def open(cls, settings: Settings, policy: Policy | None = None) -> RunService:
+        """Open the store named by the settings and build the service over it."""
+        return cls(await RunStore.open(settings.db), settings, policy)
+
+    async def close(self) -> None:
+        """Close the store."""
+        await self.store.close()
+
+    def catalog(self) -> RunbookCatalog:
+        """The workspace's runbooks; re-read only when a file in runbooks/ changed."""
+        directory = self.settings.runbooks_dir
+        try:
+            stamp = tuple(
+                sorted(
+                    (p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in directory.iterdir()
+                )
+            )
+        except OSError:
+            stamp = ()
+        if self._catalog is None or stamp != self._catalog_stamp:
+            self._catalog, self._catalog_stamp = load_catalog(directory), stamp
+        return self._catalog
+
+    def _policy_for(self, role: str) -> Policy:
+        if self._policy is None:
+            raise PolicyUnavailable(
+                "no LLM policy is configured: pass --mock-llm (or set LOOM_OPS_MOCK_LLM=1)"
+            )
+        return self._policy
+
+    # -- starting and driving ------------------------------------------------------------------
+
+    async def start(
+        self,
+        run_id: str,
+        message: str,
+        role: str = "runbook",
+        requested_by: str | None = None,
+        origin: Origin | None = None,
+        max_steps: int | None = None,
+        wait: bool = True,
+    ) -> RunRecord:
+        """Create a run and drive it (in this task when `wait`, else in the background)."""
+        validate_run_id(run_id)
+        if not message.strip():
+            raise ServiceError("message is empty")
+        if len(message.encode("utf-8", errors="surrogatepass")) > MAX_REQUEST_BYTES:
+            raise ServiceError(f"message is longer than {MAX_REQUEST_BYTES} bytes")
+        try:
+            tools_for_role(role)
+        except ValueError as exc:
+            raise ServiceError(str(exc)) from None
+        if self._policy is None:
+            raise ServiceError(
+                "no LLM policy is configured: pass --mock-llm (or set LOOM_OPS_MOCK_LLM=1)"
+            )
+        try:
+            self._policy.preflight(message, self.catalog())
+        except ValueError as exc:  # RequestError, ParamError: the store stays unchanged
+            raise ServiceError(str(exc)) from None
+        limits = RunLimits(
+            max_steps=max_steps or self.settings.max_steps,
+            max_tool_calls=self.settings.max_tool_calls,
+            deadline_seconds=self.settings.run_deadline,
+        )
+        await self.store.create_run(
+            NewRun(
+                id=run_id,
+                role=role,
+                request=self.redactor.text(message),
+                requested_by=requested_by or f"cli:{self.settings.user}",
+                origin=origin or Origin(),
+                limits=limits,
+            )
+        )
+        return await self._drive(run_id, wait)
+
+    async def _drive(self, run_id: str, wait: bool = True) -> RunRecord:
+        """Drive a run once per process at a time; a second caller joins the first drive."""
+        task = self._drives.get(run_id)
+        if task is None or task.done():
+            task = asyncio.create_task(self.kernel.drive(run_id), name=f"drive:{run_id}")
+            self._drives[run_id] = task
+            task.add_done_callback(lambda _t, rid=run_id: self._forget(rid, _t))
+        if not wait:
+            return await self.store.get_run(run_id)
+        return await asyncio.shield(task)
+
+    def _forget(self, run_id: str, task: asyncio.Task[RunRecord]) -> None:
+        if self._drives.get(run_id) is task:
+            del self._drives[run_id]
+
+    async def resume(self, run_id: str) -> RunRecord:
+        """Drive a run on from its last checkpoint; a waiting or finished run is left as it is."""
+        await self.expire_overdue()
+        run = await self.store.get_run(run_id)
+        if run.status in (RunStatus.QUEUED, RunStatus.RUNNING):
+            return await self._drive(run_id)
+        return run
+
+    async def recover(self) -> list[RunRecord]:
+        """Pick up every run whose owner died (or that was left queued), and drive them all."""
+        await self.expire_overdue()
+        run_ids = await self.store.runnable_run_ids(owner_is_dead)
+        return list(await asyncio.gather(*(self._drive(run_id) for run_id in run_ids)))
+
+    async def expire_overdue(self) -> int:
+        """End runs whose approval request passed its deadline; returns how many."""
+        expired = 0
+        for approval_id in await self.store.overdue_approval_ids():
+            expired += await self.store.expire_approval(approval_id)
+        return expired
+
+    # -- decisions ---------------------------------------------------------------------------
+
+    async def decide(
+        self,
+        run_id: str,
+        decision: Decision,
+        decider: str,
+        note: str | None = None,
+        approval_token: str | None = None,
+    ) -> DecisionResult:
+        """Decide the run's pending approval; the first decision wins. Approval resumes the run."""
+        if note is not None and len(note) > MAX_NOTE_CHARS:
+            raise ServiceError(f"note is longer than {MAX_NOTE_CHARS} characters")
+        await self.expire_overdue()
+        run = await self.store.get_run(run_id)
+        approval = await self._approval_to_decide(run, approval_token)
+        if approval.status != ApprovalStatus.PENDING:
+            return DecisionResult(
+                False,
+                f"already {approval.status} by {approval.decided_by or 'the deadline'}; "
+                "nothing changed",
+                approval,
+                run,
+            )
+        try:
+            check_decider(approval, decider, self.settings.approvers)
+            status = decision_status(approval, decision)
+        except DecisionRefused as exc:
+            raise ServiceError(str(exc)) from None
+        runbook = Runbook.model_validate(run.runbook) if run.runbook else None
+        note = self.redactor.text(note) if note else None
+        effect = decision_effect(
+            approval,
+            run,
+            decision,
+            decider,
+            note,
+            rollback_on_reject=bool(runbook and runbook.on_reject == "rollback"),
+        )
+        changed = await self.store.decide_approval(approval.id, status, decider, note, effect)
+        approval = await self.store.get_approval(approval.id)
+        if not changed:
+            run = await self.store.get_run(run_id)
+            return DecisionResult(
+                False,
+                f"already {approval.status} by {approval.decided_by}; nothing changed",
+                approval,
+                run,
+            )
+        run = await self.store.get_run(run_id)
+        if run.status == RunStatus.QUEUED:
+            run = await self._drive(run_id)
+        return DecisionResult(True, f"{status} by {decider}", approval, run)
+
+    async def _approval_to_decide(
+        self, run: RunRecord, approval_token: str | None
+    ) -> ApprovalRecord:
+        if approval_token is not None:
+            approval = await self.store.get_approval_by_token(approval_token)
+            if approval.run_id != run.id:
+                raise ServiceError("that approval request belongs to another run")
+            return approval
+        pending = await self.store.list_approvals(run.id, ApprovalStatus.PENDING)
+        if pending:
+            return pending[0]
+        if run.status.is_terminal:
+            raise ServiceError(f"run {run.id} is already {run.status}; nothing to decide")
+        decided = await self.store.list_approvals(run.id)
+        if decided:
+            return decided[-1]
+        raise ServiceError(f"run {run.id} has no approval request (status {run.status})")
+
+    async def cancel(self, run_id: str, by: str) -> RunRecord:
+        """Cancel a run that has not finished."""
+        try:
+            return await self.store.cancel_run(run_id, by)
+        except StoreError as exc:
+            raise ServiceError(str(exc)) from None
+
+    # -- reading -----------------------------------------------------------------------------
+
+    async def get(self, run_id: str) -> RunRecord:
+        """One run."""
+        return await self.store.get_run(run_id)
+
+    async def list(self, status: RunStatus | None = None, limit: int = 50) -> list[RunRecord]:
+        """Recent runs, newest first."""
+        return await self.store.list_runs(status, limit)
+
+    async def pending_approval(self, run_id: str) -> ApprovalRecord | None:
+        """The run's open approval request, if it waits for one."""
+        pending = await self.store.list_approvals(run_id, ApprovalStatus.PENDING)
+        return pending[0] if pending else None
+
+
+def validate_run_id(run_id: str) -> None:
+    """Raise ServiceError unless `run_id` is a sane id (letters, digits, `._:-`, <= 128)."""
+    if not RUN_ID_PATTERN.match(run_id):
+        raise ServiceError(
+            f"invalid run id {run_id[:40]!r}: use letters, digits and ._:- (at most 128)"
+        )

@@ -1,0 +1,84 @@
+"""Settings: environment variables with the `LOOM_OPS_` prefix, a `.env` file, then CLI flags."""
+
+from __future__ import annotations
+
+import getpass
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry, e.g. in a bare container
+        return "unknown"
+
+
+class Settings(BaseSettings):
+    """Every knob of loom-ops; `.env.example` documents each one."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LOOM_OPS_", env_file=".env", extra="ignore", validate_default=True
+    )
+
+    db: str = Field("ops.sqlite", description="SQLite database file.")
+    workspace: Path = Field(Path("."), description="Runbooks are read from <workspace>/runbooks/.")
+    mock_llm: bool = Field(False, description="Use the deterministic, key-free mock policy.")
+    max_steps: int = Field(40, ge=1, le=100_000, description="Policy turns per run.")
+    max_tool_calls: int = Field(100, ge=1, le=100_000, description="Tool calls per run.")
+    run_deadline: float = Field(
+        3600.0, gt=0, description="Seconds of running time per run (waiting for a human excluded)."
+    )
+    approval_timeout: float = Field(
+        1800.0, gt=0, description="Seconds an approval request stays open before it expires."
+    )
+    approvers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Who may decide approvals everywhere (empty: anyone)."
+    )
+    allow_shell: bool = Field(False, description="Run `run` steps for real (else dry-run).")
+    live_checks: bool = Field(False, description="Send real HTTP health checks (else synthetic).")
+    shell_allowlist: Path | None = Field(
+        None, description="Allowlist file; default <workspace>/ops.shell.allowlist.json."
+    )
+    output_cap: int = Field(64 * 1024, ge=1024, description="Bytes kept of a command's output.")
+    redact_patterns: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Extra regexes whose matches are redacted."
+    )
+    lease_ttl: float = Field(30.0, gt=0, description="Seconds a run's lease lasts without beat.")
+    memory_max_lines: int = Field(200, ge=1, description="Lines kept in the workspace memory.")
+    failpoint: str | None = Field(
+        None, description="Test hook: '<point>:<n>' kills the process with SIGKILL there."
+    )
+    api_token: SecretStr | None = Field(None, description="Bearer token of the HTTP API.")
+    user: str = Field(default_factory=_os_user, description="Who the CLI acts as.")
+
+    @field_validator("approvers", "redact_patterns", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        # A comma-separated env value is friendlier than JSON for a list of names.
+        if isinstance(value, str) and not value.lstrip().startswith("["):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @property
+    def runbooks_dir(self) -> Path:
+        """Where this workspace's runbooks live."""
+        return self.workspace / "runbooks"
+
+    @property
+    def allowlist_path(self) -> Path:
+        """The shell allowlist in force."""
+        return self.shell_allowlist or self.workspace / "ops.shell.allowlist.json"
+
+    @property
+    def memory_path(self) -> Path:
+        """The bounded workspace memory file that later runs get as context."""
+        return self.workspace / ".loom-ops" / "memory.txt"
+
+    def secret_values(self) -> list[str]:
+        """Values of secret settings, redacted wherever they appear."""
+        secrets = [self.api_token]
+        return [s.get_secret_value() for s in secrets if s and s.get_secret_value()]

@@ -1,0 +1,1298 @@
+"""RunStore: every SQL statement of loom-ops, over one aiosqlite connection.
+
+Each public method is one short transaction. A transaction runs as one function on the
+connection's thread (`_transaction`), so statements of concurrent runs sharing the connection can
+never interleave inside each other's transactions, and a step costs one thread hop per commit.
+Nothing here awaits the network or a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from agent.journal import canonical_json, event_hash
+from agent.records import (
+    ApprovalKind,
+    ApprovalRecord,
+    ApprovalStatus,
+    Checkpoint,
+    EventRecord,
+    Origin,
+    PolicyTurnRecord,
+    RunLimits,
+    RunRecord,
+    RunStatus,
+    ToolCallRecord,
+)
+
+T = TypeVar("T")
+
+BUSY_TIMEOUT_MS = 10_000
+
+
+class StoreError(Exception):
+    """A store operation that cannot be done; `str()` is one line for a human."""
+
+
+class SchemaTooNew(StoreError):
+    """The database was written by a newer loom-ops than this one."""
+
+
+class RunNotFound(StoreError):
+    """No run has that id."""
+
+
+class RunExists(StoreError):
+    """A run with that id exists already."""
+
+
+class RunBusy(StoreError):
+    """Another live process holds the run's lease."""
+
+
+class RunNotRunnable(StoreError):
+    """The run's status does not allow driving it now."""
+
+
+class LeaseLost(StoreError):
+    """This process no longer owns the run (cancelled, or taken over after a lease expiry)."""
+
+
+class ApprovalNotFound(StoreError):
+    """No approval request matches."""
+
+
+@dataclass(frozen=True)
+class NewRun:
+    """What it takes to create a run."""
+
+    id: str
+    role: str
+    request: str
+    requested_by: str
+    origin: Origin
+    limits: RunLimits
+    parent_id: str | None = None
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event to append to a run's chain inside a transaction."""
+
+    type: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class NewPolicyTurn:
+    """A policy answer to journal before it is used."""
+
+    turn: int
+    policy: str
+    request_hash: str
+    response: dict[str, Any]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class NewToolCall:
+    """The intent of one tool call."""
+
+    call_key: str
+    turn: int
+    position: int
+    tool: str
+    args: dict[str, Any]
+    step_id: str | None
+
+
+@dataclass(frozen=True)
+class NewApproval:
+    """An approval request to open."""
+
+    call_key: str
+    kind: ApprovalKind
+    step_id: str | None
+    action: str
+    reason: str
+    rollback: str | None
+    deciders: list[str]
+    four_eyes: bool
+    requested_by: str
+    deadline_at: float
+
+
+@dataclass(frozen=True)
+class RunbookPin:
+    """The runbook (and resolved params) a run commits to; later steps must come from it."""
+
+    runbook_id: str
+    runbook: dict[str, Any]
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DecisionEffect:
+    """What a decision does to the gated call and the run, applied in the decision's transaction."""
+
+    call_status: str | None  # new tool_calls.status, or None to leave it
+    call_outcome: dict[str, Any] | None
+    run_status: RunStatus
+    checkpoint: Checkpoint | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    """A message a run must get to a chat."""
+
+    id: int
+    run_id: str | None
+    target: dict[str, Any]
+    kind: str
+    payload: dict[str, Any]
+    attempts: int
+
+
+def _dumps(data: Any) -> str:
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+
+def _migrations() -> list[tuple[int, str]]:
+    """Numbered migrations shipped in agent/migrations, in order."""
+    found = []
+    for entry in resources.files("agent.migrations").iterdir():
+        name = entry.name
+        if name.endswith(".sql") and name[:4].isdigit():
+            found.append((int(name[:4]), entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+class RunStore:
+    """The durable store of runs and everything they did."""
+
+    def __init__(self, db: aiosqlite.Connection, path: str) -> None:
+        self._db = db
+        self.path = path
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, path: str | Path) -> RunStore:
+        """Open (creating if needed) the database and bring its schema up to date."""
+        path = str(path)
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            db = await aiosqlite.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open database {path}: {exc}") from exc
+        store = cls(db, path)
+        try:
+            await store._configure()
+            await store._migrate()
+        except BaseException:
+            await db.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        """Close the connection."""
+        await self._db.close()
+
+    async def __aenter__(self) -> RunStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _configure(self) -> None:
+        def configure(conn: sqlite3.Connection) -> None:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            # FULL: an intent must survive a power cut before the side effect it announces runs.
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+
+        try:
+            await self._on_thread(configure)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path} is not a loom-ops database: {exc}") from exc
+
+    async def _migrate(self) -> None:
+        migrations = _migrations()
+        known = migrations[-1][0] if migrations else 0
+
+        def migrate(conn: sqlite3.Connection) -> int:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                current = conn.execute("PRAGMA user_version").fetchone()[0]
+                if current > known:
+                    raise SchemaTooNew(
+                        f"database {self.path} has schema version {current}, newer than the "
+                        f"{known} this loom-ops knows; upgrade loom-ops"
+                    )
+                for number, sql in migrations:
+                    if number > current:
+                        for statement in _split_sql(sql):
+                            conn.execute(statement)
+                        conn.execute(f"PRAGMA user_version = {number}")
+                conn.execute("COMMIT")
+                return current
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+        try:
+            await self._on_thread(migrate)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path} is not a loom-ops database: {exc}") from exc
+
+    async def schema_version(self) -> int:
+        """The schema version the database is at."""
+        return await self._on_thread(lambda c: c.execute("PRAGMA user_version").fetchone()[0])
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    async def _on_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        # aiosqlite has no public way to run several statements as one unit on its thread; its
+        # `_execute` is what every public method uses. One hop per transaction keeps concurrent
+        # runs' statements out of each other's transactions and keeps the per-step cost low.
+        return await self._db._execute(fn, self._db._conn)
+
+    async def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def run(conn: sqlite3.Connection) -> T:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+        return await self._on_thread(run)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._on_thread(fn)
+
+    @staticmethod
+    def _append_events(
+        conn: sqlite3.Connection,
+        run_id: str,
+        events: Sequence[NewEvent],
+        now: float,
+        run_updates: dict[str, Any] | None = None,
+        fence_owner: str | None = None,
+    ) -> None:
+        """Append events to a run's chain and apply `run_updates` to its row, fenced by lease."""
+        row = conn.execute(
+            "SELECT event_count, last_hash, lease_owner, status FROM runs WHERE id = ?", (run_id,)
+        ).fetchone()
+        if row is None:
+            raise RunNotFound(f"unknown run id {run_id!r}")
+        count, prev, owner, status = row
+        if fence_owner is not None and (owner != fence_owner or status != RunStatus.RUNNING):
+            raise LeaseLost(f"run {run_id} is no longer driven by this process (status {status})")
+        rows = []
+        for event in events:
+            count += 1
+            data_json = canonical_json(event.data)
+            digest = event_hash(prev, run_id, count, now, event.type, data_json)
+            rows.append((run_id, count, now, event.type, data_json, prev, digest))
+            prev = digest
+        if rows:
+            conn.executemany(
+                "INSERT INTO events (run_id, idx, ts, type, data, prev_hash, hash) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+        updates = {"event_count": count, "last_hash": prev, "updated_at": now}
+        updates.update(run_updates or {})
+        assignments = ", ".join(f"{column} = ?" for column in updates)
+        conn.execute(f"UPDATE runs SET {assignments} WHERE id = ?", (*updates.values(), run_id))
+
+    @staticmethod
+    def _enqueue_outbox(
+        conn: sqlite3.Connection,
+        run_id: str,
+        kind: str,
+        payload: dict[str, Any],
+        now: float,
+    ) -> None:
+        """Queue a chat message in the caller's transaction when the run came from a chat."""
+        origin_json = conn.execute("SELECT origin FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
+        origin = Origin.from_json(origin_json)
+        if origin.chat_id is None:
+            return
+        target = {"chat_id": origin.chat_id, "thread_id": origin.thread_id}
+        conn.execute(
+            "INSERT INTO outbox (run_id, target, kind, payload, created_at) VALUES (?, ?, ?, ?, ?)",
+            (run_id, _dumps(target), kind, _dumps(payload), now),
+        )
+
+    # -- runs ------------------------------------------------------------------------------
+
+    async def create_run(self, new: NewRun) -> RunRecord:
+        """Create a queued run; raises RunExists for a duplicate id."""
+        now = time.time()
+
+        def create(conn: sqlite3.Connection) -> None:
+            if conn.execute("SELECT 1 FROM runs WHERE id = ?", (new.id,)).fetchone():
+                raise RunExists(f"run id {new.id!r} exists already")
+            if (
+                new.parent_id is not None
+                and not conn.execute("SELECT 1 FROM runs WHERE id = ?", (new.parent_id,)).fetchone()
+            ):
+                raise RunNotFound(f"unknown parent run id {new.parent_id!r}")
+            conn.execute(
+                "INSERT INTO runs (id, parent_id, role, status, request, requested_by, origin, "
+                "checkpoint, limits, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    new.id,
+                    new.parent_id,
+                    new.role,
+                    RunStatus.QUEUED,
+                    new.request,
+                    new.requested_by,
+                    new.origin.to_json(),
+                    Checkpoint().to_json(),
+                    new.limits.to_json(),
+                    now,
+                    now,
+                ),
+            )
+            event = NewEvent(
+                "run_created",
+                {
+                    "role": new.role,
+                    "request": new.request,
+                    "requested_by": new.requested_by,
+                    "origin": new.origin.__dict__,
+                    "limits": new.limits.__dict__,
+                    "parent_id": new.parent_id,
+                },
+            )
+            self._append_events(conn, new.id, [event], now)
+
+        await self._transaction(create)
+        return await self.get_run(new.id)
+
+    async def get_run(self, run_id: str) -> RunRecord:
+        """The run with that id; raises RunNotFound."""
+        row = await self._read(
+            lambda c: c.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,)
+            ).fetchone()
+        )
+        if row is None:
+            raise RunNotFound(f"unknown run id {run_id!r}")
+        return _run_from_row(row)
+
+    async def list_runs(
+        self, status: RunStatus | None = None, limit: int = 50, offset: int = 0
+    ) -> list[RunRecord]:
+        """Runs, newest first, optionally of one status."""
+        if status is None:
+            sql = f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY created_at DESC, id LIMIT ? OFFSET ?"
+            params: tuple[Any, ...] = (limit, offset)
+        else:
+            sql = (
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE status = ? "
+                "ORDER BY created_at DESC, id LIMIT ? OFFSET ?"
+            )
+            params = (str(status), limit, offset)
+        rows = await self._read(lambda c: c.execute(sql, params).fetchall())
+        return [_run_from_row(row) for row in rows]
+
+    async def claim_run(
+        self,
+        run_id: str,
+        owner: str,
+        ttl: float,
+        owner_is_dead: Callable[[str], bool],
+    ) -> RunRecord:
+        """Take the lease of a runnable run and mark it running.
+
+        A queued run is free; a running run is free when its lease expired or its owner is known
+        dead. Anything else raises RunBusy, RunNotRunnable or RunNotFound.
+        """
+        now = time.time()
+
+        def claim(conn: sqlite3.Connection) -> None:
+            row = conn.execute(
+                "SELECT status, lease_owner, lease_expires_at FROM runs WHERE id = ?", (run_id,)
+            ).fetchone()
+            if row is None:
+                raise RunNotFound(f"unknown run id {run_id!r}")
+            status, holder, expires = RunStatus(row[0]), row[1], row[2]
+            takeover = None
+            if status == RunStatus.RUNNING:
+                if holder == owner:
+                    pass
+                elif holder is None or (expires or 0) < now or owner_is_dead(holder):
+                    takeover = holder
+                else:
+                    raise RunBusy(
+                        f"run {run_id} is being driven by {holder} (lease until "
+                        f"{time.strftime('%H:%M:%S', time.gmtime(expires or 0))} UTC)"
+                    )
+            elif status != RunStatus.QUEUED:
+                raise RunNotRunnable(f"run {run_id} is {status}, not runnable")
+            data: dict[str, Any] = {"owner": owner}
+            if takeover is not None:
+                data["taken_over_from"] = takeover
+            self._append_events(
+                conn,
+                run_id,
+                [NewEvent("run_claimed", data)],
+                now,
+                {
+                    "status": RunStatus.RUNNING,
+                    "lease_owner": owner,
+                    "lease_expires_at": now + ttl,
+                },
+            )
+
+        await self._transaction(claim)
+        return await self.get_run(run_id)
+
+    async def renew_lease(self, run_id: str, owner: str, ttl: float) -> bool:
+        """Extend the lease; False when this owner lost it."""
+
+        def renew(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "UPDATE runs SET lease_expires_at = ? WHERE id = ? AND lease_owner = ? "
+                "AND status = 'running'",
+                (time.time() + ttl, run_id, owner),
+            )
+            return cursor.rowcount == 1
+
+        return await self._transaction(renew)
+
+    async def release_lease(self, run_id: str, owner: str) -> None:
+        """Give the lease back, leaving a running run queued for whoever comes next."""
+
+        def release(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL, "
+                "status = CASE status WHEN 'running' THEN 'queued' ELSE status END "
+                "WHERE id = ? AND lease_owner = ?",
+                (run_id, owner),
+            )
+
+        await self._transaction(release)
+
+    async def runnable_run_ids(self, owner_is_dead: Callable[[str], bool]) -> list[str]:
+        """Runs a process may pick up: queued ones, and running ones whose owner is gone."""
+        now = time.time()
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT id, status, lease_owner, lease_expires_at FROM runs "
+                "WHERE status IN ('queued', 'running') ORDER BY created_at"
+            ).fetchall()
+        )
+        picked = []
+        for run_id, status, holder, expires in rows:
+            if status == RunStatus.QUEUED or (
+                holder is None or (expires or 0) < now or owner_is_dead(holder)
+            ):
+                picked.append(run_id)
+        return picked
+
+    async def update_checkpoint(
+        self,
+        run_id: str,
+        owner: str,
+        checkpoint: Checkpoint,
+        events: Sequence[NewEvent] = (),
+    ) -> None:
+        """Commit a new checkpoint (fenced by the lease)."""
+        now = time.time()
+        await self._transaction(
+            lambda c: self._append_events(
+                c, run_id, events, now, {"checkpoint": checkpoint.to_json()}, fence_owner=owner
+            )
+        )
+
+    async def finish_run(
+        self,
+        run_id: str,
+        owner: str,
+        status: RunStatus,
+        checkpoint: Checkpoint,
+        summary: str | None,
+        error: str | None,
+        turn: NewPolicyTurn | None = None,
+    ) -> None:
+        """End a run in a final status; journals the last policy turn if it was not yet."""
+        now = time.time()
+
+        def finish(conn: sqlite3.Connection) -> None:
+            events = []
+            if turn is not None:
+                events.append(self._insert_policy_turn(conn, run_id, turn, now))
+            events.append(
+                NewEvent(
+                    "run_finished", {"status": str(status), "summary": summary, "error": error}
+                )
+            )
+            self._append_events(
+                conn,
+                run_id,
+                events,
+                now,
+                {
+                    "status": str(status),
+                    "checkpoint": checkpoint.to_json(),
+                    "summary": summary,
+                    "error": error,
+                    "finished_at": now,
+                    "lease_owner": None,
+                    "lease_expires_at": None,
+                },
+                fence_owner=owner,
+            )
+            self._enqueue_outbox(
+                conn, run_id, "run_finished", {"status": str(status), "summary": summary}, now
+            )
+
+        await self._transaction(finish)
+
+    async def cancel_run(self, run_id: str, by: str) -> RunRecord:
+        """Cancel a run that has not finished; pending approvals are closed with it."""
+        now = time.time()
+
+        def cancel(conn: sqlite3.Connection) -> None:
+            row = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise RunNotFound(f"unknown run id {run_id!r}")
+            if RunStatus(row[0]).is_terminal:
+                raise RunNotRunnable(f"run {run_id} is already {row[0]}")
+            conn.execute(
+                "UPDATE approvals SET status = 'cancelled', decided_by = ?, decided_at = ? "
+                "WHERE run_id = ? AND status = 'pending'",
+                (by, now, run_id),
+            )
+            self._append_events(
+                conn,
+                run_id,
+                [NewEvent("run_finished", {"status": "cancelled", "by": by, "error": None})],
+                now,
+                {
+                    "status": RunStatus.CANCELLED,
+                    "finished_at": now,
+                    "error": f"cancelled by {by}",
+                    "lease_owner": None,
+                    "lease_expires_at": None,
+                },
+            )
+            self._enqueue_outbox(conn, run_id, "run_finished", {"status": "cancelled"}, now)
+
+        await self._transaction(cancel)
+        return await self.get_run(run_id)
+
+    # -- policy turns ----------------------------------------------------------------------
+
+    @staticmethod
+    def _insert_policy_turn(
+        conn: sqlite3.Connection, run_id: str, turn: NewPolicyTurn, now: float
+    ) -> NewEvent:
+        conn.execute(
+            "INSERT INTO llm_calls (run_id, turn, policy, request_hash, response, prompt_tokens, "
+            "completion_tokens, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                run_id,
+                turn.turn,
+                turn.policy,
+                turn.request_hash,
+                _dumps(turn.response),
+                turn.prompt_tokens,
+                turn.completion_tokens,
+                now,
+            ),
+        )
+        return NewEvent(
+            "policy_turn",
+            {
+                "turn": turn.turn,
+                "policy": turn.policy,
+                "request_hash": turn.request_hash,
+                "response": turn.response,
+                "prompt_tokens": turn.prompt_tokens,
+                "completion_tokens": turn.completion_tokens,
+            },
+        )
+
+    async def get_policy_turn(self, run_id: str, turn: int) -> PolicyTurnRecord | None:
+        """The journaled policy answer of one turn, if there is one."""
+        row = await self._read(
+            lambda c: c.execute(
+                f"SELECT {_TURN_COLUMNS} FROM llm_calls WHERE run_id = ? AND turn = ?",
+                (run_id, turn),
+            ).fetchone()
+        )
+        return _turn_from_row(row) if row else None
+
+    async def list_policy_turns(self, run_id: str) -> list[PolicyTurnRecord]:
+        """Every journaled policy answer of a run, in order."""
+        rows = await self._read(
+            lambda c: c.execute(
+                f"SELECT {_TURN_COLUMNS} FROM llm_calls WHERE run_id = ? ORDER BY turn", (run_id,)
+            ).fetchall()
+        )
+        return [_turn_from_row(row) for row in rows]
+
+    async def record_policy_turn(self, run_id: str, owner: str, turn: NewPolicyTurn) -> None:
+        """Journal a policy answer on its own (when no tool call follows in the same commit)."""
+        now = time.time()
+
+        def record(conn: sqlite3.Connection) -> None:
+            event = self._insert_policy_turn(conn, run_id, turn, now)
+            self._append_events(conn, run_id, [event], now, fence_owner=owner)
+
+        await self._transaction(record)
+
+    # -- tool calls ------------------------------------------------------------------------
+
+    async def begin_tool_call(
+        self,
+        run_id: str,
+        owner: str,
+        call: NewToolCall,
+        checkpoint: Checkpoint,
+        turn: NewPolicyTurn | None = None,
+        rerun: bool = False,
+    ) -> int:
+        """Commit the intent of a call (and the policy turn that proposed it); returns the attempt.
+
+        A call a human marked for retry, or an in-doubt idempotent call (`rerun`), gets a new
+        attempt; any other call that already has an intent or an outcome is refused, so nothing
+        runs twice by accident.
+        """
+        now = time.time()
+
+        def begin(conn: sqlite3.Connection) -> int:
+            events = []
+            if turn is not None:
+                events.append(self._insert_policy_turn(conn, run_id, turn, now))
+            row = conn.execute(
+                "SELECT status, attempt FROM tool_calls WHERE call_key = ?", (call.call_key,)
+            ).fetchone()
+            if row is None:
+                attempt = 1
+                conn.execute(
+                    "INSERT INTO tool_calls (run_id, call_key, turn, position, tool, args, "
+                    "step_id, attempt, status, intent_at) VALUES (?, ?, ?, ?, ?, ?, ?, 1, "
+                    "'intent', ?)",
+                    (
+                        run_id,
+                        call.call_key,
+                        call.turn,
+                        call.position,
+                        call.tool,
+                        _dumps(call.args),
+                        call.step_id,
+                        now,
+                    ),
+                )
+            elif row[0] == "retry" or (rerun and row[0] == "intent"):
+                attempt = row[1] + 1
+                conn.execute(
+                    "UPDATE tool_calls SET status = 'intent', attempt = ?, intent_at = ? "
+                    "WHERE call_key = ?",
+                    (attempt, now, call.call_key),
+                )
+            else:
+                raise StoreError(f"tool call {call.call_key} is already {row[0]}; not run again")
+            events.append(
+                NewEvent(
+                    "tool_intent",
+                    {
+                        "call_key": call.call_key,
+                        "tool": call.tool,
+                        "args": call.args,
+                        "step_id": call.step_id,
+                        "attempt": attempt,
+                    },
+                )
+            )
+            # The checkpoint moves with the intent so that it never lags the journaled turn.
+            self._append_events(
+                conn,
+                run_id,
+                events,
+                now,
+                {"checkpoint": checkpoint.to_json()},
+                fence_owner=owner,
+            )
+            return attempt
+
+        return await self._transaction(begin)
+
+    async def finish_tool_call(
+        self,
+        run_id: str,
+        owner: str,
+        call_key: str,
+        attempt: int,
+        status: str,
+        outcome: dict[str, Any],
+        duration_ms: float,
+        checkpoint: Checkpoint,
+        pin: RunbookPin | None = None,
+        extra_events: Sequence[NewEvent] = (),
+    ) -> None:
+        """Commit a call's outcome together with the run's next checkpoint."""
+        now = time.time()
+
+        def finish(conn: sqlite3.Connection) -> None:
+            cursor = conn.execute(
+                "UPDATE tool_calls SET status = ?, outcome = ?, outcome_at = ?, duration_ms = ? "
+                "WHERE call_key = ? AND attempt = ? AND status = 'intent'",
+                (status, _dumps(outcome), now, duration_ms, call_key, attempt),
+            )
+            if cursor.rowcount != 1:
+                raise LeaseLost(f"tool call {call_key} attempt {attempt} is not in flight here")
+            updates: dict[str, Any] = {"checkpoint": checkpoint.to_json()}
+            if pin is not None:
+                updates.update(
+                    runbook_id=pin.runbook_id,
+                    runbook=_dumps(pin.runbook),
+                    params=_dumps(pin.params),
+                )
+            event = NewEvent(
+                "tool_outcome",
+                {
+                    "call_key": call_key,
+                    "attempt": attempt,
+                    "status": status,
+                    "outcome": outcome,
+                    "duration_ms": round(duration_ms, 3),
+                },
+            )
+            self._append_events(
+                conn, run_id, [event, *extra_events], now, updates, fence_owner=owner
+            )
+
+        await self._transaction(finish)
+
+    async def get_tool_call(self, call_key: str) -> ToolCallRecord | None:
+        """One tool call by its idempotency key."""
+        row = await self._read(
+            lambda c: c.execute(
+                f"SELECT {_CALL_COLUMNS} FROM tool_calls WHERE call_key = ?", (call_key,)
+            ).fetchone()
+        )
+        return _call_from_row(row) if row else None
+
+    async def list_tool_calls(self, run_id: str) -> list[ToolCallRecord]:
+        """A run's tool calls in the order they were proposed."""
+        rows = await self._read(
+            lambda c: c.execute(
+                f"SELECT {_CALL_COLUMNS} FROM tool_calls WHERE run_id = ? ORDER BY turn, position",
+                (run_id,),
+            ).fetchall()
+        )
+        return [_call_from_row(row) for row in rows]
+
+    # -- approvals -------------------------------------------------------------------------
+
+    async def open_approval(
+        self,
+        run_id: str,
+        owner: str,
+        approval: NewApproval,
+        checkpoint: Checkpoint,
+        call: NewToolCall | None = None,
+        turn: NewPolicyTurn | None = None,
+    ) -> ApprovalRecord:
+        """Open a request and park the run: one transaction, so no request is ever lost.
+
+        `call` is the await_approval call that asked (journaled as intent); an in-doubt request
+        has none. The run's lease is released: a waiting run holds no process.
+        """
+        now = time.time()
+        token = secrets.token_urlsafe(12)
+
+        def open_(conn: sqlite3.Connection) -> int:
+            events = []
+            if turn is not None:
+                events.append(self._insert_policy_turn(conn, run_id, turn, now))
+            if call is not None:
+                conn.execute(
+                    "INSERT INTO tool_calls (run_id, call_key, turn, position, tool, args, "
+                    "step_id, attempt, status, intent_at) VALUES (?, ?, ?, ?, ?, ?, ?, 1, "
+                    "'intent', ?)",
+                    (
+                        run_id,
+                        call.call_key,
+                        call.turn,
+                        call.position,
+                        call.tool,
+                        _dumps(call.args),
+                        call.step_id,
+                        now,
+                    ),
+                )
+                events.append(
+                    NewEvent(
+                        "tool_intent",
+                        {
+                            "call_key": call.call_key,
+                            "tool": call.tool,
+                            "args": call.args,
+                            "step_id": call.step_id,
+                            "attempt": 1,
+                        },
+                    )
+                )
+            cursor = conn.execute(
+                "INSERT INTO approvals (token, run_id, call_key, kind, step_id, action, reason, "
+                "rollback, deciders, four_eyes, requested_by, status, created_at, deadline_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+                (
+                    token,
+                    run_id,
+                    approval.call_key,
+                    str(approval.kind),
+                    approval.step_id,
+                    approval.action,
+                    approval.reason,
+                    approval.rollback,
+                    _dumps(approval.deciders),
+                    int(approval.four_eyes),
+                    approval.requested_by,
+                    now,
+                    approval.deadline_at,
+                ),
+            )
+            approval_id = cursor.lastrowid
+            assert approval_id is not None
+            payload = {
+                "approval_id": approval_id,
+                "token": token,
+                "kind": str(approval.kind),
+                "step_id": approval.step_id,
+                "action": approval.action,
+                "reason": approval.reason,
+                "rollback": approval.rollback,
+                "deciders": approval.deciders,
+                "deadline_at": approval.deadline_at,
+            }
+            events.append(NewEvent("approval_requested", payload))
+            self._append_events(
+                conn,
+                run_id,
+                events,
+                now,
+                {
+                    "status": RunStatus.WAITING_APPROVAL,
+                    "checkpoint": checkpoint.to_json(),
+                    "lease_owner": None,
+                    "lease_expires_at": None,
+                },
+                fence_owner=owner,
+            )
+            self._enqueue_outbox(conn, run_id, "approval_request", payload, now)
+            return approval_id
+
+        approval_id = await self._transaction(open_)
+        return await self.get_approval(approval_id)
+
+    async def get_approval(self, approval_id: int) -> ApprovalRecord:
+        """One approval request by id."""
+        row = await self._read(
+            lambda c: c.execute(
+                f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE id = ?", (approval_id,)
+            ).fetchone()
+        )
+        if row is None:
+            raise ApprovalNotFound(f"no approval request {approval_id}")
+        return _approval_from_row(row)
+
+    async def get_approval_by_token(self, token: str) -> ApprovalRecord:
+        """One approval request by its opaque token."""
+        row = await self._read(
+            lambda c: c.execute(
+                f"SELECT {_APPROVAL_COLUMNS} FROM approvals WHERE token = ?", (token,)
+            ).fetchone()
+        )
+        if row is None:
+            raise ApprovalNotFound("no such approval request")
+        return _approval_from_row(row)
+
+    async def list_approvals(
+        self, run_id: str | None = None, status: ApprovalStatus | None = None
+    ) -> list[ApprovalRecord]:
+        """Approval requests, oldest first, filtered by run and/or status."""
+        clauses, params = [], []
+        if run_id is not None:
+            clauses.append("run_id = ?")
+            params.append(run_id)
+        if status is not None:
+            clauses.append("status = ?")
+            params.append(str(status))
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = await self._read(
+            lambda c: c.execute(
+                f"SELECT {_APPROVAL_COLUMNS} FROM approvals {where} ORDER BY id", params
+            ).fetchall()
+        )
+        return [_approval_from_row(row) for row in rows]
+
+    async def approved_gate_steps(self, run_id: str) -> set[str]:
+        """Steps of a run whose gate a human approved."""
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT step_id FROM approvals WHERE run_id = ? AND kind = 'gate' "
+                "AND status = 'approved' AND step_id IS NOT NULL",
+                (run_id,),
+            ).fetchall()
+        )
+        return {row[0] for row in rows}
+
+    async def decide_approval(
+        self,
+        approval_id: int,
+        status: ApprovalStatus,
+        decided_by: str,
+        note: str | None,
+        effect: DecisionEffect,
+    ) -> bool:
+        """Record a decision if none was made yet, and apply its effect, atomically.
+
+        Returns False (and changes nothing) when the request was already decided: the first
+        decision wins.
+        """
+        now = time.time()
+
+        def decide(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "SELECT run_id, call_key FROM approvals WHERE id = ?", (approval_id,)
+            ).fetchone()
+            if row is None:
+                raise ApprovalNotFound(f"no approval request {approval_id}")
+            run_id, call_key = row
+            cursor = conn.execute(
+                "UPDATE approvals SET status = ?, decided_by = ?, decided_at = ?, note = ? "
+                "WHERE id = ? AND status = 'pending'",
+                (str(status), decided_by, now, note, approval_id),
+            )
+            if cursor.rowcount != 1:
+                return False
+            if effect.call_status is not None:
+                conn.execute(
+                    "UPDATE tool_calls SET status = ?, outcome = COALESCE(?, outcome), "
+                    "outcome_at = ? WHERE call_key = ?",
+                    (
+                        effect.call_status,
+                        _dumps(effect.call_outcome) if effect.call_outcome is not None else None,
+                        now,
+                        call_key,
+                    ),
+                )
+            events = [
+                NewEvent(
+                    "approval_decided",
+                    {
+                        "approval_id": approval_id,
+                        "call_key": call_key,
+                        "decision": str(status),
+                        "decided_by": decided_by,
+                        "note": note,
+                    },
+                )
+            ]
+            if effect.call_status is not None and effect.call_outcome is not None:
+                events.append(
+                    NewEvent(
+                        "tool_outcome",
+                        {
+                            "call_key": call_key,
+                            "status": effect.call_status,
+                            "outcome": effect.call_outcome,
+                        },
+                    )
+                )
+            updates: dict[str, Any] = {"status": str(effect.run_status)}
+            if effect.checkpoint is not None:
+                updates["checkpoint"] = effect.checkpoint.to_json()
+            if effect.run_status.is_terminal:
+                updates["finished_at"] = now
+                updates["error"] = effect.error
+                events.append(
+                    NewEvent(
+                        "run_finished", {"status": str(effect.run_status), "error": effect.error}
+                    )
+                )
+            self._append_events(conn, run_id, events, now, updates)
+            self._enqueue_outbox(
+                conn,
+                run_id,
+                "approval_decided",
+                {
+                    "approval_id": approval_id,
+                    "decision": str(status),
+                    "decided_by": decided_by,
+                    "decided_at": now,
+                    "note": note,
+                },
+                now,
+            )
+            if effect.run_status.is_terminal:
+                self._enqueue_outbox(
+                    conn, run_id, "run_finished", {"status": str(effect.run_status)}, now
+                )
+            return True
+
+        return await self._transaction(decide)
+
+    async def expire_approval(self, approval_id: int) -> bool:
+        """Expire a pending request past its deadline and end its run as expired."""
+        now = time.time()
+
+        def expire(conn: sqlite3.Connection) -> bool:
+            row = conn.execute(
+                "SELECT run_id FROM approvals WHERE id = ? AND status = 'pending' "
+                "AND deadline_at <= ?",
+                (approval_id, now),
+            ).fetchone()
+            if row is None:
+                return False
+            run_id = row[0]
+            conn.execute(
+                "UPDATE approvals SET status = 'expired', decided_at = ? WHERE id = ?",
+                (now, approval_id),
+            )
+            error = "approval request expired without a decision"
+            self._append_events(
+                conn,
+                run_id,
+                [
+                    NewEvent("approval_expired", {"approval_id": approval_id}),
+                    NewEvent("run_finished", {"status": "expired", "error": error}),
+                ],
+                now,
+                {"status": RunStatus.EXPIRED, "finished_at": now, "error": error},
+            )
+            self._enqueue_outbox(
+                conn, run_id, "approval_expired", {"approval_id": approval_id}, now
+            )
+            self._enqueue_outbox(conn, run_id, "run_finished", {"status": "expired"}, now)
+            return True
+
+        return await self._transaction(expire)
+
+    async def overdue_approval_ids(self) -> list[int]:
+        """Pending requests whose deadline has passed."""
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT id FROM approvals WHERE status = 'pending' AND deadline_at <= ? "
+                "ORDER BY id",
+                (time.time(),),
+            ).fetchall()
+        )
+        return [row[0] for row in rows]
+
+    # -- journal ---------------------------------------------------------------------------
+
+    async def append_event(self, run_id: str, type_: str, data: dict[str, Any]) -> None:
+        """Append one event outside any other change (e.g. a note from a front end)."""
+        now = time.time()
+        await self._transaction(
+            lambda c: self._append_events(c, run_id, [NewEvent(type_, data)], now)
+        )
+
+    async def list_events(
+        self, run_id: str, after_seq: int = 0, limit: int | None = None
+    ) -> list[EventRecord]:
+        """A run's journal in order, optionally after a sequence number."""
+        sql = (
+            "SELECT seq, run_id, idx, ts, type, data, prev_hash, hash FROM events "
+            "WHERE run_id = ? AND seq > ? ORDER BY seq"
+        )
+        params: tuple[Any, ...] = (run_id, after_seq)
+        if limit is not None:
+            sql += " LIMIT ?"
+            params = (*params, limit)
+        rows = await self._read(lambda c: c.execute(sql, params).fetchall())
+        return [
+            EventRecord(
+                seq=row[0],
+                run_id=row[1],
+                idx=row[2],
+                ts=row[3],
+                type=row[4],
+                data=json.loads(row[5]),
+                prev_hash=row[6],
+                hash=row[7],
+            )
+            for row in rows
+        ]
+
+    # -- outbox ----------------------------------------------------------------------------
+
+    async def undelivered_messages(self, limit: int = 100) -> list[OutboxMessage]:
+        """Messages still to deliver, oldest first."""
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT id, run_id, target, kind, payload, attempts FROM outbox "
+                "WHERE delivered_at IS NULL ORDER BY id LIMIT ?",
+                (limit,),
+            ).fetchall()
+        )
+        return [
+            OutboxMessage(
+                id=row[0],
+                run_id=row[1],
+                target=json.loads(row[2]),
+                kind=row[3],
+                payload=json.loads(row[4]),
+                attempts=row[5],
+            )
+            for row in rows
+        ]
+
+    async def mark_delivered(self, message_id: int, chat_message_id: int | None) -> bool:
+        """Record a delivery once; False if it was already recorded."""
+
+        def mark(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "UPDATE outbox SET delivered_at = ?, message_id = ? "
+                "WHERE id = ? AND delivered_at IS NULL",
+                (time.time(), chat_message_id, message_id),
+            )
+            return cursor.rowcount == 1
+
+        return await self._transaction(mark)
+
+
+def _split_sql(script: str) -> Iterable[str]:
+    """Split a migration into statements; triggers keep their inner semicolons."""
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        stripped = line.strip()
+        if stripped.startswith("--"):
+            continue
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip():
+                yield buffer.strip()
+            buffer = ""
+    if buffer.strip():
+        yield buffer.strip()
+
+
+_RUN_COLUMNS = (
+    "id, parent_id, role, status, request, requested_by, origin, runbook_id, runbook, params, "
+    "checkpoint, limits, summary, error, lease_owner, lease_expires_at, created_at, updated_at, "
+    "finished_at"
+)
+
+
+def _run_from_row(row: Sequence[Any]) -> RunRecord:
+    return RunRecord(
+        id=row[0],
+        parent_id=row[1],
+        role=row[2],
+        status=RunStatus(row[3]),
+        request=row[4],
+        requested_by=row[5],
+        origin=Origin.from_json(row[6]),
+        runbook_id=row[7],
+        runbook=json.loads(row[8]) if row[8] else None,
+        params=json.loads(row[9]) if row[9] else {},
+        checkpoint=Checkpoint.from_json(row[10]),
+        limits=RunLimits.from_json(row[11]),
+        summary=row[12],
+        error=row[13],
+        lease_owner=row[14],
+        lease_expires_at=row[15],
+        created_at=row[16],
+        updated_at=row[17],
+        finished_at=row[18],
+    )
+
+
+_CALL_COLUMNS = (
+    "call_key, run_id, turn, position, tool, args, step_id, attempt, status, outcome, intent_at, "
+    "outcome_at, duration_ms"
+)
+
+
+def _call_from_row(row: Sequence[Any]) -> ToolCallRecord:
+    return ToolCallRecord(
+        call_key=row[0],
+        run_id=row[1],
+        turn=row[2],
+        position=row[3],
+        tool=row[4],
+        args=json.loads(row[5]),
+        step_id=row[6],
+        attempt=row[7],
+        status=row[8],
+        outcome=json.loads(row[9]) if row[9] else None,
+        intent_at=row[10],
+        outcome_at=row[11],
+        duration_ms=row[12],
+    )
+
+
+_TURN_COLUMNS = (
+    "run_id, turn, policy, request_hash, response, prompt_tokens, completion_tokens, created_at"
+)
+
+
+def _turn_from_row(row: Sequence[Any]) -> PolicyTurnRecord:
+    return PolicyTurnRecord(
+        run_id=row[0],
+        turn=row[1],
+        policy=row[2],
+        request_hash=row[3],
+        response=json.loads(row[4]),
+        prompt_tokens=row[5],
+        completion_tokens=row[6],
+        created_at=row[7],
+    )
+
+
+_APPROVAL_COLUMNS = (
+    "id, token, run_id, call_key, kind, step_id, action, reason, rollback, deciders, four_eyes, "
+    "requested_by, status, decided_by, decided_at, note, created_at, deadline_at"
+)
+
+
+def _approval_from_row(row: Sequence[Any]) -> ApprovalRecord:
+    return ApprovalRecord(
+        id=row[0],
+        token=row[1],
+        run_id=row[2],
+        call_key=row[3],
+        kind=ApprovalKind(row[4]),
+        step_id=row[5],
+        action=row[6],
+        reason=row[7],
+        rollback=row[8],
+        deciders=json.loads(row[9]),
+        four_eyes=bool(row[10]),
+        requested_by=row[11],
+        status=ApprovalStatus(row[12]),
+        decided_by=row[13],
+        decided_at=row[14],
+        note=row[15],
+        created_at=row[16],
+        deadline_at=row[17],
+    )

@@ -1,0 +1,114 @@
+"""The audit summary of a run: outcome, duration, each step's result, each approval, errors."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import jinja2
+
+from agent.records import ApprovalRecord, RunRecord, ToolCallRecord
+from agent.store import RunStore
+
+_ENV = jinja2.Environment(
+    loader=jinja2.PackageLoader("agent", "templates"),
+    autoescape=False,  # plain text; the Telegram-HTML variant will autoescape
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    keep_trailing_newline=True,
+)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """The last word on one step of the runbook."""
+
+    step_id: str
+    title: str
+    result: str  # ok, error, refused, skipped, not run
+    detail: str
+    attempts: int
+
+
+@dataclass
+class RunSummary:
+    """Everything the summary template shows."""
+
+    run: RunRecord
+    duration: str
+    steps: list[StepResult] = field(default_factory=list)
+    approvals: list[ApprovalRecord] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def _clock(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts)) if ts else "-"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min {secs} s"
+
+
+def _detail(call: ToolCallRecord) -> str:
+    outcome: dict[str, Any] = call.outcome or {}
+    if call.status == "refused":
+        return f"refused: {outcome.get('refused')}"
+    if call.status == "skipped":
+        return f"skipped by {outcome.get('decided_by')} (may have run)"
+    if "denied" in outcome:
+        return f"denied: {outcome['denied']}"
+    if outcome.get("dry_run"):
+        if "argv" in outcome:
+            return "dry-run: " + " ".join(outcome["argv"])
+        return f"dry-run check {outcome.get('url')} (synthetic)"
+    if "exit_code" in outcome:
+        code = "timed out" if outcome.get("timed_out") else f"exit {outcome['exit_code']}"
+        return f"{code}: " + " ".join(outcome.get("argv", []))
+    if "status_code" in outcome:
+        return f"HTTP {outcome['status_code']} in {outcome.get('latency_ms', 0):.0f} ms"
+    if "note" in outcome:
+        return f"note: {outcome['note']}"
+    if "error" in outcome:
+        return str(outcome["error"])
+    return ""
+
+
+async def build_summary(store: RunStore, run_id: str) -> RunSummary:
+    """Gather a run's summary from the journal."""
+    run = await store.get_run(run_id)
+    calls = await store.list_tool_calls(run_id)
+    approvals = await store.list_approvals(run_id)
+    end = run.finished_at or time.time()
+    summary = RunSummary(run=run, duration=_duration(end - run.created_at), approvals=approvals)
+    by_step: dict[str, list[ToolCallRecord]] = {}
+    for call in calls:
+        if call.step_id and call.tool in ("execute_step", "check_health", "rollback_step"):
+            by_step.setdefault(call.step_id, []).append(call)
+        if call.status in ("error", "refused"):
+            summary.errors.append(f"{call.tool} {call.step_id or ''}: {_detail(call)}".strip())
+    steps = (run.runbook or {}).get("steps", [])
+    for step in steps:
+        tried = by_step.get(step["id"], [])
+        if not tried:
+            summary.steps.append(StepResult(step["id"], step["title"], "not run", "", 0))
+            continue
+        last = tried[-1]
+        result = "rolled back" if last.tool == "rollback_step" else last.status
+        summary.steps.append(
+            StepResult(step["id"], step["title"], result, _detail(last), len(tried))
+        )
+    if run.error and run.error not in summary.errors:
+        summary.errors.append(run.error)
+    return summary
+
+
+def render_summary(summary: RunSummary) -> str:
+    """The plain-text audit summary."""
+    return _ENV.get_template("summary.txt.j2").render(s=summary, clock=_clock)

@@ -1,0 +1,313 @@
+"""The tools a policy can call, their argument models, and which role may use which.
+
+`await_approval` is declared here but carried out by the kernel itself: it parks the run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field
+
+from agent.allowlist import CommandDenied, ShellAllowlist
+from agent.memory import WorkspaceMemory
+from agent.runbook import (
+    HealthCheck,
+    ParamError,
+    RenderError,
+    Runbook,
+    RunbookCatalog,
+    Step,
+    render_command,
+    render_text,
+    render_url,
+)
+from agent.settings import Settings
+from agent.shell import run_command, scrubbed_environment
+from agent.store import NewEvent, RunbookPin
+
+
+class ReadRunbookArgs(BaseModel):
+    """List the runbooks (no id), or load one and commit the run to it with its params."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    runbook_id: str | None = None
+    params: dict[str, str] = Field(default_factory=dict)
+
+
+class StepArgs(BaseModel):
+    """Names one step of the run's runbook."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    step_id: str = Field(min_length=1, max_length=63)
+
+
+class AwaitApprovalArgs(BaseModel):
+    """Ask a human to approve one step; the run waits for the decision."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    step_id: str = Field(min_length=1, max_length=63)
+    reason: str = Field("", max_length=1000)
+
+
+class RecordAuditArgs(BaseModel):
+    """An audit entry for the journal and the workspace memory."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    entry: str = Field(min_length=1, max_length=2000)
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """A tool's name, its argument model, the roles that may call it, and what it does."""
+
+    name: str
+    args_model: type[BaseModel]
+    roles: frozenset[str]
+    description: str
+
+
+@dataclass
+class ToolResult:
+    """What a tool did: a status the policy sees, an outcome, and anything it commits with it."""
+
+    status: str  # ok | error
+    outcome: dict[str, Any]
+    pin: RunbookPin | None = None
+    events: list[NewEvent] = field(default_factory=list)
+
+
+RUNBOOK_ROLE = "runbook"
+
+TOOL_SPECS: dict[str, ToolSpec] = {
+    spec.name: spec
+    for spec in (
+        ToolSpec(
+            "read_runbook",
+            ReadRunbookArgs,
+            frozenset({RUNBOOK_ROLE, "planner"}),
+            "List runbooks, or load one and commit the run to it with validated params.",
+        ),
+        ToolSpec(
+            "execute_step",
+            StepArgs,
+            frozenset({RUNBOOK_ROLE, "executor"}),
+            "Execute one step of the run's runbook (dry-run unless live shell is allowed).",
+        ),
+        ToolSpec(
+            "await_approval",
+            AwaitApprovalArgs,
+            frozenset({RUNBOOK_ROLE, "executor"}),
+            "Ask a human to approve a step; the run waits until it is decided.",
+        ),
+        ToolSpec(
+            "check_health",
+            StepArgs,
+            frozenset({RUNBOOK_ROLE, "verifier"}),
+            "Run the HTTP health check of a `check` step.",
+        ),
+        ToolSpec(
+            "rollback_step",
+            StepArgs,
+            frozenset({"kernel"}),
+            "Run a completed step's rollback action (the kernel's own, after a rejection).",
+        ),
+        ToolSpec(
+            "record_audit",
+            RecordAuditArgs,
+            frozenset({RUNBOOK_ROLE, "verifier"}),
+            "Append an audit entry to the journal and the workspace memory.",
+        ),
+    )
+}
+
+
+def tools_for_role(role: str) -> list[str]:
+    """Names of the tools a role may call; an unknown role is an error, never "all tools"."""
+    names = [spec.name for spec in TOOL_SPECS.values() if role in spec.roles]
+    if not names or role == "kernel":
+        raise ValueError(f"unknown role {role!r}")
+    return names
+
+
+class Toolbox:
+    """Carries out tool calls for the kernel, with the workspace's settings and allowlist."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        catalog_loader: Callable[[], RunbookCatalog],
+        memory: WorkspaceMemory,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        self._settings = settings
+        self._catalog_loader = catalog_loader
+        self._memory = memory
+        self._http = http
+        self._allowlist: ShellAllowlist | None = None
+
+    def is_idempotent(self, tool: str, args: dict[str, Any], runbook: Runbook | None) -> bool:
+        """Whether a call may simply run again when it is in doubt after a crash."""
+        if tool in ("read_runbook", "check_health", "record_audit", "await_approval"):
+            return True  # reads, and a deduplicated audit line
+        if tool != "execute_step" or runbook is None:
+            return False
+        try:
+            step = runbook.step(str(args.get("step_id")))
+        except KeyError:
+            return True  # it was refused, so it cannot have had an effect
+        return step.idempotent or step.action_kind != "run" or not self._settings.allow_shell
+
+    async def read_runbook(self, args: ReadRunbookArgs, pinned: Runbook | None) -> ToolResult:
+        """List runbooks, or load one and pin it with resolved params."""
+        catalog = self._catalog_loader()
+        if args.runbook_id is None:
+            listing = [
+                {"id": rb.id, "title": rb.title, "triggers": list(rb.triggers)}
+                for rb in catalog.runbooks.values()
+            ]
+            return ToolResult(
+                "ok", {"runbooks": listing, "invalid": [str(e) for e in catalog.errors]}
+            )
+        if pinned is not None and pinned.id != args.runbook_id:
+            return ToolResult(
+                "error", {"error": f"this run is committed to runbook {pinned.id!r} already"}
+            )
+        try:
+            runbook = catalog.get(args.runbook_id)
+        except KeyError:
+            known = ", ".join(sorted(catalog.runbooks)) or "none"
+            return ToolResult(
+                "error", {"error": f"unknown runbook {args.runbook_id!r} (known: {known})"}
+            )
+        try:
+            params = runbook.resolve_params(args.params)
+        except ParamError as exc:
+            return ToolResult("error", {"error": str(exc)})
+        document = runbook.model_dump(mode="json")
+        return ToolResult(
+            "ok",
+            {"runbook": document, "params": params},
+            pin=RunbookPin(runbook.id, document, params),
+        )
+
+    async def execute_step(
+        self,
+        step: Step,
+        runbook: Runbook,
+        params: dict[str, Any],
+        timeout: float,
+        rollback: bool = False,
+    ) -> ToolResult:
+        """Execute a step's action (or its rollback action)."""
+        if rollback:
+            assert step.rollback is not None
+            run_template, note, check = step.rollback.run, step.rollback.note, None
+        else:
+            run_template, note, check = step.run, step.note, step.check
+        if check is not None:
+            return await self.check(check, params, min(step.timeout, timeout))
+        if note is not None:
+            return ToolResult("ok", {"note": render_text(note, params)})
+        assert run_template is not None
+        argv = render_command(run_template, params)
+        if not self._settings.allow_shell:
+            return ToolResult("ok", {"mode": "dry-run", "dry_run": True, "argv": argv})
+        try:
+            admitted = self._load_allowlist().admit(argv)
+        except CommandDenied as exc:
+            return ToolResult("error", {"mode": "live", "argv": argv, "denied": str(exc)})
+        result = await run_command(
+            admitted,
+            timeout=max(0.01, min(step.timeout, timeout)),
+            env=scrubbed_environment(os.environ, runbook.env),
+            output_cap=self._settings.output_cap,
+            cwd=self._settings.workspace,
+        )
+        outcome = {
+            "mode": "live",
+            "argv": result.argv,
+            "exit_code": result.exit_code,
+            "stdout": result.stdout,
+            "stderr": result.stderr,
+            "stdout_bytes": result.stdout_bytes,
+            "stderr_bytes": result.stderr_bytes,
+            "truncated": result.truncated,
+            "timed_out": result.timed_out,
+            "duration_ms": round(result.duration_ms, 3),
+        }
+        return ToolResult("ok" if result.exit_code == 0 else "error", outcome)
+
+    async def check(self, check: HealthCheck, params: dict[str, Any], timeout: float) -> ToolResult:
+        """An HTTP GET against a health URL, or a synthetic pass in dry-run."""
+        try:
+            url = render_url(check.url, params)
+        except RenderError as exc:
+            return ToolResult("error", {"url": check.url, "error": str(exc)})
+        if not self._settings.live_checks:
+            return ToolResult(
+                "ok",
+                {
+                    "url": url,
+                    "synthetic": True,
+                    "dry_run": True,
+                    "status_code": check.expect_status,
+                    "latency_ms": 0.0,
+                    "ok": True,
+                },
+            )
+        client = self._http or httpx.AsyncClient()
+        started = time.perf_counter()
+        try:
+            response = await client.get(url, timeout=max(0.01, timeout), follow_redirects=False)
+        except httpx.HTTPError as exc:
+            latency = (time.perf_counter() - started) * 1000
+            return ToolResult(
+                "error",
+                {"url": url, "error": f"{type(exc).__name__}: {exc}", "latency_ms": latency},
+            )
+        finally:
+            if self._http is None:
+                await client.aclose()
+        latency = (time.perf_counter() - started) * 1000
+        problems = []
+        if response.status_code != check.expect_status:
+            problems.append(f"status {response.status_code}, expected {check.expect_status}")
+        if latency > check.max_latency_ms:
+            problems.append(f"latency {latency:.0f} ms over {check.max_latency_ms} ms")
+        outcome = {
+            "url": url,
+            "status_code": response.status_code,
+            "latency_ms": round(latency, 3),
+            "ok": not problems,
+        }
+        if problems:
+            outcome["error"] = "; ".join(problems)
+        return ToolResult("ok" if not problems else "error", outcome)
+
+    async def record_audit(self, args: RecordAuditArgs) -> ToolResult:
+        """Journal an audit entry and remember it in the workspace memory."""
+        kept = self._memory.add(args.entry)
+        return ToolResult(
+            "ok",
+            {"recorded": True, "memory_lines": kept},
+            events=[NewEvent("audit", {"entry": args.entry})],
+        )
+
+    def memory_lines(self) -> list[str]:
+        """What later runs get as context from the workspace memory."""
+        return self._memory.read()
+
+    def _load_allowlist(self) -> ShellAllowlist:
+        if self._allowlist is None:
+            self._allowlist = ShellAllowlist.load(self._settings.allowlist_path)
+        return self._allowlist

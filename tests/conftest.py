@@ -1,0 +1,93 @@
+"""Shared fixtures: a real workspace on disk, real settings, a real store and service."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from agent.service import RunService
+from agent.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A runbook whose live steps append a line to a file: the side effect the crash tests count.
+DRILL_RUNBOOK = """\
+id: crash-drill
+title: Crash drill
+description: Appends lines to out.txt so tests can count side effects.
+triggers: [crash drill]
+approvers: [cli:approver]
+steps:
+  - id: prepare
+    title: Say what is about to happen
+    note: appending to out.txt
+  - id: append-one
+    title: Append line one
+    run: "{python} append.py one"
+  - id: append-two
+    title: Append line two
+    run: "{python} append.py two"
+    approval: required
+    rollback:
+      run: "{python} append.py undo-two"
+  - id: verify
+    title: Health check
+    check:
+      url: http://127.0.0.1:9/healthz
+"""
+
+APPEND_SCRIPT = """\
+import sys, time
+with open("out.txt", "a") as handle:
+    handle.write(sys.argv[1] + "\\n")
+    handle.flush()
+time.sleep(float(sys.argv[2]) if len(sys.argv) > 2 else 0)
+"""
+
+
+def make_workspace(root: Path) -> Path:
+    """A workspace with the shipped runbooks, the crash drill, and an allowlist for it."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(REPO / "runbooks", root / "runbooks", dirs_exist_ok=True)
+    python = str(Path(sys.executable).absolute())
+    (root / "runbooks" / "crash-drill.yaml").write_text(DRILL_RUNBOOK.format(python=python))
+    (root / "append.py").write_text(APPEND_SCRIPT)
+    allowlist = {
+        "rules": [{"argv": [python, "append.py", "re:one|two|undo-two"]}],
+        "path": [str(Path(python).parent)],
+    }
+    (root / "ops.shell.allowlist.json").write_text(json.dumps(allowlist))
+    return root
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    """A fresh workspace directory."""
+    return make_workspace(tmp_path / "ws")
+
+
+@pytest.fixture
+def settings(workspace: Path, tmp_path: Path) -> Settings:
+    """Settings for a mock-LLM, dry-run service over a fresh database file."""
+    return Settings(
+        _env_file=None,
+        db=str(tmp_path / "ops.sqlite"),
+        workspace=workspace,
+        mock_llm=True,
+        user="tester",
+    )
+
+
+@pytest.fixture
+async def service(settings: Settings) -> AsyncIterator[RunService]:
+    """An open RunService; closed after the test."""
+    svc = await RunService.open(settings)
+    try:
+        yield svc
+    finally:
+        await svc.close()

@@ -1,0 +1,201 @@
+"""Crash tests: a real `loom-ops` process killed with SIGKILL at every step boundary and inside
+a live tool call; after `loom-ops resume` (and a human's call where the kernel asks for one)
+every run completes and every side effect happened exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_workspace
+
+LOOM_OPS = [sys.executable, "-m", "agent.cli"]
+
+
+def _env(workspace: Path, db: Path, failpoint: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_OPS_")}
+    env.update(
+        LOOM_OPS_DB=str(db),
+        LOOM_OPS_WORKSPACE=str(workspace),
+        LOOM_OPS_MOCK_LLM="1",
+        LOOM_OPS_ALLOW_SHELL="1",
+        PYTHONPATH=str(Path(__file__).resolve().parent.parent),
+    )
+    if failpoint:
+        env["LOOM_OPS_FAILPOINT"] = failpoint
+    return env
+
+
+def _cli(workspace: Path, db: Path, *args: str, failpoint: str | None = None) -> int:
+    done = subprocess.run(
+        [*LOOM_OPS, *args, "--json"],
+        cwd=workspace,
+        env=_env(workspace, db, failpoint),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "Traceback" not in done.stderr, done.stderr
+    return done.returncode
+
+
+def _run_row(db: Path, run_id: str) -> tuple[str, int | None]:
+    with sqlite3.connect(db) as conn:
+        status = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
+        pending = conn.execute(
+            "SELECT kind, step_id FROM approvals WHERE run_id = ? AND status = 'pending'",
+            (run_id,),
+        ).fetchone()
+    return status, pending
+
+
+def _lines(workspace: Path) -> list[str]:
+    path = workspace / "out.txt"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def _drive_to_end(workspace: Path, db: Path, run_id: str, failpoint: str | None) -> list[str]:
+    """Start the drill, then act as the operator until the run ends; returns what was decided.
+
+    The failpoint stays armed on every command until one process dies of it, since the point
+    may lie beyond the first command (e.g. after the approval). In-doubt requests are decided
+    as a human would: look at the world (out.txt) and retry if the line is missing, else skip.
+    """
+    armed = failpoint
+    decisions: list[str] = []
+    code = _cli(workspace, db, "runbook", "crash drill", "--run-id", run_id, failpoint=armed)
+    if code == -signal.SIGKILL:
+        armed = None
+    for _ in range(12):
+        status, pending = _run_row(db, run_id)
+        if status in ("succeeded", "failed", "rejected", "cancelled", "expired"):
+            return decisions
+        if status in ("queued", "running"):
+            code = _cli(workspace, db, "resume", "--run-id", run_id, failpoint=armed)
+        elif pending is not None:
+            kind, step_id = pending
+            if kind == "gate":
+                decisions.append(f"approve {step_id}")
+                args = ["approve", "--run-id", run_id, "--as", "approver"]
+            else:
+                line = step_id.removeprefix("append-")
+                already = line in _lines(workspace)
+                decisions.append(f"{'skip' if already else 'retry'} {step_id}")
+                args = ["approve", "--run-id", run_id, "--as", "approver"]
+                if already:
+                    args.append("--skip")
+            code = _cli(workspace, db, *args, failpoint=armed)
+        else:
+            raise AssertionError(f"run {run_id} stuck in {status}")
+        if code == -signal.SIGKILL:
+            armed = None
+    raise AssertionError(f"run {run_id} did not finish")
+
+
+BOUNDARIES = [
+    "after_claim:1",
+    "after_wait:1",
+    *(
+        f"{point}:{n}"
+        for point in ("before_intent", "after_intent", "after_tool", "after_outcome")
+        for n in (1, 2, 3)
+    ),
+]
+
+
+@pytest.mark.parametrize("failpoint", BOUNDARIES)
+def test_sigkill_at_every_boundary_then_resume(tmp_path: Path, failpoint: str) -> None:
+    """Killed anywhere, the run completes with each line appended exactly once."""
+    workspace = make_workspace(tmp_path / "ws")
+    db = tmp_path / "ops.sqlite"
+    decisions = _drive_to_end(workspace, db, "drill", failpoint)
+
+    status, _ = _run_row(db, "drill")
+    assert status == "succeeded", (failpoint, decisions)
+    assert _lines(workspace) == ["one", "two"], (failpoint, decisions)
+    with sqlite3.connect(db) as conn:
+        died = conn.execute(
+            "SELECT COUNT(*) FROM events WHERE run_id = 'drill' AND type = 'run_claimed'"
+        ).fetchone()[0]
+        in_doubt = conn.execute(
+            "SELECT step_id FROM approvals WHERE run_id = 'drill' AND kind = 'in_doubt'"
+        ).fetchall()
+        unfinished = conn.execute(
+            "SELECT COUNT(*) FROM tool_calls WHERE run_id = 'drill' AND outcome IS NULL"
+        ).fetchone()[0]
+    assert died >= 2, "the failpoint never fired: the test would prove nothing"
+    assert unfinished == 0
+    point = failpoint.split(":")[0]
+    # A live, non-idempotent step caught between intent and outcome must go to a human.
+    if in_doubt:
+        assert point in ("after_intent", "after_tool"), (failpoint, in_doubt)
+        assert any(d.startswith(("retry", "skip")) for d in decisions)
+
+
+def test_in_doubt_step_is_not_rerun_without_a_decision(tmp_path: Path) -> None:
+    """Killed after the side effect but before its outcome: resume asks, and does not rerun."""
+    workspace = make_workspace(tmp_path / "ws")
+    db = tmp_path / "ops.sqlite"
+    # The third intent of the first process is append-one (read_runbook, prepare, append-one).
+    code = _cli(workspace, db, "runbook", "crash drill", "--run-id", "d", failpoint="after_tool:3")
+    assert code == -signal.SIGKILL
+    assert _lines(workspace) == ["one"]
+    assert _cli(workspace, db, "resume", "--run-id", "d") == 0  # waiting is exit 0
+    status, pending = _run_row(db, "d")
+    assert status == "waiting_approval"
+    assert pending == ("in_doubt", "append-one")
+    assert _lines(workspace) == ["one"], "the in-doubt step ran again without a decision"
+    # Resuming again changes nothing: the run waits for a human.
+    assert _cli(workspace, db, "resume", "--run-id", "d") == 0
+    assert _lines(workspace) == ["one"]
+    assert _cli(workspace, db, "approve", "--run-id", "d", "--as", "approver", "--skip") == 0
+    assert _run_row(db, "d") == ("waiting_approval", ("gate", "append-two"))
+    assert _lines(workspace) == ["one"]
+
+
+def test_sigkill_inside_a_running_command(tmp_path: Path) -> None:
+    """An external SIGKILL while the command runs: the step is in doubt; retry runs it again."""
+    workspace = make_workspace(tmp_path / "ws")
+    db = tmp_path / "ops.sqlite"
+    # Make append-one slow so the kill lands while the child process is still running.
+    drill = workspace / "runbooks" / "crash-drill.yaml"
+    drill.write_text(drill.read_text().replace("append.py one", "append.py one 3"))
+    rules = json.loads((workspace / "ops.shell.allowlist.json").read_text())
+    rules["rules"].append({"argv": [rules["rules"][0]["argv"][0], "append.py", "one", "3"]})
+    (workspace / "ops.shell.allowlist.json").write_text(json.dumps(rules))
+
+    proc = subprocess.Popen(
+        [*LOOM_OPS, "runbook", "crash drill", "--run-id", "k"],
+        cwd=workspace,
+        env=_env(workspace, db),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 20
+    while "one" not in _lines(workspace):
+        assert time.monotonic() < deadline, "the step never started"
+        assert proc.poll() is None
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+
+    assert _cli(workspace, db, "resume", "--run-id", "k") == 0
+    status, pending = _run_row(db, "k")
+    assert (status, pending) == ("waiting_approval", ("in_doubt", "append-one"))
+    # A human who decides to retry gets the step run once more: a second "one" line.
+    assert _cli(workspace, db, "approve", "--run-id", "k", "--as", "approver") == 0
+    assert _lines(workspace) == ["one", "one"]
+    assert _run_row(db, "k") == ("waiting_approval", ("gate", "append-two"))
+    with sqlite3.connect(db) as conn:
+        attempt = conn.execute(
+            "SELECT attempt, status FROM tool_calls WHERE step_id = 'append-one'"
+        ).fetchone()
+    assert attempt == (2, "ok")
