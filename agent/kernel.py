@@ -196,17 +196,19 @@ class _RunLoop:
                 run_id=self.run_id,
                 role=self.run_record.role,
                 request=self.run_record.request,
-                catalog=self.k.catalog_loader(),
+                catalog_loader=self.k.catalog_loader,
                 runbook=self.runbook,
                 params=self.params,
                 history=self.history,
-                memory=self.k.toolbox.memory_lines(),
+                memory_loader=self.k.toolbox.memory_lines,
                 tools=tools_for_role(self.run_record.role),
             )
             decision = await policy.decide(context)
             policy_name, request_hash = policy.name, context.request_hash()
-        response = self.k.redactor.data(decision.model_dump(mode="json"))
-        decision = PolicyDecision.model_validate(response)
+        raw = decision.model_dump(mode="json")
+        response = self.k.redactor.data(raw)
+        if response != raw:  # the journal and the run only ever see the redacted answer
+            decision = PolicyDecision.model_validate(response)
         self.state = dataclasses.replace(self.state, steps_used=self.state.steps_used + 1)
         pending = NewPolicyTurn(
             turn=self.state.turn,
@@ -285,8 +287,19 @@ class _RunLoop:
                 # An in-doubt await_approval already has its intent row; only the request is new.
                 await self._open_gate(parsed, None if existing else new_call, pending)
         self.k.failpoints.reached("before_intent")
+        # Only an intent that announces a side effect must survive a power cut before the call
+        # runs; losing the intent of a call that is safe to repeat just repeats it.
+        durable = refusal is None and not self.k.toolbox.is_idempotent(
+            call.name, args, self.runbook
+        )
         attempt = await self.store.begin_tool_call(
-            self.run_id, self.k.owner, new_call, self._checkpoint(), pending, rerun=rerun
+            self.run_id,
+            self.k.owner,
+            new_call,
+            self._checkpoint(),
+            pending,
+            rerun=rerun,
+            durable=durable,
         )
         self.k.failpoints.reached("after_intent")
         started = time.perf_counter()

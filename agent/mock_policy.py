@@ -118,7 +118,7 @@ class MockPolicy:
         if current is None:
             return 0, False
         step = runbook.step(current)
-        index = runbook.steps.index(step)
+        index = runbook.step_index(step.id)
         if failures == 0:
             return (index, False) if history[-1].tool == "await_approval" else (index + 1, False)
         if failures <= step.retries:

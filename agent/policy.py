@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -61,13 +61,22 @@ class PolicyContext:
     run_id: str
     role: str
     request: str
-    catalog: RunbookCatalog
+    catalog_loader: Callable[[], RunbookCatalog]
     runbook: Runbook | None
     params: dict[str, Any]
     history: Sequence[Observation]
-    memory: Sequence[str] = ()
+    memory_loader: Callable[[], Sequence[str]] = tuple
     tools: Sequence[str] = ()
-    notes: list[str] = field(default_factory=list)
+
+    @property
+    def memory(self) -> Sequence[str]:
+        """Lines of the workspace memory (audit lines of earlier runs), read when asked for."""
+        return self.memory_loader()
+
+    @property
+    def catalog(self) -> RunbookCatalog:
+        """The workspace's runbooks, loaded only if the policy looks (a pinned run need not)."""
+        return self.catalog_loader()
 
     def request_hash(self) -> str:
         """A digest of what the policy was asked, journaled beside its answer."""

@@ -221,8 +221,10 @@ class RunStore:
         def configure(conn: sqlite3.Connection) -> None:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             conn.execute("PRAGMA journal_mode = WAL")
-            # FULL: an intent must survive a power cut before the side effect it announces runs.
-            conn.execute("PRAGMA synchronous = FULL")
+            # NORMAL in WAL mode survives any process crash; a power cut can only lose a suffix
+            # of recent commits. Commits that must survive even that (the intent of a side
+            # effect) ask for `durable=True`, which syncs the WAL and everything before it.
+            conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
 
         try:
@@ -271,16 +273,29 @@ class RunStore:
         # runs' statements out of each other's transactions and keeps the per-step cost low.
         return await self._db._execute(fn, self._db._conn)
 
-    async def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _transaction(self, fn: Callable[[sqlite3.Connection], T], durable: bool = False) -> T:
+        """Run `fn` as one transaction on the connection's thread.
+
+        `durable` syncs the commit to disk (synchronous=FULL) before returning. The WAL is
+        sequential, so a durable commit also makes every earlier commit durable: after a power
+        cut the database holds a prefix of the commits that includes every durable one.
+        """
+
         def run(conn: sqlite3.Connection) -> T:
-            conn.execute("BEGIN IMMEDIATE")
+            if durable:
+                conn.execute("PRAGMA synchronous = FULL")
             try:
-                result = fn(conn)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return result
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    result = fn(conn)
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+                return result
+            finally:
+                if durable:
+                    conn.execute("PRAGMA synchronous = NORMAL")
 
         return await self._on_thread(run)
 
@@ -387,7 +402,7 @@ class RunStore:
             )
             self._append_events(conn, new.id, [event], now)
 
-        await self._transaction(create)
+        await self._transaction(create, durable=True)
         return await self.get_run(new.id)
 
     async def get_run(self, run_id: str) -> RunRecord:
@@ -569,7 +584,7 @@ class RunStore:
                 conn, run_id, "run_finished", {"status": str(status), "summary": summary}, now
             )
 
-        await self._transaction(finish)
+        await self._transaction(finish, durable=True)
 
     async def cancel_run(self, run_id: str, by: str) -> RunRecord:
         """Cancel a run that has not finished; pending approvals are closed with it."""
@@ -601,7 +616,7 @@ class RunStore:
             )
             self._enqueue_outbox(conn, run_id, "run_finished", {"status": "cancelled"}, now)
 
-        await self._transaction(cancel)
+        await self._transaction(cancel, durable=True)
         return await self.get_run(run_id)
 
     # -- policy turns ----------------------------------------------------------------------
@@ -675,12 +690,14 @@ class RunStore:
         checkpoint: Checkpoint,
         turn: NewPolicyTurn | None = None,
         rerun: bool = False,
+        durable: bool = True,
     ) -> int:
         """Commit the intent of a call (and the policy turn that proposed it); returns the attempt.
 
         A call a human marked for retry, or an in-doubt idempotent call (`rerun`), gets a new
         attempt; any other call that already has an intent or an outcome is refused, so nothing
-        runs twice by accident.
+        runs twice by accident. `durable` (the default) syncs the intent to disk before the
+        call runs; a call that is safe to repeat may skip that sync.
         """
         now = time.time()
 
@@ -740,7 +757,7 @@ class RunStore:
             )
             return attempt
 
-        return await self._transaction(begin)
+        return await self._transaction(begin, durable=durable)
 
     async def finish_tool_call(
         self,
@@ -909,7 +926,7 @@ class RunStore:
             self._enqueue_outbox(conn, run_id, "approval_request", payload, now)
             return approval_id
 
-        approval_id = await self._transaction(open_)
+        approval_id = await self._transaction(open_, durable=True)
         return await self.get_approval(approval_id)
 
     async def get_approval(self, approval_id: int) -> ApprovalRecord:
@@ -1058,7 +1075,7 @@ class RunStore:
                 )
             return True
 
-        return await self._transaction(decide)
+        return await self._transaction(decide, durable=True)
 
     async def expire_approval(self, approval_id: int) -> bool:
         """Expire a pending request past its deadline and end its run as expired."""
@@ -1094,7 +1111,7 @@ class RunStore:
             self._enqueue_outbox(conn, run_id, "run_finished", {"status": "expired"}, now)
             return True
 
-        return await self._transaction(expire)
+        return await self._transaction(expire, durable=True)
 
     async def overdue_approval_ids(self) -> list[int]:
         """Pending requests whose deadline has passed."""
@@ -1177,7 +1194,7 @@ class RunStore:
             )
             return cursor.rowcount == 1
 
-        return await self._transaction(mark)
+        return await self._transaction(mark, durable=True)
 
 
 def _split_sql(script: str) -> Iterable[str]:

@@ -26,7 +26,7 @@ CREATE INDEX runs_by_status ON runs(status, created_at);
 CREATE INDEX runs_by_parent ON runs(parent_id);
 
 CREATE TABLE events (
-    seq       INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq       INTEGER PRIMARY KEY,            -- never reused: rows are never deleted (trigger)
     run_id    TEXT NOT NULL REFERENCES runs(id),
     idx       INTEGER NOT NULL,                -- position in the run's chain, from 1
     ts        REAL NOT NULL,

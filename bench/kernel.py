@@ -1,0 +1,207 @@
+"""Benchmark of the durable kernel: per-step overhead, flatness with run length, resume time.
+
+Prints figures and ratios; asserts nothing. Run with `make bench` or `python bench/kernel.py`.
+
+- per-step cost of an N-step dry-run run (N = 40, 1000) through the real RunService, against
+  one raw aiosqlite INSERT + COMMIT per step (WAL; synchronous FULL and NORMAL), same run;
+- the time to resume a 1000-step run killed (SIGKILL, in a real subprocess) at step 500, from
+  the resume call to the first new step's committed intent, and the CLI's wall time beside the
+  process start-up time;
+- peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiosqlite
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from agent.service import RunService  # noqa: E402
+from agent.settings import Settings  # noqa: E402
+from agent.store import BUSY_TIMEOUT_MS  # noqa: E402
+
+
+def write_runbook(workspace: Path, steps: int) -> None:
+    """A runbook of `steps` dry-run command steps."""
+    (workspace / "runbooks").mkdir(parents=True, exist_ok=True)
+    lines = [
+        f"id: bench-{steps}",
+        f"title: Benchmark with {steps} steps",
+        f"triggers: [bench {steps}]",
+        "steps:",
+    ]
+    for i in range(steps):
+        lines += [f"  - id: s{i}", f"    title: Step {i}", f"    run: echo step {i}"]
+    (workspace / "runbooks" / f"bench-{steps}.yaml").write_text("\n".join(lines) + "\n")
+
+
+def settings_for(workspace: Path, db: Path, steps: int) -> Settings:
+    """Mock LLM, dry-run, budgets large enough for the run."""
+    return Settings(
+        _env_file=None,
+        db=str(db),
+        workspace=workspace,
+        mock_llm=True,
+        max_steps=steps + 10,
+        max_tool_calls=steps + 10,
+    )
+
+
+async def raw_commit_baseline(directory: Path, count: int, synchronous: str) -> float:
+    """Seconds per raw aiosqlite INSERT + COMMIT in WAL mode with the given sync level."""
+    path = directory / f"baseline-{synchronous}.sqlite"
+    async with aiosqlite.connect(path) as db:
+        await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        await db.execute("PRAGMA journal_mode = WAL")
+        await db.execute(f"PRAGMA synchronous = {synchronous}")
+        await db.execute(
+            "CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, step INTEGER, data TEXT)"
+        )
+        await db.commit()
+        payload = "x" * 200
+        started = time.perf_counter()
+        for i in range(count):
+            await db.execute("INSERT INTO t (step, data) VALUES (?, ?)", (i, payload))
+            await db.commit()
+        return (time.perf_counter() - started) / count
+
+
+async def run_steps(directory: Path, steps: int) -> float:
+    """Seconds per step of one whole N-step run (mock policy, dry-run)."""
+    workspace = directory / f"ws-{steps}"
+    write_runbook(workspace, steps)
+    service = await RunService.open(
+        settings_for(workspace, directory / f"run-{steps}.sqlite", steps)
+    )
+    try:
+        service.catalog()  # parse the YAML before the clock starts: a one-time cost, not a step's
+        started = time.perf_counter()
+        run = await service.start(f"bench-{steps}", f"bench {steps}")
+        elapsed = time.perf_counter() - started
+        assert run.status == "succeeded", (run.status, run.error)
+    finally:
+        await service.close()
+    # +3 turns: read_runbook, record_audit, final answer.
+    return elapsed / steps
+
+
+def kill_at_step(directory: Path, steps: int, at: int) -> tuple[Path, Path]:
+    """Run a `steps`-step run in a subprocess that SIGKILLs itself after step `at`'s outcome."""
+    workspace = directory / f"ws-kill-{steps}"
+    write_runbook(workspace, steps)
+    db = directory / f"kill-{steps}.sqlite"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_OPS_")}
+    env.update(
+        LOOM_OPS_DB=str(db),
+        LOOM_OPS_WORKSPACE=str(workspace),
+        LOOM_OPS_MOCK_LLM="1",
+        LOOM_OPS_MAX_STEPS=str(steps + 10),
+        LOOM_OPS_MAX_TOOL_CALLS=str(steps + 10),
+        # Call 1 is read_runbook, so step `at` finishes with the outcome of call at + 1.
+        LOOM_OPS_FAILPOINT=f"after_outcome:{at + 1}",
+        PYTHONPATH=str(REPO),
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "runbook", f"bench {steps}", "--run-id", "killed"],
+        env=env,
+        cwd=workspace,
+        capture_output=True,
+    )
+    assert done.returncode == -9, done.stderr
+    return workspace, db
+
+
+async def resume_latency(workspace: Path, db: Path, steps: int) -> tuple[float, float]:
+    """(seconds from resume to the first new intent, seconds for the rest of the run)."""
+    service = await RunService.open(settings_for(workspace, db, steps))
+    try:
+        started = time.time()
+        run = await service.resume("killed")
+        total = time.time() - started
+        assert run.status == "succeeded", (run.status, run.error)
+        events = await service.store.list_events("killed")
+    finally:
+        await service.close()
+    first = next(e for e in events if e.type == "tool_intent" and e.ts >= started)
+    return first.ts - started, total
+
+
+def cli_wall_times(workspace: Path, db: Path) -> tuple[float, float]:
+    """(wall time of `loom-ops runs`, of a bare interpreter importing the CLI): start-up cost."""
+    env = dict(os.environ, LOOM_OPS_DB=str(db), LOOM_OPS_WORKSPACE=str(workspace))
+    env["PYTHONPATH"] = str(REPO)
+
+    def timed(args: list[str]) -> float:
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            subprocess.run(args, env=env, cwd=workspace, capture_output=True, check=True)
+            best = min(best, time.perf_counter() - started)
+        return best
+
+    runs = timed([sys.executable, "-m", "agent.cli", "runs", "--limit", "1"])
+    imports = timed([sys.executable, "-c", "import agent.cli"])
+    return runs, imports
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--big", type=int, default=1000, help="steps of the long run")
+    parser.add_argument("--small", type=int, default=40, help="steps of the short run")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="loom-bench-", dir=REPO / "bench") as tmp:
+        directory = Path(tmp)
+        # Interleave the measurements so that disk and CPU noise hits both sides alike.
+        baseline_full = await raw_commit_baseline(directory, args.big, "FULL")
+        baseline_normal = await raw_commit_baseline(directory, args.big, "NORMAL")
+        small = await run_steps(directory, args.small)
+        big = await run_steps(directory, args.big)
+        baseline_full = min(baseline_full, await raw_commit_baseline(directory, args.big, "FULL"))
+        baseline_normal = min(
+            baseline_normal, await raw_commit_baseline(directory, args.big, "NORMAL")
+        )
+        workspace, db = kill_at_step(directory, args.big, args.big // 2)
+        with sqlite3.connect(db) as conn:
+            done = conn.execute(
+                "SELECT COUNT(*) FROM tool_calls WHERE run_id = 'killed' AND outcome IS NOT NULL"
+            ).fetchone()[0]
+        first_intent, rest = await resume_latency(workspace, db, args.big)
+        cli_runs, cli_import = cli_wall_times(workspace, db)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    print("loom-ops kernel benchmark (mock policy, dry-run steps, SQLite WAL)")
+    print(f"  raw INSERT+COMMIT, synchronous=FULL      {baseline_full * 1e3:8.3f} ms/commit")
+    print(f"  raw INSERT+COMMIT, synchronous=NORMAL    {baseline_normal * 1e3:8.3f} ms/commit")
+    for n, per_step in ((args.small, small), (args.big, big)):
+        print(
+            f"  N={n:<5} durable run                   {per_step * 1e3:8.3f} ms/step"
+            f"   {per_step / baseline_full:5.2f}x FULL  {per_step / baseline_normal:5.2f}x NORMAL"
+        )
+    print(
+        f"  per-step growth N={args.small} -> N={args.big}        {big / small:8.2f}x"
+        "   (1.00 = flat)"
+    )
+    print(f"  killed at step {args.big // 2}: {done} outcomes recorded before SIGKILL")
+    print(f"  resume -> first new step's intent        {first_intent * 1e3:8.1f} ms")
+    print(f"  resume -> run finished ({args.big - args.big // 2} steps)       {rest:8.2f} s")
+    print(
+        f"  CLI `runs` wall time / bare import       {cli_runs * 1e3:8.0f} ms / "
+        f"{cli_import * 1e3:.0f} ms"
+    )
+    print(f"  peak RSS of this process                 {peak_mb:8.1f} MiB")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
