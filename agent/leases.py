@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
 import socket
 from collections.abc import Awaitable, Callable
 
 _HOST = socket.gethostname()
+log = logging.getLogger(__name__)
 
 
 def new_owner_id() -> str:
@@ -68,5 +70,10 @@ class LeaseKeeper:
     async def _beat(self) -> None:
         while not self.lost:
             await asyncio.sleep(self._interval)
-            if not await self._renew():
+            try:
+                renewed = await self._renew()
+            except Exception:  # a busy or briefly unreachable store: try again next beat
+                log.warning("lease renewal failed; retrying", exc_info=True)
+                continue
+            if not renewed:
                 self.lost = True

@@ -180,7 +180,18 @@ class RunService:
         """Pick up every run whose owner died (or that was left queued), and drive them all."""
         await self.expire_overdue()
         run_ids = await self.store.runnable_run_ids(owner_is_dead)
-        return list(await asyncio.gather(*(self._drive(run_id) for run_id in run_ids)))
+        results = await asyncio.gather(
+            *(self._drive(run_id) for run_id in run_ids), return_exceptions=True
+        )
+        recovered = []
+        for run_id, result in zip(run_ids, results, strict=True):
+            if isinstance(result, StoreError):  # e.g. another process claimed it first
+                log.info("not recovering %s: %s", run_id, result)
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                recovered.append(result)
+        return recovered
 
     async def expire_overdue(self) -> int:
         """End runs whose approval request passed its deadline; returns how many."""
@@ -275,7 +286,8 @@ class RunService:
         return await self.store.get_run(run_id)
 
     async def list(self, status: RunStatus | None = None, limit: int = 50) -> list[RunRecord]:
-        """Recent runs, newest first."""
+        """Recent runs, newest first (overdue approvals are expired first, so none shows stale)."""
+        await self.expire_overdue()
         return await self.store.list_runs(status, limit)
 
     async def pending_approval(self, run_id: str) -> ApprovalRecord | None:

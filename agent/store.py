@@ -619,6 +619,27 @@ class RunStore:
         await self._transaction(cancel, durable=True)
         return await self.get_run(run_id)
 
+    @staticmethod
+    def _insert_intent(
+        conn: sqlite3.Connection, run_id: str, call: NewToolCall, now: float
+    ) -> NewEvent:
+        """Insert a call's first intent; returns the event that journals it."""
+        conn.execute(
+            "INSERT INTO tool_calls (run_id, call_key, turn, position, tool, args, step_id, "
+            "attempt, status, intent_at) VALUES (?, ?, ?, ?, ?, ?, ?, 1, 'intent', ?)",
+            (
+                run_id,
+                call.call_key,
+                call.turn,
+                call.position,
+                call.tool,
+                _dumps(call.args),
+                call.step_id,
+                now,
+            ),
+        )
+        return _intent_event(call, 1)
+
     # -- policy turns ----------------------------------------------------------------------
 
     @staticmethod
@@ -710,21 +731,7 @@ class RunStore:
             ).fetchone()
             if row is None:
                 attempt = 1
-                conn.execute(
-                    "INSERT INTO tool_calls (run_id, call_key, turn, position, tool, args, "
-                    "step_id, attempt, status, intent_at) VALUES (?, ?, ?, ?, ?, ?, ?, 1, "
-                    "'intent', ?)",
-                    (
-                        run_id,
-                        call.call_key,
-                        call.turn,
-                        call.position,
-                        call.tool,
-                        _dumps(call.args),
-                        call.step_id,
-                        now,
-                    ),
-                )
+                events.append(self._insert_intent(conn, run_id, call, now))
             elif row[0] == "retry" or (rerun and row[0] == "intent"):
                 attempt = row[1] + 1
                 conn.execute(
@@ -732,20 +739,9 @@ class RunStore:
                     "WHERE call_key = ?",
                     (attempt, now, call.call_key),
                 )
+                events.append(_intent_event(call, attempt))
             else:
                 raise StoreError(f"tool call {call.call_key} is already {row[0]}; not run again")
-            events.append(
-                NewEvent(
-                    "tool_intent",
-                    {
-                        "call_key": call.call_key,
-                        "tool": call.tool,
-                        "args": call.args,
-                        "step_id": call.step_id,
-                        "attempt": attempt,
-                    },
-                )
-            )
             # The checkpoint moves with the intent so that it never lags the journaled turn.
             self._append_events(
                 conn,
@@ -849,33 +845,7 @@ class RunStore:
             if turn is not None:
                 events.append(self._insert_policy_turn(conn, run_id, turn, now))
             if call is not None:
-                conn.execute(
-                    "INSERT INTO tool_calls (run_id, call_key, turn, position, tool, args, "
-                    "step_id, attempt, status, intent_at) VALUES (?, ?, ?, ?, ?, ?, ?, 1, "
-                    "'intent', ?)",
-                    (
-                        run_id,
-                        call.call_key,
-                        call.turn,
-                        call.position,
-                        call.tool,
-                        _dumps(call.args),
-                        call.step_id,
-                        now,
-                    ),
-                )
-                events.append(
-                    NewEvent(
-                        "tool_intent",
-                        {
-                            "call_key": call.call_key,
-                            "tool": call.tool,
-                            "args": call.args,
-                            "step_id": call.step_id,
-                            "attempt": 1,
-                        },
-                    )
-                )
+                events.append(self._insert_intent(conn, run_id, call, now))
             cursor = conn.execute(
                 "INSERT INTO approvals (token, run_id, call_key, kind, step_id, action, reason, "
                 "rollback, deciders, four_eyes, requested_by, status, created_at, deadline_at) "
@@ -1195,6 +1165,19 @@ class RunStore:
             return cursor.rowcount == 1
 
         return await self._transaction(mark, durable=True)
+
+
+def _intent_event(call: NewToolCall, attempt: int) -> NewEvent:
+    return NewEvent(
+        "tool_intent",
+        {
+            "call_key": call.call_key,
+            "tool": call.tool,
+            "args": call.args,
+            "step_id": call.step_id,
+            "attempt": attempt,
+        },
+    )
 
 
 def _split_sql(script: str) -> Iterable[str]:
