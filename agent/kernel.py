@@ -115,12 +115,12 @@ class RunKernel:
         except LeaseLost as exc:
             log.info("stopped driving %s: %s", run_id, exc)
         except PolicyUnavailable as exc:
-            await self._interrupt(run_id, str(exc))
+            await self._interrupt(run_id, self.redactor.text(str(exc)))
         except Exception as exc:
             # A bug or an outage must not take the whole process down, nor fail the incident
             # run: journal it, free the lease, and leave the run for `resume`.
             log.exception("run %s interrupted", run_id)
-            await self._interrupt(run_id, f"{type(exc).__name__}: {exc}")
+            await self._interrupt(run_id, self.redactor.text(f"{type(exc).__name__}: {exc}"))
         return await self.store.get_run(run_id)
 
     async def _interrupt(self, run_id: str, reason: str) -> None:
@@ -379,7 +379,8 @@ class _RunLoop:
             return f"step {step.id!r} has no rollback", None
         if tool == "await_approval" and not step.needs_approval:
             return f"step {step.id!r} does not need approval", None
-        if tool == "execute_step" and step.needs_approval and step.id not in self.approved_steps:
+        gated = tool in ("execute_step", "check_health")
+        if gated and step.needs_approval and step.id not in self.approved_steps:
             return (
                 f"step {step.id!r} requires approval: call await_approval and wait for an "
                 "approver's decision first"

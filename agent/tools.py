@@ -178,9 +178,12 @@ class Toolbox:
             return ToolResult(
                 "ok", {"runbooks": listing, "invalid": [str(e) for e in catalog.errors]}
             )
-        if pinned is not None and pinned.id != args.runbook_id:
+        if pinned is not None:
+            # Re-pinning (even the same runbook with other params) would change what an
+            # approver already approved.
             return ToolResult(
-                "error", {"error": f"this run is committed to runbook {pinned.id!r} already"}
+                "error",
+                {"error": f"this run is committed to runbook {pinned.id!r} and its params already"},
             )
         try:
             runbook = catalog.get(args.runbook_id)
