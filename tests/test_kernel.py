@@ -537,6 +537,30 @@ async def test_a_takeover_mid_turn_reuses_the_journaled_turn(
         assert first_broken_link(await b.store.list_events("mid")) is None
 
 
+async def test_cancelling_a_running_run_stops_it_after_the_current_call(
+    live: Settings, workspace: Path
+) -> None:
+    """Cancel while a command runs: the driver lets go, nothing after it runs, the end sticks."""
+    async with open_service(live) as service:
+        driving = asyncio.create_task(service.start("stop", "slow-drill seconds=0.5"))
+        deadline = time.monotonic() + 10
+        while "slow" not in lines(workspace):
+            assert time.monotonic() < deadline and not driving.done()
+            await asyncio.sleep(0.01)
+
+        cancelled = await service.cancel("stop", "cli:oncall")
+        assert cancelled.status == RunStatus.CANCELLED
+
+        after = await driving
+        assert after.status == RunStatus.CANCELLED and after.error == "cancelled by cli:oncall"
+        await asyncio.sleep(0.1)
+        assert lines(workspace) == ["slow"]  # `fast` never ran
+        events = await service.store.list_events("stop")
+        assert events[-1].type == "run_finished" and events[-1].data["status"] == "cancelled"
+        assert first_broken_link(events) is None
+        assert await service.resume("stop") == after
+
+
 # -- many runs, one process --------------------------------------------------------------------
 
 
