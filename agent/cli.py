@@ -37,10 +37,7 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One clear line instead of argparse's usage dump.
-        self.exit(EXIT_USAGE, f"loom-ops: {message} (see loom-ops {self._sub_name()} --help)\n")
-
-    def _sub_name(self) -> str:
-        return self.prog.partition(" ")[2]
+        self.exit(EXIT_USAGE, f"loom-ops: {message} (see {self.prog} --help)\n")
 
 
 def _common(parser: argparse.ArgumentParser, run_flags: bool = False) -> None:
@@ -55,6 +52,13 @@ def _common(parser: argparse.ArgumentParser, run_flags: bool = False) -> None:
         )
         parser.add_argument("--max-steps", type=int, help="policy turns per run")
         parser.add_argument("--max-tool-calls", type=int, help="tool calls per run")
+
+
+def _positive(text: str) -> int:
+    value = int(text) if text.isdigit() else 0
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to 1000")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("runs", help="list runs, newest first")
     p.add_argument("--status", choices=[s.value for s in RunStatus])
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=_positive, default=50, help="at most this many (1-1000)")
     _common(p)
 
     p = sub.add_parser("explain", help="a run's timeline")
@@ -308,7 +312,7 @@ def _cmd_runbooks(settings: Settings, args: argparse.Namespace) -> int:
             else:
                 print(f"ok       {runbook.id}")
         for error in errors:
-            print(f"invalid  {error}", file=sys.stderr)
+            print(f"loom-ops: {error}", file=sys.stderr)
     return EXIT_USAGE if errors else EXIT_OK
 
 

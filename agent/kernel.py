@@ -182,13 +182,17 @@ class _RunLoop:
             recorded = await self.store.get_policy_turn(self.run_id, self.state.turn)
             if recorded is not None:
                 return PolicyDecision.model_validate(recorded.response), None
-        if self.state.steps_used >= self.run_record.limits.max_steps:
+        rolling_back = self.state.phase == "rollback"
+        # A rollback is the kernel's own clean-up after a human said no: the policy's budgets
+        # (spent or not) never stand in its way.
+        if not rolling_back and self.state.steps_used >= self.run_record.limits.max_steps:
             raise _Finish(
                 RunStatus.FAILED,
                 f"budget exhausted: max_steps={self.run_record.limits.max_steps}",
             )
-        self._check_deadline()
-        if self.state.phase == "rollback":
+        if not rolling_back:
+            self._check_deadline()
+        if rolling_back:
             decision, policy_name, request_hash = self._rollback_plan(), ROLLBACK_POLICY, ""
         else:
             policy = self.k.policy_for(self.run_record.role)
@@ -238,6 +242,7 @@ class _RunLoop:
         )
         if self.state.phase == "rollback":
             status = RunStatus.REJECTED
+            final = FinalAnswer(outcome="failed", summary=self._rollback_summary(decision))
         elif final.outcome == "succeeded":
             status = RunStatus.SUCCEEDED
         else:
@@ -272,12 +277,13 @@ class _RunLoop:
                 self.history.append(_observation(existing))
                 self.state = dataclasses.replace(self.state, call=self.state.call + 1)
                 return
-        if self.state.tool_calls_used >= self.run_record.limits.max_tool_calls:
-            raise _Finish(
-                RunStatus.FAILED,
-                f"budget exhausted: max_tool_calls={self.run_record.limits.max_tool_calls}",
-            )
-        self._check_deadline()
+        if self.state.phase != "rollback":
+            if self.state.tool_calls_used >= self.run_record.limits.max_tool_calls:
+                raise _Finish(
+                    RunStatus.FAILED,
+                    f"budget exhausted: max_tool_calls={self.run_record.limits.max_tool_calls}",
+                )
+            self._check_deadline()
         step_id = args.get("step_id") if isinstance(args.get("step_id"), str) else None
         new_call = NewToolCall(key, self.state.turn, self.state.call, call.name, args, step_id)
         refusal, parsed = self._check(call.name, args)
@@ -402,12 +408,11 @@ class _RunLoop:
             if tool == "check_health":
                 assert step.check is not None
                 return await toolbox.check(step.check, self.params, self._remaining())
+            rollback = tool == "rollback_step"
+            # A rollback gets its step's own timeout even when the run's deadline has passed.
+            budget = step.timeout if rollback else self._remaining()
             return await toolbox.execute_step(
-                step,
-                self.runbook,
-                self.params,
-                self._remaining(),
-                rollback=tool == "rollback_step",
+                step, self.runbook, self.params, budget, rollback=rollback
             )
         except Exception as exc:  # a tool's failure is an outcome the policy sees
             log.warning("tool %s failed in run %s", tool, self.run_id, exc_info=True)
@@ -475,27 +480,57 @@ class _RunLoop:
     # -- rollback after a rejection ------------------------------------------------------------
 
     def _rollback_plan(self) -> PolicyDecision:
-        """Roll back completed steps that declare a rollback, newest first."""
+        """Roll back completed steps that declare a rollback, newest first.
+
+        A step a human skipped as "it may have run" counts as completed: undoing it is the
+        safe side.
+        """
         assert self.runbook is not None
         done: list[str] = []
         for obs in self.history:
-            if obs.tool == "execute_step" and obs.status == "ok":
+            if obs.tool == "execute_step" and obs.status in ("ok", "skipped"):
                 step_id = obs.args.get("step_id")
-                if step_id not in done:
+                if isinstance(step_id, str) and step_id not in done:
                     done.append(step_id)
         calls = [
             ToolCall(name="rollback_step", args={"step_id": step_id})
             for step_id in reversed(done)
             if self.runbook.step(step_id).rollback is not None
         ]
-        summary = (
-            f"rejected; rolled back {len(calls)} step(s)"
-            if calls
-            else "rejected; nothing to roll back"
-        )
+        # The summary is written once the rollbacks have run (see _rollback_summary).
         return PolicyDecision(
-            calls=calls, final=FinalAnswer(outcome="failed", summary=summary), thought="rollback"
+            calls=calls, final=FinalAnswer(outcome="failed", summary="rollback"), thought="rollback"
         )
+
+    def _rollback_summary(self, decision: PolicyDecision) -> str:
+        """Who rejected, and what the rollback actually did, from the recorded outcomes."""
+        rejection = next(
+            (
+                obs.outcome
+                for obs in reversed(self.history)
+                if obs.tool == "await_approval" and obs.outcome.get("approved") is False
+            ),
+            {},
+        )
+        who = f"rejected by {rejection.get('decided_by', 'an approver')}"
+        if rejection.get("note"):
+            who += f": {rejection['note']}"
+        planned = [c.args.get("step_id") for c in decision.calls]
+        if not planned:
+            return f"{who}; nothing to roll back"
+        results = {
+            obs.args.get("step_id"): obs.status
+            for obs in self.history
+            if obs.tool == "rollback_step" and obs.args.get("step_id") in planned
+        }
+        undone = [s for s in planned if results.get(s) == "ok"]
+        failed = [s for s in planned if results.get(s) != "ok"]
+        text = f"{who}; rolled back {len(undone)} of {len(planned)} step(s)"
+        if undone:
+            text += f" ({', '.join(map(str, undone))})"
+        if failed:
+            text += f"; rollback FAILED for {', '.join(map(str, failed))}: check by hand"
+        return text
 
 
 def _observation(record: ToolCallRecord) -> Observation:

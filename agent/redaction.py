@@ -9,17 +9,29 @@ from typing import Any
 REDACTED = "[REDACTED]"
 
 # Shapes of credentials that show up in command output and URLs often enough to catch by default.
+# A pattern with a `secret` group has only that group replaced, so the key name stays readable.
+# Runs of name characters are bounded ({0,40}) so a long word cannot make matching quadratic.
 BUILTIN_PATTERNS = (
     r"(?i)\b(?:bearer|token|basic)\s+[A-Za-z0-9._~+/=-]{12,}",
-    r"(?i)\b(?:password|passwd|pwd|secret|api[_-]?key|access[_-]?key|token)\s*[=:]\s*[^\s'\"&]{4,}",
+    r"(?i)[A-Za-z0-9_.-]{0,40}(?:password|passwd|pwd|secret|api[_-]?key|access[_-]?key|token)"
+    r"[A-Za-z0-9_.-]{0,40}[\"']?\s*[=:]\s*[\"']?(?P<secret>[^\s'\"&,;}]{4,})",
     r"\bAKIA[0-9A-Z]{16}\b",
     r"\bgh[pousr]_[A-Za-z0-9]{30,}\b",
     r"\bsk-[A-Za-z0-9_-]{20,}\b",
     r"\bxox[abprs]-[A-Za-z0-9-]{10,}\b",
-    r"\b\d{6,12}:[A-Za-z0-9_-]{30,}\b",  # Telegram bot tokens
+    r"(?<!\d)\d{6,12}:[A-Za-z0-9_-]{30,}",  # Telegram bot tokens, also inside /bot<token>/
     r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----",
     r"(?<=://)[^/\s:@]+:[^/\s@]+(?=@)",  # user:password@ in URLs
 )
+
+
+def _replace(match: re.Match[str]) -> str:
+    if "secret" in match.re.groupindex and match.group("secret") is not None:
+        start, end = match.span("secret")
+        whole_start = match.start()
+        text = match.group(0)
+        return text[: start - whole_start] + REDACTED + text[end - whole_start :]
+    return REDACTED
 
 
 class Redactor:
@@ -35,7 +47,7 @@ class Redactor:
     def text(self, value: str) -> str:
         """Return `value` with every secret replaced."""
         for pattern in self._patterns:
-            value = pattern.sub(REDACTED, value)
+            value = pattern.sub(_replace, value)
         return value
 
     def data(self, value: Any) -> Any:

@@ -24,7 +24,11 @@ class ParsedRequest:
 
 def parse_request(message: str) -> ParsedRequest:
     """Split `message` into text and `key=value` params; quotes group words (`note="a b"`)."""
-    if len(message.encode("utf-8", errors="surrogatepass")) > MAX_REQUEST_BYTES:
+    try:
+        size = len(message.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise RequestError("message is not valid UTF-8") from None
+    if size > MAX_REQUEST_BYTES:
         raise RequestError(f"message is longer than {MAX_REQUEST_BYTES} bytes")
     if "\x00" in message:
         raise RequestError("message contains a NUL character")

@@ -24,13 +24,13 @@ from agent.redaction import Redactor
 from agent.request import MAX_REQUEST_BYTES
 from agent.runbook import Runbook, RunbookCatalog, load_catalog
 from agent.settings import Settings
-from agent.store import NewRun, RunStore, StoreError
+from agent.store import ApprovalNotFound, NewRun, RunStore, StoreError
 from agent.tools import Toolbox, tools_for_role
 
 log = logging.getLogger(__name__)
 
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-MAX_NOTE_CHARS = 1000
+MAX_NOTE_BYTES = 1000
 
 
 class ServiceError(Exception):
@@ -78,7 +78,12 @@ class RunService:
     @classmethod
     async def open(cls, settings: Settings, policy: Policy | None = None) -> RunService:
         """Open the store named by the settings and build the service over it."""
-        return cls(await RunStore.open(settings.db), settings, policy)
+        store = await RunStore.open(settings.db)
+        try:
+            return cls(store, settings, policy)
+        except BaseException:
+            await store.close()
+            raise
 
     async def close(self) -> None:
         """Close the store."""
@@ -120,10 +125,11 @@ class RunService:
     ) -> RunRecord:
         """Create a run and drive it (in this task when `wait`, else in the background)."""
         validate_run_id(run_id)
+        validate_text("message", message, MAX_REQUEST_BYTES)
         if not message.strip():
             raise ServiceError("message is empty")
-        if len(message.encode("utf-8", errors="surrogatepass")) > MAX_REQUEST_BYTES:
-            raise ServiceError(f"message is longer than {MAX_REQUEST_BYTES} bytes")
+        if max_steps is not None and max_steps < 1:
+            raise ServiceError("max_steps must be at least 1")
         try:
             tools_for_role(role)
         except ValueError as exc:
@@ -137,7 +143,7 @@ class RunService:
         except ValueError as exc:  # RequestError, ParamError: the store stays unchanged
             raise ServiceError(str(exc)) from None
         limits = RunLimits(
-            max_steps=max_steps or self.settings.max_steps,
+            max_steps=max_steps if max_steps is not None else self.settings.max_steps,
             max_tool_calls=self.settings.max_tool_calls,
             deadline_seconds=self.settings.run_deadline,
         )
@@ -211,19 +217,13 @@ class RunService:
         approval_token: str | None = None,
     ) -> DecisionResult:
         """Decide the run's pending approval; the first decision wins. Approval resumes the run."""
-        if note is not None and len(note) > MAX_NOTE_CHARS:
-            raise ServiceError(f"note is longer than {MAX_NOTE_CHARS} characters")
+        if note is not None:
+            validate_text("note", note, MAX_NOTE_BYTES)
         await self.expire_overdue()
         run = await self.store.get_run(run_id)
         approval = await self._approval_to_decide(run, approval_token)
         if approval.status != ApprovalStatus.PENDING:
-            return DecisionResult(
-                False,
-                f"already {approval.status} by {approval.decided_by or 'the deadline'}; "
-                "nothing changed",
-                approval,
-                run,
-            )
+            return DecisionResult(False, _already(approval), approval, run)
         try:
             check_decider(approval, decider, self.settings.approvers)
             status = decision_status(approval, decision)
@@ -243,12 +243,8 @@ class RunService:
         approval = await self.store.get_approval(approval.id)
         if not changed:
             run = await self.store.get_run(run_id)
-            return DecisionResult(
-                False,
-                f"already {approval.status} by {approval.decided_by}; nothing changed",
-                approval,
-                run,
-            )
+            return DecisionResult(False, _already(approval), approval, run)
+
         run = await self.store.get_run(run_id)
         if run.status == RunStatus.QUEUED:
             run = await self._drive(run_id)
@@ -258,7 +254,10 @@ class RunService:
         self, run: RunRecord, approval_token: str | None
     ) -> ApprovalRecord:
         if approval_token is not None:
-            approval = await self.store.get_approval_by_token(approval_token)
+            try:
+                approval = await self.store.get_approval_by_token(approval_token)
+            except ApprovalNotFound:
+                raise ServiceError("no such approval request (stale or forged token)") from None
             if approval.run_id != run.id:
                 raise ServiceError("that approval request belongs to another run")
             return approval
@@ -294,6 +293,23 @@ class RunService:
         """The run's open approval request, if it waits for one."""
         pending = await self.store.list_approvals(run_id, ApprovalStatus.PENDING)
         return pending[0] if pending else None
+
+
+def _already(approval: ApprovalRecord) -> str:
+    who = f"by {approval.decided_by}" if approval.decided_by else "at its deadline"
+    return f"already {approval.status} {who}; nothing changed"
+
+
+def validate_text(name: str, value: str, max_bytes: int) -> None:
+    """Raise ServiceError for text that is not valid UTF-8, has a NUL, or is too long."""
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ServiceError(f"{name} is not valid UTF-8") from None
+    if "\x00" in value:
+        raise ServiceError(f"{name} contains a NUL character")
+    if size > max_bytes:
+        raise ServiceError(f"{name} is longer than {max_bytes} bytes")
 
 
 def validate_run_id(run_id: str) -> None:

@@ -8,6 +8,7 @@ Nothing here awaits the network or a subprocess.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import sqlite3
@@ -194,12 +195,19 @@ class RunStore:
         path = str(path)
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if Path(path).is_dir():
+            raise StoreError(f"cannot open database {path}: it is a directory")
+        connecting = aiosqlite.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
         try:
-            db = await aiosqlite.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+            db = await connecting
         except sqlite3.Error as exc:
+            # aiosqlite stops its thread on failure without waiting; wait for it here, or it
+            # may outlive the event loop and die noisily.
+            await asyncio.get_running_loop().run_in_executor(None, connecting._thread.join, 5)
             raise StoreError(f"cannot open database {path}: {exc}") from exc
         store = cls(db, path)
         try:
+            await store._check_schema()
             await store._configure()
             await store._migrate()
         except BaseException:
@@ -216,6 +224,36 @@ class RunStore:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+    async def _check_schema(self) -> None:
+        """Refuse, before writing anything, a database that is newer or not ours."""
+        known = _migrations()[-1][0]
+
+        def check(conn: sqlite3.Connection) -> None:
+            current = conn.execute("PRAGMA user_version").fetchone()[0]
+            if current > known:
+                raise SchemaTooNew(
+                    f"database {self.path} has schema version {current}, newer than the "
+                    f"{known} this loom-ops knows; upgrade loom-ops"
+                )
+            if current == 0:
+                tables = [
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT name FROM sqlite_master WHERE type = 'table' "
+                        "AND name NOT LIKE 'sqlite_%' ORDER BY name LIMIT 5"
+                    )
+                ]
+                if tables:
+                    raise StoreError(
+                        f"{self.path} is not a loom-ops database (it has tables "
+                        f"{', '.join(tables)}); refusing to add ours to it"
+                    )
+
+        try:
+            await self._on_thread(check)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path} is not a loom-ops database: {exc}") from exc
 
     async def _configure(self) -> None:
         def configure(conn: sqlite3.Connection) -> None:
@@ -973,6 +1011,10 @@ class RunStore:
             if row is None:
                 raise ApprovalNotFound(f"no approval request {approval_id}")
             run_id, call_key = row
+            # The deadline is checked here, in the deciding transaction: a decision that
+            # arrives late expires the request instead, whatever the caller checked before.
+            if self._expire_if_overdue(conn, approval_id, now):
+                return False
             cursor = conn.execute(
                 "UPDATE approvals SET status = ?, decided_by = ?, decided_at = ?, note = ? "
                 "WHERE id = ? AND status = 'pending'",
@@ -1050,38 +1092,37 @@ class RunStore:
     async def expire_approval(self, approval_id: int) -> bool:
         """Expire a pending request past its deadline and end its run as expired."""
         now = time.time()
+        return await self._transaction(
+            lambda conn: self._expire_if_overdue(conn, approval_id, now), durable=True
+        )
 
-        def expire(conn: sqlite3.Connection) -> bool:
-            row = conn.execute(
-                "SELECT run_id FROM approvals WHERE id = ? AND status = 'pending' "
-                "AND deadline_at <= ?",
-                (approval_id, now),
-            ).fetchone()
-            if row is None:
-                return False
-            run_id = row[0]
-            conn.execute(
-                "UPDATE approvals SET status = 'expired', decided_at = ? WHERE id = ?",
-                (now, approval_id),
-            )
-            error = "approval request expired without a decision"
-            self._append_events(
-                conn,
-                run_id,
-                [
-                    NewEvent("approval_expired", {"approval_id": approval_id}),
-                    NewEvent("run_finished", {"status": "expired", "error": error}),
-                ],
-                now,
-                {"status": RunStatus.EXPIRED, "finished_at": now, "error": error},
-            )
-            self._enqueue_outbox(
-                conn, run_id, "approval_expired", {"approval_id": approval_id}, now
-            )
-            self._enqueue_outbox(conn, run_id, "run_finished", {"status": "expired"}, now)
-            return True
-
-        return await self._transaction(expire, durable=True)
+    def _expire_if_overdue(self, conn: sqlite3.Connection, approval_id: int, now: float) -> bool:
+        """In the caller's transaction: expire the request if it is pending and overdue."""
+        row = conn.execute(
+            "SELECT run_id FROM approvals WHERE id = ? AND status = 'pending' AND deadline_at <= ?",
+            (approval_id, now),
+        ).fetchone()
+        if row is None:
+            return False
+        run_id = row[0]
+        conn.execute(
+            "UPDATE approvals SET status = 'expired', decided_at = ? WHERE id = ?",
+            (now, approval_id),
+        )
+        error = "approval request expired without a decision"
+        self._append_events(
+            conn,
+            run_id,
+            [
+                NewEvent("approval_expired", {"approval_id": approval_id}),
+                NewEvent("run_finished", {"status": "expired", "error": error}),
+            ],
+            now,
+            {"status": RunStatus.EXPIRED, "finished_at": now, "error": error},
+        )
+        self._enqueue_outbox(conn, run_id, "approval_expired", {"approval_id": approval_id}, now)
+        self._enqueue_outbox(conn, run_id, "run_finished", {"status": "expired"}, now)
+        return True
 
     async def overdue_approval_ids(self) -> list[int]:
         """Pending requests whose deadline has passed."""

@@ -210,11 +210,6 @@ async def test_reject_with_rollback_undoes_completed_steps_newest_first(
         assert first_broken_link(await service.store.list_events("undo")) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: kernel._rollback_plan writes 'rejected; rolled back N step(s)' before any "
-    "rollback runs, so a failed (here: denied) rollback is still reported as rolled back",
-)
 async def test_a_failed_rollback_is_not_reported_as_rolled_back(
     workspace: Path, settings: Settings
 ) -> None:
@@ -236,14 +231,10 @@ async def test_a_failed_rollback_is_not_reported_as_rolled_back(
         assert result.run.status == RunStatus.REJECTED
         summary = result.run.summary or ""
         assert "rolled back 2 step(s)" not in summary, summary
+        assert "rolled back 1 of 2 step(s) (one)" in summary, summary
+        assert "rollback FAILED for two" in summary, summary
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the kernel's rollback turn is charged to the policy's budgets (_decision "
-    "checks max_steps, _one_call checks max_tool_calls, both check the deadline), so a run "
-    "whose budget is spent at the gate is not (or only partly) rolled back and ends `failed`",
-)
 @pytest.mark.parametrize(
     "budget",
     [
@@ -290,12 +281,6 @@ steps:
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: kernel._rollback_plan only rolls back execute_step calls with status 'ok'; "
-    "an in-doubt step a human skipped ('treat it as done', status 'skipped') is never rolled "
-    "back when a later gate is rejected with on_reject: rollback",
-)
 async def test_a_skipped_in_doubt_step_is_rolled_back_on_reject(
     workspace: Path, settings: Settings
 ) -> None:

@@ -326,11 +326,6 @@ def test_validate_malformed_file_names_file_line_and_field(
     assert not cli.db.exists(), "validating runbooks does not touch the store"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="agent/cli.py _cmd_runbooks prints load errors as 'invalid  <file>:<line>: ...' "
-    "on stderr, not as the one 'loom-ops: ...' error line every other exit-2 path prints",
-)
 def test_validate_malformed_file_error_line_has_the_loom_ops_prefix(
     broken_workspace: tuple[Cli, Path, CliResult],
 ) -> None:
@@ -363,13 +358,6 @@ def test_validate_shipped_runbooks(cli: Cli) -> None:
 # -- agent/ bugs, documented ------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="argv that is not valid UTF-8 reaches SQLite as a lone surrogate: "
-    "agent/service.py start() measures the message with errors='surrogatepass' and never "
-    "rejects it, agent/store.py create_run raises UnicodeEncodeError, agent/cli.py main "
-    "does not catch it -> traceback and exit 1 (same for approve/reject --note)",
-)
 def test_message_that_is_not_utf8_is_bad_input(populated: Cli) -> None:
     before = snapshot(populated.db)
     result = populated("runbook", "incident: latency \udcff", "--run-id", "utf8", "--mock-llm")
@@ -377,24 +365,12 @@ def test_message_that_is_not_utf8_is_bad_input(populated: Cli) -> None:
     assert snapshot(populated.db) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="agent/cli.py _Parser._sub_name returns '' for the top-level parser, so its "
-    "errors end in '(see loom-ops  --help)' with two spaces",
-)
 def test_top_level_usage_error_hint(cli: Cli) -> None:
     result = cli("frobnicate")
     line = assert_usage_error(result)
     assert line.endswith("(see loom-ops --help)"), line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an invalid LOOM_OPS_REDACT_PATTERNS regex is not validated by agent/settings.py; "
-    "re.error escapes from Redactor() inside RunService.__init__ (traceback), and "
-    "RunService.open has already opened the store, which is never closed: the aiosqlite "
-    "worker thread keeps the process alive forever",
-)
 def test_invalid_redact_pattern_is_a_usage_error(cli: Cli) -> None:
     try:
         result = cli("runs", env={"LOOM_OPS_REDACT_PATTERNS": "("}, timeout=3)
@@ -403,13 +379,6 @@ def test_invalid_redact_pattern_is_a_usage_error(cli: Cli) -> None:
     assert_usage_error(result, "redact")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="agent/store.py RunStore.open: when aiosqlite.connect fails, aiosqlite queues "
-    "its own stop() with a future nobody awaits; the CLI's event loop closes first and the "
-    "worker thread dies with 'RuntimeError: Event loop is closed', printing a traceback "
-    "after the 'loom-ops: cannot open database' line (about 1 CLI run in 3 or 10)",
-)
 def test_unopenable_database_leaves_no_worker_thread(tmp_path: Path) -> None:
     directory = tmp_path / "dbdir"
     directory.mkdir()

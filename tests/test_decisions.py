@@ -64,6 +64,7 @@ async def test_reject_with_rollback_runs_completed_rollbacks(
             (c.tool, c.step_id, c.outcome["argv"]) for c in calls if c.tool == "rollback_step"
         ]
         assert rollbacks == [("rollback_step", "first", ["echo", "undo-first"])]
+        assert result.run.summary == "rejected by cli:tester; rolled back 1 of 1 step(s) (first)"
     finally:
         await service.close()
 

@@ -137,12 +137,6 @@ async def test_a_newer_schema_is_refused_and_left_untouched(tmp_path: Path) -> N
     assert _user_version(db) == LATEST + 7
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: RunStore.open runs `PRAGMA journal_mode = WAL` (_configure) before the "
-    "schema-version check (_migrate), so a refused too-new file in rollback-journal mode is "
-    "still rewritten (header bytes 18-19 become WAL)",
-)
 async def test_a_newer_schema_in_rollback_journal_mode_is_left_untouched(tmp_path: Path) -> None:
     """A too-new file that is not in WAL mode must not be switched to WAL by a refused open."""
     db = tmp_path / "newer-delete-mode.sqlite"
@@ -172,6 +166,20 @@ async def test_a_file_that_is_not_sqlite_is_a_store_error(tmp_path: Path) -> Non
     assert "\n" not in str(caught.value)
     assert db.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.sqlite"]
+
+
+async def test_someone_elses_sqlite_database_is_refused_and_left_untouched(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "app.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+        conn.execute("INSERT INTO users (name) VALUES ('alice')")
+    conn.close()
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    with pytest.raises(StoreError, match=r"not a loom-ops database \(it has tables users\)"):
+        await RunStore.open(path)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
 
 
 async def test_wal_foreign_keys_and_busy_timeout_are_on(store: RunStore) -> None:
@@ -423,12 +431,6 @@ async def test_a_call_a_human_marked_for_retry_gets_one_new_attempt(store: RunSt
         await store.begin_tool_call("r", OWNER, _intent("r#0.0"), Checkpoint())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: decide_approval only checks status = 'pending', not deadline_at, so a "
-    "decision that reaches the store after the deadline (RunService.decide expires overdue "
-    "requests first, then awaits several reads before deciding) is recorded instead of expiring",
-)
 async def test_a_decision_past_the_deadline_is_not_recorded(store: RunStore) -> None:
     """The deadline is the first decision: once it passed, a decision must not be recorded."""
     await _claimed_run(store, "slow")
