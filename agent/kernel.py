@@ -7,6 +7,7 @@ an idempotent one runs again, any other waits for a human to say retry, skip or 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import shlex
@@ -102,16 +103,29 @@ class RunKernel:
         self.redactor = redactor
         self.owner = owner
         self.failpoints = Failpoints(settings.failpoint)
+        self._loops: dict[str, asyncio.Task[None]] = {}
 
     async def drive(self, run_id: str) -> RunRecord:
         """Claim the run's lease and drive it until it waits or ends; returns the run after."""
         ttl = self.settings.lease_ttl
         run = await self.store.claim_run(run_id, self.owner, ttl, owner_is_dead)
         self.failpoints.reached("after_claim")
-        keeper = LeaseKeeper(lambda: self.store.renew_lease(run_id, self.owner, ttl), ttl)
+        loop = _RunLoop(self, run)
+        work = asyncio.create_task(loop.run(), name=f"run-loop:{run_id}")
+        self._loops[run_id] = work
+        keeper = LeaseKeeper(
+            lambda: self.store.renew_lease(run_id, self.owner, ttl), ttl, on_lost=work.cancel
+        )
+        loop.keeper = keeper
         try:
             async with keeper:
-                await _RunLoop(self, run, keeper).run()
+                await work
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this process is shutting down: not ours to record
+            log.info("stopped driving %s: the run was cancelled or taken over", run_id)
+            await self._abandon(run_id, loop.in_flight)
         except LeaseLost as exc:
             log.info("stopped driving %s: %s", run_id, exc)
         except PolicyUnavailable as exc:
@@ -121,7 +135,20 @@ class RunKernel:
             # run: journal it, free the lease, and leave the run for `resume`.
             log.exception("run %s interrupted", run_id)
             await self._interrupt(run_id, self.redactor.text(f"{type(exc).__name__}: {exc}"))
+        finally:
+            if self._loops.get(run_id) is work:
+                del self._loops[run_id]
         return await self.store.get_run(run_id)
+
+    def stop(self, run_id: str) -> None:
+        """Stop driving a run in this process now (after it was cancelled)."""
+        work = self._loops.get(run_id)
+        if work is not None:
+            work.cancel()
+
+    async def _abandon(self, run_id: str, in_flight: tuple[str, int] | None) -> None:
+        if in_flight is not None:
+            await self.store.close_cancelled_call(run_id, *in_flight)
 
     async def _interrupt(self, run_id: str, reason: str) -> None:
         try:
@@ -133,14 +160,15 @@ class RunKernel:
 class _RunLoop:
     """The state of one drive of one run: its checkpoint, pinned runbook and history."""
 
-    def __init__(self, kernel: RunKernel, run: RunRecord, keeper: LeaseKeeper) -> None:
+    def __init__(self, kernel: RunKernel, run: RunRecord) -> None:
         self.k = kernel
         self.store = kernel.store
         self.run_record = run
         self.run_id = run.id
-        self.keeper = keeper
+        self.keeper: LeaseKeeper | None = None
+        self.in_flight: tuple[str, int] | None = None  # (call_key, attempt) while a call runs
         self.state = run.checkpoint
-        self.runbook = Runbook.model_validate(run.runbook) if run.runbook else None
+        self.runbook = Runbook.from_snapshot(run.runbook) if run.runbook else None
         self.params: dict[str, Any] = dict(run.params)
         self.history: list[Observation] = []
         self.approved_steps: set[str] = set()
@@ -228,7 +256,7 @@ class _RunLoop:
         self, decision: PolicyDecision, pending: NewPolicyTurn | None, fresh_turn: bool
     ) -> None:
         while self.state.call < len(decision.calls):
-            if self.keeper.lost:
+            if self.keeper is not None and self.keeper.lost:
                 raise LeaseLost(f"lease of run {self.run_id} lost")
             call = decision.calls[self.state.call]
             key = call_key(self.run_id, self.state.turn, self.state.call)
@@ -270,7 +298,7 @@ class _RunLoop:
         rerun = False
         if existing is not None:
             if existing.status == "intent":
-                if not self.k.toolbox.is_idempotent(existing.tool, existing.args, self.runbook):
+                if not existing.repeatable:
                     await self._open_in_doubt(existing)
                 rerun = True
             elif existing.status != "retry":  # already decided by a human (e.g. skipped)
@@ -285,8 +313,14 @@ class _RunLoop:
                 )
             self._check_deadline()
         step_id = args.get("step_id") if isinstance(args.get("step_id"), str) else None
-        new_call = NewToolCall(key, self.state.turn, self.state.call, call.name, args, step_id)
         refusal, parsed = self._check(call.name, args)
+        # A refused call never runs, so repeating it is harmless.
+        repeatable = refusal is not None or self.k.toolbox.is_idempotent(
+            call.name, args, self.runbook
+        )
+        new_call = NewToolCall(
+            key, self.state.turn, self.state.call, call.name, args, step_id, repeatable
+        )
         if refusal is None and call.name == "await_approval":
             assert isinstance(parsed, AwaitApprovalArgs)
             if parsed.step_id not in self.approved_steps:
@@ -295,9 +329,7 @@ class _RunLoop:
         self.k.failpoints.reached("before_intent")
         # Only an intent that announces a side effect must survive a power cut before the call
         # runs; losing the intent of a call that is safe to repeat just repeats it.
-        durable = refusal is None and not self.k.toolbox.is_idempotent(
-            call.name, args, self.runbook
-        )
+        durable = not repeatable
         attempt = await self.store.begin_tool_call(
             self.run_id,
             self.k.owner,
@@ -307,6 +339,7 @@ class _RunLoop:
             rerun=rerun,
             durable=durable,
         )
+        self.in_flight = (key, attempt)
         self.k.failpoints.reached("after_intent")
         started = time.perf_counter()
         if refusal is not None:
@@ -331,9 +364,10 @@ class _RunLoop:
             pin=result.pin,
             extra_events=result.events,
         )
+        self.in_flight = None
         self.k.failpoints.reached("after_outcome")
         if result.pin is not None:
-            self.runbook = Runbook.model_validate(result.pin.runbook)
+            self.runbook = Runbook.from_snapshot(result.pin.runbook)
             self.params = dict(result.pin.params)
         self.history.append(Observation(key, call.name, args, result.status, outcome))
 

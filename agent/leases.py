@@ -51,9 +51,15 @@ def _is_zombie(pid: int) -> bool:
 class LeaseKeeper:
     """Renews a run's lease in the background while the run is driven."""
 
-    def __init__(self, renew: Callable[[], Awaitable[bool]], ttl: float) -> None:
+    def __init__(
+        self,
+        renew: Callable[[], Awaitable[bool]],
+        ttl: float,
+        on_lost: Callable[[], object] = lambda: None,
+    ) -> None:
         self._renew = renew
         self._interval = max(ttl / 3, 0.05)
+        self._on_lost = on_lost
         self._task: asyncio.Task[None] | None = None
         self.lost = False
 
@@ -76,4 +82,7 @@ class LeaseKeeper:
                 log.warning("lease renewal failed; retrying", exc_info=True)
                 continue
             if not renewed:
+                # Cancelled or taken over: stop the work in flight (a command's whole process
+                # group is killed) rather than let it run on unowned.
                 self.lost = True
+                self._on_lost()

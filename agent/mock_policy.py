@@ -112,6 +112,8 @@ class MockPolicy:
             elif step_id != current:
                 break
             if obs.tool != "await_approval" and obs.status == "error":
+                if "denied" in obs.outcome:
+                    return None, True  # the allowlist will deny it again: retrying is pointless
                 failures += 1
                 continue
             break

@@ -160,6 +160,7 @@ class ToolCallRecord:
     intent_at: float
     outcome_at: float | None
     duration_ms: float | None
+    repeatable: bool = False  # judged at intent time: safe to run again when in doubt
 
     @property
     def in_doubt(self) -> bool:

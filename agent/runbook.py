@@ -31,6 +31,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -198,6 +199,8 @@ def render_url(template: str, params: Mapping[str, object]) -> str:
 
 def _template_problem(source: str, declared: set[str], command: bool) -> str | None:
     """Return why a template is unusable (syntax, undeclared names, quoting), or None."""
+    if "{" not in source:
+        return None  # plain text: nothing for Jinja to parse or to quote
     env = _COMMAND_ENV if command else _TEXT_ENV
     try:
         ast = env.parse(source)
@@ -254,6 +257,8 @@ class RunbookParam(BaseModel):
     default: str | int | bool | None = None
     pattern: str | None = None
     choices: list[str] | None = None
+    min: int | None = Field(default=None, strict=True)  # integers only: inclusive bounds
+    max: int | None = Field(default=None, strict=True)
 
     @field_validator("default", mode="before")
     @classmethod
@@ -270,6 +275,11 @@ class RunbookParam(BaseModel):
         if self.type != "string" and (self.pattern is not None or self.choices is not None):
             key = "pattern" if self.pattern is not None else "choices"
             raise _FieldError((key,), f"{key} applies only to string params, not {self.type}")
+        if self.type != "integer" and (self.min is not None or self.max is not None):
+            key = "min" if self.min is not None else "max"
+            raise _FieldError((key,), f"{key} applies only to integer params, not {self.type}")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise _FieldError(("max",), f"max {self.max} is below min {self.min}")
         if self.pattern is not None:
             try:
                 re.compile(self.pattern)
@@ -301,6 +311,16 @@ class RunbookParam(BaseModel):
             return f"default {value!r} is not a boolean (true or false)"
         if isinstance(value, str):
             return self._string_problem(value)
+        if self.type == "integer":
+            return self._range_problem(value)
+        return None
+
+    def _range_problem(self, value: int) -> str | None:
+        """Why an integer is out of the declared bounds, or None."""
+        if self.min is not None and value < self.min:
+            return f"{value} is below the minimum {self.min}"
+        if self.max is not None and value > self.max:
+            return f"{value} is above the maximum {self.max}"
         return None
 
     def _string_problem(self, value: str) -> str | None:
@@ -319,10 +339,15 @@ class RunbookParam(BaseModel):
         """Convert one user-given value (text from chat/CLI, or a JSON scalar) to the type."""
         if self.type == "integer":
             if isinstance(raw, int) and not isinstance(raw, bool):
-                return raw
-            if isinstance(raw, str) and _INTEGER_RE.fullmatch(raw.strip()):
-                return int(raw.strip())
-            raise ParamError(name, f"param {name!r}: {_short(raw)} is not an integer")
+                number = raw
+            elif isinstance(raw, str) and _INTEGER_RE.fullmatch(raw.strip()):
+                number = int(raw.strip())
+            else:
+                raise ParamError(name, f"param {name!r}: {_short(raw)} is not an integer")
+            problem = self._range_problem(number)
+            if problem:
+                raise ParamError(name, f"param {name!r}: {problem}")
+            return number
         if self.type == "boolean":
             if isinstance(raw, bool):
                 return raw
@@ -496,8 +521,10 @@ class Runbook(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _templates(self) -> Runbook:
+    def _templates(self, info: ValidationInfo) -> Runbook:
         # Checked here, not per step: only the runbook knows which params are declared.
+        if info.context and info.context.get("snapshot"):
+            return self  # a run's pinned copy was checked in full when it was pinned
         declared = set(self.params)
         for loc, source, command in self._template_fields():
             problem = _template_problem(source, declared, command)
@@ -518,6 +545,11 @@ class Runbook(BaseModel):
                 yield ("steps", index, "rollback", "run"), step.rollback.run, True
             if step.rollback is not None and step.rollback.note is not None:
                 yield ("steps", index, "rollback", "note"), step.rollback.note, False
+
+    @classmethod
+    def from_snapshot(cls, data: Mapping[str, Any]) -> Runbook:
+        """Rebuild a run's pinned runbook; skips the template parsing its first load did."""
+        return cls.model_validate(data, context={"snapshot": True})
 
     def step(self, step_id: str) -> Step:
         """The step with this id; KeyError if there is none."""

@@ -229,7 +229,7 @@ class RunService:
             status = decision_status(approval, decision)
         except DecisionRefused as exc:
             raise ServiceError(str(exc)) from None
-        runbook = Runbook.model_validate(run.runbook) if run.runbook else None
+        runbook = Runbook.from_snapshot(run.runbook) if run.runbook else None
         note = self.redactor.text(note) if note else None
         effect = decision_effect(
             approval,
@@ -274,9 +274,13 @@ class RunService:
     async def cancel(self, run_id: str, by: str) -> RunRecord:
         """Cancel a run that has not finished."""
         try:
-            return await self.store.cancel_run(run_id, by)
+            run = await self.store.cancel_run(run_id, by)
         except StoreError as exc:
             raise ServiceError(str(exc)) from None
+        # Driven here: stop at once. Driven by another process: its heartbeat finds the lease
+        # gone within a third of the lease TTL and stops there.
+        self.kernel.stop(run_id)
+        return run
 
     # -- reading -----------------------------------------------------------------------------
 

@@ -116,6 +116,7 @@ class NewToolCall:
     tool: str
     args: dict[str, Any]
     step_id: str | None
+    repeatable: bool = False  # safe to run again if it is found in doubt
 
 
 @dataclass(frozen=True)
@@ -664,7 +665,8 @@ class RunStore:
         """Insert a call's first intent; returns the event that journals it."""
         conn.execute(
             "INSERT INTO tool_calls (run_id, call_key, turn, position, tool, args, step_id, "
-            "attempt, status, intent_at) VALUES (?, ?, ?, ?, ?, ?, ?, 1, 'intent', ?)",
+            "attempt, status, intent_at, repeatable) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, 1, 'intent', ?, ?)",
             (
                 run_id,
                 call.call_key,
@@ -674,6 +676,7 @@ class RunStore:
                 _dumps(call.args),
                 call.step_id,
                 now,
+                int(call.repeatable),
             ),
         )
         return _intent_event(call, 1)
@@ -839,6 +842,40 @@ class RunStore:
             )
 
         await self._transaction(finish)
+
+    async def close_cancelled_call(self, run_id: str, call_key: str, attempt: int) -> bool:
+        """Record that a cancelled run's call in flight was stopped; only for a cancelled run.
+
+        A run taken over by another process keeps the call in doubt instead: its new owner
+        decides what happens to it.
+        """
+        now = time.time()
+
+        def close(conn: sqlite3.Connection) -> bool:
+            row = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None or row[0] != RunStatus.CANCELLED:
+                return False
+            outcome = {"cancelled": True, "may_have_run": True}
+            cursor = conn.execute(
+                "UPDATE tool_calls SET status = 'cancelled', outcome = ?, outcome_at = ? "
+                "WHERE call_key = ? AND attempt = ? AND status = 'intent'",
+                (_dumps(outcome), now, call_key, attempt),
+            )
+            if cursor.rowcount != 1:
+                return False
+            event = NewEvent(
+                "tool_outcome",
+                {
+                    "call_key": call_key,
+                    "attempt": attempt,
+                    "status": "cancelled",
+                    "outcome": outcome,
+                },
+            )
+            self._append_events(conn, run_id, [event], now)
+            return True
+
+        return await self._transaction(close, durable=True)
 
     async def get_tool_call(self, call_key: str) -> ToolCallRecord | None:
         """One tool call by its idempotency key."""
@@ -1270,7 +1307,7 @@ def _run_from_row(row: Sequence[Any]) -> RunRecord:
 
 _CALL_COLUMNS = (
     "call_key, run_id, turn, position, tool, args, step_id, attempt, status, outcome, intent_at, "
-    "outcome_at, duration_ms"
+    "outcome_at, duration_ms, repeatable"
 )
 
 
@@ -1289,6 +1326,7 @@ def _call_from_row(row: Sequence[Any]) -> ToolCallRecord:
         intent_at=row[10],
         outcome_at=row[11],
         duration_ms=row[12],
+        repeatable=bool(row[13]),
     )
 
 

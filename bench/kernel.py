@@ -163,14 +163,18 @@ async def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="loom-bench-", dir=REPO / "bench") as tmp:
         directory = Path(tmp)
-        # Interleave the measurements so that disk and CPU noise hits both sides alike.
-        baseline_full = await raw_commit_baseline(directory, args.big, "FULL")
-        baseline_normal = await raw_commit_baseline(directory, args.big, "NORMAL")
-        small = await run_steps(directory, args.small)
-        big = await run_steps(directory, args.big)
-        baseline_full = min(baseline_full, await raw_commit_baseline(directory, args.big, "FULL"))
-        baseline_normal = min(
-            baseline_normal, await raw_commit_baseline(directory, args.big, "NORMAL")
+        # Best of three rounds, interleaved, so that disk and CPU noise hits both sides alike.
+        rounds = [
+            (
+                await raw_commit_baseline(directory, args.big, "FULL"),
+                await raw_commit_baseline(directory, args.big, "NORMAL"),
+                await run_steps(directory / f"r{i}", args.small),
+                await run_steps(directory / f"r{i}", args.big),
+            )
+            for i in range(3)
+        ]
+        baseline_full, baseline_normal, small, big = (
+            min(column) for column in zip(*rounds, strict=True)
         )
         workspace, db = kill_at_step(directory, args.big, args.big // 2)
         with sqlite3.connect(db) as conn:

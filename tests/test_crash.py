@@ -20,13 +20,15 @@ from tests.conftest import make_workspace
 LOOM_OPS = [sys.executable, "-m", "agent.cli"]
 
 
-def _env(workspace: Path, db: Path, failpoint: str | None = None) -> dict[str, str]:
+def _env(
+    workspace: Path, db: Path, failpoint: str | None = None, live: bool = True
+) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_OPS_")}
     env.update(
         LOOM_OPS_DB=str(db),
         LOOM_OPS_WORKSPACE=str(workspace),
         LOOM_OPS_MOCK_LLM="1",
-        LOOM_OPS_ALLOW_SHELL="1",
+        LOOM_OPS_ALLOW_SHELL="1" if live else "0",
         PYTHONPATH=str(Path(__file__).resolve().parent.parent),
     )
     if failpoint:
@@ -34,11 +36,13 @@ def _env(workspace: Path, db: Path, failpoint: str | None = None) -> dict[str, s
     return env
 
 
-def _cli(workspace: Path, db: Path, *args: str, failpoint: str | None = None) -> int:
+def _cli(
+    workspace: Path, db: Path, *args: str, failpoint: str | None = None, live: bool = True
+) -> int:
     done = subprocess.run(
         [*LOOM_OPS, *args, "--json"],
         cwd=workspace,
-        env=_env(workspace, db, failpoint),
+        env=_env(workspace, db, failpoint, live),
         capture_output=True,
         text=True,
         timeout=60,
@@ -199,3 +203,14 @@ def test_sigkill_inside_a_running_command(tmp_path: Path) -> None:
             "SELECT attempt, status FROM tool_calls WHERE step_id = 'append-one'"
         ).fetchone()
     assert attempt == (2, "ok")
+
+
+def test_in_doubt_is_judged_by_the_settings_of_the_intent(tmp_path: Path) -> None:
+    """A live step caught mid-call stays in doubt even if the resume runs in dry-run mode."""
+    workspace = make_workspace(tmp_path / "ws")
+    db = tmp_path / "ops.sqlite"
+    code = _cli(workspace, db, "runbook", "crash drill", "--run-id", "m", failpoint="after_tool:3")
+    assert code == -signal.SIGKILL
+    assert _cli(workspace, db, "resume", "--run-id", "m", live=False) == 0
+    assert _run_row(db, "m") == ("waiting_approval", ("in_doubt", "append-one"))
+    assert _lines(workspace) == ["one"]

@@ -709,3 +709,25 @@ def test_property_resolve_params_raises_only_param_errors(given: dict[str, str])
         assert error.param in {"service", "port", "dry_run", "x"}
     else:
         assert set(resolved) == set(runbook.params)
+
+
+def test_integer_bounds_are_enforced_on_user_values_and_defaults(tmp_path: Path) -> None:
+    """`min`/`max` bound integer params: a user's value and the default alike."""
+    runbook = load_catalog(Path(__file__).parent.parent / "runbooks").get("api-latency-spike")
+    assert runbook.resolve_params({"replicas": "12"})["replicas"] == 12
+    for bad in ("-5", "0", "51"):
+        with pytest.raises(ParamError, match="replicas"):
+            runbook.resolve_params({"replicas": bad})
+    path = tmp_path / "bounds.yaml"
+    path.write_text(
+        "id: bounds\ntitle: Bounds\nparams:\n  n:\n    type: integer\n    default: 9\n"
+        "    min: 1\n    max: 5\nsteps:\n  - {id: a, title: A, note: hi}\n"
+    )
+    with pytest.raises(RunbookError, match=r"bounds.yaml:6: params.n.default: .*above the maximum"):
+        load_runbook(path)
+    path.write_text(
+        "id: bounds\ntitle: Bounds\nparams:\n  s:\n    min: 1\n"
+        "steps:\n  - {id: a, title: A, note: hi}\n"
+    )
+    with pytest.raises(RunbookError, match="min applies only to integer params"):
+        load_runbook(path)
