@@ -204,6 +204,9 @@ async def test_reject_with_rollback_undoes_completed_steps_newest_first(
         # The gated step and everything after it never ran, and nothing was undone for them.
         assert await _executed_steps(service, "undo") == ["one", "look", "two"]
         assert result.approval.decided_by == "cli:approver"
+        assert result.run.summary == (
+            "rejected by cli:approver: too risky; rolled back 2 of 2 step(s) (two, one)"
+        )
         types = await _event_types(service, "undo")
         assert types.index("approval_decided") < types.index("run_finished")
         assert types.count("run_finished") == 1
