@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -182,7 +183,13 @@ async def _report(service: RunService, run: RunRecord, as_json: bool, extra: str
         print(f"  why:      {approval.reason}")
         print(f"  rollback: {approval.rollback or '-'}")
         print(f"  who:      {', '.join(approval.deciders) or 'any approver'}")
-        print(f"Decide with: loom-ops approve --run-id {run.id}   (or: loom-ops reject …)")
+        if approval.kind == "in_doubt":
+            print(
+                f"Decide with: loom-ops approve --run-id {run.id} (run it again) | "
+                "approve --skip (it ran: treat as done) | reject (abort the run)"
+            )
+        else:
+            print(f"Decide with: loom-ops approve --run-id {run.id}   (or: loom-ops reject …)")
     elif run.status.is_terminal:
         print(render_summary(await build_summary(service.store, run.id)), end="")
     else:
@@ -256,8 +263,14 @@ async def _cmd_runs(service: RunService, args: argparse.Namespace) -> int:
         return EXIT_OK
     if not runs:
         print("no runs")
+        return EXIT_OK
+    print(f"{'RUN':<24} {'STATUS':<17} {'STARTED (UTC)':<17} {'RUNBOOK':<24} REQUEST")
     for run in runs:
-        print(f"{run.id:<24} {run.status:<17} {run.runbook_id or '-':<24} {run.request[:60]}")
+        started = time.strftime("%Y-%m-%d %H:%M", time.gmtime(run.created_at))
+        print(
+            f"{run.id:<24} {run.status:<17} {started:<17} {run.runbook_id or '-':<24} "
+            f"{run.request[:60]}"
+        )
     return EXIT_OK
 
 
