@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import logging
+import sqlite3
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -55,6 +56,12 @@ def _common(parser: argparse.ArgumentParser, run_flags: bool = False) -> None:
         parser.add_argument("--max-tool-calls", type=int, help="tool calls per run")
 
 
+def _positive_id(text: str) -> int:
+    if not text.lstrip("#").isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a request number")
+    return int(text.lstrip("#"))
+
+
 def _positive(text: str) -> int:
     value = int(text) if text.isdigit() else 0
     if not 1 <= value <= 1000:
@@ -81,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--run-id", required=True)
         p.add_argument("--note", help="why (recorded with the decision)")
         p.add_argument("--as", dest="as_user", help="decide as cli:<name> (default: OS user)")
+        p.add_argument(
+            "--approval",
+            type=_positive_id,
+            help="the request's number (#N), required once a run has had more than one",
+        )
         if name == "approve":
             p.add_argument(
                 "--skip",
@@ -183,13 +195,14 @@ async def _report(service: RunService, run: RunRecord, as_json: bool, extra: str
         print(f"  why:      {approval.reason}")
         print(f"  rollback: {approval.rollback or '-'}")
         print(f"  who:      {', '.join(approval.deciders) or 'any approver'}")
+        named = f"--run-id {run.id} --approval {approval.id}"
         if approval.kind == "in_doubt":
             print(
-                f"Decide with: loom-ops approve --run-id {run.id} (run it again) | "
+                f"Decide with: loom-ops approve {named} (run it again) | "
                 "approve --skip (it ran: treat as done) | reject (abort the run)"
             )
         else:
-            print(f"Decide with: loom-ops approve --run-id {run.id}   (or: loom-ops reject …)")
+            print(f"Decide with: loom-ops approve {named}   (or: loom-ops reject {named})")
     elif run.status.is_terminal:
         print(render_summary(await build_summary(service.store, run.id)), end="")
     else:
@@ -245,7 +258,9 @@ async def _cmd_decide(service: RunService, args: argparse.Namespace) -> int:
     else:
         decision = Decision.SKIP if args.skip else Decision.APPROVE
     decider = _cli_user(service, args.as_user)
-    result = await service.decide(args.run_id, decision, decider, args.note)
+    result = await service.decide(
+        args.run_id, decision, decider, args.note, approval_id=args.approval
+    )
     if not result.changed:
         raise UsageError(f"run {args.run_id}: {result.message}")
     return await _report(service, result.run, args.json, extra=f"Decision: {result.message}")
@@ -376,6 +391,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ServiceError, StoreError, RequestError, RunbookError) as exc:
         print(f"loom-ops: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except (OSError, sqlite3.Error) as exc:  # the machine, not the input: still one line
+        print(f"loom-ops: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_RUN_FAILED
     except KeyboardInterrupt:
         print("loom-ops: interrupted; resume with loom-ops resume", file=sys.stderr)
         return 130

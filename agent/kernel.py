@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import shlex
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -108,7 +109,12 @@ class RunKernel:
     async def drive(self, run_id: str) -> RunRecord:
         """Claim the run's lease and drive it until it waits or ends; returns the run after."""
         ttl = self.settings.lease_ttl
-        run = await self.store.claim_run(run_id, self.owner, ttl, owner_is_dead)
+        try:
+            run = await self.store.claim_run(run_id, self.owner, ttl, owner_is_dead)
+        except asyncio.CancelledError:
+            # The claim may have committed on the database thread all the same: hand it back.
+            await self.store.release_lease(run_id, self.owner)
+            raise
         self.failpoints.reached("after_claim")
         loop = _RunLoop(self, run)
         work = asyncio.create_task(loop.run(), name=f"run-loop:{run_id}")
@@ -123,11 +129,15 @@ class RunKernel:
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
-                raise  # this process is shutting down: not ours to record
+                # This process is shutting down: hand the run back (a call in flight stays in
+                # doubt for whoever resumes it), then let the cancellation through.
+                await self.store.release_lease(run_id, self.owner)
+                raise
             log.info("stopped driving %s: the run was cancelled or taken over", run_id)
             await self._abandon(run_id, loop.in_flight)
         except LeaseLost as exc:
             log.info("stopped driving %s: %s", run_id, exc)
+            await self._abandon(run_id, loop.in_flight)
         except PolicyUnavailable as exc:
             await self._interrupt(run_id, self.redactor.text(str(exc)))
         except Exception as exc:
@@ -146,9 +156,9 @@ class RunKernel:
         if work is not None:
             work.cancel()
 
-    async def _abandon(self, run_id: str, in_flight: tuple[str, int] | None) -> None:
+    async def _abandon(self, run_id: str, in_flight: str | None) -> None:
         if in_flight is not None:
-            await self.store.close_cancelled_call(run_id, *in_flight)
+            await self.store.close_cancelled_call(run_id, in_flight)
 
     async def _interrupt(self, run_id: str, reason: str) -> None:
         try:
@@ -166,12 +176,15 @@ class _RunLoop:
         self.run_record = run
         self.run_id = run.id
         self.keeper: LeaseKeeper | None = None
-        self.in_flight: tuple[str, int] | None = None  # (call_key, attempt) while a call runs
+        self.in_flight: str | None = None  # the call key, from its intent to its outcome
         self.state = run.checkpoint
         self.runbook = Runbook.from_snapshot(run.runbook) if run.runbook else None
         self.params: dict[str, Any] = dict(run.params)
         self.history: list[Observation] = []
-        self.approved_steps: set[str] = set()
+        # A gate approval is good for one successful execution of its step: more approvals
+        # than successes means the gate is open.
+        self.approvals: Counter[str] = Counter()
+        self.successes: Counter[str] = Counter()
         self.started = time.monotonic()
         self.base_active = run.checkpoint.active_seconds
 
@@ -181,7 +194,9 @@ class _RunLoop:
         for record in await self.store.list_tool_calls(self.run_id):
             if record.outcome is not None and record.status not in ("intent", "retry"):
                 self.history.append(_observation(record))
-        self.approved_steps = await self.store.approved_gate_steps(self.run_id)
+        self.approvals = await self.store.approved_gate_counts(self.run_id)
+        for obs in self.history:
+            self._count_success(obs)
         fresh_turn = False  # True once we know no journaled answer exists for this turn
         try:
             while True:
@@ -303,6 +318,7 @@ class _RunLoop:
                 rerun = True
             elif existing.status != "retry":  # already decided by a human (e.g. skipped)
                 self.history.append(_observation(existing))
+                self._count_success(self.history[-1])
                 self.state = dataclasses.replace(self.state, call=self.state.call + 1)
                 return
         if self.state.phase != "rollback":
@@ -323,13 +339,14 @@ class _RunLoop:
         )
         if refusal is None and call.name == "await_approval":
             assert isinstance(parsed, AwaitApprovalArgs)
-            if parsed.step_id not in self.approved_steps:
+            if not self._gate_open(parsed.step_id):
                 # An in-doubt await_approval already has its intent row; only the request is new.
                 await self._open_gate(parsed, None if existing else new_call, pending)
         self.k.failpoints.reached("before_intent")
         # Only an intent that announces a side effect must survive a power cut before the call
         # runs; losing the intent of a call that is safe to repeat just repeats it.
         durable = not repeatable
+        self.in_flight = key  # before the commit: a cancel may land while it is awaited
         attempt = await self.store.begin_tool_call(
             self.run_id,
             self.k.owner,
@@ -339,7 +356,6 @@ class _RunLoop:
             rerun=rerun,
             durable=durable,
         )
-        self.in_flight = (key, attempt)
         self.k.failpoints.reached("after_intent")
         started = time.perf_counter()
         if refusal is not None:
@@ -369,7 +385,19 @@ class _RunLoop:
         if result.pin is not None:
             self.runbook = Runbook.from_snapshot(result.pin.runbook)
             self.params = dict(result.pin.params)
-        self.history.append(Observation(key, call.name, args, result.status, outcome))
+        observation = Observation(key, call.name, args, result.status, outcome)
+        self.history.append(observation)
+        self._count_success(observation)
+
+    def _gate_open(self, step_id: str) -> bool:
+        """True while an approval of this step has not yet been used by a successful run."""
+        return self.approvals[step_id] > self.successes[step_id]
+
+    def _count_success(self, obs: Observation) -> None:
+        if obs.tool in ("execute_step", "check_health") and obs.status in ("ok", "skipped"):
+            step_id = obs.args.get("step_id")
+            if isinstance(step_id, str):
+                self.successes[step_id] += 1
 
     def _checkpoint(self) -> Checkpoint:
         active = self.base_active + (time.monotonic() - self.started)
@@ -420,7 +448,7 @@ class _RunLoop:
         if tool == "await_approval" and not step.needs_approval:
             return f"step {step.id!r} does not need approval", None
         gated = tool in ("execute_step", "check_health")
-        if gated and step.needs_approval and step.id not in self.approved_steps:
+        if gated and step.needs_approval and not self._gate_open(step.id):
             return (
                 f"step {step.id!r} requires approval: call await_approval and wait for an "
                 "approver's decision first"
@@ -504,7 +532,8 @@ class _RunLoop:
             ),
             rollback=None,
             deciders=list(self.runbook.approvers) if self.runbook else [],
-            four_eyes=False,
+            # Retrying a side effect needs the same eyes as running it did.
+            four_eyes=bool(self.runbook and self.runbook.four_eyes),
             requested_by=self.run_record.requested_by,
             deadline_at=self._deadline() if self.runbook else time.time() + 3600,
         )

@@ -86,7 +86,11 @@ class RunService:
             raise
 
     async def close(self) -> None:
-        """Close the store."""
+        """Stop this process's drives (their runs go back to the queue), then close the store."""
+        drives = list(self._drives.values())
+        for task in drives:
+            task.cancel()
+        await asyncio.gather(*drives, return_exceptions=True)
         await self.store.close()
 
     def catalog(self) -> RunbookCatalog:
@@ -165,7 +169,7 @@ class RunService:
         if task is None or task.done():
             task = asyncio.create_task(self.kernel.drive(run_id), name=f"drive:{run_id}")
             self._drives[run_id] = task
-            task.add_done_callback(lambda _t, rid=run_id: self._forget(rid, _t))
+            task.add_done_callback(lambda t, rid=run_id: self._forget(rid, t))
         if not wait:
             return await self.store.get_run(run_id)
         return await asyncio.shield(task)
@@ -173,6 +177,9 @@ class RunService:
     def _forget(self, run_id: str, task: asyncio.Task[RunRecord]) -> None:
         if self._drives.get(run_id) is task:
             del self._drives[run_id]
+        if not task.cancelled() and task.exception() is not None:
+            # Nobody may be awaiting a background drive: say what stopped it.
+            log.error("driving %s failed: %s", run_id, task.exception())
 
     async def resume(self, run_id: str) -> RunRecord:
         """Drive a run on from its last checkpoint; a waiting or finished run is left as it is."""
@@ -215,13 +222,18 @@ class RunService:
         decider: str,
         note: str | None = None,
         approval_token: str | None = None,
+        approval_id: int | None = None,
     ) -> DecisionResult:
-        """Decide the run's pending approval; the first decision wins. Approval resumes the run."""
+        """Decide one approval request of a run; the first decision wins. Approval resumes it.
+
+        The request is named by its token (buttons, links) or id; unnamed, it must be the
+        run's only request ever, so a repeated decision can never land on a later one.
+        """
         if note is not None:
             validate_text("note", note, MAX_NOTE_BYTES)
         await self.expire_overdue()
         run = await self.store.get_run(run_id)
-        approval = await self._approval_to_decide(run, approval_token)
+        approval = await self._approval_to_decide(run, approval_token, approval_id)
         if approval.status != ApprovalStatus.PENDING:
             return DecisionResult(False, _already(approval), approval, run)
         try:
@@ -246,29 +258,45 @@ class RunService:
             return DecisionResult(False, _already(approval), approval, run)
 
         run = await self.store.get_run(run_id)
+        message = f"{status} by {decider}"
         if run.status == RunStatus.QUEUED:
-            run = await self._drive(run_id)
-        return DecisionResult(True, f"{status} by {decider}", approval, run)
+            try:
+                run = await self._drive(run_id)
+            except StoreError as exc:  # e.g. another process resumed it first: still decided
+                message += f"; the run goes on elsewhere ({exc})"
+        return DecisionResult(True, message, approval, run)
 
     async def _approval_to_decide(
-        self, run: RunRecord, approval_token: str | None
+        self, run: RunRecord, approval_token: str | None, approval_id: int | None
     ) -> ApprovalRecord:
-        if approval_token is not None:
+        if approval_token is not None or approval_id is not None:
             try:
-                approval = await self.store.get_approval_by_token(approval_token)
+                if approval_token is not None:
+                    approval = await self.store.get_approval_by_token(approval_token)
+                else:
+                    assert approval_id is not None
+                    approval = await self.store.get_approval(approval_id)
             except ApprovalNotFound:
-                raise ServiceError("no such approval request (stale or forged token)") from None
+                raise ServiceError("no such approval request (stale or forged)") from None
             if approval.run_id != run.id:
                 raise ServiceError("that approval request belongs to another run")
             return approval
-        pending = await self.store.list_approvals(run.id, ApprovalStatus.PENDING)
+        requests = await self.store.list_approvals(run.id)
+        pending = [a for a in requests if a.status == ApprovalStatus.PENDING]
+        if len(requests) > 1:
+            hint = (
+                f": the open one is #{pending[0].id} ({_describe(pending[0])})" if pending else ""
+            )
+            raise ServiceError(
+                f"run {run.id} has had {len(requests)} approval requests; name the one you "
+                f"decide with --approval ID{hint}"
+            )
         if pending:
             return pending[0]
         if run.status.is_terminal:
             raise ServiceError(f"run {run.id} is already {run.status}; nothing to decide")
-        decided = await self.store.list_approvals(run.id)
-        if decided:
-            return decided[-1]
+        if requests:
+            return requests[0]
         raise ServiceError(f"run {run.id} has no approval request (status {run.status})")
 
     async def cancel(self, run_id: str, by: str) -> RunRecord:
@@ -297,6 +325,10 @@ class RunService:
         """The run's open approval request, if it waits for one."""
         pending = await self.store.list_approvals(run_id, ApprovalStatus.PENDING)
         return pending[0] if pending else None
+
+
+def _describe(approval: ApprovalRecord) -> str:
+    return f"{approval.kind} for step {approval.step_id}"
 
 
 def _already(approval: ApprovalRecord) -> str:

@@ -10,6 +10,8 @@ from typing import Annotated
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from agent.failpoints import Failpoints
+
 
 def _os_user() -> str:
     try:
@@ -72,6 +74,12 @@ class Settings(BaseSettings):
                 re.compile(pattern)
             except re.error as exc:
                 raise ValueError(f"invalid regex {pattern!r}: {exc}") from None
+        return value
+
+    @field_validator("failpoint")
+    @classmethod
+    def _failpoint_parses(cls, value: str | None) -> str | None:
+        Failpoints(value)  # the hook's own parser is the one truth
         return value
 
     @property

@@ -13,6 +13,7 @@ import json
 import secrets
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -195,7 +196,10 @@ class RunStore:
         """Open (creating if needed) the database and bring its schema up to date."""
         path = str(path)
         if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot open database {path}: {exc.strerror or exc}") from exc
         if Path(path).is_dir():
             raise StoreError(f"cannot open database {path}: it is a directory")
         connecting = aiosqlite.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
@@ -843,7 +847,7 @@ class RunStore:
 
         await self._transaction(finish)
 
-    async def close_cancelled_call(self, run_id: str, call_key: str, attempt: int) -> bool:
+    async def close_cancelled_call(self, run_id: str, call_key: str) -> bool:
         """Record that a cancelled run's call in flight was stopped; only for a cancelled run.
 
         A run taken over by another process keeps the call in doubt instead: its new owner
@@ -856,13 +860,18 @@ class RunStore:
             if row is None or row[0] != RunStatus.CANCELLED:
                 return False
             outcome = {"cancelled": True, "may_have_run": True}
-            cursor = conn.execute(
-                "UPDATE tool_calls SET status = 'cancelled', outcome = ?, outcome_at = ? "
-                "WHERE call_key = ? AND attempt = ? AND status = 'intent'",
-                (_dumps(outcome), now, call_key, attempt),
-            )
-            if cursor.rowcount != 1:
+            row = conn.execute(
+                "SELECT attempt FROM tool_calls WHERE call_key = ? AND status = 'intent'",
+                (call_key,),
+            ).fetchone()
+            if row is None:  # no intent committed, or an outcome was recorded after all
                 return False
+            attempt = row[0]
+            conn.execute(
+                "UPDATE tool_calls SET status = 'cancelled', outcome = ?, outcome_at = ? "
+                "WHERE call_key = ?",
+                (_dumps(outcome), now, call_key),
+            )
             event = NewEvent(
                 "tool_outcome",
                 {
@@ -954,7 +963,9 @@ class RunStore:
                 "deciders": approval.deciders,
                 "deadline_at": approval.deadline_at,
             }
-            events.append(NewEvent("approval_requested", payload))
+            # The token works like a password for buttons: chats get it, the journal does not.
+            journaled = {k: v for k, v in payload.items() if k != "token"}
+            events.append(NewEvent("approval_requested", journaled))
             self._append_events(
                 conn,
                 run_id,
@@ -1015,16 +1026,16 @@ class RunStore:
         )
         return [_approval_from_row(row) for row in rows]
 
-    async def approved_gate_steps(self, run_id: str) -> set[str]:
-        """Steps of a run whose gate a human approved."""
+    async def approved_gate_counts(self, run_id: str) -> Counter[str]:
+        """How many times a human approved each gated step of a run."""
         rows = await self._read(
             lambda c: c.execute(
-                "SELECT step_id FROM approvals WHERE run_id = ? AND kind = 'gate' "
-                "AND status = 'approved' AND step_id IS NOT NULL",
+                "SELECT step_id, COUNT(*) FROM approvals WHERE run_id = ? AND kind = 'gate' "
+                "AND status = 'approved' AND step_id IS NOT NULL GROUP BY step_id",
                 (run_id,),
             ).fetchall()
         )
-        return {row[0] for row in rows}
+        return Counter({row[0]: row[1] for row in rows})
 
     async def decide_approval(
         self,

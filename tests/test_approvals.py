@@ -308,7 +308,9 @@ async def test_a_skipped_in_doubt_step_is_rolled_back_on_reject(
         skipped = await second.decide("doubt", Decision.SKIP, "cli:approver")
         assert skipped.changed and skipped.run.status == RunStatus.WAITING_APPROVAL
 
-        result = await second.decide("doubt", Decision.REJECT, "cli:approver")
+        gate = await second.pending_approval("doubt")
+        assert gate is not None
+        result = await second.decide("doubt", Decision.REJECT, "cli:approver", approval_id=gate.id)
 
         assert result.run.status == RunStatus.REJECTED
         assert lines(workspace) == ["slow", "undo-slow"]

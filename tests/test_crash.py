@@ -86,14 +86,20 @@ def _drive_to_end(workspace: Path, db: Path, run_id: str, failpoint: str | None)
             code = _cli(workspace, db, "resume", "--run-id", run_id, failpoint=armed)
         elif pending is not None:
             kind, step_id = pending
+            with sqlite3.connect(db) as conn:
+                approval_id = conn.execute(
+                    "SELECT id FROM approvals WHERE run_id = ? AND status = 'pending'", (run_id,)
+                ).fetchone()[0]
             if kind == "gate":
                 decisions.append(f"approve {step_id}")
                 args = ["approve", "--run-id", run_id, "--as", "approver"]
+                args += ["--approval", str(approval_id)]
             else:
                 line = step_id.removeprefix("append-")
                 already = line in _lines(workspace)
                 decisions.append(f"{'skip' if already else 'retry'} {step_id}")
                 args = ["approve", "--run-id", run_id, "--as", "approver"]
+                args += ["--approval", str(approval_id)]
                 if already:
                     args.append("--skip")
             code = _cli(workspace, db, *args, failpoint=armed)
