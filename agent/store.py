@@ -570,21 +570,6 @@ class RunStore:
                 picked.append(run_id)
         return picked
 
-    async def update_checkpoint(
-        self,
-        run_id: str,
-        owner: str,
-        checkpoint: Checkpoint,
-        events: Sequence[NewEvent] = (),
-    ) -> None:
-        """Commit a new checkpoint (fenced by the lease)."""
-        now = time.time()
-        await self._transaction(
-            lambda c: self._append_events(
-                c, run_id, events, now, {"checkpoint": checkpoint.to_json()}, fence_owner=owner
-            )
-        )
-
     async def finish_run(
         self,
         run_id: str,
@@ -735,16 +720,6 @@ class RunStore:
             ).fetchall()
         )
         return [_turn_from_row(row) for row in rows]
-
-    async def record_policy_turn(self, run_id: str, owner: str, turn: NewPolicyTurn) -> None:
-        """Journal a policy answer on its own (when no tool call follows in the same commit)."""
-        now = time.time()
-
-        def record(conn: sqlite3.Connection) -> None:
-            event = self._insert_policy_turn(conn, run_id, turn, now)
-            self._append_events(conn, run_id, [event], now, fence_owner=owner)
-
-        await self._transaction(record)
 
     # -- tool calls ------------------------------------------------------------------------
 
