@@ -220,3 +220,19 @@ def test_in_doubt_is_judged_by_the_settings_of_the_intent(tmp_path: Path) -> Non
     assert _cli(workspace, db, "resume", "--run-id", "m", live=False) == 0
     assert _run_row(db, "m") == ("waiting_approval", ("in_doubt", "append-one"))
     assert _lines(workspace) == ["one"]
+
+
+def test_resume_without_an_id_picks_up_every_orphan(tmp_path: Path) -> None:
+    """Two runs whose process died: a bare `loom-ops resume` drives both on."""
+    workspace = make_workspace(tmp_path / "ws")
+    db = tmp_path / "ops.sqlite"
+    for run_id in ("o1", "o2"):
+        code = _cli(
+            workspace, db, "runbook", "crash drill", "--run-id", run_id, failpoint="after_outcome:1"
+        )
+        assert code == -signal.SIGKILL
+        assert _run_row(db, run_id)[0] == "running"
+    assert _cli(workspace, db, "resume") == 0
+    for run_id in ("o1", "o2"):
+        assert _run_row(db, run_id) == ("waiting_approval", ("gate", "append-two"))
+    assert _lines(workspace) == ["one", "one"]
