@@ -309,7 +309,7 @@ class _RunLoop:
         pending: NewPolicyTurn | None,
         existing: ToolCallRecord | None,
     ) -> None:
-        args = self.k.redactor.data(call.args)
+        args = call.args  # the whole decision was redacted before it was journaled
         rerun = False
         if existing is not None:
             if existing.status == "intent":

@@ -29,7 +29,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -470,7 +469,6 @@ class Runbook(BaseModel):
     on_reject: Literal["stop", "rollback"] = "stop"
     env: list[str] = Field(default_factory=list)
     steps: list[Step] = Field(min_length=1)
-    _positions: dict[str, int] | None = PrivateAttr(default=None)
 
     @field_validator("triggers")
     @classmethod
@@ -555,13 +553,15 @@ class Runbook(BaseModel):
         """The step with this id; KeyError if there is none."""
         return self.steps[self.step_index(step_id)]
 
+    @functools.cached_property
+    def _step_positions(self) -> dict[str, int]:
+        # Looked up on every turn of a run: a dict keeps long runbooks O(1) per step.
+        return {step.id: i for i, step in enumerate(self.steps)}
+
     def step_index(self, step_id: str) -> int:
         """The position of the step with this id; KeyError if there is none."""
-        # Looked up on every turn of a run: a dict keeps long runbooks O(1) per step.
-        if self._positions is None:
-            self._positions = {step.id: i for i, step in enumerate(self.steps)}
         try:
-            return self._positions[step_id]
+            return self._step_positions[step_id]
         except KeyError:
             raise KeyError(f"runbook {self.id!r} has no step {step_id!r}") from None
 

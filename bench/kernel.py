@@ -3,7 +3,8 @@
 Prints figures and ratios; asserts nothing. Run with `make bench` or `python bench/kernel.py`.
 
 - per-step cost of an N-step dry-run run (N = 40, 1000) through the real RunService, against
-  one raw aiosqlite INSERT + COMMIT per step (WAL; synchronous FULL and NORMAL), same run;
+  one raw aiosqlite INSERT + COMMIT per step (aiosqlite defaults; WAL with synchronous FULL;
+  WAL with NORMAL), best of three interleaved rounds;
 - the time to resume a 1000-step run killed (SIGKILL, in a real subprocess) at step 500, from
   the resume call to the first new step's committed intent, and the CLI's wall time beside the
   process start-up time;
@@ -59,13 +60,15 @@ def settings_for(workspace: Path, db: Path, steps: int) -> Settings:
     )
 
 
-async def raw_commit_baseline(directory: Path, count: int, synchronous: str) -> float:
-    """Seconds per raw aiosqlite INSERT + COMMIT in WAL mode with the given sync level."""
-    path = directory / f"baseline-{synchronous}.sqlite"
+async def raw_commit_baseline(directory: Path, count: int, synchronous: str | None) -> float:
+    """Seconds per raw aiosqlite INSERT + COMMIT: WAL with the given sync level, or (None)
+    aiosqlite's own defaults (rollback journal, synchronous=FULL)."""
+    path = directory / f"baseline-{synchronous or 'default'}.sqlite"
     async with aiosqlite.connect(path) as db:
-        await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        await db.execute("PRAGMA journal_mode = WAL")
-        await db.execute(f"PRAGMA synchronous = {synchronous}")
+        if synchronous is not None:
+            await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            await db.execute("PRAGMA journal_mode = WAL")
+            await db.execute(f"PRAGMA synchronous = {synchronous}")
         await db.execute(
             "CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, step INTEGER, data TEXT)"
         )
@@ -166,6 +169,7 @@ async def main() -> None:
         # Best of three rounds, interleaved, so that disk and CPU noise hits both sides alike.
         rounds = [
             (
+                await raw_commit_baseline(directory, args.big // 4, None),
                 await raw_commit_baseline(directory, args.big, "FULL"),
                 await raw_commit_baseline(directory, args.big, "NORMAL"),
                 await run_steps(directory / f"r{i}", args.small),
@@ -173,7 +177,7 @@ async def main() -> None:
             )
             for i in range(3)
         ]
-        baseline_full, baseline_normal, small, big = (
+        baseline_default, baseline_full, baseline_normal, small, big = (
             min(column) for column in zip(*rounds, strict=True)
         )
         workspace, db = kill_at_step(directory, args.big, args.big // 2)
@@ -186,12 +190,14 @@ async def main() -> None:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     print("loom-ops kernel benchmark (mock policy, dry-run steps, SQLite WAL)")
-    print(f"  raw INSERT+COMMIT, synchronous=FULL      {baseline_full * 1e3:8.3f} ms/commit")
-    print(f"  raw INSERT+COMMIT, synchronous=NORMAL    {baseline_normal * 1e3:8.3f} ms/commit")
+    print(f"  raw INSERT+COMMIT, aiosqlite defaults    {baseline_default * 1e3:8.3f} ms/commit")
+    print(f"  raw INSERT+COMMIT, WAL synchronous=FULL  {baseline_full * 1e3:8.3f} ms/commit")
+    print(f"  raw INSERT+COMMIT, WAL synchronous=NORMAL{baseline_normal * 1e3:8.3f} ms/commit")
     for n, per_step in ((args.small, small), (args.big, big)):
         print(
             f"  N={n:<5} durable run                   {per_step * 1e3:8.3f} ms/step"
-            f"   {per_step / baseline_full:5.2f}x FULL  {per_step / baseline_normal:5.2f}x NORMAL"
+            f"  {per_step / baseline_default:5.2f}x default  {per_step / baseline_full:5.2f}x FULL"
+            f"  {per_step / baseline_normal:5.2f}x NORMAL"
         )
     print(
         f"  per-step growth N={args.small} -> N={args.big}        {big / small:8.2f}x"
