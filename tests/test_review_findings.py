@@ -29,6 +29,7 @@ from tests.support import (
     turn,
     write_runbook,
 )
+from tests.test_approvals import TWO_GATES
 from tests.test_kernel import SLOW_DRILL
 
 FOUR_EYES_DRILL = """\
@@ -41,22 +42,6 @@ steps:
   - id: act
     title: Append one
     run: "{python} append.py one"
-    approval: required
-"""
-
-TWO_GATES = """\
-id: two-gates
-title: Two gates
-triggers: [two gates]
-approvers: [cli:approver]
-steps:
-  - id: first
-    title: First gated step
-    run: echo first
-    approval: required
-  - id: second
-    title: Second gated step
-    run: echo second
     approval: required
 """
 
