@@ -1,4 +1,4 @@
-"""Review findings: each test pins one defect and is expected to fail until it is fixed.
+"""Regression tests for defects found in review: approvals, cancel, shutdown, redaction, CLI."""
 
 Real components throughout: real SQLite files, the real RunService/kernel, and the real
 `loom-ops` console script in a subprocess (killed with a failpoint where a crash is needed).
