@@ -1,4 +1,4 @@
-"""Regression tests for defects found in review: approvals, cancel, shutdown, redaction, CLI."""
+"""Regression tests for defects found in review: approvals, cancel, shutdown, redaction, CLI.
 
 Real components throughout: real SQLite files, the real RunService/kernel, and the real
 `loom-ops` console script in a subprocess (killed with a failpoint where a crash is needed).
