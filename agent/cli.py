@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import json
 import logging
+import os
 import sqlite3
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -21,7 +24,8 @@ from pydantic import ValidationError
 
 from agent.approvals import Decision
 from agent.explain import render_timeline
-from agent.records import ApprovalRecord, RunRecord, RunStatus
+from agent.journal import verify_chain
+from agent.records import ApprovalRecord, EventRecord, RunRecord, RunStatus
 from agent.request import RequestError
 from agent.runbook import RunbookError, load_catalog, load_runbook
 from agent.service import RunService, ServiceError
@@ -113,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("explain", help="a run's timeline")
     p.add_argument("--run-id", required=True)
+    _common(p)
+
+    p = sub.add_parser("audit", help="verify or export a run's hash-chained journal")
+    p.add_argument("action", choices=["verify", "export"])
+    p.add_argument("--run-id", required=True)
+    p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl", help="for export")
+    p.add_argument("-o", "--output", type=Path, help="export to this file (default: stdout)")
     _common(p)
 
     p = sub.add_parser("runbooks", help="list or validate runbooks")
@@ -305,6 +316,67 @@ async def _cmd_explain(service: RunService, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _cmd_audit(service: RunService, args: argparse.Namespace) -> int:
+    run = await service.get(args.run_id)
+    events = await service.store.list_events(run.id)
+    if args.action == "export":
+        return _export(events, args.format, args.output)
+    head_hash, head_count = await service.store.chain_head(run.id)
+    report = verify_chain(run.id, events, head_hash, head_count)
+    if args.json:
+        payload = {
+            "run_id": run.id,
+            "status": "intact" if report.intact else "tampered",
+            "events": report.events,
+            "first_bad_seq": report.broken.seq if report.broken else None,
+            "problem": report.problem,
+        }
+        print(json.dumps(payload))
+    elif report.intact:
+        print(f"run {run.id}: journal intact ({report.events} events, head {head_hash[:16]}…)")
+    else:
+        print(f"run {run.id}: journal TAMPERED: {report.problem}")
+    return EXIT_OK if report.intact else EXIT_RUN_FAILED
+
+
+EXPORT_COLUMNS = ("seq", "run_id", "idx", "ts", "time_utc", "type", "data", "prev_hash", "hash")
+
+
+def _export(events: list[EventRecord], fmt: str, output: Path | None) -> int:
+    """Write the journal as JSON lines or CSV, one event per line, hashes included."""
+    rows = [
+        {
+            "seq": e.seq,
+            "run_id": e.run_id,
+            "idx": e.idx,
+            "ts": e.ts,
+            "time_utc": datetime.fromtimestamp(e.ts, UTC).isoformat(timespec="microseconds"),
+            "type": e.type,
+            "data": e.data,
+            "prev_hash": e.prev_hash,
+            "hash": e.hash,
+        }
+        for e in events
+    ]
+    try:
+        handle = output.open("w", newline="", encoding="utf-8") if output else sys.stdout
+    except OSError as exc:
+        raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from None
+    try:
+        if fmt == "jsonl":
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        else:
+            writer = csv.DictWriter(handle, fieldnames=EXPORT_COLUMNS)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow(row | {"data": json.dumps(row["data"], ensure_ascii=False)})
+    finally:
+        if output:
+            handle.close()
+    return EXIT_OK
+
+
 def _cmd_runbooks(settings: Settings, args: argparse.Namespace) -> int:
     path: Path = args.path or settings.runbooks_dir
     if path.is_file():
@@ -356,6 +428,7 @@ COMMANDS: dict[str, Callable[[RunService, argparse.Namespace], Awaitable[int]]] 
     "cancel": _cmd_cancel,
     "runs": _cmd_runs,
     "explain": _cmd_explain,
+    "audit": _cmd_audit,
 }
 
 
@@ -388,6 +461,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return asyncio.run(_run(args))
+    except BrokenPipeError:  # e.g. `loom-ops audit export … | head`: the reader has enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except (UsageError, ServiceError, StoreError, RequestError, RunbookError) as exc:
         print(f"loom-ops: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -1160,6 +1160,17 @@ class RunStore:
 
     # -- journal ---------------------------------------------------------------------------
 
+    async def chain_head(self, run_id: str) -> tuple[str, int]:
+        """The hash and length the run recorded for its own chain."""
+        row = await self._read(
+            lambda c: c.execute(
+                "SELECT last_hash, event_count FROM runs WHERE id = ?", (run_id,)
+            ).fetchone()
+        )
+        if row is None:
+            raise RunNotFound(f"unknown run id {run_id!r}")
+        return row[0], row[1]
+
     async def append_event(self, run_id: str, type_: str, data: dict[str, Any]) -> None:
         """Append one event outside any other change (e.g. a note from a front end)."""
         now = time.time()

@@ -3,22 +3,42 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import jinja2
+from markupsafe import Markup
 
 from agent.records import ApprovalRecord, RunRecord, ToolCallRecord
 from agent.store import RunStore
 
-_ENV = jinja2.Environment(
-    loader=jinja2.PackageLoader("agent", "templates"),
-    autoescape=False,  # plain text; the Telegram-HTML variant will autoescape
-    undefined=jinja2.StrictUndefined,
-    trim_blocks=True,
-    lstrip_blocks=True,
-    keep_trailing_newline=True,
-)
+
+def _environment(html: bool) -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("agent", "templates"),
+        autoescape=html,  # Telegram HTML: every value escaped, only our tags are markup
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    env.globals.update(
+        b=_tag("b") if html else str,
+        code=_tag("code") if html else str,
+    )
+    return env
+
+
+def _tag(name: str) -> Callable[[object], Markup]:
+    def wrap(value: object) -> Markup:
+        return Markup(f"<{name}>{{}}</{name}>").format(value)  # format() escapes the value
+
+    return wrap
+
+
+_TEXT = _environment(html=False)
+_HTML = _environment(html=True)
 
 
 @dataclass(frozen=True)
@@ -109,6 +129,7 @@ async def build_summary(store: RunStore, run_id: str) -> RunSummary:
     return summary
 
 
-def render_summary(summary: RunSummary) -> str:
-    """The plain-text audit summary."""
-    return _ENV.get_template("summary.txt.j2").render(s=summary, clock=_clock)
+def render_summary(summary: RunSummary, html: bool = False) -> str:
+    """The audit summary: plain text, or Telegram HTML (only b and code tags; all else escaped)."""
+    env = _HTML if html else _TEXT
+    return env.get_template("summary.j2").render(s=summary, clock=_clock)
