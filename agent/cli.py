@@ -32,6 +32,7 @@ from agent.service import RunService, ServiceError
 from agent.settings import Settings
 from agent.store import StoreError
 from agent.summary import build_summary, render_summary
+from agent.trace import build_trace, render_trace
 
 EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("runbook", help="start a runbook run from an incident message")
     p.add_argument("message", help='e.g. "incident: API latency spike service=checkout"')
     p.add_argument("--run-id", required=True)
+    p.add_argument("--trace", type=Path, help="also write the run's offline HTML trace here")
     _common(p, run_flags=True)
 
     p = sub.add_parser("resume", help="drive a run on from its checkpoint (all orphans if no id)")
@@ -117,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("explain", help="a run's timeline")
     p.add_argument("--run-id", required=True)
+    _common(p)
+
+    p = sub.add_parser("trace", help="write a run's self-contained HTML trace")
+    p.add_argument("--run-id", required=True)
+    p.add_argument("-o", "--output", type=Path, help="file to write (default: <run-id>.html)")
     _common(p)
 
     p = sub.add_parser("audit", help="verify or export a run's hash-chained journal")
@@ -229,6 +236,8 @@ async def _report(service: RunService, run: RunRecord, as_json: bool, extra: str
 
 async def _cmd_runbook(service: RunService, args: argparse.Namespace) -> int:
     run = await service.start(args.run_id, args.message, requested_by=_cli_user(service, None))
+    if args.trace:
+        await _write_trace(service, run.id, args.trace)
     if run.status in (RunStatus.QUEUED, RunStatus.RUNNING):
         return await _interrupted(service, run, args.json)
     return await _report(service, run, args.json)
@@ -313,6 +322,25 @@ async def _cmd_explain(service: RunService, args: argparse.Namespace) -> int:
         print(json.dumps(payload, ensure_ascii=False))
     else:
         print(render_timeline(run, events), end="")
+    return EXIT_OK
+
+
+async def _write_trace(service: RunService, run_id: str, path: Path) -> None:
+    html = render_trace(await build_trace(service.store, run_id))
+    try:
+        path.write_text(html, encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+async def _cmd_trace(service: RunService, args: argparse.Namespace) -> int:
+    run = await service.get(args.run_id)
+    path = args.output or Path(f"{run.id}.html")
+    await _write_trace(service, run.id, path)
+    if args.json:
+        print(json.dumps({"run_id": run.id, "status": str(run.status), "trace": str(path)}))
+    else:
+        print(f"wrote {path}")
     return EXIT_OK
 
 
@@ -429,6 +457,7 @@ COMMANDS: dict[str, Callable[[RunService, argparse.Namespace], Awaitable[int]]] 
     "runs": _cmd_runs,
     "explain": _cmd_explain,
     "audit": _cmd_audit,
+    "trace": _cmd_trace,
 }
 
 

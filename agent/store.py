@@ -459,6 +459,16 @@ class RunStore:
             raise RunNotFound(f"unknown run id {run_id!r}")
         return _run_from_row(row)
 
+    async def child_runs(self, run_id: str) -> list[RunRecord]:
+        """The runs a run started, oldest first."""
+        rows = await self._read(
+            lambda c: c.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE parent_id = ? ORDER BY created_at, id",
+                (run_id,),
+            ).fetchall()
+        )
+        return [_run_from_row(row) for row in rows]
+
     async def list_runs(
         self, status: RunStatus | None = None, limit: int = 50, offset: int = 0
     ) -> list[RunRecord]:
