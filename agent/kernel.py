@@ -20,7 +20,15 @@ from pydantic import ValidationError
 
 from agent.failpoints import Failpoints
 from agent.leases import LeaseKeeper, owner_is_dead
-from agent.policy import FinalAnswer, Observation, Policy, PolicyContext, PolicyDecision, ToolCall
+from agent.policy import (
+    FinalAnswer,
+    Observation,
+    Policy,
+    PolicyContext,
+    PolicyDecision,
+    PolicyUnavailable,
+    ToolCall,
+)
 from agent.records import ApprovalKind, Checkpoint, RunRecord, RunStatus, ToolCallRecord
 from agent.redaction import Redactor
 from agent.runbook import Runbook, RunbookCatalog, Step, render_command, render_text
@@ -41,10 +49,6 @@ log = logging.getLogger(__name__)
 
 KERNEL_ROLE = "kernel"  # the kernel's own rollback turns
 ROLLBACK_POLICY = "kernel:rollback"
-
-
-class PolicyUnavailable(Exception):
-    """No policy can serve this run (e.g. no LLM configured); the run stays resumable."""
 
 
 class _Wait(Exception):

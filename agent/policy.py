@@ -13,6 +13,10 @@ from agent.journal import canonical_json
 from agent.runbook import Runbook, RunbookCatalog
 
 
+class PolicyUnavailable(Exception):
+    """No policy can serve the run now (none configured, or the LLM is down); it stays resumable."""
+
+
 class ToolCall(BaseModel):
     """One action a policy proposes: a tool name and its arguments."""
 

@@ -14,11 +14,11 @@ from agent.approvals import (
     decision_effect,
     decision_status,
 )
-from agent.kernel import PolicyUnavailable, RunKernel
+from agent.kernel import RunKernel
 from agent.leases import new_owner_id, owner_is_dead
 from agent.memory import WorkspaceMemory
 from agent.mock_policy import MockPolicy
-from agent.policy import Policy
+from agent.policy import Policy, PolicyUnavailable
 from agent.records import ApprovalRecord, ApprovalStatus, Origin, RunLimits, RunRecord, RunStatus
 from agent.redaction import Redactor
 from agent.request import MAX_REQUEST_BYTES
@@ -29,6 +29,10 @@ from agent.tools import Toolbox, tools_for_role
 
 log = logging.getLogger(__name__)
 
+NO_POLICY = (
+    "no LLM configured: set OPENAI_API_KEY (and OPENAI_BASE_URL for a local server) "
+    "or pass --mock-llm"
+)
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 MAX_NOTE_BYTES = 1000
 
@@ -56,9 +60,7 @@ class RunService:
         self._catalog: RunbookCatalog | None = None
         self._catalog_stamp: tuple[tuple[str, int, int], ...] = ()
         self.redactor = Redactor(settings.redact_patterns, settings.secret_values())
-        self._policy = (
-            policy if policy is not None else (MockPolicy() if settings.mock_llm else None)
-        )
+        self._policy = policy if policy is not None else _configured_policy(settings, self.redactor)
         self.toolbox = Toolbox(
             settings,
             self.catalog,
@@ -110,9 +112,7 @@ class RunService:
 
     def _policy_for(self, role: str) -> Policy:
         if self._policy is None:
-            raise PolicyUnavailable(
-                "no LLM policy is configured: pass --mock-llm (or set LOOM_OPS_MOCK_LLM=1)"
-            )
+            raise PolicyUnavailable(NO_POLICY)
         return self._policy
 
     # -- starting and driving ------------------------------------------------------------------
@@ -139,9 +139,7 @@ class RunService:
         except ValueError as exc:
             raise ServiceError(str(exc)) from None
         if self._policy is None:
-            raise ServiceError(
-                "no LLM policy is configured: pass --mock-llm (or set LOOM_OPS_MOCK_LLM=1)"
-            )
+            raise ServiceError(NO_POLICY)
         try:
             self._policy.preflight(message, self.catalog())
         except ValueError as exc:  # RequestError, ParamError: the store stays unchanged
@@ -325,6 +323,19 @@ class RunService:
         """The run's open approval request, if it waits for one."""
         pending = await self.store.list_approvals(run_id, ApprovalStatus.PENDING)
         return pending[0] if pending else None
+
+
+def _configured_policy(settings: Settings, redactor: Redactor) -> Policy | None:
+    """The mock when asked for, else the LLM when a key is set, else none (runs refuse to start)."""
+    if settings.mock_llm:
+        return MockPolicy()
+    if settings.openai_api_key is None:
+        return None
+    # Imported here: the openai package costs about half a second of start-up that the mock,
+    # and every CLI command that starts no run, should not pay.
+    from agent.openai_policy import OpenAIPolicy
+
+    return OpenAIPolicy(settings, redactor)
 
 
 def _describe(approval: ApprovalRecord) -> str:

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from agent.failpoints import Failpoints
@@ -24,7 +24,11 @@ class Settings(BaseSettings):
     """Every knob of loom-ops; `.env.example` documents each one."""
 
     model_config = SettingsConfigDict(
-        env_prefix="LOOM_OPS_", env_file=".env", extra="ignore", validate_default=True
+        env_prefix="LOOM_OPS_",
+        env_file=".env",
+        extra="ignore",
+        validate_default=True,
+        populate_by_name=True,
     )
 
     db: str = Field("ops.sqlite", description="SQLite database file.")
@@ -56,6 +60,25 @@ class Settings(BaseSettings):
         None, description="Test hook: '<point>:<n>' kills the process with SIGKILL there."
     )
     api_token: SecretStr | None = Field(None, description="Bearer token of the HTTP API.")
+    openai_api_key: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("OPENAI_API_KEY", "LOOM_OPS_OPENAI_API_KEY"),
+        description="Key of the OpenAI-compatible API (any value for a local server).",
+    )
+    openai_base_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("OPENAI_BASE_URL", "LOOM_OPS_OPENAI_BASE_URL"),
+        description="Base URL of an OpenAI-compatible API (Ollama, vLLM, ...).",
+    )
+    openai_model: str = Field(
+        "gpt-4o-mini",
+        validation_alias=AliasChoices("OPENAI_MODEL", "LOOM_OPS_OPENAI_MODEL"),
+        description="Model name.",
+    )
+    llm_timeout: float = Field(60.0, gt=0, description="Seconds per LLM request attempt.")
+    llm_max_retries: int = Field(
+        3, ge=0, le=10, description="Retries of a failed LLM request (the client's backoff)."
+    )
     user: str = Field(default_factory=_os_user, description="Who the CLI acts as.")
 
     @field_validator("approvers", "redact_patterns", mode="before")
@@ -99,5 +122,5 @@ class Settings(BaseSettings):
 
     def secret_values(self) -> list[str]:
         """Values of secret settings, redacted wherever they appear."""
-        secrets = [self.api_token]
+        secrets = [self.api_token, self.openai_api_key]
         return [s.get_secret_value() for s in secrets if s and s.get_secret_value()]

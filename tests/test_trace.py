@@ -18,9 +18,10 @@ EXTERNAL = re.compile(
 )
 
 
-@pytest.fixture
-def traced(tmp_path: Path) -> tuple[Cli, Path]:
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory: pytest.TempPathFactory) -> tuple[Cli, Path]:
     """An approved run whose trace was written by `runbook --trace` and then `trace`."""
+    tmp_path = tmp_path_factory.mktemp("traced")
     cli = Cli(make_cli_workspace(tmp_path / "ws"), tmp_path / "ops.sqlite")
     early = tmp_path / "early.html"
     message = "incident: API latency spike <script>alert(1)</script> see https://evil.example/x"

@@ -1,0 +1,172 @@
+"""The OpenAI policy: the real `openai` client against a local OpenAI-compatible stand-in."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import SecretStr
+
+from agent.approvals import Decision
+from agent.records import RunStatus
+from agent.service import RunService, ServiceError
+from agent.settings import Settings
+from tests.openai_standin import http_error, serve, tool_reply
+
+KEY = "sk-test-0123456789abcdefghijklmnop"
+
+LLM_DRILL = """\
+id: llm-drill
+title: LLM drill
+triggers: [llm drill]
+approvers: [cli:approver]
+steps:
+  - id: look
+    title: Look around
+    note: looking
+  - id: act
+    title: Do the risky thing
+    run: echo acting
+    approval: required
+"""
+
+SCRIPT = [
+    tool_reply(("read_runbook", {"runbook_id": "llm-drill"})),
+    tool_reply(("execute_step", "{not json")),  # malformed: refused, the model sees why
+    http_error(429, retry_after_ms=10),  # the client retries by itself
+    tool_reply(("execute_step", {"step_id": "look"})),
+    http_error(500),
+    tool_reply(("await_approval", {"step_id": "act", "reason": "scale it"})),
+    tool_reply(("execute_step", {"step_id": "act"})),
+    tool_reply(("record_audit", {"entry": "llm drill done"})),
+    tool_reply(("finish_run", {"outcome": "succeeded", "summary": "all good"})),
+]
+
+
+def _settings(settings: Settings, workspace: Path, base_url: str) -> Settings:
+    (workspace / "runbooks" / "llm-drill.yaml").write_text(LLM_DRILL)
+    return settings.model_copy(
+        update={
+            "mock_llm": False,
+            "openai_api_key": SecretStr(KEY),
+            "openai_base_url": base_url,
+            "openai_model": "stand-in-1",
+            "llm_max_retries": 2,
+        }
+    )
+
+
+async def test_a_run_through_the_real_client(settings: Settings, workspace: Path) -> None:
+    with serve(SCRIPT) as stand_in:
+        llm = _settings(settings, workspace, stand_in.base_url)
+        service = await RunService.open(llm)
+        try:
+            run = await service.start("llm", "incident: llm drill password=hunter2secret")
+            assert run.status == RunStatus.WAITING_APPROVAL
+            result = await service.decide("llm", Decision.APPROVE, "cli:approver")
+            assert result.run.status == RunStatus.SUCCEEDED
+            assert result.run.summary == "all good"
+            calls = await service.store.list_tool_calls("llm")
+            turns = await service.store.list_policy_turns("llm")
+        finally:
+            await service.close()
+
+    # 9 scripted answers, two of them errors the client retried: 9 requests, 7 answers kept.
+    assert len(stand_in.requests) == 9
+    assert [t.turn for t in turns] == list(range(7))
+    assert all(t.policy == "openai:stand-in-1" for t in turns)
+    assert all((t.prompt_tokens, t.completion_tokens) == (100, 20) for t in turns)
+    malformed = calls[1]
+    assert malformed.status == "refused"
+    assert "invalid arguments" in malformed.outcome["refused"]
+    # The model was told: the refusal is the tool result of that call in the next request.
+    replies = [m for m in stand_in.requests[2]["messages"] if m["role"] == "tool"]
+    assert "invalid arguments" in replies[-1]["content"]
+    # Tool schemas come from the argument models; role restriction applies.
+    names = {t["function"]["name"] for t in stand_in.requests[0]["tools"]}
+    assert names == {
+        "read_runbook",
+        "execute_step",
+        "await_approval",
+        "check_health",
+        "record_audit",
+        "finish_run",
+    }
+    step_args = next(
+        t for t in stand_in.requests[0]["tools"] if t["function"]["name"] == "execute_step"
+    )
+    assert step_args["function"]["parameters"]["required"] == ["step_id"]
+    # Secrets never leave: not the request's password, not the API key itself.
+    sent = json.dumps(stand_in.requests)
+    assert "hunter2secret" not in sent and KEY not in sent
+    assert "[REDACTED]" in sent
+
+
+async def test_a_dead_llm_interrupts_the_run_which_resumes_later(
+    settings: Settings, workspace: Path
+) -> None:
+    with serve([http_error(500), http_error(500), http_error(500)]) as stand_in:
+        llm = _settings(settings, workspace, stand_in.base_url)
+        service = await RunService.open(llm)
+        try:
+            run = await service.start("down", "incident: llm drill")
+            assert run.status == RunStatus.QUEUED  # interrupted, not failed: resumable
+            events = await service.store.list_events("down")
+            assert events[-1].type == "run_interrupted"
+            assert "LLM request failed" in events[-1].data["error"]
+        finally:
+            await service.close()
+    assert len(stand_in.requests) == 3  # one try and the client's two retries
+
+
+async def test_no_key_and_no_mock_is_a_clear_error(settings: Settings) -> None:
+    service = await RunService.open(settings.model_copy(update={"mock_llm": False}))
+    try:
+        with pytest.raises(ServiceError, match="set OPENAI_API_KEY"):
+            await service.start("nokey", "incident: API latency spike")
+    finally:
+        await service.close()
+
+
+def test_a_resume_never_asks_again_for_an_answered_turn(workspace: Path, tmp_path: Path) -> None:
+    (workspace / "runbooks" / "llm-drill.yaml").write_text(LLM_DRILL)
+    db = tmp_path / "kill.sqlite"
+    with serve(SCRIPT[:2] + SCRIPT[3:4] + SCRIPT[5:6]) as stand_in:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LOOM_OPS_", "OPENAI_"))}
+        env.update(
+            OPENAI_API_KEY=KEY,
+            OPENAI_BASE_URL=stand_in.base_url,
+            OPENAI_MODEL="stand-in-1",
+            LOOM_OPS_DB=str(db),
+            LOOM_OPS_WORKSPACE=str(workspace),
+            PYTHONPATH=str(Path(__file__).resolve().parent.parent),
+        )
+        cmd = [sys.executable, "-m", "agent.cli"]
+        # Killed right after the second answer's first call is journaled as intent.
+        killed = subprocess.run(
+            [*cmd, "runbook", "incident: llm drill", "--run-id", "k"],
+            env=env | {"LOOM_OPS_FAILPOINT": "after_intent:2"},
+            cwd=workspace,
+            capture_output=True,
+            timeout=60,
+        )
+        assert killed.returncode == -signal.SIGKILL
+        assert len(stand_in.requests) == 2
+        resumed = subprocess.run(
+            [*cmd, "resume", "--run-id", "k", "--json"],
+            env=env,
+            cwd=workspace,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert resumed.returncode == 0, resumed.stderr
+        assert json.loads(resumed.stdout)["status"] == "waiting_approval"
+    # Turn 1 (the malformed call) was answered before the kill and is not asked again:
+    # after the resume only turns 2 and 3 were new requests.
+    assert len(stand_in.requests) == 4
