@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import shlex
 import time
@@ -79,11 +80,18 @@ def describe_action(step: Step, params: dict[str, Any], rollback: bool = False) 
         return f"note: {render_text(step.rollback.note or '', params)}"
     if step.run is not None:
         return shlex.join(render_command(step.run, params))
-    if step.check is not None:
+    if step.check is not None and step.check.url is not None:
         return (
             f"GET {render_text(step.check.url, params)} "
             f"(expect {step.check.expect_status}, within {step.check.max_latency_ms} ms)"
         )
+    action = step.mcp or (step.check.mcp if step.check else None)
+    if action is not None:
+        arguments = {
+            k: render_text(v, params) if isinstance(v, str) else v
+            for k, v in action.arguments.items()
+        }
+        return f"mcp {action.tool} {json.dumps(arguments, sort_keys=True)}"
     return f"note: {render_text(step.note or '', params)}"
 
 

@@ -38,6 +38,7 @@ from pydantic import (
 __all__ = [
     "MAX_FILE_BYTES",
     "HealthCheck",
+    "McpAction",
     "ParamError",
     "RenderError",
     "RollbackAction",
@@ -372,24 +373,44 @@ def _short(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-class HealthCheck(BaseModel):
-    """An HTTP health check: the URL (a template), the expected status, a latency limit."""
+class McpAction(BaseModel):
+    """A call of a tool on a configured MCP server: the mapped tool name and its arguments.
+
+    String argument values are templates rendered from the params (no shell is involved).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    url: str
+    tool: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    arguments: dict[str, str | int | bool | float] = Field(default_factory=dict)
+
+
+class HealthCheck(BaseModel):
+    """A health check: an HTTP GET (URL template, expected status, latency limit) or an MCP
+    tool whose call must succeed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str | None = None
+    mcp: McpAction | None = None
     # strict: YAML already types numbers and booleans; "5" or `true` here is a mistake.
     expect_status: int = Field(default=200, ge=100, le=599, strict=True)
     max_latency_ms: int = Field(default=2000, gt=0, strict=True)
 
     @field_validator("url")
     @classmethod
-    def _http_scheme(cls, value: str) -> str:
+    def _http_scheme(cls, value: str | None) -> str | None:
         # The scheme must be literal so a parameter can never turn a health check into a
         # file:// or gopher:// fetch; render_url re-checks the rendered result.
-        if not value.startswith(("http://", "https://")):
+        if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("url must start with http:// or https://")
         return value
+
+    @model_validator(mode="after")
+    def _url_or_mcp(self) -> HealthCheck:
+        if (self.url is None) == (self.mcp is None):
+            raise ValueError("a check has exactly one of: url, mcp")
+        return self
 
 
 class RollbackAction(BaseModel):
@@ -416,6 +437,7 @@ class Step(BaseModel):
     title: str = Field(min_length=1)
     run: str | None = None
     check: HealthCheck | None = None
+    mcp: McpAction | None = None
     note: str | None = None
     approval: Literal["required", "none"] = "none"
     timeout: float = Field(default=60, gt=0, le=3600, allow_inf_nan=False, strict=True)
@@ -425,26 +447,33 @@ class Step(BaseModel):
 
     @model_validator(mode="after")
     def _exactly_one_action(self) -> Step:
-        present = [name for name in ("run", "check", "note") if getattr(self, name) is not None]
+        present = [
+            name for name in ("run", "check", "mcp", "note") if getattr(self, name) is not None
+        ]
         if not present:
-            raise ValueError("a step needs exactly one action: run, check or note (found none)")
+            raise ValueError(
+                "a step needs exactly one action: run, check, mcp or note (found none)"
+            )
         if len(present) > 1:
             # Point at the second action: that is the line to delete or move to a new step.
             found = " and ".join(present)
             raise _FieldError(
-                (present[1],), f"a step has exactly one action: run, check or note (found {found})"
+                (present[1],),
+                f"a step has exactly one action: run, check, mcp or note (found {found})",
             )
         if self.run is not None and not self.run.strip():
             raise _FieldError(("run",), "run must not be empty")
         return self
 
     @property
-    def action_kind(self) -> Literal["run", "check", "note"]:
+    def action_kind(self) -> Literal["run", "check", "mcp", "note"]:
         """Which action this step performs."""
         if self.run is not None:
             return "run"
         if self.check is not None:
             return "check"
+        if self.mcp is not None:
+            return "mcp"
         return "note"
 
     @property
@@ -535,8 +564,16 @@ class Runbook(BaseModel):
         for index, step in enumerate(self.steps):
             if step.run is not None:
                 yield ("steps", index, "run"), step.run, True
-            if step.check is not None:
+            if step.check is not None and step.check.url is not None:
                 yield ("steps", index, "check", "url"), step.check.url, False
+            actions = [("mcp", step.mcp), ("check", step.check.mcp if step.check else None)]
+            for where, action in actions:
+                if action is None:
+                    continue
+                loc = ("steps", index, where) if where == "mcp" else ("steps", index, where, "mcp")
+                for name, value in action.arguments.items():
+                    if isinstance(value, str):
+                        yield (*loc, "arguments", name), value, False
             if step.note is not None:
                 yield ("steps", index, "note"), step.note, False
             if step.rollback is not None and step.rollback.run is not None:

@@ -93,6 +93,7 @@ class RunService:
         for task in drives:
             task.cancel()
         await asyncio.gather(*drives, return_exceptions=True)
+        await self.toolbox.close()
         await self.store.close()
 
     def catalog(self) -> RunbookCatalog:

@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     shell_allowlist: Path | None = Field(
         None, description="Allowlist file; default <workspace>/ops.shell.allowlist.json."
     )
+    allow_mcp: bool = Field(False, description="Call `mcp` step tools for real (else dry-run).")
+    mcp_config: Path | None = Field(
+        None, description="MCP servers and tool mapping; default <workspace>/ops.mcp.json."
+    )
     output_cap: int = Field(64 * 1024, ge=1024, description="Bytes kept of a command's output.")
     redact_patterns: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Extra regexes whose matches are redacted."
@@ -114,6 +118,11 @@ class Settings(BaseSettings):
     def allowlist_path(self) -> Path:
         """The shell allowlist in force."""
         return self.shell_allowlist or self.workspace / "ops.shell.allowlist.json"
+
+    @property
+    def mcp_config_path(self) -> Path:
+        """The MCP config in force."""
+        return self.mcp_config or self.workspace / "ops.mcp.json"
 
     @property
     def memory_path(self) -> Path:

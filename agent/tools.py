@@ -15,9 +15,11 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.allowlist import CommandDenied, ShellAllowlist
+from agent.mcp_client import McpConfig, McpError, McpHub
 from agent.memory import WorkspaceMemory
 from agent.runbook import (
     HealthCheck,
+    McpAction,
     ParamError,
     RenderError,
     Runbook,
@@ -154,6 +156,7 @@ class Toolbox:
         self._memory = memory
         self._http = http
         self._allowlist: ShellAllowlist | None = None
+        self._hub: McpHub | None = None
 
     def is_idempotent(self, tool: str, args: dict[str, Any], runbook: Runbook | None) -> bool:
         """Whether a call may simply run again when it is in doubt after a crash."""
@@ -165,7 +168,11 @@ class Toolbox:
             step = runbook.step(str(args.get("step_id")))
         except KeyError:
             return True  # it was refused, so it cannot have had an effect
-        return step.idempotent or step.action_kind != "run" or not self._settings.allow_shell
+        if step.idempotent or step.action_kind in ("check", "note"):
+            return True
+        if step.action_kind == "mcp":
+            return not self._settings.allow_mcp
+        return not self._settings.allow_shell
 
     async def read_runbook(self, args: ReadRunbookArgs, pinned: Runbook | None) -> ToolResult:
         """List runbooks, or load one and pin it with resolved params."""
@@ -219,6 +226,8 @@ class Toolbox:
             run_template, note, check = step.run, step.note, step.check
         if check is not None:
             return await self.check(check, params, min(step.timeout, timeout))
+        if not rollback and step.mcp is not None:
+            return await self._mcp(step.mcp, params, min(step.timeout, timeout), live=True)
         if note is not None:
             return ToolResult("ok", {"note": render_text(note, params)})
         assert run_template is not None
@@ -250,8 +259,44 @@ class Toolbox:
         }
         return ToolResult("ok" if result.exit_code == 0 else "error", outcome)
 
+    async def _mcp(
+        self, action: McpAction, params: dict[str, Any], timeout: float, live: bool
+    ) -> ToolResult:
+        """Call a mapped MCP tool (dry-run unless allowed); a server failure is an outcome."""
+        arguments = {
+            name: render_text(value, params) if isinstance(value, str) else value
+            for name, value in action.arguments.items()
+        }
+        base = {"mcp_tool": action.tool, "arguments": arguments}
+        allowed = self._settings.allow_mcp if live else self._settings.live_checks
+        if not allowed:
+            return ToolResult("ok", {**base, "mode": "dry-run", "dry_run": True})
+        try:
+            result = await self._mcp_hub().call(action.tool, arguments, max(0.01, timeout))
+        except McpError as exc:
+            return ToolResult("error", {**base, "mode": "live", "error": str(exc)})
+        outcome = {**base, "mode": "live", "is_error": result.is_error, "text": result.text}
+        if result.data is not None:
+            outcome["data"] = result.data
+        if result.is_error:
+            outcome["error"] = result.text or "the MCP tool reported an error"
+        return ToolResult("error" if result.is_error else "ok", outcome)
+
+    def _mcp_hub(self) -> McpHub:
+        if self._hub is None:
+            self._hub = McpHub(McpConfig.load(self._settings.mcp_config_path))
+        return self._hub
+
+    async def close(self) -> None:
+        """Stop the MCP servers this process started."""
+        if self._hub is not None:
+            await self._hub.close()
+
     async def check(self, check: HealthCheck, params: dict[str, Any], timeout: float) -> ToolResult:
-        """An HTTP GET against a health URL, or a synthetic pass in dry-run."""
+        """An HTTP GET against a health URL or an MCP tool, or a synthetic pass in dry-run."""
+        if check.mcp is not None:
+            return await self._mcp(check.mcp, params, timeout, live=False)
+        assert check.url is not None
         try:
             url = render_url(check.url, params)
         except RenderError as exc:
