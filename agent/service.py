@@ -330,7 +330,7 @@ def _configured_policy(settings: Settings, redactor: Redactor) -> Policy | None:
     """The mock when asked for, else the LLM when a key is set, else none (runs refuse to start)."""
     if settings.mock_llm:
         return MockPolicy()
-    if settings.openai_api_key is None:
+    if settings.openai_api_key is None or not settings.openai_api_key.get_secret_value():
         return None
     # Imported here: the openai package costs about half a second of start-up that the mock,
     # and every CLI command that starts no run, should not pay.
