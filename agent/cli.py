@@ -85,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", type=Path, help="also write the run's offline HTML trace here")
     _common(p, run_flags=True)
 
+    p = sub.add_parser(
+        "supervise", help="plan, then execute and verify in parallel child runs (a run tree)"
+    )
+    p.add_argument("message", help='e.g. "incident: API latency spike service=checkout"')
+    p.add_argument("--run-id", required=True)
+    p.add_argument("--trace", type=Path, help="also write the tree's offline HTML trace here")
+    _common(p, run_flags=True)
+
     p = sub.add_parser("resume", help="drive a run on from its checkpoint (all orphans if no id)")
     p.add_argument("--run-id")
     _common(p, run_flags=True)
@@ -207,13 +215,14 @@ async def _report(service: RunService, run: RunRecord, as_json: bool, extra: str
     if extra:
         print(extra)
     if approval is not None:
-        print(f"Run {run.id} is waiting for approval #{approval.id} ({approval.kind}).")
+        where = f" in {approval.run_id}" if approval.run_id != run.id else ""
+        print(f"Run {run.id} is waiting for approval #{approval.id} ({approval.kind}){where}.")
         print(f"  step:     {approval.step_id}")
         print(f"  action:   {approval.action}")
         print(f"  why:      {approval.reason}")
         print(f"  rollback: {approval.rollback or '-'}")
         print(f"  who:      {', '.join(approval.deciders) or 'any approver'}")
-        named = f"--run-id {run.id} --approval {approval.id}"
+        named = f"--run-id {approval.run_id} --approval {approval.id}"
         if approval.kind == "in_doubt":
             print(
                 f"Decide with: loom-ops approve {named} (run it again) | "
@@ -235,7 +244,10 @@ async def _report(service: RunService, run: RunRecord, as_json: bool, extra: str
 
 
 async def _cmd_runbook(service: RunService, args: argparse.Namespace) -> int:
-    run = await service.start(args.run_id, args.message, requested_by=_cli_user(service, None))
+    role = "supervisor" if args.command == "supervise" else "runbook"
+    run = await service.start(
+        args.run_id, args.message, role=role, requested_by=_cli_user(service, None)
+    )
     if args.trace:
         await _write_trace(service, run.id, args.trace)
     if run.status in (RunStatus.QUEUED, RunStatus.RUNNING):
@@ -283,7 +295,9 @@ async def _cmd_decide(service: RunService, args: argparse.Namespace) -> int:
     )
     if not result.changed:
         raise UsageError(f"run {args.run_id}: {result.message}")
-    return await _report(service, result.run, args.json, extra=f"Decision: {result.message}")
+    # Decided through a parent: report on the run the operator named, which went on too.
+    run = result.run if result.run.id == args.run_id else await service.get(args.run_id)
+    return await _report(service, run, args.json, extra=f"Decision: {result.message}")
 
 
 async def _cmd_cancel(service: RunService, args: argparse.Namespace) -> int:
@@ -450,6 +464,7 @@ def _cli_user(service: RunService, name: str | None) -> str:
 
 COMMANDS: dict[str, Callable[[RunService, argparse.Namespace], Awaitable[int]]] = {
     "runbook": _cmd_runbook,
+    "supervise": _cmd_runbook,
     "resume": _cmd_resume,
     "approve": _cmd_decide,
     "reject": _cmd_decide,

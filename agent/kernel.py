@@ -34,10 +34,20 @@ from agent.records import ApprovalKind, Checkpoint, RunRecord, RunStatus, ToolCa
 from agent.redaction import Redactor
 from agent.runbook import Runbook, RunbookCatalog, Step, render_command, render_text
 from agent.settings import Settings
-from agent.store import LeaseLost, NewApproval, NewPolicyTurn, NewToolCall, RunStore
+from agent.store import (
+    LeaseLost,
+    NewApproval,
+    NewChild,
+    NewPolicyTurn,
+    NewToolCall,
+    RunbookPin,
+    RunStore,
+)
 from agent.tools import (
     TOOL_SPECS,
     AwaitApprovalArgs,
+    DelegateArgs,
+    DelegateBatchArgs,
     ReadRunbookArgs,
     RecordAuditArgs,
     StepArgs,
@@ -349,6 +359,9 @@ class _RunLoop:
         new_call = NewToolCall(
             key, self.state.turn, self.state.call, call.name, args, step_id, repeatable
         )
+        if refusal is None and isinstance(parsed, DelegateArgs | DelegateBatchArgs):
+            roles = [parsed.role] if isinstance(parsed, DelegateArgs) else list(parsed.roles)
+            await self._open_children(roles, new_call, pending)
         if refusal is None and call.name == "await_approval":
             assert isinstance(parsed, AwaitApprovalArgs)
             if not self._gate_open(parsed.step_id):
@@ -444,7 +457,7 @@ class _RunLoop:
                 for err in exc.errors()
             )
             return f"invalid arguments for {tool}: {problems}", None
-        if isinstance(parsed, ReadRunbookArgs | RecordAuditArgs):
+        if isinstance(parsed, ReadRunbookArgs | RecordAuditArgs | DelegateArgs | DelegateBatchArgs):
             return None, parsed
         assert isinstance(parsed, StepArgs | AwaitApprovalArgs)
         if self.runbook is None:
@@ -551,6 +564,29 @@ class _RunLoop:
         )
         await self.store.open_approval(self.run_id, self.k.owner, approval, self._checkpoint())
         raise _Wait()
+
+    # -- children ------------------------------------------------------------------------------
+
+    async def _open_children(
+        self, roles: list[str], new_call: NewToolCall, pending: NewPolicyTurn | None
+    ) -> None:
+        """Start the child runs and park this run until they all end (no task, no lease)."""
+        pin = await self._plan_pin() if any(r != "planner" for r in roles) else None
+        children = [NewChild(role, pin if role != "planner" else None) for role in roles]
+        await self.store.open_children(
+            self.run_id, self.k.owner, new_call, children, self._checkpoint(), turn=pending
+        )
+        raise _Wait()
+
+    async def _plan_pin(self) -> RunbookPin | None:
+        """The runbook and params the latest successful planner child committed to."""
+        for obs in reversed(self.history):
+            for child in reversed(obs.outcome.get("children", [])):
+                if child.get("role") == "planner" and child.get("status") == "succeeded":
+                    planner = await self.store.get_run(child["run_id"])
+                    if planner.runbook_id and planner.runbook is not None:
+                        return RunbookPin(planner.runbook_id, planner.runbook, planner.params)
+        return None
 
     # -- rollback after a rejection ------------------------------------------------------------
 

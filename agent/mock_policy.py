@@ -67,21 +67,67 @@ class MockPolicy:
         last = context.history[-1] if context.history else None
         if last is not None and last.status == "refused":
             return _final("failed", f"the kernel refused {last.tool}: {last.outcome['refused']}")
+        if context.role == "supervisor":
+            return self._supervise(last)
         runbook = context.runbook
         if runbook is None:
-            return self._choose(context, last)
+            if context.role in ("runbook", "planner"):
+                return self._choose(context, last)
+            return _final("failed", "there is no plan: no runbook was chosen for this run")
+        if context.role == "planner":
+            return _final("succeeded", _plan(runbook, context.params))
+        if context.role == "verifier":
+            return self._verify(runbook, context)
+        auditing = context.role == "runbook"  # the executor leaves the audit to the verifier
         if last is not None and last.tool == "record_audit":
             return self._conclude(runbook, context, failed=_FAILED in last.args.get("entry", ""))
         index, retry = self._next_step(runbook, context.history)
-        if index is None:
-            return self._audit(runbook, context, failed=True)
-        if index >= len(runbook.steps):
-            return self._audit(runbook, context, failed=False)
+        if index is None or index >= len(runbook.steps):
+            failed = index is None
+            if auditing:
+                return self._audit(runbook, context, failed=failed)
+            return self._conclude(runbook, context, failed=failed)
         step = runbook.steps[index]
         if step.needs_approval and not retry and not _approved(last, step.id):
             return _call("await_approval", step_id=step.id, reason=step.title)
-        tool = "check_health" if step.check is not None else "execute_step"
+        tool = "check_health" if step.check is not None and auditing else "execute_step"
         return _call(tool, step_id=step.id)
+
+    @staticmethod
+    def _supervise(last: Observation | None) -> PolicyDecision:
+        """Plan first; then execute and verify in parallel; then merge what the children said."""
+        if last is None:
+            return _call("delegate_subagent", role="planner")
+        children = last.outcome.get("children", [])
+        if last.tool == "delegate_subagent":
+            planner = children[0] if children else {}
+            if planner.get("status") != "succeeded":
+                why = planner.get("error") or planner.get("summary") or planner.get("status")
+                return _final("failed", f"planning failed: {why}")
+            return _call("delegate_subagents_batch", roles=["executor", "verifier"])
+        ok = children and all(c.get("status") == "succeeded" for c in children)
+        parts = "; ".join(
+            f"{c['role']} {c['status']}: {c.get('summary') or c.get('error') or '-'}"
+            for c in children
+        )
+        return _final("succeeded" if ok else "failed", parts or "no children ran")
+
+    @staticmethod
+    def _verify(runbook: Runbook, context: PolicyContext) -> PolicyDecision:
+        """Check every health check of the runbook, record the audit, and judge."""
+        checks = [step for step in runbook.steps if step.check is not None]
+        results = [obs for obs in context.history if obs.tool == "check_health"]
+        if len(results) < len(checks):
+            return _call("check_health", step_id=checks[len(results)].id)
+        failed = [obs.args.get("step_id") for obs in results if obs.status != "ok"]
+        if not any(obs.tool == "record_audit" for obs in context.history):
+            verdict = f"{_FAILED} checks {', '.join(failed)}" if failed else "all checks pass"
+            return _call(
+                "record_audit", entry=f"{context.run_id}: {runbook.id} verified: {verdict}"
+            )
+        if failed:
+            return _final("failed", f"health checks failed: {', '.join(map(str, failed))}")
+        return _final("succeeded", f"{len(checks)} health check(s) pass")
 
     def _choose(self, context: PolicyContext, last: Observation | None) -> PolicyDecision:
         if last is not None and last.tool == "read_runbook" and last.status == "error":
@@ -148,6 +194,16 @@ class MockPolicy:
             )
             return _final("failed", f"{runbook.title}: step {step_id} failed ({detail})")
         return _final("succeeded", f"{runbook.title}: all {len(runbook.steps)} steps done")
+
+
+def _plan(runbook: Runbook, params: dict[str, object]) -> str:
+    values = " ".join(f"{k}={v}" for k, v in sorted(params.items()))
+    gated = [s.id for s in runbook.steps if s.needs_approval]
+    return (
+        f"plan: runbook {runbook.id} ({len(runbook.steps)} steps"
+        + (f", approval before {', '.join(gated)}" if gated else "")
+        + f") with {values or 'default params'}"
+    )
 
 
 def _no_match(text: str, catalog: RunbookCatalog) -> str:

@@ -166,12 +166,33 @@ class RunService:
         """Drive a run once per process at a time; a second caller joins the first drive."""
         task = self._drives.get(run_id)
         if task is None or task.done():
-            task = asyncio.create_task(self.kernel.drive(run_id), name=f"drive:{run_id}")
+            task = asyncio.create_task(self._drive_tree(run_id), name=f"drive:{run_id}")
             self._drives[run_id] = task
             task.add_done_callback(lambda t, rid=run_id: self._forget(rid, t))
         if not wait:
             return await self.store.get_run(run_id)
         return await asyncio.shield(task)
+
+    async def _drive_tree(self, run_id: str) -> RunRecord:
+        """Drive a run; drive the children it waits for; when it ends, wake its parent."""
+        run = await self.kernel.drive(run_id)
+        while run.status == RunStatus.WAITING_CHILDREN:
+            runnable = [
+                child.id
+                for child in await self.store.child_runs(run_id)
+                if child.status in (RunStatus.QUEUED, RunStatus.RUNNING)
+            ]
+            if not runnable:
+                break  # the children wait for humans; their end will wake this run
+            await asyncio.gather(*(self._drive(c) for c in runnable), return_exceptions=True)
+            run = await self.store.get_run(run_id)
+            if run.status == RunStatus.QUEUED:  # the last child's end woke it
+                run = await self.kernel.drive(run_id)
+        if run.status.is_terminal and run.parent_id and run.parent_id not in self._drives:
+            parent = await self.store.get_run(run.parent_id)
+            if parent.status == RunStatus.QUEUED:
+                await self._drive(parent.id)
+        return run
 
     def _forget(self, run_id: str, task: asyncio.Task[RunRecord]) -> None:
         if self._drives.get(run_id) is task:
@@ -181,12 +202,21 @@ class RunService:
             log.error("driving %s failed: %s", run_id, task.exception())
 
     async def resume(self, run_id: str) -> RunRecord:
-        """Drive a run on from its last checkpoint; a waiting or finished run is left as it is."""
+        """Drive on every runnable run of the tree `run_id` belongs to, children first, each
+        with its own stored role; waiting and finished runs are left as they are."""
         await self.expire_overdue()
-        run = await self.store.get_run(run_id)
-        if run.status in (RunStatus.QUEUED, RunStatus.RUNNING):
-            return await self._drive(run_id)
-        return run
+        await self.store.get_run(run_id)  # RunNotFound for an unknown id
+        for tree_id in reversed(await self.store.tree_ids(run_id)):
+            run = await self.store.get_run(tree_id)
+            if run.status in (RunStatus.QUEUED, RunStatus.RUNNING):
+                if tree_id == run_id:
+                    await self._drive(tree_id)  # its own errors (RunBusy) are the caller's
+                    continue
+                try:
+                    await self._drive(tree_id)
+                except StoreError as exc:  # e.g. driven by another live process
+                    log.info("not resuming %s: %s", tree_id, exc)
+        return await self.store.get_run(run_id)
 
     async def recover(self) -> list[RunRecord]:
         """Pick up every run whose owner died (or that was left queued), and drive them all."""
@@ -233,6 +263,9 @@ class RunService:
         await self.expire_overdue()
         run = await self.store.get_run(run_id)
         approval = await self._approval_to_decide(run, approval_token, approval_id)
+        if approval.run_id != run.id:  # decided through its root: act on the child itself
+            run_id = approval.run_id
+            run = await self.store.get_run(run_id)
         if approval.status != ApprovalStatus.PENDING:
             return DecisionResult(False, _already(approval), approval, run)
         try:
@@ -277,10 +310,12 @@ class RunService:
                     approval = await self.store.get_approval(approval_id)
             except ApprovalNotFound:
                 raise ServiceError("no such approval request (stale or forged)") from None
-            if approval.run_id != run.id:
+            if approval.run_id not in await self.store.tree_ids(run.id):
                 raise ServiceError("that approval request belongs to another run")
             return approval
         requests = await self.store.list_approvals(run.id)
+        if not requests and run.status == RunStatus.WAITING_CHILDREN:
+            return await self._approval_in_tree(run)
         pending = [a for a in requests if a.status == ApprovalStatus.PENDING]
         if len(requests) > 1:
             hint = (
@@ -297,6 +332,23 @@ class RunService:
         if requests:
             return requests[0]
         raise ServiceError(f"run {run.id} has no approval request (status {run.status})")
+
+    async def _approval_in_tree(self, run: RunRecord) -> ApprovalRecord:
+        """The one pending request below a waiting parent; several must be named."""
+        pending = [
+            approval
+            for tree_id in await self.store.tree_ids(run.id)
+            for approval in await self.store.list_approvals(tree_id, ApprovalStatus.PENDING)
+        ]
+        if len(pending) == 1:
+            return pending[0]
+        if not pending:
+            raise ServiceError(f"run {run.id} waits for its children; none waits for a decision")
+        listing = ", ".join(f"#{a.id} ({_describe(a)} in {a.run_id})" for a in pending)
+        raise ServiceError(
+            f"run {run.id} has {len(pending)} pending requests below it: {listing}; "
+            "decide one with --run-id CHILD or --approval ID"
+        )
 
     async def cancel(self, run_id: str, by: str) -> RunRecord:
         """Cancel a run that has not finished."""
@@ -321,9 +373,18 @@ class RunService:
         return await self.store.list_runs(status, limit)
 
     async def pending_approval(self, run_id: str) -> ApprovalRecord | None:
-        """The run's open approval request, if it waits for one."""
+        """The open approval request the run waits for: its own, or one in a child it awaits."""
         pending = await self.store.list_approvals(run_id, ApprovalStatus.PENDING)
-        return pending[0] if pending else None
+        if pending:
+            return pending[0]
+        run = await self.store.get_run(run_id)
+        if run.status != RunStatus.WAITING_CHILDREN:
+            return None
+        for tree_id in await self.store.tree_ids(run_id):
+            pending = await self.store.list_approvals(tree_id, ApprovalStatus.PENDING)
+            if pending:
+                return pending[0]
+        return None
 
 
 def _configured_policy(settings: Settings, redactor: Redactor) -> Policy | None:

@@ -88,6 +88,14 @@ class NewRun:
 
 
 @dataclass(frozen=True)
+class NewChild:
+    """A child run a delegate call starts: its role and, when known, its pinned runbook."""
+
+    role: str
+    pin: RunbookPin | None = None
+
+
+@dataclass(frozen=True)
 class NewEvent:
     """An event to append to a run's chain inside a transaction."""
 
@@ -400,6 +408,179 @@ class RunStore:
             (run_id, _dumps(target), kind, _dumps(payload), now),
         )
 
+    def _wake_parent(self, conn: sqlite3.Connection, run_id: str, now: float) -> None:
+        """In the caller's transaction: when a child ends, wake its parent if it was the last.
+
+        The parent's delegate call gets its outcome (every child's status and summary) and the
+        parent is queued again, in the same transaction as the child's end.
+        """
+        row = conn.execute(
+            "SELECT parent_id, spawned_by FROM runs WHERE id = ?", (run_id,)
+        ).fetchone()
+        if row is None or row[0] is None or row[1] is None:
+            return
+        parent_id, call_key = row
+        parent = conn.execute(
+            "SELECT status, checkpoint FROM runs WHERE id = ?", (parent_id,)
+        ).fetchone()
+        if parent is None or parent[0] != RunStatus.WAITING_CHILDREN:
+            return
+        children = conn.execute(
+            "SELECT id, role, status, summary, error FROM runs WHERE spawned_by = ? ORDER BY id",
+            (call_key,),
+        ).fetchall()
+        terminal = {
+            str(s)
+            for s in (
+                RunStatus.SUCCEEDED,
+                RunStatus.FAILED,
+                RunStatus.REJECTED,
+                RunStatus.CANCELLED,
+                RunStatus.EXPIRED,
+            )
+        }
+        if any(child[2] not in terminal for child in children):
+            return
+        outcome = {
+            "children": [
+                {"run_id": c[0], "role": c[1], "status": c[2], "summary": c[3], "error": c[4]}
+                for c in children
+            ]
+        }
+        conn.execute(
+            "UPDATE tool_calls SET status = 'ok', outcome = ?, outcome_at = ? "
+            "WHERE call_key = ? AND status = 'intent'",
+            (_dumps(outcome), now, call_key),
+        )
+        checkpoint = Checkpoint.from_json(parent[1])
+        advanced = Checkpoint(**{**checkpoint.__dict__, "call": checkpoint.call + 1})
+        self._append_events(
+            conn,
+            parent_id,
+            [NewEvent("tool_outcome", {"call_key": call_key, "status": "ok", "outcome": outcome})],
+            now,
+            {"status": RunStatus.QUEUED, "checkpoint": advanced.to_json()},
+        )
+
+    async def open_children(
+        self,
+        parent_id: str,
+        owner: str,
+        call: NewToolCall,
+        children: Sequence[NewChild],
+        checkpoint: Checkpoint,
+        turn: NewPolicyTurn | None = None,
+    ) -> list[str]:
+        """Start child runs for a delegate call and park the parent until they all end.
+
+        A role delegated twice in one parent gets the next free id (`…:sub:verifier-2`).
+        """
+        now = time.time()
+
+        def open_(conn: sqlite3.Connection) -> list[str]:
+            parent = conn.execute(
+                "SELECT request, requested_by, origin, limits FROM runs WHERE id = ?",
+                (parent_id,),
+            ).fetchone()
+            if parent is None:
+                raise RunNotFound(f"unknown run id {parent_id!r}")
+            events = []
+            if turn is not None:
+                events.append(self._insert_policy_turn(conn, parent_id, turn, now))
+            events.append(self._insert_intent(conn, parent_id, call, now))
+            ids = []
+            for child in children:
+                base = f"{parent_id}:sub:{child.role}"
+                child_id, n = base, 1
+                while conn.execute("SELECT 1 FROM runs WHERE id = ?", (child_id,)).fetchone():
+                    n += 1
+                    child_id = f"{base}-{n}"
+                conn.execute(
+                    "INSERT INTO runs (id, parent_id, role, status, request, requested_by, "
+                    "origin, checkpoint, limits, created_at, updated_at, spawned_by, runbook_id, "
+                    "runbook, params) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        child_id,
+                        parent_id,
+                        child.role,
+                        parent[0],
+                        parent[1],
+                        parent[2],
+                        Checkpoint().to_json(),
+                        parent[3],
+                        now,
+                        now,
+                        call.call_key,
+                        child.pin.runbook_id if child.pin else None,
+                        _dumps(child.pin.runbook) if child.pin else None,
+                        _dumps(child.pin.params) if child.pin else "{}",
+                    ),
+                )
+                self._append_events(
+                    conn,
+                    child_id,
+                    [
+                        NewEvent(
+                            "run_created",
+                            {
+                                "role": child.role,
+                                "request": parent[0],
+                                "requested_by": parent[1],
+                                "origin": json.loads(parent[2]),
+                                "limits": json.loads(parent[3]),
+                                "parent_id": parent_id,
+                                "runbook_id": child.pin.runbook_id if child.pin else None,
+                            },
+                        )
+                    ],
+                    now,
+                )
+                ids.append(child_id)
+            events.append(NewEvent("children_started", {"call_key": call.call_key, "runs": ids}))
+            self._append_events(
+                conn,
+                parent_id,
+                events,
+                now,
+                {
+                    "status": RunStatus.WAITING_CHILDREN,
+                    "checkpoint": checkpoint.to_json(),
+                    "lease_owner": None,
+                    "lease_expires_at": None,
+                },
+                fence_owner=owner,
+            )
+            return ids
+
+        return await self._transaction(open_, durable=True)
+
+    async def tree_ids(self, run_id: str) -> list[str]:
+        """The root of the run's tree, then every run below it (parents before children)."""
+
+        def walk(conn: sqlite3.Connection) -> list[str]:
+            root = run_id
+            while True:
+                row = conn.execute("SELECT parent_id FROM runs WHERE id = ?", (root,)).fetchone()
+                if row is None:
+                    raise RunNotFound(f"unknown run id {run_id!r}")
+                if row[0] is None:
+                    break
+                root = row[0]
+            ordered, queue = [], [root]
+            while queue:
+                current = queue.pop(0)
+                ordered.append(current)
+                queue.extend(
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT id FROM runs WHERE parent_id = ? ORDER BY created_at, id",
+                        (current,),
+                    )
+                )
+            return ordered
+
+        return await self._read(walk)
+
     # -- runs ------------------------------------------------------------------------------
 
     async def create_run(self, new: NewRun) -> RunRecord:
@@ -621,6 +802,7 @@ class RunStore:
             self._enqueue_outbox(
                 conn, run_id, "run_finished", {"status": str(status), "summary": summary}, now
             )
+            self._wake_parent(conn, run_id, now)
 
         await self._transaction(finish, durable=True)
 
@@ -653,6 +835,7 @@ class RunStore:
                 },
             )
             self._enqueue_outbox(conn, run_id, "run_finished", {"status": "cancelled"}, now)
+            self._wake_parent(conn, run_id, now)
 
         await self._transaction(cancel, durable=True)
         return await self.get_run(run_id)
@@ -1118,6 +1301,7 @@ class RunStore:
                 self._enqueue_outbox(
                     conn, run_id, "run_finished", {"status": str(effect.run_status)}, now
                 )
+                self._wake_parent(conn, run_id, now)
             return True
 
         return await self._transaction(decide, durable=True)
@@ -1155,6 +1339,7 @@ class RunStore:
         )
         self._enqueue_outbox(conn, run_id, "approval_expired", {"approval_id": approval_id}, now)
         self._enqueue_outbox(conn, run_id, "run_finished", {"status": "expired"}, now)
+        self._wake_parent(conn, run_id, now)
         return True
 
     async def overdue_approval_ids(self) -> list[int]:

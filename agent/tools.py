@@ -9,7 +9,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
@@ -58,6 +58,25 @@ class AwaitApprovalArgs(BaseModel):
 
     step_id: str = Field(min_length=1, max_length=63)
     reason: str = Field("", max_length=1000)
+
+
+CHILD_ROLES = ("planner", "executor", "verifier")
+
+
+class DelegateArgs(BaseModel):
+    """Start one child run of a role and wait for it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["planner", "executor", "verifier"]
+
+
+class DelegateBatchArgs(BaseModel):
+    """Start child runs of several roles in parallel and wait for all of them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    roles: list[Literal["planner", "executor", "verifier"]] = Field(min_length=1, max_length=3)
 
 
 class RecordAuditArgs(BaseModel):
@@ -116,6 +135,18 @@ TOOL_SPECS: dict[str, ToolSpec] = {
             StepArgs,
             frozenset({RUNBOOK_ROLE, "verifier"}),
             "Run the HTTP health check of a `check` step.",
+        ),
+        ToolSpec(
+            "delegate_subagent",
+            DelegateArgs,
+            frozenset({"supervisor"}),
+            "Start one resumable child run (planner, executor or verifier) and wait for it.",
+        ),
+        ToolSpec(
+            "delegate_subagents_batch",
+            DelegateBatchArgs,
+            frozenset({"supervisor"}),
+            "Start several child runs in parallel and wait until all of them end.",
         ),
         ToolSpec(
             "rollback_step",

@@ -1,0 +1,171 @@
+"""The supervisor team: planner, then executor and verifier in parallel, as durable child runs."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.approvals import Decision
+from agent.journal import first_broken_link
+from agent.records import RunStatus
+from agent.service import RunService, ServiceError
+from agent.settings import Settings
+from tests.conftest import make_workspace
+from tests.support import ScriptedPolicy, call, final, open_service, turn
+
+LATENCY = "incident: API latency spike"
+
+
+async def test_the_team_plans_executes_verifies_and_merges(service: RunService) -> None:
+    root = await service.start("inc", LATENCY, role="supervisor")
+    assert root.status == RunStatus.WAITING_CHILDREN
+    children = {r.id: r for r in await service.store.child_runs("inc")}
+    assert set(children) == {"inc:sub:planner", "inc:sub:executor", "inc:sub:verifier"}
+    assert {r.id: r.role for r in children.values()} == {
+        "inc:sub:planner": "planner",
+        "inc:sub:executor": "executor",
+        "inc:sub:verifier": "verifier",
+    }
+    assert children["inc:sub:planner"].status == RunStatus.SUCCEEDED
+    assert children["inc:sub:executor"].runbook_id == "api-latency-spike"  # the plan, pinned
+    assert children["inc:sub:executor"].status == RunStatus.WAITING_APPROVAL
+
+    # Approving through the root decides the executor's gate, resumes it, then the root.
+    result = await service.decide("inc", Decision.APPROVE, "cli:oncall")
+    assert result.approval.run_id == "inc:sub:executor"
+    final_root = await service.get("inc")
+    assert final_root.status == RunStatus.SUCCEEDED
+    assert "executor succeeded" in (final_root.summary or "")
+    assert "verifier succeeded" in (final_root.summary or "")
+    for run_id in ("inc", *children):
+        assert first_broken_link(await service.store.list_events(run_id)) is None
+    # Each role used only its own tools.
+    tools = {
+        run_id: {c.tool for c in await service.store.list_tool_calls(run_id)}
+        for run_id in ("inc", *children)
+    }
+    assert tools["inc"] == {"delegate_subagent", "delegate_subagents_batch"}
+    assert tools["inc:sub:planner"] == {"read_runbook"}
+    assert tools["inc:sub:executor"] == {"execute_step", "await_approval"}
+    assert tools["inc:sub:verifier"] == {"check_health", "record_audit"}
+
+
+async def test_a_role_delegated_twice_gets_its_own_id(settings: Settings) -> None:
+    policy = ScriptedPolicy(
+        [
+            turn(call("delegate_subagent", role="planner")),
+            turn(call("delegate_subagents_batch", roles=["verifier", "verifier"])),
+            turn(call("execute_step", step_id="pods")),  # not a supervisor's tool
+            final("succeeded", "done"),
+        ]
+    )
+    async with open_service(settings, policy) as service:
+        run = await service.start("twice", LATENCY, role="supervisor")
+        ids = [r.id for r in await service.store.child_runs("twice")]
+        calls = await service.store.list_tool_calls("twice")
+    assert ids == ["twice:sub:planner", "twice:sub:verifier", "twice:sub:verifier-2"]
+    assert calls[-1].status == "refused" and "not available" in calls[-1].outcome["refused"]
+    assert run.status == RunStatus.SUCCEEDED
+
+
+async def test_an_unknown_role_is_refused(service: RunService) -> None:
+    with pytest.raises(ServiceError, match="unknown role"):
+        await service.start("odd", LATENCY, role="overlord")
+
+
+def _cli(workspace: Path, db: Path, *args: str, failpoint: str | None = None) -> int:
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("LOOM_OPS_")}
+    env.update(
+        LOOM_OPS_DB=str(db),
+        LOOM_OPS_WORKSPACE=str(workspace),
+        LOOM_OPS_MOCK_LLM="1",
+        PYTHONPATH=str(Path(__file__).resolve().parent.parent),
+    )
+    if failpoint:
+        env["LOOM_OPS_FAILPOINT"] = failpoint
+    done = subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args, "--json"],
+        cwd=workspace,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "Traceback" not in done.stderr, done.stderr
+    return done.returncode
+
+
+def _status(db: Path, run_id: str) -> str:
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
+
+
+@pytest.mark.parametrize(
+    ("stage", "failpoint"),
+    [
+        ("supervise", "after_intent:1"),  # while the planner runs
+        ("supervise", "after_outcome:1"),  # the plan made, the root not yet woken
+        ("supervise", "after_intent:5"),  # executor and verifier both under way
+        ("supervise", "after_wait:1"),  # the executor parked at its approval
+        ("approve", "after_outcome:4"),  # the executor finished, the root not yet woken
+        ("approve", "after_claim:2"),  # the root woken and claimed, not yet merged
+    ],
+)
+def test_sigkill_anywhere_in_the_tree_then_resume_the_root(
+    tmp_path: Path, stage: str, failpoint: str
+) -> None:
+    """A supervise tree killed anywhere, resumed by the root's id, ends with nothing done twice."""
+    workspace = make_workspace(tmp_path / "ws")
+    db = tmp_path / "ops.sqlite"
+    armed: str | None = failpoint
+    code = _cli(
+        workspace,
+        db,
+        "supervise",
+        LATENCY,
+        "--run-id",
+        "t",
+        failpoint=armed if stage == "supervise" else None,
+    )
+    if stage == "supervise":
+        assert code == -signal.SIGKILL, "the failpoint never fired: the test would prove nothing"
+        armed = None
+    for _ in range(8):
+        if _status(db, "t") in ("succeeded", "failed"):
+            break
+        with sqlite3.connect(db) as conn:
+            pending = conn.execute(
+                "SELECT COUNT(*) FROM approvals WHERE status = 'pending'"
+            ).fetchone()[0]
+        if pending:  # decided through the root's id
+            code = _cli(
+                workspace, db, "approve", "--run-id", "t", "--as", "oncall", failpoint=armed
+            )
+            if armed:
+                assert code == -signal.SIGKILL, "the failpoint never fired"
+                armed = None
+            else:
+                assert code == 0
+        else:
+            assert _cli(workspace, db, "resume", "--run-id", "t") in (0, 1)
+    assert _status(db, "t") == "succeeded", failpoint
+    with sqlite3.connect(db) as conn:
+        done = conn.execute(
+            "SELECT run_id, step_id, COUNT(*) FROM tool_calls "
+            "WHERE tool IN ('execute_step', 'check_health', 'record_audit') AND status = 'ok' "
+            "GROUP BY run_id, step_id, tool"
+        ).fetchall()
+        tree = [r[0] for r in conn.execute("SELECT id FROM runs ORDER BY id")]
+    assert all(count == 1 for _, _, count in done), done
+    assert tree == ["t", "t:sub:executor", "t:sub:planner", "t:sub:verifier"]
+    assert json.dumps(done)  # the tree did real work
+    assert {(r, s) for r, s, _ in done if r == "t:sub:executor"} >= {
+        ("t:sub:executor", "scale-out"),
+        ("t:sub:executor", "handoff"),
+    }
