@@ -170,3 +170,33 @@ def test_a_resume_never_asks_again_for_an_answered_turn(workspace: Path, tmp_pat
     # Turn 1 (the malformed call) was answered before the kill and is not asked again:
     # after the resume only turns 2 and 3 were new requests.
     assert len(stand_in.requests) == 4
+
+
+@pytest.mark.parametrize("role", ["runbook", "supervisor", "planner", "executor", "verifier"])
+async def test_every_role_has_its_system_prompt(
+    settings: Settings, workspace: Path, role: str
+) -> None:
+    from agent.openai_policy import OpenAIPolicy, tool_schemas
+    from agent.policy import PolicyContext
+    from agent.redaction import Redactor
+    from agent.runbook import load_catalog
+    from agent.tools import tools_for_role
+
+    llm = _settings(settings, workspace, "http://127.0.0.1:9/v1")
+    policy = OpenAIPolicy(llm, Redactor())
+    catalog = load_catalog(workspace / "runbooks")
+    context = PolicyContext(
+        run_id="r",
+        role=role,
+        request="incident: llm drill",
+        catalog_loader=lambda: catalog,
+        runbook=catalog.get("llm-drill") if role in ("executor", "verifier") else None,
+        params={},
+        history=[],
+        tools=tools_for_role(role),
+    )
+    system = policy.messages(context)[0]["content"]
+    assert f"the {role}" in system or role == "runbook"
+    assert "incident: llm drill" in system
+    names = {t["function"]["name"] for t in tool_schemas(tools_for_role(role))}
+    assert names == {*tools_for_role(role), "finish_run"}
