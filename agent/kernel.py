@@ -46,6 +46,7 @@ from agent.store import (
 from agent.tools import (
     TOOL_SPECS,
     AwaitApprovalArgs,
+    AwaitSiblingArgs,
     DelegateArgs,
     DelegateBatchArgs,
     ReadRunbookArgs,
@@ -362,6 +363,9 @@ class _RunLoop:
         if refusal is None and isinstance(parsed, DelegateArgs | DelegateBatchArgs):
             roles = [parsed.role] if isinstance(parsed, DelegateArgs) else list(parsed.roles)
             await self._open_children(roles, new_call, pending)
+        if refusal is None and isinstance(parsed, AwaitSiblingArgs):
+            await self._await_sibling(parsed.role, new_call, pending)
+            return
         if refusal is None and call.name == "await_approval":
             assert isinstance(parsed, AwaitApprovalArgs)
             if not self._gate_open(parsed.step_id):
@@ -457,7 +461,10 @@ class _RunLoop:
                 for err in exc.errors()
             )
             return f"invalid arguments for {tool}: {problems}", None
-        if isinstance(parsed, ReadRunbookArgs | RecordAuditArgs | DelegateArgs | DelegateBatchArgs):
+        if isinstance(
+            parsed,
+            ReadRunbookArgs | RecordAuditArgs | DelegateArgs | DelegateBatchArgs | AwaitSiblingArgs,
+        ):
             return None, parsed
         assert isinstance(parsed, StepArgs | AwaitApprovalArgs)
         if self.runbook is None:
@@ -577,6 +584,34 @@ class _RunLoop:
             self.run_id, self.k.owner, new_call, children, self._checkpoint(), turn=pending
         )
         raise _Wait()
+
+    async def _await_sibling(
+        self, role: str, new_call: NewToolCall, pending: NewPolicyTurn | None
+    ) -> None:
+        """Wait (durably, holding nothing) for the sibling of `role`, or take its result now."""
+        ended = await self.store.await_sibling(
+            self.run_id, self.k.owner, new_call, role, self._checkpoint(), pending
+        )
+        if ended is None:
+            raise _Wait()
+        self.state = dataclasses.replace(
+            self.state, call=self.state.call + 1, tool_calls_used=self.state.tool_calls_used + 1
+        )
+        record = await self.store.get_tool_call(new_call.call_key)
+        assert record is not None
+        await self.store.finish_tool_call(
+            self.run_id,
+            self.k.owner,
+            new_call.call_key,
+            record.attempt,
+            "ok",
+            ended,
+            0.0,
+            self._checkpoint(),
+        )
+        self.history.append(
+            Observation(new_call.call_key, new_call.tool, new_call.args, "ok", ended)
+        )
 
     async def _plan_pin(self) -> RunbookPin | None:
         """The runbook and params the latest successful planner child committed to."""

@@ -114,20 +114,36 @@ class MockPolicy:
 
     @staticmethod
     def _verify(runbook: Runbook, context: PolicyContext) -> PolicyDecision:
-        """Check every health check of the runbook, record the audit, and judge."""
+        """Take a health baseline, wait for the executor, check again, audit, and judge."""
         checks = [step for step in runbook.steps if step.check is not None]
-        results = [obs for obs in context.history if obs.tool == "check_health"]
-        if len(results) < len(checks):
-            return _call("check_health", step_id=checks[len(results)].id)
-        failed = [obs.args.get("step_id") for obs in results if obs.status != "ok"]
-        if not any(obs.tool == "record_audit" for obs in context.history):
+        waited = next(
+            (i for i, obs in enumerate(context.history) if obs.tool == "await_sibling"), None
+        )
+        before = context.history if waited is None else context.history[:waited]
+        baseline = [obs for obs in before if obs.tool == "check_health"]
+        if waited is None:
+            if len(baseline) < len(checks):
+                return _call("check_health", step_id=checks[len(baseline)].id)
+            return _call("await_sibling", role="executor")
+        executor = context.history[waited].outcome
+        after = [obs for obs in context.history[waited + 1 :] if obs.tool == "check_health"]
+        if len(after) < len(checks):
+            return _call("check_health", step_id=checks[len(after)].id)
+        failed = [str(obs.args.get("step_id")) for obs in after if obs.status != "ok"]
+        if not any(obs.tool == "record_audit" for obs in context.history[waited + 1 :]):
             verdict = f"{_FAILED} checks {', '.join(failed)}" if failed else "all checks pass"
-            return _call(
-                "record_audit", entry=f"{context.run_id}: {runbook.id} verified: {verdict}"
+            entry = (
+                f"{context.run_id}: {runbook.id} verified after the executor "
+                f"({executor.get('status')}): {verdict}"
             )
+            return _call("record_audit", entry=entry)
         if failed:
-            return _final("failed", f"health checks failed: {', '.join(map(str, failed))}")
-        return _final("succeeded", f"{len(checks)} health check(s) pass")
+            return _final("failed", f"health checks failed: {', '.join(failed)}")
+        return _final(
+            "succeeded",
+            f"{len(checks)} health check(s) pass before and after the executor "
+            f"({executor.get('status')})",
+        )
 
     def _choose(self, context: PolicyContext, last: Observation | None) -> PolicyDecision:
         if last is not None and last.tool == "read_runbook" and last.status == "error":

@@ -188,9 +188,13 @@ class RunService:
             run = await self.store.get_run(run_id)
             if run.status == RunStatus.QUEUED:  # the last child's end woke it
                 run = await self.kernel.drive(run_id)
-        if run.status.is_terminal and run.parent_id and run.parent_id not in self._drives:
+        if run.status.is_terminal and run.parent_id:
+            # Its end may have woken a sibling that waited for it, then (or instead) the parent.
+            for sibling in await self.store.child_runs(run.parent_id):
+                if sibling.status == RunStatus.QUEUED and sibling.id not in self._drives:
+                    await self._drive(sibling.id)
             parent = await self.store.get_run(run.parent_id)
-            if parent.status == RunStatus.QUEUED:
+            if parent.status == RunStatus.QUEUED and parent.id not in self._drives:
                 await self._drive(parent.id)
         return run
 

@@ -24,6 +24,7 @@ import aiosqlite
 
 from agent.journal import canonical_json, event_hash
 from agent.records import (
+    TERMINAL_STATUSES,
     ApprovalKind,
     ApprovalRecord,
     ApprovalStatus,
@@ -174,6 +175,9 @@ class OutboxMessage:
     kind: str
     payload: dict[str, Any]
     attempts: int
+
+
+_TERMINAL = frozenset(str(status) for status in TERMINAL_STATUSES)
 
 
 def _dumps(data: Any) -> str:
@@ -414,6 +418,7 @@ class RunStore:
         The parent's delegate call gets its outcome (every child's status and summary) and the
         parent is queued again, in the same transaction as the child's end.
         """
+        self._wake_waiting_siblings(conn, run_id, now)
         row = conn.execute(
             "SELECT parent_id, spawned_by FROM runs WHERE id = ?", (run_id,)
         ).fetchone()
@@ -429,17 +434,7 @@ class RunStore:
             "SELECT id, role, status, summary, error FROM runs WHERE spawned_by = ? ORDER BY id",
             (call_key,),
         ).fetchall()
-        terminal = {
-            str(s)
-            for s in (
-                RunStatus.SUCCEEDED,
-                RunStatus.FAILED,
-                RunStatus.REJECTED,
-                RunStatus.CANCELLED,
-                RunStatus.EXPIRED,
-            )
-        }
-        if any(child[2] not in terminal for child in children):
+        if any(child[2] not in _TERMINAL for child in children):
             return
         outcome = {
             "children": [
@@ -461,6 +456,107 @@ class RunStore:
             now,
             {"status": RunStatus.QUEUED, "checkpoint": advanced.to_json()},
         )
+
+    async def await_sibling(
+        self,
+        run_id: str,
+        owner: str,
+        call: NewToolCall,
+        role: str,
+        checkpoint: Checkpoint,
+        turn: NewPolicyTurn | None = None,
+    ) -> dict[str, Any] | None:
+        """Commit the intent of waiting for the sibling of `role`; park the run unless it ended.
+
+        Returns the sibling's result when it has ended already (the caller records it as the
+        call's outcome), else None: the run now waits, and the sibling's end wakes it.
+        """
+        now = time.time()
+
+        def wait(conn: sqlite3.Connection) -> dict[str, Any] | None:
+            sibling = self._sibling(conn, run_id, role)
+            events = []
+            if turn is not None:
+                events.append(self._insert_policy_turn(conn, run_id, turn, now))
+            known = conn.execute(
+                "SELECT 1 FROM tool_calls WHERE call_key = ?", (call.call_key,)
+            ).fetchone()
+            if known is None:  # a resumed wait keeps the intent it already has
+                events.append(self._insert_intent(conn, run_id, call, now))
+            if sibling is None or sibling["status"] in _TERMINAL:
+                self._append_events(
+                    conn,
+                    run_id,
+                    events,
+                    now,
+                    {"checkpoint": checkpoint.to_json()},
+                    fence_owner=owner,
+                )
+                return sibling or {"run_id": None, "role": role, "status": "absent"}
+            events.append(NewEvent("waiting_for_sibling", {"run_id": sibling["run_id"]}))
+            self._append_events(
+                conn,
+                run_id,
+                events,
+                now,
+                {
+                    "status": RunStatus.WAITING_CHILDREN,
+                    "checkpoint": checkpoint.to_json(),
+                    "lease_owner": None,
+                    "lease_expires_at": None,
+                },
+                fence_owner=owner,
+            )
+            return None
+
+        return await self._transaction(wait, durable=True)
+
+    @staticmethod
+    def _sibling(conn: sqlite3.Connection, run_id: str, role: str) -> dict[str, Any] | None:
+        """The run of `role` started by the same delegate call as `run_id`."""
+        row = conn.execute(
+            "SELECT s.id, s.role, s.status, s.summary, s.error FROM runs r "
+            "JOIN runs s ON s.spawned_by = r.spawned_by AND s.id != r.id "
+            "WHERE r.id = ? AND r.spawned_by IS NOT NULL AND s.role = ? ORDER BY s.id LIMIT 1",
+            (run_id, role),
+        ).fetchone()
+        if row is None:
+            return None
+        keys = ("run_id", "role", "status", "summary", "error")
+        return dict(zip(keys, row, strict=True))
+
+    def _wake_waiting_siblings(self, conn: sqlite3.Connection, run_id: str, now: float) -> None:
+        """In the caller's transaction: a run ended; wake the siblings that wait for it."""
+        row = conn.execute("SELECT spawned_by, role FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None or row[0] is None:
+            return
+        waiting = conn.execute(
+            "SELECT r.id, r.checkpoint, c.call_key FROM runs r JOIN tool_calls c "
+            "ON c.run_id = r.id AND c.tool = 'await_sibling' AND c.status = 'intent' "
+            "WHERE r.spawned_by = ? AND r.id != ? AND r.status = 'waiting_children'",
+            (row[0], run_id),
+        ).fetchall()
+        for waiter_id, checkpoint_json, call_key in waiting:
+            sibling = self._sibling(conn, waiter_id, row[1])
+            if sibling is None or sibling["run_id"] != run_id:
+                continue
+            conn.execute(
+                "UPDATE tool_calls SET status = 'ok', outcome = ?, outcome_at = ? "
+                "WHERE call_key = ?",
+                (_dumps(sibling), now, call_key),
+            )
+            checkpoint = Checkpoint.from_json(checkpoint_json)
+            advanced = Checkpoint(**{**checkpoint.__dict__, "call": checkpoint.call + 1})
+            event = NewEvent(
+                "tool_outcome", {"call_key": call_key, "status": "ok", "outcome": sibling}
+            )
+            self._append_events(
+                conn,
+                waiter_id,
+                [event],
+                now,
+                {"status": RunStatus.QUEUED, "checkpoint": advanced.to_json()},
+            )
 
     async def open_children(
         self,

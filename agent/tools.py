@@ -79,6 +79,14 @@ class DelegateBatchArgs(BaseModel):
     roles: list[Literal["planner", "executor", "verifier"]] = Field(min_length=1, max_length=3)
 
 
+class AwaitSiblingArgs(BaseModel):
+    """Wait until the sibling run of a role (started by the same delegate call) has ended."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["executor"]
+
+
 class RecordAuditArgs(BaseModel):
     """An audit entry for the journal and the workspace memory."""
 
@@ -149,6 +157,12 @@ TOOL_SPECS: dict[str, ToolSpec] = {
             "Start several child runs in parallel and wait until all of them end.",
         ),
         ToolSpec(
+            "await_sibling",
+            AwaitSiblingArgs,
+            frozenset({"verifier"}),
+            "Wait until the executor started beside this run has ended; returns its result.",
+        ),
+        ToolSpec(
             "rollback_step",
             StepArgs,
             frozenset({"kernel"}),
@@ -191,7 +205,13 @@ class Toolbox:
 
     def is_idempotent(self, tool: str, args: dict[str, Any], runbook: Runbook | None) -> bool:
         """Whether a call may simply run again when it is in doubt after a crash."""
-        if tool in ("read_runbook", "check_health", "record_audit", "await_approval"):
+        if tool in (
+            "read_runbook",
+            "check_health",
+            "record_audit",
+            "await_approval",
+            "await_sibling",
+        ):
             return True  # reads, and a deduplicated audit line
         if tool != "execute_step" or runbook is None:
             return False

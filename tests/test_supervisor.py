@@ -53,7 +53,10 @@ async def test_the_team_plans_executes_verifies_and_merges(service: RunService) 
     assert tools["inc"] == {"delegate_subagent", "delegate_subagents_batch"}
     assert tools["inc:sub:planner"] == {"read_runbook"}
     assert tools["inc:sub:executor"] == {"execute_step", "await_approval"}
-    assert tools["inc:sub:verifier"] == {"check_health", "record_audit"}
+    assert tools["inc:sub:verifier"] == {"check_health", "await_sibling", "record_audit"}
+    # The verifier took its baseline, waited for the executor, then checked again.
+    verifier = [c.tool for c in await service.store.list_tool_calls("inc:sub:verifier")]
+    assert verifier == ["check_health", "await_sibling", "check_health", "record_audit"]
 
 
 async def test_a_role_delegated_twice_gets_its_own_id(settings: Settings) -> None:
@@ -162,7 +165,10 @@ def test_sigkill_anywhere_in_the_tree_then_resume_the_root(
             "GROUP BY run_id, step_id, tool"
         ).fetchall()
         tree = [r[0] for r in conn.execute("SELECT id FROM runs ORDER BY id")]
-    assert all(count == 1 for _, _, count in done), done
+    # Every executor step ran once; the verifier checked twice (baseline, then after the
+    # executor ended) and audited once.
+    expected = {("t:sub:verifier", "verify"): 2, ("t:sub:verifier", None): 1}
+    assert all(count == expected.get((run, step), 1) for run, step, count in done), done
     assert tree == ["t", "t:sub:executor", "t:sub:planner", "t:sub:verifier"]
     assert json.dumps(done)  # the tree did real work
     assert {(r, s) for r, s, _ in done if r == "t:sub:executor"} >= {
