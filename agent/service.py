@@ -357,13 +357,14 @@ class RunService:
     async def cancel(self, run_id: str, by: str) -> RunRecord:
         """Cancel a run that has not finished."""
         try:
-            run = await self.store.cancel_run(run_id, by)
+            cancelled = await self.store.cancel_run(run_id, by)
         except StoreError as exc:
             raise ServiceError(str(exc)) from None
         # Driven here: stop at once. Driven by another process: its heartbeat finds the lease
         # gone within a third of the lease TTL and stops there.
-        self.kernel.stop(run_id)
-        return run
+        for cancelled_id in cancelled:
+            self.kernel.stop(cancelled_id)
+        return await self.store.get_run(run_id)
 
     # -- reading -----------------------------------------------------------------------------
 

@@ -902,39 +902,51 @@ class RunStore:
 
         await self._transaction(finish, durable=True)
 
-    async def cancel_run(self, run_id: str, by: str) -> RunRecord:
-        """Cancel a run that has not finished; pending approvals are closed with it."""
+    async def cancel_run(self, run_id: str, by: str) -> list[str]:
+        """Cancel a run that has not finished, and every unfinished run below it, in one
+        transaction; pending approvals are closed with them. Returns the cancelled ids."""
         now = time.time()
 
-        def cancel(conn: sqlite3.Connection) -> None:
+        def cancel(conn: sqlite3.Connection) -> list[str]:
             row = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
             if row is None:
                 raise RunNotFound(f"unknown run id {run_id!r}")
             if RunStatus(row[0]).is_terminal:
                 raise RunNotRunnable(f"run {run_id} is already {row[0]}")
-            conn.execute(
-                "UPDATE approvals SET status = 'cancelled', decided_by = ?, decided_at = ? "
-                "WHERE run_id = ? AND status = 'pending'",
-                (by, now, run_id),
-            )
-            self._append_events(
-                conn,
-                run_id,
-                [NewEvent("run_finished", {"status": "cancelled", "by": by, "error": None})],
-                now,
-                {
-                    "status": RunStatus.CANCELLED,
-                    "finished_at": now,
-                    "error": f"cancelled by {by}",
-                    "lease_owner": None,
-                    "lease_expires_at": None,
-                },
-            )
-            self._enqueue_outbox(conn, run_id, "run_finished", {"status": "cancelled"}, now)
+            tree = conn.execute(
+                "WITH RECURSIVE tree(id, depth) AS (SELECT ?, 0 UNION ALL "
+                "SELECT r.id, t.depth + 1 FROM runs r JOIN tree t ON r.parent_id = t.id) "
+                "SELECT tree.id FROM tree JOIN runs USING (id) "
+                "WHERE runs.status NOT IN ('succeeded', 'failed', 'rejected', 'cancelled', "
+                "'expired') ORDER BY depth DESC",
+                (run_id,),
+            ).fetchall()
+            cancelled = []
+            for (target,) in tree:  # children first, so no parent is woken on the way
+                conn.execute(
+                    "UPDATE approvals SET status = 'cancelled', decided_by = ?, decided_at = ? "
+                    "WHERE run_id = ? AND status = 'pending'",
+                    (by, now, target),
+                )
+                self._append_events(
+                    conn,
+                    target,
+                    [NewEvent("run_finished", {"status": "cancelled", "by": by, "error": None})],
+                    now,
+                    {
+                        "status": RunStatus.CANCELLED,
+                        "finished_at": now,
+                        "error": f"cancelled by {by}",
+                        "lease_owner": None,
+                        "lease_expires_at": None,
+                    },
+                )
+                self._enqueue_outbox(conn, target, "run_finished", {"status": "cancelled"}, now)
+                cancelled.append(target)
             self._wake_parent(conn, run_id, now)
+            return cancelled
 
-        await self._transaction(cancel, durable=True)
-        return await self.get_run(run_id)
+        return await self._transaction(cancel, durable=True)
 
     @staticmethod
     def _insert_intent(

@@ -13,6 +13,8 @@ import pytest
 
 from agent.approvals import Decision
 from agent.journal import first_broken_link
+from agent.mock_policy import MockPolicy
+from agent.policy import PolicyContext, PolicyDecision
 from agent.records import RunStatus
 from agent.service import RunService, ServiceError
 from agent.settings import Settings
@@ -175,3 +177,70 @@ def test_sigkill_anywhere_in_the_tree_then_resume_the_root(
         ("t:sub:executor", "scale-out"),
         ("t:sub:executor", "handoff"),
     }
+
+
+async def test_cancelling_the_root_cancels_the_whole_tree(service: RunService) -> None:
+    await service.start("c", LATENCY, role="supervisor")
+    root = await service.cancel("c", "cli:oncall")
+    assert root.status == RunStatus.CANCELLED
+    statuses = {r.id: r.status for r in await service.store.child_runs("c")}
+    assert statuses == {
+        "c:sub:planner": RunStatus.SUCCEEDED,  # already done: left as it was
+        "c:sub:executor": RunStatus.CANCELLED,
+        "c:sub:verifier": RunStatus.CANCELLED,
+    }
+    gate = await service.store.list_approvals("c:sub:executor")
+    assert [a.status for a in gate] == ["cancelled"]
+
+
+class _SupervisorOnly:
+    """A scripted supervisor over children played by the deterministic mock."""
+
+    name = "scripted+mock"
+
+    def __init__(self, supervisor: ScriptedPolicy) -> None:
+        self._supervisor = supervisor
+        self._mock = MockPolicy()
+
+    def preflight(self, request: str, catalog: object) -> None:
+        """Accept every request."""
+
+    async def decide(self, context: PolicyContext) -> PolicyDecision:
+        """The script for the supervisor, the mock for everyone else."""
+        if context.role == "supervisor":
+            return await self._supervisor.decide(context)
+        return await self._mock.decide(context)
+
+
+async def test_several_pending_requests_below_a_root_must_be_named(settings: Settings) -> None:
+    policy = ScriptedPolicy(
+        [
+            turn(call("delegate_subagent", role="planner")),
+            turn(call("delegate_subagents_batch", roles=["executor", "executor"])),
+            final("succeeded", "both executed"),
+        ]
+    )
+    async with open_service(settings, _SupervisorOnly(policy)) as service:
+        await service.start("p", LATENCY, role="supervisor")
+        with pytest.raises(ServiceError) as refused:
+            await service.decide("p", Decision.APPROVE, "cli:oncall")
+        assert "2 pending requests" in str(refused.value)
+        assert "p:sub:executor" in str(refused.value) and "p:sub:executor-2" in str(refused.value)
+        for child in ("p:sub:executor", "p:sub:executor-2"):
+            assert [a.status for a in await service.store.list_approvals(child)] == ["pending"]
+
+
+async def test_the_trace_shows_the_whole_tree(service: RunService, tmp_path: Path) -> None:
+    from agent.trace import build_trace, render_trace
+
+    await service.start("tr", LATENCY, role="supervisor")
+    await service.decide("tr", Decision.APPROVE, "cli:oncall")
+    traces = await build_trace(service.store, "tr")
+    assert [t.run.id for t in traces] == [
+        "tr",
+        "tr:sub:planner",
+        "tr:sub:executor",
+        "tr:sub:verifier",
+    ]
+    html = render_trace(traces)
+    assert html.count('<section class="run child"') == 3
