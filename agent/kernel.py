@@ -273,7 +273,9 @@ class _RunLoop:
                 memory_loader=self.k.toolbox.memory_lines,
                 tools=tools_for_role(self.run_record.role),
             )
+            asked = time.perf_counter()
             decision = await policy.decide(context)
+            decision.latency_ms = round((time.perf_counter() - asked) * 1000, 3)
             policy_name, request_hash = policy.name, context.request_hash()
         raw = decision.model_dump(mode="json")
         response = self.k.redactor.data(raw)

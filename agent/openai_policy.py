@@ -139,10 +139,11 @@ class OpenAIPolicy:
 
     async def decide(self, context: PolicyContext) -> PolicyDecision:
         """One chat completion; tool calls become the decision, finish_run the final answer."""
+        messages = self.messages(context)
         try:
             response = await self._client.chat.completions.create(
                 model=self._model,
-                messages=self.messages(context),  # type: ignore[arg-type]
+                messages=messages,  # type: ignore[arg-type]
                 tools=tool_schemas(list(context.tools)),  # type: ignore[arg-type]
                 tool_choice="auto",
             )
@@ -156,6 +157,7 @@ class OpenAIPolicy:
             thought=message.content or "",
             prompt_tokens=usage.prompt_tokens if usage else 0,
             completion_tokens=usage.completion_tokens if usage else 0,
+            prompt_excerpt=_excerpt(messages),
         )
         for call in message.tool_calls or []:
             function = getattr(call, "function", None)
@@ -187,3 +189,10 @@ def _parse_arguments(raw: str | None) -> dict[str, Any]:
     except json.JSONDecodeError:
         return {"_malformed_arguments": (raw or "")[:500]}
     return parsed if isinstance(parsed, dict) else {"_malformed_arguments": str(raw)[:500]}
+
+
+def _excerpt(messages: list[dict[str, Any]], limit: int = 400) -> str:
+    """The end of the conversation sent (already redacted): what the model answered to."""
+    last = messages[-1]
+    text = last.get("content") or json.dumps(last.get("tool_calls") or "")
+    return f"{last['role']}: {text[-limit:]}"

@@ -45,6 +45,8 @@ class PolicyDecision(BaseModel):
     thought: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    prompt_excerpt: str = ""  # the end of what the policy was shown, for the trace
+    latency_ms: float = 0.0  # how long the policy took to answer (set by the kernel)
 
 
 @dataclass(frozen=True)

@@ -81,8 +81,13 @@ def _entries(events: list[EventRecord]) -> list[TraceEntry]:
             tokens = d.get("prompt_tokens", 0) + d.get("completion_tokens", 0)
             title = f"turn {d['turn']} · {d['policy']} → {what}"
             title += f" · {tokens} tokens" if tokens else ""
-            title += f" · ≈{(event.ts - previous) * 1000:.0f} ms"
-            entries.append(TraceEntry(offset, "llm", title, _block(d["response"])))
+            latency = d["response"].get("latency_ms")
+            if isinstance(latency, int | float):
+                title += f" · {latency:.0f} ms"
+            else:  # journaled before latency was recorded: the gap since the event before
+                title += f" · ≈{(event.ts - previous) * 1000:.0f} ms"
+            detail = {"prompt (end)": d["response"].get("prompt_excerpt") or "-", **d["response"]}
+            entries.append(TraceEntry(offset, "llm", title, _block(detail)))
         elif event.type == "tool_intent":
             intents[d["call_key"]] = event
         elif event.type == "tool_outcome":

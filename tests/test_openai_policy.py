@@ -81,6 +81,10 @@ async def test_a_run_through_the_real_client(settings: Settings, workspace: Path
     assert [t.turn for t in turns] == list(range(7))
     assert all(t.policy == "openai:stand-in-1" for t in turns)
     assert all((t.prompt_tokens, t.completion_tokens) == (100, 20) for t in turns)
+    # The trace's material: where the prompt ended, and how long the model took.
+    assert turns[0].response["prompt_excerpt"].startswith("system: ")
+    assert turns[2].response["prompt_excerpt"].startswith("tool: ")
+    assert all(t.response["latency_ms"] > 0 for t in turns)
     malformed = calls[1]
     assert malformed.status == "refused"
     assert "invalid arguments" in malformed.outcome["refused"]
