@@ -184,8 +184,17 @@ class RunService:
             ]
             if not runnable:
                 break  # the children wait for humans; their end will wake this run
-            await asyncio.gather(*(self._drive(c) for c in runnable), return_exceptions=True)
+            results = await asyncio.gather(
+                *(self._drive(c) for c in runnable), return_exceptions=True
+            )
+            for child_id, result in zip(runnable, results, strict=True):
+                if isinstance(result, BaseException):
+                    log.info("child %s of %s not driven here: %s", child_id, run_id, result)
             run = await self.store.get_run(run_id)
+            if run.status == RunStatus.WAITING_CHILDREN and all(
+                isinstance(result, BaseException) for result in results
+            ):
+                break  # e.g. the children are driven by another live process: it wakes us
             if run.status == RunStatus.QUEUED:  # the last child's end woke it
                 run = await self.kernel.drive(run_id)
         if run.status.is_terminal and run.parent_id:
