@@ -503,7 +503,8 @@ class _RunLoop:
             step = self.runbook.step(parsed.step_id)
             if tool == "check_health":
                 assert step.check is not None
-                return await toolbox.check(step.check, self.params, self._remaining())
+                budget = min(step.timeout, self._remaining())
+                return await toolbox.check(step.check, self.params, budget)
             rollback = tool == "rollback_step"
             # A rollback gets its step's own timeout even when the run's deadline has passed.
             budget = step.timeout if rollback else self._remaining()

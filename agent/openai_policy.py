@@ -174,6 +174,9 @@ class OpenAIPolicy:
                 decision.final = FinalAnswer(outcome=finish.outcome, summary=finish.summary)  # type: ignore[arg-type]
                 break
             decision.calls.append(ToolCall(name=function.name, args=args))
+        if decision.calls and decision.final is not None:
+            # The model cannot judge calls whose results it has not seen: it finishes next turn.
+            decision.final = None
         if not decision.calls and decision.final is None:
             text = (message.content or "").strip() or "(no text)"
             decision.final = FinalAnswer(

@@ -197,15 +197,19 @@ class RunService:
                 break  # e.g. the children are driven by another live process: it wakes us
             if run.status == RunStatus.QUEUED:  # the last child's end woke it
                 run = await self.kernel.drive(run_id)
-        if run.status.is_terminal and run.parent_id:
-            # Its end may have woken a sibling that waited for it, then (or instead) the parent.
-            for sibling in await self.store.child_runs(run.parent_id):
-                if sibling.status == RunStatus.QUEUED and sibling.id not in self._drives:
-                    await self._drive(sibling.id)
-            parent = await self.store.get_run(run.parent_id)
-            if parent.status == RunStatus.QUEUED and parent.id not in self._drives:
-                await self._drive(parent.id)
+        await self._drive_woken(run)
         return run
+
+    async def _drive_woken(self, run: RunRecord) -> None:
+        """A run ended: drive what its end woke (a sibling waiting for it, then the parent)."""
+        if not run.status.is_terminal or not run.parent_id:
+            return
+        for sibling in await self.store.child_runs(run.parent_id):
+            if sibling.status == RunStatus.QUEUED and sibling.id not in self._drives:
+                await self._drive(sibling.id)
+        parent = await self.store.get_run(run.parent_id)
+        if parent.status == RunStatus.QUEUED and parent.id not in self._drives:
+            await self._drive(parent.id)
 
     def _forget(self, run_id: str, task: asyncio.Task[RunRecord]) -> None:
         if self._drives.get(run_id) is task:
@@ -252,7 +256,10 @@ class RunService:
         """End runs whose approval request passed its deadline; returns how many."""
         expired = 0
         for approval_id in await self.store.overdue_approval_ids():
-            expired += await self.store.expire_approval(approval_id)
+            if await self.store.expire_approval(approval_id):
+                expired += 1
+                approval = await self.store.get_approval(approval_id)
+                await self._drive_woken(await self.store.get_run(approval.run_id))
         return expired
 
     # -- decisions ---------------------------------------------------------------------------
@@ -304,11 +311,13 @@ class RunService:
 
         run = await self.store.get_run(run_id)
         message = f"{status} by {decider}"
-        if run.status == RunStatus.QUEUED:
-            try:
+        try:
+            if run.status == RunStatus.QUEUED:
                 run = await self._drive(run_id)
-            except StoreError as exc:  # e.g. another process resumed it first: still decided
-                message += f"; the run goes on elsewhere ({exc})"
+            else:
+                await self._drive_woken(run)  # e.g. a rejected child: its tree goes on
+        except StoreError as exc:  # e.g. another process resumed it first: still decided
+            message += f"; the run goes on elsewhere ({exc})"
         return DecisionResult(True, message, approval, run)
 
     async def _approval_to_decide(
@@ -323,7 +332,7 @@ class RunService:
                     approval = await self.store.get_approval(approval_id)
             except ApprovalNotFound:
                 raise ServiceError("no such approval request (stale or forged)") from None
-            if approval.run_id not in await self.store.tree_ids(run.id):
+            if approval.run_id not in await self.store.subtree_ids(run.id):
                 raise ServiceError("that approval request belongs to another run")
             return approval
         requests = await self.store.list_approvals(run.id)
@@ -347,20 +356,23 @@ class RunService:
         raise ServiceError(f"run {run.id} has no approval request (status {run.status})")
 
     async def _approval_in_tree(self, run: RunRecord) -> ApprovalRecord:
-        """The one pending request below a waiting parent; several must be named."""
-        pending = [
+        """The one request below a waiting parent; as for one run, an unnamed decision is only
+        taken when the subtree has ever had a single request, so a repeat cannot land on the
+        next gate."""
+        requests = [
             approval
-            for tree_id in await self.store.tree_ids(run.id)
-            for approval in await self.store.list_approvals(tree_id, ApprovalStatus.PENDING)
+            for tree_id in (await self.store.subtree_ids(run.id))[1:]
+            for approval in await self.store.list_approvals(tree_id)
         ]
-        if len(pending) == 1:
-            return pending[0]
+        pending = [a for a in requests if a.status == ApprovalStatus.PENDING]
         if not pending:
             raise ServiceError(f"run {run.id} waits for its children; none waits for a decision")
+        if len(requests) == 1:
+            return pending[0]
         listing = ", ".join(f"#{a.id} ({_describe(a)} in {a.run_id})" for a in pending)
         raise ServiceError(
-            f"run {run.id} has {len(pending)} pending requests below it: {listing}; "
-            "decide one with --run-id CHILD or --approval ID"
+            f"run {run.id} has had {len(requests)} approval requests below it; name the one "
+            f"you decide with --approval ID (pending: {listing})"
         )
 
     async def cancel(self, run_id: str, by: str) -> RunRecord:
@@ -373,7 +385,9 @@ class RunService:
         # gone within a third of the lease TTL and stops there.
         for cancelled_id in cancelled:
             self.kernel.stop(cancelled_id)
-        return await self.store.get_run(run_id)
+        run = await self.store.get_run(run_id)
+        await self._drive_woken(run)  # a cancelled child may have been the last one awaited
+        return run
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -394,7 +408,7 @@ class RunService:
         run = await self.store.get_run(run_id)
         if run.status != RunStatus.WAITING_CHILDREN:
             return None
-        for tree_id in await self.store.tree_ids(run_id):
+        for tree_id in await self.store.subtree_ids(run_id):
             pending = await self.store.list_approvals(tree_id, ApprovalStatus.PENDING)
             if pending:
                 return pending[0]

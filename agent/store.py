@@ -650,6 +650,18 @@ class RunStore:
 
         return await self._transaction(open_, durable=True)
 
+    async def subtree_ids(self, run_id: str) -> list[str]:
+        """The run and every run below it (never its parent or siblings)."""
+        rows = await self._read(
+            lambda c: c.execute(
+                "WITH RECURSIVE tree(id, depth) AS (SELECT ?, 0 UNION ALL "
+                "SELECT r.id, t.depth + 1 FROM runs r JOIN tree t ON r.parent_id = t.id) "
+                "SELECT id FROM tree ORDER BY depth, id",
+                (run_id,),
+            ).fetchall()
+        )
+        return [row[0] for row in rows]
+
     async def tree_ids(self, run_id: str) -> list[str]:
         """The root of the run's tree, then every run below it (parents before children)."""
 
@@ -1501,7 +1513,7 @@ class RunStore:
                 idx=row[2],
                 ts=row[3],
                 type=row[4],
-                data=json.loads(row[5]),
+                data=_event_data(row[5]),
                 prev_hash=row[6],
                 hash=row[7],
             )
@@ -1543,6 +1555,16 @@ class RunStore:
             return cursor.rowcount == 1
 
         return await self._transaction(mark, durable=True)
+
+
+def _event_data(raw: str) -> dict[str, Any]:
+    """An event's data; text that is no longer JSON (a damaged or tampered journal) is kept as
+    it is, so the hash check reports it instead of the reader crashing."""
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return {"_undecodable": raw}
+    return data if isinstance(data, dict) else {"_undecodable": raw}
 
 
 def _intent_event(call: NewToolCall, attempt: int) -> NewEvent:

@@ -204,3 +204,26 @@ async def test_every_role_has_its_system_prompt(
     assert "incident: llm drill" in system
     names = {t["function"]["name"] for t in tool_schemas(tools_for_role(role))}
     assert names == {*tools_for_role(role), "finish_run"}
+
+
+async def test_a_model_cannot_finish_before_seeing_its_calls(
+    settings: Settings, workspace: Path
+) -> None:
+    script = [
+        tool_reply(("read_runbook", {"runbook_id": "llm-drill"})),
+        # Calls and a premature "succeeded" in one answer: the final answer is set aside.
+        tool_reply(
+            ("execute_step", {"step_id": "nope"}),
+            ("finish_run", {"outcome": "succeeded", "summary": "too early"}),
+        ),
+        tool_reply(("finish_run", {"outcome": "failed", "summary": "the step was refused"})),
+    ]
+    with serve(script) as stand_in:
+        llm = _settings(settings, workspace, stand_in.base_url)
+        service = await RunService.open(llm)
+        try:
+            run = await service.start("early", "incident: llm drill")
+        finally:
+            await service.close()
+    assert run.status == RunStatus.FAILED and run.summary == "the step was refused"
+    assert len(stand_in.requests) == 3
