@@ -96,19 +96,15 @@ class _Server:
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> Any:
+    async def start(self, timeout: float) -> Any:
         loop = asyncio.get_running_loop()
         self._ready = loop.create_future()
         self._task = asyncio.create_task(self._hold(), name=f"mcp:{self.name}")
         try:
-            return await asyncio.wait_for(
-                asyncio.shield(self._ready), timeout=self.config.startup_timeout
-            )
+            return await asyncio.wait_for(asyncio.shield(self._ready), timeout=timeout)
         except TimeoutError:
             await self.close()
-            raise McpError(
-                f"MCP server {self.name!r} did not start within {self.config.startup_timeout:g} s"
-            ) from None
+            raise McpError(f"MCP server {self.name!r} did not start within {timeout:g} s") from None
 
     async def _hold(self) -> None:
         # Imported here: the SDK is only needed by workspaces that configure MCP servers.
@@ -145,9 +141,11 @@ class _Server:
 
     async def close(self) -> None:
         self._stop.set()
-        if self._task is not None:
+        if self._task is not None and not self._task.done():
+            # A server that never finished starting cannot shut down politely: cancel it.
+            grace = 5 if self.session is not None else 0.01
             try:
-                await asyncio.wait_for(self._task, timeout=5)
+                await asyncio.wait_for(self._task, timeout=grace)
             except (TimeoutError, Exception):
                 self._task.cancel()
                 with contextlib.suppress(BaseException):
@@ -172,7 +170,9 @@ class McpHub:
         if mapping is None:
             known = ", ".join(sorted(self.config.tools)) or "none"
             raise McpError(f"unknown MCP tool {tool!r} (configured: {known})")
-        session = await self._session(mapping.server)
+        # Starting a server counts against the call's own timeout, not only the server's.
+        startup = min(self.config.servers[mapping.server].startup_timeout, timeout)
+        session = await self._session(mapping.server, startup)
         try:
             result = await asyncio.wait_for(
                 session.call_tool(mapping.tool, arguments, read_timeout_seconds=timeout),
@@ -186,7 +186,7 @@ class McpHub:
         text = "\n".join(getattr(part, "text", "") for part in result.content).strip()
         return McpResult(bool(result.is_error), text, result.structured_content)
 
-    async def _session(self, name: str) -> Any:
+    async def _session(self, name: str, startup_timeout: float) -> Any:
         async with self._lock:
             server = self._servers.get(name)
             if server is not None and server.alive:
@@ -195,7 +195,7 @@ class McpHub:
                 await server.close()
             server = _Server(name, self.config.servers[name])
             self._servers[name] = server
-            return await server.start()
+            return await server.start(startup_timeout)
 
     async def _drop(self, name: str) -> None:
         async with self._lock:

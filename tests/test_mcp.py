@@ -134,3 +134,17 @@ async def test_a_bad_config_is_an_error_outcome(settings: Settings, workspace: P
     status, act, _ = await _run(settings)
     assert status == RunStatus.FAILED
     assert "invalid MCP config" in act["error"]
+
+
+async def test_a_server_that_never_starts_costs_only_the_step_timeout(
+    settings: Settings, workspace: Path
+) -> None:
+    _workspace(workspace, "restart_service", timeout=1)
+    silent = {"command": sys.executable, "args": ["-c", "import time; time.sleep(600)"]}
+    config = json.loads((workspace / "ops.mcp.json").read_text())
+    config["servers"]["ops"] = silent
+    (workspace / "ops.mcp.json").write_text(json.dumps(config))
+    # wait_for turns a hung run into a test failure instead of a hung suite.
+    status, act, _ = await asyncio.wait_for(_run(settings), timeout=60)
+    assert status == RunStatus.FAILED
+    assert "did not start within 1 s" in act["error"]
