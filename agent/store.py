@@ -393,6 +393,32 @@ class RunStore:
         assignments = ", ".join(f"{column} = ?" for column in updates)
         conn.execute(f"UPDATE runs SET {assignments} WHERE id = ?", (*updates.values(), run_id))
 
+    def _park(
+        self,
+        conn: sqlite3.Connection,
+        run_id: str,
+        events: Sequence[NewEvent],
+        now: float,
+        status: RunStatus,
+        checkpoint: Checkpoint,
+        owner: str,
+    ) -> None:
+        """In the caller's transaction: a waiting run keeps its checkpoint and lets go of its
+        lease, so it holds no process until something wakes it."""
+        self._append_events(
+            conn,
+            run_id,
+            events,
+            now,
+            {
+                "status": status,
+                "checkpoint": checkpoint.to_json(),
+                "lease_owner": None,
+                "lease_expires_at": None,
+            },
+            fence_owner=owner,
+        )
+
     @staticmethod
     def _enqueue_outbox(
         conn: sqlite3.Connection,
@@ -494,19 +520,7 @@ class RunStore:
                 )
                 return sibling or {"run_id": None, "role": role, "status": "absent"}
             events.append(NewEvent("waiting_for_sibling", {"run_id": sibling["run_id"]}))
-            self._append_events(
-                conn,
-                run_id,
-                events,
-                now,
-                {
-                    "status": RunStatus.WAITING_CHILDREN,
-                    "checkpoint": checkpoint.to_json(),
-                    "lease_owner": None,
-                    "lease_expires_at": None,
-                },
-                fence_owner=owner,
-            )
+            self._park(conn, run_id, events, now, RunStatus.WAITING_CHILDREN, checkpoint, owner)
             return None
 
         return await self._transaction(wait, durable=True)
@@ -633,19 +647,7 @@ class RunStore:
                 )
                 ids.append(child_id)
             events.append(NewEvent("children_started", {"call_key": call.call_key, "runs": ids}))
-            self._append_events(
-                conn,
-                parent_id,
-                events,
-                now,
-                {
-                    "status": RunStatus.WAITING_CHILDREN,
-                    "checkpoint": checkpoint.to_json(),
-                    "lease_owner": None,
-                    "lease_expires_at": None,
-                },
-                fence_owner=owner,
-            )
+            self._park(conn, parent_id, events, now, RunStatus.WAITING_CHILDREN, checkpoint, owner)
             return ids
 
         return await self._transaction(open_, durable=True)
@@ -1254,19 +1256,7 @@ class RunStore:
             # The token works like a password for buttons: chats get it, the journal does not.
             journaled = {k: v for k, v in payload.items() if k != "token"}
             events.append(NewEvent("approval_requested", journaled))
-            self._append_events(
-                conn,
-                run_id,
-                events,
-                now,
-                {
-                    "status": RunStatus.WAITING_APPROVAL,
-                    "checkpoint": checkpoint.to_json(),
-                    "lease_owner": None,
-                    "lease_expires_at": None,
-                },
-                fence_owner=owner,
-            )
+            self._park(conn, run_id, events, now, RunStatus.WAITING_APPROVAL, checkpoint, owner)
             self._enqueue_outbox(conn, run_id, "approval_request", payload, now)
             return approval_id
 
