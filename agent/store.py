@@ -667,29 +667,17 @@ class RunStore:
     async def tree_ids(self, run_id: str) -> list[str]:
         """The root of the run's tree, then every run below it (parents before children)."""
 
-        def walk(conn: sqlite3.Connection) -> list[str]:
+        def root_of(conn: sqlite3.Connection) -> str:
             root = run_id
             while True:
                 row = conn.execute("SELECT parent_id FROM runs WHERE id = ?", (root,)).fetchone()
                 if row is None:
                     raise RunNotFound(f"unknown run id {run_id!r}")
                 if row[0] is None:
-                    break
+                    return root
                 root = row[0]
-            ordered, queue = [], [root]
-            while queue:
-                current = queue.pop(0)
-                ordered.append(current)
-                queue.extend(
-                    r[0]
-                    for r in conn.execute(
-                        "SELECT id FROM runs WHERE parent_id = ? ORDER BY created_at, id",
-                        (current,),
-                    )
-                )
-            return ordered
 
-        return await self._read(walk)
+        return await self.subtree_ids(await self._read(root_of))
 
     # -- runs ------------------------------------------------------------------------------
 
