@@ -12,6 +12,7 @@ import csv
 import json
 import logging
 import os
+import signal
 import sqlite3
 import sys
 import time
@@ -140,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl", help="for export")
     p.add_argument("-o", "--output", type=Path, help="export to this file (default: stdout)")
     _common(p)
+
+    p = sub.add_parser(
+        "telegram",
+        aliases=["bot"],
+        help="serve the Telegram bot (long polling) until interrupted",
+        description="Settings: TELEGRAM_BOT_TOKEN, TELEGRAM_ALLOWED_CHAT_IDS, "
+        "TELEGRAM_APPROVER_IDS, TELEGRAM_API_BASE_URL (see .env.example).",
+    )
+    _common(p, run_flags=True)
 
     p = sub.add_parser("runbooks", help="list or validate runbooks")
     p.add_argument("action", choices=["list", "validate"])
@@ -476,10 +486,47 @@ COMMANDS: dict[str, Callable[[RunService, argparse.Namespace], Awaitable[int]]] 
 }
 
 
+async def _serve_telegram(settings: Settings) -> int:
+    """`loom-ops telegram`: check every setting before any network call, then serve."""
+    # Imported here: python-telegram-bot is not needed by any other command.
+    from bot.gateway import ConfigError, check_config, serve_bot
+    from bot.settings import TelegramSettings, check_token
+
+    try:
+        telegram = TelegramSettings()
+        check_config(telegram)
+        token = check_token(
+            settings.telegram_bot_token.get_secret_value() if settings.telegram_bot_token else None
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise UsageError(f"bad setting {first['loc'][0]}: {first['msg']}") from None
+    except (ConfigError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    # A long-running service: timestamps, INFO, and tracebacks for the operator's logs.
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for handler in root.handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Bot API request
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    service = await RunService.open(settings)
+    try:
+        await serve_bot(service, token, telegram, stop)
+    finally:
+        await service.close()
+    return EXIT_OK
+
+
 async def _run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.command == "runbooks":
         return _cmd_runbooks(settings, args)
+    if args.command in ("telegram", "bot"):
+        return await _serve_telegram(settings)
     service = await RunService.open(settings)
     try:
         return await COMMANDS[args.command](service, args)

@@ -1,4 +1,5 @@
-"""Failpoints: a test hook that kills this process with SIGKILL at a named point of the kernel.
+"""Failpoints: a test hook that kills this process with SIGKILL at a named point of the kernel
+or the chat outbox.
 
 `LOOM_OPS_FAILPOINT=after_intent:3` kills the process the third time the kernel passes
 `after_intent`. The crash tests use it to stop a real process at every step boundary.
@@ -11,7 +12,20 @@ import signal
 from collections import Counter
 
 POINTS = frozenset(
-    {"after_claim", "before_intent", "after_intent", "after_tool", "after_outcome", "after_wait"}
+    {
+        "after_claim",
+        "before_intent",
+        "after_intent",
+        "after_tool",
+        "after_outcome",
+        "after_wait",
+        # The chat outbox: a message about to go to the Bot API; then taken by the Bot API,
+        # its delivery not yet recorded.
+        "before_send_approval_request",
+        "after_send_approval_request",
+        "before_send_run_finished",
+        "after_send_run_finished",
+    }
 )
 
 

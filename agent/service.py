@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from agent.approvals import (
     Decision,
@@ -76,6 +78,7 @@ class RunService:
             new_owner_id(),
         )
         self._drives: dict[str, asyncio.Task[RunRecord]] = {}
+        self._side_tasks: set[asyncio.Task[None]] = set()
 
     @classmethod
     async def open(cls, settings: Settings, policy: Policy | None = None) -> RunService:
@@ -89,7 +92,7 @@ class RunService:
 
     async def close(self) -> None:
         """Stop this process's drives (their runs go back to the queue), then close the store."""
-        drives = list(self._drives.values())
+        drives: list[asyncio.Task[Any]] = [*self._drives.values(), *self._side_tasks]
         for task in drives:
             task.cancel()
         await asyncio.gather(*drives, return_exceptions=True)
@@ -252,15 +255,22 @@ class RunService:
                 recovered.append(result)
         return recovered
 
-    async def expire_overdue(self) -> int:
-        """End runs whose approval request passed its deadline; returns how many."""
+    async def expire_overdue(self, wait: bool = True) -> int:
+        """End runs whose approval request passed its deadline; returns how many. What their
+        end wakes is driven in this task when `wait`, else in the background."""
         expired = 0
         for approval_id in await self.store.overdue_approval_ids():
             if await self.store.expire_approval(approval_id):
                 expired += 1
                 approval = await self.store.get_approval(approval_id)
-                await self._drive_woken(await self.store.get_run(approval.run_id))
+                await self._wake_after_end(await self.store.get_run(approval.run_id), wait)
         return expired
+
+    async def _wake_after_end(self, run: RunRecord, wait: bool) -> None:
+        if wait:
+            await self._drive_woken(run)
+        elif run.status.is_terminal and run.parent_id:
+            self._background(self._drive_woken(run), f"wake:{run.id}")
 
     # -- decisions ---------------------------------------------------------------------------
 
@@ -272,15 +282,17 @@ class RunService:
         note: str | None = None,
         approval_token: str | None = None,
         approval_id: int | None = None,
+        wait: bool = True,
     ) -> DecisionResult:
-        """Decide one approval request of a run; the first decision wins. Approval resumes it.
+        """Decide one approval request of a run; the first decision wins. Approval resumes it
+        (in this task when `wait`, else in the background, as a chat handler needs).
 
         The request is named by its token (buttons, links) or id; unnamed, it must be the
         run's only request ever, so a repeated decision can never land on a later one.
         """
         if note is not None:
             validate_text("note", note, MAX_NOTE_BYTES)
-        await self.expire_overdue()
+        await self.expire_overdue(wait)
         run = await self.store.get_run(run_id)
         approval = await self._approval_to_decide(run, approval_token, approval_id)
         if approval.run_id != run.id:  # decided through its root: act on the child itself
@@ -313,12 +325,30 @@ class RunService:
         message = f"{status} by {decider}"
         try:
             if run.status == RunStatus.QUEUED:
-                run = await self._drive(run_id)
+                run = await self._drive(run_id, wait)
             else:
-                await self._drive_woken(run)  # e.g. a rejected child: its tree goes on
+                await self._wake_after_end(run, wait)  # e.g. a rejected child: its tree goes on
         except StoreError as exc:  # e.g. another process resumed it first: still decided
             message += f"; the run goes on elsewhere ({exc})"
         return DecisionResult(True, message, approval, run)
+
+    def _background(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Run `work` as a task this service keeps (and stops on close)."""
+        task = asyncio.create_task(work, name=name)
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_task_done)
+
+    def _side_task_done(self, task: asyncio.Task[None]) -> None:
+        self._side_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s failed: %s", task.get_name(), task.exception())
+
+    def check_decider(self, approval: ApprovalRecord, decider: str) -> None:
+        """Raise ServiceError unless `decider` may decide `approval` (nothing is recorded)."""
+        try:
+            check_decider(approval, decider, self.settings.approvers)
+        except DecisionRefused as exc:
+            raise ServiceError(str(exc)) from None
 
     async def _approval_to_decide(
         self, run: RunRecord, approval_token: str | None, approval_id: int | None
@@ -375,8 +405,9 @@ class RunService:
             f"you decide with --approval ID (pending: {listing})"
         )
 
-    async def cancel(self, run_id: str, by: str) -> RunRecord:
-        """Cancel a run that has not finished."""
+    async def cancel(self, run_id: str, by: str, wait: bool = True) -> RunRecord:
+        """Cancel a run that has not finished (what its end wakes is driven in this task when
+        `wait`, else in the background)."""
         try:
             cancelled = await self.store.cancel_run(run_id, by)
         except StoreError as exc:
@@ -386,7 +417,7 @@ class RunService:
         for cancelled_id in cancelled:
             self.kernel.stop(cancelled_id)
         run = await self.store.get_run(run_id)
-        await self._drive_woken(run)  # a cancelled child may have been the last one awaited
+        await self._wake_after_end(run, wait)  # a cancelled child may have been the last one
         return run
 
     # -- reading -----------------------------------------------------------------------------

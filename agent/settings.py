@@ -79,6 +79,11 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("OPENAI_MODEL", "LOOM_OPS_OPENAI_MODEL"),
         description="Model name.",
     )
+    telegram_bot_token: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("TELEGRAM_BOT_TOKEN", "LOOM_OPS_TELEGRAM_BOT_TOKEN"),
+        description="The Telegram bot's token (from @BotFather); redacted wherever it appears.",
+    )
     llm_timeout: float = Field(60.0, gt=0, description="Seconds per LLM request attempt.")
     llm_max_retries: int = Field(
         3, ge=0, le=10, description="Retries of a failed LLM request (the client's backoff)."
@@ -131,5 +136,5 @@ class Settings(BaseSettings):
 
     def secret_values(self) -> list[str]:
         """Values of secret settings, redacted wherever they appear."""
-        secrets = [self.api_token, self.openai_api_key]
+        secrets = [self.api_token, self.openai_api_key, self.telegram_bot_token]
         return [s.get_secret_value() for s in secrets if s and s.get_secret_value()]

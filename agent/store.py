@@ -175,6 +175,8 @@ class OutboxMessage:
     kind: str
     payload: dict[str, Any]
     attempts: int
+    created_at: float = 0.0
+    next_attempt_at: float = 0.0  # after a failed attempt: not before this time
 
 
 _TERMINAL = frozenset(str(status) for status in TERMINAL_STATUSES)
@@ -200,6 +202,10 @@ class RunStore:
     def __init__(self, db: aiosqlite.Connection, path: str) -> None:
         self._db = db
         self.path = path
+        # Set after a commit that queued chat messages, so a sender in this process delivers
+        # them at once instead of polling the table.
+        self.outbox_ready = asyncio.Event()
+        self._outbox_written = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -352,7 +358,11 @@ class RunStore:
                 if durable:
                     conn.execute("PRAGMA synchronous = NORMAL")
 
-        return await self._on_thread(run)
+        result = await self._on_thread(run)
+        if self._outbox_written:
+            self._outbox_written = False
+            self.outbox_ready.set()
+        return result
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await self._on_thread(fn)
@@ -419,24 +429,51 @@ class RunStore:
             fence_owner=owner,
         )
 
-    @staticmethod
     def _enqueue_outbox(
+        self,
         conn: sqlite3.Connection,
         run_id: str,
         kind: str,
         payload: dict[str, Any],
         now: float,
     ) -> None:
-        """Queue a chat message in the caller's transaction when the run came from a chat."""
-        origin_json = conn.execute("SELECT origin FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
-        origin = Origin.from_json(origin_json)
+        """Queue a chat message in the caller's transaction when the run's tree came from a chat.
+
+        The end of a child run is not a summary of its own: it refreshes the root's progress
+        message. Progress messages name the root, whose one message is edited in place.
+        """
+        row = conn.execute("SELECT origin, parent_id FROM runs WHERE id = ?", (run_id,)).fetchone()
+        origin = Origin.from_json(row[0])
         if origin.chat_id is None:
             return
-        target = {"chat_id": origin.chat_id, "thread_id": origin.thread_id}
-        conn.execute(
-            "INSERT INTO outbox (run_id, target, kind, payload, created_at) VALUES (?, ?, ?, ?, ?)",
-            (run_id, _dumps(target), kind, _dumps(payload), now),
-        )
+        target = _dumps({"chat_id": origin.chat_id, "thread_id": origin.thread_id})
+
+        def insert(kind: str, payload: dict[str, Any]) -> None:
+            conn.execute(
+                "INSERT INTO outbox (run_id, target, kind, payload, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (run_id, target, kind, _dumps(payload), now),
+            )
+
+        is_root = row[1] is None
+        if kind in ("run_finished", "progress"):
+            progress = {"root_id": self._root_id(conn, run_id), "run_id": run_id, **payload}
+            insert("progress", progress)  # the progress message shows a run's end too
+        if kind != "progress" and (kind != "run_finished" or is_root):
+            insert(kind, payload)  # only the root's end is a summary of its own
+        self._outbox_written = True
+
+    @staticmethod
+    def _root_id(conn: sqlite3.Connection, run_id: str) -> str:
+        """The root of the run's tree (the run itself when it has no parent)."""
+        root = run_id
+        while True:
+            row = conn.execute("SELECT parent_id FROM runs WHERE id = ?", (root,)).fetchone()
+            if row is None:
+                raise RunNotFound(f"unknown run id {run_id!r}")
+            if row[0] is None:
+                return root
+            root = row[0]
 
     def _wake_parent(self, conn: sqlite3.Connection, run_id: str, now: float) -> None:
         """In the caller's transaction: when a child ends, wake its parent if it was the last.
@@ -666,18 +703,11 @@ class RunStore:
 
     async def tree_ids(self, run_id: str) -> list[str]:
         """The root of the run's tree, then every run below it (parents before children)."""
+        return await self.subtree_ids(await self.root_id(run_id))
 
-        def root_of(conn: sqlite3.Connection) -> str:
-            root = run_id
-            while True:
-                row = conn.execute("SELECT parent_id FROM runs WHERE id = ?", (root,)).fetchone()
-                if row is None:
-                    raise RunNotFound(f"unknown run id {run_id!r}")
-                if row[0] is None:
-                    return root
-                root = row[0]
-
-        return await self.subtree_ids(await self._read(root_of))
+    async def root_id(self, run_id: str) -> str:
+        """The root of the run's tree; raises RunNotFound."""
+        return await self._read(lambda conn: self._root_id(conn, run_id))
 
     # -- runs ------------------------------------------------------------------------------
 
@@ -723,6 +753,8 @@ class RunStore:
                 },
             )
             self._append_events(conn, new.id, [event], now)
+            if new.parent_id is None:  # the chat's progress message for this run starts here
+                self._enqueue_outbox(conn, new.id, "progress", {"event": "started"}, now)
 
         await self._transaction(create, durable=True)
         return await self.get_run(new.id)
@@ -1122,6 +1154,11 @@ class RunStore:
             self._append_events(
                 conn, run_id, [event, *extra_events], now, updates, fence_owner=owner
             )
+            tool, step_id = conn.execute(
+                "SELECT tool, step_id FROM tool_calls WHERE call_key = ?", (call_key,)
+            ).fetchone()
+            progress = {"run_id": run_id, "tool": tool, "step_id": step_id, "status": status}
+            self._enqueue_outbox(conn, run_id, "progress", progress, now)
 
         await self._transaction(finish)
 
@@ -1440,6 +1477,15 @@ class RunStore:
         self._wake_parent(conn, run_id, now)
         return True
 
+    async def next_approval_deadline(self) -> float | None:
+        """The earliest deadline of a pending approval request, if any."""
+        row = await self._read(
+            lambda c: c.execute(
+                "SELECT MIN(deadline_at) FROM approvals WHERE status = 'pending'"
+            ).fetchone()
+        )
+        return row[0]
+
     async def overdue_approval_ids(self) -> list[int]:
         """Pending requests whose deadline has passed."""
         rows = await self._read(
@@ -1500,15 +1546,21 @@ class RunStore:
 
     # -- outbox ----------------------------------------------------------------------------
 
-    async def undelivered_messages(self, limit: int = 100) -> list[OutboxMessage]:
-        """Messages still to deliver, oldest first."""
-        rows = await self._read(
-            lambda c: c.execute(
-                "SELECT id, run_id, target, kind, payload, attempts FROM outbox "
-                "WHERE delivered_at IS NULL ORDER BY id LIMIT ?",
-                (limit,),
-            ).fetchall()
+    async def undelivered_messages(
+        self, limit: int = 100, chat_id: int | None = None
+    ) -> list[OutboxMessage]:
+        """Messages still to deliver (of one chat), oldest first, backoffs included: a chat's
+        messages go out in order, so one waiting out a backoff holds back those behind it."""
+        sql = (
+            "SELECT id, run_id, target, kind, payload, attempts, created_at, next_attempt_at "
+            "FROM outbox WHERE delivered_at IS NULL AND failed_at IS NULL"
         )
+        params: tuple[Any, ...] = ()
+        if chat_id is not None:
+            sql += " AND json_extract(target, '$.chat_id') = ?"
+            params = (chat_id,)
+        sql += " ORDER BY id LIMIT ?"
+        rows = await self._read(lambda c: c.execute(sql, (*params, limit)).fetchall())
         return [
             OutboxMessage(
                 id=row[0],
@@ -1517,22 +1569,134 @@ class RunStore:
                 kind=row[3],
                 payload=json.loads(row[4]),
                 attempts=row[5],
+                created_at=row[6],
+                next_attempt_at=row[7],
             )
             for row in rows
         ]
 
+    async def pending_chat_ids(self) -> list[int]:
+        """The chats that have messages still to deliver."""
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT DISTINCT json_extract(target, '$.chat_id') FROM outbox "
+                "WHERE delivered_at IS NULL AND failed_at IS NULL"
+            ).fetchall()
+        )
+        return [row[0] for row in rows]
+
+    async def last_step_outcome(self, root_id: str) -> tuple[str, str, str, str | None, str] | None:
+        """(run id, role, tool, step id, status) of the latest call outcome in a run tree."""
+        return await self._read(
+            lambda c: c.execute(
+                "WITH RECURSIVE tree(id) AS (SELECT ? UNION ALL "
+                "SELECT r.id FROM runs r JOIN tree t ON r.parent_id = t.id) "
+                "SELECT tc.run_id, runs.role, tc.tool, tc.step_id, tc.status FROM tool_calls tc "
+                "JOIN tree ON tc.run_id = tree.id JOIN runs ON runs.id = tc.run_id "
+                "WHERE tc.outcome_at IS NOT NULL AND tc.status != 'intent' "
+                "ORDER BY tc.outcome_at DESC, tc.id DESC LIMIT 1",
+                (root_id,),
+            ).fetchone()
+        )
+
     async def mark_delivered(self, message_id: int, chat_message_id: int | None) -> bool:
         """Record a delivery once; False if it was already recorded."""
+        return await self.mark_all_delivered([message_id], chat_message_id) == 1
 
-        def mark(conn: sqlite3.Connection) -> bool:
-            cursor = conn.execute(
+    async def mark_all_delivered(
+        self, message_ids: Sequence[int], chat_message_id: int | None
+    ) -> int:
+        """Record that one chat message delivered these entries (progress rows coalesce into
+        one edit); returns how many were not recorded before."""
+        now = time.time()
+
+        def mark(conn: sqlite3.Connection) -> int:
+            cursor = conn.executemany(
                 "UPDATE outbox SET delivered_at = ?, message_id = ? "
                 "WHERE id = ? AND delivered_at IS NULL",
-                (time.time(), chat_message_id, message_id),
+                [(now, chat_message_id, message_id) for message_id in message_ids],
             )
-            return cursor.rowcount == 1
+            return cursor.rowcount
 
         return await self._transaction(mark, durable=True)
+
+    async def record_delivery_failure(
+        self, message_id: int, error: str, retry_at: float | None
+    ) -> None:
+        """Count a failed attempt: retry it at `retry_at`, or give up on it when that is None."""
+        now = time.time()
+
+        def record(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ?, "
+                "next_attempt_at = COALESCE(?, next_attempt_at), "
+                "failed_at = CASE WHEN ? IS NULL THEN ? ELSE failed_at END "
+                "WHERE id = ? AND delivered_at IS NULL",
+                (error[:500], retry_at, retry_at, now, message_id),
+            )
+
+        await self._transaction(record)
+
+    async def approval_message_id(self, approval_id: int) -> int | None:
+        """The chat message that carries an approval request's buttons, once delivered."""
+        row = await self._read(
+            lambda c: c.execute(
+                "SELECT message_id FROM outbox WHERE kind = 'approval_request' "
+                "AND json_extract(payload, '$.approval_id') = ? AND message_id IS NOT NULL",
+                (approval_id,),
+            ).fetchone()
+        )
+        return row[0] if row else None
+
+    async def progress_message(self, root_id: str) -> tuple[int, float] | None:
+        """The message showing a run tree's progress, and when it was last sent or edited."""
+        row = await self._read(
+            lambda c: c.execute(
+                "SELECT MIN(message_id), MAX(delivered_at) FROM outbox "
+                "WHERE kind = 'progress' AND json_extract(payload, '$.root_id') = ? "
+                "AND message_id IS NOT NULL",
+                (root_id,),
+            ).fetchone()
+        )
+        return (row[0], row[1]) if row and row[0] is not None else None
+
+    # -- chat users ------------------------------------------------------------------------
+
+    async def remember_chat_user(self, identity: str, display: str) -> None:
+        """Record how a chat identity (`telegram:<id>`) is shown to people, e.g. `@alice`."""
+        now = time.time()
+        await self._transaction(
+            lambda c: c.execute(
+                "INSERT INTO chat_users (identity, display, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (identity) DO UPDATE SET display = excluded.display, "
+                "updated_at = excluded.updated_at WHERE display != excluded.display",
+                (identity, display, now),
+            )
+        )
+
+    async def chat_user_names(self, identities: Iterable[str]) -> dict[str, str]:
+        """How each known identity is shown; unknown identities are left out."""
+        wanted = sorted(set(identities))
+        if not wanted:
+            return {}
+        marks = ", ".join("?" for _ in wanted)
+        rows = await self._read(
+            lambda c: c.execute(
+                f"SELECT identity, display FROM chat_users WHERE identity IN ({marks})", wanted
+            ).fetchall()
+        )
+        return dict(rows)
+
+    async def list_chat_runs(self, chat_id: int, limit: int = 10) -> list[RunRecord]:
+        """The runs a chat started (roots only), newest first."""
+        rows = await self._read(
+            lambda c: c.execute(
+                f"SELECT {_RUN_COLUMNS} FROM runs WHERE parent_id IS NULL "
+                "AND json_extract(origin, '$.chat_id') = ? ORDER BY created_at DESC, id LIMIT ?",
+                (chat_id, limit),
+            ).fetchall()
+        )
+        return [_run_from_row(row) for row in rows]
 
 
 def _event_data(raw: str) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +61,12 @@ class RunSummary:
     steps: list[StepResult] = field(default_factory=list)
     approvals: list[ApprovalRecord] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    names: dict[str, str] = field(default_factory=dict)  # identity -> how people know it
+
+    def who(self, identity: str) -> str:
+        """An identity as people know it: `@alice (telegram:42)`, or the identity alone."""
+        name = self.names.get(identity)
+        return f"{name} ({identity})" if name else identity
 
 
 def _clock(ts: float | None) -> str:
@@ -101,35 +107,50 @@ def _detail(call: ToolCallRecord) -> str:
 
 
 async def build_summary(store: RunStore, run_id: str) -> RunSummary:
-    """Gather a run's summary from the journal."""
+    """Gather a run's summary from the journal; a supervised run's steps, approvals and errors
+    come from the whole tree below it."""
     run = await store.get_run(run_id)
-    calls = await store.list_tool_calls(run_id)
-    approvals = await store.list_approvals(run_id)
+    tree = [run, *[await store.get_run(i) for i in (await store.subtree_ids(run_id))[1:]]]
     end = run.finished_at or time.time()
-    summary = RunSummary(run=run, duration=_duration(end - run.created_at), approvals=approvals)
+    summary = RunSummary(run=run, duration=_duration(end - run.created_at))
+    for member in tree:
+        summary.approvals.extend(await store.list_approvals(member.id))
+        calls = await store.list_tool_calls(member.id)
+        for call in calls:
+            if call.status in ("error", "refused"):
+                where = f" ({member.role})" if member is not run else ""
+                line = f"{call.tool} {call.step_id or ''}: {_detail(call)}".strip() + where
+                summary.errors.append(line)
+        # The runbook's steps are the executing run's: the run itself, or its executor child.
+        if member.runbook and member.role in ("runbook", "executor") and not summary.steps:
+            summary.steps = _step_results(member, calls)
+        if member.error and member.error not in summary.errors:
+            summary.errors.append(member.error)
+    summary.approvals.sort(key=lambda approval: approval.id)
+    names = {run.requested_by, *(a.decided_by for a in summary.approvals if a.decided_by)}
+    summary.names = await store.chat_user_names(names)
+    return summary
+
+
+def _step_results(run: RunRecord, calls: list[ToolCallRecord]) -> list[StepResult]:
     by_step: dict[str, list[ToolCallRecord]] = {}
     for call in calls:
         if call.step_id and call.tool in ("execute_step", "check_health", "rollback_step"):
             by_step.setdefault(call.step_id, []).append(call)
-        if call.status in ("error", "refused"):
-            summary.errors.append(f"{call.tool} {call.step_id or ''}: {_detail(call)}".strip())
-    steps = (run.runbook or {}).get("steps", [])
-    for step in steps:
+    results = []
+    for step in (run.runbook or {}).get("steps", []):
         tried = by_step.get(step["id"], [])
         if not tried:
-            summary.steps.append(StepResult(step["id"], step["title"], "not run", "", 0))
+            results.append(StepResult(step["id"], step["title"], "not run", "", 0))
             continue
         last = tried[-1]
         result = "rolled back" if last.tool == "rollback_step" else last.status
-        summary.steps.append(
-            StepResult(step["id"], step["title"], result, _detail(last), len(tried))
-        )
-    if run.error and run.error not in summary.errors:
-        summary.errors.append(run.error)
-    return summary
+        results.append(StepResult(step["id"], step["title"], result, _detail(last), len(tried)))
+    return results
 
 
-def render_summary(summary: RunSummary, html: bool = False) -> str:
-    """The audit summary: plain text, or Telegram HTML (only b and code tags; all else escaped)."""
+def render_summary(summary: RunSummary, html: bool = False, hints: Sequence[str] = ()) -> str:
+    """The audit summary: plain text, or Telegram HTML (only b and code tags; all else escaped).
+    `hints` are closing lines on where to read more (commands are shown as code)."""
     env = _HTML if html else _TEXT
-    return env.get_template("summary.j2").render(s=summary, clock=_clock)
+    return env.get_template("summary.j2").render(s=summary, clock=_clock, hints=hints)

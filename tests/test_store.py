@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -285,10 +287,24 @@ async def test_deleting_an_event_breaks_the_chain_at_the_gap(settings: Settings)
 
 
 def _outbox(db: str, run_id: str) -> list[tuple[str, float, str]]:
-    """(kind, created_at, target) of a run's outbox rows, in order."""
+    """(kind, created_at, target) of a run's outbox rows but progress refreshes, in order."""
     return raw_rows(
-        db, "SELECT kind, created_at, target FROM outbox WHERE run_id = ? ORDER BY id", (run_id,)
+        db,
+        "SELECT kind, created_at, target FROM outbox WHERE run_id = ? AND kind != 'progress' "
+        "ORDER BY id",
+        (run_id,),
     )
+
+
+def _progress(db: str, root_id: str) -> list[dict[str, Any]]:
+    """Payloads of the progress rows of a run tree, in order."""
+    rows = raw_rows(
+        db,
+        "SELECT payload FROM outbox WHERE kind = 'progress' "
+        "AND json_extract(payload, '$.root_id') = ? ORDER BY id",
+        (root_id,),
+    )
+    return [json.loads(row[0]) for row in rows]
 
 
 async def test_a_chat_run_writes_its_messages_with_its_state(settings: Settings) -> None:
@@ -302,7 +318,7 @@ async def test_a_chat_run_writes_its_messages_with_its_state(settings: Settings)
         rows = _outbox(settings.db, "chat")
         assert [(kind, ts) for kind, ts, _ in rows] == [("approval_request", pending.created_at)]
         assert rows[0][2] == '{"chat_id":42,"thread_id":7}'
-        queued = await service.store.undelivered_messages()
+        queued = [m for m in await service.store.undelivered_messages() if m.kind != "progress"]
         assert [m.kind for m in queued] == ["approval_request"]
         assert queued[0].payload["token"] == pending.token
         assert queued[0].payload["action"] == pending.action
@@ -317,8 +333,20 @@ async def test_a_chat_run_writes_its_messages_with_its_state(settings: Settings)
             ("approval_decided", approval.decided_at),
             ("run_finished", run.finished_at),
         ]
-        decided = (await service.store.undelivered_messages())[1]
+        decided = [m for m in await service.store.undelivered_messages() if m.kind != "progress"][1]
         assert decided.payload["decided_by"] == "telegram:100000001"
+        progress = _progress(settings.db, "chat")
+        assert progress[0] == {"root_id": "chat", "run_id": "chat", "event": "started"}
+        steps = [
+            p["step_id"] for p in progress if p.get("tool") in ("execute_step", "check_health")
+        ]
+        assert steps == [s["id"] for s in run.runbook["steps"]]  # one refresh per step outcome
+        assert progress[-1] == {
+            "root_id": "chat",
+            "run_id": "chat",
+            "status": "succeeded",
+            "summary": run.summary,
+        }
 
 
 async def test_a_rejection_queues_decision_and_end_together(settings: Settings) -> None:
@@ -339,7 +367,9 @@ async def test_delivery_is_recorded_once(settings: Settings) -> None:
     """mark_delivered succeeds once per message; a delivered message is not offered again."""
     async with open_service(settings) as service:
         await service.start("once", LATENCY, origin=Origin(kind="telegram", chat_id=42))
-        [message] = await service.store.undelivered_messages()
+        [message] = [
+            m for m in await service.store.undelivered_messages() if m.kind == "approval_request"
+        ]
 
         first, second = await asyncio.gather(
             service.store.mark_delivered(message.id, 1001),
@@ -348,7 +378,7 @@ async def test_delivery_is_recorded_once(settings: Settings) -> None:
 
         assert sorted([first, second]) == [False, True]
         assert not await service.store.mark_delivered(message.id, 1003)
-        assert await service.store.undelivered_messages() == []
+        assert message.id not in [m.id for m in await service.store.undelivered_messages()]
         delivered = raw_rows(
             settings.db, "SELECT message_id, delivered_at FROM outbox WHERE id = ?", (message.id,)
         )

@@ -1,0 +1,142 @@
+"""The Telegram gateway: a python-telegram-bot Application with long polling, beside the runs.
+
+`serve_bot` starts everything one bot process runs: the Application (polling, handlers), the
+outbox sender, the approval-expiry sweeper, and the recovery of runs a dead process left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from telegram import Update
+from telegram.ext import AIORateLimiter, Application
+
+from agent.failpoints import Failpoints
+from agent.service import RunService
+from bot.handlers import COMMANDS, ChatOps
+from bot.outbox import OutboxSender
+from bot.settings import TelegramSettings
+
+log = logging.getLogger(__name__)
+
+# Update types the handlers use; Telegram drops the others before they reach us.
+ALLOWED_UPDATES = [Update.MESSAGE, Update.CALLBACK_QUERY]
+# A decision made elsewhere (CLI, another process) may open a request this process did not see:
+# look for overdue requests at least this often.
+MAX_EXPIRY_SLEEP = 5.0
+RESTART_DELAY = 1.0
+
+
+class ConfigError(ValueError):
+    """A setting the bot cannot start with; `str()` is one line for a human."""
+
+
+def check_config(telegram: TelegramSettings) -> None:
+    """Raise ConfigError for a configuration that would serve nobody or let anybody decide."""
+    if not telegram.allowed_chat_ids:
+        raise ConfigError("TELEGRAM_ALLOWED_CHAT_IDS is not set: name the chats the bot serves")
+    if not telegram.approver_ids:
+        raise ConfigError(
+            "TELEGRAM_APPROVER_IDS is not set: name the Telegram user ids who may decide"
+        )
+
+
+def build_application(token: str, telegram: TelegramSettings) -> Application:  # type: ignore[type-arg]
+    """The Application: Bot API base URL from the settings, Telegram's flood limits respected
+    (a `RetryAfter` is waited out and retried), updates handled concurrently."""
+    base_url = telegram.api_base_url
+    file_url = base_url[: -len("/bot")] + "/file/bot" if base_url.endswith("/bot") else base_url
+    return (
+        Application.builder()
+        .token(token)
+        .base_url(base_url)
+        .base_file_url(file_url)
+        .rate_limiter(
+            AIORateLimiter(
+                overall_max_rate=telegram.overall_rate,
+                group_max_rate=telegram.group_rate,
+                max_retries=3,
+            )
+        )
+        .concurrent_updates(True)
+        .build()
+    )
+
+
+async def serve_bot(
+    service: RunService,
+    token: str,
+    telegram: TelegramSettings,
+    stop: asyncio.Event,
+    ready: asyncio.Event | None = None,
+) -> None:
+    """Run the bot until `stop` is set: poll, handle, deliver the outbox, expire, recover."""
+    check_config(telegram)
+    application = build_application(token, telegram)
+    ChatOps(service, telegram).register(application)
+    failpoints = Failpoints(service.settings.failpoint)
+    sender = OutboxSender(service.store, application.bot, telegram.progress_interval, failpoints)
+    async with application:  # getMe: a bad token or an unreachable API fails here
+        await application.bot.set_my_commands(COMMANDS)
+        await application.start()
+        assert application.updater is not None
+        # Taps made while the bot was down are still decisions: never drop pending updates.
+        await application.updater.start_polling(
+            timeout=telegram.poll_timeout,
+            allowed_updates=ALLOWED_UPDATES,
+            drop_pending_updates=False,
+            bootstrap_retries=-1,
+        )
+        tasks = [
+            _task(sender.run, "outbox", restart=True),
+            _task(lambda: expire_overdue_forever(service), "expiry", restart=True),
+            _task(lambda: _recover(service), "recovery", restart=False),
+        ]
+        log.info("bot @%s serving chats %s", application.bot.username, telegram.allowed_chat_ids)
+        if ready is not None:
+            ready.set()
+        try:
+            await stop.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await application.updater.stop()
+            await application.stop()
+
+
+async def expire_overdue_forever(service: RunService) -> None:
+    """Expire approval requests at their deadline (their messages then say so)."""
+    while True:
+        await service.expire_overdue(wait=False)
+        deadline = await service.store.next_approval_deadline()
+        delay = MAX_EXPIRY_SLEEP if deadline is None else deadline - time.time() + 0.01
+        await asyncio.sleep(min(MAX_EXPIRY_SLEEP, max(0.01, delay)))
+
+
+async def _recover(service: RunService) -> None:
+    """Drive on the runs a dead process left (its lease expired, or its owner is gone)."""
+    recovered = await service.recover()
+    if recovered:
+        log.info("recovered %d run(s): %s", len(recovered), ", ".join(r.id for r in recovered))
+
+
+def _task(work: Callable[[], Awaitable[None]], name: str, restart: bool) -> asyncio.Task[None]:
+    """Run `work` beside the bot; a long-lived task that fails is logged and started again,
+    so one bad moment (a locked database, say) does not silence the outbox for good."""
+
+    async def guarded() -> None:
+        while True:
+            try:
+                await work()
+                return
+            except Exception:
+                log.exception("the bot's %s task failed", name)
+                if not restart:
+                    return
+            await asyncio.sleep(RESTART_DELAY)
+
+    return asyncio.create_task(guarded(), name=f"bot:{name}")

@@ -1,0 +1,531 @@
+"""ChatOps: the bot's handlers, one small async method per command or update type.
+
+Handlers answer at once and never wait for a run: runs are driven as tasks of the RunService,
+and what a run says afterwards reaches the chat through the outbox.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+from markupsafe import Markup
+from telegram import (
+    BotCommand,
+    CallbackQuery,
+    ForceReply,
+    InputFile,
+    Message,
+    Update,
+    User,
+)
+from telegram.constants import ParseMode
+from telegram.error import TelegramError
+from telegram.ext import (
+    Application,
+    CallbackQueryHandler,
+    CommandHandler,
+    ContextTypes,
+    MessageHandler,
+    filters,
+)
+
+from agent.approvals import Decision
+from agent.explain import render_timeline
+from agent.records import ApprovalRecord, ApprovalStatus, Origin, RunRecord
+from agent.request import RequestError
+from agent.runbook import RunbookError
+from agent.service import RunService, ServiceError, validate_run_id
+from agent.store import ApprovalNotFound, RunExists, RunNotFound, StoreError
+from agent.trace import build_trace, render_trace
+from bot.messages import MAX_CHUNKS, parse_callback_data, pre_chunks, run_line
+from bot.settings import TelegramSettings
+
+log = logging.getLogger(__name__)
+
+Context = ContextTypes.DEFAULT_TYPE
+
+COMMANDS = [
+    BotCommand("run", "Start a runbook run: /run <runbook | incident text> [key=value …]"),
+    BotCommand("runs", "Recent and active runs of this chat"),
+    BotCommand("status", "Where a run stands: /status <id>"),
+    BotCommand("explain", "A run's timeline: /explain <id>"),
+    BotCommand("trace", "A run's offline HTML trace: /trace <id>"),
+    BotCommand("cancel", "Cancel a run: /cancel <id>"),
+    BotCommand("approve", "Approve a run's pending step: /approve <id> [#request]"),
+    BotCommand("reject", "Reject it: /reject <id> [#request] [reason]"),
+    BotCommand("runbooks", "The runbooks this bot can run"),
+    BotCommand("help", "What this bot does"),
+]
+
+HELP = (
+    "<b>loom-ops</b> runs runbooks from this chat. Risky steps wait for an approver's tap.\n\n"
+    + "\n".join(f"/{c.command} — {Markup.escape(c.description)}" for c in COMMANDS)
+    + "\n\nExample: <code>/run incident: API latency spike service=checkout</code>"
+)
+REFUSED_CHAT = "This chat is not served by this loom-ops bot."
+REQUEST_NUMBER = re.compile(r"^#?([0-9]{1,12})$")
+REJECT_PROMPT = "why reject"
+
+
+def identity_of(user: User) -> str:
+    """How loom-ops records a Telegram user: by id, which unlike a username never changes."""
+    return f"telegram:{user.id}"
+
+
+def display_of(user: User) -> str:
+    """How people know a Telegram user: `@name`, else their full name."""
+    return f"@{user.username}" if user.username else user.full_name
+
+
+@dataclass(frozen=True)
+class RejectPrompt:
+    """A ForceReply prompt asking the approver who tapped Reject for a reason."""
+
+    token: str
+    user_id: int
+    run_id: str
+
+
+class ChatOps:
+    """The handlers of one bot over one RunService."""
+
+    def __init__(self, service: RunService, telegram: TelegramSettings) -> None:
+        self._service = service
+        self._allowed = frozenset(telegram.allowed_chat_ids)
+        self._approvers = frozenset(telegram.approver_ids)
+        self._reject_prompts: dict[tuple[int, int], RejectPrompt] = {}
+        self._names: dict[str, str] = {}
+
+    def register(self, application: Application) -> None:  # type: ignore[type-arg]
+        """Add every handler, most specific first, and the error handler."""
+        allowed = filters.Chat(chat_id=list(self._allowed))
+        application.add_handler(MessageHandler(filters.COMMAND & ~allowed, self.refuse_chat))
+        routes = {
+            ("start", "help"): self.help,
+            ("run",): self.run,
+            ("runs",): self.runs,
+            ("status",): self.status,
+            ("explain",): self.explain,
+            ("trace",): self.trace,
+            ("cancel",): self.cancel,
+            ("approve",): self.approve,
+            ("reject",): self.reject,
+            ("runbooks",): self.runbooks,
+        }
+        for names, callback in routes.items():
+            application.add_handler(CommandHandler(list(names), callback, filters=allowed))
+        application.add_handler(MessageHandler(filters.COMMAND & allowed, self.unknown_command))
+        application.add_handler(
+            MessageHandler(filters.REPLY & filters.TEXT & ~filters.COMMAND & allowed, self.reply)
+        )
+        application.add_handler(CallbackQueryHandler(self.tap))
+        application.add_error_handler(self.on_error)
+
+    # -- commands --------------------------------------------------------------------------
+
+    async def help(self, update: Update, context: Context) -> None:
+        """/start and /help: what the bot does."""
+        await _answer(update, HELP)
+
+    async def unknown_command(self, update: Update, context: Context) -> None:
+        """Any other command addressed to us gets the short help."""
+        if _addressed_elsewhere(update, context):
+            return
+        await _answer(update, "Unknown command.\n\n" + HELP)
+
+    async def refuse_chat(self, update: Update, context: Context) -> None:
+        """A command from a chat not in TELEGRAM_ALLOWED_CHAT_IDS: one refusal, logged."""
+        if _addressed_elsewhere(update, context):
+            return
+        chat = update.effective_chat
+        user = update.effective_user
+        log.warning(
+            "refused a command from chat %s (user %s): not in TELEGRAM_ALLOWED_CHAT_IDS",
+            chat.id if chat else "?",
+            user.id if user else "?",
+        )
+        await _answer(update, REFUSED_CHAT)
+
+    async def run(self, update: Update, context: Context) -> None:
+        """/run <runbook | incident text> [key=value …]: start a supervised run."""
+        message, user = _message_and_user(update)
+        text = _arguments(message)
+        if not text:
+            await _answer(
+                update, "Usage: <code>/run incident: API latency spike service=checkout</code>"
+            )
+            return
+        identity = await self._remember(user)
+        thread_id = message.message_thread_id if message.is_topic_message else None
+        origin = Origin(kind="telegram", chat_id=message.chat.id, thread_id=thread_id)
+        for _ in range(5):  # a random id: retry the rare collision
+            run_id = f"tg-{secrets.token_hex(3)}"
+            try:
+                await self._service.start(
+                    run_id,
+                    text,
+                    role="supervisor",
+                    requested_by=identity,
+                    origin=origin,
+                    wait=False,
+                )
+            except RunExists:
+                continue
+            except (ServiceError, RequestError, RunbookError, StoreError) as exc:
+                await _answer(update, Markup("Cannot start the run: {}").format(exc))
+            # Started: the run's progress message, sent through the outbox, is the answer.
+            return
+        await _answer(update, "Cannot start the run: no free run id; try again.")
+
+    async def runs(self, update: Update, context: Context) -> None:
+        """/runs: the chat's active runs, then its recent ones."""
+        message, _ = _message_and_user(update)
+        runs = await self._service.store.list_chat_runs(message.chat.id, limit=15)
+        if not runs:
+            await _answer(update, "No runs from this chat yet. Start one with /run.")
+            return
+        now = time.time()
+        active = [r for r in runs if not r.status.is_terminal]
+        done = [r for r in runs if r.status.is_terminal]
+        lines = []
+        if active:
+            lines += ["<b>Active</b>", *(run_line(r, now) for r in active)]
+        if done:
+            lines += ["<b>Recent</b>", *(run_line(r, now) for r in done[:10])]
+        await _answer(update, "\n".join(lines))
+
+    async def status(self, update: Update, context: Context) -> None:
+        """/status <id>: where a run stands, its children and what it waits for."""
+        run = await self._chat_run(update, context)
+        if run is None:
+            return
+        now = time.time()
+        lines = [run_line(run, now)]
+        for child in await self._service.store.child_runs(run.id):
+            lines.append("  " + run_line(child, now) + Markup(" ({})").format(child.role))
+        pending = await self._service.pending_approval(run.id)
+        if pending is not None:
+            lines.append(
+                Markup("Waiting for approval #{} of step <code>{}</code>: <code>{}</code>").format(
+                    pending.id, pending.step_id or "-", pending.action
+                )
+            )
+        if run.error:
+            lines.append(Markup("Error: {}").format(run.error))
+        await _answer(update, "\n".join(str(line) for line in lines))
+
+    async def explain(self, update: Update, context: Context) -> None:
+        """/explain <id>: the timeline of the run and the runs below it."""
+        run = await self._chat_run(update, context)
+        if run is None:
+            return
+        store = self._service.store
+        parts = []
+        for run_id in await store.subtree_ids(run.id):
+            member = await store.get_run(run_id)
+            parts.append(render_timeline(member, await store.list_events(run_id)))
+        text = "\n".join(parts)
+        chunks = pre_chunks(text)
+        if len(chunks) > MAX_CHUNKS:
+            await _message_and_user(update)[0].reply_document(
+                InputFile(text.encode("utf-8"), filename=f"{run.id}-timeline.txt"),
+                caption=f"Timeline of run {run.id} ({len(text.splitlines())} lines)",
+            )
+            return
+        for chunk in chunks:
+            await _answer(update, chunk)
+
+    async def trace(self, update: Update, context: Context) -> None:
+        """/trace <id>: the offline HTML trace of the run tree, as a document."""
+        run = await self._chat_run(update, context)
+        if run is None:
+            return
+        html = render_trace(await build_trace(self._service.store, run.id))
+        await _message_and_user(update)[0].reply_document(
+            InputFile(html.encode("utf-8"), filename=f"{run.id}.html"),
+            caption=f"Trace of run {run.id} ({run.status}); open it in a browser, works offline.",
+        )
+
+    async def cancel(self, update: Update, context: Context) -> None:
+        """/cancel <id>: cancel a run (and the runs below it); approvers and the requester."""
+        run = await self._chat_run(update, context)
+        if run is None:
+            return
+        _, user = _message_and_user(update)
+        identity = await self._remember(user)
+        if user.id not in self._approvers and identity != run.requested_by:
+            await _answer(update, "Only an approver or whoever started the run may cancel it.")
+            return
+        try:
+            await self._service.cancel(run.id, by=identity, wait=False)
+        except ServiceError as exc:
+            await _answer(update, Markup("Cannot cancel: {}").format(exc))
+            return
+        await _answer(update, Markup("🚫 Cancelled run <code>{}</code>.").format(run.id))
+
+    async def approve(self, update: Update, context: Context) -> None:
+        """/approve <id> [#request]: the text form of the Approve button, same rules."""
+        await self._decide_by_text(update, context, Decision.APPROVE)
+
+    async def reject(self, update: Update, context: Context) -> None:
+        """/reject <id> [#request] [reason]: the text form of the Reject button, same rules."""
+        await self._decide_by_text(update, context, Decision.REJECT)
+
+    async def runbooks(self, update: Update, context: Context) -> None:
+        """/runbooks: what the bot can run."""
+        catalog = self._service.catalog()
+        if not catalog.runbooks:
+            await _answer(update, "No runbooks in this workspace.")
+            return
+        lines = ["<b>Runbooks</b>"]
+        for runbook in sorted(catalog.runbooks.values(), key=lambda rb: rb.id):
+            gated = sum(1 for step in runbook.steps if step.needs_approval)
+            lines.append(
+                str(
+                    Markup("<code>{}</code> — {} ({} steps, {} gated)").format(
+                        runbook.id, runbook.title, len(runbook.steps), gated
+                    )
+                )
+            )
+        await _answer(update, "\n".join(lines))
+
+    # -- approvals -------------------------------------------------------------------------
+
+    async def tap(self, update: Update, context: Context) -> None:
+        """A button tap: answered at once; decided only for an approver, first decision wins."""
+        query = update.callback_query
+        assert query is not None
+        user = query.from_user
+        parsed = parse_callback_data(query.data or "")
+        message = query.message if isinstance(query.message, Message) else None
+        chat_id = message.chat.id if message else None
+        if chat_id not in self._allowed:
+            log.warning("refused a tap from chat %s (user %s)", chat_id, user.id)
+            await query.answer(REFUSED_CHAT, show_alert=True)
+            return
+        if parsed is None:
+            await query.answer("This button is not one of ours; nothing changed.", show_alert=True)
+            return
+        if user.id not in self._approvers:
+            log.warning("refused a tap by user %s: not in TELEGRAM_APPROVER_IDS", user.id)
+            await query.answer(
+                "You are not an approver here (TELEGRAM_APPROVER_IDS); nothing changed.",
+                show_alert=True,
+            )
+            return
+        token, choice = parsed
+        identity = await self._remember(user)
+        approval = await self._approval_in_chat(token, chat_id)
+        if approval is None:
+            await query.answer("Unknown or stale request; nothing changed.", show_alert=True)
+            return
+        if approval.status != ApprovalStatus.PENDING:
+            await query.answer(_already(approval, self._names), show_alert=True)
+            return
+        if choice == "n":
+            await self._prompt_for_reason(query, approval, identity, user)
+            return
+        decision = Decision.APPROVE if choice == "y" else Decision.SKIP
+        try:
+            result = await self._service.decide(
+                approval.run_id, decision, identity, approval_token=token, wait=False
+            )
+        except ServiceError as exc:
+            await query.answer(f"Refused: {exc}", show_alert=True)
+            return
+        if not result.changed:
+            await query.answer(_already(result.approval, self._names), show_alert=True)
+            return
+        await query.answer("Approved: the run goes on." if choice == "y" else "Skipped.")
+
+    async def _prompt_for_reason(
+        self, query: CallbackQuery, approval: ApprovalRecord, identity: str, user: User
+    ) -> None:
+        """Reject asks for a reason through a ForceReply prompt; the reply decides."""
+        assert isinstance(query.message, Message)
+        try:
+            self._service.check_decider(approval, identity)
+        except ServiceError as exc:
+            await query.answer(f"Refused: {exc}", show_alert=True)
+            return
+        await query.answer("Reply to the prompt with the reason ('-' for none).")
+        prompt = await query.message.reply_text(
+            str(
+                Markup(
+                    "{}, {} step <code>{}</code> of run <code>{}</code>? Reply to this message "
+                    "with the reason, or <code>-</code> for none."
+                ).format(
+                    Markup(user.mention_html()),
+                    REJECT_PROMPT,
+                    approval.step_id or "-",
+                    approval.run_id,
+                )
+            ),
+            parse_mode=ParseMode.HTML,
+            reply_markup=ForceReply(selective=True, input_field_placeholder="Reason to reject"),
+        )
+        key = (prompt.chat.id, prompt.message_id)
+        self._reject_prompts[key] = RejectPrompt(approval.token, user.id, approval.run_id)
+
+    async def reply(self, update: Update, context: Context) -> None:
+        """A reply to one of our reject prompts carries the reason; other replies are chat."""
+        message, user = _message_and_user(update)
+        replied = message.reply_to_message
+        if replied is None or replied.from_user is None or replied.from_user.id != context.bot.id:
+            return
+        prompt = self._reject_prompts.get((message.chat.id, replied.message_id))
+        if prompt is None:
+            if REJECT_PROMPT in (replied.text or ""):  # asked before a restart: say so
+                await _answer(
+                    update,
+                    "That prompt is no longer open: tap ❌ Reject again, or send "
+                    "<code>/reject &lt;id&gt; &lt;reason&gt;</code>.",
+                )
+            return
+        if user.id != prompt.user_id:
+            await _answer(update, "Only the approver who tapped Reject answers this prompt.")
+            return
+        identity = await self._remember(user)
+        reason = (message.text or "").strip()
+        note = None if reason in ("", "-") else reason
+        try:
+            result = await self._service.decide(
+                prompt.run_id,
+                Decision.REJECT,
+                identity,
+                note=note,
+                approval_token=prompt.token,
+                wait=False,
+            )
+        except ServiceError as exc:
+            await _answer(update, Markup("Refused: {}").format(exc))
+            return
+        del self._reject_prompts[(message.chat.id, replied.message_id)]
+        if not result.changed:
+            await _answer(update, Markup("{}").format(_already(result.approval, self._names)))
+
+    async def _decide_by_text(self, update: Update, context: Context, decision: Decision) -> None:
+        run = await self._chat_run(update, context)
+        if run is None:
+            return
+        _, user = _message_and_user(update)
+        if user.id not in self._approvers:
+            await _answer(update, "You are not an approver here (TELEGRAM_APPROVER_IDS).")
+            return
+        identity = await self._remember(user)
+        words = context.args[1:] if context.args else []
+        approval_id = None
+        if words and (number := REQUEST_NUMBER.match(words[0])):
+            approval_id, words = int(number.group(1)), words[1:]
+        note = " ".join(words) or None
+        if decision == Decision.APPROVE and note:
+            await _answer(update, "Usage: <code>/approve &lt;id&gt; [#request]</code>")
+            return
+        try:
+            result = await self._service.decide(
+                run.id, decision, identity, note=note, approval_id=approval_id, wait=False
+            )
+        except ServiceError as exc:
+            text = str(exc).replace("with --approval ID", "as #N, e.g. /approve <id> #3")
+            await _answer(update, Markup("Refused: {}").format(text))
+            return
+        if not result.changed:
+            await _answer(update, Markup("{}").format(_already(result.approval, self._names)))
+            return
+        verb = "Approved" if decision == Decision.APPROVE else "Rejected"
+        await _answer(
+            update,
+            Markup("{} request #{} of run <code>{}</code>.").format(
+                verb, result.approval.id, result.approval.run_id
+            ),
+        )
+
+    async def _approval_in_chat(self, token: str, chat_id: int | None) -> ApprovalRecord | None:
+        """The request a button names, if it exists and belongs to a run of this chat."""
+        store = self._service.store
+        try:
+            approval = await store.get_approval_by_token(token)
+            run = await store.get_run(approval.run_id)
+        except (ApprovalNotFound, RunNotFound):
+            return None
+        return approval if run.origin.chat_id == chat_id else None
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    async def _chat_run(self, update: Update, context: Context) -> RunRecord | None:
+        """The run named by the first argument, if it belongs to this chat; else say why."""
+        message, _ = _message_and_user(update)
+        command = (message.text or "/").split()[0].split("@")[0]
+        if not context.args:
+            await _answer(update, Markup("Usage: <code>{} &lt;run id&gt;</code>").format(command))
+            return None
+        run_id = context.args[0]
+        try:
+            validate_run_id(run_id)
+            run = await self._service.get(run_id)
+        except (ServiceError, RunNotFound):
+            run = None
+        if run is None or run.origin.chat_id != message.chat.id:
+            await _answer(update, Markup("No run <code>{}</code> in this chat.").format(run_id))
+            return None
+        return run
+
+    async def _remember(self, user: User) -> str:
+        """The user's identity; their display name is stored when it is new or changed."""
+        identity = identity_of(user)
+        display = display_of(user)
+        if self._names.get(identity) != display:
+            await self._service.store.remember_chat_user(identity, display)
+            self._names[identity] = display
+        return identity
+
+    async def on_error(self, update: object, context: Context) -> None:
+        """Log every handler exception; answer briefly so nobody waits on a dead button."""
+        log.error("handling an update failed: %r", context.error, exc_info=context.error)
+        if not isinstance(update, Update):
+            return
+        try:
+            if update.callback_query is not None:
+                await update.callback_query.answer("Something went wrong; it is logged.")
+            elif update.effective_message is not None:
+                await update.effective_message.reply_text("⚠️ Something went wrong; it is logged.")
+        except TelegramError as exc:  # e.g. the query was answered already
+            log.info("could not tell the chat about the error: %s", exc)
+
+
+def _message_and_user(update: Update) -> tuple[Message, User]:
+    message = update.effective_message
+    user = update.effective_user
+    assert message is not None and user is not None  # command and text handlers only
+    return message, user
+
+
+def _arguments(message: Message) -> str:
+    """The text after the command word, as typed (quotes and spacing kept)."""
+    parts = (message.text or "").split(maxsplit=1)
+    return parts[1].strip() if len(parts) == 2 else ""
+
+
+def _addressed_elsewhere(update: Update, context: Context) -> bool:
+    """True for `/cmd@otherbot`: in a group, another bot's command is none of our business."""
+    message = update.effective_message
+    first = (message.text or "").split(maxsplit=1)[0] if message and message.text else ""
+    _, _, addressee = first.partition("@")
+    return bool(addressee) and addressee.lower() != (context.bot.username or "").lower()
+
+
+def _already(approval: ApprovalRecord, names: dict[str, str]) -> str:
+    who = names.get(approval.decided_by or "", approval.decided_by)
+    by = f" by {who}" if who else ""
+    return f"Already {approval.status}{by}; nothing changed."
+
+
+async def _answer(update: Update, html: str) -> None:
+    """Reply in the same chat (and topic) in HTML."""
+    message = update.effective_message
+    assert message is not None
+    await message.reply_text(str(html), parse_mode=ParseMode.HTML, do_quote=False)

@@ -1,0 +1,335 @@
+"""OutboxSender: delivers what runs say to their chats, from the outbox table.
+
+Runs write their messages in the same transaction as the state change they report; this task
+sends them, in order per chat (one worker per chat, so a slow chat holds up no other), and
+records each delivery with its `message_id`. An entry recorded as delivered is never sent
+again; one sent but not yet recorded when the process died is sent again (at least once).
+A run's progress entries coalesce into one message edited in place, at most once per
+`progress_interval` seconds per run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dtm
+import logging
+import time
+from collections.abc import Awaitable
+
+from telegram import (
+    Bot,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
+    InputFile,
+    LinkPreviewOptions,
+    Message,
+)
+from telegram.constants import ParseMode
+from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, TelegramError
+
+from agent.failpoints import Failpoints
+from agent.records import ApprovalRecord, ApprovalStatus, RunStatus
+from agent.store import ApprovalNotFound, OutboxMessage, RunNotFound, RunStore
+from agent.summary import build_summary, render_summary
+from bot.messages import (
+    MAX_CHUNKS,
+    LastStep,
+    Who,
+    approval_buttons,
+    approval_text,
+    html_chunks,
+    progress_text,
+)
+
+log = logging.getLogger(__name__)
+
+NO_PREVIEW = LinkPreviewOptions(is_disabled=True)
+MAX_BACKOFF = 60.0
+# Errors we cannot tell apart from a lasting fault are retried this many times, then given up.
+MAX_UNKNOWN_ATTEMPTS = 8
+
+
+class Undeliverable(Exception):
+    """The Bot API refused an entry for good (bad chat, bot blocked, malformed request)."""
+
+
+class OutboxSender:
+    """Delivers the outbox: one task per chat with messages waiting, woken by the store."""
+
+    def __init__(
+        self,
+        store: RunStore,
+        bot: Bot,
+        progress_interval: float = 2.0,
+        failpoints: Failpoints | None = None,
+        poll_interval: float = 2.0,
+    ) -> None:
+        self._store = store
+        self._bot = bot
+        self._progress_interval = progress_interval
+        self._failpoints = failpoints or Failpoints(None)
+        # Other processes (a CLI decision on a chat's run) write the outbox too: look again
+        # this often even when nothing in this process signalled.
+        self._poll_interval = poll_interval
+        self._workers: dict[int, asyncio.Task[None]] = {}
+        self._next_wake = float("inf")
+
+    async def run(self) -> None:
+        """Deliver until cancelled."""
+        try:
+            while True:
+                self._store.outbox_ready.clear()
+                for chat_id in await self._store.pending_chat_ids():
+                    worker = self._workers.get(chat_id)
+                    if worker is None or worker.done():
+                        self._start_worker(chat_id)
+                now = time.time()
+                timeout = max(0.0, min(self._poll_interval, self._next_wake - now))
+                self._next_wake = float("inf")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._store.outbox_ready.wait(), timeout)
+        finally:
+            workers = list(self._workers.values())
+            for worker in workers:
+                worker.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
+    def _start_worker(self, chat_id: int) -> None:
+        worker = asyncio.create_task(self._drain(chat_id), name=f"outbox:{chat_id}")
+        self._workers[chat_id] = worker
+        worker.add_done_callback(lambda task: self._worker_done(chat_id, task))
+
+    def _worker_done(self, chat_id: int, task: asyncio.Task[None]) -> None:
+        if self._workers.get(chat_id) is task:
+            del self._workers[chat_id]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivering to chat %s failed: %r", chat_id, task.exception())
+        # Whatever arrived while this worker was finishing gets a fresh one.
+        self._store.outbox_ready.set()
+
+    def _wake_at(self, at: float) -> None:
+        self._next_wake = min(self._next_wake, at)
+
+    async def _drain(self, chat_id: int) -> None:
+        """Deliver a chat's entries in order until none is left or one must wait."""
+        while True:
+            batch = await self._store.undelivered_messages(limit=50, chat_id=chat_id)
+            delivered_any = False
+            coalesced: set[str] = set()
+            for message in batch:
+                now = time.time()
+                if message.next_attempt_at > now:  # backing off: keep the chat's order
+                    self._wake_at(message.next_attempt_at)
+                    return
+                if message.kind == "progress":
+                    root_id = message.payload["root_id"]
+                    if root_id in coalesced:
+                        continue
+                    coalesced.add(root_id)
+                    due = await self._progress_due(root_id)
+                    if due > now:
+                        self._wake_at(due)
+                        continue
+                    ids = [
+                        m.id
+                        for m in batch
+                        if m.kind == "progress" and m.payload["root_id"] == root_id
+                    ]
+                    ok = await self._attempt(message, self._progress(message, ids))
+                else:
+                    ok = await self._attempt(message, self._deliver(message))
+                if not ok:
+                    return
+                delivered_any = True
+            if not delivered_any:
+                return
+
+    async def _attempt(self, message: OutboxMessage, send: Awaitable[None]) -> bool:
+        """Send one entry; on failure record it and say whether the chat may go on."""
+        try:
+            await send
+            return True
+        except RetryAfter as exc:  # the rate limiter's own retries ran out
+            await self._failed(message, f"flood limit: {exc}", _seconds(exc.retry_after))
+        except (Undeliverable, Forbidden) as exc:
+            log.error("giving up on outbox entry %s (%s): %s", message.id, message.kind, exc)
+            await self._store.record_delivery_failure(message.id, str(exc), None)
+            return True  # nothing behind it should wait for an entry that will never go
+        except BadRequest as exc:  # a subclass of NetworkError, but it will not get better
+            log.error("giving up on outbox entry %s (%s): %s", message.id, message.kind, exc)
+            await self._store.record_delivery_failure(message.id, str(exc), None)
+            return True
+        except NetworkError as exc:
+            await self._failed(message, str(exc), min(MAX_BACKOFF, 2.0**message.attempts))
+        except TelegramError as exc:
+            if message.attempts + 1 >= MAX_UNKNOWN_ATTEMPTS:
+                log.error(
+                    "giving up on outbox entry %s after %s attempts: %s",
+                    message.id,
+                    message.attempts + 1,
+                    exc,
+                )
+                await self._store.record_delivery_failure(message.id, str(exc), None)
+                return True
+            await self._failed(message, str(exc), min(MAX_BACKOFF, 2.0**message.attempts))
+        except (RunNotFound, ApprovalNotFound) as exc:  # nothing left to say it about
+            await self._store.record_delivery_failure(message.id, str(exc), None)
+            return True
+        return False
+
+    async def _failed(self, message: OutboxMessage, error: str, delay: float) -> None:
+        log.warning(
+            "outbox entry %s (%s) not delivered, retrying in %.1f s: %s",
+            message.id,
+            message.kind,
+            delay,
+            error,
+        )
+        retry_at = time.time() + delay
+        await self._store.record_delivery_failure(message.id, error, retry_at)
+        self._wake_at(retry_at)
+
+    # -- what each kind of entry becomes ---------------------------------------------------
+
+    async def _deliver(self, message: OutboxMessage) -> None:
+        if message.kind == "approval_request":
+            await self._approval_request(message)
+        elif message.kind in ("approval_decided", "approval_expired"):
+            await self._approval_outcome(message)
+        elif message.kind == "run_finished":
+            await self._summary(message)
+        else:
+            raise Undeliverable(f"unknown outbox entry kind {message.kind!r}")
+
+    async def _approval_request(self, message: OutboxMessage) -> None:
+        approval = await self._store.get_approval(message.payload["approval_id"])
+        text = await self._approval_text(approval)
+        buttons = None
+        if approval.status == ApprovalStatus.PENDING:  # decided before we got to say it: no keys
+            buttons = InlineKeyboardMarkup(
+                [
+                    [InlineKeyboardButton(label, callback_data=data) for label, data in row]
+                    for row in approval_buttons(approval)
+                ]
+            )
+        self._failpoints.reached("before_send_approval_request")
+        sent = await self._send(message, text, reply_markup=buttons)
+        self._failpoints.reached("after_send_approval_request")
+        await self._store.mark_delivered(message.id, sent.message_id)
+
+    async def _approval_outcome(self, message: OutboxMessage) -> None:
+        """Edit the request's message to say who decided and when, without the buttons."""
+        approval = await self._store.get_approval(message.payload["approval_id"])
+        text = await self._approval_text(approval)
+        message_id = await self._store.approval_message_id(approval.id)
+        edited = None
+        if message_id is not None:
+            edited = await self._edit(message, message_id, text)
+        if edited is None:  # the request never reached the chat, or its message is gone
+            edited = (await self._send(message, text)).message_id
+        await self._store.mark_delivered(message.id, edited)
+
+    async def _approval_text(self, approval: ApprovalRecord) -> str:
+        run = await self._store.get_run(approval.run_id)
+        root_id = await self._store.root_id(run.id)
+        who = await self._who([run.requested_by, *approval.deciders, approval.decided_by or ""])
+        return approval_text(approval, root_id, run.runbook_id, run.requested_by, who)
+
+    async def _progress_due(self, root_id: str) -> float:
+        shown = await self._store.progress_message(root_id)
+        return 0.0 if shown is None else shown[1] + self._progress_interval
+
+    async def _progress(self, message: OutboxMessage, ids: list[int]) -> None:
+        """Send the run's progress message, or edit it in place: one message per run."""
+        root = await self._store.get_run(message.payload["root_id"])
+        last_row = await self._store.last_step_outcome(root.id)
+        last = LastStep(*last_row) if last_row else None
+        waiting = None
+        if root.status.is_waiting:
+            waiting = await self._waiting_for(root.id)
+        who = await self._who([root.requested_by])
+        text = progress_text(root, last, waiting, who, time.time())
+        shown = await self._store.progress_message(root.id)
+        message_id = None
+        if shown is not None:
+            message_id = await self._edit(message, shown[0], text)
+        if message_id is None:
+            message_id = (await self._send(message, text)).message_id
+        await self._store.mark_all_delivered(ids, message_id)
+
+    async def _waiting_for(self, root_id: str) -> str:
+        for run_id in await self._store.subtree_ids(root_id):
+            for approval in await self._store.list_approvals(run_id, ApprovalStatus.PENDING):
+                return f"approval of step {approval.step_id or approval.call_key}"
+        return "its child runs"
+
+    async def _summary(self, message: OutboxMessage) -> None:
+        """The audit summary of a run the chat started: HTML messages, or a file when long."""
+        run_id = message.run_id
+        assert run_id is not None
+        summary = await build_summary(self._store, run_id)
+        hints = [f"/explain {run_id}", f"/trace {run_id}"]
+        html = render_summary(summary, html=True, hints=hints)
+        chunks = html_chunks(html)
+        self._failpoints.reached("before_send_run_finished")
+        if chunks is not None and len(chunks) <= MAX_CHUNKS:
+            first = None
+            for chunk in chunks:
+                sent = await self._send(message, chunk)
+                first = first or sent.message_id
+            message_id = first
+        else:
+            text = render_summary(summary, html=False, hints=hints)
+            status = RunStatus(summary.run.status)
+            caption = f"Run {run_id}: {status.upper()}. The audit summary is attached."
+            sent = await self._bot.send_document(
+                chat_id=message.target["chat_id"],
+                document=InputFile(text.encode("utf-8"), filename=f"{run_id}-summary.txt"),
+                caption=caption,
+                message_thread_id=message.target.get("thread_id"),
+            )
+            message_id = sent.message_id
+        self._failpoints.reached("after_send_run_finished")
+        await self._store.mark_delivered(message.id, message_id)
+
+    # -- the Bot API -----------------------------------------------------------------------
+
+    async def _send(
+        self, message: OutboxMessage, text: str, reply_markup: InlineKeyboardMarkup | None = None
+    ) -> Message:
+        return await self._bot.send_message(
+            chat_id=message.target["chat_id"],
+            text=text,
+            parse_mode=ParseMode.HTML,
+            reply_markup=reply_markup,
+            message_thread_id=message.target.get("thread_id"),
+            link_preview_options=NO_PREVIEW,
+        )
+
+    async def _edit(self, message: OutboxMessage, message_id: int, text: str) -> int | None:
+        """Edit a message in place (dropping its buttons); None if it no longer exists."""
+        try:
+            await self._bot.edit_message_text(
+                chat_id=message.target["chat_id"],
+                message_id=message_id,
+                text=text,
+                parse_mode=ParseMode.HTML,
+                link_preview_options=NO_PREVIEW,
+            )
+        except BadRequest as exc:
+            reason = str(exc).lower()
+            if "not modified" in reason:  # the edit is already there: as good as done
+                return message_id
+            if "not found" in reason:
+                return None
+            raise
+        return message_id
+
+    async def _who(self, identities: list[str]) -> Who:
+        names = await self._store.chat_user_names(i for i in identities if i)
+        return lambda identity: names.get(identity, identity)
+
+
+def _seconds(value: int | float | dtm.timedelta) -> float:
+    return value.total_seconds() if isinstance(value, dtm.timedelta) else float(value)

@@ -1,0 +1,94 @@
+"""Settings of the Telegram gateway: `TELEGRAM_*` variables (and `.env`), checked before any
+network call. The bot token itself lives in the shared settings so every front end redacts it."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+TELEGRAM_BOT_API = "https://api.telegram.org/bot"
+# What @BotFather hands out: the bot's numeric id, a colon, then the secret part.
+TOKEN_PATTERN = re.compile(r"^[0-9]{1,20}:[A-Za-z0-9_-]{20,}$")
+
+
+def _alias(name: str) -> AliasChoices:
+    return AliasChoices(name, f"LOOM_OPS_{name}")
+
+
+class TelegramSettings(BaseSettings):
+    """Which chats the bot serves, who may decide approvals, and how it talks to the Bot API."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", validate_default=True, populate_by_name=True
+    )
+
+    allowed_chat_ids: Annotated[list[int], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=_alias("TELEGRAM_ALLOWED_CHAT_IDS"),
+        description="Comma-separated chat ids the bot serves; every other chat is refused.",
+    )
+    approver_ids: Annotated[list[int], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=_alias("TELEGRAM_APPROVER_IDS"),
+        description="Comma-separated Telegram user ids who may decide approvals.",
+    )
+    api_base_url: str = Field(
+        TELEGRAM_BOT_API,
+        validation_alias=_alias("TELEGRAM_API_BASE_URL"),
+        description="Bot API base URL; the token and method are appended to it.",
+    )
+    group_rate: float = Field(
+        20.0,
+        ge=0,
+        validation_alias=_alias("TELEGRAM_GROUP_RATE"),
+        description="Messages per minute per group chat (Telegram's flood limit; 0: no limit).",
+    )
+    overall_rate: float = Field(
+        30.0,
+        ge=0,
+        validation_alias=_alias("TELEGRAM_OVERALL_RATE"),
+        description="Messages per second over all chats (Telegram's flood limit; 0: no limit).",
+    )
+    progress_interval: float = Field(
+        2.0,
+        ge=0,
+        validation_alias=_alias("TELEGRAM_PROGRESS_INTERVAL"),
+        description="Seconds between two edits of one run's progress message.",
+    )
+    poll_timeout: int = Field(
+        30,
+        ge=1,
+        le=50,
+        validation_alias=_alias("TELEGRAM_POLL_TIMEOUT"),
+        description="Seconds one getUpdates long poll waits for an update.",
+    )
+
+    @field_validator("allowed_chat_ids", "approver_ids", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            items = [item.strip() for item in value.split(",") if item.strip()]
+            for item in items:
+                if not re.fullmatch(r"-?[0-9]{1,20}", item):
+                    raise ValueError(f"{item!r} is not a numeric Telegram id")
+            return [int(item) for item in items]
+        return value
+
+    @field_validator("api_base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value
+
+
+def check_token(token: str | None) -> str:
+    """The bot token, or ValueError with one line saying what is wrong with it."""
+    if not token:
+        raise ValueError("TELEGRAM_BOT_TOKEN is not set (get one from @BotFather)")
+    if not TOKEN_PATTERN.match(token):
+        raise ValueError("TELEGRAM_BOT_TOKEN is malformed: expected <bot id>:<secret>")
+    return token
