@@ -457,8 +457,16 @@ class RunStore:
 
         is_root = row[1] is None
         if kind in ("run_finished", "progress"):
-            progress = {"root_id": self._root_id(conn, run_id), "run_id": run_id, **payload}
-            insert("progress", progress)  # the progress message shows a run's end too
+            # A progress entry only says "show the tree's state again"; the message is rendered
+            # from the store when it is sent, so one waiting entry per tree is enough.
+            root_id = self._root_id(conn, run_id)
+            waiting = conn.execute(
+                "SELECT 1 FROM outbox WHERE delivered_at IS NULL AND failed_at IS NULL "
+                "AND kind = 'progress' AND json_extract(payload, '$.root_id') = ?",
+                (root_id,),
+            ).fetchone()
+            if waiting is None:  # the progress message shows a run's end too
+                insert("progress", {"root_id": root_id, "run_id": run_id, **payload})
         if kind != "progress" and (kind != "run_finished" or is_root):
             insert(kind, payload)  # only the root's end is a summary of its own
         self._outbox_written = True

@@ -73,22 +73,22 @@ class OutboxSender:
         # this often even when nothing in this process signalled.
         self._poll_interval = poll_interval
         self._workers: dict[int, asyncio.Task[None]] = {}
-        self._next_wake = float("inf")
+        self._again: set[int] = set()  # chats whose busy worker must look once more
 
     async def run(self) -> None:
         """Deliver until cancelled."""
+        ready = self._store.outbox_ready
         try:
             while True:
-                self._store.outbox_ready.clear()
+                ready.clear()
                 for chat_id in await self._store.pending_chat_ids():
                     worker = self._workers.get(chat_id)
                     if worker is None or worker.done():
                         self._start_worker(chat_id)
-                now = time.time()
-                timeout = max(0.0, min(self._poll_interval, self._next_wake - now))
-                self._next_wake = float("inf")
+                    else:  # busy: it looks again before it stops
+                        self._again.add(chat_id)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._store.outbox_ready.wait(), timeout)
+                    await asyncio.wait_for(ready.wait(), self._poll_interval)
         finally:
             workers = list(self._workers.values())
             for worker in workers:
@@ -105,45 +105,49 @@ class OutboxSender:
             del self._workers[chat_id]
         if not task.cancelled() and task.exception() is not None:
             log.error("delivering to chat %s failed: %r", chat_id, task.exception())
-        # Whatever arrived while this worker was finishing gets a fresh one.
-        self._store.outbox_ready.set()
 
     def _wake_at(self, at: float) -> None:
-        self._next_wake = min(self._next_wake, at)
+        """Look at the outbox again at `at` (a backoff or a progress throttle ends)."""
+        delay = max(0.0, at - time.time())
+        asyncio.get_running_loop().call_later(delay, self._store.outbox_ready.set)
 
     async def _drain(self, chat_id: int) -> None:
-        """Deliver a chat's entries in order until none is left or one must wait."""
+        """Deliver a chat's entries in order until none is left or the rest must wait."""
         while True:
-            batch = await self._store.undelivered_messages(limit=50, chat_id=chat_id)
-            delivered_any = False
-            coalesced: set[str] = set()
-            for message in batch:
-                now = time.time()
-                if message.next_attempt_at > now:  # backing off: keep the chat's order
-                    self._wake_at(message.next_attempt_at)
-                    return
-                if message.kind == "progress":
-                    root_id = message.payload["root_id"]
-                    if root_id in coalesced:
-                        continue
-                    coalesced.add(root_id)
-                    due = await self._progress_due(root_id)
-                    if due > now:
-                        self._wake_at(due)
-                        continue
-                    ids = [
-                        m.id
-                        for m in batch
-                        if m.kind == "progress" and m.payload["root_id"] == root_id
-                    ]
-                    ok = await self._attempt(message, self._progress(message, ids))
-                else:
-                    ok = await self._attempt(message, self._deliver(message))
-                if not ok:
-                    return
-                delivered_any = True
-            if not delivered_any:
-                return
+            self._again.discard(chat_id)
+            if not await self._drain_batch(chat_id) and chat_id not in self._again:
+                return  # no await since the check: nothing can slip in unseen
+
+    async def _drain_batch(self, chat_id: int) -> bool:
+        """Deliver what is due of one batch; True if anything was delivered."""
+        # Progress entries are one per run tree, so a batch this size sees every run's news.
+        batch = await self._store.undelivered_messages(limit=500, chat_id=chat_id)
+        delivered_any = False
+        coalesced: set[str] = set()
+        for message in batch:
+            now = time.time()
+            if message.next_attempt_at > now:  # backing off: keep the chat's order
+                self._wake_at(message.next_attempt_at)
+                return False
+            if message.kind == "progress":
+                root_id = message.payload["root_id"]
+                if root_id in coalesced:
+                    continue
+                coalesced.add(root_id)
+                due = await self._progress_due(root_id)
+                if due > now:  # throttled: edit later, do not hold up the chat's other news
+                    self._wake_at(due)
+                    continue
+                ids = [
+                    m.id for m in batch if m.kind == "progress" and m.payload["root_id"] == root_id
+                ]
+                ok = await self._attempt(message, self._progress(message, ids))
+            else:
+                ok = await self._attempt(message, self._deliver(message))
+            if not ok:
+                return False
+            delivered_any = True
+        return delivered_any
 
     async def _attempt(self, message: OutboxMessage, send: Awaitable[None]) -> bool:
         """Send one entry; on failure record it and say whether the chat may go on."""

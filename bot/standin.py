@@ -1436,8 +1436,10 @@ class StandInServer:
 
     async def __aenter__(self) -> StandInServer:
         # Binding here (not inside uvicorn) turns "port in use" into an OSError for the caller
-        # rather than uvicorn's sys.exit inside a background task.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # rather than uvicorn's sys.exit inside a background task. The protocol is named so
+        # that asyncio sets TCP_NODELAY on accepted connections (it checks proto ==
+        # IPPROTO_TCP); without it every keep-alive request waits ~40 ms for a delayed ACK.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((self.host, self.port))

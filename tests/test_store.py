@@ -335,18 +335,20 @@ async def test_a_chat_run_writes_its_messages_with_its_state(settings: Settings)
         ]
         decided = [m for m in await service.store.undelivered_messages() if m.kind != "progress"][1]
         assert decided.payload["decided_by"] == "telegram:100000001"
-        progress = _progress(settings.db, "chat")
-        assert progress[0] == {"root_id": "chat", "run_id": "chat", "event": "started"}
-        steps = [
-            p["step_id"] for p in progress if p.get("tool") in ("execute_step", "check_health")
+        # Progress rows only ask for the progress message to be shown again: while one waits
+        # undelivered, later step outcomes and the run's end add no more.
+        assert _progress(settings.db, "chat") == [
+            {"root_id": "chat", "run_id": "chat", "event": "started"}
         ]
-        assert steps == [s["id"] for s in run.runbook["steps"]]  # one refresh per step outcome
-        assert progress[-1] == {
-            "root_id": "chat",
-            "run_id": "chat",
-            "status": "succeeded",
-            "summary": run.summary,
-        }
+
+        await service.start("again", LATENCY, origin=chat, requested_by="telegram:5")
+        shown = [m.id for m in await service.store.undelivered_messages() if m.kind == "progress"]
+        assert len(shown) == 2  # one per run tree: "chat" and "again"
+        await service.store.mark_all_delivered(shown, 1001)
+        await service.decide("again", Decision.APPROVE, "telegram:100000001")
+        [waiting] = [m for m in await service.store.undelivered_messages() if m.kind == "progress"]
+        assert waiting.payload["root_id"] == "again"
+        assert waiting.payload["step_id"] == "scale-out"  # the first outcome after the gate
 
 
 async def test_a_rejection_queues_decision_and_end_together(settings: Settings) -> None:

@@ -1,0 +1,172 @@
+"""Benchmark of the Telegram bot against the local Bot API stand-in (mock policy).
+
+Prints figures; asserts nothing. Run with `python bench/bot.py [--runs 100] [--concurrent 50]`.
+
+The real python-telegram-bot Application long-polls the stand-in on 127.0.0.1, in the same
+process, over a fresh SQLite file. Measured legs, p50/p95 over `--runs` incidents one after
+another:
+
+- `/run` injected → the approval keyboard message exists at the stand-in;
+- tap injected → the request's message edited (decision shown, buttons gone);
+- tap injected → the run resumed (the executor's next journal event after the decision);
+then `--concurrent` incidents at once: time until every keyboard, and until every summary
+after all taps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from agent.service import RunService  # noqa: E402
+from agent.settings import Settings  # noqa: E402
+from bot.gateway import serve_bot  # noqa: E402
+from bot.settings import TelegramSettings  # noqa: E402
+from bot.standin import BotApiStandIn, StandInServer  # noqa: E402
+
+TOKEN = "123456789:BENCH-loom-ops-token-0123456789"
+CHAT = -100101
+REQUESTER = 100000050
+APPROVER = 100000001  # named in the shipped runbooks
+INCIDENT = "/run incident: API latency spike"
+
+
+def _keyboard(message: dict[str, Any]) -> list[str]:
+    markup = message.get("reply_markup") or {}
+    return [b["callback_data"] for row in markup.get("inline_keyboard", []) for b in row]
+
+
+def _requests(standin: BotApiStandIn) -> list[dict[str, Any]]:
+    return [m for m in standin.messages(CHAT) if "Approval needed" in m.get("text", "")]
+
+
+def _open_requests(standin: BotApiStandIn) -> list[dict[str, Any]]:
+    return [m for m in _requests(standin) if _keyboard(m)]
+
+
+def _summaries(standin: BotApiStandIn) -> int:
+    return sum(
+        1
+        for m in standin.messages(CHAT)
+        if m.get("from", {}).get("is_bot") and "Requested:" in m.get("text", "")
+    )
+
+
+def _percentiles(values: list[float]) -> str:
+    ordered = sorted(values)
+    p50 = statistics.median(ordered)
+    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+    return f"p50 {p50 * 1000:7.1f} ms   p95 {p95 * 1000:7.1f} ms   (n={len(values)})"
+
+
+async def _resumed_at(service: RunService, run_id: str) -> float | None:
+    """When the executor journaled its first event after the decision, if it has."""
+    events = await service.store.list_events(f"{run_id}:sub:executor")
+    decided = next((i for i, e in enumerate(events) if e.type == "approval_decided"), None)
+    if decided is None or decided + 1 >= len(events):
+        return None
+    return events[decided + 1].ts
+
+
+async def sequential(standin: BotApiStandIn, service: RunService, runs: int) -> None:
+    """One incident at a time: the three legs."""
+    to_keyboard, to_edit, to_resume = [], [], []
+    for n in range(runs):
+        started = time.time()
+        standin.inject_message(CHAT, REQUESTER, INCIDENT)
+        await standin.wait_until(lambda n=n: len(_requests(standin)) > n, 30)
+        to_keyboard.append(time.time() - started)
+        request = _requests(standin)[n]
+        run_id = request["text"].split("Run: ", 1)[1].split()[0]
+        approve = next(d for d in _keyboard(request) if d.endswith(":y"))
+        tapped = time.time()
+        standin.inject_callback(CHAT, request["message_id"], APPROVER, approve)
+        await standin.wait_until(lambda n=n: not _keyboard(_requests(standin)[n]), 30)
+        to_edit.append(time.time() - tapped)
+        resumed = None
+        for _ in range(3000):
+            resumed = await _resumed_at(service, run_id)
+            if resumed is not None:
+                break
+            await asyncio.sleep(0.001)
+        assert resumed is not None, f"run {run_id} did not resume"
+        to_resume.append(resumed - tapped)
+        await standin.wait_until(lambda n=n: _summaries(standin) > n, 30)
+    print(f"/run -> approval keyboard      {_percentiles(to_keyboard)}")
+    print(f"tap  -> message edited         {_percentiles(to_edit)}")
+    print(f"tap  -> run resumed            {_percentiles(to_resume)}")
+
+
+async def concurrent(standin: BotApiStandIn, count: int) -> None:
+    """`count` incidents injected at once, then all approved at once."""
+    before_requests, before_summaries = len(_requests(standin)), _summaries(standin)
+    started = time.time()
+    for _ in range(count):
+        standin.inject_message(CHAT, REQUESTER, INCIDENT)
+    await standin.wait_until(lambda: len(_requests(standin)) >= before_requests + count, 120)
+    keyboards = time.time() - started
+    tapped = time.time()
+    for request in _open_requests(standin):
+        approve = next(d for d in _keyboard(request) if d.endswith(":y"))
+        standin.inject_callback(CHAT, request["message_id"], APPROVER, approve)
+    await standin.wait_until(lambda: _summaries(standin) >= before_summaries + count, 120)
+    finished = time.time() - tapped
+    print(
+        f"{count} at once: all keyboards in {keyboards * 1000:.0f} ms "
+        f"({keyboards / count * 1000:.1f} ms each); all summaries {finished * 1000:.0f} ms "
+        f"after the taps ({finished / count * 1000:.1f} ms each)"
+    )
+
+
+async def main() -> None:
+    """Run the bot against the stand-in and print the figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--concurrent", type=int, default=50)
+    args = parser.parse_args()
+    directory = Path(tempfile.mkdtemp(prefix="loom-ops-bench-bot-"))
+    try:
+        shutil.copytree(REPO / "runbooks", directory / "runbooks")
+        settings = Settings(
+            _env_file=None, db=str(directory / "ops.sqlite"), workspace=directory, mock_llm=True
+        )
+        standin = BotApiStandIn(TOKEN)
+        standin.add_user(REQUESTER, "Alice", "alice")
+        standin.add_user(APPROVER, "Bob", "bob")
+        standin.add_chat(CHAT, "supergroup", "Incidents")
+        async with StandInServer(standin) as server:
+            telegram = TelegramSettings(
+                _env_file=None,  # type: ignore[call-arg]
+                allowed_chat_ids=[CHAT],
+                approver_ids=[APPROVER],
+                api_base_url=server.bot_base_url,
+                group_rate=0,  # the stand-in has no flood limit; measure the bot, not the limiter
+                overall_rate=0,
+            )
+            service = await RunService.open(settings)
+            stop, ready = asyncio.Event(), asyncio.Event()
+            bot = asyncio.create_task(serve_bot(service, TOKEN, telegram, stop, ready))
+            await asyncio.wait_for(ready.wait(), 30)
+            try:
+                await sequential(standin, service, args.runs)
+                await concurrent(standin, args.concurrent)
+            finally:
+                stop.set()
+                await bot
+                await service.close()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
