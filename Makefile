@@ -22,6 +22,7 @@ test: $(BIN)/loom-ops
 bench: $(BIN)/loom-ops
 	$(BIN)/python bench/kernel.py
 	$(BIN)/python bench/supervise.py
+	$(BIN)/python bench/bot.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,20 +47,44 @@ def _keyboard(message: dict[str, Any]) -> list[str]:
     return [b["callback_data"] for row in markup.get("inline_keyboard", []) for b in row]
 
 
-def _requests(standin: BotApiStandIn) -> list[dict[str, Any]]:
-    return [m for m in standin.messages(CHAT) if "Approval needed" in m.get("text", "")]
+class ChatObserver:
+    """Timestamps what the bot does in the chat, from the stand-in's event stream (cheaper and
+    more exact than scanning the transcript after every change)."""
 
+    def __init__(self, standin: BotApiStandIn) -> None:
+        self.requests: list[dict[str, Any]] = []  # approval requests as first sent
+        self.request_at: list[float] = []
+        self.edited_at: dict[int, float] = {}  # request message id -> buttons removed
+        self.summaries = 0
+        self.changed = asyncio.Event()
+        self._queue = standin.subscribe()
 
-def _open_requests(standin: BotApiStandIn) -> list[dict[str, Any]]:
-    return [m for m in _requests(standin) if _keyboard(m)]
+    async def run(self) -> None:
+        """Consume events until cancelled."""
+        while True:
+            event = await self._queue.get()
+            now = time.time()
+            message = event.get("message") or {}
+            text = message.get("text", "")
+            if event["type"] == "message" and "Approval needed" in text and _keyboard(message):
+                self.requests.append(message)
+                self.request_at.append(now)
+            elif event["type"] == "message" and "Requested:" in text:
+                self.summaries += 1
+            elif (
+                event["type"] == "edited_message"
+                and not _keyboard(message)
+                and ("Approval needed" in text)
+            ):
+                self.edited_at.setdefault(message["message_id"], now)
+            self.changed.set()
 
-
-def _summaries(standin: BotApiStandIn) -> int:
-    return sum(
-        1
-        for m in standin.messages(CHAT)
-        if m.get("from", {}).get("is_bot") and "Requested:" in m.get("text", "")
-    )
+    async def until(self, predicate: Callable[[], bool], timeout: float = 60) -> None:
+        """Wait until the predicate holds."""
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                self.changed.clear()
+                await self.changed.wait()
 
 
 def _percentiles(values: list[float]) -> str:
@@ -78,48 +103,45 @@ async def _resumed_at(service: RunService, run_id: str) -> float | None:
     return events[decided + 1].ts
 
 
-async def sequential(standin: BotApiStandIn, service: RunService, runs: int) -> None:
+async def sequential(
+    standin: BotApiStandIn, chat: ChatObserver, service: RunService, runs: int
+) -> None:
     """One incident at a time: the three legs."""
     to_keyboard, to_edit, to_resume = [], [], []
     for n in range(runs):
         started = time.time()
         standin.inject_message(CHAT, REQUESTER, INCIDENT)
-        await standin.wait_until(lambda n=n: len(_requests(standin)) > n, 30)
-        to_keyboard.append(time.time() - started)
-        request = _requests(standin)[n]
+        await chat.until(lambda n=n: len(chat.requests) > n)
+        to_keyboard.append(chat.request_at[n] - started)
+        request = chat.requests[n]
         run_id = request["text"].split("Run: ", 1)[1].split()[0]
         approve = next(d for d in _keyboard(request) if d.endswith(":y"))
         tapped = time.time()
         standin.inject_callback(CHAT, request["message_id"], APPROVER, approve)
-        await standin.wait_until(lambda n=n: not _keyboard(_requests(standin)[n]), 30)
-        to_edit.append(time.time() - tapped)
-        resumed = None
-        for _ in range(3000):
-            resumed = await _resumed_at(service, run_id)
-            if resumed is not None:
-                break
-            await asyncio.sleep(0.001)
+        await chat.until(lambda m=request["message_id"]: m in chat.edited_at)
+        to_edit.append(chat.edited_at[request["message_id"]] - tapped)
+        await chat.until(lambda n=n: chat.summaries > n)
+        resumed = await _resumed_at(service, run_id)
         assert resumed is not None, f"run {run_id} did not resume"
         to_resume.append(resumed - tapped)
-        await standin.wait_until(lambda n=n: _summaries(standin) > n, 30)
     print(f"/run -> approval keyboard      {_percentiles(to_keyboard)}")
     print(f"tap  -> message edited         {_percentiles(to_edit)}")
     print(f"tap  -> run resumed            {_percentiles(to_resume)}")
 
 
-async def concurrent(standin: BotApiStandIn, count: int) -> None:
+async def concurrent(standin: BotApiStandIn, chat: ChatObserver, count: int) -> None:
     """`count` incidents injected at once, then all approved at once."""
-    before_requests, before_summaries = len(_requests(standin)), _summaries(standin)
+    before_requests, before_summaries = len(chat.requests), chat.summaries
     started = time.time()
     for _ in range(count):
         standin.inject_message(CHAT, REQUESTER, INCIDENT)
-    await standin.wait_until(lambda: len(_requests(standin)) >= before_requests + count, 120)
+    await chat.until(lambda: len(chat.requests) >= before_requests + count, 120)
     keyboards = time.time() - started
     tapped = time.time()
-    for request in _open_requests(standin):
+    for request in chat.requests[before_requests:]:
         approve = next(d for d in _keyboard(request) if d.endswith(":y"))
         standin.inject_callback(CHAT, request["message_id"], APPROVER, approve)
-    await standin.wait_until(lambda: _summaries(standin) >= before_summaries + count, 120)
+    await chat.until(lambda: chat.summaries >= before_summaries + count, 120)
     finished = time.time() - tapped
     print(
         f"{count} at once: all keyboards in {keyboards * 1000:.0f} ms "
@@ -157,10 +179,13 @@ async def main() -> None:
             stop, ready = asyncio.Event(), asyncio.Event()
             bot = asyncio.create_task(serve_bot(service, TOKEN, telegram, stop, ready))
             await asyncio.wait_for(ready.wait(), 30)
+            chat = ChatObserver(standin)
+            observer = asyncio.create_task(chat.run())
             try:
-                await sequential(standin, service, args.runs)
-                await concurrent(standin, args.concurrent)
+                await sequential(standin, chat, service, args.runs)
+                await concurrent(standin, chat, args.concurrent)
             finally:
+                observer.cancel()
                 stop.set()
                 await bot
                 await service.close()

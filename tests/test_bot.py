@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sqlite3
+from pathlib import Path
 
 from agent.records import RunStatus
 from agent.settings import Settings
@@ -11,6 +13,7 @@ from tests.bot_harness import (
     ALICE,
     BOB,
     INCIDENTS,
+    PLATFORM,
     approval_messages,
     chat_bench,
     from_bot,
@@ -91,3 +94,78 @@ async def test_progress_is_one_message_edited_in_place(settings: Settings) -> No
         times = [sends[0].at] + [c.at for c in edits]
         gaps = [b - a for a, b in itertools.pairwise(times)]
         assert min(gaps) >= 0.45, gaps
+
+
+def _long_runbook(steps: int) -> str:
+    lines = [
+        "id: long-notes",
+        "title: Many notes",
+        "description: A runbook whose summary is longer than one Telegram message.",
+        "triggers: [long drill]",
+        "steps:",
+    ]
+    for n in range(steps):
+        lines += [
+            f"  - id: note-{n}",
+            f"    title: Note number {n} <with> & markup-like text",
+            f"    note: {'observe the dashboard & write down what you see; ' * 3}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+async def test_a_long_summary_is_split_at_lines_or_attached(
+    settings: Settings, workspace: Path
+) -> None:
+    """Over 4096 characters the summary is split at line boundaries (each part valid HTML);
+    far longer, it is attached as a file."""
+    (workspace / "runbooks" / "long-notes.yaml").write_text(_long_runbook(25))
+    (workspace / "runbooks" / "longer-notes.yaml").write_text(
+        _long_runbook(150).replace("long-notes", "longer-notes").replace("long drill", "vast drill")
+    )
+    roomy = settings.model_copy(update={"max_steps": 1000, "max_tool_calls": 1000})
+    async with chat_bench(roomy) as (standin, service):
+        standin.inject_message(INCIDENTS, ALICE, "/run incident: long drill")
+        await wait_for(standin, lambda: summaries(standin, INCIDENTS))
+        [run] = [r for r in await service.store.list_runs() if r.parent_id is None]
+        await wait_for(
+            standin,
+            lambda: any("note-24" in m["text"] for m in from_bot(standin, INCIDENTS)),
+        )
+        parts = [m for m in from_bot(standin, INCIDENTS) if "note-" in m["text"]]
+        assert len(parts) >= 2 and all(len(m["text"]) <= 4096 for m in parts)
+        assert parts[0]["text"].startswith(f"Run {run.id}: SUCCEEDED")
+        assert "<with> & markup-like" in parts[0]["text"]
+
+        standin.inject_message(PLATFORM, ALICE, "/run incident: vast drill")
+        await wait_for(
+            standin, lambda: any(m.get("document") for m in from_bot(standin, PLATFORM)), 30
+        )
+        [document] = [m for m in from_bot(standin, PLATFORM) if m.get("document")]
+        text = standin.document_bytes(document["document"]["file_id"]).decode()
+        assert "SUCCEEDED" in document["caption"]
+        assert "note-149" in text and "<with> & markup-like" in text  # plain text, unescaped
+
+
+async def test_a_run_started_in_a_topic_answers_in_that_topic(settings: Settings) -> None:
+    """A forum topic is part of where a run came from: its messages go back to the topic."""
+    async with chat_bench(settings) as (standin, _):
+        standin.inject_message(INCIDENTS, ALICE, "/run incident: API latency spike", thread_id=77)
+        request = await wait_for_approval(standin, INCIDENTS)
+        assert request.get("message_thread_id") == 77
+        sent = [c for c in standin.calls("sendMessage")]
+        assert sent and all(c.params.get("message_thread_id") == 77 for c in sent)
+
+
+async def test_a_failing_bot_api_is_retried_with_backoff(settings: Settings) -> None:
+    """A 502 from the Bot API is a network fault: the message is retried after a backoff and
+    arrives once; the failed attempt is recorded."""
+    async with chat_bench(settings) as (standin, _service):
+        standin.fail_next("sendMessage", 502, count=1)
+        standin.inject_message(INCIDENTS, ALICE, "/run incident: API latency spike")
+        await wait_for_approval(standin, INCIDENTS)
+        assert len(approval_messages(standin, INCIDENTS)) == 1
+        with sqlite3.connect(settings.db) as conn:
+            [(attempts, error)] = conn.execute(
+                "SELECT attempts, last_error FROM outbox WHERE attempts > 0"
+            ).fetchall()
+        assert attempts == 1 and "bad gateway" in error.lower()
