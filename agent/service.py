@@ -395,10 +395,10 @@ class RunService:
             for approval in await self.store.list_approvals(tree_id)
         ]
         pending = [a for a in requests if a.status == ApprovalStatus.PENDING]
+        if len(requests) == 1:  # decided already: the caller says so, nothing changes
+            return requests[0]
         if not pending:
             raise ServiceError(f"run {run.id} waits for its children; none waits for a decision")
-        if len(requests) == 1:
-            return pending[0]
         listing = ", ".join(f"#{a.id} ({_describe(a)} in {a.run_id})" for a in pending)
         raise ServiceError(
             f"run {run.id} has had {len(requests)} approval requests below it; name the one "

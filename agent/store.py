@@ -965,11 +965,28 @@ class RunStore:
             ).fetchall()
             cancelled = []
             for (target,) in tree:  # children first, so no parent is woken on the way
+                pending = conn.execute(
+                    "SELECT id FROM approvals WHERE run_id = ? AND status = 'pending'", (target,)
+                ).fetchall()
                 conn.execute(
                     "UPDATE approvals SET status = 'cancelled', decided_by = ?, decided_at = ? "
                     "WHERE run_id = ? AND status = 'pending'",
                     (by, now, target),
                 )
+                for (approval_id,) in pending:  # its message must lose its buttons too
+                    self._enqueue_outbox(
+                        conn,
+                        target,
+                        "approval_decided",
+                        {
+                            "approval_id": approval_id,
+                            "decision": "cancelled",
+                            "decided_by": by,
+                            "decided_at": now,
+                            "note": None,
+                        },
+                        now,
+                    )
                 self._append_events(
                     conn,
                     target,

@@ -87,8 +87,11 @@ class OutboxSender:
                         self._start_worker(chat_id)
                     else:  # busy: it looks again before it stops
                         self._again.add(chat_id)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+                # cancellation that arrives as the event is set, and the bot never stops.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(ready.wait(), self._poll_interval)
+                    async with asyncio.timeout(self._poll_interval):
+                        await ready.wait()
         finally:
             workers = list(self._workers.values())
             for worker in workers:
