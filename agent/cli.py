@@ -513,9 +513,19 @@ async def _serve_telegram(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
+    from telegram.error import InvalidToken, TelegramError
+
     service = await RunService.open(settings)
     try:
         await serve_bot(service, token, telegram, stop)
+    except InvalidToken:
+        raise UsageError("the Bot API refused TELEGRAM_BOT_TOKEN (revoked or mistyped?)") from None
+    except TelegramError as exc:
+        print(
+            f"loom-ops: cannot reach the Bot API at {telegram.api_base_url}: {exc}",
+            file=sys.stderr,
+        )
+        return EXIT_RUN_FAILED
     finally:
         await service.close()
     return EXIT_OK

@@ -177,6 +177,7 @@ class OutboxMessage:
     attempts: int
     created_at: float = 0.0
     next_attempt_at: float = 0.0  # after a failed attempt: not before this time
+    parts_sent: int = 0  # of a message sent in parts, how many went out already
 
 
 _TERMINAL = frozenset(str(status) for status in TERMINAL_STATUSES)
@@ -462,7 +463,8 @@ class RunStore:
             root_id = self._root_id(conn, run_id)
             waiting = conn.execute(
                 "SELECT 1 FROM outbox WHERE delivered_at IS NULL AND failed_at IS NULL "
-                "AND kind = 'progress' AND json_extract(payload, '$.root_id') = ?",
+                "AND claimed_at IS NULL AND kind = 'progress' "
+                "AND json_extract(payload, '$.root_id') = ?",
                 (root_id,),
             ).fetchone()
             if waiting is None:  # the progress message shows a run's end too
@@ -1577,8 +1579,8 @@ class RunStore:
         """Messages still to deliver (of one chat), oldest first, backoffs included: a chat's
         messages go out in order, so one waiting out a backoff holds back those behind it."""
         sql = (
-            "SELECT id, run_id, target, kind, payload, attempts, created_at, next_attempt_at "
-            "FROM outbox WHERE delivered_at IS NULL AND failed_at IS NULL"
+            "SELECT id, run_id, target, kind, payload, attempts, created_at, next_attempt_at, "
+            "parts_sent FROM outbox WHERE delivered_at IS NULL AND failed_at IS NULL"
         )
         params: tuple[Any, ...] = ()
         if chat_id is not None:
@@ -1596,6 +1598,7 @@ class RunStore:
                 attempts=row[5],
                 created_at=row[6],
                 next_attempt_at=row[7],
+                parts_sent=row[8],
             )
             for row in rows
         ]
@@ -1645,6 +1648,26 @@ class RunStore:
 
         return await self._transaction(mark, durable=True)
 
+    async def claim_messages(self, message_ids: Sequence[int]) -> None:
+        """Mark entries as being sent: a change committed from now on queues its own entry
+        instead of joining one whose message is already rendered."""
+        now = time.time()
+        await self._transaction(
+            lambda c: c.executemany(
+                "UPDATE outbox SET claimed_at = ? WHERE id = ?", [(now, i) for i in message_ids]
+            )
+        )
+
+    async def record_part_sent(self, message_id: int, parts_sent: int) -> None:
+        """Record that the first `parts_sent` parts of an entry went out (never sent again)."""
+        await self._transaction(
+            lambda c: c.execute(
+                "UPDATE outbox SET parts_sent = ? WHERE id = ? AND parts_sent < ?",
+                (parts_sent, message_id, parts_sent),
+            ),
+            durable=True,
+        )
+
     async def record_delivery_failure(
         self, message_id: int, error: str, retry_at: float | None
     ) -> None:
@@ -1677,13 +1700,13 @@ class RunStore:
         """The message showing a run tree's progress, and when it was last sent or edited."""
         row = await self._read(
             lambda c: c.execute(
-                "SELECT MIN(message_id), MAX(delivered_at) FROM outbox "
+                "SELECT message_id, delivered_at FROM outbox "
                 "WHERE kind = 'progress' AND json_extract(payload, '$.root_id') = ? "
-                "AND message_id IS NOT NULL",
+                "AND message_id IS NOT NULL ORDER BY delivered_at DESC, id DESC LIMIT 1",
                 (root_id,),
             ).fetchone()
         )
-        return (row[0], row[1]) if row and row[0] is not None else None
+        return (row[0], row[1]) if row else None
 
     # -- chat users ------------------------------------------------------------------------
 
@@ -1712,12 +1735,17 @@ class RunStore:
         )
         return dict(rows)
 
-    async def list_chat_runs(self, chat_id: int, limit: int = 10) -> list[RunRecord]:
-        """The runs a chat started (roots only), newest first."""
+    async def list_chat_runs(
+        self, chat_id: int, limit: int = 10, active: bool = False
+    ) -> list[RunRecord]:
+        """The runs a chat started (roots only), newest first; only unfinished ones if
+        `active`."""
+        unfinished = "AND finished_at IS NULL " if active else ""
         rows = await self._read(
             lambda c: c.execute(
                 f"SELECT {_RUN_COLUMNS} FROM runs WHERE parent_id IS NULL "
-                "AND json_extract(origin, '$.chat_id') = ? ORDER BY created_at DESC, id LIMIT ?",
+                f"AND json_extract(origin, '$.chat_id') = ? {unfinished}"
+                "ORDER BY created_at DESC, id LIMIT ?",
                 (chat_id, limit),
             ).fetchall()
         )

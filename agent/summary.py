@@ -32,7 +32,9 @@ def _environment(html: bool) -> jinja2.Environment:
 
 def _tag(name: str) -> Callable[[object], Markup]:
     def wrap(value: object) -> Markup:
-        return Markup(f"<{name}>{{}}</{name}>").format(value)  # format() escapes the value
+        # One line per tag: a long summary is split between lines, never inside a tag.
+        flat = " ".join(str(value).splitlines())
+        return Markup(f"<{name}>{{}}</{name}>").format(flat)  # format() escapes the value
 
     return wrap
 

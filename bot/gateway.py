@@ -12,12 +12,13 @@ import time
 from collections.abc import Awaitable, Callable
 
 from telegram import Update
-from telegram.ext import AIORateLimiter, Application
+from telegram.ext import Application
 
 from agent.failpoints import Failpoints
 from agent.service import RunService
 from bot.handlers import COMMANDS, ChatOps
 from bot.outbox import OutboxSender
+from bot.ratelimit import ChatRateLimiter
 from bot.settings import TelegramSettings
 
 log = logging.getLogger(__name__)
@@ -54,13 +55,7 @@ def build_application(token: str, telegram: TelegramSettings) -> Application:  #
         .token(token)
         .base_url(base_url)
         .base_file_url(file_url)
-        .rate_limiter(
-            AIORateLimiter(
-                overall_max_rate=telegram.overall_rate,
-                group_max_rate=telegram.group_rate,
-                max_retries=3,
-            )
-        )
+        .rate_limiter(ChatRateLimiter(telegram.overall_rate, telegram.group_rate, max_retries=3))
         .concurrent_updates(True)
         .build()
     )
@@ -73,12 +68,21 @@ async def serve_bot(
     stop: asyncio.Event,
     ready: asyncio.Event | None = None,
 ) -> None:
-    """Run the bot until `stop` is set: poll, handle, deliver the outbox, expire, recover."""
+    """Run the bot until `stop` is set: poll, handle, deliver the outbox, expire, recover.
+
+    Raises telegram.error.TelegramError when the Bot API refuses the token or cannot be
+    reached at start."""
     check_config(telegram)
     application = build_application(token, telegram)
     ChatOps(service, telegram).register(application)
     failpoints = Failpoints(service.settings.failpoint)
-    sender = OutboxSender(service.store, application.bot, telegram.progress_interval, failpoints)
+    sender = OutboxSender(
+        service.store,
+        application.bot,
+        telegram.progress_interval,
+        failpoints,
+        allowed_chat_ids=telegram.allowed_chat_ids,
+    )
     async with application:  # getMe: a bad token or an unreachable API fails here
         await application.bot.set_my_commands(COMMANDS)
         await application.start()
@@ -88,12 +92,12 @@ async def serve_bot(
             timeout=telegram.poll_timeout,
             allowed_updates=ALLOWED_UPDATES,
             drop_pending_updates=False,
-            bootstrap_retries=-1,
+            bootstrap_retries=3,  # then fail loudly: a supervisor restarts us
         )
         tasks = [
             _task(sender.run, "outbox", restart=True),
             _task(lambda: expire_overdue_forever(service), "expiry", restart=True),
-            _task(lambda: _recover(service), "recovery", restart=False),
+            _task(lambda: recover_forever(service), "recovery", restart=True),
         ]
         log.info("bot @%s serving chats %s", application.bot.username, telegram.allowed_chat_ids)
         if ready is not None:
@@ -117,11 +121,16 @@ async def expire_overdue_forever(service: RunService) -> None:
         await asyncio.sleep(min(MAX_EXPIRY_SLEEP, max(0.01, delay)))
 
 
-async def _recover(service: RunService) -> None:
-    """Drive on the runs a dead process left (its lease expired, or its owner is gone)."""
-    recovered = await service.recover()
-    if recovered:
-        log.info("recovered %d run(s): %s", len(recovered), ", ".join(r.id for r in recovered))
+async def recover_forever(service: RunService) -> None:
+    """Drive on the runs a dead process left, at once on start and then once per lease TTL:
+    a run a passing fault interrupted (an unreachable LLM, a locked database) is queued for
+    resume, and a long-running bot is what resumes it."""
+    while True:
+        recovered = await service.recover()
+        if recovered:
+            ids = ", ".join(run.id for run in recovered)
+            log.info("recovered %d run(s): %s", len(recovered), ids)
+        await asyncio.sleep(service.settings.lease_ttl)
 
 
 def _task(work: Callable[[], Awaitable[None]], name: str, restart: bool) -> asyncio.Task[None]:

@@ -6,11 +6,14 @@ and what a run says afterwards reaches the chat through the outbox.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import secrets
 import time
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from markupsafe import Markup
 from telegram import (
@@ -41,7 +44,7 @@ from agent.runbook import RunbookError
 from agent.service import RunService, ServiceError, validate_run_id
 from agent.store import ApprovalNotFound, RunExists, RunNotFound, StoreError
 from agent.trace import build_trace, render_trace
-from bot.messages import MAX_CHUNKS, parse_callback_data, pre_chunks, run_line
+from bot.messages import MAX_CHUNKS, clip, parse_callback_data, pre_chunks, run_line
 from bot.settings import TelegramSettings
 
 log = logging.getLogger(__name__)
@@ -67,8 +70,13 @@ HELP = (
     + "\n\nExample: <code>/run incident: API latency spike service=checkout</code>"
 )
 REFUSED_CHAT = "This chat is not served by this loom-ops bot."
-REQUEST_NUMBER = re.compile(r"^#?([0-9]{1,12})$")
+# `#3` names a run's third request; a bare number is the start of a reason ("5 pods down").
+REQUEST_NUMBER = re.compile(r"^#([0-9]{1,12})$")
 REJECT_PROMPT = "why reject"
+# Telegram shows a spinner until a tap is answered and drops answers after ~15 s.
+TAP_ANSWER_WITHIN = 1.0
+# answerCallbackQuery takes at most this much text.
+MAX_ANSWER_CHARS = 200
 
 
 def identity_of(user: User) -> str:
@@ -79,6 +87,15 @@ def identity_of(user: User) -> str:
 def display_of(user: User) -> str:
     """How people know a Telegram user: `@name`, else their full name."""
     return f"@{user.username}" if user.username else user.full_name
+
+
+@dataclass(frozen=True)
+class TapOutcome:
+    """How a tap is answered, and what is done after the answer (e.g. a reject prompt)."""
+
+    text: str
+    alert: bool = False
+    then: Coroutine[Any, Any, None] | None = None
 
 
 @dataclass(frozen=True)
@@ -184,13 +201,14 @@ class ChatOps:
     async def runs(self, update: Update, context: Context) -> None:
         """/runs: the chat's active runs, then its recent ones."""
         message, _ = _message_and_user(update)
-        runs = await self._service.store.list_chat_runs(message.chat.id, limit=15)
-        if not runs:
+        store = self._service.store
+        active = await store.list_chat_runs(message.chat.id, limit=25, active=True)
+        recent = await store.list_chat_runs(message.chat.id, limit=10 + len(active))
+        done = [r for r in recent if r.status.is_terminal]
+        if not active and not done:
             await _answer(update, "No runs from this chat yet. Start one with /run.")
             return
         now = time.time()
-        active = [r for r in runs if not r.status.is_terminal]
-        done = [r for r in runs if r.status.is_terminal]
         lines = []
         if active:
             lines += ["<b>Active</b>", *(run_line(r, now) for r in active)]
@@ -204,19 +222,19 @@ class ChatOps:
         if run is None:
             return
         now = time.time()
-        lines = [run_line(run, now)]
+        lines = [Markup(run_line(run, now))]
         for child in await self._service.store.child_runs(run.id):
-            lines.append("  " + run_line(child, now) + Markup(" ({})").format(child.role))
+            lines.append(Markup("  {} ({})").format(Markup(run_line(child, now)), child.role))
         pending = await self._service.pending_approval(run.id)
         if pending is not None:
             lines.append(
                 Markup("Waiting for approval #{} of step <code>{}</code>: <code>{}</code>").format(
-                    pending.id, pending.step_id or "-", pending.action
+                    pending.id, pending.step_id or "-", clip(pending.action, 1500)
                 )
             )
         if run.error:
-            lines.append(Markup("Error: {}").format(run.error))
-        await _answer(update, "\n".join(str(line) for line in lines))
+            lines.append(Markup("Error: {}").format(clip(run.error, 1000)))
+        await _answer(update, str(Markup("\n").join(lines)))
 
     async def explain(self, update: Update, context: Context) -> None:
         """/explain <id>: the timeline of the run and the runs below it."""
@@ -296,64 +314,86 @@ class ChatOps:
     # -- approvals -------------------------------------------------------------------------
 
     async def tap(self, update: Update, context: Context) -> None:
-        """A button tap: answered at once; decided only for an approver, first decision wins."""
+        """A button tap: answered at once; decided only for an approver, first decision wins.
+
+        The answer waits for the decision at most TAP_ANSWER_WITHIN seconds (a busy database,
+        say); after that the tap is answered as in progress, and a refusal that comes later
+        is said in the chat instead of an alert.
+        """
         query = update.callback_query
         assert query is not None
+        work = asyncio.ensure_future(self._judge_tap(query))
+        try:
+            async with asyncio.timeout(TAP_ANSWER_WITHIN):
+                outcome = await asyncio.shield(work)
+        except TimeoutError:
+            await query.answer("Working on it: the request's message says when it is decided.")
+            outcome = await work
+            if outcome.alert and isinstance(query.message, Message):
+                await query.message.reply_text(
+                    str(
+                        Markup("{}: {}").format(
+                            Markup(query.from_user.mention_html()), outcome.text
+                        )
+                    ),
+                    parse_mode=ParseMode.HTML,
+                    do_quote=False,
+                )
+        else:
+            await query.answer(clip(outcome.text, MAX_ANSWER_CHARS), show_alert=outcome.alert)
+        if outcome.then is not None:
+            await outcome.then
+
+    async def _judge_tap(self, query: CallbackQuery) -> TapOutcome:
+        """What a tap does, and what its answer says."""
         user = query.from_user
         parsed = parse_callback_data(query.data or "")
         message = query.message if isinstance(query.message, Message) else None
         chat_id = message.chat.id if message else None
         if chat_id not in self._allowed:
             log.warning("refused a tap from chat %s (user %s)", chat_id, user.id)
-            await query.answer(REFUSED_CHAT, show_alert=True)
-            return
+            return TapOutcome(REFUSED_CHAT, alert=True)
         if parsed is None:
-            await query.answer("This button is not one of ours; nothing changed.", show_alert=True)
-            return
+            return TapOutcome("This button is not one of ours; nothing changed.", alert=True)
         if user.id not in self._approvers:
             log.warning("refused a tap by user %s: not in TELEGRAM_APPROVER_IDS", user.id)
-            await query.answer(
+            return TapOutcome(
                 "You are not an approver here (TELEGRAM_APPROVER_IDS); nothing changed.",
-                show_alert=True,
+                alert=True,
             )
-            return
         token, choice = parsed
-        identity = await self._remember(user)
         approval = await self._approval_in_chat(token, chat_id)
         if approval is None:
-            await query.answer("Unknown or stale request; nothing changed.", show_alert=True)
-            return
+            return TapOutcome("Unknown or stale request; nothing changed.", alert=True)
         if approval.status != ApprovalStatus.PENDING:
-            await query.answer(_already(approval, self._names), show_alert=True)
-            return
+            return TapOutcome(_already(approval, self._names), alert=True)
+        identity = await self._remember(user)
         if choice == "n":
-            await self._prompt_for_reason(query, approval, identity, user)
-            return
+            try:
+                self._service.check_decider(approval, identity)
+            except ServiceError as exc:
+                return TapOutcome(f"Refused: {exc}", alert=True)
+            assert message is not None
+            return TapOutcome(
+                "Reply to the prompt with the reason ('-' for none).",
+                then=self._prompt_for_reason(message, approval, user),
+            )
         decision = Decision.APPROVE if choice == "y" else Decision.SKIP
         try:
             result = await self._service.decide(
                 approval.run_id, decision, identity, approval_token=token, wait=False
             )
         except ServiceError as exc:
-            await query.answer(f"Refused: {exc}", show_alert=True)
-            return
+            return TapOutcome(f"Refused: {exc}", alert=True)
         if not result.changed:
-            await query.answer(_already(result.approval, self._names), show_alert=True)
-            return
-        await query.answer("Approved: the run goes on." if choice == "y" else "Skipped.")
+            return TapOutcome(_already(result.approval, self._names), alert=True)
+        return TapOutcome("Approved: the run goes on." if choice == "y" else "Skipped.")
 
     async def _prompt_for_reason(
-        self, query: CallbackQuery, approval: ApprovalRecord, identity: str, user: User
+        self, message: Message, approval: ApprovalRecord, user: User
     ) -> None:
         """Reject asks for a reason through a ForceReply prompt; the reply decides."""
-        assert isinstance(query.message, Message)
-        try:
-            self._service.check_decider(approval, identity)
-        except ServiceError as exc:
-            await query.answer(f"Refused: {exc}", show_alert=True)
-            return
-        await query.answer("Reply to the prompt with the reason ('-' for none).")
-        prompt = await query.message.reply_text(
+        prompt = await message.reply_text(
             str(
                 Markup(
                     "{}, {} step <code>{}</code> of run <code>{}</code>? Reply to this message "

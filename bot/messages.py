@@ -46,6 +46,12 @@ STATUS_ICONS = {
 Who = Callable[[str], str]
 
 
+def clip(text: str, limit: int) -> str:
+    """At most `limit` characters: a message must fit Telegram's 4096 (the full text is in
+    /explain and the trace)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def hhmm(ts: float) -> str:
     """A time as people read it in a chat: `14:03 UTC`."""
     return time.strftime("%H:%M UTC", time.gmtime(ts))
@@ -101,6 +107,9 @@ def approval_text(
     decided = approval.status != ApprovalStatus.PENDING
     return _ENV.get_template("approval.html.j2").render(
         a=approval,
+        action=clip(approval.action, 1500),
+        reason=clip(approval.reason, 500),
+        rollback=clip(approval.rollback, 800) if approval.rollback else None,
         root_id=root_id,
         runbook_id=runbook_id,
         requested_by=requested_by,
@@ -170,36 +179,41 @@ def run_line(run: RunRecord, now: float) -> str:
     )
 
 
+def telegram_length(text: str) -> int:
+    """A text's length as Telegram counts it: UTF-16 code units (an emoji counts two)."""
+    return len(text.encode("utf-16-le")) // 2
+
+
 def pre_chunks(text: str, limit: int = MAX_MESSAGE_CHARS) -> list[str]:
-    """Plain text as `<pre>` messages, split at line boundaries, each within `limit`."""
-    room = limit - len("<pre></pre>")
+    """Plain text as `<pre>` messages, split at line boundaries, each within `limit` (the
+    limit applies to the text Telegram shows, so the tags and escapes do not count)."""
     chunks: list[str] = []
     current: list[str] = []
     size = 0
     for line in text.splitlines():
-        escaped = str(escape(line))
-        while len(escaped) > room:  # one huge line: cut it, escaping whole characters
-            line = line[: max(1, len(line) * room // len(escaped) - 1)]
-            escaped = str(escape(line))
-        if current and size + len(escaped) + 1 > room:
+        while telegram_length(line) > limit - 1:  # one huge line: cut it
+            line = line[: max(1, len(line) * (limit - 1) // telegram_length(line) - 1)]
+        length = telegram_length(line) + 1
+        if current and size + length > limit:
             chunks.append("<pre>" + "\n".join(current) + "</pre>")
             current, size = [], 0
-        current.append(escaped)
-        size += len(escaped) + 1
+        current.append(str(escape(line)))
+        size += length
     if current:
         chunks.append("<pre>" + "\n".join(current) + "</pre>")
     return chunks
 
 
 def html_chunks(html: str, limit: int = MAX_MESSAGE_CHARS) -> list[str] | None:
-    """HTML whose tags never span lines, split at line boundaries into messages within
-    `limit`; None when one line alone is too long (send it as a file instead)."""
+    """HTML whose tags never span lines, split at line boundaries into messages whose raw
+    text stays within `limit` UTF-16 units (more than Telegram's count after parsing, so
+    safe); None when one line alone is too long (send it as a file instead)."""
     chunks: list[str] = []
     current = ""
     for line in html.splitlines(keepends=True):
-        if len(line) > limit:
+        if telegram_length(line) > limit:
             return None
-        if len(current) + len(line) > limit:
+        if telegram_length(current) + telegram_length(line) > limit:
             chunks.append(current)
             current = ""
         current += line

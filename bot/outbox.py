@@ -15,7 +15,7 @@ import contextlib
 import datetime as dtm
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Collection
 
 from telegram import (
     Bot,
@@ -46,8 +46,11 @@ log = logging.getLogger(__name__)
 
 NO_PREVIEW = LinkPreviewOptions(is_disabled=True)
 MAX_BACKOFF = 60.0
+NOT_SERVED = "chat is not in TELEGRAM_ALLOWED_CHAT_IDS"
 # Errors we cannot tell apart from a lasting fault are retried this many times, then given up.
 MAX_UNKNOWN_ATTEMPTS = 8
+# Network faults: about an hour of retries at the longest backoff, then the chat moves on.
+MAX_NETWORK_ATTEMPTS = 66
 
 
 class Undeliverable(Exception):
@@ -64,8 +67,10 @@ class OutboxSender:
         progress_interval: float = 2.0,
         failpoints: Failpoints | None = None,
         poll_interval: float = 2.0,
+        allowed_chat_ids: Collection[int] | None = None,
     ) -> None:
         self._store = store
+        self._allowed = frozenset(allowed_chat_ids) if allowed_chat_ids is not None else None
         self._bot = bot
         self._progress_interval = progress_interval
         self._failpoints = failpoints or Failpoints(None)
@@ -125,6 +130,16 @@ class OutboxSender:
         """Deliver what is due of one batch; True if anything was delivered."""
         # Progress entries are one per run tree, so a batch this size sees every run's news.
         batch = await self._store.undelivered_messages(limit=500, chat_id=chat_id)
+        if self._allowed is not None and chat_id not in self._allowed:
+            log.warning(
+                "not delivering %d message(s) to chat %s: it is no longer served "
+                "(TELEGRAM_ALLOWED_CHAT_IDS)",
+                len(batch),
+                chat_id,
+            )
+            for message in batch:
+                await self._store.record_delivery_failure(message.id, NOT_SERVED, None)
+            return False
         delivered_any = False
         coalesced: set[str] = set()
         for message in batch:
@@ -168,6 +183,15 @@ class OutboxSender:
             await self._store.record_delivery_failure(message.id, str(exc), None)
             return True
         except NetworkError as exc:
+            if message.attempts + 1 >= MAX_NETWORK_ATTEMPTS:
+                log.error(
+                    "giving up on outbox entry %s after %s attempts: %s",
+                    message.id,
+                    message.attempts + 1,
+                    exc,
+                )
+                await self._store.record_delivery_failure(message.id, str(exc), None)
+                return True
             await self._failed(message, str(exc), min(MAX_BACKOFF, 2.0**message.attempts))
         except TelegramError as exc:
             if message.attempts + 1 >= MAX_UNKNOWN_ATTEMPTS:
@@ -249,6 +273,7 @@ class OutboxSender:
 
     async def _progress(self, message: OutboxMessage, ids: list[int]) -> None:
         """Send the run's progress message, or edit it in place: one message per run."""
+        await self._store.claim_messages(ids)  # rendered from here on: later news queues anew
         root = await self._store.get_run(message.payload["root_id"])
         last_row = await self._store.last_step_outcome(root.id)
         last = LastStep(*last_row) if last_row else None
@@ -281,11 +306,14 @@ class OutboxSender:
         chunks = html_chunks(html)
         self._failpoints.reached("before_send_run_finished")
         if chunks is not None and len(chunks) <= MAX_CHUNKS:
-            first = None
-            for chunk in chunks:
+            message_id = None
+            for number, chunk in enumerate(chunks, start=1):
+                if number <= message.parts_sent:  # went out before a failure or a crash
+                    continue
                 sent = await self._send(message, chunk)
-                first = first or sent.message_id
-            message_id = first
+                message_id = message_id or sent.message_id
+                if number < len(chunks):
+                    await self._store.record_part_sent(message.id, number)
         else:
             text = render_summary(summary, html=False, hints=hints)
             status = RunStatus(summary.run.status)
