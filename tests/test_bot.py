@@ -145,6 +145,20 @@ async def test_a_long_summary_is_split_at_lines_or_attached(
         assert "SUCCEEDED" in document["caption"]
         assert "note-149" in text and "<with> & markup-like" in text  # plain text, unescaped
 
+        # Its timeline is far longer than a few messages: /explain attaches it too.
+        vast = next(r for r in await service.store.list_runs() if r.id in document["caption"])
+        standin.inject_message(PLATFORM, ALICE, f"/explain {vast.id}")
+        await wait_for(
+            standin,
+            lambda: any(
+                m.get("document", {}).get("file_name") == f"{vast.id}-timeline.txt"
+                for m in from_bot(standin, PLATFORM)
+            ),
+        )
+        [timeline] = [m for m in from_bot(standin, PLATFORM) if "Timeline" in m.get("caption", "")]
+        lines = standin.document_bytes(timeline["document"]["file_id"]).decode().splitlines()
+        assert len(lines) > 300 and any("note-149" in line for line in lines)
+
 
 async def test_a_run_started_in_a_topic_answers_in_that_topic(settings: Settings) -> None:
     """A forum topic is part of where a run came from: its messages go back to the topic."""
