@@ -174,39 +174,33 @@ class OutboxSender:
             return True
         except RetryAfter as exc:  # the rate limiter's own retries ran out
             await self._failed(message, f"flood limit: {exc}", _seconds(exc.retry_after))
-        except (Undeliverable, Forbidden) as exc:
+        except (Undeliverable, Forbidden, BadRequest) as exc:  # it will not get better
+            # (BadRequest is a NetworkError to python-telegram-bot: caught first.)
             log.error("giving up on outbox entry %s (%s): %s", message.id, message.kind, exc)
             await self._store.record_delivery_failure(message.id, str(exc), None)
             return True  # nothing behind it should wait for an entry that will never go
-        except BadRequest as exc:  # a subclass of NetworkError, but it will not get better
-            log.error("giving up on outbox entry %s (%s): %s", message.id, message.kind, exc)
-            await self._store.record_delivery_failure(message.id, str(exc), None)
-            return True
         except NetworkError as exc:
-            if message.attempts + 1 >= MAX_NETWORK_ATTEMPTS:
-                log.error(
-                    "giving up on outbox entry %s after %s attempts: %s",
-                    message.id,
-                    message.attempts + 1,
-                    exc,
-                )
-                await self._store.record_delivery_failure(message.id, str(exc), None)
-                return True
-            await self._failed(message, str(exc), min(MAX_BACKOFF, 2.0**message.attempts))
+            return await self._retry_or_give_up(message, exc, MAX_NETWORK_ATTEMPTS)
         except TelegramError as exc:
-            if message.attempts + 1 >= MAX_UNKNOWN_ATTEMPTS:
-                log.error(
-                    "giving up on outbox entry %s after %s attempts: %s",
-                    message.id,
-                    message.attempts + 1,
-                    exc,
-                )
-                await self._store.record_delivery_failure(message.id, str(exc), None)
-                return True
-            await self._failed(message, str(exc), min(MAX_BACKOFF, 2.0**message.attempts))
+            return await self._retry_or_give_up(message, exc, MAX_UNKNOWN_ATTEMPTS)
         except (RunNotFound, ApprovalNotFound) as exc:  # nothing left to say it about
             await self._store.record_delivery_failure(message.id, str(exc), None)
             return True
+        return False
+
+    async def _retry_or_give_up(
+        self, message: OutboxMessage, error: Exception, max_attempts: int
+    ) -> bool:
+        """Back off and retry (holding the chat's later entries), or after `max_attempts`
+        give the entry up so the chat moves on; says whether the chat may go on."""
+        attempts = message.attempts + 1
+        if attempts >= max_attempts:
+            log.error(
+                "giving up on outbox entry %s after %s attempts: %s", message.id, attempts, error
+            )
+            await self._store.record_delivery_failure(message.id, str(error), None)
+            return True
+        await self._failed(message, str(error), min(MAX_BACKOFF, 2.0**message.attempts))
         return False
 
     async def _failed(self, message: OutboxMessage, error: str, delay: float) -> None:

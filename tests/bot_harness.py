@@ -4,8 +4,10 @@ python-telegram-bot Application (in this process or as a `loom-ops telegram` sub
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -222,3 +224,51 @@ async def chat_bench(
         running_bot(settings, telegram_settings(server, **telegram)) as service,
     ):
         yield standin, service
+
+
+def undelivered(db: str) -> int:
+    """Outbox entries neither delivered nor given up on."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        row = conn.execute(
+            "SELECT COUNT(*) FROM outbox WHERE delivered_at IS NULL AND failed_at IS NULL"
+        ).fetchone()
+    return int(row[0])
+
+
+async def outbox_idle(service: RunService, timeout: float = 10.0) -> None:
+    """Every entry delivered or given up, no delivery worker alive, no wake-up pending
+    (polled: these are states of this process)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        workers = [
+            t for t in asyncio.all_tasks() if t.get_name().startswith("outbox:") and not t.done()
+        ]
+        if (
+            not workers
+            and not service.store.outbox_ready.is_set()
+            and undelivered(service.settings.db) == 0
+        ):
+            return
+        assert loop.time() < deadline, f"outbox still busy after {timeout} s"
+        await asyncio.sleep(0.01)
+
+
+def long_notes_runbook(
+    steps: int, runbook_id: str = "long-notes", trigger: str = "long drill"
+) -> str:
+    """A runbook of `steps` notes, whose audit summary is longer than one Telegram message."""
+    lines = [
+        f"id: {runbook_id}",
+        "title: Many notes",
+        "description: A runbook whose summary is longer than one Telegram message.",
+        f"triggers: [{trigger}]",
+        "steps:",
+    ]
+    for n in range(steps):
+        lines += [
+            f"  - id: note-{n}",
+            f"    title: Note number {n} <with> & markup-like text",
+            f"    note: {'observe the dashboard & write down what you see; ' * 3}",
+        ]
+    return "\n".join(lines) + "\n"

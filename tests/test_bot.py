@@ -18,6 +18,7 @@ from tests.bot_harness import (
     chat_bench,
     from_bot,
     keyboard_data,
+    long_notes_runbook,
     run_id_of,
     summaries,
     wait_for,
@@ -96,31 +97,14 @@ async def test_progress_is_one_message_edited_in_place(settings: Settings) -> No
         assert min(gaps) >= 0.45, gaps
 
 
-def _long_runbook(steps: int) -> str:
-    lines = [
-        "id: long-notes",
-        "title: Many notes",
-        "description: A runbook whose summary is longer than one Telegram message.",
-        "triggers: [long drill]",
-        "steps:",
-    ]
-    for n in range(steps):
-        lines += [
-            f"  - id: note-{n}",
-            f"    title: Note number {n} <with> & markup-like text",
-            f"    note: {'observe the dashboard & write down what you see; ' * 3}",
-        ]
-    return "\n".join(lines) + "\n"
-
-
 async def test_a_long_summary_is_split_at_lines_or_attached(
     settings: Settings, workspace: Path
 ) -> None:
     """Over 4096 characters the summary is split at line boundaries (each part valid HTML);
     far longer, it is attached as a file."""
-    (workspace / "runbooks" / "long-notes.yaml").write_text(_long_runbook(25))
+    (workspace / "runbooks" / "long-notes.yaml").write_text(long_notes_runbook(25))
     (workspace / "runbooks" / "longer-notes.yaml").write_text(
-        _long_runbook(150).replace("long-notes", "longer-notes").replace("long drill", "vast drill")
+        long_notes_runbook(150, "longer-notes", "vast drill")
     )
     roomy = settings.model_copy(update={"max_steps": 1000, "max_tool_calls": 1000})
     async with chat_bench(roomy) as (standin, service):

@@ -32,6 +32,7 @@ from tests.bot_harness import (
     approval_messages,
     from_bot,
     keyboard_data,
+    outbox_idle,
     run_id_of,
     running_bot,
     standin_server,
@@ -117,34 +118,6 @@ async def bench(settings: Settings) -> AsyncIterator[Bench]:
 
 def starts_with(head: str) -> Callable[[str], bool]:
     return lambda text: text.startswith(head)
-
-
-def _undelivered(db: str) -> int:
-    """Outbox entries neither delivered nor given up on."""
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        row = conn.execute(
-            "SELECT COUNT(*) FROM outbox WHERE delivered_at IS NULL AND failed_at IS NULL"
-        ).fetchone()
-    return int(row[0])
-
-
-async def _outbox_idle(service: RunService, timeout: float = 10.0) -> None:
-    """Wait until every outbox entry is delivered, no delivery worker is alive, and the
-    sender has taken in its last wake-up (polled: these are states of this process)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        workers = [
-            t for t in asyncio.all_tasks() if t.get_name().startswith("outbox:") and not t.done()
-        ]
-        if (
-            not workers
-            and not service.store.outbox_ready.is_set()
-            and _undelivered(service.settings.db) == 0
-        ):
-            return
-        assert loop.time() < deadline, f"outbox still busy after {timeout} s"
-        await asyncio.sleep(0.01)
 
 
 # -- 1. help, start, unknown and other bots' commands ------------------------------------------
@@ -407,7 +380,7 @@ async def test_cancel_edits_the_approval_message(bench: Bench) -> None:
     await bench.ask(INCIDENTS, ALICE, f"/cancel {run_id}", starts_with("🚫 Cancelled"))
     await bench.summary(INCIDENTS, run_id)
     # Every outbox entry of the run is delivered by now: the sender is idle.
-    await _outbox_idle(bench.service)
+    await outbox_idle(bench.service)
     edited = bench.current(INCIDENTS, request["message_id"])
     assert "Cancelled with the run by @alice" in text_of(edited), text_of(edited)
     assert not keyboard_data(edited)
@@ -552,7 +525,7 @@ async def test_html_in_the_request_is_shown_literally(bench: Bench) -> None:
     assert f"Request:   incident: {typed}" in text_of(summary)
     assert (await bench.service.get(run_id)).status == RunStatus.SUCCEEDED
 
-    await _outbox_idle(bench.service)  # every entry of the run has been tried
+    await outbox_idle(bench.service)  # every entry of the run has been tried
     with contextlib.closing(sqlite3.connect(bench.service.settings.db)) as conn:
         [(failed,)] = conn.execute("SELECT COUNT(*) FROM outbox WHERE failed_at IS NOT NULL")
     assert failed == 0  # a 400 for unparsable HTML would have left a failed entry

@@ -23,6 +23,7 @@ from tests.bot_harness import (
     run_id_of,
     standin_server,
     summaries,
+    undelivered,
     wait_for,
     wait_for_approval,
 )
@@ -31,13 +32,6 @@ from tests.bot_harness import (
 def _run_status(db: str, run_id: str) -> str:
     with sqlite3.connect(db) as conn:
         return conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
-
-
-def _undelivered(db: str) -> int:
-    with sqlite3.connect(db) as conn:
-        return conn.execute(
-            "SELECT COUNT(*) FROM outbox WHERE delivered_at IS NULL AND failed_at IS NULL"
-        ).fetchone()[0]
 
 
 def _progress_messages(standin, run_id: str) -> list[dict]:
@@ -56,14 +50,14 @@ async def test_killed_while_a_run_waits_for_approval(settings: Settings, tmp_pat
             standin.inject_message(INCIDENTS, ALICE, "/run incident: API latency spike")
             request = await wait_for_approval(standin, INCIDENTS)
             run_id = run_id_of(request)
-            await wait_for(standin, lambda: _undelivered(settings.db) == 0)
+            await wait_for(standin, lambda: undelivered(settings.db) == 0)
             bot.kill()
 
             approve = next(d for d in keyboard_data(request) if d.endswith(":y"))
             standin.inject_callback(INCIDENTS, request["message_id"], BOB, approve)  # while down
             bot.start()
             await wait_for(standin, lambda: summaries(standin, INCIDENTS, run_id), 30)
-            await wait_for(standin, lambda: _undelivered(settings.db) == 0, 10)
+            await wait_for(standin, lambda: undelivered(settings.db) == 0, 10)
         finally:
             code = bot.stop()
         assert code == 0, bot.output()
@@ -103,7 +97,7 @@ async def test_killed_just_before_a_message_goes_out(
                 standin.inject_callback(INCIDENTS, request["message_id"], BOB, approve)
             run_id = run_id_of(request)
             await wait_for(standin, lambda: summaries(standin, INCIDENTS, run_id), 30)
-            await wait_for(standin, lambda: _undelivered(settings.db) == 0, 10)
+            await wait_for(standin, lambda: undelivered(settings.db) == 0, 10)
         finally:
             code = bot.stop()
         assert code == 0, bot.output()
@@ -133,7 +127,7 @@ async def test_killed_after_the_summary_went_out_but_before_it_was_recorded(
             assert len(summaries(standin, INCIDENTS, run_id)) == 1
             bot = BotProcess(bot_env(server, settings), settings.workspace, tmp_path / "bot.log")
             bot.start()
-            await wait_for(standin, lambda: _undelivered(settings.db) == 0, 30)
+            await wait_for(standin, lambda: undelivered(settings.db) == 0, 30)
         finally:
             code = bot.stop()
         assert code == 0, bot.output()

@@ -37,13 +37,17 @@ from tests.bot_harness import (
     PRIVATE,
     TOKEN,
     approval_messages,
+    chat_bench,
     from_bot,
     keyboard_data,
+    long_notes_runbook,
+    outbox_idle,
     run_id_of,
     running_bot,
     standin_server,
     summaries,
     telegram_settings,
+    undelivered,
     wait_for,
     wait_for_approval,
 )
@@ -93,65 +97,7 @@ steps:
 """
 
 
-def _long_notes_runbook(steps: int) -> str:
-    lines = [
-        "id: long-notes",
-        "title: Many notes",
-        "description: A runbook whose summary is longer than one Telegram message.",
-        "triggers: [long drill]",
-        "steps:",
-    ]
-    for n in range(steps):
-        lines += [
-            f"  - id: note-{n}",
-            f"    title: Note number {n}",
-            f"    note: {'observe the dashboard and write down what you see; ' * 3}",
-        ]
-    return "\n".join(lines) + "\n"
-
-
 # -- the bench -------------------------------------------------------------------------------
-
-
-def _undelivered(db: str) -> int:
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        row = conn.execute(
-            "SELECT COUNT(*) FROM outbox WHERE delivered_at IS NULL AND failed_at IS NULL"
-        ).fetchone()
-    return int(row[0])
-
-
-async def outbox_idle(service: RunService, timeout: float = 10.0) -> None:
-    """Every entry delivered or given up, no delivery worker alive, no wake-up pending."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        workers = [
-            t for t in asyncio.all_tasks() if t.get_name().startswith("outbox:") and not t.done()
-        ]
-        if (
-            not workers
-            and not service.store.outbox_ready.is_set()
-            and _undelivered(service.settings.db) == 0
-        ):
-            return
-        assert loop.time() < deadline, f"outbox still busy after {timeout} s"
-        await asyncio.sleep(0.01)
-
-
-@asynccontextmanager
-async def bench(
-    settings: Settings, **telegram: Any
-) -> AsyncIterator[tuple[BotApiStandIn, RunService]]:
-    """The stand-in and the real bot in this process; stops only once the outbox is idle
-    (stopping just after a wake-up hangs, a known defect pinned in test_bot_commands)."""
-    async with (
-        standin_server() as (standin, server),
-        running_bot(settings, telegram_settings(server, **telegram)) as service,
-    ):
-        yield standin, service
-        with contextlib.suppress(AssertionError):
-            await outbox_idle(service)
 
 
 def progress_of(standin: BotApiStandIn, chat_id: int, run_id: str) -> list[JSON]:
@@ -209,7 +155,7 @@ async def test_an_approval_request_with_a_long_action_still_reaches_the_chat(
     (workspace / "runbooks" / "long-action.yaml").write_text(
         LONG_ACTION_RUNBOOK.format(arg="x" * 4500)
     )
-    async with bench(settings) as (standin, _):
+    async with chat_bench(settings) as (standin, _):
         standin.inject_message(INCIDENTS, ALICE, "/run incident: long action drill")
         await wait_for(
             standin,
@@ -225,7 +171,7 @@ async def test_status_of_a_run_waiting_on_a_long_action_answers(
     (workspace / "runbooks" / "long-action.yaml").write_text(
         LONG_ACTION_RUNBOOK.format(arg="x" * 4500)
     )
-    async with bench(settings) as (standin, service):
+    async with chat_bench(settings) as (standin, service):
         standin.inject_message(INCIDENTS, ALICE, "/run incident: long action drill")
         root_id = await waiting_root(service)
         answer = await ask(standin, INCIDENTS, ALICE, f"/status {root_id}")
@@ -238,7 +184,7 @@ async def test_status_of_a_run_waiting_on_a_long_action_answers(
 
 async def test_status_lists_child_runs_without_literal_tags(settings: Settings) -> None:
     """/status lists the child runs; their ids and runbook are markup, not text."""
-    async with bench(settings) as (standin, _):
+    async with chat_bench(settings) as (standin, _):
         standin.inject_message(INCIDENTS, ALICE, f"/run {LATENCY}")
         run_id = run_id_of(await wait_for_approval(standin, INCIDENTS))
         answer = await ask(standin, INCIDENTS, ALICE, f"/status {run_id}")
@@ -256,7 +202,7 @@ async def test_a_deleted_progress_message_is_replaced_once(
     """An admin deletes the progress message: the bot posts one replacement and edits it from
     then on, instead of posting a new message on every later update."""
     (workspace / "runbooks" / "two-gates.yaml").write_text(TWO_GATES_RUNBOOK)
-    async with bench(settings) as (standin, service):
+    async with chat_bench(settings) as (standin, service):
         standin.inject_message(INCIDENTS, ALICE, "/run incident: two gates drill")
         first = await wait_for_approval(standin, INCIDENTS)
         run_id = run_id_of(first)
@@ -294,7 +240,7 @@ async def test_progress_shows_a_change_committed_while_it_was_being_sent(
 ) -> None:
     """The run is cancelled while Telegram is answering for the progress message (the stand-in
     stands for a slow round trip): the progress message must end up saying "cancelled"."""
-    async with bench(settings) as (standin, service):
+    async with chat_bench(settings) as (standin, service):
         original = standin.call_method
         cancelled: dict[str, str] = {}
 
@@ -326,9 +272,9 @@ async def test_a_summary_in_parts_is_not_resent_after_a_later_part_failed(
     settings: Settings, workspace: Path
 ) -> None:
     """A two-part summary whose second part meets one 502: the first part is not sent twice."""
-    (workspace / "runbooks" / "long-notes.yaml").write_text(_long_notes_runbook(25))
+    (workspace / "runbooks" / "long-notes.yaml").write_text(long_notes_runbook(25))
     roomy = settings.model_copy(update={"max_steps": 1000, "max_tool_calls": 1000})
-    async with bench(roomy) as (standin, service):
+    async with chat_bench(roomy) as (standin, service):
         original = standin.call_method
         faulted: list[str] = []
 
@@ -365,7 +311,7 @@ async def test_a_long_summary_with_a_multiline_step_detail_is_delivered(
     (workspace / "runbooks" / "checklist.yaml").write_text(
         CHECKLIST_RUNBOOK.format(lines=checklist)
     )
-    async with bench(settings) as (standin, service):
+    async with chat_bench(settings) as (standin, service):
         standin.inject_message(INCIDENTS, ALICE, "/run incident: checklist drill")
         [root] = [r for r in await _roots(service, 1)]
         await wait_for(standin, lambda: _terminal(service, root), 10)
@@ -409,7 +355,7 @@ async def test_no_message_goes_to_a_chat_no_longer_served(settings: Settings) ->
         async with running_bot(settings, narrowed) as service:
             calls_before = len(standin.calls())
             await service.cancel(run_id, by="cli:oncall")  # the run ends from the CLI
-            await wait_for(standin, lambda: _undelivered(settings.db) == 0, 10)
+            await wait_for(standin, lambda: undelivered(settings.db) == 0, 10)
             await outbox_idle(service)
             to_platform = [
                 c.method
@@ -424,7 +370,7 @@ async def test_no_message_goes_to_a_chat_no_longer_served(settings: Settings) ->
 
 async def test_a_tap_is_answered_at_once_while_the_database_is_busy(settings: Settings) -> None:
     """Another process holds the SQLite write lock for 3 s: the tap is still answered at once."""
-    async with bench(settings) as (standin, service):
+    async with chat_bench(settings) as (standin, service):
         standin.inject_message(INCIDENTS, ALICE, f"/run {LATENCY}")
         request = await wait_for_approval(standin, INCIDENTS)
         await outbox_idle(service)
@@ -452,7 +398,7 @@ async def test_a_tap_is_answered_at_once_while_the_database_is_busy(settings: Se
 
 async def test_a_429_in_one_chat_does_not_hold_up_taps_in_another(settings: Settings) -> None:
     """Platform gets a 429 (retry after 3 s); a tap in Incidents meanwhile is answered at once."""
-    async with bench(settings) as (standin, service):
+    async with chat_bench(settings) as (standin, service):
         standin.inject_message(INCIDENTS, ALICE, f"/run {LATENCY}")
         request = await wait_for_approval(standin, INCIDENTS)
         await outbox_idle(service)
@@ -568,7 +514,7 @@ def test_telegram_with_an_unreachable_bot_api_says_so_in_one_line(
 
 async def test_a_reject_reason_starting_with_a_number_is_a_reason(settings: Settings) -> None:
     """`/reject <id> 5 pods are crashlooping` rejects the run's request with that reason."""
-    async with bench(settings) as (standin, _):
+    async with chat_bench(settings) as (standin, _):
         standin.inject_message(INCIDENTS, ALICE, f"/run {LATENCY}")
         run_id = run_id_of(await wait_for_approval(standin, INCIDENTS))
         answer = await ask(
@@ -585,9 +531,9 @@ async def test_a_summary_split_in_parts_fits_telegrams_utf16_limit(
 ) -> None:
     """A long summary whose request has 1000 emoji (2 UTF-16 units each): every part must fit
     Telegram's 4096 UTF-16 units, or the summary goes as a file."""
-    (workspace / "runbooks" / "long-notes.yaml").write_text(_long_notes_runbook(25))
+    (workspace / "runbooks" / "long-notes.yaml").write_text(long_notes_runbook(25))
     roomy = settings.model_copy(update={"max_steps": 1000, "max_tool_calls": 1000})
-    async with bench(roomy) as (standin, service):
+    async with chat_bench(roomy) as (standin, service):
         standin.inject_message(INCIDENTS, ALICE, "/run incident: long drill " + "🔥" * 1000)
         [root] = await _roots(service, 1)
         await wait_for(standin, lambda: _terminal(service, root), 20)
