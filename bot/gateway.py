@@ -7,14 +7,14 @@ outbox sender, the approval-expiry sweeper, and the recovery of runs a dead proc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import time
-from collections.abc import Awaitable, Callable
 
 from telegram import Update
 from telegram.ext import Application
 
 from agent.failpoints import Failpoints
+from agent.maintenance import Maintenance, background, stop_all
 from agent.service import RunService
 from bot.handlers import COMMANDS, ChatOps
 from bot.outbox import OutboxSender
@@ -25,10 +25,6 @@ log = logging.getLogger(__name__)
 
 # Update types the handlers use; Telegram drops the others before they reach us.
 ALLOWED_UPDATES = [Update.MESSAGE, Update.CALLBACK_QUERY]
-# A decision made elsewhere (CLI, another process) may open a request this process did not see:
-# look for overdue requests at least this often.
-MAX_EXPIRY_SLEEP = 5.0
-RESTART_DELAY = 1.0
 
 
 class ConfigError(ValueError):
@@ -67,11 +63,13 @@ async def serve_bot(
     telegram: TelegramSettings,
     stop: asyncio.Event,
     ready: asyncio.Event | None = None,
+    maintain: bool = True,
 ) -> None:
-    """Run the bot until `stop` is set: poll, handle, deliver the outbox, expire, recover.
+    """Run the bot until `stop` is set: poll, handle, deliver the outbox.
 
-    Raises telegram.error.TelegramError when the Bot API refuses the token or cannot be
-    reached at start."""
+    `maintain` also runs the expiry sweeper and run recovery (off when another front end in
+    the process runs them). Raises telegram.error.TelegramError when the Bot API refuses the
+    token or cannot be reached at start."""
     check_config(telegram)
     application = build_application(token, telegram)
     ChatOps(service, telegram).register(application)
@@ -94,58 +92,16 @@ async def serve_bot(
             drop_pending_updates=False,
             bootstrap_retries=3,  # then fail loudly: a supervisor restarts us
         )
-        tasks = [
-            _task(sender.run, "outbox", restart=True),
-            _task(lambda: expire_overdue_forever(service), "expiry", restart=True),
-            _task(lambda: recover_forever(service), "recovery", restart=True),
-        ]
+        outbox = background(sender.run, "outbox")
         log.info("bot @%s serving chats %s", application.bot.username, telegram.allowed_chat_ids)
-        if ready is not None:
-            ready.set()
         try:
-            await stop.wait()
+            async with contextlib.AsyncExitStack() as stack:
+                if maintain:
+                    await stack.enter_async_context(Maintenance(service))
+                if ready is not None:
+                    ready.set()
+                await stop.wait()
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await stop_all([outbox])
             await application.updater.stop()
             await application.stop()
-
-
-async def expire_overdue_forever(service: RunService) -> None:
-    """Expire approval requests at their deadline (their messages then say so)."""
-    while True:
-        await service.expire_overdue(wait=False)
-        deadline = await service.store.next_approval_deadline()
-        delay = MAX_EXPIRY_SLEEP if deadline is None else deadline - time.time() + 0.01
-        await asyncio.sleep(min(MAX_EXPIRY_SLEEP, max(0.01, delay)))
-
-
-async def recover_forever(service: RunService) -> None:
-    """Drive on the runs a dead process left, at once on start and then once per lease TTL:
-    a run a passing fault interrupted (an unreachable LLM, a locked database) is queued for
-    resume, and a long-running bot is what resumes it."""
-    while True:
-        recovered = await service.recover()
-        if recovered:
-            ids = ", ".join(run.id for run in recovered)
-            log.info("recovered %d run(s): %s", len(recovered), ids)
-        await asyncio.sleep(service.settings.lease_ttl)
-
-
-def _task(work: Callable[[], Awaitable[None]], name: str, restart: bool) -> asyncio.Task[None]:
-    """Run `work` beside the bot; a long-lived task that fails is logged and started again,
-    so one bad moment (a locked database, say) does not silence the outbox for good."""
-
-    async def guarded() -> None:
-        while True:
-            try:
-                await work()
-                return
-            except Exception:
-                log.exception("the bot's %s task failed", name)
-                if not restart:
-                    return
-            await asyncio.sleep(RESTART_DELAY)
-
-    return asyncio.create_task(guarded(), name=f"bot:{name}")

@@ -1,0 +1,86 @@
+"""What a long-running process (the bot, the HTTP API) does beside its front end: expire
+approval requests at their deadline, and drive on the runs a dead process left."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+
+from agent.service import RunService
+
+log = logging.getLogger(__name__)
+
+# A request opened by another process (a CLI run) is not announced here: look for overdue
+# requests at least this often.
+MAX_EXPIRY_SLEEP = 5.0
+RESTART_DELAY = 1.0
+
+
+class Maintenance:
+    """`async with Maintenance(service):` runs the expiry sweeper and the recovery loop."""
+
+    def __init__(self, service: RunService) -> None:
+        self._service = service
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> Maintenance:
+        self._tasks = [
+            background(lambda: expire_overdue_forever(self._service), "expiry"),
+            background(lambda: recover_forever(self._service), "recovery"),
+        ]
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await stop_all(self._tasks)
+
+
+async def expire_overdue_forever(service: RunService) -> None:
+    """Expire approval requests at their deadline (their chat messages then say so)."""
+    while True:
+        await service.expire_overdue(wait=False)
+        deadline = await service.store.next_approval_deadline()
+        delay = MAX_EXPIRY_SLEEP if deadline is None else deadline - time.time() + 0.01
+        await asyncio.sleep(min(MAX_EXPIRY_SLEEP, max(0.01, delay)))
+
+
+async def recover_forever(service: RunService) -> None:
+    """Drive on the runs a dead process left, at once and then once per lease TTL: a run a
+    passing fault interrupted (an unreachable LLM, a locked database) is queued for resume,
+    and a long-running process is what resumes it."""
+    while True:
+        recovered = await service.recover()
+        if recovered:
+            ids = ", ".join(run.id for run in recovered)
+            log.info("recovered %d run(s): %s", len(recovered), ids)
+        await asyncio.sleep(service.settings.lease_ttl)
+
+
+def background(work: Callable[[], Awaitable[None]], name: str) -> asyncio.Task[None]:
+    """Run `work` as a task; when it fails it is logged and started again, so one bad moment
+    (a locked database, say) does not stop it for good."""
+
+    async def guarded() -> None:
+        while True:
+            try:
+                await work()
+                return
+            except Exception:
+                log.exception("the %s task failed; starting it again", name)
+            await asyncio.sleep(RESTART_DELAY)
+
+    return asyncio.create_task(guarded(), name=f"loom-ops:{name}")
+
+
+async def stop_all(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel tasks and wait until they have stopped."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
