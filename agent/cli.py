@@ -12,7 +12,6 @@ import csv
 import json
 import logging
 import os
-import signal
 import sqlite3
 import sys
 import time
@@ -141,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl", help="for export")
     p.add_argument("-o", "--output", type=Path, help="export to this file (default: stdout)")
     _common(p)
+
+    p = sub.add_parser(
+        "serve",
+        help="serve the HTTP API (and with --telegram the bot) until interrupted",
+        description="Runs outlive connections; SSE streams resume with Last-Event-ID. "
+        "Beyond loopback LOOM_OPS_API_TOKEN is required.",
+    )
+    p.add_argument("--host", help="address to bind (LOOM_OPS_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (LOOM_OPS_PORT, default 8766)")
+    p.add_argument("--telegram", action="store_true", help="also serve the Telegram bot")
+    _common(p, run_flags=True)
 
     p = sub.add_parser(
         "telegram",
@@ -486,57 +496,31 @@ COMMANDS: dict[str, Callable[[RunService, argparse.Namespace], Awaitable[int]]] 
 }
 
 
-async def _serve_telegram(settings: Settings) -> int:
-    """`loom-ops telegram`: check every setting before any network call, then serve."""
-    # Imported here: python-telegram-bot is not needed by any other command.
-    from bot.gateway import ConfigError, check_config, serve_bot
-    from bot.settings import TelegramSettings, check_token
+async def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    """`loom-ops serve` / `telegram`: check every setting before any network call, serve."""
+    from agent import serving
 
+    http = None
+    if args.command == "serve":
+        host = args.host if args.host is not None else settings.host
+        port = args.port if args.port is not None else settings.port
+        http = serving.HttpEndpoint(host, port)
     try:
-        telegram = TelegramSettings()
-        check_config(telegram)
-        token = check_token(
-            settings.telegram_bot_token.get_secret_value() if settings.telegram_bot_token else None
-        )
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise UsageError(f"bad setting {first['loc'][0]}: {first['msg']}") from None
-    except (ConfigError, ValueError) as exc:
+        if http is not None:
+            serving.check_http(settings, http)
+        wants_bot = args.command in ("telegram", "bot") or getattr(args, "telegram", False)
+        telegram = serving.check_telegram(settings) if wants_bot else None
+        return await serving.serve(settings, http, telegram)
+    except serving.ServingRefused as exc:
         raise UsageError(str(exc)) from None
-    # A long-running service: timestamps, INFO, and tracebacks for the operator's logs.
-    root = logging.getLogger()
-    root.setLevel(logging.INFO)
-    for handler in root.handlers:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Bot API request
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    from telegram.error import InvalidToken, TelegramError
-
-    service = await RunService.open(settings)
-    try:
-        await serve_bot(service, token, telegram, stop)
-    except InvalidToken:
-        raise UsageError("the Bot API refused TELEGRAM_BOT_TOKEN (revoked or mistyped?)") from None
-    except TelegramError as exc:
-        print(
-            f"loom-ops: cannot reach the Bot API at {telegram.api_base_url}: {exc}",
-            file=sys.stderr,
-        )
-        return EXIT_RUN_FAILED
-    finally:
-        await service.close()
-    return EXIT_OK
 
 
 async def _run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.command == "runbooks":
         return _cmd_runbooks(settings, args)
-    if args.command in ("telegram", "bot"):
-        return await _serve_telegram(settings)
+    if args.command in ("telegram", "bot", "serve"):
+        return await _serve(settings, args)
     service = await RunService.open(settings)
     try:
         return await COMMANDS[args.command](service, args)

@@ -17,13 +17,16 @@ log = logging.getLogger(__name__)
 # requests at least this often.
 MAX_EXPIRY_SLEEP = 5.0
 RESTART_DELAY = 1.0
+JOURNAL_WATCH_INTERVAL = 1.0
 
 
 class Maintenance:
-    """`async with Maintenance(service):` runs the expiry sweeper and the recovery loop."""
+    """`async with Maintenance(service):` runs the expiry sweeper and the recovery loop, and
+    with `watch_journal` wakes journal readers (SSE streams) when another process writes."""
 
-    def __init__(self, service: RunService) -> None:
+    def __init__(self, service: RunService, watch_journal: bool = False) -> None:
         self._service = service
+        self._watch_journal = watch_journal
         self._tasks: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> Maintenance:
@@ -31,6 +34,8 @@ class Maintenance:
             background(lambda: expire_overdue_forever(self._service), "expiry"),
             background(lambda: recover_forever(self._service), "recovery"),
         ]
+        if self._watch_journal:
+            self._tasks.append(background(lambda: watch_journal(self._service), "journal"))
         return self
 
     async def __aexit__(
@@ -61,6 +66,14 @@ async def recover_forever(service: RunService) -> None:
             ids = ", ".join(run.id for run in recovered)
             log.info("recovered %d run(s): %s", len(recovered), ids)
         await asyncio.sleep(service.settings.lease_ttl)
+
+
+async def watch_journal(service: RunService) -> None:
+    """Notice events other processes append (a CLI decision), once a second; this process's
+    own writes wake readers at once."""
+    while True:
+        await service.store.notice_other_writers()
+        await asyncio.sleep(JOURNAL_WATCH_INTERVAL)
 
 
 def background(work: Callable[[], Awaitable[None]], name: str) -> asyncio.Task[None]:

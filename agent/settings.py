@@ -64,6 +64,19 @@ class Settings(BaseSettings):
         None, description="Test hook: '<point>:<n>' kills the process with SIGKILL there."
     )
     api_token: SecretStr | None = Field(None, description="Bearer token of the HTTP API.")
+    api_user: str = Field(
+        "api:http",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}$",
+        description="Who decisions made through the HTTP API are recorded as.",
+    )
+    host: str = Field("127.0.0.1", description="Address `loom-ops serve` binds.")
+    port: int = Field(8766, ge=0, le=65535, description="Port `loom-ops serve` binds.")
+    max_active_runs: int = Field(
+        32, ge=1, le=10_000, description="Runs the HTTP API lets run at once (then 429)."
+    )
+    max_body_bytes: int = Field(
+        64 * 1024, ge=1024, description="Largest HTTP request body accepted (then 413)."
+    )
     openai_api_key: SecretStr | None = Field(
         None,
         validation_alias=AliasChoices("OPENAI_API_KEY", "LOOM_OPS_OPENAI_API_KEY"),

@@ -9,6 +9,7 @@ Nothing here awaits the network or a subprocess.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import sqlite3
@@ -180,6 +181,22 @@ class OutboxMessage:
     parts_sent: int = 0  # of a message sent in parts, how many went out already
 
 
+# Histogram bucket bounds (seconds) of /metrics: tool call durations, approval waits.
+DURATION_BUCKETS = (0.005, 0.025, 0.1, 0.5, 1, 5, 30, 120, 600)
+WAIT_BUCKETS = (10, 60, 300, 900, 1800, 3600, 14400)
+
+
+@dataclass(frozen=True)
+class MetricsSnapshot:
+    """Counts and histograms of the whole store: (label, cumulative bucket counts, count, sum)."""
+
+    runs_by_status: dict[str, int]
+    tool_durations: list[tuple[str, list[int], int, float]]
+    approval_waits: list[tuple[str, list[int], int, float]]
+    prompt_tokens: int
+    completion_tokens: int
+
+
 _TERMINAL = frozenset(str(status) for status in TERMINAL_STATUSES)
 
 
@@ -207,6 +224,10 @@ class RunStore:
         # them at once instead of polling the table.
         self.outbox_ready = asyncio.Event()
         self._outbox_written = False
+        # Replaced after every write: whoever waits for new journal events (an SSE stream)
+        # holds the current one and is woken when it is set.
+        self._journal_changed = asyncio.Event()
+        self._last_seq_seen = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -363,7 +384,28 @@ class RunStore:
         if self._outbox_written:
             self._outbox_written = False
             self.outbox_ready.set()
+        self._signal_journal()
         return result
+
+    def _signal_journal(self) -> None:
+        changed, self._journal_changed = self._journal_changed, asyncio.Event()
+        changed.set()
+
+    async def wait_for_journal(self, timeout: float) -> None:
+        """Return after the next write in this process (or `notice_other_writers` seeing one
+        elsewhere), or after `timeout` seconds."""
+        changed = self._journal_changed
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await changed.wait()
+
+    async def notice_other_writers(self) -> None:
+        """Wake journal waiters if another process appended events since the last look."""
+        row = await self._read(lambda c: c.execute("SELECT MAX(seq) FROM events").fetchone())
+        latest = row[0] or 0
+        if latest != self._last_seq_seen:
+            self._last_seq_seen = latest
+            self._signal_journal()
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await self._on_thread(fn)
@@ -1570,6 +1612,80 @@ class RunStore:
             )
             for row in rows
         ]
+
+    async def list_tree_events(
+        self, run_id: str, after_seq: int = 0, limit: int = 500
+    ) -> list[EventRecord]:
+        """The journal of a run and every run below it, in the order it was written."""
+        rows = await self._read(
+            lambda c: c.execute(
+                "WITH RECURSIVE tree(id) AS (SELECT ? UNION ALL "
+                "SELECT r.id FROM runs r JOIN tree t ON r.parent_id = t.id) "
+                "SELECT seq, run_id, idx, ts, type, data, prev_hash, hash FROM events "
+                "WHERE run_id IN (SELECT id FROM tree) AND seq > ? ORDER BY seq LIMIT ?",
+                (run_id, after_seq, limit),
+            ).fetchall()
+        )
+        return [
+            EventRecord(
+                seq=row[0],
+                run_id=row[1],
+                idx=row[2],
+                ts=row[3],
+                type=row[4],
+                data=_event_data(row[5]),
+                prev_hash=row[6],
+                hash=row[7],
+            )
+            for row in rows
+        ]
+
+    async def count_active_roots(self) -> int:
+        """Runs started by a front end (roots) that are queued or running, or whose children
+        are; a run waiting for a human holds nothing and is not counted."""
+        row = await self._read(
+            lambda c: c.execute(
+                "SELECT COUNT(*) FROM runs WHERE parent_id IS NULL "
+                "AND status IN ('queued', 'running', 'waiting_children')"
+            ).fetchone()
+        )
+        return int(row[0])
+
+    async def metrics_snapshot(self) -> MetricsSnapshot:
+        """Aggregates for /metrics, computed from the store (so every process agrees)."""
+        bounds = ", ".join(
+            f"SUM(CASE WHEN duration_ms <= {b * 1000:g} THEN 1 ELSE 0 END)"
+            for b in DURATION_BUCKETS
+        )
+        wait_bounds = ", ".join(
+            f"SUM(CASE WHEN decided_at - created_at <= {b:g} THEN 1 ELSE 0 END)"
+            for b in WAIT_BUCKETS
+        )
+
+        def snapshot(c: sqlite3.Connection) -> MetricsSnapshot:
+            runs = dict(c.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall())
+            tools = [
+                (row[0], list(row[1:-2]), row[-2], row[-1])
+                for row in c.execute(
+                    f"SELECT tool, {bounds}, COUNT(*), COALESCE(SUM(duration_ms), 0) / 1000.0 "
+                    "FROM tool_calls WHERE duration_ms IS NOT NULL GROUP BY tool"
+                ).fetchall()
+            ]
+            waits = [
+                (row[0], list(row[1:-2]), row[-2], row[-1])
+                for row in c.execute(
+                    f"SELECT status, {wait_bounds}, COUNT(*), "
+                    "COALESCE(SUM(decided_at - created_at), 0) FROM approvals "
+                    "WHERE decided_at IS NOT NULL GROUP BY status"
+                ).fetchall()
+            ]
+            tokens = c.execute(
+                "SELECT COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0) "
+                "FROM llm_calls"
+            ).fetchone()
+            return MetricsSnapshot(runs, tools, waits, int(tokens[0]), int(tokens[1]))
+
+        return await self._read(snapshot)
 
     # -- outbox ----------------------------------------------------------------------------
 

@@ -22,23 +22,22 @@ import json
 import math
 import re
 import signal
-import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from http import HTTPStatus
-from types import TracebackType
 from typing import Any
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+
+from agent.http_server import HttpServer
 
 JSON = dict[str, Any]
 
@@ -1404,30 +1403,17 @@ def build_app(standin: BotApiStandIn) -> Starlette:
 _LOCAL_HOSTS = {"127.0.0.1": "127.0.0.1", "localhost": "127.0.0.1"}
 
 
-class _EmbeddedUvicorn(uvicorn.Server):
-    """uvicorn without its signal handlers: the host process owns SIGINT/SIGTERM."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-class StandInServer:
+class StandInServer(HttpServer):
     """Serves a stand-in on 127.0.0.1 with uvicorn for the duration of an `async with` block."""
 
     def __init__(self, standin: BotApiStandIn, host: str = "127.0.0.1", port: int = 0) -> None:
         if host not in _LOCAL_HOSTS:
             raise ValueError(f"the stand-in only binds to 127.0.0.1 or localhost, not {host!r}")
+        # A waiting long poll would hold uvicorn's graceful shutdown for seconds: release it.
+        super().__init__(
+            build_app(standin), _LOCAL_HOSTS[host], port, before_stop=standin.release_long_polls
+        )
         self.standin = standin
-        self.host = _LOCAL_HOSTS[host]
-        self.port = port
-        self._server: _EmbeddedUvicorn | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    @property
-    def url(self) -> str:
-        """The server's root URL, e.g. `http://127.0.0.1:PORT`."""
-        return f"http://{self.host}:{self.port}"
 
     @property
     def bot_base_url(self) -> str:
@@ -1435,62 +1421,16 @@ class StandInServer:
         return f"{self.url}/bot"
 
     async def __aenter__(self) -> StandInServer:
-        # Binding here (not inside uvicorn) turns "port in use" into an OSError for the caller
-        # rather than uvicorn's sys.exit inside a background task. The protocol is named so
-        # that asyncio sets TCP_NODELAY on accepted connections (it checks proto ==
-        # IPPROTO_TCP); without it every keep-alive request waits ~40 ms for a delayed ACK.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((self.host, self.port))
-        except OSError:
-            sock.close()
-            raise
-        config = uvicorn.Config(
-            build_app(self.standin),
-            log_level="warning",
-            lifespan="off",
-            access_log=False,
-            # Leave the host process's logging configuration alone.
-            log_config=None,
-            # A backstop: a stuck request must not hold shutdown forever.
-            timeout_graceful_shutdown=2,
-        )
-        self._server = _EmbeddedUvicorn(config)
         self.standin.resume_long_polls()
-        self.port = sock.getsockname()[1]
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
-        try:
-            # uvicorn offers a `started` flag, not an awaitable, so poll it briefly.
-            while not self._server.started:
-                if self._task.done():
-                    self._task.result()
-                    raise RuntimeError("the stand-in server stopped during startup")
-                await asyncio.sleep(0.005)
-        except BaseException:
-            await self._stop()
-            raise
+        await super().__aenter__()
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self._stop()
-
-    async def _stop(self) -> None:
-        if self._server is None or self._task is None:
-            return
-        # uvicorn waits for in-flight requests; a long poll would otherwise hold it for seconds.
-        self.standin.release_long_polls()
-        self._server.should_exit = True
+    async def stop(self) -> None:
+        """Stop serving; long polls answer at once again on the next start."""
         try:
-            await self._task
+            await super().stop()
         finally:
             self.standin.resume_long_polls()
-            self._server = self._task = None
 
 
 async def _serve_until_signalled(standin: BotApiStandIn, host: str, port: int) -> None:
