@@ -23,6 +23,7 @@ bench: $(BIN)/loom-ops
 	$(BIN)/python bench/kernel.py
 	$(BIN)/python bench/supervise.py
 	$(BIN)/python bench/bot.py
+	$(BIN)/python bench/http.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -46,8 +46,9 @@ log = logging.getLogger(__name__)
 RUN_ID = RUN_ID_PATTERN.pattern
 # Seconds between keep-alive comments on an idle event stream (proxies drop silent ones).
 KEEP_ALIVE = 15
-# How long a stream waits for new journal events before it looks again.
-STREAM_POLL = 1.0
+# Streams are woken by the writes of their own runs (or another process's writes); this is
+# only how long an idle stream goes without looking for itself.
+STREAM_SAFETY_POLL = 30.0
 RETRY_AFTER_SECONDS = 5
 
 RunIdPath = Annotated[str, Path(pattern=RUN_ID, max_length=128)]
@@ -369,9 +370,11 @@ async def _journal_events(
 ) -> AsyncIterator[ServerSentEvent]:
     """Every journal event of the tree after `after_seq`; ends after the root's final event."""
     store = service.store
+    members = {run_id}  # the tree's runs seen so far: a new child shows up in its events
     while True:
         batch = await store.list_tree_events(run_id, after_seq)
         for event in batch:
+            members.add(event.run_id)
             data = {"seq": event.seq, "run_id": event.run_id, "ts": event.ts, **event.data}
             yield ServerSentEvent(
                 data=json.dumps(data, ensure_ascii=False, default=str),
@@ -385,7 +388,7 @@ async def _journal_events(
             if not await store.list_tree_events(run_id, after_seq, 1):
                 return  # everything up to the run's end was sent
             continue
-        await store.wait_for_journal(STREAM_POLL)
+        await store.wait_for_journal(members, STREAM_SAFETY_POLL)
 
 
 # -- errors and limits -------------------------------------------------------------------------

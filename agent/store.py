@@ -13,6 +13,7 @@ import contextlib
 import json
 import secrets
 import sqlite3
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -224,9 +225,11 @@ class RunStore:
         # them at once instead of polling the table.
         self.outbox_ready = asyncio.Event()
         self._outbox_written = False
-        # Replaced after every write: whoever waits for new journal events (an SSE stream)
-        # holds the current one and is woken when it is set.
-        self._journal_changed = asyncio.Event()
+        # Readers waiting for new journal events of some runs (SSE streams), by run id; a
+        # commit wakes the waiters of the runs it appended to, and only those.
+        self._journal_waiters: dict[str, set[asyncio.Event]] = {}
+        self._runs_written: set[str] = set()  # filled on the connection's thread
+        self._runs_written_lock = threading.Lock()
         self._last_seq_seen = 0
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -384,34 +387,51 @@ class RunStore:
         if self._outbox_written:
             self._outbox_written = False
             self.outbox_ready.set()
-        self._signal_journal()
+        self._wake_journal_waiters()
         return result
 
-    def _signal_journal(self) -> None:
-        changed, self._journal_changed = self._journal_changed, asyncio.Event()
-        changed.set()
+    def _wake_journal_waiters(self, everyone: bool = False) -> None:
+        with self._runs_written_lock:
+            written, self._runs_written = self._runs_written, set()
+        if everyone:
+            written = set(self._journal_waiters)
+        for run_id in written:
+            for waiter in self._journal_waiters.get(run_id, ()):
+                waiter.set()
 
-    async def wait_for_journal(self, timeout: float) -> None:
-        """Return after the next write in this process (or `notice_other_writers` seeing one
-        elsewhere), or after `timeout` seconds."""
-        changed = self._journal_changed
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await changed.wait()
+    async def wait_for_journal(self, run_ids: Iterable[str], timeout: float) -> None:
+        """Return once any of `run_ids` has new journal events (written by this process, or
+        seen by `notice_other_writers`), or after `timeout` seconds."""
+        waiter = asyncio.Event()
+        ids = set(run_ids)
+        for run_id in ids:
+            self._journal_waiters.setdefault(run_id, set()).add(waiter)
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await waiter.wait()
+        finally:
+            for run_id in ids:
+                waiters = self._journal_waiters.get(run_id)
+                if waiters is not None:
+                    waiters.discard(waiter)
+                    if not waiters:
+                        del self._journal_waiters[run_id]
 
     async def notice_other_writers(self) -> None:
-        """Wake journal waiters if another process appended events since the last look."""
+        """Wake every journal waiter if another process appended events since the last look
+        (which runs it wrote to is not known here; the readers look for themselves)."""
         row = await self._read(lambda c: c.execute("SELECT MAX(seq) FROM events").fetchone())
         latest = row[0] or 0
         if latest != self._last_seq_seen:
             self._last_seq_seen = latest
-            self._signal_journal()
+            self._wake_journal_waiters(everyone=True)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await self._on_thread(fn)
 
-    @staticmethod
     def _append_events(
+        self,
         conn: sqlite3.Connection,
         run_id: str,
         events: Sequence[NewEvent],
@@ -441,6 +461,9 @@ class RunStore:
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
+            # A rolled-back transaction leaves a stale entry: a spurious wake, nothing worse.
+            with self._runs_written_lock:  # this runs on the connection's thread
+                self._runs_written.add(run_id)
         updates = {"event_count": count, "last_hash": prev, "updated_at": now}
         updates.update(run_updates or {})
         assignments = ", ".join(f"{column} = ?" for column in updates)
