@@ -11,8 +11,9 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 import secrets
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
@@ -21,7 +22,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -30,7 +31,14 @@ from agent.approvals import Decision
 from agent.explain import render_timeline
 from agent.records import ApprovalRecord, Origin, RunRecord, RunStatus
 from agent.request import MAX_REQUEST_BYTES
-from agent.service import MAX_NOTE_BYTES, RUN_ID_PATTERN, RunService, ServiceError
+from agent.service import (
+    MAX_NOTE_BYTES,
+    RUN_ID_PATTERN,
+    DeciderRefused,
+    RunService,
+    ServiceError,
+    validate_text,
+)
 from agent.store import (
     DURATION_BUCKETS,
     WAIT_BUCKETS,
@@ -50,6 +58,9 @@ KEEP_ALIVE = 15
 # only how long an idle stream goes without looking for itself.
 STREAM_SAFETY_POLL = 30.0
 RETRY_AFTER_SECONDS = 5
+# Ids and journal cursors fit SQLite's 64-bit integers with room to spare.
+MAX_ID = 10**15
+EVENT_ID = re.compile(r"^[0-9]{1,15}$")
 
 RunIdPath = Annotated[str, Path(pattern=RUN_ID, max_length=128)]
 
@@ -57,10 +68,28 @@ RunIdPath = Annotated[str, Path(pattern=RUN_ID, max_length=128)]
 # -- bodies ------------------------------------------------------------------------------------
 
 
+def _text_within(limit: int) -> Callable[[str | None], str | None]:
+    """A validator: UTF-8 text of at most `limit` bytes, without NUL."""
+
+    def check(value: str | None) -> str | None:
+        if value is not None:
+            try:
+                validate_text("text", value, limit)
+            except ServiceError as exc:
+                raise ValueError(str(exc)) from None  # pydantic's way: a 422
+        return value
+
+    return check
+
+
 class StartRun(BaseModel):
     """What starts a run: the incident message, optionally its id and a step budget."""
 
-    message: str = Field(min_length=1, max_length=MAX_REQUEST_BYTES)
+    message: Annotated[
+        str,
+        Field(min_length=1, max_length=MAX_REQUEST_BYTES),
+        AfterValidator(_text_within(MAX_REQUEST_BYTES)),
+    ]
     run_id: str | None = Field(None, pattern=RUN_ID, max_length=128)
     max_steps: int | None = Field(None, ge=1, le=100_000)
     role: Literal["supervisor", "runbook"] = Field(
@@ -71,8 +100,14 @@ class StartRun(BaseModel):
 class DecisionBody(BaseModel):
     """A decision on a run's pending approval request."""
 
-    note: str | None = Field(None, max_length=MAX_NOTE_BYTES)
-    approval_id: int | None = Field(None, ge=1, description="needed once a run had several")
+    note: Annotated[
+        str | None,
+        Field(max_length=MAX_NOTE_BYTES),
+        AfterValidator(_text_within(MAX_NOTE_BYTES)),
+    ] = None
+    approval_id: int | None = Field(
+        None, ge=1, le=MAX_ID, description="needed once a run had several"
+    )
 
 
 class ApprovalOut(BaseModel):
@@ -268,14 +303,14 @@ def create_app(service: RunService) -> FastAPI:
     async def events(
         run_id: RunIdPath,
         last_event_id: Annotated[str | None, Header()] = None,
-        after: Annotated[int | None, Query(ge=0)] = None,
+        after: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None,
     ) -> EventSourceResponse:
         """The journal of the run and the runs below it as SSE; `id:` is the journal sequence,
         so a reconnect with Last-Event-ID goes on with no gap and no repeat."""
         await get_run(run_id)
         resume_from = after or 0
         if last_event_id:
-            if not last_event_id.isdigit():
+            if not EVENT_ID.match(last_event_id):
                 raise ApiError(422, "Last-Event-ID must be an event id from this stream")
             resume_from = int(last_event_id)
         return _stream(service, run_id, resume_from)
@@ -293,10 +328,10 @@ def create_app(service: RunService) -> FastAPI:
                 approval_id=body.approval_id,
                 wait=False,
             )
+        except DeciderRefused as exc:
+            raise ApiError(403, str(exc)) from None
         except ServiceError as exc:
-            text = str(exc)
-            code = 403 if "may not decide" in text or "not an approver" in text else 409
-            raise ApiError(code, text.replace("--approval ID", "approval_id")) from None
+            raise ApiError(409, str(exc).replace("--approval ID", "approval_id")) from None
         if not result.changed:
             raise ApiError(409, result.message)
         return DecisionOut(message=result.message, run=_run_out(result.run))
@@ -410,7 +445,11 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 
 class BodySizeLimit:
-    """Refuse request bodies over `max_bytes` with 413, by Content-Length or as they stream."""
+    """Refuse request bodies over `max_bytes` with 413, by Content-Length or as they stream.
+
+    The body is read here first (bodies are small: an incident message) and handed on whole,
+    so an over-long chunked body is refused before any endpoint sees it.
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -424,21 +463,23 @@ class BodySizeLimit:
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             await self._refuse(send)
             return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        chunks: list[bytes] = []
+        size = 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._refuse(send)
+            if message["type"] != "http.request":  # the client went away
+                await self.app(scope, _replay([message], receive), send)
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        whole: Message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay([whole], receive), send)
 
     async def _refuse(self, send: Send) -> None:
         body = json.dumps({"error": f"request body over {self.max_bytes} bytes"}).encode()
@@ -452,8 +493,16 @@ class BodySizeLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-class _TooLarge(Exception):
-    pass
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """A receive() that gives `messages` first, then what the client sends (a disconnect)."""
+    pending = list(messages)
+
+    async def replayed() -> Message:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replayed
 
 
 # -- metrics -----------------------------------------------------------------------------------

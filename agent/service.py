@@ -43,6 +43,10 @@ class ServiceError(Exception):
     """A request the service refuses; `str()` is one line for a human."""
 
 
+class DeciderRefused(ServiceError):
+    """This decider may not decide this request (not an approver, or four eyes)."""
+
+
 @dataclass(frozen=True)
 class DecisionResult:
     """What came of a decision: whether it changed anything, and the run after it."""
@@ -300,8 +304,8 @@ class RunService:
             run = await self.store.get_run(run_id)
         if approval.status != ApprovalStatus.PENDING:
             return DecisionResult(False, _already(approval), approval, run)
+        self.check_decider(approval, decider)
         try:
-            check_decider(approval, decider, self.settings.approvers)
             status = decision_status(approval, decision)
         except DecisionRefused as exc:
             raise ServiceError(str(exc)) from None
@@ -344,11 +348,11 @@ class RunService:
             log.error("%s failed: %s", task.get_name(), task.exception())
 
     def check_decider(self, approval: ApprovalRecord, decider: str) -> None:
-        """Raise ServiceError unless `decider` may decide `approval` (nothing is recorded)."""
+        """Raise DeciderRefused unless `decider` may decide `approval` (nothing is recorded)."""
         try:
             check_decider(approval, decider, self.settings.approvers)
         except DecisionRefused as exc:
-            raise ServiceError(str(exc)) from None
+            raise DeciderRefused(str(exc)) from None
 
     async def _approval_to_decide(
         self, run: RunRecord, approval_token: str | None, approval_id: int | None

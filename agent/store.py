@@ -1664,12 +1664,14 @@ class RunStore:
         ]
 
     async def count_active_roots(self) -> int:
-        """Runs started by a front end (roots) that are queued or running, or whose children
-        are; a run waiting for a human holds nothing and is not counted."""
+        """Runs started by a front end (roots) with a run of their tree queued or running; a
+        tree that only waits for a human holds nothing and is not counted."""
         row = await self._read(
             lambda c: c.execute(
-                "SELECT COUNT(*) FROM runs WHERE parent_id IS NULL "
-                "AND status IN ('queued', 'running', 'waiting_children')"
+                "WITH RECURSIVE up(id, parent_id) AS ("
+                "SELECT id, parent_id FROM runs WHERE status IN ('queued', 'running') UNION "
+                "SELECT r.id, r.parent_id FROM runs r JOIN up ON r.id = up.parent_id) "
+                "SELECT COUNT(*) FROM up WHERE parent_id IS NULL"
             ).fetchone()
         )
         return int(row[0])

@@ -119,14 +119,15 @@ class BotProcess:
 
     def __init__(self, env: dict[str, str], cwd: Path, log: Path) -> None:
         self._env, self._cwd, self._log = env, cwd, log
-        self.command = "telegram"  # or its alias, "bot"
+        self.command = "telegram"  # or its alias "bot", or "serve"
+        self.extra_args: list[str] = []
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         """Start the bot (appending its output to the log file)."""
         with self._log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent.cli", self.command],
+                [sys.executable, "-m", "agent.cli", self.command, *self.extra_args],
                 env=self._env,
                 cwd=self._cwd,
                 stdout=log,
