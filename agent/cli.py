@@ -74,6 +74,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text) if text.isdigit() else -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = _Parser(prog="loom-ops", description=__doc__.splitlines()[0])
@@ -148,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Beyond loopback LOOM_OPS_API_TOKEN is required.",
     )
     p.add_argument("--host", help="address to bind (LOOM_OPS_HOST, default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port (LOOM_OPS_PORT, default 8766)")
+    p.add_argument("--port", type=_port, help="port (LOOM_OPS_PORT, default 8766)")
     p.add_argument("--telegram", action="store_true", help="also serve the Telegram bot")
     _common(p, run_flags=True)
 

@@ -8,11 +8,13 @@ JSON body `{"error": "..."}` with a 4xx status for anything the client sent.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
 import re
 import secrets
+import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Annotated, Any, Literal
 
@@ -213,7 +215,11 @@ class ApiError(HTTPException):
 def create_app(service: RunService) -> FastAPI:
     """The FastAPI application over `service`."""
     settings = service.settings
-    token = settings.api_token.get_secret_value() if settings.api_token else None
+    token = settings.bearer_token()
+    # Set when the server stops: open event streams end cleanly instead of being cut.
+    shutdown = asyncio.Event()
+    # The active-run count and the start are one step, or concurrent starts all see room.
+    starting = asyncio.Lock()
 
     async def authorized(authorization: Annotated[str | None, Header()] = None) -> None:
         if token is None:
@@ -243,23 +249,24 @@ def create_app(service: RunService) -> FastAPI:
             raise ApiError(404, f"unknown run id {run_id!r}") from None
 
     async def start(body: StartRun, role: str) -> RunRecord:
-        if await service.store.count_active_roots() >= settings.max_active_runs:
-            raise ApiError(
-                429,
-                f"{settings.max_active_runs} runs are active; try again shortly",
-                {"Retry-After": str(RETRY_AFTER_SECONDS)},
-            )
         run_id = body.run_id or f"run-{secrets.token_hex(4)}"
         try:
-            return await service.start(
-                run_id,
-                body.message,
-                role=role,
-                requested_by=settings.api_user,
-                origin=Origin(kind="http"),
-                max_steps=body.max_steps,
-                wait=False,
-            )
+            async with starting:
+                if await service.store.count_active_roots() >= settings.max_active_runs:
+                    raise ApiError(
+                        429,
+                        f"{settings.max_active_runs} runs are active; try again shortly",
+                        {"Retry-After": str(RETRY_AFTER_SECONDS)},
+                    )
+                return await service.start(
+                    run_id,
+                    body.message,
+                    role=role,
+                    requested_by=settings.api_user,
+                    origin=Origin(kind="http"),
+                    max_steps=body.max_steps,
+                    wait=False,
+                )
         except RunExists:
             raise ApiError(409, f"run id {run_id!r} exists already") from None
         except (ServiceError, ValueError) as exc:
@@ -274,13 +281,13 @@ def create_app(service: RunService) -> FastAPI:
     async def supervise(body: StartRun, request: Request) -> EventSourceResponse:
         """Start a supervised run and stream its tree's journal (seed-compatible)."""
         run = await start(body, "supervisor")
-        return _stream(service, run.id, 0)
+        return _stream(service, run.id, 0, shutdown)
 
     @app.post("/runbook", dependencies=guarded, response_class=EventSourceResponse)
     async def runbook(body: StartRun, request: Request) -> EventSourceResponse:
         """Start a single runbook run and stream its journal (seed-compatible)."""
         run = await start(body, "runbook")
-        return _stream(service, run.id, 0)
+        return _stream(service, run.id, 0, shutdown)
 
     @app.get("/runs", dependencies=guarded)
     async def list_runs(
@@ -313,7 +320,7 @@ def create_app(service: RunService) -> FastAPI:
             if not EVENT_ID.match(last_event_id):
                 raise ApiError(422, "Last-Event-ID must be an event id from this stream")
             resume_from = int(last_event_id)
-        return _stream(service, run_id, resume_from)
+        return _stream(service, run_id, resume_from, shutdown)
 
     async def decide(run_id: str, body: DecisionBody, decision: Decision) -> DecisionOut:
         run = await get_run(run_id)
@@ -373,12 +380,13 @@ def create_app(service: RunService) -> FastAPI:
         await get_run(run_id)
         return HTMLResponse(render_trace(await build_trace(service.store, run_id)))
 
+    @app.head("/healthz", include_in_schema=False)
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
-        """200 while the store answers."""
+        """200 while the store answers (HEAD too, for load balancers)."""
         try:
             await service.store.schema_version()
-        except (StoreError, OSError) as exc:
+        except (StoreError, OSError, sqlite3.Error) as exc:
             raise ApiError(503, f"store unreachable: {exc}") from None
         return {"status": "ok"}
 
@@ -389,41 +397,57 @@ def create_app(service: RunService) -> FastAPI:
         registry.register(SnapshotCollector(await service.store.metrics_snapshot()))
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.state.shutdown = shutdown
     return app
 
 
-def _stream(service: RunService, run_id: str, after_seq: int) -> EventSourceResponse:
+def _stream(
+    service: RunService, run_id: str, after_seq: int, shutdown: asyncio.Event
+) -> EventSourceResponse:
     return EventSourceResponse(
-        _journal_events(service, run_id, after_seq),
+        _journal_events(service, run_id, after_seq, shutdown),
         ping=KEEP_ALIVE,
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
 
 
 async def _journal_events(
-    service: RunService, run_id: str, after_seq: int
+    service: RunService, run_id: str, after_seq: int, shutdown: asyncio.Event
 ) -> AsyncIterator[ServerSentEvent]:
-    """Every journal event of the tree after `after_seq`; ends after the root's final event."""
+    """Every journal event of the tree after `after_seq`; ends after the root's final event,
+    or when the server shuts down (the client reconnects with Last-Event-ID)."""
     store = service.store
-    members = {run_id}  # the tree's runs seen so far: a new child shows up in its events
-    while True:
-        batch = await store.list_tree_events(run_id, after_seq)
-        for event in batch:
-            members.add(event.run_id)
-            data = {"seq": event.seq, "run_id": event.run_id, "ts": event.ts, **event.data}
-            yield ServerSentEvent(
-                data=json.dumps(data, ensure_ascii=False, default=str),
-                event=event.type,
-                id=str(event.seq),
-            )
-            after_seq = event.seq
-        if batch:
-            continue
-        if (await store.get_run(run_id)).status.is_terminal:
-            if not await store.list_tree_events(run_id, after_seq, 1):
-                return  # everything up to the run's end was sent
-            continue
-        await store.wait_for_journal(members, STREAM_SAFETY_POLL)
+    # Watched from before the first look to the end, so no write falls between a look and
+    # a wait; a child run joins the watch when its first event shows up.
+    with store.watch_journal([run_id]) as watch:
+        while not shutdown.is_set():
+            batch = await store.list_tree_events(run_id, after_seq)
+            for event in batch:
+                watch.add(event.run_id)
+                envelope = {
+                    "seq": event.seq,
+                    "run_id": event.run_id,
+                    "ts": event.ts,
+                    "type": event.type,
+                    "data": event.data,
+                }
+                yield ServerSentEvent(
+                    data=json.dumps(envelope, ensure_ascii=False, default=str),
+                    event=event.type,
+                    id=str(event.seq),
+                )
+                after_seq = event.seq
+            if batch:
+                continue
+            if (await store.get_run(run_id)).status.is_terminal:
+                if not await store.list_tree_events(run_id, after_seq, 1):
+                    return  # everything up to the run's end was sent
+                continue
+            waiting = asyncio.ensure_future(watch.wait(STREAM_SAFETY_POLL))
+            stopping = asyncio.ensure_future(shutdown.wait())
+            await asyncio.wait([waiting, stopping], return_when=asyncio.FIRST_COMPLETED)
+            waiting.cancel()
+            stopping.cancel()
 
 
 # -- errors and limits -------------------------------------------------------------------------

@@ -486,7 +486,7 @@ def validate_text(name: str, value: str, max_bytes: int) -> None:
 
 def validate_run_id(run_id: str) -> None:
     """Raise ServiceError unless `run_id` is a sane id (letters, digits, `._:-`, <= 128)."""
-    if not RUN_ID_PATTERN.match(run_id):
+    if not RUN_ID_PATTERN.fullmatch(run_id):  # fullmatch: `$` would let "id\n" through
         raise ServiceError(
             f"invalid run id {run_id[:40]!r}: use letters, digits and ._:- (at most 128)"
         )

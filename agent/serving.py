@@ -56,7 +56,7 @@ def is_loopback(host: str) -> bool:
 
 def check_http(settings: Settings, endpoint: HttpEndpoint) -> None:
     """Refuse to expose the API beyond this machine without a bearer token."""
-    if not is_loopback(endpoint.host) and settings.api_token is None:
+    if not is_loopback(endpoint.host) and settings.bearer_token() is None:
         raise ServingRefused(
             f"refusing to listen on {endpoint.host} without LOOM_OPS_API_TOKEN: anyone who "
             "can reach it could start runs and decide approvals"
@@ -103,13 +103,15 @@ async def serve(
                 from agent.http_api import create_app
                 from agent.http_server import HttpServer
 
+                app = create_app(service)
                 try:
                     server = await stack.enter_async_context(
-                        HttpServer(create_app(service), http.host, http.port)
+                        HttpServer(app, http.host, http.port, before_stop=app.state.shutdown.set)
                     )
-                except OSError as exc:
+                except (OSError, OverflowError) as exc:
                     raise ServingRefused(
-                        f"cannot listen on {http.host}:{http.port}: {exc.strerror or exc}"
+                        f"cannot listen on {http.host}:{http.port}: "
+                        f"{getattr(exc, 'strerror', None) or exc}"
                     ) from None
                 print(f"loom-ops: serving {server.url}", file=sys.stderr, flush=True)
             if telegram is None:

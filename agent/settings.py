@@ -103,6 +103,15 @@ class Settings(BaseSettings):
     )
     user: str = Field(default_factory=_os_user, description="Who the CLI acts as.")
 
+    @field_validator("api_token", "openai_api_key", "telegram_bot_token", mode="before")
+    @classmethod
+    def _blank_secret_is_unset(cls, value: object) -> object:
+        # `LOOM_OPS_API_TOKEN=` must not read as "a token was given" anywhere: an empty
+        # token would both pass the public-bind check and turn the bearer check off.
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
     @field_validator("approvers", "redact_patterns", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
@@ -146,6 +155,11 @@ class Settings(BaseSettings):
     def memory_path(self) -> Path:
         """The bounded workspace memory file that later runs get as context."""
         return self.workspace / ".loom-ops" / "memory.txt"
+
+    def bearer_token(self) -> str | None:
+        """The HTTP API's token, or None when none (or a blank one) is set."""
+        value = self.api_token.get_secret_value().strip() if self.api_token else ""
+        return value or None
 
     def secret_values(self) -> list[str]:
         """Values of secret settings, redacted wherever they appear."""

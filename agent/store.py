@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -187,6 +187,29 @@ DURATION_BUCKETS = (0.005, 0.025, 0.1, 0.5, 1, 5, 30, 120, 600)
 WAIT_BUCKETS = (10, 60, 300, 900, 1800, 3600, 14400)
 
 
+class JournalWatch:
+    """What `RunStore.watch_journal` hands out: an event set on new journal entries of the
+    watched runs; `add` watches one more (a child run that appeared)."""
+
+    def __init__(self, store: RunStore) -> None:
+        self._store = store
+        self.runs: set[str] = set()
+        self.changed = asyncio.Event()
+
+    def add(self, run_id: str) -> None:
+        """Watch this run too."""
+        if run_id not in self.runs:
+            self.runs.add(run_id)
+            self._store._journal_waiters.setdefault(run_id, set()).add(self)
+
+    async def wait(self, timeout: float) -> None:
+        """Return when a watched run was written since the last `wait`, or after `timeout`."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self.changed.wait()
+        self.changed.clear()
+
+
 @dataclass(frozen=True)
 class MetricsSnapshot:
     """Counts and histograms of the whole store: (label, cumulative bucket counts, count, sum)."""
@@ -227,7 +250,7 @@ class RunStore:
         self._outbox_written = False
         # Readers waiting for new journal events of some runs (SSE streams), by run id; a
         # commit wakes the waiters of the runs it appended to, and only those.
-        self._journal_waiters: dict[str, set[asyncio.Event]] = {}
+        self._journal_waiters: dict[str, set[JournalWatch]] = {}
         self._runs_written: set[str] = set()  # filled on the connection's thread
         self._runs_written_lock = threading.Lock()
         self._last_seq_seen = 0
@@ -390,42 +413,47 @@ class RunStore:
         self._wake_journal_waiters()
         return result
 
-    def _wake_journal_waiters(self, everyone: bool = False) -> None:
-        with self._runs_written_lock:
-            written, self._runs_written = self._runs_written, set()
-        if everyone:
-            written = set(self._journal_waiters)
-        for run_id in written:
-            for waiter in self._journal_waiters.get(run_id, ()):
-                waiter.set()
+    def _wake_journal_waiters(self, run_ids: Iterable[str] | None = None) -> None:
+        if run_ids is None:
+            with self._runs_written_lock:
+                run_ids, self._runs_written = self._runs_written, set()
+        for run_id in run_ids:
+            for watch in self._journal_waiters.get(run_id, ()):
+                watch.changed.set()
 
-    async def wait_for_journal(self, run_ids: Iterable[str], timeout: float) -> None:
-        """Return once any of `run_ids` has new journal events (written by this process, or
-        seen by `notice_other_writers`), or after `timeout` seconds."""
-        waiter = asyncio.Event()
-        ids = set(run_ids)
-        for run_id in ids:
-            self._journal_waiters.setdefault(run_id, set()).add(waiter)
+    @contextlib.contextmanager
+    def watch_journal(self, run_ids: Iterable[str]) -> Iterator[JournalWatch]:
+        """Watch runs' journals for the whole block: `changed` is set by every commit (in
+        this process, or seen by `notice_other_writers`) that appends to a watched run, so
+        a write between a reader's look and its wait is never missed."""
+        watch = JournalWatch(self)
+        for run_id in run_ids:
+            watch.add(run_id)
         try:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await waiter.wait()
+            yield watch
         finally:
-            for run_id in ids:
+            for run_id in watch.runs:
                 waiters = self._journal_waiters.get(run_id)
                 if waiters is not None:
-                    waiters.discard(waiter)
+                    waiters.discard(watch)
                     if not waiters:
                         del self._journal_waiters[run_id]
 
     async def notice_other_writers(self) -> None:
-        """Wake every journal waiter if another process appended events since the last look
-        (which runs it wrote to is not known here; the readers look for themselves)."""
-        row = await self._read(lambda c: c.execute("SELECT MAX(seq) FROM events").fetchone())
-        latest = row[0] or 0
-        if latest != self._last_seq_seen:
-            self._last_seq_seen = latest
-            self._wake_journal_waiters(everyone=True)
+        """Wake the watchers of runs another process appended events to since the last look."""
+        since = self._last_seq_seen
+
+        def look(c: sqlite3.Connection) -> tuple[int, list[str]]:
+            latest = c.execute("SELECT MAX(seq) FROM events").fetchone()[0] or 0
+            if latest == since:
+                return latest, []
+            rows = c.execute("SELECT DISTINCT run_id FROM events WHERE seq > ?", (since,))
+            return latest, [row[0] for row in rows]
+
+        self._last_seq_seen, written = await self._read(look)
+        # Writes of this process were woken at commit; waking their watchers again only
+        # costs them one more look.
+        self._wake_journal_waiters(written)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         return await self._on_thread(fn)

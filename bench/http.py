@@ -92,7 +92,7 @@ async def sse_latency(client: httpx.AsyncClient, incidents: int) -> None:
                 received = time.time()
                 event = json.loads(line[5:])
                 latencies.append((received - event["ts"]) * 1000)
-                if event.get("approval_id") and not approved and "deadline_at" in event:
+                if event["type"] == "approval_requested" and not approved:
                     approved = True
                     answer = await client.post(f"/runs/{run_id}/approve", json={})
                     answer.raise_for_status()

@@ -100,10 +100,11 @@ async def test_supervise_streams_through_an_approval_and_closes_after_the_end(
         kinds = [e.event for e in events]
         assert kinds.index("approval_requested") < kinds.index("approval_decided")
         decided = events[kinds.index("approval_decided")]
-        assert decided.data["decided_by"] == ONCALL and decided.data["note"] == "LGTM"
+        assert decided.data["data"]["decided_by"] == ONCALL
+        assert decided.data["data"]["note"] == "LGTM"
         # The stream ends with the root's final event, and nothing of the tree is missing.
         last = events[-1]
-        assert (last.event, last.data["run_id"], last.data["status"]) == (
+        assert (last.event, last.data["run_id"], last.data["data"]["status"]) == (
             "run_finished",
             "inc-1",
             "succeeded",
@@ -139,7 +140,9 @@ async def test_post_runs_answers_json_at_once_and_the_events_stream_follows(
         assert (await s.client.post("/runs/disk-1/approve")).status_code == 200
         events = await read_stream(s.client, "/runs/disk-1/events")
         assert_well_formed(events)
-        assert events[-1].event == "run_finished" and events[-1].data["status"] == "succeeded"
+        assert (
+            events[-1].event == "run_finished" and events[-1].data["data"]["status"] == "succeeded"
+        )
         assert (await s.client.get("/runs/disk-1")).json()["status"] == "succeeded"
 
 
