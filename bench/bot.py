@@ -26,8 +26,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+# Run as a script, bench/ comes first on sys.path, and bench/http.py would shadow the
+# standard library's `http` (httpx needs it): put the repo there instead.
+sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != BENCH]
 
 from agent.service import RunService  # noqa: E402
 from agent.settings import Settings  # noqa: E402

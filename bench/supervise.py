@@ -21,8 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+# Run as a script, bench/ comes first on sys.path, and bench/http.py would shadow the
+# standard library's `http` (httpx needs it): put the repo there instead.
+sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != BENCH]
 
 from agent.approvals import Decision  # noqa: E402
 from agent.records import RunStatus  # noqa: E402
