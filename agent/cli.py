@@ -160,6 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, run_flags=True)
 
     p = sub.add_parser(
+        "sandbox",
+        help="the real bot in a local Telegram-like chat page: no token, no key, offline",
+        description="Starts the local Bot API stand-in, the bot pointed at it, and a chat "
+        "page on 127.0.0.1; real TELEGRAM_* settings are ignored.",
+    )
+    p.add_argument("--port", type=_port, default=8780, help="page port (default 8780)")
+    p.add_argument(
+        "--script",
+        choices=["incident"],
+        help="play the flow by itself (/run, the approver's tap, the summary), print the "
+        "transcript and exit",
+    )
+    _common(p, run_flags=True)
+
+    p = sub.add_parser(
         "telegram",
         aliases=["bot"],
         help="serve the Telegram bot (long polling) until interrupted",
@@ -528,6 +543,13 @@ async def _run(args: argparse.Namespace) -> int:
         return _cmd_runbooks(settings, args)
     if args.command in ("telegram", "bot", "serve"):
         return await _serve(settings, args)
+    if args.command == "sandbox":
+        from bot.sandbox import run_sandbox  # the bot's packages, for this command only
+
+        try:
+            return await run_sandbox(settings, args.port, args.script)
+        except OSError as exc:
+            raise UsageError(f"cannot serve the sandbox on port {args.port}: {exc}") from None
     service = await RunService.open(settings)
     try:
         return await COMMANDS[args.command](service, args)

@@ -1,0 +1,312 @@
+"""The zero-credential sandbox: the real bot, pointed at the local Bot API stand-in, and a chat
+page in the browser where people play the incident chat (`loom-ops sandbox`).
+
+No Telegram token, no API key, nothing leaves 127.0.0.1. The page talks to the stand-in the
+way a Telegram client would: it sends messages and button taps as users, and watches the
+chat live over Server-Sent Events. `--script incident` plays the flow by itself through the
+same page-facing API and prints the transcript.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import httpx
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+
+from agent.http_server import HttpServer
+from agent.service import RunService
+from agent.settings import Settings
+from bot.gateway import serve_bot
+from bot.handlers import COMMANDS
+from bot.settings import TelegramSettings
+from bot.standin import BotApiStandIn, build_app
+
+TOKEN = "100000000:SANDBOX-local-only-not-a-real-telegram-token"
+INCIDENT_CHAT = -100777
+DEFAULT_PORT = 8780
+
+
+@dataclass(frozen=True)
+class Person:
+    """Someone in the sandbox's chats."""
+
+    user_id: int
+    name: str
+    username: str
+    role: str
+
+
+# Sam's id is the approver the shipped runbooks name (telegram:100000001).
+PEOPLE = (
+    Person(200000001, "Alex", "alex", "on call (starts runs; not an approver)"),
+    Person(100000001, "Sam", "sam", "approver"),
+)
+REQUESTER, APPROVER = PEOPLE
+
+
+def make_standin() -> BotApiStandIn:
+    """The stand-in with the sandbox's people, the incident group, and each person's
+    private chat with the bot."""
+    standin = BotApiStandIn(TOKEN, bot_username="loom_ops_sandbox_bot")
+    for person in PEOPLE:
+        standin.add_user(person.user_id, person.name, person.username)
+        standin.add_chat(person.user_id, "private")
+    standin.add_chat(INCIDENT_CHAT, "supergroup", "#incident (sandbox)")
+    return standin
+
+
+def telegram_settings(base_url: str) -> TelegramSettings:
+    """The sandbox's own bot settings; real TELEGRAM_* settings are ignored here."""
+    return TelegramSettings(
+        _env_file=None,  # type: ignore[call-arg]
+        allowed_chat_ids=[INCIDENT_CHAT, *(p.user_id for p in PEOPLE)],
+        approver_ids=[APPROVER.user_id],
+        api_base_url=base_url,
+        group_rate=0,  # nothing to protect: the stand-in has no flood limit
+        overall_rate=0,
+        progress_interval=1.0,
+        poll_timeout=10,
+    )
+
+
+def build_sandbox_app(standin: BotApiStandIn) -> Starlette:
+    """The page, its API under /sandbox/, and the stand-in's Bot API beside them."""
+    routes = [
+        Route("/", _page),
+        Route("/sandbox/static/{name}", _static),
+        Route("/sandbox/state", _state),
+        Route("/sandbox/events", _events),
+        Route("/sandbox/say", _say, methods=["POST"]),
+        Route("/sandbox/tap", _tap, methods=["POST"]),
+        Route("/sandbox/documents/{file_id}", _document),
+        Mount("/", app=build_app(standin)),
+    ]
+    app = Starlette(routes=routes)
+    app.state.standin = standin
+    return app
+
+
+# -- the page and its API --------------------------------------------------------------------
+
+STATIC_TYPES = {"app.js": "text/javascript", "style.css": "text/css"}
+
+
+def _asset(name: str) -> str:
+    return resources.files("bot.sandbox_page").joinpath(name).read_text(encoding="utf-8")
+
+
+async def _page(request: Request) -> HTMLResponse:
+    return HTMLResponse(_asset("index.html"))
+
+
+async def _static(request: Request) -> Response:
+    name = request.path_params["name"]
+    if name not in STATIC_TYPES:
+        return JSONResponse({"error": "no such file"}, 404)
+    return Response(_asset(name), media_type=STATIC_TYPES[name])
+
+
+def _standin(request: Request) -> BotApiStandIn:
+    standin: BotApiStandIn = request.app.state.standin
+    return standin
+
+
+async def _state(request: Request) -> JSONResponse:
+    """Everything the page shows: people, chats and their messages, the bot's commands."""
+    standin = _standin(request)
+    chats = []
+    for chat in standin.chats():
+        chats.append({**chat, "messages": standin.messages(chat["id"])})
+    commands = standin.commands() or [
+        {"command": c.command, "description": c.description} for c in COMMANDS
+    ]
+    return JSONResponse(
+        {
+            "sandbox": True,
+            "bot": standin.bot_user,
+            "people": [p.__dict__ for p in PEOPLE],
+            "chats": chats,
+            "commands": commands,
+        }
+    )
+
+
+async def _events(request: Request) -> EventSourceResponse:
+    """New and edited messages and button answers, live."""
+    standin = _standin(request)
+
+    async def stream() -> AsyncIterator[ServerSentEvent]:
+        queue = standin.subscribe()
+        try:
+            while True:
+                event = await queue.get()
+                yield ServerSentEvent(data=json.dumps(event, ensure_ascii=False))
+        finally:
+            standin.unsubscribe(queue)
+
+    return EventSourceResponse(stream(), ping=15)
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise ValueError("the body must be a JSON object")
+    return body
+
+
+async def _say(request: Request) -> JSONResponse:
+    """A person sends a message (a reply when `reply_to_message_id` is given)."""
+    try:
+        body = await _body(request)
+        message = _standin(request).inject_message(
+            int(body["chat_id"]),
+            int(body["user_id"]),
+            str(body["text"]),
+            reply_to_message_id=body.get("reply_to_message_id"),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        return JSONResponse({"error": f"cannot send that: {exc}"}, 400)
+    return JSONResponse(message)
+
+
+async def _tap(request: Request) -> JSONResponse:
+    """A person taps an inline button; the bot's answer arrives as a `callback_answer` event."""
+    try:
+        body = await _body(request)
+        query_id = _standin(request).inject_callback(
+            int(body["chat_id"]), int(body["message_id"]), int(body["user_id"]), str(body["data"])
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        return JSONResponse({"error": f"cannot tap that: {exc}"}, 400)
+    return JSONResponse({"callback_query_id": query_id})
+
+
+async def _document(request: Request) -> Response:
+    """A document the bot sent (the HTML trace, a long summary), as a download."""
+    standin = _standin(request)
+    file_id = request.path_params["file_id"]
+    try:
+        content = standin.document_bytes(file_id)
+    except KeyError:
+        return JSONResponse({"error": "no such document"}, 404)
+    name = request.query_params.get("name", "document")
+    safe = "".join(ch for ch in name if ch.isalnum() or ch in "._-") or "document"
+    return Response(
+        content,
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{safe}"'},
+    )
+
+
+# -- running it ------------------------------------------------------------------------------
+
+
+async def run_sandbox(
+    settings: Settings, port: int = DEFAULT_PORT, script: str | None = None
+) -> int:
+    """Serve the sandbox until interrupted, or play `script` through it; the exit code."""
+    standin = make_standin()
+    server = HttpServer(
+        build_sandbox_app(standin), "127.0.0.1", port, before_stop=standin.release_long_polls
+    )
+    service = await RunService.open(settings)
+    stop, ready = asyncio.Event(), asyncio.Event()
+    try:
+        async with server:
+            bot = asyncio.create_task(
+                serve_bot(service, TOKEN, telegram_settings(f"{server.url}/bot"), stop, ready)
+            )
+            try:
+                await _until_ready(ready, bot)
+                if script is not None:
+                    return await play_incident(server.url)
+                print(f"loom-ops sandbox: open {server.url}  (Ctrl-C stops it)", flush=True)
+                loop = asyncio.get_running_loop()
+                stopped = asyncio.Event()
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    loop.add_signal_handler(signum, stopped.set)
+                await stopped.wait()
+                return 0
+            finally:
+                stop.set()
+                await bot
+    finally:
+        await service.close()
+
+
+async def _until_ready(ready: asyncio.Event, bot: asyncio.Task[None]) -> None:
+    waiting = asyncio.ensure_future(ready.wait())
+    await asyncio.wait([waiting, bot], timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    if bot.done():
+        bot.result()  # raises what stopped the bot
+    if not ready.is_set():
+        waiting.cancel()
+        raise RuntimeError("the sandbox bot did not start within 30 s")
+
+
+async def play_incident(url: str, timeout: float = 60) -> int:
+    """The incident flow through the page-facing API: Alex sends /run, Sam taps Approve, the
+    summary arrives. Prints the transcript; 0 when the run succeeded."""
+    async with httpx.AsyncClient(base_url=url, timeout=10) as page:
+
+        async def incident_chat() -> list[dict[str, Any]]:
+            state = (await page.get("/sandbox/state")).json()
+            return next(c for c in state["chats"] if c["id"] == INCIDENT_CHAT)["messages"]
+
+        async def until(predicate: Any) -> dict[str, Any]:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                for message in await incident_chat():
+                    if predicate(message):
+                        return message
+                await asyncio.sleep(0.1)
+            raise TimeoutError("the incident flow did not finish in time")
+
+        await page.post(
+            "/sandbox/say",
+            json={
+                "chat_id": INCIDENT_CHAT,
+                "user_id": REQUESTER.user_id,
+                "text": "/run incident: API latency spike",
+            },
+        )
+        request = await until(lambda m: _buttons(m) and "Approval needed" in m.get("text", ""))
+        approve = next(d for d in _buttons(request) if d.endswith(":y"))
+        tapped = await page.post(
+            "/sandbox/tap",
+            json={
+                "chat_id": INCIDENT_CHAT,
+                "message_id": request["message_id"],
+                "user_id": APPROVER.user_id,
+                "data": approve,
+            },
+        )
+        tapped.raise_for_status()
+        summary = await until(lambda m: "Requested:" in m.get("text", ""))
+        await until(lambda m: m["message_id"] == request["message_id"] and not _buttons(m))
+        for message in await incident_chat():
+            who = message.get("from", {}).get("first_name", "?")
+            print(f"--- {who}:\n{message.get('text', '')}\n")
+        succeeded = "SUCCEEDED" in summary["text"].splitlines()[0]
+        print("sandbox: the incident flow " + ("succeeded" if succeeded else "did NOT succeed"))
+        return 0 if succeeded else 1
+
+
+def _buttons(message: dict[str, Any]) -> list[str]:
+    markup = message.get("reply_markup") or {}
+    return [b["callback_data"] for row in markup.get("inline_keyboard", []) for b in row]
