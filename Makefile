@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench clean
+.PHONY: demo demo-script demo-cli test lint bench clean
 
 $(BIN)/loom-ops: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -11,7 +11,16 @@ $(BIN)/loom-ops: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(BIN)/loom-ops
 
+# The sandbox: the real bot in a local chat page (prints its URL; Ctrl-C stops it).
 demo: $(BIN)/loom-ops
+	$(BIN)/loom-ops sandbox --mock-llm --db .loom-ops/sandbox.sqlite
+
+# The same incident flow played by itself through the page's API (what CI checks).
+demo-script: $(BIN)/loom-ops
+	$(BIN)/loom-ops sandbox --mock-llm --db .loom-ops/sandbox.sqlite --port 0 --script incident
+
+# The CLI walk-through: a run stops for approval, is approved, and prints its summary.
+demo-cli: $(BIN)/loom-ops
 	$(BIN)/python -m agent.demo
 
 test: $(BIN)/loom-ops

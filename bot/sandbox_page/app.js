@@ -149,14 +149,26 @@ function toast(text, alert) {
   setTimeout(() => note.remove(), alert ? 6000 : 3500);
 }
 
-const pendingTaps = new Set();
+// Taps made on this page, and the bot's answers: the answer can arrive over SSE before the
+// tap's own HTTP response does, so whichever comes second shows the toast.
+const myTaps = new Set();
+const answers = new Map();
+
+function showAnswer(queryId) {
+  if (!myTaps.has(queryId) || !answers.has(queryId)) return;
+  const answer = answers.get(queryId);
+  myTaps.delete(queryId);
+  answers.delete(queryId);
+  if (answer.text) toast(answer.text, answer.show_alert);
+}
 
 async function press(message, data) {
   try {
-    const answer = await api("/sandbox/tap", {
+    const tapped = await api("/sandbox/tap", {
       chat_id: message.chat.id, message_id: message.message_id, user_id: me().user_id, data,
     });
-    pendingTaps.add(answer.callback_query_id);
+    myTaps.add(tapped.callback_query_id);
+    showAnswer(tapped.callback_query_id);
   } catch (error) {
     toast(error.message, true);
   }
@@ -208,9 +220,9 @@ function listen() {
           data.chat_id === state.chatId && (data.message.text || "").includes(me().name)) {
         startReply(data.message);
       }
-    } else if (data.type === "callback_answer" && pendingTaps.has(data.callback_query_id)) {
-      pendingTaps.delete(data.callback_query_id);
-      if (data.text) toast(data.text, data.show_alert);
+    } else if (data.type === "callback_answer") {
+      answers.set(data.callback_query_id, data);
+      showAnswer(data.callback_query_id);
     }
   };
 }

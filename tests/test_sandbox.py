@@ -1,0 +1,133 @@
+"""`loom-ops sandbox`: the scripted incident flow through the page-facing API, the page's
+API refusing bad input, and (in test_sandbox_browser.py) the page in a real browser."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from agent.http_server import HttpServer
+from agent.settings import Settings
+from bot.sandbox import APPROVER, INCIDENT_CHAT, REQUESTER, build_sandbox_app, make_standin
+
+
+def test_the_scripted_incident_plays_to_a_summary(settings: Settings, tmp_path: Path) -> None:
+    """What CI checks of the README's claim: /run by the requester, Approve by the approver,
+    the audit summary; exit 0, the transcript printed, no Telegram token anywhere."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TELEGRAM_", "LOOM_OPS_"))}
+    env["TELEGRAM_BOT_TOKEN"] = "123:this-real-setting-must-be-ignored-by-the-sandbox"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent.cli",
+            "sandbox",
+            "--script",
+            "incident",
+            "--mock-llm",
+            "--port",
+            "0",
+            "--db",
+            settings.db,
+            "--workspace",
+            str(settings.workspace),
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    out = done.stdout
+    assert "/run incident: API latency spike" in out
+    assert "✅ Approved by @sam at" in out
+    assert ": SUCCEEDED" in out and "approved by @sam (telegram:100000001)" in out
+    assert out.rstrip().endswith("sandbox: the incident flow succeeded")
+
+
+async def test_the_page_api_answers_bad_input_with_4xx() -> None:
+    """The page's own API: bad taps and messages are 400 JSON, never a 500; the page, its
+    assets and the state (a sandbox, with a requester and an approver) are served."""
+    standin = make_standin()
+    async with (
+        HttpServer(build_sandbox_app(standin)) as server,
+        httpx.AsyncClient(base_url=server.url) as page,
+    ):
+        html = (await page.get("/")).text
+        assert "sandbox" in html and '<script src="/sandbox/static/app.js">' in html
+        assert "http://" not in html and "https://" not in html  # no CDN, works offline
+        assert (await page.get("/sandbox/static/app.js")).status_code == 200
+        assert (await page.get("/sandbox/static/secrets.txt")).status_code == 404
+        state = (await page.get("/sandbox/state")).json()
+        assert state["sandbox"] is True
+        roles = {p["user_id"]: p["role"] for p in state["people"]}
+        assert (
+            "not an approver" in roles[REQUESTER.user_id] and roles[APPROVER.user_id] == "approver"
+        )
+        assert INCIDENT_CHAT in [c["id"] for c in state["chats"]]
+        for path, body in (
+            ("/sandbox/say", {"chat_id": INCIDENT_CHAT, "user_id": REQUESTER.user_id}),
+            ("/sandbox/say", {"chat_id": INCIDENT_CHAT, "user_id": 1, "text": ""}),
+            (
+                "/sandbox/tap",
+                {"chat_id": INCIDENT_CHAT, "message_id": 99, "user_id": 1, "data": "x"},
+            ),
+            ("/sandbox/tap", ["not", "an", "object"]),
+        ):
+            answer = await page.post(path, json=body)
+            assert answer.status_code == 400 and "error" in answer.json(), (path, answer.text)
+        assert (await page.post("/sandbox/say", content=b"{")).status_code == 400
+        assert (await page.get("/sandbox/documents/nope")).status_code == 404
+
+
+async def test_a_trace_the_bot_sends_is_downloadable_from_the_page(settings: Settings) -> None:
+    """/trace in the sandbox: the bot sends the HTML trace as a document, and the page's
+    download link serves its bytes as an attachment."""
+    import asyncio
+
+    from agent.service import RunService
+    from bot.gateway import serve_bot
+    from bot.sandbox import TOKEN, telegram_settings
+
+    standin = make_standin()
+    service = await RunService.open(settings)
+    stop, ready = asyncio.Event(), asyncio.Event()
+    async with HttpServer(build_sandbox_app(standin), before_stop=standin.release_long_polls) as s:
+        bot = asyncio.create_task(
+            serve_bot(service, TOKEN, telegram_settings(f"{s.url}/bot"), stop, ready)
+        )
+        try:
+            await asyncio.wait_for(ready.wait(), 30)
+            async with httpx.AsyncClient(base_url=s.url) as page:
+                say = {"chat_id": INCIDENT_CHAT, "user_id": REQUESTER.user_id}
+                await page.post("/sandbox/say", json=say | {"text": "/run incident: disk full"})
+                await standin.wait_until(
+                    lambda: any(
+                        "Approval needed" in m.get("text", "")
+                        for m in standin.messages(INCIDENT_CHAT)
+                    ),
+                    30,
+                )
+                [run] = [r for r in await service.store.list_runs() if r.parent_id is None]
+                await page.post("/sandbox/say", json=say | {"text": f"/trace {run.id}"})
+                await standin.wait_until(
+                    lambda: any(m.get("document") for m in standin.messages(INCIDENT_CHAT)), 30
+                )
+                [sent] = [m for m in standin.messages(INCIDENT_CHAT) if m.get("document")]
+                document = sent["document"]
+                answer = await page.get(
+                    f"/sandbox/documents/{document['file_id']}",
+                    params={"name": document["file_name"]},
+                )
+            assert answer.status_code == 200
+            assert f'filename="{run.id}.html"' in answer.headers["content-disposition"]
+            assert b"<html" in answer.content.lower() and run.id.encode() in answer.content
+        finally:
+            stop.set()
+            await bot
+            await service.close()

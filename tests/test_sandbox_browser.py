@@ -1,0 +1,158 @@
+"""The sandbox page in a real browser: Debian's headless Chromium driven by selenium through
+/usr/bin/chromedriver (nothing is downloaded). The whole incident flow by hand: the requester
+types /run, tries Approve (refused, a toast), the approver approves, the summary shows; a
+reload in the middle keeps the conversation."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.settings import Settings
+from bot.sandbox import APPROVER, REQUESTER
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+pytestmark = pytest.mark.skipif(
+    not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()),
+    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)",
+)
+
+
+@pytest.fixture
+def browser() -> Iterator[object]:
+    """Headless Chromium under selenium, through the system chromedriver."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(flag)
+    options.add_argument("--window-size=1100,900")
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+async def _until(check: Callable[[], object], timeout: float = 20) -> object:
+    """Poll a browser-side condition (selenium is synchronous: run it off the loop)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = await asyncio.to_thread(check)
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise TimeoutError(f"the page never showed it: {check}")
+        await asyncio.sleep(0.1)
+
+
+async def test_the_incident_flow_by_hand_in_a_real_browser(
+    settings: Settings, browser: object, tmp_path: Path
+) -> None:
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from agent.http_server import HttpServer
+    from agent.service import RunService
+    from bot.gateway import serve_bot
+    from bot.sandbox import TOKEN, build_sandbox_app, make_standin, telegram_settings
+
+    driver = browser  # type: ignore[assignment]
+    standin = make_standin()
+    service = await RunService.open(settings)
+    stop, ready = asyncio.Event(), asyncio.Event()
+    async with HttpServer(build_sandbox_app(standin), before_stop=standin.release_long_polls) as s:
+        bot = asyncio.create_task(
+            serve_bot(service, TOKEN, telegram_settings(f"{s.url}/bot"), stop, ready)
+        )
+        try:
+            await asyncio.wait_for(ready.wait(), 30)
+            await asyncio.to_thread(driver.get, s.url)  # type: ignore[attr-defined]
+
+            def messages() -> list[str]:
+                try:
+                    found = driver.find_elements(By.CSS_SELECTOR, "#messages .msg")  # type: ignore[attr-defined]
+                    return [m.text for m in found]
+                except StaleElementReferenceException:  # re-rendered meanwhile: look again
+                    return []
+
+            def as_person(user_id: int) -> None:
+                Select(driver.find_element(By.ID, "person")).select_by_value(str(user_id))  # type: ignore[attr-defined]
+
+            await _until(lambda: driver.find_elements(By.CSS_SELECTOR, "#person option"))  # type: ignore[attr-defined]
+            await asyncio.to_thread(as_person, REQUESTER.user_id)
+            box = driver.find_element(By.ID, "text")  # type: ignore[attr-defined]
+            await asyncio.to_thread(box.send_keys, "/run incident: API latency spike\n")
+
+            def approve_button() -> object:
+                try:
+                    buttons = driver.find_elements(By.CSS_SELECTOR, ".keyboard button")  # type: ignore[attr-defined]
+                    return next((b for b in buttons if "Approve" in b.text), None)
+                except StaleElementReferenceException:
+                    return None
+
+            def click_approve() -> bool:
+                """Tap Approve; the list re-renders on every update, so retry a stale one."""
+                try:
+                    button = approve_button()
+                    if button is None:
+                        return False
+                    button.click()  # type: ignore[attr-defined]
+                    return True
+                except StaleElementReferenceException:
+                    return False
+
+            # The requester may not approve: the bot's alert shows as a toast, nothing changes.
+            await _until(click_approve)
+            toast = await _until(
+                lambda: [t.text for t in driver.find_elements(By.CSS_SELECTOR, ".toast.alert")]  # type: ignore[attr-defined]
+            )
+            assert "not an approver" in " ".join(toast)  # type: ignore[arg-type]
+
+            # A reload in the middle keeps the conversation (the stand-in holds it).
+            before = await asyncio.to_thread(messages)
+            await asyncio.to_thread(driver.refresh)  # type: ignore[attr-defined]
+            await _until(lambda: len(messages()) >= len(before))
+            assert any("Approval needed" in text for text in await asyncio.to_thread(messages))
+
+            await asyncio.to_thread(as_person, APPROVER.user_id)
+            await _until(click_approve)
+            await _until(lambda: any("SUCCEEDED" in text for text in messages()), 30)
+            texts = await asyncio.to_thread(messages)
+            assert any("Approved by @sam" in text for text in texts)
+            assert not await asyncio.to_thread(approve_button)  # the buttons are gone
+
+            shot = tmp_path / "sandbox.png"
+            await asyncio.to_thread(driver.save_screenshot, str(shot))  # type: ignore[attr-defined]
+            _assert_not_blank(shot)
+        finally:
+            stop.set()
+            await bot
+            await service.close()
+
+
+def _assert_not_blank(png: Path) -> None:
+    """A screenshot of a rendered page has many colours; a blank one has one or two."""
+    import zlib
+
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    chunks, at = [], 8
+    while at < len(data):
+        length = int.from_bytes(data[at : at + 4], "big")
+        kind = data[at + 4 : at + 8]
+        if kind == b"IDAT":
+            chunks.append(data[at + 8 : at + 8 + length])
+        at += 12 + length
+    pixels = zlib.decompress(b"".join(chunks))
+    assert len(set(pixels[::97])) > 20, "the screenshot is (nearly) blank"
