@@ -544,12 +544,13 @@ async def _run(args: argparse.Namespace) -> int:
     if args.command in ("telegram", "bot", "serve"):
         return await _serve(settings, args)
     if args.command == "sandbox":
+        from agent.serving import ServingRefused
         from bot.sandbox import run_sandbox  # the bot's packages, for this command only
 
         try:
             return await run_sandbox(settings, args.port, args.script)
-        except OSError as exc:
-            raise UsageError(f"cannot serve the sandbox on port {args.port}: {exc}") from None
+        except ServingRefused as exc:
+            raise UsageError(str(exc)) from None
     service = await RunService.open(settings)
     try:
         return await COMMANDS[args.command](service, args)

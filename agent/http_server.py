@@ -47,6 +47,11 @@ class HttpServer:
         return f"http://{host}:{self.port}"
 
     async def __aenter__(self) -> HttpServer:
+        await self.start()
+        return self
+
+    async def start(self) -> None:
+        """Bind and start serving (what `async with` does); OSError when the port is taken."""
         # Binding here (not inside uvicorn) turns "port in use" into an OSError for the caller
         # rather than uvicorn's sys.exit inside a background task. The protocol is named so
         # that asyncio sets TCP_NODELAY on accepted connections (it checks proto ==
@@ -80,7 +85,6 @@ class HttpServer:
         except BaseException:
             await self.stop()
             raise
-        return self
 
     async def __aexit__(
         self,

@@ -13,20 +13,24 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from agent.http_server import HttpServer
 from agent.service import RunService
+from agent.serving import ServingRefused
 from agent.settings import Settings
 from bot.gateway import serve_bot
 from bot.handlers import COMMANDS
@@ -93,9 +97,42 @@ def build_sandbox_app(standin: BotApiStandIn) -> Starlette:
         Route("/sandbox/documents/{file_id}", _document),
         Mount("/", app=build_app(standin)),
     ]
-    app = Starlette(routes=routes)
+    app = Starlette(routes=routes, middleware=[Middleware(LocalOnly)])
     app.state.standin = standin
     return app
+
+
+LOCAL_NAMES = ("127.0.0.1", "localhost")
+
+
+class LocalOnly:
+    """Only this machine's own pages may drive the sandbox: a request must name a local host
+    (no DNS rebinding), a browser's Origin must be local (no cross-site form posts), and the
+    page's POSTs must be JSON (a cross-site page cannot send that without asking first)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+            host = headers.get("host", "").rsplit(":", 1)[0]
+            origin = headers.get("origin")
+            refused = None
+            if host not in LOCAL_NAMES:
+                refused = f"host {host!r} is not this machine"
+            elif origin is not None and urlsplit(origin).hostname not in LOCAL_NAMES:
+                refused = f"requests from {origin} are not accepted"
+            elif (
+                scope["method"] == "POST"
+                and scope["path"].startswith("/sandbox/")
+                and not headers.get("content-type", "").startswith("application/json")
+            ):
+                refused = "the page's API takes application/json"
+            if refused is not None:
+                await JSONResponse({"error": refused}, 403)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 # -- the page and its API --------------------------------------------------------------------
@@ -179,7 +216,7 @@ async def _say(request: Request) -> JSONResponse:
             str(body["text"]),
             reply_to_message_id=body.get("reply_to_message_id"),
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         return JSONResponse({"error": f"cannot send that: {exc}"}, 400)
     return JSONResponse(message)
 
@@ -191,7 +228,7 @@ async def _tap(request: Request) -> JSONResponse:
         query_id = _standin(request).inject_callback(
             int(body["chat_id"]), int(body["message_id"]), int(body["user_id"]), str(body["data"])
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         return JSONResponse({"error": f"cannot tap that: {exc}"}, 400)
     return JSONResponse({"callback_query_id": query_id})
 
@@ -205,7 +242,9 @@ async def _document(request: Request) -> Response:
     except KeyError:
         return JSONResponse({"error": "no such document"}, 404)
     name = request.query_params.get("name", "document")
-    safe = "".join(ch for ch in name if ch.isalnum() or ch in "._-") or "document"
+    # ASCII only: a header is Latin-1, and this keeps it free of quotes and line breaks.
+    safe = "".join(ch for ch in name if ch.isascii() and (ch.isalnum() or ch in "._-"))
+    safe = safe or "document"
     return Response(
         content,
         media_type="application/octet-stream",
@@ -224,28 +263,30 @@ async def run_sandbox(
     server = HttpServer(
         build_sandbox_app(standin), "127.0.0.1", port, before_stop=standin.release_long_polls
     )
+    try:
+        await server.start()
+    except (OSError, OverflowError) as exc:
+        raise ServingRefused(f"cannot serve the sandbox on port {port}: {exc}") from None
     service = await RunService.open(settings)
     stop, ready = asyncio.Event(), asyncio.Event()
+    bot = asyncio.create_task(
+        serve_bot(service, TOKEN, telegram_settings(f"{server.url}/bot"), stop, ready)
+    )
     try:
-        async with server:
-            bot = asyncio.create_task(
-                serve_bot(service, TOKEN, telegram_settings(f"{server.url}/bot"), stop, ready)
-            )
-            try:
-                await _until_ready(ready, bot)
-                if script is not None:
-                    return await play_incident(server.url)
-                print(f"loom-ops sandbox: open {server.url}  (Ctrl-C stops it)", flush=True)
-                loop = asyncio.get_running_loop()
-                stopped = asyncio.Event()
-                for signum in (signal.SIGINT, signal.SIGTERM):
-                    loop.add_signal_handler(signum, stopped.set)
-                await stopped.wait()
-                return 0
-            finally:
-                stop.set()
-                await bot
+        await _until_ready(ready, bot)
+        if script is not None:
+            return await play_incident(server.url)
+        print(f"loom-ops sandbox: open {server.url}  (Ctrl-C stops it)", flush=True)
+        loop = asyncio.get_running_loop()
+        stopped = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stopped.set)
+        await stopped.wait()
+        return 0
     finally:
+        stop.set()
+        await bot
+        await server.stop()
         await service.close()
 
 
@@ -261,23 +302,47 @@ async def _until_ready(ready: asyncio.Event, bot: asyncio.Task[None]) -> None:
 
 async def play_incident(url: str, timeout: float = 60) -> int:
     """The incident flow through the page-facing API: Alex sends /run, Sam taps Approve, the
-    summary arrives. Prints the transcript; 0 when the run succeeded."""
+    summary arrives. Prints the transcript; 0 only when the run succeeded."""
     async with httpx.AsyncClient(base_url=url, timeout=10) as page:
+        flow = ScriptedChat(page, timeout)
+        try:
+            succeeded = await flow.play()
+        except TimeoutError as exc:
+            await flow.print_transcript()
+            print(f"sandbox: the incident flow did NOT finish: {exc}")
+            return 1
+        await flow.print_transcript()
+        print("sandbox: the incident flow " + ("succeeded" if succeeded else "did NOT succeed"))
+        return 0 if succeeded else 1
 
-        async def incident_chat() -> list[dict[str, Any]]:
-            state = (await page.get("/sandbox/state")).json()
-            return next(c for c in state["chats"] if c["id"] == INCIDENT_CHAT)["messages"]
 
-        async def until(predicate: Any) -> dict[str, Any]:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                for message in await incident_chat():
-                    if predicate(message):
-                        return message
-                await asyncio.sleep(0.1)
-            raise TimeoutError("the incident flow did not finish in time")
+class ScriptedChat:
+    """The incident chat as the page sees it, played by a script."""
 
-        await page.post(
+    def __init__(self, page: httpx.AsyncClient, timeout: float) -> None:
+        self._page = page
+        self._timeout = timeout
+
+    async def messages(self) -> list[dict[str, Any]]:
+        """The incident chat's messages now."""
+        state = (await self._page.get("/sandbox/state")).json()
+        chat = next(c for c in state["chats"] if c["id"] == INCIDENT_CHAT)
+        messages: list[dict[str, Any]] = chat["messages"]
+        return messages
+
+    async def until(self, predicate: Callable[[dict[str, Any]], object]) -> dict[str, Any]:
+        """The first message that satisfies `predicate`, waiting for it up to the timeout."""
+        deadline = time.monotonic() + self._timeout
+        while time.monotonic() < deadline:
+            for message in await self.messages():
+                if predicate(message):
+                    return message
+            await asyncio.sleep(0.1)
+        raise TimeoutError(f"nothing showed up in the incident chat within {self._timeout:g} s")
+
+    async def play(self) -> bool:
+        """/run as Alex, Approve as Sam, wait for the summary; True if the run succeeded."""
+        said = await self._page.post(
             "/sandbox/say",
             json={
                 "chat_id": INCIDENT_CHAT,
@@ -285,9 +350,10 @@ async def play_incident(url: str, timeout: float = 60) -> int:
                 "text": "/run incident: API latency spike",
             },
         )
-        request = await until(lambda m: _buttons(m) and "Approval needed" in m.get("text", ""))
+        said.raise_for_status()
+        request = await self.until(lambda m: _buttons(m) and "Approval needed" in m.get("text", ""))
         approve = next(d for d in _buttons(request) if d.endswith(":y"))
-        tapped = await page.post(
+        tapped = await self._page.post(
             "/sandbox/tap",
             json={
                 "chat_id": INCIDENT_CHAT,
@@ -297,14 +363,15 @@ async def play_incident(url: str, timeout: float = 60) -> int:
             },
         )
         tapped.raise_for_status()
-        summary = await until(lambda m: "Requested:" in m.get("text", ""))
-        await until(lambda m: m["message_id"] == request["message_id"] and not _buttons(m))
-        for message in await incident_chat():
+        summary = await self.until(lambda m: "Requested:" in m.get("text", ""))
+        await self.until(lambda m: m["message_id"] == request["message_id"] and not _buttons(m))
+        return "SUCCEEDED" in summary["text"].splitlines()[0]
+
+    async def print_transcript(self) -> None:
+        """Every message of the incident chat, who said it, in order."""
+        for message in await self.messages():
             who = message.get("from", {}).get("first_name", "?")
             print(f"--- {who}:\n{message.get('text', '')}\n")
-        succeeded = "SUCCEEDED" in summary["text"].splitlines()[0]
-        print("sandbox: the incident flow " + ("succeeded" if succeeded else "did NOT succeed"))
-        return 0 if succeeded else 1
 
 
 def _buttons(message: dict[str, Any]) -> list[str]:

@@ -588,6 +588,9 @@ class BotApiStandIn:
         record = self._messages.get(chat_id, {}).get(message_id)
         if record is None:
             raise ValueError(f"message {message_id} not found in chat {chat_id}")
+        chat = self._chats.get(chat_id)
+        if chat is not None and chat.type == "private" and chat_id != user_id:
+            raise ValueError(f"only user {chat_id} can tap buttons in private chat {chat_id}")
         if require_button and data not in _callback_data(record.message.get("reply_markup")):
             raise ValueError(f"message {message_id} has no inline button with data {data!r}")
         user = self._ensure_user(user_id)

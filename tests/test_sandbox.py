@@ -81,7 +81,10 @@ async def test_the_page_api_answers_bad_input_with_4xx() -> None:
         ):
             answer = await page.post(path, json=body)
             assert answer.status_code == 400 and "error" in answer.json(), (path, answer.text)
-        assert (await page.post("/sandbox/say", content=b"{")).status_code == 400
+        broken = await page.post(
+            "/sandbox/say", content=b"{", headers={"content-type": "application/json"}
+        )
+        assert broken.status_code == 400
         assert (await page.get("/sandbox/documents/nope")).status_code == 404
 
 

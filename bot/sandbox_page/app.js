@@ -211,6 +211,9 @@ function upsert(chatId, message) {
 
 function listen() {
   const events = new EventSource("/sandbox/events");
+  events.onopen = () => {
+    load().catch((error) => toast(`cannot load the sandbox: ${error.message}`, true));
+  };
   events.onmessage = (event) => {
     const data = JSON.parse(event.data);
     if (data.type === "message" || data.type === "edited_message") {
@@ -255,4 +258,6 @@ async function load() {
 
 $("composer").addEventListener("submit", send);
 $("cancel-reply").addEventListener("click", cancelReply);
-load().then(listen).catch((error) => toast(`cannot load the sandbox: ${error.message}`, true));
+// Listen first, and (re)load the whole state each time the stream (re)connects: nothing sent
+// between a snapshot and the stream's start can be missed (messages merge by id).
+listen();
