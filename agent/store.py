@@ -1641,28 +1641,13 @@ class RunStore:
         self, run_id: str, after_seq: int = 0, limit: int | None = None
     ) -> list[EventRecord]:
         """A run's journal in order, optionally after a sequence number."""
-        sql = (
-            "SELECT seq, run_id, idx, ts, type, data, prev_hash, hash FROM events "
-            "WHERE run_id = ? AND seq > ? ORDER BY seq"
-        )
+        sql = f"SELECT {_EVENT_COLUMNS} FROM events WHERE run_id = ? AND seq > ? ORDER BY seq"
         params: tuple[Any, ...] = (run_id, after_seq)
         if limit is not None:
             sql += " LIMIT ?"
             params = (*params, limit)
         rows = await self._read(lambda c: c.execute(sql, params).fetchall())
-        return [
-            EventRecord(
-                seq=row[0],
-                run_id=row[1],
-                idx=row[2],
-                ts=row[3],
-                type=row[4],
-                data=_event_data(row[5]),
-                prev_hash=row[6],
-                hash=row[7],
-            )
-            for row in rows
-        ]
+        return [_event_from_row(row) for row in rows]
 
     async def list_tree_events(
         self, run_id: str, after_seq: int = 0, limit: int = 500
@@ -1672,24 +1657,12 @@ class RunStore:
             lambda c: c.execute(
                 "WITH RECURSIVE tree(id) AS (SELECT ? UNION ALL "
                 "SELECT r.id FROM runs r JOIN tree t ON r.parent_id = t.id) "
-                "SELECT seq, run_id, idx, ts, type, data, prev_hash, hash FROM events "
+                f"SELECT {_EVENT_COLUMNS} FROM events "
                 "WHERE run_id IN (SELECT id FROM tree) AND seq > ? ORDER BY seq LIMIT ?",
                 (run_id, after_seq, limit),
             ).fetchall()
         )
-        return [
-            EventRecord(
-                seq=row[0],
-                run_id=row[1],
-                idx=row[2],
-                ts=row[3],
-                type=row[4],
-                data=_event_data(row[5]),
-                prev_hash=row[6],
-                hash=row[7],
-            )
-            for row in rows
-        ]
+        return [_event_from_row(row) for row in rows]
 
     async def count_active_roots(self) -> int:
         """Runs started by a front end (roots) with a run of their tree queued or running; a
@@ -1919,6 +1892,22 @@ class RunStore:
             ).fetchall()
         )
         return [_run_from_row(row) for row in rows]
+
+
+_EVENT_COLUMNS = "seq, run_id, idx, ts, type, data, prev_hash, hash"
+
+
+def _event_from_row(row: Sequence[Any]) -> EventRecord:
+    return EventRecord(
+        seq=row[0],
+        run_id=row[1],
+        idx=row[2],
+        ts=row[3],
+        type=row[4],
+        data=_event_data(row[5]),
+        prev_hash=row[6],
+        hash=row[7],
+    )
 
 
 def _event_data(raw: str) -> dict[str, Any]:

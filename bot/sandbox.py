@@ -14,6 +14,7 @@ import json
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -255,10 +256,21 @@ async def _document(request: Request) -> Response:
 # -- running it ------------------------------------------------------------------------------
 
 
-async def run_sandbox(
-    settings: Settings, port: int = DEFAULT_PORT, script: str | None = None
-) -> int:
-    """Serve the sandbox until interrupted, or play `script` through it; the exit code."""
+@dataclass(frozen=True)
+class RunningSandbox:
+    """A sandbox being served: its stand-in, its page's URL, and the bot's RunService."""
+
+    standin: BotApiStandIn
+    url: str
+    service: RunService
+
+
+@asynccontextmanager
+async def running_sandbox(
+    settings: Settings, port: int = DEFAULT_PORT
+) -> AsyncIterator[RunningSandbox]:
+    """Serve the stand-in and the page on 127.0.0.1 and run the bot against them for the
+    block (ServingRefused when the port is taken)."""
     standin = make_standin()
     server = HttpServer(
         build_sandbox_app(standin), "127.0.0.1", port, before_stop=standin.release_long_polls
@@ -274,20 +286,28 @@ async def run_sandbox(
     )
     try:
         await _until_ready(ready, bot)
+        yield RunningSandbox(standin, server.url, service)
+    finally:
+        stop.set()
+        await bot
+        await server.stop()
+        await service.close()
+
+
+async def run_sandbox(
+    settings: Settings, port: int = DEFAULT_PORT, script: str | None = None
+) -> int:
+    """Serve the sandbox until interrupted, or play `script` through it; the exit code."""
+    async with running_sandbox(settings, port) as sandbox:
         if script is not None:
-            return await play_incident(server.url)
-        print(f"loom-ops sandbox: open {server.url}  (Ctrl-C stops it)", flush=True)
+            return await play_incident(sandbox.url)
+        print(f"loom-ops sandbox: open {sandbox.url}  (Ctrl-C stops it)", flush=True)
         loop = asyncio.get_running_loop()
         stopped = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stopped.set)
         await stopped.wait()
         return 0
-    finally:
-        stop.set()
-        await bot
-        await server.stop()
-        await service.close()
 
 
 async def _until_ready(ready: asyncio.Event, bot: asyncio.Task[None]) -> None:

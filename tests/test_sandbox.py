@@ -12,7 +12,14 @@ import httpx
 
 from agent.http_server import HttpServer
 from agent.settings import Settings
-from bot.sandbox import APPROVER, INCIDENT_CHAT, REQUESTER, build_sandbox_app, make_standin
+from bot.sandbox import (
+    APPROVER,
+    INCIDENT_CHAT,
+    REQUESTER,
+    build_sandbox_app,
+    make_standin,
+    running_sandbox,
+)
 
 
 def test_the_scripted_incident_plays_to_a_summary(settings: Settings, tmp_path: Path) -> None:
@@ -91,46 +98,28 @@ async def test_the_page_api_answers_bad_input_with_4xx() -> None:
 async def test_a_trace_the_bot_sends_is_downloadable_from_the_page(settings: Settings) -> None:
     """/trace in the sandbox: the bot sends the HTML trace as a document, and the page's
     download link serves its bytes as an attachment."""
-    import asyncio
-
-    from agent.service import RunService
-    from bot.gateway import serve_bot
-    from bot.sandbox import TOKEN, telegram_settings
-
-    standin = make_standin()
-    service = await RunService.open(settings)
-    stop, ready = asyncio.Event(), asyncio.Event()
-    async with HttpServer(build_sandbox_app(standin), before_stop=standin.release_long_polls) as s:
-        bot = asyncio.create_task(
-            serve_bot(service, TOKEN, telegram_settings(f"{s.url}/bot"), stop, ready)
-        )
-        try:
-            await asyncio.wait_for(ready.wait(), 30)
-            async with httpx.AsyncClient(base_url=s.url) as page:
-                say = {"chat_id": INCIDENT_CHAT, "user_id": REQUESTER.user_id}
-                await page.post("/sandbox/say", json=say | {"text": "/run incident: disk full"})
-                await standin.wait_until(
-                    lambda: any(
-                        "Approval needed" in m.get("text", "")
-                        for m in standin.messages(INCIDENT_CHAT)
-                    ),
-                    30,
-                )
-                [run] = [r for r in await service.store.list_runs() if r.parent_id is None]
-                await page.post("/sandbox/say", json=say | {"text": f"/trace {run.id}"})
-                await standin.wait_until(
-                    lambda: any(m.get("document") for m in standin.messages(INCIDENT_CHAT)), 30
-                )
-                [sent] = [m for m in standin.messages(INCIDENT_CHAT) if m.get("document")]
-                document = sent["document"]
-                answer = await page.get(
-                    f"/sandbox/documents/{document['file_id']}",
-                    params={"name": document["file_name"]},
-                )
-            assert answer.status_code == 200
-            assert f'filename="{run.id}.html"' in answer.headers["content-disposition"]
-            assert b"<html" in answer.content.lower() and run.id.encode() in answer.content
-        finally:
-            stop.set()
-            await bot
-            await service.close()
+    async with running_sandbox(settings, port=0) as sandbox:
+        standin, service = sandbox.standin, sandbox.service
+        async with httpx.AsyncClient(base_url=sandbox.url) as page:
+            say = {"chat_id": INCIDENT_CHAT, "user_id": REQUESTER.user_id}
+            await page.post("/sandbox/say", json=say | {"text": "/run incident: disk full"})
+            await standin.wait_until(
+                lambda: any(
+                    "Approval needed" in m.get("text", "") for m in standin.messages(INCIDENT_CHAT)
+                ),
+                30,
+            )
+            [run] = [r for r in await service.store.list_runs() if r.parent_id is None]
+            await page.post("/sandbox/say", json=say | {"text": f"/trace {run.id}"})
+            await standin.wait_until(
+                lambda: any(m.get("document") for m in standin.messages(INCIDENT_CHAT)), 30
+            )
+            [sent] = [m for m in standin.messages(INCIDENT_CHAT) if m.get("document")]
+            document = sent["document"]
+            answer = await page.get(
+                f"/sandbox/documents/{document['file_id']}",
+                params={"name": document["file_name"]},
+            )
+        assert answer.status_code == 200
+        assert f'filename="{run.id}.html"' in answer.headers["content-disposition"]
+        assert b"<html" in answer.content.lower() and run.id.encode() in answer.content

@@ -62,83 +62,68 @@ async def test_the_incident_flow_by_hand_in_a_real_browser(
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
-    from agent.http_server import HttpServer
-    from agent.service import RunService
-    from bot.gateway import serve_bot
-    from bot.sandbox import TOKEN, build_sandbox_app, make_standin, telegram_settings
+    from bot.sandbox import running_sandbox
 
     driver = browser  # type: ignore[assignment]
-    standin = make_standin()
-    service = await RunService.open(settings)
-    stop, ready = asyncio.Event(), asyncio.Event()
-    async with HttpServer(build_sandbox_app(standin), before_stop=standin.release_long_polls) as s:
-        bot = asyncio.create_task(
-            serve_bot(service, TOKEN, telegram_settings(f"{s.url}/bot"), stop, ready)
-        )
-        try:
-            await asyncio.wait_for(ready.wait(), 30)
-            await asyncio.to_thread(driver.get, s.url)  # type: ignore[attr-defined]
+    async with running_sandbox(settings, port=0) as sandbox:
+        await asyncio.to_thread(driver.get, sandbox.url)  # type: ignore[attr-defined]
 
-            def messages() -> list[str]:
-                try:
-                    found = driver.find_elements(By.CSS_SELECTOR, "#messages .msg")  # type: ignore[attr-defined]
-                    return [m.text for m in found]
-                except StaleElementReferenceException:  # re-rendered meanwhile: look again
-                    return []
+        def messages() -> list[str]:
+            try:
+                found = driver.find_elements(By.CSS_SELECTOR, "#messages .msg")  # type: ignore[attr-defined]
+                return [m.text for m in found]
+            except StaleElementReferenceException:  # re-rendered meanwhile: look again
+                return []
 
-            def as_person(user_id: int) -> None:
-                Select(driver.find_element(By.ID, "person")).select_by_value(str(user_id))  # type: ignore[attr-defined]
+        def as_person(user_id: int) -> None:
+            Select(driver.find_element(By.ID, "person")).select_by_value(str(user_id))  # type: ignore[attr-defined]
 
-            await _until(lambda: driver.find_elements(By.CSS_SELECTOR, "#person option"))  # type: ignore[attr-defined]
-            await asyncio.to_thread(as_person, REQUESTER.user_id)
-            box = driver.find_element(By.ID, "text")  # type: ignore[attr-defined]
-            await asyncio.to_thread(box.send_keys, "/run incident: API latency spike\n")
+        await _until(lambda: driver.find_elements(By.CSS_SELECTOR, "#person option"))  # type: ignore[attr-defined]
+        await asyncio.to_thread(as_person, REQUESTER.user_id)
+        box = driver.find_element(By.ID, "text")  # type: ignore[attr-defined]
+        await asyncio.to_thread(box.send_keys, "/run incident: API latency spike\n")
 
-            def approve_button() -> object:
-                try:
-                    buttons = driver.find_elements(By.CSS_SELECTOR, ".keyboard button")  # type: ignore[attr-defined]
-                    return next((b for b in buttons if "Approve" in b.text), None)
-                except StaleElementReferenceException:
-                    return None
+        def approve_button() -> object:
+            try:
+                buttons = driver.find_elements(By.CSS_SELECTOR, ".keyboard button")  # type: ignore[attr-defined]
+                return next((b for b in buttons if "Approve" in b.text), None)
+            except StaleElementReferenceException:
+                return None
 
-            def click_approve() -> bool:
-                """Tap Approve; the list re-renders on every update, so retry a stale one."""
-                try:
-                    button = approve_button()
-                    if button is None:
-                        return False
-                    button.click()  # type: ignore[attr-defined]
-                    return True
-                except StaleElementReferenceException:
+        def click_approve() -> bool:
+            """Tap Approve; the list re-renders on every update, so retry a stale one."""
+            try:
+                button = approve_button()
+                if button is None:
                     return False
+                button.click()  # type: ignore[attr-defined]
+                return True
+            except StaleElementReferenceException:
+                return False
 
-            # The requester may not approve: the bot's alert shows as a toast, nothing changes.
-            await _until(click_approve)
-            toast = await _until(
-                lambda: [t.text for t in driver.find_elements(By.CSS_SELECTOR, ".toast.alert")]  # type: ignore[attr-defined]
-            )
-            assert "not an approver" in " ".join(toast)  # type: ignore[arg-type]
+        # The requester may not approve: the bot's alert shows as a toast, nothing changes.
+        await _until(click_approve)
+        toast = await _until(
+            lambda: [t.text for t in driver.find_elements(By.CSS_SELECTOR, ".toast.alert")]  # type: ignore[attr-defined]
+        )
+        assert "not an approver" in " ".join(toast)  # type: ignore[arg-type]
 
-            # A reload in the middle keeps the conversation (the stand-in holds it).
-            before = await asyncio.to_thread(messages)
-            await asyncio.to_thread(driver.refresh)  # type: ignore[attr-defined]
-            await _until(lambda: len(messages()) >= len(before))
-            assert any("Approval needed" in text for text in await asyncio.to_thread(messages))
+        # A reload in the middle keeps the conversation (the stand-in holds it).
+        before = await asyncio.to_thread(messages)
+        await asyncio.to_thread(driver.refresh)  # type: ignore[attr-defined]
+        await _until(lambda: len(messages()) >= len(before))
+        assert any("Approval needed" in text for text in await asyncio.to_thread(messages))
 
-            await asyncio.to_thread(as_person, APPROVER.user_id)
-            await _until(click_approve)
-            await _until(lambda: any("SUCCEEDED" in text for text in messages()), 30)
-            texts = await asyncio.to_thread(messages)
-            assert any("Approved by @sam" in text for text in texts)
-            assert not await asyncio.to_thread(approve_button)  # the buttons are gone
+        await asyncio.to_thread(as_person, APPROVER.user_id)
+        await _until(click_approve)
+        await _until(lambda: any("SUCCEEDED" in text for text in messages()), 30)
+        texts = await asyncio.to_thread(messages)
+        assert any("Approved by @sam" in text for text in texts)
+        assert not await asyncio.to_thread(approve_button)  # the buttons are gone
 
-            shot = tmp_path / "sandbox.png"
-            await asyncio.to_thread(driver.save_screenshot, str(shot))  # type: ignore[attr-defined]
-            _assert_not_blank(shot)
-        finally:
-            stop.set()
-            await bot
-            await service.close()
+        shot = tmp_path / "sandbox.png"
+        await asyncio.to_thread(driver.save_screenshot, str(shot))  # type: ignore[attr-defined]
+        _assert_not_blank(shot)
 
 
 def _assert_not_blank(png: Path) -> None:
