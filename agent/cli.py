@@ -12,7 +12,6 @@ import csv
 import json
 import logging
 import os
-import sqlite3
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -20,9 +19,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
+import httpx
 from pydantic import ValidationError
 
 from agent.approvals import Decision
+from agent.database import driver_errors
 from agent.explain import render_timeline
 from agent.journal import verify_chain
 from agent.records import ApprovalRecord, EventRecord, RunRecord, RunStatus
@@ -30,7 +31,7 @@ from agent.request import RequestError
 from agent.runbook import RunbookError, load_catalog, load_runbook
 from agent.service import RunService, ServiceError
 from agent.settings import Settings
-from agent.store import StoreError
+from agent.store import RunStore, StoreError
 from agent.summary import build_summary, render_summary
 from agent.trace import build_trace, render_trace
 
@@ -48,7 +49,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _common(parser: argparse.ArgumentParser, run_flags: bool = False) -> None:
-    parser.add_argument("--db", help="SQLite database file (LOOM_OPS_DB, default ops.sqlite)")
+    parser.add_argument(
+        "--db",
+        help="SQLite file or postgresql:// URL (LOOM_OPS_DB, default ops.sqlite)",
+    )
     parser.add_argument(
         "--workspace", type=Path, help="workspace with runbooks/ (LOOM_OPS_WORKSPACE, default .)"
     )
@@ -157,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="address to bind (LOOM_OPS_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=_port, help="port (LOOM_OPS_PORT, default 8766)")
     p.add_argument("--telegram", action="store_true", help="also serve the Telegram bot")
+    _no_worker(p)
     _common(p, run_flags=True)
 
     p = sub.add_parser(
@@ -179,15 +184,64 @@ def build_parser() -> argparse.ArgumentParser:
         aliases=["bot"],
         help="serve the Telegram bot (long polling) until interrupted",
         description="Settings: TELEGRAM_BOT_TOKEN, TELEGRAM_ALLOWED_CHAT_IDS, "
-        "TELEGRAM_APPROVER_IDS, TELEGRAM_API_BASE_URL (see .env.example).",
+        "TELEGRAM_APPROVER_IDS, TELEGRAM_API_BASE_URL (see .env.example). Several instances "
+        "on PostgreSQL: one polls (the leader), the others stand by; or use a webhook.",
+    )
+    p.add_argument(
+        "--webhook-url",
+        help="take updates by webhook at this public https URL (TELEGRAM_WEBHOOK_URL); "
+        "needs TELEGRAM_WEBHOOK_SECRET",
+    )
+    p.add_argument(
+        "--listen",
+        type=_host_port,
+        help="where the webhook server binds, HOST:PORT (TELEGRAM_WEBHOOK_LISTEN, "
+        "default 127.0.0.1:8443)",
+    )
+    _no_worker(p)
+    _common(p, run_flags=True)
+
+    p = sub.add_parser(
+        "worker",
+        help="claim runnable runs from the store and drive them, until interrupted",
+        description="Any number of workers, on any machines sharing the database, take runs "
+        "with leases; a dead worker's runs are taken over when its lease expires.",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=_positive,
+        help="runs driven at once (LOOM_OPS_WORKER_CONCURRENCY, default 16)",
     )
     _common(p, run_flags=True)
+
+    p = sub.add_parser(
+        "healthcheck",
+        help="exit 0 when the store answers with a current schema (and --url answers 200)",
+    )
+    p.add_argument("--url", help="also GET this URL, e.g. http://127.0.0.1:8766/healthz")
+    _common(p)
 
     p = sub.add_parser("runbooks", help="list or validate runbooks")
     p.add_argument("action", choices=["list", "validate"])
     p.add_argument("path", nargs="?", type=Path, help="file or directory (default: runbooks/)")
     _common(p)
     return parser
+
+
+def _no_worker(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-worker",
+        dest="no_worker",
+        action="store_true",
+        help="record starts and decisions only; `loom-ops worker` processes drive the runs",
+    )
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise argparse.ArgumentTypeError(f"{value!r}: write HOST:PORT, e.g. 0.0.0.0:8443")
+    return host.strip("[]"), _port(port)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -531,8 +585,11 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
         if http is not None:
             serving.check_http(settings, http)
         wants_bot = args.command in ("telegram", "bot") or getattr(args, "telegram", False)
-        telegram = serving.check_telegram(settings) if wants_bot else None
-        return await serving.serve(settings, http, telegram)
+        webhook = serving.WebhookOptions(
+            getattr(args, "webhook_url", None), getattr(args, "listen", None)
+        )
+        telegram = serving.check_telegram(settings, webhook) if wants_bot else None
+        return await serving.serve(settings, http, telegram, executes_runs=not args.no_worker)
     except serving.ServingRefused as exc:
         raise UsageError(str(exc)) from None
 
@@ -543,6 +600,13 @@ async def _run(args: argparse.Namespace) -> int:
         return _cmd_runbooks(settings, args)
     if args.command in ("telegram", "bot", "serve"):
         return await _serve(settings, args)
+    if args.command == "worker":
+        from agent.serving import serve_worker
+
+        concurrency = args.concurrency or settings.worker_concurrency
+        return await serve_worker(settings, concurrency)
+    if args.command == "healthcheck":
+        return await _healthcheck(settings, args.url)
     if args.command == "sandbox":
         from agent.serving import ServingRefused
         from bot.sandbox import run_sandbox  # the bot's packages, for this command only
@@ -556,6 +620,28 @@ async def _run(args: argparse.Namespace) -> int:
         return await COMMANDS[args.command](service, args)
     finally:
         await service.close()
+
+
+async def _healthcheck(settings: Settings, url: str | None) -> int:
+    """What a container's or a load balancer's health probe runs: one line, exit 0 or 1."""
+    try:
+        async with await RunStore.open(settings.db, pool_size=1) as store:
+            version = await store.schema_version()
+    except (StoreError, OSError, *driver_errors()) as exc:
+        print(f"loom-ops: unhealthy: {(str(exc).strip().splitlines() or [''])[0]}", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    if url is not None:
+        try:
+            async with httpx.AsyncClient(timeout=5) as client:
+                response = await client.get(url)
+        except httpx.HTTPError as exc:
+            print(f"loom-ops: unhealthy: {url}: {exc}", file=sys.stderr)
+            return EXIT_RUN_FAILED
+        if response.status_code != 200:
+            print(f"loom-ops: unhealthy: {url} answered {response.status_code}", file=sys.stderr)
+            return EXIT_RUN_FAILED
+    print(f"ok: {store.label} at schema {version}")
+    return EXIT_OK
 
 
 class _OneLineFormatter(logging.Formatter):
@@ -582,8 +668,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ServiceError, StoreError, RequestError, RunbookError) as exc:
         print(f"loom-ops: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (OSError, sqlite3.Error) as exc:  # the machine, not the input: still one line
-        print(f"loom-ops: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except (OSError, *driver_errors()) as exc:  # the machine, not the input: still one line
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        print(f"loom-ops: {type(exc).__name__}: {detail}", file=sys.stderr)
         return EXIT_RUN_FAILED
     except KeyboardInterrupt:
         print("loom-ops: interrupted; resume with loom-ops resume", file=sys.stderr)

@@ -14,7 +14,6 @@ import json
 import logging
 import re
 import secrets
-import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Annotated, Any, Literal
 
@@ -30,6 +29,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent.approvals import Decision
+from agent.database import driver_errors
 from agent.explain import render_timeline
 from agent.records import ApprovalRecord, Origin, RunRecord, RunStatus
 from agent.request import MAX_REQUEST_BYTES
@@ -386,7 +386,7 @@ def create_app(service: RunService) -> FastAPI:
         """200 while the store answers (HEAD too, for load balancers)."""
         try:
             await service.store.schema_version()
-        except (StoreError, OSError, sqlite3.Error) as exc:
+        except (StoreError, OSError, *driver_errors()) as exc:
             raise ApiError(503, f"store unreachable: {exc}") from None
         return {"status": "ok"}
 

@@ -60,8 +60,17 @@ class DecisionResult:
 class RunService:
     """Start, resume, decide, cancel, list and explain runs over one store."""
 
-    def __init__(self, store: RunStore, settings: Settings, policy: Policy | None = None) -> None:
+    def __init__(
+        self,
+        store: RunStore,
+        settings: Settings,
+        policy: Policy | None = None,
+        executes_runs: bool = True,
+    ) -> None:
         self.store = store
+        # False for a front end beside workers (`--no-worker`): it records starts and
+        # decisions, and the workers, woken by the store, drive the runs.
+        self.executes_runs = executes_runs
         self.settings = settings
         self._catalog: RunbookCatalog | None = None
         self._catalog_stamp: tuple[tuple[str, int, int], ...] = ()
@@ -82,14 +91,17 @@ class RunService:
             new_owner_id(),
         )
         self._drives: dict[str, asyncio.Task[RunRecord]] = {}
+        self.drive_ended = asyncio.Event()  # a slot for another run is free
         self._side_tasks: set[asyncio.Task[None]] = set()
 
     @classmethod
-    async def open(cls, settings: Settings, policy: Policy | None = None) -> RunService:
+    async def open(
+        cls, settings: Settings, policy: Policy | None = None, executes_runs: bool = True
+    ) -> RunService:
         """Open the store named by the settings and build the service over it."""
-        store = await RunStore.open(settings.db)
+        store = await RunStore.open(settings.db, settings.db_pool_size)
         try:
-            return cls(store, settings, policy)
+            return cls(store, settings, policy, executes_runs)
         except BaseException:
             await store.close()
             raise
@@ -169,20 +181,36 @@ class RunService:
         )
         return await self._drive(run_id, wait)
 
+    @property
+    def driving(self) -> int:
+        """How many runs this process is driving now."""
+        return len(self._drives)
+
+    def drive_claimed(self, run_id: str) -> None:
+        """Drive, in the background, a run this process's owner claimed (a worker's claim)."""
+        self._start_drive(run_id, claimed=True)
+
     async def _drive(self, run_id: str, wait: bool = True) -> RunRecord:
-        """Drive a run once per process at a time; a second caller joins the first drive."""
-        task = self._drives.get(run_id)
-        if task is None or task.done():
-            task = asyncio.create_task(self._drive_tree(run_id), name=f"drive:{run_id}")
-            self._drives[run_id] = task
-            task.add_done_callback(lambda t, rid=run_id: self._forget(rid, t))
+        """Drive a run once per process at a time; a second caller joins the first drive.
+        A front end beside workers drives nothing: the run stays queued for them."""
+        if not self.executes_runs:
+            return await self.store.get_run(run_id)
+        task = self._start_drive(run_id)
         if not wait:
             return await self.store.get_run(run_id)
         return await asyncio.shield(task)
 
-    async def _drive_tree(self, run_id: str) -> RunRecord:
+    def _start_drive(self, run_id: str, claimed: bool = False) -> asyncio.Task[RunRecord]:
+        task = self._drives.get(run_id)
+        if task is None or task.done():
+            task = asyncio.create_task(self._drive_tree(run_id, claimed), name=f"drive:{run_id}")
+            self._drives[run_id] = task
+            task.add_done_callback(lambda t, rid=run_id: self._forget(rid, t))
+        return task
+
+    async def _drive_tree(self, run_id: str, claimed: bool = False) -> RunRecord:
         """Drive a run; drive the children it waits for; when it ends, wake its parent."""
-        run = await self.kernel.drive(run_id)
+        run = await self.kernel.drive(run_id, claimed)
         while run.status == RunStatus.WAITING_CHILDREN:
             runnable = [
                 child.id
@@ -221,9 +249,13 @@ class RunService:
     def _forget(self, run_id: str, task: asyncio.Task[RunRecord]) -> None:
         if self._drives.get(run_id) is task:
             del self._drives[run_id]
-        if not task.cancelled() and task.exception() is not None:
+            self.drive_ended.set()
+        error = None if task.cancelled() else task.exception()
+        if isinstance(error, StoreError):  # e.g. another process drives it: nothing is wrong
+            log.info("not driving %s here: %s", run_id, error)
+        elif error is not None:
             # Nobody may be awaiting a background drive: say what stopped it.
-            log.error("driving %s failed: %s", run_id, task.exception())
+            log.error("driving %s failed: %s", run_id, error)
 
     async def resume(self, run_id: str) -> RunRecord:
         """Drive on every runnable run of the tree `run_id` belongs to, children first, each

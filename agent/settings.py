@@ -31,7 +31,16 @@ class Settings(BaseSettings):
         populate_by_name=True,
     )
 
-    db: str = Field("ops.sqlite", description="SQLite database file.")
+    db: str = Field(
+        "ops.sqlite",
+        description="The store: a SQLite file (or sqlite:///path), or a postgresql:// URL.",
+    )
+    worker_concurrency: int = Field(
+        16, ge=1, le=10_000, description="Runs one `loom-ops worker` process drives at once."
+    )
+    db_pool_size: int = Field(
+        4, ge=1, le=100, description="PostgreSQL connections per process (SQLite uses one)."
+    )
     workspace: Path = Field(Path("."), description="Runbooks are read from <workspace>/runbooks/.")
     mock_llm: bool = Field(False, description="Use the deterministic, key-free mock policy.")
     max_steps: int = Field(40, ge=1, le=100_000, description="Policy turns per run.")

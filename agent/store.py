@@ -1,9 +1,10 @@
-"""RunStore: every SQL statement of loom-ops, over one aiosqlite connection.
+"""RunStore: every SQL statement of loom-ops, over SQLite or PostgreSQL.
 
-Each public method is one short transaction. A transaction runs as one function on the
-connection's thread (`_transaction`), so statements of concurrent runs sharing the connection can
-never interleave inside each other's transactions, and a step costs one thread hop per commit.
-Nothing here awaits the network or a subprocess.
+Each public method is one short transaction. A transaction runs as one function on a database
+thread (`agent.database`), so statements of concurrent runs can never interleave inside each
+other's transactions, and a step costs one thread hop per commit. Nothing here awaits the
+network or a subprocess. The SQL is written once for both engines (`?` placeholders); the
+dialect spells the few expressions that differ.
 """
 
 from __future__ import annotations
@@ -12,18 +13,26 @@ import asyncio
 import contextlib
 import json
 import secrets
-import sqlite3
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
-import aiosqlite
-
+from agent.database import (
+    JOURNAL_CHANNEL,
+    OUTBOX_CHANNEL,
+    RUNS_CHANNEL,
+    Connection,
+    Database,
+    Leadership,
+    SchemaTooNew,
+    StoreError,
+    is_postgres_url,
+    sqlite_path,
+)
 from agent.journal import canonical_json, event_hash
 from agent.records import (
     TERMINAL_STATUSES,
@@ -42,15 +51,7 @@ from agent.records import (
 
 T = TypeVar("T")
 
-BUSY_TIMEOUT_MS = 10_000
-
-
-class StoreError(Exception):
-    """A store operation that cannot be done; `str()` is one line for a human."""
-
-
-class SchemaTooNew(StoreError):
-    """The database was written by a newer loom-ops than this one."""
+__all__ = ["SchemaTooNew", "StoreError"]  # re-exported: callers catch them from here
 
 
 class RunNotFound(StoreError):
@@ -228,67 +229,53 @@ def _dumps(data: Any) -> str:
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
 
 
-def _migrations() -> list[tuple[int, str]]:
-    """Numbered migrations shipped in agent/migrations, in order."""
-    found = []
-    for entry in resources.files("agent.migrations").iterdir():
-        name = entry.name
-        if name.endswith(".sql") and name[:4].isdigit():
-            found.append((int(name[:4]), entry.read_text(encoding="utf-8")))
-    return sorted(found)
-
-
 class RunStore:
     """The durable store of runs and everything they did."""
 
-    def __init__(self, db: aiosqlite.Connection, path: str) -> None:
-        self._db = db
-        self.path = path
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.dialect = db.dialect
         # Set after a commit that queued chat messages, so a sender in this process delivers
-        # them at once instead of polling the table.
+        # them at once instead of polling the table (other processes: see `follow_others`).
         self.outbox_ready = asyncio.Event()
         self._outbox_written = False
+        # Set after a commit that made a run runnable, so a worker claims it at once.
+        self.runs_ready = asyncio.Event()
+        self._runs_queued = False
         # Readers waiting for new journal events of some runs (SSE streams), by run id; a
         # commit wakes the waiters of the runs it appended to, and only those.
         self._journal_waiters: dict[str, set[JournalWatch]] = {}
-        self._runs_written: set[str] = set()  # filled on the connection's thread
+        self._runs_written: set[str] = set()  # filled on a database thread
         self._runs_written_lock = threading.Lock()
         self._last_seq_seen = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, path: str | Path) -> RunStore:
-        """Open (creating if needed) the database and bring its schema up to date."""
-        path = str(path)
-        if path != ":memory:":
-            try:
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise StoreError(f"cannot open database {path}: {exc.strerror or exc}") from exc
-        if Path(path).is_dir():
-            raise StoreError(f"cannot open database {path}: it is a directory")
-        connecting = aiosqlite.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+    async def open(cls, url: str | Path, pool_size: int = 4) -> RunStore:
+        """Open the database a setting names, creating it or bringing its schema up to date:
+        `postgresql://…` is PostgreSQL; a path or `sqlite:///path` is a SQLite file."""
+        url = str(url)
+        if is_postgres_url(url):
+            from agent.postgres_db import PostgresDatabase
+
+            return cls(await PostgresDatabase.open(url, pool_size))
+        from agent.sqlite_db import SqliteDatabase
+
         try:
-            db = await connecting
-        except sqlite3.Error as exc:
-            # aiosqlite stops its thread on failure without waiting; wait for it here, or it
-            # may outlive the event loop and die noisily.
-            await asyncio.get_running_loop().run_in_executor(None, connecting._thread.join, 5)
-            raise StoreError(f"cannot open database {path}: {exc}") from exc
-        store = cls(db, path)
-        try:
-            await store._check_schema()
-            await store._configure()
-            await store._migrate()
-        except BaseException:
-            await db.close()
-            raise
-        return store
+            path = sqlite_path(url)
+        except ValueError as exc:
+            raise StoreError(str(exc)) from None
+        return cls(await SqliteDatabase.open(path))
+
+    @property
+    def label(self) -> str:
+        """The database's name for people: a file path, or a URL without its password."""
+        return self.db.label
 
     async def close(self) -> None:
-        """Close the connection."""
-        await self._db.close()
+        """Close the database."""
+        await self.db.close()
 
     async def __aenter__(self) -> RunStore:
         return self
@@ -296,122 +283,54 @@ class RunStore:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def _check_schema(self) -> None:
-        """Refuse, before writing anything, a database that is newer or not ours."""
-        known = _migrations()[-1][0]
-
-        def check(conn: sqlite3.Connection) -> None:
-            current = conn.execute("PRAGMA user_version").fetchone()[0]
-            if current > known:
-                raise SchemaTooNew(
-                    f"database {self.path} has schema version {current}, newer than the "
-                    f"{known} this loom-ops knows; upgrade loom-ops"
-                )
-            if current == 0:
-                tables = [
-                    row[0]
-                    for row in conn.execute(
-                        "SELECT name FROM sqlite_master WHERE type = 'table' "
-                        "AND name NOT LIKE 'sqlite_%' ORDER BY name LIMIT 5"
-                    )
-                ]
-                if tables:
-                    raise StoreError(
-                        f"{self.path} is not a loom-ops database (it has tables "
-                        f"{', '.join(tables)}); refusing to add ours to it"
-                    )
-
-        try:
-            await self._on_thread(check)
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.path} is not a loom-ops database: {exc}") from exc
-
-    async def _configure(self) -> None:
-        def configure(conn: sqlite3.Connection) -> None:
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            conn.execute("PRAGMA journal_mode = WAL")
-            # NORMAL in WAL mode survives any process crash; a power cut can only lose a suffix
-            # of recent commits. Commits that must survive even that (the intent of a side
-            # effect) ask for `durable=True`, which syncs the WAL and everything before it.
-            conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("PRAGMA foreign_keys = ON")
-
-        try:
-            await self._on_thread(configure)
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.path} is not a loom-ops database: {exc}") from exc
-
-    async def _migrate(self) -> None:
-        migrations = _migrations()
-        known = migrations[-1][0] if migrations else 0
-
-        def migrate(conn: sqlite3.Connection) -> int:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                current = conn.execute("PRAGMA user_version").fetchone()[0]
-                if current > known:
-                    raise SchemaTooNew(
-                        f"database {self.path} has schema version {current}, newer than the "
-                        f"{known} this loom-ops knows; upgrade loom-ops"
-                    )
-                for number, sql in migrations:
-                    if number > current:
-                        for statement in _split_sql(sql):
-                            conn.execute(statement)
-                        conn.execute(f"PRAGMA user_version = {number}")
-                conn.execute("COMMIT")
-                return current
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-
-        try:
-            await self._on_thread(migrate)
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.path} is not a loom-ops database: {exc}") from exc
-
     async def schema_version(self) -> int:
         """The schema version the database is at."""
-        return await self._on_thread(lambda c: c.execute("PRAGMA user_version").fetchone()[0])
+        return await self.db.schema_version()
 
     # -- plumbing --------------------------------------------------------------------------
 
-    async def _on_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        # aiosqlite has no public way to run several statements as one unit on its thread; its
-        # `_execute` is what every public method uses. One hop per transaction keeps concurrent
-        # runs' statements out of each other's transactions and keeps the per-step cost low.
-        return await self._db._execute(fn, self._db._conn)
+    async def _transaction(
+        self, fn: Callable[[Connection], T], durable: bool = False, journal: bool = True
+    ) -> T:
+        """Run `fn` as one transaction, then wake what its commit concerns in this process.
 
-    async def _transaction(self, fn: Callable[[sqlite3.Connection], T], durable: bool = False) -> T:
-        """Run `fn` as one transaction on the connection's thread.
-
-        `durable` syncs the commit to disk (synchronous=FULL) before returning. The WAL is
-        sequential, so a durable commit also makes every earlier commit durable: after a power
-        cut the database holds a prefix of the commits that includes every durable one.
+        `durable` makes the commit (and every one before it) survive a power cut before this
+        returns; `journal=False` promises `fn` appends no events.
         """
-
-        def run(conn: sqlite3.Connection) -> T:
-            if durable:
-                conn.execute("PRAGMA synchronous = FULL")
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    result = fn(conn)
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
-                return result
-            finally:
-                if durable:
-                    conn.execute("PRAGMA synchronous = NORMAL")
-
-        result = await self._on_thread(run)
+        result = await self.db.transaction(fn, durable=durable, journal=journal)
         if self._outbox_written:
             self._outbox_written = False
             self.outbox_ready.set()
+        if self._runs_queued:
+            self._runs_queued = False
+            self.runs_ready.set()
         self._wake_journal_waiters()
         return result
+
+    async def _read(self, fn: Callable[[Connection], T]) -> T:
+        return await self.db.read(fn)
+
+    def _announce_runnable(self, conn: Connection) -> None:
+        """In a transaction that queued a run: wake workers here and elsewhere at commit."""
+        self._runs_queued = True
+        self.db.notify(conn, RUNS_CHANNEL)
+
+    async def follow_others(self) -> None:
+        """Until cancelled: wake this process's workers, senders and journal readers when
+        another process commits (PostgreSQL's LISTEN; on SQLite, the callers poll)."""
+        await self.db.listen(self._on_notice)
+
+    def leadership(self, name: str) -> Leadership:
+        """The right to be the one process sharing this store that does `name`."""
+        return self.db.leadership(name)
+
+    def _on_notice(self, channel: str, payload: str) -> None:
+        if channel == RUNS_CHANNEL:
+            self.runs_ready.set()
+        elif channel == OUTBOX_CHANNEL:
+            self.outbox_ready.set()
+        elif channel == JOURNAL_CHANNEL:
+            self._wake_journal_waiters([payload] if payload else list(self._journal_waiters))
 
     def _wake_journal_waiters(self, run_ids: Iterable[str] | None = None) -> None:
         if run_ids is None:
@@ -443,7 +362,7 @@ class RunStore:
         """Wake the watchers of runs another process appended events to since the last look."""
         since = self._last_seq_seen
 
-        def look(c: sqlite3.Connection) -> tuple[int, list[str]]:
+        def look(c: Connection) -> tuple[int, list[str]]:
             latest = c.execute("SELECT MAX(seq) FROM events").fetchone()[0] or 0
             if latest == since:
                 return latest, []
@@ -455,12 +374,9 @@ class RunStore:
         # costs them one more look.
         self._wake_journal_waiters(written)
 
-    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        return await self._on_thread(fn)
-
     def _append_events(
         self,
-        conn: sqlite3.Connection,
+        conn: Connection,
         run_id: str,
         events: Sequence[NewEvent],
         now: float,
@@ -490,16 +406,19 @@ class RunStore:
                 rows,
             )
             # A rolled-back transaction leaves a stale entry: a spurious wake, nothing worse.
-            with self._runs_written_lock:  # this runs on the connection's thread
+            with self._runs_written_lock:  # this runs on a database thread
                 self._runs_written.add(run_id)
+            self.db.notify(conn, JOURNAL_CHANNEL, run_id)
         updates = {"event_count": count, "last_hash": prev, "updated_at": now}
         updates.update(run_updates or {})
+        if updates.get("status") == RunStatus.QUEUED:
+            self._announce_runnable(conn)
         assignments = ", ".join(f"{column} = ?" for column in updates)
         conn.execute(f"UPDATE runs SET {assignments} WHERE id = ?", (*updates.values(), run_id))
 
     def _park(
         self,
-        conn: sqlite3.Connection,
+        conn: Connection,
         run_id: str,
         events: Sequence[NewEvent],
         now: float,
@@ -525,7 +444,7 @@ class RunStore:
 
     def _enqueue_outbox(
         self,
-        conn: sqlite3.Connection,
+        conn: Connection,
         run_id: str,
         kind: str,
         payload: dict[str, Any],
@@ -557,7 +476,7 @@ class RunStore:
             waiting = conn.execute(
                 "SELECT 1 FROM outbox WHERE delivered_at IS NULL AND failed_at IS NULL "
                 "AND claimed_at IS NULL AND kind = 'progress' "
-                "AND json_extract(payload, '$.root_id') = ?",
+                f"AND {self.dialect.json_text('payload', 'root_id')} = ?",
                 (root_id,),
             ).fetchone()
             if waiting is None:  # the progress message shows a run's end too
@@ -565,9 +484,10 @@ class RunStore:
         if kind != "progress" and (kind != "run_finished" or is_root):
             insert(kind, payload)  # only the root's end is a summary of its own
         self._outbox_written = True
+        self.db.notify(conn, OUTBOX_CHANNEL)
 
     @staticmethod
-    def _root_id(conn: sqlite3.Connection, run_id: str) -> str:
+    def _root_id(conn: Connection, run_id: str) -> str:
         """The root of the run's tree (the run itself when it has no parent)."""
         root = run_id
         while True:
@@ -578,7 +498,7 @@ class RunStore:
                 return root
             root = row[0]
 
-    def _wake_parent(self, conn: sqlite3.Connection, run_id: str, now: float) -> None:
+    def _wake_parent(self, conn: Connection, run_id: str, now: float) -> None:
         """In the caller's transaction: when a child ends, wake its parent if it was the last.
 
         The parent's delegate call gets its outcome (every child's status and summary) and the
@@ -639,7 +559,7 @@ class RunStore:
         """
         now = time.time()
 
-        def wait(conn: sqlite3.Connection) -> dict[str, Any] | None:
+        def wait(conn: Connection) -> dict[str, Any] | None:
             sibling = self._sibling(conn, run_id, role)
             events = []
             if turn is not None:
@@ -666,7 +586,7 @@ class RunStore:
         return await self._transaction(wait, durable=True)
 
     @staticmethod
-    def _sibling(conn: sqlite3.Connection, run_id: str, role: str) -> dict[str, Any] | None:
+    def _sibling(conn: Connection, run_id: str, role: str) -> dict[str, Any] | None:
         """The run of `role` started by the same delegate call as `run_id`."""
         row = conn.execute(
             "SELECT s.id, s.role, s.status, s.summary, s.error FROM runs r "
@@ -679,7 +599,7 @@ class RunStore:
         keys = ("run_id", "role", "status", "summary", "error")
         return dict(zip(keys, row, strict=True))
 
-    def _wake_waiting_siblings(self, conn: sqlite3.Connection, run_id: str, now: float) -> None:
+    def _wake_waiting_siblings(self, conn: Connection, run_id: str, now: float) -> None:
         """In the caller's transaction: a run ended; wake the siblings that wait for it."""
         row = conn.execute("SELECT spawned_by, role FROM runs WHERE id = ?", (run_id,)).fetchone()
         if row is None or row[0] is None:
@@ -727,7 +647,7 @@ class RunStore:
         """
         now = time.time()
 
-        def open_(conn: sqlite3.Connection) -> list[str]:
+        def open_(conn: Connection) -> list[str]:
             parent = conn.execute(
                 "SELECT request, requested_by, origin, limits FROM runs WHERE id = ?",
                 (parent_id,),
@@ -786,6 +706,7 @@ class RunStore:
                     now,
                 )
                 ids.append(child_id)
+            self._announce_runnable(conn)
             events.append(NewEvent("children_started", {"call_key": call.call_key, "runs": ids}))
             self._park(conn, parent_id, events, now, RunStatus.WAITING_CHILDREN, checkpoint, owner)
             return ids
@@ -818,7 +739,7 @@ class RunStore:
         """Create a queued run; raises RunExists for a duplicate id."""
         now = time.time()
 
-        def create(conn: sqlite3.Connection) -> None:
+        def create(conn: Connection) -> None:
             if conn.execute("SELECT 1 FROM runs WHERE id = ?", (new.id,)).fetchone():
                 raise RunExists(f"run id {new.id!r} exists already")
             if (
@@ -856,6 +777,7 @@ class RunStore:
                 },
             )
             self._append_events(conn, new.id, [event], now)
+            self._announce_runnable(conn)
             if new.parent_id is None:  # the chat's progress message for this run starts here
                 self._enqueue_outbox(conn, new.id, "progress", {"event": "started"}, now)
 
@@ -913,7 +835,7 @@ class RunStore:
         """
         now = time.time()
 
-        def claim(conn: sqlite3.Connection) -> None:
+        def claim(conn: Connection) -> None:
             row = conn.execute(
                 "SELECT status, lease_owner, lease_expires_at FROM runs WHERE id = ?", (run_id,)
             ).fetchone()
@@ -951,10 +873,47 @@ class RunStore:
         await self._transaction(claim)
         return await self.get_run(run_id)
 
+    async def claim_runnable(self, owner: str, ttl: float, limit: int) -> list[str]:
+        """Claim up to `limit` runs nobody drives (queued, or running with an expired lease),
+        oldest first, and mark them running under `owner`'s lease: what a worker takes.
+
+        Rows another transaction holds are skipped (PostgreSQL's SKIP LOCKED), so workers
+        claiming at once take different runs instead of queueing behind each other.
+        """
+        now = time.time()
+
+        def claim(conn: Connection) -> list[str]:
+            rows = conn.execute(
+                "SELECT id, status, lease_owner FROM runs WHERE status = 'queued' "
+                "OR (status = 'running' AND (lease_expires_at IS NULL OR lease_expires_at < ?)) "
+                f"ORDER BY created_at, id LIMIT ?{self.dialect.skip_locked}",
+                (now, limit),
+            ).fetchall()
+            for run_id, status, holder in rows:
+                data: dict[str, Any] = {"owner": owner}
+                if status == RunStatus.RUNNING:
+                    data["taken_over_from"] = holder
+                self._append_events(
+                    conn,
+                    run_id,
+                    [NewEvent("run_claimed", data)],
+                    now,
+                    {
+                        "status": RunStatus.RUNNING,
+                        "lease_owner": owner,
+                        "lease_expires_at": now + ttl,
+                    },
+                )
+            return [row[0] for row in rows]
+
+        if limit < 1:
+            return []
+        return await self._transaction(claim)
+
     async def renew_lease(self, run_id: str, owner: str, ttl: float) -> bool:
         """Extend the lease; False when this owner lost it."""
 
-        def renew(conn: sqlite3.Connection) -> bool:
+        def renew(conn: Connection) -> bool:
             cursor = conn.execute(
                 "UPDATE runs SET lease_expires_at = ? WHERE id = ? AND lease_owner = ? "
                 "AND status = 'running'",
@@ -962,20 +921,21 @@ class RunStore:
             )
             return cursor.rowcount == 1
 
-        return await self._transaction(renew)
+        return await self._transaction(renew, journal=False)
 
     async def release_lease(self, run_id: str, owner: str) -> None:
         """Give the lease back, leaving a running run queued for whoever comes next."""
 
-        def release(conn: sqlite3.Connection) -> None:
+        def release(conn: Connection) -> None:
             conn.execute(
                 "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL, "
                 "status = CASE status WHEN 'running' THEN 'queued' ELSE status END "
                 "WHERE id = ? AND lease_owner = ?",
                 (run_id, owner),
             )
+            self._announce_runnable(conn)
 
-        await self._transaction(release)
+        await self._transaction(release, journal=False)
 
     async def runnable_run_ids(self, owner_is_dead: Callable[[str], bool]) -> list[str]:
         """Runs a process may pick up: queued ones, and running ones whose owner is gone."""
@@ -1007,7 +967,7 @@ class RunStore:
         """End a run in a final status; journals the last policy turn if it was not yet."""
         now = time.time()
 
-        def finish(conn: sqlite3.Connection) -> None:
+        def finish(conn: Connection) -> None:
             events = []
             if turn is not None:
                 events.append(self._insert_policy_turn(conn, run_id, turn, now))
@@ -1044,7 +1004,7 @@ class RunStore:
         transaction; pending approvals are closed with them. Returns the cancelled ids."""
         now = time.time()
 
-        def cancel(conn: sqlite3.Connection) -> list[str]:
+        def cancel(conn: Connection) -> list[str]:
             row = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
             if row is None:
                 raise RunNotFound(f"unknown run id {run_id!r}")
@@ -1103,9 +1063,7 @@ class RunStore:
         return await self._transaction(cancel, durable=True)
 
     @staticmethod
-    def _insert_intent(
-        conn: sqlite3.Connection, run_id: str, call: NewToolCall, now: float
-    ) -> NewEvent:
+    def _insert_intent(conn: Connection, run_id: str, call: NewToolCall, now: float) -> NewEvent:
         """Insert a call's first intent; returns the event that journals it."""
         conn.execute(
             "INSERT INTO tool_calls (run_id, call_key, turn, position, tool, args, step_id, "
@@ -1129,7 +1087,7 @@ class RunStore:
 
     @staticmethod
     def _insert_policy_turn(
-        conn: sqlite3.Connection, run_id: str, turn: NewPolicyTurn, now: float
+        conn: Connection, run_id: str, turn: NewPolicyTurn, now: float
     ) -> NewEvent:
         conn.execute(
             "INSERT INTO llm_calls (run_id, turn, policy, request_hash, response, prompt_tokens, "
@@ -1197,7 +1155,7 @@ class RunStore:
         """
         now = time.time()
 
-        def begin(conn: sqlite3.Connection) -> int:
+        def begin(conn: Connection) -> int:
             events = []
             if turn is not None:
                 events.append(self._insert_policy_turn(conn, run_id, turn, now))
@@ -1246,7 +1204,7 @@ class RunStore:
         """Commit a call's outcome together with the run's next checkpoint."""
         now = time.time()
 
-        def finish(conn: sqlite3.Connection) -> None:
+        def finish(conn: Connection) -> None:
             cursor = conn.execute(
                 "UPDATE tool_calls SET status = ?, outcome = ?, outcome_at = ?, duration_ms = ? "
                 "WHERE call_key = ? AND attempt = ? AND status = 'intent'",
@@ -1290,7 +1248,7 @@ class RunStore:
         """
         now = time.time()
 
-        def close(conn: sqlite3.Connection) -> bool:
+        def close(conn: Connection) -> bool:
             row = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
             if row is None or row[0] != RunStatus.CANCELLED:
                 return False
@@ -1359,7 +1317,7 @@ class RunStore:
         now = time.time()
         token = secrets.token_urlsafe(12)
 
-        def open_(conn: sqlite3.Connection) -> int:
+        def open_(conn: Connection) -> int:
             events = []
             if turn is not None:
                 events.append(self._insert_policy_turn(conn, run_id, turn, now))
@@ -1368,7 +1326,7 @@ class RunStore:
             cursor = conn.execute(
                 "INSERT INTO approvals (token, run_id, call_key, kind, step_id, action, reason, "
                 "rollback, deciders, four_eyes, requested_by, status, created_at, deadline_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?) RETURNING id",
                 (
                     token,
                     run_id,
@@ -1385,8 +1343,7 @@ class RunStore:
                     approval.deadline_at,
                 ),
             )
-            approval_id = cursor.lastrowid
-            assert approval_id is not None
+            approval_id = int(cursor.fetchone()[0])
             payload = {
                 "approval_id": approval_id,
                 "token": token,
@@ -1475,7 +1432,7 @@ class RunStore:
         """
         now = time.time()
 
-        def decide(conn: sqlite3.Connection) -> bool:
+        def decide(conn: Connection) -> bool:
             row = conn.execute(
                 "SELECT run_id, call_key FROM approvals WHERE id = ?", (approval_id,)
             ).fetchone()
@@ -1568,7 +1525,7 @@ class RunStore:
             lambda conn: self._expire_if_overdue(conn, approval_id, now), durable=True
         )
 
-    def _expire_if_overdue(self, conn: sqlite3.Connection, approval_id: int, now: float) -> bool:
+    def _expire_if_overdue(self, conn: Connection, approval_id: int, now: float) -> bool:
         """In the caller's transaction: expire the request if it is pending and overdue."""
         row = conn.execute(
             "SELECT run_id FROM approvals WHERE id = ? AND status = 'pending' AND deadline_at <= ?",
@@ -1688,7 +1645,7 @@ class RunStore:
             for b in WAIT_BUCKETS
         )
 
-        def snapshot(c: sqlite3.Connection) -> MetricsSnapshot:
+        def snapshot(c: Connection) -> MetricsSnapshot:
             runs = dict(c.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall())
             tools = [
                 (row[0], list(row[1:-2]), row[-2], row[-1])
@@ -1726,7 +1683,7 @@ class RunStore:
         )
         params: tuple[Any, ...] = ()
         if chat_id is not None:
-            sql += " AND json_extract(target, '$.chat_id') = ?"
+            sql += f" AND {self.dialect.json_int('target', 'chat_id')} = ?"
             params = (chat_id,)
         sql += " ORDER BY id LIMIT ?"
         rows = await self._read(lambda c: c.execute(sql, (*params, limit)).fetchall())
@@ -1749,7 +1706,7 @@ class RunStore:
         """The chats that have messages still to deliver."""
         rows = await self._read(
             lambda c: c.execute(
-                "SELECT DISTINCT json_extract(target, '$.chat_id') FROM outbox "
+                f"SELECT DISTINCT {self.dialect.json_int('target', 'chat_id')} FROM outbox "
                 "WHERE delivered_at IS NULL AND failed_at IS NULL"
             ).fetchall()
         )
@@ -1780,7 +1737,7 @@ class RunStore:
         one edit); returns how many were not recorded before."""
         now = time.time()
 
-        def mark(conn: sqlite3.Connection) -> int:
+        def mark(conn: Connection) -> int:
             cursor = conn.executemany(
                 "UPDATE outbox SET delivered_at = ?, message_id = ? "
                 "WHERE id = ? AND delivered_at IS NULL",
@@ -1788,7 +1745,7 @@ class RunStore:
             )
             return cursor.rowcount
 
-        return await self._transaction(mark, durable=True)
+        return await self._transaction(mark, durable=True, journal=False)
 
     async def claim_messages(self, message_ids: Sequence[int]) -> None:
         """Mark entries as being sent: a change committed from now on queues its own entry
@@ -1797,7 +1754,8 @@ class RunStore:
         await self._transaction(
             lambda c: c.executemany(
                 "UPDATE outbox SET claimed_at = ? WHERE id = ?", [(now, i) for i in message_ids]
-            )
+            ),
+            journal=False,
         )
 
     async def record_part_sent(self, message_id: int, parts_sent: int) -> None:
@@ -1808,6 +1766,7 @@ class RunStore:
                 (parts_sent, message_id, parts_sent),
             ),
             durable=True,
+            journal=False,
         )
 
     async def record_delivery_failure(
@@ -1816,7 +1775,7 @@ class RunStore:
         """Count a failed attempt: retry it at `retry_at`, or give up on it when that is None."""
         now = time.time()
 
-        def record(conn: sqlite3.Connection) -> None:
+        def record(conn: Connection) -> None:
             conn.execute(
                 "UPDATE outbox SET attempts = attempts + 1, last_error = ?, "
                 "next_attempt_at = COALESCE(?, next_attempt_at), "
@@ -1825,14 +1784,56 @@ class RunStore:
                 (error[:500], retry_at, retry_at, now, message_id),
             )
 
-        await self._transaction(record)
+        await self._transaction(record, journal=False)
+
+    async def claim_chat(self, chat_id: int, owner: str, ttl: float) -> bool:
+        """Take or extend the lease on delivering a chat's messages; False while another
+        live instance holds it. One deliverer per chat keeps the chat's messages in order."""
+        now = time.time()
+
+        def claim(conn: Connection) -> bool:
+            cursor = conn.execute(
+                "INSERT INTO chat_leases (chat_id, owner, expires_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (chat_id) DO UPDATE SET owner = excluded.owner, "
+                "expires_at = excluded.expires_at "
+                "WHERE chat_leases.owner = excluded.owner OR chat_leases.expires_at < ?",
+                (chat_id, owner, now + ttl, now),
+            )
+            return cursor.rowcount == 1
+
+        return await self._transaction(claim, journal=False)
+
+    async def release_chat(self, chat_id: int, owner: str) -> None:
+        """Give a chat's delivery lease back (any instance may take the chat at once)."""
+        await self._transaction(
+            lambda c: c.execute(
+                "DELETE FROM chat_leases WHERE chat_id = ? AND owner = ?", (chat_id, owner)
+            ),
+            journal=False,
+        )
+
+    async def first_sight_of_update(self, bot_id: int, update_id: int) -> bool:
+        """Record that a Telegram update is being handled; False if it was taken before (by
+        this or another instance), so no update is handled twice."""
+        now = time.time()
+
+        def record(conn: Connection) -> bool:
+            cursor = conn.execute(
+                "INSERT INTO telegram_updates (bot_id, update_id, received_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (bot_id, update_id) DO NOTHING",
+                (bot_id, update_id, now),
+            )
+            return cursor.rowcount == 1
+
+        return await self._transaction(record, durable=True, journal=False)
 
     async def approval_message_id(self, approval_id: int) -> int | None:
         """The chat message that carries an approval request's buttons, once delivered."""
         row = await self._read(
             lambda c: c.execute(
                 "SELECT message_id FROM outbox WHERE kind = 'approval_request' "
-                "AND json_extract(payload, '$.approval_id') = ? AND message_id IS NOT NULL",
+                f"AND {self.dialect.json_int('payload', 'approval_id')} = ? "
+                "AND message_id IS NOT NULL",
                 (approval_id,),
             ).fetchone()
         )
@@ -1843,7 +1844,8 @@ class RunStore:
         row = await self._read(
             lambda c: c.execute(
                 "SELECT message_id, delivered_at FROM outbox "
-                "WHERE kind = 'progress' AND json_extract(payload, '$.root_id') = ? "
+                "WHERE kind = 'progress' "
+                f"AND {self.dialect.json_text('payload', 'root_id')} = ? "
                 "AND message_id IS NOT NULL ORDER BY delivered_at DESC, id DESC LIMIT 1",
                 (root_id,),
             ).fetchone()
@@ -1859,9 +1861,10 @@ class RunStore:
             lambda c: c.execute(
                 "INSERT INTO chat_users (identity, display, updated_at) VALUES (?, ?, ?) "
                 "ON CONFLICT (identity) DO UPDATE SET display = excluded.display, "
-                "updated_at = excluded.updated_at WHERE display != excluded.display",
+                "updated_at = excluded.updated_at WHERE chat_users.display != excluded.display",
                 (identity, display, now),
-            )
+            ),
+            journal=False,
         )
 
     async def chat_user_names(self, identities: Iterable[str]) -> dict[str, str]:
@@ -1886,7 +1889,7 @@ class RunStore:
         rows = await self._read(
             lambda c: c.execute(
                 f"SELECT {_RUN_COLUMNS} FROM runs WHERE parent_id IS NULL "
-                f"AND json_extract(origin, '$.chat_id') = ? {unfinished}"
+                f"AND {self.dialect.json_int('origin', 'chat_id')} = ? {unfinished}"
                 "ORDER BY created_at DESC, id LIMIT ?",
                 (chat_id, limit),
             ).fetchall()
@@ -1931,22 +1934,6 @@ def _intent_event(call: NewToolCall, attempt: int) -> NewEvent:
             "attempt": attempt,
         },
     )
-
-
-def _split_sql(script: str) -> Iterable[str]:
-    """Split a migration into statements; triggers keep their inner semicolons."""
-    buffer = ""
-    for line in script.splitlines(keepends=True):
-        stripped = line.strip()
-        if stripped.startswith("--"):
-            continue
-        buffer += line
-        if sqlite3.complete_statement(buffer):
-            if buffer.strip():
-                yield buffer.strip()
-            buffer = ""
-    if buffer.strip():
-        yield buffer.strip()
 
 
 _RUN_COLUMNS = (

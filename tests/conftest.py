@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import secrets
 import shutil
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import quote
 
+import psycopg
 import pytest
 
 from agent.service import RunService
@@ -63,6 +68,47 @@ def make_workspace(root: Path) -> Path:
     }
     (root / "ops.shell.allowlist.json").write_text(json.dumps(allowlist))
     return root
+
+
+PG_DSN_VARIABLE = "LOOM_OPS_TEST_PG_DSN"
+
+
+def postgres_dsn() -> str:
+    """The PostgreSQL server the PostgreSQL half of the tests uses, or a skip saying why not."""
+    dsn = os.environ.get(PG_DSN_VARIABLE, "").strip()
+    if not dsn:
+        pytest.skip(f"PostgreSQL half: {PG_DSN_VARIABLE} is not set (.ci/run sets it)")
+    return dsn
+
+
+@contextlib.contextmanager
+def postgres_schema() -> Iterator[str]:
+    """A fresh, empty schema on the test server: the URL of a database whose search_path is
+    that schema, so each test has its own tables. Dropped afterwards."""
+    dsn = postgres_dsn()
+    schema = f"loom_test_{secrets.token_hex(6)}"
+    try:
+        admin = psycopg.connect(dsn, autocommit=True, connect_timeout=5)
+    except psycopg.Error as exc:
+        pytest.fail(f"{PG_DSN_VARIABLE}={dsn} is set but unreachable: {exc}")
+    with admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+        separator = "&" if "?" in dsn else "?"
+        try:
+            yield f"{dsn}{separator}options={quote(f'-csearch_path={schema}')}"
+        finally:
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The database of a test that runs on both engines: a fresh SQLite file, then a fresh
+    PostgreSQL schema (skipped, with the reason, when no test server is configured)."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "ops.sqlite")
+        return
+    with postgres_schema() as url:
+        yield url
 
 
 @pytest.fixture

@@ -11,6 +11,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from agent.mock_policy import MockPolicy
 from agent.policy import FinalAnswer, Observation, Policy, PolicyContext, PolicyDecision, ToolCall
 from agent.runbook import RunbookCatalog
@@ -128,10 +130,17 @@ class CountingPolicy:
 
 
 def raw_rows(db: str | Path, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-    """Rows of a query on the database file through a separate plain sqlite3 connection."""
+    """Rows of a query (`?` placeholders) through a separate plain connection: sqlite3 for a
+    file, psycopg for a `postgresql://` URL."""
+    if str(db).startswith("postgresql://"):
+        with psycopg.connect(str(db), autocommit=True) as pg:
+            cursor = pg.execute(sql.replace("?", "%s"), tuple(params))  # type: ignore[arg-type]
+            return [tuple(row) for row in cursor.fetchall()] if cursor.description else []
     conn = sqlite3.connect(db)
     try:
-        return conn.execute(sql, tuple(params)).fetchall()
+        rows = conn.execute(sql, tuple(params)).fetchall()
+        conn.commit()
+        return rows
     finally:
         conn.close()
 

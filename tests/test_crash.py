@@ -1,27 +1,29 @@
 """Crash tests: a real `loom-ops` process killed with SIGKILL at every step boundary and inside
 a live tool call; after `loom-ops resume` (and a human's call where the kernel asks for one)
-every run completes and every side effect happened exactly once."""
+every run completes and every side effect happened exactly once. Every test runs on both
+engines (`db_url`: a fresh SQLite file, then a fresh PostgreSQL schema)."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import make_workspace
+from tests.support import raw_rows
 
 LOOM_OPS = [sys.executable, "-m", "agent.cli"]
 
 
 def _env(
-    workspace: Path, db: Path, failpoint: str | None = None, live: bool = True
+    workspace: Path, db: str, failpoint: str | None = None, live: bool = True
 ) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_OPS_")}
     env.update(
@@ -37,7 +39,7 @@ def _env(
 
 
 def _cli(
-    workspace: Path, db: Path, *args: str, failpoint: str | None = None, live: bool = True
+    workspace: Path, db: str, *args: str, failpoint: str | None = None, live: bool = True
 ) -> int:
     done = subprocess.run(
         [*LOOM_OPS, *args, "--json"],
@@ -51,14 +53,28 @@ def _cli(
     return done.returncode
 
 
-def _run_row(db: Path, run_id: str) -> tuple[str, int | None]:
-    with sqlite3.connect(db) as conn:
-        status = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
-        pending = conn.execute(
-            "SELECT kind, step_id FROM approvals WHERE run_id = ? AND status = 'pending'",
-            (run_id,),
-        ).fetchone()
-    return status, pending
+def _one(db: str, sql: str, params: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
+    """The first row of a query (`?` placeholders) on either engine, or None if there is none."""
+    rows = raw_rows(db, sql, params)
+    return rows[0] if rows else None
+
+
+def _pending(db: str, run_id: str) -> tuple[int, str, str] | None:
+    """(id, kind, step_id) of the run's oldest pending approval, or None."""
+    row = _one(
+        db,
+        "SELECT id, kind, step_id FROM approvals WHERE run_id = ? AND status = 'pending' "
+        "ORDER BY id",
+        (run_id,),
+    )
+    return None if row is None else (row[0], row[1], row[2])
+
+
+def _run_row(db: str, run_id: str) -> tuple[str, tuple[str, str] | None]:
+    """The run's status and the (kind, step_id) of its pending approval, if any."""
+    status = raw_rows(db, "SELECT status FROM runs WHERE id = ?", (run_id,))[0][0]
+    pending = _pending(db, run_id)
+    return status, None if pending is None else pending[1:]
 
 
 def _lines(workspace: Path) -> list[str]:
@@ -66,7 +82,7 @@ def _lines(workspace: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-def _drive_to_end(workspace: Path, db: Path, run_id: str, failpoint: str | None) -> list[str]:
+def _drive_to_end(workspace: Path, db: str, run_id: str, failpoint: str | None) -> list[str]:
     """Start the drill, then act as the operator until the run ends; returns what was decided.
 
     The failpoint stays armed on every command until one process dies of it, since the point
@@ -85,11 +101,9 @@ def _drive_to_end(workspace: Path, db: Path, run_id: str, failpoint: str | None)
         if status in ("queued", "running"):
             code = _cli(workspace, db, "resume", "--run-id", run_id, failpoint=armed)
         elif pending is not None:
-            kind, step_id = pending
-            with sqlite3.connect(db) as conn:
-                approval_id = conn.execute(
-                    "SELECT id FROM approvals WHERE run_id = ? AND status = 'pending'", (run_id,)
-                ).fetchone()[0]
+            approval = _pending(db, run_id)
+            assert approval is not None, (run_id, pending)
+            approval_id, kind, step_id = approval
             if kind == "gate":
                 decisions.append(f"approve {step_id}")
                 args = ["approve", "--run-id", run_id, "--as", "approver"]
@@ -122,25 +136,24 @@ BOUNDARIES = [
 
 
 @pytest.mark.parametrize("failpoint", BOUNDARIES)
-def test_sigkill_at_every_boundary_then_resume(tmp_path: Path, failpoint: str) -> None:
+def test_sigkill_at_every_boundary_then_resume(tmp_path: Path, db_url: str, failpoint: str) -> None:
     """Killed anywhere, the run completes with each line appended exactly once."""
     workspace = make_workspace(tmp_path / "ws")
-    db = tmp_path / "ops.sqlite"
+    db = db_url
     decisions = _drive_to_end(workspace, db, "drill", failpoint)
 
     status, _ = _run_row(db, "drill")
     assert status == "succeeded", (failpoint, decisions)
     assert _lines(workspace) == ["one", "two"], (failpoint, decisions)
-    with sqlite3.connect(db) as conn:
-        died = conn.execute(
-            "SELECT COUNT(*) FROM events WHERE run_id = 'drill' AND type = 'run_claimed'"
-        ).fetchone()[0]
-        in_doubt = conn.execute(
-            "SELECT step_id FROM approvals WHERE run_id = 'drill' AND kind = 'in_doubt'"
-        ).fetchall()
-        unfinished = conn.execute(
-            "SELECT COUNT(*) FROM tool_calls WHERE run_id = 'drill' AND outcome IS NULL"
-        ).fetchone()[0]
+    died = raw_rows(
+        db, "SELECT COUNT(*) FROM events WHERE run_id = 'drill' AND type = 'run_claimed'"
+    )[0][0]
+    in_doubt = raw_rows(
+        db, "SELECT step_id FROM approvals WHERE run_id = 'drill' AND kind = 'in_doubt'"
+    )
+    unfinished = raw_rows(
+        db, "SELECT COUNT(*) FROM tool_calls WHERE run_id = 'drill' AND outcome IS NULL"
+    )[0][0]
     assert died >= 2, "the failpoint never fired: the test would prove nothing"
     assert unfinished == 0
     point = failpoint.split(":")[0]
@@ -150,10 +163,10 @@ def test_sigkill_at_every_boundary_then_resume(tmp_path: Path, failpoint: str) -
         assert any(d.startswith(("retry", "skip")) for d in decisions)
 
 
-def test_in_doubt_step_is_not_rerun_without_a_decision(tmp_path: Path) -> None:
+def test_in_doubt_step_is_not_rerun_without_a_decision(tmp_path: Path, db_url: str) -> None:
     """Killed after the side effect but before its outcome: resume asks, and does not rerun."""
     workspace = make_workspace(tmp_path / "ws")
-    db = tmp_path / "ops.sqlite"
+    db = db_url
     # The third intent of the first process is append-one (read_runbook, prepare, append-one).
     code = _cli(workspace, db, "runbook", "crash drill", "--run-id", "d", failpoint="after_tool:3")
     assert code == -signal.SIGKILL
@@ -171,10 +184,10 @@ def test_in_doubt_step_is_not_rerun_without_a_decision(tmp_path: Path) -> None:
     assert _lines(workspace) == ["one"]
 
 
-def test_sigkill_inside_a_running_command(tmp_path: Path) -> None:
+def test_sigkill_inside_a_running_command(tmp_path: Path, db_url: str) -> None:
     """An external SIGKILL while the command runs: the step is in doubt; retry runs it again."""
     workspace = make_workspace(tmp_path / "ws")
-    db = tmp_path / "ops.sqlite"
+    db = db_url
     # Make append-one slow so the kill lands while the child process is still running.
     drill = workspace / "runbooks" / "crash-drill.yaml"
     drill.write_text(drill.read_text().replace("append.py one", "append.py one 3"))
@@ -204,17 +217,14 @@ def test_sigkill_inside_a_running_command(tmp_path: Path) -> None:
     assert _cli(workspace, db, "approve", "--run-id", "k", "--as", "approver") == 0
     assert _lines(workspace) == ["one", "one"]
     assert _run_row(db, "k") == ("waiting_approval", ("gate", "append-two"))
-    with sqlite3.connect(db) as conn:
-        attempt = conn.execute(
-            "SELECT attempt, status FROM tool_calls WHERE step_id = 'append-one'"
-        ).fetchone()
+    attempt = _one(db, "SELECT attempt, status FROM tool_calls WHERE step_id = 'append-one'")
     assert attempt == (2, "ok")
 
 
-def test_in_doubt_is_judged_by_the_settings_of_the_intent(tmp_path: Path) -> None:
+def test_in_doubt_is_judged_by_the_settings_of_the_intent(tmp_path: Path, db_url: str) -> None:
     """A live step caught mid-call stays in doubt even if the resume runs in dry-run mode."""
     workspace = make_workspace(tmp_path / "ws")
-    db = tmp_path / "ops.sqlite"
+    db = db_url
     code = _cli(workspace, db, "runbook", "crash drill", "--run-id", "m", failpoint="after_tool:3")
     assert code == -signal.SIGKILL
     assert _cli(workspace, db, "resume", "--run-id", "m", live=False) == 0
@@ -222,10 +232,10 @@ def test_in_doubt_is_judged_by_the_settings_of_the_intent(tmp_path: Path) -> Non
     assert _lines(workspace) == ["one"]
 
 
-def test_resume_without_an_id_picks_up_every_orphan(tmp_path: Path) -> None:
+def test_resume_without_an_id_picks_up_every_orphan(tmp_path: Path, db_url: str) -> None:
     """Two runs whose process died: a bare `loom-ops resume` drives both on."""
     workspace = make_workspace(tmp_path / "ws")
-    db = tmp_path / "ops.sqlite"
+    db = db_url
     for run_id in ("o1", "o2"):
         code = _cli(
             workspace, db, "runbook", "crash drill", "--run-id", run_id, failpoint="after_outcome:1"

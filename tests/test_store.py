@@ -13,10 +13,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 import agent.migrations
 from agent.approvals import Decision
+from agent.database import POSTGRES, SQLITE
 from agent.journal import first_broken_link
 from agent.records import ApprovalKind, ApprovalStatus, Checkpoint, Origin, RunLimits, RunStatus
 from agent.service import RunService
@@ -68,9 +70,15 @@ def _set_user_version(db: Path, version: int) -> None:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[RunStore]:
-    """A fresh store over a new database file."""
-    opened = await RunStore.open(tmp_path / "store.sqlite")
+def settings(workspace: Path, db_url: str) -> Settings:
+    """Settings for a mock-LLM, dry-run service over a fresh database of either engine."""
+    return Settings(_env_file=None, db=db_url, workspace=workspace, mock_llm=True, user="tester")
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[RunStore]:
+    """A fresh store over a new database of either engine."""
+    opened = await RunStore.open(db_url)
     try:
         yield opened
     finally:
@@ -184,20 +192,25 @@ async def test_someone_elses_sqlite_database_is_refused_and_left_untouched(
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
 
 
-async def test_wal_foreign_keys_and_busy_timeout_are_on(store: RunStore) -> None:
+async def test_wal_foreign_keys_and_busy_timeout_are_on(tmp_path: Path) -> None:
     """The file is in WAL mode; the store's own connection enforces foreign keys and waits."""
-    assert raw_rows(store.path, "PRAGMA journal_mode") == [("wal",)]
-    # Per-connection settings can only be read on the store's own connection.
-    async with store._db.execute("PRAGMA foreign_keys") as cursor:
-        assert await cursor.fetchone() == (1,)
-    async with store._db.execute("PRAGMA busy_timeout") as cursor:
-        row = await cursor.fetchone()
-        assert row is not None and row[0] >= 1000
-    with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
-        await store._db.execute(
-            "INSERT INTO events (run_id, idx, ts, type, data, prev_hash, hash) "
-            "VALUES ('no-such-run', 1, 0, 'x', '{}', '', '')"
-        )
+    store = await RunStore.open(tmp_path / "store.sqlite")
+    try:
+        db = store.db._db  # type: ignore[attr-defined]
+        assert raw_rows(store.label, "PRAGMA journal_mode") == [("wal",)]
+        # Per-connection settings can only be read on the store's own connection.
+        async with db.execute("PRAGMA foreign_keys") as cursor:
+            assert await cursor.fetchone() == (1,)
+        async with db.execute("PRAGMA busy_timeout") as cursor:
+            row = await cursor.fetchone()
+            assert row is not None and row[0] >= 1000
+        with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
+            await db.execute(
+                "INSERT INTO events (run_id, idx, ts, type, data, prev_hash, hash) "
+                "VALUES ('no-such-run', 1, 0, 'x', '{}', '', '')"
+            )
+    finally:
+        await store.close()
 
 
 # -- the journal -------------------------------------------------------------------------------
@@ -224,21 +237,41 @@ async def test_a_real_runs_chain_verifies(settings: Settings) -> None:
     assert head == [(len(events), events[-1].hash)]
 
 
+def _is_postgres(db: str) -> bool:
+    return db.startswith("postgresql://")
+
+
 async def test_events_are_append_only(settings: Settings) -> None:
-    """UPDATE and DELETE on events are refused by the triggers, whoever connects."""
+    """UPDATE, DELETE (and TRUNCATE) on events are refused by triggers, whoever connects."""
     await _finished_run(settings, "locked")
-    conn = sqlite3.connect(settings.db)
-    try:
-        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-            conn.execute("UPDATE events SET data = '{}' WHERE run_id = 'locked' AND idx = 3")
-        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-            conn.execute("DELETE FROM events WHERE run_id = 'locked' AND idx = 3")
-        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
-            conn.execute("DELETE FROM events")
-    finally:
-        conn.close()
+    refused = (psycopg.Error, sqlite3.DatabaseError)
+    for sql in (
+        "UPDATE events SET data = '{}' WHERE run_id = 'locked' AND idx = 3",
+        "DELETE FROM events WHERE run_id = 'locked' AND idx = 3",
+        "DELETE FROM events",
+        *(["TRUNCATE events CASCADE"] if _is_postgres(settings.db) else []),
+    ):
+        with pytest.raises(refused, match="append-only"):
+            raw_rows(settings.db, sql)
     async with open_service(settings) as service:
         assert first_broken_link(await service.store.list_events("locked")) is None
+
+
+def _behind_the_triggers(db: str, sql: str, params: tuple[Any, ...] = ()) -> None:
+    """Run `sql` on events with the append-only triggers out of the way, as an attacker with
+    the database's owner rights could."""
+    if _is_postgres(db):
+        raw_rows(db, "ALTER TABLE events DISABLE TRIGGER USER")
+        raw_rows(db, sql, params)
+        return
+    conn = sqlite3.connect(db)
+    try:
+        conn.execute("DROP TRIGGER events_no_update")
+        conn.execute("DROP TRIGGER events_no_delete")
+        conn.execute(sql, params)
+        conn.commit()
+    finally:
+        conn.close()
 
 
 async def test_tampering_with_one_event_is_found_exactly_there(settings: Settings) -> None:
@@ -249,21 +282,17 @@ async def test_tampering_with_one_event_is_found_exactly_there(settings: Setting
         settings.db,
         "SELECT seq, idx FROM events WHERE run_id = 'tampered' AND type = 'approval_decided'",
     )[0]
-    conn = sqlite3.connect(settings.db)
-    try:
-        conn.execute("DROP TRIGGER events_no_update")
-        conn.execute(
-            "UPDATE events SET data = json_set(data, '$.decided_by', 'cli:mallory') WHERE seq = ?",
-            (target[0],),
-        )
-        conn.commit()
-    finally:
-        conn.close()
+    edit = (
+        "UPDATE events SET data = jsonb_set(data::jsonb, '{decided_by}', '\"cli:mallory\"')::text"
+        if _is_postgres(settings.db)
+        else "UPDATE events SET data = json_set(data, '$.decided_by', 'cli:mallory')"
+    )
+    _behind_the_triggers(settings.db, edit + " WHERE seq = ?", (target[0],))
 
     async with open_service(settings) as service:
         broken = first_broken_link(await service.store.list_events("tampered"))
         assert broken is not None
-        assert (broken.seq, broken.idx) == target
+        assert (broken.seq, broken.idx) == tuple(target)
         assert broken.data["decided_by"] == "cli:mallory"
         assert first_broken_link(await service.store.list_events("bystander")) is None
 
@@ -271,13 +300,7 @@ async def test_tampering_with_one_event_is_found_exactly_there(settings: Setting
 async def test_deleting_an_event_breaks_the_chain_at_the_gap(settings: Settings) -> None:
     """A removed event (triggers dropped) shows as a break at the event after the gap."""
     await _finished_run(settings, "gap")
-    conn = sqlite3.connect(settings.db)
-    try:
-        conn.execute("DROP TRIGGER events_no_delete")
-        conn.execute("DELETE FROM events WHERE run_id = 'gap' AND idx = 4")
-        conn.commit()
-    finally:
-        conn.close()
+    _behind_the_triggers(settings.db, "DELETE FROM events WHERE run_id = 'gap' AND idx = 4")
     async with open_service(settings) as service:
         broken = first_broken_link(await service.store.list_events("gap"))
     assert broken is not None and broken.idx == 5
@@ -296,12 +319,17 @@ def _outbox(db: str, run_id: str) -> list[tuple[str, float, str]]:
     )
 
 
+def _json_text(db: str, column: str, key: str) -> str:
+    dialect = POSTGRES if _is_postgres(db) else SQLITE
+    return dialect.json_text(column, key)
+
+
 def _progress(db: str, root_id: str) -> list[dict[str, Any]]:
     """Payloads of the progress rows of a run tree, in order."""
     rows = raw_rows(
         db,
         "SELECT payload FROM outbox WHERE kind = 'progress' "
-        "AND json_extract(payload, '$.root_id') = ? ORDER BY id",
+        f"AND {_json_text(db, 'payload', 'root_id')} = ? ORDER BY id",
         (root_id,),
     )
     return [json.loads(row[0]) for row in rows]

@@ -1,0 +1,172 @@
+"""The database under the store: SQLite (embedded, the default) or PostgreSQL (shared).
+
+`RunStore` writes its SQL once, with `?` placeholders and the `Dialect` below for the few
+expressions the two engines spell differently. Each engine runs a transaction as one plain
+function on a thread of its own connection(s), so a transaction's statements never interleave
+with another's and nothing in it awaits the network.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
+
+
+class StoreError(Exception):
+    """A store operation that cannot be done; `str()` is one line for a human."""
+
+
+class SchemaTooNew(StoreError):
+    """The database was written by a newer loom-ops than this one."""
+
+
+# Channels a commit announces on, so that other processes sharing the database wake at once.
+RUNS_CHANNEL = "loom_ops_runs"  # a run became runnable (queued)
+OUTBOX_CHANNEL = "loom_ops_outbox"  # a chat message was queued
+JOURNAL_CHANNEL = "loom_ops_journal"  # events were appended to a run (payload: run id)
+
+
+class Cursor(Protocol):
+    """What a transaction body reads back from a statement (a DB-API cursor)."""
+
+    rowcount: int
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Any: ...
+
+
+class Connection(Protocol):
+    """What a transaction body may do: run statements written with `?` placeholders."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ...) -> Cursor: ...
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> Cursor: ...
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """The SQL the two engines spell differently."""
+
+    name: str
+    json_text: Callable[[str, str], str]  # a JSON text column's string field
+    json_int: Callable[[str, str], str]  # a JSON text column's integer field
+    skip_locked: str  # row locks for a claim that passes over rows others hold
+
+
+SQLITE = Dialect(
+    name="sqlite",
+    json_text=lambda column, key: f"json_extract({column}, '$.{key}')",
+    json_int=lambda column, key: f"json_extract({column}, '$.{key}')",
+    skip_locked="",  # one writer at a time: nothing to skip
+)
+
+POSTGRES = Dialect(
+    name="postgresql",
+    json_text=lambda column, key: f"(({column})::jsonb ->> '{key}')",
+    json_int=lambda column, key: f"((({column})::jsonb ->> '{key}')::bigint)",
+    skip_locked=" FOR UPDATE SKIP LOCKED",
+)
+
+
+class Leadership(Protocol):
+    """One process among several leads (e.g. polls Telegram); a standby waits to take over."""
+
+    async def acquire(self) -> None:
+        """Wait until this process leads."""
+        ...
+
+    async def lost(self) -> None:
+        """Return when the lead can no longer be trusted."""
+        ...
+
+    async def release(self) -> None:
+        """Stop leading (a standby takes over)."""
+        ...
+
+
+class Database(Protocol):
+    """One engine's connections: transactions, reads, notifications and the schema."""
+
+    label: str  # what error messages call the database (a path, or a URL without password)
+    dialect: Dialect
+    errors: tuple[type[Exception], ...]  # the driver's errors: the machine, not the input
+
+    async def transaction(
+        self, fn: Callable[[Connection], T], durable: bool = False, journal: bool = True
+    ) -> T:
+        """Run `fn` as one transaction. `durable` waits for the commit to reach the disk;
+        `journal` says it may append events (which are then ordered by commit)."""
+        ...
+
+    async def read(self, fn: Callable[[Connection], T]) -> T:
+        """Run `fn` over one consistent snapshot, writing nothing."""
+        ...
+
+    def notify(self, conn: Connection, channel: str, payload: str = "") -> None:
+        """In a transaction: tell other processes at commit (nothing on SQLite)."""
+        ...
+
+    async def listen(self, on_notice: Callable[[str, str], None]) -> None:
+        """Call `on_notice(channel, payload)` for other processes' commits until cancelled."""
+        ...
+
+    def leadership(self, name: str) -> Leadership:
+        """The right to be the one process that does `name` among those sharing the store."""
+        ...
+
+    async def schema_version(self) -> int:
+        """The schema version the database is at."""
+        ...
+
+    async def close(self) -> None:
+        """Close every connection."""
+        ...
+
+
+def migrations(package: str) -> list[tuple[int, str]]:
+    """Numbered migrations (`0001_name.sql`) shipped in a package, in order."""
+    found = []
+    for entry in resources.files(package).iterdir():
+        name = entry.name
+        if name.endswith(".sql") and name[:4].isdigit():
+            found.append((int(name[:4]), entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+def too_new(label: str, current: int, known: int) -> SchemaTooNew:
+    """The error for a database a newer loom-ops wrote."""
+    return SchemaTooNew(
+        f"database {label} has schema version {current}, newer than the {known} this "
+        "loom-ops knows; upgrade loom-ops"
+    )
+
+
+def is_postgres_url(url: str) -> bool:
+    """True for `postgresql://…` and `postgres://…` URLs."""
+    return url.startswith(("postgresql://", "postgres://"))
+
+
+def sqlite_path(url: str) -> str:
+    """The file a SQLite setting names: a plain path, or `sqlite:///path`."""
+    if url.startswith("sqlite:///"):
+        return url[len("sqlite:///") :] or ":memory:"
+    if url.startswith("sqlite://"):
+        raise ValueError(f"{url}: write sqlite:///relative/path or sqlite:////absolute/path")
+    return url
+
+
+def driver_errors() -> tuple[type[Exception], ...]:
+    """Errors of either driver: a database that broke, not input that was bad."""
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - psycopg is a dependency
+        return (sqlite3.Error,)
+    return (sqlite3.Error, psycopg.Error)
