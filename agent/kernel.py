@@ -129,11 +129,15 @@ class RunKernel:
         self.failpoints = Failpoints(settings.failpoint)
         self._loops: dict[str, asyncio.Task[None]] = {}
 
-    async def drive(self, run_id: str) -> RunRecord:
-        """Claim the run's lease and drive it until it waits or ends; returns the run after."""
+    async def drive(self, run_id: str, claimed: bool = False) -> RunRecord:
+        """Claim the run's lease (unless this owner `claimed` it already) and drive it until
+        it waits or ends; returns the run after."""
         ttl = self.settings.lease_ttl
         try:
-            run = await self.store.claim_run(run_id, self.owner, ttl, owner_is_dead)
+            if claimed:
+                run = await self.store.get_run(run_id)
+            else:
+                run = await self.store.claim_run(run_id, self.owner, ttl, owner_is_dead)
         except asyncio.CancelledError:
             # The claim may have committed on the database thread all the same: hand it back.
             await self.store.release_lease(run_id, self.owner)

@@ -21,19 +21,25 @@ JOURNAL_WATCH_INTERVAL = 1.0
 
 
 class Maintenance:
-    """`async with Maintenance(service):` runs the expiry sweeper and the recovery loop, and
-    with `watch_journal` wakes journal readers (SSE streams) when another process writes."""
+    """`async with Maintenance(service):` runs the expiry sweeper, the recovery loop (when
+    `recover` and the service executes runs), and follows other processes' commits; with
+    `watch_journal` it also polls for journal readers (SSE streams) on SQLite."""
 
-    def __init__(self, service: RunService, watch_journal: bool = False) -> None:
+    def __init__(
+        self, service: RunService, watch_journal: bool = False, recover: bool = True
+    ) -> None:
         self._service = service
         self._watch_journal = watch_journal
+        self._recover = recover and service.executes_runs
         self._tasks: list[asyncio.Task[None]] = []
 
     async def __aenter__(self) -> Maintenance:
         self._tasks = [
             background(lambda: expire_overdue_forever(self._service), "expiry"),
-            background(lambda: recover_forever(self._service), "recovery"),
+            background(self._service.store.follow_others, "listen"),
         ]
+        if self._recover:
+            self._tasks.append(background(lambda: recover_forever(self._service), "recovery"))
         if self._watch_journal:
             self._tasks.append(background(lambda: watch_journal(self._service), "journal"))
         return self

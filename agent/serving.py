@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import re
 import signal
 import sys
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from agent.settings import Settings
 
 if TYPE_CHECKING:
     from bot.settings import TelegramSettings
+    from bot.webhook import Webhook
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +39,20 @@ class HttpEndpoint:
 
 
 @dataclass(frozen=True)
+class WebhookOptions:
+    """Webhook flags from the command line (None: take the TELEGRAM_WEBHOOK_* setting)."""
+
+    url: str | None = None
+    listen: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
 class TelegramConfig:
     """The bot's checked settings."""
 
     token: str
     settings: TelegramSettings
+    webhook: Webhook | None = None
 
 
 def is_loopback(host: str) -> bool:
@@ -63,8 +74,8 @@ def check_http(settings: Settings, endpoint: HttpEndpoint) -> None:
         )
 
 
-def check_telegram(settings: Settings) -> TelegramConfig:
-    """Every TELEGRAM_* setting, checked before any network call."""
+def check_telegram(settings: Settings, options: WebhookOptions | None = None) -> TelegramConfig:
+    """Every TELEGRAM_* setting (and webhook flag), checked before any network call."""
     # Imported here: python-telegram-bot is not needed by the other commands.
     from bot.gateway import ConfigError, check_config
     from bot.settings import TelegramSettings, check_token
@@ -74,12 +85,63 @@ def check_telegram(settings: Settings) -> TelegramConfig:
         check_config(telegram)
         secret = settings.telegram_bot_token
         token = check_token(secret.get_secret_value() if secret else None)
+        webhook = _check_webhook(telegram, options or WebhookOptions())
     except ValidationError as exc:
         first = exc.errors()[0]
         raise ServingRefused(f"bad setting {first['loc'][0]}: {first['msg']}") from None
     except (ConfigError, ValueError) as exc:
         raise ServingRefused(str(exc)) from None
-    return TelegramConfig(token, telegram)
+    return TelegramConfig(token, telegram, webhook)
+
+
+def _check_webhook(telegram: TelegramSettings, options: WebhookOptions) -> Webhook | None:
+    from bot.settings import WEBHOOK_SECRET_PATTERN
+    from bot.webhook import Webhook
+
+    url = options.url or telegram.webhook_url
+    if not url:
+        if options.listen is not None:
+            raise ValueError("--listen needs --webhook-url (or TELEGRAM_WEBHOOK_URL)")
+        return None
+    if not re.match(r"^https?://[^\s/]+", url):
+        raise ValueError(f"webhook URL {url!r} is not an http(s) URL")
+    secret = telegram.webhook_secret.get_secret_value() if telegram.webhook_secret else None
+    if not secret:
+        raise ValueError(
+            "webhook mode needs TELEGRAM_WEBHOOK_SECRET: without it anyone who finds the URL "
+            "could post fake updates"
+        )
+    if not WEBHOOK_SECRET_PATTERN.match(secret):
+        raise ValueError("TELEGRAM_WEBHOOK_SECRET must be 1-256 characters of A-Z a-z 0-9 _ -")
+    if options.listen is not None:
+        host, port = options.listen
+    else:
+        host, _, port_text = telegram.webhook_listen.rpartition(":")
+        if not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+            raise ValueError(
+                f"TELEGRAM_WEBHOOK_LISTEN={telegram.webhook_listen!r}: write HOST:PORT"
+            )
+        port = int(port_text)
+    return Webhook(url=url, host=host.strip("[]"), port=port, secret=secret)
+
+
+def _stop_on_signals(stop: asyncio.Event | None) -> asyncio.Event:
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+    return stop
+
+
+async def serve_worker(
+    settings: Settings, concurrency: int, stop: asyncio.Event | None = None
+) -> int:
+    """`loom-ops worker` until SIGINT/SIGTERM (or `stop`); returns the exit code."""
+    from agent.worker import run_worker
+
+    _service_logging()
+    return await run_worker(settings, concurrency, _stop_on_signals(stop))
 
 
 async def serve(
@@ -87,15 +149,13 @@ async def serve(
     http: HttpEndpoint | None,
     telegram: TelegramConfig | None,
     stop: asyncio.Event | None = None,
+    executes_runs: bool = True,
 ) -> int:
-    """Serve until SIGINT/SIGTERM (or `stop`); returns the exit code."""
+    """Serve until SIGINT/SIGTERM (or `stop`); returns the exit code. Without
+    `executes_runs` the front ends only record; `loom-ops worker` processes drive runs."""
     _service_logging()
-    if stop is None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-    service = await RunService.open(settings)
+    stop = _stop_on_signals(stop)
+    service = await RunService.open(settings, executes_runs=executes_runs)
     try:
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(Maintenance(service, watch_journal=http is not None))
@@ -126,10 +186,19 @@ async def serve(
 async def _serve_bot(service: RunService, telegram: TelegramConfig, stop: asyncio.Event) -> int:
     from telegram.error import InvalidToken, TelegramError
 
-    from bot.gateway import serve_bot
+    from bot.gateway import ConfigError, serve_bot
 
     try:
-        await serve_bot(service, telegram.token, telegram.settings, stop, maintain=False)
+        await serve_bot(
+            service,
+            telegram.token,
+            telegram.settings,
+            stop,
+            maintain=False,
+            webhook=telegram.webhook,
+        )
+    except ConfigError as exc:  # e.g. the webhook's port is taken
+        raise ServingRefused(str(exc)) from None
     except InvalidToken:
         raise ServingRefused(
             "the Bot API refused TELEGRAM_BOT_TOKEN (revoked or mistyped?)"

@@ -440,10 +440,10 @@ async def test_second_approve_while_the_run_goes_on_says_already_approved(
     kernel = bench.service.kernel
     drive = kernel.drive
 
-    async def held(target: str) -> Any:
+    async def held(target: str, claimed: bool = False) -> Any:
         if target.endswith(":sub:executor"):
             await release.wait()
-        return await drive(target)
+        return await drive(target, claimed)
 
     monkeypatch.setattr(kernel, "drive", held)
     try:
