@@ -1,7 +1,8 @@
-"""The Telegram gateway: a python-telegram-bot Application with long polling, beside the runs.
+"""The Telegram gateway: a python-telegram-bot Application beside the runs.
 
-`serve_bot` starts everything one bot process runs: the Application (polling, handlers), the
-outbox sender, the approval-expiry sweeper, and the recovery of runs a dead process left.
+`serve_bot` starts everything one bot instance runs: the Application (handlers; updates by long
+polling while it leads, or by webhook), the outbox sender, the approval-expiry sweeper, and the
+recovery of runs a dead process left.
 """
 
 from __future__ import annotations
@@ -9,17 +10,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from telegram import Update
-from telegram.ext import Application
+from telegram.ext import Application, ApplicationHandlerStop, TypeHandler
 
 from agent.failpoints import Failpoints
+from agent.http_server import HttpServer
 from agent.maintenance import Maintenance, background, stop_all
 from agent.service import RunService
 from bot.handlers import COMMANDS, ChatOps
 from bot.outbox import OutboxSender
 from bot.ratelimit import ChatRateLimiter
 from bot.settings import TelegramSettings
+from bot.webhook import Webhook, webhook_app
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +69,18 @@ async def serve_bot(
     stop: asyncio.Event,
     ready: asyncio.Event | None = None,
     maintain: bool = True,
+    webhook: Webhook | None = None,
 ) -> None:
-    """Run the bot until `stop` is set: poll, handle, deliver the outbox.
+    """Run the bot until `stop` is set: take updates, handle them, deliver the outbox.
 
-    `maintain` also runs the expiry sweeper and run recovery (off when another front end in
-    the process runs them). Raises telegram.error.TelegramError when the Bot API refuses the
-    token or cannot be reached at start."""
+    Updates come by long polling (only while this instance leads: one poller among the
+    instances sharing a PostgreSQL store) or, with `webhook`, by Telegram's POSTs to every
+    instance. `maintain` also runs the expiry sweeper and run recovery (off when another front
+    end in the process runs them). Raises telegram.error.TelegramError when the Bot API refuses
+    the token or cannot be reached at start."""
     check_config(telegram)
     application = build_application(token, telegram)
+    application.add_handler(TypeHandler(Update, _first_time_only(service)), group=-1)
     ChatOps(service, telegram).register(application)
     failpoints = Failpoints(service.settings.failpoint)
     sender = OutboxSender(
@@ -80,28 +89,98 @@ async def serve_bot(
         telegram.progress_interval,
         failpoints,
         allowed_chat_ids=telegram.allowed_chat_ids,
+        lease_ttl=service.settings.lease_ttl,
     )
     async with application:  # getMe: a bad token or an unreachable API fails here
         await application.bot.set_my_commands(COMMANDS)
         await application.start()
-        assert application.updater is not None
-        # Taps made while the bot was down are still decisions: never drop pending updates.
-        await application.updater.start_polling(
-            timeout=telegram.poll_timeout,
-            allowed_updates=ALLOWED_UPDATES,
-            drop_pending_updates=False,
-            bootstrap_retries=3,  # then fail loudly: a supervisor restarts us
-        )
-        outbox = background(sender.run, "outbox")
-        log.info("bot @%s serving chats %s", application.bot.username, telegram.allowed_chat_ids)
+        tasks = [background(sender.run, "outbox")]
         try:
             async with contextlib.AsyncExitStack() as stack:
+                if webhook is None:
+                    tasks.append(
+                        background(
+                            lambda: _poll_while_leading(application, service, telegram), "polling"
+                        )
+                    )
+                else:
+                    await _take_webhook(application, service, webhook, stack)
+                log.info(
+                    "bot @%s serving chats %s", application.bot.username, telegram.allowed_chat_ids
+                )
                 if maintain:
                     await stack.enter_async_context(Maintenance(service))
                 if ready is not None:
                     ready.set()
                 await stop.wait()
         finally:
-            await stop_all([outbox])
-            await application.updater.stop()
+            await stop_all(tasks)
             await application.stop()
+
+
+async def _poll_while_leading(
+    application: Application,  # type: ignore[type-arg]
+    service: RunService,
+    telegram: TelegramSettings,
+) -> None:
+    """Poll while this instance leads; stand by (and take over within seconds) otherwise."""
+    updater = application.updater
+    assert updater is not None
+    leadership = service.store.leadership(f"telegram-poller/{application.bot.id}")
+    try:
+        while True:
+            await leadership.acquire()
+            log.info("leading: polling Telegram for updates")
+            # Taps made while the bot was down are still decisions: never drop pending updates.
+            await updater.start_polling(
+                timeout=telegram.poll_timeout,
+                allowed_updates=ALLOWED_UPDATES,
+                drop_pending_updates=False,
+                bootstrap_retries=3,
+            )
+            try:
+                await leadership.lost()
+            finally:
+                if updater.running:
+                    await updater.stop()
+    finally:
+        await leadership.release()
+
+
+async def _take_webhook(
+    application: Application,  # type: ignore[type-arg]
+    service: RunService,
+    webhook: Webhook,
+    stack: contextlib.AsyncExitStack,
+) -> None:
+    """Listen for Telegram's POSTs, then point Telegram at us (every instance says the same)."""
+    app = webhook_app(application, webhook, service.store.schema_version)
+    try:
+        server = await stack.enter_async_context(HttpServer(app, webhook.host, webhook.port))
+    except (OSError, OverflowError) as exc:
+        raise ConfigError(
+            f"cannot listen on {webhook.host}:{webhook.port}: "
+            f"{getattr(exc, 'strerror', None) or exc}"
+        ) from None
+    await application.bot.set_webhook(
+        webhook.url,
+        secret_token=webhook.secret,
+        allowed_updates=ALLOWED_UPDATES,
+        drop_pending_updates=False,
+    )
+    log.info("taking updates by webhook at %s (listening on %s)", webhook.url, server.url)
+
+
+def _first_time_only(service: RunService) -> Callable[[Update, Any], Awaitable[None]]:
+    """A handler run before all others: a message seen before (by any instance) goes no
+    further, so a failover or Telegram's redelivery never starts a run twice. Taps are let
+    through: a decision is recorded once whatever happens, and a tap must be answered fast."""
+
+    async def check(update: Update, context: Any) -> None:
+        if update.callback_query is not None:
+            return
+        if not await service.store.first_sight_of_update(context.bot.id, update.update_id):
+            log.info("update %s was taken already; skipping it", update.update_id)
+            raise ApplicationHandlerStop
+
+    return check

@@ -4,6 +4,8 @@ Runs write their messages in the same transaction as the state change they repor
 sends them, in order per chat (one worker per chat, so a slow chat holds up no other), and
 records each delivery with its `message_id`. An entry recorded as delivered is never sent
 again; one sent but not yet recorded when the process died is sent again (at least once).
+Several bot instances may share the outbox: a chat is delivered by whichever instance holds
+its delivery lease in the store, and taken over when that instance dies.
 A run's progress entries coalesce into one message edited in place, at most once per
 `progress_interval` seconds per run.
 """
@@ -29,6 +31,7 @@ from telegram.constants import ParseMode
 from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, TelegramError
 
 from agent.failpoints import Failpoints
+from agent.leases import new_owner_id
 from agent.records import ApprovalRecord, ApprovalStatus, RunStatus
 from agent.store import ApprovalNotFound, OutboxMessage, RunNotFound, RunStore
 from agent.summary import build_summary, render_summary
@@ -68,8 +71,13 @@ class OutboxSender:
         failpoints: Failpoints | None = None,
         poll_interval: float = 2.0,
         allowed_chat_ids: Collection[int] | None = None,
+        owner: str | None = None,
+        lease_ttl: float = 30.0,
     ) -> None:
         self._store = store
+        # Several instances share the outbox: each chat is delivered by the lease holder.
+        self._owner = owner or new_owner_id()
+        self._lease_ttl = lease_ttl
         self._allowed = frozenset(allowed_chat_ids) if allowed_chat_ids is not None else None
         self._bot = bot
         self._progress_interval = progress_interval
@@ -120,11 +128,18 @@ class OutboxSender:
         asyncio.get_running_loop().call_later(delay, self._store.outbox_ready.set)
 
     async def _drain(self, chat_id: int) -> None:
-        """Deliver a chat's entries in order until none is left or the rest must wait."""
-        while True:
-            self._again.discard(chat_id)
-            if not await self._drain_batch(chat_id) and chat_id not in self._again:
-                return  # no await since the check: nothing can slip in unseen
+        """Deliver a chat's entries in order until none is left or the rest must wait; skip
+        the chat while another instance holds its delivery lease."""
+        if not await self._store.claim_chat(chat_id, self._owner, self._lease_ttl):
+            return  # another instance delivers this chat; its lease expires if it dies
+        try:
+            while True:
+                self._again.discard(chat_id)
+                if not await self._drain_batch(chat_id) and chat_id not in self._again:
+                    return  # no await since the check: nothing can slip in unseen
+        finally:
+            with contextlib.suppress(Exception):  # else the lease simply expires
+                await self._store.release_chat(chat_id, self._owner)
 
     async def _drain_batch(self, chat_id: int) -> bool:
         """Deliver what is due of one batch; True if anything was delivered."""
@@ -143,6 +158,9 @@ class OutboxSender:
         delivered_any = False
         coalesced: set[str] = set()
         for message in batch:
+            if not await self._store.claim_chat(chat_id, self._owner, self._lease_ttl):
+                log.warning("chat %s is delivered by another instance now", chat_id)
+                return False
             now = time.time()
             if message.next_attempt_at > now:  # backing off: keep the chat's order
                 self._wake_at(message.next_attempt_at)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 TELEGRAM_BOT_API = "https://api.telegram.org/bot"
@@ -66,6 +66,27 @@ class TelegramSettings(BaseSettings):
         description="Seconds one getUpdates long poll waits for an update.",
     )
 
+    webhook_url: str | None = Field(
+        None,
+        validation_alias=_alias("TELEGRAM_WEBHOOK_URL"),
+        description="Public https URL Telegram POSTs updates to (webhook mode; unset: polling).",
+    )
+    webhook_listen: str = Field(
+        "127.0.0.1:8443",
+        validation_alias=_alias("TELEGRAM_WEBHOOK_LISTEN"),
+        description="HOST:PORT the webhook receiver binds (behind the TLS-terminating proxy).",
+    )
+    webhook_secret: SecretStr | None = Field(
+        None,
+        validation_alias=_alias("TELEGRAM_WEBHOOK_SECRET"),
+        description="Secret token Telegram sends with each update (1-256 of A-Z a-z 0-9 _ -).",
+    )
+
+    @field_validator("webhook_secret", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("allowed_chat_ids", "approver_ids", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
@@ -83,6 +104,9 @@ class TelegramSettings(BaseSettings):
         if not re.match(r"^https?://[^\s/]+", value):
             raise ValueError(f"{value!r} is not an http(s) URL")
         return value
+
+
+WEBHOOK_SECRET_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
 
 
 def check_token(token: str | None) -> str:

@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import html
 import json
+import logging
 import math
 import re
 import signal
@@ -30,6 +31,7 @@ from html.parser import HTMLParser
 from http import HTTPStatus
 from typing import Any
 
+import httpx
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -38,6 +40,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from agent.http_server import HttpServer
+
+log = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
 
@@ -78,6 +82,11 @@ _NOT_MODIFIED = (
     "message"
 )
 _QUERY_INVALID = "query is too old and response timeout expired or query ID is invalid"
+_WEBHOOK_CONFLICT = (
+    "Conflict: can't use getUpdates method while webhook is active; use deleteWebhook to "
+    "delete the webhook first"
+)
+WEBHOOK_RETRY_DELAY = 0.5
 _POLL_CONFLICT = (
     "Conflict: terminated by other getUpdates request; "
     "make sure that only one bot instance is running"
@@ -467,6 +476,13 @@ class BotApiStandIn:
         self._files: dict[str, UploadedFile] = {}
         self._updates: list[JSON] = []
         self._next_update_id = 1
+        # Test control: getUpdates' offsets stop confirming (see _get_updates).
+        self.hold_confirmations = False
+        self.webhook_url: str | None = None
+        self._webhook_secret: str | None = None
+        self._webhook_task: asyncio.Task[None] | None = None
+        # (update_id, HTTP status or 0 for no answer) of every webhook delivery attempt.
+        self.webhook_deliveries: list[tuple[int, int]] = []
         self._allowed_updates: list[str] | None = None
         self._poll_generation = 0
         self._long_polls_released = False
@@ -480,6 +496,7 @@ class BotApiStandIn:
             name.lower(): (name, handler)
             for name, handler in {
                 "getMe": self._get_me,
+                "setWebhook": self._set_webhook,
                 "deleteWebhook": self._delete_webhook,
                 "getWebhookInfo": self._get_webhook_info,
                 "setMyCommands": self._set_my_commands,
@@ -754,18 +771,75 @@ class BotApiStandIn:
             "has_main_web_app": False,
         }
 
+    def _set_webhook(self, p: _Params) -> bool:
+        url = p.get_str("url") or ""
+        if not url:
+            return self._delete_webhook(p)
+        if not re.match(r"^https?://[^\s/]+", url):
+            raise _bad_request("bad webhook: An HTTPS URL must be provided for webhook")
+        secret = p.get_str("secret_token")
+        if secret is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,256}", secret):
+            raise _bad_request("bad webhook: secret token contains unallowed characters")
+        allowed = p.get_list("allowed_updates")
+        if allowed is not None:
+            self._allowed_updates = [str(kind) for kind in allowed] or None
+        if p.get_bool("drop_pending_updates"):
+            self._updates.clear()
+        self.webhook_url, self._webhook_secret = url, secret
+        if self._webhook_task is None or self._webhook_task.done():
+            self._webhook_task = asyncio.get_running_loop().create_task(self._push_updates())
+        self._changed()
+        return True
+
     def _delete_webhook(self, p: _Params) -> bool:
         if p.get_bool("drop_pending_updates"):
             self._updates.clear()
-            self._changed()
+        self.webhook_url = None
+        if self._webhook_task is not None:
+            self._webhook_task.cancel()
+            self._webhook_task = None
+        self._changed()
         return True
 
     def _get_webhook_info(self, p: _Params) -> JSON:
         return {
-            "url": "",
+            "url": self.webhook_url or "",
             "has_custom_certificate": False,
             "pending_update_count": len(self._updates),
         }
+
+    async def stop_pushing(self) -> None:
+        """Stop the webhook delivery task (the webhook stays set)."""
+        task, self._webhook_task = self._webhook_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _push_updates(self) -> None:
+        """Webhook mode: POST each update to the URL, oldest first, until one is answered 2xx
+        (Telegram retries a refused or failed delivery, so the update stays queued)."""
+        async with httpx.AsyncClient(timeout=10) as client:
+            while self.webhook_url is not None:
+                batch = self._deliverable_updates(1)
+                if not batch:
+                    await self._changes.wait(1.0)
+                    continue
+                update = batch[0]
+                headers = {}
+                if self._webhook_secret is not None:
+                    headers["X-Telegram-Bot-Api-Secret-Token"] = self._webhook_secret
+                try:
+                    response = await client.post(self.webhook_url, json=update, headers=headers)
+                    status = response.status_code
+                except httpx.HTTPError as exc:
+                    status = 0
+                    log.info("webhook delivery of update %s failed: %s", update["update_id"], exc)
+                self.webhook_deliveries.append((update["update_id"], status))
+                if 200 <= status < 300:
+                    self._confirm_updates(update["update_id"] + 1)
+                    self._changed()
+                else:
+                    await asyncio.sleep(WEBHOOK_RETRY_DELAY)
 
     def _set_my_commands(self, p: _Params) -> bool:
         commands = p.get_list("commands")
@@ -808,7 +882,18 @@ class BotApiStandIn:
                 raise _bad_request("can't parse allowed_updates JSON array")
             # Telegram remembers the last list given; an empty one restores the default.
             self._allowed_updates = list(allowed) or None
-        self._confirm_updates(offset)
+        if self.webhook_url is not None:
+            raise BotApiError(409, _WEBHOOK_CONFLICT)
+        since = 0
+        if self.hold_confirmations:
+            # Fault injection: the confirmation is "lost" (the poller died before it reached
+            # Telegram), so whoever polls next without an offset gets these updates again.
+            since = offset if offset is not None and offset > 0 else 0
+        else:
+            self._confirm_updates(offset)
+        return await self._long_poll(limit, timeout, since)
+
+    async def _long_poll(self, limit: int, timeout: float, since: int) -> list[JSON]:
         # A newer getUpdates ends an older one still waiting, as Telegram does (409 Conflict).
         self._poll_generation += 1
         generation = self._poll_generation
@@ -818,7 +903,7 @@ class BotApiStandIn:
         while True:
             if generation != self._poll_generation:
                 raise BotApiError(409, _POLL_CONFLICT)
-            batch = self._deliverable_updates(limit)
+            batch = self._deliverable_updates(limit, since)
             remaining = deadline - loop.time()
             if batch or remaining <= 0 or self._long_polls_released:
                 return batch
@@ -1041,7 +1126,7 @@ class BotApiStandIn:
         else:
             self._updates = [u for u in self._updates if u["update_id"] >= offset]
 
-    def _deliverable_updates(self, limit: int) -> list[JSON]:
+    def _deliverable_updates(self, limit: int, since: int = 0) -> list[JSON]:
         allowed = self._allowed_updates
 
         def wanted(update: JSON) -> bool:
@@ -1050,7 +1135,8 @@ class BotApiStandIn:
 
         # Telegram never produces updates the bot did not ask for, so drop them for good.
         self._updates = [update for update in self._updates if wanted(update)]
-        return copy.deepcopy(self._updates[:limit])
+        batch = [update for update in self._updates if update["update_id"] >= since]
+        return copy.deepcopy(batch[:limit])
 
     def _target_chat(self, p: _Params) -> _Chat:
         raw = p.values.get("chat_id")
@@ -1429,11 +1515,13 @@ class StandInServer(HttpServer):
         return self
 
     async def stop(self) -> None:
-        """Stop serving; long polls answer at once again on the next start."""
+        """Stop serving (and pushing to a webhook); long polls answer at once again on the
+        next start."""
         try:
             await super().stop()
         finally:
             self.standin.resume_long_polls()
+            await self.standin.stop_pushing()
 
 
 async def _serve_until_signalled(standin: BotApiStandIn, host: str, port: int) -> None:

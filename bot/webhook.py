@@ -1,0 +1,86 @@
+"""The webhook receiver: Telegram POSTs each update to our URL; any number of instances behind
+a load balancer can take them.
+
+Only requests carrying the secret token given to `setWebhook` (the
+`X-Telegram-Bot-Api-Secret-Token` header) are taken; anything else is refused with 403 before
+its body is read. Accepted updates go to the Application's queue, as polled ones do.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from telegram import Update
+from telegram.ext import Application
+
+log = logging.getLogger(__name__)
+
+SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
+# Telegram's updates are small; a message with a long text and entities stays well under this.
+MAX_UPDATE_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """Where Telegram sends updates, where we listen for them, and the shared secret."""
+
+    url: str
+    host: str
+    port: int
+    secret: str
+
+    @property
+    def path(self) -> str:
+        """The URL's path, which the receiver serves (behind a proxy that keeps it)."""
+        return urlsplit(self.url).path or "/"
+
+
+def webhook_app(
+    application: Application,  # type: ignore[type-arg]
+    webhook: Webhook,
+    healthy: Callable[[], Awaitable[object]],
+) -> Starlette:
+    """The receiver: POST `webhook.path` takes updates; GET /healthz answers while the store
+    does (for the load balancer)."""
+    secret = webhook.secret.encode()
+
+    async def receive(request: Request) -> Response:
+        given = request.headers.get(SECRET_HEADER, "").encode()
+        if not hmac.compare_digest(given, secret):
+            log.warning("refused a webhook request from %s: wrong secret token", request.client)
+            return JSONResponse({"error": "wrong or missing secret token"}, status_code=403)
+        body = await request.body()
+        if len(body) > MAX_UPDATE_BYTES:
+            return JSONResponse({"error": "update too large"}, status_code=413)
+        try:
+            data = json.loads(body)
+            update = Update.de_json(data, application.bot) if isinstance(data, dict) else None
+        except (ValueError, TypeError, KeyError):
+            update = None
+        if update is None:
+            return JSONResponse({"error": "not a Telegram update"}, status_code=400)
+        await application.update_queue.put(update)
+        return JSONResponse({"ok": True})
+
+    async def healthz(request: Request) -> Response:
+        try:
+            await healthy()
+        except Exception as exc:  # the probe says why, in one line
+            return JSONResponse({"error": f"store unreachable: {exc}"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    return Starlette(
+        routes=[
+            Route(webhook.path, receive, methods=["POST"]),
+            Route("/healthz", healthz, methods=["GET", "HEAD"]),
+        ]
+    )

@@ -1,0 +1,194 @@
+"""The bot beyond one process: on PostgreSQL exactly one `loom-ops telegram` polls (the leader
+of an advisory lock) and a standby takes over when it is SIGKILLed, with no update handled
+twice; in webhook mode only requests with the secret token get in."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from agent.settings import Settings
+from tests.bot_harness import (
+    ALICE,
+    INCIDENTS,
+    BotProcess,
+    bot_env,
+    from_bot,
+    standin_server,
+    wait_for,
+)
+from tests.conftest import postgres_schema
+from tests.support import raw_rows
+
+SECRET = "s3cret_token-for-tests"
+STARTED = re.compile(r"\brun (tg-[0-9a-f]+)\b", re.IGNORECASE)
+
+
+@pytest.fixture
+def pg_settings(workspace: Path) -> Iterator[Settings]:
+    """Settings over a fresh PostgreSQL schema (skipped without a test server)."""
+    with postgres_schema() as url:
+        yield Settings(_env_file=None, db=url, workspace=workspace, mock_llm=True, user="tester")
+
+
+def _started_runs(standin: object) -> list[str]:
+    """Run ids the bot announced in the incident chat (each /run is answered once)."""
+    found = []
+    for message in from_bot(standin, INCIDENTS):  # type: ignore[arg-type]
+        match = STARTED.search(message.get("text", ""))
+        if match and "Started" in message.get("text", ""):
+            found.append(match.group(1))
+    return found
+
+
+async def _wait_for_log(bot: BotProcess, text: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in bot.output():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not logged in {timeout} s; log:\n{bot.output()}")
+        if bot.proc is not None and bot.proc.poll() is not None:
+            raise AssertionError(f"the bot exited ({bot.proc.returncode}):\n{bot.output()}")
+        await asyncio.sleep(0.1)
+
+
+async def test_a_standby_takes_over_polling_and_no_update_is_handled_twice(
+    pg_settings: Settings, tmp_path: Path
+) -> None:
+    """Two bots share the store: one polls, one stands by. The leader handles a batch whose
+    confirmation never reaches Telegram, then dies by SIGKILL; the standby starts polling
+    within seconds, gets the same batch again, and skips every update already taken."""
+    async with standin_server() as (standin, server):
+        env = bot_env(server, pg_settings)
+        leader = BotProcess(env, pg_settings.workspace, tmp_path / "leader.log")
+        standby = BotProcess(env, pg_settings.workspace, tmp_path / "standby.log")
+        leader.extra_args = standby.extra_args = ["--no-worker"]
+        try:
+            leader.start()
+            await _wait_for_log(leader, "leading: polling")
+            standby.start()
+            await _wait_for_log(standby, "serving chats")
+            await asyncio.sleep(2)  # several lock attempts: the standby must not poll
+            assert "leading: polling" not in standby.output()
+
+            standin.hold_confirmations = True  # the leader's offsets never arrive
+            for n in range(5):
+                standin.inject_message(INCIDENTS, ALICE, f"/run incident: API latency {n}")
+            await wait_for(standin, lambda: len(_started_runs(standin)) == 5, timeout=20)
+            leader.kill()
+            killed_at = time.monotonic()
+
+            await _wait_for_log(standby, "leading: polling", timeout=15)
+            took_over = time.monotonic() - killed_at
+            standin.hold_confirmations = False
+            for n in range(5, 8):
+                standin.inject_message(INCIDENTS, ALICE, f"/run incident: API latency {n}")
+            await wait_for(standin, lambda: len(_started_runs(standin)) == 8, timeout=20)
+            await asyncio.sleep(1.5)  # room for a duplicate to show up, if there were one
+        finally:
+            for bot in (leader, standby):
+                if bot.proc is not None and bot.proc.poll() is None:
+                    bot.stop()
+
+    runs = _started_runs(standin)
+    assert len(runs) == 8 and len(set(runs)) == 8, runs
+    stored = raw_rows(pg_settings.db, "SELECT COUNT(*) FROM runs WHERE parent_id IS NULL")
+    assert stored == [(8,)]
+    taken = raw_rows(pg_settings.db, "SELECT COUNT(*) FROM telegram_updates")
+    assert taken == [(8,)]
+    # The standby really saw the leader's batch again, and skipped it.
+    assert standby.output().count("was taken already; skipping it") >= 5, standby.output()
+    print(f"standby polled {took_over:.1f} s after the leader's SIGKILL")
+
+
+def _webhook_env(server: object, settings: Settings, port: int) -> dict[str, str]:
+    return bot_env(
+        server,  # type: ignore[arg-type]
+        settings,
+        TELEGRAM_WEBHOOK_SECRET=SECRET,
+        TELEGRAM_WEBHOOK_URL=f"http://127.0.0.1:{port}/telegram",
+        TELEGRAM_WEBHOOK_LISTEN=f"127.0.0.1:{port}",
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_webhook_takes_updates_with_the_secret_and_refuses_the_rest(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Webhook mode: Telegram (the stand-in) POSTs updates with the secret token and they are
+    handled; a request with a wrong or missing token is refused with 403 and never handled."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/telegram"
+    async with standin_server() as (standin, server):
+        bot = BotProcess(_webhook_env(server, settings, port), settings.workspace, tmp_path / "b")
+        try:
+            bot.start()
+            await _wait_for_log(bot, "taking updates by webhook")
+            assert standin.webhook_url == url
+
+            standin.inject_message(INCIDENTS, ALICE, "/run incident: API latency spike")
+            await wait_for(standin, lambda: len(_started_runs(standin)) == 1, timeout=20)
+            assert any(status == 200 for _, status in standin.webhook_deliveries)
+
+            forged = {
+                "update_id": 990001,
+                "message": {
+                    "message_id": 9001,
+                    "date": int(time.time()),
+                    "chat": {"id": INCIDENTS, "type": "supergroup", "title": "Incidents"},
+                    "from": {"id": ALICE, "is_bot": False, "first_name": "Alice"},
+                    "text": "/run incident: forged",
+                    "entities": [{"type": "bot_command", "offset": 0, "length": 4}],
+                },
+            }
+            async with httpx.AsyncClient(timeout=5) as client:
+                wrong = await client.post(
+                    url, json=forged, headers={"X-Telegram-Bot-Api-Secret-Token": "guess"}
+                )
+                missing = await client.post(url, json=forged)
+                garbage = await client.post(
+                    url, content=b"{not json", headers={"X-Telegram-Bot-Api-Secret-Token": SECRET}
+                )
+                health = await client.get(f"http://127.0.0.1:{port}/healthz")
+            await asyncio.sleep(1)  # a forged update handled anyway would show by now
+        finally:
+            if bot.proc is not None and bot.proc.poll() is None:
+                assert bot.stop() == 0, bot.output()
+
+    assert wrong.status_code == 403 and "secret" in wrong.json()["error"]
+    assert missing.status_code == 403
+    assert garbage.status_code == 400 and garbage.json()["error"] == "not a Telegram update"
+    assert health.status_code == 200
+    assert len(_started_runs(standin)) == 1
+    assert raw_rows(settings.db, "SELECT COUNT(*) FROM runs WHERE parent_id IS NULL") == [(1,)]
+    assert raw_rows(
+        settings.db, "SELECT COUNT(*) FROM telegram_updates WHERE update_id = 990001"
+    ) == [(0,)]
+
+
+async def test_webhook_mode_without_a_secret_refuses_to_start(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """No TELEGRAM_WEBHOOK_SECRET: one line, exit 2, and no call reaches the Bot API."""
+    async with standin_server() as (standin, server):
+        env = _webhook_env(server, settings, _free_port())
+        del env["TELEGRAM_WEBHOOK_SECRET"]
+        bot = BotProcess(env, settings.workspace, tmp_path / "nosecret.log")
+        bot.start()
+        code = await bot.wait_killed(20)
+    assert code == 2
+    lines = bot.output().strip().splitlines()
+    assert len(lines) == 1 and "TELEGRAM_WEBHOOK_SECRET" in lines[0], lines
+    assert standin.calls() == []
