@@ -855,23 +855,31 @@ class RunStore:
                     )
             elif status != RunStatus.QUEUED:
                 raise RunNotRunnable(f"run {run_id} is {status}, not runnable")
-            data: dict[str, Any] = {"owner": owner}
-            if takeover is not None:
-                data["taken_over_from"] = takeover
-            self._append_events(
-                conn,
-                run_id,
-                [NewEvent("run_claimed", data)],
-                now,
-                {
-                    "status": RunStatus.RUNNING,
-                    "lease_owner": owner,
-                    "lease_expires_at": now + ttl,
-                },
-            )
+            self._take_lease(conn, run_id, owner, now, ttl, takeover)
 
         await self._transaction(claim)
         return await self.get_run(run_id)
+
+    def _take_lease(
+        self,
+        conn: Connection,
+        run_id: str,
+        owner: str,
+        now: float,
+        ttl: float,
+        taken_from: str | None,
+    ) -> None:
+        """In a claiming transaction: mark the run running under `owner`'s lease."""
+        data: dict[str, Any] = {"owner": owner}
+        if taken_from is not None:
+            data["taken_over_from"] = taken_from
+        self._append_events(
+            conn,
+            run_id,
+            [NewEvent("run_claimed", data)],
+            now,
+            {"status": RunStatus.RUNNING, "lease_owner": owner, "lease_expires_at": now + ttl},
+        )
 
     async def claim_runnable(self, owner: str, ttl: float, limit: int) -> list[str]:
         """Claim up to `limit` runs nobody drives (queued, or running with an expired lease),
@@ -890,20 +898,8 @@ class RunStore:
                 (now, limit),
             ).fetchall()
             for run_id, status, holder in rows:
-                data: dict[str, Any] = {"owner": owner}
-                if status == RunStatus.RUNNING:
-                    data["taken_over_from"] = holder
-                self._append_events(
-                    conn,
-                    run_id,
-                    [NewEvent("run_claimed", data)],
-                    now,
-                    {
-                        "status": RunStatus.RUNNING,
-                        "lease_owner": owner,
-                        "lease_expires_at": now + ttl,
-                    },
-                )
+                taken_from = holder if status == RunStatus.RUNNING else None
+                self._take_lease(conn, run_id, owner, now, ttl, taken_from)
             return [row[0] for row in rows]
 
         if limit < 1:
