@@ -26,13 +26,14 @@ demo-cli: $(BIN)/loom-ops
 test: $(BIN)/loom-ops
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q; code=$$?; if [ $$code -eq 5 ]; then echo "pytest ran no tests" >&2; exit 1; fi; exit $$code
+	$(BIN)/python -m pytest -q -n 2; code=$$?; if [ $$code -eq 5 ]; then echo "pytest ran no tests" >&2; exit 1; fi; exit $$code
 
 bench: $(BIN)/loom-ops
 	$(BIN)/python bench/kernel.py
 	$(BIN)/python bench/supervise.py
 	$(BIN)/python bench/bot.py
 	$(BIN)/python bench/http.py
+	$(BIN)/python bench/scale.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
