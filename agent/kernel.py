@@ -191,7 +191,8 @@ class RunKernel:
         try:
             await self.store.append_event(run_id, "run_interrupted", {"error": reason})
         finally:
-            await self.store.release_lease(run_id, self.owner)
+            # Workers try it again after a lease TTL, not in a tight loop against an outage.
+            await self.store.release_lease(run_id, self.owner, self.settings.lease_ttl)
 
 
 class _RunLoop:

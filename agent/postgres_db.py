@@ -84,10 +84,14 @@ class PostgresDatabase:
         return database
 
     def _open(self) -> None:
+        # One plain connection first: it fails at once with libpq's own reason (a wrong
+        # password, no such database), where the pool would retry quietly until its timeout.
         try:
+            psycopg.connect(self.url, connect_timeout=int(CONNECT_TIMEOUT)).close()
             self._pool.open(wait=True, timeout=CONNECT_TIMEOUT)
-        except psycopg_pool.PoolTimeout as exc:
-            raise StoreError(f"cannot connect to database {self.label}: {_why(exc)}") from exc
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            reason = scrub(_why(exc), self.url)
+            raise StoreError(f"cannot connect to database {self.label}: {reason}") from None
         with self._pool.connection() as conn:
             row = conn.execute(
                 "SELECT current_schema(), "
@@ -234,8 +238,15 @@ class PostgresLeadership:
         while True:
             try:
                 if self._conn is None or self._conn.closed:
+                    # Keepalives: a partition must end the lead within seconds, not hours.
                     self._conn = await psycopg.AsyncConnection.connect(
-                        self._url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT)
+                        self._url,
+                        autocommit=True,
+                        connect_timeout=int(CONNECT_TIMEOUT),
+                        keepalives=1,
+                        keepalives_idle=5,
+                        keepalives_interval=2,
+                        keepalives_count=3,
                     )
                 cursor = await self._conn.execute(
                     f"SELECT pg_try_advisory_lock({key})", (self._name,)
@@ -254,8 +265,9 @@ class PostgresLeadership:
             await asyncio.sleep(self._retry)
             try:
                 assert self._conn is not None
-                await self._conn.execute("SELECT 1")
-            except (psycopg.Error, AssertionError) as exc:
+                async with asyncio.timeout(self._retry * 5):
+                    await self._conn.execute("SELECT 1")
+            except (psycopg.Error, AssertionError, TimeoutError) as exc:
                 log.warning("lost the lead of %s: %s", self._name, _why(exc))
                 await self.release()
                 return
@@ -300,8 +312,21 @@ def _configure(conn: psycopg.Connection[Any]) -> None:
 
 
 def redact_url(url: str) -> str:
-    """The URL with its password hidden, for messages and logs."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+    """The URL with its password hidden (`user:***@`, `password=***`), for messages and logs."""
+    hidden = re.sub(r"(://[^:/@]*):[^/?#]*@", r"\1:***@", url)
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", hidden)
+
+
+def scrub(text: str, url: str) -> str:
+    """`text` (a driver's error) without the URL's password, which libpq may quote."""
+    for secret in _passwords(url):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _passwords(url: str) -> list[str]:
+    found = re.findall(r"://[^:/@]*:([^/?#]*)@", url) + re.findall(r"[?&]password=([^&#]*)", url)
+    return [secret for secret in found if secret]
 
 
 def _why(exc: BaseException) -> str:

@@ -51,6 +51,8 @@ from agent.records import (
 
 T = TypeVar("T")
 
+UPDATE_MEMORY = 7 * 24 * 3600.0  # seconds a handled Telegram update id is remembered
+
 __all__ = ["SchemaTooNew", "StoreError"]  # re-exported: callers catch them from here
 
 
@@ -878,7 +880,12 @@ class RunStore:
             run_id,
             [NewEvent("run_claimed", data)],
             now,
-            {"status": RunStatus.RUNNING, "lease_owner": owner, "lease_expires_at": now + ttl},
+            {
+                "status": RunStatus.RUNNING,
+                "lease_owner": owner,
+                "lease_expires_at": now + ttl,
+                "not_before": None,
+            },
         )
 
     async def claim_runnable(self, owner: str, ttl: float, limit: int) -> list[str]:
@@ -892,10 +899,11 @@ class RunStore:
 
         def claim(conn: Connection) -> list[str]:
             rows = conn.execute(
-                "SELECT id, status, lease_owner FROM runs WHERE status = 'queued' "
+                "SELECT id, status, lease_owner FROM runs "
+                "WHERE (status = 'queued' AND (not_before IS NULL OR not_before <= ?)) "
                 "OR (status = 'running' AND (lease_expires_at IS NULL OR lease_expires_at < ?)) "
                 f"ORDER BY created_at, id LIMIT ?{self.dialect.skip_locked}",
-                (now, limit),
+                (now, now, limit),
             ).fetchall()
             for run_id, status, holder in rows:
                 taken_from = holder if status == RunStatus.RUNNING else None
@@ -919,15 +927,19 @@ class RunStore:
 
         return await self._transaction(renew, journal=False)
 
-    async def release_lease(self, run_id: str, owner: str) -> None:
-        """Give the lease back, leaving a running run queued for whoever comes next."""
+    async def release_lease(
+        self, run_id: str, owner: str, retry_after: float | None = None
+    ) -> None:
+        """Give the lease back, leaving a running run queued for whoever comes next (workers
+        wait `retry_after` seconds before they claim it; an explicit resume does not)."""
+        not_before = time.time() + retry_after if retry_after is not None else None
 
         def release(conn: Connection) -> None:
             conn.execute(
-                "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL, "
+                "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL, not_before = ?, "
                 "status = CASE status WHEN 'running' THEN 'queued' ELSE status END "
                 "WHERE id = ? AND lease_owner = ?",
-                (run_id, owner),
+                (not_before, run_id, owner),
             )
             self._announce_runnable(conn)
 
@@ -1772,12 +1784,12 @@ class RunStore:
         now = time.time()
 
         def record(conn: Connection) -> None:
+            # Two statements, not `CASE WHEN ? IS NULL`: PostgreSQL cannot type a bare NULL.
+            then = "failed_at = ?" if retry_at is None else "next_attempt_at = ?"
             conn.execute(
-                "UPDATE outbox SET attempts = attempts + 1, last_error = ?, "
-                "next_attempt_at = COALESCE(?, next_attempt_at), "
-                "failed_at = CASE WHEN ? IS NULL THEN ? ELSE failed_at END "
+                f"UPDATE outbox SET attempts = attempts + 1, last_error = ?, {then} "
                 "WHERE id = ? AND delivered_at IS NULL",
-                (error[:500], retry_at, retry_at, now, message_id),
+                (error[:500], now if retry_at is None else retry_at, message_id),
             )
 
         await self._transaction(record, journal=False)
@@ -1819,6 +1831,11 @@ class RunStore:
                 "ON CONFLICT (bot_id, update_id) DO NOTHING",
                 (bot_id, update_id, now),
             )
+            if update_id % 500 == 0:  # Telegram redelivers for a day at most: keep a week
+                conn.execute(
+                    "DELETE FROM telegram_updates WHERE bot_id = ? AND received_at < ?",
+                    (bot_id, now - UPDATE_MEMORY),
+                )
             return cursor.rowcount == 1
 
         return await self._transaction(record, durable=True, journal=False)

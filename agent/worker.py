@@ -41,7 +41,7 @@ class Worker:
             self._service.drive_ended.clear()
             free = self._concurrency - self._service.driving
             try:
-                claimed = await store.claim_runnable(owner, ttl, free)
+                claimed = await self._claim(owner, ttl, free)
             except (OSError, *driver_errors()) as exc:  # the database is away: wait, retry
                 log.warning("cannot claim runs: %s", str(exc).strip().splitlines()[:1])
                 await asyncio.sleep(self._poll_interval)
@@ -57,6 +57,19 @@ class Worker:
             if claimed:
                 continue  # others may have queued meanwhile: look again before waiting
             await _first_of(store.runs_ready, self._poll_interval)
+
+    async def _claim(self, owner: str, ttl: float, limit: int) -> list[str]:
+        """Claim runs; stopped meanwhile, hand back what the claim took all the same (its
+        transaction commits on the database thread whatever happens to this task)."""
+        store = self._service.store
+        claiming = asyncio.ensure_future(store.claim_runnable(owner, ttl, limit))
+        try:
+            return await asyncio.shield(claiming)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                for run_id in await claiming:
+                    await store.release_lease(run_id, owner)
+            raise
 
 
 async def _first_of(event: asyncio.Event, timeout: float) -> None:

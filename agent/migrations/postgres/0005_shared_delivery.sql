@@ -13,3 +13,6 @@ CREATE TABLE telegram_updates (
     received_at DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (bot_id, update_id)
 );
+-- A run whose drive was interrupted (the LLM unreachable, say) waits this long before a
+-- worker claims it again, instead of being retried in a tight loop.
+ALTER TABLE runs ADD COLUMN not_before DOUBLE PRECISION;
