@@ -192,3 +192,61 @@ async def test_webhook_mode_without_a_secret_refuses_to_start(
     lines = bot.output().strip().splitlines()
     assert len(lines) == 1 and "TELEGRAM_WEBHOOK_SECRET" in lines[0], lines
     assert standin.calls() == []
+
+
+async def test_two_instances_share_the_outbox_and_send_each_message_once(
+    pg_settings: Settings,
+) -> None:
+    """Two bot instances' senders over one PostgreSQL store, each with its own connections:
+    every chat message goes out exactly once, in order per chat, whoever sent it."""
+    from telegram import Bot
+
+    from agent.records import Origin
+    from agent.service import RunService
+    from bot.outbox import OutboxSender
+    from tests.bot_harness import PLATFORM, TOKEN
+
+    chats = {INCIDENTS: [], PLATFORM: []}  # type: dict[int, list[str]]
+    recorder = await RunService.open(pg_settings, executes_runs=False)
+    try:
+        for n in range(16):
+            chat = INCIDENTS if n % 2 else PLATFORM
+            run_id = f"shared-{n:02d}"
+            await recorder.start(
+                run_id, f"incident: API latency {n}", origin=Origin("telegram", chat)
+            )
+            chats[chat].append(run_id)
+    finally:
+        await recorder.close()
+
+    async with standin_server() as (standin, server):
+        instances = [await RunService.open(pg_settings, executes_runs=False) for _ in range(2)]
+        bots = [Bot(TOKEN, base_url=server.bot_base_url) for _ in instances]
+        senders = [
+            OutboxSender(service.store, bot, progress_interval=0.1, poll_interval=0.2)
+            for service, bot in zip(instances, bots, strict=True)
+        ]
+        tasks = [asyncio.create_task(sender.run()) for sender in senders]
+        try:
+
+            def sent() -> int:
+                return sum(len(from_bot(standin, chat)) for chat in chats)
+
+            await wait_for(standin, lambda: sent() >= 16, timeout=20)
+            await asyncio.sleep(1.0)  # room for a second copy, if there were one
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for service in instances:
+                await service.close()
+
+    for chat, run_ids in chats.items():
+        texts = [m.get("text", "") for m in from_bot(standin, chat)]
+        announced = [run_id for text in texts for run_id in run_ids if run_id in text]
+        assert announced == run_ids, (chat, texts)  # each once, in the order queued
+    pending = raw_rows(
+        pg_settings.db,
+        "SELECT COUNT(*) FROM outbox WHERE delivered_at IS NULL AND failed_at IS NULL",
+    )
+    assert pending == [(0,)]
