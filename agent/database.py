@@ -59,13 +59,15 @@ class Dialect:
     json_text: Callable[[str, str], str]  # a JSON text column's string field
     json_int: Callable[[str, str], str]  # a JSON text column's integer field
     skip_locked: str  # row locks for a claim that passes over rows others hold
+    for_update: str  # a row read now and written later in the same transaction
 
 
 SQLITE = Dialect(
     name="sqlite",
     json_text=lambda column, key: f"json_extract({column}, '$.{key}')",
     json_int=lambda column, key: f"json_extract({column}, '$.{key}')",
-    skip_locked="",  # one writer at a time: nothing to skip
+    skip_locked="",  # one writer at a time: nothing to skip, nothing to lock
+    for_update="",
 )
 
 POSTGRES = Dialect(
@@ -73,6 +75,7 @@ POSTGRES = Dialect(
     json_text=lambda column, key: f"(({column})::jsonb ->> '{key}')",
     json_int=lambda column, key: f"((({column})::jsonb ->> '{key}')::bigint)",
     skip_locked=" FOR UPDATE SKIP LOCKED",
+    for_update=" FOR UPDATE",
 )
 
 
@@ -99,11 +102,9 @@ class Database(Protocol):
     dialect: Dialect
     errors: tuple[type[Exception], ...]  # the driver's errors: the machine, not the input
 
-    async def transaction(
-        self, fn: Callable[[Connection], T], durable: bool = False, journal: bool = True
-    ) -> T:
-        """Run `fn` as one transaction. `durable` waits for the commit to reach the disk;
-        `journal` says it may append events (which are then ordered by commit)."""
+    async def transaction(self, fn: Callable[[Connection], T], durable: bool = False) -> T:
+        """Run `fn` as one transaction that behaves as if it ran alone (`fn` may run again
+        on a conflict); `durable` waits for the commit to reach the disk."""
         ...
 
     async def read(self, fn: Callable[[Connection], T]) -> T:

@@ -5,11 +5,14 @@ the store's transaction functions unchanged on pool threads, exactly as aiosqlit
 its thread, and its async connection receives LISTEN/NOTIFY. (asyncpg would have meant a second,
 async copy of every transaction in the store.)
 
-Every transaction that may append to the journal first takes one transaction-level advisory
-lock. Journal writers are thus serialized as SQLite's are: an event's `seq` order is its commit
-order (an SSE reader resuming after `seq` N can never miss a later commit with a lower seq),
-and each transaction sees what SQLite's single writer would see. Everything else (reads, lease
-heartbeats, chat delivery records) runs beside them; claims skip rows others have locked.
+Transactions run at REPEATABLE READ: each sees one snapshot, and two that write the same row
+conflict, the later one being run again (so a read-then-write of a row is never lost). The
+one anomaly left, two transactions each missing the other's write to a different row, is what
+the store's family wake-ups could hit; they write the parent's row first (`_touch_family`),
+which turns it into such a conflict. An event's `seq` is given at commit, under an advisory
+lock held to the end of the commit (see the migration), so seq order is commit order: an SSE
+reader resuming after seq N never misses a later commit with a lower seq. Only that instant of
+each commit queues behind others. Notifications go out with the COMMIT, in the same round trip.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import re
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
@@ -27,6 +32,7 @@ from typing import Any, TypeVar
 import psycopg
 import psycopg_pool
 from psycopg import errors as pg_errors
+from psycopg import sql
 from psycopg.types.string import StrDumper
 
 from agent.database import (
@@ -45,8 +51,9 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS = "agent.migrations.postgres"
 CONNECT_TIMEOUT = 10.0
-# A deadlock between a journal writer and a heartbeat is rare and harmless: try again.
-RETRIES = 5
+# Serialization conflicts between workers are expected now and then: run the function again,
+# after a short, growing, jittered pause so that the same two do not collide again.
+RETRIES = 30
 LISTEN_RETRY_DELAY = 1.0
 
 
@@ -70,7 +77,6 @@ class PostgresDatabase:
             name="loom-ops",
         )
         self._threads = ThreadPoolExecutor(pool_size, thread_name_prefix="loom-ops-pg")
-        self._journal_lock = 0
 
     @classmethod
     async def open(cls, url: str, pool_size: int = 4) -> PostgresDatabase:
@@ -93,13 +99,9 @@ class PostgresDatabase:
             reason = scrub(_why(exc), self.url)
             raise StoreError(f"cannot connect to database {self.label}: {reason}") from None
         with self._pool.connection() as conn:
-            row = conn.execute(
-                "SELECT current_schema(), "
-                "hashtextextended(current_schema() || '/loom-ops/journal', 0)"
-            ).fetchone()
+            row = conn.execute("SELECT current_schema()").fetchone()
             if row is None or row[0] is None:
                 raise StoreError(f"database {self.label} has no schema on its search_path")
-            self._journal_lock = int(row[1])
             self._migrate(conn, row[0])
 
     def _migrate(self, conn: psycopg.Connection[Any], schema: str) -> None:
@@ -154,18 +156,14 @@ class PostgresDatabase:
     async def _on_thread(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._threads, fn)
 
-    async def transaction(
-        self, fn: Callable[[Connection], T], durable: bool = False, journal: bool = True
-    ) -> T:
-        """Run `fn` as one transaction on a pool thread.
+    async def transaction(self, fn: Callable[[Connection], T], durable: bool = False) -> T:
+        """Run `fn` as one transaction on a pool thread (again after a write conflict).
 
         Not `durable`: the commit does not wait for the WAL flush (synchronous_commit off),
         which a crash of this process cannot lose; a crash of the server may lose a suffix of
         recent commits, never a durable one or anything before it, as on SQLite.
         """
-        begin = "BEGIN"
-        if journal:
-            begin += f"; SELECT pg_advisory_xact_lock({self._journal_lock})"
+        begin = "BEGIN ISOLATION LEVEL REPEATABLE READ"
         if not durable:
             begin += "; SET LOCAL synchronous_commit = off"
         return await self._on_thread(lambda: self._run(fn, begin))
@@ -180,24 +178,27 @@ class PostgresDatabase:
         for attempt in range(1, RETRIES + 1):
             with self._pool.connection() as raw:
                 raw.execute(begin.encode())  # no parameters: one round trip for all of it
+                statements = _Statements(raw)
                 try:
-                    result = fn(_Statements(raw))
-                    raw.execute("COMMIT")
+                    result = fn(statements)
+                    raw.execute(statements.commit())
                     return result
                 except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure):
-                    raw.execute("ROLLBACK")
+                    if raw.info.transaction_status != _IDLE:  # (a failed COMMIT has ended it)
+                        raw.execute("ROLLBACK")
                     if attempt == RETRIES:
                         raise
-                    log.info("transaction conflicted; trying again (%d)", attempt)
                 except BaseException:
                     if not raw.closed and raw.info.transaction_status != _IDLE:
                         raw.execute("ROLLBACK")
                     raise
+            time.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
         raise AssertionError("unreachable")  # pragma: no cover
 
     def notify(self, conn: Connection, channel: str, payload: str = "") -> None:
         """In a transaction: announce `channel` to listening processes at commit."""
-        conn.execute("SELECT pg_notify(?, ?)", (channel, payload))
+        assert isinstance(conn, _Statements)
+        conn.notices.add((channel, payload))
 
     async def listen(self, on_notice: Callable[[str, str], None]) -> None:
         """Pass every notice on our channels to `on_notice` until cancelled; after a lost
@@ -284,12 +285,22 @@ _IDLE = psycopg.pq.TransactionStatus.IDLE
 
 
 class _Statements:
-    """A psycopg connection that takes the store's SQL (`?` placeholders)."""
+    """A psycopg connection that takes the store's SQL (`?` placeholders), and the
+    notifications its transaction will send when it commits."""
 
-    __slots__ = ("_raw",)
+    __slots__ = ("_raw", "notices")
 
     def __init__(self, raw: psycopg.Connection[Any]) -> None:
         self._raw = raw
+        self.notices: set[tuple[str, str]] = set()
+
+    def commit(self) -> sql.Composable:
+        """The transaction's end: its notifications, then COMMIT, as one round trip."""
+        parts: list[sql.Composable] = [
+            sql.SQL("SELECT pg_notify({}, {}); ").format(sql.Literal(c), sql.Literal(p))
+            for c, p in sorted(self.notices)
+        ]
+        return sql.Composed([*parts, sql.SQL("COMMIT")])
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
         return self._raw.execute(_placeholders(sql), params)

@@ -7,7 +7,7 @@ import logging
 import re
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.approvals import (
     Decision,
@@ -30,6 +30,7 @@ from agent.store import ApprovalNotFound, NewRun, RunStore, StoreError
 from agent.tools import Toolbox, tools_for_role
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 NO_POLICY = (
     "no LLM configured: set OPENAI_API_KEY (and OPENAI_BASE_URL for a local server) "
@@ -202,10 +203,17 @@ class RunService:
 
     def _start_drive(self, run_id: str, claimed: bool = False) -> asyncio.Task[RunRecord]:
         task = self._drives.get(run_id)
-        if task is None or task.done():
-            task = asyncio.create_task(self._drive_tree(run_id, claimed), name=f"drive:{run_id}")
-            self._drives[run_id] = task
-            task.add_done_callback(lambda t, rid=run_id: self._forget(rid, t))
+        if task is not None and not task.done() and not claimed:
+            return task  # join the drive in progress
+        work = self._drive_tree(run_id, claimed)
+        if task is not None and not task.done():
+            # Claimed while this process's last drive of the run is still winding down (it
+            # parked the run, and something woke it since): drive the new claim after it,
+            # or the claimed lease would sit undriven until it expires.
+            work = _after(task, work)
+        task = asyncio.create_task(work, name=f"drive:{run_id}")
+        self._drives[run_id] = task
+        task.add_done_callback(lambda t, rid=run_id: self._forget(rid, t))
         return task
 
     async def _drive_tree(self, run_id: str, claimed: bool = False) -> RunRecord:
@@ -480,6 +488,12 @@ class RunService:
             if pending:
                 return pending[0]
         return None
+
+
+async def _after(previous: asyncio.Task[RunRecord], work: Coroutine[Any, Any, T]) -> T:
+    """Run `work` once `previous` is over, however it ended."""
+    await asyncio.gather(previous, return_exceptions=True)
+    return await work
 
 
 def _configured_policy(settings: Settings, redactor: Redactor) -> Policy | None:

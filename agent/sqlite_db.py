@@ -126,9 +126,7 @@ class SqliteDatabase:
         # runs' statements out of each other's transactions and keeps the per-step cost low.
         return await self._db._execute(fn, self._db._conn)
 
-    async def transaction(
-        self, fn: Callable[[Connection], T], durable: bool = False, journal: bool = True
-    ) -> T:
+    async def transaction(self, fn: Callable[[Connection], T], durable: bool = False) -> T:
         """Run `fn` as one `BEGIN IMMEDIATE` transaction on the connection's thread.
 
         `durable` syncs the commit to disk (synchronous=FULL) before returning. The WAL is

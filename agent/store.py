@@ -291,15 +291,14 @@ class RunStore:
 
     # -- plumbing --------------------------------------------------------------------------
 
-    async def _transaction(
-        self, fn: Callable[[Connection], T], durable: bool = False, journal: bool = True
-    ) -> T:
+    async def _transaction(self, fn: Callable[[Connection], T], durable: bool = False) -> T:
         """Run `fn` as one transaction, then wake what its commit concerns in this process.
 
         `durable` makes the commit (and every one before it) survive a power cut before this
-        returns; `journal=False` promises `fn` appends no events.
+        returns. `fn` may run more than once (a PostgreSQL serialization conflict): it only
+        touches the database and this store's wake-up flags.
         """
-        result = await self.db.transaction(fn, durable=durable, journal=journal)
+        result = await self.db.transaction(fn, durable=durable)
         if self._outbox_written:
             self._outbox_written = False
             self.outbox_ready.set()
@@ -386,8 +385,12 @@ class RunStore:
         fence_owner: str | None = None,
     ) -> None:
         """Append events to a run's chain and apply `run_updates` to its row, fenced by lease."""
+        # Locked first: two appends to one run at once conflict here (one runs again), not
+        # on the journal's (run_id, idx) key after both computed the same next link.
         row = conn.execute(
-            "SELECT event_count, last_hash, lease_owner, status FROM runs WHERE id = ?", (run_id,)
+            "SELECT event_count, last_hash, lease_owner, status FROM runs WHERE id = ?"
+            + self.dialect.for_update,
+            (run_id,),
         ).fetchone()
         if row is None:
             raise RunNotFound(f"unknown run id {run_id!r}")
@@ -500,12 +503,25 @@ class RunStore:
                 return root
             root = row[0]
 
+    @staticmethod
+    def _touch_family(conn: Connection, run_id: str) -> None:
+        """In a transaction that reads siblings' states to decide a wake-up: write the parent's
+        row first. Two such transactions of one family (two children ending at once, or one
+        ending while the other starts waiting for it) then conflict instead of each missing
+        the other's end (write skew on PostgreSQL's snapshots; SQLite runs one at a time)."""
+        conn.execute(
+            "UPDATE runs SET updated_at = updated_at WHERE id = "
+            "(SELECT parent_id FROM runs WHERE id = ?)",
+            (run_id,),
+        )
+
     def _wake_parent(self, conn: Connection, run_id: str, now: float) -> None:
         """In the caller's transaction: when a child ends, wake its parent if it was the last.
 
         The parent's delegate call gets its outcome (every child's status and summary) and the
         parent is queued again, in the same transaction as the child's end.
         """
+        self._touch_family(conn, run_id)
         self._wake_waiting_siblings(conn, run_id, now)
         row = conn.execute(
             "SELECT parent_id, spawned_by FROM runs WHERE id = ?", (run_id,)
@@ -562,6 +578,7 @@ class RunStore:
         now = time.time()
 
         def wait(conn: Connection) -> dict[str, Any] | None:
+            self._touch_family(conn, run_id)
             sibling = self._sibling(conn, run_id, role)
             events = []
             if turn is not None:
@@ -839,7 +856,9 @@ class RunStore:
 
         def claim(conn: Connection) -> None:
             row = conn.execute(
-                "SELECT status, lease_owner, lease_expires_at FROM runs WHERE id = ?", (run_id,)
+                "SELECT status, lease_owner, lease_expires_at FROM runs WHERE id = ?"
+                + self.dialect.for_update,
+                (run_id,),
             ).fetchone()
             if row is None:
                 raise RunNotFound(f"unknown run id {run_id!r}")
@@ -925,7 +944,7 @@ class RunStore:
             )
             return cursor.rowcount == 1
 
-        return await self._transaction(renew, journal=False)
+        return await self._transaction(renew)
 
     async def release_lease(
         self, run_id: str, owner: str, retry_after: float | None = None
@@ -943,7 +962,7 @@ class RunStore:
             )
             self._announce_runnable(conn)
 
-        await self._transaction(release, journal=False)
+        await self._transaction(release)
 
     async def runnable_run_ids(self, owner_is_dead: Callable[[str], bool]) -> list[str]:
         """Runs a process may pick up: queued ones, and running ones whose owner is gone."""
@@ -1753,7 +1772,7 @@ class RunStore:
             )
             return cursor.rowcount
 
-        return await self._transaction(mark, durable=True, journal=False)
+        return await self._transaction(mark, durable=True)
 
     async def claim_messages(self, message_ids: Sequence[int]) -> None:
         """Mark entries as being sent: a change committed from now on queues its own entry
@@ -1763,7 +1782,6 @@ class RunStore:
             lambda c: c.executemany(
                 "UPDATE outbox SET claimed_at = ? WHERE id = ?", [(now, i) for i in message_ids]
             ),
-            journal=False,
         )
 
     async def record_part_sent(self, message_id: int, parts_sent: int) -> None:
@@ -1774,7 +1792,6 @@ class RunStore:
                 (parts_sent, message_id, parts_sent),
             ),
             durable=True,
-            journal=False,
         )
 
     async def record_delivery_failure(
@@ -1792,7 +1809,7 @@ class RunStore:
                 (error[:500], now if retry_at is None else retry_at, message_id),
             )
 
-        await self._transaction(record, journal=False)
+        await self._transaction(record)
 
     async def claim_chat(self, chat_id: int, owner: str, ttl: float) -> bool:
         """Take or extend the lease on delivering a chat's messages; False while another
@@ -1809,7 +1826,7 @@ class RunStore:
             )
             return cursor.rowcount == 1
 
-        return await self._transaction(claim, journal=False)
+        return await self._transaction(claim)
 
     async def release_chat(self, chat_id: int, owner: str) -> None:
         """Give a chat's delivery lease back (any instance may take the chat at once)."""
@@ -1817,7 +1834,6 @@ class RunStore:
             lambda c: c.execute(
                 "DELETE FROM chat_leases WHERE chat_id = ? AND owner = ?", (chat_id, owner)
             ),
-            journal=False,
         )
 
     async def first_sight_of_update(self, bot_id: int, update_id: int) -> bool:
@@ -1838,7 +1854,7 @@ class RunStore:
                 )
             return cursor.rowcount == 1
 
-        return await self._transaction(record, durable=True, journal=False)
+        return await self._transaction(record, durable=True)
 
     async def approval_message_id(self, approval_id: int) -> int | None:
         """The chat message that carries an approval request's buttons, once delivered."""
@@ -1877,7 +1893,6 @@ class RunStore:
                 "updated_at = excluded.updated_at WHERE chat_users.display != excluded.display",
                 (identity, display, now),
             ),
-            journal=False,
         )
 
     async def chat_user_names(self, identities: Iterable[str]) -> dict[str, str]:

@@ -38,11 +38,13 @@ def pg_settings(workspace: Path) -> Iterator[Settings]:
 
 
 def _started_runs(standin: object) -> list[str]:
-    """Run ids the bot announced in the incident chat (each /run is answered once)."""
-    found = []
+    """Run ids the bot announced in the incident chat, each once. (A message the killed
+    leader sent but had not recorded is sent again by the standby: chat delivery is at least
+    once. Runs are counted in the store.)"""
+    found: list[str] = []
     for message in from_bot(standin, INCIDENTS):  # type: ignore[arg-type]
         match = STARTED.search(message.get("text", ""))
-        if match and "Started" in message.get("text", ""):
+        if match and "Started" in message.get("text", "") and match.group(1) not in found:
             found.append(match.group(1))
     return found
 
@@ -96,9 +98,9 @@ async def test_a_standby_takes_over_polling_and_no_update_is_handled_twice(
                     bot.stop()
 
     runs = _started_runs(standin)
-    assert len(runs) == 8 and len(set(runs)) == 8, runs
-    stored = raw_rows(pg_settings.db, "SELECT COUNT(*) FROM runs WHERE parent_id IS NULL")
-    assert stored == [(8,)]
+    assert len(runs) == 8, runs
+    stored = raw_rows(pg_settings.db, "SELECT id FROM runs WHERE parent_id IS NULL")
+    assert sorted(row[0] for row in stored) == sorted(runs)  # one run per /run, no more
     taken = raw_rows(pg_settings.db, "SELECT COUNT(*) FROM telegram_updates")
     assert taken == [(8,)]
     # The standby really saw the leader's batch again, and skipped it.

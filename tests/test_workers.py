@@ -579,3 +579,62 @@ async def test_one_worker_drives_a_recorded_run_on_sqlite(tmp_path: Path) -> Non
     assert report.violations == [], report.violations
     assert report.claims == Counter({worker.owner: 2})  # once to its gate, once after it
     assert report.takeovers == []
+
+
+async def test_two_workers_drive_supervised_incidents_whose_children_end_together(
+    tmp_path: Path, db_url: str
+) -> None:
+    """Supervised incidents over two in-process workers, each with its own connections: the
+    planner, executor and verifier of one incident land on either worker, and a child's end
+    must wake its waiting sibling and, with the last child, its parent, even when two
+    children of one family end at the same moment on two workers. A lost wake-up leaves an
+    incident waiting forever, and a claimed run left undriven waits out its 30 s lease; the
+    20 s deadline below turns either into a failure (the whole test takes about 2 s)."""
+    import asyncio
+
+    from agent.worker import Worker
+
+    workspace = make_workspace(tmp_path / "ws")
+    settings = Settings(
+        _env_file=None,
+        db=db_url,
+        workspace=workspace,
+        mock_llm=True,
+        user="oncall",
+        lease_ttl=30.0,
+    )
+    drivers = [await RunService.open(settings) for _ in range(2)]
+    recorder = await RunService.open(settings, executes_runs=False)
+    tasks = [asyncio.create_task(Worker(d, 8, poll_interval=0.2).run()) for d in drivers]
+    incidents = [f"sup-{n:02d}" for n in range(12)]
+    try:
+        for run_id in incidents:
+            await recorder.start(run_id, "incident: API latency spike", role="supervisor")
+        deadline = time.monotonic() + 20
+        decided: set[str] = set()
+        while True:
+            runs = {run_id: await recorder.get(run_id) for run_id in incidents}
+            if all(run.status.is_terminal for run in runs.values()):
+                break
+            assert time.monotonic() < deadline, {k: v.status for k, v in runs.items()}
+            for run_id in runs:
+                pending = await recorder.pending_approval(run_id)
+                if pending is not None and pending.id not in decided:
+                    await recorder.decide(
+                        pending.run_id, Decision.APPROVE, "cli:oncall", approval_id=pending.id
+                    )
+                    decided.add(pending.id)
+            await asyncio.sleep(0.05)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for service in (*drivers, recorder):
+            await service.close()
+    assert {run.status for run in runs.values()} == {"succeeded"}
+    owners = raw_rows(
+        db_url,
+        "SELECT DISTINCT data FROM events WHERE type = 'run_claimed'",
+    )
+    claimed_by = {json.loads(row[0])["owner"] for row in owners}
+    assert len(claimed_by) == 2, claimed_by  # both workers drove runs
