@@ -99,8 +99,10 @@ async def test_a_standby_takes_over_polling_and_no_update_is_handled_twice(
 
     runs = _started_runs(standin)
     assert len(runs) == 8, runs
-    stored = raw_rows(pg_settings.db, "SELECT id FROM runs WHERE parent_id IS NULL")
+    stored = raw_rows(pg_settings.db, "SELECT id, status FROM runs WHERE parent_id IS NULL")
     assert sorted(row[0] for row in stored) == sorted(runs)  # one run per /run, no more
+    # --no-worker: the bots recorded the runs and drove none of them (no worker is running).
+    assert {row[1] for row in stored} == {"queued"}
     taken = raw_rows(pg_settings.db, "SELECT COUNT(*) FROM telegram_updates")
     assert taken == [(8,)]
     # The standby really saw the leader's batch again, and skipped it.
