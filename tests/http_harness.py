@@ -200,10 +200,11 @@ def free_port() -> int:
 class ServeProcess:
     """`loom-ops serve` in a child process over one workspace and database file."""
 
-    def __init__(self, workspace: Path, db: Path, port: int, **env: str) -> None:
+    def __init__(self, workspace: Path, db: Path | str, port: int, *args: str, **env: str) -> None:
         self.workspace = workspace
         self.db = db
         self.port = port
+        self.args = args  # more flags for `serve`, e.g. --no-worker
         self.env = env
         self.url = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen[str] | None = None
@@ -219,7 +220,7 @@ class ServeProcess:
         )
         with self.log.open("a") as log:
             self.proc = subprocess.Popen(
-                [LOOM_OPS, "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+                [LOOM_OPS, "serve", "--host", "127.0.0.1", "--port", str(self.port), *self.args],
                 cwd=self.workspace,
                 env=env,
                 stdout=log,

@@ -638,3 +638,51 @@ async def test_two_workers_drive_supervised_incidents_whose_children_end_togethe
     )
     claimed_by = {json.loads(row[0])["owner"] for row in owners}
     assert len(claimed_by) == 2, claimed_by  # both workers drove runs
+
+
+async def test_the_api_without_a_worker_records_and_a_worker_drives(
+    tmp_path: Path, db_url: str
+) -> None:
+    """`loom-ops serve --no-worker` records a run and drives none of it; a `loom-ops worker`
+    started later drives it to its gate, the API records the approval, and the worker
+    resumes it to the end."""
+    import asyncio
+
+    import httpx
+
+    from tests.http_harness import ServeProcess, free_port
+
+    workspace = drill_workspace(tmp_path / "ws")
+    api = ServeProcess(
+        workspace, db_url, free_port(), "--no-worker", LOOM_OPS_API_USER=APPROVER
+    ).start()
+    workers: list[WorkerProc] = []
+    try:
+        async with httpx.AsyncClient(base_url=api.url, timeout=10) as client:
+            created = await client.post(
+                "/runs", json={"message": "crash drill tag=w901", "run_id": "api-1"}
+            )
+            assert created.status_code == 201, created.text
+            await asyncio.sleep(1.5)  # a front end that drove runs would have claimed it by now
+            assert (await client.get("/runs/api-1")).json()["status"] == "queued"
+
+            workers.append(start_worker("w", workspace, db_url, tmp_path, 2, LEASE_TTL))
+            await_ready(workers)
+            deadline = time.monotonic() + 30
+            while (run := (await client.get("/runs/api-1")).json())["approval"] is None:
+                assert time.monotonic() < deadline, (run, workers[0].log.read_text())
+                await asyncio.sleep(0.1)
+            decided = await client.post("/runs/api-1/approve", json={})
+            assert decided.status_code == 200, decided.text
+            while (run := (await client.get("/runs/api-1")).json())["status"] != "succeeded":
+                assert time.monotonic() < deadline, (run, workers[0].log.read_text())
+                await asyncio.sleep(0.1)
+    finally:
+        stop_workers(workers)
+        api.stop()
+    assert markers(workspace) == Counter({"one w901": 1, "two w901": 1})
+    owners = {
+        json.loads(row[0])["owner"]
+        for row in raw_rows(db_url, "SELECT data FROM events WHERE type = 'run_claimed'")
+    }
+    assert owners == {workers[0].owner}  # the worker drove every claim; the API none
