@@ -240,10 +240,10 @@ class RunStore:
         # Set after a commit that queued chat messages, so a sender in this process delivers
         # them at once instead of polling the table (other processes: see `follow_others`).
         self.outbox_ready = asyncio.Event()
-        self._outbox_written = False
         # Set after a commit that made a run runnable, so a worker claims it at once.
         self.runs_ready = asyncio.Event()
-        self._runs_queued = False
+        # What the transaction on this database thread queued; read after its commit.
+        self._queued = threading.local()
         # Readers waiting for new journal events of some runs (SSE streams), by run id; a
         # commit wakes the waiters of the runs it appended to, and only those.
         self._journal_waiters: dict[str, set[JournalWatch]] = {}
@@ -298,12 +298,16 @@ class RunStore:
         returns. `fn` may run more than once (a PostgreSQL serialization conflict): it only
         touches the database and this store's wake-up flags.
         """
-        result = await self.db.transaction(fn, durable=durable)
-        if self._outbox_written:
-            self._outbox_written = False
+        queued = self._queued
+
+        def run(conn: Connection) -> tuple[T, bool, bool]:
+            queued.outbox = queued.runs = False  # a re-run starts afresh
+            return fn(conn), queued.outbox, queued.runs
+
+        result, outbox, runs = await self.db.transaction(run, durable=durable)
+        if outbox:
             self.outbox_ready.set()
-        if self._runs_queued:
-            self._runs_queued = False
+        if runs:
             self.runs_ready.set()
         self._wake_journal_waiters()
         return result
@@ -313,7 +317,7 @@ class RunStore:
 
     def _announce_runnable(self, conn: Connection) -> None:
         """In a transaction that queued a run: wake workers here and elsewhere at commit."""
-        self._runs_queued = True
+        self._queued.runs = True
         self.db.notify(conn, RUNS_CHANNEL)
 
     async def follow_others(self) -> None:
@@ -421,6 +425,20 @@ class RunStore:
         assignments = ", ".join(f"{column} = ?" for column in updates)
         conn.execute(f"UPDATE runs SET {assignments} WHERE id = ?", (*updates.values(), run_id))
 
+    def _fence(self, conn: Connection, run_id: str, owner: str) -> None:
+        """First in a transaction of a run's drive: go on only while `owner` holds the lease.
+        Checked before anything is written, so a drive that lost its run stops with LeaseLost
+        rather than colliding with the new owner's rows (and on PostgreSQL the row lock
+        makes a takeover committed meanwhile a conflict, and the re-run sees it)."""
+        row = conn.execute(
+            "SELECT lease_owner, status FROM runs WHERE id = ?" + self.dialect.for_update,
+            (run_id,),
+        ).fetchone()
+        if row is None:
+            raise RunNotFound(f"unknown run id {run_id!r}")
+        if row[0] != owner or row[1] != RunStatus.RUNNING:
+            raise LeaseLost(f"run {run_id} is no longer driven by this process (status {row[1]})")
+
     def _park(
         self,
         conn: Connection,
@@ -481,14 +499,15 @@ class RunStore:
             waiting = conn.execute(
                 "SELECT 1 FROM outbox WHERE delivered_at IS NULL AND failed_at IS NULL "
                 "AND claimed_at IS NULL AND kind = 'progress' "
-                f"AND {self.dialect.json_text('payload', 'root_id')} = ?",
+                f"AND {self.dialect.json_text('payload', 'root_id')} = ?" + self.dialect.for_update,
+                # Locked: a sender claiming it meanwhile conflicts, and this queues anew.
                 (root_id,),
             ).fetchone()
             if waiting is None:  # the progress message shows a run's end too
                 insert("progress", {"root_id": root_id, "run_id": run_id, **payload})
         if kind != "progress" and (kind != "run_finished" or is_root):
             insert(kind, payload)  # only the root's end is a summary of its own
-        self._outbox_written = True
+        self._queued.outbox = True
         self.db.notify(conn, OUTBOX_CHANNEL)
 
     @staticmethod
@@ -578,6 +597,7 @@ class RunStore:
         now = time.time()
 
         def wait(conn: Connection) -> dict[str, Any] | None:
+            self._fence(conn, run_id, owner)
             self._touch_family(conn, run_id)
             sibling = self._sibling(conn, run_id, role)
             events = []
@@ -667,6 +687,7 @@ class RunStore:
         now = time.time()
 
         def open_(conn: Connection) -> list[str]:
+            self._fence(conn, parent_id, owner)
             parent = conn.execute(
                 "SELECT request, requested_by, origin, limits FROM runs WHERE id = ?",
                 (parent_id,),
@@ -766,10 +787,12 @@ class RunStore:
                 and not conn.execute("SELECT 1 FROM runs WHERE id = ?", (new.parent_id,)).fetchone()
             ):
                 raise RunNotFound(f"unknown parent run id {new.parent_id!r}")
-            conn.execute(
+            # DO NOTHING: the same id created by another process at this moment is RunExists
+            # (on PostgreSQL a conflict with a row this snapshot cannot see runs this again).
+            inserted = conn.execute(
                 "INSERT INTO runs (id, parent_id, role, status, request, requested_by, origin, "
                 "checkpoint, limits, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
                 (
                     new.id,
                     new.parent_id,
@@ -784,6 +807,8 @@ class RunStore:
                     now,
                 ),
             )
+            if inserted.rowcount != 1:
+                raise RunExists(f"run id {new.id!r} exists already")
             event = NewEvent(
                 "run_created",
                 {
@@ -995,6 +1020,7 @@ class RunStore:
         now = time.time()
 
         def finish(conn: Connection) -> None:
+            self._fence(conn, run_id, owner)
             events = []
             if turn is not None:
                 events.append(self._insert_policy_turn(conn, run_id, turn, now))
@@ -1183,6 +1209,7 @@ class RunStore:
         now = time.time()
 
         def begin(conn: Connection) -> int:
+            self._fence(conn, run_id, owner)
             events = []
             if turn is not None:
                 events.append(self._insert_policy_turn(conn, run_id, turn, now))
@@ -1232,6 +1259,7 @@ class RunStore:
         now = time.time()
 
         def finish(conn: Connection) -> None:
+            self._fence(conn, run_id, owner)
             cursor = conn.execute(
                 "UPDATE tool_calls SET status = ?, outcome = ?, outcome_at = ?, duration_ms = ? "
                 "WHERE call_key = ? AND attempt = ? AND status = 'intent'",
@@ -1345,6 +1373,7 @@ class RunStore:
         token = secrets.token_urlsafe(12)
 
         def open_(conn: Connection) -> int:
+            self._fence(conn, run_id, owner)
             events = []
             if turn is not None:
                 events.append(self._insert_policy_turn(conn, run_id, turn, now))
