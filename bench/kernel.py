@@ -34,7 +34,7 @@ sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != 
 
 from agent.service import RunService  # noqa: E402
 from agent.settings import Settings  # noqa: E402
-from agent.store import BUSY_TIMEOUT_MS  # noqa: E402
+from agent.sqlite_db import BUSY_TIMEOUT_MS  # noqa: E402
 
 
 def write_runbook(workspace: Path, steps: int) -> None:
