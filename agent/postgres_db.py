@@ -55,6 +55,7 @@ CONNECT_TIMEOUT = 10.0
 # after a short, growing, jittered pause so that the same two do not collide again.
 RETRIES = 30
 LISTEN_RETRY_DELAY = 1.0
+IDLE_IN_TRANSACTION_MS = 60_000
 
 
 class PostgresDatabase:
@@ -320,6 +321,9 @@ def _placeholders(sql: str) -> str:
 def _configure(conn: psycopg.Connection[Any]) -> None:
     # Statuses are StrEnums: store their values ("queued"), as sqlite3 does, not their names.
     conn.adapters.register_dumper(StrEnum, StrDumper)
+    # No transaction of ours waits on anything but the database: one idle this long belongs
+    # to a stopped process (SIGSTOP, a debugger), and must not hold the others' locks.
+    conn.execute(f"SET idle_in_transaction_session_timeout = {IDLE_IN_TRANSACTION_MS}")
 
 
 def redact_url(url: str) -> str:
