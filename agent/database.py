@@ -100,7 +100,6 @@ class Database(Protocol):
 
     label: str  # what error messages call the database (a path, or a URL without password)
     dialect: Dialect
-    errors: tuple[type[Exception], ...]  # the driver's errors: the machine, not the input
 
     async def transaction(self, fn: Callable[[Connection], T], durable: bool = False) -> T:
         """Run `fn` as one transaction that behaves as if it ran alone (`fn` may run again

@@ -62,7 +62,6 @@ class PostgresDatabase:
     """A PostgreSQL database (the schema on the URL's search_path) with the store's tables."""
 
     dialect = POSTGRES
-    errors: tuple[type[Exception], ...] = (psycopg.Error, psycopg_pool.PoolTimeout)
 
     def __init__(self, url: str, pool_size: int) -> None:
         self.url = url

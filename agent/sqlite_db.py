@@ -27,7 +27,6 @@ class SqliteDatabase:
     """A SQLite file (or `:memory:`) with the store's schema."""
 
     dialect = SQLITE
-    errors: tuple[type[Exception], ...] = (sqlite3.Error,)
 
     def __init__(self, db: aiosqlite.Connection, path: str) -> None:
         self._db = db
