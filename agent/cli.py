@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "telegram",
         aliases=["bot"],
-        help="serve the Telegram bot (long polling) until interrupted",
+        help="serve the Telegram bot (long polling or webhook) until interrupted",
         description="Settings: TELEGRAM_BOT_TOKEN, TELEGRAM_ALLOWED_CHAT_IDS, "
         "TELEGRAM_APPROVER_IDS, TELEGRAM_API_BASE_URL (see .env.example). Several instances "
         "on PostgreSQL: one polls (the leader), the others stand by; or use a webhook.",
@@ -238,10 +238,12 @@ def _no_worker(parser: argparse.ArgumentParser) -> None:
 
 
 def _host_port(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host:
-        raise argparse.ArgumentTypeError(f"{value!r}: write HOST:PORT, e.g. 0.0.0.0:8443")
-    return host.strip("[]"), _port(port)
+    from bot.settings import parse_host_port  # plain pydantic: no Telegram packages
+
+    try:
+        return parse_host_port(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _settings(args: argparse.Namespace) -> Settings:

@@ -23,7 +23,8 @@ JOURNAL_WATCH_INTERVAL = 1.0
 class Maintenance:
     """`async with Maintenance(service):` runs the expiry sweeper, the recovery loop (when
     `recover` and the service executes runs), and follows other processes' commits; with
-    `watch_journal` it also polls for journal readers (SSE streams) on SQLite."""
+    `watch_journal` it also polls the journal once a second for readers (SSE streams): how
+    SQLite learns of other processes' writes, and a safety net beside PostgreSQL's NOTIFY."""
 
     def __init__(
         self, service: RunService, watch_journal: bool = False, recover: bool = True

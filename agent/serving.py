@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import re
 import signal
 import sys
 from dataclasses import dataclass
@@ -95,16 +94,14 @@ def check_telegram(settings: Settings, options: WebhookOptions | None = None) ->
 
 
 def _check_webhook(telegram: TelegramSettings, options: WebhookOptions) -> Webhook | None:
-    from bot.settings import WEBHOOK_SECRET_PATTERN
+    from bot.settings import WEBHOOK_SECRET_PATTERN, check_http_url, parse_host_port
     from bot.webhook import Webhook
 
-    url = options.url or telegram.webhook_url
+    url = check_http_url(options.url) if options.url else telegram.webhook_url
     if not url:
         if options.listen is not None:
             raise ValueError("--listen needs --webhook-url (or TELEGRAM_WEBHOOK_URL)")
         return None
-    if not re.match(r"^https?://[^\s/]+", url):
-        raise ValueError(f"webhook URL {url!r} is not an http(s) URL")
     secret = telegram.webhook_secret.get_secret_value() if telegram.webhook_secret else None
     if not secret:
         raise ValueError(
@@ -113,16 +110,8 @@ def _check_webhook(telegram: TelegramSettings, options: WebhookOptions) -> Webho
         )
     if not WEBHOOK_SECRET_PATTERN.match(secret):
         raise ValueError("TELEGRAM_WEBHOOK_SECRET must be 1-256 characters of A-Z a-z 0-9 _ -")
-    if options.listen is not None:
-        host, port = options.listen
-    else:
-        host, _, port_text = telegram.webhook_listen.rpartition(":")
-        if not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-            raise ValueError(
-                f"TELEGRAM_WEBHOOK_LISTEN={telegram.webhook_listen!r}: write HOST:PORT"
-            )
-        port = int(port_text)
-    return Webhook(url=url, host=host.strip("[]"), port=port, secret=secret)
+    host, port = options.listen or parse_host_port(telegram.webhook_listen)
+    return Webhook(url=url, host=host, port=port, secret=secret)
 
 
 def _stop_on_signals(stop: asyncio.Event | None) -> asyncio.Event:

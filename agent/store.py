@@ -386,21 +386,18 @@ class RunStore:
         events: Sequence[NewEvent],
         now: float,
         run_updates: dict[str, Any] | None = None,
-        fence_owner: str | None = None,
     ) -> None:
-        """Append events to a run's chain and apply `run_updates` to its row, fenced by lease."""
+        """Append events to a run's chain and apply `run_updates` to its row (a drive's
+        transaction checked its lease first, with `_fence`)."""
         # Locked first: two appends to one run at once conflict here (one runs again), not
         # on the journal's (run_id, idx) key after both computed the same next link.
         row = conn.execute(
-            "SELECT event_count, last_hash, lease_owner, status FROM runs WHERE id = ?"
-            + self.dialect.for_update,
+            "SELECT event_count, last_hash FROM runs WHERE id = ?" + self.dialect.for_update,
             (run_id,),
         ).fetchone()
         if row is None:
             raise RunNotFound(f"unknown run id {run_id!r}")
-        count, prev, owner, status = row
-        if fence_owner is not None and (owner != fence_owner or status != RunStatus.RUNNING):
-            raise LeaseLost(f"run {run_id} is no longer driven by this process (status {status})")
+        count, prev = row
         rows = []
         for event in events:
             count += 1
@@ -447,10 +444,9 @@ class RunStore:
         now: float,
         status: RunStatus,
         checkpoint: Checkpoint,
-        owner: str,
     ) -> None:
-        """In the caller's transaction: a waiting run keeps its checkpoint and lets go of its
-        lease, so it holds no process until something wakes it."""
+        """In the caller's transaction (fenced): a waiting run keeps its checkpoint and lets go
+        of its lease, so it holds no process until something wakes it."""
         self._append_events(
             conn,
             run_id,
@@ -462,7 +458,6 @@ class RunStore:
                 "lease_owner": None,
                 "lease_expires_at": None,
             },
-            fence_owner=owner,
         )
 
     def _enqueue_outbox(
@@ -499,8 +494,8 @@ class RunStore:
             waiting = conn.execute(
                 "SELECT 1 FROM outbox WHERE delivered_at IS NULL AND failed_at IS NULL "
                 "AND claimed_at IS NULL AND kind = 'progress' "
-                f"AND {self.dialect.json_text('payload', 'root_id')} = ?" + self.dialect.for_update,
                 # Locked: a sender claiming it meanwhile conflicts, and this queues anew.
+                f"AND {self.dialect.json_text('payload', 'root_id')} = ?" + self.dialect.for_update,
                 (root_id,),
             ).fetchone()
             if waiting is None:  # the progress message shows a run's end too
@@ -615,11 +610,10 @@ class RunStore:
                     events,
                     now,
                     {"checkpoint": checkpoint.to_json()},
-                    fence_owner=owner,
                 )
                 return sibling or {"run_id": None, "role": role, "status": "absent"}
             events.append(NewEvent("waiting_for_sibling", {"run_id": sibling["run_id"]}))
-            self._park(conn, run_id, events, now, RunStatus.WAITING_CHILDREN, checkpoint, owner)
+            self._park(conn, run_id, events, now, RunStatus.WAITING_CHILDREN, checkpoint)
             return None
 
         return await self._transaction(wait, durable=True)
@@ -748,7 +742,7 @@ class RunStore:
                 ids.append(child_id)
             self._announce_runnable(conn)
             events.append(NewEvent("children_started", {"call_key": call.call_key, "runs": ids}))
-            self._park(conn, parent_id, events, now, RunStatus.WAITING_CHILDREN, checkpoint, owner)
+            self._park(conn, parent_id, events, now, RunStatus.WAITING_CHILDREN, checkpoint)
             return ids
 
         return await self._transaction(open_, durable=True)
@@ -1043,7 +1037,6 @@ class RunStore:
                     "lease_owner": None,
                     "lease_expires_at": None,
                 },
-                fence_owner=owner,
             )
             self._enqueue_outbox(
                 conn, run_id, "run_finished", {"status": str(status), "summary": summary}, now
@@ -1236,7 +1229,6 @@ class RunStore:
                 events,
                 now,
                 {"checkpoint": checkpoint.to_json()},
-                fence_owner=owner,
             )
             return attempt
 
@@ -1284,9 +1276,7 @@ class RunStore:
                     "duration_ms": round(duration_ms, 3),
                 },
             )
-            self._append_events(
-                conn, run_id, [event, *extra_events], now, updates, fence_owner=owner
-            )
+            self._append_events(conn, run_id, [event, *extra_events], now, updates)
             tool, step_id = conn.execute(
                 "SELECT tool, step_id FROM tool_calls WHERE call_key = ?", (call_key,)
             ).fetchone()
@@ -1414,7 +1404,7 @@ class RunStore:
             # The token works like a password for buttons: chats get it, the journal does not.
             journaled = {k: v for k, v in payload.items() if k != "token"}
             events.append(NewEvent("approval_requested", journaled))
-            self._park(conn, run_id, events, now, RunStatus.WAITING_APPROVAL, checkpoint, owner)
+            self._park(conn, run_id, events, now, RunStatus.WAITING_APPROVAL, checkpoint)
             self._enqueue_outbox(conn, run_id, "approval_request", payload, now)
             return approval_id
 

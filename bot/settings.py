@@ -98,12 +98,31 @@ class TelegramSettings(BaseSettings):
             return [int(item) for item in items]
         return value
 
-    @field_validator("api_base_url")
+    @field_validator("api_base_url", "webhook_url")
     @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^\s/]+", value):
-            raise ValueError(f"{value!r} is not an http(s) URL")
+    def _http_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_http_url(value)
+
+    @field_validator("webhook_listen")
+    @classmethod
+    def _host_and_port(cls, value: str) -> str:
+        parse_host_port(value)
         return value
+
+
+def check_http_url(value: str) -> str:
+    """`value` if it is an http(s) URL, else ValueError saying so."""
+    if not re.match(r"^https?://[^\s/]+", value):
+        raise ValueError(f"{value!r} is not an http(s) URL")
+    return value
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """`HOST:PORT` (`[::1]:8443` too) as (host, port), or ValueError saying what to write."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r}: write HOST:PORT, e.g. 0.0.0.0:8443")
+    return host.strip("[]"), int(port)
 
 
 WEBHOOK_SECRET_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,256}$")
