@@ -330,6 +330,10 @@ async def _report(service: RunService, run: RunRecord, as_json: bool, extra: str
             print(f"Decide with: loom-ops approve {named}   (or: loom-ops reject {named})")
     elif run.status.is_terminal:
         print(render_summary(await build_summary(service.store, run.id)), end="")
+        if run.status == RunStatus.FAILED and run.error:
+            # The summary is the record; the reason is the one line a person or script reads
+            # first (e.g. which LLM setting to fix).
+            print(f"loom-ops: run {run.id} failed: {' '.join(run.error.split())}", file=sys.stderr)
     else:
         reason = f": {run.error}" if run.error else ""
         print(
@@ -519,13 +523,16 @@ def _export(events: list[EventRecord], fmt: str, output: Path | None) -> int:
 
 def _cmd_runbooks(settings: Settings, args: argparse.Namespace) -> int:
     path: Path = args.path or settings.runbooks_dir
+    # validate also renders every template with the params' defaults, against the bounds
+    # a run renders within: slower (up to a second per bomb), so list does not.
+    render = args.action == "validate"
     if path.is_file():
         try:
-            runbooks, errors = [load_runbook(path)], []
+            runbooks, errors = [load_runbook(path, render_templates=render)], []
         except RunbookError as exc:
             runbooks, errors = [], [exc]
     elif path.is_dir():
-        catalog = load_catalog(path)
+        catalog = load_catalog(path, render_templates=render)
         runbooks, errors = list(catalog.runbooks.values()), catalog.errors
     else:
         raise UsageError(f"no such file or directory: {path}")

@@ -6,6 +6,7 @@ import json
 import time
 from typing import Any
 
+from agent.outcomes import STEP_TOOLS, StepState, after_call, short_result
 from agent.records import EventRecord, RunRecord
 
 MAX_VALUE_CHARS = 160
@@ -73,13 +74,85 @@ def describe_event(event: EventRecord) -> str:
     return f"{kind}: {_short(d)}"
 
 
+def step_lines(run: RunRecord, events: list[EventRecord]) -> list[str]:
+    """Each runbook step's true state from the journal: its last attempt's result, how many
+    attempts it took, and how many repeats the kernel refused."""
+    steps = (run.runbook or {}).get("steps", [])
+    calls: dict[str, tuple[str, str | None, int]] = {}  # call key -> tool, step, attempt
+    states: dict[str, StepState] = {}
+    for event in events:
+        d = event.data
+        if event.type == "tool_intent":
+            calls[d["call_key"]] = (d["tool"], d.get("step_id"), d.get("attempt", 1))
+        elif event.type == "tool_outcome" and d.get("call_key") in calls:
+            tool, step_id, _ = calls[d["call_key"]]
+            if tool in STEP_TOOLS and step_id:
+                tried = 0 if d.get("status") == "refused" else 1
+                previous = states.get(step_id, StepState())
+                states[step_id] = after_call(previous, d.get("status", ""), tried, d.get("outcome"))
+    lines = []
+    for step in steps:
+        state = states.get(step["id"], StepState())
+        if state.last is None:
+            text = "not run"
+        else:
+            times = "once" if state.attempts == 1 else f"{state.attempts} attempts"
+            result = short_result(state.outcome) if state.last != "ok" else ""
+            who = f" by {state.skipped_by}" if state.skipped_by else ""
+            text = f"{state.last}{who} ({times})" + (f": {result}" if result else "")
+        if state.refusals:
+            text += f"; {state.refusals} call(s) refused"
+        lines.append(f"  {step['id']}: {text}")
+    return lines
+
+
 def render_timeline(run: RunRecord, events: list[EventRecord]) -> str:
-    """The whole timeline of a run: every step, call, approval and error, with times."""
+    """The whole timeline of a run: each step's state, then every call, approval and error,
+    with times; a refused call repeated word for word is one line with a count."""
     header = [
         f"Run {run.id} — role {run.role} — status {run.status}"
         + (f" — runbook {run.runbook_id}" if run.runbook_id else ""),
         f"Started {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(run.created_at))}",
     ]
+    steps = step_lines(run, events)
+    if steps and run.role in ("runbook", "executor"):
+        header += ["", "Steps:", *steps]
     start = events[0].ts if events else run.created_at
-    lines = [f"{'+' + format(e.ts - start, '.3f') + 's':>11} {describe_event(e)}" for e in events]
+    lines: list[str] = []
+    held: list[str] = []  # a turn and an intent that may lead to a repeat of the last refusal
+    repeated, last_refusal = 0, None
+    proposed: dict[str, str] = {}  # call key -> the call (tool and arguments)
+
+    def flush() -> None:
+        nonlocal repeated
+        if repeated:
+            lines.append(f"{'':>11} (the same call refused {repeated} more time(s))")
+            repeated = 0
+        lines.extend(held)
+        held.clear()
+
+    for event in events:
+        line = f"{'+' + format(event.ts - start, '.3f') + 's':>11} {describe_event(event)}"
+        if event.type == "tool_intent":
+            proposed[event.data["call_key"]] = _short([event.data["tool"], event.data["args"]])
+        refusal = _refusal_key(event, proposed)
+        if last_refusal is not None and event.type in ("policy_turn", "tool_intent"):
+            held.append(line)
+            continue
+        if refusal is not None and refusal == last_refusal:
+            repeated += 1
+            held.clear()
+            continue
+        flush()
+        lines.append(line)
+        last_refusal = refusal
+    flush()
     return "\n".join([*header, "", *lines]) + "\n"
+
+
+def _refusal_key(event: EventRecord, proposed: dict[str, str]) -> str | None:
+    """What makes a refused outcome the same as another (the call and the reason), else None."""
+    if event.type != "tool_outcome" or event.data.get("status") != "refused":
+        return None
+    call = proposed.get(event.data.get("call_key", ""), "")
+    return call + json.dumps(event.data.get("outcome"), sort_keys=True)

@@ -8,10 +8,9 @@ an idempotent one runs again, any other waits for a human to say retry, skip or 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
-import json
 import logging
-import shlex
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -20,20 +19,38 @@ from typing import Any
 from pydantic import ValidationError
 
 from agent.failpoints import Failpoints
+from agent.host import HostIdentity, this_host
 from agent.leases import LeaseKeeper, owner_is_dead
+from agent.outcomes import (
+    STEP_TOOLS,
+    StepState,
+    after_call,
+    repeat_refusal,
+    step_states,
+    verdict,
+)
 from agent.policy import (
     FinalAnswer,
     Observation,
     Policy,
     PolicyContext,
     PolicyDecision,
+    PolicyMisconfigured,
     PolicyUnavailable,
     ToolCall,
 )
-from agent.records import ApprovalKind, Checkpoint, RunRecord, RunStatus, ToolCallRecord
+from agent.records import (
+    ApprovalKind,
+    Checkpoint,
+    Claim,
+    RunRecord,
+    RunStatus,
+    ToolCallRecord,
+)
 from agent.redaction import Redactor
-from agent.runbook import Runbook, RunbookCatalog, Step, render_command, render_text
+from agent.runbook import RenderError, Runbook, RunbookCatalog, Step
 from agent.settings import Settings
+from agent.shell import SpawnRefused, kill_attempt, new_attempt_marker
 from agent.store import (
     LeaseLost,
     NewApproval,
@@ -49,17 +66,22 @@ from agent.tools import (
     AwaitSiblingArgs,
     DelegateArgs,
     DelegateBatchArgs,
+    EffectGate,
     ReadRunbookArgs,
     RecordAuditArgs,
     StepArgs,
     Toolbox,
     ToolResult,
+    describe_action,
     tools_for_role,
 )
 
 log = logging.getLogger(__name__)
 
 KERNEL_ROLE = "kernel"  # the kernel's own rollback turns
+# How long after its spawn deadline plus its timeout an attempt on another host can still act:
+# its own alarm kills it at the timeout plus a few seconds even when its driver is frozen.
+ACT_GRACE = 5.0
 ROLLBACK_POLICY = "kernel:rollback"
 
 
@@ -79,31 +101,6 @@ class _Finish(Exception):
 def call_key(run_id: str, turn: int, position: int) -> str:
     """The idempotency key of one tool call: stable across crashes and resumes."""
     return f"{run_id}#{turn}.{position}"
-
-
-def describe_action(step: Step, params: dict[str, Any], rollback: bool = False) -> str:
-    """The exact action a step performs, as a human approving it should read it."""
-    if rollback:
-        if step.rollback is None:
-            return "(no rollback)"
-        if step.rollback.run is not None:
-            return shlex.join(render_command(step.rollback.run, params))
-        return f"note: {render_text(step.rollback.note or '', params)}"
-    if step.run is not None:
-        return shlex.join(render_command(step.run, params))
-    if step.check is not None and step.check.url is not None:
-        return (
-            f"GET {render_text(step.check.url, params)} "
-            f"(expect {step.check.expect_status}, within {step.check.max_latency_ms} ms)"
-        )
-    action = step.mcp or (step.check.mcp if step.check else None)
-    if action is not None:
-        arguments = {
-            k: render_text(v, params) if isinstance(v, str) else v
-            for k, v in action.arguments.items()
-        }
-        return f"mcp {action.tool} {json.dumps(arguments, sort_keys=True)}"
-    return f"note: {render_text(step.note or '', params)}"
 
 
 class RunKernel:
@@ -129,26 +126,32 @@ class RunKernel:
         self.failpoints = Failpoints(settings.failpoint)
         self._loops: dict[str, asyncio.Task[None]] = {}
 
-    async def drive(self, run_id: str, claimed: bool = False) -> RunRecord:
-        """Claim the run's lease (unless this owner `claimed` it already) and drive it until
-        it waits or ends; returns the run after."""
+    async def drive(self, run_id: str, claim: Claim | None = None) -> RunRecord:
+        """Claim the run's lease (unless this process holds `claim` on it already, a worker's
+        claim) and drive it until it waits or ends; returns the run after."""
         ttl = self.settings.lease_ttl
         try:
-            if claimed:
+            if claim is not None:
                 run = await self.store.get_run(run_id)
+                if Claim.of(run) != claim:
+                    raise LeaseLost(f"run {run_id} was claimed again since this worker took it")
             else:
                 run = await self.store.claim_run(run_id, self.owner, ttl, owner_is_dead)
+                claim = Claim.of(run)
         except asyncio.CancelledError:
             # The claim may have committed on the database thread all the same: hand it back.
-            await self.store.release_lease(run_id, self.owner)
+            if claim is None:
+                run = await self.store.get_run(run_id)
+                claim = Claim.of(run) if run.lease_owner == self.owner else None
+            if claim is not None:
+                await self.store.release_lease(claim)
             raise
         self.failpoints.reached("after_claim")
-        loop = _RunLoop(self, run)
+        loop = _RunLoop(self, run, claim)
         work = asyncio.create_task(loop.run(), name=f"run-loop:{run_id}")
         self._loops[run_id] = work
-        keeper = LeaseKeeper(
-            lambda: self.store.renew_lease(run_id, self.owner, ttl), ttl, on_lost=work.cancel
-        )
+        held = claim
+        keeper = LeaseKeeper(lambda: self.store.renew_lease(held, ttl), ttl, on_lost=work.cancel)
         loop.keeper = keeper
         try:
             async with keeper:
@@ -158,20 +161,23 @@ class RunKernel:
             if current is not None and current.cancelling():
                 # This process is shutting down: hand the run back (a call in flight stays in
                 # doubt for whoever resumes it), then let the cancellation through.
-                await self.store.release_lease(run_id, self.owner)
+                await self.store.release_lease(claim)
                 raise
             log.info("stopped driving %s: the run was cancelled or taken over", run_id)
             await self._abandon(run_id, loop.in_flight)
         except LeaseLost as exc:
             log.info("stopped driving %s: %s", run_id, exc)
             await self._abandon(run_id, loop.in_flight)
+        except PolicyMisconfigured as exc:
+            # Before the outage handlers: a wrong key, URL or model never heals by waiting.
+            await self._fail(claim, loop._checkpoint(), self.redactor.text(str(exc)))
         except PolicyUnavailable as exc:
-            await self._interrupt(run_id, self.redactor.text(str(exc)))
+            await self._interrupt(claim, self.redactor.text(str(exc)))
         except Exception as exc:
             # A bug or an outage must not take the whole process down, nor fail the incident
             # run: journal it, free the lease, and leave the run for `resume`.
             log.exception("run %s interrupted", run_id)
-            await self._interrupt(run_id, self.redactor.text(f"{type(exc).__name__}: {exc}"))
+            await self._interrupt(claim, self.redactor.text(f"{type(exc).__name__}: {exc}"))
         finally:
             if self._loops.get(run_id) is work:
                 del self._loops[run_id]
@@ -187,44 +193,63 @@ class RunKernel:
         if in_flight is not None:
             await self.store.close_cancelled_call(run_id, in_flight)
 
-    async def _interrupt(self, run_id: str, reason: str) -> None:
+    async def _fail(self, claim: Claim, checkpoint: Checkpoint, reason: str) -> None:
+        """End the run FAILED now with a one-line reason (journaled; the lease freed)."""
         try:
-            await self.store.append_event(run_id, "run_interrupted", {"error": reason})
+            await self.store.finish_run(
+                claim, RunStatus.FAILED, checkpoint, summary=None, error=reason
+            )
+        except LeaseLost as exc:
+            # Another owner holds the run now: it will meet the same setting and fail it.
+            log.info("could not fail %s: %s", claim.run_id, exc)
+        except Exception:
+            # The store failed us: leave the run resumable rather than held by this owner.
+            log.exception("could not fail %s", claim.run_id)
+            await self._interrupt(claim, reason)
+
+    async def _interrupt(self, claim: Claim, reason: str) -> None:
+        try:
+            await self.store.append_event(claim.run_id, "run_interrupted", {"error": reason})
         finally:
             # Workers try it again after a lease TTL, not in a tight loop against an outage.
-            await self.store.release_lease(run_id, self.owner, self.settings.lease_ttl)
+            await self.store.release_lease(claim, self.settings.lease_ttl)
 
 
 class _RunLoop:
     """The state of one drive of one run: its checkpoint, pinned runbook and history."""
 
-    def __init__(self, kernel: RunKernel, run: RunRecord) -> None:
+    def __init__(self, kernel: RunKernel, run: RunRecord, claim: Claim) -> None:
         self.k = kernel
         self.store = kernel.store
         self.run_record = run
         self.run_id = run.id
+        self.claim = claim
         self.keeper: LeaseKeeper | None = None
         self.in_flight: str | None = None  # the call key, from its intent to its outcome
         self.state = run.checkpoint
         self.runbook = Runbook.from_snapshot(run.runbook) if run.runbook else None
         self.params: dict[str, Any] = dict(run.params)
         self.history: list[Observation] = []
-        # A gate approval is good for one successful execution of its step: more approvals
-        # than successes means the gate is open.
+        # A gate approval is good for one attempt of its step, whatever its result: more
+        # approvals than attempts means the gate is open.
         self.approvals: Counter[str] = Counter()
-        self.successes: Counter[str] = Counter()
+        self.steps: dict[str, StepState] = {}  # what each step has done, from the journal
         self.started = time.monotonic()
         self.base_active = run.checkpoint.active_seconds
 
     # -- the loop ----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        for record in await self.store.list_tool_calls(self.run_id):
+        records = await self.store.list_tool_calls(self.run_id)
+        for record in records:
             if record.outcome is not None and record.status not in ("intent", "retry"):
                 self.history.append(_observation(record))
+        self.steps = step_states(
+            (r.tool, r.step_id, r.status, r.attempt, r.outcome)
+            for r in records
+            if r.status != "intent"  # an attempt in flight is counted when it is decided
+        )
         self.approvals = await self.store.approved_gate_counts(self.run_id)
-        for obs in self.history:
-            self._count_success(obs)
         fresh_turn = False  # True once we know no journaled answer exists for this turn
         try:
             while True:
@@ -239,8 +264,7 @@ class _RunLoop:
             self.k.failpoints.reached("after_wait")
         except _Finish as finish:
             await self.store.finish_run(
-                self.run_id,
-                self.k.owner,
+                self.claim,
                 finish.status,
                 self._checkpoint(),
                 summary=None,
@@ -310,23 +334,32 @@ class _RunLoop:
             pending = None  # the turn is journaled with the first call's commit
 
     async def _finish_from(self, decision: PolicyDecision, pending: NewPolicyTurn | None) -> None:
+        """End the run with the status its facts allow; the model's answer is its narrative."""
         final = decision.final or FinalAnswer(
             outcome="failed", summary="the policy proposed no action and gave no final answer"
         )
+        summary, error = final.summary, final.summary
         if self.state.phase == "rollback":
             status = RunStatus.REJECTED
-            final = FinalAnswer(outcome="failed", summary=self._rollback_summary(decision))
-        elif final.outcome == "succeeded":
-            status = RunStatus.SUCCEEDED
+            summary = error = self._rollback_summary(decision)
         else:
-            status = RunStatus.FAILED
+            children = []
+            if self.run_record.role == "supervisor":
+                latest = {c.role: c.status for c in await self.store.child_runs(self.run_id)}
+                children = list(latest.items())
+            judged = verdict(
+                self.run_record.role, final.outcome, self.runbook, self.steps, children
+            )
+            status = judged.status
+            if judged.facts is not None:
+                error = judged.facts  # the facts first: they are what the run did
+                summary = f"{final.summary}\n{judged.facts}"
         await self.store.finish_run(
-            self.run_id,
-            self.k.owner,
+            self.claim,
             status,
             self._checkpoint(),
-            summary=final.summary,
-            error=None if status == RunStatus.SUCCEEDED else final.summary,
+            summary=summary,
+            error=None if status == RunStatus.SUCCEEDED else error,
             turn=pending,
         )
 
@@ -348,7 +381,6 @@ class _RunLoop:
                 rerun = True
             elif existing.status != "retry":  # already decided by a human (e.g. skipped)
                 self.history.append(_observation(existing))
-                self._count_success(self.history[-1])
                 self.state = dataclasses.replace(self.state, call=self.state.call + 1)
                 return
         if self.state.phase != "rollback":
@@ -359,7 +391,9 @@ class _RunLoop:
                 )
             self._check_deadline()
         step_id = args.get("step_id") if isinstance(args.get("step_id"), str) else None
-        refusal, parsed = self._check(call.name, args)
+        # A person's "retry" of an in-doubt attempt is that person's call, past the runbook's
+        # retries; every other call is checked against what the step has done.
+        refusal, parsed = self._check(call.name, args, retried=existing is not None and not rerun)
         # A refused call never runs, so repeating it is harmless.
         repeatable = refusal is not None or self.k.toolbox.is_idempotent(
             call.name, args, self.runbook
@@ -377,27 +411,40 @@ class _RunLoop:
             assert isinstance(parsed, AwaitApprovalArgs)
             if not self._gate_open(parsed.step_id):
                 # An in-doubt await_approval already has its intent row; only the request is new.
-                await self._open_gate(parsed, None if existing else new_call, pending)
+                # It returns only when the action cannot be shown to an approver: refused.
+                refusal = await self._open_gate(parsed, None if existing else new_call, pending)
         self.k.failpoints.reached("before_intent")
         # Only an intent that announces a side effect must survive a power cut before the call
         # runs; losing the intent of a call that is safe to repeat just repeats it.
         durable = not repeatable
         self.in_flight = key  # before the commit: a cancel may land while it is awaited
-        attempt = await self.store.begin_tool_call(
-            self.run_id,
-            self.k.owner,
+        marker = new_attempt_marker() if durable and refusal is None else None
+        started_call = await self.store.begin_tool_call(
+            self.claim,
             new_call,
             self._checkpoint(),
             pending,
             rerun=rerun,
             durable=durable,
+            attempt_info=self._attempt_info(call.name, args, marker) if marker else None,
         )
+        attempt = started_call.attempt
+        attempts_step = refusal is None and call.name in STEP_TOOLS and step_id is not None
+        if attempts_step:
+            assert step_id is not None
+            state = self.steps.get(step_id, StepState())
+            self.steps[step_id] = dataclasses.replace(state, attempts=state.attempts + 1)
         self.k.failpoints.reached("after_intent")
         started = time.perf_counter()
         if refusal is not None:
             result = ToolResult("refused", {"refused": refusal})
         else:
-            result = await self._run_tool(call.name, parsed)
+            gate = EffectGate(
+                started_call.spawn_before,
+                marker,
+                lambda: self.k.failpoints.reached("before_effect"),
+            )
+            result = await self._run_tool(call.name, parsed, gate)
         duration_ms = (time.perf_counter() - started) * 1000
         self.k.failpoints.reached("after_tool")
         outcome = self.k.redactor.data(result.outcome)
@@ -405,8 +452,7 @@ class _RunLoop:
             self.state, call=self.state.call + 1, tool_calls_used=self.state.tool_calls_used + 1
         )
         await self.store.finish_tool_call(
-            self.run_id,
-            self.k.owner,
+            self.claim,
             key,
             attempt,
             result.status,
@@ -421,19 +467,38 @@ class _RunLoop:
         if result.pin is not None:
             self.runbook = Runbook.from_snapshot(result.pin.runbook)
             self.params = dict(result.pin.params)
-        observation = Observation(key, call.name, args, result.status, outcome)
-        self.history.append(observation)
-        self._count_success(observation)
+        self.history.append(Observation(key, call.name, args, result.status, outcome))
+        if call.name in STEP_TOOLS and step_id is not None:
+            # The attempt was counted at its intent; this records its result (or a refusal).
+            state = self.steps.get(step_id, StepState())
+            self.steps[step_id] = after_call(state, result.status, 0, outcome)
 
     def _gate_open(self, step_id: str) -> bool:
-        """True while an approval of this step has not yet been used by a successful run."""
-        return self.approvals[step_id] > self.successes[step_id]
+        """True while an approval of this step has not yet been used by an attempt."""
+        return self.approvals[step_id] > self.steps.get(step_id, StepState()).attempts
 
-    def _count_success(self, obs: Observation) -> None:
-        if obs.tool in ("execute_step", "check_health") and obs.status in ("ok", "skipped"):
-            step_id = obs.args.get("step_id")
-            if isinstance(step_id, str):
-                self.successes[step_id] += 1
+    def _budget(self, step: Step, rollback: bool) -> float:
+        """How long a step's action may run: its timeout within the run's remaining time (a
+        rollback gets its own timeout even when the run's deadline has passed)."""
+        return step.timeout if rollback else min(step.timeout, self._remaining())
+
+    def _attempt_info(self, tool: str, args: dict[str, Any], marker: str) -> dict[str, Any]:
+        """What finds this attempt again after a crash: where its processes run, the marker
+        they carry, and how long it may act after it starts (the store adds the spawn
+        deadline)."""
+        host = this_host()
+        timeout = 0.0
+        if self.runbook is not None and isinstance(args.get("step_id"), str):
+            with contextlib.suppress(KeyError):
+                step = self.runbook.step(args["step_id"])
+                timeout = self._budget(step, tool == "rollback_step")
+        return {
+            "hostname": host.hostname,
+            "boot_id": host.boot_id,
+            "pid_ns": host.pid_ns,
+            "marker": marker,
+            "timeout": round(timeout, 3),
+        }
 
     def _checkpoint(self) -> Checkpoint:
         active = self.base_active + (time.monotonic() - self.started)
@@ -452,8 +517,11 @@ class _RunLoop:
 
     # -- the kernel's checks -------------------------------------------------------------------
 
-    def _check(self, tool: str, args: dict[str, Any]) -> tuple[str | None, Any]:
-        """Refuse what the policy may not do; a refusal is an observation, not a crash."""
+    def _check(
+        self, tool: str, args: dict[str, Any], retried: bool = False
+    ) -> tuple[str | None, Any]:
+        """Refuse what the policy may not do; a refusal is an observation, not a crash.
+        `retried`: a person said to run this in-doubt call again."""
         spec = TOOL_SPECS.get(tool)
         role = KERNEL_ROLE if self.state.phase == "rollback" else self.run_record.role
         if spec is None:
@@ -486,15 +554,23 @@ class _RunLoop:
             return f"step {step.id!r} has no rollback", None
         if tool == "await_approval" and not step.needs_approval:
             return f"step {step.id!r} does not need approval", None
-        gated = tool in ("execute_step", "check_health")
-        if gated and step.needs_approval and not self._gate_open(step.id):
+        state = self.steps.get(step.id, StepState())
+        if tool != "rollback_step" and not retried:
+            # Done, or out of attempts: said before any approval is asked for, so a repeat
+            # never sends people a second request.
+            why = repeat_refusal(step, state)
+            if why is not None:
+                return why, None
+        if tool in STEP_TOOLS and step.needs_approval and not self._gate_open(step.id):
+            again = f" for attempt {state.attempts + 1}" if state.attempts else ""
             return (
-                f"step {step.id!r} requires approval: call await_approval and wait for an "
-                "approver's decision first"
+                f"step {step.id!r} requires approval{again}: call await_approval and wait for "
+                "an approver's decision first"
             ), None
         return None, parsed
 
-    async def _run_tool(self, tool: str, parsed: Any) -> ToolResult:
+    async def _run_tool(self, tool: str, parsed: Any, gate: EffectGate) -> ToolResult:
+        """Carry the call out; nothing live starts once `gate` closed (the lease may be gone)."""
         toolbox = self.k.toolbox
         try:
             if tool == "read_runbook":
@@ -509,13 +585,15 @@ class _RunLoop:
             if tool == "check_health":
                 assert step.check is not None
                 budget = min(step.timeout, self._remaining())
-                return await toolbox.check(step.check, self.params, budget)
+                return await toolbox.check(step.check, self.params, budget, gate)
             rollback = tool == "rollback_step"
-            # A rollback gets its step's own timeout even when the run's deadline has passed.
-            budget = step.timeout if rollback else self._remaining()
             return await toolbox.execute_step(
-                step, self.runbook, self.params, budget, rollback=rollback
+                step, self.runbook, self.params, self._budget(step, rollback), rollback, gate
             )
+        except SpawnRefused as exc:
+            # Not the step's failure: this driver may no longer act. The intent stays in doubt
+            # for whoever holds the run now, who finds that nothing of this attempt runs.
+            raise LeaseLost(str(exc)) from exc
         except Exception as exc:  # a tool's failure is an outcome the policy sees
             log.warning("tool %s failed in run %s", tool, self.run_id, exc_info=True)
             return ToolResult("error", {"error": f"{type(exc).__name__}: {exc}"})
@@ -529,15 +607,23 @@ class _RunLoop:
 
     async def _open_gate(
         self, args: AwaitApprovalArgs, new_call: NewToolCall, pending: NewPolicyTurn | None
-    ) -> None:
+    ) -> str:
+        """Open the approval request and park the run (raises _Wait); returns the refusal
+        instead when the step's action cannot be rendered for the approver to read."""
         assert self.runbook is not None
         step = self.runbook.step(args.step_id)
-        rollback = describe_action(step, self.params, rollback=True) if step.rollback else None
+        try:
+            action = await describe_action(step, self.params)
+            rollback = (
+                await describe_action(step, self.params, rollback=True) if step.rollback else None
+            )
+        except RenderError as exc:
+            return f"step {step.id!r} cannot be shown to an approver: {exc}"
         approval = NewApproval(
             call_key=new_call.call_key,
             kind=ApprovalKind.GATE,
             step_id=step.id,
-            action=self.k.redactor.text(describe_action(step, self.params)),
+            action=self.k.redactor.text(action),
             reason=args.reason or step.title,
             rollback=self.k.redactor.text(rollback) if rollback else None,
             deciders=list(self.runbook.approvers),
@@ -546,11 +632,14 @@ class _RunLoop:
             deadline_at=self._deadline(),
         )
         await self.store.open_approval(
-            self.run_id, self.k.owner, approval, self._checkpoint(), call=new_call, turn=pending
+            self.claim, approval, self._checkpoint(), call=new_call, turn=pending
         )
         raise _Wait()
 
     async def _open_in_doubt(self, existing: ToolCallRecord) -> None:
+        """Ask a person about a call that may or may not have run, once the attempt provably
+        can no longer act; the request says what is known of it."""
+        known = await self._settle_earlier_attempt(existing)
         step = None
         if self.runbook is not None and existing.step_id is not None:
             try:
@@ -559,7 +648,12 @@ class _RunLoop:
                 step = None
         action = f"{existing.tool} {existing.args}"
         if step is not None:
-            action = describe_action(step, self.params, rollback=existing.tool == "rollback_step")
+            rollback = existing.tool == "rollback_step"
+            try:
+                action = await describe_action(step, self.params, rollback=rollback)
+            except RenderError as exc:
+                # The person must still decide about the attempt: show the call as recorded.
+                action = f"{action} (its template cannot be rendered: {exc})"
         what = f"step {existing.step_id!r}" if existing.step_id else f"call {existing.call_key}"
         approval = NewApproval(
             call_key=existing.call_key,
@@ -567,8 +661,8 @@ class _RunLoop:
             step_id=existing.step_id,
             action=self.k.redactor.text(action),
             reason=(
-                f"{what} may or may not have run (the process stopped during attempt "
-                f"{existing.attempt}): approve to retry, skip to treat it as done, reject to abort"
+                f"{what} may or may not have run ({known}): approve to retry, skip to treat it "
+                "as done, reject to abort"
             ),
             rollback=None,
             deciders=list(self.runbook.approvers) if self.runbook else [],
@@ -577,8 +671,41 @@ class _RunLoop:
             requested_by=self.run_record.requested_by,
             deadline_at=self._deadline() if self.runbook else time.time() + 3600,
         )
-        await self.store.open_approval(self.run_id, self.k.owner, approval, self._checkpoint())
+        await self.store.open_approval(self.claim, approval, self._checkpoint())
         raise _Wait()
+
+    async def _settle_earlier_attempt(self, existing: ToolCallRecord) -> str:
+        """Make sure an in-doubt attempt can no longer act, and say what is known of it: on
+        this host (same boot and PID namespace) its processes are found by their marker and
+        killed; elsewhere, wait until it is past its spawn deadline plus its timeout."""
+        info = existing.attempt_info or {}
+        attempt = f"attempt {existing.attempt}"
+        marker = info.get("marker")
+        if not isinstance(marker, str):
+            return f"the process stopped during {attempt}"
+        recorded = HostIdentity(str(info.get("hostname")), info.get("boot_id"), info.get("pid_ns"))
+        if this_host().same_pid_space(recorded):
+            try:
+                swept = await asyncio.to_thread(kill_attempt, marker)
+            except ValueError:  # a marker this version cannot look for: prove nothing
+                swept = None
+            if swept is not None and swept.scanned and swept.all_gone:
+                if swept.found:
+                    return f"{attempt} was still running; killed at {_clock(swept.killed_at)}"
+                return f"{attempt} had ended; its exit status is unknown"
+        act_until = float(info.get("spawn_before", 0)) + float(info.get("timeout", 0)) + ACT_GRACE
+        if time.time() < act_until:
+            log.info("run %s: waiting until %s for %s to be over", self.run_id, act_until, attempt)
+            await self.store.append_event(
+                self.run_id,
+                "waiting_for_earlier_attempt",
+                {"call_key": existing.call_key, "attempt": existing.attempt, "until": act_until},
+            )
+            await asyncio.sleep(act_until - time.time())
+        return (
+            f"{attempt} ran on {recorded.hostname} where it cannot be checked from here; its "
+            f"time ran out at {_clock(act_until)}"
+        )
 
     # -- children ------------------------------------------------------------------------------
 
@@ -589,7 +716,7 @@ class _RunLoop:
         pin = await self._plan_pin() if any(r != "planner" for r in roles) else None
         children = [NewChild(role, pin if role != "planner" else None) for role in roles]
         await self.store.open_children(
-            self.run_id, self.k.owner, new_call, children, self._checkpoint(), turn=pending
+            self.claim, new_call, children, self._checkpoint(), turn=pending
         )
         raise _Wait()
 
@@ -598,7 +725,7 @@ class _RunLoop:
     ) -> None:
         """Wait (durably, holding nothing) for the sibling of `role`, or take its result now."""
         ended = await self.store.await_sibling(
-            self.run_id, self.k.owner, new_call, role, self._checkpoint(), pending
+            self.claim, new_call, role, self._checkpoint(), pending
         )
         if ended is None:
             raise _Wait()
@@ -608,8 +735,7 @@ class _RunLoop:
         record = await self.store.get_tool_call(new_call.call_key)
         assert record is not None
         await self.store.finish_tool_call(
-            self.run_id,
-            self.k.owner,
+            self.claim,
             new_call.call_key,
             record.attempt,
             "ok",
@@ -685,6 +811,10 @@ class _RunLoop:
         if failed:
             text += f"; rollback FAILED for {', '.join(map(str, failed))}: check by hand"
         return text
+
+
+def _clock(ts: float | None) -> str:
+    return time.strftime("%H:%M:%S UTC", time.gmtime(ts or time.time()))
 
 
 def _observation(record: ToolCallRecord) -> Observation:

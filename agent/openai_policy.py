@@ -7,6 +7,7 @@ asks the model again for a turn it already answered. Retries and timeouts are th
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import jinja2
@@ -19,6 +20,7 @@ from agent.policy import (
     Observation,
     PolicyContext,
     PolicyDecision,
+    PolicyMisconfigured,
     PolicyUnavailable,
     ToolCall,
 )
@@ -28,6 +30,15 @@ from agent.tools import TOOL_SPECS
 
 FINISH_TOOL = "finish_run"
 MAX_RESULT_CHARS = 8000  # one tool result as the model sees it; the journal keeps it whole
+MAX_SERVER_MESSAGE = 300  # of an error body quoted in a run's one-line error
+
+# How servers say "no such model" (OpenAI, vLLM, Ollama, LiteLLM, OpenRouter...): the 400/404 is
+# then about OPENAI_MODEL, not about the URL or the request.
+_MODEL_MISSING = re.compile(
+    r"\bmodel\b.{0,120}?(?:not found|does not exist|doesn't exist|not exist)"
+    r"|\b(?:invalid|unknown|no such)\s+model\b|\bnot a valid model\b",
+    re.IGNORECASE,
+)
 
 _PROMPTS = jinja2.Environment(
     loader=jinja2.PackageLoader("agent", "templates"),
@@ -147,7 +158,16 @@ class OpenAIPolicy:
                 tools=tool_schemas(list(context.tools)),  # type: ignore[arg-type]
                 tool_choice="auto",
             )
-        except openai.APIError as exc:  # after the client's own retries
+        except (
+            openai.BadRequestError,
+            openai.AuthenticationError,
+            openai.PermissionDeniedError,
+            openai.NotFoundError,
+        ) as exc:
+            # The client never retries these, and neither should a worker: no amount of waiting
+            # fixes a wrong key, URL or model, so the run fails now, naming what to fix.
+            raise PolicyMisconfigured(self._misconfiguration(exc)) from exc
+        except openai.APIError as exc:  # after the client's own retries: an outage, resumable
             raise PolicyUnavailable(f"LLM request failed: {type(exc).__name__}: {exc}") from exc
         if not response.choices:
             raise PolicyUnavailable("LLM answered with no choices")
@@ -183,6 +203,50 @@ class OpenAIPolicy:
                 outcome="failed", summary=f"the model stopped without finish_run: {text[:500]}"
             )
         return decision
+
+    def _misconfiguration(self, exc: openai.APIStatusError) -> str:
+        """One redacted line for a 400/401/403/404 answer, naming the setting to fix."""
+        status = exc.status_code
+        said = _server_message(exc)
+        asked = f"{exc.request.method} {exc.request.url}"
+        # "OPENAI_API_KEY: x" would read as a secret to the redactor: no ":" or "=" after a name.
+        if status in (401, 403):
+            line = f"LLM misconfigured: check OPENAI_API_KEY (HTTP {status} for {asked}: {said})"
+        elif exc.code == "model_not_found" or _MODEL_MISSING.search(said):
+            line = (
+                f"LLM misconfigured: check OPENAI_MODEL, the server has no model "
+                f"{self._model!r} (HTTP {status}: {said})"
+            )
+        elif status == 404:
+            base = str(self._client.base_url).rstrip("/")
+            hint = (
+                "is it an OpenAI-compatible server?"
+                if base.endswith("/v1")
+                else "OpenAI-compatible servers usually end in /v1"
+            )
+            line = (
+                f"LLM misconfigured: check OPENAI_BASE_URL, {asked} answered HTTP 404 "
+                f"(OPENAI_BASE_URL is {base}; {hint})"
+            )
+        else:
+            line = f"LLM rejected the request (HTTP {status} for {asked}): {said}"
+        return self._redactor.text(line)
+
+
+def _server_message(exc: openai.APIStatusError) -> str:
+    """What the server said, on one bounded line: the error body's message if it has one."""
+    body = exc.body
+    if isinstance(body, dict):
+        # {"error": {"message": ...}} arrives unwrapped; vLLM and FastAPI put it at the top.
+        text = body.get("message") or body.get("detail") or json.dumps(body)
+    elif body is None or body == "":
+        text = exc.response.reason_phrase or "no message"
+    else:
+        text = str(body)
+    text = " ".join(str(text).split())
+    if len(text) > MAX_SERVER_MESSAGE:
+        text = text[:MAX_SERVER_MESSAGE] + "…"
+    return text
 
 
 def _parse_arguments(raw: str | None) -> dict[str, Any]:

@@ -17,6 +17,11 @@ class PolicyUnavailable(Exception):
     """No policy can serve the run now (none configured, or the LLM is down); it stays resumable."""
 
 
+class PolicyMisconfigured(Exception):
+    """The LLM refused a setting (key, URL or model): the run cannot go on until a person fixes
+    a setting, so it fails at once; the message is one line naming that setting."""
+
+
 class ToolCall(BaseModel):
     """One action a policy proposes: a tool name and its arguments."""
 

@@ -141,6 +141,25 @@ class RunRecord:
     created_at: float
     updated_at: float
     finished_at: float | None
+    lease_epoch: int = 0  # grows with every claim of the lease
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The right to drive one run: its owner at one epoch of the lease. Every write of a drive
+    is fenced by it, so a driver that lost its lease, even to a later claim by the same owner,
+    writes and starts nothing."""
+
+    run_id: str
+    owner: str
+    epoch: int
+
+    @classmethod
+    def of(cls, run: RunRecord) -> Claim:
+        """The claim a run record shows; raises ValueError when nobody holds its lease."""
+        if run.lease_owner is None:
+            raise ValueError(f"run {run.id} has no lease")
+        return cls(run.id, run.lease_owner, run.lease_epoch)
 
 
 @dataclass(frozen=True)
@@ -161,6 +180,7 @@ class ToolCallRecord:
     outcome_at: float | None
     duration_ms: float | None
     repeatable: bool = False  # judged at intent time: safe to run again when in doubt
+    attempt_info: dict[str, Any] | None = None  # where the latest attempt may act, and until when
 
     @property
     def in_doubt(self) -> bool:

@@ -4,6 +4,8 @@ A runbook is an ordered list of steps, each with exactly one action (`run`, `che
 Commands are Jinja2 templates rendered in a sandbox; every `{{ expr }}` output is shell-quoted
 so that after `shlex.split` a parameter value is always exactly one argv element. Commands are
 executed without a shell elsewhere (see the shell tool); this module only builds the argv.
+Every render is bounded in time and size (see `agent.bounded_jinja`); it is synchronous, so
+callers on the event loop render in a worker thread.
 
 Loading never half-loads: a file either yields a fully validated `Runbook` or one `RunbookError`
 naming the file, the 1-based line and the field (`steps[2].check.expect_status`).
@@ -23,7 +25,6 @@ from urllib.parse import urlsplit
 
 import jinja2
 import jinja2.meta
-import jinja2.sandbox
 import yaml
 from pydantic import (
     BaseModel,
@@ -35,12 +36,22 @@ from pydantic import (
     model_validator,
 )
 
+from agent.bounded_jinja import (
+    DEFAULT_LIMITS,
+    BoundedSandbox,
+    RenderError,
+    RenderLimitError,
+    RenderLimits,
+)
+
 __all__ = [
     "MAX_FILE_BYTES",
     "HealthCheck",
     "McpAction",
     "ParamError",
     "RenderError",
+    "RenderLimitError",
+    "RenderLimits",
     "RollbackAction",
     "Runbook",
     "RunbookCatalog",
@@ -83,10 +94,6 @@ class ParamError(ValueError):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
         self.param = param
-
-
-class RenderError(ValueError):
-    """A template could not be rendered into a command, text or URL."""
 
 
 class RunbookError(ValueError):
@@ -136,36 +143,27 @@ def _shell_finalize(value: object) -> str:
 
 
 # Two environments: commands quote every expression output, texts (URLs, notes) do not.
-_COMMAND_ENV = jinja2.sandbox.SandboxedEnvironment(
+_COMMAND_ENV = BoundedSandbox(
     undefined=jinja2.StrictUndefined, autoescape=False, finalize=_shell_finalize
 )
-_TEXT_ENV = jinja2.sandbox.SandboxedEnvironment(
-    undefined=jinja2.StrictUndefined, autoescape=False, finalize=_text_value
-)
+_TEXT_ENV = BoundedSandbox(undefined=jinja2.StrictUndefined, autoescape=False, finalize=_text_value)
 
 
-@functools.lru_cache(maxsize=1024)
-def _compiled(template: str, command: bool) -> jinja2.Template:
-    """Compile once per template string: rendering is on the hot path."""
-    env = _COMMAND_ENV if command else _TEXT_ENV
-    return env.from_string(template)
-
-
-def _render(template: str, params: Mapping[str, object], command: bool) -> str:
-    """Render in the sandbox; every Jinja2 failure becomes a RenderError."""
+def _render(
+    template: str, params: Mapping[str, object], command: bool, limits: RenderLimits
+) -> str:
+    """Render in the bounded sandbox; every failure becomes a RenderError."""
     if "{" not in template:
         return template  # nothing to render; compiling costs ~0.5 ms per distinct template
-    try:
-        return _compiled(template, command).render(dict(params))
-    except jinja2.UndefinedError as exc:
-        raise RenderError(f"template uses an undefined value: {exc.message}") from exc
-    except jinja2.TemplateError as exc:
-        raise RenderError(f"template error: {exc.message or exc}") from exc
+    env = _COMMAND_ENV if command else _TEXT_ENV
+    return env.render_bounded(template, params, limits)
 
 
-def render_command(template: str, params: Mapping[str, object]) -> list[str]:
+def render_command(
+    template: str, params: Mapping[str, object], limits: RenderLimits = DEFAULT_LIMITS
+) -> list[str]:
     """Render a command template to argv; each `{{ expr }}` output stays inside one element."""
-    rendered = _render(template, params, command=True)
+    rendered = _render(template, params, command=True, limits=limits)
     try:
         argv = shlex.split(rendered)
     except ValueError as exc:
@@ -178,14 +176,18 @@ def render_command(template: str, params: Mapping[str, object]) -> list[str]:
     return argv
 
 
-def render_text(template: str, params: Mapping[str, object]) -> str:
+def render_text(
+    template: str, params: Mapping[str, object], limits: RenderLimits = DEFAULT_LIMITS
+) -> str:
     """Render a plain text template (notes, URLs) in the sandbox, without shell quoting."""
-    return _render(template, params, command=False)
+    return _render(template, params, command=False, limits=limits)
 
 
-def render_url(template: str, params: Mapping[str, object]) -> str:
+def render_url(
+    template: str, params: Mapping[str, object], limits: RenderLimits = DEFAULT_LIMITS
+) -> str:
     """Render a health-check URL and verify it is an absolute http(s) URL with a host."""
-    url = render_text(template, params)
+    url = render_text(template, params, limits)
     if any(ch.isspace() or ord(ch) < 0x20 for ch in url):
         raise RenderError(f"rendered URL contains whitespace or control characters: {url!r}")
     try:
@@ -300,6 +302,21 @@ class RunbookParam(BaseModel):
     def required(self) -> bool:
         """True when the user must give a value (there is no default)."""
         return self.default is None
+
+    def _sample(self) -> str | int | bool | None:
+        """A valid value to try templates with: the default, else one that is easy to derive
+        (the first choice, the minimum, false, "x"), else None (a patterned string)."""
+        if self.default is not None:
+            return self.default
+        if self.choices:
+            return self.choices[0]
+        if self.type == "integer":
+            if self.min is not None:
+                return self.min
+            return 0 if self.max is None or self.max >= 0 else self.max
+        if self.type == "boolean":
+            return False
+        return "x" if self.pattern is None else None
 
     def _default_problem(self, value: str | int | bool) -> str | None:
         """Why a default does not fit the declared type/pattern/choices, or None."""
@@ -443,6 +460,8 @@ class Step(BaseModel):
     timeout: float = Field(default=60, gt=0, le=3600, allow_inf_nan=False, strict=True)
     retries: int = Field(default=0, ge=0, le=5, strict=True)
     idempotent: bool = Field(default=False, strict=True)
+    # A policy may leave an optional step out; the run can still succeed without it.
+    optional: bool = Field(default=False, strict=True)
     rollback: RollbackAction | None = None
 
     @model_validator(mode="after")
@@ -800,12 +819,41 @@ def _unknown_field_message(loc: tuple[object, ...]) -> str:
     return f"unknown field {name!r}{hint}"
 
 
-def load_runbook(path: Path) -> Runbook:
-    """Load and validate one runbook file; any problem raises one precise RunbookError."""
-    return _load(Path(path))[0]
+def _render_problem(runbook: Runbook) -> tuple[tuple[str | int, ...], str] | None:
+    """The first template that goes past the render bounds with the params' defaults (or an
+    easily derived valid value), as (location, message); None when every template is within.
+
+    Templates that use a param with no usable value are skipped, and so are other render
+    failures: only the bounds are checked here, the rest is reported when a run renders it."""
+    samples = {name: param._sample() for name, param in runbook.params.items()}
+    values = {name: value for name, value in samples.items() if value is not None}
+    for loc, source, command in runbook._template_fields():
+        if "{" not in source:
+            continue
+        env = _COMMAND_ENV if command else _TEXT_ENV
+        used = jinja2.meta.find_undeclared_variables(env.parse(source)) - set(env.globals)
+        if not used <= values.keys():
+            continue
+        try:
+            _render(source, values, command, DEFAULT_LIMITS)
+        except RenderLimitError as exc:
+            step = runbook.steps[int(loc[1])]
+            given = " ".join(f"{name}={_text_value(values[name])}" for name in sorted(used))
+            return loc, f"step {step.id!r}: {exc} (rendered with {_short(given or 'no params')})"
+        except RenderError:
+            continue
+    return None
 
 
-def _load(path: Path) -> tuple[Runbook, yaml.Node]:
+def load_runbook(path: Path, render_templates: bool = False) -> Runbook:
+    """Load and validate one runbook file; any problem raises one precise RunbookError.
+
+    `render_templates` also renders every template with the params' defaults and refuses one
+    past the render bounds (up to a second per template: `runbooks validate` asks for it)."""
+    return _load(Path(path), render_templates)[0]
+
+
+def _load(path: Path, render_templates: bool = False) -> tuple[Runbook, yaml.Node]:
     """Load a runbook and keep its YAML tree, so later errors (duplicate id) get a line."""
     try:
         with path.open("rb") as handle:
@@ -823,11 +871,16 @@ def _load(path: Path) -> tuple[Runbook, yaml.Node]:
 
     root, document = _parse_yaml(path, text)
     try:
-        return Runbook.model_validate(document), root
+        runbook = Runbook.model_validate(document)
     except ValidationError as exc:
         raise _validation_error(path, root, exc) from None
     except RecursionError:
         raise RunbookError(path, None, "", "runbook is nested too deeply") from None
+    problem = _render_problem(runbook) if render_templates else None
+    if problem is not None:
+        line, shown = _locate(root, problem[0])
+        raise RunbookError(path, line, _field(shown), problem[1])
+    return runbook, root
 
 
 def _parse_yaml(path: Path, text: str) -> tuple[yaml.MappingNode, object]:
@@ -883,8 +936,10 @@ class RunbookCatalog:
             raise KeyError(f"unknown runbook {runbook_id!r}") from None
 
 
-def load_catalog(directory: Path) -> RunbookCatalog:
-    """Load every *.yaml / *.yml file (sorted); bad files are reported, never half-loaded."""
+def load_catalog(directory: Path, render_templates: bool = False) -> RunbookCatalog:
+    """Load every *.yaml / *.yml file (sorted); bad files are reported, never half-loaded.
+
+    `render_templates`: as for `load_runbook`, for every file."""
     directory = Path(directory)
     runbooks: dict[str, Runbook] = {}
     errors: list[RunbookError] = []
@@ -896,7 +951,7 @@ def load_catalog(directory: Path) -> RunbookCatalog:
     files = sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml"))
     for path in files:
         try:
-            runbook, root = _load(path)
+            runbook, root = _load(path, render_templates)
         except RunbookError as exc:
             errors.append(exc)
             continue

@@ -21,7 +21,15 @@ from agent.leases import new_owner_id, owner_is_dead
 from agent.memory import WorkspaceMemory
 from agent.mock_policy import MockPolicy
 from agent.policy import Policy, PolicyUnavailable
-from agent.records import ApprovalRecord, ApprovalStatus, Origin, RunLimits, RunRecord, RunStatus
+from agent.records import (
+    ApprovalRecord,
+    ApprovalStatus,
+    Claim,
+    Origin,
+    RunLimits,
+    RunRecord,
+    RunStatus,
+)
 from agent.redaction import Redactor
 from agent.request import MAX_REQUEST_BYTES
 from agent.runbook import Runbook, RunbookCatalog, load_catalog
@@ -187,9 +195,9 @@ class RunService:
         """How many runs this process is driving now."""
         return len(self._drives)
 
-    def drive_claimed(self, run_id: str) -> None:
+    def drive_claimed(self, claim: Claim) -> None:
         """Drive, in the background, a run this process's owner claimed (a worker's claim)."""
-        self._start_drive(run_id, claimed=True)
+        self._start_drive(claim.run_id, claim)
 
     async def _drive(self, run_id: str, wait: bool = True) -> RunRecord:
         """Drive a run once per process at a time; a second caller joins the first drive.
@@ -201,11 +209,11 @@ class RunService:
             return await self.store.get_run(run_id)
         return await asyncio.shield(task)
 
-    def _start_drive(self, run_id: str, claimed: bool = False) -> asyncio.Task[RunRecord]:
+    def _start_drive(self, run_id: str, claim: Claim | None = None) -> asyncio.Task[RunRecord]:
         task = self._drives.get(run_id)
-        if task is not None and not task.done() and not claimed:
+        if task is not None and not task.done() and claim is None:
             return task  # join the drive in progress
-        work = self._drive_tree(run_id, claimed)
+        work = self._drive_tree(run_id, claim)
         if task is not None and not task.done():
             # Claimed while this process's last drive of the run is still winding down (it
             # parked the run, and something woke it since): drive the new claim after it,
@@ -216,9 +224,9 @@ class RunService:
         task.add_done_callback(lambda t, rid=run_id: self._forget(rid, t))
         return task
 
-    async def _drive_tree(self, run_id: str, claimed: bool = False) -> RunRecord:
+    async def _drive_tree(self, run_id: str, claim: Claim | None = None) -> RunRecord:
         """Drive a run; drive the children it waits for; when it ends, wake its parent."""
-        run = await self.kernel.drive(run_id, claimed)
+        run = await self.kernel.drive(run_id, claim)
         while run.status == RunStatus.WAITING_CHILDREN:
             runnable = [
                 child.id

@@ -40,6 +40,7 @@ from agent.records import (
     ApprovalRecord,
     ApprovalStatus,
     Checkpoint,
+    Claim,
     EventRecord,
     Origin,
     PolicyTurnRecord,
@@ -157,6 +158,15 @@ class RunbookPin:
     runbook_id: str
     runbook: dict[str, Any]
     params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StartedCall:
+    """A committed intent: its attempt number, and the instant (wall clock) after which its
+    side effect must not start, because the lease may have passed to another process."""
+
+    attempt: int
+    spawn_before: float
 
 
 @dataclass(frozen=True)
@@ -422,19 +432,28 @@ class RunStore:
         assignments = ", ".join(f"{column} = ?" for column in updates)
         conn.execute(f"UPDATE runs SET {assignments} WHERE id = ?", (*updates.values(), run_id))
 
-    def _fence(self, conn: Connection, run_id: str, owner: str) -> None:
-        """First in a transaction of a run's drive: go on only while `owner` holds the lease.
+    def _fence(self, conn: Connection, claim: Claim) -> float:
+        """First in every transaction of a run's drive: go on only while the claim (its owner
+        at its epoch) still holds the lease; returns when the lease expires.
+
         Checked before anything is written, so a drive that lost its run stops with LeaseLost
-        rather than colliding with the new owner's rows (and on PostgreSQL the row lock
-        makes a takeover committed meanwhile a conflict, and the re-run sees it)."""
+        rather than colliding with the new owner's rows (and on PostgreSQL the row lock makes a
+        takeover committed meanwhile a conflict, and the re-run sees it). The epoch makes a
+        stale drive fail even where the same owner claimed the run again since."""
         row = conn.execute(
-            "SELECT lease_owner, status FROM runs WHERE id = ?" + self.dialect.for_update,
-            (run_id,),
+            "SELECT lease_owner, lease_epoch, status, lease_expires_at FROM runs WHERE id = ?"
+            + self.dialect.for_update,
+            (claim.run_id,),
         ).fetchone()
         if row is None:
-            raise RunNotFound(f"unknown run id {run_id!r}")
-        if row[0] != owner or row[1] != RunStatus.RUNNING:
-            raise LeaseLost(f"run {run_id} is no longer driven by this process (status {row[1]})")
+            raise RunNotFound(f"unknown run id {claim.run_id!r}")
+        owner, epoch, status, expires = row
+        if owner != claim.owner or epoch != claim.epoch or status != RunStatus.RUNNING:
+            raise LeaseLost(
+                f"run {claim.run_id} is no longer driven by this claim (status {status}, "
+                f"epoch {epoch}, ours {claim.epoch})"
+            )
+        return float(expires or 0.0)
 
     def _park(
         self,
@@ -577,8 +596,7 @@ class RunStore:
 
     async def await_sibling(
         self,
-        run_id: str,
-        owner: str,
+        claim: Claim,
         call: NewToolCall,
         role: str,
         checkpoint: Checkpoint,
@@ -590,9 +608,10 @@ class RunStore:
         call's outcome), else None: the run now waits, and the sibling's end wakes it.
         """
         now = time.time()
+        run_id = claim.run_id
 
         def wait(conn: Connection) -> dict[str, Any] | None:
-            self._fence(conn, run_id, owner)
+            self._fence(conn, claim)
             self._touch_family(conn, run_id)
             sibling = self._sibling(conn, run_id, role)
             events = []
@@ -667,8 +686,7 @@ class RunStore:
 
     async def open_children(
         self,
-        parent_id: str,
-        owner: str,
+        claim: Claim,
         call: NewToolCall,
         children: Sequence[NewChild],
         checkpoint: Checkpoint,
@@ -679,9 +697,10 @@ class RunStore:
         A role delegated twice in one parent gets the next free id (`…:sub:verifier-2`).
         """
         now = time.time()
+        parent_id = claim.run_id
 
         def open_(conn: Connection) -> list[str]:
-            self._fence(conn, parent_id, owner)
+            self._fence(conn, claim)
             parent = conn.execute(
                 "SELECT request, requested_by, origin, limits FROM runs WHERE id = ?",
                 (parent_id,),
@@ -866,7 +885,7 @@ class RunStore:
         ttl: float,
         owner_is_dead: Callable[[str], bool],
     ) -> RunRecord:
-        """Take the lease of a runnable run and mark it running.
+        """Take the lease of a runnable run at the next epoch and mark it running.
 
         A queued run is free; a running run is free when its lease expired or its owner is known
         dead. Anything else raises RunBusy, RunNotRunnable or RunNotFound.
@@ -875,13 +894,13 @@ class RunStore:
 
         def claim(conn: Connection) -> None:
             row = conn.execute(
-                "SELECT status, lease_owner, lease_expires_at FROM runs WHERE id = ?"
+                "SELECT status, lease_owner, lease_expires_at, lease_epoch FROM runs WHERE id = ?"
                 + self.dialect.for_update,
                 (run_id,),
             ).fetchone()
             if row is None:
                 raise RunNotFound(f"unknown run id {run_id!r}")
-            status, holder, expires = RunStatus(row[0]), row[1], row[2]
+            status, holder, expires, epoch = RunStatus(row[0]), row[1], row[2], row[3]
             takeover = None
             if status == RunStatus.RUNNING:
                 if holder == owner:
@@ -895,7 +914,7 @@ class RunStore:
                     )
             elif status != RunStatus.QUEUED:
                 raise RunNotRunnable(f"run {run_id} is {status}, not runnable")
-            self._take_lease(conn, run_id, owner, now, ttl, takeover)
+            self._take_lease(conn, run_id, owner, epoch + 1, now, ttl, takeover)
 
         await self._transaction(claim)
         return await self.get_run(run_id)
@@ -905,12 +924,13 @@ class RunStore:
         conn: Connection,
         run_id: str,
         owner: str,
+        epoch: int,
         now: float,
         ttl: float,
         taken_from: str | None,
-    ) -> None:
-        """In a claiming transaction: mark the run running under `owner`'s lease."""
-        data: dict[str, Any] = {"owner": owner}
+    ) -> Claim:
+        """In a claiming transaction: mark the run running under `owner`'s lease at `epoch`."""
+        data: dict[str, Any] = {"owner": owner, "epoch": epoch}
         if taken_from is not None:
             data["taken_over_from"] = taken_from
         self._append_events(
@@ -921,12 +941,14 @@ class RunStore:
             {
                 "status": RunStatus.RUNNING,
                 "lease_owner": owner,
+                "lease_epoch": epoch,
                 "lease_expires_at": now + ttl,
                 "not_before": None,
             },
         )
+        return Claim(run_id, owner, epoch)
 
-    async def claim_runnable(self, owner: str, ttl: float, limit: int) -> list[str]:
+    async def claim_runnable(self, owner: str, ttl: float, limit: int) -> list[Claim]:
         """Claim up to `limit` runs nobody drives (queued, or running with an expired lease),
         oldest first, and mark them running under `owner`'s lease: what a worker takes.
 
@@ -935,39 +957,40 @@ class RunStore:
         """
         now = time.time()
 
-        def claim(conn: Connection) -> list[str]:
+        def claim(conn: Connection) -> list[Claim]:
             rows = conn.execute(
-                "SELECT id, status, lease_owner FROM runs "
+                "SELECT id, status, lease_owner, lease_epoch FROM runs "
                 "WHERE (status = 'queued' AND (not_before IS NULL OR not_before <= ?)) "
                 "OR (status = 'running' AND (lease_expires_at IS NULL OR lease_expires_at < ?)) "
                 f"ORDER BY created_at, id LIMIT ?{self.dialect.skip_locked}",
                 (now, now, limit),
             ).fetchall()
-            for run_id, status, holder in rows:
+            claims = []
+            for run_id, status, holder, epoch in rows:
                 taken_from = holder if status == RunStatus.RUNNING else None
-                self._take_lease(conn, run_id, owner, now, ttl, taken_from)
-            return [row[0] for row in rows]
+                claims.append(
+                    self._take_lease(conn, run_id, owner, epoch + 1, now, ttl, taken_from)
+                )
+            return claims
 
         if limit < 1:
             return []
         return await self._transaction(claim)
 
-    async def renew_lease(self, run_id: str, owner: str, ttl: float) -> bool:
-        """Extend the lease; False when this owner lost it."""
+    async def renew_lease(self, claim: Claim, ttl: float) -> bool:
+        """Extend the lease; False when this claim lost it."""
 
         def renew(conn: Connection) -> bool:
             cursor = conn.execute(
                 "UPDATE runs SET lease_expires_at = ? WHERE id = ? AND lease_owner = ? "
-                "AND status = 'running'",
-                (time.time() + ttl, run_id, owner),
+                "AND lease_epoch = ? AND status = 'running'",
+                (time.time() + ttl, claim.run_id, claim.owner, claim.epoch),
             )
             return cursor.rowcount == 1
 
         return await self._transaction(renew)
 
-    async def release_lease(
-        self, run_id: str, owner: str, retry_after: float | None = None
-    ) -> None:
+    async def release_lease(self, claim: Claim, retry_after: float | None = None) -> None:
         """Give the lease back, leaving a running run queued for whoever comes next (workers
         wait `retry_after` seconds before they claim it; an explicit resume does not)."""
         not_before = time.time() + retry_after if retry_after is not None else None
@@ -976,8 +999,8 @@ class RunStore:
             conn.execute(
                 "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL, not_before = ?, "
                 "status = CASE status WHEN 'running' THEN 'queued' ELSE status END "
-                "WHERE id = ? AND lease_owner = ?",
-                (not_before, run_id, owner),
+                "WHERE id = ? AND lease_owner = ? AND lease_epoch = ?",
+                (not_before, claim.run_id, claim.owner, claim.epoch),
             )
             self._announce_runnable(conn)
 
@@ -1002,8 +1025,7 @@ class RunStore:
 
     async def finish_run(
         self,
-        run_id: str,
-        owner: str,
+        claim: Claim,
         status: RunStatus,
         checkpoint: Checkpoint,
         summary: str | None,
@@ -1012,9 +1034,10 @@ class RunStore:
     ) -> None:
         """End a run in a final status; journals the last policy turn if it was not yet."""
         now = time.time()
+        run_id = claim.run_id
 
         def finish(conn: Connection) -> None:
-            self._fence(conn, run_id, owner)
+            self._fence(conn, claim)
             events = []
             if turn is not None:
                 events.append(self._insert_policy_turn(conn, run_id, turn, now))
@@ -1109,12 +1132,14 @@ class RunStore:
         return await self._transaction(cancel, durable=True)
 
     @staticmethod
-    def _insert_intent(conn: Connection, run_id: str, call: NewToolCall, now: float) -> NewEvent:
+    def _insert_intent(
+        conn: Connection, run_id: str, call: NewToolCall, now: float, info: str | None = None
+    ) -> NewEvent:
         """Insert a call's first intent; returns the event that journals it."""
         conn.execute(
             "INSERT INTO tool_calls (run_id, call_key, turn, position, tool, args, step_id, "
-            "attempt, status, intent_at, repeatable) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, 1, 'intent', ?, ?)",
+            "attempt, status, intent_at, repeatable, attempt_info) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, 1, 'intent', ?, ?, ?)",
             (
                 run_id,
                 call.call_key,
@@ -1125,6 +1150,7 @@ class RunStore:
                 call.step_id,
                 now,
                 int(call.repeatable),
+                info,
             ),
         )
         return _intent_event(call, 1)
@@ -1184,25 +1210,33 @@ class RunStore:
 
     async def begin_tool_call(
         self,
-        run_id: str,
-        owner: str,
+        claim: Claim,
         call: NewToolCall,
         checkpoint: Checkpoint,
         turn: NewPolicyTurn | None = None,
         rerun: bool = False,
         durable: bool = True,
-    ) -> int:
-        """Commit the intent of a call (and the policy turn that proposed it); returns the attempt.
+        attempt_info: dict[str, Any] | None = None,
+    ) -> StartedCall:
+        """Commit the intent of a call (and the policy turn that proposed it) under the claim;
+        returns the attempt and the instant its side effect must have started by.
 
-        A call a human marked for retry, or an in-doubt idempotent call (`rerun`), gets a new
-        attempt; any other call that already has an intent or an outcome is refused, so nothing
-        runs twice by accident. `durable` (the default) syncs the intent to disk before the
-        call runs; a call that is safe to repeat may skip that sync.
+        This is the fence right before a side effect: it proves the claim still holds the
+        lease, and the lease's expiry is the spawn deadline (after it, another process may
+        take the run over). `attempt_info` (where the attempt may act) is recorded with the
+        deadline added. A call a human marked for retry, or an in-doubt call (`rerun`), gets
+        a new attempt; any other call that already has an intent or an outcome is refused,
+        so nothing runs twice by accident. `durable` (the default) syncs the intent to disk
+        before the call runs; a call that is safe to repeat may skip that sync.
         """
         now = time.time()
+        run_id = claim.run_id
 
-        def begin(conn: Connection) -> int:
-            self._fence(conn, run_id, owner)
+        def begin(conn: Connection) -> StartedCall:
+            spawn_before = self._fence(conn, claim)
+            info = None
+            if attempt_info is not None:
+                info = _dumps({**attempt_info, "spawn_before": spawn_before})
             events = []
             if turn is not None:
                 events.append(self._insert_policy_turn(conn, run_id, turn, now))
@@ -1211,13 +1245,13 @@ class RunStore:
             ).fetchone()
             if row is None:
                 attempt = 1
-                events.append(self._insert_intent(conn, run_id, call, now))
+                events.append(self._insert_intent(conn, run_id, call, now, info))
             elif row[0] == "retry" or (rerun and row[0] == "intent"):
                 attempt = row[1] + 1
                 conn.execute(
-                    "UPDATE tool_calls SET status = 'intent', attempt = ?, intent_at = ? "
-                    "WHERE call_key = ?",
-                    (attempt, now, call.call_key),
+                    "UPDATE tool_calls SET status = 'intent', attempt = ?, intent_at = ?, "
+                    "attempt_info = ? WHERE call_key = ?",
+                    (attempt, now, info, call.call_key),
                 )
                 events.append(_intent_event(call, attempt))
             else:
@@ -1230,14 +1264,13 @@ class RunStore:
                 now,
                 {"checkpoint": checkpoint.to_json()},
             )
-            return attempt
+            return StartedCall(attempt, spawn_before)
 
         return await self._transaction(begin, durable=durable)
 
     async def finish_tool_call(
         self,
-        run_id: str,
-        owner: str,
+        claim: Claim,
         call_key: str,
         attempt: int,
         status: str,
@@ -1249,9 +1282,10 @@ class RunStore:
     ) -> None:
         """Commit a call's outcome together with the run's next checkpoint."""
         now = time.time()
+        run_id = claim.run_id
 
         def finish(conn: Connection) -> None:
-            self._fence(conn, run_id, owner)
+            self._fence(conn, claim)
             cursor = conn.execute(
                 "UPDATE tool_calls SET status = ?, outcome = ?, outcome_at = ?, duration_ms = ? "
                 "WHERE call_key = ? AND attempt = ? AND status = 'intent'",
@@ -1347,8 +1381,7 @@ class RunStore:
 
     async def open_approval(
         self,
-        run_id: str,
-        owner: str,
+        claim: Claim,
         approval: NewApproval,
         checkpoint: Checkpoint,
         call: NewToolCall | None = None,
@@ -1361,9 +1394,10 @@ class RunStore:
         """
         now = time.time()
         token = secrets.token_urlsafe(12)
+        run_id = claim.run_id
 
         def open_(conn: Connection) -> int:
-            self._fence(conn, run_id, owner)
+            self._fence(conn, claim)
             events = []
             if turn is not None:
                 events.append(self._insert_policy_turn(conn, run_id, turn, now))
@@ -1453,10 +1487,11 @@ class RunStore:
         return [_approval_from_row(row) for row in rows]
 
     async def approved_gate_counts(self, run_id: str) -> Counter[str]:
-        """How many times a human approved each gated step of a run."""
+        """How many attempts people allowed of each step of a run: approvals of its gate, and
+        "retry" decisions on its in-doubt attempts (each good for one attempt)."""
         rows = await self._read(
             lambda c: c.execute(
-                "SELECT step_id, COUNT(*) FROM approvals WHERE run_id = ? AND kind = 'gate' "
+                "SELECT step_id, COUNT(*) FROM approvals WHERE run_id = ? "
                 "AND status = 'approved' AND step_id IS NOT NULL GROUP BY step_id",
                 (run_id,),
             ).fetchall()
@@ -1759,14 +1794,15 @@ class RunStore:
         return [row[0] for row in rows]
 
     async def last_step_outcome(self, root_id: str) -> tuple[str, str, str, str | None, str] | None:
-        """(run id, role, tool, step id, status) of the latest call outcome in a run tree."""
+        """(run id, role, tool, step id, status) of the latest call outcome in a run tree;
+        refused calls never ran, so they are not it."""
         return await self._read(
             lambda c: c.execute(
                 "WITH RECURSIVE tree(id) AS (SELECT ? UNION ALL "
                 "SELECT r.id FROM runs r JOIN tree t ON r.parent_id = t.id) "
                 "SELECT tc.run_id, runs.role, tc.tool, tc.step_id, tc.status FROM tool_calls tc "
                 "JOIN tree ON tc.run_id = tree.id JOIN runs ON runs.id = tc.run_id "
-                "WHERE tc.outcome_at IS NOT NULL AND tc.status != 'intent' "
+                "WHERE tc.outcome_at IS NOT NULL AND tc.status NOT IN ('intent', 'refused') "
                 "ORDER BY tc.outcome_at DESC, tc.id DESC LIMIT 1",
                 (root_id,),
             ).fetchone()
@@ -1986,7 +2022,7 @@ def _intent_event(call: NewToolCall, attempt: int) -> NewEvent:
 _RUN_COLUMNS = (
     "id, parent_id, role, status, request, requested_by, origin, runbook_id, runbook, params, "
     "checkpoint, limits, summary, error, lease_owner, lease_expires_at, created_at, updated_at, "
-    "finished_at"
+    "finished_at, lease_epoch"
 )
 
 
@@ -2011,12 +2047,13 @@ def _run_from_row(row: Sequence[Any]) -> RunRecord:
         created_at=row[16],
         updated_at=row[17],
         finished_at=row[18],
+        lease_epoch=row[19],
     )
 
 
 _CALL_COLUMNS = (
     "call_key, run_id, turn, position, tool, args, step_id, attempt, status, outcome, intent_at, "
-    "outcome_at, duration_ms, repeatable"
+    "outcome_at, duration_ms, repeatable, attempt_info"
 )
 
 
@@ -2036,6 +2073,7 @@ def _call_from_row(row: Sequence[Any]) -> ToolCallRecord:
         outcome_at=row[11],
         duration_ms=row[12],
         repeatable=bool(row[13]),
+        attempt_info=json.loads(row[14]) if row[14] else None,
     )
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import jinja2
 from markupsafe import Markup
 
+from agent.outcomes import STEP_TOOLS, StepState, short_result, step_states
 from agent.records import ApprovalRecord, RunRecord, ToolCallRecord
 from agent.store import RunStore
 
@@ -45,13 +46,15 @@ _HTML = _environment(html=True)
 
 @dataclass(frozen=True)
 class StepResult:
-    """The last word on one step of the runbook."""
+    """The last word on one step of the runbook: what its attempts did, never a refusal of a
+    repeat (those are counted apart)."""
 
     step_id: str
     title: str
-    result: str  # ok, error, refused, skipped, not run
+    result: str  # ok, error, skipped, not run, rolled back
     detail: str
     attempts: int
+    refusals: int = 0  # calls of the step the kernel refused (they never ran)
 
 
 @dataclass
@@ -98,7 +101,9 @@ def _detail(call: ToolCallRecord) -> str:
         return f"dry-run check {outcome.get('url')} (synthetic)"
     if "exit_code" in outcome:
         code = "timed out" if outcome.get("timed_out") else f"exit {outcome['exit_code']}"
-        return f"{code}: " + " ".join(outcome.get("argv", []))
+        text = f"{code}: " + " ".join(outcome.get("argv", []))
+        said = short_result(outcome).partition(": ")[2] if outcome.get("exit_code") else ""
+        return f"{text} — {said}" if said else text
     if "status_code" in outcome:
         return f"HTTP {outcome['status_code']} in {outcome.get('latency_ms', 0):.0f} ms"
     if "note" in outcome:
@@ -115,6 +120,7 @@ async def build_summary(store: RunStore, run_id: str) -> RunSummary:
     tree = [run, *[await store.get_run(i) for i in (await store.subtree_ids(run_id))[1:]]]
     end = run.finished_at or time.time()
     summary = RunSummary(run=run, duration=_duration(end - run.created_at))
+    errors: list[str] = []
     for member in tree:
         summary.approvals.extend(await store.list_approvals(member.id))
         calls = await store.list_tool_calls(member.id)
@@ -122,12 +128,13 @@ async def build_summary(store: RunStore, run_id: str) -> RunSummary:
             if call.status in ("error", "refused"):
                 where = f" ({member.role})" if member is not run else ""
                 line = f"{call.tool} {call.step_id or ''}: {_detail(call)}".strip() + where
-                summary.errors.append(line)
+                errors.append(line)
         # The runbook's steps are the executing run's: the run itself, or its executor child.
         if member.runbook and member.role in ("runbook", "executor") and not summary.steps:
             summary.steps = _step_results(member, calls)
-        if member.error and member.error not in summary.errors:
-            summary.errors.append(member.error)
+        if member.error:
+            errors.append(member.error)
+    summary.errors = _counted(errors)
     summary.approvals.sort(key=lambda approval: approval.id)
     names = {run.requested_by, *(a.decided_by for a in summary.approvals if a.decided_by)}
     summary.names = await store.chat_user_names(names)
@@ -135,20 +142,42 @@ async def build_summary(store: RunStore, run_id: str) -> RunSummary:
 
 
 def _step_results(run: RunRecord, calls: list[ToolCallRecord]) -> list[StepResult]:
-    by_step: dict[str, list[ToolCallRecord]] = {}
+    """Each step's true state: its last attempt's result and how many attempts it took; a
+    refused repeat never hides that the step ran."""
+    states = step_states(
+        (c.tool, c.step_id, c.status, c.attempt, c.outcome) for c in calls if c.status != "intent"
+    )
+    last_attempt: dict[str, ToolCallRecord] = {}
     for call in calls:
-        if call.step_id and call.tool in ("execute_step", "check_health", "rollback_step"):
-            by_step.setdefault(call.step_id, []).append(call)
+        attempted = call.tool in STEP_TOOLS or call.tool == "rollback_step"
+        if attempted and call.step_id and call.status != "refused":
+            last_attempt[call.step_id] = call
     results = []
     for step in (run.runbook or {}).get("steps", []):
-        tried = by_step.get(step["id"], [])
-        if not tried:
-            results.append(StepResult(step["id"], step["title"], "not run", "", 0))
+        state = states.get(step["id"], StepState())
+        last = last_attempt.get(step["id"])
+        if last is None:
+            detail = f"refused {_times(state.refusals)}" if state.refusals else ""
+            results.append(StepResult(step["id"], step["title"], "not run", detail, 0))
             continue
-        last = tried[-1]
         result = "rolled back" if last.tool == "rollback_step" else last.status
-        results.append(StepResult(step["id"], step["title"], result, _detail(last), len(tried)))
+        attempts = max(state.attempts, 1)
+        results.append(
+            StepResult(step["id"], step["title"], result, _detail(last), attempts, state.refusals)
+        )
     return results
+
+
+def _counted(lines: list[str]) -> list[str]:
+    """Lines in first-seen order, a repeated one once with its count ("... (33 times)")."""
+    counts: dict[str, int] = {}
+    for line in lines:
+        counts[line] = counts.get(line, 0) + 1
+    return [line if n == 1 else f"{line} ({n} times)" for line, n in counts.items()]
+
+
+def _times(n: int) -> str:
+    return "once" if n == 1 else f"{n} times"
 
 
 def render_summary(summary: RunSummary, html: bool = False, hints: Sequence[str] = ()) -> str:

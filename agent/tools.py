@@ -1,15 +1,20 @@
 """The tools a policy can call, their argument models, and which role may use which.
 
 `await_approval` is declared here but carried out by the kernel itself: it parks the run.
+Step templates are rendered here only, and always in a worker thread: a render runs up to its
+time bound, and that must never stop the event loop (nor every other run's lease with it).
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,8 +35,10 @@ from agent.runbook import (
     render_url,
 )
 from agent.settings import Settings
-from agent.shell import run_command, scrubbed_environment
+from agent.shell import SpawnRefused, run_command, scrubbed_environment
 from agent.store import NewEvent, RunbookPin
+
+_T = TypeVar("_T")
 
 
 class ReadRunbookArgs(BaseModel):
@@ -115,6 +122,22 @@ class ToolResult:
     events: list[NewEvent] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class EffectGate:
+    """When a call may still start its side effect (the fence's spawn deadline: its lease may
+    pass to another process after it), and the marker every process of the attempt carries."""
+
+    spawn_before: float
+    marker: str | None = None
+    reached: Callable[[], None] = lambda: None  # a test hook (failpoint) right before the check
+
+    def check(self, what: str) -> None:
+        """Raise SpawnRefused when the deadline has passed: the effect must not start now."""
+        self.reached()
+        if time.time() >= self.spawn_before:
+            raise SpawnRefused(f"not starting {what}: this driver's lease may have passed on")
+
+
 RUNBOOK_ROLE = "runbook"
 
 TOOL_SPECS: dict[str, ToolSpec] = {
@@ -176,6 +199,51 @@ TOOL_SPECS: dict[str, ToolSpec] = {
         ),
     )
 }
+
+
+async def _off_loop(render: Callable[..., _T], *args: Any) -> _T:
+    """Run a render in a worker thread; its own bound ends the thread, the loop never waits."""
+    return await asyncio.to_thread(render, *args)
+
+
+def _describe(step: Step, params: dict[str, Any], rollback: bool) -> str:
+    """The text of `describe_action`, rendered on the calling (worker) thread."""
+    if rollback:
+        if step.rollback is None:
+            return "(no rollback)"
+        if step.rollback.run is not None:
+            return shlex.join(render_command(step.rollback.run, params))
+        return f"note: {render_text(step.rollback.note or '', params)}"
+    if step.run is not None:
+        return shlex.join(render_command(step.run, params))
+    if step.check is not None and step.check.url is not None:
+        return (
+            f"GET {render_text(step.check.url, params)} "
+            f"(expect {step.check.expect_status}, within {step.check.max_latency_ms} ms)"
+        )
+    action = step.mcp or (step.check.mcp if step.check else None)
+    if action is not None:
+        return f"mcp {action.tool} {json.dumps(_render_arguments(action, params), sort_keys=True)}"
+    return f"note: {render_text(step.note or '', params)}"
+
+
+async def describe_action(step: Step, params: dict[str, Any], rollback: bool = False) -> str:
+    """The exact action a step performs, as a human approving it should read it; rendered off
+    the event loop. RenderError when a template cannot be rendered (within its bounds)."""
+    return await _off_loop(_describe, step, params, rollback)
+
+
+def _render_arguments(action: McpAction, params: dict[str, Any]) -> dict[str, Any]:
+    """An MCP action's arguments with their string templates rendered."""
+    return {
+        name: render_text(value, params) if isinstance(value, str) else value
+        for name, value in action.arguments.items()
+    }
+
+
+def _render_failure(step: Step, field_name: str, exc: RenderError) -> ToolResult:
+    """A step whose template cannot be rendered fails with one line naming step and field."""
+    return ToolResult("error", {"error": f"step {step.id!r} {field_name}: {exc}"})
 
 
 def tools_for_role(role: str) -> list[str]:
@@ -268,33 +336,46 @@ class Toolbox:
         params: dict[str, Any],
         timeout: float,
         rollback: bool = False,
+        gate: EffectGate | None = None,
     ) -> ToolResult:
-        """Execute a step's action (or its rollback action)."""
+        """Execute a step's action (or its rollback action); nothing live starts once the
+        `gate` closed (SpawnRefused)."""
         if rollback:
             assert step.rollback is not None
             run_template, note, check = step.rollback.run, step.rollback.note, None
         else:
             run_template, note, check = step.run, step.note, step.check
         if check is not None:
-            return await self.check(check, params, min(step.timeout, timeout))
+            return await self.check(check, params, min(step.timeout, timeout), gate)
         if not rollback and step.mcp is not None:
-            return await self._mcp(step.mcp, params, min(step.timeout, timeout), live=True)
+            return await self._mcp(step.mcp, params, min(step.timeout, timeout), True, gate)
+        prefix = "rollback " if rollback else ""
         if note is not None:
-            return ToolResult("ok", {"note": render_text(note, params)})
+            try:
+                return ToolResult("ok", {"note": await _off_loop(render_text, note, params)})
+            except RenderError as exc:
+                return _render_failure(step, f"{prefix}note", exc)
         assert run_template is not None
-        argv = render_command(run_template, params)
+        try:
+            argv = await _off_loop(render_command, run_template, params)
+        except RenderError as exc:
+            return _render_failure(step, f"{prefix}run", exc)
         if not self._settings.allow_shell:
             return ToolResult("ok", {"mode": "dry-run", "dry_run": True, "argv": argv})
         try:
             admitted = self._load_allowlist().admit(argv)
         except CommandDenied as exc:
             return ToolResult("error", {"mode": "live", "argv": argv, "denied": str(exc)})
+        if gate is not None:
+            gate.check(f"command {admitted[0]}")  # no await between this and the spawn
         result = await run_command(
             admitted,
             timeout=max(0.01, min(step.timeout, timeout)),
             env=scrubbed_environment(os.environ, runbook.env),
             output_cap=self._settings.output_cap,
             cwd=self._settings.workspace,
+            marker=gate.marker if gate else None,
+            spawn_before=gate.spawn_before if gate else None,
         )
         outcome = {
             "mode": "live",
@@ -311,17 +392,24 @@ class Toolbox:
         return ToolResult("ok" if result.exit_code == 0 else "error", outcome)
 
     async def _mcp(
-        self, action: McpAction, params: dict[str, Any], timeout: float, live: bool
+        self,
+        action: McpAction,
+        params: dict[str, Any],
+        timeout: float,
+        live: bool,
+        gate: EffectGate | None = None,
     ) -> ToolResult:
         """Call a mapped MCP tool (dry-run unless allowed); a server failure is an outcome."""
-        arguments = {
-            name: render_text(value, params) if isinstance(value, str) else value
-            for name, value in action.arguments.items()
-        }
+        try:
+            arguments = await _off_loop(_render_arguments, action, params)
+        except RenderError as exc:
+            return ToolResult("error", {"mcp_tool": action.tool, "error": f"arguments: {exc}"})
         base = {"mcp_tool": action.tool, "arguments": arguments}
         allowed = self._settings.allow_mcp if live else self._settings.live_checks
         if not allowed:
             return ToolResult("ok", {**base, "mode": "dry-run", "dry_run": True})
+        if gate is not None:
+            gate.check(f"MCP tool {action.tool}")
         try:
             result = await self._mcp_hub().call(action.tool, arguments, max(0.01, timeout))
         except McpError as exc:
@@ -343,13 +431,19 @@ class Toolbox:
         if self._hub is not None:
             await self._hub.close()
 
-    async def check(self, check: HealthCheck, params: dict[str, Any], timeout: float) -> ToolResult:
+    async def check(
+        self,
+        check: HealthCheck,
+        params: dict[str, Any],
+        timeout: float,
+        gate: EffectGate | None = None,
+    ) -> ToolResult:
         """An HTTP GET against a health URL or an MCP tool, or a synthetic pass in dry-run."""
         if check.mcp is not None:
-            return await self._mcp(check.mcp, params, timeout, live=False)
+            return await self._mcp(check.mcp, params, timeout, False, gate)
         assert check.url is not None
         try:
-            url = render_url(check.url, params)
+            url = await _off_loop(render_url, check.url, params)
         except RenderError as exc:
             return ToolResult("error", {"url": check.url, "error": str(exc)})
         if not self._settings.live_checks:
@@ -364,6 +458,8 @@ class Toolbox:
                     "ok": True,
                 },
             )
+        if gate is not None:
+            gate.check(f"the health check of {url}")
         client = self._http or httpx.AsyncClient()
         started = time.perf_counter()
         try:

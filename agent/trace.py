@@ -13,6 +13,7 @@ from typing import Any
 
 import jinja2
 
+from agent.explain import step_lines
 from agent.records import ApprovalRecord, EventRecord, RunRecord
 from agent.store import RunStore
 
@@ -48,6 +49,7 @@ class RunTrace:
     tokens: int
     entries: list[TraceEntry] = field(default_factory=list)
     approvals: list[ApprovalRecord] = field(default_factory=list)
+    steps: list[str] = field(default_factory=list)  # each step's true state (explain's lines)
 
 
 def _block(value: Any) -> str:
@@ -150,6 +152,9 @@ async def build_trace(store: RunStore, run_id: str) -> list[RunTrace]:
                 tokens=tokens,
                 entries=_entries(events),
                 approvals=await store.list_approvals(run.id),
+                steps=[line.strip() for line in step_lines(run, events)]
+                if run.role in ("runbook", "executor")
+                else [],
             )
         )
         queue.extend(await store.child_runs(run.id))

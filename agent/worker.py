@@ -17,6 +17,7 @@ import sys
 
 from agent.database import driver_errors
 from agent.maintenance import Maintenance
+from agent.records import Claim
 from agent.service import RunService
 from agent.settings import Settings
 
@@ -46,10 +47,10 @@ class Worker:
                 log.warning("cannot claim runs: %s", str(exc).strip().splitlines()[:1])
                 await asyncio.sleep(self._poll_interval)
                 continue
-            for run_id in claimed:
-                self._service.drive_claimed(run_id)
+            for claim in claimed:
+                self._service.drive_claimed(claim)
             if claimed:
-                log.info("claimed %s", ", ".join(claimed))
+                log.info("claimed %s", ", ".join(claim.run_id for claim in claimed))
             if claimed and len(claimed) == free:
                 # Full: wait for a slot; more may be waiting, so look at once when one frees.
                 await self._service.drive_ended.wait()
@@ -58,7 +59,7 @@ class Worker:
                 continue  # others may have queued meanwhile: look again before waiting
             await _first_of(store.runs_ready, self._poll_interval)
 
-    async def _claim(self, owner: str, ttl: float, limit: int) -> list[str]:
+    async def _claim(self, owner: str, ttl: float, limit: int) -> list[Claim]:
         """Claim runs; stopped meanwhile, hand back what the claim took all the same (its
         transaction commits on the database thread whatever happens to this task)."""
         store = self._service.store
@@ -67,8 +68,8 @@ class Worker:
             return await asyncio.shield(claiming)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
-                for run_id in await claiming:
-                    await store.release_lease(run_id, owner)
+                for claim in await claiming:
+                    await store.release_lease(claim)
             raise
 
 

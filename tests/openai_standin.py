@@ -1,7 +1,9 @@
 """A local OpenAI-compatible chat-completions server for tests: answers from a script.
 
 Each scripted item is either a reply (tool calls or text, HTTP 200) or an HTTP error (e.g. 429
-with `retry-after-ms`, or 500). Every request body is kept so tests can count and inspect them.
+with `retry-after-ms`, 500, or a 4xx with the server's error message and code). Every request
+body is kept so tests can count and inspect them. It serves `/v1/chat/completions` only: any
+other path answers 404 like a real server, and is counted in `paths` too.
 """
 
 from __future__ import annotations
@@ -32,9 +34,18 @@ def tool_reply(*calls: tuple[str, dict[str, Any] | str]) -> dict[str, Any]:
     }
 
 
-def http_error(status: int, retry_after_ms: int | None = None) -> dict[str, Any]:
-    """An error answer; the openai client retries 429 and 5xx by itself."""
-    return {"status": status, "retry_after_ms": retry_after_ms}
+CHAT_PATH = "/v1/chat/completions"
+
+
+def http_error(
+    status: int,
+    retry_after_ms: int | None = None,
+    message: str = "scripted failure",
+    code: str | None = None,
+) -> dict[str, Any]:
+    """An error answer with an OpenAI-style body (`{"error": {"message", "code"}}`); the openai
+    client retries 429 and 5xx by itself, never 400/401/403/404."""
+    return {"status": status, "retry_after_ms": retry_after_ms, "message": message, "code": code}
 
 
 @dataclass
@@ -43,10 +54,12 @@ class StandIn:
 
     script: list[dict[str, Any]]
     requests: list[dict[str, Any]] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)  # every POST, whichever path it asked for
     base_url: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def next_item(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Record a chat-completions request and pop its scripted answer (500 once it is out)."""
         with self.lock:
             self.requests.append(body)
             if not self.script:
@@ -58,10 +71,27 @@ def _handler(stand_in: StandIn) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length", "0"))
-            body = json.loads(self.rfile.read(length) or b"{}")
+            raw = self.rfile.read(length)
+            with stand_in.lock:
+                stand_in.paths.append(self.path)
+            if self.path != CHAT_PATH:
+                # What e.g. Ollama answers for a path it does not serve (OPENAI_BASE_URL without
+                # /v1): plain text, no JSON body.
+                payload = b"404 page not found"
+                self.send_response(404)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+                return
+            body = json.loads(raw or b"{}")
             item = stand_in.next_item(body)
             if "status" in item:
-                payload = json.dumps({"error": {"message": "scripted failure"}}).encode()
+                error = {
+                    "message": item.get("message", "scripted failure"),
+                    "code": item.get("code"),
+                }
+                payload = json.dumps({"error": error}).encode()
                 self.send_response(item["status"])
                 if item.get("retry_after_ms") is not None:
                     self.send_header("retry-after-ms", str(item["retry_after_ms"]))

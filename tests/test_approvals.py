@@ -11,7 +11,7 @@ import pytest
 
 from agent.approvals import Decision
 from agent.journal import first_broken_link
-from agent.records import ApprovalStatus, RunStatus
+from agent.records import ApprovalStatus, Claim, RunStatus
 from agent.service import RunService, ServiceError
 from agent.settings import Settings
 from agent.store import StoreError
@@ -298,9 +298,9 @@ async def test_a_skipped_in_doubt_step_is_rolled_back_on_reject(
         while "slow" not in lines(workspace):
             assert time.monotonic() < deadline and not driving.done()
             await asyncio.sleep(0.01)
-        await second.store.claim_run("doubt", "intruder:1:x", 30, lambda _owner: True)
+        taken = await second.store.claim_run("doubt", "intruder:1:x", 30, lambda _owner: True)
         await driving
-        await second.store.release_lease("doubt", "intruder:1:x")
+        await second.store.release_lease(Claim.of(taken))
         await second.resume("doubt")
         in_doubt = await second.pending_approval("doubt")
         assert in_doubt is not None and (in_doubt.kind, in_doubt.step_id) == ("in_doubt", "slow")

@@ -82,6 +82,24 @@ def _lines(workspace: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+def _slow_append_one(workspace: Path) -> None:
+    """Make the drill's append-one sleep 3 s after its line, so a kill lands while it runs."""
+    drill = workspace / "runbooks" / "crash-drill.yaml"
+    drill.write_text(drill.read_text().replace("append.py one", "append.py one 3"))
+    rules = json.loads((workspace / "ops.shell.allowlist.json").read_text())
+    rules["rules"].append({"argv": [rules["rules"][0]["argv"][0], "append.py", "one", "3"]})
+    (workspace / "ops.shell.allowlist.json").write_text(json.dumps(rules))
+
+
+def _wait_for_line(workspace: Path, line: str, proc: subprocess.Popen[bytes]) -> None:
+    """Wait until a live step wrote `line`, while its driver `proc` still runs."""
+    deadline = time.monotonic() + 20
+    while line not in _lines(workspace):
+        assert time.monotonic() < deadline, "the step never started"
+        assert proc.poll() is None
+        time.sleep(0.01)
+
+
 def _drive_to_end(workspace: Path, db: str, run_id: str, failpoint: str | None) -> list[str]:
     """Start the drill, then act as the operator until the run ends; returns what was decided.
 
@@ -188,12 +206,7 @@ def test_sigkill_inside_a_running_command(tmp_path: Path, db_url: str) -> None:
     """An external SIGKILL while the command runs: the step is in doubt; retry runs it again."""
     workspace = make_workspace(tmp_path / "ws")
     db = db_url
-    # Make append-one slow so the kill lands while the child process is still running.
-    drill = workspace / "runbooks" / "crash-drill.yaml"
-    drill.write_text(drill.read_text().replace("append.py one", "append.py one 3"))
-    rules = json.loads((workspace / "ops.shell.allowlist.json").read_text())
-    rules["rules"].append({"argv": [rules["rules"][0]["argv"][0], "append.py", "one", "3"]})
-    (workspace / "ops.shell.allowlist.json").write_text(json.dumps(rules))
+    _slow_append_one(workspace)  # the kill lands while the child process is still running
 
     proc = subprocess.Popen(
         [*LOOM_OPS, "runbook", "crash drill", "--run-id", "k"],
@@ -202,11 +215,7 @@ def test_sigkill_inside_a_running_command(tmp_path: Path, db_url: str) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 20
-    while "one" not in _lines(workspace):
-        assert time.monotonic() < deadline, "the step never started"
-        assert proc.poll() is None
-        time.sleep(0.02)
+    _wait_for_line(workspace, "one", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
 
@@ -246,3 +255,131 @@ def test_resume_without_an_id_picks_up_every_orphan(tmp_path: Path, db_url: str)
     for run_id in ("o1", "o2"):
         assert _run_row(db, run_id) == ("waiting_approval", ("gate", "append-two"))
     assert _lines(workspace) == ["one", "one"]
+
+
+ORPHAN_DRILL = """\
+id: orphan-drill
+title: Orphan drill
+triggers: [orphan drill]
+approvers: [cli:approver]
+steps:
+  - id: act
+    title: Start, then make effects a little later (one from a setsid grandchild)
+    run: "{python} orphan.py"
+  - id: done
+    title: Done
+    note: done
+"""
+
+# Writes "start" at once; 1.5 s later the command writes "effect" and its grandchild, which
+# left the process group and session with setsid, writes "grandchild".
+ORPHAN_SCRIPT = """\
+import os, sys, time
+def line(text):
+    with open("out.txt", "a") as handle:
+        handle.write(text + "\\n")
+if os.fork() == 0:
+    os.setsid()
+    time.sleep(1.5)
+    line("grandchild")
+    os._exit(0)
+line("start")
+time.sleep(1.5)
+line("effect")
+"""
+
+
+def test_a_killed_drivers_command_dies_and_resume_proves_it_before_asking(
+    tmp_path: Path, db_url: str
+) -> None:
+    """SIGKILL of `loom-ops` while its command runs: the command dies with its driver (its
+    setsid grandchild is found and killed by the next driver), and the in-doubt request is
+    opened only then, saying what happened; no effect ever lands."""
+    workspace = make_workspace(tmp_path / "ws")
+    db = db_url
+    python = str(Path(sys.executable).absolute())
+    (workspace / "runbooks" / "orphan-drill.yaml").write_text(
+        ORPHAN_DRILL.replace("{python}", python)
+    )
+    (workspace / "orphan.py").write_text(ORPHAN_SCRIPT)
+    rules = json.loads((workspace / "ops.shell.allowlist.json").read_text())
+    rules["rules"].append({"argv": [python, "orphan.py"]})
+    (workspace / "ops.shell.allowlist.json").write_text(json.dumps(rules))
+
+    proc = subprocess.Popen(
+        [*LOOM_OPS, "runbook", "orphan drill", "--run-id", "o"],
+        cwd=workspace,
+        env=_env(workspace, db),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _wait_for_line(workspace, "start", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+
+    assert _cli(workspace, db, "resume", "--run-id", "o") == 0
+    assert _run_row(db, "o") == ("waiting_approval", ("in_doubt", "act"))
+    reason = _one(db, "SELECT reason FROM approvals WHERE run_id = 'o' AND kind = 'in_doubt'")
+    assert reason is not None and "attempt 1 was still running; killed at" in reason[0], reason
+    time.sleep(2.5)  # past the moment both would have acted
+    assert _lines(workspace) == ["start"]
+
+
+def _unshare_works() -> bool:
+    try:
+        done = subprocess.run(
+            ["unshare", "--pid", "--fork", "--mount-proc", "true"],
+            capture_output=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def test_a_driver_in_another_pid_namespace_is_not_declared_dead(
+    tmp_path: Path, db_url: str
+) -> None:
+    """Two drivers share a hostname but not a PID namespace (host-networked containers): the
+    second must not take the run over while the first one's command still runs."""
+    if not _unshare_works():
+        pytest.skip("`unshare --pid --fork --mount-proc` is missing or not permitted here")
+    workspace = make_workspace(tmp_path / "ws")
+    db = db_url
+    _slow_append_one(workspace)
+    # Inside, pids are used up first so that the driver's pid (about 500) names no process out
+    # here: an owner check by hostname and pid alone would declare it dead. `; true` keeps the
+    # shell as the namespace's pid 1 rather than exec'ing the driver.
+    burn = "i=0; while [ $i -lt 500 ]; do /bin/true; i=$((i+1)); done"
+    driver = " ".join([*LOOM_OPS, "runbook", "'crash drill'", "--run-id", "ns"])
+    inner = f"{burn}; {driver}; true"
+    proc = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", inner],
+        cwd=workspace,
+        env=_env(workspace, db),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for_line(workspace, "one", proc)
+        owner = _one(db, "SELECT lease_owner FROM runs WHERE id = 'ns'")
+        assert owner is not None, owner
+        inner_pid = int(owner[0].split(":")[1])
+        assert not Path(f"/proc/{inner_pid}").exists(), f"pid {inner_pid} exists out here too"
+
+        resumed = subprocess.run(
+            [*LOOM_OPS, "resume", "--run-id", "ns"],
+            cwd=workspace,
+            env=_env(workspace, db),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert resumed.returncode != 0, resumed.stdout
+        assert "is being driven by" in resumed.stderr, resumed.stderr
+        assert "Traceback" not in resumed.stderr
+        assert _lines(workspace) == ["one"]
+    finally:
+        proc.wait(timeout=30)
+    assert _run_row(db, "ns") == ("waiting_approval", ("gate", "append-two"))
+    assert _lines(workspace) == ["one"]

@@ -15,7 +15,7 @@ from agent.approvals import Decision
 from agent.journal import first_broken_link
 from agent.leases import owner_is_dead
 from agent.policy import ToolCall
-from agent.records import Origin, RunLimits, RunStatus
+from agent.records import Claim, Origin, RunLimits, RunStatus
 from agent.service import RunService
 from agent.settings import Settings
 from agent.store import NewRun, RunBusy, RunStore
@@ -198,7 +198,12 @@ async def test_a_bad_call_is_an_observation_not_a_crash(
     async with open_service(settings.model_copy(update={"allow_shell": True}), policy) as service:
         run = await service.start("bad", "crash drill")
 
-        assert run.status == RunStatus.SUCCEEDED  # the kernel went on with the next call
+        # The kernel went on with the next call; the model's "succeeded" does not make the
+        # run succeed with three of its four steps never run.
+        assert run.status == RunStatus.FAILED
+        assert run.error == (
+            "the model reported success; 1 of 4 steps ran; not run: append-one, append-two, verify"
+        )
         records = await service.store.list_tool_calls("bad")
         assert [r.tool for r in records] == ["read_runbook", bad.name, "execute_step"]
         observed = records[1]
@@ -520,13 +525,13 @@ async def test_a_takeover_mid_turn_reuses_the_journaled_turn(
             await asyncio.sleep(0.01)
         with pytest.raises(RunBusy):  # a's lease is live and a's process is alive
             await b.store.claim_run("mid", "intruder:1:x", 30, owner_is_dead)
-        await b.store.claim_run("mid", "intruder:1:x", 30, lambda _owner: True)
+        intruder = Claim.of(await b.store.claim_run("mid", "intruder:1:x", 30, lambda _: True))
 
         stopped = await driving  # a notices the lost lease and lets go
         assert stopped.status == RunStatus.RUNNING
         assert stopped.lease_owner == "intruder:1:x"
         assert lines(workspace) == ["slow"]  # a did not go on to the second call
-        await b.store.release_lease("mid", "intruder:1:x")
+        await b.store.release_lease(intruder)
 
         run = await b.resume("mid")
 
@@ -649,7 +654,7 @@ async def test_a_live_lease_keeps_a_second_owner_out(other_process: RunStore) ->
     await _queued_run(other_process, "leased", LATENCY)
     holder = "otherhost:4242:aaaa"  # another host: never declared dead, only its lease expires
     run = await other_process.claim_run("leased", holder, 0.3, owner_is_dead)
-    assert run.status == RunStatus.RUNNING and run.lease_owner == holder
+    assert run.status == RunStatus.RUNNING and run.lease_owner == holder and run.lease_epoch == 1
 
     with pytest.raises(RunBusy, match="otherhost:4242:aaaa"):
         await other_process.claim_run("leased", "otherhost:5151:bbbb", 0.3, owner_is_dead)
@@ -660,8 +665,12 @@ async def test_a_live_lease_keeps_a_second_owner_out(other_process: RunStore) ->
     taken = await other_process.claim_run("leased", "otherhost:5151:bbbb", 0.3, owner_is_dead)
     assert taken.lease_owner == "otherhost:5151:bbbb"
     claimed = [e for e in await other_process.list_events("leased") if e.type == "run_claimed"]
-    assert claimed[-1].data == {"owner": "otherhost:5151:bbbb", "taken_over_from": holder}
-    assert not await other_process.renew_lease("leased", holder, 0.3)  # the old owner lost it
+    assert claimed[-1].data == {
+        "owner": "otherhost:5151:bbbb",
+        "epoch": 2,
+        "taken_over_from": holder,
+    }
+    assert not await other_process.renew_lease(Claim.of(run), 0.3)  # the old owner lost it
 
 
 async def test_the_kernel_waits_for_an_expired_lease_then_takes_over(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ from agent.approvals import Decision
 from agent.records import RunStatus
 from agent.service import RunService, ServiceError
 from agent.settings import Settings
+from tests.cli_helpers import Cli, make_cli_workspace
 from tests.openai_standin import http_error, serve, tool_reply
 
 KEY = "sk-test-0123456789abcdefghijklmnop"
@@ -227,3 +229,162 @@ async def test_a_model_cannot_finish_before_seeing_its_calls(
             await service.close()
     assert run.status == RunStatus.FAILED and run.summary == "the step was refused"
     assert len(stand_in.requests) == 3
+
+
+# -- a misconfigured LLM fails the run at once; an outage leaves it resumable ----------------------
+
+MISCONFIGURED = {
+    "400-model-not-found": (
+        http_error(400, message="The model `stand-in-1` does not exist", code="model_not_found"),
+        "OPENAI_MODEL",
+    ),
+    "401": (http_error(401, message="Incorrect API key provided"), "OPENAI_API_KEY"),
+    "403": (http_error(403, message="You have no access to this project"), "OPENAI_API_KEY"),
+    "404-model-not-found": (
+        http_error(404, message='model "stand-in-1" not found, try pulling it first'),
+        "OPENAI_MODEL",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MISCONFIGURED))
+async def test_a_misconfigured_llm_fails_the_run_at_once_naming_the_setting(
+    settings: Settings, workspace: Path, case: str
+) -> None:
+    answer, setting = MISCONFIGURED[case]
+    with serve([answer]) as stand_in:
+        llm = _settings(settings, workspace, stand_in.base_url)
+        service = await RunService.open(llm)
+        try:
+            run = await service.start("bad", "incident: llm drill")
+            events = await service.store.list_events("bad")
+        finally:
+            await service.close()
+    assert run.status == RunStatus.FAILED, run
+    assert run.error is not None and setting in run.error
+    assert "\n" not in run.error
+    assert f"HTTP {answer['status']}" in run.error
+    assert run.lease_owner is None  # nobody holds a failed run
+    assert events[-1].type == "run_finished"
+    assert events[-1].data == {"status": "failed", "summary": None, "error": run.error}
+    assert not [e for e in events if e.type == "run_interrupted"]
+    assert len(stand_in.requests) == 1  # neither the client nor a worker asked again
+
+
+async def test_a_wrong_base_url_fails_naming_it_and_the_url_used(
+    settings: Settings, workspace: Path
+) -> None:
+    with serve([]) as stand_in:
+        root = stand_in.base_url.removesuffix("/v1")
+        llm = _settings(settings, workspace, root)
+        service = await RunService.open(llm)
+        try:
+            run = await service.start("nov1", "incident: llm drill")
+        finally:
+            await service.close()
+    assert run.status == RunStatus.FAILED
+    assert run.error == (
+        f"LLM misconfigured: check OPENAI_BASE_URL, POST {root}/chat/completions answered "
+        f"HTTP 404 (OPENAI_BASE_URL is {root}; OpenAI-compatible servers usually end in /v1)"
+    )
+    assert stand_in.paths == ["/chat/completions"]  # once: a 404 is not retried
+
+
+async def test_any_other_400_fails_with_the_servers_message_redacted(
+    settings: Settings, workspace: Path
+) -> None:
+    said = "messages too long for context window (request had password=hunter2secret)"
+    with serve([http_error(400, message=said)]) as stand_in:
+        llm = _settings(settings, workspace, stand_in.base_url)
+        service = await RunService.open(llm)
+        try:
+            run = await service.start("long", "incident: llm drill")
+        finally:
+            await service.close()
+    assert run.status == RunStatus.FAILED
+    assert run.error is not None
+    assert run.error.startswith("LLM rejected the request (HTTP 400 for POST ")
+    assert "messages too long for context window" in run.error
+    assert "hunter2secret" not in run.error and "[REDACTED]" in run.error
+    assert "OPENAI_" not in run.error  # no setting to blame: the request itself was refused
+    assert len(stand_in.requests) == 1
+
+
+async def test_a_misconfigured_llm_fails_a_child_and_then_its_supervisor(
+    settings: Settings, workspace: Path
+) -> None:
+    script = [
+        tool_reply(("delegate_subagent", {"role": "planner"})),
+        http_error(401, message="Incorrect API key provided"),  # the planner child's first turn
+        http_error(401, message="Incorrect API key provided"),  # the woken supervisor's turn
+    ]
+    with serve(script) as stand_in:
+        llm = _settings(settings, workspace, stand_in.base_url)
+        service = await RunService.open(llm)
+        try:
+            root = await service.start("tree", "incident: llm drill", role="supervisor")
+            child = await service.store.get_run("tree:sub:planner")
+        finally:
+            await service.close()
+    assert child.status == RunStatus.FAILED
+    assert child.error is not None and "OPENAI_API_KEY" in child.error
+    assert root.status == RunStatus.FAILED  # woken by its child's end, not left waiting
+    assert root.error is not None and "OPENAI_API_KEY" in root.error
+    assert len(stand_in.requests) == 3
+
+
+async def test_a_rate_limited_llm_interrupts_the_run_which_stays_resumable(
+    settings: Settings, workspace: Path
+) -> None:
+    limited = http_error(429, retry_after_ms=10, message="Rate limit reached")
+    with serve([limited, limited, limited]) as stand_in:
+        llm = _settings(settings, workspace, stand_in.base_url)
+        service = await RunService.open(llm)
+        try:
+            run = await service.start("busy", "incident: llm drill")
+            events = await service.store.list_events("busy")
+        finally:
+            await service.close()
+    assert run.status == RunStatus.QUEUED and run.error is None
+    assert events[-1].type == "run_interrupted"
+    assert "RateLimitError" in events[-1].data["error"]
+    assert len(stand_in.requests) == 3  # one try and the client's two retries
+
+
+async def test_an_unreachable_llm_interrupts_the_run_which_stays_resumable(
+    settings: Settings, workspace: Path
+) -> None:
+    with socket.socket() as probe:  # a port nothing listens on once the probe is closed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    llm = _settings(settings, workspace, f"http://127.0.0.1:{port}/v1")
+    service = await RunService.open(llm.model_copy(update={"llm_max_retries": 0}))
+    try:
+        run = await service.start("refused", "incident: llm drill")
+        events = await service.store.list_events("refused")
+    finally:
+        await service.close()
+    assert run.status == RunStatus.QUEUED and run.error is None
+    assert events[-1].type == "run_interrupted"
+    assert "APIConnectionError" in events[-1].data["error"]
+
+
+def test_the_cli_ends_a_run_against_a_wrong_base_url_with_one_line(tmp_path: Path) -> None:
+    workspace = make_cli_workspace(tmp_path / "ws")
+    (workspace / "runbooks" / "llm-drill.yaml").write_text(LLM_DRILL)
+    cli = Cli(workspace, tmp_path / "cli.sqlite")
+    with serve([]) as stand_in:
+        root = stand_in.base_url.removesuffix("/v1")
+        env = {"OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": root, "OPENAI_MODEL": "stand-in-1"}
+        result = cli("runbook", "incident: llm drill", "--run-id", "cli-bad", env=env)
+        as_json = cli("runbook", "incident: llm drill", "--run-id", "cli-json", "--json", env=env)
+    assert result.returncode == 1, result.describe()
+    assert "Traceback" not in result.stderr + result.stdout, result.describe()
+    lines = result.stderr_lines()
+    assert len(lines) == 1, result.describe()
+    assert lines[0].startswith("loom-ops: run cli-bad failed: LLM misconfigured: "), lines
+    assert f"check OPENAI_BASE_URL, POST {root}/chat/completions answered HTTP 404" in lines[0]
+    assert as_json.returncode == 1, as_json.describe()
+    payload = as_json.json()
+    assert payload["status"] == "failed" and "OPENAI_BASE_URL" in payload["error"]
+    assert stand_in.paths == ["/chat/completions"] * 2  # one request per run, no retries

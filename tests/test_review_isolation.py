@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from agent.postgres_db import _Statements
-from agent.records import Checkpoint, Origin, RunLimits, RunStatus
+from agent.records import Checkpoint, Claim, Origin, RunLimits, RunStatus
 from agent.store import LeaseLost, NewRun, NewToolCall, RunStore, StoreError
 from tests.conftest import postgres_schema
 
@@ -139,17 +139,17 @@ async def test_a_stale_owner_beginning_a_call_the_new_owner_began_loses_its_leas
 ) -> None:
     first, second = two
     await first.create_run(_run("r"))
-    await first.claim_run("r", "w1", TTL, _nobody_dead)
+    stale_claim = Claim.of(await first.claim_run("r", "w1", TTL, _nobody_dead))
     call = NewToolCall("r:1:0", 1, 0, "ops.shell", {"argv": ["df", "-h"]}, None)
     hold = Hold(first)
     hold.arm(at="INSERT INTO tool_calls")
-    stale = asyncio.create_task(first.begin_tool_call("r", "w1", call, Checkpoint(turn=1)))
+    stale = asyncio.create_task(first.begin_tool_call(stale_claim, call, Checkpoint(turn=1)))
     await hold.reached()  # w1's snapshot: it still owns the run, and no intent exists
 
     async def take_over() -> int:
         # w1 is found dead (or its lease ran out): w2 takes the run over, replays the call.
-        await second.claim_run("r", "w2", TTL, lambda owner: owner == "w1")
-        return await second.begin_tool_call("r", "w2", call, Checkpoint(turn=1))
+        run = await second.claim_run("r", "w2", TTL, lambda owner: owner == "w1")
+        return (await second.begin_tool_call(Claim.of(run), call, Checkpoint(turn=1))).attempt
 
     (new_owner,) = await hold.beside(take_over())
     hold.release()
@@ -157,7 +157,8 @@ async def test_a_stale_owner_beginning_a_call_the_new_owner_began_loses_its_leas
     if new_owner == 1:  # w2 began the call: w1 must be told it lost the run, nothing else
         assert isinstance(old_owner, LeaseLost), repr(old_owner)
     else:  # w1 began it first: w2's takeover finds the call in doubt and refuses it
-        assert old_owner == 1 and isinstance(new_owner, StoreError), (old_owner, new_owner)
+        assert getattr(old_owner, "attempt", None) == 1, old_owner
+        assert isinstance(new_owner, StoreError), new_owner
 
 
 async def test_a_run_ending_while_its_progress_entry_is_claimed_queues_a_new_one(
@@ -165,11 +166,11 @@ async def test_a_run_ending_while_its_progress_entry_is_claimed_queues_a_new_one
 ) -> None:
     worker, bot = two
     await worker.create_run(_run("r", Origin(kind="telegram", chat_id=42)))  # queues progress
-    await worker.claim_run("r", "w1", TTL, _nobody_dead)
+    claim = Claim.of(await worker.claim_run("r", "w1", TTL, _nobody_dead))
     hold = Hold(worker)
     hold.arm(at=None)
     ending = asyncio.create_task(
-        worker.finish_run("r", "w1", RunStatus.SUCCEEDED, Checkpoint(), "disk is fine", None)
+        worker.finish_run(claim, RunStatus.SUCCEEDED, Checkpoint(), "disk is fine", None)
     )
     await hold.reached()  # its snapshot saw the progress entry waiting: it queued none
     # The bot's OutboxSender._progress: claim, render from the store, send, mark delivered.

@@ -1,21 +1,115 @@
-"""run_command with real processes: exit codes, capped streaming output, group kill, clean env."""
+"""run_command with real processes: exit codes, capped output, clean env, and containment.
+
+Containment is tested with real drivers and real strays: setsid grandchildren, orphans with a
+scrubbed environment, drivers SIGKILLed or frozen with SIGSTOP.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from agent.shell import CommandResult, run_command, scrubbed_environment
+from agent import shell
+from agent.host import read_stat
+from agent.shell import (
+    ATTEMPT_ENV,
+    SAFE_ENV_BASE,
+    CommandResult,
+    SpawnRefused,
+    kill_attempt,
+    new_attempt_marker,
+    run_command,
+    scrubbed_environment,
+)
 
 PY = sys.executable
 ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+REPO = Path(__file__).resolve().parent.parent
+
+# A command that leaves a stray behind: a forked process that calls setsid, closes its output
+# and execs a sleeper that writes `stray.acted` after DELAY s. The command itself writes
+# `command.acted` after DELAY s, unless HOW is "exit": then it exits 0 once the stray runs. With
+# HOW "daemon" the stray's parent exits at once (orphaning it) and the stray execs with an empty
+# environment, so no marker is left on it: only the command's subtree still holds it.
+STRAY = r"""
+import os, sys, time
+where, delay, how = sys.argv[1], sys.argv[2], sys.argv[3]
+ACT = (
+    "import sys, time; time.sleep(float(sys.argv[2])); "
+    "open(sys.argv[1], 'w').write('acted'); time.sleep(30)"
+)
+
+def publish(name):
+    path = os.path.join(where, name)
+    with open(path + ".tmp", "w") as handle:
+        handle.write(str(os.getpid()))
+    os.rename(path + ".tmp", path)
+
+publish("command.pid")
+if os.fork() == 0:
+    if how == "daemon" and os.fork() != 0:
+        os._exit(0)
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    publish("stray.pid")
+    env = {} if how == "daemon" else dict(os.environ)
+    acted = os.path.join(where, "stray.acted")
+    os.execve(sys.executable, [sys.executable, "-c", ACT, acted, delay], env)
+while not os.path.exists(os.path.join(where, "stray.pid")):
+    time.sleep(0.01)
+if how == "exit":
+    sys.exit(0)
+time.sleep(float(delay))
+open(os.path.join(where, "command.acted"), "w").write("acted")
+time.sleep(30)
+"""
+
+# A driver process: runs one command through run_command as the job (JSON in argv[1]) says.
+# With "spawn_in" it sets its spawn gate that many seconds ahead (as a kernel does from its
+# lease), says so, and waits for a line on stdin, so a test can freeze it before the spawn.
+DRIVER = r"""
+import asyncio, json, sys, time
+from agent.shell import SpawnRefused, run_command
+
+async def main():
+    job = json.loads(sys.argv[1])
+    spawn_before = None
+    if job["spawn_in"] is not None:
+        spawn_before = time.time() + job["spawn_in"]
+        print("gate", spawn_before, flush=True)
+        sys.stdin.readline()
+    try:
+        result = await run_command(
+            job["argv"], timeout=job["timeout"], env=job["env"], marker=job["marker"],
+            spawn_before=spawn_before,
+        )
+    except SpawnRefused as exc:
+        print("refused:", exc, flush=True)
+        sys.exit(3)
+    print(json.dumps({"exit_code": result.exit_code, "timed_out": result.timed_out}))
+
+asyncio.run(main())
+"""
+
+# A command that publishes its pid and sleeps.
+SLEEPER = (
+    "import os, sys, time; open(sys.argv[1] + '.tmp', 'w').write(str(os.getpid())); "
+    "os.rename(sys.argv[1] + '.tmp', sys.argv[1]); time.sleep(30)"
+)
 
 
 def _alive(pid: int) -> bool:
@@ -51,6 +145,62 @@ async def _read_pid(pidfile: Path, within: float = 2.0) -> int:
             return int(text)
         await asyncio.sleep(0.02)
     raise AssertionError(f"{pidfile} was never written")
+
+
+def _stray_argv(where: Path, delay: float, how: str) -> list[str]:
+    return [PY, "-c", STRAY, str(where), str(delay), how]
+
+
+def _acted(where: Path) -> list[str]:
+    return sorted(path.name for path in where.glob("*.acted"))
+
+
+async def _past(moment: float) -> None:
+    """Sleep until time.monotonic() has passed `moment`."""
+    await asyncio.sleep(max(0.0, moment - time.monotonic()))
+
+
+def _driver(job: dict[str, object]) -> subprocess.Popen[str]:
+    """Start a driver process for `job` (see DRIVER), with defaults for what the job leaves out."""
+    full = {"timeout": 60, "env": ENV, "marker": new_attempt_marker(), "spawn_in": None}
+    full.update(job)
+    return subprocess.Popen(
+        [PY, "-c", DRIVER, json.dumps(full)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+
+
+def _stop(driver: subprocess.Popen[str]) -> None:
+    driver.kill()
+    driver.wait(timeout=10)
+    for stream in (driver.stdin, driver.stdout):
+        if stream is not None:
+            stream.close()
+
+
+def _no_zombie_children() -> bool:
+    """True when no child of this process has exited without being reaped."""
+    try:
+        return os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+    except ChildProcessError:
+        return True  # no children at all
+
+
+@pytest.fixture
+def where(tmp_path: Path) -> Iterator[Path]:
+    """A directory for one stray scenario; a process it recorded that still runs is killed after.
+
+    Only processes whose command line names the directory: a pid reused since is left alone.
+    """
+    yield tmp_path
+    for pidfile in tmp_path.glob("*.pid"):
+        pid = int(pidfile.read_text())
+        with contextlib.suppress(OSError):
+            if str(tmp_path).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
 
 
 async def test_exit_code_and_stdout() -> None:
@@ -148,7 +298,9 @@ async def test_timeout_with_a_background_grandchild_after_the_child_exits(
     assert await _wait_dead(await _read_pid(pidfile))
 
 
-async def test_a_process_that_left_the_group_cannot_hold_the_call_open(tmp_path: Path) -> None:
+async def test_a_process_that_left_the_group_neither_holds_the_call_open_nor_survives(
+    tmp_path: Path,
+) -> None:
     # setsid puts the sleeper in a new session, out of reach of killpg, still holding stdout.
     pidfile = tmp_path / "pidfile"
     argv = ["/bin/sh", "-c", f"setsid sleep 30 & echo $! > {pidfile}; wait"]
@@ -157,6 +309,7 @@ async def test_a_process_that_left_the_group_cannot_hold_the_call_open(tmp_path:
         result = await run_command(argv, timeout=1, env=ENV)
         assert time.monotonic() - started < 3
         assert result.timed_out
+        assert not _alive(await _read_pid(pidfile)), "the setsid sleeper survived the timeout"
     finally:
         with contextlib.suppress(ProcessLookupError, ValueError, AssertionError):
             os.kill(await _read_pid(pidfile), signal.SIGKILL)
@@ -190,7 +343,8 @@ async def test_env_is_scrubbed_and_passthrough_is_kept() -> None:
     assert "TELEGRAM_BOT_TOKEN" not in seen
     assert "AWS_SECRET_ACCESS_KEY" not in seen
     assert "NOT_IN_SOURCE" not in seen
-    assert set(seen) <= {"PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER", "KUBECONFIG"}
+    assert seen[ATTEMPT_ENV] == result.marker
+    assert set(seen) <= {*SAFE_ENV_BASE, "KUBECONFIG", ATTEMPT_ENV}
 
 
 def test_scrubbed_environment_keeps_only_the_safe_base() -> None:
@@ -239,3 +393,213 @@ async def test_no_fds_leak_across_many_runs() -> None:
         await run_command(["/bin/true"], timeout=5, env=ENV)
     await run_command(["/nonexistent"], timeout=5, env=ENV)
     assert len(os.listdir("/proc/self/fd")) <= before + 2
+
+
+async def test_a_setsid_grandchild_dies_at_the_step_timeout(where: Path) -> None:
+    result = await run_command(_stray_argv(where, 1.5, "wait"), timeout=1, env=ENV)
+    returned = time.monotonic()
+    assert result.timed_out
+    stray = await _read_pid(where / "stray.pid")
+    assert not _alive(stray), "the setsid grandchild survived the timeout"
+    assert result.processes_killed >= 2  # the command and its stray
+    await _past(returned + 1.5 + 0.5)  # the stray started before the timeout: it is due by now
+    assert _acted(where) == []
+
+
+async def test_a_setsid_grandchild_left_by_a_command_that_exits_0_is_killed(where: Path) -> None:
+    result = await run_command(_stray_argv(where, 0.5, "exit"), timeout=30, env=ENV)
+    returned = time.monotonic()
+    assert result.exit_code == 0
+    assert not result.timed_out
+    assert result.processes_killed == 1
+    assert not _alive(await _read_pid(where / "stray.pid")), "the stray outlived its step"
+    await _past(returned + 0.5 + 0.5)
+    assert _acted(where) == []
+
+
+async def test_an_orphan_with_a_scrubbed_environment_stays_in_reach_and_dies_at_the_timeout(
+    where: Path,
+) -> None:
+    # Its parent exits at once and it carries no marker: only the command being a subreaper
+    # keeps it in the command's subtree instead of init's.
+    task = asyncio.create_task(run_command(_stray_argv(where, 1.5, "daemon"), timeout=1, env=ENV))
+    command = await _read_pid(where / "command.pid")
+    stray = await _read_pid(where / "stray.pid")
+    deadline = time.monotonic() + 2
+    while (stat := read_stat(stray)) is not None and stat.ppid != command:
+        assert time.monotonic() < deadline, f"orphan {stray} went to {stat.ppid}, not {command}"
+        await asyncio.sleep(0.01)
+    result = await task
+    returned = time.monotonic()
+    assert result.timed_out
+    assert not _alive(stray), "the orphan with a scrubbed environment survived the timeout"
+    await _past(returned + 1.5 + 0.5)
+    assert _acted(where) == []
+
+
+async def test_cancelling_run_command_kills_the_setsid_grandchild(where: Path) -> None:
+    task = asyncio.create_task(run_command(_stray_argv(where, 1.0, "wait"), timeout=60, env=ENV))
+    command = await _read_pid(where / "command.pid")
+    stray = await _read_pid(where / "stray.pid")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    cancelled = time.monotonic()
+    assert not _alive(command)
+    assert not _alive(stray), "the setsid grandchild survived the cancellation"
+    await _past(cancelled + 1.0 + 0.5)
+    assert _acted(where) == []
+
+
+async def test_a_sigkilled_driver_takes_its_command_along_and_kill_attempt_finds_the_stray(
+    where: Path,
+) -> None:
+    marker = new_attempt_marker()
+    driver = _driver({"argv": _stray_argv(where, 1.5, "wait"), "marker": marker})
+    try:
+        command = await _read_pid(where / "command.pid", within=10)
+        stray = await _read_pid(where / "stray.pid", within=10)
+        driver.kill()
+        await asyncio.to_thread(driver.wait, 10)
+        killed = time.monotonic()
+        assert await _wait_dead(command), "the command outlived its SIGKILLed driver"
+        assert _alive(stray)  # setsid put it out of reach of the death signal and the group
+
+        report = kill_attempt(marker)  # what the next driver of the run does on resume
+
+        assert report.scanned
+        assert report.all_gone
+        assert stray in report.pids
+        assert command not in report.pids  # it was dead already
+        assert not _alive(stray)
+        await _past(killed + 1.5 + 0.5)
+        assert _acted(where) == []
+    finally:
+        _stop(driver)
+
+
+async def test_a_driver_frozen_until_after_spawn_before_starts_nothing(where: Path) -> None:
+    marker = new_attempt_marker()
+    driver = _driver({"argv": _stray_argv(where, 0.1, "wait"), "marker": marker, "spawn_in": 0.3})
+    try:
+        assert driver.stdin is not None and driver.stdout is not None
+        said, gate = (await asyncio.to_thread(driver.stdout.readline)).split()
+        assert said == "gate"
+        driver.send_signal(signal.SIGSTOP)  # frozen after setting its gate, before the spawn
+        driver.stdin.write("go\n")
+        driver.stdin.flush()
+        await asyncio.sleep(max(0.0, float(gate) - time.time()) + 0.05)
+        driver.send_signal(signal.SIGCONT)
+        output = await asyncio.to_thread(driver.stdout.read)
+        assert await asyncio.to_thread(driver.wait, 10) == 3
+        assert output.startswith("refused: not starting")
+        assert not (where / "command.pid").exists()
+        assert kill_attempt(marker).found == 0
+    finally:
+        _stop(driver)
+
+
+async def test_a_gate_closing_after_the_parents_check_refuses_in_the_child(
+    where: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Stands for a driver frozen between its own check and the exec: only the child's is left.
+    monkeypatch.setattr(shell, "_refuse_if_closed", lambda spawn_before, argv: None)
+    marker = new_attempt_marker()
+    with pytest.raises(SpawnRefused, match="spawn gate closed"):
+        await run_command(
+            _stray_argv(where, 0.1, "wait"),
+            timeout=5,
+            env=ENV,
+            marker=marker,
+            spawn_before=time.time() - 0.01,
+        )
+    assert not (where / "command.pid").exists()
+    assert kill_attempt(marker).found == 0
+    assert _no_zombie_children()
+
+
+async def test_an_open_spawn_gate_runs_the_command() -> None:
+    result = await run_command(
+        ["/bin/echo", "ok"], timeout=5, env=ENV, spawn_before=time.time() + 60
+    )
+    assert result.exit_code == 0
+    assert result.stdout == "ok\n"
+
+
+async def test_the_command_of_a_frozen_driver_dies_by_its_alarm(tmp_path: Path) -> None:
+    pidfile = tmp_path / "command.pid"
+    driver = _driver({"argv": [PY, "-c", SLEEPER, str(pidfile)], "timeout": 2})
+    try:
+        command = await _read_pid(pidfile, within=10)
+        driver.send_signal(signal.SIGSTOP)  # it can no longer enforce the timeout itself
+        assert await _wait_dead(command, within=2 + 2 + 5), "the command outlived its timeout"
+        stat = read_stat(command)  # a zombie: its frozen driver cannot reap it
+        assert stat is not None and stat.exit_code is not None
+        assert os.WIFSIGNALED(stat.exit_code)
+        assert os.WTERMSIG(stat.exit_code) == signal.SIGALRM
+    finally:
+        _stop(driver)
+
+
+def test_kill_attempt_kills_and_reaps_only_its_marker_s_processes() -> None:
+    sleep = shutil.which("sleep") or "/bin/sleep"
+    marker, other = new_attempt_marker(), new_attempt_marker()
+    ours = os.posix_spawn(sleep, ["sleep", "30"], {**ENV, ATTEMPT_ENV: marker})
+    theirs = os.posix_spawn(sleep, ["sleep", "30"], {**ENV, ATTEMPT_ENV: other})
+    try:
+        report = kill_attempt(marker)
+        assert report.pids == (ours,)
+        assert report.all_gone
+        assert report.killed_at is not None
+        with pytest.raises(ChildProcessError):  # already reaped by kill_attempt
+            os.waitpid(ours, os.WNOHANG)
+        assert _alive(theirs)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(theirs, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(theirs, 0)
+
+
+def test_kill_attempt_never_kills_its_caller() -> None:
+    marker = new_attempt_marker()
+    code = f"from agent.shell import kill_attempt; print(kill_attempt({marker!r}).found)"
+    done = subprocess.run(
+        [PY, "-c", code],
+        env={**os.environ, ATTEMPT_ENV: marker},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "0\n"
+
+
+def test_a_marker_must_be_printable_without_spaces() -> None:
+    for bad in ("", "has space", "nul\0", "x" * 201):
+        with pytest.raises(ValueError, match="invalid attempt marker"):
+            kill_attempt(bad)
+
+
+async def test_without_proc_the_group_kill_and_a_warning_remain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(shell, "_PROC", tmp_path / "no-proc")
+    shell._warn_no_proc.cache_clear()
+    pidfile = tmp_path / "pidfile"
+    argv = ["/bin/sh", "-c", f"sleep 30 & echo $! > {pidfile}; sleep 30"]
+    with caplog.at_level(logging.WARNING, logger="agent.shell"):
+        result = await run_command(argv, timeout=1, env=ENV)
+        report = kill_attempt(new_attempt_marker())
+    assert result.timed_out
+    assert await _wait_dead(await _read_pid(pidfile))
+    assert not report.scanned
+    assert "cannot list /proc" in caplog.text
+
+
+async def test_without_prctl_a_command_still_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shell, "_libc_prctl", lambda: None)
+    result = await run_command(["/bin/echo", "ok"], timeout=5, env=ENV)
+    assert result.exit_code == 0
+    assert result.stdout == "ok\n"

@@ -20,11 +20,20 @@ import agent.migrations
 from agent.approvals import Decision
 from agent.database import POSTGRES, SQLITE
 from agent.journal import first_broken_link
-from agent.records import ApprovalKind, ApprovalStatus, Checkpoint, Origin, RunLimits, RunStatus
+from agent.records import (
+    ApprovalKind,
+    ApprovalStatus,
+    Checkpoint,
+    Claim,
+    Origin,
+    RunLimits,
+    RunStatus,
+)
 from agent.service import RunService
 from agent.settings import Settings
 from agent.store import (
     DecisionEffect,
+    LeaseLost,
     NewApproval,
     NewRun,
     NewToolCall,
@@ -85,8 +94,8 @@ async def store(db_url: str) -> AsyncIterator[RunStore]:
         await opened.close()
 
 
-async def _claimed_run(store: RunStore, run_id: str, origin: Origin | None = None) -> None:
-    """A run created and claimed by OWNER, ready for tool calls."""
+async def _claimed_run(store: RunStore, run_id: str, origin: Origin | None = None) -> Claim:
+    """A run created and claimed by OWNER, ready for tool calls; returns the claim."""
     await store.create_run(
         NewRun(
             id=run_id,
@@ -97,7 +106,7 @@ async def _claimed_run(store: RunStore, run_id: str, origin: Origin | None = Non
             limits=RunLimits(max_steps=40, max_tool_calls=100, deadline_seconds=3600),
         )
     )
-    await store.claim_run(run_id, OWNER, 30, lambda _owner: False)
+    return Claim.of(await store.claim_run(run_id, OWNER, 30, lambda _owner: False))
 
 
 # -- migrations --------------------------------------------------------------------------------
@@ -436,21 +445,21 @@ def _intent(key: str = "t#0.0") -> NewToolCall:
 async def test_a_second_intent_for_the_same_call_is_refused(store: RunStore) -> None:
     """One intent per call; a rerun (idempotent, in doubt) gets a new attempt; a finished call
     is never begun again; a refusal writes nothing."""
-    await _claimed_run(store, "t")
-    assert await store.begin_tool_call("t", OWNER, _intent(), Checkpoint()) == 1
+    claim = await _claimed_run(store, "t")
+    assert (await store.begin_tool_call(claim, _intent(), Checkpoint())).attempt == 1
     events = len(await store.list_events("t"))
 
     with pytest.raises(StoreError, match="already intent"):
-        await store.begin_tool_call("t", OWNER, _intent(), Checkpoint())
+        await store.begin_tool_call(claim, _intent(), Checkpoint())
     assert len(await store.list_events("t")) == events
     record = await store.get_tool_call("t#0.0")
     assert record is not None and (record.attempt, record.status) == (1, "intent")
 
-    assert await store.begin_tool_call("t", OWNER, _intent(), Checkpoint(), rerun=True) == 2
-    await store.finish_tool_call("t", OWNER, "t#0.0", 2, "ok", {"done": True}, 1.0, Checkpoint())
+    assert (await store.begin_tool_call(claim, _intent(), Checkpoint(), rerun=True)).attempt == 2
+    await store.finish_tool_call(claim, "t#0.0", 2, "ok", {"done": True}, 1.0, Checkpoint())
     for rerun in (False, True):
         with pytest.raises(StoreError, match="already ok"):
-            await store.begin_tool_call("t", OWNER, _intent(), Checkpoint(), rerun=rerun)
+            await store.begin_tool_call(claim, _intent(), Checkpoint(), rerun=rerun)
     record = await store.get_tool_call("t#0.0")
     assert record is not None and (record.attempt, record.status) == (2, "ok")
     assert first_broken_link(await store.list_events("t")) is None
@@ -458,11 +467,10 @@ async def test_a_second_intent_for_the_same_call_is_refused(store: RunStore) -> 
 
 async def test_a_call_a_human_marked_for_retry_gets_one_new_attempt(store: RunStore) -> None:
     """An in-doubt call decided `retry` may be begun once more, and only once."""
-    await _claimed_run(store, "r")
-    await store.begin_tool_call("r", OWNER, _intent("r#0.0"), Checkpoint())
+    claim = await _claimed_run(store, "r")
+    await store.begin_tool_call(claim, _intent("r#0.0"), Checkpoint())
     approval = await store.open_approval(
-        "r",
-        OWNER,
+        claim,
         NewApproval(
             call_key="r#0.0",
             kind=ApprovalKind.IN_DOUBT,
@@ -485,19 +493,20 @@ async def test_a_call_a_human_marked_for_retry_gets_one_new_attempt(store: RunSt
     record = await store.get_tool_call("r#0.0")
     assert record is not None and record.status == "retry"
 
-    await store.claim_run("r", OWNER, 30, lambda _owner: False)
-    assert await store.begin_tool_call("r", OWNER, _intent("r#0.0"), Checkpoint()) == 2
+    again = Claim.of(await store.claim_run("r", OWNER, 30, lambda _owner: False))
+    assert (await store.begin_tool_call(again, _intent("r#0.0"), Checkpoint())).attempt == 2
     with pytest.raises(StoreError, match="already intent"):
-        await store.begin_tool_call("r", OWNER, _intent("r#0.0"), Checkpoint())
+        await store.begin_tool_call(again, _intent("r#0.0"), Checkpoint())
+    with pytest.raises(LeaseLost):  # the earlier claim is fenced out, by its epoch
+        await store.finish_tool_call(claim, "r#0.0", 2, "ok", {}, 1.0, Checkpoint())
 
 
 async def test_a_decision_past_the_deadline_is_not_recorded(store: RunStore) -> None:
     """The deadline is the first decision: once it passed, a decision must not be recorded."""
-    await _claimed_run(store, "slow")
-    await store.begin_tool_call("slow", OWNER, _intent("slow#0.0"), Checkpoint())
+    claim = await _claimed_run(store, "slow")
+    await store.begin_tool_call(claim, _intent("slow#0.0"), Checkpoint())
     approval = await store.open_approval(
-        "slow",
-        OWNER,
+        claim,
         NewApproval(
             call_key="slow#0.0",
             kind=ApprovalKind.GATE,

@@ -76,7 +76,9 @@ async def test_a_role_delegated_twice_gets_its_own_id(settings: Settings) -> Non
         calls = await service.store.list_tool_calls("twice")
     assert ids == ["twice:sub:planner", "twice:sub:verifier", "twice:sub:verifier-2"]
     assert calls[-1].status == "refused" and "not available" in calls[-1].outcome["refused"]
-    assert run.status == RunStatus.SUCCEEDED
+    # No executor ran, so no step did: the model's "succeeded" does not stand.
+    assert run.status == RunStatus.FAILED
+    assert run.error is not None and "no executor run was started" in run.error
 
 
 async def test_an_unknown_role_is_refused(service: RunService) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.approvals import Decision
+from agent.journal import first_broken_link
 from agent.service import RunService
 from agent.settings import Settings
 from tests.cli_helpers import LOOM_OPS, cli_env
@@ -119,7 +120,13 @@ class WorkerProc:
 
 
 def start_worker(
-    name: str, workspace: Path, db: str, logs: Path, concurrency: int, ttl: float
+    name: str,
+    workspace: Path,
+    db: str,
+    logs: Path,
+    concurrency: int,
+    ttl: float,
+    failpoint: str | None = None,
 ) -> WorkerProc:
     log = logs / f"{name}.stderr"
     env = cli_env(
@@ -127,6 +134,7 @@ def start_worker(
         LOOM_OPS_WORKSPACE=str(workspace),
         LOOM_OPS_ALLOW_SHELL="1",
         LOOM_OPS_LEASE_TTL=str(ttl),
+        **({"LOOM_OPS_FAILPOINT": failpoint} if failpoint else {}),
     )
     with log.open("wb") as handle:
         proc = subprocess.Popen(
@@ -686,3 +694,79 @@ async def test_the_api_without_a_worker_records_and_a_worker_drives(
         for row in raw_rows(db_url, "SELECT data FROM events WHERE type = 'run_claimed'")
     }
     assert owners == {workers[0].owner}  # the worker drove every claim; the API none
+
+
+def _process_state(pid: int) -> str:
+    """The state letter of a process (T: stopped), or "" when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
+
+
+def _out_lines(workspace: Path) -> list[str]:
+    path = workspace / "out.txt"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+async def test_a_worker_frozen_between_intent_and_spawn_starts_nothing_once_it_lost_the_run(
+    tmp_path: Path,
+) -> None:
+    """A worker SIGSTOPped right after committing a step's intent loses its lease; another
+    worker takes the run over, a person says retry, the step runs once. After SIGCONT the
+    frozen worker starts nothing: one effect per step, and the journal is intact."""
+    with postgres_schema() as db:
+        workspace = make_workspace(tmp_path / "ws")  # crash drill: prepare, append-one, ...
+        logs = tmp_path / "logs"
+        logs.mkdir()
+        # Stopped right before its first live effect, append-one's command, after its intent.
+        frozen = start_worker("frozen", workspace, db, logs, 1, 1.0, "before_effect:1:stop")
+        other: WorkerProc | None = None
+        try:
+            await_ready([frozen])
+            async with recording_service(workspace, db) as service:
+                await service.start("stall", "crash drill")
+                deadline = time.monotonic() + 30
+                while _process_state(frozen.proc.pid) != "T":
+                    assert time.monotonic() < deadline, frozen.tail()
+                    time.sleep(0.02)
+                assert _out_lines(workspace) == []
+
+                other = start_worker("other", workspace, db, logs, 1, 1.0)
+                await_ready([other])
+                deadline = time.monotonic() + 30
+                while (pending := await service.pending_approval("stall")) is None:
+                    assert time.monotonic() < deadline, other.tail()
+                    time.sleep(0.05)
+                assert (pending.kind, pending.step_id) == ("in_doubt", "append-one")
+                assert "attempt 1 had ended" in pending.reason, pending.reason
+                result = await service.decide(
+                    "stall", Decision.APPROVE, APPROVER, approval_id=pending.id
+                )
+                assert result.changed, result.message
+                deadline = time.monotonic() + 30
+                while (pending := await service.pending_approval("stall")) is None:
+                    assert time.monotonic() < deadline, other.tail()
+                    time.sleep(0.05)
+                assert (pending.kind, pending.step_id) == ("gate", "append-two")
+                await service.decide("stall", Decision.APPROVE, APPROVER, approval_id=pending.id)
+                deadline = time.monotonic() + 30
+                while (await service.get("stall")).status != "succeeded":
+                    assert time.monotonic() < deadline, other.tail()
+                    time.sleep(0.05)
+
+                frozen.proc.send_signal(signal.SIGCONT)
+                time.sleep(3)  # the woken worker would spawn append-one now, were it allowed
+                assert frozen.proc.poll() is None, frozen.tail()
+                assert _out_lines(workspace) == ["one", "two"]
+                events = await service.store.list_events("stall")
+                assert first_broken_link(events) is None
+                intents = [
+                    e.data["attempt"]
+                    for e in events
+                    if e.type == "tool_intent" and e.data.get("step_id") == "append-one"
+                ]
+                assert intents == [1, 2]  # the frozen attempt and the one a person allowed
+        finally:
+            stop_workers([frozen, *([other] if other else [])])
+        assert "Traceback" not in frozen.stderr(), frozen.tail()
