@@ -487,16 +487,19 @@ class _RunLoop:
         they carry, and how long it may act after it starts (the store adds the spawn
         deadline)."""
         host = this_host()
-        timeout = 0.0
+        timeout, kind = 0.0, None
         if self.runbook is not None and isinstance(args.get("step_id"), str):
             with contextlib.suppress(KeyError):
                 step = self.runbook.step(args["step_id"])
                 timeout = self._budget(step, tool == "rollback_step")
+                rollback = tool == "rollback_step" and step.rollback is not None
+                kind = "run" if (step.rollback.run if rollback else step.run) else "other"
         return {
             "hostname": host.hostname,
             "boot_id": host.boot_id,
             "pid_ns": host.pid_ns,
             "marker": marker,
+            "kind": kind,  # "run": a command whose processes carry the marker
             "timeout": round(timeout, 3),
         }
 
@@ -681,7 +684,8 @@ class _RunLoop:
         info = existing.attempt_info or {}
         attempt = f"attempt {existing.attempt}"
         marker = info.get("marker")
-        if not isinstance(marker, str):
+        if not isinstance(marker, str) or info.get("kind") != "run":
+            # No command of ours to look for (an MCP call, say): nothing more can be known.
             return f"the process stopped during {attempt}"
         recorded = HostIdentity(str(info.get("hostname")), info.get("boot_id"), info.get("pid_ns"))
         if this_host().same_pid_space(recorded):

@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shlex
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -201,8 +202,17 @@ TOOL_SPECS: dict[str, ToolSpec] = {
 }
 
 
-async def _off_loop(render: Callable[..., _T], *args: Any) -> _T:
-    """Run a render in a worker thread; its own bound ends the thread, the loop never waits."""
+# Plain text with `{{ name }}` references and nothing else: such a template only copies param
+# values (validated and bounded by the request's size), so it cannot loop or build anything.
+_PLAIN_TEMPLATE = re.compile(r"(?:[^{]|\{(?![{%#])|\{\{\s*[A-Za-z_][A-Za-z0-9_]*\s*\}\})*")
+
+
+async def _off_loop(render: Callable[..., _T], *args: Any, templates: Sequence[str] = ()) -> _T:
+    """Run a render in a worker thread; its own bound ends the thread, the loop never waits.
+    Renders of `templates` that are all plain substitutions run inline: a thread hop would cost
+    more than they do."""
+    if templates and all(_PLAIN_TEMPLATE.fullmatch(text) for text in templates):
+        return render(*args)
     return await asyncio.to_thread(render, *args)
 
 
@@ -352,12 +362,13 @@ class Toolbox:
         prefix = "rollback " if rollback else ""
         if note is not None:
             try:
-                return ToolResult("ok", {"note": await _off_loop(render_text, note, params)})
+                text = await _off_loop(render_text, note, params, templates=[note])
+                return ToolResult("ok", {"note": text})
             except RenderError as exc:
                 return _render_failure(step, f"{prefix}note", exc)
         assert run_template is not None
         try:
-            argv = await _off_loop(render_command, run_template, params)
+            argv = await _off_loop(render_command, run_template, params, templates=[run_template])
         except RenderError as exc:
             return _render_failure(step, f"{prefix}run", exc)
         if not self._settings.allow_shell:
@@ -401,7 +412,8 @@ class Toolbox:
     ) -> ToolResult:
         """Call a mapped MCP tool (dry-run unless allowed); a server failure is an outcome."""
         try:
-            arguments = await _off_loop(_render_arguments, action, params)
+            texts = [v for v in action.arguments.values() if isinstance(v, str)]
+            arguments = await _off_loop(_render_arguments, action, params, templates=texts)
         except RenderError as exc:
             return ToolResult("error", {"mcp_tool": action.tool, "error": f"arguments: {exc}"})
         base = {"mcp_tool": action.tool, "arguments": arguments}
@@ -443,7 +455,7 @@ class Toolbox:
             return await self._mcp(check.mcp, params, timeout, False, gate)
         assert check.url is not None
         try:
-            url = await _off_loop(render_url, check.url, params)
+            url = await _off_loop(render_url, check.url, params, templates=[check.url])
         except RenderError as exc:
             return ToolResult("error", {"url": check.url, "error": str(exc)})
         if not self._settings.live_checks:
