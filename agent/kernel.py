@@ -208,11 +208,9 @@ class RunKernel:
             await self._interrupt(claim, reason)
 
     async def _interrupt(self, claim: Claim, reason: str) -> None:
-        try:
-            await self.store.append_event(claim.run_id, "run_interrupted", {"error": reason})
-        finally:
-            # Workers try it again after a lease TTL, not in a tight loop against an outage.
-            await self.store.release_lease(claim, self.settings.lease_ttl)
+        # Workers try it again after a lease TTL, not in a tight loop against an outage.
+        if not await self.store.interrupt_run(claim, reason, self.settings.lease_ttl):
+            log.info("run %s was taken over meanwhile; not interrupting it", claim.run_id)
 
 
 class _RunLoop:
@@ -244,9 +242,10 @@ class _RunLoop:
         for record in records:
             if record.outcome is not None and record.status not in ("intent", "retry"):
                 self.history.append(_observation(record))
+        counted = [*await self._earlier_executors_calls(), *records]
         self.steps = step_states(
             (r.tool, r.step_id, r.status, r.attempt, r.outcome)
-            for r in records
+            for r in counted
             if r.status != "intent"  # an attempt in flight is counted when it is decided
         )
         self.approvals = await self.store.approved_gate_counts(self.run_id)
@@ -270,6 +269,21 @@ class _RunLoop:
                 summary=None,
                 error=finish.error,
             )
+
+    async def _earlier_executors_calls(self) -> list[ToolCallRecord]:
+        """The calls of executor runs started before this one by the same parent on the same
+        runbook: an incident's steps are counted once, however often an executor is
+        delegated, so a second executor never runs a completed step again."""
+        run = self.run_record
+        if run.role != "executor" or run.parent_id is None or run.runbook_id is None:
+            return []
+        calls: list[ToolCallRecord] = []
+        for sibling in await self.store.child_runs(run.parent_id):
+            if sibling.id == run.id:
+                break  # child_runs are in the order they were started
+            if sibling.role == "executor" and sibling.runbook_id == run.runbook_id:
+                calls.extend(await self.store.list_tool_calls(sibling.id))
+        return calls
 
     async def _decision(self, fresh_turn: bool) -> tuple[PolicyDecision, NewPolicyTurn | None]:
         """The journaled answer for this turn, or a new one (to be committed with its first use)."""
@@ -345,8 +359,7 @@ class _RunLoop:
         else:
             children = []
             if self.run_record.role == "supervisor":
-                latest = {c.role: c.status for c in await self.store.child_runs(self.run_id)}
-                children = list(latest.items())
+                children = [(c.role, c.status) for c in await self.store.child_runs(self.run_id)]
             judged = verdict(
                 self.run_record.role, final.outcome, self.runbook, self.steps, children
             )
@@ -696,7 +709,7 @@ class _RunLoop:
             if swept is not None and swept.scanned and swept.all_gone:
                 if swept.found:
                     return f"{attempt} was still running; killed at {_clock(swept.killed_at)}"
-                return f"{attempt} had ended; its exit status is unknown"
+                return f"no process of {attempt} is left (it ended, or never started)"
         act_until = float(info.get("spawn_before", 0)) + float(info.get("timeout", 0)) + ACT_GRACE
         if time.time() < act_until:
             log.info("run %s: waiting until %s for %s to be over", self.run_id, act_until, attempt)
@@ -704,6 +717,7 @@ class _RunLoop:
                 self.run_id,
                 "waiting_for_earlier_attempt",
                 {"call_key": existing.call_key, "attempt": existing.attempt, "until": act_until},
+                claim=self.claim,
             )
             await asyncio.sleep(act_until - time.time())
         return (

@@ -13,6 +13,7 @@ from typing import Any
 import jinja2
 import openai
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletion
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.policy import (
@@ -163,12 +164,22 @@ class OpenAIPolicy:
             openai.AuthenticationError,
             openai.PermissionDeniedError,
             openai.NotFoundError,
+            openai.UnprocessableEntityError,
         ) as exc:
             # The client never retries these, and neither should a worker: no amount of waiting
             # fixes a wrong key, URL or model, so the run fails now, naming what to fix.
             raise PolicyMisconfigured(self._misconfiguration(exc)) from exc
         except openai.APIError as exc:  # after the client's own retries: an outage, resumable
             raise PolicyUnavailable(f"LLM request failed: {type(exc).__name__}: {exc}") from exc
+        if not isinstance(response, ChatCompletion):
+            # A 200 that is no chat completion (a web UI's index page, say): the URL names
+            # something else than an OpenAI-compatible API, and waiting will not change that.
+            base = str(self._client.base_url).rstrip("/")
+            raise PolicyMisconfigured(
+                f"LLM misconfigured: check OPENAI_BASE_URL, {base} answered with something "
+                f"that is not a chat completion ({type(response).__name__}); "
+                "OpenAI-compatible servers usually end in /v1"
+            )
         if not response.choices:
             raise PolicyUnavailable("LLM answered with no choices")
         message = response.choices[0].message
@@ -205,7 +216,7 @@ class OpenAIPolicy:
         return decision
 
     def _misconfiguration(self, exc: openai.APIStatusError) -> str:
-        """One redacted line for a 400/401/403/404 answer, naming the setting to fix."""
+        """One redacted line for a 400/401/403/404/422 answer, naming the setting to fix."""
         status = exc.status_code
         said = _server_message(exc)
         asked = f"{exc.request.method} {exc.request.url}"

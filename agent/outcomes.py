@@ -2,9 +2,11 @@
 run's final status, all computed from recorded tool calls — never from the model's word.
 
 Invariants:
-- a step that is not repeatable (no `idempotent: true`, not a check or a note) runs at most
-  `1 + retries` times, failed attempts included, and never again once it succeeded or a person
-  said to treat it as done; only a person's "retry" of an in-doubt attempt goes past that;
+- a step that acts (`run` or `mcp`) runs at most `1 + retries` times, failed attempts
+  included, whether or not it is `idempotent: true`; one that is not idempotent never runs
+  again once it succeeded or a person said to treat it as done; only a person's "retry" of an
+  in-doubt attempt goes past that. Checks and notes are reads: a policy may repeat them (to
+  poll a recovering service, or to verify before and after), within the run's budgets;
 - a run that executes a runbook succeeds only when every step that is not `optional` has a
   successful last attempt (or a person's skip); a failed or never-run step rules success out;
 - the model's final answer is its narrative: it can turn a run's success into a failure, never
@@ -73,17 +75,17 @@ def step_states(
     return states
 
 
-def is_repeatable(step: Step) -> bool:
-    """Whether running the step again is harmless: a check, a note, or declared idempotent."""
-    return step.idempotent or step.action_kind in ("check", "note")
+def is_read(step: Step) -> bool:
+    """Whether the step only looks (a check or a note): nothing limits how often it runs."""
+    return step.action_kind in ("check", "note")
 
 
 def repeat_refusal(step: Step, state: StepState) -> str | None:
-    """Why the step may not run again, or None: a done step is never repeated, and no step
-    runs more often than its runbook allows. Repeatable steps are never refused here."""
-    if is_repeatable(step):
+    """Why the step may not run again, or None: a done step that is not idempotent is never
+    repeated, and no step that acts runs more often than its runbook allows."""
+    if is_read(step):
         return None
-    if state.done:
+    if state.done and not step.idempotent:
         how = (
             f"a person ({state.skipped_by}) said to treat it as done"
             if state.last == "skipped"
@@ -141,8 +143,8 @@ def verdict(
     children: Sequence[tuple[str, RunStatus]] = (),
 ) -> Verdict:
     """The status a run ends with, from its facts and the model's `claimed` outcome
-    ("succeeded" or "failed"). `children` are the (role, status) of the latest child run of
-    each role, for a supervisor."""
+    ("succeeded" or "failed"). `children` are the (role, status) of every child run, for a
+    supervisor."""
     problem = _facts_problem(role, runbook, states, children)
     if claimed != "succeeded":
         # The model's failure stands (the safe side); its account is the run's error.
@@ -164,6 +166,8 @@ def _facts_problem(
             return "no child run was started"
         if not any(child_role == "executor" for child_role, _ in children):
             return "no executor run was started, so no step ran"
+        # Every child counts, not the last of each role: a failed executor stays a failure
+        # even when a later plan (another runbook, say) went through.
         failed = [f"{r} {s}" for r, s in children if s != RunStatus.SUCCEEDED]
         return f"child runs did not succeed: {', '.join(failed)}" if failed else None
     if runbook is None:

@@ -1668,12 +1668,46 @@ class RunStore:
             raise RunNotFound(f"unknown run id {run_id!r}")
         return row[0], row[1]
 
-    async def append_event(self, run_id: str, type_: str, data: dict[str, Any]) -> None:
-        """Append one event outside any other change (e.g. a note from a front end)."""
+    async def append_event(
+        self, run_id: str, type_: str, data: dict[str, Any], claim: Claim | None = None
+    ) -> None:
+        """Append one event outside any other change (e.g. a note from a front end); a drive
+        passes its `claim`, and writes nothing once it lost the lease (LeaseLost)."""
         now = time.time()
-        await self._transaction(
-            lambda c: self._append_events(c, run_id, [NewEvent(type_, data)], now)
-        )
+
+        def append(conn: Connection) -> None:
+            if claim is not None:
+                self._fence(conn, claim)
+            self._append_events(conn, run_id, [NewEvent(type_, data)], now)
+
+        await self._transaction(append)
+
+    async def interrupt_run(self, claim: Claim, reason: str, retry_after: float) -> bool:
+        """Journal why a drive stopped and hand the run back, queued for whoever claims it
+        after `retry_after` seconds; fenced, so a driver that lost its lease writes nothing
+        (False)."""
+        now = time.time()
+
+        def interrupt(conn: Connection) -> bool:
+            try:
+                self._fence(conn, claim)
+            except LeaseLost:
+                return False
+            self._append_events(
+                conn,
+                claim.run_id,
+                [NewEvent("run_interrupted", {"error": reason})],
+                now,
+                {
+                    "status": RunStatus.QUEUED,
+                    "lease_owner": None,
+                    "lease_expires_at": None,
+                    "not_before": now + retry_after,
+                },
+            )
+            return True
+
+        return await self._transaction(interrupt)
 
     async def list_events(
         self, run_id: str, after_seq: int = 0, limit: int | None = None

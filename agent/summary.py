@@ -121,6 +121,8 @@ async def build_summary(store: RunStore, run_id: str) -> RunSummary:
     end = run.finished_at or time.time()
     summary = RunSummary(run=run, duration=_duration(end - run.created_at))
     errors: list[str] = []
+    executing: RunRecord | None = None  # the first run that executed the runbook's steps
+    executed: list[ToolCallRecord] = []  # its calls, and those of later executors of it
     for member in tree:
         summary.approvals.extend(await store.list_approvals(member.id))
         calls = await store.list_tool_calls(member.id)
@@ -129,11 +131,16 @@ async def build_summary(store: RunStore, run_id: str) -> RunSummary:
                 where = f" ({member.role})" if member is not run else ""
                 line = f"{call.tool} {call.step_id or ''}: {_detail(call)}".strip() + where
                 errors.append(line)
-        # The runbook's steps are the executing run's: the run itself, or its executor child.
-        if member.runbook and member.role in ("runbook", "executor") and not summary.steps:
-            summary.steps = _step_results(member, calls)
+        # The runbook's steps are the executing runs': the run itself, or its executor
+        # children (all of them: a step run by a second executor ran all the same).
+        if member.runbook and member.role in ("runbook", "executor"):
+            executing = executing or member
+            if member.runbook_id == executing.runbook_id:
+                executed.extend(calls)
         if member.error:
             errors.append(member.error)
+    if executing is not None:
+        summary.steps = _step_results(executing, executed)
     summary.errors = _counted(errors)
     summary.approvals.sort(key=lambda approval: approval.id)
     names = {run.requested_by, *(a.decided_by for a in summary.approvals if a.decided_by)}
@@ -160,12 +167,22 @@ def _step_results(run: RunRecord, calls: list[ToolCallRecord]) -> list[StepResul
             detail = f"refused {_times(state.refusals)}" if state.refusals else ""
             results.append(StepResult(step["id"], step["title"], "not run", detail, 0))
             continue
-        result = "rolled back" if last.tool == "rollback_step" else last.status
+        result = (
+            "rolled back" if last.tool == "rollback_step" else _RESULT.get(last.status, last.status)
+        )
         attempts = max(state.attempts, 1)
         results.append(
             StepResult(step["id"], step["title"], result, _detail(last), attempts, state.refusals)
         )
     return results
+
+
+# Call states that are not a result, as a person should read them.
+_RESULT = {
+    "intent": "in flight (may have run)",
+    "retry": "to be run again",
+    "cancelled": "cancelled (may have run)",
+}
 
 
 def _counted(lines: list[str]) -> list[str]:

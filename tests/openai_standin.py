@@ -67,6 +67,11 @@ class StandIn:
             return self.script.pop(0)
 
 
+def html_page(text: str = "<html><body>Open WebUI</body></html>") -> dict[str, Any]:
+    """A 200 answer that is no chat completion: what a web UI at the configured URL sends."""
+    return {"page": text}
+
+
 def _handler(stand_in: StandIn) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
@@ -86,6 +91,14 @@ def _handler(stand_in: StandIn) -> type[BaseHTTPRequestHandler]:
                 return
             body = json.loads(raw or b"{}")
             item = stand_in.next_item(body)
+            if "page" in item:
+                page = item["page"].encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+                return
             if "status" in item:
                 error = {
                     "message": item.get("message", "scripted failure"),

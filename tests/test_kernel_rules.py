@@ -15,13 +15,23 @@ from pydantic import SecretStr
 from agent.approvals import Decision
 from agent.explain import render_timeline
 from agent.journal import first_broken_link
+from agent.policy import PolicyContext, PolicyDecision
 from agent.records import RunStatus
 from agent.service import RunService
 from agent.settings import Settings
 from agent.summary import build_summary, render_summary
 from agent.trace import build_trace, render_trace
 from tests.openai_standin import serve, tool_reply
-from tests.support import allow, lines, write_runbook
+from tests.support import (
+    ScriptedPolicy,
+    allow,
+    call,
+    final,
+    lines,
+    open_service,
+    turn,
+    write_runbook,
+)
 
 DRILL = """\
 id: rules-drill
@@ -294,3 +304,135 @@ async def test_a_run_succeeds_when_every_required_step_did_and_optional_ones_may
     assert result.run.status == RunStatus.SUCCEEDED, result.run.error
     assert result.run.summary == "scaled and verified"
     assert lines(workspace) == ["act"]
+
+
+# -- a supervisor's model: the same rules across the incident tree ------------------------------
+
+ONCE = """\
+id: once-drill
+title: Once drill
+triggers: [once drill]
+approvers: [cli:approver]
+steps:
+  - id: act
+    title: Append once (not idempotent, no retries)
+    run: "{python} append.py act"
+  - id: again
+    title: Append, declared idempotent, no retries
+    run: "{python} append.py again"
+    idempotent: true
+    optional: true
+  - id: poll
+    title: A check may be polled
+    check: {url: "http://127.0.0.1:9/healthz"}
+    optional: true
+"""
+
+
+class _ByRole:
+    """A scripted model per role: the supervisor's, the planner's, each executor's."""
+
+    name = "scripted"
+
+    def __init__(self, scripts: dict[str, list[PolicyDecision]]) -> None:
+        self.scripts = {role: ScriptedPolicy(script) for role, script in scripts.items()}
+
+    def preflight(self, request: str, catalog: object) -> None:
+        """Accept every request."""
+
+    async def decide(self, context: PolicyContext) -> PolicyDecision:
+        """The role's scripted answer for the run's next turn."""
+        return await self.scripts[context.role].decide(context)
+
+
+def _once_settings(settings: Settings, workspace: Path) -> Settings:
+    write_runbook(workspace, "once-drill", ONCE)
+    allow(workspace, "append.py", "re:act|again")
+    return settings.model_copy(update={"allow_shell": True})
+
+
+async def test_a_second_executor_does_not_run_a_completed_step_again(
+    settings: Settings, workspace: Path
+) -> None:
+    """A supervisor's model delegates the executor three times: `act` runs once in the whole
+    incident; the later executors are told it is done; the summary says so."""
+    policy = _ByRole(
+        {
+            "supervisor": [
+                turn(call("delegate_subagent", role="planner")),
+                *[turn(call("delegate_subagent", role="executor"))] * 3,
+                final("succeeded", "acted"),
+            ],
+            "planner": [
+                turn(call("read_runbook", runbook_id="once-drill")),
+                final("succeeded", "plan"),
+            ],
+            "executor": [turn(call("execute_step", step_id="act")), final("succeeded", "ok")],
+        }
+    )
+    async with open_service(_once_settings(settings, workspace), policy) as service:
+        run = await service.start("tree", "once drill", role="supervisor")
+        children = await service.store.child_runs("tree")
+        later = await service.store.list_tool_calls("tree:sub:executor-3")
+        text = render_summary(await build_summary(service.store, "tree"))
+    assert lines(workspace) == ["act"]
+    assert [c.role for c in children] == ["planner", "executor", "executor", "executor"]
+    assert later[0].status == "refused" and "is done" in later[0].outcome["refused"]
+    assert run.status == RunStatus.SUCCEEDED, run.error
+    assert "act — Append once (not idempotent, no retries): ok (ran once); 2 repeat(s)" in text
+
+
+async def test_a_failed_executor_fails_its_supervisor_whatever_follows(
+    settings: Settings, workspace: Path
+) -> None:
+    """The first executor fails; the model delegates another that goes through and claims
+    success: every child counts, so the incident fails and says why."""
+    policy = _ByRole(
+        {
+            "supervisor": [
+                turn(call("delegate_subagent", role="planner")),
+                turn(call("delegate_subagent", role="executor")),
+                turn(call("delegate_subagent", role="executor")),
+                final("succeeded", "fixed on the second go"),
+            ],
+            "planner": [
+                turn(call("read_runbook", runbook_id="once-drill")),
+                final("succeeded", "plan"),
+            ],
+            "executor": [turn(call("execute_step", step_id="act")), final("succeeded", "ok")],
+        }
+    )
+    (workspace / "append.py").write_text("import sys; sys.exit(1)\n")  # act fails, no line
+    async with open_service(_once_settings(settings, workspace), policy) as service:
+        run = await service.start("tree", "once drill", role="supervisor")
+        statuses = [c.status for c in await service.store.child_runs("tree")]
+    assert statuses == ["succeeded", "failed", "failed"]
+    assert run.status == RunStatus.FAILED
+    assert run.error == (
+        "the model reported success; child runs did not succeed: executor failed, executor failed"
+    )
+
+
+async def test_retries_bound_idempotent_actions_but_not_polled_checks(
+    settings: Settings, workspace: Path
+) -> None:
+    """`again` (idempotent, retries 0) asked three times runs once; the check `poll` may be
+    asked three times (polling a recovering service is a read)."""
+    policy = ScriptedPolicy(
+        [
+            turn(call("read_runbook", runbook_id="once-drill")),
+            turn(call("execute_step", step_id="act")),
+            *[turn(call("execute_step", step_id="again"))] * 3,
+            *[turn(call("check_health", step_id="poll"))] * 3,
+            final("succeeded", "done"),
+        ]
+    )
+    async with open_service(_once_settings(settings, workspace), policy) as service:
+        run = await service.start("bounded", "once drill")
+        calls = await service.store.list_tool_calls("bounded")
+    assert lines(workspace) == ["act", "again"]
+    again = [c for c in calls if c.step_id == "again"]
+    assert [c.status for c in again] == ["ok", "refused", "refused"]
+    assert "has used all 1 attempt(s)" in again[1].outcome["refused"]
+    assert [c.status for c in calls if c.step_id == "poll"] == ["ok", "ok", "ok"]
+    assert run.status == RunStatus.SUCCEEDED, run.error

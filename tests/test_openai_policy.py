@@ -18,7 +18,7 @@ from agent.records import RunStatus
 from agent.service import RunService, ServiceError
 from agent.settings import Settings
 from tests.cli_helpers import Cli, make_cli_workspace
-from tests.openai_standin import http_error, serve, tool_reply
+from tests.openai_standin import html_page, http_error, serve, tool_reply
 
 KEY = "sk-test-0123456789abcdefghijklmnop"
 
@@ -244,6 +244,7 @@ MISCONFIGURED = {
         http_error(404, message='model "stand-in-1" not found, try pulling it first'),
         "OPENAI_MODEL",
     ),
+    "422": (http_error(422, message="tools are not supported"), "tools are not supported"),
 }
 
 
@@ -269,6 +270,23 @@ async def test_a_misconfigured_llm_fails_the_run_at_once_naming_the_setting(
     assert events[-1].data == {"status": "failed", "summary": None, "error": run.error}
     assert not [e for e in events if e.type == "run_interrupted"]
     assert len(stand_in.requests) == 1  # neither the client nor a worker asked again
+
+
+async def test_a_base_url_answering_a_web_page_fails_naming_it(
+    settings: Settings, workspace: Path
+) -> None:
+    """A 200 that is no chat completion (a web UI's page) is a wrong URL, not an outage."""
+    with serve([html_page()]) as stand_in:
+        llm = _settings(settings, workspace, stand_in.base_url)
+        service = await RunService.open(llm)
+        try:
+            run = await service.start("page", "incident: llm drill")
+        finally:
+            await service.close()
+    assert run.status == RunStatus.FAILED, run
+    assert run.error is not None and "check OPENAI_BASE_URL" in run.error
+    assert "not a chat completion" in run.error and "\n" not in run.error
+    assert len(stand_in.requests) == 1
 
 
 async def test_a_wrong_base_url_fails_naming_it_and_the_url_used(

@@ -527,3 +527,22 @@ async def test_a_decision_past_the_deadline_is_not_recorded(store: RunStore) -> 
     )
     assert not recorded
     assert (await store.get_approval(approval.id)).status != ApprovalStatus.APPROVED
+
+
+async def test_a_drive_that_lost_its_lease_interrupts_nothing(store: RunStore) -> None:
+    """A stale driver (its LLM call timed out after another process took the run over) must
+    not journal `run_interrupted` nor hand back a run it no longer holds; the holder can."""
+    stale = await _claimed_run(store, "i")
+    holder = Claim.of(await store.claim_run("i", "otherhost:2:new", 30, lambda _owner: True))
+    events = len(await store.list_events("i"))
+
+    assert not await store.interrupt_run(stale, "LLM timed out", 5)
+    with pytest.raises(LeaseLost):
+        await store.append_event("i", "note", {"text": "stale"}, claim=stale)
+    assert len(await store.list_events("i")) == events
+    assert (await store.get_run("i")).lease_owner == "otherhost:2:new"
+
+    assert await store.interrupt_run(holder, "LLM timed out", 5)
+    run = await store.get_run("i")
+    assert (run.status, run.lease_owner) == (RunStatus.QUEUED, None)
+    assert (await store.list_events("i"))[-1].type == "run_interrupted"

@@ -739,7 +739,7 @@ async def test_a_worker_frozen_between_intent_and_spawn_starts_nothing_once_it_l
                     assert time.monotonic() < deadline, other.tail()
                     time.sleep(0.05)
                 assert (pending.kind, pending.step_id) == ("in_doubt", "append-one")
-                assert "attempt 1 had ended" in pending.reason, pending.reason
+                assert "no process of attempt 1 is left" in pending.reason, pending.reason
                 result = await service.decide(
                     "stall", Decision.APPROVE, APPROVER, approval_id=pending.id
                 )
