@@ -294,6 +294,7 @@ def _run_json(run: RunRecord) -> dict[str, Any]:
         "runbook_id": run.runbook_id,
         "params": run.params,
         "requested_by": run.requested_by,
+        "policy": run.policy,
         "summary": run.summary,
         "error": run.error,
         "created_at": run.created_at,

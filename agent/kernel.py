@@ -111,7 +111,7 @@ class RunKernel:
         store: RunStore,
         toolbox: Toolbox,
         settings: Settings,
-        policy_for: Callable[[str], Policy],
+        policy_for: Callable[[RunRecord], Policy],
         catalog_loader: Callable[[], RunbookCatalog],
         redactor: Redactor,
         owner: str,
@@ -304,7 +304,7 @@ class _RunLoop:
         if rolling_back:
             decision, policy_name, request_hash = self._rollback_plan(), ROLLBACK_POLICY, ""
         else:
-            policy = self.k.policy_for(self.run_record.role)
+            policy = self.k.policy_for(self.run_record)
             context = PolicyContext(
                 run_id=self.run_id,
                 role=self.run_record.role,

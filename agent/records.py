@@ -142,6 +142,7 @@ class RunRecord:
     updated_at: float
     finished_at: float | None
     lease_epoch: int = 0  # grows with every claim of the lease
+    policy: str | None = None  # what drives it ("mock", "openai:<model>"); None: the configured
 
 
 @dataclass(frozen=True)

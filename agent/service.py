@@ -16,6 +16,7 @@ from agent.approvals import (
     decision_effect,
     decision_status,
 )
+from agent.host import HostIdentity, this_host
 from agent.kernel import RunKernel
 from agent.leases import new_owner_id, owner_is_dead
 from agent.memory import WorkspaceMemory
@@ -34,6 +35,7 @@ from agent.redaction import Redactor
 from agent.request import MAX_REQUEST_BYTES
 from agent.runbook import Runbook, RunbookCatalog, load_catalog
 from agent.settings import Settings
+from agent.shell import kill_attempt
 from agent.store import ApprovalNotFound, NewRun, RunStore, StoreError
 from agent.tools import Toolbox, tools_for_role
 
@@ -84,7 +86,9 @@ class RunService:
         self._catalog: RunbookCatalog | None = None
         self._catalog_stamp: tuple[tuple[str, int, int], ...] = ()
         self.redactor = Redactor(settings.redact_patterns, settings.secret_values())
+        self._injected = policy is not None
         self._policy = policy if policy is not None else _configured_policy(settings, self.redactor)
+        self._policies: dict[str, Policy] = {}  # other policies runs were started with, by name
         self.toolbox = Toolbox(
             settings,
             self.catalog,
@@ -139,10 +143,20 @@ class RunService:
             self._catalog, self._catalog_stamp = load_catalog(directory), stamp
         return self._catalog
 
-    def _policy_for(self, role: str) -> Policy:
-        if self._policy is None:
-            raise PolicyUnavailable(NO_POLICY)
-        return self._policy
+    def _policy_for(self, run: RunRecord) -> Policy:
+        """What drives `run`: the policy it was started with (the mock, or an LLM by model),
+        whatever this process was started with; runs from before that was recorded, and runs
+        of a service given its policy (tests, benchmarks), get this process's own."""
+        if self._injected or run.policy is None or run.policy == getattr(self._policy, "name", ""):
+            if self._policy is None:
+                raise PolicyUnavailable(NO_POLICY)
+            return self._policy
+        policy = self._policies.get(run.policy)
+        if policy is None:
+            policy = self._policies[run.policy] = _recorded_policy(
+                run.policy, self.settings, self.redactor
+            )
+        return policy
 
     # -- starting and driving ------------------------------------------------------------------
 
@@ -186,6 +200,7 @@ class RunService:
                 requested_by=requested_by or f"cli:{self.settings.user}",
                 origin=origin or Origin(),
                 limits=limits,
+                policy=self._policy.name,
             )
         )
         return await self._drive(run_id, wait)
@@ -468,6 +483,24 @@ class RunService:
         # gone within a third of the lease TTL and stops there.
         for cancelled_id in cancelled:
             self.kernel.stop(cancelled_id)
+        # A driver that is frozen never gets there, and its command's guard waits for the
+        # timeout: kill the in-flight commands we can reach (same host and PID namespace) now.
+        here = this_host()
+        for cancelled_id in cancelled:
+            for call in await self.store.list_tool_calls(cancelled_id):
+                info = call.attempt_info or {}
+                marker = info.get("marker")
+                if call.status != "intent" or info.get("kind") != "run":
+                    continue
+                where = HostIdentity(
+                    str(info.get("hostname")), info.get("boot_id"), info.get("pid_ns")
+                )
+                if not isinstance(marker, str) or not here.same_pid_space(where):
+                    continue
+                try:
+                    await asyncio.to_thread(kill_attempt, marker)
+                except ValueError:  # a marker this version cannot look for
+                    log.warning("run %s: cannot look for attempt %r", cancelled_id, marker)
         run = await self.store.get_run(run_id)
         await self._wake_after_end(run, wait)  # a cancelled child may have been the last one
         return run
@@ -515,6 +548,24 @@ def _configured_policy(settings: Settings, redactor: Redactor) -> Policy | None:
     from agent.openai_policy import OpenAIPolicy
 
     return OpenAIPolicy(settings, redactor)
+
+
+def _recorded_policy(name: str, settings: Settings, redactor: Redactor) -> Policy:
+    """The policy a run was started with, by its recorded name: the mock needs nothing; an
+    LLM needs this process's key and URL, and keeps the run's model."""
+    if name == MockPolicy.name:
+        return MockPolicy()
+    kind, _, model = name.partition(":")
+    if kind != "openai" or not model:
+        raise PolicyUnavailable(f"this run is driven by {name!r}, which this version lacks")
+    if settings.openai_api_key is None or not settings.openai_api_key.get_secret_value():
+        raise PolicyUnavailable(
+            f"this run is driven by the LLM {model!r}: set OPENAI_API_KEY (and OPENAI_BASE_URL) "
+            "where it resumes"
+        )
+    from agent.openai_policy import OpenAIPolicy
+
+    return OpenAIPolicy(settings.model_copy(update={"openai_model": model}), redactor)
 
 
 def _describe(approval: ApprovalRecord) -> str:

@@ -92,6 +92,7 @@ class NewRun:
     origin: Origin
     limits: RunLimits
     parent_id: str | None = None
+    policy: str | None = None  # what drives it: "mock" or "openai:<model>"
 
 
 @dataclass(frozen=True)
@@ -702,7 +703,7 @@ class RunStore:
         def open_(conn: Connection) -> list[str]:
             self._fence(conn, claim)
             parent = conn.execute(
-                "SELECT request, requested_by, origin, limits FROM runs WHERE id = ?",
+                "SELECT request, requested_by, origin, limits, policy FROM runs WHERE id = ?",
                 (parent_id,),
             ).fetchone()
             if parent is None:
@@ -721,7 +722,8 @@ class RunStore:
                 conn.execute(
                     "INSERT INTO runs (id, parent_id, role, status, request, requested_by, "
                     "origin, checkpoint, limits, created_at, updated_at, spawned_by, runbook_id, "
-                    "runbook, params) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "runbook, params, policy) "
+                    "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         child_id,
                         parent_id,
@@ -737,6 +739,7 @@ class RunStore:
                         child.pin.runbook_id if child.pin else None,
                         _dumps(child.pin.runbook) if child.pin else None,
                         _dumps(child.pin.params) if child.pin else "{}",
+                        parent[4],  # a child is driven like its parent
                     ),
                 )
                 self._append_events(
@@ -804,8 +807,8 @@ class RunStore:
             # (on PostgreSQL a conflict with a row this snapshot cannot see runs this again).
             inserted = conn.execute(
                 "INSERT INTO runs (id, parent_id, role, status, request, requested_by, origin, "
-                "checkpoint, limits, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                "checkpoint, limits, created_at, updated_at, policy) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
                 (
                     new.id,
                     new.parent_id,
@@ -818,6 +821,7 @@ class RunStore:
                     new.limits.to_json(),
                     now,
                     now,
+                    new.policy,
                 ),
             )
             if inserted.rowcount != 1:
@@ -831,6 +835,7 @@ class RunStore:
                     "origin": new.origin.__dict__,
                     "limits": new.limits.__dict__,
                     "parent_id": new.parent_id,
+                    "policy": new.policy,
                 },
             )
             self._append_events(conn, new.id, [event], now)
@@ -2056,7 +2061,7 @@ def _intent_event(call: NewToolCall, attempt: int) -> NewEvent:
 _RUN_COLUMNS = (
     "id, parent_id, role, status, request, requested_by, origin, runbook_id, runbook, params, "
     "checkpoint, limits, summary, error, lease_owner, lease_expires_at, created_at, updated_at, "
-    "finished_at, lease_epoch"
+    "finished_at, lease_epoch, policy"
 )
 
 
@@ -2082,6 +2087,7 @@ def _run_from_row(row: Sequence[Any]) -> RunRecord:
         updated_at=row[17],
         finished_at=row[18],
         lease_epoch=row[19],
+        policy=row[20],
     )
 
 

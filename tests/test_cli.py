@@ -83,7 +83,8 @@ def test_full_flow_runbook_approve_explain_list(cli: Cli) -> None:
     assert "scale-out" in started.stdout
     assert "cli:oncall" in started.stdout
 
-    approved = cli("approve", "--run-id", "inc-1", "--as", "oncall", "--note", "LGTM", "--mock-llm")
+    # As the README writes it: no --mock-llm here, the run remembers what drives it.
+    approved = cli("approve", "--run-id", "inc-1", "--as", "oncall", "--note", "LGTM")
     assert approved.returncode == 0, approved.describe()
     assert approved.stderr == "", approved.describe()
     summary = approved.stdout
@@ -108,6 +109,8 @@ def test_full_flow_runbook_approve_explain_list(cli: Cli) -> None:
     assert row["status"] == "succeeded"
     assert row["runbook_id"] == "api-latency-spike"
     assert row["requested_by"] == f"cli:{CLI_USER}"
+    assert row["policy"] == "mock"
+    assert "no LLM configured" not in timeline
 
     as_json = cli("explain", "--run-id", "inc-1", "--json")
     assert as_json.returncode == 0, as_json.describe()

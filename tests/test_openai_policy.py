@@ -406,3 +406,34 @@ def test_the_cli_ends_a_run_against_a_wrong_base_url_with_one_line(tmp_path: Pat
     payload = as_json.json()
     assert payload["status"] == "failed" and "OPENAI_BASE_URL" in payload["error"]
     assert stand_in.paths == ["/chat/completions"] * 2  # one request per run, no retries
+
+
+async def test_a_run_keeps_the_model_it_started_with_when_another_process_resumes_it(
+    settings: Settings, workspace: Path
+) -> None:
+    """Started with the LLM, decided by a process configured with the mock (and another
+    model): the run goes on with the model it started with."""
+    script = [
+        tool_reply(("read_runbook", {"runbook_id": "llm-drill"})),
+        tool_reply(("execute_step", {"step_id": "look"})),
+        tool_reply(("await_approval", {"step_id": "act", "reason": "go"})),
+        tool_reply(("execute_step", {"step_id": "act"})),
+        tool_reply(("finish_run", {"outcome": "succeeded", "summary": "done"})),
+    ]
+    with serve(script) as stand_in:
+        llm = _settings(settings, workspace, stand_in.base_url)
+        first = await RunService.open(llm)
+        try:
+            run = await first.start("kept", "incident: llm drill")
+        finally:
+            await first.close()
+        assert run.status == RunStatus.WAITING_APPROVAL and run.policy == "openai:stand-in-1"
+        other = llm.model_copy(update={"mock_llm": True, "openai_model": "another-model"})
+        second = await RunService.open(other)
+        try:
+            decided = await second.decide("kept", Decision.APPROVE, "cli:approver")
+        finally:
+            await second.close()
+    assert decided.run.status == RunStatus.SUCCEEDED, decided.run.error
+    assert len(stand_in.requests) == 5
+    assert {body["model"] for body in stand_in.requests} == {"stand-in-1"}
