@@ -1,23 +1,23 @@
-"""Running one admitted command: no shell, capped output, a clean env, and containment.
+"""Running one admitted command: no shell, capped output, a clean env, and an attempt guard.
 
-Invariant: nothing a command starts outlives the call that ran it, its timeout, or its driver.
-- It is exec'd directly (never through a shell) as the leader of a new session, so one killpg
-  reaches everything that stays in its process group.
-- Every process of the attempt inherits `LOOM_OPS_ATTEMPT=<marker>`, setsid or not, so
-  `kill_attempt(marker)` finds them in /proc from any process of the same host and PID namespace:
-  the driver itself, or the next driver of the run after this one died.
-- Set in the child before exec, and kept by the kernel across exec: SIGKILL when the driver dies
-  (PR_SET_PDEATHSIG); the command becomes a subreaper, so its orphaned descendants stay in its
-  subtree instead of going to init; an alarm kills it at its timeout plus a grace even when the
-  driver is frozen and cannot.
-- The spawn gate (`spawn_before`) is checked in the parent before the spawn and again in the
-  child right before exec, so a driver frozen in between (and past its lease) starts nothing.
-At the timeout, at a cancellation and after a normal exit, the attempt is swept: the processes
-carrying the marker, the members of the group and everything descending from either or from the
-command are stopped (SIGSTOP, so none can fork away while we look), then killed with SIGKILL.
+Invariant: nothing a command starts outlives its timeout, its driver, or a cancellation.
+- Each command runs under its own guard process (agent/attempt_guard.py, a fresh interpreter
+  that starts in about 15 ms): a child subreaper, so every orphan of the command (double fork,
+  setsid, emptied environment) stays in the guard's subtree; it enforces the deadline by its
+  own clock, so a frozen driver changes nothing, and it sweeps (freezes, kills, reaps) the whole
+  subtree at the deadline, once the command exited and its output is read, when the driver
+  dies (a liveness pipe whose write end only the driver holds reads EOF) and on cancellation.
+- The command is exec'd directly (never through a shell) as the leader of a new session, with
+  only the environment given plus `LOOM_OPS_ATTEMPT=<marker>`. The guard carries the marker
+  too, so `kill_attempt(marker)` finds the guard and everything below it, env-less or not, from
+  any process of the same host and PID namespace: a `loom-ops cancel`, or the next driver of
+  the run when this one died or froze.
+- The spawn gate (`spawn_before`) is checked here before the guard starts and by the guard
+  right before exec, so a driver frozen in between (and past its lease) starts nothing.
+- Should the guard itself fail or freeze, the driver sweeps the attempt by its marker.
 stdout and stderr are read concurrently as they arrive: the first `output_cap` bytes of each are
 kept, the rest is drained and only counted, so memory stays bounded whatever the command prints.
-Where prctl or /proc is missing, this degrades (with a warning) to the group kill and the alarm.
+Where prctl or /proc is missing, this degrades (with a warning) to the group kill and the guard.
 """
 
 from __future__ import annotations
@@ -25,53 +25,45 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
-import ctypes
 import errno
 import functools
 import logging
-import math
 import os
 import re
 import secrets
 import signal
-import subprocess
+import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from asyncio.subprocess import Process
+from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
-from agent.host import ProcStat, read_stat
+from agent import attempt_guard
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_OUTPUT_CAP = 64 * 1024
 SAFE_ENV_BASE: tuple[str, ...] = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "USER")
 ATTEMPT_ENV = "LOOM_OPS_ATTEMPT"
 
-# After SIGKILL, how long we wait for the pipes to close and the child to be reaped.
+# After the attempt ended, how long we wait for the pipes to close and the guard to be reaped.
 _KILL_GRACE = 0.5
-# The alarm fires this many seconds after the rounded-up timeout: it only matters when the
-# driver, which kills at the timeout itself, is frozen or too slow to.
-_ALARM_GRACE = 2
-_ALARM_MAX = 2**31 - 1
-# How long a sweep waits for the killed to be gone; SIGKILL is final, but a process in an
-# uninterruptible sleep (a hung NFS read) dies only when that sleep ends.
-_DEATH_WAIT = 5.0
-_DEATH_POLL = 0.01
-# Scan rounds before killing what is frozen even though more keep appearing (a fork storm).
-_FREEZE_ROUNDS = 20
-# Exit status of a child whose driver died before it could ask to die with it.
-_ORPHANED_EXIT = 125
+# How long a sweep waits for the killed to be gone (see attempt_guard.DEATH_WAIT).
+_DEATH_WAIT = attempt_guard.DEATH_WAIT
+_DEATH_POLL = attempt_guard.DEATH_POLL
+# How long past the deadline (or a cancellation) we wait for the guard's last word, its own
+# sweep included, before we sweep the attempt ourselves.
+_GUARD_GRACE = _DEATH_WAIT + 2.0
+# Past a deadline, how long we still look for what the guard may have written (see _until).
+_LAST_LOOK = 0.2
+_GUARD_SCRIPT = os.path.abspath(attempt_guard.__file__)
 _MARKER = re.compile(r"[!-~]{1,200}")  # printable ASCII, no spaces: fits in env and in logs
-_PROC = Path("/proc")
 # Sweeps get threads of their own: a default executor busy with other work must not delay a kill.
 _SWEEPERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="loom-ops-sweep")
-
-_PR_SET_PDEATHSIG = 1
-_PR_GET_PDEATHSIG = 2
-_PR_SET_CHILD_SUBREAPER = 36
-_PR_GET_CHILD_SUBREAPER = 37
 
 
 class SpawnRefused(Exception):
@@ -161,7 +153,8 @@ async def run_command(
     marker: str | None = None,
     spawn_before: float | None = None,
 ) -> CommandResult:
-    """Run argv (argv[0] an executable path) without a shell and return what happened.
+    """Run argv (argv[0] an executable path) without a shell, under its guard, and say what
+    happened.
 
     Non-zero exits, timeouts and binaries that cannot be executed are results, not exceptions;
     a closed spawn gate (time.time() >= spawn_before) raises SpawnRefused and starts nothing.
@@ -174,120 +167,34 @@ async def run_command(
         raise ValueError("output_cap must not be negative")
     marker = _checked_marker(marker if marker is not None else new_attempt_marker())
     argv = list(argv)
-    loop = asyncio.get_running_loop()
+    environment = _environment_block({**env, ATTEMPT_ENV: marker})
     started = time.monotonic()
-    child_env = {**env, ATTEMPT_ENV: marker}
-    preexec = _child_setup(os.getpid(), timeout, spawn_before)
+    # The timeout counts from before the spawn; the guard kills at this very instant.
+    deadline = started + timeout
 
     _refuse_if_closed(spawn_before, argv)
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
+    run = await _GuardedRun.start(argv, environment, cwd, marker, deadline, spawn_before)
+    if isinstance(run, OSError):
+        return _spawn_failure(argv, run, started, marker)
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=out_w,
-            stderr=err_w,
-            env=child_env,
-            cwd=cwd,
-            start_new_session=True,
-            preexec_fn=preexec,
-        )
-    except OSError as exc:
-        os.close(out_r)
-        os.close(err_r)
-        return _spawn_failure(argv, exc, started, marker)
-    except subprocess.SubprocessError as exc:
-        # Our preexec raises only at a closed gate; subprocess reaped that child and reports
-        # any preexec exception as this generic error.
-        os.close(out_r)
-        os.close(err_r)
-        if spawn_before is None:
-            raise
-        raise SpawnRefused(_refusal(spawn_before, argv)) from exc
+        await run.connect(output_cap)
+        return await run.outcome(started, spawn_before)
     except BaseException:
-        os.close(out_r)
-        os.close(err_r)
+        # Cancelled (or failed) mid-run: nothing of the command may outlive us.
+        await run.abort()
         raise
     finally:
-        # The child has its own copies; ours must go or EOF never arrives.
-        os.close(out_w)
-        os.close(err_w)
-
-    # start_new_session made the child a session and group leader: its pgid is its pid. The
-    # command is identified by pid and start time, so a reused pid is never taken for it.
-    pgid = proc.pid
-    root = _identify(proc.pid)
-    out_sink = _CappedSink(output_cap, loop.create_future())
-    err_sink = _CappedSink(output_cap, loop.create_future())
-    transports: list[asyncio.BaseTransport] = []
-    unowned_fds = [out_r, err_r]  # read ends not yet handed to a file object
-    wait_task = asyncio.ensure_future(proc.wait())
-    timed_out = False
-    killed = 0
-    try:
-        for fd, sink in ((out_r, out_sink), (err_r, err_sink)):
-            pipe = os.fdopen(fd, "rb", buffering=0)
-            unowned_fds.remove(fd)
-            try:
-                transport, _ = await loop.connect_read_pipe(lambda s=sink: s, pipe)
-            except BaseException:
-                pipe.close()
-                raise
-            transports.append(transport)
-        # The timeout counts from before the spawn. asyncio.wait never cancels what it waits
-        # for, so after the kill we can wait on the same futures again.
-        remaining = max(0.0, timeout - (time.monotonic() - started))
-        _, pending = await asyncio.wait(
-            {wait_task, out_sink.closed, err_sink.closed}, timeout=remaining
-        )
-        if pending:
-            timed_out = True
-            killed += (await _sweep(marker, root, pgid)).found
-            await asyncio.wait(pending, timeout=_KILL_GRACE)
-    except BaseException:
-        # Cancelled (or failed) mid-run: nothing of the command may outlive us. The sweep
-        # finishes even if we are cancelled again; then the leader is reaped (bounded) while
-        # the loop still runs.
-        await _sweep(marker, root, pgid)
-        await asyncio.wait({wait_task}, timeout=_KILL_GRACE)
-        raise
-    finally:
-        for transport in transports:
-            transport.close()
-        if not wait_task.done():
-            wait_task.cancel()
-        for fd in unowned_fds:
-            os.close(fd)
-
-    # Ended on its own or killed: either way, what it left behind (a daemonized grandchild with
-    # its output closed) must not outlive the step.
-    killed += (await _sweep(marker, root, pgid)).found
-    if proc.returncode == -signal.SIGALRM and time.monotonic() - started >= timeout:
-        timed_out = True  # our self-destruct alarm fired before this (busy) loop could kill it
-    return CommandResult(
-        argv=argv,
-        exit_code=None if timed_out else proc.returncode,
-        stdout=out_sink.text(),
-        stderr=err_sink.text(),
-        stdout_bytes=out_sink.total,
-        stderr_bytes=err_sink.total,
-        truncated=out_sink.truncated or err_sink.truncated,
-        timed_out=timed_out,
-        duration_ms=_elapsed_ms(started),
-        pid=proc.pid,
-        marker=marker,
-        processes_killed=killed,
-    )
+        run.close()
 
 
 def kill_attempt(marker: str, *, wait: float = _DEATH_WAIT) -> AttemptKill:
     """Stop, then SIGKILL, every process carrying `LOOM_OPS_ATTEMPT=<marker>` and its descendants.
 
-    Blocks up to `wait` s until they are gone (from async code, call it via asyncio.to_thread);
-    reaps those that are our children; never matches the calling process.
+    That is the attempt's guard and all of its subtree, whatever the command did to its own
+    environment. Blocks up to `wait` s until they are gone (from async code, call it via
+    asyncio.to_thread); reaps those that are our children; never matches the calling process.
     """
-    return _sweep_blocking(_checked_marker(marker), None, None, wait, reap_except=None)
+    return _sweep_blocking(_checked_marker(marker), None, wait, reap_except=None)
 
 
 def scrubbed_environment(source: Mapping[str, str], passthrough: Iterable[str]) -> dict[str, str]:
@@ -303,62 +210,356 @@ def scrubbed_environment(source: Mapping[str, str], passthrough: Iterable[str]) 
     return {name: source[name] for name in names if name in source}
 
 
-# --- the child, between fork and exec ----------------------------------------------------------
+# --- the guard, seen from the driver -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Start:
+    """The guard's first word: the command runs (pid), or the gate refused it, or exec failed;
+    all None/False when the guard ended without starting it (out of time, or told to stop)."""
+
+    pid: int | None = None
+    refused: bool = False
+    failure: OSError | None = None
+
+
+@dataclass(frozen=True)
+class _Ended:
+    """The guard's last word: how the attempt ended and what its sweep found."""
+
+    how: str  # exit | timeout | gone | signal | error (see attempt_guard)
+    killed: int  # processes of the attempt still alive when the guard swept
+    all_gone: bool
+    scanned: bool
+    status: int | None  # the command's wait status, when the guard reaped it
+
+
+class _GuardChannel(asyncio.Protocol):
+    """Reads the guard's status lines; each kind of news resolves its future (None at an EOF
+    that came first: the guard died without saying)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, marker: str) -> None:
+        self.marker = marker
+        self.started: asyncio.Future[_Start | None] = loop.create_future()
+        self.exited: asyncio.Future[int] = loop.create_future()  # the command's wait status
+        self.ended: asyncio.Future[_Ended | None] = loop.create_future()
+        self.buffer = b""
+
+    def data_received(self, data: bytes) -> None:
+        *lines, self.buffer = (self.buffer + data).split(b"\n")
+        for line in lines:
+            self._heard(line.decode(errors="replace").split())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        _settle(self.started, None)
+        _settle(self.ended, None)
+
+    def _heard(self, words: list[str]) -> None:
+        match words:
+            case ["spawned", pid, subreaper]:
+                if subreaper != "1":
+                    _warn_no_subreaper()
+                _settle(self.started, _Start(pid=int(pid)))
+            case ["refused"]:
+                _settle(self.started, _Start(refused=True))
+            case ["failed", number, name]:
+                _settle(self.started, _Start(failure=_exec_error(int(number), name)))
+            case ["exited", status]:
+                _settle(self.exited, int(status))
+            case ["ended", how, killed, gone, scanned, status]:
+                _settle(self.started, _Start())
+                ended = _Ended(how, int(killed), gone == "1", scanned == "1", _optional_int(status))
+                _settle(self.ended, ended)
+            case ["error", *text]:
+                log.warning("attempt %s: its guard failed: %s", self.marker, " ".join(text))
+            case _:
+                log.warning("attempt %s: its guard said %r", self.marker, " ".join(words))
+
+
+class _GuardedRun:
+    """One command under its guard, seen from the driver: the guard process, the pipes to it
+    and from the command, and what the guard said."""
+
+    def __init__(
+        self, argv: list[str], marker: str, deadline: float, guard: Process, live: int
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        self.argv = argv
+        self.marker = marker
+        self.deadline = deadline
+        self.guard = guard
+        self.guard_exit = asyncio.ensure_future(guard.wait())
+        self.live: int | None = live  # the liveness pipe's write end: only we hold it
+        self.pipes: list[int] = []  # read ends not yet handed to a transport
+        self.transports: list[asyncio.BaseTransport] = []
+        self.channel = _GuardChannel(loop, marker)
+        self.out = self.err = _CappedSink(0, loop.create_future())  # until connect()
+        self.settled = False  # the attempt is over: nothing left to abort
+
+    @classmethod
+    async def start(
+        cls,
+        argv: list[str],
+        environment: bytes,
+        cwd: Path | None,
+        marker: str,
+        deadline: float,
+        spawn_before: float | None,
+    ) -> _GuardedRun | OSError:
+        """Start the guard (which starts the command); the OSError if the guard cannot start."""
+        # The command's environment goes through memory, not the guard's own environment: the
+        # guard runs with the marker only, so no LD_* variable of the command's affects it.
+        env_fd = os.memfd_create("loom-ops-attempt-env")
+        try:
+            _write_all(env_fd, environment)
+            os.lseek(env_fd, 0, os.SEEK_SET)
+        except BaseException:
+            os.close(env_fd)
+            raise
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        live_r, live_w = os.pipe()
+        status_r, status_w = os.pipe()
+        ours = [out_r, err_r, status_r, live_w]
+        theirs = (live_r, status_w, out_w, err_w, env_fd)
+        try:
+            gate = "-" if spawn_before is None else repr(spawn_before)
+            guard = await asyncio.create_subprocess_exec(
+                *(sys.executable, "-S", "-I", _GUARD_SCRIPT, *map(str, theirs), str(os.getpid())),
+                *(repr(deadline), gate, "--", *argv),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+                env={ATTEMPT_ENV: marker},
+                cwd=cwd,
+                start_new_session=True,  # no terminal signal reaches it: it answers the driver
+                pass_fds=theirs,
+            )
+        except OSError as exc:
+            _close_all(ours)
+            return exc
+        except BaseException:
+            _close_all(ours)
+            raise
+        finally:
+            # The guard has its own copies; ours must go or EOF never arrives.
+            _close_all(theirs)
+        run = cls(argv, marker, deadline, guard, live_w)
+        run.pipes = [out_r, err_r, status_r]
+        return run
+
+    async def connect(self, output_cap: int) -> None:
+        """Start reading the command's stdout and stderr and the guard's status lines."""
+        loop = asyncio.get_running_loop()
+        self.out = _CappedSink(output_cap, loop.create_future())
+        self.err = _CappedSink(output_cap, loop.create_future())
+        out_r, err_r, status_r = self.pipes
+        for fd, protocol in ((out_r, self.out), (err_r, self.err), (status_r, self.channel)):
+            pipe = os.fdopen(fd, "rb", buffering=0)
+            self.pipes.remove(fd)
+            try:
+                transport, _ = await loop.connect_read_pipe(lambda p=protocol: p, pipe)
+            except BaseException:
+                pipe.close()
+                raise
+            self.transports.append(transport)
+
+    async def outcome(self, started: float, spawn_before: float | None) -> CommandResult:
+        """Wait for the attempt to end and say what the command did (SpawnRefused when the
+        guard found the gate closed)."""
+        channel = self.channel
+        late = self.deadline + _GUARD_GRACE
+        await _until(channel.started.done, [channel.started], late)
+        start = channel.started.result() if channel.started.done() else None
+        if start is not None and start.refused:
+            await self._settle()
+            closed_at = spawn_before if spawn_before is not None else time.time()
+            raise SpawnRefused(_refusal(closed_at, self.argv))
+        if start is not None and start.failure is not None:
+            await self._settle()
+            return _spawn_failure(self.argv, start.failure, started, self.marker)
+
+        # Over when the guard says so (at the deadline, say), or when the command exited and
+        # all of its output is read: then the guard sweeps what it left behind.
+        outputs = [self.out.closed, self.err.closed]
+
+        def over() -> bool:
+            return channel.ended.done() or all(f.done() for f in (channel.exited, *outputs))
+
+        await _until(over, [channel.ended, channel.exited, *outputs], late)
+        if over() and not channel.ended.done():
+            self._tell(attempt_guard.DONE)
+            await _until(channel.ended.done, [channel.ended], time.monotonic() + _GUARD_GRACE)
+        ended = channel.ended.result() if channel.ended.done() else None
+        pid = start.pid if start is not None else None
+        if ended is None:
+            # The guard died, froze or never answered: what it would have swept, we sweep.
+            await asyncio.wait([self.guard_exit], timeout=_LAST_LOOK)
+            log.warning(
+                "attempt %s: its guard ended without a last word (%s); swept it from here",
+                self.marker,
+                _how_it_ended(self.guard.returncode),
+            )
+            killed = (await _sweep(self.marker, pid, self.guard.pid)).found
+            if start is None:
+                await self._settle()
+                raise RuntimeError(f"the guard of {self.argv[0]} failed before starting it")
+            timed_out = time.monotonic() >= self.deadline and not channel.exited.done()
+        else:
+            killed, timed_out = ended.killed, ended.how == "timeout"
+            if not ended.scanned:
+                _warn_no_proc()
+            if not ended.all_gone:
+                log.warning("attempt %s: killed processes still alive after its sweep", self.marker)
+        await self._settle()
+        pending = [future for future in outputs if not future.done()]
+        if pending:  # every writer is dead by now: the rest of the output is only in the pipes
+            await asyncio.wait(pending, timeout=_KILL_GRACE)
+        status = ended.status if ended is not None else None
+        if status is None and channel.exited.done():
+            status = channel.exited.result()
+        return CommandResult(
+            argv=self.argv,
+            exit_code=None if timed_out else _exit_code(status),
+            stdout=self.out.text(),
+            stderr=self.err.text(),
+            stdout_bytes=self.out.total,
+            stderr_bytes=self.err.total,
+            truncated=self.out.truncated or self.err.truncated,
+            timed_out=timed_out,
+            duration_ms=_elapsed_ms(started),
+            pid=pid,
+            marker=self.marker,
+            processes_killed=killed,
+        )
+
+    async def abort(self) -> None:
+        """End the attempt now: closing the liveness pipe makes the guard sweep; wait for it
+        (bounded), and sweep from here if it does not answer."""
+        if self.settled:
+            return
+        self.settled = True
+        self._close_live()
+        ended = self.channel.ended
+        await _until(ended.done, [ended], time.monotonic() + _GUARD_GRACE)
+        if not ended.done() or ended.result() is None:
+            started = self.channel.started
+            start = started.result() if started.done() else None
+            await _sweep(self.marker, start.pid if start else None, self.guard.pid)
+        await asyncio.wait([self.guard_exit], timeout=_KILL_GRACE)
+
+    def close(self) -> None:
+        """Release the pipes; the guard has exited (or is reaped by asyncio when it does)."""
+        self._close_live()
+        for transport in self.transports:
+            transport.close()
+        _close_all(self.pipes)
+        self.pipes = []
+        if not self.guard_exit.done():
+            self.guard_exit.cancel()
+
+    async def _settle(self) -> None:
+        """The attempt is over: let the guard go and wait (bounded) for it to exit."""
+        self.settled = True
+        self._close_live()
+        await asyncio.wait([self.guard_exit], timeout=_KILL_GRACE)
+
+    def _tell(self, word: bytes) -> None:
+        if self.live is not None:
+            with contextlib.suppress(OSError):  # the guard is gone; its status pipe says so too
+                os.write(self.live, word)
+
+    def _close_live(self) -> None:
+        if self.live is not None:
+            os.close(self.live)
+            self.live = None
+
+
+async def _until(
+    done: Callable[[], bool], futures: Collection[asyncio.Future[Any]], deadline: float
+) -> bool:
+    """Wait until done() (looked at whenever one of `futures` resolves) or until
+    time.monotonic() passes `deadline`; returns done(). Never cancels the futures."""
+    last_look: float | None = None
+    while not done():
+        pending = [future for future in futures if not future.done()]
+        if not pending:
+            break
+        left = deadline - time.monotonic()
+        if left <= 0:
+            # A driver thawed after the deadline has not yet read what the guard wrote while it
+            # was frozen: give the loop a short last look before concluding it never came.
+            if last_look is None:
+                last_look = time.monotonic() + _LAST_LOOK
+            left = last_look - time.monotonic()
+            if left <= 0:
+                break
+        await asyncio.wait(pending, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+    return done()
+
+
+def _settle(future: asyncio.Future[T], value: T) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _exec_error(number: int, name: str) -> OSError:
+    """The OSError the guard's child met at exec (number 0: not an OSError; `name` says what)."""
+    detail = None if name == "-" else os.fsdecode(bytes.fromhex(name))
+    if number:
+        return OSError(number, os.strerror(number), detail)
+    return OSError(0, detail or "the command could not be started")
+
+
+def _how_it_ended(returncode: int | None) -> str:
+    if returncode is None:
+        return "it does not answer"
+    if returncode < 0:
+        # SIGKILL: kill_attempt (a cancel, a takeover), the OOM killer, or its own command.
+        return f"killed by signal {-returncode}"
+    return f"exit status {returncode}"
+
+
+def _exit_code(status: int | None) -> int:
+    # No status: the guard died before it could reap the command, which its parent-death
+    # signal (SIGKILL) then ended.
+    return -signal.SIGKILL if status is None else os.waitstatus_to_exitcode(status)
+
+
+def _optional_int(word: str) -> int | None:
+    return None if word == "-" else int(word)
+
+
+def _environment_block(env: Mapping[str, str]) -> bytes:
+    """env as NUL-separated NAME=VALUE entries, refused as subprocess would refuse it."""
+    entries = []
+    for name, value in env.items():
+        name_bytes, value_bytes = os.fsencode(name), os.fsencode(value)
+        if not name_bytes or b"=" in name_bytes:
+            raise ValueError(f"illegal environment variable name: {name!r}")
+        if b"\0" in name_bytes or b"\0" in value_bytes:
+            raise ValueError(f"embedded null byte in environment variable {name!r}")
+        entries.append(name_bytes + b"=" + value_bytes)
+    return b"\0".join(entries)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _close_all(fds: Iterable[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 @functools.cache
-def _libc_prctl() -> Callable[..., int] | None:
-    """libc's prctl once it has answered here; None (after one warning) where it does not."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl: Callable[..., int] = libc.prctl
-        probe = ctypes.c_int()
-        for option in (_PR_GET_PDEATHSIG, _PR_GET_CHILD_SUBREAPER):
-            if prctl(ctypes.c_int(option), ctypes.byref(probe), *_zeros(3)) != 0:
-                raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
-    except (OSError, AttributeError) as exc:
-        log.warning(
-            "prctl is unavailable (%s): commands will not die with their driver, and orphans "
-            "of theirs go to init; only the timeout alarm and the attempt sweeps contain them",
-            exc,
-        )
-        return None
-    return prctl
-
-
-def _child_setup(parent: int, timeout: float, spawn_before: float | None) -> Callable[[], None]:
-    """The preexec_fn. Everything it needs is bound here, in the parent: after a fork the child
-    may only call what takes no lock another thread might have held (no imports, no logging)."""
-    prctl = _libc_prctl()
-    die_with_parent = (ctypes.c_int(_PR_SET_PDEATHSIG), ctypes.c_ulong(signal.SIGKILL), *_zeros(3))
-    become_subreaper = (ctypes.c_int(_PR_SET_CHILD_SUBREAPER), ctypes.c_ulong(1), *_zeros(3))
-    alarm_after = min(math.ceil(timeout) + _ALARM_GRACE, _ALARM_MAX)
-    getppid, now, exit_now = os.getppid, time.time, os._exit
-    set_alarm, set_handler = signal.alarm, signal.signal
-    sigalrm, default = signal.SIGALRM, signal.SIG_DFL
-
-    def setup() -> None:
-        if prctl is not None:
-            prctl(*die_with_parent)
-            # The death signal is armed only now: a parent that died since the fork sent none.
-            # (It fires when the forking *thread* ends: the event loop's, which outlives us.)
-            if getppid() != parent:
-                exit_now(_ORPHANED_EXIT)
-            prctl(*become_subreaper)
-        try:
-            set_handler(sigalrm, default)  # an ignored SIGALRM would stay ignored across exec
-            set_alarm(alarm_after)
-        except Exception:
-            pass  # nothing may be logged here; the driver's kill and the sweeps remain
-        # Last, right before exec: a driver frozen since its own check must not start anything.
-        if spawn_before is not None and now() >= spawn_before:
-            raise SpawnRefused
-
-    return setup
-
-
-def _zeros(count: int) -> tuple[ctypes.c_ulong, ...]:
-    return tuple(ctypes.c_ulong(0) for _ in range(count))
+def _warn_no_subreaper() -> None:
+    log.warning(
+        "prctl is unavailable: orphans of a command go to init, out of its guard's reach; "
+        "only the group kill and the marker sweeps contain them"
+    )
 
 
 def _refuse_if_closed(spawn_before: float | None, argv: list[str]) -> None:
@@ -377,52 +578,36 @@ def _checked_marker(marker: str) -> str:
     return marker
 
 
-# --- sweeping an attempt -----------------------------------------------------------------------
+# --- sweeping an attempt by its marker ---------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Target:
-    """One process of an attempt, pinned by a pidfd where the kernel has them."""
-
-    pid: int
-    start_time: int
-    pidfd: int | None
-
-    def send(self, sig: int) -> None:
-        # ESRCH: gone already. EPERM: it changed uid (a setuid binary); nothing more we can do.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            if self.pidfd is not None:
-                signal.pidfd_send_signal(self.pidfd, sig)
-            else:
-                os.kill(self.pid, sig)
-
-
-async def _sweep(marker: str, root: tuple[int, int] | None, pgid: int) -> AttemptKill:
+async def _sweep(marker: str, pgid: int | None, reap_except: int) -> AttemptKill:
     """Sweep the attempt on a sweeper thread: a /proc scan of a busy host takes milliseconds.
 
     Shielded, so a second cancellation neither un-queues the kill nor stops it half way.
     """
-    # The command (pid == pgid) is not reaped there: asyncio's child watcher owns its status.
-    job = functools.partial(_sweep_blocking, marker, root, pgid, _DEATH_WAIT, pgid)
+    # The guard (reap_except) is not reaped there: asyncio's child watcher owns its status.
+    job = functools.partial(_sweep_blocking, marker, pgid, _DEATH_WAIT, reap_except)
     return await asyncio.shield(asyncio.get_running_loop().run_in_executor(_SWEEPERS, job))
 
 
 def _sweep_blocking(
-    marker: str,
-    root: tuple[int, int] | None,
-    pgid: int | None,
-    wait: float,
-    reap_except: int | None,
+    marker: str, pgid: int | None, wait: float, reap_except: int | None
 ) -> AttemptKill:
     """Freeze and kill the attempt, then wait (bounded) until every process of it is gone."""
-    targets, killed_at, scanned = _freeze_and_kill(marker, root, pgid)
+    entry = f"{ATTEMPT_ENV}={marker}".encode()
+    targets, killed_at, scanned = attempt_guard.freeze_and_kill(
+        lambda pid, _stat: _carries(pid, entry), pgid, os.getpid()
+    )
+    if not scanned:
+        _warn_no_proc()
     try:
         deadline = time.monotonic() + wait
-        while not _all_gone(targets, reap_except) and time.monotonic() < deadline:
+        while not attempt_guard.all_gone(targets, reap_except) and time.monotonic() < deadline:
             time.sleep(_DEATH_POLL)
-        gone = _all_gone(targets, reap_except)
+        gone = attempt_guard.all_gone(targets, reap_except)
     finally:
-        _close(targets)
+        attempt_guard.release(targets)
     if not gone:
         log.warning("attempt %s: killed processes still alive after %.1f s", marker, wait)
     return AttemptKill(
@@ -433,136 +618,18 @@ def _sweep_blocking(
     )
 
 
-def _freeze_and_kill(
-    marker: str, root: tuple[int, int] | None, pgid: int | None
-) -> tuple[list[_Target], float | None, bool]:
-    """Stop every process of the attempt until a scan finds no new one, then SIGKILL them all.
-
-    Returns the targets (their pidfds still open), when they were killed, and whether /proc
-    could be scanned at all.
-    """
-    entry = f"{ATTEMPT_ENV}={marker}".encode()
-    taken: dict[int, _Target] = {}
-    scanned = True
-    for _ in range(_FREEZE_ROUNDS):
-        found = _scan(entry, root, pgid, taken)
-        if found is None:
-            scanned = False
-            break
-        if not found:
-            break
-        for pid, stat in found:
-            target = _pin(pid, stat)
-            if target is not None:
-                target.send(signal.SIGSTOP)
-                taken[pid] = target
-    killed_at = time.time() if taken else None
-    for target in taken.values():
-        target.send(signal.SIGKILL)
-    if pgid is not None:
-        # Also without /proc: the group is the one set the kernel finds for us.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
-    return list(taken.values()), killed_at, scanned
-
-
-def _scan(
-    entry: bytes, root: tuple[int, int] | None, pgid: int | None, taken: dict[int, _Target]
-) -> list[tuple[int, ProcStat]] | None:
-    """The live processes of the attempt not yet taken; None when /proc cannot be listed."""
-    try:
-        names = os.listdir(_PROC)
-    except OSError as exc:
-        _warn_no_proc(exc.strerror or str(exc))
-        return None
-    me = os.getpid()
-    stats: dict[int, ProcStat] = {}
-    members: set[int] = set()
-    for name in names:
-        if not name.isdigit() or int(name) == me:
-            continue
-        pid = int(name)
-        stat = read_stat(pid)
-        if stat is None or stat.exited:
-            continue  # vanished, unreadable, or dead already
-        stats[pid] = stat
-        known = taken.get(pid)
-        if (
-            (known is not None and known.start_time == stat.start_time)
-            or root == (pid, stat.start_time)
-            or (pgid is not None and stat.pgrp == pgid)
-            or _carries(pid, entry)
-        ):
-            members.add(pid)
-    # Whatever descends from the attempt is the attempt's, even with a scrubbed environment.
-    children: dict[int, list[int]] = {}
-    for pid, stat in stats.items():
-        children.setdefault(stat.ppid, []).append(pid)
-    stack = list(members)
-    while stack:
-        for child in children.get(stack.pop(), ()):
-            if child not in members and child != me:
-                members.add(child)
-                stack.append(child)
-    return [(pid, stats[pid]) for pid in sorted(members) if pid not in taken]
-
-
 def _carries(pid: int, entry: bytes) -> bool:
     try:
-        with open(_PROC / str(pid) / "environ", "rb") as handle:
+        with open(f"{attempt_guard.PROC}/{pid}/environ", "rb") as handle:
             environ = handle.read()
     except OSError:
         return False  # vanished, or another user's (unreadable unless we are root)
     return entry in environ.split(b"\0")
 
 
-def _pin(pid: int, stat: ProcStat) -> _Target | None:
-    """The process we read as `stat`, held by a pidfd so a reused pid is never signalled."""
-    try:
-        pidfd: int | None = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return None
-    except (OSError, AttributeError):
-        pidfd = None  # no pidfds here (old kernel, seccomp): kill by pid, re-checked just below
-    again = read_stat(pid)
-    if again is None or again.start_time != stat.start_time:
-        # The pid now names another process: not ours.
-        if pidfd is not None:
-            os.close(pidfd)
-        return None
-    return _Target(pid=pid, start_time=stat.start_time, pidfd=pidfd)
-
-
-def _all_gone(targets: list[_Target], reap_except: int | None) -> bool:
-    """True when every target is gone or a zombie; reaps the zombies that are our children."""
-    me = os.getpid()
-    alive = False
-    for target in targets:
-        stat = read_stat(target.pid)
-        if stat is None or stat.start_time != target.start_time:
-            continue
-        if not stat.exited:
-            alive = True
-        elif stat.ppid == me and target.pid != reap_except:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(target.pid, os.WNOHANG)
-    return not alive
-
-
-def _close(targets: list[_Target]) -> None:
-    for target in targets:
-        if target.pidfd is not None:
-            os.close(target.pidfd)
-
-
-def _identify(pid: int) -> tuple[int, int] | None:
-    stat = read_stat(pid)
-    return None if stat is None else (pid, stat.start_time)
-
-
 @functools.cache
-def _warn_no_proc(reason: str) -> None:
-    log.warning("cannot list /proc (%s): attempts are contained by group and alarm only", reason)
+def _warn_no_proc() -> None:
+    log.warning("cannot list /proc: attempts are contained by their group and guard only")
 
 
 def _spawn_failure(argv: list[str], exc: OSError, started: float, marker: str) -> CommandResult:

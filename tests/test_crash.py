@@ -60,10 +60,10 @@ def _one(db: str, sql: str, params: tuple[Any, ...] = ()) -> tuple[Any, ...] | N
 
 
 def _pending(db: str, run_id: str) -> tuple[int, str, str] | None:
-    """(id, kind, step_id) of the run's oldest pending approval, or None."""
+    """(number, kind, step_id) of the run's oldest pending approval, or None."""
     row = _one(
         db,
-        "SELECT id, kind, step_id FROM approvals WHERE run_id = ? AND status = 'pending' "
+        "SELECT number, kind, step_id FROM approvals WHERE run_id = ? AND status = 'pending' "
         "ORDER BY id",
         (run_id,),
     )
@@ -109,7 +109,7 @@ def _drive_to_end(workspace: Path, db: str, run_id: str, failpoint: str | None) 
     """
     armed = failpoint
     decisions: list[str] = []
-    code = _cli(workspace, db, "runbook", "crash drill", "--run-id", run_id, failpoint=armed)
+    code = _cli(workspace, db, "runbook", "crash-drill", "--run-id", run_id, failpoint=armed)
     if code == -signal.SIGKILL:
         armed = None
     for _ in range(12):
@@ -186,7 +186,7 @@ def test_in_doubt_step_is_not_rerun_without_a_decision(tmp_path: Path, db_url: s
     workspace = make_workspace(tmp_path / "ws")
     db = db_url
     # The third intent of the first process is append-one (read_runbook, prepare, append-one).
-    code = _cli(workspace, db, "runbook", "crash drill", "--run-id", "d", failpoint="after_tool:3")
+    code = _cli(workspace, db, "runbook", "crash-drill", "--run-id", "d", failpoint="after_tool:3")
     assert code == -signal.SIGKILL
     assert _lines(workspace) == ["one"]
     assert _cli(workspace, db, "resume", "--run-id", "d") == 0  # waiting is exit 0
@@ -209,7 +209,7 @@ def test_sigkill_inside_a_running_command(tmp_path: Path, db_url: str) -> None:
     _slow_append_one(workspace)  # the kill lands while the child process is still running
 
     proc = subprocess.Popen(
-        [*LOOM_OPS, "runbook", "crash drill", "--run-id", "k"],
+        [*LOOM_OPS, "runbook", "crash-drill", "--run-id", "k"],
         cwd=workspace,
         env=_env(workspace, db),
         stdout=subprocess.DEVNULL,
@@ -234,7 +234,7 @@ def test_in_doubt_is_judged_by_the_settings_of_the_intent(tmp_path: Path, db_url
     """A live step caught mid-call stays in doubt even if the resume runs in dry-run mode."""
     workspace = make_workspace(tmp_path / "ws")
     db = db_url
-    code = _cli(workspace, db, "runbook", "crash drill", "--run-id", "m", failpoint="after_tool:3")
+    code = _cli(workspace, db, "runbook", "crash-drill", "--run-id", "m", failpoint="after_tool:3")
     assert code == -signal.SIGKILL
     assert _cli(workspace, db, "resume", "--run-id", "m", live=False) == 0
     assert _run_row(db, "m") == ("waiting_approval", ("in_doubt", "append-one"))
@@ -247,7 +247,7 @@ def test_resume_without_an_id_picks_up_every_orphan(tmp_path: Path, db_url: str)
     db = db_url
     for run_id in ("o1", "o2"):
         code = _cli(
-            workspace, db, "runbook", "crash drill", "--run-id", run_id, failpoint="after_outcome:1"
+            workspace, db, "runbook", "crash-drill", "--run-id", run_id, failpoint="after_outcome:1"
         )
         assert code == -signal.SIGKILL
         assert _run_row(db, run_id)[0] == "running"
@@ -292,9 +292,9 @@ line("effect")
 def test_a_killed_drivers_command_dies_and_resume_proves_it_before_asking(
     tmp_path: Path, db_url: str
 ) -> None:
-    """SIGKILL of `loom-ops` while its command runs: the command dies with its driver (its
-    setsid grandchild is found and killed by the next driver), and the in-doubt request is
-    opened only then, saying what happened; no effect ever lands."""
+    """SIGKILL of `loom-ops` while its command runs: the command and its setsid grandchild
+    die with their driver (the attempt's guard kills them), the next driver proves nothing of
+    the attempt is left before it opens the in-doubt request; no effect ever lands."""
     workspace = make_workspace(tmp_path / "ws")
     db = db_url
     python = str(Path(sys.executable).absolute())
@@ -307,7 +307,7 @@ def test_a_killed_drivers_command_dies_and_resume_proves_it_before_asking(
     (workspace / "ops.shell.allowlist.json").write_text(json.dumps(rules))
 
     proc = subprocess.Popen(
-        [*LOOM_OPS, "runbook", "orphan drill", "--run-id", "o"],
+        [*LOOM_OPS, "runbook", "orphan-drill", "--run-id", "o"],
         cwd=workspace,
         env=_env(workspace, db),
         stdout=subprocess.DEVNULL,
@@ -320,7 +320,9 @@ def test_a_killed_drivers_command_dies_and_resume_proves_it_before_asking(
     assert _cli(workspace, db, "resume", "--run-id", "o") == 0
     assert _run_row(db, "o") == ("waiting_approval", ("in_doubt", "act"))
     reason = _one(db, "SELECT reason FROM approvals WHERE run_id = 'o' AND kind = 'in_doubt'")
-    assert reason is not None and "attempt 1 was still running; killed at" in reason[0], reason
+    # The command's guard killed it and its setsid grandchild when the driver died; the resume
+    # proves nothing of the attempt is left before it asks a person.
+    assert reason is not None and "no process of attempt 1 is left" in reason[0], reason
     time.sleep(2.5)  # past the moment both would have acted
     assert _lines(workspace) == ["start"]
 
@@ -351,7 +353,7 @@ def test_a_driver_in_another_pid_namespace_is_not_declared_dead(
     # here: an owner check by hostname and pid alone would declare it dead. `; true` keeps the
     # shell as the namespace's pid 1 rather than exec'ing the driver.
     burn = "i=0; while [ $i -lt 500 ]; do /bin/true; i=$((i+1)); done"
-    driver = " ".join([*LOOM_OPS, "runbook", "'crash drill'", "--run-id", "ns"])
+    driver = " ".join([*LOOM_OPS, "runbook", "crash-drill", "--run-id", "ns"])
     inner = f"{burn}; {driver}; true"
     proc = subprocess.Popen(
         ["unshare", "--pid", "--fork", "--mount-proc", "sh", "-c", inner],

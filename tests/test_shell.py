@@ -1,7 +1,8 @@
 """run_command with real processes: exit codes, capped output, clean env, and containment.
 
-Containment is tested with real drivers and real strays: setsid grandchildren, orphans with a
-scrubbed environment, drivers SIGKILLed or frozen with SIGSTOP.
+Containment is tested with real drivers, real guards and real strays: setsid grandchildren,
+double-forked daemons that empty their environment, commands that ignore SIGALRM and re-exec
+themselves without the marker, drivers SIGKILLed or frozen with SIGSTOP, frozen guards.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import shell
+from agent import attempt_guard, shell
 from agent.host import read_stat
 from agent.shell import (
     ATTEMPT_ENV,
@@ -40,12 +41,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 # A command that leaves a stray behind: a forked process that calls setsid, closes its output
 # and execs a sleeper that writes `stray.acted` after DELAY s. The command itself writes
-# `command.acted` after DELAY s, unless HOW is "exit": then it exits 0 once the stray runs. With
-# HOW "daemon" the stray's parent exits at once (orphaning it) and the stray execs with an empty
-# environment, so no marker is left on it: only the command's subtree still holds it.
+# `command.acted` after DELAY s, unless HOW ends in "exit": then it exits 0 once the stray runs.
+# With HOW "daemon..." the stray's parent exits at once (orphaning it) and the stray execs with
+# an empty environment, so no marker is left on it: only the subtree it is in still holds it.
 STRAY = r"""
 import os, sys, time
 where, delay, how = sys.argv[1], sys.argv[2], sys.argv[3]
+daemon = how.startswith("daemon")
 ACT = (
     "import sys, time; time.sleep(float(sys.argv[2])); "
     "open(sys.argv[1], 'w').write('acted'); time.sleep(30)"
@@ -59,19 +61,19 @@ def publish(name):
 
 publish("command.pid")
 if os.fork() == 0:
-    if how == "daemon" and os.fork() != 0:
+    if daemon and os.fork() != 0:
         os._exit(0)
     os.setsid()
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     publish("stray.pid")
-    env = {} if how == "daemon" else dict(os.environ)
+    env = {} if daemon else dict(os.environ)
     acted = os.path.join(where, "stray.acted")
     os.execve(sys.executable, [sys.executable, "-c", ACT, acted, delay], env)
 while not os.path.exists(os.path.join(where, "stray.pid")):
     time.sleep(0.01)
-if how == "exit":
+if how.endswith("exit"):
     sys.exit(0)
 time.sleep(float(delay))
 open(os.path.join(where, "command.acted"), "w").write("acted")
@@ -112,6 +114,26 @@ SLEEPER = (
 )
 
 
+# A command that defeats every per-process containment: it ignores SIGALRM, cancels any alarm,
+# re-execs itself with an empty environment (so no marker is left on it), then publishes its pid
+# as `command.pid` and writes `command.acted` after DELAY s. Run from a file: argv[1] is WHERE.
+REEXEC = r"""
+import os, signal, sys, time
+signal.signal(signal.SIGALRM, signal.SIG_IGN)
+signal.alarm(0)
+if "LOOM_OPS_ATTEMPT" in os.environ:
+    os.execve(sys.executable, [sys.executable, *sys.argv], {})
+where, delay = sys.argv[1], float(sys.argv[2])
+path = os.path.join(where, "command.pid")
+with open(path + ".tmp", "w") as handle:
+    handle.write(str(os.getpid()))
+os.rename(path + ".tmp", path)
+time.sleep(delay)
+open(os.path.join(where, "command.acted"), "w").write("acted")
+time.sleep(30)
+"""
+
+
 def _alive(pid: int) -> bool:
     """True if pid exists and is not a zombie (a zombie is dead, only not yet reaped)."""
     try:
@@ -149,6 +171,21 @@ async def _read_pid(pidfile: Path, within: float = 2.0) -> int:
 
 def _stray_argv(where: Path, delay: float, how: str) -> list[str]:
     return [PY, "-c", STRAY, str(where), str(delay), how]
+
+
+def _reexec_argv(where: Path, delay: float) -> list[str]:
+    script = where / "reexec.py"
+    script.write_text(REEXEC)
+    return [PY, str(script), str(where), str(delay)]
+
+
+def _environ(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/environ").read_bytes()
+
+
+def _state(pid: int) -> str | None:
+    stat = read_stat(pid)
+    return None if stat is None else stat.state
 
 
 def _acted(where: Path) -> list[str]:
@@ -420,21 +457,52 @@ async def test_a_setsid_grandchild_left_by_a_command_that_exits_0_is_killed(wher
 async def test_an_orphan_with_a_scrubbed_environment_stays_in_reach_and_dies_at_the_timeout(
     where: Path,
 ) -> None:
-    # Its parent exits at once and it carries no marker: only the command being a subreaper
-    # keeps it in the command's subtree instead of init's.
+    # Its parent exits at once and it carries no marker: only the guard being a subreaper keeps
+    # it in the guard's subtree instead of init's.
     task = asyncio.create_task(run_command(_stray_argv(where, 1.5, "daemon"), timeout=1, env=ENV))
     command = await _read_pid(where / "command.pid")
     stray = await _read_pid(where / "stray.pid")
+    command_stat = read_stat(command)
+    assert command_stat is not None
+    guard = command_stat.ppid
+    assert guard not in (1, os.getpid())
     deadline = time.monotonic() + 2
-    while (stat := read_stat(stray)) is not None and stat.ppid != command:
-        assert time.monotonic() < deadline, f"orphan {stray} went to {stat.ppid}, not {command}"
+    while (stat := read_stat(stray)) is not None and stat.ppid != guard:
+        assert time.monotonic() < deadline, f"orphan {stray} went to {stat.ppid}, not {guard}"
         await asyncio.sleep(0.01)
+    assert _environ(stray) == b""  # no marker: only the subtree holds it
     result = await task
     returned = time.monotonic()
     assert result.timed_out
     assert not _alive(stray), "the orphan with a scrubbed environment survived the timeout"
     await _past(returned + 1.5 + 0.5)
     assert _acted(where) == []
+
+
+async def test_an_env_less_daemon_left_by_a_command_that_exits_0_does_not_act_late(
+    where: Path,
+) -> None:
+    # Double fork, setsid, empty environment, then the command exits 0 at once: the daemon is
+    # reparented to the guard, which kills it once the command's output is all read.
+    result = await run_command(_stray_argv(where, 1.5, "daemon-exit"), timeout=1, env=ENV)
+    returned = time.monotonic()
+    assert result.exit_code == 0
+    assert not result.timed_out
+    assert result.processes_killed == 1
+    assert not _alive(await _read_pid(where / "stray.pid")), "the daemon outlived its step"
+    assert kill_attempt(result.marker or "").found == 0
+    await _past(returned + 1.5 + 0.5)  # when it would have acted, past the 1 s timeout too
+    assert _acted(where) == []
+    assert _no_zombie_children()
+
+
+async def test_a_background_job_that_ends_before_the_timeout_keeps_its_output() -> None:
+    # The attempt ends when the command exited and its output is closed, not at the exit alone.
+    argv = ["/bin/sh", "-c", "(sleep 0.3; echo late) & echo early"]
+    result = await run_command(argv, timeout=10, env=ENV)
+    assert result.exit_code == 0
+    assert result.stdout == "early\nlate\n"
+    assert not result.timed_out
 
 
 async def test_cancelling_run_command_kills_the_setsid_grandchild(where: Path) -> None:
@@ -451,31 +519,128 @@ async def test_cancelling_run_command_kills_the_setsid_grandchild(where: Path) -
     assert _acted(where) == []
 
 
-async def test_a_sigkilled_driver_takes_its_command_along_and_kill_attempt_finds_the_stray(
+async def test_cancelling_run_command_kills_an_env_less_daemon_and_reaps_the_guard(
     where: Path,
 ) -> None:
+    task = asyncio.create_task(run_command(_stray_argv(where, 1.0, "daemon"), timeout=60, env=ENV))
+    command = await _read_pid(where / "command.pid")
+    stray = await _read_pid(where / "stray.pid")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    cancelled = time.monotonic()
+    assert not _alive(command)
+    assert not _alive(stray), "the env-less daemon survived the cancellation"
+    assert _no_zombie_children()  # the guard was waited for, not left behind
+    await _past(cancelled + 1.0 + 0.5)
+    assert _acted(where) == []
+
+
+@pytest.mark.parametrize("how", ["wait", "daemon"])
+async def test_a_sigkilled_driver_s_guard_kills_its_setsid_strays_without_a_resume(
+    where: Path, how: str
+) -> None:
+    # "wait": the stray keeps the marker; "daemon": it double-forked and emptied its environment.
+    # Neither the death signal nor the alarm reaches a setsid grandchild: the guard does.
     marker = new_attempt_marker()
-    driver = _driver({"argv": _stray_argv(where, 1.5, "wait"), "marker": marker})
+    driver = _driver({"argv": _stray_argv(where, 1.5, how), "marker": marker})
     try:
         command = await _read_pid(where / "command.pid", within=10)
         stray = await _read_pid(where / "stray.pid", within=10)
+        command_stat = read_stat(command)
+        assert command_stat is not None
+        guard = command_stat.ppid
         driver.kill()
         await asyncio.to_thread(driver.wait, 10)
         killed = time.monotonic()
         assert await _wait_dead(command), "the command outlived its SIGKILLed driver"
-        assert _alive(stray)  # setsid put it out of reach of the death signal and the group
-
-        report = kill_attempt(marker)  # what the next driver of the run does on resume
-
-        assert report.scanned
-        assert report.all_gone
-        assert stray in report.pids
-        assert command not in report.pids  # it was dead already
-        assert not _alive(stray)
+        assert await _wait_dead(stray), "the setsid stray outlived its SIGKILLed driver"
+        assert await _wait_dead(guard), "the guard outlived its sweep"
+        assert kill_attempt(marker).found == 0  # nothing left for the next driver to find
         await _past(killed + 1.5 + 0.5)
         assert _acted(where) == []
     finally:
         _stop(driver)
+
+
+async def test_kill_attempt_reaches_an_env_less_command_under_its_frozen_guard(
+    where: Path,
+) -> None:
+    # Driver and guard both frozen: only a same-host takeover's kill_attempt can act, and the
+    # command re-exec'd itself without the marker. The guard carries it, and its subtree goes.
+    marker = new_attempt_marker()
+    driver = _driver({"argv": _reexec_argv(where, 2.0), "marker": marker})
+    try:
+        command = await _read_pid(where / "command.pid", within=10)
+        started = time.monotonic()
+        command_stat = read_stat(command)
+        assert command_stat is not None
+        guard = command_stat.ppid
+        assert guard != driver.pid, "the command is not under a guard"
+        assert f"{ATTEMPT_ENV}={marker}".encode() in _environ(guard).split(b"\0")
+        assert _environ(command) == b""
+        driver.send_signal(signal.SIGSTOP)
+        os.kill(guard, signal.SIGSTOP)
+
+        report = kill_attempt(marker)
+
+        assert report.scanned
+        assert report.all_gone
+        assert {guard, command} <= set(report.pids)
+        assert not _alive(command)
+        await _past(started + 2.0 + 0.5)
+        assert _acted(where) == []
+    finally:
+        _stop(driver)
+
+
+async def test_a_frozen_driver_s_command_that_ignores_sigalrm_and_re_execs_dies_at_its_timeout(
+    where: Path,
+) -> None:
+    timeout = 2.0
+    driver = _driver({"argv": _reexec_argv(where, 4.0), "timeout": timeout})
+    try:
+        command = await _read_pid(where / "command.pid", within=10)
+        seen = time.monotonic()  # the command was spawned a little before
+        driver.send_signal(signal.SIGSTOP)  # it can no longer enforce the timeout itself
+        assert _environ(command) == b""  # no marker left on it either
+        assert await _wait_dead(command, within=timeout + 1.0), "it outlived its timeout"
+        assert _state(driver.pid) == "T"  # still frozen: the guard did it, on its own clock
+        await _past(seen + 4.0 + 0.5)
+        assert _acted(where) == []
+        # Thawed long past the deadline, the driver still learns from the guard what happened.
+        driver.send_signal(signal.SIGCONT)
+        assert driver.stdout is not None
+        output = await asyncio.to_thread(driver.stdout.read)
+        assert json.loads(output) == {"exit_code": None, "timed_out": True}
+    finally:
+        _stop(driver)
+
+
+async def test_a_guard_killed_under_a_live_driver_is_replaced_by_the_driver_s_sweep(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The command dies by its death signal with its guard; its grandchild, which keeps the
+    # marker, is found and killed by the driver, and the call returns long before its timeout.
+    pidfile = tmp_path / "pidfile"
+    argv = ["/bin/sh", "-c", f"sleep 30 & echo $! > {pidfile}; wait"]
+    started = time.monotonic()
+    task = asyncio.create_task(run_command(argv, timeout=30, env=ENV))
+    grandchild = await _read_pid(pidfile)
+    shell_stat = read_stat(grandchild)
+    assert shell_stat is not None
+    command_stat = read_stat(shell_stat.ppid)
+    assert command_stat is not None
+    guard = command_stat.ppid
+    assert guard != os.getpid(), "the command is not under a guard"
+    os.kill(guard, signal.SIGKILL)
+    with caplog.at_level(logging.WARNING, logger="agent.shell"):
+        result = await task
+    assert time.monotonic() - started < 10
+    assert result.exit_code == -signal.SIGKILL
+    assert not result.timed_out
+    assert await _wait_dead(grandchild)
+    assert "its guard ended without a last word (killed by signal 9)" in caplog.text
 
 
 async def test_a_driver_frozen_until_after_spawn_before_starts_nothing(where: Path) -> None:
@@ -526,17 +691,21 @@ async def test_an_open_spawn_gate_runs_the_command() -> None:
     assert result.stdout == "ok\n"
 
 
-async def test_the_command_of_a_frozen_driver_dies_by_its_alarm(tmp_path: Path) -> None:
+async def test_the_command_of_a_frozen_driver_is_killed_and_reaped_by_its_guard(
+    tmp_path: Path,
+) -> None:
     pidfile = tmp_path / "command.pid"
     driver = _driver({"argv": [PY, "-c", SLEEPER, str(pidfile)], "timeout": 2})
     try:
         command = await _read_pid(pidfile, within=10)
+        command_stat = read_stat(command)
+        assert command_stat is not None
+        guard = command_stat.ppid
         driver.send_signal(signal.SIGSTOP)  # it can no longer enforce the timeout itself
-        assert await _wait_dead(command, within=2 + 2 + 5), "the command outlived its timeout"
-        stat = read_stat(command)  # a zombie: its frozen driver cannot reap it
-        assert stat is not None and stat.exit_code is not None
-        assert os.WIFSIGNALED(stat.exit_code)
-        assert os.WTERMSIG(stat.exit_code) == signal.SIGALRM
+        assert await _wait_dead(command, within=2 + 1), "the command outlived its timeout"
+        assert await _wait_dead(guard)  # its work done (its sweep included), the guard exited
+        assert read_stat(command) is None  # reaped by the guard, not a zombie of the driver
+        assert _state(driver.pid) == "T"
     finally:
         _stop(driver)
 
@@ -582,24 +751,43 @@ def test_a_marker_must_be_printable_without_spaces() -> None:
             kill_attempt(bad)
 
 
-async def test_without_proc_the_group_kill_and_a_warning_remain(
+def test_without_proc_kill_attempt_proves_nothing_and_warns(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(shell, "_PROC", tmp_path / "no-proc")
+    monkeypatch.setattr(attempt_guard, "PROC", str(tmp_path / "no-proc"))
     shell._warn_no_proc.cache_clear()
-    pidfile = tmp_path / "pidfile"
-    argv = ["/bin/sh", "-c", f"sleep 30 & echo $! > {pidfile}; sleep 30"]
-    with caplog.at_level(logging.WARNING, logger="agent.shell"):
-        result = await run_command(argv, timeout=1, env=ENV)
-        report = kill_attempt(new_attempt_marker())
-    assert result.timed_out
-    assert await _wait_dead(await _read_pid(pidfile))
-    assert not report.scanned
-    assert "cannot list /proc" in caplog.text
+    sleep = shutil.which("sleep") or "/bin/sleep"
+    marker = new_attempt_marker()
+    ours = os.posix_spawn(sleep, ["sleep", "30"], {**ENV, ATTEMPT_ENV: marker})
+    try:
+        with caplog.at_level(logging.WARNING, logger="agent.shell"):
+            report = kill_attempt(marker)
+        assert not report.scanned  # so the kernel must not conclude "had ended" from it
+        assert report.found == 0
+        assert _alive(ours)
+        assert "cannot list /proc" in caplog.text
+    finally:
+        os.kill(ours, signal.SIGKILL)
+        os.waitpid(ours, 0)
 
 
-async def test_without_prctl_a_command_still_runs(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(shell, "_libc_prctl", lambda: None)
-    result = await run_command(["/bin/echo", "ok"], timeout=5, env=ENV)
-    assert result.exit_code == 0
-    assert result.stdout == "ok\n"
+async def test_the_command_gets_exactly_its_environment_and_the_guard_only_the_marker(
+    tmp_path: Path,
+) -> None:
+    # Odd values pass through byte for byte; none of the command's variables (LD_* included)
+    # reaches the guard's interpreter, and none of the guard's (Python's locale coercion sets
+    # LC_CTYPE) reaches the command.
+    env = {**ENV, "ODD": "a=b c\x01\u00e9", "LD_LIBRARY_PATH": str(tmp_path / "nowhere")}
+    pidfile = tmp_path / "guard.pid"
+    code = (
+        "import os, sys; open(sys.argv[1], 'w').write(str(os.getppid())); "
+        "sys.stdout.buffer.write(open('/proc/self/environ', 'rb').read()); "
+        "sys.stdout.flush(); import time; time.sleep(0.5)"
+    )
+    task = asyncio.create_task(run_command([PY, "-c", code, str(pidfile)], timeout=10, env=env))
+    guard = await _read_pid(pidfile)
+    guard_env = _environ(guard)
+    result = await task
+    entries = [entry for entry in result.stdout.split("\0") if entry]
+    assert dict(entry.split("=", 1) for entry in entries) == {**env, ATTEMPT_ENV: result.marker}
+    assert guard_env.split(b"\0") == [f"{ATTEMPT_ENV}={result.marker}".encode(), b""]
