@@ -34,6 +34,7 @@ bench: $(BIN)/loom-ops
 	$(BIN)/python bench/bot.py
 	$(BIN)/python bench/http.py
 	$(BIN)/python bench/scale.py
+	$(BIN)/python bench/decision.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

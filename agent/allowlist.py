@@ -206,6 +206,7 @@ class ShellAllowlist:
     rules: tuple[Rule, ...] = ()
     path: tuple[str, ...] = DEFAULT_PATH
     source: str = "<empty>"
+    found: bool = True  # False: loaded from a file that does not exist (it denies everything)
 
     @classmethod
     def load(cls, path: Path) -> ShellAllowlist:
@@ -213,7 +214,7 @@ class ShellAllowlist:
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            return cls(source=f"{path} (missing)")
+            return cls(source=f"{path} (missing)", found=False)
         except (OSError, UnicodeDecodeError) as exc:
             raise AllowlistError(f"{path}: cannot read allowlist: {exc}") from None
         try:
@@ -251,19 +252,35 @@ class ShellAllowlist:
                 raise CommandDenied(
                     f"command denied: argument {index} contains a NUL byte: {_quote(argv)}"
                 )
-        for rule in self.rules:
-            if rule.matches(argv):
-                return [self._resolve(rule.binary, argv), *argv[1:]]
+        rule = self.rule_for(argv)
+        if rule is not None:
+            return [self._resolve(rule.binary, argv), *argv[1:]]
         raise CommandDenied(f"command denied: no allowlist rule matches {_quote(argv)}")
+
+    def rule_for(self, argv: Sequence[str]) -> Rule | None:
+        """The first rule that admits the whole argv, or None (the binary is not looked up)."""
+        if not argv:
+            return None
+        return next((rule for rule in self.rules if rule.matches(argv)), None)
+
+    def which(self, binary: str) -> str | None:
+        """Where `binary` is found: itself when absolute, else the first executable file of
+        that name in the allowlist's `path`; None when there is none."""
+        if os.path.isabs(binary):
+            return binary if os.path.isfile(binary) and os.access(binary, os.X_OK) else None
+        for directory in self.path:
+            candidate = os.path.join(directory, binary)
+            if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+                return candidate
+        return None
 
     def _resolve(self, binary: str, argv: Sequence[str]) -> str:
         if os.path.isabs(binary):
             # The rule names the exact file; whether it exists is for the exec to report.
             return binary
-        for directory in self.path:
-            candidate = os.path.join(directory, binary)
-            if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-                return candidate
+        found = self.which(binary)
+        if found is not None:
+            return found
         raise CommandDenied(
             f"command denied: {binary!r} is not an executable in the allowlist path "
             f"({os.pathsep.join(self.path)}): {_quote(argv)}"

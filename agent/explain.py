@@ -56,12 +56,14 @@ def describe_event(event: EventRecord) -> str:
     if kind == "approval_requested":
         who = ", ".join(d.get("deciders") or []) or "any approver"
         deadline = time.strftime("%H:%M:%S UTC", time.gmtime(d["deadline_at"]))
-        lines = f"approval #{d['approval_id']} ({d['kind']}) for {d.get('step_id')}: {d['action']}"
+        number = d.get("number") or d["approval_id"]
+        lines = f"approval #{number} ({d['kind']}) for {d.get('step_id')}: {d['action']}"
         lines += f"\n{'':>12}why: {d['reason']}; rollback: {d.get('rollback') or '-'}"
         return lines + f"; who: {who}; until {deadline}"
     if kind == "approval_decided":
         note = f' — "{d["note"]}"' if d.get("note") else ""
-        return f"approval #{d['approval_id']} {d['decision']} by {d['decided_by']}{note}"
+        number = d.get("number") or d["approval_id"]
+        return f"approval #{number} {d['decision']} by {d['decided_by']}{note}"
     if kind == "approval_expired":
         return f"approval #{d['approval_id']} expired without a decision"
     if kind == "audit":

@@ -107,8 +107,11 @@ class DecisionBody(BaseModel):
         Field(max_length=MAX_NOTE_BYTES),
         AfterValidator(_text_within(MAX_NOTE_BYTES)),
     ] = None
-    approval_id: int | None = Field(
-        None, ge=1, le=MAX_ID, description="needed once a run had several"
+    approval: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_ID,
+        description="the request's number in the run (#1, #2): needed once a run had several",
     )
 
 
@@ -116,6 +119,7 @@ class ApprovalOut(BaseModel):
     """An approval request as the API shows it."""
 
     id: int
+    number: int = Field(description="the request's number in its run (#1, #2): what to decide")
     run_id: str
     kind: str
     step_id: str | None
@@ -126,6 +130,9 @@ class ApprovalOut(BaseModel):
     status: str
     decided_by: str | None
     deadline_at: float
+    mode: str | None = Field(None, description="live or dry-run")
+    runs_on: str | None = Field(None, description="where the action runs")
+    evidence: list[str] = Field(default_factory=list, description="what earlier steps found")
 
 
 class RunOut(BaseModel):
@@ -175,6 +182,7 @@ def _approval_out(approval: ApprovalRecord | None) -> ApprovalOut | None:
         return None
     return ApprovalOut(
         id=approval.id,
+        number=approval.number,
         run_id=approval.run_id,
         kind=str(approval.kind),
         step_id=approval.step_id,
@@ -185,6 +193,9 @@ def _approval_out(approval: ApprovalRecord | None) -> ApprovalOut | None:
         status=str(approval.status),
         decided_by=approval.decided_by,
         deadline_at=approval.deadline_at,
+        mode=approval.mode,
+        runs_on=approval.runs_on,
+        evidence=approval.evidence,
     )
 
 
@@ -332,13 +343,13 @@ def create_app(service: RunService) -> FastAPI:
                 decision,
                 settings.api_user,
                 note=body.note,
-                approval_id=body.approval_id,
+                approval_number=body.approval,
                 wait=False,
             )
         except DeciderRefused as exc:
             raise ApiError(403, str(exc)) from None
         except ServiceError as exc:
-            raise ApiError(409, str(exc).replace("--approval ID", "approval_id")) from None
+            raise ApiError(409, str(exc)) from None
         if not result.changed:
             raise ApiError(409, result.message)
         return DecisionOut(message=result.message, run=_run_out(result.run))

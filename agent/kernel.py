@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from agent.database import is_postgres_url
 from agent.failpoints import Failpoints
 from agent.host import HostIdentity, this_host
 from agent.leases import LeaseKeeper, owner_is_dead
@@ -26,6 +28,7 @@ from agent.outcomes import (
     StepState,
     after_call,
     repeat_refusal,
+    short_result,
     step_states,
     verdict,
 )
@@ -124,6 +127,13 @@ class RunKernel:
         self.redactor = redactor
         self.owner = owner
         self.failpoints = Failpoints(settings.failpoint)
+        # Where a step's action runs, as an approver should read it: any worker sharing a
+        # PostgreSQL store may drive the run; a SQLite store is driven on this machine.
+        self.runs_on = (
+            "any worker (shared PostgreSQL)"
+            if is_postgres_url(str(settings.db))
+            else f"this host ({socket.gethostname()})"
+        )
         self._loops: dict[str, asyncio.Task[None]] = {}
 
     async def drive(self, run_id: str, claim: Claim | None = None) -> RunRecord:
@@ -646,6 +656,9 @@ class _RunLoop:
             four_eyes=self.runbook.four_eyes,
             requested_by=self.run_record.requested_by,
             deadline_at=self._deadline(),
+            mode=self.k.toolbox.mode_of(step),
+            runs_on=self.k.runs_on,
+            evidence=_evidence(self.history),
         )
         await self.store.open_approval(
             self.claim, approval, self._checkpoint(), call=new_call, turn=pending
@@ -686,6 +699,9 @@ class _RunLoop:
             four_eyes=bool(self.runbook and self.runbook.four_eyes),
             requested_by=self.run_record.requested_by,
             deadline_at=self._deadline() if self.runbook else time.time() + 3600,
+            mode=self.k.toolbox.mode_of(step) if step is not None else None,
+            runs_on=self.k.runs_on,
+            evidence=_evidence(self.history),
         )
         await self.store.open_approval(self.claim, approval, self._checkpoint())
         raise _Wait()
@@ -829,6 +845,32 @@ class _RunLoop:
         if failed:
             text += f"; rollback FAILED for {', '.join(map(str, failed))}: check by hand"
         return text
+
+
+EVIDENCE_STEPS = 3  # the latest step outcomes an approval request shows
+EVIDENCE_LINES = 3  # the last lines of each
+EVIDENCE_LINE_CHARS = 160
+
+
+def _evidence(history: list[Observation]) -> list[str]:
+    """What the steps already run found, for the person deciding: the last lines of the
+    latest few step outcomes (already redacted), one short entry each."""
+    entries = []
+    for obs in reversed(history):
+        if obs.tool not in STEP_TOOLS or obs.status == "refused":
+            continue
+        outcome = obs.outcome
+        stream = outcome.get("stderr") if obs.status == "error" else outcome.get("stdout")
+        lines = [line.strip() for line in str(stream or "").splitlines() if line.strip()]
+        tail = [line[:EVIDENCE_LINE_CHARS] for line in lines[-EVIDENCE_LINES:]]
+        head = f"{obs.args.get('step_id')}: {obs.status}"
+        result = short_result(outcome)
+        if result and not tail:
+            head += f" ({result})"
+        entries.append("\n".join([head, *(f"  {line}" for line in tail)]))
+        if len(entries) == EVIDENCE_STEPS:
+            break
+    return list(reversed(entries))
 
 
 def _clock(ts: float | None) -> str:

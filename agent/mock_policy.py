@@ -9,7 +9,7 @@ import re
 from collections.abc import Sequence
 
 from agent.policy import FinalAnswer, Observation, PolicyContext, PolicyDecision, ToolCall
-from agent.request import RequestError, parse_request
+from agent.request import ParsedRequest, RequestError, parse_request
 from agent.runbook import Runbook, RunbookCatalog
 
 _WORD = re.compile(r"[a-z0-9]+")
@@ -23,9 +23,15 @@ def _words(text: str) -> set[str]:
 
 def match_runbook(catalog: RunbookCatalog, text: str) -> Runbook | None:
     """The runbook whose id, triggers and title best match the request text, if any."""
+    ranked = rank_runbooks(catalog, text)
+    return ranked[0] if ranked else None
+
+
+def rank_runbooks(catalog: RunbookCatalog, text: str) -> list[Runbook]:
+    """Every runbook that matches the request text at all, best match first (ties by id)."""
     lowered = text.lower()
     words = _words(text)
-    best: tuple[int, str] | None = None
+    scored: list[tuple[int, str]] = []
     for runbook in catalog.runbooks.values():
         score = 0
         if runbook.id in lowered:
@@ -36,9 +42,37 @@ def match_runbook(catalog: RunbookCatalog, text: str) -> Runbook | None:
                 score += 10 * len(trigger_words)
         # Title words count only when they carry meaning ("latency", not "the").
         score += len({w for w in _words(runbook.title) if len(w) >= 4} & words)
-        if score > 0 and (best is None or (score, runbook.id) > best):
-            best = (score, runbook.id)
-    return catalog.runbooks[best[1]] if best else None
+        if score > 0:
+            scored.append((score, runbook.id))
+    scored.sort(reverse=True)
+    return [catalog.runbooks[runbook_id] for _, runbook_id in scored]
+
+
+def exact_runbook(catalog: RunbookCatalog, parsed: ParsedRequest) -> Runbook | None:
+    """The runbook a request names outright: `runbook=<id>`, or an id as its first word.
+
+    None when it only describes an incident: then the runbook is a guess (`match_runbook`),
+    which is never enough to start live actions without a person confirming it."""
+    if parsed.runbook is not None:
+        return catalog.runbooks.get(parsed.runbook)
+    words = parsed.text.split(maxsplit=1)
+    return catalog.runbooks.get(words[0]) if words else None
+
+
+def choose_runbook(catalog: RunbookCatalog, parsed: ParsedRequest, request: str) -> Runbook:
+    """The runbook a request names (`runbook=<id>`, or an id as its first word) or, failing
+    that, matches best; raises RequestError (one line) for an unknown id or no match."""
+    if parsed.runbook is not None:
+        runbook = catalog.runbooks.get(parsed.runbook)
+        if runbook is None:
+            known = ", ".join(sorted(catalog.runbooks)) or "none"
+            raise RequestError(f"unknown runbook {parsed.runbook[:80]!r} (known: {known})")
+        return runbook
+    # An id as the first word wins outright, as exact_runbook promises (no scoring).
+    runbook = exact_runbook(catalog, parsed) or match_runbook(catalog, parsed.text or request)
+    if runbook is None:
+        raise RequestError(_no_match(parsed.text or request, catalog))
+    return runbook
 
 
 def _call(name: str, **args: object) -> PolicyDecision:
@@ -57,10 +91,7 @@ class MockPolicy:
     def preflight(self, request: str, catalog: RunbookCatalog) -> None:
         """Refuse, before any run exists, a request that matches no runbook or has bad params."""
         parsed = parse_request(request)
-        runbook = match_runbook(catalog, parsed.text or request)
-        if runbook is None:
-            raise RequestError(_no_match(parsed.text or request, catalog))
-        runbook.resolve_params(parsed.params)
+        choose_runbook(catalog, parsed, request).resolve_params(parsed.params)
 
     async def decide(self, context: PolicyContext) -> PolicyDecision:
         """Next turn, from the runbook and the last observation only (constant time per turn)."""
@@ -152,9 +183,10 @@ class MockPolicy:
             parsed = parse_request(context.request)
         except RequestError as exc:
             return _final("failed", str(exc))
-        runbook = match_runbook(context.catalog, parsed.text or context.request)
-        if runbook is None:
-            return _final("failed", _no_match(parsed.text or context.request, context.catalog))
+        try:
+            runbook = choose_runbook(context.catalog, parsed, context.request)
+        except RequestError as exc:
+            return _final("failed", str(exc))
         return _call("read_runbook", runbook_id=runbook.id, params=parsed.params)
 
     @staticmethod

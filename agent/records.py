@@ -211,6 +211,21 @@ class ApprovalRecord:
     note: str | None
     created_at: float
     deadline_at: float
+    number: int = 0  # within its incident (the run tree): #1, #2, what people type
+    mode: str | None = None  # "live" or "dry-run"
+    runs_on: str | None = None  # where the action runs
+    evidence: list[str] = field(default_factory=list)  # the last lines of steps already run
+
+
+@dataclass(frozen=True)
+class ProcessRecord:
+    """A long-running process serving the store, as its last heartbeat left it."""
+
+    owner: str  # its lease owner id: host, pid, boot, PID namespace, start time
+    kind: str  # serve, telegram, serve+telegram, worker
+    drives_runs: bool  # it claims and drives runnable runs (not a --no-worker front end)
+    started_at: float
+    heartbeat_at: float
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,7 @@
-"""Parsing a request: free incident text plus `key=value` words that become runbook params."""
+"""Parsing a request: free incident text plus `key=value` words that become runbook params.
+
+`runbook=<id>` is not a param: it names the runbook outright (no matching on the text).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,8 @@ from dataclasses import dataclass
 
 PARAM_WORD = re.compile(r"^([a-z_][a-z0-9_]{0,31})=(.*)$", re.DOTALL)
 MAX_REQUEST_BYTES = 4096
+# The one `key=value` word that is not a runbook param: it names the runbook to run.
+RUNBOOK_KEY = "runbook"
 
 
 class RequestError(ValueError):
@@ -20,6 +25,7 @@ class ParsedRequest:
 
     text: str
     params: dict[str, str]
+    runbook: str | None = None  # from `runbook=<id>`: the runbook named outright
 
 
 def parse_request(message: str) -> ParsedRequest:
@@ -47,4 +53,5 @@ def parse_request(message: str) -> ParsedRequest:
         if key in params:
             raise RequestError(f"parameter {key!r} is given twice")
         params[key] = value
-    return ParsedRequest(text=" ".join(text_words), params=params)
+    runbook = params.pop(RUNBOOK_KEY, None)
+    return ParsedRequest(text=" ".join(text_words), params=params, runbook=runbook)

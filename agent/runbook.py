@@ -9,16 +9,19 @@ callers on the event loop render in a worker thread.
 
 Loading never half-loads: a file either yields a fully validated `Runbook` or one `RunbookError`
 naming the file, the 1-based line and the field (`steps[2].check.expect_status`).
+`validate_runbooks` (what `loom-ops runbooks validate` runs) reports every error of every file
+in one pass instead, and checks each command against the shell allowlist.
 """
 
 from __future__ import annotations
 
 import difflib
 import functools
+import json
 import re
 import shlex
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -36,6 +39,7 @@ from pydantic import (
     model_validator,
 )
 
+from agent.allowlist import ShellAllowlist
 from agent.bounded_jinja import (
     DEFAULT_LIMITS,
     BoundedSandbox,
@@ -57,6 +61,7 @@ __all__ = [
     "RunbookCatalog",
     "RunbookError",
     "RunbookParam",
+    "RunbookReport",
     "Step",
     "load_catalog",
     "load_runbook",
@@ -64,6 +69,7 @@ __all__ = [
     "render_text",
     "render_url",
     "runbook_json_schema",
+    "validate_runbooks",
 ]
 
 MAX_FILE_BYTES = 256 * 1024
@@ -77,6 +83,8 @@ SLUG_PATTERN = r"[a-z0-9][a-z0-9_-]{0,62}"
 PARAM_NAME_PATTERN = r"[a-z_][a-z0-9_]{0,31}"
 ENV_NAME_PATTERN = r"[A-Za-z_][A-Za-z0-9_]{0,127}"
 APPROVER_PATTERN = r"[a-z][a-z0-9_]*:\S+"
+# `runbook=<id>` in a request names the runbook (agent.request), so no param may be called so.
+RESERVED_PARAM_NAMES = frozenset({"runbook"})
 
 _TRUE_WORDS = frozenset({"true", "yes", "1"})
 _FALSE_WORDS = frozenset({"false", "no", "0"})
@@ -120,9 +128,23 @@ class _FieldError(ValueError):
     to pydantic's own location and report the precise line instead of the enclosing object's.
     """
 
-    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+    def __init__(
+        self,
+        loc: tuple[str | int, ...],
+        message: str,
+        more: Sequence[tuple[tuple[str | int, ...], str]] = (),
+    ) -> None:
         super().__init__(message)
         self.loc = loc
+        # Further problems the same validator found: a validator raises once, yet a person
+        # fixing a file wants every problem of it at once.
+        self.more = tuple(more)
+
+    @classmethod
+    def of(cls, problems: Sequence[tuple[tuple[str | int, ...], str]]) -> _FieldError:
+        """One error carrying every (location, message) found; problems must not be empty."""
+        (loc, message), *more = problems
+        return cls(loc, message, more)
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,6 +264,48 @@ def _quoting_problem(source: str) -> str | None:
             elif ch in "'\"":
                 quote = ch
     return None
+
+
+def _template_problems(
+    fields: Iterator[tuple[tuple[str | int, ...], str, bool]], declared: set[str]
+) -> list[tuple[tuple[str | int, ...], str]]:
+    """Every unusable template among `fields`, as (location, why)."""
+    found = []
+    for loc, source, command in fields:
+        problem = _template_problem(source, declared, command)
+        if problem:
+            found.append((loc, problem))
+    return found
+
+
+def _template_fields(document: object) -> Iterator[tuple[tuple[str | int, ...], str, bool]]:
+    """Every template of a runbook document (plain data): (location, source, is_command).
+
+    Works on a document that failed validation too (whatever is not where a template belongs
+    is skipped), so `validate_runbooks` can report template problems in the same pass as the
+    field errors that stop the model's own check from running."""
+    steps = document.get("steps") if isinstance(document, dict) else None
+    for index, step in enumerate(steps if isinstance(steps, list) else []):
+        if not isinstance(step, dict):
+            continue
+        loc: tuple[str | int, ...] = ("steps", index)
+        if isinstance(step.get("run"), str):
+            yield (*loc, "run"), step["run"], True
+        check = step.get("check") if isinstance(step.get("check"), dict) else {}
+        if isinstance(check.get("url"), str):
+            yield (*loc, "check", "url"), check["url"], False
+        for where, action in ((("mcp",), step.get("mcp")), (("check", "mcp"), check.get("mcp"))):
+            arguments = action.get("arguments") if isinstance(action, dict) else None
+            for name, value in (arguments if isinstance(arguments, dict) else {}).items():
+                if isinstance(value, str):
+                    yield (*loc, *where, "arguments", name), value, False
+        if isinstance(step.get("note"), str):
+            yield (*loc, "note"), step["note"], False
+        rollback = step.get("rollback") if isinstance(step.get("rollback"), dict) else {}
+        if isinstance(rollback.get("run"), str):
+            yield (*loc, "rollback", "run"), rollback["run"], True
+        if isinstance(rollback.get("note"), str):
+            yield (*loc, "rollback", "note"), rollback["note"], False
 
 
 # --------------------------------------------------------------------------------------------
@@ -532,6 +596,10 @@ class Runbook(BaseModel):
         for name in value:
             if not re.fullmatch(PARAM_NAME_PATTERN, name):
                 raise _FieldError((name,), f"param name {name!r} must match {PARAM_NAME_PATTERN}")
+            if name in RESERVED_PARAM_NAMES:
+                raise _FieldError(
+                    (name,), f"param name {name!r} is reserved: runbook=<id> names the runbook"
+                )
         return value
 
     @field_validator("approvers")
@@ -558,12 +626,16 @@ class Runbook(BaseModel):
     @classmethod
     def _unique_step_ids(cls, value: list[Step]) -> list[Step]:
         seen: dict[str, int] = {}
+        problems: list[tuple[tuple[str | int, ...], str]] = []
         for index, step in enumerate(value):
             if step.id in seen:
-                raise _FieldError(
-                    (index, "id"), f"duplicate step id {step.id!r} (also steps[{seen[step.id]}])"
+                problems.append(
+                    ((index, "id"), f"duplicate step id {step.id!r} (also steps[{seen[step.id]}])")
                 )
+                continue
             seen[step.id] = index
+        if problems:
+            raise _FieldError.of(problems)
         return value
 
     @model_validator(mode="after")
@@ -571,34 +643,14 @@ class Runbook(BaseModel):
         # Checked here, not per step: only the runbook knows which params are declared.
         if info.context and info.context.get("snapshot"):
             return self  # a run's pinned copy was checked in full when it was pinned
-        declared = set(self.params)
-        for loc, source, command in self._template_fields():
-            problem = _template_problem(source, declared, command)
-            if problem:
-                raise _FieldError(loc, problem)
+        problems = _template_problems(self._template_fields(), set(self.params))
+        if problems:
+            raise _FieldError.of(problems)
         return self
 
     def _template_fields(self) -> Iterator[tuple[tuple[str | int, ...], str, bool]]:
         """Every template in the runbook: (location, source, is_command)."""
-        for index, step in enumerate(self.steps):
-            if step.run is not None:
-                yield ("steps", index, "run"), step.run, True
-            if step.check is not None and step.check.url is not None:
-                yield ("steps", index, "check", "url"), step.check.url, False
-            actions = [("mcp", step.mcp), ("check", step.check.mcp if step.check else None)]
-            for where, action in actions:
-                if action is None:
-                    continue
-                loc = ("steps", index, where) if where == "mcp" else ("steps", index, where, "mcp")
-                for name, value in action.arguments.items():
-                    if isinstance(value, str):
-                        yield (*loc, "arguments", name), value, False
-            if step.note is not None:
-                yield ("steps", index, "note"), step.note, False
-            if step.rollback is not None and step.rollback.run is not None:
-                yield ("steps", index, "rollback", "run"), step.rollback.run, True
-            if step.rollback is not None and step.rollback.note is not None:
-                yield ("steps", index, "rollback", "note"), step.rollback.note, False
+        return _template_fields(self.model_dump(exclude_none=True))
 
     @classmethod
     def from_snapshot(cls, data: Mapping[str, Any]) -> Runbook:
@@ -776,29 +828,39 @@ def _key_matches(key_node: yaml.Node, part: object) -> bool:
     return key == part or str(key) == str(part)
 
 
-def _validation_error(path: Path, root: yaml.Node, exc: ValidationError) -> RunbookError:
-    """The first error by line (ties in pydantic's order), located in the YAML tree."""
+def _validation_errors(path: Path, root: yaml.Node, exc: ValidationError) -> list[RunbookError]:
+    """Every error, by line (ties in pydantic's order), located in the YAML tree; one per
+    field and line (a value that fails a union gets one error per member: the first says it)."""
     found: list[tuple[int, int, RunbookError]] = []
-    for order, error in enumerate(exc.errors()):
+    seen: set[tuple[int, str]] = set()
+    order = 0
+    for error in exc.errors():
         loc: tuple[object, ...] = tuple(error["loc"])
-        message = error["msg"]
+        problems: list[tuple[tuple[object, ...], str]] = [(loc, error["msg"])]
         original = (error.get("ctx") or {}).get("error")
         if isinstance(original, _FieldError):
-            loc = (*loc, *original.loc)
-        if isinstance(original, ValueError):
+            problems = [((*loc, *original.loc), str(original))]
+            problems += [((*loc, *more_loc), text) for more_loc, text in original.more]
+        elif isinstance(original, ValueError):
             # Our own messages are complete sentences; drop pydantic's "Value error, " prefix.
-            message = str(original)
-        if loc and loc[-1] == "[key]":
-            loc = loc[:-1]
-            message = f"invalid key: {message}"
-        elif error["type"] == "missing":
-            message = "required field is missing"
-        elif error["type"] == "extra_forbidden" and loc:
-            message = _unknown_field_message(loc)
-        line, shown = _locate(root, loc)
-        found.append((line, order, RunbookError(path, line, _field(shown), message)))
+            problems = [(loc, str(original))]
+        for where, message in problems:
+            if where and where[-1] == "[key]":
+                where = where[:-1]
+                message = f"invalid key: {message}"
+            elif error["type"] == "missing":
+                message = "required field is missing"
+            elif error["type"] == "extra_forbidden" and where:
+                message = _unknown_field_message(where)
+            line, shown = _locate(root, where)
+            key = (line, _field(shown))
+            if key in seen:
+                continue
+            seen.add(key)
+            found.append((line, order, RunbookError(path, line, _field(shown), message)))
+            order += 1
     found.sort(key=lambda item: (item[0], item[1]))
-    return found[0][2]
+    return [item[2] for item in found]
 
 
 def _unknown_field_message(loc: tuple[object, ...]) -> str:
@@ -819,19 +881,20 @@ def _unknown_field_message(loc: tuple[object, ...]) -> str:
     return f"unknown field {name!r}{hint}"
 
 
-def _render_problem(runbook: Runbook) -> tuple[tuple[str | int, ...], str] | None:
-    """The first template that goes past the render bounds with the params' defaults (or an
-    easily derived valid value), as (location, message); None when every template is within.
+def _render_problems(
+    runbook: Runbook, first_only: bool = False
+) -> list[tuple[tuple[str | int, ...], str]]:
+    """The templates that go past the render bounds with the params' defaults (or an easily
+    derived valid value), as (location, message); only the first when `first_only`.
 
     Templates that use a param with no usable value are skipped, and so are other render
     failures: only the bounds are checked here, the rest is reported when a run renders it."""
-    samples = {name: param._sample() for name, param in runbook.params.items()}
-    values = {name: value for name, value in samples.items() if value is not None}
+    values = _sample_values(runbook)
+    found: list[tuple[tuple[str | int, ...], str]] = []
     for loc, source, command in runbook._template_fields():
         if "{" not in source:
             continue
-        env = _COMMAND_ENV if command else _TEXT_ENV
-        used = jinja2.meta.find_undeclared_variables(env.parse(source)) - set(env.globals)
+        used = _used_params(source, command, runbook.params)
         if not used <= values.keys():
             continue
         try:
@@ -839,10 +902,88 @@ def _render_problem(runbook: Runbook) -> tuple[tuple[str | int, ...], str] | Non
         except RenderLimitError as exc:
             step = runbook.steps[int(loc[1])]
             given = " ".join(f"{name}={_text_value(values[name])}" for name in sorted(used))
-            return loc, f"step {step.id!r}: {exc} (rendered with {_short(given or 'no params')})"
+            found.append(
+                (loc, f"step {step.id!r}: {exc} (rendered with {_short(given or 'no params')})")
+            )
+            if first_only:
+                break
         except RenderError:
             continue
-    return None
+    return found
+
+
+def _sample_values(runbook: Runbook) -> dict[str, str | int | bool]:
+    """The params' defaults, or easily derived valid values (`RunbookParam._sample`)."""
+    samples = {name: param._sample() for name, param in runbook.params.items()}
+    return {name: value for name, value in samples.items() if value is not None}
+
+
+def _used_params(source: str, command: bool, params: Mapping[str, object]) -> set[str]:
+    """The names a (valid) template reads: its params (a param may shadow a Jinja global,
+    such as `namespace`) and any other name that is not a global."""
+    env = _COMMAND_ENV if command else _TEXT_ENV
+    ast = env.parse(source)
+    # find_undeclared_variables counts a name the environment's globals define as declared.
+    loaded = {node.name for node in ast.find_all(jinja2.nodes.Name) if node.ctx == "load"}
+    undeclared = jinja2.meta.find_undeclared_variables(ast) - set(env.globals)
+    return undeclared | (loaded & set(params))
+
+
+@dataclass(frozen=True)
+class SampleCommand:
+    """A command of a runbook (a step's `run` or its rollback's) rendered with the params'
+    defaults: what a run without params would execute."""
+
+    loc: tuple[str | int, ...]
+    step_id: str
+    rollback: bool
+    argv: list[str] | None  # None: not renderable without a value the runbook does not give
+    params: dict[str, str | int | bool]  # the values it was rendered with
+    problem: str | None = None  # why argv is None
+
+    def describe(self) -> str:
+        """`step 'scale-out'` or `step 'scale-out' rollback`, for messages."""
+        return f"step {self.step_id!r}" + (" rollback" if self.rollback else "")
+
+    def given(self) -> str:
+        """`service=checkout-api namespace=production`, or `no params`."""
+        text = " ".join(f"{k}={_text_value(v)}" for k, v in sorted(self.params.items()))
+        return _capped(text or "no params")
+
+
+def sample_commands(runbook: Runbook) -> list[SampleCommand]:
+    """Every command of the runbook rendered with the params' defaults (see SampleCommand)."""
+    values = _sample_values(runbook)
+    commands = []
+    for loc, source, command in runbook._template_fields():
+        if not command:
+            continue
+        step = runbook.steps[int(loc[1])]
+        rollback = "rollback" in loc
+        used = _used_params(source, command, runbook.params) if "{" in source else set()
+        params = {name: values[name] for name in sorted(used) if name in values}
+        missing = sorted(used - values.keys())
+        if missing:
+            problem = f"needs a value for {', '.join(missing)} (no default)"
+            commands.append(SampleCommand(loc, step.id, rollback, None, params, problem))
+            continue
+        try:
+            argv = render_command(source, values)
+        except RenderError as exc:
+            commands.append(SampleCommand(loc, step.id, rollback, None, params, str(exc)))
+            continue
+        commands.append(SampleCommand(loc, step.id, rollback, argv, params))
+    return commands
+
+
+def quote_argv(argv: Sequence[str]) -> str:
+    """An argv on one line, exactly (JSON: quotes, spaces and newlines stay visible)."""
+    return _capped(json.dumps(list(argv), ensure_ascii=False), 300)
+
+
+def _capped(text: str, limit: int = 120) -> str:
+    """Text cut to `limit` characters (no repr quotes: it is shown as it is)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def load_runbook(path: Path, render_templates: bool = False) -> Runbook:
@@ -855,6 +996,82 @@ def load_runbook(path: Path, render_templates: bool = False) -> Runbook:
 
 def _load(path: Path, render_templates: bool = False) -> tuple[Runbook, yaml.Node]:
     """Load a runbook and keep its YAML tree, so later errors (duplicate id) get a line."""
+    runbook, root, errors = _examine(path, render_templates, every=False)
+    if errors:
+        raise errors[0]
+    assert runbook is not None and root is not None
+    return runbook, root
+
+
+def _examine(
+    path: Path, render_templates: bool, every: bool
+) -> tuple[Runbook | None, yaml.Node | None, list[RunbookError]]:
+    """Load a runbook: (it, its YAML tree, []) or (None, the tree if it parsed, its errors by
+    line). `every`: every error of the file, else the first one is enough (a run's loader
+    stops there: one error keeps the file out, and the catalog is loaded often)."""
+    try:
+        root, document = _read_yaml(path)
+    except RunbookError as exc:  # unreadable or not YAML: nothing further can be checked
+        return None, None, [exc]
+    try:
+        runbook = Runbook.model_validate(document)
+    except ValidationError as exc:
+        errors = _validation_errors(path, root, exc)
+        if every:
+            # The model checks templates only once every field is valid: check them on the
+            # raw document too, so one pass shows a template typo beside a field typo.
+            params = document.get("params") if isinstance(document, dict) else None
+            declared = set(params) if isinstance(params, dict) else set()
+            problems = _template_problems(_template_fields(document), declared)
+            problems += _duplicate_step_ids(document)
+            errors = _merged(errors, _located(path, root, problems))
+        return None, root, errors
+    except RecursionError:
+        return None, root, [RunbookError(path, None, "", "runbook is nested too deeply")]
+    if render_templates:
+        problems = _render_problems(runbook, first_only=not every)
+        if problems:
+            return None, root, _located(path, root, problems)
+    return runbook, root, []
+
+
+def _duplicate_step_ids(document: object) -> list[tuple[tuple[str | int, ...], str]]:
+    """Duplicate step ids of a raw document (the model finds them only in valid steps)."""
+    steps = document.get("steps") if isinstance(document, dict) else None
+    seen: dict[str, int] = {}
+    found: list[tuple[tuple[str | int, ...], str]] = []
+    for index, step in enumerate(steps if isinstance(steps, list) else []):
+        step_id = step.get("id") if isinstance(step, dict) else None
+        if not isinstance(step_id, str):
+            continue
+        if step_id in seen:
+            message = f"duplicate step id {step_id!r} (also steps[{seen[step_id]}])"
+            found.append((("steps", index, "id"), message))
+        else:
+            seen[step_id] = index
+    return found
+
+
+def _located(
+    path: Path, root: yaml.Node, problems: Sequence[tuple[tuple[str | int, ...], str]]
+) -> list[RunbookError]:
+    """(location, message) problems as RunbookErrors with their lines, in file order."""
+    errors = []
+    for loc, message in problems:
+        line, shown = _locate(root, loc)
+        errors.append(RunbookError(path, line, _field(shown), message))
+    return sorted(errors, key=lambda e: e.line or 0)
+
+
+def _merged(first: list[RunbookError], second: list[RunbookError]) -> list[RunbookError]:
+    """Both lists by line, without a second error for a field and line already reported."""
+    seen = {(e.line, e.field) for e in first}
+    extra = [e for e in second if (e.line, e.field) not in seen]
+    return sorted([*first, *extra], key=lambda e: e.line or 0)  # stable: ties keep order
+
+
+def _read_yaml(path: Path) -> tuple[yaml.MappingNode, object]:
+    """Read a runbook file within the size limit and parse it; raises RunbookError."""
     try:
         with path.open("rb") as handle:
             # Read one byte past the limit: never trust stat() for special or growing files.
@@ -868,19 +1085,7 @@ def _load(path: Path, render_templates: bool = False) -> tuple[Runbook, yaml.Nod
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise RunbookError(path, line, "", "file is not valid UTF-8 text") from None
-
-    root, document = _parse_yaml(path, text)
-    try:
-        runbook = Runbook.model_validate(document)
-    except ValidationError as exc:
-        raise _validation_error(path, root, exc) from None
-    except RecursionError:
-        raise RunbookError(path, None, "", "runbook is nested too deeply") from None
-    problem = _render_problem(runbook) if render_templates else None
-    if problem is not None:
-        line, shown = _locate(root, problem[0])
-        raise RunbookError(path, line, _field(shown), problem[1])
-    return runbook, root
+    return _parse_yaml(path, text)
 
 
 def _parse_yaml(path: Path, text: str) -> tuple[yaml.MappingNode, object]:
@@ -969,3 +1174,92 @@ def load_catalog(directory: Path, render_templates: bool = False) -> RunbookCata
         runbooks[runbook.id] = runbook
         sources[runbook.id] = path
     return RunbookCatalog(runbooks, errors)
+
+
+# --------------------------------------------------------------------------------------------
+# Validating (`loom-ops runbooks validate`, `loom-ops doctor`)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunbookReport:
+    """What validating one runbook file found: the runbook (None when the file is invalid),
+    every error of the file by line, and its commands that no allowlist rule admits."""
+
+    path: Path
+    runbook: Runbook | None
+    file_errors: list[RunbookError] = field(default_factory=list)
+    gaps: list[RunbookError] = field(default_factory=list)
+    live_shell: bool = False  # gaps are errors when commands run for real
+
+    @property
+    def errors(self) -> list[RunbookError]:
+        """What keeps the file (or, with live shell, one of its steps) from working."""
+        return _by_line([*self.file_errors, *(self.gaps if self.live_shell else [])])
+
+    @property
+    def warnings(self) -> list[RunbookError]:
+        """Allowlist gaps while commands are dry-run: they fail once live shell is on."""
+        return [] if self.live_shell else self.gaps
+
+
+def validate_runbooks(
+    path: Path, allowlist: ShellAllowlist | None = None, live_shell: bool = False
+) -> list[RunbookReport]:
+    """Validate one runbook file, or every *.yaml / *.yml file of a directory (sorted), in one
+    pass: every error of every file, templates rendered against the bounds.
+
+    With an allowlist, every command (a step's `run` and its rollback's, rendered with the
+    params' defaults) that no rule admits is reported too: an error when `live_shell` (a run
+    would be refused at that step), else a warning (dry-run never asks the allowlist)."""
+    path = Path(path)
+    files = (
+        sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml"))
+        if path.is_dir()
+        else [path]
+    )
+    reports: list[RunbookReport] = []
+    sources: dict[str, Path] = {}
+    for file in files:
+        runbook, root, errors = _examine(file, render_templates=True, every=True)
+        gaps: list[RunbookError] = []
+        if runbook is not None and root is not None:
+            if runbook.id in sources:
+                line = _locate(root, ("id",))[0]
+                errors.append(
+                    RunbookError(
+                        file,
+                        line,
+                        "id",
+                        f"duplicate runbook id {runbook.id!r} (also {sources[runbook.id]})",
+                    )
+                )
+            else:
+                sources[runbook.id] = file
+            if allowlist is not None:
+                gaps = _located(file, root, _allowlist_gaps(runbook, allowlist))
+        valid = runbook if not errors else None
+        reports.append(RunbookReport(file, valid, _by_line(errors), gaps, live_shell))
+    return reports
+
+
+def _allowlist_gaps(
+    runbook: Runbook, allowlist: ShellAllowlist
+) -> list[tuple[tuple[str | int, ...], str]]:
+    """Every command of the runbook, rendered with the defaults, that no rule admits."""
+    gaps = []
+    for sample in sample_commands(runbook):
+        if sample.argv is None or allowlist.rule_for(sample.argv) is not None:
+            continue  # one that cannot be rendered is for the run to report, with its values
+        gaps.append(
+            (
+                sample.loc,
+                f"{sample.describe()}: no rule of {allowlist.source} admits "
+                f"{quote_argv(sample.argv)} (rendered with {sample.given()})",
+            )
+        )
+    return gaps
+
+
+def _by_line(errors: list[RunbookError]) -> list[RunbookError]:
+    return sorted(errors, key=lambda e: e.line or 0)

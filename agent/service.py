@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -27,6 +28,7 @@ from agent.records import (
     ApprovalStatus,
     Claim,
     Origin,
+    ProcessRecord,
     RunLimits,
     RunRecord,
     RunStatus,
@@ -40,6 +42,11 @@ from agent.store import ApprovalNotFound, NewRun, RunStore, StoreError
 from agent.tools import Toolbox, tools_for_role
 
 log = logging.getLogger(__name__)
+
+# A long-running process renews its entry in the store's registry this often; one silent for
+# PROCESS_LIVE_WITHIN seconds is gone (killed, frozen, or its host lost).
+HEARTBEAT_INTERVAL = 2.0
+PROCESS_LIVE_WITHIN = 3 * HEARTBEAT_INTERVAL
 T = TypeVar("T")
 
 NO_POLICY = (
@@ -305,6 +312,28 @@ class RunService:
                     log.info("not resuming %s: %s", tree_id, exc)
         return await self.store.get_run(run_id)
 
+    async def live_processes(self) -> list[ProcessRecord]:
+        """The other long-running processes serving this store now (a fresh heartbeat)."""
+        now = time.time()
+        return [
+            process
+            for process in await self.store.list_processes()
+            if now - process.heartbeat_at <= PROCESS_LIVE_WITHIN
+            and process.owner != self.kernel.owner
+        ]
+
+    async def drive_runnable(self) -> list[str]:
+        """Start driving, in the background, every runnable run (due now) this process does
+        not drive yet; returns their ids. What a long-running process does when woken."""
+        if not self.executes_runs:
+            return []
+        started = []
+        for run_id in await self.store.runnable_run_ids(owner_is_dead, due_only=True):
+            if run_id not in self._drives:
+                self._start_drive(run_id)
+                started.append(run_id)
+        return started
+
     async def recover(self) -> list[RunRecord]:
         """Pick up every run whose owner died (or that was left queued), and drive them all."""
         await self.expire_overdue()
@@ -348,20 +377,21 @@ class RunService:
         decider: str,
         note: str | None = None,
         approval_token: str | None = None,
-        approval_id: int | None = None,
+        approval_number: int | None = None,
         wait: bool = True,
     ) -> DecisionResult:
         """Decide one approval request of a run; the first decision wins. Approval resumes it
         (in this task when `wait`, else in the background, as a chat handler needs).
 
-        The request is named by its token (buttons, links) or id; unnamed, it must be the
-        run's only request ever, so a repeated decision can never land on a later one.
+        The request is named by its token (buttons, links) or its number in the incident
+        (#1, #2); unnamed, it must be the run's only request ever, so a repeated decision can
+        never land on a later one.
         """
         if note is not None:
             validate_text("note", note, MAX_NOTE_BYTES)
         await self.expire_overdue(wait)
         run = await self.store.get_run(run_id)
-        approval = await self._approval_to_decide(run, approval_token, approval_id)
+        approval = await self._approval_to_decide(run, approval_token, approval_number)
         if approval.run_id != run.id:  # decided through its root: act on the child itself
             run_id = approval.run_id
             run = await self.store.get_run(run_id)
@@ -418,17 +448,19 @@ class RunService:
             raise DeciderRefused(str(exc)) from None
 
     async def _approval_to_decide(
-        self, run: RunRecord, approval_token: str | None, approval_id: int | None
+        self, run: RunRecord, approval_token: str | None, approval_number: int | None
     ) -> ApprovalRecord:
-        if approval_token is not None or approval_id is not None:
+        if approval_token is not None or approval_number is not None:
             try:
                 if approval_token is not None:
                     approval = await self.store.get_approval_by_token(approval_token)
                 else:
-                    assert approval_id is not None
-                    approval = await self.store.get_approval(approval_id)
-            except ApprovalNotFound:
-                raise ServiceError("no such approval request (stale or forged)") from None
+                    assert approval_number is not None
+                    approval = await self.store.get_approval_by_number(run.id, approval_number)
+            except ApprovalNotFound as exc:
+                if approval_token is not None:
+                    raise ServiceError("no such approval request (stale or forged)") from None
+                raise ServiceError(str(exc)) from None
             if approval.run_id not in await self.store.subtree_ids(run.id):
                 raise ServiceError("that approval request belongs to another run")
             return approval
@@ -438,11 +470,13 @@ class RunService:
         pending = [a for a in requests if a.status == ApprovalStatus.PENDING]
         if len(requests) > 1:
             hint = (
-                f": the open one is #{pending[0].id} ({_describe(pending[0])})" if pending else ""
+                f": the open one is #{pending[0].number} ({_describe(pending[0])})"
+                if pending
+                else ""
             )
             raise ServiceError(
-                f"run {run.id} has had {len(requests)} approval requests; name the one you "
-                f"decide with --approval ID{hint}"
+                f"run {run.id} has had {len(requests)} approval requests; say which one you "
+                f"decide by its number{hint}"
             )
         if pending:
             return pending[0]
@@ -466,10 +500,10 @@ class RunService:
             return requests[0]
         if not pending:
             raise ServiceError(f"run {run.id} waits for its children; none waits for a decision")
-        listing = ", ".join(f"#{a.id} ({_describe(a)} in {a.run_id})" for a in pending)
+        listing = ", ".join(f"#{a.number} ({_describe(a)} in {a.run_id})" for a in pending)
         raise ServiceError(
-            f"run {run.id} has had {len(requests)} approval requests below it; name the one "
-            f"you decide with --approval ID (pending: {listing})"
+            f"run {run.id} has had {len(requests)} approval requests; say which one you "
+            f"decide by its number (open: {listing})"
         )
 
     async def cancel(self, run_id: str, by: str, wait: bool = True) -> RunRecord:

@@ -147,7 +147,10 @@ async def serve(
     service = await RunService.open(settings, executes_runs=executes_runs)
     try:
         async with contextlib.AsyncExitStack() as stack:
-            await stack.enter_async_context(Maintenance(service, watch_journal=http is not None))
+            kind = "+".join(k for k, on in (("serve", http), ("telegram", telegram)) if on)
+            await stack.enter_async_context(
+                Maintenance(service, kind or "serve", watch_journal=http is not None)
+            )
             if http is not None:
                 from agent.http_api import create_app
                 from agent.http_server import HttpServer

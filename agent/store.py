@@ -17,7 +17,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,6 +44,7 @@ from agent.records import (
     EventRecord,
     Origin,
     PolicyTurnRecord,
+    ProcessRecord,
     RunLimits,
     RunRecord,
     RunStatus,
@@ -150,6 +151,9 @@ class NewApproval:
     four_eyes: bool
     requested_by: str
     deadline_at: float
+    mode: str | None = None  # "live" or "dry-run"
+    runs_on: str | None = None  # where the action runs: "this host (vm)", "any worker"
+    evidence: list[str] = field(default_factory=list)  # the last lines of steps already run
 
 
 @dataclass(frozen=True)
@@ -1011,17 +1015,22 @@ class RunStore:
 
         await self._transaction(release)
 
-    async def runnable_run_ids(self, owner_is_dead: Callable[[str], bool]) -> list[str]:
-        """Runs a process may pick up: queued ones, and running ones whose owner is gone."""
+    async def runnable_run_ids(
+        self, owner_is_dead: Callable[[str], bool], due_only: bool = False
+    ) -> list[str]:
+        """Runs a process may pick up: queued ones, and running ones whose owner is gone.
+        `due_only` leaves out queued runs asked to wait (`not_before`, after an outage)."""
         now = time.time()
         rows = await self._read(
             lambda c: c.execute(
-                "SELECT id, status, lease_owner, lease_expires_at FROM runs "
+                "SELECT id, status, lease_owner, lease_expires_at, not_before FROM runs "
                 "WHERE status IN ('queued', 'running') ORDER BY created_at"
             ).fetchall()
         )
         picked = []
-        for run_id, status, holder, expires in rows:
+        for run_id, status, holder, expires, not_before in rows:
+            if status == RunStatus.QUEUED and due_only and (not_before or 0) > now:
+                continue
             if status == RunStatus.QUEUED or (
                 holder is None or (expires or 0) < now or owner_is_dead(holder)
             ):
@@ -1403,6 +1412,7 @@ class RunStore:
 
         def open_(conn: Connection) -> int:
             self._fence(conn, claim)
+            number = self._next_request_number(conn, run_id)
             events = []
             if turn is not None:
                 events.append(self._insert_policy_turn(conn, run_id, turn, now))
@@ -1410,8 +1420,10 @@ class RunStore:
                 events.append(self._insert_intent(conn, run_id, call, now))
             cursor = conn.execute(
                 "INSERT INTO approvals (token, run_id, call_key, kind, step_id, action, reason, "
-                "rollback, deciders, four_eyes, requested_by, status, created_at, deadline_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?) RETURNING id",
+                "rollback, deciders, four_eyes, requested_by, status, created_at, deadline_at, "
+                "number, mode, runs_on, evidence) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?) "
+                "RETURNING id",
                 (
                     token,
                     run_id,
@@ -1426,11 +1438,19 @@ class RunStore:
                     approval.requested_by,
                     now,
                     approval.deadline_at,
+                    number,
+                    approval.mode,
+                    approval.runs_on,
+                    _dumps(approval.evidence),
                 ),
             )
             approval_id = int(cursor.fetchone()[0])
             payload = {
                 "approval_id": approval_id,
+                "number": number,
+                "mode": approval.mode,
+                "runs_on": approval.runs_on,
+                "evidence": approval.evidence,
                 "token": token,
                 "kind": str(approval.kind),
                 "step_id": approval.step_id,
@@ -1449,6 +1469,38 @@ class RunStore:
 
         approval_id = await self._transaction(open_, durable=True)
         return await self.get_approval(approval_id)
+
+    def _next_request_number(self, conn: Connection, run_id: str) -> int:
+        """In an opening transaction: the next request number of the run's incident (its
+        tree), counted from 1. The root's row is locked first, so two requests of one tree
+        opened at once get different numbers."""
+        root = self._root_id(conn, run_id)
+        conn.execute("SELECT id FROM runs WHERE id = ?" + self.dialect.for_update, (root,))
+        row = conn.execute(
+            "WITH RECURSIVE tree(id) AS (SELECT ? UNION ALL "
+            "SELECT r.id FROM runs r JOIN tree t ON r.parent_id = t.id) "
+            "SELECT COUNT(*) FROM approvals WHERE run_id IN (SELECT id FROM tree)",
+            (root,),
+        ).fetchone()
+        return int(row[0]) + 1
+
+    async def get_approval_by_number(self, run_id: str, number: int) -> ApprovalRecord:
+        """The request numbered `number` in the incident (tree) `run_id` belongs to."""
+
+        def find(conn: Connection) -> Sequence[Any] | None:
+            root = self._root_id(conn, run_id)
+            return conn.execute(
+                "WITH RECURSIVE tree(id) AS (SELECT ? UNION ALL "
+                "SELECT r.id FROM runs r JOIN tree t ON r.parent_id = t.id) "
+                f"SELECT {_APPROVAL_COLUMNS} FROM approvals "
+                "WHERE run_id IN (SELECT id FROM tree) AND number = ?",
+                (root, number),
+            ).fetchone()
+
+        row = await self._read(find)
+        if row is None:
+            raise ApprovalNotFound(f"run {run_id} has no request #{number}")
+        return _approval_from_row(row)
 
     async def get_approval(self, approval_id: int) -> ApprovalRecord:
         """One approval request by id."""
@@ -1520,11 +1572,11 @@ class RunStore:
 
         def decide(conn: Connection) -> bool:
             row = conn.execute(
-                "SELECT run_id, call_key FROM approvals WHERE id = ?", (approval_id,)
+                "SELECT run_id, call_key, number FROM approvals WHERE id = ?", (approval_id,)
             ).fetchone()
             if row is None:
                 raise ApprovalNotFound(f"no approval request {approval_id}")
-            run_id, call_key = row
+            run_id, call_key, number = row
             # The deadline is checked here, in the deciding transaction: a decision that
             # arrives late expires the request instead, whatever the caller checked before.
             if self._expire_if_overdue(conn, approval_id, now):
@@ -1552,6 +1604,7 @@ class RunStore:
                     "approval_decided",
                     {
                         "approval_id": approval_id,
+                        "number": number,
                         "call_key": call_key,
                         "decision": str(status),
                         "decided_by": decided_by,
@@ -1740,6 +1793,50 @@ class RunStore:
             ).fetchall()
         )
         return [_event_from_row(row) for row in rows]
+
+    # -- live processes ----------------------------------------------------------------------
+
+    async def beat_process(self, owner: str, kind: str, drives_runs: bool) -> None:
+        """Register a long-running process serving this store, or renew its heartbeat."""
+        now = time.time()
+        await self._transaction(
+            lambda c: c.execute(
+                "INSERT INTO processes (owner, kind, drives_runs, started_at, heartbeat_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (owner) DO UPDATE SET "
+                "heartbeat_at = excluded.heartbeat_at",
+                (owner, kind, int(drives_runs), now, now),
+            )
+        )
+
+    async def forget_process(self, owner: str) -> None:
+        """A process stops serving the store (a clean exit)."""
+        await self._transaction(
+            lambda c: c.execute("DELETE FROM processes WHERE owner = ?", (owner,))
+        )
+
+    async def list_processes(self) -> list[ProcessRecord]:
+        """Every registered process, live or not (see `heartbeat_at`), newest first; rows of
+        processes gone for a day are dropped."""
+        now = time.time()
+
+        def listing(c: Connection) -> list[ProcessRecord]:
+            c.execute("DELETE FROM processes WHERE heartbeat_at < ?", (now - 86400,))
+            rows = c.execute(
+                "SELECT owner, kind, drives_runs, started_at, heartbeat_at FROM processes "
+                "ORDER BY started_at DESC"
+            ).fetchall()
+            return [
+                ProcessRecord(
+                    owner=row[0],
+                    kind=row[1],
+                    drives_runs=bool(row[2]),
+                    started_at=row[3],
+                    heartbeat_at=row[4],
+                )
+                for row in rows
+            ]
+
+        return await self._transaction(listing)
 
     async def count_active_roots(self) -> int:
         """Runs started by a front end (roots) with a run of their tree queued or running; a
@@ -1930,23 +2027,39 @@ class RunStore:
             ),
         )
 
-    async def first_sight_of_update(self, bot_id: int, update_id: int) -> bool:
+    async def first_sight_of_update(
+        self, bot_id: int, update_id: int, digest: str | None = None
+    ) -> bool:
         """Record that a Telegram update is being handled; False if it was taken before (by
-        this or another instance), so no update is handled twice."""
+        this or another instance), so no update is handled twice.
+
+        With `digest` (of the update's content), a known id with other content is a new
+        update: a Bot API that restarts its numbering reuses ids, while a redelivery repeats
+        the content too. A row recorded without a digest counts as other content."""
         now = time.time()
 
         def record(conn: Connection) -> bool:
             cursor = conn.execute(
-                "INSERT INTO telegram_updates (bot_id, update_id, received_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (bot_id, update_id) DO NOTHING",
-                (bot_id, update_id, now),
+                "INSERT INTO telegram_updates (bot_id, update_id, digest, received_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (bot_id, update_id) DO NOTHING",
+                (bot_id, update_id, digest, now),
             )
+            new = cursor.rowcount == 1
+            if not new and digest is not None:
+                # The id is known: new only if its content differs (the row then remembers
+                # this content, so a redelivery of it is caught in turn).
+                cursor = conn.execute(
+                    "UPDATE telegram_updates SET digest = ?, received_at = ? "
+                    "WHERE bot_id = ? AND update_id = ? AND (digest IS NULL OR digest != ?)",
+                    (digest, now, bot_id, update_id, digest),
+                )
+                new = cursor.rowcount == 1
             if update_id % 500 == 0:  # Telegram redelivers for a day at most: keep a week
                 conn.execute(
                     "DELETE FROM telegram_updates WHERE bot_id = ? AND received_at < ?",
                     (bot_id, now - UPDATE_MEMORY),
                 )
-            return cursor.rowcount == 1
+            return new
 
         return await self._transaction(record, durable=True)
 
@@ -2137,7 +2250,8 @@ def _turn_from_row(row: Sequence[Any]) -> PolicyTurnRecord:
 
 _APPROVAL_COLUMNS = (
     "id, token, run_id, call_key, kind, step_id, action, reason, rollback, deciders, four_eyes, "
-    "requested_by, status, decided_by, decided_at, note, created_at, deadline_at"
+    "requested_by, status, decided_by, decided_at, note, created_at, deadline_at, number, mode, "
+    "runs_on, evidence"
 )
 
 
@@ -2161,4 +2275,8 @@ def _approval_from_row(row: Sequence[Any]) -> ApprovalRecord:
         note=row[15],
         created_at=row[16],
         deadline_at=row[17],
+        number=row[18] if row[18] is not None else row[0],  # requests from before: their id
+        mode=row[19],
+        runs_on=row[20],
+        evidence=json.loads(row[21]) if row[21] else [],
     )

@@ -281,6 +281,16 @@ class Toolbox:
         self._allowlist: ShellAllowlist | None = None
         self._hub: McpHub | None = None
 
+    def mode_of(self, step: Step) -> str:
+        """Whether the step's action would act on the world here ("live") or only be shown
+        ("dry-run"), as an approver must know before deciding."""
+        live = (
+            (step.run is not None and self._settings.allow_shell)
+            or (step.mcp is not None and self._settings.allow_mcp)
+            or (step.check is not None and self._settings.live_checks)
+        )
+        return "live" if live else "dry-run"
+
     def is_idempotent(self, tool: str, args: dict[str, Any], runbook: Runbook | None) -> bool:
         """Whether a call may simply run again when it is in doubt after a crash."""
         if tool in (

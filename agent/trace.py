@@ -103,10 +103,12 @@ def _entries(events: list[EventRecord]) -> list[TraceEntry]:
             kind = "error" if d["status"] in ("error", "refused") else "tool"
             entries.append(TraceEntry(offset, kind, title, detail, d["status"]))
         elif event.type == "approval_requested":
-            title = f"approval #{d['approval_id']} requested for {d.get('step_id')}: {d['action']}"
+            number = d.get("number") or d["approval_id"]
+            title = f"approval #{number} requested for {d.get('step_id')}: {d['action']}"
             entries.append(TraceEntry(offset, "approval", title, _block(d), "pending"))
         elif event.type == "approval_decided":
-            title = f"approval #{d['approval_id']} {d['decision']} by {d['decided_by']}"
+            number = d.get("number") or d["approval_id"]
+            title = f"approval #{number} {d['decision']} by {d['decided_by']}"
             if d.get("note"):
                 title += f" — {d['note']}"
             entries.append(TraceEntry(offset, "approval", title, "", d["decision"]))

@@ -86,7 +86,7 @@ async def run_worker(
     """Serve as a worker until `stop` is set; returns the exit code."""
     service = await RunService.open(settings)
     try:
-        async with Maintenance(service, recover=False):
+        async with Maintenance(service, "worker", recover=False):
             worker = asyncio.create_task(
                 Worker(service, concurrency, poll_interval).run(), name="loom-ops:worker"
             )

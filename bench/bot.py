@@ -42,7 +42,8 @@ TOKEN = "123456789:BENCH-loom-ops-token-0123456789"
 CHAT = -100101
 REQUESTER = 100000050
 APPROVER = 100000001  # named in the shipped runbooks
-INCIDENT = "/run incident: API latency spike"
+# Named outright, so /run starts at once (free text would first get a card to confirm).
+INCIDENT = "/run api-latency-spike incident: API latency spike"
 
 
 def _keyboard(message: dict[str, Any]) -> list[str]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -109,7 +111,7 @@ async def serve_bot(
                     "bot @%s serving chats %s", application.bot.username, telegram.allowed_chat_ids
                 )
                 if maintain:
-                    await stack.enter_async_context(Maintenance(service))
+                    await stack.enter_async_context(Maintenance(service, "telegram"))
                 if ready is not None:
                     ready.set()
                 await stop.wait()
@@ -179,8 +181,19 @@ def _first_time_only(service: RunService) -> Callable[[Update, Any], Awaitable[N
     async def check(update: Update, context: Any) -> None:
         if update.callback_query is not None:
             return
-        if not await service.store.first_sight_of_update(context.bot.id, update.update_id):
+        taken = context.bot.id, update.update_id, update_digest(update)
+        if not await service.store.first_sight_of_update(*taken):
             log.info("update %s was taken already; skipping it", update.update_id)
             raise ApplicationHandlerStop
 
     return check
+
+
+def update_digest(update: Update) -> str:
+    """A digest of an update's content without its id: a redelivery has the same one, while
+    an id reused by a Bot API that restarted its numbering comes with other content (another
+    message, another date)."""
+    content = update.to_dict()
+    content.pop("update_id", None)
+    encoded = json.dumps(content, sort_keys=True, ensure_ascii=False, default=str)
+    return hashlib.sha256(encoded.encode("utf-8")).hexdigest()[:32]

@@ -20,12 +20,14 @@ from telegram import (
     BotCommand,
     CallbackQuery,
     ForceReply,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
     InputFile,
     Message,
     Update,
     User,
 )
-from telegram.constants import ParseMode
+from telegram.constants import ChatType, ParseMode
 from telegram.error import TelegramError
 from telegram.ext import (
     Application,
@@ -33,30 +35,53 @@ from telegram.ext import (
     CommandHandler,
     ContextTypes,
     MessageHandler,
+    TypeHandler,
     filters,
 )
 
 from agent.approvals import Decision
-from agent.explain import render_timeline
 from agent.records import ApprovalRecord, ApprovalStatus, Origin, RunRecord
 from agent.request import RequestError
 from agent.runbook import RunbookError
 from agent.service import RunService, ServiceError, validate_run_id
 from agent.store import ApprovalNotFound, RunExists, RunNotFound, StoreError
 from agent.trace import build_trace, render_trace
-from bot.messages import MAX_CHUNKS, clip, parse_callback_data, pre_chunks, run_line
+from bot.facts import explain_lines, load_tree, names_for, outcome_line, progress_of
+from bot.messages import (
+    MAX_CHUNKS,
+    clip,
+    hhmm,
+    html_chunks,
+    parse_callback_data,
+    run_line,
+    shown_status,
+    status_words,
+    until,
+)
 from bot.settings import TelegramSettings
+from bot.starts import CALLBACK_PREFIX as START_PREFIX
+from bot.starts import (
+    CANCEL_KEY,
+    card_buttons,
+    card_text,
+    plan_start,
+    start_message,
+    start_run_id,
+)
+from bot.starts import parse_callback_data as start_parse
 
 log = logging.getLogger(__name__)
 
 Context = ContextTypes.DEFAULT_TYPE
 
 COMMANDS = [
-    BotCommand("run", "Start a runbook run: /run <runbook | incident text> [key=value …]"),
+    BotCommand(
+        "run", "Start a runbook: /run <incident text> proposes one, /run <runbook id> starts it"
+    ),
     BotCommand("runs", "Recent and active runs of this chat"),
     BotCommand("status", "Where a run stands: /status <id>"),
-    BotCommand("explain", "A run's timeline: /explain <id>"),
-    BotCommand("trace", "A run's offline HTML trace: /trace <id>"),
+    BotCommand("explain", "A run in short (steps, requests, outcome): /explain <id>"),
+    BotCommand("trace", "A run's whole journal as an offline HTML page: /trace <id>"),
     BotCommand("cancel", "Cancel a run: /cancel <id>"),
     BotCommand("approve", "Approve a run's pending step: /approve <id> [#request]"),
     BotCommand("reject", "Reject it: /reject <id> [#request] [reason]"),
@@ -116,10 +141,14 @@ class ChatOps:
         self._approvers = frozenset(telegram.approver_ids)
         self._reject_prompts: dict[tuple[int, int], RejectPrompt] = {}
         self._names: dict[str, str] = {}
+        self._titles: dict[int, str] = {}  # served groups' titles, for a pointer to them
+        self._background: set[asyncio.Task[None]] = set()  # names being stored
 
     def register(self, application: Application) -> None:  # type: ignore[type-arg]
         """Add every handler, most specific first, and the error handler."""
         allowed = filters.Chat(chat_id=list(self._allowed))
+        # Before everything else (the dedup is group -1): learn who people are.
+        application.add_handler(TypeHandler(Update, self.note_user), group=-2)
         application.add_handler(MessageHandler(filters.COMMAND & ~allowed, self.refuse_chat))
         routes = {
             ("start", "help"): self.help,
@@ -139,8 +168,32 @@ class ChatOps:
         application.add_handler(
             MessageHandler(filters.REPLY & filters.TEXT & ~filters.COMMAND & allowed, self.reply)
         )
+        application.add_handler(CallbackQueryHandler(self.start_tap, pattern=f"^{START_PREFIX}:"))
         application.add_handler(CallbackQueryHandler(self.tap))
         application.add_error_handler(self.on_error)
+
+    async def note_user(self, update: Update, context: Context) -> None:
+        """Remember how the sender of anything in a served chat is shown (`@name`), so cards
+        and summaries name people, not `telegram:<id>`. Only a new or changed name is
+        written, in the background: a busy database must not hold up a tap's answer."""
+        chat, user = update.effective_chat, update.effective_user
+        if chat is None or user is None or chat.id not in self._allowed or user.is_bot:
+            return
+        identity, display = identity_of(user), display_of(user)
+        if self._names.get(identity) == display:
+            return
+        self._names[identity] = display
+        task = asyncio.create_task(self._store_name(identity, display), name="remember-user")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _store_name(self, identity: str, display: str) -> None:
+        try:
+            await self._service.store.remember_chat_user(identity, display)
+        except Exception as exc:  # best effort: the next message tries again
+            log.warning("could not store the name of %s: %s", identity, exc)
+            if self._names.get(identity) == display:
+                del self._names[identity]
 
     # -- commands --------------------------------------------------------------------------
 
@@ -168,7 +221,8 @@ class ChatOps:
         await _answer(update, REFUSED_CHAT)
 
     async def run(self, update: Update, context: Context) -> None:
-        """/run <runbook | incident text> [key=value …]: start a supervised run."""
+        """/run <runbook | incident text> [key=value …]: a runbook named outright starts at
+        once; free text is answered with the runbook it matches and [▶ Start] [✖ Cancel]."""
         message, user = _message_and_user(update)
         text = _arguments(message)
         if not text:
@@ -176,20 +230,31 @@ class ChatOps:
                 update, "Usage: <code>/run incident: API latency spike service=checkout</code>"
             )
             return
+        refusal = await self._private_run_refusal(message, user, context)
+        if refusal is not None:
+            await _answer(update, refusal)
+            return
         identity = await self._remember(user)
-        thread_id = message.message_thread_id if message.is_topic_message else None
-        origin = Origin(kind="telegram", chat_id=message.chat.id, thread_id=thread_id)
+        plan = plan_start(self._service.catalog(), text)
+        if plan.problem is not None:
+            await _answer(update, Markup("{}").format(plan.problem))
+            return
+        if not plan.exact:
+            card = card_text(
+                plan, text, self._names.get(identity, identity), self._service.toolbox.mode_of
+            )
+            await message.reply_text(
+                card,
+                parse_mode=ParseMode.HTML,
+                reply_markup=_keyboard(card_buttons(plan)),
+                # The card answers the /run message: a tap reads the request from it.
+                do_quote=True,
+            )
+            return
         for _ in range(5):  # a random id: retry the rare collision
             run_id = f"tg-{secrets.token_hex(3)}"
             try:
-                await self._service.start(
-                    run_id,
-                    text,
-                    role="supervisor",
-                    requested_by=identity,
-                    origin=origin,
-                    wait=False,
-                )
+                await self._start(run_id, text, identity, message)
             except RunExists:
                 continue
             except (ServiceError, RequestError, RunbookError, StoreError) as exc:
@@ -198,60 +263,217 @@ class ChatOps:
             return
         await _answer(update, "Cannot start the run: no free run id; try again.")
 
+    async def _start(self, run_id: str, text: str, identity: str, asked: Message) -> None:
+        """Start a supervised run from the chat of the `/run` message `asked`."""
+        thread_id = asked.message_thread_id if asked.is_topic_message else None
+        origin = Origin(kind="telegram", chat_id=asked.chat.id, thread_id=thread_id)
+        await self._service.start(
+            run_id, text, role="supervisor", requested_by=identity, origin=origin, wait=False
+        )
+
+    async def _private_run_refusal(
+        self, message: Message, user: User, context: Context
+    ) -> str | None:
+        """Why a /run may not start in this private chat, or None. Approval requests go to
+        the chat a run started in, so a run starts where an approver will see them: in an
+        incident group when the bot serves one, else only in an approver's own chat."""
+        if message.chat.type != ChatType.PRIVATE:
+            return None
+        groups = sorted(chat_id for chat_id in self._allowed if chat_id < 0)
+        if groups:
+            titles = [await self._group_title(chat_id, context) for chat_id in groups[:3]]
+            where = ", ".join(str(Markup("<b>{}</b>").format(t)) for t in titles)
+            return (
+                "Runs start in the incident group, where approvers see their requests: "
+                f"send this /run in {where}."
+            )
+        if user.id not in self._approvers:
+            return (
+                "Only an approver may start runs in a private chat: no approver would see "
+                "the run's approval requests here."
+            )
+        return None
+
+    async def _group_title(self, chat_id: int, context: Context) -> str:
+        """A served group's title, as people know the chat (its id when unknown)."""
+        if chat_id not in self._titles:
+            try:
+                chat = await context.bot.get_chat(chat_id)
+                self._titles[chat_id] = chat.title or chat.effective_name or str(chat_id)
+            except TelegramError as exc:
+                log.info("cannot look up chat %s: %s", chat_id, exc)
+                return f"chat {chat_id}"
+        return self._titles[chat_id]
+
+    async def start_tap(self, update: Update, context: Context) -> None:
+        """A tap on a /run card: ▶ Start (the runbook its button names) or ✖ Cancel. The
+        requester or an approver may tap; the card then says who did what."""
+        query = update.callback_query
+        assert query is not None
+        try:
+            text, alert = await self._judge_start_tap(query)
+        except (ServiceError, RequestError, RunbookError, StoreError) as exc:
+            text, alert = f"Cannot start the run: {exc}", True
+        await query.answer(clip(text, MAX_ANSWER_CHARS), show_alert=alert)
+
+    async def _judge_start_tap(self, query: CallbackQuery) -> tuple[str, bool]:
+        """What a card tap does; (the tap's answer, whether it is an alert)."""
+        user = query.from_user
+        card = query.message if isinstance(query.message, Message) else None
+        if card is None or card.chat.id not in self._allowed:
+            return REFUSED_CHAT, True
+        key = start_parse(query.data or "")
+        if key is None or query.data not in _button_data(card):
+            return "This card is closed; send /run again.", True
+        asked = card.reply_to_message
+        if asked is None or asked.from_user is None or not asked.text:
+            return "The /run message this card answers is gone; send /run again.", True
+        if user.id != asked.from_user.id and user.id not in self._approvers:
+            return "Only whoever sent this /run, or an approver, may start or cancel it.", True
+        identity = await self._remember(user)
+        text = _arguments(asked)
+        shown = self._names.get(identity, identity)
+        date = int(card.date.timestamp())
+        if key == CANCEL_KEY:
+            for attempt in range(5):
+                started = await self._card_run(card, date, attempt, text)
+                if started is not None:
+                    return f"Already started as {started.id}; /cancel {started.id} stops it.", True
+            await self._close_card(
+                card,
+                Markup("✖ Not started: cancelled by {} at {}.").format(shown, hhmm(time.time())),
+            )
+            return "Cancelled; nothing was started.", False
+        plan = plan_start(self._service.catalog(), text)
+        choice = next((c for c in plan.choices if c.key == key), None)
+        if choice is None:
+            return "The runbooks changed since this card; send /run again.", True
+        message = start_message(text, choice.runbook.id)
+        requester = identity_of(asked.from_user)
+        for attempt in range(5):
+            run_id = start_run_id(card.chat.id, card.message_id, date, attempt)
+            try:
+                await self._start(run_id, message, requester, asked)
+            except RunExists:
+                started = await self._card_run(card, date, attempt, text)
+                if started is not None:
+                    return f"Already started as {started.id}.", False
+                continue
+            await self._close_card(
+                card,
+                Markup("▶ Started <code>{}</code> by {} at {}: run <code>{}</code>.").format(
+                    choice.runbook.id, shown, hhmm(time.time()), run_id
+                ),
+            )
+            return f"Started: run {run_id}.", False
+        return "Cannot start the run: no free run id; try again.", True
+
+    async def _card_run(
+        self, card: Message, date: int, attempt: int, text: str
+    ) -> RunRecord | None:
+        """The run this card started under the id of `attempt`, if one did (another run may
+        hold that id: then None)."""
+        run_id = start_run_id(card.chat.id, card.message_id, date, attempt)
+        try:
+            run = await self._service.store.get_run(run_id)
+        except RunNotFound:
+            return None
+        if run.origin.chat_id != card.chat.id or not run.request.startswith(
+            self._service.redactor.text(text)
+        ):
+            return None
+        return run
+
+    async def _close_card(self, card: Message, outcome: Markup) -> None:
+        """Say on the card what became of it, without its buttons (best effort)."""
+        try:
+            await card.edit_text(
+                str(Markup("{}\n\n{}").format(Markup(card.text_html or ""), outcome)),
+                parse_mode=ParseMode.HTML,
+            )
+        except TelegramError as exc:
+            log.info("could not close /run card %s: %s", card.message_id, exc)
+
     async def runs(self, update: Update, context: Context) -> None:
-        """/runs: the chat's active runs, then its recent ones."""
+        """/runs: the chat's active runs, then its recent ones (root runs: their planner,
+        executor and verifier stand behind them)."""
         message, _ = _message_and_user(update)
         store = self._service.store
         active = await store.list_chat_runs(message.chat.id, limit=25, active=True)
         recent = await store.list_chat_runs(message.chat.id, limit=10 + len(active))
-        done = [r for r in recent if r.status.is_terminal]
+        done = [r for r in recent if r.status.is_terminal][:10]
         if not active and not done:
             await _answer(update, "No runs from this chat yet. Start one with /run.")
             return
         now = time.time()
+        who = await names_for(store, [r.requested_by for r in [*active, *done]])
         lines = []
-        if active:
-            lines += ["<b>Active</b>", *(run_line(r, now) for r in active)]
-        if done:
-            lines += ["<b>Recent</b>", *(run_line(r, now) for r in done[:10])]
+        for title, runs in (("Active", active), ("Recent", done)):
+            if runs:
+                lines.append(f"<b>{title}</b>")
+                for run in runs:
+                    tree = await load_tree(store, run.id)
+                    lines.append(run_line(run, now, tree.status, who, tree.runbook_id))
         await _answer(update, "\n".join(lines))
 
     async def status(self, update: Update, context: Context) -> None:
-        """/status <id>: where a run stands, its children and what it waits for."""
-        run = await self._chat_run(update, context)
-        if run is None:
-            return
-        now = time.time()
-        lines = [Markup(run_line(run, now))]
-        for child in await self._service.store.child_runs(run.id):
-            lines.append(Markup("  {} ({})").format(Markup(run_line(child, now)), child.role))
-        pending = await self._service.pending_approval(run.id)
-        if pending is not None:
-            lines.append(
-                Markup("Waiting for approval #{} of step <code>{}</code>: <code>{}</code>").format(
-                    pending.id, pending.step_id or "-", clip(pending.action, 1500)
-                )
-            )
-        if run.error:
-            lines.append(Markup("Error: {}").format(clip(run.error, 1000)))
-        await _answer(update, str(Markup("\n").join(lines)))
-
-    async def explain(self, update: Update, context: Context) -> None:
-        """/explain <id>: the timeline of the run and the runs below it."""
+        """/status <id>: where a run stands: steps done, its team, what it waits for."""
         run = await self._chat_run(update, context)
         if run is None:
             return
         store = self._service.store
-        parts = []
-        for run_id in await store.subtree_ids(run.id):
-            member = await store.get_run(run_id)
-            parts.append(render_timeline(member, await store.list_events(run_id)))
-        text = "\n".join(parts)
-        chunks = pre_chunks(text)
-        if len(chunks) > MAX_CHUNKS:
+        now = time.time()
+        tree = await load_tree(store, run.id)
+        progress = await progress_of(store, tree, now)
+        who = await names_for(store, [run.requested_by], [run.error or ""])
+        lines = [Markup(run_line(run, now, tree.status, who, tree.runbook_id))]
+        if progress.steps_total:
+            line = Markup("Steps: {} of {} done").format(progress.steps_done, progress.steps_total)
+            if progress.last is not None:
+                line += Markup("; last <code>{}</code> {}").format(
+                    progress.last.step_id, clip(progress.last.words, 400)
+                )
+            lines.append(line)
+        if tree.children:
+            team = Markup(" · ").join(
+                Markup("{} {}").format(
+                    child.role, status_words(shown_status(child.status, [], False))
+                )
+                for child in tree.children
+            )
+            lines.append(Markup("Team: {}").format(team))
+        for pending in tree.pending[:3]:
+            number = pending.number or pending.id
+            lines.append(
+                Markup("Waiting for approval #{} of step <code>{}</code>: <code>{}</code>").format(
+                    number, pending.step_id or "-", clip(pending.action, 1000)
+                )
+            )
+            lines.append(
+                Markup("Deadline {} · <code>/approve {} #{}</code>").format(
+                    until(pending.deadline_at, now), run.id, number
+                )
+            )
+        ending = await outcome_line(store, tree)
+        if ending:
+            lines.append(Markup(ending))
+        await _answer(update, str(Markup("\n").join(lines)))
+
+    async def explain(self, update: Update, context: Context) -> None:
+        """/explain <id>: the run in short: each step's state, each approval, the outcome
+        (the whole journal is /trace)."""
+        run = await self._chat_run(update, context)
+        if run is None:
+            return
+        store = self._service.store
+        lines = await explain_lines(store, await load_tree(store, run.id))
+        html = "\n".join(lines)
+        chunks = html_chunks(html)
+        if chunks is None or len(chunks) > MAX_CHUNKS:
+            text = "\n".join(Markup(line).striptags() for line in lines)
             await _message_and_user(update)[0].reply_document(
-                InputFile(text.encode("utf-8"), filename=f"{run.id}-timeline.txt"),
-                caption=f"Timeline of run {run.id} ({len(text.splitlines())} lines)",
+                InputFile(text.encode("utf-8"), filename=f"{run.id}-explain.txt"),
+                caption=f"Run {run.id} in short ({len(lines)} lines); the journal: /trace {run.id}",
             )
             return
         for chunk in chunks:
@@ -366,7 +588,7 @@ class ChatOps:
         if approval is None:
             return TapOutcome("Unknown or stale request; nothing changed.", alert=True)
         if approval.status != ApprovalStatus.PENDING:
-            return TapOutcome(_already(approval, self._names), alert=True)
+            return TapOutcome(await self._already(approval), alert=True)
         identity = await self._remember(user)
         if choice == "n":
             try:
@@ -386,7 +608,7 @@ class ChatOps:
         except ServiceError as exc:
             return TapOutcome(f"Refused: {exc}", alert=True)
         if not result.changed:
-            return TapOutcome(_already(result.approval, self._names), alert=True)
+            return TapOutcome(await self._already(result.approval), alert=True)
         return TapOutcome("Approved: the run goes on." if choice == "y" else "Skipped.")
 
     async def _prompt_for_reason(
@@ -402,7 +624,7 @@ class ChatOps:
                     Markup(user.mention_html()),
                     REJECT_PROMPT,
                     approval.step_id or "-",
-                    approval.run_id,
+                    await self._service.store.root_id(approval.run_id),
                 )
             ),
             parse_mode=ParseMode.HTML,
@@ -446,7 +668,7 @@ class ChatOps:
             return
         del self._reject_prompts[(message.chat.id, replied.message_id)]
         if not result.changed:
-            await _answer(update, Markup("{}").format(_already(result.approval, self._names)))
+            await _answer(update, Markup("{}").format(await self._already(result.approval)))
 
     async def _decide_by_text(self, update: Update, context: Context, decision: Decision) -> None:
         run = await self._chat_run(update, context)
@@ -458,29 +680,29 @@ class ChatOps:
             return
         identity = await self._remember(user)
         words = context.args[1:] if context.args else []
-        approval_id = None
+        approval_number = None
         if words and (number := REQUEST_NUMBER.match(words[0])):
-            approval_id, words = int(number.group(1)), words[1:]
+            approval_number, words = int(number.group(1)), words[1:]
         note = " ".join(words) or None
         if decision == Decision.APPROVE and note:
             await _answer(update, "Usage: <code>/approve &lt;id&gt; [#request]</code>")
             return
         try:
             result = await self._service.decide(
-                run.id, decision, identity, note=note, approval_id=approval_id, wait=False
+                run.id, decision, identity, note=note, approval_number=approval_number, wait=False
             )
         except ServiceError as exc:
-            text = str(exc).replace("with --approval ID", "as #N, e.g. /approve <id> #3")
-            await _answer(update, Markup("Refused: {}").format(text))
+            hint = f" (e.g. /approve {run.id} #2)" if "by its number" in str(exc) else ""
+            await _answer(update, Markup("Refused: {}{}").format(str(exc), hint))
             return
         if not result.changed:
-            await _answer(update, Markup("{}").format(_already(result.approval, self._names)))
+            await _answer(update, Markup("{}").format(await self._already(result.approval)))
             return
         verb = "Approved" if decision == Decision.APPROVE else "Rejected"
         await _answer(
             update,
             Markup("{} request #{} of run <code>{}</code>.").format(
-                verb, result.approval.id, result.approval.run_id
+                verb, result.approval.number, run.id
             ),
         )
 
@@ -497,7 +719,9 @@ class ChatOps:
     # -- plumbing --------------------------------------------------------------------------
 
     async def _chat_run(self, update: Update, context: Context) -> RunRecord | None:
-        """The run named by the first argument, if it belongs to this chat; else say why."""
+        """The run named by the first argument, if it belongs to this chat, as its incident's
+        root run (a chat deals in incidents: their planner, executor and verifier stand
+        behind the root); else say why."""
         message, _ = _message_and_user(update)
         command = (message.text or "/").split()[0].split("@")[0]
         if not context.args:
@@ -512,7 +736,16 @@ class ChatOps:
         if run is None or run.origin.chat_id != message.chat.id:
             await _answer(update, Markup("No run <code>{}</code> in this chat.").format(run_id))
             return None
+        if run.parent_id is not None:
+            run = await self._service.store.get_run(await self._service.store.root_id(run.id))
         return run
+
+    async def _already(self, approval: ApprovalRecord) -> str:
+        """A request decided before: by whom (as people know them) and what."""
+        decider = approval.decided_by
+        who = await names_for(self._service.store, [decider or ""])
+        by = f" by {who(decider)}" if decider else ""
+        return f"Already {approval.status}{by}; nothing changed."
 
     async def _remember(self, user: User) -> str:
         """The user's identity; their display name is stored when it is new or changed."""
@@ -558,10 +791,24 @@ def _addressed_elsewhere(update: Update, context: Context) -> bool:
     return bool(addressee) and addressee.lower() != (context.bot.username or "").lower()
 
 
-def _already(approval: ApprovalRecord, names: dict[str, str]) -> str:
-    who = names.get(approval.decided_by or "", approval.decided_by)
-    by = f" by {who}" if who else ""
-    return f"Already {approval.status}{by}; nothing changed."
+def _keyboard(rows: list[list[tuple[str, str]]]) -> InlineKeyboardMarkup:
+    return InlineKeyboardMarkup(
+        [[InlineKeyboardButton(label, callback_data=data) for label, data in row] for row in rows]
+    )
+
+
+def _button_data(message: Message) -> set[str]:
+    """The callback_data of a message's buttons as Telegram holds them now (a closed card
+    has none, so a replayed or forged tap on it does nothing)."""
+    markup = message.reply_markup
+    if markup is None:
+        return set()
+    return {
+        str(button.callback_data)
+        for row in markup.inline_keyboard
+        for button in row
+        if button.callback_data is not None
+    }
 
 
 async def _answer(update: Update, html: str) -> None:

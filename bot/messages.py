@@ -6,12 +6,13 @@ markup, so a command's output with `<`, `>` or `&` cannot break a message.
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import jinja2
-from markupsafe import Markup, escape
+from markupsafe import Markup
 
 from agent.records import ApprovalRecord, ApprovalStatus, RunRecord, RunStatus
 
@@ -43,6 +44,31 @@ STATUS_ICONS = {
     RunStatus.EXPIRED: "⌛",
 }
 
+# What people read for a status: no kernel words (`waiting_children`) in a chat.
+STATUS_WORDS = {
+    RunStatus.QUEUED: "queued",
+    RunStatus.RUNNING: "running",
+    RunStatus.WAITING_APPROVAL: "waiting for approval",
+    RunStatus.WAITING_CHILDREN: "running",
+    RunStatus.SUCCEEDED: "succeeded",
+    RunStatus.FAILED: "failed",
+    RunStatus.REJECTED: "rejected",
+    RunStatus.CANCELLED: "cancelled",
+    RunStatus.EXPIRED: "expired (no decision in time)",
+}
+# A step's last result, in words.
+STEP_WORDS = {
+    "ok": "ok",
+    "error": "failed",
+    "skipped": "skipped",
+    "retry": "to be run again",
+    "cancelled": "cancelled (may have run)",
+    "intent": "running",
+}
+STEP_ICONS = {"ok": "✅", "error": "❌", "skipped": "⏭", "not run": "▫️"}
+# A chat identity inside free text (an error, a summary): shown as the person's @name.
+CHAT_IDENTITY = re.compile(r"\btelegram:-?[0-9]+\b")
+
 Who = Callable[[str], str]
 
 
@@ -55,6 +81,52 @@ def clip(text: str, limit: int) -> str:
 def hhmm(ts: float) -> str:
     """A time as people read it in a chat: `14:03 UTC`."""
     return time.strftime("%H:%M UTC", time.gmtime(ts))
+
+
+def until(deadline: float, now: float) -> str:
+    """A deadline as a person weighs it: `in 9 min (05:14 UTC)`; the date when it is not
+    within the next day."""
+    at = hhmm(deadline) if deadline - now < 20 * 3600 else clock(deadline)
+    left = deadline - now
+    if left <= 0:
+        return f"passed ({at})"
+    minutes = round(left / 60)
+    if minutes < 1:
+        return f"in less than a minute ({at})"
+    if minutes < 60:
+        return f"in {minutes} min ({at})"
+    hours, minutes = divmod(minutes, 60)
+    return f"in {hours} h" + (f" {minutes} min" if minutes else "") + f" ({at})"
+
+
+def clock(ts: float) -> str:
+    """A date and time: `2026-05-01 14:03 UTC`."""
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts))
+
+
+def in_words(text: str, who: Who) -> str:
+    """Free text (an error, a model's summary) with every chat identity as people know it."""
+    return CHAT_IDENTITY.sub(lambda match: who(match.group()), text)
+
+
+def shown_status(root: RunStatus, members: Sequence[RunStatus], pending: bool) -> RunStatus:
+    """What a run tree's status is to a person: a supervised run that failed because its
+    executor was rejected (or its request expired) was rejected (expired); a tree with an
+    open request anywhere waits for approval; one whose children work is running."""
+    if root == RunStatus.FAILED:
+        for cause in (RunStatus.REJECTED, RunStatus.EXPIRED):
+            if cause in members:
+                return cause
+    if not root.is_terminal and pending:
+        return RunStatus.WAITING_APPROVAL
+    if root == RunStatus.WAITING_CHILDREN:
+        return RunStatus.RUNNING
+    return root
+
+
+def status_words(status: RunStatus) -> str:
+    """An icon and the status in words: `🛑 waiting for approval`."""
+    return f"{STATUS_ICONS[status]} {STATUS_WORDS[status]}"
 
 
 def callback_data(token: str, choice: str) -> str:
@@ -101,12 +173,26 @@ def approval_text(
     runbook_id: str | None,
     requested_by: str,
     who: Who,
+    now: float | None = None,
+    facts: dict[str, object] | None = None,
 ) -> str:
-    """The approval message: run, runbook, step, exact action, why, rollback, who, deadline;
-    once decided, the decision line ends it."""
+    """The approval message: LIVE or DRY-RUN, the request's number, the run (its root id),
+    runbook and step, where it runs, the exact action, why, the rollback, what the steps so
+    far found, who asked and may decide, and the deadline; once decided, the decision line
+    ends it. `facts` (the outbox entry's payload) fills in what an older record lacks."""
+    facts = facts or {}
     decided = approval.status != ApprovalStatus.PENDING
+    number = approval.number or _int(facts.get("number"))
+    mode = approval.mode or _str(facts.get("mode"))
+    runs_on = approval.runs_on or _str(facts.get("runs_on"))
+    evidence = approval.evidence or _lines(facts.get("evidence"))
+    now = time.time() if now is None else now
     return _ENV.get_template("approval.html.j2").render(
         a=approval,
+        number=number,
+        mode=mode,
+        runs_on=runs_on,
+        evidence=clip("\n".join(evidence), 1200) if evidence else "",
         action=clip(approval.action, 1500),
         reason=clip(approval.reason, 500),
         rollback=clip(approval.rollback, 800) if approval.rollback else None,
@@ -115,9 +201,21 @@ def approval_text(
         requested_by=requested_by,
         approvers=", ".join(who(d) for d in approval.deciders) or "any approver",
         who=who,
-        clock=lambda ts: time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(ts)),
+        deadline=clock(approval.deadline_at) if decided else until(approval.deadline_at, now),
         outcome=Markup(decision_line(approval, who)) if decided else "",
     )
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _lines(value: object) -> list[str]:
+    return [str(v) for v in value] if isinstance(value, list) else []
 
 
 def approval_buttons(approval: ApprovalRecord) -> list[list[tuple[str, str]]]:
@@ -133,29 +231,44 @@ def approval_buttons(approval: ApprovalRecord) -> list[list[tuple[str, str]]]:
 
 @dataclass(frozen=True)
 class LastStep:
-    """The latest step outcome a progress message shows."""
+    """The latest step result a progress message shows."""
 
-    run_id: str
-    role: str
-    tool: str
-    step_id: str | None
-    status: str
+    step_id: str
+    result: str  # a step result: ok, error, skipped, ...
+    detail: str = ""  # for a failure: what it said (the tail of its stderr)
+
+    @property
+    def words(self) -> str:
+        """The result in words, with what a failure said."""
+        words = STEP_WORDS.get(self.result, self.result)
+        return f"{words}: {self.detail}" if self.detail and self.result != "ok" else words
 
 
-def progress_text(
-    root: RunRecord, last: LastStep | None, waiting: str | None, who: Who, now: float
-) -> str:
+@dataclass(frozen=True)
+class Progress:
+    """Where a run tree stands, in a person's terms."""
+
+    status: RunStatus
+    runbook_id: str | None = None
+    steps_done: int = 0
+    steps_total: int = 0
+    last: LastStep | None = None
+    waiting: str | None = None  # what it waits for, in words
+
+
+def progress_text(root: RunRecord, progress: Progress, who: Who, now: float) -> str:
     """The run's one progress message, rendered from where the run stands now."""
     end = root.finished_at or now
     request = root.request if len(root.request) <= 300 else root.request[:299] + "…"
     return _ENV.get_template("progress.html.j2").render(
         run=root,
-        icon=STATUS_ICONS[root.status],
+        p=progress,
+        icon=STATUS_ICONS[progress.status],
+        status=STATUS_WORDS[progress.status],
         request=request,
         who=who,
         elapsed=_elapsed(end - root.created_at),
-        last=last,
-        waiting=waiting,
+        last_detail=clip(progress.last.words, 400) if progress.last else "",
     )
 
 
@@ -163,17 +276,31 @@ def _elapsed(seconds: float) -> str:
     seconds = max(0, int(seconds))
     if seconds < 60:
         return f"{seconds} s"
-    return f"{seconds // 60} min {seconds % 60} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    if seconds < 48 * 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+    return f"{seconds // 86400} days"
 
 
-def run_line(run: RunRecord, now: float) -> str:
-    """One run in a list (HTML)."""
+def run_line(
+    run: RunRecord,
+    now: float,
+    status: RunStatus | None = None,
+    who: Who | None = None,
+    runbook_id: str | None = None,
+) -> str:
+    """One run in a list (HTML): its root id, status in words, runbook, who, and age."""
+    shown = status or shown_status(run.status, [], False)
+    runbook_id = runbook_id or run.runbook_id
+    by = Markup(" · by {}").format(who(run.requested_by)) if who is not None else ""
     return str(
-        Markup("{} <code>{}</code> {}{} · {} ago").format(
-            STATUS_ICONS[run.status],
+        Markup("{} <code>{}</code> {}{}{} · {} ago").format(
+            STATUS_ICONS[shown],
             run.id,
-            run.status,
-            Markup(" · <code>{}</code>").format(run.runbook_id) if run.runbook_id else "",
+            STATUS_WORDS[shown],
+            Markup(" · <code>{}</code>").format(runbook_id) if runbook_id else "",
+            by,
             _elapsed(now - run.created_at),
         )
     )
@@ -182,26 +309,6 @@ def run_line(run: RunRecord, now: float) -> str:
 def telegram_length(text: str) -> int:
     """A text's length as Telegram counts it: UTF-16 code units (an emoji counts two)."""
     return len(text.encode("utf-16-le")) // 2
-
-
-def pre_chunks(text: str, limit: int = MAX_MESSAGE_CHARS) -> list[str]:
-    """Plain text as `<pre>` messages, split at line boundaries, each within `limit` (the
-    limit applies to the text Telegram shows, so the tags and escapes do not count)."""
-    chunks: list[str] = []
-    current: list[str] = []
-    size = 0
-    for line in text.splitlines():
-        while telegram_length(line) > limit - 1:  # one huge line: cut it
-            line = line[: max(1, len(line) * (limit - 1) // telegram_length(line) - 1)]
-        length = telegram_length(line) + 1
-        if current and size + length > limit:
-            chunks.append("<pre>" + "\n".join(current) + "</pre>")
-            current, size = [], 0
-        current.append(str(escape(line)))
-        size += length
-    if current:
-        chunks.append("<pre>" + "\n".join(current) + "</pre>")
-    return chunks
 
 
 def html_chunks(html: str, limit: int = MAX_MESSAGE_CHARS) -> list[str] | None:

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dtm
 import logging
 import time
 from collections.abc import Awaitable, Collection
+from typing import Any
 
 from telegram import (
     Bot,
@@ -34,10 +36,10 @@ from agent.failpoints import Failpoints
 from agent.leases import new_owner_id
 from agent.records import ApprovalRecord, ApprovalStatus, RunStatus
 from agent.store import ApprovalNotFound, OutboxMessage, RunNotFound, RunStore
-from agent.summary import build_summary, render_summary
+from agent.summary import RunSummary, build_summary, render_summary
+from bot.facts import load_tree, progress_of
 from bot.messages import (
     MAX_CHUNKS,
-    LastStep,
     Who,
     approval_buttons,
     approval_text,
@@ -247,7 +249,7 @@ class OutboxSender:
 
     async def _approval_request(self, message: OutboxMessage) -> None:
         approval = await self._store.get_approval(message.payload["approval_id"])
-        text = await self._approval_text(approval)
+        text = await self._approval_text(approval, message.payload)
         buttons = None
         if approval.status == ApprovalStatus.PENDING:  # decided before we got to say it: no keys
             buttons = InlineKeyboardMarkup(
@@ -273,11 +275,17 @@ class OutboxSender:
             edited = (await self._send(message, text)).message_id
         await self._store.mark_delivered(message.id, edited)
 
-    async def _approval_text(self, approval: ApprovalRecord) -> str:
+    async def _approval_text(
+        self, approval: ApprovalRecord, facts: dict[str, Any] | None = None
+    ) -> str:
+        """The request's card; `facts` (its outbox payload) fill in what an older request
+        record lacks."""
         run = await self._store.get_run(approval.run_id)
         root_id = await self._store.root_id(run.id)
         who = await self._who([run.requested_by, *approval.deciders, approval.decided_by or ""])
-        return approval_text(approval, root_id, run.runbook_id, run.requested_by, who)
+        return approval_text(
+            approval, root_id, run.runbook_id, run.requested_by, who, time.time(), facts
+        )
 
     async def _progress_due(self, root_id: str) -> float:
         shown = await self._store.progress_message(root_id)
@@ -286,14 +294,12 @@ class OutboxSender:
     async def _progress(self, message: OutboxMessage, ids: list[int]) -> None:
         """Send the run's progress message, or edit it in place: one message per run."""
         await self._store.claim_messages(ids)  # rendered from here on: later news queues anew
-        root = await self._store.get_run(message.payload["root_id"])
-        last_row = await self._store.last_step_outcome(root.id)
-        last = LastStep(*last_row) if last_row else None
-        waiting = None
-        if root.status.is_waiting:
-            waiting = await self._waiting_for(root.id)
+        tree = await load_tree(self._store, message.payload["root_id"])
+        root = tree.root
+        now = time.time()
+        progress = await progress_of(self._store, tree, now)
         who = await self._who([root.requested_by])
-        text = progress_text(root, last, waiting, who, time.time())
+        text = progress_text(root, progress, who, now)
         shown = await self._store.progress_message(root.id)
         message_id = None
         if shown is not None:
@@ -302,17 +308,12 @@ class OutboxSender:
             message_id = (await self._send(message, text)).message_id
         await self._store.mark_all_delivered(ids, message_id)
 
-    async def _waiting_for(self, root_id: str) -> str:
-        for run_id in await self._store.subtree_ids(root_id):
-            for approval in await self._store.list_approvals(run_id, ApprovalStatus.PENDING):
-                return f"approval of step {approval.step_id or approval.call_key}"
-        return "its child runs"
-
     async def _summary(self, message: OutboxMessage) -> None:
         """The audit summary of a run the chat started: HTML messages, or a file when long."""
         run_id = message.run_id
         assert run_id is not None
         summary = await build_summary(self._store, run_id)
+        await self._in_peoples_terms(summary)
         hints = [f"/explain {run_id}", f"/trace {run_id}"]
         html = render_summary(summary, html=True, hints=hints)
         chunks = html_chunks(html)
@@ -339,6 +340,18 @@ class OutboxSender:
             message_id = sent.message_id
         self._failpoints.reached("after_send_run_finished")
         await self._store.mark_delivered(message.id, message_id)
+
+    async def _in_peoples_terms(self, summary: RunSummary) -> None:
+        """A supervised run that failed because its executor was rejected (or its request
+        expired) is reported as that, once: the root's composed error and the rejected run's
+        own error only repeat what the approvals section says."""
+        tree = await load_tree(self._store, summary.run.id)
+        shown = tree.status
+        if shown == summary.run.status or shown not in (RunStatus.REJECTED, RunStatus.EXPIRED):
+            return
+        repeats = {summary.run.error, *(m.error for m in tree.children if m.status == shown)}
+        summary.run = dataclasses.replace(summary.run, status=shown, summary=None)
+        summary.errors = [line for line in summary.errors if line not in repeats]
 
     # -- the Bot API -----------------------------------------------------------------------
 

@@ -64,7 +64,13 @@ REQUESTER, APPROVER = PEOPLE
 def make_standin() -> BotApiStandIn:
     """The stand-in with the sandbox's people, the incident group, and each person's
     private chat with the bot."""
-    standin = BotApiStandIn(TOKEN, bot_username="loom_ops_sandbox_bot")
+    # A sandbox started again on the same database gets a fresh stand-in, whose update ids
+    # start from 1 again (the bot's dedup tells those apart by content). Message ids move on
+    # as Telegram's do, by the clock: a chat's message never repeats an earlier session's.
+    first_message_id = int(time.time() * 1000) % 2**31 + 1
+    standin = BotApiStandIn(
+        TOKEN, bot_username="loom_ops_sandbox_bot", first_message_id=first_message_id
+    )
     for person in PEOPLE:
         standin.add_user(person.user_id, person.name, person.username)
         standin.add_chat(person.user_id, "private")
@@ -360,30 +366,55 @@ class ScriptedChat:
             await asyncio.sleep(0.1)
         raise TimeoutError(f"nothing showed up in the incident chat within {self._timeout:g} s")
 
-    async def play(self) -> bool:
-        """/run as Alex, Approve as Sam, wait for the summary; True if the run succeeded."""
+    async def say(self, person: Person, text: str) -> dict[str, Any]:
+        """`person` sends `text` to the incident chat; the message as stored."""
         said = await self._page.post(
             "/sandbox/say",
-            json={
-                "chat_id": INCIDENT_CHAT,
-                "user_id": REQUESTER.user_id,
-                "text": "/run incident: API latency spike",
-            },
+            json={"chat_id": INCIDENT_CHAT, "user_id": person.user_id, "text": text},
         )
         said.raise_for_status()
-        request = await self.until(lambda m: _buttons(m) and "Approval needed" in m.get("text", ""))
-        approve = next(d for d in _buttons(request) if d.endswith(":y"))
+        message: dict[str, Any] = said.json()
+        return message
+
+    async def tap(self, person: Person, message: dict[str, Any], data: str) -> None:
+        """`person` taps the button of `message` that carries `data`."""
         tapped = await self._page.post(
             "/sandbox/tap",
             json={
                 "chat_id": INCIDENT_CHAT,
-                "message_id": request["message_id"],
-                "user_id": APPROVER.user_id,
-                "data": approve,
+                "message_id": message["message_id"],
+                "user_id": person.user_id,
+                "data": data,
             },
         )
         tapped.raise_for_status()
-        summary = await self.until(lambda m: "Requested:" in m.get("text", ""))
+
+    async def play(self) -> bool:
+        """/run as Alex, ▶ Start as Alex, Approve as Sam, wait for the summary; True if the
+        run succeeded."""
+        asked = await self.say(REQUESTER, "/run incident: API latency spike")
+        card = await self.until(
+            lambda m: (
+                _buttons(m)
+                and (m.get("reply_to_message") or {}).get("message_id") == asked["message_id"]
+            )
+        )
+        start = next(d for d in _buttons(card) if d.startswith("rs:") and not d.endswith(":x"))
+        await self.tap(REQUESTER, card, start)
+        # The card names the run it started: only that run's messages count (a restarted
+        # sandbox may first deliver what an earlier session's runs still had to say).
+        started = await self.until(
+            lambda m: m["message_id"] == card["message_id"] and "▶ Started" in m.get("text", "")
+        )
+        run_id = started["text"].rsplit("run ", 1)[1].rstrip(".")
+        request = await self.until(
+            lambda m: _buttons(m) and f"Run: {run_id}\n" in m.get("text", "")
+        )
+        approve = next(d for d in _buttons(request) if d.endswith(":y"))
+        await self.tap(APPROVER, request, approve)
+        summary = await self.until(
+            lambda m: m.get("text", "").startswith(f"Run {run_id}:") and "Requested:" in m["text"]
+        )
         await self.until(lambda m: m["message_id"] == request["message_id"] and not _buttons(m))
         return "SUCCEEDED" in summary["text"].splitlines()[0]
 

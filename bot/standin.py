@@ -464,8 +464,12 @@ class BotApiStandIn:
         bot_username: str = "loom_ops_bot",
         *,
         bot_name: str | None = None,
+        first_message_id: int = 1,
     ) -> None:
         self.token = token
+        # Telegram never reuses a chat's message ids; a stand-in started again (the sandbox's)
+        # can start its chats past the ids it handed out before.
+        self._first_message_id = first_message_id
         self.bot_id = bot_id
         self.bot_username = bot_username
         default_name = bot_username.removesuffix("_bot").replace("_", " ").title()
@@ -503,6 +507,7 @@ class BotApiStandIn:
                 "getMyCommands": self._get_my_commands,
                 "deleteMyCommands": self._delete_my_commands,
                 "getUpdates": self._get_updates,
+                "getChat": self._get_chat,
                 "sendMessage": self._send_message,
                 "editMessageText": self._edit_message_text,
                 "editMessageReplyMarkup": self._edit_message_reply_markup,
@@ -544,7 +549,7 @@ class BotApiStandIn:
             raise ValueError("group and supergroup chat ids are negative")
         chat = self._chats.get(chat_id)
         if chat is None:
-            self._chats[chat_id] = _Chat(chat_id, type, title)
+            self._chats[chat_id] = _Chat(chat_id, type, title, self._first_message_id)
             self._messages[chat_id] = {}
         else:
             chat.type, chat.title = type, title
@@ -908,6 +913,22 @@ class BotApiStandIn:
             if batch or remaining <= 0 or self._long_polls_released:
                 return batch
             await self._changes.wait(remaining)
+
+    def _get_chat(self, p: _Params) -> JSON:
+        """A known chat (its title, for a group); 400 "chat not found" for any other."""
+        chat = self._target_chat(p)
+        # ChatFullInfo: Telegram always sends these three as well.
+        return self._chat_json(chat.id) | {
+            "accent_color_id": 0,
+            "max_reaction_count": 11,
+            "accepted_gift_types": {
+                "unlimited_gifts": False,
+                "limited_gifts": False,
+                "unique_gifts": False,
+                "premium_subscription": False,
+                "gifts_from_channels": False,
+            },
+        }
 
     def _send_message(self, p: _Params) -> JSON:
         chat = self._target_chat(p)

@@ -35,9 +35,9 @@ MALLORY = 100000066  # in the incident chat, not an approver
 JSON = dict[str, Any]
 
 
-def make_standin() -> BotApiStandIn:
+def make_standin(first_message_id: int = 1) -> BotApiStandIn:
     """A stand-in with the test's people and chats."""
-    standin = BotApiStandIn(TOKEN)
+    standin = BotApiStandIn(TOKEN, first_message_id=first_message_id)
     standin.add_user(ALICE, "Alice", "alice")
     standin.add_user(BOB, "Bob", "bob")
     standin.add_user(CAROL, "Carol", "carol")
@@ -205,6 +205,38 @@ async def wait_for_approval(standin: BotApiStandIn, chat_id: int, count: int = 1
         lambda: len([m for m in approval_messages(standin, chat_id) if keyboard_data(m)]) >= count,
     )
     return [m for m in approval_messages(standin, chat_id) if keyboard_data(m)][-1]
+
+
+def start_card(standin: BotApiStandIn, asked: JSON) -> JSON | None:
+    """The bot's /run card answering the /run message `asked` (with its buttons), if any."""
+    for message in from_bot(standin, asked["chat"]["id"]):
+        replied = message.get("reply_to_message") or {}
+        if replied.get("message_id") == asked["message_id"] and any(
+            data.startswith("rs:") for data in keyboard_data(message)
+        ):
+            return message
+    return None
+
+
+async def confirm_run(
+    standin: BotApiStandIn,
+    chat_id: int,
+    user_id: int,
+    text: str,
+    *,
+    thread_id: int | None = None,
+    choice: int = 0,
+    timeout: float = 15.0,
+) -> JSON:
+    """`/run <free text>` as `user_id`, then a tap on the card's ▶ Start (the `choice`-th
+    candidate) by the same person: what a person does to start a run; returns the card."""
+    asked = standin.inject_message(chat_id, user_id, f"/run {text}", thread_id=thread_id)
+    await wait_for(standin, lambda: start_card(standin, asked), timeout)
+    card = start_card(standin, asked)
+    assert card is not None
+    starts = [d for d in keyboard_data(card) if d.startswith("rs:") and d != "rs:x"]
+    standin.inject_callback(chat_id, card["message_id"], user_id, starts[choice])
+    return card
 
 
 def run_id_of(message: JSON) -> str:

@@ -310,7 +310,9 @@ async def test_a_skipped_in_doubt_step_is_rolled_back_on_reject(
 
         gate = await second.pending_approval("doubt")
         assert gate is not None
-        result = await second.decide("doubt", Decision.REJECT, "cli:approver", approval_id=gate.id)
+        result = await second.decide(
+            "doubt", Decision.REJECT, "cli:approver", approval_number=gate.number
+        )
 
         assert result.run.status == RunStatus.REJECTED
         assert lines(workspace) == ["slow", "undo-slow"]

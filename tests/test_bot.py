@@ -16,6 +16,7 @@ from tests.bot_harness import (
     PLATFORM,
     approval_messages,
     chat_bench,
+    confirm_run,
     from_bot,
     keyboard_data,
     long_notes_runbook,
@@ -30,7 +31,7 @@ async def test_incident_flow_from_run_to_summary(settings: Settings) -> None:
     """/run → progress and an approval keyboard → the approver taps → the message says who
     approved, the run resumes at once, and the audit summary arrives."""
     async with chat_bench(settings) as (standin, service):
-        standin.inject_message(INCIDENTS, ALICE, "/run incident: API latency spike")
+        await confirm_run(standin, INCIDENTS, ALICE, "incident: API latency spike")
         request = await wait_for_approval(standin, INCIDENTS)
         run_id = run_id_of(request)
         text = request["text"]
@@ -70,7 +71,7 @@ async def test_incident_flow_from_run_to_summary(settings: Settings) -> None:
 async def test_progress_is_one_message_edited_in_place(settings: Settings) -> None:
     """A run's progress is one message, edited, never more than once per interval."""
     async with chat_bench(settings, progress_interval=0.5) as (standin, _):
-        standin.inject_message(INCIDENTS, ALICE, "/run incident: API latency spike")
+        await confirm_run(standin, INCIDENTS, ALICE, "incident: API latency spike")
         request = await wait_for_approval(standin, INCIDENTS)
         run_id = run_id_of(request)
         approve = next(d for d in keyboard_data(request) if d.endswith(":y"))
@@ -108,7 +109,7 @@ async def test_a_long_summary_is_split_at_lines_or_attached(
     )
     roomy = settings.model_copy(update={"max_steps": 1000, "max_tool_calls": 1000})
     async with chat_bench(roomy) as (standin, service):
-        standin.inject_message(INCIDENTS, ALICE, "/run incident: long drill")
+        await confirm_run(standin, INCIDENTS, ALICE, "incident: long drill")
         await wait_for(standin, lambda: summaries(standin, INCIDENTS))
         [run] = [r for r in await service.store.list_runs() if r.parent_id is None]
         await wait_for(
@@ -120,7 +121,7 @@ async def test_a_long_summary_is_split_at_lines_or_attached(
         assert parts[0]["text"].startswith(f"Run {run.id}: SUCCEEDED")
         assert "<with> & markup-like" in parts[0]["text"]
 
-        standin.inject_message(PLATFORM, ALICE, "/run incident: vast drill")
+        await confirm_run(standin, PLATFORM, ALICE, "incident: vast drill")
         await wait_for(
             standin, lambda: any(m.get("document") for m in from_bot(standin, PLATFORM)), 30
         )
@@ -129,25 +130,25 @@ async def test_a_long_summary_is_split_at_lines_or_attached(
         assert "SUCCEEDED" in document["caption"]
         assert "note-149" in text and "<with> & markup-like" in text  # plain text, unescaped
 
-        # Its timeline is far longer than a few messages: /explain attaches it too.
+        # Its step list is longer than one message: /explain splits it at lines.
         vast = next(r for r in await service.store.list_runs() if r.id in document["caption"])
-        standin.inject_message(PLATFORM, ALICE, f"/explain {vast.id}")
-        await wait_for(
-            standin,
-            lambda: any(
-                m.get("document", {}).get("file_name") == f"{vast.id}-timeline.txt"
-                for m in from_bot(standin, PLATFORM)
-            ),
-        )
-        [timeline] = [m for m in from_bot(standin, PLATFORM) if "Timeline" in m.get("caption", "")]
-        lines = standin.document_bytes(timeline["document"]["file_id"]).decode().splitlines()
-        assert len(lines) > 300 and any("note-149" in line for line in lines)
+        asked = standin.inject_message(PLATFORM, ALICE, f"/explain {vast.id}")
+
+        def explained() -> list[dict]:
+            return [m for m in from_bot(standin, PLATFORM) if m["message_id"] > asked["message_id"]]
+
+        await wait_for(standin, lambda: any("note-149" in m["text"] for m in explained()))
+        parts = explained()
+        assert 2 <= len(parts) <= 3 and all(len(m["text"]) <= 4096 for m in parts)
+        assert parts[0]["text"].startswith(f"✅ Run {vast.id} · succeeded · longer-notes")
+        assert "✅ 150. note-149: ok (once)" in parts[-1]["text"]
+        assert parts[-1]["text"].endswith(f"/trace {vast.id}")
 
 
 async def test_a_run_started_in_a_topic_answers_in_that_topic(settings: Settings) -> None:
     """A forum topic is part of where a run came from: its messages go back to the topic."""
     async with chat_bench(settings) as (standin, _):
-        standin.inject_message(INCIDENTS, ALICE, "/run incident: API latency spike", thread_id=77)
+        await confirm_run(standin, INCIDENTS, ALICE, "incident: API latency spike", thread_id=77)
         request = await wait_for_approval(standin, INCIDENTS)
         assert request.get("message_thread_id") == 77
         sent = [c for c in standin.calls("sendMessage")]
@@ -159,7 +160,8 @@ async def test_a_failing_bot_api_is_retried_with_backoff(settings: Settings) -> 
     arrives once; the failed attempt is recorded."""
     async with chat_bench(settings) as (standin, _service):
         standin.fail_next("sendMessage", 502, count=1)
-        standin.inject_message(INCIDENTS, ALICE, "/run incident: API latency spike")
+        # Named outright: the run starts at once, and its first message is the outbox's.
+        standin.inject_message(INCIDENTS, ALICE, "/run api-latency-spike")
         await wait_for_approval(standin, INCIDENTS)
         assert len(approval_messages(standin, INCIDENTS)) == 1
         with sqlite3.connect(settings.db) as conn:

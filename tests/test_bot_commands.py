@@ -36,6 +36,7 @@ from tests.bot_harness import (
     run_id_of,
     running_bot,
     standin_server,
+    start_card,
     summaries,
     telegram_settings,
     wait_for,
@@ -79,7 +80,8 @@ class Bench:
         return answers()[0]
 
     async def start_run(self, chat_id: int, text: str, user_id: int = ALICE) -> tuple[str, JSON]:
-        """`/run <text>` and its approval request (with buttons): (root run id, request)."""
+        """`/run <text>` (confirmed with ▶ Start when the bot answers with a card) and its
+        approval request (with buttons): (root run id, request)."""
         before = {m["message_id"] for m in approval_messages(self.standin, chat_id)}
 
         def new_requests() -> list[JSON]:
@@ -89,7 +91,14 @@ class Bench:
                 if m["message_id"] not in before and keyboard_data(m)
             ]
 
-        self.standin.inject_message(chat_id, user_id, f"/run {text}")
+        asked = self.standin.inject_message(chat_id, user_id, f"/run {text}")
+        await wait_for(
+            self.standin, lambda: new_requests() or start_card(self.standin, asked), timeout=10
+        )
+        card = start_card(self.standin, asked)
+        if card is not None:
+            start = next(d for d in keyboard_data(card) if d.startswith("rs:") and d != "rs:x")
+            self.standin.inject_callback(chat_id, card["message_id"], user_id, start)
         await wait_for(self.standin, new_requests, timeout=10)
         [request] = new_requests()
         return run_id_of(request), request
@@ -213,8 +222,8 @@ async def test_run_matching_no_runbook_is_refused_and_stores_nothing(bench: Benc
     [refusal, following] = bench.bot_after(INCIDENTS, command["message_id"])
     assert following["message_id"] == listing["message_id"]
     assert text_of(refusal).startswith(
-        "Cannot start the run: no runbook matches 'incident: the coffee machine is sad' "
-        "(known: api-latency-spike, "
+        "No runbook matches 'incident: the coffee machine is sad'. Name one: "
+        "/run <runbook id> [key=value …] (known: api-latency-spike, "
     )
     assert len(text_of(refusal)) < 500
     assert await bench.service.store.list_runs() == []
@@ -253,7 +262,7 @@ async def test_runs_lists_only_this_chats_runs(bench: Bench) -> None:
 
     mine = text_of(await bench.ask(INCIDENTS, ALICE, "/runs", starts_with("Active")))
     assert ours in mine and theirs not in mine
-    assert "waiting_children" in mine
+    assert "waiting for approval" in mine and "waiting_" not in mine
 
     other = text_of(await bench.ask(PLATFORM, ALICE, "/runs", starts_with("Active")))
     assert theirs in other and ours not in other
@@ -279,11 +288,17 @@ async def test_status_of_a_waiting_run_names_the_pending_approval(bench: Bench) 
     run_id, _ = await bench.start_run(INCIDENTS, "incident: API latency spike")
     answer = await bench.ask(INCIDENTS, ALICE, f"/status {run_id}", lambda t: "Waiting for" in t)
     text = text_of(answer)
-    assert run_id in text.splitlines()[0]
-    assert re.search(r"Waiting for approval #\d+ of step scale-out: ", text), text
+    head = text.splitlines()[0]
+    assert run_id in head and "waiting for approval · api-latency-spike · by @alice" in head
+    assert re.search(r"Waiting for approval #1 of step scale-out: ", text), text
     assert "kubectl scale deployment/checkout-api -n production --replicas=6" in text
-    for role in ("planner", "executor", "verifier"):
-        assert f"({role})" in text
+    assert f"/approve {run_id} #1" in text and re.search(r"Deadline in \d+ min \(", text)
+    assert "Steps: 3 of 7 done; last logs ok" in text
+    # The team stands behind the root: by role, in people's words, without child run ids.
+    [team] = [line for line in text.splitlines() if line.startswith("Team: ")]
+    assert team.index("planner ✅ succeeded") < team.index("executor 🛑 waiting for approval")
+    assert "verifier" in team
+    assert ":sub:" not in text and "waiting_" not in text
 
 
 async def test_status_of_an_unknown_or_foreign_run_is_refused_alike(bench: Bench) -> None:
@@ -300,36 +315,30 @@ async def test_status_of_an_unknown_or_foreign_run_is_refused_alike(bench: Bench
 # -- 6. /explain and /trace ------------------------------------------------------------------
 
 
-async def test_explain_answers_with_a_pre_timeline(bench: Bench) -> None:
+async def test_explain_answers_with_a_short_step_list(bench: Bench) -> None:
+    """/explain in people's words: each step's state, the open request, who asked (by
+    @name), and where the journal is (/trace); no JSON, no kernel words, no child ids."""
     run_id, _ = await bench.start_run(INCIDENTS, "incident: API latency spike")
-    command = bench.standin.inject_message(INCIDENTS, ALICE, f"/explain {run_id}")
-
-    def timeline() -> list[JSON]:
-        return [
-            m
-            for m in bench.bot_after(INCIDENTS, command["message_id"])
-            if text_of(m).startswith(f"Run {run_id} — role supervisor")
-        ]
-
-    await wait_for(bench.standin, timeline)
-    [first] = timeline()
-    assert [e["type"] for e in first.get("entities", [])] == ["pre"]
-    # The whole tree's timelines may span a few messages: read them all, in order.
-    await wait_for(
-        bench.standin,
-        lambda: any(
-            "approval #" in text_of(m) for m in bench.bot_after(INCIDENTS, command["message_id"])
-        ),
+    answer = await bench.ask(
+        INCIDENTS, ALICE, f"/explain {run_id}", starts_with(f"🛑 Run {run_id} ·")
     )
-    text = "\n".join(
-        text_of(m)
-        for m in bench.bot_after(INCIDENTS, command["message_id"])
-        if m["message_id"] >= first["message_id"]
-        and [e["type"] for e in m.get("entities", [])] == ["pre"]
-    )
-    assert "created by telegram:100000050 (telegram)" in text
-    assert re.search(r"approval #\d+ \(gate\) for scale-out: kubectl scale", text), text
-    assert "role executor" in text and "status waiting_approval" in text
+    text = text_of(answer)
+    lines = text.splitlines()
+    assert lines[0] == f"🛑 Run {run_id} · waiting for approval · api-latency-spike"
+    assert lines[1].startswith("Asked by @alice at ")
+    for expected in (
+        "✅ 1. pods: ok (once)",
+        "✅ 3. logs: ok (once)",
+        "▫️ 4. scale-out: not run",
+        "▫️ 7. handoff: not run",
+    ):
+        assert expected in lines, (expected, lines)
+    [request] = [line for line in lines if line.startswith("#1 scale-out: waiting, deadline in")]
+    assert request.endswith(" UTC)")
+    assert lines[-1] == f"Every call and answer, in order: /trace {run_id}"
+    for kernel_word in ("{", "telegram:", ":sub:", "waiting_", "execute_step", "role "):
+        assert kernel_word not in text, kernel_word
+    assert len(text) < 1500
 
 
 async def test_trace_sends_an_offline_html_document(bench: Bench) -> None:
@@ -479,12 +488,14 @@ async def test_reject_by_text_with_a_reason(bench: Bench) -> None:
     assert re.fullmatch(r"Rejected request #\d+ of run \S+\.", text_of(answer)), text_of(answer)
 
     summary = text_of(await bench.summary(INCIDENTS, run_id))
-    # By design the supervisor ends the incident run as failed once its executor is rejected
-    # (as in test_bot_approvals): the summary's approvals and errors say it was rejected.
-    assert summary.startswith(f"Run {run_id}: FAILED")
+    # The supervisor ends the incident run as failed once its executor is rejected; the chat
+    # says what happened: rejected, by whom and why, once.
+    assert summary.startswith(f"Run {run_id}: REJECTED")
     assert "gate for rollback: rejected by @carol (telegram:100000002)" in summary
-    assert '"too risky today"' in summary
-    assert "rejected by telegram:100000002: too risky today" in summary
+    assert summary.count("too risky today") == 1, summary
+    status = await bench.ask(INCIDENTS, ALICE, f"/status {run_id}", starts_with("❌"))
+    assert text_of(status).splitlines()[0].startswith(f"❌ {run_id} rejected")
+    assert "Outcome: rejected by @carol: too risky today" in text_of(status)
     await wait_for(
         bench.standin,
         lambda: "Rejected by @carol" in text_of(bench.current(INCIDENTS, request["message_id"])),

@@ -18,6 +18,7 @@ from tests.bot_harness import (
     BotProcess,
     approval_messages,
     bot_env,
+    confirm_run,
     from_bot,
     keyboard_data,
     run_id_of,
@@ -47,7 +48,7 @@ async def test_killed_while_a_run_waits_for_approval(settings: Settings, tmp_pat
         bot = BotProcess(bot_env(server, settings), settings.workspace, tmp_path / "bot.log")
         bot.start()
         try:
-            standin.inject_message(INCIDENTS, ALICE, "/run incident: API latency spike")
+            await confirm_run(standin, INCIDENTS, ALICE, "incident: API latency spike", timeout=30)
             request = await wait_for_approval(standin, INCIDENTS)
             run_id = run_id_of(request)
             await wait_for(standin, lambda: undelivered(settings.db) == 0)
@@ -82,7 +83,7 @@ async def test_killed_just_before_a_message_goes_out(
         bot = BotProcess(env, settings.workspace, tmp_path / "bot.log")
         bot.start()
         try:
-            standin.inject_message(INCIDENTS, ALICE, "/run incident: API latency spike")
+            await confirm_run(standin, INCIDENTS, ALICE, "incident: API latency spike", timeout=30)
             if kind == "run_finished":
                 request = await wait_for_approval(standin, INCIDENTS)
                 approve = next(d for d in keyboard_data(request) if d.endswith(":y"))
@@ -118,7 +119,7 @@ async def test_killed_after_the_summary_went_out_but_before_it_was_recorded(
         bot = BotProcess(env, settings.workspace, tmp_path / "bot.log")
         bot.start()
         try:
-            standin.inject_message(INCIDENTS, ALICE, "/run incident: API latency spike")
+            await confirm_run(standin, INCIDENTS, ALICE, "incident: API latency spike", timeout=30)
             request = await wait_for_approval(standin, INCIDENTS)
             run_id = run_id_of(request)
             approve = next(d for d in keyboard_data(request) if d.endswith(":y"))

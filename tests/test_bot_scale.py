@@ -80,7 +80,7 @@ async def test_a_standby_takes_over_polling_and_no_update_is_handled_twice(
 
             standin.hold_confirmations = True  # the leader's offsets never arrive
             for n in range(5):
-                standin.inject_message(INCIDENTS, ALICE, f"/run incident: API latency {n}")
+                standin.inject_message(INCIDENTS, ALICE, f"/run api-latency-spike incident {n}")
             await wait_for(standin, lambda: len(_started_runs(standin)) == 5, timeout=20)
             leader.kill()
             killed_at = time.monotonic()
@@ -89,7 +89,7 @@ async def test_a_standby_takes_over_polling_and_no_update_is_handled_twice(
             took_over = time.monotonic() - killed_at
             standin.hold_confirmations = False
             for n in range(5, 8):
-                standin.inject_message(INCIDENTS, ALICE, f"/run incident: API latency {n}")
+                standin.inject_message(INCIDENTS, ALICE, f"/run api-latency-spike incident {n}")
             await wait_for(standin, lambda: len(_started_runs(standin)) == 8, timeout=20)
             await asyncio.sleep(1.5)  # room for a duplicate to show up, if there were one
         finally:
@@ -142,7 +142,7 @@ async def test_webhook_takes_updates_with_the_secret_and_refuses_the_rest(
             await _wait_for_log(bot, "taking updates by webhook")
             assert standin.webhook_url == url
 
-            standin.inject_message(INCIDENTS, ALICE, "/run incident: API latency spike")
+            standin.inject_message(INCIDENTS, ALICE, "/run api-latency-spike")
             await wait_for(standin, lambda: len(_started_runs(standin)) == 1, timeout=20)
             assert any(status == 200 for _, status in standin.webhook_deliveries)
 

@@ -7,22 +7,30 @@ usage or input, which must leave one `loom-ops:` line on stderr and the database
 from __future__ import annotations
 
 import asyncio
+import json
+import re
+import shlex
+import shutil
 import sqlite3
 import subprocess
 import threading
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from agent.cli import build_parser
 from agent.store import RunStore, StoreError
 from tests.cli_helpers import (
     CLI_USER,
+    LOOM_OPS,
     SHIPPED_RUNBOOKS,
     Cli,
     CliResult,
     assert_usage_error,
+    cli_env,
     make_cli_workspace,
     snapshot,
 )
@@ -79,7 +87,7 @@ def _run_row(cli: Cli, run_id: str) -> dict[str, Any]:
 def test_full_flow_runbook_approve_explain_list(cli: Cli) -> None:
     started = _start_waiting(cli, "inc-1")
     assert started.stderr == "", started.describe()
-    assert "waiting for approval" in started.stdout
+    assert "waiting for request #1" in started.stdout
     assert "scale-out" in started.stdout
     assert "cli:oncall" in started.stdout
 
@@ -240,7 +248,22 @@ BAD_INPUT = [
         "not one of",
         id="param-fails-choices",
     ),
-    pytest.param(["runbook", LATENCY, "--mock-llm"], "--run-id", id="missing-run-id"),
+    pytest.param(
+        ["explain", "inc-1", "--run-id", "inc-2"], "two run ids", id="two-different-run-ids"
+    ),
+    pytest.param(["explain"], "loom-ops explain RUN_ID", id="explain-without-run-id"),
+    pytest.param(["audit", "verify"], "loom-ops audit verify RUN_ID", id="audit-without-run-id"),
+    pytest.param(["status", "nope"], "unknown run id", id="status-unknown-run"),
+    pytest.param(
+        ["approve", "inc-1", "--role", "verifier", "--as", "oncall"],
+        "no verifier run",
+        id="approve-role-not-in-tree",
+    ),
+    pytest.param(
+        ["runbook", "runbook=nope", "--run-id", "named", "--mock-llm"],
+        "unknown runbook 'nope'",
+        id="runbook-named-unknown",
+    ),
     pytest.param(["frobnicate"], "invalid choice", id="unknown-subcommand"),
     pytest.param(["runbook", LATENCY, "--run-id", "nollm"], "--mock-llm", id="no-llm"),
     pytest.param(
@@ -404,3 +427,384 @@ def test_unopenable_database_leaves_no_worker_thread(tmp_path: Path) -> None:
     finally:
         threading.excepthook = previous
     assert errors == []
+
+
+# -- papercuts: positional ids, --version, status, generated ids, runs per incident -----------
+
+GENERATED_ID = re.compile(r"^inc-[0-9]{4}-[a-z2-9]{4}$")
+
+
+def test_version_prints_the_installed_version(cli: Cli) -> None:
+    result = cli("--version")
+    assert result.returncode == 0, result.describe()
+    assert result.stdout == f"loom-ops {metadata.version('loom-ops')}\n"
+    assert not cli.db.exists()
+
+
+def test_positional_run_id_answers_like_the_flag(cli: Cli, tmp_path: Path) -> None:
+    _start_waiting(cli, "inc-p")
+    for command in (["explain"], ["status"], ["audit", "verify"], ["audit", "export"]):
+        flagged = cli(*command, "--run-id", "inc-p")
+        positional = cli(*command, "inc-p")
+        assert positional.returncode == flagged.returncode == 0, positional.describe()
+        assert positional.stdout == flagged.stdout, command
+    traced = cli("trace", "inc-p", "-o", str(tmp_path / "p.html"))
+    assert traced.returncode == 0, traced.describe()
+    assert "inc-p" in (tmp_path / "p.html").read_text()
+
+    approved = cli("approve", "inc-p", "--as", "oncall", "--json")
+    assert approved.returncode == 0, approved.describe()
+    assert (approved.json()["run_id"], approved.json()["status"]) == ("inc-p", "succeeded")
+    _start_waiting(cli, "inc-q")
+    cancelled = cli("cancel", "inc-q", "--json")
+    assert (cancelled.json()["run_id"], cancelled.json()["status"]) == ("inc-q", "cancelled")
+    resumed = cli("resume", "inc-q", "--json")
+    assert resumed.json()["status"] == "cancelled"
+
+
+def test_generated_run_id_is_printed_first_and_works(cli: Cli) -> None:
+    started = cli("runbook", LATENCY, "--mock-llm")
+    assert started.returncode == 0, started.describe()
+    first, second = started.stdout.splitlines()[:2]
+    assert first.startswith("Run id: "), started.describe()
+    run_id = first.removeprefix("Run id: ")
+    assert GENERATED_ID.match(run_id), run_id
+    assert second.startswith(f"Run {run_id} is waiting for request #1")
+
+    status = cli("status", run_id, "--json")
+    assert (status.json()["run_id"], status.json()["status"]) == (run_id, "waiting_approval")
+
+    as_json = cli("supervise", LATENCY, "--mock-llm", "--json")
+    other = as_json.json()["run_id"]  # one JSON object: no "Run id:" line before it
+    assert GENERATED_ID.match(other) and other != run_id
+
+
+def test_runs_shows_one_row_per_incident_and_all_adds_the_children(cli: Cli) -> None:
+    assert cli("supervise", LATENCY, "--run-id", "tree", "--mock-llm").returncode == 0
+    _start_waiting(cli, "single")
+
+    incidents = cli("runs", "--json").json()["runs"]
+    assert [r["run_id"] for r in incidents] == ["single", "tree"]
+    tree = incidents[1]
+    # The root waits for its children; the incident waits for a person, and says so.
+    assert (tree["status"], tree["tree_status"]) == ("waiting_children", "waiting_approval")
+    assert tree["tree_runbook_id"] == "api-latency-spike"
+
+    table = cli("runs")
+    assert table.returncode == 0, table.describe()
+    rows = table.stdout.splitlines()[1:]
+    assert [row.split()[:2] for row in rows] == [
+        ["single", "waiting_approval"],
+        ["tree", "waiting_approval"],
+    ]
+    waiting = cli("runs", "--status", "waiting_approval", "--json").json()["runs"]
+    assert {r["run_id"] for r in waiting} == {"single", "tree"}
+    assert cli("runs", "--status", "waiting_children", "--json").json()["runs"] == []
+
+    everything = cli("runs", "--all", "--json").json()["runs"]
+    assert {r["run_id"] for r in everything} == {
+        "single",
+        "tree",
+        "tree:sub:planner",
+        "tree:sub:executor",
+        "tree:sub:verifier",
+    }
+    one = cli("runs", "--limit", "1", "--json").json()["runs"]
+    assert [r["run_id"] for r in one] == ["single"]
+
+
+def test_status_lists_children_and_a_decide_command_that_works_when_pasted(cli: Cli) -> None:
+    assert cli("supervise", LATENCY, "--run-id", "st", "--mock-llm").returncode == 0
+    status = cli("status", "st")
+    assert status.returncode == 0, status.describe()
+    text = status.stdout
+    assert text.startswith("Run st: waiting_children\n"), text
+    for child in ("st:sub:planner", "st:sub:executor", "st:sub:verifier"):
+        assert sum(line.split()[0] == child for line in text.splitlines() if line.strip()) == 1
+    decide = next(line for line in text.splitlines() if line.startswith("Decide with: "))
+    command = decide.removeprefix("Decide with: ").split("   (or:")[0]
+    argv = shlex.split(command)
+    assert argv[:2] == ["loom-ops", "approve"], command
+
+    pasted = cli(*argv[1:])
+    assert pasted.returncode == 0, pasted.describe()
+    done = cli("status", "st", "--json").json()
+    assert done["status"] == "succeeded"
+    assert done["approval"] is None
+    assert {c["run_id"]: c["status"] for c in done["children"]} == {
+        "st:sub:planner": "succeeded",
+        "st:sub:executor": "succeeded",
+        "st:sub:verifier": "succeeded",
+    }
+
+
+def test_status_without_a_run_id_writes_nothing(cli: Cli) -> None:
+    result = cli("status")
+    assert result.returncode == 0, result.describe()
+    assert "No process serves this store" in result.stdout
+    assert not cli.db.exists()
+
+
+def test_approve_role_decides_in_the_child_of_that_role(cli: Cli) -> None:
+    assert cli("supervise", LATENCY, "--run-id", "ro", "--mock-llm").returncode == 0
+    approved = cli("approve", "--run-id", "ro", "--role", "executor", "--as", "oncall", "--json")
+    assert approved.returncode == 0, approved.describe()
+    payload = approved.json()
+    assert payload["run_id"] == "ro:sub:executor"
+    assert payload["status"] == "succeeded"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param(name, id=name)
+        for name in sorted(
+            build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+        )
+    ],
+)
+def test_every_command_accepts_mock_llm(command: str) -> None:
+    # Parsing only: serve, telegram, worker and sandbox would run until interrupted.
+    needs = {"audit": ["verify", "x"], "runbooks": ["list"], "runbook": ["m"], "supervise": ["m"]}
+    args = build_parser().parse_args([command, *needs.get(command, []), "--mock-llm"])
+    assert args.mock_llm is True
+
+
+# -- nothing written on a usage error ---------------------------------------------------------
+
+NO_STORE_YET = [
+    pytest.param(["runbook", LATENCY, "--run-id", "bad id!", "--mock-llm"], id="bad-run-id"),
+    pytest.param(["runbook", "hello world", "--mock-llm"], id="no-runbook-matches"),
+    pytest.param(["runbook", "disk full host=x", "--mock-llm"], id="unknown-param"),
+    pytest.param(["runbook", LATENCY], id="no-llm"),
+    pytest.param(["supervise", "", "--mock-llm"], id="empty-message"),
+    pytest.param(["explain", "inc-1"], id="explain-unknown"),
+    pytest.param(["approve", "inc-1", "--as", "oncall"], id="approve-unknown"),
+    pytest.param(["status", "inc-1"], id="status-unknown"),
+    pytest.param(["audit", "verify"], id="audit-without-id"),
+    pytest.param(["frobnicate"], id="unknown-command"),
+]
+
+
+@pytest.mark.parametrize("args", NO_STORE_YET)
+def test_usage_error_before_any_run_creates_no_database(cli: Cli, args: list[str]) -> None:
+    assert_usage_error(cli(*args))
+    assert not cli.db.exists()
+    assert sorted(p.name for p in cli.workspace.iterdir()) == ["runbooks"]
+
+
+def test_read_commands_before_any_run_answer_without_creating_the_database(cli: Cli) -> None:
+    listed = cli("runs", "--mock-llm")
+    assert (listed.returncode, listed.stdout) == (0, "no runs\n"), listed.describe()
+    assert cli("runs", "--json").json()["runs"] == []
+    resumed = cli("resume")
+    assert (resumed.returncode, resumed.stdout) == (0, "resumed 0 run(s)\n"), resumed.describe()
+    assert not cli.db.exists()
+
+
+# -- a live run never starts from a guess ------------------------------------------------------
+
+LIVE = {"LOOM_OPS_ALLOW_SHELL": "1"}
+
+
+def test_live_run_from_a_fuzzy_match_is_refused_naming_runbook_params_and_yes(
+    cli: Cli,
+) -> None:
+    refused = cli("runbook", "deploy check", "--run-id", "rb-shell", "--mock-llm", env=LIVE)
+    line = assert_usage_error(refused, "failed-deploy-rollback", "--yes")
+    assert "service=checkout-api" in line and "namespace=production" in line, line
+    assert "LOOM_OPS_ALLOW_SHELL=1" in line
+    assert not cli.db.exists()
+
+    # The named form it offers is accepted as it stands (here it fails at the allowlist:
+    # the test workspace has none, which is what makes it safe to start).
+    offered = shlex.split(line.split("to run exactly that: ")[1].removesuffix(" (or add --yes)"))
+    assert offered[:2] == ["loom-ops", "runbook"], offered
+    named = cli(*offered[1:], env=LIVE)
+    assert named.returncode == 1, named.describe()
+    assert "command denied" in named.stderr
+    assert _run_row(cli, "rb-shell")["runbook_id"] == "failed-deploy-rollback"
+
+
+@pytest.mark.parametrize(
+    ("message", "env"),
+    [
+        pytest.param("deploy check", {"LOOM_OPS_ALLOW_MCP": "1"}, id="allow-mcp"),
+        pytest.param("incident: API latency spike", LIVE, id="supervise-too"),
+    ],
+)
+def test_live_guess_is_refused_with_mcp_and_for_supervise(
+    cli: Cli, message: str, env: dict[str, str]
+) -> None:
+    command = "supervise" if "latency" in message else "runbook"
+    assert_usage_error(cli(command, message, "--mock-llm", env=env), "--yes")
+    assert not cli.db.exists()
+
+
+@pytest.mark.parametrize(
+    ("message", "extra"),
+    [
+        pytest.param("deploy check", ["--yes"], id="confirmed-with-yes"),
+        pytest.param("failed-deploy-rollback namespace=staging", [], id="id-as-first-word"),
+        pytest.param("runbook=failed-deploy-rollback namespace=staging", [], id="runbook-key"),
+    ],
+)
+def test_live_run_starts_from_an_exact_id_or_yes(cli: Cli, message: str, extra: list[str]) -> None:
+    started = cli("runbook", message, "--run-id", "go", "--mock-llm", *extra, env=LIVE)
+    assert "Traceback" not in started.stderr, started.describe()
+    assert started.returncode == 1, started.describe()  # started: denied at its first command
+    assert _run_row(cli, "go")["runbook_id"] == "failed-deploy-rollback"
+
+
+def test_dry_run_from_a_fuzzy_match_starts_as_before(cli: Cli) -> None:
+    started = cli("runbook", "deploy check", "--run-id", "dry", "--mock-llm")
+    assert started.returncode == 0, started.describe()
+    assert _run_row(cli, "dry")["runbook_id"] == "failed-deploy-rollback"
+
+
+# -- the seed page's commands, as written ---------------------------------------------------
+
+
+def _seed(workspace: Path, *argv: str, env: dict[str, str] | None = None) -> CliResult:
+    """Run a command exactly as the seed page writes it (its own --db/--workspace), in the
+    workspace directory."""
+    done = subprocess.run(
+        [LOOM_OPS, *argv],
+        cwd=workspace,
+        env=cli_env(**(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return CliResult(tuple(argv), done.returncode, done.stdout, done.stderr)
+
+
+def test_seed_page_commands_work_as_written(cli: Cli) -> None:
+    ws = cli.workspace
+    common = ["--db", "ops.sqlite", "--workspace", "."]
+    supervised = _seed(ws, "supervise", LATENCY, "--run-id", "inc-001", "--mock-llm", *common)
+    assert supervised.returncode == 0, supervised.describe()
+    explained = _seed(ws, "explain", "--run-id", "inc-001:sub:verifier", *common)
+    assert explained.returncode == 0, explained.describe()
+    assert "role verifier" in explained.stdout
+    walked = _seed(ws, "runbook", LATENCY, "--run-id", "rb-001", "--mock-llm", *common)
+    assert walked.returncode == 0, walked.describe()
+
+    # `approve ... --role executor`: the executor below the named run. The seed's `exec-1`
+    # is a run of its own tests; here the run is inc-001, decided by its runbook's approver.
+    approver = {"LOOM_OPS_USER": "oncall"}
+    approved = _seed(
+        ws,
+        *["approve", "--run-id", "inc-001", "--note", "LGTM", "--role", "executor"],
+        *["--mock-llm", *common],
+        env=approver,
+    )
+    assert approved.returncode == 0, approved.describe()
+    assert "approved by cli:oncall" in approved.stdout
+    unknown = _seed(ws, "approve", "--run-id", "exec-1", "--role", "executor", *common)
+    assert_usage_error(unknown, "unknown run id 'exec-1'")
+
+    before = snapshot(ws / "ops.sqlite")
+    shell = _seed(ws, "runbook", "deploy check", "--run-id", "rb-shell", "--mock-llm", *common,
+                  env=LIVE)  # fmt: skip
+    assert_usage_error(shell, "failed-deploy-rollback", "--yes")
+    assert snapshot(ws / "ops.sqlite") == before
+
+    listed = _seed(ws, "runs", "--mock-llm", *common)
+    assert listed.returncode == 0, listed.describe()
+    assert [row.split()[0] for row in listed.stdout.splitlines()[1:]] == ["rb-001", "inc-001"]
+
+
+# -- runbooks validate: every error of every file, and the allowlist -------------------------
+
+THREE_TYPOS = """\
+id: {id}
+title: Three typos
+triggers: [typo]
+steps:
+  - id: one
+    titel: First
+    note: first
+  - id: two
+    title: Second
+    note: "{{{{ nope }}}}"
+  - id: three
+    title: Third
+    check: {{url: "http://127.0.0.1/", expect_status: "200"}}
+"""
+
+
+def test_validate_reports_every_error_of_every_file_in_one_pass(cli: Cli) -> None:
+    for name in ("typos-a", "typos-b"):
+        (cli.workspace / "runbooks" / f"{name}.yaml").write_text(THREE_TYPOS.format(id=name))
+    result = cli("runbooks", "validate")
+    assert result.returncode == 2, result.describe()
+    lines = result.stderr_lines()
+    for name in ("typos-a", "typos-b"):
+        path = cli.workspace / "runbooks" / f"{name}.yaml"
+        assert [line.split(": ", 2)[1] for line in lines if str(path) in line] == [
+            f"{path}:5",  # the step without a title...
+            f"{path}:6",  # ...because of the typo in it
+            f"{path}:10",
+            f"{path}:13",
+        ], lines
+    assert all(line.startswith("loom-ops: ") for line in lines)
+    assert sorted(line.split()[1] for line in result.stdout.splitlines()) == SHIPPED_IDS
+
+
+ALLOWLIST = {"rules": [{"argv": ["df", "-h", "*"]}]}
+GAPPY = """\
+id: gappy
+title: Commands the allowlist does not cover
+triggers: [gappy]
+params:
+  mount: {default: /var}
+steps:
+  - id: usage
+    title: Usage
+    run: df -h {{ mount }}
+  - id: wipe
+    title: Wipe
+    run: rm -rf {{ mount }}
+    rollback: {run: "df -i {{ mount }}"}
+"""
+
+
+@pytest.fixture
+def gappy(cli: Cli) -> Cli:
+    """A workspace whose one runbook has three commands, of which the allowlist admits one."""
+    shutil.rmtree(cli.workspace / "runbooks")
+    (cli.workspace / "runbooks").mkdir()
+    (cli.workspace / "runbooks" / "gappy.yaml").write_text(GAPPY)
+    (cli.workspace / "ops.shell.allowlist.json").write_text(json.dumps(ALLOWLIST))
+    return cli
+
+
+def test_validate_warns_of_allowlist_gaps_while_commands_are_dry_run(gappy: Cli) -> None:
+    result = gappy("runbooks", "validate")
+    assert result.returncode == 0, result.describe()
+    assert result.stdout == "ok       gappy (2 warning(s))\n"
+    path = gappy.workspace / "runbooks" / "gappy.yaml"
+    assert result.stderr_lines() == [
+        f"loom-ops: warning: {path}:12: steps[1].run: step 'wipe': no rule of "
+        f"{gappy.workspace / 'ops.shell.allowlist.json'} admits "
+        '["rm", "-rf", "/var"] (rendered with mount=/var)',
+        f"loom-ops: warning: {path}:13: steps[1].rollback.run: step 'wipe' rollback: no rule "
+        f"of {gappy.workspace / 'ops.shell.allowlist.json'} admits "
+        '["df", "-i", "/var"] (rendered with mount=/var)',
+    ]
+    payload = gappy("runbooks", "validate", "--json").json()
+    assert (payload["status"], payload["errors"], len(payload["warnings"])) == ("ok", [], 2)
+
+
+def test_validate_refuses_allowlist_gaps_when_live_shell_is_on(gappy: Cli) -> None:
+    result = gappy("runbooks", "validate", env=LIVE)
+    assert result.returncode == 2, result.describe()
+    assert result.stdout == ""
+    lines = result.stderr_lines()
+    assert len(lines) == 2 and all("no rule of" in line for line in lines), lines
+    assert not any("warning" in line for line in lines)
+    (gappy.workspace / "ops.shell.allowlist.json").unlink()
+    missing = gappy("runbooks", "validate", env=LIVE)
+    assert missing.returncode == 2
+    assert "no allowlist at" in missing.stderr_lines()[0]

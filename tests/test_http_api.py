@@ -406,8 +406,8 @@ async def test_bad_input_is_4xx_with_a_json_error(oncall: Settings) -> None:
         assert_error(await c.post("/runbook", json=body), 409)
         await wait_for_approval(c, "dup")
         # An approval id that does not exist decides nothing.
-        assert_error(await c.post("/runs/dup/approve", json={"approval_id": 999}), (404, 409))
-        assert_error(await c.post("/runs/dup/approve", json={"approval_id": 0}), 422)
+        assert_error(await c.post("/runs/dup/approve", json={"approval": 999}), (404, 409))
+        assert_error(await c.post("/runs/dup/approve", json={"approval": 0}), 422)
         assert_error(await c.post("/runs/dup/approve", json={"note": "n" * 1001}), 422)
         assert (await c.get("/runs/dup")).json()["status"] == "waiting_approval"
 
@@ -501,7 +501,7 @@ async def test_an_approval_id_beyond_sqlite_integers_is_4xx(oncall: Settings) ->
     async with served(oncall) as s:
         await s.client.post("/runs", json={"message": DISK, "run_id": "big", "role": "runbook"})
         await wait_for_approval(s.client, "big")
-        response = await s.client.post("/runs/big/approve", json={"approval_id": 2**63})
+        response = await s.client.post("/runs/big/approve", json={"approval": 2**63})
         assert_error(response, (404, 409, 422))
 
 

@@ -70,7 +70,7 @@ def test_four_eyes_holds_for_the_in_doubt_retry_of_a_gated_step(
     write_runbook(workspace, "four-eyes-drill", FOUR_EYES_DRILL)
     cli = _cli(workspace, tmp_path)
     live = {"LOOM_OPS_ALLOW_SHELL": "1"}
-    started = cli("runbook", "four eyes drill", "--run-id", "fe", "--mock-llm", env=live)
+    started = cli("runbook", "four-eyes-drill", "--run-id", "fe", "--mock-llm", env=live)
     assert started.returncode == 0, started.describe()
     assert _pending(cli.db, "fe") == [("gate", "act")]
     # A second pair of eyes approves; the process dies right after the intent of `act`.

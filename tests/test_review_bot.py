@@ -38,6 +38,7 @@ from tests.bot_harness import (
     TOKEN,
     approval_messages,
     chat_bench,
+    confirm_run,
     from_bot,
     keyboard_data,
     long_notes_runbook,
@@ -156,10 +157,10 @@ async def test_an_approval_request_with_a_long_action_still_reaches_the_chat(
         LONG_ACTION_RUNBOOK.format(arg="x" * 4500)
     )
     async with chat_bench(settings) as (standin, _):
-        standin.inject_message(INCIDENTS, ALICE, "/run incident: long action drill")
+        await confirm_run(standin, INCIDENTS, ALICE, "incident: long action drill")
         await wait_for(
             standin,
-            lambda: [m for m in from_bot(standin, INCIDENTS) if keyboard_data(m)],
+            lambda: [m for m in approval_messages(standin, INCIDENTS) if keyboard_data(m)],
             timeout=6,
         )
 
@@ -172,7 +173,7 @@ async def test_status_of_a_run_waiting_on_a_long_action_answers(
         LONG_ACTION_RUNBOOK.format(arg="x" * 4500)
     )
     async with chat_bench(settings) as (standin, service):
-        standin.inject_message(INCIDENTS, ALICE, "/run incident: long action drill")
+        await confirm_run(standin, INCIDENTS, ALICE, "incident: long action drill")
         root_id = await waiting_root(service)
         answer = await ask(standin, INCIDENTS, ALICE, f"/status {root_id}")
         assert "Something went wrong" not in answer["text"], answer["text"]
@@ -183,14 +184,16 @@ async def test_status_of_a_run_waiting_on_a_long_action_answers(
 
 
 async def test_status_lists_child_runs_without_literal_tags(settings: Settings) -> None:
-    """/status lists the child runs; their ids and runbook are markup, not text."""
+    """/status names the team behind the root run (by role, no child ids); the run id and
+    runbook are markup, not text."""
     async with chat_bench(settings) as (standin, _):
-        standin.inject_message(INCIDENTS, ALICE, f"/run {LATENCY}")
+        await confirm_run(standin, INCIDENTS, ALICE, LATENCY)
         run_id = run_id_of(await wait_for_approval(standin, INCIDENTS))
         answer = await ask(standin, INCIDENTS, ALICE, f"/status {run_id}")
-        children = [line for line in answer["text"].splitlines() if ":sub:" in line]
-        assert len(children) == 3, answer["text"]
-        assert all("<code>" not in line for line in children), children
+        [team] = [line for line in answer["text"].splitlines() if line.startswith("Team: ")]
+        assert all(role in team for role in ("planner", "executor", "verifier")), team
+        assert ":sub:" not in answer["text"]
+        assert "<code>" not in answer["text"], answer["text"]
 
 
 # -- 3. progress after its message was deleted ------------------------------------------------
@@ -203,7 +206,7 @@ async def test_a_deleted_progress_message_is_replaced_once(
     then on, instead of posting a new message on every later update."""
     (workspace / "runbooks" / "two-gates.yaml").write_text(TWO_GATES_RUNBOOK)
     async with chat_bench(settings) as (standin, service):
-        standin.inject_message(INCIDENTS, ALICE, "/run incident: two gates drill")
+        await confirm_run(standin, INCIDENTS, ALICE, "incident: two gates drill")
         first = await wait_for_approval(standin, INCIDENTS)
         run_id = run_id_of(first)
         await outbox_idle(service)
@@ -229,7 +232,7 @@ async def test_a_deleted_progress_message_is_replaced_once(
         await asyncio.sleep(0.5)  # the last, throttled progress edit
         await outbox_idle(service)
         texts = [m["text"].splitlines()[0] for m in progress_of(standin, INCIDENTS, run_id)]
-        assert texts == [f"✅ Run {run_id} · succeeded"], texts
+        assert texts == [f"✅ Run {run_id} · succeeded · two-gates"], texts
 
 
 # -- 4. a state change committed while a progress message is on its way -----------------------
@@ -254,7 +257,7 @@ async def test_progress_shows_a_change_committed_while_it_was_being_sent(
             return result
 
         standin.call_method = slow_telegram  # type: ignore[method-assign]
-        standin.inject_message(INCIDENTS, ALICE, f"/run {LATENCY}")
+        await confirm_run(standin, INCIDENTS, ALICE, LATENCY)
         await wait_for(standin, lambda: cancelled)
         run_id = cancelled["run"]
         await wait_for(standin, lambda: summaries(standin, INCIDENTS, run_id))
@@ -287,7 +290,7 @@ async def test_a_summary_in_parts_is_not_resent_after_a_later_part_failed(
             return result
 
         standin.call_method = flaky_after_first_part  # type: ignore[method-assign]
-        standin.inject_message(INCIDENTS, ALICE, "/run incident: long drill")
+        await confirm_run(standin, INCIDENTS, ALICE, "incident: long drill")
         await wait_for(standin, lambda: faulted, 20)
         await wait_for(
             standin, lambda: any("note-24" in m["text"] for m in from_bot(standin, INCIDENTS))
@@ -312,7 +315,7 @@ async def test_a_long_summary_with_a_multiline_step_detail_is_delivered(
         CHECKLIST_RUNBOOK.format(lines=checklist)
     )
     async with chat_bench(settings) as (standin, service):
-        standin.inject_message(INCIDENTS, ALICE, "/run incident: checklist drill")
+        await confirm_run(standin, INCIDENTS, ALICE, "incident: checklist drill")
         [root] = [r for r in await _roots(service, 1)]
         await wait_for(standin, lambda: _terminal(service, root), 10)
         await outbox_idle(service)
@@ -347,7 +350,7 @@ async def test_no_message_goes_to_a_chat_no_longer_served(settings: Settings) ->
     ends, the bot must not post or edit anything in Platform any more."""
     async with standin_server() as (standin, server):
         async with running_bot(settings, telegram_settings(server)) as service:
-            standin.inject_message(PLATFORM, ALICE, f"/run {LATENCY}")
+            await confirm_run(standin, PLATFORM, ALICE, LATENCY)
             run_id = run_id_of(await wait_for_approval(standin, PLATFORM))
             await outbox_idle(service)
         # The operator takes the Platform group off the list and restarts the bot.
@@ -371,7 +374,7 @@ async def test_no_message_goes_to_a_chat_no_longer_served(settings: Settings) ->
 async def test_a_tap_is_answered_at_once_while_the_database_is_busy(settings: Settings) -> None:
     """Another process holds the SQLite write lock for 3 s: the tap is still answered at once."""
     async with chat_bench(settings) as (standin, service):
-        standin.inject_message(INCIDENTS, ALICE, f"/run {LATENCY}")
+        await confirm_run(standin, INCIDENTS, ALICE, LATENCY)
         request = await wait_for_approval(standin, INCIDENTS)
         await outbox_idle(service)
         loop = asyncio.get_running_loop()
@@ -399,7 +402,7 @@ async def test_a_tap_is_answered_at_once_while_the_database_is_busy(settings: Se
 async def test_a_429_in_one_chat_does_not_hold_up_taps_in_another(settings: Settings) -> None:
     """Platform gets a 429 (retry after 3 s); a tap in Incidents meanwhile is answered at once."""
     async with chat_bench(settings) as (standin, service):
-        standin.inject_message(INCIDENTS, ALICE, f"/run {LATENCY}")
+        await confirm_run(standin, INCIDENTS, ALICE, LATENCY)
         request = await wait_for_approval(standin, INCIDENTS)
         await outbox_idle(service)
         loop = asyncio.get_running_loop()
@@ -462,7 +465,7 @@ async def test_a_run_interrupted_by_a_passing_fault_is_picked_up_again(
         standin_server() as (standin, server),
         bot_with_policy(quick, telegram_settings(server), LlmBlip()) as service,
     ):
-        standin.inject_message(INCIDENTS, ALICE, f"/run {LATENCY}")
+        await confirm_run(standin, INCIDENTS, ALICE, LATENCY)
         [run_id] = await _roots(service, 1)
         try:
             await wait_for(
@@ -515,7 +518,7 @@ def test_telegram_with_an_unreachable_bot_api_says_so_in_one_line(
 async def test_a_reject_reason_starting_with_a_number_is_a_reason(settings: Settings) -> None:
     """`/reject <id> 5 pods are crashlooping` rejects the run's request with that reason."""
     async with chat_bench(settings) as (standin, _):
-        standin.inject_message(INCIDENTS, ALICE, f"/run {LATENCY}")
+        await confirm_run(standin, INCIDENTS, ALICE, LATENCY)
         run_id = run_id_of(await wait_for_approval(standin, INCIDENTS))
         answer = await ask(
             standin, INCIDENTS, BOB, f"/reject {run_id} 5 pods are crashlooping, not now"
@@ -534,7 +537,7 @@ async def test_a_summary_split_in_parts_fits_telegrams_utf16_limit(
     (workspace / "runbooks" / "long-notes.yaml").write_text(long_notes_runbook(25))
     roomy = settings.model_copy(update={"max_steps": 1000, "max_tool_calls": 1000})
     async with chat_bench(roomy) as (standin, service):
-        standin.inject_message(INCIDENTS, ALICE, "/run incident: long drill " + "🔥" * 1000)
+        await confirm_run(standin, INCIDENTS, ALICE, "incident: long drill " + "🔥" * 1000)
         [root] = await _roots(service, 1)
         await wait_for(standin, lambda: _terminal(service, root), 20)
         await outbox_idle(service)

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck as HypothesisHealthCheck
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.allowlist import ShellAllowlist
 from agent.runbook import (
     MAX_FILE_BYTES,
     ParamError,
@@ -27,6 +28,8 @@ from agent.runbook import (
     render_text,
     render_url,
     runbook_json_schema,
+    sample_commands,
+    validate_runbooks,
 )
 
 ROOT = Path(__file__).parent.parent
@@ -731,3 +734,114 @@ def test_integer_bounds_are_enforced_on_user_values_and_defaults(tmp_path: Path)
     )
     with pytest.raises(RunbookError, match="min applies only to integer params"):
         load_runbook(path)
+
+
+# --- validating: every error of every file in one pass ------------------------------------
+
+# Five mistakes, each of a kind that used to hide the next: field typos in two steps, a bad
+# value, a template naming an undeclared param, and a step id used twice.
+FIVE_MISTAKES = """\
+id: mistakes
+title: Five mistakes
+params:
+  service: {default: web}
+steps:
+  - id: one
+    title: One
+    run: kubectl get pods -l app={{ servce }}
+  - id: two
+    titel: Two
+    note: two
+  - id: three
+    title: Three
+    check: {url: "http://127.0.0.1/", expect_status: "200"}
+  - id: one
+    title: Again
+    note: again
+    aproval: required
+"""
+
+
+def test_validate_runbooks_reports_every_error_of_a_file_by_line(tmp_path: Path) -> None:
+    path = write(tmp_path, FIVE_MISTAKES)
+    [report] = validate_runbooks(path)
+    assert report.runbook is None
+    assert [(e.line, e.field) for e in report.errors] == [
+        (8, "steps[0].run"),
+        (9, "steps[1].title"),
+        (10, "steps[1].titel"),
+        (14, "steps[2].check.expect_status"),
+        (15, "steps[3].id"),
+        (18, "steps[3].aproval"),
+    ]
+    messages = [e.message for e in report.errors]
+    assert "undeclared param(s): servce" in messages[0]
+    assert "did you mean 'title'" in messages[2]
+    assert "duplicate step id 'one'" in messages[4]
+    assert report.warnings == []
+
+
+def test_load_runbook_still_raises_the_first_error_only(tmp_path: Path) -> None:
+    error = load_error(tmp_path, FIVE_MISTAKES)
+    assert (error.line, error.field) == (9, "steps[1].title")  # the model's first, by line
+
+
+def test_validate_runbooks_covers_a_directory_and_duplicate_ids(tmp_path: Path) -> None:
+    write(tmp_path, VALID, "a.yaml")
+    write(tmp_path, VALID, "b.yaml")
+    write(tmp_path, FIVE_MISTAKES, "c.yml")
+    write(tmp_path, "not: [a runbook", "d.yaml")
+    reports = validate_runbooks(tmp_path)
+    assert [r.path.name for r in reports] == ["a.yaml", "b.yaml", "c.yml", "d.yaml"]
+    assert reports[0].runbook is not None and reports[0].errors == []
+    assert [str(e) for e in reports[1].errors] == [
+        f"{tmp_path / 'b.yaml'}:1: id: duplicate runbook id 'restart-web' (also "
+        f"{tmp_path / 'a.yaml'})"
+    ]
+    assert len(reports[2].errors) == 6
+    assert len(reports[3].errors) == 1 and "YAML syntax error" in str(reports[3].errors[0])
+
+
+def test_reserved_param_name_is_refused(tmp_path: Path) -> None:
+    text = VALID.replace("  ticket:\n", "  runbook:\n")
+    error = load_error(tmp_path, text)
+    assert error.field == "params.runbook"
+    assert "reserved" in error.message
+
+
+def test_sample_commands_render_the_defaults_and_say_what_they_lack() -> None:
+    samples = {(s.step_id, s.rollback): s for s in sample_commands(valid_runbook())}
+    look = samples[("look", False)]
+    assert look.argv == ["kubectl", "get", "pods", "-n", "staging", "-l", "app=web"]
+    assert look.given() == "namespace=staging service=web"
+    assert set(samples) == {("look", False), ("restart", False)}  # notes and checks are no commands
+    text = VALID.replace("run: kubectl get pods", "run: echo {{ ticket }} && kubectl get pods")
+    # A patterned param without a default has no value to try a template with.
+    text = text.replace(
+        "Incident ticket id\n", 'Incident ticket id\n    pattern: "[A-Z]+-[0-9]+"\n'
+    )
+    lacking = sample_commands(Runbook.model_validate(yaml.safe_load(text)))[0]
+    assert lacking.argv is None
+    assert lacking.problem == "needs a value for ticket (no default)"
+
+
+def test_allowlist_gaps_are_warnings_unless_live_shell(tmp_path: Path) -> None:
+    path = write(tmp_path, VALID)
+    allowlist = ShellAllowlist.from_data(
+        {"rules": [{"argv": ["kubectl", "get", "pods", "-n", "*", "-l", "*"]}]}
+    )
+    [dry] = validate_runbooks(path, allowlist)
+    assert dry.errors == [] and dry.runbook is not None
+    [gap] = dry.warnings
+    assert (gap.line, gap.field) == (27, "steps[1].run")
+    assert gap.message == (
+        "step 'restart': no rule of <memory> admits "
+        '["kubectl", "rollout", "restart", "deployment/web", "-n", "staging"] '
+        "(rendered with namespace=staging service=web)"
+    )
+    [live] = validate_runbooks(path, allowlist, live_shell=True)
+    assert live.warnings == [] and [str(e) for e in live.errors] == [str(gap)]
+    assert live.runbook is not None  # a gap is about the configuration, not the file
+    everything = ShellAllowlist.from_data({"rules": [{"argv": ["kubectl", "**"]}]})
+    # `**` admits no options: -n and -l are refused, so both commands are gaps.
+    assert len(validate_runbooks(path, everything)[0].warnings) == 2

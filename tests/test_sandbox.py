@@ -102,7 +102,7 @@ async def test_a_trace_the_bot_sends_is_downloadable_from_the_page(settings: Set
         standin, service = sandbox.standin, sandbox.service
         async with httpx.AsyncClient(base_url=sandbox.url) as page:
             say = {"chat_id": INCIDENT_CHAT, "user_id": REQUESTER.user_id}
-            await page.post("/sandbox/say", json=say | {"text": "/run incident: disk full"})
+            await page.post("/sandbox/say", json=say | {"text": "/run disk-almost-full"})
             await standin.wait_until(
                 lambda: any(
                     "Approval needed" in m.get("text", "") for m in standin.messages(INCIDENT_CHAT)

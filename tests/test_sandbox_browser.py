@@ -83,26 +83,28 @@ async def test_the_incident_flow_by_hand_in_a_real_browser(
         box = driver.find_element(By.ID, "text")  # type: ignore[attr-defined]
         await asyncio.to_thread(box.send_keys, "/run incident: API latency spike\n")
 
-        def approve_button() -> object:
+        def button(label: str) -> object:
             try:
                 buttons = driver.find_elements(By.CSS_SELECTOR, ".keyboard button")  # type: ignore[attr-defined]
-                return next((b for b in buttons if "Approve" in b.text), None)
+                return next((b for b in buttons if label in b.text), None)
             except StaleElementReferenceException:
                 return None
 
-        def click_approve() -> bool:
-            """Tap Approve; the list re-renders on every update, so retry a stale one."""
+        def click(label: str) -> bool:
+            """Tap a button; the list re-renders on every update, so retry a stale one."""
             try:
-                button = approve_button()
-                if button is None:
+                found = button(label)
+                if found is None:
                     return False
-                button.click()  # type: ignore[attr-defined]
+                found.click()  # type: ignore[attr-defined]
                 return True
             except StaleElementReferenceException:
                 return False
 
+        # Free text: the bot answers with the runbook it matched; only ▶ Start starts it.
+        await _until(lambda: click("▶ Start"))
         # The requester may not approve: the bot's alert shows as a toast, nothing changes.
-        await _until(click_approve)
+        await _until(lambda: click("Approve"))
         toast = await _until(
             lambda: [t.text for t in driver.find_elements(By.CSS_SELECTOR, ".toast.alert")]  # type: ignore[attr-defined]
         )
@@ -115,11 +117,11 @@ async def test_the_incident_flow_by_hand_in_a_real_browser(
         assert any("Approval needed" in text for text in await asyncio.to_thread(messages))
 
         await asyncio.to_thread(as_person, APPROVER.user_id)
-        await _until(click_approve)
+        await _until(lambda: click("Approve"))
         await _until(lambda: any("SUCCEEDED" in text for text in messages()), 30)
         texts = await asyncio.to_thread(messages)
         assert any("Approved by @sam" in text for text in texts)
-        assert not await asyncio.to_thread(approve_button)  # the buttons are gone
+        assert not await asyncio.to_thread(button, "Approve")  # the buttons are gone
 
         shot = tmp_path / "sandbox.png"
         await asyncio.to_thread(driver.save_screenshot, str(shot))  # type: ignore[attr-defined]

@@ -14,6 +14,7 @@ from tests.bot_harness import (
     BotProcess,
     approval_messages,
     bot_env,
+    confirm_run,
     keyboard_data,
     run_id_of,
     standin_server,
@@ -42,7 +43,7 @@ async def test_a_chat_run_is_approved_through_the_http_api(
         process.extra_args = ["--telegram", "--port", str(port)]
         process.start()
         try:
-            standin.inject_message(INCIDENTS, ALICE, "/run incident: API latency spike")
+            await confirm_run(standin, INCIDENTS, ALICE, "incident: API latency spike", timeout=20)
             request = await wait_for_approval(standin, INCIDENTS)
             run_id = run_id_of(request)
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as api:

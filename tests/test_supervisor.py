@@ -226,7 +226,8 @@ async def test_several_pending_requests_below_a_root_must_be_named(settings: Set
         await service.start("p", LATENCY, role="supervisor")
         with pytest.raises(ServiceError) as refused:
             await service.decide("p", Decision.APPROVE, "cli:oncall")
-        assert "2 approval requests below it" in str(refused.value)
+        assert "has had 2 approval requests; say which one" in str(refused.value)
+        assert "#1 (gate for step scale-out in p:sub:executor)" in str(refused.value)
         assert "p:sub:executor" in str(refused.value) and "p:sub:executor-2" in str(refused.value)
         for child in ("p:sub:executor", "p:sub:executor-2"):
             assert [a.status for a in await service.store.list_approvals(child)] == ["pending"]

@@ -219,9 +219,10 @@ class Operator:
     async def decide_pending(self) -> None:
         rows = raw_rows(
             self.db,
-            "SELECT id, run_id, kind, step_id FROM approvals WHERE status = 'pending' ORDER BY id",
+            "SELECT id, run_id, kind, step_id, number FROM approvals WHERE status = 'pending' "
+            "ORDER BY id",
         )
-        for approval_id, run_id, kind, step_id in rows:
+        for approval_id, run_id, kind, step_id, number in rows:
             if approval_id in self.decided:
                 continue
             if kind == "gate":
@@ -232,7 +233,7 @@ class Operator:
                     continue  # the dead worker's command still runs: look again later
                 marker = f"{step_id.removeprefix('append-')} {run_id}"
                 decision = Decision.SKIP if markers(self.workspace)[marker] else Decision.APPROVE
-            result = await self.service.decide(run_id, decision, APPROVER, approval_id=approval_id)
+            result = await self.service.decide(run_id, decision, APPROVER, approval_number=number)
             assert result.changed, (approval_id, run_id, result.message)
             self.decided.add(approval_id)
             self.log.append((approval_id, run_id, kind, step_id, str(decision)))
@@ -629,7 +630,10 @@ async def test_two_workers_drive_supervised_incidents_whose_children_end_togethe
                 pending = await recorder.pending_approval(run_id)
                 if pending is not None and pending.id not in decided:
                     await recorder.decide(
-                        pending.run_id, Decision.APPROVE, "cli:oncall", approval_id=pending.id
+                        pending.run_id,
+                        Decision.APPROVE,
+                        "cli:oncall",
+                        approval_number=pending.number,
                     )
                     decided.add(pending.id)
             await asyncio.sleep(0.05)
@@ -741,7 +745,7 @@ async def test_a_worker_frozen_between_intent_and_spawn_starts_nothing_once_it_l
                 assert (pending.kind, pending.step_id) == ("in_doubt", "append-one")
                 assert "no process of attempt 1 is left" in pending.reason, pending.reason
                 result = await service.decide(
-                    "stall", Decision.APPROVE, APPROVER, approval_id=pending.id
+                    "stall", Decision.APPROVE, APPROVER, approval_number=pending.number
                 )
                 assert result.changed, result.message
                 deadline = time.monotonic() + 30
@@ -749,7 +753,9 @@ async def test_a_worker_frozen_between_intent_and_spawn_starts_nothing_once_it_l
                     assert time.monotonic() < deadline, other.tail()
                     time.sleep(0.05)
                 assert (pending.kind, pending.step_id) == ("gate", "append-two")
-                await service.decide("stall", Decision.APPROVE, APPROVER, approval_id=pending.id)
+                await service.decide(
+                    "stall", Decision.APPROVE, APPROVER, approval_number=pending.number
+                )
                 deadline = time.monotonic() + 30
                 while (await service.get("stall")).status != "succeeded":
                     assert time.monotonic() < deadline, other.tail()

@@ -177,7 +177,10 @@ async function press(message, data) {
 function startReply(message) {
   state.replyTo = message.message_id;
   $("replying").hidden = false;
-  $("replying").querySelector("span").textContent = `#${message.message_id}`;
+  // Who said what, not the message id (the sandbox's ids come from the clock: long numbers).
+  const who = (message.from && message.from.first_name) || "?";
+  const words = (message.text || message.caption || "").split("\n")[0].slice(0, 60);
+  $("replying").querySelector("span").textContent = `${who}: “${words}”`;
   $("text").focus();
 }
 

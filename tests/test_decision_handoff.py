@@ -1,0 +1,113 @@
+"""A decision made in the CLI while a long-running process serves the store: the CLI records
+it and the live process goes on with the run within about a second, never the CLI itself.
+
+Real processes: `loom-ops serve` on SQLite and on PostgreSQL (each test runs on both engines),
+and `loom-ops approve` as its own process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.cli_helpers import LOOM_OPS, cli_env, make_cli_workspace
+from tests.http_harness import ServeProcess, free_port
+from tests.support import raw_rows
+
+LATENCY = "incident: API latency spike"
+
+
+def _wait(predicate: object, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_a_cli_decision_hands_the_run_to_the_live_process(tmp_path: Path, db_url: str) -> None:
+    workspace = make_cli_workspace(tmp_path / "ws")
+    server = ServeProcess(workspace, db_url, free_port()).start()
+    try:
+        # Registered: the serving process says it drives runs (its first heartbeat is at once).
+        _wait(
+            lambda: raw_rows(db_url, "SELECT kind, drives_runs FROM processes"),
+            10,
+            "serve to register",
+        )
+        assert raw_rows(db_url, "SELECT kind, drives_runs FROM processes") == [("serve", 1)]
+        started = httpx.post(
+            f"{server.url}/runs", json={"run_id": "h1", "message": LATENCY}, timeout=10
+        )
+        assert started.status_code in (200, 201, 202), started.text
+        _wait(
+            lambda: raw_rows(db_url, "SELECT 1 FROM approvals WHERE status = 'pending'"),
+            20,
+            "the approval request",
+        )
+
+        decided_at = time.time()
+        approve = ["approve", "--run-id", "h1", "--as", "oncall"]
+        done = subprocess.run(
+            [LOOM_OPS, *approve, "--workspace", str(workspace), "--db", db_url],
+            cwd=workspace,
+            env=cli_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, (done.stdout, done.stderr)
+        assert "the serve process" in done.stdout and "goes on with the run" in done.stdout
+        assert "Traceback" not in done.stderr
+
+        _wait(
+            lambda: (
+                raw_rows(db_url, "SELECT status FROM runs WHERE id = 'h1'")[0][0] == "succeeded"
+            ),
+            20,
+            "the run to finish",
+        )
+        claims = raw_rows(
+            db_url,
+            "SELECT ts, data FROM events WHERE (run_id = ? OR run_id LIKE ?) "
+            "AND type = 'run_claimed' AND ts >= ? ORDER BY seq",
+            ("h1", "h1:sub:%", decided_at),
+        )
+        owners = {data.split('"owner":"')[1].split('"')[0] for _, data in claims}
+        serve_owner = raw_rows(db_url, "SELECT owner FROM processes")[0][0]
+        assert owners == {serve_owner}, (owners, serve_owner)  # never the CLI's
+    finally:
+        server.stop()
+    assert raw_rows(db_url, "SELECT owner FROM processes") == []  # a clean exit says so
+
+
+def test_status_lists_the_live_processes_and_the_gone_ones(tmp_path: Path) -> None:
+    """`loom-ops status` without an id: a live `serve` is listed as live and driving runs;
+    once SIGKILLed (no clean exit) its heartbeat goes stale and it shows as gone."""
+    workspace = make_cli_workspace(tmp_path / "ws")
+    db = str(tmp_path / "ops.sqlite")
+    server = ServeProcess(workspace, db, free_port()).start()
+
+    def status() -> dict:
+        done = subprocess.run(
+            [LOOM_OPS, "status", "--json", "--workspace", str(workspace), "--db", db],
+            cwd=workspace,
+            env=cli_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, (done.stdout, done.stderr)
+        return json.loads(done.stdout)
+
+    try:
+        _wait(lambda: status()["processes"], 10, "serve to register")
+        (entry,) = status()["processes"]
+        assert (entry["kind"], entry["live"], entry["drives_runs"]) == ("serve", True, True)
+    finally:
+        assert server.proc is not None
+        server.proc.kill()
+        server.proc.wait(10)
+    _wait(lambda: not status()["processes"][0]["live"], 20, "the heartbeat to go stale")
