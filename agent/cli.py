@@ -30,6 +30,7 @@ from agent.approvals import Decision
 from agent.database import driver_errors, is_postgres_url, sqlite_path
 from agent.explain import render_timeline
 from agent.journal import verify_chain
+from agent.leases import owner_is_dead
 from agent.mock_policy import MockPolicy, exact_runbook, match_runbook
 from agent.records import ApprovalRecord, EventRecord, RunRecord, RunStatus
 from agent.request import MAX_REQUEST_BYTES, RequestError, parse_request
@@ -43,6 +44,7 @@ from agent.runbook import (
 from agent.service import (
     NO_POLICY,
     PROCESS_LIVE_WITHIN,
+    DeciderRefused,
     RunService,
     ServiceError,
     validate_run_id,
@@ -432,7 +434,7 @@ async def _report(service: RunService, run: RunRecord, as_json: bool, extra: str
             for line in rest:
                 print(f"            {line.strip()}")
         root = await service.store.root_id(run.id)
-        named = f"--run-id {root} --approval {approval.number}"
+        named = f"--run-id {root} --approval {approval.number}{_where(service)}"
         as_user = _as_hint(service, approval)
         named += f" --as {as_user}" if as_user else ""
         if approval.kind == "in_doubt":
@@ -451,7 +453,8 @@ async def _report(service: RunService, run: RunRecord, as_json: bool, extra: str
     else:
         reason = f": {run.error}" if run.error else ""
         print(
-            f"Run {run.id} is {run.status}{reason}; continue with loom-ops resume --run-id {run.id}"
+            f"Run {run.id} is {run.status}{reason}; continue with loom-ops resume --run-id "
+            f"{run.id}{_where(service)}"
         )
     return _exit_code(run)
 
@@ -537,9 +540,14 @@ async def _cmd_decide(service: RunService, args: argparse.Namespace) -> int:
         # A live process drives this store's runs: record the decision and let it go on (at
         # once on PostgreSQL, within a second on SQLite) rather than take the run from it.
         service.executes_runs = False
-    result = await service.decide(
-        args.run_id, decision, decider, args.note, approval_number=args.approval
-    )
+    try:
+        result = await service.decide(
+            args.run_id, decision, decider, args.note, approval_number=args.approval
+        )
+    except DeciderRefused as exc:
+        raise UsageError(
+            f"{exc}; decide as one of them with --as NAME (cli:NAME), or set LOOM_OPS_USER"
+        ) from None
     if not result.changed:
         raise UsageError(f"run {args.run_id}: {result.message}")
     if drivers and not result.run.status.is_terminal:
@@ -549,7 +557,7 @@ async def _cmd_decide(service: RunService, args: argparse.Namespace) -> int:
             print(json.dumps(_run_json(result.run) | {"message": message}, ensure_ascii=False))
         else:
             print(message)
-            print(f"Follow it with: loom-ops explain --run-id {args.run_id}")
+            print(f"Follow it with: loom-ops explain --run-id {args.run_id}{_where(service)}")
         return EXIT_OK
     # Decided through a parent: report on the run the operator named, which went on too.
     run = result.run if result.run.id == args.run_id else await service.get(args.run_id)
@@ -673,9 +681,28 @@ async def _cmd_status(service: RunService, args: argparse.Namespace) -> int:
             )
     if approval is not None:
         await _report(service, run, False)  # the request and how to decide it, as everywhere
-    elif run.status in (RunStatus.QUEUED, RunStatus.RUNNING) and not run.lease_owner:
-        print(f"Nobody drives it now: loom-ops resume {run.id}")
+    elif run.status in (RunStatus.QUEUED, RunStatus.RUNNING):
+        if not run.lease_owner:
+            print(f"Nobody drives it now: loom-ops resume {run.id}{_where(service)}")
+        elif owner_is_dead(run.lease_owner) or (run.lease_expires_at or 0) < time.time():
+            print(
+                f"Its driver {run.lease_owner} is gone (dead, or its lease ran out): "
+                f"loom-ops resume {run.id}{_where(service)}"
+            )
     return _exit_code(run)
+
+
+def _where(service: RunService) -> str:
+    """The `--db`/`--workspace` a printed command needs to reach this store when pasted
+    elsewhere than where this one ran (none when they are the defaults)."""
+    settings = service.settings
+    default = Settings.model_fields["db"].default
+    parts = []
+    if str(settings.db) != str(default):
+        parts.append(f" --db {shlex.quote(str(settings.db))}")
+    if Path(settings.workspace).resolve() != Path.cwd().resolve():
+        parts.append(f" --workspace {shlex.quote(str(settings.workspace))}")
+    return "".join(parts)
 
 
 async def _print_processes(service: RunService | None, as_json: bool) -> int:

@@ -232,6 +232,9 @@ class _RunLoop:
         self.run_record = run
         self.run_id = run.id
         self.claim = claim
+        # What the run does live was fixed when it started; runs from before that was recorded
+        # act as this process's settings say.
+        self.effects = run.effects or kernel.toolbox.effects()
         self.keeper: LeaseKeeper | None = None
         self.in_flight: str | None = None  # the call key, from its intent to its outcome
         self.state = run.checkpoint
@@ -417,9 +420,16 @@ class _RunLoop:
         # A person's "retry" of an in-doubt attempt is that person's call, past the runbook's
         # retries; every other call is checked against what the step has done.
         refusal, parsed = self._check(call.name, args, retried=existing is not None and not rerun)
+        if refusal is None and isinstance(parsed, StepArgs) and self.runbook is not None:
+            step = self.runbook.step(parsed.step_id)
+            unable = self.k.toolbox.cannot_act(step, call.name == "rollback_step", self.effects)
+            if unable is not None:
+                # Before the intent: nothing was started, and the run waits, resumable, for a
+                # process allowed to act as the run does (never a quiet dry run instead).
+                raise PolicyUnavailable(f"step {step.id!r}: {unable}")
         # A refused call never runs, so repeating it is harmless.
         repeatable = refusal is not None or self.k.toolbox.is_idempotent(
-            call.name, args, self.runbook
+            call.name, args, self.runbook, self.effects
         )
         new_call = NewToolCall(
             key, self.state.turn, self.state.call, call.name, args, step_id, repeatable
@@ -452,21 +462,12 @@ class _RunLoop:
             attempt_info=self._attempt_info(call.name, args, marker) if marker else None,
         )
         attempt = started_call.attempt
-        attempts_step = refusal is None and call.name in STEP_TOOLS and step_id is not None
-        if attempts_step:
-            assert step_id is not None
-            state = self.steps.get(step_id, StepState())
-            self.steps[step_id] = dataclasses.replace(state, attempts=state.attempts + 1)
         self.k.failpoints.reached("after_intent")
         started = time.perf_counter()
         if refusal is not None:
             result = ToolResult("refused", {"refused": refusal})
         else:
-            gate = EffectGate(
-                started_call.spawn_before,
-                marker,
-                lambda: self.k.failpoints.reached("before_effect"),
-            )
+            gate = EffectGate(started_call.spawn_before, marker, self._before_effect, self.effects)
             result = await self._run_tool(call.name, parsed, gate)
         duration_ms = (time.perf_counter() - started) * 1000
         self.k.failpoints.reached("after_tool")
@@ -492,9 +493,13 @@ class _RunLoop:
             self.params = dict(result.pin.params)
         self.history.append(Observation(key, call.name, args, result.status, outcome))
         if call.name in STEP_TOOLS and step_id is not None:
-            # The attempt was counted at its intent; this records its result (or a refusal).
+            # One attempt with its result, or a refusal (none). A drive that stops before this
+            # line counts the attempt from the journal when the run is driven again.
             state = self.steps.get(step_id, StepState())
-            self.steps[step_id] = after_call(state, result.status, 0, outcome)
+            self.steps[step_id] = after_call(state, result.status, 1, outcome)
+
+    def _before_effect(self) -> None:
+        self.k.failpoints.reached("before_effect")
 
     def _gate_open(self, step_id: str) -> bool:
         """True while an approval of this step has not yet been used by an attempt."""
@@ -656,7 +661,7 @@ class _RunLoop:
             four_eyes=self.runbook.four_eyes,
             requested_by=self.run_record.requested_by,
             deadline_at=self._deadline(),
-            mode=self.k.toolbox.mode_of(step),
+            mode=self.k.toolbox.mode_of(step, self.effects),
             runs_on=self.k.runs_on,
             evidence=_evidence(self.history),
         )
@@ -699,7 +704,7 @@ class _RunLoop:
             four_eyes=bool(self.runbook and self.runbook.four_eyes),
             requested_by=self.run_record.requested_by,
             deadline_at=self._deadline() if self.runbook else time.time() + 3600,
-            mode=self.k.toolbox.mode_of(step) if step is not None else None,
+            mode=self.k.toolbox.mode_of(step, self.effects) if step is not None else None,
             runs_on=self.k.runs_on,
             evidence=_evidence(self.history),
         )

@@ -101,6 +101,25 @@ class Origin:
 
 
 @dataclass(frozen=True)
+class Effects:
+    """What a run may do to the world, fixed when it starts: live commands, live MCP tools,
+    live health checks (each off is a dry run of that kind)."""
+
+    shell: bool = False
+    mcp: bool = False
+    checks: bool = False
+
+    def to_json(self) -> str:
+        """Serialize for the runs table."""
+        return json.dumps(self.__dict__, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Effects:
+        """Parse what `to_json` wrote."""
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
 class RunLimits:
     """Budgets of one run, fixed when it starts."""
 
@@ -143,6 +162,7 @@ class RunRecord:
     finished_at: float | None
     lease_epoch: int = 0  # grows with every claim of the lease
     policy: str | None = None  # what drives it ("mock", "openai:<model>"); None: the configured
+    effects: Effects | None = None  # live or dry-run, per kind; None (older runs): the process's
 
 
 @dataclass(frozen=True)

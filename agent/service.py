@@ -208,6 +208,7 @@ class RunService:
                 origin=origin or Origin(),
                 limits=limits,
                 policy=self._policy.name,
+                effects=self.toolbox.effects(),
             )
         )
         return await self._drive(run_id, wait)

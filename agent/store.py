@@ -41,6 +41,7 @@ from agent.records import (
     ApprovalStatus,
     Checkpoint,
     Claim,
+    Effects,
     EventRecord,
     Origin,
     PolicyTurnRecord,
@@ -94,6 +95,7 @@ class NewRun:
     limits: RunLimits
     parent_id: str | None = None
     policy: str | None = None  # what drives it: "mock" or "openai:<model>"
+    effects: Effects | None = None  # what it may do live, fixed at start
 
 
 @dataclass(frozen=True)
@@ -707,7 +709,8 @@ class RunStore:
         def open_(conn: Connection) -> list[str]:
             self._fence(conn, claim)
             parent = conn.execute(
-                "SELECT request, requested_by, origin, limits, policy FROM runs WHERE id = ?",
+                "SELECT request, requested_by, origin, limits, policy, effects FROM runs "
+                "WHERE id = ?",
                 (parent_id,),
             ).fetchone()
             if parent is None:
@@ -726,8 +729,8 @@ class RunStore:
                 conn.execute(
                     "INSERT INTO runs (id, parent_id, role, status, request, requested_by, "
                     "origin, checkpoint, limits, created_at, updated_at, spawned_by, runbook_id, "
-                    "runbook, params, policy) "
-                    "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "runbook, params, policy, effects) "
+                    "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         child_id,
                         parent_id,
@@ -743,7 +746,8 @@ class RunStore:
                         child.pin.runbook_id if child.pin else None,
                         _dumps(child.pin.runbook) if child.pin else None,
                         _dumps(child.pin.params) if child.pin else "{}",
-                        parent[4],  # a child is driven like its parent
+                        parent[4],  # a child is driven like its parent,
+                        parent[5],  # and acts on the world as it does
                     ),
                 )
                 self._append_events(
@@ -811,8 +815,8 @@ class RunStore:
             # (on PostgreSQL a conflict with a row this snapshot cannot see runs this again).
             inserted = conn.execute(
                 "INSERT INTO runs (id, parent_id, role, status, request, requested_by, origin, "
-                "checkpoint, limits, created_at, updated_at, policy) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                "checkpoint, limits, created_at, updated_at, policy, effects) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
                 (
                     new.id,
                     new.parent_id,
@@ -826,6 +830,7 @@ class RunStore:
                     now,
                     now,
                     new.policy,
+                    new.effects.to_json() if new.effects else None,
                 ),
             )
             if inserted.rowcount != 1:
@@ -840,6 +845,7 @@ class RunStore:
                     "limits": new.limits.__dict__,
                     "parent_id": new.parent_id,
                     "policy": new.policy,
+                    "effects": new.effects.__dict__ if new.effects else None,
                 },
             )
             self._append_events(conn, new.id, [event], now)
@@ -1948,6 +1954,19 @@ class RunStore:
         """Record a delivery once; False if it was already recorded."""
         return await self.mark_all_delivered([message_id], chat_message_id) == 1
 
+    async def drop_stale_progress(self, before: float) -> int:
+        """Give up the progress edits queued before `before` and not sent: the chat they edit
+        is gone (a restarted sandbox starts an empty page). Requests and summaries stay."""
+        return await self._transaction(
+            lambda c: (
+                c.execute(
+                    "UPDATE outbox SET delivered_at = ? WHERE delivered_at IS NULL "
+                    "AND kind = 'progress' AND created_at < ?",
+                    (time.time(), before),
+                ).rowcount
+            )
+        )
+
     async def mark_all_delivered(
         self, message_ids: Sequence[int], chat_message_id: int | None
     ) -> int:
@@ -2174,7 +2193,7 @@ def _intent_event(call: NewToolCall, attempt: int) -> NewEvent:
 _RUN_COLUMNS = (
     "id, parent_id, role, status, request, requested_by, origin, runbook_id, runbook, params, "
     "checkpoint, limits, summary, error, lease_owner, lease_expires_at, created_at, updated_at, "
-    "finished_at, lease_epoch, policy"
+    "finished_at, lease_epoch, policy, effects"
 )
 
 
@@ -2201,6 +2220,7 @@ def _run_from_row(row: Sequence[Any]) -> RunRecord:
         finished_at=row[18],
         lease_epoch=row[19],
         policy=row[20],
+        effects=Effects.from_json(row[21]) if row[21] else None,
     )
 
 

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from agent.allowlist import CommandDenied, ShellAllowlist
 from agent.mcp_client import McpConfig, McpError, McpHub
 from agent.memory import WorkspaceMemory
+from agent.records import Effects
 from agent.runbook import (
     HealthCheck,
     McpAction,
@@ -131,6 +132,7 @@ class EffectGate:
     spawn_before: float
     marker: str | None = None
     reached: Callable[[], None] = lambda: None  # a test hook (failpoint) right before the check
+    effects: Effects | None = None  # what the run may do live; None: this process's settings
 
     def check(self, what: str) -> None:
         """Raise SpawnRefused when the deadline has passed: the effect must not start now."""
@@ -281,17 +283,41 @@ class Toolbox:
         self._allowlist: ShellAllowlist | None = None
         self._hub: McpHub | None = None
 
-    def mode_of(self, step: Step) -> str:
-        """Whether the step's action would act on the world here ("live") or only be shown
-        ("dry-run"), as an approver must know before deciding."""
+    def effects(self) -> Effects:
+        """What this process's settings let a run it starts do live."""
+        settings = self._settings
+        return Effects(
+            shell=settings.allow_shell, mcp=settings.allow_mcp, checks=settings.live_checks
+        )
+
+    def mode_of(self, step: Step, effects: Effects) -> str:
+        """Whether the step's action acts on the world in a run with these `effects` ("live")
+        or is only shown ("dry-run"), as an approver must know before deciding."""
         live = (
-            (step.run is not None and self._settings.allow_shell)
-            or (step.mcp is not None and self._settings.allow_mcp)
-            or (step.check is not None and self._settings.live_checks)
+            (step.run is not None and effects.shell)
+            or (step.mcp is not None and effects.mcp)
+            or (step.check is not None and effects.checks)
         )
         return "live" if live else "dry-run"
 
-    def is_idempotent(self, tool: str, args: dict[str, Any], runbook: Runbook | None) -> bool:
+    def cannot_act(self, step: Step, rollback: bool, effects: Effects) -> str | None:
+        """Why this process may not carry out a step that the run does live (its settings
+        forbid that kind of effect), or None. The run then waits for a process that may."""
+        here = self.effects()
+        rollback_run = step.rollback.run if step.rollback is not None else None
+        run = rollback_run if rollback else step.run
+        if run is not None and effects.shell and not here.shell:
+            return "this run runs commands live; this process has LOOM_OPS_ALLOW_SHELL off"
+        if not rollback and step.mcp is not None and effects.mcp and not here.mcp:
+            return "this run calls MCP tools live; this process has LOOM_OPS_ALLOW_MCP off"
+        checks = step.check is not None and not rollback
+        if checks and effects.checks and not here.checks:
+            return "this run checks health live; this process has LOOM_OPS_LIVE_CHECKS off"
+        return None
+
+    def is_idempotent(
+        self, tool: str, args: dict[str, Any], runbook: Runbook | None, effects: Effects
+    ) -> bool:
         """Whether a call may simply run again when it is in doubt after a crash."""
         if tool in (
             "read_runbook",
@@ -310,8 +336,8 @@ class Toolbox:
         if step.idempotent or step.action_kind in ("check", "note"):
             return True
         if step.action_kind == "mcp":
-            return not self._settings.allow_mcp
-        return not self._settings.allow_shell
+            return not effects.mcp
+        return not effects.shell
 
     async def read_runbook(self, args: ReadRunbookArgs, pinned: Runbook | None) -> ToolResult:
         """List runbooks, or load one and pin it with resolved params."""
@@ -381,7 +407,7 @@ class Toolbox:
             argv = await _off_loop(render_command, run_template, params, templates=[run_template])
         except RenderError as exc:
             return _render_failure(step, f"{prefix}run", exc)
-        if not self._settings.allow_shell:
+        if not self._effects(gate).shell:
             return ToolResult("ok", {"mode": "dry-run", "dry_run": True, "argv": argv})
         try:
             admitted = self._load_allowlist().admit(argv)
@@ -427,7 +453,8 @@ class Toolbox:
         except RenderError as exc:
             return ToolResult("error", {"mcp_tool": action.tool, "error": f"arguments: {exc}"})
         base = {"mcp_tool": action.tool, "arguments": arguments}
-        allowed = self._settings.allow_mcp if live else self._settings.live_checks
+        effects = self._effects(gate)
+        allowed = effects.mcp if live else effects.checks
         if not allowed:
             return ToolResult("ok", {**base, "mode": "dry-run", "dry_run": True})
         if gate is not None:
@@ -442,6 +469,9 @@ class Toolbox:
         if result.is_error:
             outcome["error"] = result.text or "the MCP tool reported an error"
         return ToolResult("error" if result.is_error else "ok", outcome)
+
+    def _effects(self, gate: EffectGate | None) -> Effects:
+        return gate.effects if gate is not None and gate.effects is not None else self.effects()
 
     def _mcp_hub(self) -> McpHub:
         if self._hub is None:
@@ -468,7 +498,7 @@ class Toolbox:
             url = await _off_loop(render_url, check.url, params, templates=[check.url])
         except RenderError as exc:
             return ToolResult("error", {"url": check.url, "error": str(exc)})
-        if not self._settings.live_checks:
+        if not self._effects(gate).checks:
             return ToolResult(
                 "ok",
                 {

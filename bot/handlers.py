@@ -42,7 +42,7 @@ from telegram.ext import (
 from agent.approvals import Decision
 from agent.records import ApprovalRecord, ApprovalStatus, Origin, RunRecord
 from agent.request import RequestError
-from agent.runbook import RunbookError
+from agent.runbook import RunbookError, Step
 from agent.service import RunService, ServiceError, validate_run_id
 from agent.store import ApprovalNotFound, RunExists, RunNotFound, StoreError
 from agent.trace import build_trace, render_trace
@@ -240,9 +240,13 @@ class ChatOps:
             await _answer(update, Markup("{}").format(plan.problem))
             return
         if not plan.exact:
-            card = card_text(
-                plan, text, self._names.get(identity, identity), self._service.toolbox.mode_of
-            )
+            toolbox = self._service.toolbox
+            effects = toolbox.effects()  # a run started here acts as this process allows
+
+            def mode_of(step: Step) -> str:
+                return toolbox.mode_of(step, effects)
+
+            card = card_text(plan, text, self._names.get(identity, identity), mode_of)
             await message.reply_text(
                 card,
                 parse_mode=ParseMode.HTML,

@@ -286,6 +286,9 @@ async def running_sandbox(
     except (OSError, OverflowError) as exc:
         raise ServingRefused(f"cannot serve the sandbox on port {port}: {exc}") from None
     service = await RunService.open(settings)
+    # The page's chat starts empty: an earlier session's unsent progress edits would land in
+    # it as messages about runs nobody here has seen.
+    await service.store.drop_stale_progress(before=time.time())
     stop, ready = asyncio.Event(), asyncio.Event()
     bot = asyncio.create_task(
         serve_bot(service, TOKEN, telegram_settings(f"{server.url}/bot"), stop, ready)

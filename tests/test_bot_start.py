@@ -218,10 +218,12 @@ def test_the_card_says_live_when_commands_run_for_real(settings: Settings) -> No
     [choice] = plan.choices
     assert choice.runbook.id == "crash-drill"
     toolbox = Toolbox(live, lambda: catalog, None)  # type: ignore[arg-type]
-    text = card_text(plan, "crash drill", "@alice", toolbox.mode_of)
+    text = card_text(
+        plan, "crash drill", "@alice", lambda step: toolbox.mode_of(step, toolbox.effects())
+    )
     assert "🔴 <b>LIVE</b>: 2 of 4 steps act for real" in text
     dry = Toolbox(settings, lambda: catalog, None)  # type: ignore[arg-type]
-    text = card_text(plan, "crash drill", "@alice", dry.mode_of)
+    text = card_text(plan, "crash drill", "@alice", lambda step: dry.mode_of(step, dry.effects()))
     assert "🧪 <b>DRY-RUN</b>: nothing is executed for real" in text
 
 

@@ -526,8 +526,12 @@ def test_status_lists_children_and_a_decide_command_that_works_when_pasted(cli: 
     argv = shlex.split(command)
     assert argv[:2] == ["loom-ops", "approve"], command
 
-    pasted = cli(*argv[1:])
-    assert pasted.returncode == 0, pasted.describe()
+    # Pasted exactly as printed, in the workspace: the command names the store itself.
+    assert "--db" in argv, command
+    pasted = subprocess.run(
+        [LOOM_OPS, *argv[1:]], cwd=cli.workspace, env=cli_env(), capture_output=True, text=True
+    )
+    assert pasted.returncode == 0, (pasted.stdout, pasted.stderr)
     done = cli("status", "st", "--json").json()
     assert done["status"] == "succeeded"
     assert done["approval"] is None

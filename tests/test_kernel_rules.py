@@ -436,3 +436,49 @@ async def test_retries_bound_idempotent_actions_but_not_polled_checks(
     assert "has used all 1 attempt(s)" in again[1].outcome["refused"]
     assert [c.status for c in calls if c.step_id == "poll"] == ["ok", "ok", "ok"]
     assert run.status == RunStatus.SUCCEEDED, run.error
+
+
+# -- what a run does live is fixed where it starts -------------------------------------------
+
+
+async def test_a_dry_run_run_stays_dry_when_a_live_process_approves_it(
+    settings: Settings, workspace: Path
+) -> None:
+    """Started without LOOM_OPS_ALLOW_SHELL, approved by a process that has it: the gated
+    command is still only shown, never run."""
+    async with open_service(settings) as dry:
+        run = await dry.start("dry", "crash drill")
+        assert run.status == RunStatus.WAITING_APPROVAL
+        pending = await dry.pending_approval("dry")
+        assert pending is not None and pending.mode == "dry-run"
+    live = settings.model_copy(update={"allow_shell": True})
+    async with open_service(live) as approver:
+        result = await approver.decide("dry", Decision.APPROVE, "cli:approver")
+        calls = await approver.store.list_tool_calls("dry")
+    assert lines(workspace) == []
+    acted = [c for c in calls if c.tool == "execute_step" and c.step_id.startswith("append")]
+    assert len(acted) == 2 and all(c.outcome.get("dry_run") for c in acted), acted
+    assert result.run.status == RunStatus.SUCCEEDED, result.run.error
+
+
+async def test_a_live_run_waits_rather_than_finish_dry_in_a_process_that_may_not_act(
+    settings: Settings, workspace: Path
+) -> None:
+    """Started live, approved by a process without LOOM_OPS_ALLOW_SHELL: the run is not
+    finished as a dry run; it waits, saying why, and a process allowed to act goes on live."""
+    live = settings.model_copy(update={"allow_shell": True})
+    async with open_service(live) as starter:
+        run = await starter.start("live", "crash drill")
+        assert run.status == RunStatus.WAITING_APPROVAL
+        assert lines(workspace) == ["one"]
+    async with open_service(settings) as dry:
+        result = await dry.decide("live", Decision.APPROVE, "cli:approver")
+        events = await dry.store.list_events("live")
+    assert result.run.status == RunStatus.QUEUED
+    interrupted = [e for e in events if e.type == "run_interrupted"]
+    assert "LOOM_OPS_ALLOW_SHELL off" in interrupted[-1].data["error"]
+    assert lines(workspace) == ["one"]  # append-two neither ran nor was shown as done
+    async with open_service(live) as resumer:
+        resumed = await resumer.resume("live")
+    assert resumed.status == RunStatus.SUCCEEDED, resumed.error
+    assert lines(workspace) == ["one", "two"]

@@ -546,3 +546,19 @@ async def test_a_drive_that_lost_its_lease_interrupts_nothing(store: RunStore) -
     run = await store.get_run("i")
     assert (run.status, run.lease_owner) == (RunStatus.QUEUED, None)
     assert (await store.list_events("i"))[-1].type == "run_interrupted"
+
+
+async def test_stale_progress_edits_are_dropped_and_requests_kept(store: RunStore) -> None:
+    """A restarted sandbox drops the progress edits queued before it started (their chat is
+    gone); approval requests and summaries still go out."""
+    claim = await _claimed_run(store, "s", Origin(kind="telegram", chat_id=42))
+    await store.begin_tool_call(claim, _intent("s#0.0"), Checkpoint())
+    await store.finish_tool_call(claim, "s#0.0", 1, "ok", {}, 1.0, Checkpoint())
+    kinds = [m.kind for m in await store.undelivered_messages()]
+    assert "progress" in kinds
+    cutoff = time.time()
+    await store.finish_run(claim, RunStatus.SUCCEEDED, Checkpoint(), "done", None)
+    assert await store.drop_stale_progress(before=cutoff) >= 1
+    left = await store.undelivered_messages()
+    assert [m.kind for m in left if m.created_at < cutoff and m.kind == "progress"] == []
+    assert "run_finished" in [m.kind for m in left]

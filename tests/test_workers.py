@@ -194,8 +194,11 @@ def stop_workers(workers: list[WorkerProc]) -> None:
 
 @asynccontextmanager
 async def recording_service(workspace: Path, db: str) -> AsyncIterator[RunService]:
-    """A RunService in this process that records starts and decisions only: workers drive."""
-    settings = Settings(_env_file=None, db=db, workspace=workspace, mock_llm=True, user="tester")
+    """A RunService in this process that records starts and decisions only: workers drive.
+    Its runs run their commands live (what a run does live is fixed where it starts)."""
+    settings = Settings(
+        _env_file=None, db=db, workspace=workspace, mock_llm=True, user="tester", allow_shell=True
+    )
     service = await RunService.open(settings, executes_runs=False)
     try:
         yield service
@@ -666,7 +669,12 @@ async def test_the_api_without_a_worker_records_and_a_worker_drives(
 
     workspace = drill_workspace(tmp_path / "ws")
     api = ServeProcess(
-        workspace, db_url, free_port(), "--no-worker", LOOM_OPS_API_USER=APPROVER
+        workspace,
+        db_url,
+        free_port(),
+        "--no-worker",
+        LOOM_OPS_API_USER=APPROVER,
+        LOOM_OPS_ALLOW_SHELL="1",  # the runs it records run their commands live
     ).start()
     workers: list[WorkerProc] = []
     try:
