@@ -59,6 +59,16 @@ def _block(value: Any) -> str:
     return text
 
 
+def _outcome_block(args: dict[str, Any], outcome: dict[str, Any]) -> str:
+    """A call's arguments and outcome as people read them: what a command printed as text
+    (stderr first, where errors are), the rest as JSON."""
+    streams = {name: outcome[name] for name in ("stderr", "stdout") if outcome.get(name)}
+    rest = {k: v for k, v in outcome.items() if k not in streams}
+    parts = [_block({"args": args, "outcome": rest})]
+    parts += [f"--- {name} ---\n{_block(str(text))}" for name, text in streams.items()]
+    return "\n".join(parts)
+
+
 def _clock(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
 
@@ -99,7 +109,7 @@ def _entries(events: list[EventRecord]) -> list[TraceEntry]:
             took = d.get("duration_ms")
             title = f"{tool} {json.dumps(args, ensure_ascii=False)}"
             title += f" · {took:.1f} ms" if isinstance(took, int | float) else ""
-            detail = _block({"args": args, "outcome": d.get("outcome")})
+            detail = _outcome_block(args, d.get("outcome") or {})
             kind = "error" if d["status"] in ("error", "refused") else "tool"
             entries.append(TraceEntry(offset, kind, title, detail, d["status"]))
         elif event.type == "approval_requested":

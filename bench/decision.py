@@ -8,7 +8,9 @@ Prints p50 and p95 per kind of owner; asserts nothing. Run with `python bench/de
   process at its next look (at most a second);
 - `serve` on PostgreSQL: the same, woken by NOTIFY;
 - `worker` on PostgreSQL: `loom-ops serve --no-worker` records the runs, one `loom-ops worker`
-  drives them.
+  drives them;
+- `sandbox` on SQLite: `loom-ops sandbox`, the Telegram bot against its Bot API stand-in, the
+  runs started by `/run api-latency-spike` messages sent through its page's API.
 
 Each run is the shipped api-latency-spike runbook (mock policy, dry-run) started over HTTP; it
 waits for its approval. Then, one at a time, `loom-ops approve` decides it as a separate
@@ -51,6 +53,8 @@ import psycopg  # noqa: E402
 
 LOOM_OPS = str(Path(sys.executable).parent / "loom-ops")
 MESSAGE = "incident: API latency spike"
+# The sandbox's incident group and its requester (bot/sandbox.py); a runbook id starts at once.
+SANDBOX_CHAT, SANDBOX_USER, SANDBOX_RUN = -100777, 200000001, "/run api-latency-spike"
 
 
 def rows(db: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -126,16 +130,24 @@ def measure(owner: str, db: str, runs: int) -> dict[str, list[float]] | str:
     shutil.copytree(REPO / "runbooks", workspace / "runbooks")
     port = free_port()
     serve = [LOOM_OPS, "serve", "--host", "127.0.0.1", "--port", str(port)]
-    argvs = [serve] if owner != "worker" else [[*serve, "--no-worker"], [LOOM_OPS, "worker"]]
+    argvs = {
+        "serve": [serve],
+        "worker": [[*serve, "--no-worker"], [LOOM_OPS, "worker"]],
+        "sandbox": [[LOOM_OPS, "sandbox", "--mock-llm", "--port", str(port)]],
+    }[owner]
     figures: dict[str, list[float]] = {"cli": [], "decision -> step": [], "approve -> step": []}
     try:
         with processes(argvs, workspace, db):
             url = f"http://127.0.0.1:{port}"
-            wait_for(lambda: _healthy(url), 30)
+            wait_for(lambda: _healthy(url, owner), 30)
             wait_for(lambda: len(rows(db, "SELECT owner FROM processes")) == len(argvs), 30)
-            ids = [f"d{i:02d}" for i in range(runs)]
-            for run_id in ids:
-                httpx.post(f"{url}/runs", json={"run_id": run_id, "message": MESSAGE}, timeout=30)
+            for i in range(runs):
+                if owner == "sandbox":
+                    say = {"chat_id": SANDBOX_CHAT, "user_id": SANDBOX_USER, "text": SANDBOX_RUN}
+                    httpx.post(f"{url}/sandbox/say", json=say, timeout=30)
+                else:
+                    body = {"run_id": f"d{i:02d}", "message": MESSAGE}
+                    httpx.post(f"{url}/runs", json=body, timeout=30)
             wait_for(
                 lambda: (
                     rows(db, "SELECT COUNT(*) FROM approvals WHERE status = 'pending'")[0][0]
@@ -143,16 +155,17 @@ def measure(owner: str, db: str, runs: int) -> dict[str, list[float]] | str:
                 ),
                 120,
             )
-            for run_id in ids:
+            for (run_id,) in rows(db, "SELECT id FROM runs WHERE parent_id IS NULL ORDER BY id"):
                 figures_of(run_id, workspace, db, figures)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return figures
 
 
-def _healthy(url: str) -> bool:
+def _healthy(url: str, owner: str) -> bool:
+    path = "/sandbox/state" if owner == "sandbox" else "/healthz"
     with contextlib.suppress(httpx.HTTPError):
-        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
+        return httpx.get(f"{url}{path}", timeout=1).status_code == 200
     return False
 
 
@@ -168,7 +181,11 @@ def figures_of(run_id: str, workspace: Path, db: str, figures: dict[str, list[fl
         timeout=60,
     )
     figures["cli"].append(time.time() - started)
-    child = f"{run_id}:sub:executor"
+    child = rows(
+        db,
+        "SELECT run_id FROM approvals WHERE run_id = ? OR run_id LIKE ?",
+        (run_id, f"{run_id}:sub:%"),
+    )[0][0]
     decided = rows(
         db, "SELECT ts FROM events WHERE run_id = ? AND type = 'approval_decided'", (child,)
     )[0][0]
@@ -225,6 +242,7 @@ def main() -> None:
         ("serve, SQLite", "serve", "sqlite"),
         ("serve, PostgreSQL", "serve", "postgresql"),
         ("worker, PostgreSQL", "worker", "postgresql"),
+        ("sandbox (bot), SQLite", "sandbox", "sqlite"),
     ):
         with contextlib.ExitStack() as stack:
             if engine == "sqlite":

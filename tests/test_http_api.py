@@ -705,8 +705,12 @@ def test_a_restarted_server_resumes_a_run_its_killed_predecessor_left(
         with httpx.Client(base_url=server.url, timeout=10) as c:
             body = {"message": "crash drill", "run_id": "drill", "role": "runbook"}
             assert c.post("/runs", json=body).status_code == 201
-            run = poll_run(c, "drill", lambda r: r["approval"] is not None)
-            assert run["status"] == "waiting_approval", run
+            # The run and its request are read one after the other: wait for both to show.
+            run = poll_run(
+                c,
+                "drill",
+                lambda r: r["approval"] is not None and r["status"] == "waiting_approval",
+            )
             assert run["approval"]["step_id"] == "append-two"
             with contextlib.suppress(httpx.TransportError):  # the kill may beat the answer
                 c.post("/runs/drill/approve")

@@ -103,3 +103,40 @@ def test_the_trace_renders_in_headless_chromium(traced: tuple[Cli, Path], tmp_pa
         check=True,
     )
     assert shot.exists() and not _png_is_blank(shot)
+
+
+async def test_command_output_is_shown_as_text_stderr_first(tmp_path: Path) -> None:
+    """What a live command printed reads as lines in the trace, not one JSON-escaped string."""
+    from agent.service import RunService
+    from agent.settings import Settings
+    from agent.trace import build_trace, render_trace
+    from tests.conftest import make_workspace
+    from tests.support import allow, write_runbook
+
+    workspace = make_workspace(tmp_path / "ws")
+    write_runbook(
+        workspace,
+        "noisy",
+        "id: noisy\ntitle: Noisy\ntriggers: [noisy]\nsteps:\n"
+        "  - id: speak\n    title: Speak\n"
+        "    run: \"{python} -c \\\"import sys; print('line one'); print('line two'); "
+        "sys.stderr.write('oops: refused\\\\n'); sys.exit(1)\\\"\"\n",
+    )
+    allow(workspace, "-c", "*")
+    settings = Settings(
+        _env_file=None,
+        db=str(tmp_path / "ops.sqlite"),
+        workspace=workspace,
+        mock_llm=True,
+        allow_shell=True,
+        user="tester",
+    )
+    service = await RunService.open(settings)
+    try:
+        await service.start("noisy-1", "noisy")
+        html = render_trace(await build_trace(service.store, "noisy-1"))
+    finally:
+        await service.close()
+    assert "--- stderr ---\noops: refused" in html
+    assert "--- stdout ---\nline one\nline two" in html
+    assert html.index("--- stderr ---") < html.index("--- stdout ---")
