@@ -16,7 +16,6 @@ import os
 import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import httpx
@@ -461,8 +460,3 @@ def as_json(findings: Sequence[Finding]) -> dict[str, Any]:
         "status": worst,
         "findings": [f.__dict__ for f in findings],
     }
-
-
-def workspace_label(settings: Settings) -> str:
-    """Which workspace the doctor looked at, for its first line."""
-    return str(Path(settings.workspace).resolve())

@@ -79,12 +79,6 @@ def read_stat(pid: int | Literal["self"]) -> ProcStat | None:
         return None
 
 
-def process_start_time(pid: int | Literal["self"]) -> int | None:
-    """When `pid` started, in clock ticks after boot (field 22 of its stat); None if unknown."""
-    stat = read_stat(pid)
-    return None if stat is None else stat.start_time
-
-
 def _boot_id() -> str | None:
     try:
         with open(_BOOT_ID) as handle:

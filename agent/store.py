@@ -1935,21 +1935,6 @@ class RunStore:
         )
         return [row[0] for row in rows]
 
-    async def last_step_outcome(self, root_id: str) -> tuple[str, str, str, str | None, str] | None:
-        """(run id, role, tool, step id, status) of the latest call outcome in a run tree;
-        refused calls never ran, so they are not it."""
-        return await self._read(
-            lambda c: c.execute(
-                "WITH RECURSIVE tree(id) AS (SELECT ? UNION ALL "
-                "SELECT r.id FROM runs r JOIN tree t ON r.parent_id = t.id) "
-                "SELECT tc.run_id, runs.role, tc.tool, tc.step_id, tc.status FROM tool_calls tc "
-                "JOIN tree ON tc.run_id = tree.id JOIN runs ON runs.id = tc.run_id "
-                "WHERE tc.outcome_at IS NOT NULL AND tc.status NOT IN ('intent', 'refused') "
-                "ORDER BY tc.outcome_at DESC, tc.id DESC LIMIT 1",
-                (root_id,),
-            ).fetchone()
-        )
-
     async def mark_delivered(self, message_id: int, chat_message_id: int | None) -> bool:
         """Record a delivery once; False if it was already recorded."""
         return await self.mark_all_delivered([message_id], chat_message_id) == 1
