@@ -21,11 +21,12 @@ demo-script: $(BIN)/loom-ops
 
 # The CLI walk-through: a run stops for approval, is approved, and prints its summary.
 demo-cli: $(BIN)/loom-ops
-	$(BIN)/python -m agent.demo
+	$(BIN)/python -m agent.frontends.demo
 
 test: $(BIN)/loom-ops
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/python -m pytest -q -n 2; code=$$?; if [ $$code -eq 5 ]; then echo "pytest ran no tests" >&2; exit 1; fi; exit $$code
 
 bench: $(BIN)/loom-ops

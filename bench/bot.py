@@ -32,7 +32,7 @@ REPO = BENCH.parent
 # standard library's `http` (httpx needs it): put the repo there instead.
 sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != BENCH]
 
-from agent.service import RunService  # noqa: E402
+from agent.service.runs import RunService  # noqa: E402
 from agent.settings import Settings  # noqa: E402
 from bot.gateway import serve_bot  # noqa: E402
 from bot.settings import TelegramSettings  # noqa: E402

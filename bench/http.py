@@ -187,7 +187,7 @@ async def main() -> None:
             LOOM_OPS_MAX_ACTIVE_RUNS="1000",
         )
         server = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "serve", "--port", str(port)],
+            [sys.executable, "-m", "agent.frontends.cli", "serve", "--port", str(port)],
             env=env,
             cwd=directory,
             stderr=subprocess.DEVNULL,

@@ -32,9 +32,9 @@ REPO = BENCH.parent
 # standard library's `http` (httpx needs it): put the repo there instead.
 sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != BENCH]
 
-from agent.service import RunService  # noqa: E402
+from agent.service.runs import RunService  # noqa: E402
 from agent.settings import Settings  # noqa: E402
-from agent.sqlite_db import BUSY_TIMEOUT_MS  # noqa: E402
+from agent.store.sqlite import BUSY_TIMEOUT_MS  # noqa: E402
 
 
 def write_runbook(workspace: Path, steps: int) -> None:
@@ -120,7 +120,15 @@ def kill_at_step(directory: Path, steps: int, at: int) -> tuple[Path, Path]:
         PYTHONPATH=str(REPO),
     )
     done = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "runbook", f"bench {steps}", "--run-id", "killed"],
+        [
+            sys.executable,
+            "-m",
+            "agent.frontends.cli",
+            "runbook",
+            f"bench {steps}",
+            "--run-id",
+            "killed",
+        ],
         env=env,
         cwd=workspace,
         capture_output=True,
@@ -157,8 +165,8 @@ def cli_wall_times(workspace: Path, db: Path) -> tuple[float, float]:
             best = min(best, time.perf_counter() - started)
         return best
 
-    runs = timed([sys.executable, "-m", "agent.cli", "runs", "--limit", "1"])
-    imports = timed([sys.executable, "-c", "import agent.cli"])
+    runs = timed([sys.executable, "-m", "agent.frontends.cli", "runs", "--limit", "1"])
+    imports = timed([sys.executable, "-c", "import agent.frontends.cli"])
     return runs, imports
 
 

@@ -54,10 +54,10 @@ from urllib.parse import quote  # noqa: E402
 
 import psycopg  # noqa: E402
 
-from agent.postgres_db import redact_url  # noqa: E402
 from agent.records import TERMINAL_STATUSES  # noqa: E402
-from agent.service import RunService  # noqa: E402
+from agent.service.runs import RunService  # noqa: E402
 from agent.settings import Settings  # noqa: E402
+from agent.store.postgres import redact_url  # noqa: E402
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1/test"
 TICK = os.sysconf("SC_CLK_TCK")
@@ -113,9 +113,9 @@ def child_env(workspace: Path, db: str) -> dict[str, str]:
 
 
 def loom_ops() -> list[str]:
-    """The `loom-ops` console script of this interpreter's environment (else `-m agent.cli`)."""
+    """The `loom-ops` console script of this environment (else `-m agent.frontends.cli`)."""
     script = Path(sys.executable).parent / "loom-ops"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "agent.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "agent.frontends.cli"]
 
 
 # -- CPU accounting -------------------------------------------------------------------------

@@ -27,9 +27,9 @@ REPO = BENCH.parent
 # standard library's `http` (httpx needs it): put the repo there instead.
 sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != BENCH]
 
-from agent.approvals import Decision  # noqa: E402
 from agent.records import RunStatus  # noqa: E402
-from agent.service import RunService  # noqa: E402
+from agent.run.approvals import Decision  # noqa: E402
+from agent.service.runs import RunService  # noqa: E402
 from agent.settings import Settings  # noqa: E402
 
 INCIDENT = "incident: API latency spike"
@@ -74,7 +74,7 @@ def as_processes(directory: Path, runs: int) -> list[float]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_OPS_")}
         env.update(LOOM_OPS_DB=str(ws / "ops.sqlite"), LOOM_OPS_MOCK_LLM="1")
         env["PYTHONPATH"] = str(REPO)
-        cli = [sys.executable, "-m", "agent.cli"]
+        cli = [sys.executable, "-m", "agent.frontends.cli"]
         started = time.perf_counter()
         subprocess.run(
             [*cli, "supervise", INCIDENT, "--run-id", "inc"],

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 from markupsafe import Markup
 
-from agent.explain import step_lines
-from agent.outcomes import DONE, STEP_TOOLS, short_result, step_states
 from agent.records import ApprovalRecord, ApprovalStatus, RunRecord, RunStatus, ToolCallRecord
+from agent.run.outcomes import DONE, STEP_TOOLS, short_result, step_states
 from agent.store import RunStore
+from agent.views.explain import step_lines
 from bot.messages import (
     CHAT_IDENTITY,
     STATUS_ICONS,

@@ -20,12 +20,13 @@ from telegram.ext import Application, ApplicationHandlerStop, TypeHandler
 
 from agent.failpoints import Failpoints
 from agent.http_server import HttpServer
-from agent.maintenance import Maintenance, background, stop_all
-from agent.service import RunService
+from agent.service.maintenance import Maintenance, background, stop_all
+from agent.service.runs import RunService
 from bot.handlers import COMMANDS, ChatOps
 from bot.outbox import OutboxSender
 from bot.ratelimit import ChatRateLimiter
 from bot.settings import TelegramSettings
+from bot.store import ChatStore
 from bot.webhook import Webhook, webhook_app
 
 log = logging.getLogger(__name__)
@@ -182,7 +183,7 @@ def _first_time_only(service: RunService) -> Callable[[Update, Any], Awaitable[N
         if update.callback_query is not None:
             return
         taken = context.bot.id, update.update_id, update_digest(update)
-        if not await service.store.first_sight_of_update(*taken):
+        if not await ChatStore(service.store.db).first_sight_of_update(*taken):
             log.info("update %s was taken already; skipping it", update.update_id)
             raise ApplicationHandlerStop
 

@@ -39,13 +39,13 @@ from telegram.ext import (
     filters,
 )
 
-from agent.approvals import Decision
 from agent.records import ApprovalRecord, ApprovalStatus, Origin, RunRecord
-from agent.request import RequestError
-from agent.runbook import RunbookError, Step
-from agent.service import RunService, ServiceError, validate_run_id
+from agent.run.approvals import Decision
+from agent.runbook.model import RunbookError, Step
+from agent.runbook.request import RequestError
+from agent.service.runs import RunService, ServiceError, validate_run_id
 from agent.store import ApprovalNotFound, RunExists, RunNotFound, StoreError
-from agent.trace import build_trace, render_trace
+from agent.views.trace import build_trace, render_trace
 from bot.facts import explain_lines, load_tree, names_for, outcome_line, progress_of
 from bot.messages import (
     MAX_CHUNKS,

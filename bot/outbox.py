@@ -33,10 +33,10 @@ from telegram.constants import ParseMode
 from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, TelegramError
 
 from agent.failpoints import Failpoints
-from agent.leases import new_owner_id
 from agent.records import ApprovalRecord, ApprovalStatus, RunStatus
-from agent.store import ApprovalNotFound, OutboxMessage, RunNotFound, RunStore
-from agent.summary import RunSummary, build_summary, render_summary
+from agent.run.leases import new_owner_id
+from agent.store import ApprovalNotFound, RunNotFound, RunStore
+from agent.views.summary import RunSummary, build_summary, render_summary
 from bot.facts import load_tree, progress_of
 from bot.messages import (
     MAX_CHUNKS,
@@ -46,6 +46,7 @@ from bot.messages import (
     html_chunks,
     progress_text,
 )
+from bot.store import ChatStore, OutboxMessage
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class OutboxSender:
         lease_ttl: float = 30.0,
     ) -> None:
         self._store = store
+        self._chat = ChatStore(store.db)
         # Several instances share the outbox: each chat is delivered by the lease holder.
         self._owner = owner or new_owner_id()
         self._lease_ttl = lease_ttl
@@ -96,7 +98,7 @@ class OutboxSender:
         try:
             while True:
                 ready.clear()
-                for chat_id in await self._store.pending_chat_ids():
+                for chat_id in await self._chat.pending_chat_ids():
                     worker = self._workers.get(chat_id)
                     if worker is None or worker.done():
                         self._start_worker(chat_id)
@@ -132,7 +134,7 @@ class OutboxSender:
     async def _drain(self, chat_id: int) -> None:
         """Deliver a chat's entries in order until none is left or the rest must wait; skip
         the chat while another instance holds its delivery lease."""
-        if not await self._store.claim_chat(chat_id, self._owner, self._lease_ttl):
+        if not await self._chat.claim_chat(chat_id, self._owner, self._lease_ttl):
             return  # another instance delivers this chat; its lease expires if it dies
         try:
             while True:
@@ -141,12 +143,12 @@ class OutboxSender:
                     return  # no await since the check: nothing can slip in unseen
         finally:
             with contextlib.suppress(Exception):  # else the lease simply expires
-                await self._store.release_chat(chat_id, self._owner)
+                await self._chat.release_chat(chat_id, self._owner)
 
     async def _drain_batch(self, chat_id: int) -> bool:
         """Deliver what is due of one batch; True if anything was delivered."""
         # Progress entries are one per run tree, so a batch this size sees every run's news.
-        batch = await self._store.undelivered_messages(limit=500, chat_id=chat_id)
+        batch = await self._chat.undelivered_messages(limit=500, chat_id=chat_id)
         if self._allowed is not None and chat_id not in self._allowed:
             log.warning(
                 "not delivering %d message(s) to chat %s: it is no longer served "
@@ -155,12 +157,12 @@ class OutboxSender:
                 chat_id,
             )
             for message in batch:
-                await self._store.record_delivery_failure(message.id, NOT_SERVED, None)
+                await self._chat.record_delivery_failure(message.id, NOT_SERVED, None)
             return False
         delivered_any = False
         coalesced: set[str] = set()
         for message in batch:
-            if not await self._store.claim_chat(chat_id, self._owner, self._lease_ttl):
+            if not await self._chat.claim_chat(chat_id, self._owner, self._lease_ttl):
                 log.warning("chat %s is delivered by another instance now", chat_id)
                 return False
             now = time.time()
@@ -197,14 +199,14 @@ class OutboxSender:
         except (Undeliverable, Forbidden, BadRequest) as exc:  # it will not get better
             # (BadRequest is a NetworkError to python-telegram-bot: caught first.)
             log.error("giving up on outbox entry %s (%s): %s", message.id, message.kind, exc)
-            await self._store.record_delivery_failure(message.id, str(exc), None)
+            await self._chat.record_delivery_failure(message.id, str(exc), None)
             return True  # nothing behind it should wait for an entry that will never go
         except NetworkError as exc:
             return await self._retry_or_give_up(message, exc, MAX_NETWORK_ATTEMPTS)
         except TelegramError as exc:
             return await self._retry_or_give_up(message, exc, MAX_UNKNOWN_ATTEMPTS)
         except (RunNotFound, ApprovalNotFound) as exc:  # nothing left to say it about
-            await self._store.record_delivery_failure(message.id, str(exc), None)
+            await self._chat.record_delivery_failure(message.id, str(exc), None)
             return True
         return False
 
@@ -218,7 +220,7 @@ class OutboxSender:
             log.error(
                 "giving up on outbox entry %s after %s attempts: %s", message.id, attempts, error
             )
-            await self._store.record_delivery_failure(message.id, str(error), None)
+            await self._chat.record_delivery_failure(message.id, str(error), None)
             return True
         await self._failed(message, str(error), min(MAX_BACKOFF, 2.0**message.attempts))
         return False
@@ -232,7 +234,7 @@ class OutboxSender:
             error,
         )
         retry_at = time.time() + delay
-        await self._store.record_delivery_failure(message.id, error, retry_at)
+        await self._chat.record_delivery_failure(message.id, error, retry_at)
         self._wake_at(retry_at)
 
     # -- what each kind of entry becomes ---------------------------------------------------
@@ -261,19 +263,19 @@ class OutboxSender:
         self._failpoints.reached("before_send_approval_request")
         sent = await self._send(message, text, reply_markup=buttons)
         self._failpoints.reached("after_send_approval_request")
-        await self._store.mark_delivered(message.id, sent.message_id)
+        await self._chat.mark_delivered(message.id, sent.message_id)
 
     async def _approval_outcome(self, message: OutboxMessage) -> None:
         """Edit the request's message to say who decided and when, without the buttons."""
         approval = await self._store.get_approval(message.payload["approval_id"])
         text = await self._approval_text(approval)
-        message_id = await self._store.approval_message_id(approval.id)
+        message_id = await self._chat.approval_message_id(approval.id)
         edited = None
         if message_id is not None:
             edited = await self._edit(message, message_id, text)
         if edited is None:  # the request never reached the chat, or its message is gone
             edited = (await self._send(message, text)).message_id
-        await self._store.mark_delivered(message.id, edited)
+        await self._chat.mark_delivered(message.id, edited)
 
     async def _approval_text(
         self, approval: ApprovalRecord, facts: dict[str, Any] | None = None
@@ -288,25 +290,25 @@ class OutboxSender:
         )
 
     async def _progress_due(self, root_id: str) -> float:
-        shown = await self._store.progress_message(root_id)
+        shown = await self._chat.progress_message(root_id)
         return 0.0 if shown is None else shown[1] + self._progress_interval
 
     async def _progress(self, message: OutboxMessage, ids: list[int]) -> None:
         """Send the run's progress message, or edit it in place: one message per run."""
-        await self._store.claim_messages(ids)  # rendered from here on: later news queues anew
+        await self._chat.claim_messages(ids)  # rendered from here on: later news queues anew
         tree = await load_tree(self._store, message.payload["root_id"])
         root = tree.root
         now = time.time()
         progress = await progress_of(self._store, tree, now)
         who = await self._who([root.requested_by])
         text = progress_text(root, progress, who, now)
-        shown = await self._store.progress_message(root.id)
+        shown = await self._chat.progress_message(root.id)
         message_id = None
         if shown is not None:
             message_id = await self._edit(message, shown[0], text)
         if message_id is None:
             message_id = (await self._send(message, text)).message_id
-        await self._store.mark_all_delivered(ids, message_id)
+        await self._chat.mark_all_delivered(ids, message_id)
 
     async def _summary(self, message: OutboxMessage) -> None:
         """The audit summary of a run the chat started: HTML messages, or a file when long."""
@@ -326,7 +328,7 @@ class OutboxSender:
                 sent = await self._send(message, chunk)
                 message_id = message_id or sent.message_id
                 if number < len(chunks):
-                    await self._store.record_part_sent(message.id, number)
+                    await self._chat.record_part_sent(message.id, number)
         else:
             text = render_summary(summary, html=False, hints=hints)
             status = RunStatus(summary.run.status)
@@ -339,7 +341,7 @@ class OutboxSender:
             )
             message_id = sent.message_id
         self._failpoints.reached("after_send_run_finished")
-        await self._store.mark_delivered(message.id, message_id)
+        await self._chat.mark_delivered(message.id, message_id)
 
     async def _in_peoples_terms(self, summary: RunSummary) -> None:
         """A supervised run that failed because its executor was rejected (or its request

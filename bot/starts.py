@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 from markupsafe import Markup
 
-from agent.mock_policy import exact_runbook, rank_runbooks
-from agent.request import RequestError, parse_request
-from agent.runbook import Runbook, RunbookCatalog, Step
+from agent.policy.mock import exact_runbook, rank_runbooks
+from agent.runbook.model import Runbook, RunbookCatalog, Step
+from agent.runbook.request import RequestError, parse_request
 from bot.messages import clip
 
 CALLBACK_PREFIX = "rs"

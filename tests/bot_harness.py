@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from agent.service import RunService
+from agent.service.runs import RunService
 from agent.settings import Settings
 from bot.gateway import serve_bot
 from bot.settings import TelegramSettings
@@ -127,7 +127,7 @@ class BotProcess:
         """Start the bot (appending its output to the log file)."""
         with self._log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "agent.cli", self.command, *self.extra_args],
+                [sys.executable, "-m", "agent.frontends.cli", self.command, *self.extra_args],
                 env=self._env,
                 cwd=self._cwd,
                 stdout=log,

@@ -15,7 +15,7 @@ from urllib.parse import quote
 import psycopg
 import pytest
 
-from agent.service import RunService
+from agent.service.runs import RunService
 from agent.settings import Settings
 
 REPO = Path(__file__).resolve().parent.parent

@@ -19,9 +19,9 @@ from typing import Any
 
 import httpx
 
-from agent.http_api import create_app
+from agent.frontends.http_api import create_app
 from agent.http_server import HttpServer
-from agent.service import RunService
+from agent.service.runs import RunService
 from agent.settings import Settings
 from tests.cli_helpers import LOOM_OPS, cli_env
 

@@ -13,10 +13,17 @@ from typing import Any
 
 import psycopg
 
-from agent.mock_policy import MockPolicy
-from agent.policy import FinalAnswer, Observation, Policy, PolicyContext, PolicyDecision, ToolCall
-from agent.runbook import RunbookCatalog
-from agent.service import RunService
+from agent.policy.base import (
+    FinalAnswer,
+    Observation,
+    Policy,
+    PolicyContext,
+    PolicyDecision,
+    ToolCall,
+)
+from agent.policy.mock import MockPolicy
+from agent.runbook.model import RunbookCatalog
+from agent.service.runs import RunService
 from agent.settings import Settings
 from agent.store import RunStore
 

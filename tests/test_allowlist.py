@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from agent.allowlist import (
+from agent.tools.allowlist import (
     ALLOWLIST_FILENAME,
     AllowlistError,
     CommandDenied,

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.approvals import Decision
-from agent.journal import first_broken_link
+from agent.events import first_broken_link
 from agent.records import ApprovalStatus, Claim, RunStatus
-from agent.service import RunService, ServiceError
+from agent.run.approvals import Decision
+from agent.service.runs import RunService, ServiceError
 from agent.settings import Settings
 from agent.store import StoreError
 from tests.support import DEPLOY, LATENCY, allow, lines, open_service, write_runbook

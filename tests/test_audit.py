@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.service import RunService
-from agent.summary import build_summary, render_summary
+from agent.service.runs import RunService
+from agent.views.summary import build_summary, render_summary
 from tests.cli_helpers import Cli, make_cli_workspace
 
 LATENCY = "incident: API latency spike"

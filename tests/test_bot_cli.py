@@ -34,7 +34,7 @@ async def test_bad_settings_are_one_line_and_exit_2_before_any_network_call(
         env = bot_env(server, settings) | change
         done = await asyncio.to_thread(
             subprocess.run,
-            [sys.executable, "-m", "agent.cli", "telegram"],
+            [sys.executable, "-m", "agent.frontends.cli", "telegram"],
             env=env,
             cwd=tmp_path,
             capture_output=True,

@@ -15,7 +15,7 @@ import pytest
 from telegram import Bot
 
 from agent.records import RunStatus
-from agent.service import RunService
+from agent.service.runs import RunService
 from agent.settings import Settings
 from bot.outbox import OutboxSender
 from bot.standin import BotApiStandIn

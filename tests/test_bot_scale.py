@@ -206,7 +206,7 @@ async def test_two_instances_share_the_outbox_and_send_each_message_once(
     from telegram import Bot
 
     from agent.records import Origin
-    from agent.service import RunService
+    from agent.service.runs import RunService
     from bot.outbox import OutboxSender
     from tests.bot_harness import PLATFORM, TOKEN
 

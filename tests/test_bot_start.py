@@ -8,9 +8,9 @@ from __future__ import annotations
 import asyncio
 
 from agent.records import RunStatus
-from agent.runbook import load_catalog
+from agent.runbook.model import load_catalog
 from agent.settings import Settings
-from agent.tools import Toolbox
+from agent.tools.toolbox import Toolbox
 from bot.standin import BotApiStandIn, StandInServer
 from bot.starts import card_text, plan_start, start_run_id
 from tests.bot_harness import (

@@ -13,6 +13,7 @@ from telegram import Bot, Update
 from agent.store import RunStore
 from bot.gateway import update_digest
 from bot.standin import StandInServer
+from bot.store import ChatStore
 from tests.bot_harness import (
     ALICE,
     INCIDENTS,
@@ -57,9 +58,9 @@ async def test_a_redelivered_update_is_still_dropped(store: RunStore) -> None:
     """The same id with the same content (Telegram redelivering, a standby polling the
     leader's batch again) is taken once, however often it comes."""
     digest = update_digest(_update(41, "/run incident: API latency spike", 1_700_000_000))
-    assert await store.first_sight_of_update(BOT, 41, digest) is True
-    assert await store.first_sight_of_update(BOT, 41, digest) is False
-    assert await store.first_sight_of_update(BOT, 41, digest) is False
+    assert await ChatStore(store.db).first_sight_of_update(BOT, 41, digest) is True
+    assert await ChatStore(store.db).first_sight_of_update(BOT, 41, digest) is False
+    assert await ChatStore(store.db).first_sight_of_update(BOT, 41, digest) is False
 
 
 async def test_a_reused_id_with_other_content_is_a_new_update(store: RunStore) -> None:
@@ -68,11 +69,11 @@ async def test_a_reused_id_with_other_content_is_a_new_update(store: RunStore) -
     first = update_digest(_update(1, "/help", 1_700_000_000))
     after_restart = update_digest(_update(1, "/help", 1_700_000_060))
     assert first != after_restart
-    assert await store.first_sight_of_update(BOT, 1, first) is True
-    assert await store.first_sight_of_update(BOT, 1, after_restart) is True
-    assert await store.first_sight_of_update(BOT, 1, after_restart) is False
+    assert await ChatStore(store.db).first_sight_of_update(BOT, 1, first) is True
+    assert await ChatStore(store.db).first_sight_of_update(BOT, 1, after_restart) is True
+    assert await ChatStore(store.db).first_sight_of_update(BOT, 1, after_restart) is False
     # Another bot's update 1 is another update altogether.
-    assert await store.first_sight_of_update(BOT + 1, 1, after_restart) is True
+    assert await ChatStore(store.db).first_sight_of_update(BOT + 1, 1, after_restart) is True
 
 
 async def test_a_row_from_before_digests_gives_way_to_new_content(
@@ -80,11 +81,15 @@ async def test_a_row_from_before_digests_gives_way_to_new_content(
 ) -> None:
     """A row recorded before digests were kept (digest NULL) cannot prove a duplicate: the
     next update with that id is handled, and then remembered with its digest."""
-    assert await store.first_sight_of_update(BOT, 7) is True  # no digest: the old call
-    assert await store.first_sight_of_update(BOT, 7) is False  # the id alone still counts
+    assert (
+        await ChatStore(store.db).first_sight_of_update(BOT, 7) is True
+    )  # no digest: the old call
+    assert (
+        await ChatStore(store.db).first_sight_of_update(BOT, 7) is False
+    )  # the id alone still counts
     digest = update_digest(_update(7, "/status", 1_700_000_000))
-    assert await store.first_sight_of_update(BOT, 7, digest) is True
-    assert await store.first_sight_of_update(BOT, 7, digest) is False
+    assert await ChatStore(store.db).first_sight_of_update(BOT, 7, digest) is True
+    assert await ChatStore(store.db).first_sight_of_update(BOT, 7, digest) is False
     rows = raw_rows(db_url, "SELECT digest FROM telegram_updates WHERE update_id = 7")
     assert rows == [(digest,)]
 
@@ -92,10 +97,12 @@ async def test_a_row_from_before_digests_gives_way_to_new_content(
 async def test_old_rows_are_still_cleaned_up(store: RunStore, db_url: str) -> None:
     """Every 500th id sweeps rows older than a week, as before digests."""
     digest = update_digest(_update(3, "/help", 1_700_000_000))
-    assert await store.first_sight_of_update(BOT, 3, digest)
+    assert await ChatStore(store.db).first_sight_of_update(BOT, 3, digest)
     week_ago = time.time() - 8 * 24 * 3600
     raw_rows(db_url, "UPDATE telegram_updates SET received_at = ?", (week_ago,))
-    assert await store.first_sight_of_update(BOT, 500, update_digest(_update(500, "/x", 1)))
+    assert await ChatStore(store.db).first_sight_of_update(
+        BOT, 500, update_digest(_update(500, "/x", 1))
+    )
     rows = raw_rows(db_url, "SELECT update_id FROM telegram_updates ORDER BY update_id")
     assert rows == [(500,)]
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from tests.conftest import make_workspace
 from tests.support import allow, lines, raw_rows, write_runbook
 
-LOOM_OPS = [sys.executable, "-m", "agent.cli"]
+LOOM_OPS = [sys.executable, "-m", "agent.frontends.cli"]
 DELAY = 3.0  # the command acts this long after it starts; its step's timeout is 60 s
 
 CANCEL_DRILL = """\

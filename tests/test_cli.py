@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
-from agent.cli import build_parser
+from agent.frontends.cli import build_parser
 from agent.store import RunStore, StoreError
 from tests.cli_helpers import (
     CLI_USER,

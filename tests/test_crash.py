@@ -19,7 +19,7 @@ import pytest
 from tests.conftest import make_workspace
 from tests.support import raw_rows
 
-LOOM_OPS = [sys.executable, "-m", "agent.cli"]
+LOOM_OPS = [sys.executable, "-m", "agent.frontends.cli"]
 
 
 def _env(

@@ -410,9 +410,9 @@ def test_dockerfile_workspace_holds_runbooks_and_allowlist():
 
 def test_dockerfile_copies_what_pyproject_builds_and_dockerignore_lets_it_through():
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    packages = pyproject["tool"]["setuptools"]["packages"]
+    include = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
     needed = {"pyproject.toml", pyproject["project"]["readme"]}
-    needed |= {package.split(".")[0] for package in packages}
+    needed |= {pattern.rstrip("*").split(".")[0] for pattern in include}
     copied = set()
     for stage in dockerfile_stages():
         for rest in instruction(stage, "COPY"):

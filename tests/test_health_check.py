@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent.records import RunStatus
-from agent.service import RunService
+from agent.service.runs import RunService
 from agent.settings import Settings
 
 

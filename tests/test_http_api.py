@@ -21,9 +21,9 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from agent import http_api
-from agent.approvals import Decision
-from agent.service import RunService
+from agent.frontends import http_api
+from agent.run.approvals import Decision
+from agent.service.runs import RunService
 from agent.settings import Settings
 from tests.cli_helpers import LOOM_OPS, Cli, assert_usage_error
 from tests.http_harness import (

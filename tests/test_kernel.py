@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.approvals import Decision
-from agent.journal import first_broken_link
-from agent.leases import owner_is_dead
-from agent.policy import ToolCall
+from agent.events import first_broken_link
+from agent.policy.base import ToolCall
 from agent.records import Claim, Origin, RunLimits, RunStatus
-from agent.service import RunService
+from agent.run.approvals import Decision
+from agent.run.leases import owner_is_dead
+from agent.service.runs import RunService
 from agent.settings import Settings
 from agent.store import NewRun, RunBusy, RunStore
 from tests.support import (

@@ -12,15 +12,15 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from agent.approvals import Decision
-from agent.explain import render_timeline
-from agent.journal import first_broken_link
-from agent.policy import PolicyContext, PolicyDecision
+from agent.events import first_broken_link
+from agent.policy.base import PolicyContext, PolicyDecision
 from agent.records import RunStatus
-from agent.service import RunService
+from agent.run.approvals import Decision
+from agent.service.runs import RunService
 from agent.settings import Settings
-from agent.summary import build_summary, render_summary
-from agent.trace import build_trace, render_trace
+from agent.views.explain import render_timeline
+from agent.views.summary import build_summary, render_summary
+from agent.views.trace import build_trace, render_trace
 from tests.openai_standin import serve, tool_reply
 from tests.support import (
     ScriptedPolicy,

@@ -13,14 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from agent.host import HostIdentity, read_stat, this_host
-from agent.leases import OwnerId, new_owner_id, owner_is_dead, parse_owner
+from agent.run.host import HostIdentity, read_stat, this_host
+from agent.run.leases import OwnerId, new_owner_id, owner_is_dead, parse_owner
 
 PY = sys.executable
 REPO = Path(__file__).resolve().parent.parent
-PRINT_OWNER = "from agent.leases import new_owner_id; print(new_owner_id(), flush=True)"
+PRINT_OWNER = "from agent.run.leases import new_owner_id; print(new_owner_id(), flush=True)"
 PRINT_OWNER_AND_WAIT = PRINT_OWNER + "; import time; time.sleep(30)"
-PRINT_PID_NS = "from agent.host import this_host; print(this_host().pid_ns)"
+PRINT_PID_NS = "from agent.run.host import this_host; print(this_host().pid_ns)"
 
 
 def _format(owner: OwnerId) -> str:

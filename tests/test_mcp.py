@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent.records import RunStatus
-from agent.service import RunService
+from agent.service.runs import RunService
 from agent.settings import Settings
 
 SERVER = Path(__file__).parent / "mcp_servers" / "ops_server.py"

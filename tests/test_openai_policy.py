@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from agent.approvals import Decision
 from agent.records import RunStatus
-from agent.service import RunService, ServiceError
+from agent.run.approvals import Decision
+from agent.service.runs import RunService, ServiceError
 from agent.settings import Settings
 from tests.cli_helpers import Cli, make_cli_workspace
 from tests.openai_standin import html_page, http_error, serve, tool_reply
@@ -152,7 +152,7 @@ def test_a_resume_never_asks_again_for_an_answered_turn(workspace: Path, tmp_pat
             LOOM_OPS_WORKSPACE=str(workspace),
             PYTHONPATH=str(Path(__file__).resolve().parent.parent),
         )
-        cmd = [sys.executable, "-m", "agent.cli"]
+        cmd = [sys.executable, "-m", "agent.frontends.cli"]
         # Killed right after the second answer's first call is journaled as intent.
         killed = subprocess.run(
             [*cmd, "runbook", "incident: llm drill", "--run-id", "k"],
@@ -182,11 +182,11 @@ def test_a_resume_never_asks_again_for_an_answered_turn(workspace: Path, tmp_pat
 async def test_every_role_has_its_system_prompt(
     settings: Settings, workspace: Path, role: str
 ) -> None:
-    from agent.openai_policy import OpenAIPolicy, tool_schemas
-    from agent.policy import PolicyContext
+    from agent.policy.base import PolicyContext
+    from agent.policy.llm import OpenAIPolicy, tool_schemas
     from agent.redaction import Redactor
-    from agent.runbook import load_catalog
-    from agent.tools import tools_for_role
+    from agent.runbook.model import load_catalog
+    from agent.tools.toolbox import tools_for_role
 
     llm = _settings(settings, workspace, "http://127.0.0.1:9/v1")
     policy = OpenAIPolicy(llm, Redactor())

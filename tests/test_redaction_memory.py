@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.memory import MAX_LINE_CHARS, WorkspaceMemory
 from agent.redaction import REDACTED, Redactor
+from agent.tools.memory import MAX_LINE_CHARS, WorkspaceMemory
 
 BOT_TOKEN = "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsawA"
 

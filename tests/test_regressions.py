@@ -10,10 +10,10 @@ import asyncio
 import signal
 from pathlib import Path
 
-from agent.approvals import Decision
-from agent.policy import ToolCall
+from agent.policy.base import ToolCall
 from agent.records import RunStatus
-from agent.service import RunService
+from agent.run.approvals import Decision
+from agent.service.runs import RunService
 from agent.settings import Settings
 from tests.cli_helpers import Cli, assert_usage_error
 from tests.support import (

@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 
-from agent.mock_policy import MockPolicy
-from agent.policy import PolicyContext, PolicyDecision, PolicyUnavailable
+from agent.policy.base import PolicyContext, PolicyDecision, PolicyUnavailable
+from agent.policy.mock import MockPolicy
 from agent.records import RunStatus
-from agent.service import RunService
+from agent.service.runs import RunService
 from agent.settings import Settings
 from agent.store import RunStore
 from bot.gateway import serve_bot
@@ -500,7 +500,7 @@ def test_telegram_with_an_unreachable_bot_api_says_so_in_one_line(
         LOOM_OPS_MOCK_LLM="1",
     )
     done = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "telegram"],
+        [sys.executable, "-m", "agent.frontends.cli", "telegram"],
         env=env,
         cwd=tmp_path,
         capture_output=True,

@@ -14,8 +14,8 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from agent import http_api, serving
-from agent.approvals import Decision
+from agent.frontends import http_api, serving
+from agent.run.approvals import Decision
 from agent.settings import Settings
 from agent.store import JournalWatch
 from tests.cli_helpers import Cli

@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 
-from agent.postgres_db import _Statements
 from agent.records import Checkpoint, Claim, Origin, RunLimits, RunStatus
 from agent.store import LeaseLost, NewRun, NewToolCall, RunStore, StoreError
+from agent.store.postgres import _Statements
+from bot.store import ChatStore
 from tests.conftest import postgres_schema
 
 LIMITS = RunLimits(max_steps=5, max_tool_calls=5, deadline_seconds=600)
@@ -174,16 +175,18 @@ async def test_a_run_ending_while_its_progress_entry_is_claimed_queues_a_new_one
     )
     await hold.reached()  # its snapshot saw the progress entry waiting: it queued none
     # The bot's OutboxSender._progress: claim, render from the store, send, mark delivered.
-    progress = [m.id for m in await bot.undelivered_messages() if m.kind == "progress"]
+    progress = [
+        m.id for m in await ChatStore(bot.db).undelivered_messages() if m.kind == "progress"
+    ]
     assert len(progress) == 1
-    (claimed,) = await hold.beside(bot.claim_messages(progress))
+    (claimed,) = await hold.beside(ChatStore(bot.db).claim_messages(progress))
     assert claimed is None
     shown = await bot.get_run("r")  # here: rendered before the end was committed
-    await bot.mark_all_delivered(progress, 1001)
+    await ChatStore(bot.db).mark_all_delivered(progress, 1001)
     hold.release()
     await ending
     assert (await worker.get_run("r")).status == RunStatus.SUCCEEDED
-    queued = [m for m in await bot.undelivered_messages() if m.kind == "progress"]
+    queued = [m for m in await ChatStore(bot.db).undelivered_messages() if m.kind == "progress"]
     # The chat must see the end: in the message just rendered, or in one still to send.
     assert shown.status == RunStatus.SUCCEEDED or queued, (
         f"progress was rendered with the run {shown.status} and nothing is left to show its end"

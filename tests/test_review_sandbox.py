@@ -10,8 +10,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from agent.frontends.sandbox import (
+    APPROVER,
+    INCIDENT_CHAT,
+    REQUESTER,
+    build_sandbox_app,
+    make_standin,
+)
 from agent.http_server import HttpServer
-from bot.sandbox import APPROVER, INCIDENT_CHAT, REQUESTER, build_sandbox_app, make_standin
 from bot.standin import UploadedFile
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -98,12 +104,14 @@ async def test_nobody_taps_buttons_in_someone_elses_private_chat() -> None:
 def test_a_failed_scripted_flow_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import bot.sandbox
-    from agent.cli import main
+    import agent.frontends.sandbox
+    from agent.frontends.cli import main
 
     # An empty workspace: no runbooks, so no approval request ever comes. A short timeout.
     monkeypatch.setattr(
-        bot.sandbox, "play_incident", functools.partial(bot.sandbox.play_incident, timeout=2)
+        agent.frontends.sandbox,
+        "play_incident",
+        functools.partial(agent.frontends.sandbox.play_incident, timeout=2),
     )
     for name in [k for k in os.environ if k.startswith(("TELEGRAM_", "LOOM_OPS_"))]:
         monkeypatch.delenv(name)

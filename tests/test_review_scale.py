@@ -16,13 +16,14 @@ from pathlib import Path
 
 import psycopg
 
-from agent.mock_policy import MockPolicy
-from agent.policy import PolicyContext, PolicyDecision, PolicyUnavailable
+from agent.frontends.worker import Worker, run_worker
+from agent.policy.base import PolicyContext, PolicyDecision, PolicyUnavailable
+from agent.policy.mock import MockPolicy
 from agent.records import Origin, RunLimits
-from agent.service import RunService
+from agent.service.runs import RunService
 from agent.settings import Settings
 from agent.store import NewRun, RunStore
-from agent.worker import Worker, run_worker
+from bot.store import ChatStore
 from tests.cli_helpers import LOOM_OPS, cli_env
 from tests.conftest import make_workspace, postgres_schema
 from tests.support import LATENCY, raw_rows
@@ -55,10 +56,12 @@ async def test_giving_up_on_an_outbox_entry_works_on_postgresql() -> None:
         store = await RunStore.open(url)
         try:
             await store.create_run(new_run("r-chat", chat_id=CHAT_ID))
-            [entry] = await store.undelivered_messages(chat_id=CHAT_ID)
-            await store.record_delivery_failure(entry.id, "Forbidden: bot was blocked", None)
-            assert await store.undelivered_messages(chat_id=CHAT_ID) == []
-            assert await store.pending_chat_ids() == []
+            [entry] = await ChatStore(store.db).undelivered_messages(chat_id=CHAT_ID)
+            await ChatStore(store.db).record_delivery_failure(
+                entry.id, "Forbidden: bot was blocked", None
+            )
+            assert await ChatStore(store.db).undelivered_messages(chat_id=CHAT_ID) == []
+            assert await ChatStore(store.db).pending_chat_ids() == []
         finally:
             await store.close()
 
@@ -185,8 +188,8 @@ def test_a_bad_postgres_url_is_one_line_without_the_password(tmp_path: Path) -> 
         [
             sys.executable,
             "-c",
-            "import sys, agent.postgres_db as pg; pg.CONNECT_TIMEOUT = 1.0\n"
-            "from agent.cli import main; sys.exit(main(['runs']))",
+            "import sys, agent.store.postgres as pg; pg.CONNECT_TIMEOUT = 1.0\n"
+            "from agent.frontends.cli import main; sys.exit(main(['runs']))",
         ],
         cwd=tmp_path,
         env=env,

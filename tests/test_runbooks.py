@@ -14,8 +14,7 @@ from hypothesis import HealthCheck as HypothesisHealthCheck
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.allowlist import ShellAllowlist
-from agent.runbook import (
+from agent.runbook.model import (
     MAX_FILE_BYTES,
     ParamError,
     RenderError,
@@ -31,6 +30,7 @@ from agent.runbook import (
     sample_commands,
     validate_runbooks,
 )
+from agent.tools.allowlist import ShellAllowlist
 
 ROOT = Path(__file__).parent.parent
 RUNBOOKS = ROOT / "runbooks"

@@ -10,9 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from agent.http_server import HttpServer
-from agent.settings import Settings
-from bot.sandbox import (
+from agent.frontends.sandbox import (
     APPROVER,
     INCIDENT_CHAT,
     REQUESTER,
@@ -20,6 +18,8 @@ from bot.sandbox import (
     make_standin,
     running_sandbox,
 )
+from agent.http_server import HttpServer
+from agent.settings import Settings
 
 
 def test_the_scripted_incident_plays_to_a_summary(settings: Settings, tmp_path: Path) -> None:
@@ -31,7 +31,7 @@ def test_the_scripted_incident_plays_to_a_summary(settings: Settings, tmp_path: 
         [
             sys.executable,
             "-m",
-            "agent.cli",
+            "agent.frontends.cli",
             "sandbox",
             "--script",
             "incident",

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.frontends.sandbox import APPROVER, REQUESTER
 from agent.settings import Settings
-from bot.sandbox import APPROVER, REQUESTER
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -62,7 +62,7 @@ async def test_the_incident_flow_by_hand_in_a_real_browser(
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
-    from bot.sandbox import running_sandbox
+    from agent.frontends.sandbox import running_sandbox
 
     driver = browser  # type: ignore[assignment]
     async with running_sandbox(settings, port=0) as sandbox:

@@ -16,8 +16,8 @@ from typing import Any
 
 import httpx
 
+from agent.frontends.sandbox import APPROVER, INCIDENT_CHAT, REQUESTER, Person
 from agent.settings import Settings
-from bot.sandbox import APPROVER, INCIDENT_CHAT, REQUESTER, Person
 
 JSON = dict[str, Any]
 
@@ -38,7 +38,7 @@ class Sandbox:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "agent.cli",
+                "agent.frontends.cli",
                 "sandbox",
                 "--mock-llm",
                 "--db",

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import attempt_guard, shell
-from agent.host import read_stat
-from agent.shell import (
+from agent.run.host import read_stat
+from agent.tools import attempt_guard, shell
+from agent.tools.shell import (
     ATTEMPT_ENV,
     SAFE_ENV_BASE,
     CommandResult,
@@ -85,7 +85,7 @@ time.sleep(30)
 # lease), says so, and waits for a line on stdin, so a test can freeze it before the spawn.
 DRIVER = r"""
 import asyncio, json, sys, time
-from agent.shell import SpawnRefused, run_command
+from agent.tools.shell import SpawnRefused, run_command
 
 async def main():
     job = json.loads(sys.argv[1])
@@ -634,7 +634,7 @@ async def test_a_guard_killed_under_a_live_driver_is_replaced_by_the_driver_s_sw
     guard = command_stat.ppid
     assert guard != os.getpid(), "the command is not under a guard"
     os.kill(guard, signal.SIGKILL)
-    with caplog.at_level(logging.WARNING, logger="agent.shell"):
+    with caplog.at_level(logging.WARNING, logger="agent.tools.shell"):
         result = await task
     assert time.monotonic() - started < 10
     assert result.exit_code == -signal.SIGKILL
@@ -732,7 +732,7 @@ def test_kill_attempt_kills_and_reaps_only_its_marker_s_processes() -> None:
 
 def test_kill_attempt_never_kills_its_caller() -> None:
     marker = new_attempt_marker()
-    code = f"from agent.shell import kill_attempt; print(kill_attempt({marker!r}).found)"
+    code = f"from agent.tools.shell import kill_attempt; print(kill_attempt({marker!r}).found)"
     done = subprocess.run(
         [PY, "-c", code],
         env={**os.environ, ATTEMPT_ENV: marker},
@@ -760,7 +760,7 @@ def test_without_proc_kill_attempt_proves_nothing_and_warns(
     marker = new_attempt_marker()
     ours = os.posix_spawn(sleep, ["sleep", "30"], {**ENV, ATTEMPT_ENV: marker})
     try:
-        with caplog.at_level(logging.WARNING, logger="agent.shell"):
+        with caplog.at_level(logging.WARNING, logger="agent.tools.shell"):
             report = kill_attempt(marker)
         assert not report.scanned  # so the kernel must not conclude "had ended" from it
         assert report.found == 0

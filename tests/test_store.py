@@ -16,10 +16,8 @@ from typing import Any
 import psycopg
 import pytest
 
-import agent.migrations
-from agent.approvals import Decision
-from agent.database import POSTGRES, SQLITE
-from agent.journal import first_broken_link
+import agent.store.migrations
+from agent.events import first_broken_link
 from agent.records import (
     ApprovalKind,
     ApprovalStatus,
@@ -29,7 +27,8 @@ from agent.records import (
     RunLimits,
     RunStatus,
 )
-from agent.service import RunService
+from agent.run.approvals import Decision
+from agent.service.runs import RunService
 from agent.settings import Settings
 from agent.store import (
     DecisionEffect,
@@ -41,9 +40,11 @@ from agent.store import (
     SchemaTooNew,
     StoreError,
 )
+from agent.store.database import POSTGRES, SQLITE
+from bot.store import ChatStore
 from tests.support import LATENCY, open_service, raw_rows
 
-MIGRATIONS_DIR = Path(str(agent.migrations.__file__)).parent
+MIGRATIONS_DIR = Path(str(agent.store.migrations.__file__)).parent
 LATEST = max(int(p.name[:4]) for p in MIGRATIONS_DIR.glob("[0-9][0-9][0-9][0-9]_*.sql"))
 OWNER = "otherhost:1:test"
 
@@ -355,7 +356,11 @@ async def test_a_chat_run_writes_its_messages_with_its_state(settings: Settings)
         rows = _outbox(settings.db, "chat")
         assert [(kind, ts) for kind, ts, _ in rows] == [("approval_request", pending.created_at)]
         assert rows[0][2] == '{"chat_id":42,"thread_id":7}'
-        queued = [m for m in await service.store.undelivered_messages() if m.kind != "progress"]
+        queued = [
+            m
+            for m in await ChatStore(service.store.db).undelivered_messages()
+            if m.kind != "progress"
+        ]
         assert [m.kind for m in queued] == ["approval_request"]
         assert queued[0].payload["token"] == pending.token
         assert queued[0].payload["action"] == pending.action
@@ -370,7 +375,11 @@ async def test_a_chat_run_writes_its_messages_with_its_state(settings: Settings)
             ("approval_decided", approval.decided_at),
             ("run_finished", run.finished_at),
         ]
-        decided = [m for m in await service.store.undelivered_messages() if m.kind != "progress"][1]
+        decided = [
+            m
+            for m in await ChatStore(service.store.db).undelivered_messages()
+            if m.kind != "progress"
+        ][1]
         assert decided.payload["decided_by"] == "telegram:100000001"
         # Progress rows only ask for the progress message to be shown again: while one waits
         # undelivered, later step outcomes and the run's end add no more.
@@ -379,11 +388,19 @@ async def test_a_chat_run_writes_its_messages_with_its_state(settings: Settings)
         ]
 
         await service.start("again", LATENCY, origin=chat, requested_by="telegram:5")
-        shown = [m.id for m in await service.store.undelivered_messages() if m.kind == "progress"]
+        shown = [
+            m.id
+            for m in await ChatStore(service.store.db).undelivered_messages()
+            if m.kind == "progress"
+        ]
         assert len(shown) == 2  # one per run tree: "chat" and "again"
-        await service.store.mark_all_delivered(shown, 1001)
+        await ChatStore(service.store.db).mark_all_delivered(shown, 1001)
         await service.decide("again", Decision.APPROVE, "telegram:100000001")
-        [waiting] = [m for m in await service.store.undelivered_messages() if m.kind == "progress"]
+        [waiting] = [
+            m
+            for m in await ChatStore(service.store.db).undelivered_messages()
+            if m.kind == "progress"
+        ]
         assert waiting.payload["root_id"] == "again"
         assert waiting.payload["step_id"] == "scale-out"  # the first outcome after the gate
 
@@ -407,17 +424,21 @@ async def test_delivery_is_recorded_once(settings: Settings) -> None:
     async with open_service(settings) as service:
         await service.start("once", LATENCY, origin=Origin(kind="telegram", chat_id=42))
         [message] = [
-            m for m in await service.store.undelivered_messages() if m.kind == "approval_request"
+            m
+            for m in await ChatStore(service.store.db).undelivered_messages()
+            if m.kind == "approval_request"
         ]
 
         first, second = await asyncio.gather(
-            service.store.mark_delivered(message.id, 1001),
-            service.store.mark_delivered(message.id, 1002),
+            ChatStore(service.store.db).mark_delivered(message.id, 1001),
+            ChatStore(service.store.db).mark_delivered(message.id, 1002),
         )
 
         assert sorted([first, second]) == [False, True]
-        assert not await service.store.mark_delivered(message.id, 1003)
-        assert message.id not in [m.id for m in await service.store.undelivered_messages()]
+        assert not await ChatStore(service.store.db).mark_delivered(message.id, 1003)
+        assert message.id not in [
+            m.id for m in await ChatStore(service.store.db).undelivered_messages()
+        ]
         delivered = raw_rows(
             settings.db, "SELECT message_id, delivered_at FROM outbox WHERE id = ?", (message.id,)
         )
@@ -431,7 +452,7 @@ async def test_a_cli_run_queues_no_messages(service: RunService, settings: Setti
     await service.start("quieter", LATENCY)
     await service.cancel("quieter", "cli:oncall")
     assert raw_rows(settings.db, "SELECT COUNT(*) FROM outbox") == [(0,)]
-    assert await service.store.undelivered_messages() == []
+    assert await ChatStore(service.store.db).undelivered_messages() == []
 
 
 # -- tool call intents -------------------------------------------------------------------------
@@ -554,11 +575,11 @@ async def test_stale_progress_edits_are_dropped_and_requests_kept(store: RunStor
     claim = await _claimed_run(store, "s", Origin(kind="telegram", chat_id=42))
     await store.begin_tool_call(claim, _intent("s#0.0"), Checkpoint())
     await store.finish_tool_call(claim, "s#0.0", 1, "ok", {}, 1.0, Checkpoint())
-    kinds = [m.kind for m in await store.undelivered_messages()]
+    kinds = [m.kind for m in await ChatStore(store.db).undelivered_messages()]
     assert "progress" in kinds
     cutoff = time.time()
     await store.finish_run(claim, RunStatus.SUCCEEDED, Checkpoint(), "done", None)
-    assert await store.drop_stale_progress(before=cutoff) >= 1
-    left = await store.undelivered_messages()
+    assert await ChatStore(store.db).drop_stale_progress(before=cutoff) >= 1
+    left = await ChatStore(store.db).undelivered_messages()
     assert [m.kind for m in left if m.created_at < cutoff and m.kind == "progress"] == []
     assert "run_finished" in [m.kind for m in left]

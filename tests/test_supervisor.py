@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.approvals import Decision
-from agent.journal import first_broken_link
-from agent.mock_policy import MockPolicy
-from agent.policy import PolicyContext, PolicyDecision
+from agent.events import first_broken_link
+from agent.policy.base import PolicyContext, PolicyDecision
+from agent.policy.mock import MockPolicy
 from agent.records import RunStatus
-from agent.service import RunService, ServiceError
+from agent.run.approvals import Decision
+from agent.service.runs import RunService, ServiceError
 from agent.settings import Settings
 from tests.conftest import make_workspace
 from tests.support import ScriptedPolicy, call, final, open_service, turn
@@ -97,7 +97,7 @@ def _cli(workspace: Path, db: Path, *args: str, failpoint: str | None = None) ->
     if failpoint:
         env["LOOM_OPS_FAILPOINT"] = failpoint
     done = subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args, "--json"],
+        [sys.executable, "-m", "agent.frontends.cli", *args, "--json"],
         cwd=workspace,
         env=env,
         capture_output=True,
@@ -234,7 +234,7 @@ async def test_several_pending_requests_below_a_root_must_be_named(settings: Set
 
 
 async def test_the_trace_shows_the_whole_tree(service: RunService, tmp_path: Path) -> None:
-    from agent.trace import build_trace, render_trace
+    from agent.views.trace import build_trace, render_trace
 
     await service.start("tr", LATENCY, role="supervisor")
     await service.decide("tr", Decision.APPROVE, "cli:oncall")

@@ -22,9 +22,8 @@ import jinja2
 import jinja2.sandbox
 import pytest
 
-from agent.bounded_jinja import MAX_NUMBER, MAX_SAME_HASH, MAX_SOURCE_CHARS
 from agent.records import RunStatus
-from agent.runbook import (
+from agent.runbook.model import (
     RenderError,
     RenderLimitError,
     RenderLimits,
@@ -34,8 +33,9 @@ from agent.runbook import (
     render_text,
     render_url,
 )
-from agent.service import RunService
-from agent.tools import describe_action
+from agent.runbook.templates import MAX_NUMBER, MAX_SAME_HASH, MAX_SOURCE_CHARS
+from agent.service.runs import RunService
+from agent.tools.toolbox import describe_action
 from tests.cli_helpers import Cli, assert_usage_error, make_cli_workspace
 from tests.http_harness import TERMINAL, ServeProcess, free_port, poll_run
 from tests.support import write_runbook

@@ -107,9 +107,9 @@ def test_the_trace_renders_in_headless_chromium(traced: tuple[Cli, Path], tmp_pa
 
 async def test_command_output_is_shown_as_text_stderr_first(tmp_path: Path) -> None:
     """What a live command printed reads as lines in the trace, not one JSON-escaped string."""
-    from agent.service import RunService
+    from agent.service.runs import RunService
     from agent.settings import Settings
-    from agent.trace import build_trace, render_trace
+    from agent.views.trace import build_trace, render_trace
     from tests.conftest import make_workspace
     from tests.support import allow, write_runbook
 

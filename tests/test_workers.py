@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.approvals import Decision
-from agent.journal import first_broken_link
-from agent.service import RunService
+from agent.events import first_broken_link
+from agent.run.approvals import Decision
+from agent.service.runs import RunService
 from agent.settings import Settings
 from tests.cli_helpers import LOOM_OPS, cli_env
 from tests.conftest import make_workspace, postgres_schema
@@ -604,7 +604,7 @@ async def test_two_workers_drive_supervised_incidents_whose_children_end_togethe
     20 s deadline below turns either into a failure (the whole test takes about 2 s)."""
     import asyncio
 
-    from agent.worker import Worker
+    from agent.frontends.worker import Worker
 
     workspace = make_workspace(tmp_path / "ws")
     settings = Settings(

@@ -1,0 +1,1211 @@
+"""The `loom-ops` command line: start, resume, decide, cancel, list and explain runs.
+
+Exit codes: 0 when the run succeeded or waits for a decision; 1 when it failed, was rejected,
+cancelled or expired (or was interrupted); 2 for bad usage or input. Errors are one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import logging
+import os
+import secrets
+import shlex
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any, NoReturn
+
+import httpx
+from pydantic import ValidationError
+
+from agent.events import verify_chain
+from agent.policy.mock import MockPolicy, exact_runbook, match_runbook
+from agent.records import ApprovalRecord, EventRecord, RunRecord, RunStatus
+from agent.run.approvals import Decision
+from agent.run.leases import owner_is_dead
+from agent.runbook.model import (
+    RunbookCatalog,
+    RunbookError,
+    load_catalog,
+    load_runbook,
+    validate_runbooks,
+)
+from agent.runbook.request import MAX_REQUEST_BYTES, RequestError, parse_request
+from agent.service.runs import (
+    NO_POLICY,
+    PROCESS_LIVE_WITHIN,
+    DeciderRefused,
+    RunService,
+    ServiceError,
+    validate_run_id,
+    validate_text,
+)
+from agent.settings import Settings
+from agent.store import RunNotFound, RunStore, StoreError
+from agent.store.database import driver_errors, is_postgres_url, sqlite_path
+from agent.tools.allowlist import AllowlistError, ShellAllowlist
+from agent.tools.toolbox import CHILD_ROLES
+from agent.views.explain import render_timeline
+from agent.views.summary import build_summary, render_summary
+from agent.views.trace import build_trace, render_trace
+
+EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad usage or input: one line on stderr, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One clear line instead of argparse's usage dump.
+        self.exit(EXIT_USAGE, f"loom-ops: {message} (see {self.prog} --help)\n")
+
+
+def _common(parser: argparse.ArgumentParser, run_flags: bool = False) -> None:
+    parser.add_argument(
+        "--db",
+        help="SQLite file or postgresql:// URL (LOOM_OPS_DB, default ops.sqlite)",
+    )
+    parser.add_argument(
+        "--workspace", type=Path, help="workspace with runbooks/ (LOOM_OPS_WORKSPACE, default .)"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    # Accepted everywhere, so a command line can be reused from one command to the next; it
+    # changes nothing where no policy is asked (runs, explain, runbooks, ...).
+    parser.add_argument(
+        "--mock-llm", action="store_true", default=None, help="use the deterministic policy"
+    )
+    if run_flags:
+        parser.add_argument("--max-steps", type=int, help="policy turns per run")
+        parser.add_argument("--max-tool-calls", type=int, help="tool calls per run")
+
+
+def _positive_id(text: str) -> int:
+    if not text.lstrip("#").isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a request number")
+    return int(text.lstrip("#"))
+
+
+def _positive(text: str) -> int:
+    value = int(text) if text.isdigit() else 0
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from 1 to 1000")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text) if text.isdigit() else -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)")
+    return value
+
+
+def _version() -> str:
+    """The installed package's version."""
+    try:
+        return metadata.version("loom-ops")
+    except metadata.PackageNotFoundError:  # a checkout run without `pip install`
+        return "unknown"
+
+
+def _run_id(parser: argparse.ArgumentParser, what: str) -> None:
+    """A run id as the first word (`loom-ops explain inc-001`) or, as before, `--run-id`."""
+    parser.add_argument("run_id", nargs="?", metavar="RUN_ID", help=what)
+    parser.add_argument(
+        "--run-id", dest="run_id_flag", metavar="RUN_ID", help="the same, as a flag"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = _Parser(prog="loom-ops", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"loom-ops {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    for name, help_text in (
+        ("runbook", "start a runbook run from an incident message"),
+        ("supervise", "plan, then execute and verify in parallel child runs (a run tree)"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument(
+            "message",
+            help='an incident ("API latency spike service=checkout") or a runbook id first '
+            '("api-latency-spike service=checkout", or runbook=<id>)',
+        )
+        p.add_argument(
+            "--run-id", help="the new run's id (default: a new one like inc-0605-k3m9, printed)"
+        )
+        p.add_argument(
+            "--yes",
+            action="store_true",
+            help="with live shell or MCP on, start even though the message names no runbook "
+            "id and the runbook is only matched from its words",
+        )
+        what = "run's" if name == "runbook" else "tree's"
+        p.add_argument("--trace", type=Path, help=f"also write the {what} offline HTML trace here")
+        _common(p, run_flags=True)
+
+    p = sub.add_parser("resume", help="drive a run on from its checkpoint (all orphans if no id)")
+    _run_id(p, "the run to resume (default: every run whose owner died)")
+    _common(p, run_flags=True)
+
+    for name, help_text in (("approve", "approve the pending request"), ("reject", "reject it")):
+        p = sub.add_parser(name, help=help_text)
+        _run_id(p, "the run (or the root of its tree) whose request is decided")
+        p.add_argument("--note", help="why (recorded with the decision)")
+        p.add_argument("--as", dest="as_user", help="decide as cli:<name> (default: OS user)")
+        p.add_argument(
+            "--approval",
+            type=_positive_id,
+            help="the request's number (#N), required once a run has had more than one",
+        )
+        p.add_argument(
+            "--role",
+            choices=CHILD_ROLES,
+            help="decide in the run of this role below the one named (e.g. executor)",
+        )
+        if name == "approve":
+            p.add_argument(
+                "--skip",
+                action="store_true",
+                help="for a step that may or may not have run: treat it as done, do not rerun",
+            )
+        _common(p, run_flags=True)
+
+    p = sub.add_parser("cancel", help="cancel a run")
+    _run_id(p, "the run to cancel (with the runs below it)")
+    p.add_argument("--as", dest="as_user", help="cancel as cli:<name>")
+    _common(p)
+
+    p = sub.add_parser(
+        "status",
+        help="a run's status, its pending request and its child runs (no id: live processes)",
+    )
+    _run_id(p, "the run to show")
+    _common(p)
+
+    p = sub.add_parser("runs", help="list incidents (root runs), newest first")
+    p.add_argument(
+        "--status",
+        choices=[s.value for s in RunStatus],
+        help="only incidents in this status (a tree waiting for a decision anywhere counts as "
+        "waiting_approval)",
+    )
+    p.add_argument("--limit", type=_positive, default=50, help="at most this many (1-1000)")
+    p.add_argument("--all", action="store_true", help="every run, child runs included")
+    _common(p)
+
+    p = sub.add_parser("explain", help="a run's timeline")
+    _run_id(p, "the run to explain")
+    _common(p)
+
+    p = sub.add_parser("trace", help="write a run's self-contained HTML trace")
+    _run_id(p, "the run (tree) to trace")
+    p.add_argument("-o", "--output", type=Path, help="file to write (default: <run-id>.html)")
+    _common(p)
+
+    p = sub.add_parser("audit", help="verify or export a run's hash-chained journal")
+    p.add_argument("action", choices=["verify", "export"])
+    _run_id(p, "the run whose journal is verified or exported")
+    p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl", help="for export")
+    p.add_argument("-o", "--output", type=Path, help="export to this file (default: stdout)")
+    _common(p)
+
+    p = sub.add_parser(
+        "serve",
+        help="serve the HTTP API (and with --telegram the bot) until interrupted",
+        description="Runs outlive connections; SSE streams resume with Last-Event-ID. "
+        "Beyond loopback LOOM_OPS_API_TOKEN is required.",
+    )
+    p.add_argument("--host", help="address to bind (LOOM_OPS_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=_port, help="port (LOOM_OPS_PORT, default 8766)")
+    p.add_argument("--telegram", action="store_true", help="also serve the Telegram bot")
+    _no_worker(p)
+    _common(p, run_flags=True)
+
+    p = sub.add_parser(
+        "sandbox",
+        help="the real bot in a local Telegram-like chat page: no token, no key, offline",
+        description="Starts the local Bot API stand-in, the bot pointed at it, and a chat "
+        "page on 127.0.0.1; real TELEGRAM_* settings are ignored.",
+    )
+    p.add_argument("--port", type=_port, default=8780, help="page port (default 8780)")
+    p.add_argument(
+        "--script",
+        choices=["incident"],
+        help="play the flow by itself (/run, the approver's tap, the summary), print the "
+        "transcript and exit",
+    )
+    _common(p, run_flags=True)
+
+    p = sub.add_parser(
+        "telegram",
+        aliases=["bot"],
+        help="serve the Telegram bot (long polling or webhook) until interrupted",
+        description="Settings: TELEGRAM_BOT_TOKEN, TELEGRAM_ALLOWED_CHAT_IDS, "
+        "TELEGRAM_APPROVER_IDS, TELEGRAM_API_BASE_URL (see .env.example). Several instances "
+        "on PostgreSQL: one polls (the leader), the others stand by; or use a webhook.",
+    )
+    p.add_argument(
+        "--webhook-url",
+        help="take updates by webhook at this public https URL (TELEGRAM_WEBHOOK_URL); "
+        "needs TELEGRAM_WEBHOOK_SECRET",
+    )
+    p.add_argument(
+        "--listen",
+        type=_host_port,
+        help="where the webhook server binds, HOST:PORT (TELEGRAM_WEBHOOK_LISTEN, "
+        "default 127.0.0.1:8443)",
+    )
+    _no_worker(p)
+    _common(p, run_flags=True)
+
+    p = sub.add_parser(
+        "worker",
+        help="claim runnable runs from the store and drive them, until interrupted",
+        description="Any number of workers, on any machines sharing the database, take runs "
+        "with leases; a dead worker's runs are taken over when its lease expires.",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=_positive,
+        help="runs driven at once (LOOM_OPS_WORKER_CONCURRENCY, default 16)",
+    )
+    _common(p, run_flags=True)
+
+    p = sub.add_parser(
+        "healthcheck",
+        help="exit 0 when the store answers with a current schema (and --url answers 200)",
+    )
+    p.add_argument("--url", help="also GET this URL, e.g. http://127.0.0.1:8766/healthz")
+    _common(p)
+
+    p = sub.add_parser(
+        "doctor",
+        help="check the configuration end to end and print what to fix (exit 1 on an error)",
+        description="Runbooks, the shell allowlist, binaries, MCP tools, the LLM (one tiny "
+        "request unless --mock-llm), the Bot API (getMe, when TELEGRAM_BOT_TOKEN is set) and "
+        "approver settings. Writes nothing.",
+    )
+    _common(p)
+
+    p = sub.add_parser("runbooks", help="list or validate runbooks")
+    p.add_argument("action", choices=["list", "validate"])
+    p.add_argument("path", nargs="?", type=Path, help="file or directory (default: runbooks/)")
+    _common(p)
+    return parser
+
+
+def _no_worker(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-worker",
+        dest="no_worker",
+        action="store_true",
+        help="record starts and decisions only; `loom-ops worker` processes drive the runs",
+    )
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    from bot.settings import parse_host_port  # plain pydantic: no Telegram packages
+
+    try:
+        return parse_host_port(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {}
+    for name in ("db", "workspace", "mock_llm", "max_steps", "max_tool_calls"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise UsageError(f"bad setting {field}: {first['msg']}") from None
+
+
+# -- output -------------------------------------------------------------------------------------
+
+
+def _exit_code(run: RunRecord) -> int:
+    if run.status in (RunStatus.SUCCEEDED, RunStatus.WAITING_APPROVAL, RunStatus.WAITING_CHILDREN):
+        return EXIT_OK
+    return EXIT_RUN_FAILED
+
+
+def _approval_json(approval: ApprovalRecord | None) -> dict[str, Any] | None:
+    if approval is None:
+        return None
+    return {
+        "id": approval.id,
+        "number": approval.number,
+        "kind": approval.kind,
+        "step_id": approval.step_id,
+        "action": approval.action,
+        "reason": approval.reason,
+        "rollback": approval.rollback,
+        "deciders": approval.deciders,
+        "status": approval.status,
+        "decided_by": approval.decided_by,
+        "deadline_at": approval.deadline_at,
+        "mode": approval.mode,
+        "runs_on": approval.runs_on,
+        "evidence": approval.evidence,
+    }
+
+
+def _deadline(at: float) -> str:
+    """A deadline as people read it at 3 a.m.: "in 9 min (05:14 UTC)"."""
+    left = at - time.time()
+    clock = time.strftime("%H:%M UTC", time.gmtime(at))
+    if left <= 0:
+        return f"passed ({clock})"
+    minutes = int(left // 60)
+    if minutes < 1:
+        return f"in {int(left)} s ({clock})"
+    if minutes < 120:
+        return f"in {minutes} min ({clock})"
+    return f"in {minutes // 60} h {minutes % 60} min ({clock})"
+
+
+def _as_hint(service: RunService, approval: ApprovalRecord) -> str | None:
+    """The `--as` a pasted decision needs: none when this login may decide, else the first
+    CLI approver the request names."""
+    me = f"cli:{service.settings.user}"
+    if not approval.deciders or me in approval.deciders:
+        return None
+    cli_deciders = [d.removeprefix("cli:") for d in approval.deciders if d.startswith("cli:")]
+    return cli_deciders[0] if cli_deciders else None
+
+
+def _run_json(run: RunRecord) -> dict[str, Any]:
+    return {
+        "run_id": run.id,
+        "status": str(run.status),
+        "role": run.role,
+        "runbook_id": run.runbook_id,
+        "params": run.params,
+        "requested_by": run.requested_by,
+        "policy": run.policy,
+        "summary": run.summary,
+        "error": run.error,
+        "created_at": run.created_at,
+        "finished_at": run.finished_at,
+    }
+
+
+async def _report(service: RunService, run: RunRecord, as_json: bool, extra: str = "") -> int:
+    """Print where a run stands: its pending approval, or its audit summary once final."""
+    approval = await service.pending_approval(run.id)
+    if as_json:
+        payload = _run_json(run) | {"approval": _approval_json(approval)}
+        if extra:
+            payload["message"] = extra
+        print(json.dumps(payload, ensure_ascii=False))
+        return _exit_code(run)
+    if extra:
+        print(extra)
+    if approval is not None:
+        kind = "a step that may or may not have run" if approval.kind == "in_doubt" else "approval"
+        print(f"Run {run.id} is waiting for request #{approval.number} ({kind}).")
+        print(f"  step:     {approval.step_id}")
+        print(f"  action:   {approval.action}")
+        if approval.mode:
+            print(f"  mode:     {approval.mode.upper()}, on {approval.runs_on or 'this host'}")
+        print(f"  why:      {approval.reason}")
+        print(f"  rollback: {approval.rollback or '-'}")
+        print(f"  who:      {', '.join(approval.deciders) or 'any approver'}")
+        print(f"  deadline: {_deadline(approval.deadline_at)}")
+        for entry in approval.evidence:
+            first, *rest = entry.splitlines()
+            print(f"  found:    {first}")
+            for line in rest:
+                print(f"            {line.strip()}")
+        root = await service.store.root_id(run.id)
+        named = f"--run-id {root} --approval {approval.number}{_where(service)}"
+        as_user = _as_hint(service, approval)
+        named += f" --as {as_user}" if as_user else ""
+        if approval.kind == "in_doubt":
+            print(
+                f"Decide with: loom-ops approve {named} (run it again) | "
+                "approve --skip (it ran: treat as done) | reject (abort the run)"
+            )
+        else:
+            print(f"Decide with: loom-ops approve {named}   (or: loom-ops reject {named})")
+    elif run.status.is_terminal:
+        print(render_summary(await build_summary(service.store, run.id)), end="")
+        if run.status == RunStatus.FAILED and run.error:
+            # The summary is the record; the reason is the one line a person or script reads
+            # first (e.g. which LLM setting to fix).
+            print(f"loom-ops: run {run.id} failed: {' '.join(run.error.split())}", file=sys.stderr)
+    else:
+        reason = f": {run.error}" if run.error else ""
+        print(
+            f"Run {run.id} is {run.status}{reason}; continue with loom-ops resume --run-id "
+            f"{run.id}{_where(service)}"
+        )
+    return _exit_code(run)
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+
+async def _cmd_runbook(service: RunService, args: argparse.Namespace) -> int:
+    role = "supervisor" if args.command == "supervise" else "runbook"
+    run_id = args.run_id
+    if run_id is None:
+        run_id = await _free_run_id(service)
+        if not args.json:  # said first, so another terminal can follow or cancel it
+            print(f"Run id: {run_id}", flush=True)
+    run = await service.start(
+        run_id, args.message, role=role, requested_by=_cli_user(service, None)
+    )
+    if args.trace:
+        await _write_trace(service, run.id, args.trace)
+    if run.status in (RunStatus.QUEUED, RunStatus.RUNNING):
+        return await _interrupted(service, run, args.json)
+    return await _report(service, run, args.json)
+
+
+# Letters and digits that cannot be misread (no 0/o, 1/l/i): ids are read aloud and retyped.
+_ID_ALPHABET = "abcdefghjkmnpqrstuvwxyz23456789"
+
+
+def _new_run_id() -> str:
+    """A short, readable id: `inc-` + the UTC month and day + 4 random characters."""
+    day = time.strftime("%m%d", time.gmtime())
+    return f"inc-{day}-{''.join(secrets.choice(_ID_ALPHABET) for _ in range(4))}"
+
+
+async def _free_run_id(service: RunService) -> str:
+    """A new run id no run has (31^4 per day: a clash is rare, and then another is drawn)."""
+    for _ in range(20):
+        run_id = _new_run_id()
+        try:
+            await service.get(run_id)
+        except RunNotFound:
+            return run_id
+    raise UsageError("could not draw a free run id; name one with --run-id")
+
+
+async def _interrupted(service: RunService, run: RunRecord, as_json: bool) -> int:
+    events = await service.store.list_events(run.id)
+    reason = next((e.data["error"] for e in reversed(events) if e.type == "run_interrupted"), None)
+    message = f"run {run.id} was interrupted: {reason or 'unknown reason'}"
+    if as_json:
+        print(json.dumps(_run_json(run) | {"error": message}))
+    else:
+        print(
+            f"loom-ops: {message}; resume with loom-ops resume --run-id {run.id}", file=sys.stderr
+        )
+    return EXIT_RUN_FAILED
+
+
+async def _cmd_resume(service: RunService, args: argparse.Namespace) -> int:
+    if args.run_id:
+        run = await service.resume(args.run_id)
+        if run.status in (RunStatus.QUEUED, RunStatus.RUNNING):
+            return await _interrupted(service, run, args.json)
+        return await _report(service, run, args.json)
+    runs = await service.recover()
+    if args.json:
+        print(json.dumps({"run_id": None, "status": "ok", "runs": [_run_json(r) for r in runs]}))
+    else:
+        for run in runs:
+            print(f"{run.id}: {run.status}")
+        print(f"resumed {len(runs)} run(s)")
+    return EXIT_OK if all(_exit_code(r) == EXIT_OK for r in runs) else EXIT_RUN_FAILED
+
+
+async def _cmd_decide(service: RunService, args: argparse.Namespace) -> int:
+    if args.command == "reject":
+        decision = Decision.REJECT
+    else:
+        decision = Decision.SKIP if args.skip else Decision.APPROVE
+    decider = _cli_user(service, args.as_user)
+    drivers = [p for p in await service.live_processes() if p.drives_runs]
+    if drivers:
+        # A live process drives this store's runs: record the decision and let it go on (at
+        # once on PostgreSQL, within a second on SQLite) rather than take the run from it.
+        service.executes_runs = False
+    try:
+        result = await service.decide(
+            args.run_id, decision, decider, args.note, approval_number=args.approval
+        )
+    except DeciderRefused as exc:
+        raise UsageError(
+            f"{exc}; decide as one of them with --as NAME (cli:NAME), or set LOOM_OPS_USER"
+        ) from None
+    if not result.changed:
+        raise UsageError(f"run {args.run_id}: {result.message}")
+    if drivers and not result.run.status.is_terminal:
+        where = f"the {drivers[0].kind} process {drivers[0].owner}"
+        message = f"Decision: {result.message}; {where} goes on with the run"
+        if args.json:
+            print(json.dumps(_run_json(result.run) | {"message": message}, ensure_ascii=False))
+        else:
+            print(message)
+            print(f"Follow it with: loom-ops explain --run-id {args.run_id}{_where(service)}")
+        return EXIT_OK
+    # Decided through a parent: report on the run the operator named, which went on too.
+    run = result.run if result.run.id == args.run_id else await service.get(args.run_id)
+    return await _report(service, run, args.json, extra=f"Decision: {result.message}")
+
+
+async def _cmd_cancel(service: RunService, args: argparse.Namespace) -> int:
+    run = await service.cancel(args.run_id, _cli_user(service, args.as_user))
+    return await _report(service, run, args.json)
+
+
+async def _cmd_runs(service: RunService, args: argparse.Namespace) -> int:
+    await service.expire_overdue()  # so no request shows as pending past its deadline
+    wanted = RunStatus(args.status) if args.status else None
+    if args.all:
+        runs = await service.store.list_runs(wanted, args.limit)
+        rows = [(run, str(run.status), run.runbook_id) for run in runs]
+    else:
+        rows = await _incidents(service, wanted, args.limit)
+    if args.json:
+        listed = [
+            _run_json(run) | {"tree_status": status, "tree_runbook_id": runbook_id}
+            for run, status, runbook_id in rows
+        ]
+        print(json.dumps({"run_id": None, "status": "ok", "runs": listed}))
+        return EXIT_OK
+    if not rows:
+        print("no runs")
+        return EXIT_OK
+    print(f"{'RUN':<24} {'STATUS':<17} {'STARTED (UTC)':<17} {'RUNBOOK':<24} REQUEST")
+    for run, status, runbook_id in rows:
+        started = time.strftime("%Y-%m-%d %H:%M", time.gmtime(run.created_at))
+        print(
+            f"{run.id:<24} {status:<17} {started:<17} {runbook_id or '-':<24} "
+            f"{' '.join(run.request.split())[:60]}"
+        )
+    return EXIT_OK
+
+
+async def _incidents(
+    service: RunService, wanted: RunStatus | None, limit: int
+) -> list[tuple[RunRecord, str, str | None]]:
+    """Root runs, newest first, as (run, the tree's status, its runbook): one per incident.
+
+    The store lists every run; roots are picked page by page, so a tree of four runs still
+    counts once against `limit`."""
+    rows: list[tuple[RunRecord, str, str | None]] = []
+    page = max(4 * limit, 200)
+    offset = 0
+    while len(rows) < limit:
+        batch = await service.store.list_runs(None, page, offset)
+        for run in batch:
+            if run.parent_id is not None:
+                continue
+            status = await _tree_status(service, run)
+            if wanted is not None and status != wanted:
+                continue
+            rows.append((run, status, await _tree_runbook(service, run)))
+            if len(rows) == limit:
+                break
+        if len(batch) < page:
+            break
+        offset += page
+    return rows
+
+
+async def _tree_status(service: RunService, run: RunRecord) -> str:
+    """The root's status, but `waiting_approval` when a run below it waits for a person:
+    that, not `waiting_children`, is what an operator has to act on."""
+    if run.status == RunStatus.WAITING_CHILDREN and await service.pending_approval(run.id):
+        return str(RunStatus.WAITING_APPROVAL)
+    return str(run.status)
+
+
+async def _tree_runbook(service: RunService, run: RunRecord) -> str | None:
+    """The runbook of a run, or of the first child that chose one (a supervisor has none)."""
+    if run.runbook_id is not None:
+        return run.runbook_id
+    for child in await service.store.child_runs(run.id):
+        if child.runbook_id is not None:
+            return child.runbook_id
+    return None
+
+
+async def _cmd_status(service: RunService, args: argparse.Namespace) -> int:
+    """One run: its status, its child runs one line each, and its pending request with the
+    command that decides it."""
+    if args.run_id is None:
+        return await _print_processes(service, args.json)
+    await service.expire_overdue()
+    run = await service.get(args.run_id)
+    children = [await service.get(i) for i in (await service.store.subtree_ids(run.id))[1:]]
+    children.sort(key=lambda child: (child.created_at, child.id))  # in the order they started
+    approval = await service.pending_approval(run.id)
+    if args.json:
+        payload = _run_json(run) | {
+            "approval": _approval_json(approval),
+            "children": [_run_json(child) for child in children],
+        }
+        print(json.dumps(payload, ensure_ascii=False))
+        return _exit_code(run)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(run.created_at))
+    print(f"Run {run.id}: {run.status}")
+    runbook_id = await _tree_runbook(service, run)
+    if runbook_id:
+        params = " ".join(f"{k}={v}" for k, v in sorted(run.params.items()))
+        print(f"  runbook:  {runbook_id}" + (f" ({params})" if params else ""))
+    print(f"  request:  {' '.join(run.request.split())[:100]}")
+    print(f"  started:  {started} by {run.requested_by} ({run.policy or 'policy not recorded'})")
+    outcome = run.error or run.summary
+    if run.status.is_terminal and outcome:
+        print(f"  outcome:  {' '.join(outcome.split())[:200]}")
+    if children:
+        print("  children:")
+        width = max(len(child.id) for child in children)
+        for child in children:
+            detail = child.error or child.summary or ""
+            print(
+                f"    {child.id:<{width}}  {child.status:<17} {child.role:<9} "
+                f"{' '.join(detail.split())[:80]}".rstrip()
+            )
+    if approval is not None:
+        await _report(service, run, False)  # the request and how to decide it, as everywhere
+    elif run.status in (RunStatus.QUEUED, RunStatus.RUNNING):
+        if not run.lease_owner:
+            print(f"Nobody drives it now: loom-ops resume {run.id}{_where(service)}")
+        elif owner_is_dead(run.lease_owner) or (run.lease_expires_at or 0) < time.time():
+            print(
+                f"Its driver {run.lease_owner} is gone (dead, or its lease ran out): "
+                f"loom-ops resume {run.id}{_where(service)}"
+            )
+    return _exit_code(run)
+
+
+def _where(service: RunService) -> str:
+    """The `--db`/`--workspace` a printed command needs to reach this store when pasted
+    elsewhere than where this one ran (none when they are the defaults)."""
+    settings = service.settings
+    default = Settings.model_fields["db"].default
+    parts = []
+    if str(settings.db) != str(default):
+        parts.append(f" --db {shlex.quote(str(settings.db))}")
+    if Path(settings.workspace).resolve() != Path.cwd().resolve():
+        parts.append(f" --workspace {shlex.quote(str(settings.workspace))}")
+    return "".join(parts)
+
+
+async def _print_processes(service: RunService | None, as_json: bool) -> int:
+    """`loom-ops status` without a run id: the processes that serve the store (serve,
+    telegram, sandbox, workers), live or gone by their heartbeat. `service` is None when the
+    store does not exist yet (nothing serves it)."""
+    now = time.time()
+    processes = await service.store.list_processes() if service is not None else []
+    listed = [
+        {
+            "owner": p.owner,
+            "kind": p.kind,
+            "drives_runs": p.drives_runs,
+            "live": now - p.heartbeat_at <= PROCESS_LIVE_WITHIN,
+            "started_at": p.started_at,
+            "heartbeat_at": p.heartbeat_at,
+        }
+        for p in processes
+    ]
+    if as_json:
+        print(json.dumps({"run_id": None, "status": "ok", "processes": listed}))
+        return EXIT_OK
+    if not listed:
+        print("No process serves this store: decisions made here drive the run in this process.")
+    for entry in listed:
+        seen = f"{now - entry['heartbeat_at']:.0f} s ago"
+        state = "live" if entry["live"] else f"gone (last seen {seen})"
+        role = "drives runs" if entry["drives_runs"] else "records only"
+        started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(entry["started_at"]))
+        print(f"{entry['kind']:<16} {state:<28} {role:<13} since {started}  {entry['owner']}")
+    print("loom-ops status RUN_ID shows one run; loom-ops runs lists them.")
+    return EXIT_OK
+
+
+async def _decide_in(service: RunService, args: argparse.Namespace) -> int:
+    """approve/reject: with `--role`, the request of that child of the named run (the seed's
+    `approve --run-id exec-1 --role executor`)."""
+    if args.role is not None:
+        args.run_id = await _run_of_role(service, args.run_id, args.role)
+    return await _cmd_decide(service, args)
+
+
+async def _run_of_role(service: RunService, run_id: str, role: str) -> str:
+    """The run of `role` in the tree below `run_id` (itself included); exactly one, or a
+    usage error naming what is there."""
+    tree = [await service.get(i) for i in await service.store.subtree_ids(run_id)]
+    found = [run.id for run in tree if run.role == role]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        roles = ", ".join(f"{run.id} ({run.role})" for run in tree)
+        raise UsageError(f"no {role} run in the tree of {run_id} (runs: {roles})")
+    raise UsageError(f"{len(found)} {role} runs below {run_id}: name one ({', '.join(found)})")
+
+
+async def _cmd_explain(service: RunService, args: argparse.Namespace) -> int:
+    run = await service.get(args.run_id)
+    events = await service.store.list_events(run.id)
+    if args.json:
+        payload = _run_json(run) | {
+            "events": [
+                {"seq": e.seq, "ts": e.ts, "type": e.type, "data": e.data, "hash": e.hash}
+                for e in events
+            ]
+        }
+        print(json.dumps(payload, ensure_ascii=False))
+    else:
+        print(render_timeline(run, events), end="")
+    return EXIT_OK
+
+
+async def _write_trace(service: RunService, run_id: str, path: Path) -> None:
+    html = render_trace(await build_trace(service.store, run_id))
+    try:
+        path.write_text(html, encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+async def _cmd_trace(service: RunService, args: argparse.Namespace) -> int:
+    run = await service.get(args.run_id)
+    path = args.output or Path(f"{run.id}.html")
+    await _write_trace(service, run.id, path)
+    if args.json:
+        print(json.dumps({"run_id": run.id, "status": str(run.status), "trace": str(path)}))
+    else:
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
+async def _cmd_audit(service: RunService, args: argparse.Namespace) -> int:
+    run = await service.get(args.run_id)
+    events = await service.store.list_events(run.id)
+    if args.action == "export":
+        return _export(events, args.format, args.output)
+    head_hash, head_count = await service.store.chain_head(run.id)
+    report = verify_chain(run.id, events, head_hash, head_count)
+    if args.json:
+        payload = {
+            "run_id": run.id,
+            "status": "intact" if report.intact else "tampered",
+            "events": report.events,
+            "first_bad_seq": report.broken.seq if report.broken else None,
+            "problem": report.problem,
+        }
+        print(json.dumps(payload))
+    elif report.intact:
+        print(f"run {run.id}: journal intact ({report.events} events, head {head_hash[:16]}…)")
+    else:
+        print(f"run {run.id}: journal TAMPERED: {report.problem}")
+    return EXIT_OK if report.intact else EXIT_RUN_FAILED
+
+
+EXPORT_COLUMNS = ("seq", "run_id", "idx", "ts", "time_utc", "type", "data", "prev_hash", "hash")
+
+
+def _export(events: list[EventRecord], fmt: str, output: Path | None) -> int:
+    """Write the journal as JSON lines or CSV, one event per line, hashes included."""
+    rows = [
+        {
+            "seq": e.seq,
+            "run_id": e.run_id,
+            "idx": e.idx,
+            "ts": e.ts,
+            "time_utc": datetime.fromtimestamp(e.ts, UTC).isoformat(timespec="microseconds"),
+            "type": e.type,
+            "data": e.data,
+            "prev_hash": e.prev_hash,
+            "hash": e.hash,
+        }
+        for e in events
+    ]
+    try:
+        handle = output.open("w", newline="", encoding="utf-8") if output else sys.stdout
+    except OSError as exc:
+        raise UsageError(f"cannot write {output}: {exc.strerror or exc}") from None
+    try:
+        if fmt == "jsonl":
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        else:
+            writer = csv.DictWriter(handle, fieldnames=EXPORT_COLUMNS)
+            writer.writeheader()
+            for row in rows:
+                writer.writerow(row | {"data": json.dumps(row["data"], ensure_ascii=False)})
+    finally:
+        if output:
+            handle.close()
+    return EXIT_OK
+
+
+def _cmd_runbooks(settings: Settings, args: argparse.Namespace) -> int:
+    path: Path = args.path or settings.runbooks_dir
+    if not path.is_file() and not path.is_dir():
+        raise UsageError(f"no such file or directory: {path}")
+    if args.action == "validate":
+        return _validate(settings, path, args.json)
+    if path.is_file():
+        try:
+            runbooks, errors = [load_runbook(path)], []
+        except RunbookError as exc:
+            runbooks, errors = [], [exc]
+    else:
+        catalog = load_catalog(path)
+        runbooks, errors = list(catalog.runbooks.values()), catalog.errors
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "run_id": None,
+                    "status": "invalid" if errors else "ok",
+                    "runbooks": [
+                        {"id": r.id, "title": r.title, "steps": len(r.steps)} for r in runbooks
+                    ],
+                    "errors": [str(e) for e in errors],
+                }
+            )
+        )
+    else:
+        for runbook in runbooks:
+            gated = sum(1 for s in runbook.steps if s.needs_approval)
+            print(f"{runbook.id:<26} {len(runbook.steps)} steps, {gated} gated  {runbook.title}")
+        for error in errors:
+            print(f"loom-ops: {error}", file=sys.stderr)
+    return EXIT_USAGE if errors else EXIT_OK
+
+
+def _validate(settings: Settings, path: Path, as_json: bool) -> int:
+    """`runbooks validate`: every error of every file in one pass (templates rendered with
+    the params' defaults, within the bounds), and commands no allowlist rule admits: errors
+    when LOOM_OPS_ALLOW_SHELL=1, warnings otherwise."""
+    live = settings.allow_shell
+    errors: list[str] = []
+    warnings: list[str] = []
+    try:
+        allowlist: ShellAllowlist | None = ShellAllowlist.load(settings.allowlist_path)
+    except AllowlistError as exc:
+        allowlist = None
+        (errors if live else warnings).append(str(exc))
+    if allowlist is not None and not allowlist.found:
+        allowlist = None
+        if live:  # dry-run never reads it: only `loom-ops doctor` mentions it then
+            errors.append(
+                f"no allowlist at {settings.allowlist_path}: with LOOM_OPS_ALLOW_SHELL=1 every "
+                "command is refused"
+            )
+    reports = validate_runbooks(path, allowlist, live_shell=live)
+    for report in reports:
+        errors += [str(e) for e in report.errors]
+        warnings += [str(e) for e in report.warnings]
+    valid = [r.runbook for r in reports if r.runbook is not None and not r.errors]
+    if as_json:
+        payload = {
+            "run_id": None,
+            "status": "invalid" if errors else "ok",
+            "runbooks": [{"id": r.id, "title": r.title, "steps": len(r.steps)} for r in valid],
+            "errors": errors,
+            "warnings": warnings,
+        }
+        print(json.dumps(payload, ensure_ascii=False))
+    else:
+        for report in reports:
+            if report.runbook is not None and not report.errors:
+                noted = f" ({len(report.warnings)} warning(s))" if report.warnings else ""
+                print(f"ok       {report.runbook.id}{noted}")
+        for error in errors:
+            print(f"loom-ops: {error}", file=sys.stderr)
+        for warning in warnings:
+            print(f"loom-ops: warning: {warning}", file=sys.stderr)
+    return EXIT_USAGE if errors else EXIT_OK
+
+
+async def _cmd_doctor(settings: Settings, args: argparse.Namespace) -> int:
+    """`loom-ops doctor`: one line per finding, exit 1 when any is an error."""
+    from agent.frontends.doctor import as_json, diagnose, summary
+
+    findings = await diagnose(settings)
+    if args.json:
+        print(json.dumps(as_json(findings), ensure_ascii=False))
+    else:
+        for finding in findings:
+            print(finding.line())
+        print(summary(findings))
+    return EXIT_RUN_FAILED if any(f.severity == "error" for f in findings) else EXIT_OK
+
+
+def _cli_user(service: RunService, name: str | None) -> str:
+    return f"cli:{name or service.settings.user}"
+
+
+COMMANDS: dict[str, Callable[[RunService, argparse.Namespace], Awaitable[int]]] = {
+    "runbook": _cmd_runbook,
+    "supervise": _cmd_runbook,
+    "resume": _cmd_resume,
+    "approve": _decide_in,
+    "reject": _decide_in,
+    "cancel": _cmd_cancel,
+    "status": _cmd_status,
+    "runs": _cmd_runs,
+    "explain": _cmd_explain,
+    "audit": _cmd_audit,
+    "trace": _cmd_trace,
+}
+
+
+async def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    """`loom-ops serve` / `telegram`: check every setting before any network call, serve."""
+    from agent.frontends import serving
+
+    http = None
+    if args.command == "serve":
+        host = args.host if args.host is not None else settings.host
+        port = args.port if args.port is not None else settings.port
+        http = serving.HttpEndpoint(host, port)
+    try:
+        if http is not None:
+            serving.check_http(settings, http)
+        wants_bot = args.command in ("telegram", "bot") or getattr(args, "telegram", False)
+        webhook = serving.WebhookOptions(
+            getattr(args, "webhook_url", None), getattr(args, "listen", None)
+        )
+        telegram = serving.check_telegram(settings, webhook) if wants_bot else None
+        return await serving.serve(settings, http, telegram, executes_runs=not args.no_worker)
+    except serving.ServingRefused as exc:
+        raise UsageError(str(exc)) from None
+
+
+async def _run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _merge_run_id(args)
+    if args.command == "runbooks":
+        return _cmd_runbooks(settings, args)
+    if args.command == "doctor":
+        return await _cmd_doctor(settings, args)
+    if args.command in ("telegram", "bot", "serve"):
+        return await _serve(settings, args)
+    if args.command == "worker":
+        from agent.frontends.serving import serve_worker
+
+        concurrency = args.concurrency or settings.worker_concurrency
+        return await serve_worker(settings, concurrency)
+    if args.command == "healthcheck":
+        return await _healthcheck(settings, args.url)
+    if args.command == "sandbox":
+        from agent.frontends.sandbox import run_sandbox  # the bot's packages, for this command only
+        from agent.frontends.serving import ServingRefused
+
+        try:
+            return await run_sandbox(settings, args.port, args.script)
+        except ServingRefused as exc:
+            raise UsageError(str(exc)) from None
+    # Whatever can be refused without the store is refused before it is opened: opening
+    # creates the database, and a usage error must leave nothing behind.
+    if args.command in ("runbook", "supervise"):
+        _check_start(settings, args)
+    elif _store_missing(settings):
+        return await _without_store(settings, args)
+    service = await RunService.open(settings)
+    try:
+        return await COMMANDS[args.command](service, args)
+    finally:
+        await service.close()
+
+
+# Commands that act on one named run (resume and status also work without one).
+_NEEDS_RUN_ID = frozenset({"approve", "reject", "cancel", "explain", "trace", "audit"})
+
+
+def _merge_run_id(args: argparse.Namespace) -> None:
+    """One run id from the positional and `--run-id`; a usage error when two differ or a
+    command that needs one has none. Its form is checked here, before any store is opened."""
+    if not hasattr(args, "run_id_flag"):
+        if getattr(args, "run_id", None) is not None:  # runbook/supervise: the new run's id
+            validate_run_id(args.run_id)
+        return
+    given, flag = args.run_id, args.run_id_flag
+    if given is not None and flag is not None and given != flag:
+        raise UsageError(f"two run ids given: {given} and --run-id {flag}")
+    args.run_id = given if given is not None else flag
+    if args.run_id is None and args.command in _NEEDS_RUN_ID:
+        command = f"audit {args.action}" if args.command == "audit" else args.command
+        raise UsageError(f"which run? loom-ops {command} RUN_ID (or --run-id RUN_ID)")
+    if args.run_id is not None:
+        validate_run_id(args.run_id)
+
+
+def _check_start(settings: Settings, args: argparse.Namespace) -> None:
+    """What `runbook`/`supervise` refuses anyway (the message, the policy, the runbook and
+    its params, a live run from a guess), refused before the store exists."""
+    validate_text("message", args.message, MAX_REQUEST_BYTES)
+    if not args.message.strip():
+        raise UsageError("message is empty")
+    catalog = load_catalog(settings.runbooks_dir)
+    key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else ""
+    try:
+        if settings.mock_llm:
+            MockPolicy().preflight(args.message, catalog)
+        elif not key:
+            raise UsageError(NO_POLICY)
+        _refuse_live_guess(settings, args, catalog)
+    except ValueError as exc:  # RequestError, ParamError: one line naming what is wrong
+        raise UsageError(str(exc)) from None
+
+
+def _refuse_live_guess(
+    settings: Settings, args: argparse.Namespace, catalog: RunbookCatalog
+) -> None:
+    """A live run (LOOM_OPS_ALLOW_SHELL=1 or LOOM_OPS_ALLOW_MCP=1) starts only from a runbook
+    the message names (its id first, or runbook=<id>) or with --yes: a runbook matched from
+    an incident's words, with its defaults (namespace=production...), is a guess, and a guess
+    must not run kubectl unasked."""
+    live = [
+        name
+        for name, on in (
+            ("LOOM_OPS_ALLOW_SHELL=1", settings.allow_shell),
+            ("LOOM_OPS_ALLOW_MCP=1", settings.allow_mcp),
+        )
+        if on
+    ]
+    if not live or args.yes:
+        return
+    parsed = parse_request(args.message)
+    if exact_runbook(catalog, parsed) is not None:
+        return
+    said = f"{' '.join(args.message.split())[:60]!r}"
+    guess = match_runbook(catalog, parsed.text or args.message)
+    if guess is None:
+        known = ", ".join(sorted(catalog.runbooks)) or "none"
+        raise UsageError(
+            f"not starting a live run ({', '.join(live)}): {said} names no runbook; put a "
+            f"runbook id first (known: {known}), or add --yes to let the policy choose"
+        )
+    params = guess.resolve_params(parsed.params)
+    words = [guess.id, *(f"{k}={_param_text(v)}" for k, v in params.items())]
+    named = " ".join(shlex.quote(word) for word in words)
+    raise UsageError(
+        f"not starting a live run ({', '.join(live)}) from a guess: {said} matched runbook "
+        f"{guess.id} with {' '.join(words[1:]) or 'no params'}; to run exactly that: "
+        f"{_retyped(args, named)} (or add --yes)"
+    )
+
+
+def _param_text(value: object) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def _retyped(args: argparse.Namespace, message: str) -> str:
+    """The command line as typed, with `message` in place of the incident text."""
+    argv = list(getattr(args, "argv", None) or [args.command, args.message])
+    if args.message in argv:
+        argv[argv.index(args.message)] = message
+    return shlex.join(["loom-ops", *argv])
+
+
+def _store_missing(settings: Settings) -> bool:
+    """True when the store is a SQLite file that does not exist (yet)."""
+    if is_postgres_url(settings.db):
+        return False
+    try:
+        path = sqlite_path(settings.db)
+    except ValueError:
+        return False  # opening it says what is wrong
+    file = Path(path)
+    # A file that could not be created either (its directory is missing, or is a file) is
+    # for opening to report: "no runs" would hide the mistake in --db.
+    return path != ":memory:" and not file.exists() and file.parent.is_dir()
+
+
+async def _without_store(settings: Settings, args: argparse.Namespace) -> int:
+    """A command on runs before any run exists: answered without creating the database."""
+    if args.command == "runs":
+        if args.json:
+            print(json.dumps({"run_id": None, "status": "ok", "runs": []}))
+        else:
+            print("no runs")
+        return EXIT_OK
+    if args.command == "status" and args.run_id is None:
+        return await _print_processes(None, args.json)
+    if args.command == "resume" and args.run_id is None:
+        if args.json:
+            print(json.dumps({"run_id": None, "status": "ok", "runs": []}))
+        else:
+            print("resumed 0 run(s)")
+        return EXIT_OK
+    where = sqlite_path(settings.db)
+    raise UsageError(f"unknown run id {args.run_id!r}: there is no database at {where} (--db)")
+
+
+async def _healthcheck(settings: Settings, url: str | None) -> int:
+    """What a container's or a load balancer's health probe runs: one line, exit 0 or 1."""
+    try:
+        async with await RunStore.open(settings.db, pool_size=1) as store:
+            version = await store.schema_version()
+    except (StoreError, OSError, *driver_errors()) as exc:
+        print(f"loom-ops: unhealthy: {(str(exc).strip().splitlines() or [''])[0]}", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    if url is not None:
+        try:
+            async with httpx.AsyncClient(timeout=5) as client:
+                response = await client.get(url)
+        except httpx.HTTPError as exc:
+            print(f"loom-ops: unhealthy: {url}: {exc}", file=sys.stderr)
+            return EXIT_RUN_FAILED
+        if response.status_code != 200:
+            print(f"loom-ops: unhealthy: {url} answered {response.status_code}", file=sys.stderr)
+            return EXIT_RUN_FAILED
+    print(f"ok: {store.label} at schema {version}")
+    return EXIT_OK
+
+
+class _OneLineFormatter(logging.Formatter):
+    """Log lines without tracebacks: the journal keeps the detail, the terminal stays readable."""
+
+    def formatException(self, ei: Any) -> str:
+        return ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record).rstrip()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `loom-ops` console script."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(_OneLineFormatter("loom-ops: %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to retype it in a hint
+    try:
+        return asyncio.run(_run(args))
+    except BrokenPipeError:  # e.g. `loom-ops audit export … | head`: the reader has enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except (UsageError, ServiceError, StoreError, RequestError, RunbookError) as exc:
+        print(f"loom-ops: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (OSError, *driver_errors()) as exc:  # the machine, not the input: still one line
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        print(f"loom-ops: {type(exc).__name__}: {detail}", file=sys.stderr)
+        return EXIT_RUN_FAILED
+    except KeyboardInterrupt:
+        print("loom-ops: interrupted; resume with loom-ops resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

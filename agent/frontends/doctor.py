@@ -1,0 +1,462 @@
+"""`loom-ops doctor`: check the configuration end to end before a run trips over it.
+
+Each check yields findings, one line each with a severity: `error` (a run, the bot or a
+decision will fail on it: exit 1), `warning` (it will fail once a setting is switched on, or
+only some runs are affected) and `ok` (what was checked and passed). Nothing is written: the
+store is not opened, no run starts, no MCP server is spawned; the only requests are one tiny
+LLM completion (when a key is set and the mock is not asked for) and one Bot API `getMe` (when
+a bot token is set), each with a short timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import httpx
+
+from agent.redaction import Redactor
+from agent.runbook.model import Runbook, RunbookReport, sample_commands, validate_runbooks
+from agent.settings import Settings
+from agent.tools.allowlist import AllowlistError, ShellAllowlist
+from agent.tools.mcp import McpConfig, McpError
+
+Severity = Literal["error", "warning", "ok"]
+SEVERITIES: tuple[Severity, ...] = ("error", "warning", "ok")
+DEFAULT_TIMEOUT = 5.0  # seconds per network check: a doctor that hangs helps nobody
+OPENAI_DEFAULT_BASE = "https://api.openai.com/v1"
+_MAX_SAID = 200  # characters of a server's own words quoted in a finding
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing the doctor found: how bad (`severity`), which check, and what to do."""
+
+    severity: Severity
+    check: str
+    message: str
+
+    def line(self) -> str:
+        """The finding as one aligned line: `error    allowlist  ...`."""
+        return f"{self.severity:<8} {self.check:<10} {' '.join(self.message.split())}"
+
+
+async def diagnose(settings: Settings, timeout: float = DEFAULT_TIMEOUT) -> list[Finding]:
+    """Every finding about this configuration, errors first (then in the checks' order)."""
+    findings: list[Finding] = []
+    allowlist, allowlist_findings = _allowlist(settings)
+    reports, runbook_findings = _runbooks(settings, allowlist)
+    runbooks = [r.runbook for r in reports if r.runbook is not None]
+    findings += runbook_findings
+    findings += allowlist_findings
+    findings += _binaries(settings, allowlist, runbooks)
+    findings += _mcp(settings, runbooks)
+    findings += _approvers(settings, runbooks)
+    redactor = Redactor(settings.redact_patterns, settings.secret_values())
+    remote = await asyncio.gather(
+        _llm(settings, redactor, timeout), _telegram(settings, redactor, timeout)
+    )
+    for found in remote:
+        findings += found
+    order = {severity: index for index, severity in enumerate(SEVERITIES)}
+    return sorted(findings, key=lambda f: order[f.severity])  # stable: checks keep their order
+
+
+# -- runbooks and the shell allowlist -----------------------------------------------------------
+
+
+def _allowlist(settings: Settings) -> tuple[ShellAllowlist | None, list[Finding]]:
+    """The allowlist in force (None when it cannot be read) and what is wrong with it."""
+    path = settings.allowlist_path
+    severity: Severity = "error" if settings.allow_shell else "warning"
+    try:
+        allowlist = ShellAllowlist.load(path)
+    except AllowlistError as exc:
+        return None, [Finding(severity, "allowlist", f"{exc}; fix the file")]
+    if not allowlist.found:
+        return allowlist, [
+            Finding(
+                severity,
+                "allowlist",
+                f"no allowlist at {path}: every live command would be refused "
+                "(create it, or set LOOM_OPS_SHELL_ALLOWLIST)",
+            )
+        ]
+    live = "live shell on" if settings.allow_shell else "dry-run: LOOM_OPS_ALLOW_SHELL is off"
+    return allowlist, [
+        Finding("ok", "allowlist", f"{path}: {len(allowlist.rules)} rule(s) ({live})")
+    ]
+
+
+def _runbooks(
+    settings: Settings, allowlist: ShellAllowlist | None
+) -> tuple[list[RunbookReport], list[Finding]]:
+    """Every runbook error (and allowlist gap) of the workspace, one finding each."""
+    directory = settings.runbooks_dir
+    if not directory.is_dir():
+        return [], [Finding("error", "runbooks", f"no runbook directory at {directory}")]
+    # A missing allowlist is one finding already, not one per command.
+    checked = allowlist if allowlist is not None and allowlist.found else None
+    reports = validate_runbooks(directory, checked, live_shell=settings.allow_shell)
+    findings = []
+    gap: Severity = "error" if settings.allow_shell else "warning"
+    for report in reports:
+        findings += [Finding("error", "runbooks", str(e)) for e in report.file_errors]
+        findings += [Finding(gap, "allowlist", str(e)) for e in report.gaps]
+    good = sum(1 for r in reports if r.runbook is not None)
+    if not reports:
+        findings.append(Finding("warning", "runbooks", f"no runbooks in {directory}"))
+    elif good:
+        findings.append(Finding("ok", "runbooks", f"{good} of {len(reports)} runbook(s) valid"))
+    return reports, findings
+
+
+def _binaries(
+    settings: Settings, allowlist: ShellAllowlist | None, runbooks: Sequence[Runbook]
+) -> list[Finding]:
+    """Binaries that runbook commands name and the allowlist's path does not hold."""
+    # Without a readable allowlist, look where it would look by default.
+    where = allowlist if allowlist is not None else ShellAllowlist()
+    users: dict[str, list[str]] = {}
+    for runbook in runbooks:
+        for sample in sample_commands(runbook):
+            if sample.argv is not None:
+                users.setdefault(sample.argv[0], [])
+                if runbook.id not in users[sample.argv[0]]:
+                    users[sample.argv[0]].append(runbook.id)
+    if not users:
+        return []
+    severity: Severity = "error" if settings.allow_shell else "warning"
+    path = os.pathsep.join(where.path)
+    findings = [
+        Finding(
+            severity,
+            "binaries",
+            f"{binary} is not an executable in the allowlist's path ({path}); "
+            f"used by {', '.join(runbook_ids)}: install it, or add its directory to the "
+            'allowlist\'s "path"',
+        )
+        for binary, runbook_ids in sorted(users.items())
+        if where.which(binary) is None
+    ]
+    if not findings:
+        findings.append(Finding("ok", "binaries", f"found: {', '.join(sorted(users))}"))
+    return findings
+
+
+# -- MCP ----------------------------------------------------------------------------------------
+
+
+def _mcp(settings: Settings, runbooks: Sequence[Runbook]) -> list[Finding]:
+    """MCP tools runbooks name that the MCP config does not map, and servers not installed."""
+    # (tool, runbook id, step id, live?): a `mcp` step acts, a `check: {mcp: ...}` reads.
+    uses: list[tuple[str, str, str, bool]] = []
+    for runbook in runbooks:
+        for step in runbook.steps:
+            if step.mcp is not None:
+                uses.append((step.mcp.tool, runbook.id, step.id, settings.allow_mcp))
+            if step.check is not None and step.check.mcp is not None:
+                uses.append((step.check.mcp.tool, runbook.id, step.id, settings.live_checks))
+    if not uses:
+        return []
+    path = settings.mcp_config_path
+    try:
+        config = McpConfig.load(path)
+    except McpError as exc:
+        severity: Severity = "error" if any(live for *_, live in uses) else "warning"
+        return [Finding(severity, "mcp", f"{exc}; fix the file")]
+    findings = []
+    missing: dict[str, list[str]] = {}
+    live_missing: set[str] = set()
+    for tool, runbook_id, step_id, live in uses:
+        if tool not in config.tools:
+            missing.setdefault(tool, []).append(f"{runbook_id}/{step_id}")
+            if live:
+                live_missing.add(tool)
+    known = ", ".join(sorted(config.tools)) or "none"
+    for tool, where in sorted(missing.items()):
+        findings.append(
+            Finding(
+                "error" if tool in live_missing else "warning",
+                "mcp",
+                f"MCP tool {tool!r} (used by {', '.join(where)}) is not in {path} "
+                f'(tools: {known}): map it under "tools"',
+            )
+        )
+    used_servers = {config.tools[t].server for t, *_ in uses if t in config.tools}
+    live_servers = {
+        config.tools[t].server for t, *_rest, live in uses if live and t in config.tools
+    }
+    for name in sorted(used_servers):
+        command = config.servers[name].command
+        if shutil.which(command) is None:
+            findings.append(
+                Finding(
+                    "error" if name in live_servers else "warning",
+                    "mcp",
+                    f"MCP server {name!r}: command {command!r} is not found on PATH",
+                )
+            )
+    if not findings:
+        tools = sorted({tool for tool, *_ in uses})
+        findings.append(Finding("ok", "mcp", f"{path} maps every tool used: {', '.join(tools)}"))
+    return findings
+
+
+# -- approvers ----------------------------------------------------------------------------------
+
+
+def _approvers(settings: Settings, runbooks: Sequence[Runbook]) -> list[Finding]:
+    """Approver settings that no runbook accepts, and runbooks nobody configured may approve."""
+    telegram_ids = _telegram_approver_ids()
+    # Runbooks that can ask a person: gated steps, and steps that act (an attempt in doubt).
+    deciding = [
+        r
+        for r in runbooks
+        if any(s.needs_approval or s.run is not None or s.mcp is not None for s in r.steps)
+    ]
+    if not deciding:
+        return []
+    globals_ = list(settings.approvers)
+    findings = []
+    configured = [(who, "LOOM_OPS_APPROVERS") for who in globals_]
+    configured += [(f"telegram:{i}", "TELEGRAM_APPROVER_IDS") for i in telegram_ids]
+    for who, setting in configured:
+        if all(r.approvers and who not in r.approvers for r in deciding):
+            findings.append(
+                Finding(
+                    "warning",
+                    "approvers",
+                    f"{who} ({setting}) is accepted by no runbook: every one names its own "
+                    f"approvers ({_names(deciding)}); add {who} to a runbook's approvers, or "
+                    "remove it",
+                )
+            )
+    if globals_ and telegram_ids:
+        for i in telegram_ids:
+            if f"telegram:{i}" not in globals_:
+                findings.append(
+                    Finding(
+                        "warning",
+                        "approvers",
+                        f"telegram:{i} (TELEGRAM_APPROVER_IDS) is not in LOOM_OPS_APPROVERS: "
+                        "its taps are refused",
+                    )
+                )
+    for runbook in deciding:
+        if globals_ and runbook.approvers and not set(runbook.approvers) & set(globals_):
+            findings.append(
+                Finding(
+                    "error",
+                    "approvers",
+                    f"nobody may decide runbook {runbook.id}'s requests: its approvers "
+                    f"({', '.join(runbook.approvers)}) are none of LOOM_OPS_APPROVERS "
+                    f"({', '.join(globals_)})",
+                )
+            )
+    if not findings:
+        findings.append(
+            Finding(
+                "ok", "approvers", f"every runbook that asks has an approver: {_names(deciding)}"
+            )
+        )
+    return findings
+
+
+def _names(runbooks: Iterable[Runbook]) -> str:
+    return ", ".join(r.id for r in runbooks)
+
+
+def _telegram_approver_ids() -> list[int]:
+    """TELEGRAM_APPROVER_IDS as the bot reads it; [] when unset or unreadable (reported by
+    the Bot API check)."""
+    from pydantic import ValidationError
+
+    from bot.settings import TelegramSettings
+
+    try:
+        return list(TelegramSettings().approver_ids)
+    except ValidationError:
+        return []
+
+
+# -- the LLM ------------------------------------------------------------------------------------
+
+
+async def _llm(settings: Settings, redactor: Redactor, timeout: float) -> list[Finding]:
+    """One tiny chat completion against the configured OpenAI-compatible API."""
+    if settings.mock_llm:
+        return [Finding("ok", "llm", "the mock policy (--mock-llm): no LLM is asked")]
+    key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else ""
+    if not key:
+        return [
+            Finding(
+                "warning",
+                "llm",
+                "no LLM configured: runs need OPENAI_API_KEY (and OPENAI_BASE_URL for a local "
+                "server) or --mock-llm",
+            )
+        ]
+    base = (settings.openai_base_url or OPENAI_DEFAULT_BASE).rstrip("/")
+    url = f"{base}/chat/completions"
+    model = settings.openai_model
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": "user", "content": "Reply with: ok"}],
+        "max_tokens": 1,
+    }
+    headers = {"Authorization": f"Bearer {key}"}
+    try:
+        async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client:
+            response = await client.post(url, json=body, headers=headers)
+            if response.status_code == 400 and "max_tokens" in response.text:
+                # Newer OpenAI models take only max_completion_tokens: a refusal of the
+                # parameter says nothing about the configuration.
+                body["max_completion_tokens"] = body.pop("max_tokens")
+                response = await client.post(url, json=body, headers=headers)
+    except httpx.HTTPError as exc:
+        return [
+            Finding(
+                "error",
+                "llm",
+                redactor.text(
+                    f"LLM unreachable at {base}: {type(exc).__name__}: {exc or 'no answer'} "
+                    f"(timeout {timeout:g} s); check OPENAI_BASE_URL and that the server runs"
+                ),
+            )
+        ]
+    return [Finding(*_llm_verdict(response, base, model, redactor))]
+
+
+def _llm_verdict(
+    response: httpx.Response, base: str, model: str, redactor: Redactor
+) -> tuple[Severity, str, str]:
+    """(severity, check, message) for the LLM's answer, naming the setting to fix."""
+    status = response.status_code
+    said = redactor.text(_said(response))
+    if status == 200:
+        try:
+            payload = response.json()
+        except ValueError:
+            payload = None
+        if isinstance(payload, dict) and "choices" in payload:
+            return "ok", "llm", f"model {model!r} answers at {base}"
+        return (
+            "error",
+            "llm",
+            f"check OPENAI_BASE_URL: {base} answered with something that is not a chat "
+            "completion (OpenAI-compatible servers usually end in /v1)",
+        )
+    if status in (401, 403):
+        return "error", "llm", f"check OPENAI_API_KEY: {base} refused it (HTTP {status}: {said})"
+    if status == 404 and "model" in said.lower():
+        return "error", "llm", f"check OPENAI_MODEL: {base} has no model {model!r} ({said})"
+    if status == 404:
+        hint = "" if base.endswith("/v1") else "; OpenAI-compatible servers usually end in /v1"
+        return "error", "llm", f"check OPENAI_BASE_URL: {base}/chat/completions is HTTP 404{hint}"
+    if status == 429:
+        return "warning", "llm", f"{base} is rate limiting (HTTP 429: {said}); the key works"
+    if status >= 500:
+        return "error", "llm", f"{base} fails (HTTP {status}: {said}); runs would be interrupted"
+    return "error", "llm", f"{base} refused a test request for {model!r} (HTTP {status}: {said})"
+
+
+def _said(response: httpx.Response) -> str:
+    """A server's own words about an error, on one bounded line."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = response.text
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict):
+            body = error.get("message") or error
+        elif isinstance(error, str):
+            body = error
+        else:
+            body = body.get("message") or body.get("detail") or body.get("description") or body
+    text = body if isinstance(body, str) else json.dumps(body, ensure_ascii=False)
+    text = " ".join(text.split()) or response.reason_phrase or "no message"
+    return text if len(text) <= _MAX_SAID else text[:_MAX_SAID] + "…"
+
+
+# -- the Telegram Bot API -----------------------------------------------------------------------
+
+
+async def _telegram(settings: Settings, redactor: Redactor, timeout: float) -> list[Finding]:
+    """The bot's settings as `loom-ops telegram` checks them, then one `getMe`."""
+    if settings.telegram_bot_token is None:
+        return []  # no bot here; the sandbox needs none
+    from agent.frontends.serving import ServingRefused, check_telegram
+
+    try:
+        config = check_telegram(settings)
+    except ServingRefused as exc:
+        return [Finding("error", "telegram", redactor.text(str(exc)))]
+    base = config.settings.api_base_url
+    url = f"{base}{config.token}/getMe"
+    shown = f"{base}<token>/getMe"  # the token is in the URL: never print it
+    try:
+        async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client:
+            response = await client.get(url)
+    except httpx.HTTPError as exc:
+        detail = redactor.text(str(exc).replace(config.token, "<token>")) or "no answer"
+        return [
+            Finding(
+                "error",
+                "telegram",
+                f"Bot API unreachable at {shown}: {type(exc).__name__}: {detail} "
+                f"(timeout {timeout:g} s); check TELEGRAM_API_BASE_URL",
+            )
+        ]
+    said = redactor.text(_said(response).replace(config.token, "<token>"))
+    if response.status_code in (401, 404):
+        # Telegram answers 401 for a revoked token and 404 for one it never issued.
+        return [
+            Finding(
+                "error",
+                "telegram",
+                f"check TELEGRAM_BOT_TOKEN: {shown} answered HTTP {response.status_code} ({said})",
+            )
+        ]
+    try:
+        payload = response.json()
+    except ValueError:
+        payload = None
+    if response.status_code != 200 or not isinstance(payload, dict) or not payload.get("ok"):
+        return [
+            Finding(
+                "error",
+                "telegram",
+                f"{shown} did not answer as the Bot API does (HTTP {response.status_code}: "
+                f"{said}); check TELEGRAM_API_BASE_URL",
+            )
+        ]
+    me = payload.get("result") or {}
+    name = f"@{me.get('username')}" if isinstance(me, dict) and me.get("username") else "the bot"
+    return [Finding("ok", "telegram", f"{name} answers at {base}")]
+
+
+def summary(findings: Sequence[Finding]) -> str:
+    """`doctor: 1 error, 2 warnings`."""
+    errors = sum(1 for f in findings if f.severity == "error")
+    warnings = sum(1 for f in findings if f.severity == "warning")
+    return (
+        f"doctor: {errors} error{'s' if errors != 1 else ''}, "
+        f"{warnings} warning{'s' if warnings != 1 else ''}"
+    )
+
+
+def as_json(findings: Sequence[Finding]) -> dict[str, Any]:
+    """The findings as `loom-ops doctor --json` prints them."""
+    worst = next((s for s in SEVERITIES if any(f.severity == s for f in findings)), "ok")
+    return {
+        "run_id": None,
+        "status": worst,
+        "findings": [f.__dict__ for f in findings],
+    }

@@ -1,0 +1,585 @@
+"""The HTTP API (`loom-ops serve`): start runs, stream their journal as Server-Sent Events,
+decide approvals, explain, trace, health and metrics, over the one RunService.
+
+Runs are not tied to a connection: a start returns (or starts streaming) at once and the run
+is driven by the service; a client that goes away stops only its stream. Every error is a
+JSON body `{"error": "..."}` with a 4xx status for anything the client sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import re
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Header, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from pydantic import AfterValidator, BaseModel, Field
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from agent.records import ApprovalRecord, Origin, RunRecord, RunStatus
+from agent.run.approvals import Decision
+from agent.runbook.request import MAX_REQUEST_BYTES
+from agent.service.runs import (
+    MAX_NOTE_BYTES,
+    RUN_ID_PATTERN,
+    DeciderRefused,
+    RunService,
+    ServiceError,
+    validate_text,
+)
+from agent.store import (
+    DURATION_BUCKETS,
+    WAIT_BUCKETS,
+    MetricsSnapshot,
+    RunExists,
+    RunNotFound,
+    StoreError,
+)
+from agent.store.database import driver_errors
+from agent.views.explain import render_timeline
+from agent.views.trace import build_trace, render_trace
+
+log = logging.getLogger(__name__)
+
+RUN_ID = RUN_ID_PATTERN.pattern
+# Seconds between keep-alive comments on an idle event stream (proxies drop silent ones).
+KEEP_ALIVE = 15
+# Streams are woken by the writes of their own runs (or another process's writes); this is
+# only how long an idle stream goes without looking for itself.
+STREAM_SAFETY_POLL = 30.0
+RETRY_AFTER_SECONDS = 5
+# Ids and journal cursors fit SQLite's 64-bit integers with room to spare.
+MAX_ID = 10**15
+EVENT_ID = re.compile(r"^[0-9]{1,15}$")
+
+RunIdPath = Annotated[str, Path(pattern=RUN_ID, max_length=128)]
+
+
+# -- bodies ------------------------------------------------------------------------------------
+
+
+def _text_within(limit: int) -> Callable[[str | None], str | None]:
+    """A validator: UTF-8 text of at most `limit` bytes, without NUL."""
+
+    def check(value: str | None) -> str | None:
+        if value is not None:
+            try:
+                validate_text("text", value, limit)
+            except ServiceError as exc:
+                raise ValueError(str(exc)) from None  # pydantic's way: a 422
+        return value
+
+    return check
+
+
+class StartRun(BaseModel):
+    """What starts a run: the incident message, optionally its id and a step budget."""
+
+    message: Annotated[
+        str,
+        Field(min_length=1, max_length=MAX_REQUEST_BYTES),
+        AfterValidator(_text_within(MAX_REQUEST_BYTES)),
+    ]
+    run_id: str | None = Field(None, pattern=RUN_ID, max_length=128)
+    max_steps: int | None = Field(None, ge=1, le=100_000)
+    role: Literal["supervisor", "runbook"] = Field(
+        "supervisor", description="supervisor: the planner/executor/verifier team"
+    )
+
+
+class DecisionBody(BaseModel):
+    """A decision on a run's pending approval request."""
+
+    note: Annotated[
+        str | None,
+        Field(max_length=MAX_NOTE_BYTES),
+        AfterValidator(_text_within(MAX_NOTE_BYTES)),
+    ] = None
+    approval: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_ID,
+        description="the request's number in the run (#1, #2): needed once a run had several",
+    )
+
+
+class ApprovalOut(BaseModel):
+    """An approval request as the API shows it."""
+
+    id: int
+    number: int = Field(description="the request's number in its run (#1, #2): what to decide")
+    run_id: str
+    kind: str
+    step_id: str | None
+    action: str
+    reason: str
+    rollback: str | None
+    deciders: list[str]
+    status: str
+    decided_by: str | None
+    deadline_at: float
+    mode: str | None = Field(None, description="live or dry-run")
+    runs_on: str | None = Field(None, description="where the action runs")
+    evidence: list[str] = Field(default_factory=list, description="what earlier steps found")
+
+
+class RunOut(BaseModel):
+    """A run as the API shows it, with the approval request it waits for, if any."""
+
+    run_id: str
+    parent_id: str | None
+    role: str
+    status: str
+    runbook_id: str | None
+    params: dict[str, Any]
+    requested_by: str
+    summary: str | None
+    error: str | None
+    created_at: float
+    finished_at: float | None
+    approval: ApprovalOut | None = None
+
+
+class RunList(BaseModel):
+    """A page of runs, newest first."""
+
+    runs: list[RunOut]
+    next_offset: int | None
+
+
+class DecisionOut(BaseModel):
+    """What a decision did."""
+
+    message: str
+    run: RunOut
+
+
+class ErrorOut(BaseModel):
+    """Every error answer."""
+
+    error: str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 422, 429)
+}
+
+
+def _approval_out(approval: ApprovalRecord | None) -> ApprovalOut | None:
+    if approval is None:
+        return None
+    return ApprovalOut(
+        id=approval.id,
+        number=approval.number,
+        run_id=approval.run_id,
+        kind=str(approval.kind),
+        step_id=approval.step_id,
+        action=approval.action,
+        reason=approval.reason,
+        rollback=approval.rollback,
+        deciders=approval.deciders,
+        status=str(approval.status),
+        decided_by=approval.decided_by,
+        deadline_at=approval.deadline_at,
+        mode=approval.mode,
+        runs_on=approval.runs_on,
+        evidence=approval.evidence,
+    )
+
+
+def _run_out(run: RunRecord, approval: ApprovalRecord | None = None) -> RunOut:
+    return RunOut(
+        run_id=run.id,
+        parent_id=run.parent_id,
+        role=run.role,
+        status=str(run.status),
+        runbook_id=run.runbook_id,
+        params=run.params,
+        requested_by=run.requested_by,
+        summary=run.summary,
+        error=run.error,
+        created_at=run.created_at,
+        finished_at=run.finished_at,
+        approval=_approval_out(approval),
+    )
+
+
+# -- the app -----------------------------------------------------------------------------------
+
+
+class ApiError(HTTPException):
+    """An answer with a status and one line of text."""
+
+
+def create_app(service: RunService) -> FastAPI:
+    """The FastAPI application over `service`."""
+    settings = service.settings
+    token = settings.bearer_token()
+    # Set when the server stops: open event streams end cleanly instead of being cut.
+    shutdown = asyncio.Event()
+    # The active-run count and the start are one step, or concurrent starts all see room.
+    starting = asyncio.Lock()
+
+    async def authorized(authorization: Annotated[str | None, Header()] = None) -> None:
+        if token is None:
+            return
+        scheme, _, given = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+            raise ApiError(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+
+    app = FastAPI(
+        title="loom-ops",
+        summary="Durable runbook runs: start, stream, decide, explain.",
+        version="0.1.0",
+        docs_url=None,
+        redoc_url=None,
+        responses=ERRORS,
+    )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _internal_error)
+    guarded = [Depends(authorized)]
+
+    async def get_run(run_id: str) -> RunRecord:
+        try:
+            return await service.get(run_id)
+        except RunNotFound:
+            raise ApiError(404, f"unknown run id {run_id!r}") from None
+
+    async def start(body: StartRun, role: str) -> RunRecord:
+        run_id = body.run_id or f"run-{secrets.token_hex(4)}"
+        try:
+            async with starting:
+                if await service.store.count_active_roots() >= settings.max_active_runs:
+                    raise ApiError(
+                        429,
+                        f"{settings.max_active_runs} runs are active; try again shortly",
+                        {"Retry-After": str(RETRY_AFTER_SECONDS)},
+                    )
+                return await service.start(
+                    run_id,
+                    body.message,
+                    role=role,
+                    requested_by=settings.api_user,
+                    origin=Origin(kind="http"),
+                    max_steps=body.max_steps,
+                    wait=False,
+                )
+        except RunExists:
+            raise ApiError(409, f"run id {run_id!r} exists already") from None
+        except (ServiceError, ValueError) as exc:
+            raise ApiError(422, str(exc)) from None
+
+    @app.post("/runs", status_code=201, dependencies=guarded)
+    async def start_run(body: StartRun) -> RunOut:
+        """Start a run; it goes on whatever happens to this connection."""
+        return _run_out(await start(body, body.role))
+
+    @app.post("/supervise", dependencies=guarded, response_class=EventSourceResponse)
+    async def supervise(body: StartRun, request: Request) -> EventSourceResponse:
+        """Start a supervised run and stream its tree's journal (seed-compatible)."""
+        run = await start(body, "supervisor")
+        return _stream(service, run.id, 0, shutdown)
+
+    @app.post("/runbook", dependencies=guarded, response_class=EventSourceResponse)
+    async def runbook(body: StartRun, request: Request) -> EventSourceResponse:
+        """Start a single runbook run and stream its journal (seed-compatible)."""
+        run = await start(body, "runbook")
+        return _stream(service, run.id, 0, shutdown)
+
+    @app.get("/runs", dependencies=guarded)
+    async def list_runs(
+        status: RunStatus | None = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+        offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+    ) -> RunList:
+        """Runs, newest first, optionally of one status."""
+        runs = await service.store.list_runs(status, limit, offset)
+        next_offset = offset + len(runs) if len(runs) == limit else None
+        return RunList(runs=[_run_out(r) for r in runs], next_offset=next_offset)
+
+    @app.get("/runs/{run_id}", dependencies=guarded)
+    async def show_run(run_id: RunIdPath) -> RunOut:
+        """One run and the approval request it waits for."""
+        run = await get_run(run_id)
+        return _run_out(run, await service.pending_approval(run.id))
+
+    @app.get("/runs/{run_id}/events", dependencies=guarded, response_class=EventSourceResponse)
+    async def events(
+        run_id: RunIdPath,
+        last_event_id: Annotated[str | None, Header()] = None,
+        after: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None,
+    ) -> EventSourceResponse:
+        """The journal of the run and the runs below it as SSE; `id:` is the journal sequence,
+        so a reconnect with Last-Event-ID goes on with no gap and no repeat."""
+        await get_run(run_id)
+        resume_from = after or 0
+        if last_event_id:
+            if not EVENT_ID.match(last_event_id):
+                raise ApiError(422, "Last-Event-ID must be an event id from this stream")
+            resume_from = int(last_event_id)
+        return _stream(service, run_id, resume_from, shutdown)
+
+    async def decide(run_id: str, body: DecisionBody, decision: Decision) -> DecisionOut:
+        run = await get_run(run_id)
+        if run.status.is_terminal:
+            raise ApiError(409, f"run {run_id} is already {run.status}; nothing to decide")
+        try:
+            result = await service.decide(
+                run_id,
+                decision,
+                settings.api_user,
+                note=body.note,
+                approval_number=body.approval,
+                wait=False,
+            )
+        except DeciderRefused as exc:
+            raise ApiError(403, str(exc)) from None
+        except ServiceError as exc:
+            raise ApiError(409, str(exc)) from None
+        if not result.changed:
+            raise ApiError(409, result.message)
+        return DecisionOut(message=result.message, run=_run_out(result.run))
+
+    @app.post("/runs/{run_id}/approve", dependencies=guarded)
+    async def approve(run_id: RunIdPath, body: DecisionBody | None = None) -> DecisionOut:
+        """Approve the run's pending request (as LOOM_OPS_API_USER); the run resumes."""
+        return await decide(run_id, body or DecisionBody(), Decision.APPROVE)
+
+    @app.post("/runs/{run_id}/reject", dependencies=guarded)
+    async def reject(run_id: RunIdPath, body: DecisionBody | None = None) -> DecisionOut:
+        """Reject the run's pending request (as LOOM_OPS_API_USER)."""
+        return await decide(run_id, body or DecisionBody(), Decision.REJECT)
+
+    @app.post("/runs/{run_id}/cancel", dependencies=guarded)
+    async def cancel(run_id: RunIdPath) -> RunOut:
+        """Cancel the run and the runs below it."""
+        run = await get_run(run_id)
+        if run.status.is_terminal:
+            raise ApiError(409, f"run {run_id} is already {run.status}")
+        try:
+            return _run_out(await service.cancel(run_id, settings.api_user, wait=False))
+        except ServiceError as exc:
+            raise ApiError(409, str(exc)) from None
+
+    @app.get("/runs/{run_id}/explain", dependencies=guarded, response_class=PlainTextResponse)
+    async def explain(run_id: RunIdPath) -> PlainTextResponse:
+        """The timeline of the run and the runs below it, as text."""
+        await get_run(run_id)
+        parts = []
+        for member_id in await service.store.subtree_ids(run_id):
+            member = await service.store.get_run(member_id)
+            parts.append(render_timeline(member, await service.store.list_events(member_id)))
+        return PlainTextResponse("\n".join(parts))
+
+    @app.get("/runs/{run_id}/trace", dependencies=guarded, response_class=HTMLResponse)
+    async def trace(run_id: RunIdPath) -> HTMLResponse:
+        """The self-contained HTML trace of the run tree."""
+        await get_run(run_id)
+        return HTMLResponse(render_trace(await build_trace(service.store, run_id)))
+
+    @app.head("/healthz", include_in_schema=False)
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """200 while the store answers (HEAD too, for load balancers)."""
+        try:
+            await service.store.schema_version()
+        except (StoreError, OSError, *driver_errors()) as exc:
+            raise ApiError(503, f"store unreachable: {exc}") from None
+        return {"status": "ok"}
+
+    @app.get("/metrics", dependencies=guarded, response_class=PlainTextResponse)
+    async def metrics() -> Response:
+        """Prometheus text: runs by status, tool call durations, approval waits, LLM tokens."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(SnapshotCollector(await service.store.metrics_snapshot()))
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.state.shutdown = shutdown
+    return app
+
+
+def _stream(
+    service: RunService, run_id: str, after_seq: int, shutdown: asyncio.Event
+) -> EventSourceResponse:
+    return EventSourceResponse(
+        _journal_events(service, run_id, after_seq, shutdown),
+        ping=KEEP_ALIVE,
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _journal_events(
+    service: RunService, run_id: str, after_seq: int, shutdown: asyncio.Event
+) -> AsyncIterator[ServerSentEvent]:
+    """Every journal event of the tree after `after_seq`; ends after the root's final event,
+    or when the server shuts down (the client reconnects with Last-Event-ID)."""
+    store = service.store
+    # Watched from before the first look to the end, so no write falls between a look and
+    # a wait; a child run joins the watch when its first event shows up.
+    with store.watch_journal([run_id]) as watch:
+        while not shutdown.is_set():
+            batch = await store.list_tree_events(run_id, after_seq)
+            for event in batch:
+                watch.add(event.run_id)
+                envelope = {
+                    "seq": event.seq,
+                    "run_id": event.run_id,
+                    "ts": event.ts,
+                    "type": event.type,
+                    "data": event.data,
+                }
+                yield ServerSentEvent(
+                    data=json.dumps(envelope, ensure_ascii=False, default=str),
+                    event=event.type,
+                    id=str(event.seq),
+                )
+                after_seq = event.seq
+            if batch:
+                continue
+            if (await store.get_run(run_id)).status.is_terminal:
+                if not await store.list_tree_events(run_id, after_seq, 1):
+                    return  # everything up to the run's end was sent
+                continue
+            waiting = asyncio.ensure_future(watch.wait(STREAM_SAFETY_POLL))
+            stopping = asyncio.ensure_future(shutdown.wait())
+            await asyncio.wait([waiting, stopping], return_when=asyncio.FIRST_COMPLETED)
+            waiting.cancel()
+            stopping.cancel()
+
+
+# -- errors and limits -------------------------------------------------------------------------
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    return JSONResponse({"error": str(exc.detail)}, exc.status_code, headers=exc.headers)
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("%s %s failed: %r", request.method, request.url.path, exc, exc_info=exc)
+    return JSONResponse({"error": "internal error; it is logged"}, 500)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
+    return JSONResponse({"error": f"{where}: {first['msg']}" if where else first["msg"]}, 422)
+
+
+class BodySizeLimit:
+    """Refuse request bodies over `max_bytes` with 413, by Content-Length or as they stream.
+
+    The body is read here first (bodies are small: an incident message) and handed on whole,
+    so an over-long chunked body is refused before any endpoint sees it.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._refuse(send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                await self.app(scope, _replay([message], receive), send)
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        whole: Message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay([whole], receive), send)
+
+    async def _refuse(self, send: Send) -> None:
+        body = json.dumps({"error": f"request body over {self.max_bytes} bytes"}).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """A receive() that gives `messages` first, then what the client sends (a disconnect)."""
+    pending = list(messages)
+
+    async def replayed() -> Message:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return replayed
+
+
+# -- metrics -----------------------------------------------------------------------------------
+
+
+class SnapshotCollector(Collector):
+    """Prometheus families from one store snapshot."""
+
+    def __init__(self, snapshot: MetricsSnapshot) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterable[Metric]:
+        """Yield every family."""
+        snap = self._snapshot
+        runs = GaugeMetricFamily("loom_ops_runs", "Runs by status", labels=["status"])
+        for status in RunStatus:
+            runs.add_metric([str(status)], snap.runs_by_status.get(str(status), 0))
+        yield runs
+        tools = HistogramMetricFamily(
+            "loom_ops_tool_call_duration_seconds",
+            "Tool call durations (execute_step is a runbook step)",
+            labels=["tool"],
+        )
+        for tool, cumulative, count, total in snap.tool_durations:
+            tools.add_metric([tool], _buckets(DURATION_BUCKETS, cumulative, count), total)
+        yield tools
+        waits = HistogramMetricFamily(
+            "loom_ops_approval_wait_seconds",
+            "Time from an approval request to its decision",
+            labels=["status"],
+        )
+        for status, cumulative, count, total in snap.approval_waits:
+            waits.add_metric([status], _buckets(WAIT_BUCKETS, cumulative, count), total)
+        yield waits
+        tokens = GaugeMetricFamily(
+            "loom_ops_llm_tokens", "LLM tokens used by all runs", labels=["kind"]
+        )
+        tokens.add_metric(["prompt"], snap.prompt_tokens)
+        tokens.add_metric(["completion"], snap.completion_tokens)
+        yield tokens
+
+
+def _buckets(bounds: Iterable[float], cumulative: list[int], count: int) -> list[tuple[str, float]]:
+    pairs = [(f"{bound:g}", float(n or 0)) for bound, n in zip(bounds, cumulative, strict=True)]
+    return [*pairs, ("+Inf", float(count))]

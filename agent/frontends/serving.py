@@ -1,0 +1,211 @@
+"""The long-running front ends — `loom-ops serve` (HTTP API), `loom-ops telegram` (the bot),
+or both in one process — composed over one RunService, one store and one maintenance loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
+
+from agent.service.maintenance import Maintenance
+from agent.service.runs import RunService
+from agent.settings import Settings
+
+if TYPE_CHECKING:
+    from bot.settings import TelegramSettings
+    from bot.webhook import Webhook
+
+log = logging.getLogger(__name__)
+
+
+class ServingRefused(ValueError):
+    """A configuration the process will not start with; `str()` is one line for a human."""
+
+
+@dataclass(frozen=True)
+class HttpEndpoint:
+    """Where the HTTP API listens."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class WebhookOptions:
+    """Webhook flags from the command line (None: take the TELEGRAM_WEBHOOK_* setting)."""
+
+    url: str | None = None
+    listen: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class TelegramConfig:
+    """The bot's checked settings."""
+
+    token: str
+    settings: TelegramSettings
+    webhook: Webhook | None = None
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_http(settings: Settings, endpoint: HttpEndpoint) -> None:
+    """Refuse to expose the API beyond this machine without a bearer token."""
+    if not is_loopback(endpoint.host) and settings.bearer_token() is None:
+        raise ServingRefused(
+            f"refusing to listen on {endpoint.host} without LOOM_OPS_API_TOKEN: anyone who "
+            "can reach it could start runs and decide approvals"
+        )
+
+
+def check_telegram(settings: Settings, options: WebhookOptions | None = None) -> TelegramConfig:
+    """Every TELEGRAM_* setting (and webhook flag), checked before any network call."""
+    # Imported here: python-telegram-bot is not needed by the other commands.
+    from bot.gateway import ConfigError, check_config
+    from bot.settings import TelegramSettings, check_token
+
+    try:
+        telegram = TelegramSettings()
+        check_config(telegram)
+        secret = settings.telegram_bot_token
+        token = check_token(secret.get_secret_value() if secret else None)
+        webhook = _check_webhook(telegram, options or WebhookOptions())
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ServingRefused(f"bad setting {first['loc'][0]}: {first['msg']}") from None
+    except (ConfigError, ValueError) as exc:
+        raise ServingRefused(str(exc)) from None
+    return TelegramConfig(token, telegram, webhook)
+
+
+def _check_webhook(telegram: TelegramSettings, options: WebhookOptions) -> Webhook | None:
+    from bot.settings import WEBHOOK_SECRET_PATTERN, check_http_url, parse_host_port
+    from bot.webhook import Webhook
+
+    url = check_http_url(options.url) if options.url else telegram.webhook_url
+    if not url:
+        if options.listen is not None:
+            raise ValueError("--listen needs --webhook-url (or TELEGRAM_WEBHOOK_URL)")
+        return None
+    secret = telegram.webhook_secret.get_secret_value() if telegram.webhook_secret else None
+    if not secret:
+        raise ValueError(
+            "webhook mode needs TELEGRAM_WEBHOOK_SECRET: without it anyone who finds the URL "
+            "could post fake updates"
+        )
+    if not WEBHOOK_SECRET_PATTERN.match(secret):
+        raise ValueError("TELEGRAM_WEBHOOK_SECRET must be 1-256 characters of A-Z a-z 0-9 _ -")
+    host, port = options.listen or parse_host_port(telegram.webhook_listen)
+    return Webhook(url=url, host=host, port=port, secret=secret)
+
+
+def _stop_on_signals(stop: asyncio.Event | None) -> asyncio.Event:
+    if stop is None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+    return stop
+
+
+async def serve_worker(
+    settings: Settings, concurrency: int, stop: asyncio.Event | None = None
+) -> int:
+    """`loom-ops worker` until SIGINT/SIGTERM (or `stop`); returns the exit code."""
+    from agent.frontends.worker import run_worker
+
+    _service_logging()
+    return await run_worker(settings, concurrency, _stop_on_signals(stop))
+
+
+async def serve(
+    settings: Settings,
+    http: HttpEndpoint | None,
+    telegram: TelegramConfig | None,
+    stop: asyncio.Event | None = None,
+    executes_runs: bool = True,
+) -> int:
+    """Serve until SIGINT/SIGTERM (or `stop`); returns the exit code. Without
+    `executes_runs` the front ends only record; `loom-ops worker` processes drive runs."""
+    _service_logging()
+    stop = _stop_on_signals(stop)
+    service = await RunService.open(settings, executes_runs=executes_runs)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            kind = "+".join(k for k, on in (("serve", http), ("telegram", telegram)) if on)
+            await stack.enter_async_context(
+                Maintenance(service, kind or "serve", watch_journal=http is not None)
+            )
+            if http is not None:
+                from agent.frontends.http_api import create_app
+                from agent.http_server import HttpServer
+
+                app = create_app(service)
+                try:
+                    server = await stack.enter_async_context(
+                        HttpServer(app, http.host, http.port, before_stop=app.state.shutdown.set)
+                    )
+                except (OSError, OverflowError) as exc:
+                    raise ServingRefused(
+                        f"cannot listen on {http.host}:{http.port}: "
+                        f"{getattr(exc, 'strerror', None) or exc}"
+                    ) from None
+                print(f"loom-ops: serving {server.url}", file=sys.stderr, flush=True)
+            if telegram is None:
+                await stop.wait()
+            else:
+                return await _serve_bot(service, telegram, stop)
+    finally:
+        await service.close()
+    return 0
+
+
+async def _serve_bot(service: RunService, telegram: TelegramConfig, stop: asyncio.Event) -> int:
+    from telegram.error import InvalidToken, TelegramError
+
+    from bot.gateway import ConfigError, serve_bot
+
+    try:
+        await serve_bot(
+            service,
+            telegram.token,
+            telegram.settings,
+            stop,
+            maintain=False,
+            webhook=telegram.webhook,
+        )
+    except ConfigError as exc:  # e.g. the webhook's port is taken
+        raise ServingRefused(str(exc)) from None
+    except InvalidToken:
+        raise ServingRefused(
+            "the Bot API refused TELEGRAM_BOT_TOKEN (revoked or mistyped?)"
+        ) from None
+    except TelegramError as exc:
+        url = telegram.settings.api_base_url
+        print(f"loom-ops: cannot reach the Bot API at {url}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _service_logging() -> None:
+    """A long-running service: timestamps, INFO, and tracebacks for the operator's logs."""
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for handler in root.handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Bot API request

@@ -1,0 +1,1274 @@
+"""Runbooks: the YAML format, its loader with file/line/field errors, and command templating.
+
+A runbook is an ordered list of steps, each with exactly one action (`run`, `check` or `note`).
+Commands are Jinja2 templates rendered in a sandbox; every `{{ expr }}` output is shell-quoted
+so that after `shlex.split` a parameter value is always exactly one argv element. Commands are
+executed without a shell elsewhere (see the shell tool); this module only builds the argv.
+Every render is bounded in time and size (see `agent.runbook.templates`); it is synchronous, so
+callers on the event loop render in a worker thread.
+
+Loading never half-loads: a file either yields a fully validated `Runbook` or one `RunbookError`
+naming the file, the 1-based line and the field (`steps[2].check.expect_status`).
+`validate_runbooks` (what `loom-ops runbooks validate` runs) reports every error of every file
+in one pass instead, and checks each command against the shell allowlist.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+import re
+import shlex
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+from urllib.parse import urlsplit
+
+import jinja2
+import jinja2.meta
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from agent.runbook.templates import (
+    DEFAULT_LIMITS,
+    BoundedSandbox,
+    RenderError,
+    RenderLimitError,
+    RenderLimits,
+)
+
+__all__ = [
+    "MAX_FILE_BYTES",
+    "HealthCheck",
+    "McpAction",
+    "ParamError",
+    "RenderError",
+    "RenderLimitError",
+    "RenderLimits",
+    "RollbackAction",
+    "Runbook",
+    "RunbookCatalog",
+    "RunbookError",
+    "RunbookParam",
+    "RunbookReport",
+    "Step",
+    "load_catalog",
+    "load_runbook",
+    "render_command",
+    "render_text",
+    "render_url",
+    "runbook_json_schema",
+    "validate_runbooks",
+]
+
+MAX_FILE_BYTES = 256 * 1024
+# Aliases let a small file expand into a huge tree ("billion laughs"); validation walks the
+# expanded tree, so the expanded size is capped, not just the file size.
+MAX_EXPANDED_NODES = 20_000
+# A single parameter value ends up as one argv element; keep it to a sane size.
+MAX_PARAM_CHARS = 4096
+
+SLUG_PATTERN = r"[a-z0-9][a-z0-9_-]{0,62}"
+PARAM_NAME_PATTERN = r"[a-z_][a-z0-9_]{0,31}"
+ENV_NAME_PATTERN = r"[A-Za-z_][A-Za-z0-9_]{0,127}"
+APPROVER_PATTERN = r"[a-z][a-z0-9_]*:\S+"
+# `runbook=<id>` in a request names the runbook (agent.runbook.request): no param may be called so.
+RESERVED_PARAM_NAMES = frozenset({"runbook"})
+
+_TRUE_WORDS = frozenset({"true", "yes", "1"})
+_FALSE_WORDS = frozenset({"false", "no", "0"})
+_INTEGER_RE = re.compile(r"[+-]?[0-9]{1,18}")
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+
+
+class ParamError(ValueError):
+    """A parameter value given by a user was refused; the message is one line naming it."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class RunbookError(ValueError):
+    """A runbook file is invalid: where (path, line, field) and why (message)."""
+
+    def __init__(self, path: Path, line: int | None, field: str, message: str) -> None:
+        self.path = path
+        self.line = line
+        self.field = field
+        self.message = message
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = str(self.path) if self.line is None else f"{self.path}:{self.line}"
+        return (
+            f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+        )
+
+
+class _FieldError(ValueError):
+    """Raised inside validators to point below the validated object (e.g. `steps[3].id`).
+
+    Pydantic keeps the original exception in the error's ctx, so the loader can append `loc`
+    to pydantic's own location and report the precise line instead of the enclosing object's.
+    """
+
+    def __init__(
+        self,
+        loc: tuple[str | int, ...],
+        message: str,
+        more: Sequence[tuple[tuple[str | int, ...], str]] = (),
+    ) -> None:
+        super().__init__(message)
+        self.loc = loc
+        # Further problems the same validator found: a validator raises once, yet a person
+        # fixing a file wants every problem of it at once.
+        self.more = tuple(more)
+
+    @classmethod
+    def of(cls, problems: Sequence[tuple[tuple[str | int, ...], str]]) -> _FieldError:
+        """One error carrying every (location, message) found; problems must not be empty."""
+        (loc, message), *more = problems
+        return cls(loc, message, more)
+
+
+# --------------------------------------------------------------------------------------------
+# Templating
+# --------------------------------------------------------------------------------------------
+
+
+def _text_value(value: object) -> str:
+    """Render a value the way commands and texts expect (booleans as true/false)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _shell_finalize(value: object) -> str:
+    """Quote every `{{ expr }}` output so it can never split into several argv elements."""
+    return shlex.quote(_text_value(value))
+
+
+# Two environments: commands quote every expression output, texts (URLs, notes) do not.
+_COMMAND_ENV = BoundedSandbox(
+    undefined=jinja2.StrictUndefined, autoescape=False, finalize=_shell_finalize
+)
+_TEXT_ENV = BoundedSandbox(undefined=jinja2.StrictUndefined, autoescape=False, finalize=_text_value)
+
+
+def _render(
+    template: str, params: Mapping[str, object], command: bool, limits: RenderLimits
+) -> str:
+    """Render in the bounded sandbox; every failure becomes a RenderError."""
+    if "{" not in template:
+        return template  # nothing to render; compiling costs ~0.5 ms per distinct template
+    env = _COMMAND_ENV if command else _TEXT_ENV
+    return env.render_bounded(template, params, limits)
+
+
+def render_command(
+    template: str, params: Mapping[str, object], limits: RenderLimits = DEFAULT_LIMITS
+) -> list[str]:
+    """Render a command template to argv; each `{{ expr }}` output stays inside one element."""
+    rendered = _render(template, params, command=True, limits=limits)
+    try:
+        argv = shlex.split(rendered)
+    except ValueError as exc:
+        raise RenderError(f"rendered command is not valid shell syntax: {exc}") from exc
+    if not argv:
+        raise RenderError("command template rendered to an empty command")
+    if any("\x00" in arg for arg in argv):
+        # execve cannot carry NUL bytes; fail here with a clear message, not in the executor.
+        raise RenderError("rendered command contains a NUL byte")
+    return argv
+
+
+def render_text(
+    template: str, params: Mapping[str, object], limits: RenderLimits = DEFAULT_LIMITS
+) -> str:
+    """Render a plain text template (notes, URLs) in the sandbox, without shell quoting."""
+    return _render(template, params, command=False, limits=limits)
+
+
+def render_url(
+    template: str, params: Mapping[str, object], limits: RenderLimits = DEFAULT_LIMITS
+) -> str:
+    """Render a health-check URL and verify it is an absolute http(s) URL with a host."""
+    url = render_text(template, params, limits)
+    if any(ch.isspace() or ord(ch) < 0x20 for ch in url):
+        raise RenderError(f"rendered URL contains whitespace or control characters: {url!r}")
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise RenderError(f"rendered URL is invalid: {exc}") from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RenderError(f"rendered URL must be http:// or https:// with a host: {url!r}")
+    return url
+
+
+def _template_problem(source: str, declared: set[str], command: bool) -> str | None:
+    """Return why a template is unusable (syntax, undeclared names, quoting), or None."""
+    if "{" not in source:
+        return None  # plain text: nothing for Jinja to parse or to quote
+    env = _COMMAND_ENV if command else _TEXT_ENV
+    try:
+        ast = env.parse(source)
+    except jinja2.TemplateSyntaxError as exc:
+        return f"template syntax error (template line {exc.lineno}): {exc.message}"
+    unknown = jinja2.meta.find_undeclared_variables(ast) - declared - set(env.globals)
+    if unknown:
+        names = ", ".join(sorted(unknown))
+        return f"template references undeclared param(s): {names}"
+    if command:
+        return _quoting_problem(source)
+    return None
+
+
+def _quoting_problem(source: str) -> str | None:
+    """Refuse `'{{ x }}'`, `"{{ x }}"` and `\\{{ x }}`: the output is already quoted, and
+    quoting it again would let the value split into several argv elements."""
+    quote: str | None = None
+    escaped = False
+    for _, token, value in _COMMAND_ENV.lex(source):
+        if token == "variable_begin" and (quote is not None or escaped):
+            return (
+                "a {{ expression }} must not be inside quotes or after a backslash: "
+                "its output is shell-quoted already"
+            )
+        if token != "data":
+            continue
+        for ch in value:
+            if escaped:
+                escaped = False
+            elif quote == "'":
+                quote = None if ch == "'" else quote
+            elif ch == "\\":
+                escaped = True
+            elif quote == '"':
+                quote = None if ch == '"' else quote
+            elif ch in "'\"":
+                quote = ch
+    return None
+
+
+def _template_problems(
+    fields: Iterator[tuple[tuple[str | int, ...], str, bool]], declared: set[str]
+) -> list[tuple[tuple[str | int, ...], str]]:
+    """Every unusable template among `fields`, as (location, why)."""
+    found = []
+    for loc, source, command in fields:
+        problem = _template_problem(source, declared, command)
+        if problem:
+            found.append((loc, problem))
+    return found
+
+
+def _template_fields(document: object) -> Iterator[tuple[tuple[str | int, ...], str, bool]]:
+    """Every template of a runbook document (plain data): (location, source, is_command).
+
+    Works on a document that failed validation too (whatever is not where a template belongs
+    is skipped), so `validate_runbooks` can report template problems in the same pass as the
+    field errors that stop the model's own check from running."""
+    steps = document.get("steps") if isinstance(document, dict) else None
+    for index, step in enumerate(steps if isinstance(steps, list) else []):
+        if not isinstance(step, dict):
+            continue
+        loc: tuple[str | int, ...] = ("steps", index)
+        if isinstance(step.get("run"), str):
+            yield (*loc, "run"), step["run"], True
+        check = step.get("check") if isinstance(step.get("check"), dict) else {}
+        if isinstance(check.get("url"), str):
+            yield (*loc, "check", "url"), check["url"], False
+        for where, action in ((("mcp",), step.get("mcp")), (("check", "mcp"), check.get("mcp"))):
+            arguments = action.get("arguments") if isinstance(action, dict) else None
+            for name, value in (arguments if isinstance(arguments, dict) else {}).items():
+                if isinstance(value, str):
+                    yield (*loc, *where, "arguments", name), value, False
+        if isinstance(step.get("note"), str):
+            yield (*loc, "note"), step["note"], False
+        rollback = step.get("rollback") if isinstance(step.get("rollback"), dict) else {}
+        if isinstance(rollback.get("run"), str):
+            yield (*loc, "rollback", "run"), rollback["run"], True
+        if isinstance(rollback.get("note"), str):
+            yield (*loc, "rollback", "note"), rollback["note"], False
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+
+class RunbookParam(BaseModel):
+    """A typed runbook parameter; it is required exactly when it has no default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["string", "integer", "boolean"] = "string"
+    description: str = ""
+    default: str | int | bool | None = None
+    pattern: str | None = None
+    choices: list[str] | None = None
+    min: int | None = Field(default=None, strict=True)  # integers only: inclusive bounds
+    max: int | None = Field(default=None, strict=True)
+
+    @field_validator("default", mode="before")
+    @classmethod
+    def _default_is_scalar(cls, value: object) -> object:
+        # Without this, a list default yields three union errors ("valid string/int/bool").
+        if value is not None and not isinstance(value, (str, int, bool)):
+            raise ValueError("default must be a string, an integer or a boolean")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunbookParam:
+        if self.pattern is not None and self.choices is not None:
+            raise _FieldError(("choices",), "use either pattern or choices, not both")
+        if self.type != "string" and (self.pattern is not None or self.choices is not None):
+            key = "pattern" if self.pattern is not None else "choices"
+            raise _FieldError((key,), f"{key} applies only to string params, not {self.type}")
+        if self.type != "integer" and (self.min is not None or self.max is not None):
+            key = "min" if self.min is not None else "max"
+            raise _FieldError((key,), f"{key} applies only to integer params, not {self.type}")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise _FieldError(("max",), f"max {self.max} is below min {self.min}")
+        if self.pattern is not None:
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise _FieldError(("pattern",), f"invalid regular expression: {exc}") from None
+        if self.choices is not None:
+            if not self.choices:
+                raise _FieldError(("choices",), "choices must not be empty")
+            if len(set(self.choices)) != len(self.choices):
+                raise _FieldError(("choices",), "choices must be unique")
+        if self.default is not None:
+            problem = self._default_problem(self.default)
+            if problem:
+                raise _FieldError(("default",), problem)
+        return self
+
+    @property
+    def required(self) -> bool:
+        """True when the user must give a value (there is no default)."""
+        return self.default is None
+
+    def _sample(self) -> str | int | bool | None:
+        """A valid value to try templates with: the default, else one that is easy to derive
+        (the first choice, the minimum, false, "x"), else None (a patterned string)."""
+        if self.default is not None:
+            return self.default
+        if self.choices:
+            return self.choices[0]
+        if self.type == "integer":
+            if self.min is not None:
+                return self.min
+            return 0 if self.max is None or self.max >= 0 else self.max
+        if self.type == "boolean":
+            return False
+        return "x" if self.pattern is None else None
+
+    def _default_problem(self, value: str | int | bool) -> str | None:
+        """Why a default does not fit the declared type/pattern/choices, or None."""
+        if self.type == "string" and not isinstance(value, str):
+            return f"default {value!r} is not a string (quote it in YAML)"
+        if self.type == "integer" and (isinstance(value, bool) or not isinstance(value, int)):
+            return f"default {value!r} is not an integer"
+        if self.type == "boolean" and not isinstance(value, bool):
+            return f"default {value!r} is not a boolean (true or false)"
+        if isinstance(value, str):
+            return self._string_problem(value)
+        if self.type == "integer":
+            return self._range_problem(value)
+        return None
+
+    def _range_problem(self, value: int) -> str | None:
+        """Why an integer is out of the declared bounds, or None."""
+        if self.min is not None and value < self.min:
+            return f"{value} is below the minimum {self.min}"
+        if self.max is not None and value > self.max:
+            return f"{value} is above the maximum {self.max}"
+        return None
+
+    def _string_problem(self, value: str) -> str | None:
+        """Why a string value is refused (NUL, length, pattern, choices), or None."""
+        if "\x00" in value:
+            return "value contains a NUL byte"
+        if len(value) > MAX_PARAM_CHARS:
+            return f"value is longer than {MAX_PARAM_CHARS} characters"
+        if self.pattern is not None and re.fullmatch(self.pattern, value) is None:
+            return f"{value!r} does not match pattern {self.pattern}"
+        if self.choices is not None and value not in self.choices:
+            return f"{value!r} is not one of: {', '.join(self.choices)}"
+        return None
+
+    def _convert(self, name: str, raw: object) -> str | int | bool:
+        """Convert one user-given value (text from chat/CLI, or a JSON scalar) to the type."""
+        if self.type == "integer":
+            if isinstance(raw, int) and not isinstance(raw, bool):
+                number = raw
+            elif isinstance(raw, str) and _INTEGER_RE.fullmatch(raw.strip()):
+                number = int(raw.strip())
+            else:
+                raise ParamError(name, f"param {name!r}: {_short(raw)} is not an integer")
+            problem = self._range_problem(number)
+            if problem:
+                raise ParamError(name, f"param {name!r}: {problem}")
+            return number
+        if self.type == "boolean":
+            if isinstance(raw, bool):
+                return raw
+            word = raw.strip().lower() if isinstance(raw, str) else None
+            if word in _TRUE_WORDS:
+                return True
+            if word in _FALSE_WORDS:
+                return False
+            raise ParamError(
+                name, f"param {name!r}: {_short(raw)} is not a boolean (true/false, yes/no, 1/0)"
+            )
+        if not isinstance(raw, str):
+            raise ParamError(name, f"param {name!r}: {_short(raw)} is not text")
+        problem = self._string_problem(raw)
+        if problem:
+            raise ParamError(name, f"param {name!r}: {problem}")
+        return raw
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """repr() capped, so one bad value cannot flood a chat message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class McpAction(BaseModel):
+    """A call of a tool on a configured MCP server: the mapped tool name and its arguments.
+
+    String argument values are templates rendered from the params (no shell is involved).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tool: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    arguments: dict[str, str | int | bool | float] = Field(default_factory=dict)
+
+
+class HealthCheck(BaseModel):
+    """A health check: an HTTP GET (URL template, expected status, latency limit) or an MCP
+    tool whose call must succeed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str | None = None
+    mcp: McpAction | None = None
+    # strict: YAML already types numbers and booleans; "5" or `true` here is a mistake.
+    expect_status: int = Field(default=200, ge=100, le=599, strict=True)
+    max_latency_ms: int = Field(default=2000, gt=0, strict=True)
+
+    @field_validator("url")
+    @classmethod
+    def _http_scheme(cls, value: str | None) -> str | None:
+        # The scheme must be literal so a parameter can never turn a health check into a
+        # file:// or gopher:// fetch; render_url re-checks the rendered result.
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("url must start with http:// or https://")
+        return value
+
+    @model_validator(mode="after")
+    def _url_or_mcp(self) -> HealthCheck:
+        if (self.url is None) == (self.mcp is None):
+            raise ValueError("a check has exactly one of: url, mcp")
+        return self
+
+
+class RollbackAction(BaseModel):
+    """What undoes a step: a command template (`run`) or an instruction for a human (`note`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run: str | None = None
+    note: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> RollbackAction:
+        if (self.run is None) == (self.note is None):
+            raise ValueError("a rollback has exactly one of: run, note")
+        return self
+
+
+class Step(BaseModel):
+    """One runbook step with exactly one action: run (command), check (HTTP) or note."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=f"^{SLUG_PATTERN}$")
+    title: str = Field(min_length=1)
+    run: str | None = None
+    check: HealthCheck | None = None
+    mcp: McpAction | None = None
+    note: str | None = None
+    approval: Literal["required", "none"] = "none"
+    timeout: float = Field(default=60, gt=0, le=3600, allow_inf_nan=False, strict=True)
+    retries: int = Field(default=0, ge=0, le=5, strict=True)
+    idempotent: bool = Field(default=False, strict=True)
+    # A policy may leave an optional step out; the run can still succeed without it.
+    optional: bool = Field(default=False, strict=True)
+    rollback: RollbackAction | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one_action(self) -> Step:
+        present = [
+            name for name in ("run", "check", "mcp", "note") if getattr(self, name) is not None
+        ]
+        if not present:
+            raise ValueError(
+                "a step needs exactly one action: run, check, mcp or note (found none)"
+            )
+        if len(present) > 1:
+            # Point at the second action: that is the line to delete or move to a new step.
+            found = " and ".join(present)
+            raise _FieldError(
+                (present[1],),
+                f"a step has exactly one action: run, check, mcp or note (found {found})",
+            )
+        if self.run is not None and not self.run.strip():
+            raise _FieldError(("run",), "run must not be empty")
+        return self
+
+    @property
+    def action_kind(self) -> Literal["run", "check", "mcp", "note"]:
+        """Which action this step performs."""
+        if self.run is not None:
+            return "run"
+        if self.check is not None:
+            return "check"
+        if self.mcp is not None:
+            return "mcp"
+        return "note"
+
+    @property
+    def needs_approval(self) -> bool:
+        """True when a human must approve before the step runs."""
+        return self.approval == "required"
+
+
+class Runbook(BaseModel):
+    """A validated runbook: identity, triggers, typed params, approvers and ordered steps."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=f"^{SLUG_PATTERN}$")
+    title: str = Field(min_length=1)
+    description: str = ""
+    triggers: list[str] = Field(default_factory=list)
+    params: dict[str, RunbookParam] = Field(default_factory=dict)
+    approvers: list[str] = Field(default_factory=list)
+    four_eyes: bool = Field(default=False, strict=True)
+    approval_timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False, strict=True)
+    on_reject: Literal["stop", "rollback"] = "stop"
+    env: list[str] = Field(default_factory=list)
+    steps: list[Step] = Field(min_length=1)
+
+    @field_validator("triggers")
+    @classmethod
+    def _triggers_not_blank(cls, value: list[str]) -> list[str]:
+        for index, trigger in enumerate(value):
+            if not trigger.strip():
+                raise _FieldError((index,), "a trigger must not be blank")
+        return value
+
+    @field_validator("params")
+    @classmethod
+    def _param_names(cls, value: dict[str, RunbookParam]) -> dict[str, RunbookParam]:
+        for name in value:
+            if not re.fullmatch(PARAM_NAME_PATTERN, name):
+                raise _FieldError((name,), f"param name {name!r} must match {PARAM_NAME_PATTERN}")
+            if name in RESERVED_PARAM_NAMES:
+                raise _FieldError(
+                    (name,), f"param name {name!r} is reserved: runbook=<id> names the runbook"
+                )
+        return value
+
+    @field_validator("approvers")
+    @classmethod
+    def _approver_identities(cls, value: list[str]) -> list[str]:
+        for index, approver in enumerate(value):
+            if not re.fullmatch(APPROVER_PATTERN, approver):
+                raise _FieldError(
+                    (index,),
+                    f"approver {approver!r} must be a decider identity like cli:alice "
+                    "or telegram:12345",
+                )
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, value: list[str]) -> list[str]:
+        for index, name in enumerate(value):
+            if not re.fullmatch(ENV_NAME_PATTERN, name):
+                raise _FieldError((index,), f"{name!r} is not an environment variable name")
+        return value
+
+    @field_validator("steps")
+    @classmethod
+    def _unique_step_ids(cls, value: list[Step]) -> list[Step]:
+        seen: dict[str, int] = {}
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        for index, step in enumerate(value):
+            if step.id in seen:
+                problems.append(
+                    ((index, "id"), f"duplicate step id {step.id!r} (also steps[{seen[step.id]}])")
+                )
+                continue
+            seen[step.id] = index
+        if problems:
+            raise _FieldError.of(problems)
+        return value
+
+    @model_validator(mode="after")
+    def _templates(self, info: ValidationInfo) -> Runbook:
+        # Checked here, not per step: only the runbook knows which params are declared.
+        if info.context and info.context.get("snapshot"):
+            return self  # a run's pinned copy was checked in full when it was pinned
+        problems = _template_problems(self._template_fields(), set(self.params))
+        if problems:
+            raise _FieldError.of(problems)
+        return self
+
+    def _template_fields(self) -> Iterator[tuple[tuple[str | int, ...], str, bool]]:
+        """Every template in the runbook: (location, source, is_command)."""
+        return _template_fields(self.model_dump(exclude_none=True))
+
+    @classmethod
+    def from_snapshot(cls, data: Mapping[str, Any]) -> Runbook:
+        """Rebuild a run's pinned runbook; skips the template parsing its first load did."""
+        return cls.model_validate(data, context={"snapshot": True})
+
+    def step(self, step_id: str) -> Step:
+        """The step with this id; KeyError if there is none."""
+        return self.steps[self.step_index(step_id)]
+
+    @functools.cached_property
+    def _step_positions(self) -> dict[str, int]:
+        # Looked up on every turn of a run: a dict keeps long runbooks O(1) per step.
+        return {step.id: i for i, step in enumerate(self.steps)}
+
+    def step_index(self, step_id: str) -> int:
+        """The position of the step with this id; KeyError if there is none."""
+        try:
+            return self._step_positions[step_id]
+        except KeyError:
+            raise KeyError(f"runbook {self.id!r} has no step {step_id!r}") from None
+
+    def resolve_params(self, given: Mapping[str, str]) -> dict[str, str | int | bool]:
+        """Check and convert user-given values, fill defaults; ParamError names the param."""
+        for name in given:
+            if name not in self.params:
+                known = ", ".join(sorted(self.params)) or "none"
+                raise ParamError(
+                    str(name), f"unknown param {_short(name)} for {self.id} (known: {known})"
+                )
+        resolved: dict[str, str | int | bool] = {}
+        for name, param in self.params.items():
+            if name in given:
+                resolved[name] = param._convert(name, given[name])
+            elif param.default is not None:
+                resolved[name] = param.default
+            else:
+                hint = f" ({param.description})" if param.description else ""
+                raise ParamError(name, f"param {name!r} is required{hint}")
+        return resolved
+
+
+def runbook_json_schema() -> dict[str, Any]:
+    """The JSON Schema of a runbook file, for editors and linters."""
+    schema = Runbook.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def _yaml_error(path: Path, text: str, exc: yaml.YAMLError) -> RunbookError:
+    """Turn a PyYAML error into a RunbookError with the line of its problem mark."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    line = mark.line + 1 if mark is not None else None
+    if isinstance(exc, yaml.reader.ReaderError):
+        line = text.count("\n", 0, exc.position) + 1
+        character = f"#x{exc.character:04x}" if isinstance(exc.character, int) else "?"
+        return RunbookError(path, line, "", f"character {character} is not allowed in YAML")
+    problem = getattr(exc, "problem", None)
+    context = getattr(exc, "context", None)
+    if problem:
+        message = f"{context}, {problem}" if context else str(problem)
+    else:
+        message = str(exc).splitlines()[0]
+    kind = (
+        "YAML error" if isinstance(exc, yaml.constructor.ConstructorError) else "YAML syntax error"
+    )
+    return RunbookError(path, line, "", f"{kind}: {message}")
+
+
+def _check_tree(path: Path, root: yaml.Node) -> None:
+    """Refuse duplicate keys, recursive aliases and oversized alias expansions."""
+    sizes: dict[int, int] = {}
+    visiting: set[int] = set()
+
+    def walk(node: yaml.Node, loc: tuple[str | int, ...]) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in visiting:
+            raise RunbookError(path, node.start_mark.line + 1, _field(loc), "recursive alias")
+        visiting.add(key)
+        size = 1
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[tuple[str, str], int] = {}
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        size += walk(value_node, loc)
+                        continue
+                    ident = (key_node.tag, key_node.value)
+                    line = key_node.start_mark.line + 1
+                    if ident in first_line:
+                        raise RunbookError(
+                            path,
+                            line,
+                            _field((*loc, key_node.value)),
+                            f"duplicate key {key_node.value!r} (first on line {first_line[ident]})",
+                        )
+                    first_line[ident] = line
+                    size += walk(value_node, (*loc, key_node.value))
+                else:
+                    size += walk(key_node, loc) + walk(value_node, loc)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                size += walk(item, (*loc, index))
+        visiting.discard(key)
+        if size > MAX_EXPANDED_NODES:
+            raise RunbookError(
+                path,
+                node.start_mark.line + 1,
+                _field(loc),
+                f"document expands to more than {MAX_EXPANDED_NODES} nodes (alias bomb?)",
+            )
+        sizes[key] = size
+        return size
+
+    walk(root, ())
+
+
+def _field(loc: tuple[object, ...]) -> str:
+    """Render a location like `steps[2].check.expect_status`."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int) and not isinstance(part, bool):
+            out += f"[{part}]"
+        elif isinstance(part, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", part):
+            out += f".{part}" if out else part
+        else:
+            out += f"[{str(part)!r}]"
+    return out
+
+
+def _locate(root: yaml.Node, loc: tuple[object, ...]) -> tuple[int, tuple[object, ...]]:
+    """Follow loc down the YAML tree: the 1-based line of the deepest node on the path, and
+    the part of loc worth showing (trailing union-member tags below a scalar are dropped)."""
+    node = root
+    line = root.start_mark.line + 1
+    for depth, part in enumerate(loc):
+        if isinstance(node, yaml.MappingNode):
+            # Last match wins, like the dict the constructor built (merge keys come first).
+            match = None
+            for key_node, value_node in node.value:
+                if _key_matches(key_node, part):
+                    match = (key_node, value_node)
+            if match is None:
+                return line, loc  # a missing field: report where its parent is
+            # The key's line is what a human looks for, even when the value is a block below.
+            line = match[0].start_mark.line + 1
+            node = match[1]
+        elif isinstance(node, yaml.SequenceNode):
+            if not isinstance(part, int) or not 0 <= part < len(node.value):
+                return line, loc
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line, loc[:depth]  # below a scalar: only union-member tags remain
+    return line, loc
+
+
+def _key_matches(key_node: yaml.Node, part: object) -> bool:
+    """Does this YAML key stand for loc element `part`? (`1`, `null` and `true` are keys too.)"""
+    if not isinstance(key_node, yaml.ScalarNode):
+        return False
+    if key_node.value == str(part):
+        return True
+    try:
+        key = yaml.constructor.SafeConstructor().construct_object(key_node)
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError):
+        return False
+    return key == part or str(key) == str(part)
+
+
+def _validation_errors(path: Path, root: yaml.Node, exc: ValidationError) -> list[RunbookError]:
+    """Every error, by line (ties in pydantic's order), located in the YAML tree; one per
+    field and line (a value that fails a union gets one error per member: the first says it)."""
+    found: list[tuple[int, int, RunbookError]] = []
+    seen: set[tuple[int, str]] = set()
+    order = 0
+    for error in exc.errors():
+        loc: tuple[object, ...] = tuple(error["loc"])
+        problems: list[tuple[tuple[object, ...], str]] = [(loc, error["msg"])]
+        original = (error.get("ctx") or {}).get("error")
+        if isinstance(original, _FieldError):
+            problems = [((*loc, *original.loc), str(original))]
+            problems += [((*loc, *more_loc), text) for more_loc, text in original.more]
+        elif isinstance(original, ValueError):
+            # Our own messages are complete sentences; drop pydantic's "Value error, " prefix.
+            problems = [(loc, str(original))]
+        for where, message in problems:
+            if where and where[-1] == "[key]":
+                where = where[:-1]
+                message = f"invalid key: {message}"
+            elif error["type"] == "missing":
+                message = "required field is missing"
+            elif error["type"] == "extra_forbidden" and where:
+                message = _unknown_field_message(where)
+            line, shown = _locate(root, where)
+            key = (line, _field(shown))
+            if key in seen:
+                continue
+            seen.add(key)
+            found.append((line, order, RunbookError(path, line, _field(shown), message)))
+            order += 1
+    found.sort(key=lambda item: (item[0], item[1]))
+    return [item[2] for item in found]
+
+
+def _unknown_field_message(loc: tuple[object, ...]) -> str:
+    """'unknown field' with a did-you-mean from the fields of the model at that place."""
+    parent = loc[:-1]
+    model: type[BaseModel] = Runbook
+    if len(parent) == 2 and parent[0] == "params":
+        model = RunbookParam
+    elif len(parent) == 2 and parent[0] == "steps":
+        model = Step
+    elif len(parent) == 3 and parent[0] == "steps" and parent[2] == "check":
+        model = HealthCheck
+    elif len(parent) == 3 and parent[0] == "steps" and parent[2] == "rollback":
+        model = RollbackAction
+    name = str(loc[-1])
+    close = difflib.get_close_matches(name, list(model.model_fields), n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown field {name!r}{hint}"
+
+
+def _render_problems(
+    runbook: Runbook, first_only: bool = False
+) -> list[tuple[tuple[str | int, ...], str]]:
+    """The templates that go past the render bounds with the params' defaults (or an easily
+    derived valid value), as (location, message); only the first when `first_only`.
+
+    Templates that use a param with no usable value are skipped, and so are other render
+    failures: only the bounds are checked here, the rest is reported when a run renders it."""
+    values = _sample_values(runbook)
+    found: list[tuple[tuple[str | int, ...], str]] = []
+    for loc, source, command in runbook._template_fields():
+        if "{" not in source:
+            continue
+        used = _used_params(source, command, runbook.params)
+        if not used <= values.keys():
+            continue
+        try:
+            _render(source, values, command, DEFAULT_LIMITS)
+        except RenderLimitError as exc:
+            step = runbook.steps[int(loc[1])]
+            given = " ".join(f"{name}={_text_value(values[name])}" for name in sorted(used))
+            found.append(
+                (loc, f"step {step.id!r}: {exc} (rendered with {_short(given or 'no params')})")
+            )
+            if first_only:
+                break
+        except RenderError:
+            continue
+    return found
+
+
+def _sample_values(runbook: Runbook) -> dict[str, str | int | bool]:
+    """The params' defaults, or easily derived valid values (`RunbookParam._sample`)."""
+    samples = {name: param._sample() for name, param in runbook.params.items()}
+    return {name: value for name, value in samples.items() if value is not None}
+
+
+def _used_params(source: str, command: bool, params: Mapping[str, object]) -> set[str]:
+    """The names a (valid) template reads: its params (a param may shadow a Jinja global,
+    such as `namespace`) and any other name that is not a global."""
+    env = _COMMAND_ENV if command else _TEXT_ENV
+    ast = env.parse(source)
+    # find_undeclared_variables counts a name the environment's globals define as declared.
+    loaded = {node.name for node in ast.find_all(jinja2.nodes.Name) if node.ctx == "load"}
+    undeclared = jinja2.meta.find_undeclared_variables(ast) - set(env.globals)
+    return undeclared | (loaded & set(params))
+
+
+@dataclass(frozen=True)
+class SampleCommand:
+    """A command of a runbook (a step's `run` or its rollback's) rendered with the params'
+    defaults: what a run without params would execute."""
+
+    loc: tuple[str | int, ...]
+    step_id: str
+    rollback: bool
+    argv: list[str] | None  # None: not renderable without a value the runbook does not give
+    params: dict[str, str | int | bool]  # the values it was rendered with
+    problem: str | None = None  # why argv is None
+
+    def describe(self) -> str:
+        """`step 'scale-out'` or `step 'scale-out' rollback`, for messages."""
+        return f"step {self.step_id!r}" + (" rollback" if self.rollback else "")
+
+    def given(self) -> str:
+        """`service=checkout-api namespace=production`, or `no params`."""
+        text = " ".join(f"{k}={_text_value(v)}" for k, v in sorted(self.params.items()))
+        return _capped(text or "no params")
+
+
+def sample_commands(runbook: Runbook) -> list[SampleCommand]:
+    """Every command of the runbook rendered with the params' defaults (see SampleCommand)."""
+    values = _sample_values(runbook)
+    commands = []
+    for loc, source, command in runbook._template_fields():
+        if not command:
+            continue
+        step = runbook.steps[int(loc[1])]
+        rollback = "rollback" in loc
+        used = _used_params(source, command, runbook.params) if "{" in source else set()
+        params = {name: values[name] for name in sorted(used) if name in values}
+        missing = sorted(used - values.keys())
+        if missing:
+            problem = f"needs a value for {', '.join(missing)} (no default)"
+            commands.append(SampleCommand(loc, step.id, rollback, None, params, problem))
+            continue
+        try:
+            argv = render_command(source, values)
+        except RenderError as exc:
+            commands.append(SampleCommand(loc, step.id, rollback, None, params, str(exc)))
+            continue
+        commands.append(SampleCommand(loc, step.id, rollback, argv, params))
+    return commands
+
+
+def quote_argv(argv: Sequence[str]) -> str:
+    """An argv on one line, exactly (JSON: quotes, spaces and newlines stay visible)."""
+    return _capped(json.dumps(list(argv), ensure_ascii=False), 300)
+
+
+def _capped(text: str, limit: int = 120) -> str:
+    """Text cut to `limit` characters (no repr quotes: it is shown as it is)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def load_runbook(path: Path, render_templates: bool = False) -> Runbook:
+    """Load and validate one runbook file; any problem raises one precise RunbookError.
+
+    `render_templates` also renders every template with the params' defaults and refuses one
+    past the render bounds (up to a second per template: `runbooks validate` asks for it)."""
+    return _load(Path(path), render_templates)[0]
+
+
+def _load(path: Path, render_templates: bool = False) -> tuple[Runbook, yaml.Node]:
+    """Load a runbook and keep its YAML tree, so later errors (duplicate id) get a line."""
+    runbook, root, errors = _examine(path, render_templates, every=False)
+    if errors:
+        raise errors[0]
+    assert runbook is not None and root is not None
+    return runbook, root
+
+
+def _examine(
+    path: Path, render_templates: bool, every: bool
+) -> tuple[Runbook | None, yaml.Node | None, list[RunbookError]]:
+    """Load a runbook: (it, its YAML tree, []) or (None, the tree if it parsed, its errors by
+    line). `every`: every error of the file, else the first one is enough (a run's loader
+    stops there: one error keeps the file out, and the catalog is loaded often)."""
+    try:
+        root, document = _read_yaml(path)
+    except RunbookError as exc:  # unreadable or not YAML: nothing further can be checked
+        return None, None, [exc]
+    try:
+        runbook = Runbook.model_validate(document)
+    except ValidationError as exc:
+        errors = _validation_errors(path, root, exc)
+        if every:
+            # The model checks templates only once every field is valid: check them on the
+            # raw document too, so one pass shows a template typo beside a field typo.
+            params = document.get("params") if isinstance(document, dict) else None
+            declared = set(params) if isinstance(params, dict) else set()
+            problems = _template_problems(_template_fields(document), declared)
+            problems += _duplicate_step_ids(document)
+            errors = _merged(errors, _located(path, root, problems))
+        return None, root, errors
+    except RecursionError:
+        return None, root, [RunbookError(path, None, "", "runbook is nested too deeply")]
+    if render_templates:
+        problems = _render_problems(runbook, first_only=not every)
+        if problems:
+            return None, root, _located(path, root, problems)
+    return runbook, root, []
+
+
+def _duplicate_step_ids(document: object) -> list[tuple[tuple[str | int, ...], str]]:
+    """Duplicate step ids of a raw document (the model finds them only in valid steps)."""
+    steps = document.get("steps") if isinstance(document, dict) else None
+    seen: dict[str, int] = {}
+    found: list[tuple[tuple[str | int, ...], str]] = []
+    for index, step in enumerate(steps if isinstance(steps, list) else []):
+        step_id = step.get("id") if isinstance(step, dict) else None
+        if not isinstance(step_id, str):
+            continue
+        if step_id in seen:
+            message = f"duplicate step id {step_id!r} (also steps[{seen[step_id]}])"
+            found.append((("steps", index, "id"), message))
+        else:
+            seen[step_id] = index
+    return found
+
+
+def _located(
+    path: Path, root: yaml.Node, problems: Sequence[tuple[tuple[str | int, ...], str]]
+) -> list[RunbookError]:
+    """(location, message) problems as RunbookErrors with their lines, in file order."""
+    errors = []
+    for loc, message in problems:
+        line, shown = _locate(root, loc)
+        errors.append(RunbookError(path, line, _field(shown), message))
+    return sorted(errors, key=lambda e: e.line or 0)
+
+
+def _merged(first: list[RunbookError], second: list[RunbookError]) -> list[RunbookError]:
+    """Both lists by line, without a second error for a field and line already reported."""
+    seen = {(e.line, e.field) for e in first}
+    extra = [e for e in second if (e.line, e.field) not in seen]
+    return sorted([*first, *extra], key=lambda e: e.line or 0)  # stable: ties keep order
+
+
+def _read_yaml(path: Path) -> tuple[yaml.MappingNode, object]:
+    """Read a runbook file within the size limit and parse it; raises RunbookError."""
+    try:
+        with path.open("rb") as handle:
+            # Read one byte past the limit: never trust stat() for special or growing files.
+            data = handle.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise RunbookError(path, None, "", f"cannot read file: {exc.strerror or exc}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise RunbookError(path, None, "", f"file is larger than {MAX_FILE_BYTES // 1024} KiB")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise RunbookError(path, line, "", "file is not valid UTF-8 text") from None
+    return _parse_yaml(path, text)
+
+
+def _parse_yaml(path: Path, text: str) -> tuple[yaml.MappingNode, object]:
+    """Compose the node tree (marks, duplicate keys), then construct Python data from it."""
+    loader: _Loader | None = None
+    try:
+        loader = _Loader(text)  # the reader already refuses non-printable characters
+        root = loader.get_single_node()
+        if root is None:
+            raise RunbookError(path, None, "", "file is empty; a runbook is a YAML mapping")
+        if not isinstance(root, yaml.MappingNode):
+            line = root.start_mark.line + 1
+            raise RunbookError(path, line, "", "top level must be a mapping (id: ..., steps: ...)")
+        _check_tree(path, root)
+        return root, loader.construct_document(root)
+    except RunbookError:
+        raise
+    except yaml.YAMLError as exc:
+        raise _yaml_error(path, text, exc) from None
+    except RecursionError:
+        raise RunbookError(path, None, "", "YAML is nested too deeply") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader whose scalar conversion errors carry the node's line."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        """Like SafeLoader's, but `!!int abc` or `!!timestamp 2024-13-01` become marked errors."""
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError, OverflowError) as exc:
+            # SafeConstructor lets int()/float()/datetime() errors escape without a mark.
+            raise yaml.constructor.ConstructorError(
+                None, None, f"invalid value: {exc}", node.start_mark
+            ) from None
+
+
+@dataclass(frozen=True)
+class RunbookCatalog:
+    """All runbooks of a directory that loaded, by id, and the errors of those that did not."""
+
+    runbooks: dict[str, Runbook]
+    errors: list[RunbookError]
+
+    def get(self, runbook_id: str) -> Runbook:
+        """The runbook with this id; KeyError if it is unknown or failed to load."""
+        try:
+            return self.runbooks[runbook_id]
+        except KeyError:
+            raise KeyError(f"unknown runbook {runbook_id!r}") from None
+
+
+def load_catalog(directory: Path, render_templates: bool = False) -> RunbookCatalog:
+    """Load every *.yaml / *.yml file (sorted); bad files are reported, never half-loaded.
+
+    `render_templates`: as for `load_runbook`, for every file."""
+    directory = Path(directory)
+    runbooks: dict[str, Runbook] = {}
+    errors: list[RunbookError] = []
+    if not directory.is_dir():
+        return RunbookCatalog(
+            {}, [RunbookError(directory, None, "", "runbook directory not found")]
+        )
+    sources: dict[str, Path] = {}
+    files = sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml"))
+    for path in files:
+        try:
+            runbook, root = _load(path, render_templates)
+        except RunbookError as exc:
+            errors.append(exc)
+            continue
+        if runbook.id in runbooks:
+            line = _locate(root, ("id",))[0]
+            errors.append(
+                RunbookError(
+                    path,
+                    line,
+                    "id",
+                    f"duplicate runbook id {runbook.id!r} (also {sources[runbook.id]})",
+                )
+            )
+            continue
+        runbooks[runbook.id] = runbook
+        sources[runbook.id] = path
+    return RunbookCatalog(runbooks, errors)
+
+
+# --------------------------------------------------------------------------------------------
+# Validating (`loom-ops runbooks validate`, `loom-ops doctor`)
+# --------------------------------------------------------------------------------------------
+
+
+class CommandRules(Protocol):
+    """What validation asks of a shell allowlist (`agent.tools.allowlist.ShellAllowlist`):
+    its name, and the rule that admits a command, if any."""
+
+    source: str
+
+    def rule_for(self, argv: Sequence[str]) -> object | None:
+        """The rule admitting `argv`, or None."""
+
+
+@dataclass(frozen=True)
+class RunbookReport:
+    """What validating one runbook file found: the runbook (None when the file is invalid),
+    every error of the file by line, and its commands that no allowlist rule admits."""
+
+    path: Path
+    runbook: Runbook | None
+    file_errors: list[RunbookError] = field(default_factory=list)
+    gaps: list[RunbookError] = field(default_factory=list)
+    live_shell: bool = False  # gaps are errors when commands run for real
+
+    @property
+    def errors(self) -> list[RunbookError]:
+        """What keeps the file (or, with live shell, one of its steps) from working."""
+        return _by_line([*self.file_errors, *(self.gaps if self.live_shell else [])])
+
+    @property
+    def warnings(self) -> list[RunbookError]:
+        """Allowlist gaps while commands are dry-run: they fail once live shell is on."""
+        return [] if self.live_shell else self.gaps
+
+
+def validate_runbooks(
+    path: Path, allowlist: CommandRules | None = None, live_shell: bool = False
+) -> list[RunbookReport]:
+    """Validate one runbook file, or every *.yaml / *.yml file of a directory (sorted), in one
+    pass: every error of every file, templates rendered against the bounds.
+
+    With an allowlist, every command (a step's `run` and its rollback's, rendered with the
+    params' defaults) that no rule admits is reported too: an error when `live_shell` (a run
+    would be refused at that step), else a warning (dry-run never asks the allowlist)."""
+    path = Path(path)
+    files = (
+        sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml"))
+        if path.is_dir()
+        else [path]
+    )
+    reports: list[RunbookReport] = []
+    sources: dict[str, Path] = {}
+    for file in files:
+        runbook, root, errors = _examine(file, render_templates=True, every=True)
+        gaps: list[RunbookError] = []
+        if runbook is not None and root is not None:
+            if runbook.id in sources:
+                line = _locate(root, ("id",))[0]
+                errors.append(
+                    RunbookError(
+                        file,
+                        line,
+                        "id",
+                        f"duplicate runbook id {runbook.id!r} (also {sources[runbook.id]})",
+                    )
+                )
+            else:
+                sources[runbook.id] = file
+            if allowlist is not None:
+                gaps = _located(file, root, _allowlist_gaps(runbook, allowlist))
+        valid = runbook if not errors else None
+        reports.append(RunbookReport(file, valid, _by_line(errors), gaps, live_shell))
+    return reports
+
+
+def _allowlist_gaps(
+    runbook: Runbook, allowlist: CommandRules
+) -> list[tuple[tuple[str | int, ...], str]]:
+    """Every command of the runbook, rendered with the defaults, that no rule admits."""
+    gaps = []
+    for sample in sample_commands(runbook):
+        if sample.argv is None or allowlist.rule_for(sample.argv) is not None:
+            continue  # one that cannot be rendered is for the run to report, with its values
+        gaps.append(
+            (
+                sample.loc,
+                f"{sample.describe()}: no rule of {allowlist.source} admits "
+                f"{quote_argv(sample.argv)} (rendered with {sample.given()})",
+            )
+        )
+    return gaps
+
+
+def _by_line(errors: list[RunbookError]) -> list[RunbookError]:
+    return sorted(errors, key=lambda e: e.line or 0)

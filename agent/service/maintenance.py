@@ -1,0 +1,138 @@
+"""What a long-running process (the bot, the HTTP API, a worker) does beside its front end:
+say it is alive, expire approval requests at their deadline, and drive on the runs that became
+runnable elsewhere (a CLI decision) or that a dead process left."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+
+from agent.service.runs import HEARTBEAT_INTERVAL, RunService
+
+log = logging.getLogger(__name__)
+
+# A request opened by another process (a CLI run) is not announced here: look for overdue
+# requests at least this often.
+MAX_EXPIRY_SLEEP = 5.0
+RESTART_DELAY = 1.0
+JOURNAL_WATCH_INTERVAL = 1.0
+# How often a process that drives runs looks for runnable ones when nothing woke it: what a
+# decision recorded by another process waits at most on SQLite (PostgreSQL wakes it at once).
+RUNNABLE_POLL = 0.5
+
+
+class Maintenance:
+    """`async with Maintenance(service, kind):` registers the process (`kind`: serve,
+    telegram, worker…) with a heartbeat, runs the expiry sweeper, the runnable-runs loop (when
+    `recover` and the service executes runs), and follows other processes' commits; with
+    `watch_journal` it also polls the journal once a second for readers (SSE streams): how
+    SQLite learns of other processes' writes, and a safety net beside PostgreSQL's NOTIFY."""
+
+    def __init__(
+        self,
+        service: RunService,
+        kind: str,
+        watch_journal: bool = False,
+        recover: bool = True,
+    ) -> None:
+        self._service = service
+        self._kind = kind
+        self._watch_journal = watch_journal
+        self._recover = recover and service.executes_runs
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> Maintenance:
+        # A worker drives runs through its own claim loop (recover=False), and counts as a
+        # process that drives them all the same.
+        drives = self._service.executes_runs
+        self._tasks = [
+            background(lambda: heartbeat_forever(self._service, self._kind, drives), "heartbeat"),
+            background(lambda: expire_overdue_forever(self._service), "expiry"),
+            background(self._service.store.follow_others, "listen"),
+        ]
+        if self._recover:
+            self._tasks.append(background(lambda: drive_runnable_forever(self._service), "runs"))
+        if self._watch_journal:
+            self._tasks.append(background(lambda: watch_journal(self._service), "journal"))
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await stop_all(self._tasks)
+
+
+async def expire_overdue_forever(service: RunService) -> None:
+    """Expire approval requests at their deadline (their chat messages then say so)."""
+    while True:
+        await service.expire_overdue(wait=False)
+        deadline = await service.store.next_approval_deadline()
+        delay = MAX_EXPIRY_SLEEP if deadline is None else deadline - time.time() + 0.01
+        await asyncio.sleep(min(MAX_EXPIRY_SLEEP, max(0.01, delay)))
+
+
+async def heartbeat_forever(service: RunService, kind: str, drives_runs: bool) -> None:
+    """Keep this process in the store's registry of live processes while it runs, and take
+    it out on a clean exit (a killed one goes stale: its heartbeat stops)."""
+    owner = service.kernel.owner
+    try:
+        while True:
+            await service.store.beat_process(owner, kind, drives_runs)
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(service.store.forget_process(owner))
+
+
+async def drive_runnable_forever(service: RunService) -> None:
+    """Drive the runs that become runnable while this process runs: queued by a decision in
+    another process, woken by a child's end, or left by a dead owner. Woken by the store
+    (this process's commits; PostgreSQL's NOTIFY), else every RUNNABLE_POLL seconds; a run
+    asked to wait after an outage (`not_before`) is left until then."""
+    store = service.store
+    while True:
+        store.runs_ready.clear()
+        started = await service.drive_runnable()
+        if started:
+            log.info("driving %d run(s): %s", len(started), ", ".join(started))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(RUNNABLE_POLL):
+                await store.runs_ready.wait()
+
+
+async def watch_journal(service: RunService) -> None:
+    """Notice events other processes append (a CLI decision), once a second; this process's
+    own writes wake readers at once."""
+    while True:
+        await service.store.notice_other_writers()
+        await asyncio.sleep(JOURNAL_WATCH_INTERVAL)
+
+
+def background(work: Callable[[], Awaitable[None]], name: str) -> asyncio.Task[None]:
+    """Run `work` as a task; when it fails it is logged and started again, so one bad moment
+    (a locked database, say) does not stop it for good."""
+
+    async def guarded() -> None:
+        while True:
+            try:
+                await work()
+                return
+            except Exception:
+                log.exception("the %s task failed; starting it again", name)
+            await asyncio.sleep(RESTART_DELAY)
+
+    return asyncio.create_task(guarded(), name=f"loom-ops:{name}")
+
+
+async def stop_all(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel tasks and wait until they have stopped."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,362 @@
+"""Approval requests: open, decide, expire."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from agent.records import (
+    ApprovalRecord,
+    ApprovalStatus,
+    Checkpoint,
+    Claim,
+    RunStatus,
+)
+from agent.store.base import StoreBase
+from agent.store.commands import (
+    DecisionEffect,
+    NewApproval,
+    NewEvent,
+    NewPolicyTurn,
+    NewToolCall,
+)
+from agent.store.database import (
+    Connection,
+)
+from agent.store.errors import (
+    ApprovalNotFound,
+)
+from agent.store.rows import (
+    APPROVAL_COLUMNS,
+    approval_from_row,
+    dumps,
+)
+
+
+class ApprovalsStore(StoreBase):
+    """Requests for a person's decision."""
+
+    async def open_approval(
+        self,
+        claim: Claim,
+        approval: NewApproval,
+        checkpoint: Checkpoint,
+        call: NewToolCall | None = None,
+        turn: NewPolicyTurn | None = None,
+    ) -> ApprovalRecord:
+        """Open a request and park the run: one transaction, so no request is ever lost.
+
+        `call` is the await_approval call that asked (journaled as intent); an in-doubt request
+        has none. The run's lease is released: a waiting run holds no process.
+        """
+        now = time.time()
+        token = secrets.token_urlsafe(12)
+        run_id = claim.run_id
+
+        def open_(conn: Connection) -> int:
+            self._fence(conn, claim)
+            number = self._next_request_number(conn, run_id)
+            events = []
+            if turn is not None:
+                events.append(self._insert_policy_turn(conn, run_id, turn, now))
+            if call is not None:
+                events.append(self._insert_intent(conn, run_id, call, now))
+            cursor = conn.execute(
+                "INSERT INTO approvals (token, run_id, call_key, kind, step_id, action, reason, "
+                "rollback, deciders, four_eyes, requested_by, status, created_at, deadline_at, "
+                "number, mode, runs_on, evidence) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?) "
+                "RETURNING id",
+                (
+                    token,
+                    run_id,
+                    approval.call_key,
+                    str(approval.kind),
+                    approval.step_id,
+                    approval.action,
+                    approval.reason,
+                    approval.rollback,
+                    dumps(approval.deciders),
+                    int(approval.four_eyes),
+                    approval.requested_by,
+                    now,
+                    approval.deadline_at,
+                    number,
+                    approval.mode,
+                    approval.runs_on,
+                    dumps(approval.evidence),
+                ),
+            )
+            approval_id = int(cursor.fetchone()[0])
+            payload = {
+                "approval_id": approval_id,
+                "number": number,
+                "mode": approval.mode,
+                "runs_on": approval.runs_on,
+                "evidence": approval.evidence,
+                "token": token,
+                "kind": str(approval.kind),
+                "step_id": approval.step_id,
+                "action": approval.action,
+                "reason": approval.reason,
+                "rollback": approval.rollback,
+                "deciders": approval.deciders,
+                "deadline_at": approval.deadline_at,
+            }
+            # The token works like a password for buttons: chats get it, the journal does not.
+            journaled = {k: v for k, v in payload.items() if k != "token"}
+            events.append(NewEvent("approval_requested", journaled))
+            self._park(conn, run_id, events, now, RunStatus.WAITING_APPROVAL, checkpoint)
+            self._enqueue_outbox(conn, run_id, "approval_request", payload, now)
+            return approval_id
+
+        approval_id = await self._transaction(open_, durable=True)
+        return await self.get_approval(approval_id)
+
+    def _next_request_number(self, conn: Connection, run_id: str) -> int:
+        """In an opening transaction: the next request number of the run's incident (its
+        tree), counted from 1. The root's row is locked first, so two requests of one tree
+        opened at once get different numbers."""
+        root = self._root_id(conn, run_id)
+        conn.execute("SELECT id FROM runs WHERE id = ?" + self.dialect.for_update, (root,))
+        row = conn.execute(
+            "WITH RECURSIVE tree(id) AS (SELECT ? UNION ALL "
+            "SELECT r.id FROM runs r JOIN tree t ON r.parent_id = t.id) "
+            "SELECT COUNT(*) FROM approvals WHERE run_id IN (SELECT id FROM tree)",
+            (root,),
+        ).fetchone()
+        return int(row[0]) + 1
+
+    async def get_approval_by_number(self, run_id: str, number: int) -> ApprovalRecord:
+        """The request numbered `number` in the incident (tree) `run_id` belongs to."""
+
+        def find(conn: Connection) -> Sequence[Any] | None:
+            root = self._root_id(conn, run_id)
+            return conn.execute(
+                "WITH RECURSIVE tree(id) AS (SELECT ? UNION ALL "
+                "SELECT r.id FROM runs r JOIN tree t ON r.parent_id = t.id) "
+                f"SELECT {APPROVAL_COLUMNS} FROM approvals "
+                "WHERE run_id IN (SELECT id FROM tree) AND number = ?",
+                (root, number),
+            ).fetchone()
+
+        row = await self._read(find)
+        if row is None:
+            raise ApprovalNotFound(f"run {run_id} has no request #{number}")
+        return approval_from_row(row)
+
+    async def get_approval(self, approval_id: int) -> ApprovalRecord:
+        """One approval request by id."""
+        row = await self._read(
+            lambda c: c.execute(
+                f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id = ?", (approval_id,)
+            ).fetchone()
+        )
+        if row is None:
+            raise ApprovalNotFound(f"no approval request {approval_id}")
+        return approval_from_row(row)
+
+    async def get_approval_by_token(self, token: str) -> ApprovalRecord:
+        """One approval request by its opaque token."""
+        row = await self._read(
+            lambda c: c.execute(
+                f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE token = ?", (token,)
+            ).fetchone()
+        )
+        if row is None:
+            raise ApprovalNotFound("no such approval request")
+        return approval_from_row(row)
+
+    async def list_approvals(
+        self, run_id: str | None = None, status: ApprovalStatus | None = None
+    ) -> list[ApprovalRecord]:
+        """Approval requests, oldest first, filtered by run and/or status."""
+        clauses, params = [], []
+        if run_id is not None:
+            clauses.append("run_id = ?")
+            params.append(run_id)
+        if status is not None:
+            clauses.append("status = ?")
+            params.append(str(status))
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = await self._read(
+            lambda c: c.execute(
+                f"SELECT {APPROVAL_COLUMNS} FROM approvals {where} ORDER BY id", params
+            ).fetchall()
+        )
+        return [approval_from_row(row) for row in rows]
+
+    async def approved_gate_counts(self, run_id: str) -> Counter[str]:
+        """How many attempts people allowed of each step of a run: approvals of its gate, and
+        "retry" decisions on its in-doubt attempts (each good for one attempt)."""
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT step_id, COUNT(*) FROM approvals WHERE run_id = ? "
+                "AND status = 'approved' AND step_id IS NOT NULL GROUP BY step_id",
+                (run_id,),
+            ).fetchall()
+        )
+        return Counter({row[0]: row[1] for row in rows})
+
+    async def decide_approval(
+        self,
+        approval_id: int,
+        status: ApprovalStatus,
+        decided_by: str,
+        note: str | None,
+        effect: DecisionEffect,
+    ) -> bool:
+        """Record a decision if none was made yet, and apply its effect, atomically.
+
+        Returns False (and changes nothing) when the request was already decided: the first
+        decision wins.
+        """
+        now = time.time()
+
+        def decide(conn: Connection) -> bool:
+            row = conn.execute(
+                "SELECT run_id, call_key, number FROM approvals WHERE id = ?", (approval_id,)
+            ).fetchone()
+            if row is None:
+                raise ApprovalNotFound(f"no approval request {approval_id}")
+            run_id, call_key, number = row
+            # The deadline is checked here, in the deciding transaction: a decision that
+            # arrives late expires the request instead, whatever the caller checked before.
+            if self._expire_if_overdue(conn, approval_id, now):
+                return False
+            cursor = conn.execute(
+                "UPDATE approvals SET status = ?, decided_by = ?, decided_at = ?, note = ? "
+                "WHERE id = ? AND status = 'pending'",
+                (str(status), decided_by, now, note, approval_id),
+            )
+            if cursor.rowcount != 1:
+                return False
+            if effect.call_status is not None:
+                conn.execute(
+                    "UPDATE tool_calls SET status = ?, outcome = COALESCE(?, outcome), "
+                    "outcome_at = ? WHERE call_key = ?",
+                    (
+                        effect.call_status,
+                        dumps(effect.call_outcome) if effect.call_outcome is not None else None,
+                        now,
+                        call_key,
+                    ),
+                )
+            events = [
+                NewEvent(
+                    "approval_decided",
+                    {
+                        "approval_id": approval_id,
+                        "number": number,
+                        "call_key": call_key,
+                        "decision": str(status),
+                        "decided_by": decided_by,
+                        "note": note,
+                    },
+                )
+            ]
+            if effect.call_status is not None and effect.call_outcome is not None:
+                events.append(
+                    NewEvent(
+                        "tool_outcome",
+                        {
+                            "call_key": call_key,
+                            "status": effect.call_status,
+                            "outcome": effect.call_outcome,
+                        },
+                    )
+                )
+            updates: dict[str, Any] = {"status": str(effect.run_status)}
+            if effect.checkpoint is not None:
+                updates["checkpoint"] = effect.checkpoint.to_json()
+            if effect.run_status.is_terminal:
+                updates["finished_at"] = now
+                updates["error"] = effect.error
+                events.append(
+                    NewEvent(
+                        "run_finished", {"status": str(effect.run_status), "error": effect.error}
+                    )
+                )
+            self._append_events(conn, run_id, events, now, updates)
+            self._enqueue_outbox(
+                conn,
+                run_id,
+                "approval_decided",
+                {
+                    "approval_id": approval_id,
+                    "decision": str(status),
+                    "decided_by": decided_by,
+                    "decided_at": now,
+                    "note": note,
+                },
+                now,
+            )
+            if effect.run_status.is_terminal:
+                self._enqueue_outbox(
+                    conn, run_id, "run_finished", {"status": str(effect.run_status)}, now
+                )
+                self._wake_parent(conn, run_id, now)
+            return True
+
+        return await self._transaction(decide, durable=True)
+
+    async def expire_approval(self, approval_id: int) -> bool:
+        """Expire a pending request past its deadline and end its run as expired."""
+        now = time.time()
+        return await self._transaction(
+            lambda conn: self._expire_if_overdue(conn, approval_id, now), durable=True
+        )
+
+    def _expire_if_overdue(self, conn: Connection, approval_id: int, now: float) -> bool:
+        """In the caller's transaction: expire the request if it is pending and overdue."""
+        row = conn.execute(
+            "SELECT run_id FROM approvals WHERE id = ? AND status = 'pending' AND deadline_at <= ?",
+            (approval_id, now),
+        ).fetchone()
+        if row is None:
+            return False
+        run_id = row[0]
+        conn.execute(
+            "UPDATE approvals SET status = 'expired', decided_at = ? WHERE id = ?",
+            (now, approval_id),
+        )
+        error = "approval request expired without a decision"
+        self._append_events(
+            conn,
+            run_id,
+            [
+                NewEvent("approval_expired", {"approval_id": approval_id}),
+                NewEvent("run_finished", {"status": "expired", "error": error}),
+            ],
+            now,
+            {"status": RunStatus.EXPIRED, "finished_at": now, "error": error},
+        )
+        self._enqueue_outbox(conn, run_id, "approval_expired", {"approval_id": approval_id}, now)
+        self._enqueue_outbox(conn, run_id, "run_finished", {"status": "expired"}, now)
+        self._wake_parent(conn, run_id, now)
+        return True
+
+    async def next_approval_deadline(self) -> float | None:
+        """The earliest deadline of a pending approval request, if any."""
+        row = await self._read(
+            lambda c: c.execute(
+                "SELECT MIN(deadline_at) FROM approvals WHERE status = 'pending'"
+            ).fetchone()
+        )
+        return row[0]
+
+    async def overdue_approval_ids(self) -> list[int]:
+        """Pending requests whose deadline has passed."""
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT id FROM approvals WHERE status = 'pending' AND deadline_at <= ? "
+                "ORDER BY id",
+                (time.time(),),
+            ).fetchall()
+        )
+        return [row[0] for row in rows]
+
+    # -- journal ---------------------------------------------------------------------------

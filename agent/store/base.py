@@ -1,0 +1,352 @@
+"""The store's plumbing: transactions, wake-ups, and the writes every aggregate shares
+(appending to a run's journal, fencing a drive's claim, queueing what a chat must hear)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
+
+from agent.events import canonical_json, event_hash
+from agent.records import (
+    Checkpoint,
+    Claim,
+    Origin,
+    RunStatus,
+)
+from agent.store.commands import (
+    NewEvent,
+)
+from agent.store.database import (
+    JOURNAL_CHANNEL,
+    OUTBOX_CHANNEL,
+    RUNS_CHANNEL,
+    Connection,
+    Database,
+    Leadership,
+)
+from agent.store.errors import (
+    LeaseLost,
+    RunNotFound,
+)
+from agent.store.rows import (
+    dumps,
+)
+
+T = TypeVar("T")
+
+
+class JournalWatch:
+    """What `RunStore.watch_journal` hands out: an event set on new journal entries of the
+    watched runs; `add` watches one more (a child run that appeared)."""
+
+    def __init__(self, store: StoreBase) -> None:
+        self._store = store
+        self.runs: set[str] = set()
+        self.changed = asyncio.Event()
+
+    def add(self, run_id: str) -> None:
+        """Watch this run too."""
+        if run_id not in self.runs:
+            self.runs.add(run_id)
+            self._store._journal_waiters.setdefault(run_id, set()).add(self)
+
+    async def wait(self, timeout: float) -> None:
+        """Return when a watched run was written since the last `wait`, or after `timeout`."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self.changed.wait()
+        self.changed.clear()
+
+
+class StoreBase:
+    """A database plus the wake-ups its commits send; every aggregate store extends it."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.dialect = db.dialect
+        # Set after a commit that queued chat messages, so a sender in this process delivers
+        # them at once instead of polling the table (other processes: see `follow_others`).
+        self.outbox_ready = asyncio.Event()
+        # Set after a commit that made a run runnable, so a worker claims it at once.
+        self.runs_ready = asyncio.Event()
+        # What the transaction on this database thread queued; read after its commit.
+        self._queued = threading.local()
+        # Readers waiting for new journal events of some runs (SSE streams), by run id; a
+        # commit wakes the waiters of the runs it appended to, and only those.
+        self._journal_waiters: dict[str, set[JournalWatch]] = {}
+        self._runs_written: set[str] = set()  # filled on a database thread
+        self._runs_written_lock = threading.Lock()
+        self._last_seq_seen = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def label(self) -> str:
+        """The database's name for people: a file path, or a URL without its password."""
+        return self.db.label
+
+    async def close(self) -> None:
+        """Close the database."""
+        await self.db.close()
+
+    async def __aenter__(self) -> StoreBase:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def schema_version(self) -> int:
+        """The schema version the database is at."""
+        return await self.db.schema_version()
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    async def _transaction(self, fn: Callable[[Connection], T], durable: bool = False) -> T:
+        """Run `fn` as one transaction, then wake what its commit concerns in this process.
+
+        `durable` makes the commit (and every one before it) survive a power cut before this
+        returns. `fn` may run more than once (a PostgreSQL serialization conflict): it only
+        touches the database and this store's wake-up flags.
+        """
+        queued = self._queued
+
+        def run(conn: Connection) -> tuple[T, bool, bool]:
+            queued.outbox = queued.runs = False  # a re-run starts afresh
+            return fn(conn), queued.outbox, queued.runs
+
+        result, outbox, runs = await self.db.transaction(run, durable=durable)
+        if outbox:
+            self.outbox_ready.set()
+        if runs:
+            self.runs_ready.set()
+        self._wake_journal_waiters()
+        return result
+
+    async def _read(self, fn: Callable[[Connection], T]) -> T:
+        return await self.db.read(fn)
+
+    def _announce_runnable(self, conn: Connection) -> None:
+        """In a transaction that queued a run: wake workers here and elsewhere at commit."""
+        self._queued.runs = True
+        self.db.notify(conn, RUNS_CHANNEL)
+
+    async def follow_others(self) -> None:
+        """Until cancelled: wake this process's workers, senders and journal readers when
+        another process commits (PostgreSQL's LISTEN; on SQLite, the callers poll)."""
+        await self.db.listen(self._on_notice)
+
+    def leadership(self, name: str) -> Leadership:
+        """The right to be the one process sharing this store that does `name`."""
+        return self.db.leadership(name)
+
+    def _on_notice(self, channel: str, payload: str) -> None:
+        if channel == RUNS_CHANNEL:
+            self.runs_ready.set()
+        elif channel == OUTBOX_CHANNEL:
+            self.outbox_ready.set()
+        elif channel == JOURNAL_CHANNEL:
+            self._wake_journal_waiters([payload] if payload else list(self._journal_waiters))
+
+    def _wake_journal_waiters(self, run_ids: Iterable[str] | None = None) -> None:
+        if run_ids is None:
+            with self._runs_written_lock:
+                run_ids, self._runs_written = self._runs_written, set()
+        for run_id in run_ids:
+            for watch in self._journal_waiters.get(run_id, ()):
+                watch.changed.set()
+
+    @contextlib.contextmanager
+    def watch_journal(self, run_ids: Iterable[str]) -> Iterator[JournalWatch]:
+        """Watch runs' journals for the whole block: `changed` is set by every commit (in
+        this process, or seen by `notice_other_writers`) that appends to a watched run, so
+        a write between a reader's look and its wait is never missed."""
+        watch = JournalWatch(self)
+        for run_id in run_ids:
+            watch.add(run_id)
+        try:
+            yield watch
+        finally:
+            for run_id in watch.runs:
+                waiters = self._journal_waiters.get(run_id)
+                if waiters is not None:
+                    waiters.discard(watch)
+                    if not waiters:
+                        del self._journal_waiters[run_id]
+
+    async def notice_other_writers(self) -> None:
+        """Wake the watchers of runs another process appended events to since the last look."""
+        since = self._last_seq_seen
+
+        def look(c: Connection) -> tuple[int, list[str]]:
+            latest = c.execute("SELECT MAX(seq) FROM events").fetchone()[0] or 0
+            if latest == since:
+                return latest, []
+            rows = c.execute("SELECT DISTINCT run_id FROM events WHERE seq > ?", (since,))
+            return latest, [row[0] for row in rows]
+
+        self._last_seq_seen, written = await self._read(look)
+        # Writes of this process were woken at commit; waking their watchers again only
+        # costs them one more look.
+        self._wake_journal_waiters(written)
+
+    def _append_events(
+        self,
+        conn: Connection,
+        run_id: str,
+        events: Sequence[NewEvent],
+        now: float,
+        run_updates: dict[str, Any] | None = None,
+    ) -> None:
+        """Append events to a run's chain and apply `run_updates` to its row (a drive's
+        transaction checked its lease first, with `_fence`)."""
+        # Locked first: two appends to one run at once conflict here (one runs again), not
+        # on the journal's (run_id, idx) key after both computed the same next link.
+        row = conn.execute(
+            "SELECT event_count, last_hash FROM runs WHERE id = ?" + self.dialect.for_update,
+            (run_id,),
+        ).fetchone()
+        if row is None:
+            raise RunNotFound(f"unknown run id {run_id!r}")
+        count, prev = row
+        rows = []
+        for event in events:
+            count += 1
+            data_json = canonical_json(event.data)
+            digest = event_hash(prev, run_id, count, now, event.type, data_json)
+            rows.append((run_id, count, now, event.type, data_json, prev, digest))
+            prev = digest
+        if rows:
+            conn.executemany(
+                "INSERT INTO events (run_id, idx, ts, type, data, prev_hash, hash) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            # A rolled-back transaction leaves a stale entry: a spurious wake, nothing worse.
+            with self._runs_written_lock:  # this runs on a database thread
+                self._runs_written.add(run_id)
+            self.db.notify(conn, JOURNAL_CHANNEL, run_id)
+        updates = {"event_count": count, "last_hash": prev, "updated_at": now}
+        updates.update(run_updates or {})
+        if updates.get("status") == RunStatus.QUEUED:
+            self._announce_runnable(conn)
+        assignments = ", ".join(f"{column} = ?" for column in updates)
+        conn.execute(f"UPDATE runs SET {assignments} WHERE id = ?", (*updates.values(), run_id))
+
+    def _fence(self, conn: Connection, claim: Claim) -> float:
+        """First in every transaction of a run's drive: go on only while the claim (its owner
+        at its epoch) still holds the lease; returns when the lease expires.
+
+        Checked before anything is written, so a drive that lost its run stops with LeaseLost
+        rather than colliding with the new owner's rows (and on PostgreSQL the row lock makes a
+        takeover committed meanwhile a conflict, and the re-run sees it). The epoch makes a
+        stale drive fail even where the same owner claimed the run again since."""
+        row = conn.execute(
+            "SELECT lease_owner, lease_epoch, status, lease_expires_at FROM runs WHERE id = ?"
+            + self.dialect.for_update,
+            (claim.run_id,),
+        ).fetchone()
+        if row is None:
+            raise RunNotFound(f"unknown run id {claim.run_id!r}")
+        owner, epoch, status, expires = row
+        if owner != claim.owner or epoch != claim.epoch or status != RunStatus.RUNNING:
+            raise LeaseLost(
+                f"run {claim.run_id} is no longer driven by this claim (status {status}, "
+                f"epoch {epoch}, ours {claim.epoch})"
+            )
+        return float(expires or 0.0)
+
+    def _park(
+        self,
+        conn: Connection,
+        run_id: str,
+        events: Sequence[NewEvent],
+        now: float,
+        status: RunStatus,
+        checkpoint: Checkpoint,
+    ) -> None:
+        """In the caller's transaction (fenced): a waiting run keeps its checkpoint and lets go
+        of its lease, so it holds no process until something wakes it."""
+        self._append_events(
+            conn,
+            run_id,
+            events,
+            now,
+            {
+                "status": status,
+                "checkpoint": checkpoint.to_json(),
+                "lease_owner": None,
+                "lease_expires_at": None,
+            },
+        )
+
+    def _enqueue_outbox(
+        self,
+        conn: Connection,
+        run_id: str,
+        kind: str,
+        payload: dict[str, Any],
+        now: float,
+    ) -> None:
+        """Queue a chat message in the caller's transaction when the run's tree came from a chat.
+
+        The end of a child run is not a summary of its own: it refreshes the root's progress
+        message. Progress messages name the root, whose one message is edited in place.
+        """
+        row = conn.execute("SELECT origin, parent_id FROM runs WHERE id = ?", (run_id,)).fetchone()
+        origin = Origin.from_json(row[0])
+        if origin.chat_id is None:
+            return
+        target = dumps({"chat_id": origin.chat_id, "thread_id": origin.thread_id})
+
+        def insert(kind: str, payload: dict[str, Any]) -> None:
+            conn.execute(
+                "INSERT INTO outbox (run_id, target, kind, payload, created_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (run_id, target, kind, dumps(payload), now),
+            )
+
+        is_root = row[1] is None
+        if kind in ("run_finished", "progress"):
+            # A progress entry only says "show the tree's state again"; the message is rendered
+            # from the store when it is sent, so one waiting entry per tree is enough.
+            root_id = self._root_id(conn, run_id)
+            waiting = conn.execute(
+                "SELECT 1 FROM outbox WHERE delivered_at IS NULL AND failed_at IS NULL "
+                "AND claimed_at IS NULL AND kind = 'progress' "
+                # Locked: a sender claiming it meanwhile conflicts, and this queues anew.
+                f"AND {self.dialect.json_text('payload', 'root_id')} = ?" + self.dialect.for_update,
+                (root_id,),
+            ).fetchone()
+            if waiting is None:  # the progress message shows a run's end too
+                insert("progress", {"root_id": root_id, "run_id": run_id, **payload})
+        if kind != "progress" and (kind != "run_finished" or is_root):
+            insert(kind, payload)  # only the root's end is a summary of its own
+        self._queued.outbox = True
+        self.db.notify(conn, OUTBOX_CHANNEL)
+
+    @staticmethod
+    def _root_id(conn: Connection, run_id: str) -> str:
+        """The root of the run's tree (the run itself when it has no parent)."""
+        root = run_id
+        while True:
+            row = conn.execute("SELECT parent_id FROM runs WHERE id = ?", (root,)).fetchone()
+            if row is None:
+                raise RunNotFound(f"unknown run id {run_id!r}")
+            if row[0] is None:
+                return root
+            root = row[0]
+
+    @staticmethod
+    def _touch_family(conn: Connection, run_id: str) -> None:
+        """In a transaction that reads siblings' states to decide a wake-up: write the parent's
+        row first. Two such transactions of one family (two children ending at once, or one
+        ending while the other starts waiting for it) then conflict instead of each missing
+        the other's end (write skew on PostgreSQL's snapshots; SQLite runs one at a time)."""
+        conn.execute(
+            "UPDATE runs SET updated_at = updated_at WHERE id = "
+            "(SELECT parent_id FROM runs WHERE id = ?)",
+            (run_id,),
+        )

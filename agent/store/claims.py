@@ -1,0 +1,207 @@
+"""Claims: leases that say which process drives a run, fenced by an epoch."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from agent.records import (
+    Claim,
+    RunRecord,
+    RunStatus,
+)
+from agent.store.base import StoreBase
+from agent.store.commands import (
+    NewEvent,
+)
+from agent.store.database import (
+    Connection,
+)
+from agent.store.errors import (
+    LeaseLost,
+    RunBusy,
+    RunNotFound,
+    RunNotRunnable,
+)
+
+
+class ClaimsStore(StoreBase):
+    """Who drives which run, until when."""
+
+    async def claim_run(
+        self,
+        run_id: str,
+        owner: str,
+        ttl: float,
+        owner_is_dead: Callable[[str], bool],
+    ) -> RunRecord:
+        """Take the lease of a runnable run at the next epoch and mark it running.
+
+        A queued run is free; a running run is free when its lease expired or its owner is known
+        dead. Anything else raises RunBusy, RunNotRunnable or RunNotFound.
+        """
+        now = time.time()
+
+        def claim(conn: Connection) -> None:
+            row = conn.execute(
+                "SELECT status, lease_owner, lease_expires_at, lease_epoch FROM runs WHERE id = ?"
+                + self.dialect.for_update,
+                (run_id,),
+            ).fetchone()
+            if row is None:
+                raise RunNotFound(f"unknown run id {run_id!r}")
+            status, holder, expires, epoch = RunStatus(row[0]), row[1], row[2], row[3]
+            takeover = None
+            if status == RunStatus.RUNNING:
+                if holder == owner:
+                    pass
+                elif holder is None or (expires or 0) < now or owner_is_dead(holder):
+                    takeover = holder
+                else:
+                    raise RunBusy(
+                        f"run {run_id} is being driven by {holder} (lease until "
+                        f"{time.strftime('%H:%M:%S', time.gmtime(expires or 0))} UTC)"
+                    )
+            elif status != RunStatus.QUEUED:
+                raise RunNotRunnable(f"run {run_id} is {status}, not runnable")
+            self._take_lease(conn, run_id, owner, epoch + 1, now, ttl, takeover)
+
+        await self._transaction(claim)
+        return await self.get_run(run_id)
+
+    def _take_lease(
+        self,
+        conn: Connection,
+        run_id: str,
+        owner: str,
+        epoch: int,
+        now: float,
+        ttl: float,
+        taken_from: str | None,
+    ) -> Claim:
+        """In a claiming transaction: mark the run running under `owner`'s lease at `epoch`."""
+        data: dict[str, Any] = {"owner": owner, "epoch": epoch}
+        if taken_from is not None:
+            data["taken_over_from"] = taken_from
+        self._append_events(
+            conn,
+            run_id,
+            [NewEvent("run_claimed", data)],
+            now,
+            {
+                "status": RunStatus.RUNNING,
+                "lease_owner": owner,
+                "lease_epoch": epoch,
+                "lease_expires_at": now + ttl,
+                "not_before": None,
+            },
+        )
+        return Claim(run_id, owner, epoch)
+
+    async def claim_runnable(self, owner: str, ttl: float, limit: int) -> list[Claim]:
+        """Claim up to `limit` runs nobody drives (queued, or running with an expired lease),
+        oldest first, and mark them running under `owner`'s lease: what a worker takes.
+
+        Rows another transaction holds are skipped (PostgreSQL's SKIP LOCKED), so workers
+        claiming at once take different runs instead of queueing behind each other.
+        """
+        now = time.time()
+
+        def claim(conn: Connection) -> list[Claim]:
+            rows = conn.execute(
+                "SELECT id, status, lease_owner, lease_epoch FROM runs "
+                "WHERE (status = 'queued' AND (not_before IS NULL OR not_before <= ?)) "
+                "OR (status = 'running' AND (lease_expires_at IS NULL OR lease_expires_at < ?)) "
+                f"ORDER BY created_at, id LIMIT ?{self.dialect.skip_locked}",
+                (now, now, limit),
+            ).fetchall()
+            claims = []
+            for run_id, status, holder, epoch in rows:
+                taken_from = holder if status == RunStatus.RUNNING else None
+                claims.append(
+                    self._take_lease(conn, run_id, owner, epoch + 1, now, ttl, taken_from)
+                )
+            return claims
+
+        if limit < 1:
+            return []
+        return await self._transaction(claim)
+
+    async def renew_lease(self, claim: Claim, ttl: float) -> bool:
+        """Extend the lease; False when this claim lost it."""
+
+        def renew(conn: Connection) -> bool:
+            cursor = conn.execute(
+                "UPDATE runs SET lease_expires_at = ? WHERE id = ? AND lease_owner = ? "
+                "AND lease_epoch = ? AND status = 'running'",
+                (time.time() + ttl, claim.run_id, claim.owner, claim.epoch),
+            )
+            return cursor.rowcount == 1
+
+        return await self._transaction(renew)
+
+    async def release_lease(self, claim: Claim, retry_after: float | None = None) -> None:
+        """Give the lease back, leaving a running run queued for whoever comes next (workers
+        wait `retry_after` seconds before they claim it; an explicit resume does not)."""
+        not_before = time.time() + retry_after if retry_after is not None else None
+
+        def release(conn: Connection) -> None:
+            conn.execute(
+                "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL, not_before = ?, "
+                "status = CASE status WHEN 'running' THEN 'queued' ELSE status END "
+                "WHERE id = ? AND lease_owner = ? AND lease_epoch = ?",
+                (not_before, claim.run_id, claim.owner, claim.epoch),
+            )
+            self._announce_runnable(conn)
+
+        await self._transaction(release)
+
+    async def runnable_run_ids(
+        self, owner_is_dead: Callable[[str], bool], due_only: bool = False
+    ) -> list[str]:
+        """Runs a process may pick up: queued ones, and running ones whose owner is gone.
+        `due_only` leaves out queued runs asked to wait (`not_before`, after an outage)."""
+        now = time.time()
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT id, status, lease_owner, lease_expires_at, not_before FROM runs "
+                "WHERE status IN ('queued', 'running') ORDER BY created_at"
+            ).fetchall()
+        )
+        picked = []
+        for run_id, status, holder, expires, not_before in rows:
+            if status == RunStatus.QUEUED and due_only and (not_before or 0) > now:
+                continue
+            if status == RunStatus.QUEUED or (
+                holder is None or (expires or 0) < now or owner_is_dead(holder)
+            ):
+                picked.append(run_id)
+        return picked
+
+    async def interrupt_run(self, claim: Claim, reason: str, retry_after: float) -> bool:
+        """Journal why a drive stopped and hand the run back, queued for whoever claims it
+        after `retry_after` seconds; fenced, so a driver that lost its lease writes nothing
+        (False)."""
+        now = time.time()
+
+        def interrupt(conn: Connection) -> bool:
+            try:
+                self._fence(conn, claim)
+            except LeaseLost:
+                return False
+            self._append_events(
+                conn,
+                claim.run_id,
+                [NewEvent("run_interrupted", {"error": reason})],
+                now,
+                {
+                    "status": RunStatus.QUEUED,
+                    "lease_owner": None,
+                    "lease_expires_at": None,
+                    "not_before": now + retry_after,
+                },
+            )
+            return True
+
+        return await self._transaction(interrupt)

@@ -1,0 +1,119 @@
+"""What a store command takes (and what some return): frozen records of one write each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.records import (
+    ApprovalKind,
+    Checkpoint,
+    Effects,
+    Origin,
+    RunLimits,
+    RunStatus,
+)
+
+
+@dataclass(frozen=True)
+class NewRun:
+    """What it takes to create a run."""
+
+    id: str
+    role: str
+    request: str
+    requested_by: str
+    origin: Origin
+    limits: RunLimits
+    parent_id: str | None = None
+    policy: str | None = None  # what drives it: "mock" or "openai:<model>"
+    effects: Effects | None = None  # what it may do live, fixed at start
+
+
+@dataclass(frozen=True)
+class NewChild:
+    """A child run a delegate call starts: its role and, when known, its pinned runbook."""
+
+    role: str
+    pin: RunbookPin | None = None
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event to append to a run's chain inside a transaction."""
+
+    type: str
+    data: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class NewPolicyTurn:
+    """A policy answer to journal before it is used."""
+
+    turn: int
+    policy: str
+    request_hash: str
+    response: dict[str, Any]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class NewToolCall:
+    """The intent of one tool call."""
+
+    call_key: str
+    turn: int
+    position: int
+    tool: str
+    args: dict[str, Any]
+    step_id: str | None
+    repeatable: bool = False  # safe to run again if it is found in doubt
+
+
+@dataclass(frozen=True)
+class NewApproval:
+    """An approval request to open."""
+
+    call_key: str
+    kind: ApprovalKind
+    step_id: str | None
+    action: str
+    reason: str
+    rollback: str | None
+    deciders: list[str]
+    four_eyes: bool
+    requested_by: str
+    deadline_at: float
+    mode: str | None = None  # "live" or "dry-run"
+    runs_on: str | None = None  # where the action runs: "this host (vm)", "any worker"
+    evidence: list[str] = field(default_factory=list)  # the last lines of steps already run
+
+
+@dataclass(frozen=True)
+class RunbookPin:
+    """The runbook (and resolved params) a run commits to; later steps must come from it."""
+
+    runbook_id: str
+    runbook: dict[str, Any]
+    params: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StartedCall:
+    """A committed intent: its attempt number, and the instant (wall clock) after which its
+    side effect must not start, because the lease may have passed to another process."""
+
+    attempt: int
+    spawn_before: float
+
+
+@dataclass(frozen=True)
+class DecisionEffect:
+    """What a decision does to the gated call and the run, applied in the decision's transaction."""
+
+    call_status: str | None  # new tool_calls.status, or None to leave it
+    call_outcome: dict[str, Any] | None
+    run_status: RunStatus
+    checkpoint: Checkpoint | None
+    error: str | None = None

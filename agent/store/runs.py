@@ -1,0 +1,253 @@
+"""Runs: create, read, list, finish and cancel."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from agent.records import (
+    Checkpoint,
+    Claim,
+    RunRecord,
+    RunStatus,
+)
+from agent.store.base import StoreBase
+from agent.store.commands import (
+    NewEvent,
+    NewPolicyTurn,
+    NewRun,
+)
+from agent.store.database import (
+    Connection,
+)
+from agent.store.errors import (
+    RunExists,
+    RunNotFound,
+    RunNotRunnable,
+)
+from agent.store.rows import (
+    RUN_COLUMNS,
+    run_from_row,
+)
+
+
+class RunsStore(StoreBase):
+    """The runs aggregate."""
+
+    async def create_run(self, new: NewRun) -> RunRecord:
+        """Create a queued run; raises RunExists for a duplicate id."""
+        now = time.time()
+
+        def create(conn: Connection) -> None:
+            if conn.execute("SELECT 1 FROM runs WHERE id = ?", (new.id,)).fetchone():
+                raise RunExists(f"run id {new.id!r} exists already")
+            if (
+                new.parent_id is not None
+                and not conn.execute("SELECT 1 FROM runs WHERE id = ?", (new.parent_id,)).fetchone()
+            ):
+                raise RunNotFound(f"unknown parent run id {new.parent_id!r}")
+            # DO NOTHING: the same id created by another process at this moment is RunExists
+            # (on PostgreSQL a conflict with a row this snapshot cannot see runs this again).
+            inserted = conn.execute(
+                "INSERT INTO runs (id, parent_id, role, status, request, requested_by, origin, "
+                "checkpoint, limits, created_at, updated_at, policy, effects) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+                (
+                    new.id,
+                    new.parent_id,
+                    new.role,
+                    RunStatus.QUEUED,
+                    new.request,
+                    new.requested_by,
+                    new.origin.to_json(),
+                    Checkpoint().to_json(),
+                    new.limits.to_json(),
+                    now,
+                    now,
+                    new.policy,
+                    new.effects.to_json() if new.effects else None,
+                ),
+            )
+            if inserted.rowcount != 1:
+                raise RunExists(f"run id {new.id!r} exists already")
+            event = NewEvent(
+                "run_created",
+                {
+                    "role": new.role,
+                    "request": new.request,
+                    "requested_by": new.requested_by,
+                    "origin": new.origin.__dict__,
+                    "limits": new.limits.__dict__,
+                    "parent_id": new.parent_id,
+                    "policy": new.policy,
+                    "effects": new.effects.__dict__ if new.effects else None,
+                },
+            )
+            self._append_events(conn, new.id, [event], now)
+            self._announce_runnable(conn)
+            if new.parent_id is None:  # the chat's progress message for this run starts here
+                self._enqueue_outbox(conn, new.id, "progress", {"event": "started"}, now)
+
+        await self._transaction(create, durable=True)
+        return await self.get_run(new.id)
+
+    async def get_run(self, run_id: str) -> RunRecord:
+        """The run with that id; raises RunNotFound."""
+        row = await self._read(
+            lambda c: c.execute(
+                f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,)
+            ).fetchone()
+        )
+        if row is None:
+            raise RunNotFound(f"unknown run id {run_id!r}")
+        return run_from_row(row)
+
+    async def child_runs(self, run_id: str) -> list[RunRecord]:
+        """The runs a run started, oldest first."""
+        rows = await self._read(
+            lambda c: c.execute(
+                f"SELECT {RUN_COLUMNS} FROM runs WHERE parent_id = ? ORDER BY created_at, id",
+                (run_id,),
+            ).fetchall()
+        )
+        return [run_from_row(row) for row in rows]
+
+    async def list_runs(
+        self, status: RunStatus | None = None, limit: int = 50, offset: int = 0
+    ) -> list[RunRecord]:
+        """Runs, newest first, optionally of one status."""
+        if status is None:
+            sql = f"SELECT {RUN_COLUMNS} FROM runs ORDER BY created_at DESC, id LIMIT ? OFFSET ?"
+            params: tuple[Any, ...] = (limit, offset)
+        else:
+            sql = (
+                f"SELECT {RUN_COLUMNS} FROM runs WHERE status = ? "
+                "ORDER BY created_at DESC, id LIMIT ? OFFSET ?"
+            )
+            params = (str(status), limit, offset)
+        rows = await self._read(lambda c: c.execute(sql, params).fetchall())
+        return [run_from_row(row) for row in rows]
+
+    async def finish_run(
+        self,
+        claim: Claim,
+        status: RunStatus,
+        checkpoint: Checkpoint,
+        summary: str | None,
+        error: str | None,
+        turn: NewPolicyTurn | None = None,
+    ) -> None:
+        """End a run in a final status; journals the last policy turn if it was not yet."""
+        now = time.time()
+        run_id = claim.run_id
+
+        def finish(conn: Connection) -> None:
+            self._fence(conn, claim)
+            events = []
+            if turn is not None:
+                events.append(self._insert_policy_turn(conn, run_id, turn, now))
+            events.append(
+                NewEvent(
+                    "run_finished", {"status": str(status), "summary": summary, "error": error}
+                )
+            )
+            self._append_events(
+                conn,
+                run_id,
+                events,
+                now,
+                {
+                    "status": str(status),
+                    "checkpoint": checkpoint.to_json(),
+                    "summary": summary,
+                    "error": error,
+                    "finished_at": now,
+                    "lease_owner": None,
+                    "lease_expires_at": None,
+                },
+            )
+            self._enqueue_outbox(
+                conn, run_id, "run_finished", {"status": str(status), "summary": summary}, now
+            )
+            self._wake_parent(conn, run_id, now)
+
+        await self._transaction(finish, durable=True)
+
+    async def cancel_run(self, run_id: str, by: str) -> list[str]:
+        """Cancel a run that has not finished, and every unfinished run below it, in one
+        transaction; pending approvals are closed with them. Returns the cancelled ids."""
+        now = time.time()
+
+        def cancel(conn: Connection) -> list[str]:
+            row = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise RunNotFound(f"unknown run id {run_id!r}")
+            if RunStatus(row[0]).is_terminal:
+                raise RunNotRunnable(f"run {run_id} is already {row[0]}")
+            tree = conn.execute(
+                "WITH RECURSIVE tree(id, depth) AS (SELECT ?, 0 UNION ALL "
+                "SELECT r.id, t.depth + 1 FROM runs r JOIN tree t ON r.parent_id = t.id) "
+                "SELECT tree.id FROM tree JOIN runs USING (id) "
+                "WHERE runs.status NOT IN ('succeeded', 'failed', 'rejected', 'cancelled', "
+                "'expired') ORDER BY depth DESC",
+                (run_id,),
+            ).fetchall()
+            cancelled = []
+            for (target,) in tree:  # children first, so no parent is woken on the way
+                pending = conn.execute(
+                    "SELECT id FROM approvals WHERE run_id = ? AND status = 'pending'", (target,)
+                ).fetchall()
+                conn.execute(
+                    "UPDATE approvals SET status = 'cancelled', decided_by = ?, decided_at = ? "
+                    "WHERE run_id = ? AND status = 'pending'",
+                    (by, now, target),
+                )
+                for (approval_id,) in pending:  # its message must lose its buttons too
+                    self._enqueue_outbox(
+                        conn,
+                        target,
+                        "approval_decided",
+                        {
+                            "approval_id": approval_id,
+                            "decision": "cancelled",
+                            "decided_by": by,
+                            "decided_at": now,
+                            "note": None,
+                        },
+                        now,
+                    )
+                self._append_events(
+                    conn,
+                    target,
+                    [NewEvent("run_finished", {"status": "cancelled", "by": by, "error": None})],
+                    now,
+                    {
+                        "status": RunStatus.CANCELLED,
+                        "finished_at": now,
+                        "error": f"cancelled by {by}",
+                        "lease_owner": None,
+                        "lease_expires_at": None,
+                    },
+                )
+                self._enqueue_outbox(conn, target, "run_finished", {"status": "cancelled"}, now)
+                cancelled.append(target)
+            self._wake_parent(conn, run_id, now)
+            return cancelled
+
+        return await self._transaction(cancel, durable=True)
+
+    async def list_chat_runs(
+        self, chat_id: int, limit: int = 10, active: bool = False
+    ) -> list[RunRecord]:
+        """The runs a chat started (roots only), newest first; only unfinished ones if
+        `active`."""
+        unfinished = "AND finished_at IS NULL " if active else ""
+        rows = await self._read(
+            lambda c: c.execute(
+                f"SELECT {RUN_COLUMNS} FROM runs WHERE parent_id IS NULL "
+                f"AND {self.dialect.json_int('origin', 'chat_id')} = ? {unfinished}"
+                "ORDER BY created_at DESC, id LIMIT ?",
+                (chat_id, limit),
+            ).fetchall()
+        )
+        return [run_from_row(row) for row in rows]

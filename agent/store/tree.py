@@ -1,0 +1,279 @@
+"""The run tree: children, siblings, and what a child's end does to its parent."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from agent.records import (
+    Checkpoint,
+    Claim,
+    RunStatus,
+)
+from agent.store.base import StoreBase
+from agent.store.commands import (
+    NewChild,
+    NewEvent,
+    NewPolicyTurn,
+    NewToolCall,
+)
+from agent.store.database import (
+    Connection,
+)
+from agent.store.errors import (
+    RunNotFound,
+)
+from agent.store.rows import (
+    TERMINAL,
+    dumps,
+)
+
+
+class TreeStore(StoreBase):
+    """Parents, children and siblings of runs."""
+
+    def _wake_parent(self, conn: Connection, run_id: str, now: float) -> None:
+        """In the caller's transaction: when a child ends, wake its parent if it was the last.
+
+        The parent's delegate call gets its outcome (every child's status and summary) and the
+        parent is queued again, in the same transaction as the child's end.
+        """
+        self._touch_family(conn, run_id)
+        self._wake_waiting_siblings(conn, run_id, now)
+        row = conn.execute(
+            "SELECT parent_id, spawned_by FROM runs WHERE id = ?", (run_id,)
+        ).fetchone()
+        if row is None or row[0] is None or row[1] is None:
+            return
+        parent_id, call_key = row
+        parent = conn.execute(
+            "SELECT status, checkpoint FROM runs WHERE id = ?", (parent_id,)
+        ).fetchone()
+        if parent is None or parent[0] != RunStatus.WAITING_CHILDREN:
+            return
+        children = conn.execute(
+            "SELECT id, role, status, summary, error FROM runs WHERE spawned_by = ? ORDER BY id",
+            (call_key,),
+        ).fetchall()
+        if any(child[2] not in TERMINAL for child in children):
+            return
+        outcome = {
+            "children": [
+                {"run_id": c[0], "role": c[1], "status": c[2], "summary": c[3], "error": c[4]}
+                for c in children
+            ]
+        }
+        conn.execute(
+            "UPDATE tool_calls SET status = 'ok', outcome = ?, outcome_at = ? "
+            "WHERE call_key = ? AND status = 'intent'",
+            (dumps(outcome), now, call_key),
+        )
+        checkpoint = Checkpoint.from_json(parent[1])
+        advanced = Checkpoint(**{**checkpoint.__dict__, "call": checkpoint.call + 1})
+        self._append_events(
+            conn,
+            parent_id,
+            [NewEvent("tool_outcome", {"call_key": call_key, "status": "ok", "outcome": outcome})],
+            now,
+            {"status": RunStatus.QUEUED, "checkpoint": advanced.to_json()},
+        )
+
+    async def await_sibling(
+        self,
+        claim: Claim,
+        call: NewToolCall,
+        role: str,
+        checkpoint: Checkpoint,
+        turn: NewPolicyTurn | None = None,
+    ) -> dict[str, Any] | None:
+        """Commit the intent of waiting for the sibling of `role`; park the run unless it ended.
+
+        Returns the sibling's result when it has ended already (the caller records it as the
+        call's outcome), else None: the run now waits, and the sibling's end wakes it.
+        """
+        now = time.time()
+        run_id = claim.run_id
+
+        def wait(conn: Connection) -> dict[str, Any] | None:
+            self._fence(conn, claim)
+            self._touch_family(conn, run_id)
+            sibling = self._sibling(conn, run_id, role)
+            events = []
+            if turn is not None:
+                events.append(self._insert_policy_turn(conn, run_id, turn, now))
+            known = conn.execute(
+                "SELECT 1 FROM tool_calls WHERE call_key = ?", (call.call_key,)
+            ).fetchone()
+            if known is None:  # a resumed wait keeps the intent it already has
+                events.append(self._insert_intent(conn, run_id, call, now))
+            if sibling is None or sibling["status"] in TERMINAL:
+                self._append_events(
+                    conn,
+                    run_id,
+                    events,
+                    now,
+                    {"checkpoint": checkpoint.to_json()},
+                )
+                return sibling or {"run_id": None, "role": role, "status": "absent"}
+            events.append(NewEvent("waiting_for_sibling", {"run_id": sibling["run_id"]}))
+            self._park(conn, run_id, events, now, RunStatus.WAITING_CHILDREN, checkpoint)
+            return None
+
+        return await self._transaction(wait, durable=True)
+
+    @staticmethod
+    def _sibling(conn: Connection, run_id: str, role: str) -> dict[str, Any] | None:
+        """The run of `role` started by the same delegate call as `run_id`."""
+        row = conn.execute(
+            "SELECT s.id, s.role, s.status, s.summary, s.error FROM runs r "
+            "JOIN runs s ON s.spawned_by = r.spawned_by AND s.id != r.id "
+            "WHERE r.id = ? AND r.spawned_by IS NOT NULL AND s.role = ? ORDER BY s.id LIMIT 1",
+            (run_id, role),
+        ).fetchone()
+        if row is None:
+            return None
+        keys = ("run_id", "role", "status", "summary", "error")
+        return dict(zip(keys, row, strict=True))
+
+    def _wake_waiting_siblings(self, conn: Connection, run_id: str, now: float) -> None:
+        """In the caller's transaction: a run ended; wake the siblings that wait for it."""
+        row = conn.execute("SELECT spawned_by, role FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None or row[0] is None:
+            return
+        waiting = conn.execute(
+            "SELECT r.id, r.checkpoint, c.call_key FROM runs r JOIN tool_calls c "
+            "ON c.run_id = r.id AND c.tool = 'await_sibling' AND c.status = 'intent' "
+            "WHERE r.spawned_by = ? AND r.id != ? AND r.status = 'waiting_children'",
+            (row[0], run_id),
+        ).fetchall()
+        for waiter_id, checkpoint_json, call_key in waiting:
+            sibling = self._sibling(conn, waiter_id, row[1])
+            if sibling is None or sibling["run_id"] != run_id:
+                continue
+            conn.execute(
+                "UPDATE tool_calls SET status = 'ok', outcome = ?, outcome_at = ? "
+                "WHERE call_key = ?",
+                (dumps(sibling), now, call_key),
+            )
+            checkpoint = Checkpoint.from_json(checkpoint_json)
+            advanced = Checkpoint(**{**checkpoint.__dict__, "call": checkpoint.call + 1})
+            event = NewEvent(
+                "tool_outcome", {"call_key": call_key, "status": "ok", "outcome": sibling}
+            )
+            self._append_events(
+                conn,
+                waiter_id,
+                [event],
+                now,
+                {"status": RunStatus.QUEUED, "checkpoint": advanced.to_json()},
+            )
+
+    async def open_children(
+        self,
+        claim: Claim,
+        call: NewToolCall,
+        children: Sequence[NewChild],
+        checkpoint: Checkpoint,
+        turn: NewPolicyTurn | None = None,
+    ) -> list[str]:
+        """Start child runs for a delegate call and park the parent until they all end.
+
+        A role delegated twice in one parent gets the next free id (`…:sub:verifier-2`).
+        """
+        now = time.time()
+        parent_id = claim.run_id
+
+        def open_(conn: Connection) -> list[str]:
+            self._fence(conn, claim)
+            parent = conn.execute(
+                "SELECT request, requested_by, origin, limits, policy, effects FROM runs "
+                "WHERE id = ?",
+                (parent_id,),
+            ).fetchone()
+            if parent is None:
+                raise RunNotFound(f"unknown run id {parent_id!r}")
+            events = []
+            if turn is not None:
+                events.append(self._insert_policy_turn(conn, parent_id, turn, now))
+            events.append(self._insert_intent(conn, parent_id, call, now))
+            ids = []
+            for child in children:
+                base = f"{parent_id}:sub:{child.role}"
+                child_id, n = base, 1
+                while conn.execute("SELECT 1 FROM runs WHERE id = ?", (child_id,)).fetchone():
+                    n += 1
+                    child_id = f"{base}-{n}"
+                conn.execute(
+                    "INSERT INTO runs (id, parent_id, role, status, request, requested_by, "
+                    "origin, checkpoint, limits, created_at, updated_at, spawned_by, runbook_id, "
+                    "runbook, params, policy, effects) "
+                    "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        child_id,
+                        parent_id,
+                        child.role,
+                        parent[0],
+                        parent[1],
+                        parent[2],
+                        Checkpoint().to_json(),
+                        parent[3],
+                        now,
+                        now,
+                        call.call_key,
+                        child.pin.runbook_id if child.pin else None,
+                        dumps(child.pin.runbook) if child.pin else None,
+                        dumps(child.pin.params) if child.pin else "{}",
+                        parent[4],  # a child is driven like its parent,
+                        parent[5],  # and acts on the world as it does
+                    ),
+                )
+                self._append_events(
+                    conn,
+                    child_id,
+                    [
+                        NewEvent(
+                            "run_created",
+                            {
+                                "role": child.role,
+                                "request": parent[0],
+                                "requested_by": parent[1],
+                                "origin": json.loads(parent[2]),
+                                "limits": json.loads(parent[3]),
+                                "parent_id": parent_id,
+                                "runbook_id": child.pin.runbook_id if child.pin else None,
+                            },
+                        )
+                    ],
+                    now,
+                )
+                ids.append(child_id)
+            self._announce_runnable(conn)
+            events.append(NewEvent("children_started", {"call_key": call.call_key, "runs": ids}))
+            self._park(conn, parent_id, events, now, RunStatus.WAITING_CHILDREN, checkpoint)
+            return ids
+
+        return await self._transaction(open_, durable=True)
+
+    async def subtree_ids(self, run_id: str) -> list[str]:
+        """The run and every run below it (never its parent or siblings)."""
+        rows = await self._read(
+            lambda c: c.execute(
+                "WITH RECURSIVE tree(id, depth) AS (SELECT ?, 0 UNION ALL "
+                "SELECT r.id, t.depth + 1 FROM runs r JOIN tree t ON r.parent_id = t.id) "
+                "SELECT id FROM tree ORDER BY depth, id",
+                (run_id,),
+            ).fetchall()
+        )
+        return [row[0] for row in rows]
+
+    async def tree_ids(self, run_id: str) -> list[str]:
+        """The root of the run's tree, then every run below it (parents before children)."""
+        return await self.subtree_ids(await self.root_id(run_id))
+
+    async def root_id(self, run_id: str) -> str:
+        """The root of the run's tree; raises RunNotFound."""
+        return await self._read(lambda conn: self._root_id(conn, run_id))
+
+    # -- runs ------------------------------------------------------------------------------

@@ -1,0 +1,173 @@
+"""The audit summary of a run: outcome, duration, each step's result, each approval, errors."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.records import ApprovalRecord, RunRecord, ToolCallRecord
+from agent.run.outcomes import STEP_TOOLS, StepState, short_result, step_states
+from agent.store import RunStore
+from agent.views.jinja import HTML, TEXT
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """The last word on one step of the runbook: what its attempts did, never a refusal of a
+    repeat (those are counted apart)."""
+
+    step_id: str
+    title: str
+    result: str  # ok, error, skipped, not run, rolled back
+    detail: str
+    attempts: int
+    refusals: int = 0  # calls of the step the kernel refused (they never ran)
+
+
+@dataclass
+class RunSummary:
+    """Everything the summary template shows."""
+
+    run: RunRecord
+    duration: str
+    steps: list[StepResult] = field(default_factory=list)
+    approvals: list[ApprovalRecord] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    names: dict[str, str] = field(default_factory=dict)  # identity -> how people know it
+
+    def who(self, identity: str) -> str:
+        """An identity as people know it: `@alice (telegram:42)`, or the identity alone."""
+        name = self.names.get(identity)
+        return f"{name} ({identity})" if name else identity
+
+
+def _clock(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts)) if ts else "-"
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min {secs} s"
+
+
+def _detail(call: ToolCallRecord) -> str:
+    outcome: dict[str, Any] = call.outcome or {}
+    if call.status == "refused":
+        return f"refused: {outcome.get('refused')}"
+    if call.status == "skipped":
+        return f"skipped by {outcome.get('decided_by')} (may have run)"
+    if "denied" in outcome:
+        return f"denied: {outcome['denied']}"
+    if outcome.get("dry_run"):
+        if "argv" in outcome:
+            return "dry-run: " + " ".join(outcome["argv"])
+        return f"dry-run check {outcome.get('url')} (synthetic)"
+    if "exit_code" in outcome:
+        code = "timed out" if outcome.get("timed_out") else f"exit {outcome['exit_code']}"
+        text = f"{code}: " + " ".join(outcome.get("argv", []))
+        said = short_result(outcome).partition(": ")[2] if outcome.get("exit_code") else ""
+        return f"{text} — {said}" if said else text
+    if "status_code" in outcome:
+        return f"HTTP {outcome['status_code']} in {outcome.get('latency_ms', 0):.0f} ms"
+    if "note" in outcome:
+        return f"note: {outcome['note']}"
+    if "error" in outcome:
+        return str(outcome["error"])
+    return ""
+
+
+async def build_summary(store: RunStore, run_id: str) -> RunSummary:
+    """Gather a run's summary from the journal; a supervised run's steps, approvals and errors
+    come from the whole tree below it."""
+    run = await store.get_run(run_id)
+    tree = [run, *[await store.get_run(i) for i in (await store.subtree_ids(run_id))[1:]]]
+    end = run.finished_at or time.time()
+    summary = RunSummary(run=run, duration=_duration(end - run.created_at))
+    errors: list[str] = []
+    executing: RunRecord | None = None  # the first run that executed the runbook's steps
+    executed: list[ToolCallRecord] = []  # its calls, and those of later executors of it
+    for member in tree:
+        summary.approvals.extend(await store.list_approvals(member.id))
+        calls = await store.list_tool_calls(member.id)
+        for call in calls:
+            if call.status in ("error", "refused"):
+                where = f" ({member.role})" if member is not run else ""
+                line = f"{call.tool} {call.step_id or ''}: {_detail(call)}".strip() + where
+                errors.append(line)
+        # The runbook's steps are the executing runs': the run itself, or its executor
+        # children (all of them: a step run by a second executor ran all the same).
+        if member.runbook and member.role in ("runbook", "executor"):
+            executing = executing or member
+            if member.runbook_id == executing.runbook_id:
+                executed.extend(calls)
+        if member.error:
+            errors.append(member.error)
+    if executing is not None:
+        summary.steps = _step_results(executing, executed)
+    summary.errors = _counted(errors)
+    summary.approvals.sort(key=lambda approval: approval.id)
+    names = {run.requested_by, *(a.decided_by for a in summary.approvals if a.decided_by)}
+    summary.names = await store.chat_user_names(names)
+    return summary
+
+
+def _step_results(run: RunRecord, calls: list[ToolCallRecord]) -> list[StepResult]:
+    """Each step's true state: its last attempt's result and how many attempts it took; a
+    refused repeat never hides that the step ran."""
+    states = step_states(
+        (c.tool, c.step_id, c.status, c.attempt, c.outcome) for c in calls if c.status != "intent"
+    )
+    last_attempt: dict[str, ToolCallRecord] = {}
+    for call in calls:
+        attempted = call.tool in STEP_TOOLS or call.tool == "rollback_step"
+        if attempted and call.step_id and call.status != "refused":
+            last_attempt[call.step_id] = call
+    results = []
+    for step in (run.runbook or {}).get("steps", []):
+        state = states.get(step["id"], StepState())
+        last = last_attempt.get(step["id"])
+        if last is None:
+            detail = f"refused {_times(state.refusals)}" if state.refusals else ""
+            results.append(StepResult(step["id"], step["title"], "not run", detail, 0))
+            continue
+        result = (
+            "rolled back" if last.tool == "rollback_step" else _RESULT.get(last.status, last.status)
+        )
+        attempts = max(state.attempts, 1)
+        results.append(
+            StepResult(step["id"], step["title"], result, _detail(last), attempts, state.refusals)
+        )
+    return results
+
+
+# Call states that are not a result, as a person should read them.
+_RESULT = {
+    "intent": "in flight (may have run)",
+    "retry": "to be run again",
+    "cancelled": "cancelled (may have run)",
+}
+
+
+def _counted(lines: list[str]) -> list[str]:
+    """Lines in first-seen order, a repeated one once with its count ("... (33 times)")."""
+    counts: dict[str, int] = {}
+    for line in lines:
+        counts[line] = counts.get(line, 0) + 1
+    return [line if n == 1 else f"{line} ({n} times)" for line, n in counts.items()]
+
+
+def _times(n: int) -> str:
+    return "once" if n == 1 else f"{n} times"
+
+
+def render_summary(summary: RunSummary, html: bool = False, hints: Sequence[str] = ()) -> str:
+    """The audit summary: plain text, or Telegram HTML (only b and code tags; all else escaped).
+    `hints` are closing lines on where to read more (commands are shown as code)."""
+    env = HTML if html else TEXT
+    return env.get_template("summary.j2").render(s=summary, clock=_clock, hints=hints)

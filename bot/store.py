@@ -1,0 +1,234 @@
+"""The bot's own tables: chat delivery of the outbox, chat leases, Telegram update ids, and
+how chat users are shown. The outbox rows are queued by the core with the change they tell of;
+everything after that (claiming, sending, marking delivered) is the bot's."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from agent.store.database import Connection, Database
+
+UPDATE_MEMORY = 7 * 24 * 3600.0  # seconds a handled Telegram update id is remembered
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    """A message a run must get to a chat."""
+
+    id: int
+    run_id: str | None
+    target: dict[str, Any]
+    kind: str
+    payload: dict[str, Any]
+    attempts: int
+    created_at: float = 0.0
+    next_attempt_at: float = 0.0  # after a failed attempt: not before this time
+    parts_sent: int = 0  # of a message sent in parts, how many went out already
+
+
+class ChatStore:
+    """The bot's statements, over the database the run store uses."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def undelivered_messages(
+        self, limit: int = 100, chat_id: int | None = None
+    ) -> list[OutboxMessage]:
+        """Messages still to deliver (of one chat), oldest first, backoffs included: a chat's
+        messages go out in order, so one waiting out a backoff holds back those behind it."""
+        sql = (
+            "SELECT id, run_id, target, kind, payload, attempts, created_at, next_attempt_at, "
+            "parts_sent FROM outbox WHERE delivered_at IS NULL AND failed_at IS NULL"
+        )
+        params: tuple[Any, ...] = ()
+        if chat_id is not None:
+            sql += f" AND {self._db.dialect.json_int('target', 'chat_id')} = ?"
+            params = (chat_id,)
+        sql += " ORDER BY id LIMIT ?"
+        rows = await self._db.read(lambda c: c.execute(sql, (*params, limit)).fetchall())
+        return [
+            OutboxMessage(
+                id=row[0],
+                run_id=row[1],
+                target=json.loads(row[2]),
+                kind=row[3],
+                payload=json.loads(row[4]),
+                attempts=row[5],
+                created_at=row[6],
+                next_attempt_at=row[7],
+                parts_sent=row[8],
+            )
+            for row in rows
+        ]
+
+    async def pending_chat_ids(self) -> list[int]:
+        """The chats that have messages still to deliver."""
+        rows = await self._db.read(
+            lambda c: c.execute(
+                f"SELECT DISTINCT {self._db.dialect.json_int('target', 'chat_id')} FROM outbox "
+                "WHERE delivered_at IS NULL AND failed_at IS NULL"
+            ).fetchall()
+        )
+        return [row[0] for row in rows]
+
+    async def mark_delivered(self, message_id: int, chat_message_id: int | None) -> bool:
+        """Record a delivery once; False if it was already recorded."""
+        return await self.mark_all_delivered([message_id], chat_message_id) == 1
+
+    async def drop_stale_progress(self, before: float) -> int:
+        """Give up the progress edits queued before `before` and not sent: the chat they edit
+        is gone (a restarted sandbox starts an empty page). Requests and summaries stay."""
+        return await self._db.transaction(
+            lambda c: (
+                c.execute(
+                    "UPDATE outbox SET delivered_at = ? WHERE delivered_at IS NULL "
+                    "AND kind = 'progress' AND created_at < ?",
+                    (time.time(), before),
+                ).rowcount
+            )
+        )
+
+    async def mark_all_delivered(
+        self, message_ids: Sequence[int], chat_message_id: int | None
+    ) -> int:
+        """Record that one chat message delivered these entries (progress rows coalesce into
+        one edit); returns how many were not recorded before."""
+        now = time.time()
+
+        def mark(conn: Connection) -> int:
+            cursor = conn.executemany(
+                "UPDATE outbox SET delivered_at = ?, message_id = ? "
+                "WHERE id = ? AND delivered_at IS NULL",
+                [(now, chat_message_id, message_id) for message_id in message_ids],
+            )
+            return cursor.rowcount
+
+        return await self._db.transaction(mark, durable=True)
+
+    async def claim_messages(self, message_ids: Sequence[int]) -> None:
+        """Mark entries as being sent: a change committed from now on queues its own entry
+        instead of joining one whose message is already rendered."""
+        now = time.time()
+        await self._db.transaction(
+            lambda c: c.executemany(
+                "UPDATE outbox SET claimed_at = ? WHERE id = ?", [(now, i) for i in message_ids]
+            ),
+        )
+
+    async def record_part_sent(self, message_id: int, parts_sent: int) -> None:
+        """Record that the first `parts_sent` parts of an entry went out (never sent again)."""
+        await self._db.transaction(
+            lambda c: c.execute(
+                "UPDATE outbox SET parts_sent = ? WHERE id = ? AND parts_sent < ?",
+                (parts_sent, message_id, parts_sent),
+            ),
+            durable=True,
+        )
+
+    async def record_delivery_failure(
+        self, message_id: int, error: str, retry_at: float | None
+    ) -> None:
+        """Count a failed attempt: retry it at `retry_at`, or give up on it when that is None."""
+        now = time.time()
+
+        def record(conn: Connection) -> None:
+            # Two statements, not `CASE WHEN ? IS NULL`: PostgreSQL cannot type a bare NULL.
+            then = "failed_at = ?" if retry_at is None else "next_attempt_at = ?"
+            conn.execute(
+                f"UPDATE outbox SET attempts = attempts + 1, last_error = ?, {then} "
+                "WHERE id = ? AND delivered_at IS NULL",
+                (error[:500], now if retry_at is None else retry_at, message_id),
+            )
+
+        await self._db.transaction(record)
+
+    async def claim_chat(self, chat_id: int, owner: str, ttl: float) -> bool:
+        """Take or extend the lease on delivering a chat's messages; False while another
+        live instance holds it. One deliverer per chat keeps the chat's messages in order."""
+        now = time.time()
+
+        def claim(conn: Connection) -> bool:
+            cursor = conn.execute(
+                "INSERT INTO chat_leases (chat_id, owner, expires_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (chat_id) DO UPDATE SET owner = excluded.owner, "
+                "expires_at = excluded.expires_at "
+                "WHERE chat_leases.owner = excluded.owner OR chat_leases.expires_at < ?",
+                (chat_id, owner, now + ttl, now),
+            )
+            return cursor.rowcount == 1
+
+        return await self._db.transaction(claim)
+
+    async def release_chat(self, chat_id: int, owner: str) -> None:
+        """Give a chat's delivery lease back (any instance may take the chat at once)."""
+        await self._db.transaction(
+            lambda c: c.execute(
+                "DELETE FROM chat_leases WHERE chat_id = ? AND owner = ?", (chat_id, owner)
+            ),
+        )
+
+    async def first_sight_of_update(
+        self, bot_id: int, update_id: int, digest: str | None = None
+    ) -> bool:
+        """Record that a Telegram update is being handled; False if it was taken before (by
+        this or another instance), so no update is handled twice.
+
+        With `digest` (of the update's content), a known id with other content is a new
+        update: a Bot API that restarts its numbering reuses ids, while a redelivery repeats
+        the content too. A row recorded without a digest counts as other content."""
+        now = time.time()
+
+        def record(conn: Connection) -> bool:
+            cursor = conn.execute(
+                "INSERT INTO telegram_updates (bot_id, update_id, digest, received_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (bot_id, update_id) DO NOTHING",
+                (bot_id, update_id, digest, now),
+            )
+            new = cursor.rowcount == 1
+            if not new and digest is not None:
+                # The id is known: new only if its content differs (the row then remembers
+                # this content, so a redelivery of it is caught in turn).
+                cursor = conn.execute(
+                    "UPDATE telegram_updates SET digest = ?, received_at = ? "
+                    "WHERE bot_id = ? AND update_id = ? AND (digest IS NULL OR digest != ?)",
+                    (digest, now, bot_id, update_id, digest),
+                )
+                new = cursor.rowcount == 1
+            if update_id % 500 == 0:  # Telegram redelivers for a day at most: keep a week
+                conn.execute(
+                    "DELETE FROM telegram_updates WHERE bot_id = ? AND received_at < ?",
+                    (bot_id, now - UPDATE_MEMORY),
+                )
+            return new
+
+        return await self._db.transaction(record, durable=True)
+
+    async def approval_message_id(self, approval_id: int) -> int | None:
+        """The chat message that carries an approval request's buttons, once delivered."""
+        row = await self._db.read(
+            lambda c: c.execute(
+                "SELECT message_id FROM outbox WHERE kind = 'approval_request' "
+                f"AND {self._db.dialect.json_int('payload', 'approval_id')} = ? "
+                "AND message_id IS NOT NULL",
+                (approval_id,),
+            ).fetchone()
+        )
+        return row[0] if row else None
+
+    async def progress_message(self, root_id: str) -> tuple[int, float] | None:
+        """The message showing a run tree's progress, and when it was last sent or edited."""
+        row = await self._db.read(
+            lambda c: c.execute(
+                "SELECT message_id, delivered_at FROM outbox "
+                "WHERE kind = 'progress' "
+                f"AND {self._db.dialect.json_text('payload', 'root_id')} = ? "
+                "AND message_id IS NOT NULL ORDER BY delivered_at DESC, id DESC LIMIT 1",
+                (root_id,),
+            ).fetchone()
+        )
+        return (row[0], row[1]) if row else None
