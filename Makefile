@@ -31,6 +31,7 @@ test: $(BIN)/loom-ops
 
 bench: $(BIN)/loom-ops
 	$(BIN)/python bench/kernel.py
+	$(BIN)/python bench/redaction.py
 	$(BIN)/python bench/supervise.py
 	$(BIN)/python bench/bot.py
 	$(BIN)/python bench/http.py

@@ -1,81 +1,269 @@
-"""The event journal's hash chain: each event's hash covers the previous hash and the event."""
+"""The journal's vocabulary: every event type, its typed payload, and the one parser.
+
+Writers build a typed event (`ToolIntent(...)`) and the store journals its `data()`; readers
+turn a stored `EventRecord` back into one with `parse`, and match on the class. A journal
+written by another version may hold an unknown type or miss a field: `parse` never raises, it
+returns `UnknownEvent` with the raw data, so explain, trace and the chat still show the rest.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field, fields
+from enum import StrEnum
+from typing import Any, ClassVar
 
 from agent.records import EventRecord
 
-GENESIS = ""
 
+class EventType(StrEnum):
+    """The type of a journal event, as stored in `events.type`."""
 
-def canonical_json(data: Any) -> str:
-    """JSON with sorted keys and no spaces: the same data always hashes the same."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def event_hash(prev_hash: str, run_id: str, idx: int, ts: float, type_: str, data_json: str) -> str:
-    """Hash of one event, chained to the one before it."""
-    material = "\x1f".join((prev_hash, run_id, str(idx), repr(ts), type_, data_json))
-    return hashlib.sha256(material.encode()).hexdigest()
-
-
-def first_broken_link(events: Iterable[EventRecord]) -> EventRecord | None:
-    """Recompute a run's chain in order; return the first event that does not verify."""
-    prev = GENESIS
-    expected_idx = 1
-    for event in events:
-        data_json = canonical_json(event.data)
-        digest = event_hash(prev, event.run_id, event.idx, event.ts, event.type, data_json)
-        if event.idx != expected_idx or event.prev_hash != prev or event.hash != digest:
-            return event
-        prev = event.hash
-        expected_idx += 1
-    return None
+    RUN_CREATED = "run_created"
+    RUN_CLAIMED = "run_claimed"
+    RUN_INTERRUPTED = "run_interrupted"
+    RUN_FINISHED = "run_finished"
+    POLICY_TURN = "policy_turn"
+    TOOL_INTENT = "tool_intent"
+    TOOL_OUTCOME = "tool_outcome"
+    APPROVAL_REQUESTED = "approval_requested"
+    APPROVAL_DECIDED = "approval_decided"
+    APPROVAL_EXPIRED = "approval_expired"
+    CHILDREN_STARTED = "children_started"
+    WAITING_FOR_SIBLING = "waiting_for_sibling"
+    WAITING_FOR_EARLIER_ATTEMPT = "waiting_for_earlier_attempt"
+    AUDIT = "audit"
 
 
 @dataclass(frozen=True)
-class ChainReport:
-    """The verdict on one run's journal: intact, or where it first breaks and how."""
+class Event:
+    """A typed journal payload; `data()` is what the journal stores and hashes."""
 
+    type: ClassVar[EventType]
+
+    def data(self) -> dict[str, Any]:
+        """The payload as stored: every field, by name."""
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class RunCreated(Event):
+    """A run was created (a root by a person, a child by its parent's delegate call)."""
+
+    type: ClassVar[EventType] = EventType.RUN_CREATED
+    role: str
+    request: str
+    requested_by: str
+    origin: dict[str, Any]
+    limits: dict[str, Any]
+    parent_id: str | None = None
+    policy: str | None = None
+    effects: dict[str, Any] | None = None
+    runbook_id: str | None = None
+
+
+@dataclass(frozen=True)
+class RunClaimed(Event):
+    """A process took the run's lease at `epoch` (from a dead owner, when `taken_over_from`)."""
+
+    type: ClassVar[EventType] = EventType.RUN_CLAIMED
+    owner: str
+    epoch: int = 0
+    taken_over_from: str | None = None
+
+    def data(self) -> dict[str, Any]:
+        """Without `taken_over_from` when nobody was displaced."""
+        data = {"owner": self.owner, "epoch": self.epoch}
+        if self.taken_over_from is not None:
+            data["taken_over_from"] = self.taken_over_from
+        return data
+
+
+@dataclass(frozen=True)
+class RunInterrupted(Event):
+    """The drive stopped without an end (a policy outage, a lost lease); resume goes on."""
+
+    type: ClassVar[EventType] = EventType.RUN_INTERRUPTED
+    error: str
+
+
+@dataclass(frozen=True)
+class RunFinished(Event):
+    """The run ended with `status`; `summary` is the policy's narrative, `error` the cause."""
+
+    type: ClassVar[EventType] = EventType.RUN_FINISHED
+    status: str
+    summary: str | None = None
+    error: str | None = None
+    by: str | None = None  # who cancelled it
+
+    def data(self) -> dict[str, Any]:
+        """A cancel names who cancelled (it has no summary); any other end has a summary."""
+        if self.by is not None:
+            return {"status": self.status, "by": self.by, "error": self.error}
+        return {"status": self.status, "summary": self.summary, "error": self.error}
+
+
+@dataclass(frozen=True)
+class PolicyTurn(Event):
+    """The policy's answer for one turn, journaled before the kernel acts on it."""
+
+    type: ClassVar[EventType] = EventType.POLICY_TURN
+    turn: int
+    policy: str
+    request_hash: str
+    response: dict[str, Any]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ToolIntent(Event):
+    """A tool call is about to run (attempt `attempt`); committed before its effect."""
+
+    type: ClassVar[EventType] = EventType.TOOL_INTENT
+    call_key: str
+    tool: str
+    args: dict[str, Any]
+    step_id: str | None = None
+    attempt: int = 1
+
+
+@dataclass(frozen=True)
+class ToolOutcome(Event):
+    """What a tool call came to: `status` ok, error, refused, skipped, cancelled…"""
+
+    type: ClassVar[EventType] = EventType.TOOL_OUTCOME
+    call_key: str
+    status: str
+    outcome: Any = None
+    attempt: int | None = None
+    duration_ms: float | None = None
+
+    def data(self) -> dict[str, Any]:
+        """Without the attempt and duration a decision's outcome does not have."""
+        data: dict[str, Any] = {
+            "call_key": self.call_key,
+            "status": self.status,
+            "outcome": self.outcome,
+        }
+        if self.attempt is not None:
+            data["attempt"] = self.attempt
+        if self.duration_ms is not None:
+            data["duration_ms"] = self.duration_ms
+        return data
+
+
+@dataclass(frozen=True)
+class ApprovalRequested(Event):
+    """A person's decision was asked for (the chat's token is never journaled)."""
+
+    type: ClassVar[EventType] = EventType.APPROVAL_REQUESTED
+    approval_id: int
+    kind: str
+    action: str
+    reason: str
+    deadline_at: float
+    number: int | None = None
+    step_id: str | None = None
+    rollback: str | None = None
+    deciders: list[str] = field(default_factory=list)
+    mode: str | None = None
+    runs_on: str | None = None
+    evidence: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ApprovalDecided(Event):
+    """A person approved or rejected request `number`."""
+
+    type: ClassVar[EventType] = EventType.APPROVAL_DECIDED
+    approval_id: int
+    decision: str
+    decided_by: str
+    number: int | None = None
+    call_key: str | None = None
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class ApprovalExpired(Event):
+    """Nobody decided before the deadline (never consent)."""
+
+    type: ClassVar[EventType] = EventType.APPROVAL_EXPIRED
+    approval_id: int
+
+
+@dataclass(frozen=True)
+class ChildrenStarted(Event):
+    """A delegate call started these child runs."""
+
+    type: ClassVar[EventType] = EventType.CHILDREN_STARTED
+    call_key: str
+    runs: list[str]
+
+
+@dataclass(frozen=True)
+class WaitingForSibling(Event):
+    """The run waits for a sibling started by the same delegate call."""
+
+    type: ClassVar[EventType] = EventType.WAITING_FOR_SIBLING
     run_id: str
-    events: int
-    broken: EventRecord | None
-    problem: str | None
-
-    @property
-    def intact(self) -> bool:
-        """True when every event and the run's recorded chain head check out."""
-        return self.problem is None
 
 
-def verify_chain(
-    run_id: str, events: Sequence[EventRecord], head_hash: str, head_count: int
-) -> ChainReport:
-    """Check a run's events and that they end where the run says its chain ends.
+@dataclass(frozen=True)
+class WaitingForEarlierAttempt(Event):
+    """Before a retry: the run waits until an earlier attempt can no longer act."""
 
-    The head check catches what a chain alone cannot: events deleted from the end.
-    """
-    broken = first_broken_link(events)
-    if broken is not None:
-        return ChainReport(
-            run_id,
-            len(events),
-            broken,
-            f"event seq {broken.seq} (#{broken.idx}, {broken.type}) does not match its hash "
-            "chain: it or an event before it was changed, inserted or removed",
-        )
-    last = events[-1] if events else None
-    if len(events) != head_count or (last.hash if last else "") != head_hash:
-        return ChainReport(
-            run_id,
-            len(events),
-            None,
-            f"the journal holds {len(events)} event(s) but the run recorded {head_count}: "
-            "events were removed from its end",
-        )
-    return ChainReport(run_id, len(events), None, None)
+    type: ClassVar[EventType] = EventType.WAITING_FOR_EARLIER_ATTEMPT
+    call_key: str
+    attempt: int
+    until: float
+
+
+@dataclass(frozen=True)
+class Audit(Event):
+    """An audit entry the verifier recorded."""
+
+    type: ClassVar[EventType] = EventType.AUDIT
+    entry: str
+
+
+@dataclass(frozen=True)
+class UnknownEvent:
+    """An event this version cannot read (another version's type, a damaged payload)."""
+
+    type: str
+    raw: dict[str, Any]
+
+
+KNOWN: dict[str, type[Event]] = {
+    cls.type: cls
+    for cls in (
+        RunCreated,
+        RunClaimed,
+        RunInterrupted,
+        RunFinished,
+        PolicyTurn,
+        ToolIntent,
+        ToolOutcome,
+        ApprovalRequested,
+        ApprovalDecided,
+        ApprovalExpired,
+        ChildrenStarted,
+        WaitingForSibling,
+        WaitingForEarlierAttempt,
+        Audit,
+    )
+}
+
+
+def parse(record: EventRecord) -> Event | UnknownEvent:
+    """The typed payload of a stored event; `UnknownEvent` when it cannot be read as one."""
+    cls = KNOWN.get(record.type)
+    if cls is None:
+        return UnknownEvent(record.type, record.data)
+    names = {f.name for f in fields(cls)}
+    try:
+        return cls(**{k: v for k, v in record.data.items() if k in names})
+    except TypeError:  # a required field is missing
+        return UnknownEvent(record.type, record.data)

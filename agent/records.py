@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -59,6 +61,18 @@ class ApprovalKind(StrEnum):
 
     GATE = "gate"
     IN_DOUBT = "in_doubt"
+
+
+# The roles of a supervisor's child runs, in the order the team works: plan, execute, verify.
+CHILD_ROLES = ("planner", "executor", "verifier")
+
+
+class Decision(StrEnum):
+    """What a decider can say: approve (retry, for an in-doubt step), skip, or reject (abort)."""
+
+    APPROVE = "approve"
+    SKIP = "skip"
+    REJECT = "reject"
 
 
 @dataclass(frozen=True)
@@ -274,3 +288,72 @@ class PolicyTurnRecord:
     prompt_tokens: int
     completion_tokens: int
     created_at: float
+
+
+# A chat identity as the bot records a person (`telegram:<user id>`); also found inside free
+# text (an error, a summary), where people should read the person's name instead.
+CHAT_IDENTITY = re.compile(r"\btelegram:-?[0-9]+\b")
+
+
+@dataclass(frozen=True)
+class RunTree:
+    """A run and every run below it, read in one snapshot: the runs (the run asked for first,
+    then each run's children, oldest first), their approval requests (by id), their tool calls
+    and journal events when asked for, and how people know the identities they name."""
+
+    runs: tuple[RunRecord, ...]
+    approvals: tuple[ApprovalRecord, ...] = ()
+    calls: tuple[ToolCallRecord, ...] = ()  # each run's in the order proposed, runs in order
+    events: tuple[EventRecord, ...] = ()  # in journal order (seq)
+    names: Mapping[str, str] = field(default_factory=dict)  # identity -> `@alice`
+
+    @property
+    def root(self) -> RunRecord:
+        """The run the tree was read for."""
+        return self.runs[0]
+
+    @property
+    def children(self) -> tuple[RunRecord, ...]:
+        """Every run below the root."""
+        return self.runs[1:]
+
+    @property
+    def pending(self) -> list[ApprovalRecord]:
+        """The requests still waiting for a decision, oldest first."""
+        return [a for a in self.approvals if a.status == ApprovalStatus.PENDING]
+
+    def calls_of(self, run_id: str) -> list[ToolCallRecord]:
+        """One run's tool calls, in the order they were proposed."""
+        return [call for call in self.calls if call.run_id == run_id]
+
+    def events_of(self, run_id: str) -> list[EventRecord]:
+        """One run's journal, in order."""
+        return [event for event in self.events if event.run_id == run_id]
+
+    def approvals_of(self, run_id: str) -> list[ApprovalRecord]:
+        """One run's approval requests, oldest first."""
+        return [approval for approval in self.approvals if approval.run_id == run_id]
+
+    def name(self, identity: str) -> str:
+        """How people know an identity (`@alice`); an unknown one as it is."""
+        return self.names.get(identity, identity)
+
+
+@dataclass(frozen=True)
+class ApprovalInRun:
+    """An approval request read with the run it stops, that run's ancestry, and how people
+    know the identities it names, in one snapshot."""
+
+    approval: ApprovalRecord
+    run: RunRecord
+    lineage: tuple[str, ...]  # the run's id, its parent's, ... up to the root of its tree
+    names: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def root_id(self) -> str:
+        """The root of the tree the request belongs to (its incident)."""
+        return self.lineage[-1]
+
+    def name(self, identity: str) -> str:
+        """How people know an identity (`@alice`); an unknown one as it is."""
+        return self.names.get(identity, identity)

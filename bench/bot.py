@@ -10,13 +10,18 @@ another:
 - tap injected → the request's message edited (decision shown, buttons gone);
 - tap injected → the run resumed (the executor's next journal event after the decision);
 then `--concurrent` incidents at once: time until every keyboard, and until every summary
-after all taps.
+after all taps. Before the timings: the store round trips of one `/run` and of one tap, each
+counted from the moment python-telegram-bot takes the update until its handlers are done (what
+the update starts in the background, a run's drive or the outbox's sending, is not counted),
+against issue 14's target of at most 3 for a tap. `--pg DSN` runs it all on a scratch schema of
+that PostgreSQL server instead, and also counts the network round trips of the store calls.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import secrets
 import shutil
 import statistics
 import sys
@@ -25,6 +30,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -32,8 +38,17 @@ REPO = BENCH.parent
 # standard library's `http` (httpx needs it): put the repo there instead.
 sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != BENCH]
 
+from telegram import Update  # noqa: E402
+from telegram.ext import Application  # noqa: E402
+
 from agent.service.runs import RunService  # noqa: E402
 from agent.settings import Settings  # noqa: E402
+from bench.roundtrips import (  # noqa: E402
+    RoundTrips,
+    count_postgres,
+    count_store,
+    counting_here,
+)
 from bot.gateway import serve_bot  # noqa: E402
 from bot.settings import TelegramSettings  # noqa: E402
 from bot.standin import BotApiStandIn, StandInServer  # noqa: E402
@@ -44,6 +59,7 @@ REQUESTER = 100000050
 APPROVER = 100000001  # named in the shipped runbooks
 # Named outright, so /run starts at once (free text would first get a card to confirm).
 INCIDENT = "/run api-latency-spike incident: API latency spike"
+TAP_TARGET = 3  # issue 14: a Telegram tap in at most 3 store round trips
 
 
 def _keyboard(message: dict[str, Any]) -> list[str]:
@@ -89,6 +105,59 @@ class ChatObserver:
             while not predicate():
                 self.changed.clear()
                 await self.changed.wait()
+
+
+class UpdateTrips:
+    """The store round trips of each update the bot handles, from the moment
+    python-telegram-bot takes it until its handlers are done (the drive of a run it starts or
+    wakes has a context of its own, and the outbox's sender another: neither is counted)."""
+
+    def __init__(self) -> None:
+        self.taps: list[RoundTrips] = []
+        self.messages: list[RoundTrips] = []
+
+    def install(self) -> Callable[[], None]:
+        """Count every update from now on; returns the function that stops it."""
+        original = Application.process_update
+        taps, messages = self.taps, self.messages
+
+        async def process_update(application: Any, update: object) -> None:
+            with counting_here() as counts:
+                await original(application, update)
+            tap = isinstance(update, Update) and update.callback_query is not None
+            (taps if tap else messages).append(counts)
+
+        Application.process_update = process_update  # type: ignore[method-assign]
+
+        def undo() -> None:
+            Application.process_update = original  # type: ignore[method-assign]
+
+        return undo
+
+    def report(self, postgres: bool) -> None:
+        """Print the round trips of a /run and of a tap, and the store calls of the last tap."""
+        wire = " (+ PostgreSQL round trips inside them)" if postgres else ""
+        print(f"store round trips of one update, median and max{wire}:")
+        for name, counted, target in (
+            ("/run", self.messages, None),
+            ("tap ", self.taps, TAP_TARGET),
+        ):
+            if not counted:
+                continue
+            calls = sorted(c.total_calls for c in counted)
+            line = f"  {name}  {statistics.median(calls):4.1f}  max {calls[-1]:3d}"
+            if postgres:
+                trips = sorted(c.total_wire for c in counted)
+                line += f"   ({statistics.median(trips):4.1f}, max {trips[-1]:3d})"
+            if target is not None:
+                verdict = "met" if calls[-1] <= target else "NOT met"
+                line += f"   target <= {target}: {verdict}"
+            print(f"{line}   (n={len(counted)})")
+        for name, counted in (("/run", self.messages), ("tap", self.taps)):
+            if counted:
+                print(f"  the last {name}, by the store method that made each call:")
+                for line in counted[-1].lines(per=1, unit=name.strip("/"))[1:]:
+                    print(f"  {line}")
 
 
 def _percentiles(values: list[float]) -> str:
@@ -159,13 +228,21 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--concurrent", type=int, default=50)
+    parser.add_argument("--pg", metavar="DSN", help="PostgreSQL server (a scratch schema)")
     args = parser.parse_args()
     directory = Path(tempfile.mkdtemp(prefix="loom-ops-bench-bot-"))
+    schema = f"loom_bench_bot_{secrets.token_hex(4)}" if args.pg else None
     try:
         shutil.copytree(REPO / "runbooks", directory / "runbooks")
-        settings = Settings(
-            _env_file=None, db=str(directory / "ops.sqlite"), workspace=directory, mock_llm=True
-        )
+        db = str(directory / "ops.sqlite")
+        if args.pg:
+            import psycopg
+
+            with psycopg.connect(args.pg, autocommit=True) as admin:
+                admin.execute(f"CREATE SCHEMA {schema}")
+            separator = "&" if "?" in args.pg else "?"
+            db = f"{args.pg}{separator}options={quote(f'-csearch_path={schema}')}"
+        settings = Settings(_env_file=None, db=db, workspace=directory, mock_llm=True)
         standin = BotApiStandIn(TOKEN)
         standin.add_user(REQUESTER, "Alice", "alice")
         standin.add_user(APPROVER, "Bob", "bob")
@@ -180,6 +257,10 @@ async def main() -> None:
                 overall_rate=0,
             )
             service = await RunService.open(settings)
+            counts = count_store(service.store.db)
+            stop_wire = count_postgres(counts) if args.pg else (lambda: None)
+            trips = UpdateTrips()
+            stop_counting = trips.install()
             stop, ready = asyncio.Event(), asyncio.Event()
             bot = asyncio.create_task(serve_bot(service, TOKEN, telegram, stop, ready))
             await asyncio.wait_for(ready.wait(), 30)
@@ -187,14 +268,23 @@ async def main() -> None:
             observer = asyncio.create_task(chat.run())
             try:
                 await sequential(standin, chat, service, args.runs)
+                trips.report(postgres=bool(args.pg))
+                stop_counting()
                 await concurrent(standin, chat, args.concurrent)
             finally:
+                stop_counting()
+                stop_wire()
                 observer.cancel()
                 stop.set()
                 await bot
                 await service.close()
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+        if args.pg:
+            import psycopg
+
+            with psycopg.connect(args.pg, autocommit=True) as admin:
+                admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
 
 
 if __name__ == "__main__":

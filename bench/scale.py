@@ -23,6 +23,15 @@ A worker on SQLite sees runs another process created at its next poll (every sec
 "sqlite in-process" is the same runs driven by this process alone: RunService.start(wait=False)
 on a SQLite file, no worker (every run is driven at once, no concurrency cap).
 
+Store round trips are counted in a separate pass (counting costs CPU, so its figures are kept
+out of the table): one worker on PostgreSQL, run through `bench/roundtrips.py`, which counts
+every store call and every network round trip (psycopg waiting for the server: a statement, a
+COMMIT, a pipeline's sync) by the store method that made it. A snapshot is taken (SIGUSR1) as
+the first run is created and after the last one finished: the difference, over the journaled
+tool calls, is the worker's round trips per step. This process's own (creating the runs) are
+counted apart, per run. Then the issue's targets: at most 6 round trips and at most 0.8 ms of
+worker CPU per PostgreSQL step ("met" / "not met"; nothing fails).
+
 PostgreSQL: LOOM_OPS_BENCH_PG_DSN, else LOOM_OPS_TEST_PG_DSN, else
 postgresql://postgres@127.0.0.1/test. Without a reachable server the PostgreSQL rows are skipped.
 """
@@ -58,11 +67,15 @@ from agent.records import TERMINAL_STATUSES  # noqa: E402
 from agent.service.runs import RunService  # noqa: E402
 from agent.settings import Settings  # noqa: E402
 from agent.store.postgres import redact_url  # noqa: E402
+from bench.roundtrips import RoundTrips, count_postgres, count_store  # noqa: E402
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1/test"
 TICK = os.sysconf("SC_CLK_TCK")
 POLL = 0.05  # seconds between "are all runs finished?" looks
 READY_TIMEOUT = 60.0
+SNAPSHOT_TIMEOUT = 10.0
+TARGET_ROUND_TRIPS = 6
+TARGET_WORKER_CPU_MS = 0.8
 FINISH_TIMEOUT = 600.0
 TERMINAL = tuple(sorted(str(status) for status in TERMINAL_STATUSES))
 
@@ -156,6 +169,8 @@ class Result:
     bench_cpu: float
     machine_cpu: float
     background: float  # busy cores while the workers sat idle, just before (other jobs)
+    worker_trips: RoundTrips | None = None  # counted pass only: the worker's, in the window
+    create_trips: RoundTrips | None = None  # counted pass only: this process's creates
 
     @property
     def runs_per_s(self) -> float:
@@ -210,14 +225,24 @@ async def create_runs(service: RunService, runs: int) -> None:
 
 
 def start_workers(
-    count: int, concurrency: int, workspace: Path, db: str, logs: Path
+    count: int,
+    concurrency: int,
+    workspace: Path,
+    db: str,
+    logs: Path,
+    counted_to: Path | None = None,
 ) -> list[tuple[subprocess.Popen[bytes], Path]]:
+    """`count` workers; with `counted_to`, each runs through bench/roundtrips.py, which
+    appends its counts to that file at every SIGUSR1."""
+    command = loom_ops()
+    if counted_to is not None:
+        command = [sys.executable, str(BENCH / "roundtrips.py"), str(counted_to), "--"]
     workers = []
     for k in range(count):
         log = logs / f"worker-{k}.log"
         with open(log, "wb") as handle:
             process = subprocess.Popen(
-                [*loom_ops(), "worker", "--concurrency", str(concurrency)],
+                [*command, "worker", "--concurrency", str(concurrency)],
                 env=child_env(workspace, db),
                 cwd=workspace,
                 stdout=subprocess.DEVNULL,
@@ -235,6 +260,23 @@ async def wait_ready(workers: list[tuple[subprocess.Popen[bytes], Path]]) -> Non
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"worker did not start:\n{log.read_text(errors='replace')}")
             await asyncio.sleep(0.05)
+
+
+async def snapshot(
+    workers: list[tuple[subprocess.Popen[bytes], Path]], counted_to: Path
+) -> RoundTrips:
+    """The counts of the (one) counted worker now: SIGUSR1, then its new line in the file."""
+    [(process, _)] = workers
+    before = len(counted_to.read_text().splitlines()) if counted_to.exists() else 0
+    process.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + SNAPSHOT_TIMEOUT
+    while True:
+        lines = counted_to.read_text().splitlines() if counted_to.exists() else []
+        if len(lines) > before and lines[-1].endswith("}"):
+            return RoundTrips.from_json(lines[-1])
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"worker {process.pid} wrote no round-trip counts")
+        await asyncio.sleep(0.02)
 
 
 def stop_workers(workers: list[tuple[subprocess.Popen[bytes], Path]]) -> None:
@@ -264,15 +306,21 @@ async def measure(
     steps: int,
     workers: int,
     concurrency: int,
+    counted: bool = False,
 ) -> Result:
-    """One configuration: `workers` worker processes (0: drive in this process)."""
+    """One configuration: `workers` worker processes (0: drive in this process); `counted`
+    (one worker): count store round trips, the worker's and this process's creates."""
     workspace = write_workspace(directory / "ws", steps)
     service = await RunService.open(settings_for(workspace, db), executes_runs=workers == 0)
     procs: list[tuple[subprocess.Popen[bytes], Path]] = []
+    counted_to = directory / "roundtrips.jsonl" if counted else None
+    creates = count_store(service.store.db) if counted else RoundTrips()
+    uncount = count_postgres(creates) if counted else None
+    worker_trips = create_trips = None
     try:
         service.catalog()  # parse the runbook before the clock starts
         if workers:
-            procs = start_workers(workers, concurrency, workspace, db, directory)
+            procs = start_workers(workers, concurrency, workspace, db, directory, counted_to)
             await wait_ready(procs)
             await asyncio.sleep(0.5)  # start-up work (imports, recovery, LISTEN) is done
         # One idle second, measured: what else keeps this machine busy (other jobs skew it all).
@@ -282,8 +330,13 @@ async def measure(
         pids = [p.pid for p, _ in procs]
         cpu0 = [process_cpu(pid) for pid in pids]
         machine0, bench0 = machine_busy(), self_cpu()
+        if counted_to is not None:
+            window = await snapshot(procs, counted_to)
+            created = creates.snapshot()
         if workers:
             await create_runs(service, runs)
+            if counted_to is not None:
+                create_trips = creates.since(created)
         else:
             for n in range(runs):
                 await service.start(
@@ -291,11 +344,15 @@ async def measure(
                 )
         await wait_finished(service)
         machine1, bench1 = machine_busy(), self_cpu()
+        if counted_to is not None:
+            worker_trips = (await snapshot(procs, counted_to)).since(window)
         worker_cpu = sum(process_cpu(pid) for pid in pids) - sum(cpu0) if workers else None
         journal = await journal_counts(service)
     finally:
         stop_workers(procs)
         await service.close()
+        if uncount is not None:
+            uncount()
     first = journal["first_created"]
     return Result(
         label=label,
@@ -310,6 +367,8 @@ async def measure(
         bench_cpu=bench1 - bench0,
         machine_cpu=machine1 - machine0,
         background=background,
+        worker_trips=worker_trips,
+        create_trips=create_trips,
     )
 
 
@@ -410,6 +469,47 @@ def print_table(results: list[Result], steps: int, concurrency: int, rounds: int
         print(line + f"   machine CPU/step {ratio:5.2f}x")
 
 
+def print_targets(results: list[Result], counted: Result | None) -> None:
+    """The PostgreSQL targets of issue 14 against this run's figures (never a failure)."""
+    base = next((r for r in results if r.label == "postgresql, 1 worker"), None)
+    if base is None or counted is None:
+        return
+    assert counted.worker_trips is not None and counted.create_trips is not None
+    trips = counted.worker_trips.total_wire / counted.tool_calls
+    print(
+        f"  store round trips, counted in a separate pass (postgresql, 1 worker, "
+        f"{counted.runs} runs, {counted.tool_calls} steps):"
+    )
+    print("    worker: " + "\n    ".join(counted.worker_trips.lines(counted.tool_calls)))
+    print(
+        "    this process, creating the runs: "
+        + "\n    ".join(counted.create_trips.lines(counted.runs, unit="run", top=3))
+    )
+    assert base.worker_cpu is not None
+    cpu = base.per_step_ms(base.worker_cpu)
+    print("  targets (issue 14):")
+    for what, met in (
+        (
+            f"PostgreSQL round trips per step {trips:.2f} <= {TARGET_ROUND_TRIPS}",
+            trips <= TARGET_ROUND_TRIPS,
+        ),
+        (
+            f"worker CPU per PostgreSQL step {cpu:.3f} ms <= {TARGET_WORKER_CPU_MS} ms",
+            cpu <= TARGET_WORKER_CPU_MS,
+        ),
+    ):
+        print(f"    {'target met    ' if met else 'target NOT met'}  {what}")
+
+
+async def count_round_trips(root: Path, dsn: str, args: argparse.Namespace) -> Result:
+    """The counted pass: one worker on PostgreSQL, its store round trips in the window."""
+    directory = Path(tempfile.mkdtemp(dir=root))
+    with PgSchema(dsn) as url:
+        return await measure(
+            "postgresql, counted", directory, url, args.runs, args.steps, 1, args.concurrency, True
+        )
+
+
 async def one_round(
     root: Path, dsn: str | None, counts: list[int], args: argparse.Namespace
 ) -> list[Result]:
@@ -458,10 +558,12 @@ async def main() -> None:
     try:
         # Interleaved rounds, so that noise hits every configuration alike; keep the best.
         rounds = [await one_round(root, dsn, counts, args) for _ in range(max(1, args.rounds))]
+        counted = await count_round_trips(root, dsn, args) if dsn is not None else None
     finally:
         shutil.rmtree(root, ignore_errors=True)
     best = [max(column, key=lambda r: r.runs_per_s) for column in zip(*rounds, strict=True)]
     print_table(best, args.steps, args.concurrency, len(rounds))
+    print_targets(best, counted)
 
 
 if __name__ == "__main__":

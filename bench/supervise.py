@@ -27,8 +27,7 @@ REPO = BENCH.parent
 # standard library's `http` (httpx needs it): put the repo there instead.
 sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != BENCH]
 
-from agent.records import RunStatus  # noqa: E402
-from agent.run.approvals import Decision  # noqa: E402
+from agent.records import Decision, RunStatus  # noqa: E402
 from agent.service.runs import RunService  # noqa: E402
 from agent.settings import Settings  # noqa: E402
 

@@ -1,6 +1,7 @@
-"""What the chat says about a run tree, gathered from the store in a person's terms: the
-status people read, the steps done and the last one's result, what it waits for, the short
-step list of `/explain`, and who is who (`@name`, not `telegram:<id>`).
+"""What the chat says about a run tree, in a person's terms: the status people read, the steps
+done and the last one's result, what it waits for, the short step list of `/explain`, and who
+is who (`@name`, not `telegram:<id>`). Pure functions over one snapshot of the tree
+(`RunTree`, read by the service), so a message shows one moment.
 
 A chat shows the root run only: the planner, executor and verifier children stand behind it.
 """
@@ -8,17 +9,12 @@ A chat shows the root run only: the planner, executor and verifier children stan
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
 
 from markupsafe import Markup
 
-from agent.records import ApprovalRecord, ApprovalStatus, RunRecord, RunStatus, ToolCallRecord
-from agent.run.outcomes import DONE, STEP_TOOLS, short_result, step_states
-from agent.store import RunStore
-from agent.views.explain import step_lines
+from agent.records import ApprovalRecord, ApprovalStatus, RunRecord, RunStatus, RunTree
+from agent.views.explain import step_progress, tree_step_lines
 from bot.messages import (
-    CHAT_IDENTITY,
     STATUS_ICONS,
     STATUS_WORDS,
     STEP_ICONS,
@@ -33,82 +29,37 @@ from bot.messages import (
     until,
 )
 
-# Roles that execute a runbook's steps (a supervisor's executor children, or a runbook run).
-EXECUTING_ROLES = ("runbook", "executor")
 # A team in the order it works: plan, execute, verify.
 ROLE_ORDER = {"planner": 0, "executor": 1, "verifier": 2}
 
 
-@dataclass(frozen=True)
-class Tree:
-    """A run tree as stored now: the root first, then every run below it."""
-
-    root: RunRecord
-    members: list[RunRecord]
-    pending: list[ApprovalRecord]
-
-    @property
-    def children(self) -> list[RunRecord]:
-        """The runs below the root."""
-        return self.members[1:]
-
-    @property
-    def status(self) -> RunStatus:
-        """The status a person reads for the whole tree."""
-        return shown_status(self.root.status, [m.status for m in self.children], bool(self.pending))
-
-    @property
-    def runbook_id(self) -> str | None:
-        """The runbook the tree runs, once one is chosen."""
-        return self.root.runbook_id or next(
-            (m.runbook_id for m in self.members if m.runbook_id), None
-        )
-
-    @property
-    def executing(self) -> list[RunRecord]:
-        """The runs that executed the runbook's steps (the first one's runbook)."""
-        runs = [m for m in self.members if m.runbook and m.role in EXECUTING_ROLES]
-        return [m for m in runs if m.runbook_id == runs[0].runbook_id] if runs else []
+def tree_status(tree: RunTree) -> RunStatus:
+    """The status a person reads for the whole tree."""
+    return shown_status(tree.root.status, [m.status for m in tree.children], bool(tree.pending))
 
 
-async def load_tree(store: RunStore, root_id: str) -> Tree:
-    """The tree below `root_id` and its open approval requests."""
-    ids = await store.subtree_ids(root_id)
-    members = [await store.get_run(run_id) for run_id in ids]
-    pending: list[ApprovalRecord] = []
-    for member in members:
-        pending += await store.list_approvals(member.id, ApprovalStatus.PENDING)
-    children = sorted(members[1:], key=lambda m: (m.created_at, ROLE_ORDER.get(m.role, 9)))
-    return Tree(members[0], [members[0], *children], sorted(pending, key=lambda a: a.id))
+def runbook_of(tree: RunTree) -> str | None:
+    """The runbook the tree runs, once one is chosen."""
+    return tree.root.runbook_id or next((m.runbook_id for m in tree.runs if m.runbook_id), None)
 
 
-async def progress_of(store: RunStore, tree: Tree, now: float | None = None) -> Progress:
-    """Where the tree stands: its status, steps done of all, the last step's result (with
-    what a failure said), and what it waits for."""
+def team(tree: RunTree) -> list[RunRecord]:
+    """The runs below the root in the order the team works (plan, execute, verify)."""
+    return sorted(tree.children, key=lambda m: (m.created_at, ROLE_ORDER.get(m.role, 9)))
+
+
+def progress_of(tree: RunTree, now: float | None = None) -> Progress:
+    """Where the tree (read with its tool calls) stands: its status, steps done of all, the
+    last step's result (with what a failure said), and what it waits for."""
     now = time.time() if now is None else now
-    calls: list[ToolCallRecord] = []
-    for run in tree.executing:
-        calls += await store.list_tool_calls(run.id)
-    steps = (tree.executing[0].runbook or {}).get("steps", []) if tree.executing else []
-    states = step_states(
-        (c.tool, c.step_id, c.status, c.attempt, c.outcome) for c in calls if c.status != "intent"
-    )
-    done = sum(1 for step in steps if states.get(step["id"]) and states[step["id"]].last in DONE)
-    ran = [
-        c
-        for c in calls
-        if c.tool in STEP_TOOLS and c.step_id and c.status not in ("intent", "refused")
-    ]
+    steps = step_progress(tree)
     last = None
-    if ran:
-        call = max(ran, key=lambda c: (c.outcome_at or 0.0, c.intent_at))
-        detail = short_result(call.outcome or {}) if call.status == "error" else ""
-        # short_result starts with the exit code; the words say "failed" already.
-        last = LastStep(call.step_id or "-", call.status, detail)
+    if steps.last_step is not None:
+        last = LastStep(steps.last_step, steps.last_status, steps.last_detail)
     waiting = None
     if tree.pending and not tree.root.status.is_terminal:
         waiting = waiting_words(tree.pending[0], now)
-    return Progress(tree.status, tree.runbook_id, done, len(steps), last, waiting)
+    return Progress(tree_status(tree), runbook_of(tree), steps.done, steps.total, last, waiting)
 
 
 def waiting_words(approval: ApprovalRecord, now: float) -> str:
@@ -119,29 +70,20 @@ def waiting_words(approval: ApprovalRecord, now: float) -> str:
     return f"{what} #{number}{step}, deadline {until(approval.deadline_at, now)}"
 
 
-async def names_for(store: RunStore, identities: Iterable[str], texts: Iterable[str] = ()) -> Who:
-    """How people know each identity (and each one named inside `texts`): `@alice`; an
-    unknown one as it is."""
-    wanted = {i for i in identities if i}
-    for text in texts:
-        wanted |= set(CHAT_IDENTITY.findall(text or ""))
-    names = await store.chat_user_names(wanted)
-    return lambda identity: names.get(identity, identity)
-
-
-async def explain_lines(store: RunStore, tree: Tree, now: float | None = None) -> list[str]:
+def explain_lines(tree: RunTree, now: float | None = None) -> list[str]:
     """`/explain` in a person's terms, as HTML lines (no tag spans two lines): the run, who
-    asked, each step's state, each approval request, and how it ended."""
+    asked, each step's state, each approval request, and how it ended. The tree is read with
+    its events."""
     now = time.time() if now is None else now
     root = tree.root
-    approvals = await _approvals(store, tree)
-    who = await _names_of(store, tree, approvals)
-    status = tree.status
+    who = tree.name
+    status = tree_status(tree)
     head = Markup("{} <b>Run <code>{}</code></b> · {}").format(
         STATUS_ICONS[status], root.id, STATUS_WORDS[status]
     )
-    if tree.runbook_id:
-        head += Markup(" · <code>{}</code>").format(tree.runbook_id)
+    runbook = runbook_of(tree)
+    if runbook:
+        head += Markup(" · <code>{}</code>").format(runbook)
     lines = [
         str(head),
         str(
@@ -150,12 +92,12 @@ async def explain_lines(store: RunStore, tree: Tree, now: float | None = None) -
             )
         ),
     ]
-    steps = await _step_list(store, tree, who)
+    steps = _step_list(tree, who)
     if steps:
         lines += ["", "<b>Steps</b>", *steps]
-    if approvals:
-        lines += ["", "<b>Approvals</b>", *(_approval_line(a, who, now) for a in approvals)]
-    ending = _ending(tree, approvals, who)
+    if tree.approvals:
+        lines += ["", "<b>Approvals</b>", *(_approval_line(a, who, now) for a in tree.approvals)]
+    ending = _ending(tree)
     if ending:
         lines += ["", str(Markup("<b>Outcome:</b> {}").format(ending))]
     lines += [
@@ -165,36 +107,16 @@ async def explain_lines(store: RunStore, tree: Tree, now: float | None = None) -
     return lines
 
 
-async def outcome_line(store: RunStore, tree: Tree) -> str:
+def outcome_line(tree: RunTree) -> str:
     """How a finished tree ended, as an HTML line; empty while it runs."""
-    approvals = await _approvals(store, tree)
-    ending = _ending(tree, approvals, await _names_of(store, tree, approvals))
+    ending = _ending(tree)
     return str(Markup("<b>Outcome:</b> {}").format(ending)) if ending else ""
 
 
-async def _approvals(store: RunStore, tree: Tree) -> list[ApprovalRecord]:
-    approvals: list[ApprovalRecord] = []
-    for member in tree.members:
-        approvals += await store.list_approvals(member.id)
-    return sorted(approvals, key=lambda a: a.id)
-
-
-async def _names_of(store: RunStore, tree: Tree, approvals: list[ApprovalRecord]) -> Who:
-    root = tree.root
-    identities = [root.requested_by, *(a.decided_by or "" for a in approvals)]
-    return await names_for(store, identities, [root.error or "", root.summary or ""])
-
-
-async def _step_list(store: RunStore, tree: Tree, who: Who) -> list[str]:
+def _step_list(tree: RunTree, who: Who) -> list[str]:
     """One line per runbook step, from the journal of the runs that executed them."""
-    if not tree.executing:
-        return []
-    events = []
-    for run in tree.executing:
-        events += await store.list_events(run.id)
-    events.sort(key=lambda event: event.seq)
     lines = []
-    for number, line in enumerate(step_lines(tree.executing[0], events), start=1):
+    for number, line in enumerate(tree_step_lines(tree), start=1):
         step_id, _, state = line.strip().partition(": ")
         word = "not run" if state.startswith("not run") else state.split(" ", 1)[0]
         state = ("failed" + state[len("error") :]) if word == "error" else state
@@ -225,14 +147,15 @@ def _approval_line(approval: ApprovalRecord, who: Who, now: float) -> str:
     )
 
 
-def _ending(tree: Tree, approvals: list[ApprovalRecord], who: Who) -> str:
+def _ending(tree: RunTree) -> str:
     """How a finished tree ended, in one line (a rejection by whom and why, not the kernel's
     composed error); empty while it runs."""
     root = tree.root
     if not root.status.is_terminal:
         return ""
-    status = tree.status
-    decided = [a for a in approvals if a.status == status]
+    status = tree_status(tree)
+    who = tree.name
+    decided = [a for a in tree.approvals if a.status == status]
     if status in (RunStatus.REJECTED, RunStatus.EXPIRED) and decided:
         last = decided[-1]
         if status == RunStatus.EXPIRED:

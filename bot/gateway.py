@@ -18,6 +18,7 @@ from typing import Any
 from telegram import Update
 from telegram.ext import Application, ApplicationHandlerStop, TypeHandler
 
+from agent.errors import LoomOpsError
 from agent.failpoints import Failpoints
 from agent.http_server import HttpServer
 from agent.service.maintenance import Maintenance, background, stop_all
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 ALLOWED_UPDATES = [Update.MESSAGE, Update.CALLBACK_QUERY]
 
 
-class ConfigError(ValueError):
+class ConfigError(LoomOpsError, ValueError):
     """A setting the bot cannot start with; `str()` is one line for a human."""
 
 
@@ -83,11 +84,13 @@ async def serve_bot(
     the token or cannot be reached at start."""
     check_config(telegram)
     application = build_application(token, telegram)
-    application.add_handler(TypeHandler(Update, _first_time_only(service)), group=-1)
-    ChatOps(service, telegram).register(application)
+    chat = ChatStore(service.database)
+    application.add_handler(TypeHandler(Update, _first_time_only(chat)), group=-1)
+    ChatOps(service, chat, telegram).register(application)
     failpoints = Failpoints(service.settings.failpoint)
     sender = OutboxSender(
-        service.store,
+        service,
+        chat,
         application.bot,
         telegram.progress_interval,
         failpoints,
@@ -103,11 +106,11 @@ async def serve_bot(
                 if webhook is None:
                     tasks.append(
                         background(
-                            lambda: _poll_while_leading(application, service, telegram), "polling"
+                            lambda: _poll_while_leading(application, chat, telegram), "polling"
                         )
                     )
                 else:
-                    await _take_webhook(application, service, webhook, stack)
+                    await _take_webhook(application, chat, webhook, stack)
                 log.info(
                     "bot @%s serving chats %s", application.bot.username, telegram.allowed_chat_ids
                 )
@@ -123,13 +126,13 @@ async def serve_bot(
 
 async def _poll_while_leading(
     application: Application,  # type: ignore[type-arg]
-    service: RunService,
+    chat: ChatStore,
     telegram: TelegramSettings,
 ) -> None:
     """Poll while this instance leads; stand by (and take over within seconds) otherwise."""
     updater = application.updater
     assert updater is not None
-    leadership = service.store.leadership(f"telegram-poller/{application.bot.id}")
+    leadership = chat.leadership(f"telegram-poller/{application.bot.id}")
     try:
         while True:
             await leadership.acquire()
@@ -152,12 +155,12 @@ async def _poll_while_leading(
 
 async def _take_webhook(
     application: Application,  # type: ignore[type-arg]
-    service: RunService,
+    chat: ChatStore,
     webhook: Webhook,
     stack: contextlib.AsyncExitStack,
 ) -> None:
     """Listen for Telegram's POSTs, then point Telegram at us (every instance says the same)."""
-    app = webhook_app(application, webhook, service.store.schema_version)
+    app = webhook_app(application, webhook, chat.schema_version)
     try:
         server = await stack.enter_async_context(HttpServer(app, webhook.host, webhook.port))
     except (OSError, OverflowError) as exc:
@@ -174,7 +177,7 @@ async def _take_webhook(
     log.info("taking updates by webhook at %s (listening on %s)", webhook.url, server.url)
 
 
-def _first_time_only(service: RunService) -> Callable[[Update, Any], Awaitable[None]]:
+def _first_time_only(chat: ChatStore) -> Callable[[Update, Any], Awaitable[None]]:
     """A handler run before all others: a message seen before (by any instance) goes no
     further, so a failover or Telegram's redelivery never starts a run twice. Taps are let
     through: a decision is recorded once whatever happens, and a tap must be answered fast."""
@@ -183,7 +186,7 @@ def _first_time_only(service: RunService) -> Callable[[Update, Any], Awaitable[N
         if update.callback_query is not None:
             return
         taken = context.bot.id, update.update_id, update_digest(update)
-        if not await ChatStore(service.store.db).first_sight_of_update(*taken):
+        if not await chat.first_sight_of_update(*taken):
             log.info("update %s was taken already; skipping it", update.update_id)
             raise ApplicationHandlerStop
 

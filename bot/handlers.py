@@ -39,16 +39,29 @@ from telegram.ext import (
     filters,
 )
 
-from agent.records import ApprovalRecord, ApprovalStatus, Origin, RunRecord
-from agent.run.approvals import Decision
-from agent.runbook.model import RunbookError, Step
-from agent.runbook.request import RequestError
-from agent.service.runs import RunService, ServiceError, validate_run_id
-from agent.store import ApprovalNotFound, RunExists, RunNotFound, StoreError
-from agent.views.trace import build_trace, render_trace
-from bot.facts import explain_lines, load_tree, names_for, outcome_line, progress_of
+from agent.errors import (
+    RequestError,
+    RunbookError,
+    RunExists,
+    RunNotFound,
+    ServiceError,
+    StoreError,
+)
+from agent.records import (
+    ApprovalInRun,
+    ApprovalRecord,
+    ApprovalStatus,
+    Decision,
+    Origin,
+    RunRecord,
+)
+from agent.runbook.model import Step
+from agent.service.runs import RunService, validate_run_id
+from agent.views.trace import render_trace, trace_of
+from bot.facts import explain_lines, outcome_line, progress_of, runbook_of, team, tree_status
 from bot.messages import (
     MAX_CHUNKS,
+    Who,
     clip,
     hhmm,
     html_chunks,
@@ -69,6 +82,7 @@ from bot.starts import (
     start_run_id,
 )
 from bot.starts import parse_callback_data as start_parse
+from bot.store import ChatStore
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +147,11 @@ class RejectPrompt:
 
 
 class ChatOps:
-    """The handlers of one bot over one RunService."""
+    """The handlers of one bot over one RunService (and the bot's own tables)."""
 
-    def __init__(self, service: RunService, telegram: TelegramSettings) -> None:
+    def __init__(self, service: RunService, chat: ChatStore, telegram: TelegramSettings) -> None:
         self._service = service
+        self._chat = chat
         self._allowed = frozenset(telegram.allowed_chat_ids)
         self._approvers = frozenset(telegram.approver_ids)
         self._reject_prompts: dict[tuple[int, int], RejectPrompt] = {}
@@ -189,7 +204,7 @@ class ChatOps:
 
     async def _store_name(self, identity: str, display: str) -> None:
         try:
-            await self._service.store.remember_chat_user(identity, display)
+            await self._chat.remember_chat_user(identity, display)
         except Exception as exc:  # best effort: the next message tries again
             log.warning("could not store the name of %s: %s", identity, exc)
             if self._names.get(identity) == display:
@@ -379,7 +394,7 @@ class ChatOps:
         hold that id: then None)."""
         run_id = start_run_id(card.chat.id, card.message_id, date, attempt)
         try:
-            run = await self._service.store.get_run(run_id)
+            run = await self._service.get(run_id)
         except RunNotFound:
             return None
         if run.origin.chat_id != card.chat.id or not run.request.startswith(
@@ -402,22 +417,20 @@ class ChatOps:
         """/runs: the chat's active runs, then its recent ones (root runs: their planner,
         executor and verifier stand behind them)."""
         message, _ = _message_and_user(update)
-        store = self._service.store
-        active = await store.list_chat_runs(message.chat.id, limit=25, active=True)
-        recent = await store.list_chat_runs(message.chat.id, limit=10 + len(active))
+        active = await self._service.chat_runs(message.chat.id, limit=25, active=True)
+        recent = await self._service.chat_runs(message.chat.id, limit=10 + len(active))
         done = [r for r in recent if r.status.is_terminal][:10]
         if not active and not done:
             await _answer(update, "No runs from this chat yet. Start one with /run.")
             return
         now = time.time()
-        who = await names_for(store, [r.requested_by for r in [*active, *done]])
         lines = []
         for title, runs in (("Active", active), ("Recent", done)):
             if runs:
                 lines.append(f"<b>{title}</b>")
                 for run in runs:
-                    tree = await load_tree(store, run.id)
-                    lines.append(run_line(run, now, tree.status, who, tree.runbook_id))
+                    tree = await self._service.run_tree(run.id, calls=False)
+                    lines.append(run_line(run, now, tree_status(tree), tree.name, runbook_of(tree)))
         await _answer(update, "\n".join(lines))
 
     async def status(self, update: Update, context: Context) -> None:
@@ -425,12 +438,10 @@ class ChatOps:
         run = await self._chat_run(update, context)
         if run is None:
             return
-        store = self._service.store
         now = time.time()
-        tree = await load_tree(store, run.id)
-        progress = await progress_of(store, tree, now)
-        who = await names_for(store, [run.requested_by], [run.error or ""])
-        lines = [Markup(run_line(run, now, tree.status, who, tree.runbook_id))]
+        tree = await self._service.run_tree(run.id)
+        progress = progress_of(tree, now)
+        lines = [Markup(run_line(run, now, progress.status, tree.name, progress.runbook_id))]
         if progress.steps_total:
             line = Markup("Steps: {} of {} done").format(progress.steps_done, progress.steps_total)
             if progress.last is not None:
@@ -439,13 +450,13 @@ class ChatOps:
                 )
             lines.append(line)
         if tree.children:
-            team = Markup(" · ").join(
+            members = Markup(" · ").join(
                 Markup("{} {}").format(
                     child.role, status_words(shown_status(child.status, [], False))
                 )
-                for child in tree.children
+                for child in team(tree)
             )
-            lines.append(Markup("Team: {}").format(team))
+            lines.append(Markup("Team: {}").format(members))
         for pending in tree.pending[:3]:
             number = pending.number or pending.id
             lines.append(
@@ -458,7 +469,7 @@ class ChatOps:
                     until(pending.deadline_at, now), run.id, number
                 )
             )
-        ending = await outcome_line(store, tree)
+        ending = outcome_line(tree)
         if ending:
             lines.append(Markup(ending))
         await _answer(update, str(Markup("\n").join(lines)))
@@ -469,8 +480,7 @@ class ChatOps:
         run = await self._chat_run(update, context)
         if run is None:
             return
-        store = self._service.store
-        lines = await explain_lines(store, await load_tree(store, run.id))
+        lines = explain_lines(await self._service.run_tree(run.id, calls=False, events=True))
         html = "\n".join(lines)
         chunks = html_chunks(html)
         if chunks is None or len(chunks) > MAX_CHUNKS:
@@ -488,7 +498,8 @@ class ChatOps:
         run = await self._chat_run(update, context)
         if run is None:
             return
-        html = render_trace(await build_trace(self._service.store, run.id))
+        tree = await self._service.run_tree(run.id, calls=False, events=True)
+        html = render_trace(trace_of(tree))
         await _message_and_user(update)[0].reply_document(
             InputFile(html.encode("utf-8"), filename=f"{run.id}.html"),
             caption=f"Trace of run {run.id} ({run.status}); open it in a browser, works offline.",
@@ -588,11 +599,14 @@ class ChatOps:
                 alert=True,
             )
         token, choice = parsed
-        approval = await self._approval_in_chat(token, chat_id)
-        if approval is None:
+        # One read for the button's request, one transaction for the decision: a tap costs
+        # two store round trips (what the decision wakes runs in the background).
+        request = await self._request_in_chat(token, chat_id)
+        if request is None:
             return TapOutcome("Unknown or stale request; nothing changed.", alert=True)
+        approval = request.approval
         if approval.status != ApprovalStatus.PENDING:
-            return TapOutcome(await self._already(approval), alert=True)
+            return TapOutcome(_already(approval, request.name), alert=True)
         identity = await self._remember(user)
         if choice == "n":
             try:
@@ -602,23 +616,22 @@ class ChatOps:
             assert message is not None
             return TapOutcome(
                 "Reply to the prompt with the reason ('-' for none).",
-                then=self._prompt_for_reason(message, approval, user),
+                then=self._prompt_for_reason(message, request, user),
             )
         decision = Decision.APPROVE if choice == "y" else Decision.SKIP
         try:
-            result = await self._service.decide(
-                approval.run_id, decision, identity, approval_token=token, wait=False
-            )
+            result = await self._service.decide_request(request, decision, identity, wait=False)
         except ServiceError as exc:
             return TapOutcome(f"Refused: {exc}", alert=True)
         if not result.changed:
-            return TapOutcome(await self._already(result.approval), alert=True)
+            return TapOutcome(await self._decided_first(result.approval), alert=True)
         return TapOutcome("Approved: the run goes on." if choice == "y" else "Skipped.")
 
     async def _prompt_for_reason(
-        self, message: Message, approval: ApprovalRecord, user: User
+        self, message: Message, request: ApprovalInRun, user: User
     ) -> None:
         """Reject asks for a reason through a ForceReply prompt; the reply decides."""
+        approval = request.approval
         prompt = await message.reply_text(
             str(
                 Markup(
@@ -628,7 +641,7 @@ class ChatOps:
                     Markup(user.mention_html()),
                     REJECT_PROMPT,
                     approval.step_id or "-",
-                    await self._service.store.root_id(approval.run_id),
+                    request.root_id,
                 )
             ),
             parse_mode=ParseMode.HTML,
@@ -672,7 +685,7 @@ class ChatOps:
             return
         del self._reject_prompts[(message.chat.id, replied.message_id)]
         if not result.changed:
-            await _answer(update, Markup("{}").format(await self._already(result.approval)))
+            await _answer(update, Markup("{}").format(await self._decided_first(result.approval)))
 
     async def _decide_by_text(self, update: Update, context: Context, decision: Decision) -> None:
         run = await self._chat_run(update, context)
@@ -700,7 +713,7 @@ class ChatOps:
             await _answer(update, Markup("Refused: {}{}").format(str(exc), hint))
             return
         if not result.changed:
-            await _answer(update, Markup("{}").format(await self._already(result.approval)))
+            await _answer(update, Markup("{}").format(await self._decided_first(result.approval)))
             return
         verb = "Approved" if decision == Decision.APPROVE else "Rejected"
         await _answer(
@@ -710,15 +723,13 @@ class ChatOps:
             ),
         )
 
-    async def _approval_in_chat(self, token: str, chat_id: int | None) -> ApprovalRecord | None:
+    async def _request_in_chat(self, token: str, chat_id: int | None) -> ApprovalInRun | None:
         """The request a button names, if it exists and belongs to a run of this chat."""
-        store = self._service.store
         try:
-            approval = await store.get_approval_by_token(token)
-            run = await store.get_run(approval.run_id)
-        except (ApprovalNotFound, RunNotFound):
+            request = await self._service.approval_request(token=token)
+        except ServiceError:  # no such request (stale or forged)
             return None
-        return approval if run.origin.chat_id == chat_id else None
+        return request if request.run.origin.chat_id == chat_id else None
 
     # -- plumbing --------------------------------------------------------------------------
 
@@ -741,22 +752,21 @@ class ChatOps:
             await _answer(update, Markup("No run <code>{}</code> in this chat.").format(run_id))
             return None
         if run.parent_id is not None:
-            run = await self._service.store.get_run(await self._service.store.root_id(run.id))
+            run = await self._service.root(run.id)
         return run
 
-    async def _already(self, approval: ApprovalRecord) -> str:
-        """A request decided before: by whom (as people know them) and what."""
-        decider = approval.decided_by
-        who = await names_for(self._service.store, [decider or ""])
-        by = f" by {who(decider)}" if decider else ""
-        return f"Already {approval.status}{by}; nothing changed."
+    async def _decided_first(self, approval: ApprovalRecord) -> str:
+        """What a decision that lost the race says: who decided first, and what (one more
+        read, for how people know them)."""
+        request = await self._service.approval_request(approval.id)
+        return _already(request.approval, request.name)
 
     async def _remember(self, user: User) -> str:
         """The user's identity; their display name is stored when it is new or changed."""
         identity = identity_of(user)
         display = display_of(user)
         if self._names.get(identity) != display:
-            await self._service.store.remember_chat_user(identity, display)
+            await self._chat.remember_chat_user(identity, display)
             self._names[identity] = display
         return identity
 
@@ -772,6 +782,12 @@ class ChatOps:
                 await update.effective_message.reply_text("⚠️ Something went wrong; it is logged.")
         except TelegramError as exc:  # e.g. the query was answered already
             log.info("could not tell the chat about the error: %s", exc)
+
+
+def _already(approval: ApprovalRecord, who: Who) -> str:
+    """A request decided before: by whom (as people know them) and what."""
+    by = f" by {who(approval.decided_by)}" if approval.decided_by else ""
+    return f"Already {approval.status}{by}; nothing changed."
 
 
 def _message_and_user(update: Update) -> tuple[Message, User]:

@@ -6,7 +6,6 @@ markup, so a command's output with `<`, `>` or `&` cannot break a message.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 import jinja2
 from markupsafe import Markup
 
-from agent.records import ApprovalRecord, ApprovalStatus, RunRecord, RunStatus
+from agent.records import CHAT_IDENTITY, ApprovalRecord, ApprovalStatus, RunRecord, RunStatus
 
 # Telegram's limit on one message's text.
 MAX_MESSAGE_CHARS = 4096
@@ -66,8 +65,6 @@ STEP_WORDS = {
     "intent": "running",
 }
 STEP_ICONS = {"ok": "✅", "error": "❌", "skipped": "⏭", "not run": "▫️"}
-# A chat identity inside free text (an error, a summary): shown as the person's @name.
-CHAT_IDENTITY = re.compile(r"\btelegram:-?[0-9]+\b")
 
 Who = Callable[[str], str]
 

@@ -32,15 +32,14 @@ from telegram import (
 from telegram.constants import ParseMode
 from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, TelegramError
 
+from agent.errors import ApprovalNotFound, LoomOpsError, RunNotFound
 from agent.failpoints import Failpoints
-from agent.records import ApprovalRecord, ApprovalStatus, RunStatus
-from agent.run.leases import new_owner_id
-from agent.store import ApprovalNotFound, RunNotFound, RunStore
-from agent.views.summary import RunSummary, build_summary, render_summary
-from bot.facts import load_tree, progress_of
+from agent.records import ApprovalInRun, ApprovalStatus, RunStatus, RunTree
+from agent.service.runs import RunService
+from agent.views.summary import RunSummary, render_summary, summary_of
+from bot.facts import progress_of, tree_status
 from bot.messages import (
     MAX_CHUNKS,
-    Who,
     approval_buttons,
     approval_text,
     html_chunks,
@@ -59,16 +58,18 @@ MAX_UNKNOWN_ATTEMPTS = 8
 MAX_NETWORK_ATTEMPTS = 66
 
 
-class Undeliverable(Exception):
+class Undeliverable(LoomOpsError):
     """The Bot API refused an entry for good (bad chat, bot blocked, malformed request)."""
 
 
 class OutboxSender:
-    """Delivers the outbox: one task per chat with messages waiting, woken by the store."""
+    """Delivers the outbox: one task per chat with messages waiting, woken by the store.
+    What a message says is read through the service; the delivery through the chat store."""
 
     def __init__(
         self,
-        store: RunStore,
+        service: RunService,
+        chat: ChatStore,
         bot: Bot,
         progress_interval: float = 2.0,
         failpoints: Failpoints | None = None,
@@ -77,10 +78,10 @@ class OutboxSender:
         owner: str | None = None,
         lease_ttl: float = 30.0,
     ) -> None:
-        self._store = store
-        self._chat = ChatStore(store.db)
+        self._service = service
+        self._chat = chat
         # Several instances share the outbox: each chat is delivered by the lease holder.
-        self._owner = owner or new_owner_id()
+        self._owner = owner or service.new_owner_id()
         self._lease_ttl = lease_ttl
         self._allowed = frozenset(allowed_chat_ids) if allowed_chat_ids is not None else None
         self._bot = bot
@@ -94,7 +95,7 @@ class OutboxSender:
 
     async def run(self) -> None:
         """Deliver until cancelled."""
-        ready = self._store.outbox_ready
+        ready = self._service.outbox_ready
         try:
             while True:
                 ready.clear()
@@ -129,7 +130,7 @@ class OutboxSender:
     def _wake_at(self, at: float) -> None:
         """Look at the outbox again at `at` (a backoff or a progress throttle ends)."""
         delay = max(0.0, at - time.time())
-        asyncio.get_running_loop().call_later(delay, self._store.outbox_ready.set)
+        asyncio.get_running_loop().call_later(delay, self._service.outbox_ready.set)
 
     async def _drain(self, chat_id: int) -> None:
         """Deliver a chat's entries in order until none is left or the rest must wait; skip
@@ -250,8 +251,9 @@ class OutboxSender:
             raise Undeliverable(f"unknown outbox entry kind {message.kind!r}")
 
     async def _approval_request(self, message: OutboxMessage) -> None:
-        approval = await self._store.get_approval(message.payload["approval_id"])
-        text = await self._approval_text(approval, message.payload)
+        request = await self._service.approval_request(message.payload["approval_id"])
+        approval = request.approval
+        text = _approval_text(request, message.payload)
         buttons = None
         if approval.status == ApprovalStatus.PENDING:  # decided before we got to say it: no keys
             buttons = InlineKeyboardMarkup(
@@ -267,27 +269,15 @@ class OutboxSender:
 
     async def _approval_outcome(self, message: OutboxMessage) -> None:
         """Edit the request's message to say who decided and when, without the buttons."""
-        approval = await self._store.get_approval(message.payload["approval_id"])
-        text = await self._approval_text(approval)
-        message_id = await self._chat.approval_message_id(approval.id)
+        request = await self._service.approval_request(message.payload["approval_id"])
+        text = _approval_text(request)
+        message_id = await self._chat.approval_message_id(request.approval.id)
         edited = None
         if message_id is not None:
             edited = await self._edit(message, message_id, text)
         if edited is None:  # the request never reached the chat, or its message is gone
             edited = (await self._send(message, text)).message_id
         await self._chat.mark_delivered(message.id, edited)
-
-    async def _approval_text(
-        self, approval: ApprovalRecord, facts: dict[str, Any] | None = None
-    ) -> str:
-        """The request's card; `facts` (its outbox payload) fill in what an older request
-        record lacks."""
-        run = await self._store.get_run(approval.run_id)
-        root_id = await self._store.root_id(run.id)
-        who = await self._who([run.requested_by, *approval.deciders, approval.decided_by or ""])
-        return approval_text(
-            approval, root_id, run.runbook_id, run.requested_by, who, time.time(), facts
-        )
 
     async def _progress_due(self, root_id: str) -> float:
         shown = await self._chat.progress_message(root_id)
@@ -296,12 +286,10 @@ class OutboxSender:
     async def _progress(self, message: OutboxMessage, ids: list[int]) -> None:
         """Send the run's progress message, or edit it in place: one message per run."""
         await self._chat.claim_messages(ids)  # rendered from here on: later news queues anew
-        tree = await load_tree(self._store, message.payload["root_id"])
+        tree = await self._service.run_tree(message.payload["root_id"])
         root = tree.root
         now = time.time()
-        progress = await progress_of(self._store, tree, now)
-        who = await self._who([root.requested_by])
-        text = progress_text(root, progress, who, now)
+        text = progress_text(root, progress_of(tree, now), tree.name, now)
         shown = await self._chat.progress_message(root.id)
         message_id = None
         if shown is not None:
@@ -314,8 +302,8 @@ class OutboxSender:
         """The audit summary of a run the chat started: HTML messages, or a file when long."""
         run_id = message.run_id
         assert run_id is not None
-        summary = await build_summary(self._store, run_id)
-        await self._in_peoples_terms(summary)
+        tree = await self._service.run_tree(run_id)
+        summary = _in_peoples_terms(summary_of(tree), tree)
         hints = [f"/explain {run_id}", f"/trace {run_id}"]
         html = render_summary(summary, html=True, hints=hints)
         chunks = html_chunks(html)
@@ -342,18 +330,6 @@ class OutboxSender:
             message_id = sent.message_id
         self._failpoints.reached("after_send_run_finished")
         await self._chat.mark_delivered(message.id, message_id)
-
-    async def _in_peoples_terms(self, summary: RunSummary) -> None:
-        """A supervised run that failed because its executor was rejected (or its request
-        expired) is reported as that, once: the root's composed error and the rejected run's
-        own error only repeat what the approvals section says."""
-        tree = await load_tree(self._store, summary.run.id)
-        shown = tree.status
-        if shown == summary.run.status or shown not in (RunStatus.REJECTED, RunStatus.EXPIRED):
-            return
-        repeats = {summary.run.error, *(m.error for m in tree.children if m.status == shown)}
-        summary.run = dataclasses.replace(summary.run, status=shown, summary=None)
-        summary.errors = [line for line in summary.errors if line not in repeats]
 
     # -- the Bot API -----------------------------------------------------------------------
 
@@ -388,9 +364,33 @@ class OutboxSender:
             raise
         return message_id
 
-    async def _who(self, identities: list[str]) -> Who:
-        names = await self._store.chat_user_names(i for i in identities if i)
-        return lambda identity: names.get(identity, identity)
+
+def _approval_text(request: ApprovalInRun, facts: dict[str, Any] | None = None) -> str:
+    """The request's card; `facts` (its outbox payload) fill in what an older request record
+    lacks."""
+    run = request.run
+    return approval_text(
+        request.approval,
+        request.root_id,
+        run.runbook_id,
+        run.requested_by,
+        request.name,
+        time.time(),
+        facts,
+    )
+
+
+def _in_peoples_terms(summary: RunSummary, tree: RunTree) -> RunSummary:
+    """A supervised run that failed because its executor was rejected (or its request
+    expired) is reported as that, once: the root's composed error and the rejected run's own
+    error only repeat what the approvals section says."""
+    shown = tree_status(tree)
+    if shown == summary.run.status or shown not in (RunStatus.REJECTED, RunStatus.EXPIRED):
+        return summary
+    repeats = {summary.run.error, *(m.error for m in tree.children if m.status == shown)}
+    summary.run = dataclasses.replace(summary.run, status=shown, summary=None)
+    summary.errors = [line for line in summary.errors if line not in repeats]
+    return summary
 
 
 def _seconds(value: int | float | dtm.timedelta) -> float:

@@ -1,6 +1,7 @@
 """The bot's own tables: chat delivery of the outbox, chat leases, Telegram update ids, and
 how chat users are shown. The outbox rows are queued by the core with the change they tell of;
-everything after that (claiming, sending, marking delivered) is the bot's."""
+everything after that (claiming, sending, marking delivered) is the bot's. The core reads the
+names back with the runs that mention people (`RunTree.names`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent.store.database import Connection, Database
+from agent.store.database import Connection, Database, Leadership
 
 UPDATE_MEMORY = 7 * 24 * 3600.0  # seconds a handled Telegram update id is remembered
 
@@ -36,6 +37,27 @@ class ChatStore:
     def __init__(self, db: Database) -> None:
         self._db = db
 
+    def leadership(self, name: str) -> Leadership:
+        """The right to be the one bot instance sharing the database that does `name` (poll
+        Telegram)."""
+        return self._db.leadership(name)
+
+    async def schema_version(self) -> int:
+        """The database's schema version: an answer means the database is up."""
+        return await self._db.schema_version()
+
+    async def remember_chat_user(self, identity: str, display: str) -> None:
+        """Record how a chat identity (`telegram:<id>`) is shown to people, e.g. `@alice`."""
+        now = time.time()
+        await self._db.transaction(
+            lambda c: c.execute(
+                "INSERT INTO chat_users (identity, display, updated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (identity) DO UPDATE SET display = excluded.display, "
+                "updated_at = excluded.updated_at WHERE chat_users.display != excluded.display",
+                (identity, display, now),
+            ),
+        )
+
     async def undelivered_messages(
         self, limit: int = 100, chat_id: int | None = None
     ) -> list[OutboxMessage]:
@@ -53,15 +75,15 @@ class ChatStore:
         rows = await self._db.read(lambda c: c.execute(sql, (*params, limit)).fetchall())
         return [
             OutboxMessage(
-                id=row[0],
-                run_id=row[1],
-                target=json.loads(row[2]),
-                kind=row[3],
-                payload=json.loads(row[4]),
-                attempts=row[5],
-                created_at=row[6],
-                next_attempt_at=row[7],
-                parts_sent=row[8],
+                id=row["id"],
+                run_id=row["run_id"],
+                target=json.loads(row["target"]),
+                kind=row["kind"],
+                payload=json.loads(row["payload"]),
+                attempts=row["attempts"],
+                created_at=row["created_at"],
+                next_attempt_at=row["next_attempt_at"],
+                parts_sent=row["parts_sent"],
             )
             for row in rows
         ]
@@ -231,4 +253,4 @@ class ChatStore:
                 (root_id,),
             ).fetchone()
         )
-        return (row[0], row[1]) if row else None
+        return (row["message_id"], row["delivered_at"]) if row else None

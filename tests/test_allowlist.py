@@ -9,13 +9,8 @@ from typing import Any
 
 import pytest
 
-from agent.tools.allowlist import (
-    ALLOWLIST_FILENAME,
-    AllowlistError,
-    CommandDenied,
-    ShellAllowlist,
-    default_allowlist_path,
-)
+from agent.errors import AllowlistError, CommandDenied
+from agent.tools.allowlist import ALLOWLIST_FILENAME, ShellAllowlist, default_allowlist_path
 
 RULES: list[dict[str, Any]] = [
     {"argv": ["kubectl", "get", "pods"]},

@@ -9,12 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.events import first_broken_link
-from agent.records import ApprovalStatus, Claim, RunStatus
-from agent.run.approvals import Decision
-from agent.service.runs import RunService, ServiceError
+from agent.chain import first_broken_link
+from agent.errors import ServiceError, StoreError
+from agent.records import ApprovalStatus, Decision, RunStatus
+from agent.service.runs import RunService
 from agent.settings import Settings
-from agent.store import StoreError
 from tests.support import DEPLOY, LATENCY, allow, lines, open_service, write_runbook
 
 # The shipped api-latency-spike runbook gates `scale-out`; these steps come after it.
@@ -300,7 +299,7 @@ async def test_a_skipped_in_doubt_step_is_rolled_back_on_reject(
             await asyncio.sleep(0.01)
         taken = await second.store.claim_run("doubt", "intruder:1:x", 30, lambda _owner: True)
         await driving
-        await second.store.release_lease(Claim.of(taken))
+        await taken.release()
         await second.resume("doubt")
         in_doubt = await second.pending_approval("doubt")
         assert in_doubt is not None and (in_doubt.kind, in_doubt.step_id) == ("in_doubt", "slow")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.service.runs import RunService
-from agent.views.summary import build_summary, render_summary
+from agent.views.summary import render_summary, summary_of
 from tests.cli_helpers import Cli, make_cli_workspace
 
 LATENCY = "incident: API latency spike"
@@ -102,7 +102,7 @@ def test_export_jsonl_and_csv_hold_every_event_with_its_hashes(
 
 async def test_the_html_variant_escapes_everything_but_its_own_tags(service: RunService) -> None:
     await service.start("h1", "incident: API latency spike <script>alert(1)</script> & more")
-    summary = await build_summary(service.store, "h1")
+    summary = summary_of(await service.run_tree("h1"))
     html = render_summary(summary, html=True)
     text = render_summary(summary)
     assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt; &amp; more" in html

@@ -6,9 +6,15 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from pathlib import Path
+from typing import Any
+
+import pytest
+from telegram import Update
+from telegram.ext import Application
 
 from agent.records import ApprovalStatus, RunStatus
 from agent.settings import Settings
+from bench.roundtrips import RoundTrips, count_store, counting_here
 from tests.bot_harness import (
     ALICE,
     BOB,
@@ -73,6 +79,35 @@ async def test_a_tap_by_a_non_approver_is_refused_with_an_alert(settings: Settin
         pending = await service.pending_approval(run_id_of(request))
         assert pending is not None and pending.status == ApprovalStatus.PENDING
         assert keyboard_data(_current(standin, INCIDENTS, request["message_id"]))
+
+
+async def test_a_tap_takes_at_most_three_store_round_trips(
+    settings: Settings, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An approver's tap reads the request once and decides in one transaction: its update,
+    from python-telegram-bot taking it to its answer, asks the store at most three times (the
+    third: Bob's name, stored the first time he is seen; the run it wakes is driven in a
+    context of its own, and not counted), on both engines."""
+    taps: list[RoundTrips] = []
+    process_update = Application.process_update
+
+    async def counted(application: Any, update: object) -> None:
+        with counting_here() as counts:
+            await process_update(application, update)
+        if isinstance(update, Update) and update.callback_query is not None:
+            taps.append(counts)
+
+    monkeypatch.setattr(Application, "process_update", counted)
+    async with chat_bench(settings.model_copy(update={"db": db_url})) as (standin, service):
+        count_store(service.store.db)
+        standin.inject_message(INCIDENTS, ALICE, "/run failed-deploy-rollback service=web")
+        request = await wait_for_approval(standin, INCIDENTS)
+        run_id = run_id_of(request)
+        tap = standin.inject_callback(INCIDENTS, request["message_id"], BOB, _choice(request, "y"))
+        await wait_for(standin, lambda: summaries(standin, INCIDENTS, run_id), 20)
+        assert standin.callback_answer(tap)["text"] == "Approved: the run goes on."
+    [counts] = taps
+    assert 0 < counts.total_calls <= 3, counts.lines(per=1, unit="tap")
 
 
 async def test_four_eyes_bars_the_requester_from_approving(settings: Settings) -> None:

@@ -19,6 +19,7 @@ from agent.service.runs import RunService
 from agent.settings import Settings
 from bot.outbox import OutboxSender
 from bot.standin import BotApiStandIn
+from bot.store import ChatStore
 from tests.bot_harness import (
     ALICE,
     BOB,
@@ -551,7 +552,7 @@ async def test_a_handler_exception_does_not_kill_the_bot(
     async def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("the database went for coffee")
 
-    monkeypatch.setattr(bench.service.store, "list_chat_runs", broken)
+    monkeypatch.setattr(bench.service, "chat_runs", broken)
     answer = await bench.ask(INCIDENTS, ALICE, "/runs", starts_with("⚠️"))
     assert text_of(answer) == "⚠️ Something went wrong; it is logged."
     assert "the database went for coffee" in caplog.text
@@ -569,7 +570,8 @@ async def test_outbox_sender_stops_when_cancelled_just_after_a_wake(settings: Se
     that commits a chat message at that moment sets `outbox_ready` just before the cancel:
     the sender must still stop, or `loom-ops telegram` never exits on SIGTERM."""
     service = await RunService.open(settings)
-    sender = OutboxSender(service.store, Bot(TOKEN), progress_interval=0.3)
+    chat = ChatStore(service.database)
+    sender = OutboxSender(service, chat, Bot(TOKEN), progress_interval=0.3)
     task = asyncio.create_task(sender.run(), name="test:outbox-sender")
     try:
         loop = asyncio.get_running_loop()

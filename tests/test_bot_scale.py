@@ -208,6 +208,7 @@ async def test_two_instances_share_the_outbox_and_send_each_message_once(
     from agent.records import Origin
     from agent.service.runs import RunService
     from bot.outbox import OutboxSender
+    from bot.store import ChatStore
     from tests.bot_harness import PLATFORM, TOKEN
 
     chats = {INCIDENTS: [], PLATFORM: []}  # type: dict[int, list[str]]
@@ -227,7 +228,13 @@ async def test_two_instances_share_the_outbox_and_send_each_message_once(
         instances = [await RunService.open(pg_settings, executes_runs=False) for _ in range(2)]
         bots = [Bot(TOKEN, base_url=server.bot_base_url) for _ in instances]
         senders = [
-            OutboxSender(service.store, bot, progress_interval=0.1, poll_interval=0.2)
+            OutboxSender(
+                service,
+                ChatStore(service.database),
+                bot,
+                progress_interval=0.1,
+                poll_interval=0.2,
+            )
             for service, bot in zip(instances, bots, strict=True)
         ]
         tasks = [asyncio.create_task(sender.run()) for sender in senders]

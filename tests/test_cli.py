@@ -21,8 +21,9 @@ from typing import Any
 import pytest
 import yaml
 
+from agent.errors import StoreError
 from agent.frontends.cli import build_parser
-from agent.store import RunStore, StoreError
+from agent.store import RunStore
 from tests.cli_helpers import (
     CLI_USER,
     LOOM_OPS,

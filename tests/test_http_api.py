@@ -22,7 +22,7 @@ import pytest
 from pydantic import SecretStr
 
 from agent.frontends import http_api
-from agent.run.approvals import Decision
+from agent.records import Decision
 from agent.service.runs import RunService
 from agent.settings import Settings
 from tests.cli_helpers import LOOM_OPS, Cli, assert_usage_error

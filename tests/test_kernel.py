@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from agent.events import first_broken_link
+from agent.chain import first_broken_link
+from agent.errors import RunBusy
 from agent.policy.base import ToolCall
-from agent.records import Claim, Origin, RunLimits, RunStatus
-from agent.run.approvals import Decision
+from agent.records import Decision, Origin, RunLimits, RunStatus
 from agent.run.leases import owner_is_dead
 from agent.service.runs import RunService
 from agent.settings import Settings
-from agent.store import NewRun, RunBusy, RunStore
+from agent.store import NewRun, RunStore
 from tests.support import (
     DEPLOY,
     DISK,
@@ -525,13 +525,13 @@ async def test_a_takeover_mid_turn_reuses_the_journaled_turn(
             await asyncio.sleep(0.01)
         with pytest.raises(RunBusy):  # a's lease is live and a's process is alive
             await b.store.claim_run("mid", "intruder:1:x", 30, owner_is_dead)
-        intruder = Claim.of(await b.store.claim_run("mid", "intruder:1:x", 30, lambda _: True))
+        intruder = await b.store.claim_run("mid", "intruder:1:x", 30, lambda _: True)
 
         stopped = await driving  # a notices the lost lease and lets go
         assert stopped.status == RunStatus.RUNNING
         assert stopped.lease_owner == "intruder:1:x"
         assert lines(workspace) == ["slow"]  # a did not go on to the second call
-        await b.store.release_lease(intruder)
+        await intruder.release()
 
         run = await b.resume("mid")
 
@@ -653,7 +653,8 @@ async def test_a_live_lease_keeps_a_second_owner_out(other_process: RunStore) ->
     """While the lease is live another owner gets RunBusy; once it expires it can take over."""
     await _queued_run(other_process, "leased", LATENCY)
     holder = "otherhost:4242:aaaa"  # another host: never declared dead, only its lease expires
-    run = await other_process.claim_run("leased", holder, 0.3, owner_is_dead)
+    held = await other_process.claim_run("leased", holder, 0.3, owner_is_dead)
+    run = held.run
     assert run.status == RunStatus.RUNNING and run.lease_owner == holder and run.lease_epoch == 1
 
     with pytest.raises(RunBusy, match="otherhost:4242:aaaa"):
@@ -662,7 +663,7 @@ async def test_a_live_lease_keeps_a_second_owner_out(other_process: RunStore) ->
 
     await asyncio.sleep(0.4)
     assert await other_process.runnable_run_ids(owner_is_dead) == ["leased"]
-    taken = await other_process.claim_run("leased", "otherhost:5151:bbbb", 0.3, owner_is_dead)
+    taken = (await other_process.claim_run("leased", "otherhost:5151:bbbb", 0.3, owner_is_dead)).run
     assert taken.lease_owner == "otherhost:5151:bbbb"
     claimed = [e for e in await other_process.list_events("leased") if e.type == "run_claimed"]
     assert claimed[-1].data == {
@@ -670,7 +671,7 @@ async def test_a_live_lease_keeps_a_second_owner_out(other_process: RunStore) ->
         "epoch": 2,
         "taken_over_from": holder,
     }
-    assert not await other_process.renew_lease(Claim.of(run), 0.3)  # the old owner lost it
+    assert not await held.renew(0.3)  # the old owner lost it
 
 
 async def test_the_kernel_waits_for_an_expired_lease_then_takes_over(

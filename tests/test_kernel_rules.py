@@ -12,15 +12,14 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from agent.events import first_broken_link
+from agent.chain import first_broken_link
 from agent.policy.base import PolicyContext, PolicyDecision
-from agent.records import RunStatus
-from agent.run.approvals import Decision
+from agent.records import Decision, RunStatus
 from agent.service.runs import RunService
 from agent.settings import Settings
 from agent.views.explain import render_timeline
-from agent.views.summary import build_summary, render_summary
-from agent.views.trace import build_trace, render_trace
+from agent.views.summary import render_summary, summary_of
+from agent.views.trace import render_trace, trace_of
 from tests.openai_standin import serve, tool_reply
 from tests.support import (
     ScriptedPolicy,
@@ -131,7 +130,7 @@ async def test_a_claim_of_success_with_no_step_run_fails_the_run(
         )
         assert run.summary is not None and run.summary.startswith("all done\n")
         assert lines(workspace) == []
-        text = render_summary(await build_summary(service.store, "early"))
+        text = render_summary(summary_of(await service.run_tree("early")))
         assert "the model reported success; 0 of 4 steps ran" in text
     finally:
         await service.close()
@@ -180,7 +179,7 @@ async def test_an_ungated_step_runs_once_however_often_the_model_asks(
         refusal = calls[1].outcome["refused"]
         assert "is done: it ran once and succeeded" in refusal
         assert "await_approval" not in refusal
-        text = render_summary(await build_summary(service.store, "ungated"))
+        text = render_summary(summary_of(await service.run_tree("ungated")))
         assert "act — Append once (not idempotent, no retries): ok (ran once); 2 repeat(s)" in text
     finally:
         await service.close()
@@ -236,9 +235,9 @@ async def test_a_completed_gated_step_is_not_run_or_approved_again(
             result = await service.decide("done", Decision.APPROVE, "cli:approver")
             calls = await service.store.list_tool_calls("done")
             approvals = await service.store.list_approvals("done")
-            text = render_summary(await build_summary(service.store, "done"))
+            text = render_summary(summary_of(await service.run_tree("done")))
             timeline = render_timeline(result.run, await service.store.list_events("done"))
-            page = render_trace(await build_trace(service.store, "done"))
+            page = render_trace(trace_of(await service.run_tree("done", events=True)))
         finally:
             await service.close()
     assert lines(workspace) == ["act", "scale"]
@@ -374,7 +373,7 @@ async def test_a_second_executor_does_not_run_a_completed_step_again(
         run = await service.start("tree", "once drill", role="supervisor")
         children = await service.store.child_runs("tree")
         later = await service.store.list_tool_calls("tree:sub:executor-3")
-        text = render_summary(await build_summary(service.store, "tree"))
+        text = render_summary(summary_of(await service.run_tree("tree")))
     assert lines(workspace) == ["act"]
     assert [c.role for c in children] == ["planner", "executor", "executor", "executor"]
     assert later[0].status == "refused" and "is done" in later[0].outcome["refused"]

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from agent.records import RunStatus
-from agent.run.approvals import Decision
-from agent.service.runs import RunService, ServiceError
+from agent.errors import ServiceError
+from agent.records import Decision, RunStatus
+from agent.service.runs import RunService
 from agent.settings import Settings
 from tests.cli_helpers import Cli, make_cli_workspace
 from tests.openai_standin import html_page, http_error, serve, tool_reply

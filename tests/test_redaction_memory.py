@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.redaction import REDACTED, Redactor
+from agent.redaction import BUILTIN_PATTERNS, REDACTED, Redactor, may_hold_builtin
 from agent.tools.memory import MAX_LINE_CHARS, WorkspaceMemory
 
 BOT_TOKEN = "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsawA"
@@ -148,6 +149,113 @@ def test_env_style_secret_assignments_are_redacted(text: str) -> None:
 )
 def test_quoted_secret_values_are_redacted(text: str) -> None:
     assert "hunter22" not in Redactor().text(text)
+
+
+# -- the fast path (prefilter + cache) redacts exactly what every pattern does ----------------
+
+
+def _recased(text: str, swaps: list[int]) -> str:
+    """`text` with some letters' case changed, and some into the non-ASCII letters that
+    (?i) matches them with (Kelvin sign for k, long s for s, dotless i for i)."""
+    unicode = {"k": "\u212a", "s": "\u017f", "i": "\u0131"}
+    out = list(text)
+    for n in swaps:
+        at = n % len(out)
+        c = out[at]
+        out[at] = unicode[c] if n % 3 == 0 and c in unicode else c.swapcase()
+    return "".join(out)
+
+
+KEYWORDS = st.sampled_from(
+    [
+        "password",
+        "passwd",
+        "pwd",
+        "secret",
+        "api_key",
+        "api-key",
+        "apikey",
+        "access_key",
+        "accesskey",
+        "token",
+        "bearer",
+        "basic",
+    ]
+)
+NAME = st.text(alphabet="abcXYZ019_.-", max_size=45)
+VALUE = st.text(alphabet="abcdefXYZ0123456789-_./+=~%", min_size=0, max_size=40)
+ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcdefghij"
+SHAPES = st.one_of(
+    st.builds(  # name=value, name: "value", Bearer <token>
+        lambda name, key, swaps, quote, space, sep, value: (
+            f"{name}{_recased(key, swaps)}{name[:3]}{quote}{space}{sep}{space}{quote}{value}"
+        ),
+        NAME,
+        KEYWORDS,
+        st.lists(st.integers(0, 99), max_size=4),
+        st.sampled_from(["", "'", '"']),
+        st.sampled_from(["", " ", "\t", " \n "]),
+        st.sampled_from(["=", ":", " ", ""]),
+        VALUE,
+    ),
+    st.builds(lambda s: "AKIA" + s, st.text(alphabet=ALNUM[:36], min_size=14, max_size=18)),
+    st.builds(
+        lambda p, s: f"gh{p}_{s}",
+        st.sampled_from("pousrx"),
+        st.text(ALNUM, min_size=28, max_size=34),
+    ),
+    st.builds(lambda s: "sk-" + s, st.text(ALNUM + "_-", min_size=18, max_size=24)),
+    st.builds(lambda p, s: f"xox{p}-{s}", st.sampled_from("abprsz"), VALUE),
+    st.builds(  # Telegram tokens, with ASCII or other Unicode digits
+        lambda d, s: f"{d}:{s}",
+        st.text(alphabet="0123456789\u0663\uff11", min_size=5, max_size=13),
+        st.text(ALNUM + "_-", min_size=28, max_size=34),
+    ),
+    st.builds(
+        lambda kind, body: (
+            f"-----BEGIN {kind}PRIVATE KEY-----{body}-----END {kind}PRIVATE KEY-----"
+        ),
+        st.sampled_from(["", "RSA ", "EC "]),
+        VALUE,
+    ),
+    st.builds(
+        lambda user, pw, host: f"https://{user}:{pw}@{host}/x",
+        st.text("ab:1@/", min_size=0, max_size=8),
+        st.text("xy:2@/", max_size=8),
+        NAME,
+    ),
+)
+FILL = st.text(
+    alphabet=st.sampled_from([*"aksiK =:'\"/@-_.,;}&\n\t0123456789", "\u212a", "\u017f", "\u2014"]),
+    max_size=12,
+)
+TEXTS = st.lists(st.one_of(SHAPES, FILL), max_size=8).map("".join)
+
+
+@settings(max_examples=1500)
+@given(TEXTS)
+def test_fast_path_redacts_exactly_what_every_pattern_does(text: str) -> None:
+    redactor = Redactor()
+    assert redactor.text(text) == redactor.slow_text(text)
+    assert redactor.text(text) == redactor.slow_text(text), "and again, from the cache"
+    long = text + " " * 600 + text  # past the cached length
+    assert redactor.text(long) == redactor.slow_text(long)
+
+
+@settings(max_examples=500)
+@given(TEXTS)
+def test_prefilter_never_rules_out_a_match(text: str) -> None:
+    if any(re.search(pattern, text) for pattern in BUILTIN_PATTERNS):
+        assert may_hold_builtin(text)
+
+
+@settings(max_examples=300)
+@given(TEXTS, st.lists(st.text("abcdef123", min_size=4, max_size=8), max_size=3))
+def test_fast_path_with_configured_patterns_and_values(text: str, values: list[str]) -> None:
+    # A configured pattern sees the built-in replacements: skipping them must change nothing.
+    redactor = Redactor(patterns=[r"REDACTED\]\w*", r"corp-\d{6}"], secret_values=values)
+    text = f"{text} corp-123456 {' '.join(values)}"
+    assert redactor.text(text) == redactor.slow_text(text)
 
 
 # -- WorkspaceMemory --------------------------------------------------------------------------

@@ -11,8 +11,7 @@ import signal
 from pathlib import Path
 
 from agent.policy.base import ToolCall
-from agent.records import RunStatus
-from agent.run.approvals import Decision
+from agent.records import Decision, RunStatus
 from agent.service.runs import RunService
 from agent.settings import Settings
 from tests.cli_helpers import Cli, assert_usage_error

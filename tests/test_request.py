@@ -9,7 +9,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from agent.runbook.request import MAX_REQUEST_BYTES, ParsedRequest, RequestError, parse_request
+from agent.errors import RequestError
+from agent.runbook.request import MAX_REQUEST_BYTES, ParsedRequest, parse_request
 
 KEYS = st.from_regex(r"[a-z_][a-z0-9_]{0,31}", fullmatch=True)
 # Anything but whitespace (shlex's and Unicode's), quotes, backslashes, NUL and surrogates.

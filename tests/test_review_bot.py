@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from agent.policy.base import PolicyContext, PolicyDecision, PolicyUnavailable
+from agent.errors import PolicyUnavailable
+from agent.policy.base import PolicyContext, PolicyDecision
 from agent.policy.mock import MockPolicy
 from agent.records import RunStatus
 from agent.service.runs import RunService

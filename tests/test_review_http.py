@@ -14,8 +14,9 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from agent.errors import ServingRefused
 from agent.frontends import http_api, serving
-from agent.run.approvals import Decision
+from agent.records import Decision
 from agent.settings import Settings
 from agent.store import JournalWatch
 from tests.cli_helpers import Cli
@@ -53,7 +54,7 @@ def test_an_empty_api_token_does_not_let_serve_expose_an_open_api(
         _env_file=None, db=str(tmp_path / "ops.sqlite"), workspace=workspace, api_token=" "
     )
     assert settings.api_token is None and settings.bearer_token() is None
-    with pytest.raises(serving.ServingRefused):
+    with pytest.raises(ServingRefused):
         serving.check_http(settings, serving.HttpEndpoint("0.0.0.0", 8766))
 
 
@@ -64,7 +65,7 @@ async def test_with_an_empty_token_the_api_answers_without_auth(settings: Settin
     async with served(empty) as s:
         assert (await s.client.get("/runs")).status_code == 200
         assert (await s.client.get("/metrics")).status_code == 200
-    with pytest.raises(serving.ServingRefused):
+    with pytest.raises(ServingRefused):
         serving.check_http(empty, serving.HttpEndpoint("0.0.0.0", 8766))
 
 
@@ -122,13 +123,12 @@ async def test_an_event_committed_just_before_the_stream_waits_is_sent_at_once(
         body = {"message": DISK, "run_id": "w", "role": "runbook"}
         assert (await s.client.post("/runs", json=body)).status_code == 201
         await wait_for_approval(s.client, "w")
-        store = s.service.store
         original = JournalWatch.wait
         raced: list[float] = []
 
         async def commit_then_wait(watch: JournalWatch, timeout: float) -> None:
             if not raced:  # another task's commit lands between the look and the wait, once
-                await store.append_event("w", "note", {"text": "written in the window"})
+                await s.service.decide("w", Decision.REJECT, ONCALL, "written in the window")
                 raced.append(time.monotonic())
             await original(watch, timeout)
 
@@ -136,7 +136,7 @@ async def test_an_event_committed_just_before_the_stream_waits_is_sent_at_once(
         note: SseEvent | None = None
         async with asyncio.timeout(10), s.client.stream("GET", "/runs/w/events") as response:
             async for event in sse_events(response):
-                if event.event == "note":
+                if event.event == "approval_decided":
                     note = event
                     break
         assert note is not None and raced

@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from agent.records import Checkpoint, Claim, Origin, RunLimits, RunStatus
-from agent.store import LeaseLost, NewRun, NewToolCall, RunStore, StoreError
+from agent.errors import LeaseLost, StoreError
+from agent.records import Checkpoint, Origin, RunLimits, RunStatus
+from agent.store import NewRun, NewToolCall, RunStore
 from agent.store.postgres import _Statements
 from bot.store import ChatStore
 from tests.conftest import postgres_schema
@@ -36,7 +37,7 @@ class _Stopping(_Statements):
     __slots__ = ("before",)
 
     def __init__(self, conn: _Statements, before: Callable[[str], None]) -> None:
-        super().__init__(conn._raw)
+        super().__init__(conn._raw, conn._pipeline)
         self.notices = conn.notices  # the original object sends them with its COMMIT
         self.before = before
 
@@ -140,21 +141,21 @@ async def test_a_stale_owner_beginning_a_call_the_new_owner_began_loses_its_leas
 ) -> None:
     first, second = two
     await first.create_run(_run("r"))
-    stale_claim = Claim.of(await first.claim_run("r", "w1", TTL, _nobody_dead))
+    stale = await first.claim_run("r", "w1", TTL, _nobody_dead)
     call = NewToolCall("r:1:0", 1, 0, "ops.shell", {"argv": ["df", "-h"]}, None)
     hold = Hold(first)
     hold.arm(at="INSERT INTO tool_calls")
-    stale = asyncio.create_task(first.begin_tool_call(stale_claim, call, Checkpoint(turn=1)))
+    stale_call = asyncio.create_task(stale.begin_call(call, Checkpoint(turn=1)))
     await hold.reached()  # w1's snapshot: it still owns the run, and no intent exists
 
     async def take_over() -> int:
         # w1 is found dead (or its lease ran out): w2 takes the run over, replays the call.
-        run = await second.claim_run("r", "w2", TTL, lambda owner: owner == "w1")
-        return (await second.begin_tool_call(Claim.of(run), call, Checkpoint(turn=1))).attempt
+        drive = await second.claim_run("r", "w2", TTL, lambda owner: owner == "w1")
+        return (await drive.begin_call(call, Checkpoint(turn=1))).attempt
 
     (new_owner,) = await hold.beside(take_over())
     hold.release()
-    (old_owner,) = await asyncio.gather(stale, return_exceptions=True)
+    (old_owner,) = await asyncio.gather(stale_call, return_exceptions=True)
     if new_owner == 1:  # w2 began the call: w1 must be told it lost the run, nothing else
         assert isinstance(old_owner, LeaseLost), repr(old_owner)
     else:  # w1 began it first: w2's takeover finds the call in doubt and refuses it
@@ -167,11 +168,11 @@ async def test_a_run_ending_while_its_progress_entry_is_claimed_queues_a_new_one
 ) -> None:
     worker, bot = two
     await worker.create_run(_run("r", Origin(kind="telegram", chat_id=42)))  # queues progress
-    claim = Claim.of(await worker.claim_run("r", "w1", TTL, _nobody_dead))
+    drive = await worker.claim_run("r", "w1", TTL, _nobody_dead)
     hold = Hold(worker)
     hold.arm(at=None)
     ending = asyncio.create_task(
-        worker.finish_run(claim, RunStatus.SUCCEEDED, Checkpoint(), "disk is fine", None)
+        drive.finish(RunStatus.SUCCEEDED, Checkpoint(), "disk is fine", None)
     )
     await hold.reached()  # its snapshot saw the progress entry waiting: it queued none
     # The bot's OutboxSender._progress: claim, render from the store, send, mark delivered.

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import psycopg
 
+from agent.errors import PolicyUnavailable
 from agent.frontends.worker import Worker, run_worker
-from agent.policy.base import PolicyContext, PolicyDecision, PolicyUnavailable
+from agent.policy.base import PolicyContext, PolicyDecision
 from agent.policy.mock import MockPolicy
 from agent.records import Origin, RunLimits
 from agent.service.runs import RunService

@@ -9,9 +9,9 @@ import contextlib
 
 import pytest
 
-from agent.records import ApprovalStatus, RunStatus
-from agent.run.approvals import Decision
-from agent.service.runs import RunService, ServiceError
+from agent.errors import ServiceError
+from agent.records import ApprovalStatus, Decision, RunStatus
+from agent.service.runs import RunService
 from agent.settings import Settings
 from tests.support import ScriptedPolicy, call, final, open_service, turn, write_runbook
 from tests.test_approvals import TWO_GATES

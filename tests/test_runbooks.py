@@ -14,13 +14,11 @@ from hypothesis import HealthCheck as HypothesisHealthCheck
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.errors import ParamError, RenderError, RunbookError
 from agent.runbook.model import (
     MAX_FILE_BYTES,
-    ParamError,
-    RenderError,
     Runbook,
     RunbookCatalog,
-    RunbookError,
     load_catalog,
     load_runbook,
     render_command,

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import pytest
 
+from agent.errors import SpawnRefused
 from agent.run.host import read_stat
 from agent.tools import attempt_guard, shell
 from agent.tools.shell import (
     ATTEMPT_ENV,
     SAFE_ENV_BASE,
     CommandResult,
-    SpawnRefused,
     kill_attempt,
     new_attempt_marker,
     run_command,

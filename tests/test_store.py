@@ -17,28 +17,28 @@ import psycopg
 import pytest
 
 import agent.store.migrations
-from agent.events import first_broken_link
+from agent.chain import first_broken_link
+from agent.errors import LeaseLost, SchemaTooNew, StoreError
+from agent.events import Audit
 from agent.records import (
     ApprovalKind,
     ApprovalStatus,
     Checkpoint,
-    Claim,
+    Decision,
     Origin,
     RunLimits,
     RunStatus,
 )
-from agent.run.approvals import Decision
 from agent.service.runs import RunService
 from agent.settings import Settings
 from agent.store import (
+    CallResult,
     DecisionEffect,
-    LeaseLost,
+    Drive,
     NewApproval,
     NewRun,
     NewToolCall,
     RunStore,
-    SchemaTooNew,
-    StoreError,
 )
 from agent.store.database import POSTGRES, SQLITE
 from bot.store import ChatStore
@@ -95,8 +95,8 @@ async def store(db_url: str) -> AsyncIterator[RunStore]:
         await opened.close()
 
 
-async def _claimed_run(store: RunStore, run_id: str, origin: Origin | None = None) -> Claim:
-    """A run created and claimed by OWNER, ready for tool calls; returns the claim."""
+async def _claimed_run(store: RunStore, run_id: str, origin: Origin | None = None) -> Drive:
+    """A run created and claimed by OWNER, ready for tool calls; returns its drive."""
     await store.create_run(
         NewRun(
             id=run_id,
@@ -107,7 +107,7 @@ async def _claimed_run(store: RunStore, run_id: str, origin: Origin | None = Non
             limits=RunLimits(max_steps=40, max_tool_calls=100, deadline_seconds=3600),
         )
     )
-    return Claim.of(await store.claim_run(run_id, OWNER, 30, lambda _owner: False))
+    return await store.claim_run(run_id, OWNER, 30, lambda _owner: False)
 
 
 # -- migrations --------------------------------------------------------------------------------
@@ -210,7 +210,7 @@ async def test_wal_foreign_keys_and_busy_timeout_are_on(tmp_path: Path) -> None:
         assert raw_rows(store.label, "PRAGMA journal_mode") == [("wal",)]
         # Per-connection settings can only be read on the store's own connection.
         async with db.execute("PRAGMA foreign_keys") as cursor:
-            assert await cursor.fetchone() == (1,)
+            assert tuple(await cursor.fetchone()) == (1,)
         async with db.execute("PRAGMA busy_timeout") as cursor:
             row = await cursor.fetchone()
             assert row is not None and row[0] >= 1000
@@ -467,20 +467,22 @@ async def test_a_second_intent_for_the_same_call_is_refused(store: RunStore) -> 
     """One intent per call; a rerun (idempotent, in doubt) gets a new attempt; a finished call
     is never begun again; a refusal writes nothing."""
     claim = await _claimed_run(store, "t")
-    assert (await store.begin_tool_call(claim, _intent(), Checkpoint())).attempt == 1
+    assert (await claim.begin_call(_intent(), Checkpoint())).attempt == 1
     events = len(await store.list_events("t"))
 
     with pytest.raises(StoreError, match="already intent"):
-        await store.begin_tool_call(claim, _intent(), Checkpoint())
+        await claim.begin_call(_intent(), Checkpoint())
     assert len(await store.list_events("t")) == events
     record = await store.get_tool_call("t#0.0")
     assert record is not None and (record.attempt, record.status) == (1, "intent")
 
-    assert (await store.begin_tool_call(claim, _intent(), Checkpoint(), rerun=True)).attempt == 2
-    await store.finish_tool_call(claim, "t#0.0", 2, "ok", {"done": True}, 1.0, Checkpoint())
+    assert (await claim.begin_call(_intent(), Checkpoint(), rerun=True)).attempt == 2
+    await claim.finish_call(
+        _intent("t#0.0"), 2, CallResult("ok", {"done": True}, 1.0), Checkpoint()
+    )
     for rerun in (False, True):
         with pytest.raises(StoreError, match="already ok"):
-            await store.begin_tool_call(claim, _intent(), Checkpoint(), rerun=rerun)
+            await claim.begin_call(_intent(), Checkpoint(), rerun=rerun)
     record = await store.get_tool_call("t#0.0")
     assert record is not None and (record.attempt, record.status) == (2, "ok")
     assert first_broken_link(await store.list_events("t")) is None
@@ -489,9 +491,8 @@ async def test_a_second_intent_for_the_same_call_is_refused(store: RunStore) -> 
 async def test_a_call_a_human_marked_for_retry_gets_one_new_attempt(store: RunStore) -> None:
     """An in-doubt call decided `retry` may be begun once more, and only once."""
     claim = await _claimed_run(store, "r")
-    await store.begin_tool_call(claim, _intent("r#0.0"), Checkpoint())
-    approval = await store.open_approval(
-        claim,
+    await claim.begin_call(_intent("r#0.0"), Checkpoint())
+    approval = await claim.open_approval(
         NewApproval(
             call_key="r#0.0",
             kind=ApprovalKind.IN_DOUBT,
@@ -508,26 +509,26 @@ async def test_a_call_a_human_marked_for_retry_gets_one_new_attempt(store: RunSt
     )
     assert (await store.get_run("r")).status == RunStatus.WAITING_APPROVAL
     retry = DecisionEffect("retry", None, RunStatus.QUEUED, None)
-    assert await store.decide_approval(
+    decided = await store.decide_approval(
         approval.id, ApprovalStatus.APPROVED, "cli:approver", None, retry
     )
+    assert decided.changed and decided.run.status == RunStatus.QUEUED
     record = await store.get_tool_call("r#0.0")
     assert record is not None and record.status == "retry"
 
-    again = Claim.of(await store.claim_run("r", OWNER, 30, lambda _owner: False))
-    assert (await store.begin_tool_call(again, _intent("r#0.0"), Checkpoint())).attempt == 2
+    again = await store.claim_run("r", OWNER, 30, lambda _owner: False)
+    assert (await again.begin_call(_intent("r#0.0"), Checkpoint(), fresh=False)).attempt == 2
     with pytest.raises(StoreError, match="already intent"):
-        await store.begin_tool_call(again, _intent("r#0.0"), Checkpoint())
+        await again.begin_call(_intent("r#0.0"), Checkpoint(), fresh=False)
     with pytest.raises(LeaseLost):  # the earlier claim is fenced out, by its epoch
-        await store.finish_tool_call(claim, "r#0.0", 2, "ok", {}, 1.0, Checkpoint())
+        await claim.finish_call(_intent("r#0.0"), 2, CallResult("ok", {}, 1.0), Checkpoint())
 
 
 async def test_a_decision_past_the_deadline_is_not_recorded(store: RunStore) -> None:
     """The deadline is the first decision: once it passed, a decision must not be recorded."""
     claim = await _claimed_run(store, "slow")
-    await store.begin_tool_call(claim, _intent("slow#0.0"), Checkpoint())
-    approval = await store.open_approval(
-        claim,
+    await claim.begin_call(_intent("slow#0.0"), Checkpoint())
+    approval = await claim.open_approval(
         NewApproval(
             call_key="slow#0.0",
             kind=ApprovalKind.GATE,
@@ -546,24 +547,24 @@ async def test_a_decision_past_the_deadline_is_not_recorded(store: RunStore) -> 
     recorded = await store.decide_approval(
         approval.id, ApprovalStatus.APPROVED, "cli:approver", None, approve
     )
-    assert not recorded
-    assert (await store.get_approval(approval.id)).status != ApprovalStatus.APPROVED
+    assert not recorded.changed
+    assert recorded.approval.status == ApprovalStatus.EXPIRED  # the deadline decided it
 
 
 async def test_a_drive_that_lost_its_lease_interrupts_nothing(store: RunStore) -> None:
     """A stale driver (its LLM call timed out after another process took the run over) must
     not journal `run_interrupted` nor hand back a run it no longer holds; the holder can."""
     stale = await _claimed_run(store, "i")
-    holder = Claim.of(await store.claim_run("i", "otherhost:2:new", 30, lambda _owner: True))
+    holder = await store.claim_run("i", "otherhost:2:new", 30, lambda _owner: True)
     events = len(await store.list_events("i"))
 
-    assert not await store.interrupt_run(stale, "LLM timed out", 5)
+    assert not await stale.interrupt("LLM timed out", 5)
     with pytest.raises(LeaseLost):
-        await store.append_event("i", "note", {"text": "stale"}, claim=stale)
+        await stale.note(Audit("stale"))
     assert len(await store.list_events("i")) == events
     assert (await store.get_run("i")).lease_owner == "otherhost:2:new"
 
-    assert await store.interrupt_run(holder, "LLM timed out", 5)
+    assert await holder.interrupt("LLM timed out", 5)
     run = await store.get_run("i")
     assert (run.status, run.lease_owner) == (RunStatus.QUEUED, None)
     assert (await store.list_events("i"))[-1].type == "run_interrupted"
@@ -573,12 +574,12 @@ async def test_stale_progress_edits_are_dropped_and_requests_kept(store: RunStor
     """A restarted sandbox drops the progress edits queued before it started (their chat is
     gone); approval requests and summaries still go out."""
     claim = await _claimed_run(store, "s", Origin(kind="telegram", chat_id=42))
-    await store.begin_tool_call(claim, _intent("s#0.0"), Checkpoint())
-    await store.finish_tool_call(claim, "s#0.0", 1, "ok", {}, 1.0, Checkpoint())
+    await claim.begin_call(_intent("s#0.0"), Checkpoint())
+    await claim.finish_call(_intent("s#0.0"), 1, CallResult("ok", {}, 1.0), Checkpoint())
     kinds = [m.kind for m in await ChatStore(store.db).undelivered_messages()]
     assert "progress" in kinds
     cutoff = time.time()
-    await store.finish_run(claim, RunStatus.SUCCEEDED, Checkpoint(), "done", None)
+    await claim.finish(RunStatus.SUCCEEDED, Checkpoint(), "done", None)
     assert await ChatStore(store.db).drop_stale_progress(before=cutoff) >= 1
     left = await ChatStore(store.db).undelivered_messages()
     assert [m.kind for m in left if m.created_at < cutoff and m.kind == "progress"] == []

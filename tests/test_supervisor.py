@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.events import first_broken_link
+from agent.chain import first_broken_link
+from agent.errors import ServiceError
 from agent.policy.base import PolicyContext, PolicyDecision
 from agent.policy.mock import MockPolicy
-from agent.records import RunStatus
-from agent.run.approvals import Decision
-from agent.service.runs import RunService, ServiceError
+from agent.records import Decision, RunStatus
+from agent.service.runs import RunService
 from agent.settings import Settings
 from tests.conftest import make_workspace
 from tests.support import ScriptedPolicy, call, final, open_service, turn
@@ -234,11 +234,11 @@ async def test_several_pending_requests_below_a_root_must_be_named(settings: Set
 
 
 async def test_the_trace_shows_the_whole_tree(service: RunService, tmp_path: Path) -> None:
-    from agent.views.trace import build_trace, render_trace
+    from agent.views.trace import render_trace, trace_of
 
     await service.start("tr", LATENCY, role="supervisor")
     await service.decide("tr", Decision.APPROVE, "cli:oncall")
-    traces = await build_trace(service.store, "tr")
+    traces = trace_of(await service.run_tree("tr", calls=False, events=True))
     assert [t.run.id for t in traces] == [
         "tr",
         "tr:sub:planner",

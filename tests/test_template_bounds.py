@@ -22,17 +22,9 @@ import jinja2
 import jinja2.sandbox
 import pytest
 
+from agent.errors import RenderError, RenderLimitError, RunbookError
 from agent.records import RunStatus
-from agent.runbook.model import (
-    RenderError,
-    RenderLimitError,
-    RenderLimits,
-    RunbookError,
-    load_runbook,
-    render_command,
-    render_text,
-    render_url,
-)
+from agent.runbook.model import RenderLimits, load_runbook, render_command, render_text, render_url
 from agent.runbook.templates import MAX_NUMBER, MAX_SAME_HASH, MAX_SOURCE_CHARS
 from agent.service.runs import RunService
 from agent.tools.toolbox import describe_action

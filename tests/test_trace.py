@@ -109,7 +109,7 @@ async def test_command_output_is_shown_as_text_stderr_first(tmp_path: Path) -> N
     """What a live command printed reads as lines in the trace, not one JSON-escaped string."""
     from agent.service.runs import RunService
     from agent.settings import Settings
-    from agent.views.trace import build_trace, render_trace
+    from agent.views.trace import render_trace, trace_of
     from tests.conftest import make_workspace
     from tests.support import allow, write_runbook
 
@@ -134,7 +134,8 @@ async def test_command_output_is_shown_as_text_stderr_first(tmp_path: Path) -> N
     service = await RunService.open(settings)
     try:
         await service.start("noisy-1", "noisy")
-        html = render_trace(await build_trace(service.store, "noisy-1"))
+        tree = await service.run_tree("noisy-1", calls=False, events=True)
+        html = render_trace(trace_of(tree))
     finally:
         await service.close()
     assert "--- stderr ---\noops: refused" in html

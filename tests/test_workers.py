@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.events import first_broken_link
-from agent.run.approvals import Decision
+from agent.chain import first_broken_link
+from agent.records import Decision
 from agent.service.runs import RunService
 from agent.settings import Settings
 from tests.cli_helpers import LOOM_OPS, cli_env

@@ -1,14 +1,19 @@
 """The `loom-ops` command line: start, resume, decide, cancel, list and explain runs.
 
 Exit codes: 0 when the run succeeded or waits for a decision; 1 when it failed, was rejected,
-cancelled or expired (or was interrupted); 2 for bad usage or input. Errors are one line on stderr.
+cancelled or expired (or was interrupted), or the machine failed (disk, network, database);
+2 for bad usage or input. Errors are one line on stderr: a refusal's own text, its exit code
+its kind's (`EXIT_CODES`).
+
+Start-up is part of the interface (`loom-ops runs` in a shell loop): a command imports what it
+needs when it runs, so listing runs never pays for the runbook model, the kernel, httpx or the
+views' templates.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import json
 import logging
 import os
@@ -17,50 +22,59 @@ import shlex
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import httpx
 from pydantic import ValidationError
 
-from agent.events import verify_chain
-from agent.policy.mock import MockPolicy, exact_runbook, match_runbook
-from agent.records import ApprovalRecord, EventRecord, RunRecord, RunStatus
-from agent.run.approvals import Decision
-from agent.run.leases import owner_is_dead
-from agent.runbook.model import (
-    RunbookCatalog,
+from agent.errors import (
+    AllowlistError,
+    DeciderRefused,
+    ErrorKind,
+    LoomOpsError,
     RunbookError,
-    load_catalog,
-    load_runbook,
-    validate_runbooks,
+    RunNotFound,
+    StoreError,
+    kind_of,
 )
-from agent.runbook.request import MAX_REQUEST_BYTES, RequestError, parse_request
+from agent.records import (
+    CHILD_ROLES,
+    ApprovalRecord,
+    Decision,
+    EventRecord,
+    RunRecord,
+    RunStatus,
+)
+from agent.runbook.request import MAX_REQUEST_BYTES, parse_request
 from agent.service.runs import (
     NO_POLICY,
     PROCESS_LIVE_WITHIN,
-    DeciderRefused,
     RunService,
-    ServiceError,
+    missing_store,
+    probe_store,
     validate_run_id,
     validate_text,
 )
 from agent.settings import Settings
-from agent.store import RunNotFound, RunStore, StoreError
-from agent.store.database import driver_errors, is_postgres_url, sqlite_path
-from agent.tools.allowlist import AllowlistError, ShellAllowlist
-from agent.tools.toolbox import CHILD_ROLES
-from agent.views.explain import render_timeline
-from agent.views.summary import build_summary, render_summary
-from agent.views.trace import build_trace, render_trace
+
+if TYPE_CHECKING:
+    from agent.runbook.model import RunbookCatalog
 
 EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE = 0, 1, 2
+# The exit code of each kind of refusal: the input (or the state it met) was wrong, or the
+# machine failed and trying again may work.
+EXIT_CODES: dict[ErrorKind, int] = {
+    ErrorKind.INVALID: EXIT_USAGE,
+    ErrorKind.NOT_FOUND: EXIT_USAGE,
+    ErrorKind.CONFLICT: EXIT_USAGE,
+    ErrorKind.FORBIDDEN: EXIT_USAGE,
+    ErrorKind.UNAVAILABLE: EXIT_RUN_FAILED,
+}
 
 
-class UsageError(Exception):
-    """Bad usage or input: one line on stderr, exit 2."""
+class UsageError(LoomOpsError):
+    """The command line's own refusal (arguments, files to write): one line, exit 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -433,7 +447,7 @@ async def _report(service: RunService, run: RunRecord, as_json: bool, extra: str
             print(f"  found:    {first}")
             for line in rest:
                 print(f"            {line.strip()}")
-        root = await service.store.root_id(run.id)
+        root = (await service.root(run.id)).id
         named = f"--run-id {root} --approval {approval.number}{_where(service)}"
         as_user = _as_hint(service, approval)
         named += f" --as {as_user}" if as_user else ""
@@ -445,7 +459,9 @@ async def _report(service: RunService, run: RunRecord, as_json: bool, extra: str
         else:
             print(f"Decide with: loom-ops approve {named}   (or: loom-ops reject {named})")
     elif run.status.is_terminal:
-        print(render_summary(await build_summary(service.store, run.id)), end="")
+        from agent.views.summary import render_summary, summary_of  # jinja2: finished runs only
+
+        print(render_summary(summary_of(await service.run_tree(run.id))), end="")
         if run.status == RunStatus.FAILED and run.error:
             # The summary is the record; the reason is the one line a person or script reads
             # first (e.g. which LLM setting to fix).
@@ -501,7 +517,7 @@ async def _free_run_id(service: RunService) -> str:
 
 
 async def _interrupted(service: RunService, run: RunRecord, as_json: bool) -> int:
-    events = await service.store.list_events(run.id)
+    events = await service.events(run.id)
     reason = next((e.data["error"] for e in reversed(events) if e.type == "run_interrupted"), None)
     message = f"run {run.id} was interrupted: {reason or 'unknown reason'}"
     if as_json:
@@ -573,7 +589,7 @@ async def _cmd_runs(service: RunService, args: argparse.Namespace) -> int:
     await service.expire_overdue()  # so no request shows as pending past its deadline
     wanted = RunStatus(args.status) if args.status else None
     if args.all:
-        runs = await service.store.list_runs(wanted, args.limit)
+        runs = await service.list(wanted, args.limit)
         rows = [(run, str(run.status), run.runbook_id) for run in runs]
     else:
         rows = await _incidents(service, wanted, args.limit)
@@ -608,7 +624,7 @@ async def _incidents(
     page = max(4 * limit, 200)
     offset = 0
     while len(rows) < limit:
-        batch = await service.store.list_runs(None, page, offset)
+        batch = await service.list(None, page, offset)
         for run in batch:
             if run.parent_id is not None:
                 continue
@@ -636,7 +652,7 @@ async def _tree_runbook(service: RunService, run: RunRecord) -> str | None:
     """The runbook of a run, or of the first child that chose one (a supervisor has none)."""
     if run.runbook_id is not None:
         return run.runbook_id
-    for child in await service.store.child_runs(run.id):
+    for child in await service.children(run.id):
         if child.runbook_id is not None:
             return child.runbook_id
     return None
@@ -649,8 +665,10 @@ async def _cmd_status(service: RunService, args: argparse.Namespace) -> int:
         return await _print_processes(service, args.json)
     await service.expire_overdue()
     run = await service.get(args.run_id)
-    children = [await service.get(i) for i in (await service.store.subtree_ids(run.id))[1:]]
-    children.sort(key=lambda child: (child.created_at, child.id))  # in the order they started
+    children = sorted(  # in the order they started
+        (await service.run_tree(run.id, calls=False)).children,
+        key=lambda child: (child.created_at, child.id),
+    )
     approval = await service.pending_approval(run.id)
     if args.json:
         payload = _run_json(run) | {
@@ -684,7 +702,7 @@ async def _cmd_status(service: RunService, args: argparse.Namespace) -> int:
     elif run.status in (RunStatus.QUEUED, RunStatus.RUNNING):
         if not run.lease_owner:
             print(f"Nobody drives it now: loom-ops resume {run.id}{_where(service)}")
-        elif owner_is_dead(run.lease_owner) or (run.lease_expires_at or 0) < time.time():
+        elif service.driver_gone(run):
             print(
                 f"Its driver {run.lease_owner} is gone (dead, or its lease ran out): "
                 f"loom-ops resume {run.id}{_where(service)}"
@@ -710,7 +728,7 @@ async def _print_processes(service: RunService | None, as_json: bool) -> int:
     telegram, sandbox, workers), live or gone by their heartbeat. `service` is None when the
     store does not exist yet (nothing serves it)."""
     now = time.time()
-    processes = await service.store.list_processes() if service is not None else []
+    processes = await service.processes() if service is not None else []
     listed = [
         {
             "owner": p.owner,
@@ -748,7 +766,7 @@ async def _decide_in(service: RunService, args: argparse.Namespace) -> int:
 async def _run_of_role(service: RunService, run_id: str, role: str) -> str:
     """The run of `role` in the tree below `run_id` (itself included); exactly one, or a
     usage error naming what is there."""
-    tree = [await service.get(i) for i in await service.store.subtree_ids(run_id)]
+    tree = (await service.run_tree(run_id, calls=False)).runs
     found = [run.id for run in tree if run.role == role]
     if len(found) == 1:
         return found[0]
@@ -760,7 +778,7 @@ async def _run_of_role(service: RunService, run_id: str, role: str) -> str:
 
 async def _cmd_explain(service: RunService, args: argparse.Namespace) -> int:
     run = await service.get(args.run_id)
-    events = await service.store.list_events(run.id)
+    events = await service.events(run.id)
     if args.json:
         payload = _run_json(run) | {
             "events": [
@@ -770,12 +788,16 @@ async def _cmd_explain(service: RunService, args: argparse.Namespace) -> int:
         }
         print(json.dumps(payload, ensure_ascii=False))
     else:
+        from agent.views.explain import render_timeline  # with the runbook model it reads
+
         print(render_timeline(run, events), end="")
     return EXIT_OK
 
 
 async def _write_trace(service: RunService, run_id: str, path: Path) -> None:
-    html = render_trace(await build_trace(service.store, run_id))
+    from agent.views.trace import render_trace, trace_of  # jinja2: this command's only
+
+    html = render_trace(trace_of(await service.run_tree(run_id, calls=False, events=True)))
     try:
         path.write_text(html, encoding="utf-8")
     except OSError as exc:
@@ -794,11 +816,13 @@ async def _cmd_trace(service: RunService, args: argparse.Namespace) -> int:
 
 
 async def _cmd_audit(service: RunService, args: argparse.Namespace) -> int:
+    from agent.chain import verify_chain
+
     run = await service.get(args.run_id)
-    events = await service.store.list_events(run.id)
+    events = await service.events(run.id)
     if args.action == "export":
         return _export(events, args.format, args.output)
-    head_hash, head_count = await service.store.chain_head(run.id)
+    head_hash, head_count = await service.chain_head(run.id)
     report = verify_chain(run.id, events, head_hash, head_count)
     if args.json:
         payload = {
@@ -821,6 +845,9 @@ EXPORT_COLUMNS = ("seq", "run_id", "idx", "ts", "time_utc", "type", "data", "pre
 
 def _export(events: list[EventRecord], fmt: str, output: Path | None) -> int:
     """Write the journal as JSON lines or CSV, one event per line, hashes included."""
+    import csv
+    from datetime import UTC, datetime
+
     rows = [
         {
             "seq": e.seq,
@@ -855,6 +882,8 @@ def _export(events: list[EventRecord], fmt: str, output: Path | None) -> int:
 
 
 def _cmd_runbooks(settings: Settings, args: argparse.Namespace) -> int:
+    from agent.runbook.model import load_catalog, load_runbook
+
     path: Path = args.path or settings.runbooks_dir
     if not path.is_file() and not path.is_dir():
         raise UsageError(f"no such file or directory: {path}")
@@ -894,6 +923,9 @@ def _validate(settings: Settings, path: Path, as_json: bool) -> int:
     """`runbooks validate`: every error of every file in one pass (templates rendered with
     the params' defaults, within the bounds), and commands no allowlist rule admits: errors
     when LOOM_OPS_ALLOW_SHELL=1, warnings otherwise."""
+    from agent.runbook.model import validate_runbooks
+    from agent.tools.allowlist import ShellAllowlist
+
     live = settings.allow_shell
     errors: list[str] = []
     warnings: list[str] = []
@@ -977,17 +1009,14 @@ async def _serve(settings: Settings, args: argparse.Namespace) -> int:
         host = args.host if args.host is not None else settings.host
         port = args.port if args.port is not None else settings.port
         http = serving.HttpEndpoint(host, port)
-    try:
-        if http is not None:
-            serving.check_http(settings, http)
-        wants_bot = args.command in ("telegram", "bot") or getattr(args, "telegram", False)
-        webhook = serving.WebhookOptions(
-            getattr(args, "webhook_url", None), getattr(args, "listen", None)
-        )
-        telegram = serving.check_telegram(settings, webhook) if wants_bot else None
-        return await serving.serve(settings, http, telegram, executes_runs=not args.no_worker)
-    except serving.ServingRefused as exc:
-        raise UsageError(str(exc)) from None
+    if http is not None:
+        serving.check_http(settings, http)
+    wants_bot = args.command in ("telegram", "bot") or getattr(args, "telegram", False)
+    webhook = serving.WebhookOptions(
+        getattr(args, "webhook_url", None), getattr(args, "listen", None)
+    )
+    telegram = serving.check_telegram(settings, webhook) if wants_bot else None
+    return await serving.serve(settings, http, telegram, executes_runs=not args.no_worker)
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -1008,18 +1037,14 @@ async def _run(args: argparse.Namespace) -> int:
         return await _healthcheck(settings, args.url)
     if args.command == "sandbox":
         from agent.frontends.sandbox import run_sandbox  # the bot's packages, for this command only
-        from agent.frontends.serving import ServingRefused
 
-        try:
-            return await run_sandbox(settings, args.port, args.script)
-        except ServingRefused as exc:
-            raise UsageError(str(exc)) from None
+        return await run_sandbox(settings, args.port, args.script)
     # Whatever can be refused without the store is refused before it is opened: opening
     # creates the database, and a usage error must leave nothing behind.
     if args.command in ("runbook", "supervise"):
         _check_start(settings, args)
-    elif _store_missing(settings):
-        return await _without_store(settings, args)
+    elif (missing := missing_store(settings)) is not None:
+        return await _without_store(missing, args)
     service = await RunService.open(settings)
     try:
         return await COMMANDS[args.command](service, args)
@@ -1052,19 +1077,19 @@ def _merge_run_id(args: argparse.Namespace) -> None:
 def _check_start(settings: Settings, args: argparse.Namespace) -> None:
     """What `runbook`/`supervise` refuses anyway (the message, the policy, the runbook and
     its params, a live run from a guess), refused before the store exists."""
+    from agent.policy.mock import MockPolicy
+    from agent.runbook.model import load_catalog
+
     validate_text("message", args.message, MAX_REQUEST_BYTES)
     if not args.message.strip():
         raise UsageError("message is empty")
     catalog = load_catalog(settings.runbooks_dir)
     key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else ""
-    try:
-        if settings.mock_llm:
-            MockPolicy().preflight(args.message, catalog)
-        elif not key:
-            raise UsageError(NO_POLICY)
-        _refuse_live_guess(settings, args, catalog)
-    except ValueError as exc:  # RequestError, ParamError: one line naming what is wrong
-        raise UsageError(str(exc)) from None
+    if settings.mock_llm:
+        MockPolicy().preflight(args.message, catalog)  # RequestError, ParamError: one line
+    elif not key:
+        raise UsageError(NO_POLICY)
+    _refuse_live_guess(settings, args, catalog)
 
 
 def _refuse_live_guess(
@@ -1074,6 +1099,8 @@ def _refuse_live_guess(
     the message names (its id first, or runbook=<id>) or with --yes: a runbook matched from
     an incident's words, with its defaults (namespace=production...), is a guess, and a guess
     must not run kubectl unasked."""
+    from agent.policy.mock import exact_runbook, match_runbook
+
     live = [
         name
         for name, on in (
@@ -1117,22 +1144,9 @@ def _retyped(args: argparse.Namespace, message: str) -> str:
     return shlex.join(["loom-ops", *argv])
 
 
-def _store_missing(settings: Settings) -> bool:
-    """True when the store is a SQLite file that does not exist (yet)."""
-    if is_postgres_url(settings.db):
-        return False
-    try:
-        path = sqlite_path(settings.db)
-    except ValueError:
-        return False  # opening it says what is wrong
-    file = Path(path)
-    # A file that could not be created either (its directory is missing, or is a file) is
-    # for opening to report: "no runs" would hide the mistake in --db.
-    return path != ":memory:" and not file.exists() and file.parent.is_dir()
-
-
-async def _without_store(settings: Settings, args: argparse.Namespace) -> int:
-    """A command on runs before any run exists: answered without creating the database."""
+async def _without_store(where: str, args: argparse.Namespace) -> int:
+    """A command on runs before any run exists (no SQLite file at `where`): answered without
+    creating the database."""
     if args.command == "runs":
         if args.json:
             print(json.dumps({"run_id": None, "status": "ok", "runs": []}))
@@ -1147,19 +1161,19 @@ async def _without_store(settings: Settings, args: argparse.Namespace) -> int:
         else:
             print("resumed 0 run(s)")
         return EXIT_OK
-    where = sqlite_path(settings.db)
     raise UsageError(f"unknown run id {args.run_id!r}: there is no database at {where} (--db)")
 
 
 async def _healthcheck(settings: Settings, url: str | None) -> int:
     """What a container's or a load balancer's health probe runs: one line, exit 0 or 1."""
     try:
-        async with await RunStore.open(settings.db, pool_size=1) as store:
-            version = await store.schema_version()
-    except (StoreError, OSError, *driver_errors()) as exc:
+        label, version = await probe_store(settings)
+    except StoreError as exc:
         print(f"loom-ops: unhealthy: {(str(exc).strip().splitlines() or [''])[0]}", file=sys.stderr)
         return EXIT_RUN_FAILED
     if url is not None:
+        import httpx  # this probe's only
+
         try:
             async with httpx.AsyncClient(timeout=5) as client:
                 response = await client.get(url)
@@ -1169,7 +1183,7 @@ async def _healthcheck(settings: Settings, url: str | None) -> int:
         if response.status_code != 200:
             print(f"loom-ops: unhealthy: {url} answered {response.status_code}", file=sys.stderr)
             return EXIT_RUN_FAILED
-    print(f"ok: {store.label} at schema {version}")
+    print(f"ok: {label} at schema {version}")
     return EXIT_OK
 
 
@@ -1195,16 +1209,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `loom-ops audit export … | head`: the reader has enough
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
-    except (UsageError, ServiceError, StoreError, RequestError, RunbookError) as exc:
-        print(f"loom-ops: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (OSError, *driver_errors()) as exc:  # the machine, not the input: still one line
-        detail = (str(exc).strip().splitlines() or [""])[0]
-        print(f"loom-ops: {type(exc).__name__}: {detail}", file=sys.stderr)
-        return EXIT_RUN_FAILED
     except KeyboardInterrupt:
         print("loom-ops: interrupted; resume with loom-ops resume", file=sys.stderr)
         return 130
+    except Exception as exc:
+        kind = kind_of(exc)
+        if kind is None:
+            raise  # a bug: its traceback is what a report needs
+        if isinstance(exc, LoomOpsError):
+            print(f"loom-ops: {exc}", file=sys.stderr)
+        else:  # the machine's, not ours: its type says what broke
+            detail = (str(exc).strip().splitlines() or [""])[0]
+            print(f"loom-ops: {type(exc).__name__}: {detail}", file=sys.stderr)
+        return EXIT_CODES[kind]
 
 
 if __name__ == "__main__":

@@ -20,11 +20,12 @@ from typing import Any, Literal
 
 import httpx
 
+from agent.errors import AllowlistError, McpError, ServingRefused
 from agent.redaction import Redactor
 from agent.runbook.model import Runbook, RunbookReport, sample_commands, validate_runbooks
 from agent.settings import Settings
-from agent.tools.allowlist import AllowlistError, ShellAllowlist
-from agent.tools.mcp import McpConfig, McpError
+from agent.tools.allowlist import ShellAllowlist
+from agent.tools.mcp import McpConfig
 
 Severity = Literal["error", "warning", "ok"]
 SEVERITIES: tuple[Severity, ...] = ("error", "warning", "ok")
@@ -392,7 +393,7 @@ async def _telegram(settings: Settings, redactor: Redactor, timeout: float) -> l
     """The bot's settings as `loom-ops telegram` checks them, then one `getMe`."""
     if settings.telegram_bot_token is None:
         return []  # no bot here; the sandbox needs none
-    from agent.frontends.serving import ServingRefused, check_telegram
+    from agent.frontends.serving import check_telegram
 
     try:
         config = check_telegram(settings)

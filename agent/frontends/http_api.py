@@ -3,7 +3,8 @@ decide approvals, explain, trace, health and metrics, over the one RunService.
 
 Runs are not tied to a connection: a start returns (or starts streaming) at once and the run
 is driven by the service; a client that goes away stops only its stream. Every error is a
-JSON body `{"error": "..."}` with a 4xx status for anything the client sent.
+JSON body `{"error": "..."}`: a refusal's status is its kind's (`STATUS`), its text the
+refuser's; a 4xx for anything the client sent.
 """
 
 from __future__ import annotations
@@ -14,42 +15,29 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
 from pydantic import AfterValidator, BaseModel, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from agent.records import ApprovalRecord, Origin, RunRecord, RunStatus
-from agent.run.approvals import Decision
+from agent.errors import ErrorKind, LoomOpsError, ServiceError, kind_of
+from agent.records import ApprovalRecord, Decision, Origin, RunRecord, RunStatus
 from agent.runbook.request import MAX_REQUEST_BYTES
 from agent.service.runs import (
     MAX_NOTE_BYTES,
     RUN_ID_PATTERN,
-    DeciderRefused,
     RunService,
-    ServiceError,
     validate_text,
 )
-from agent.store import (
-    DURATION_BUCKETS,
-    WAIT_BUCKETS,
-    MetricsSnapshot,
-    RunExists,
-    RunNotFound,
-    StoreError,
-)
-from agent.store.database import driver_errors
-from agent.views.explain import render_timeline
-from agent.views.trace import build_trace, render_trace
+from agent.views.explain import explain_tree
+from agent.views.metrics import CONTENT_TYPE, render_metrics
+from agent.views.trace import render_trace, trace_of
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +53,15 @@ MAX_ID = 10**15
 EVENT_ID = re.compile(r"^[0-9]{1,15}$")
 
 RunIdPath = Annotated[str, Path(pattern=RUN_ID, max_length=128)]
+
+# The status of each kind of refusal; the body is the refusal's own one line.
+STATUS: dict[ErrorKind, int] = {
+    ErrorKind.INVALID: 422,
+    ErrorKind.NOT_FOUND: 404,
+    ErrorKind.CONFLICT: 409,
+    ErrorKind.FORBIDDEN: 403,
+    ErrorKind.UNAVAILABLE: 503,
+}
 
 
 # -- bodies ------------------------------------------------------------------------------------
@@ -173,7 +170,7 @@ class ErrorOut(BaseModel):
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 422, 429)
+    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 422, 429, 503)
 }
 
 
@@ -219,10 +216,6 @@ def _run_out(run: RunRecord, approval: ApprovalRecord | None = None) -> RunOut:
 # -- the app -----------------------------------------------------------------------------------
 
 
-class ApiError(HTTPException):
-    """An answer with a status and one line of text."""
-
-
 def create_app(service: RunService) -> FastAPI:
     """The FastAPI application over `service`."""
     settings = service.settings
@@ -237,7 +230,9 @@ def create_app(service: RunService) -> FastAPI:
             return
         scheme, _, given = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
-            raise ApiError(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+            raise HTTPException(
+                401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}
+            )
 
     app = FastAPI(
         title="loom-ops",
@@ -249,39 +244,29 @@ def create_app(service: RunService) -> FastAPI:
     )
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(LoomOpsError, _refused)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _internal_error)
     guarded = [Depends(authorized)]
 
-    async def get_run(run_id: str) -> RunRecord:
-        try:
-            return await service.get(run_id)
-        except RunNotFound:
-            raise ApiError(404, f"unknown run id {run_id!r}") from None
-
     async def start(body: StartRun, role: str) -> RunRecord:
         run_id = body.run_id or f"run-{secrets.token_hex(4)}"
-        try:
-            async with starting:
-                if await service.store.count_active_roots() >= settings.max_active_runs:
-                    raise ApiError(
-                        429,
-                        f"{settings.max_active_runs} runs are active; try again shortly",
-                        {"Retry-After": str(RETRY_AFTER_SECONDS)},
-                    )
-                return await service.start(
-                    run_id,
-                    body.message,
-                    role=role,
-                    requested_by=settings.api_user,
-                    origin=Origin(kind="http"),
-                    max_steps=body.max_steps,
-                    wait=False,
+        async with starting:
+            if await service.active_runs() >= settings.max_active_runs:
+                raise HTTPException(
+                    429,
+                    f"{settings.max_active_runs} runs are active; try again shortly",
+                    {"Retry-After": str(RETRY_AFTER_SECONDS)},
                 )
-        except RunExists:
-            raise ApiError(409, f"run id {run_id!r} exists already") from None
-        except (ServiceError, ValueError) as exc:
-            raise ApiError(422, str(exc)) from None
+            return await service.start(
+                run_id,
+                body.message,
+                role=role,
+                requested_by=settings.api_user,
+                origin=Origin(kind="http"),
+                max_steps=body.max_steps,
+                wait=False,
+            )
 
     @app.post("/runs", status_code=201, dependencies=guarded)
     async def start_run(body: StartRun) -> RunOut:
@@ -307,14 +292,14 @@ def create_app(service: RunService) -> FastAPI:
         offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
     ) -> RunList:
         """Runs, newest first, optionally of one status."""
-        runs = await service.store.list_runs(status, limit, offset)
+        runs = await service.list(status, limit, offset)
         next_offset = offset + len(runs) if len(runs) == limit else None
         return RunList(runs=[_run_out(r) for r in runs], next_offset=next_offset)
 
     @app.get("/runs/{run_id}", dependencies=guarded)
     async def show_run(run_id: RunIdPath) -> RunOut:
         """One run and the approval request it waits for."""
-        run = await get_run(run_id)
+        run = await service.get(run_id)
         return _run_out(run, await service.pending_approval(run.id))
 
     @app.get("/runs/{run_id}/events", dependencies=guarded, response_class=EventSourceResponse)
@@ -325,33 +310,28 @@ def create_app(service: RunService) -> FastAPI:
     ) -> EventSourceResponse:
         """The journal of the run and the runs below it as SSE; `id:` is the journal sequence,
         so a reconnect with Last-Event-ID goes on with no gap and no repeat."""
-        await get_run(run_id)
+        await service.get(run_id)
         resume_from = after or 0
         if last_event_id:
             if not EVENT_ID.match(last_event_id):
-                raise ApiError(422, "Last-Event-ID must be an event id from this stream")
+                raise HTTPException(422, "Last-Event-ID must be an event id from this stream")
             resume_from = int(last_event_id)
         return _stream(service, run_id, resume_from, shutdown)
 
     async def decide(run_id: str, body: DecisionBody, decision: Decision) -> DecisionOut:
-        run = await get_run(run_id)
+        run = await service.get(run_id)
         if run.status.is_terminal:
-            raise ApiError(409, f"run {run_id} is already {run.status}; nothing to decide")
-        try:
-            result = await service.decide(
-                run_id,
-                decision,
-                settings.api_user,
-                note=body.note,
-                approval_number=body.approval,
-                wait=False,
-            )
-        except DeciderRefused as exc:
-            raise ApiError(403, str(exc)) from None
-        except ServiceError as exc:
-            raise ApiError(409, str(exc)) from None
+            raise HTTPException(409, f"run {run_id} is already {run.status}; nothing to decide")
+        result = await service.decide(
+            run_id,
+            decision,
+            settings.api_user,
+            note=body.note,
+            approval_number=body.approval,
+            wait=False,
+        )
         if not result.changed:
-            raise ApiError(409, result.message)
+            raise HTTPException(409, result.message)
         return DecisionOut(message=result.message, run=_run_out(result.run))
 
     @app.post("/runs/{run_id}/approve", dependencies=guarded)
@@ -367,46 +347,34 @@ def create_app(service: RunService) -> FastAPI:
     @app.post("/runs/{run_id}/cancel", dependencies=guarded)
     async def cancel(run_id: RunIdPath) -> RunOut:
         """Cancel the run and the runs below it."""
-        run = await get_run(run_id)
+        run = await service.get(run_id)
         if run.status.is_terminal:
-            raise ApiError(409, f"run {run_id} is already {run.status}")
-        try:
-            return _run_out(await service.cancel(run_id, settings.api_user, wait=False))
-        except ServiceError as exc:
-            raise ApiError(409, str(exc)) from None
+            raise HTTPException(409, f"run {run_id} is already {run.status}")
+        return _run_out(await service.cancel(run_id, settings.api_user, wait=False))
 
     @app.get("/runs/{run_id}/explain", dependencies=guarded, response_class=PlainTextResponse)
     async def explain(run_id: RunIdPath) -> PlainTextResponse:
         """The timeline of the run and the runs below it, as text."""
-        await get_run(run_id)
-        parts = []
-        for member_id in await service.store.subtree_ids(run_id):
-            member = await service.store.get_run(member_id)
-            parts.append(render_timeline(member, await service.store.list_events(member_id)))
-        return PlainTextResponse("\n".join(parts))
+        tree = await service.run_tree(run_id, calls=False, events=True)
+        return PlainTextResponse(explain_tree(tree))
 
     @app.get("/runs/{run_id}/trace", dependencies=guarded, response_class=HTMLResponse)
     async def trace(run_id: RunIdPath) -> HTMLResponse:
         """The self-contained HTML trace of the run tree."""
-        await get_run(run_id)
-        return HTMLResponse(render_trace(await build_trace(service.store, run_id)))
+        tree = await service.run_tree(run_id, calls=False, events=True)
+        return HTMLResponse(render_trace(trace_of(tree)))
 
     @app.head("/healthz", include_in_schema=False)
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
-        """200 while the store answers (HEAD too, for load balancers)."""
-        try:
-            await service.store.schema_version()
-        except (StoreError, OSError, *driver_errors()) as exc:
-            raise ApiError(503, f"store unreachable: {exc}") from None
+        """200 while the store answers (HEAD too, for load balancers), else 503."""
+        await service.schema_version()
         return {"status": "ok"}
 
     @app.get("/metrics", dependencies=guarded, response_class=PlainTextResponse)
     async def metrics() -> Response:
         """Prometheus text: runs by status, tool call durations, approval waits, LLM tokens."""
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(SnapshotCollector(await service.store.metrics_snapshot()))
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(render_metrics(await service.metrics()), media_type=CONTENT_TYPE)
 
     app.state.shutdown = shutdown
     return app
@@ -427,12 +395,11 @@ async def _journal_events(
 ) -> AsyncIterator[ServerSentEvent]:
     """Every journal event of the tree after `after_seq`; ends after the root's final event,
     or when the server shuts down (the client reconnects with Last-Event-ID)."""
-    store = service.store
     # Watched from before the first look to the end, so no write falls between a look and
     # a wait; a child run joins the watch when its first event shows up.
-    with store.watch_journal([run_id]) as watch:
+    with service.watch_journal([run_id]) as watch:
         while not shutdown.is_set():
-            batch = await store.list_tree_events(run_id, after_seq)
+            batch = await service.tree_events(run_id, after_seq)
             for event in batch:
                 watch.add(event.run_id)
                 envelope = {
@@ -450,8 +417,8 @@ async def _journal_events(
                 after_seq = event.seq
             if batch:
                 continue
-            if (await store.get_run(run_id)).status.is_terminal:
-                if not await store.list_tree_events(run_id, after_seq, 1):
+            if (await service.get(run_id)).status.is_terminal:
+                if not await service.tree_events(run_id, after_seq, 1):
                     return  # everything up to the run's end was sent
                 continue
             waiting = asyncio.ensure_future(watch.wait(STREAM_SAFETY_POLL))
@@ -468,7 +435,20 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     return JSONResponse({"error": str(exc.detail)}, exc.status_code, headers=exc.headers)
 
 
+async def _refused(request: Request, exc: LoomOpsError) -> JSONResponse:
+    """A refusal from any layer: its kind's status, its own text."""
+    if exc.kind == ErrorKind.UNAVAILABLE:
+        log.warning("%s %s: %s", request.method, request.url.path, exc)
+    return JSONResponse({"error": str(exc)}, STATUS[exc.kind])
+
+
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    """The machine's failure (disk, network, a database driver's error): its kind's status,
+    its type and first line; anything else is a bug: 500, and the traceback in the log."""
+    kind = kind_of(exc)  # a LoomOpsError never gets here: `_refused` answered it
+    if kind is not None:
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        return JSONResponse({"error": f"{type(exc).__name__}: {detail}"}, STATUS[kind])
     log.error("%s %s failed: %r", request.method, request.url.path, exc, exc_info=exc)
     return JSONResponse({"error": "internal error; it is logged"}, 500)
 
@@ -538,48 +518,3 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
         return await receive()
 
     return replayed
-
-
-# -- metrics -----------------------------------------------------------------------------------
-
-
-class SnapshotCollector(Collector):
-    """Prometheus families from one store snapshot."""
-
-    def __init__(self, snapshot: MetricsSnapshot) -> None:
-        self._snapshot = snapshot
-
-    def collect(self) -> Iterable[Metric]:
-        """Yield every family."""
-        snap = self._snapshot
-        runs = GaugeMetricFamily("loom_ops_runs", "Runs by status", labels=["status"])
-        for status in RunStatus:
-            runs.add_metric([str(status)], snap.runs_by_status.get(str(status), 0))
-        yield runs
-        tools = HistogramMetricFamily(
-            "loom_ops_tool_call_duration_seconds",
-            "Tool call durations (execute_step is a runbook step)",
-            labels=["tool"],
-        )
-        for tool, cumulative, count, total in snap.tool_durations:
-            tools.add_metric([tool], _buckets(DURATION_BUCKETS, cumulative, count), total)
-        yield tools
-        waits = HistogramMetricFamily(
-            "loom_ops_approval_wait_seconds",
-            "Time from an approval request to its decision",
-            labels=["status"],
-        )
-        for status, cumulative, count, total in snap.approval_waits:
-            waits.add_metric([status], _buckets(WAIT_BUCKETS, cumulative, count), total)
-        yield waits
-        tokens = GaugeMetricFamily(
-            "loom_ops_llm_tokens", "LLM tokens used by all runs", labels=["kind"]
-        )
-        tokens.add_metric(["prompt"], snap.prompt_tokens)
-        tokens.add_metric(["completion"], snap.completion_tokens)
-        yield tokens
-
-
-def _buckets(bounds: Iterable[float], cumulative: list[int], count: int) -> list[tuple[str, float]]:
-    pairs = [(f"{bound:g}", float(n or 0)) for bound, n in zip(bounds, cumulative, strict=True)]
-    return [*pairs, ("+Inf", float(count))]

@@ -29,7 +29,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from agent.frontends.serving import ServingRefused
+from agent.errors import ServingRefused
 from agent.http_server import HttpServer
 from agent.service.runs import RunService
 from agent.settings import Settings
@@ -287,9 +287,10 @@ async def running_sandbox(
     except (OSError, OverflowError) as exc:
         raise ServingRefused(f"cannot serve the sandbox on port {port}: {exc}") from None
     service = await RunService.open(settings)
+    service.prepare()
     # The page's chat starts empty: an earlier session's unsent progress edits would land in
     # it as messages about runs nobody here has seen.
-    await ChatStore(service.store.db).drop_stale_progress(before=time.time())
+    await ChatStore(service.database).drop_stale_progress(before=time.time())
     stop, ready = asyncio.Event(), asyncio.Event()
     bot = asyncio.create_task(
         serve_bot(service, TOKEN, telegram_settings(f"{server.url}/bot"), stop, ready)

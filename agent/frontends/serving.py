@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from agent.errors import ServingRefused
 from agent.service.maintenance import Maintenance
 from agent.service.runs import RunService
 from agent.settings import Settings
@@ -23,10 +24,6 @@ if TYPE_CHECKING:
     from bot.webhook import Webhook
 
 log = logging.getLogger(__name__)
-
-
-class ServingRefused(ValueError):
-    """A configuration the process will not start with; `str()` is one line for a human."""
 
 
 @dataclass(frozen=True)
@@ -146,6 +143,7 @@ async def serve(
     stop = _stop_on_signals(stop)
     service = await RunService.open(settings, executes_runs=executes_runs)
     try:
+        service.prepare()
         async with contextlib.AsyncExitStack() as stack:
             kind = "+".join(k for k, on in (("serve", http), ("telegram", telegram)) if on)
             await stack.enter_async_context(

@@ -15,11 +15,11 @@ import contextlib
 import logging
 import sys
 
+from agent.errors import StoreUnavailable
 from agent.records import Claim
 from agent.service.maintenance import Maintenance
 from agent.service.runs import RunService
 from agent.settings import Settings
-from agent.store.database import driver_errors
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +34,15 @@ class Worker:
 
     async def run(self) -> None:
         """Claim and drive until cancelled (drives in flight then hand their runs back)."""
-        store = self._service.store
-        ttl = self._service.settings.lease_ttl
-        owner = self._service.kernel.owner
+        service = self._service
         while True:
-            store.runs_ready.clear()
-            self._service.drive_ended.clear()
-            free = self._concurrency - self._service.driving
+            service.runs_ready.clear()
+            service.drive_ended.clear()
+            free = self._concurrency - service.driving
             try:
-                claimed = await self._claim(owner, ttl, free)
-            except (OSError, *driver_errors()) as exc:  # the database is away: wait, retry
-                log.warning("cannot claim runs: %s", str(exc).strip().splitlines()[:1])
+                claimed = await self._claim(free)
+            except StoreUnavailable as exc:  # the database is away: wait, retry
+                log.warning("cannot claim runs: %s", exc)
                 await asyncio.sleep(self._poll_interval)
                 continue
             for claim in claimed:
@@ -57,19 +55,18 @@ class Worker:
                 continue
             if claimed:
                 continue  # others may have queued meanwhile: look again before waiting
-            await _first_of(store.runs_ready, self._poll_interval)
+            await _first_of(service.runs_ready, self._poll_interval)
 
-    async def _claim(self, owner: str, ttl: float, limit: int) -> list[Claim]:
+    async def _claim(self, limit: int) -> list[Claim]:
         """Claim runs; stopped meanwhile, hand back what the claim took all the same (its
         transaction commits on the database thread whatever happens to this task)."""
-        store = self._service.store
-        claiming = asyncio.ensure_future(store.claim_runnable(owner, ttl, limit))
+        claiming = asyncio.ensure_future(self._service.claim(limit))
         try:
             return await asyncio.shield(claiming)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 for claim in await claiming:
-                    await store.release_lease(claim)
+                    await self._service.release(claim)
             raise
 
 
@@ -86,12 +83,13 @@ async def run_worker(
     """Serve as a worker until `stop` is set; returns the exit code."""
     service = await RunService.open(settings)
     try:
+        service.prepare()
         async with Maintenance(service, "worker", recover=False):
             worker = asyncio.create_task(
                 Worker(service, concurrency, poll_interval).run(), name="loom-ops:worker"
             )
             print(
-                f"loom-ops: worker {service.kernel.owner} on {service.store.label}, "
+                f"loom-ops: worker {service.owner} on {service.store_label}, "
                 f"up to {concurrency} runs at once",
                 file=sys.stderr,
                 flush=True,

@@ -9,17 +9,8 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.events import canonical_json
+from agent.chain import canonical_json
 from agent.runbook.model import Runbook, RunbookCatalog
-
-
-class PolicyUnavailable(Exception):
-    """No policy can serve the run now (none configured, or the LLM is down); it stays resumable."""
-
-
-class PolicyMisconfigured(Exception):
-    """The LLM refused a setting (key, URL or model): the run cannot go on until a person fixes
-    a setting, so it fails at once; the message is one line naming that setting."""
 
 
 class ToolCall(BaseModel):

@@ -16,13 +16,12 @@ from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletion
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agent.errors import PolicyMisconfigured, PolicyUnavailable
 from agent.policy.base import (
     FinalAnswer,
     Observation,
     PolicyContext,
     PolicyDecision,
-    PolicyMisconfigured,
-    PolicyUnavailable,
     ToolCall,
 )
 from agent.redaction import Redactor

@@ -8,9 +8,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from agent.errors import RequestError
 from agent.policy.base import FinalAnswer, Observation, PolicyContext, PolicyDecision, ToolCall
 from agent.runbook.model import Runbook, RunbookCatalog
-from agent.runbook.request import ParsedRequest, RequestError, parse_request
+from agent.runbook.request import ParsedRequest, parse_request
 
 _WORD = re.compile(r"[a-z0-9]+")
 _STEP_TOOLS = ("execute_step", "check_health", "await_approval")

@@ -5,29 +5,18 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Sequence
-from enum import StrEnum
 
+from agent.errors import DecisionRefused, ErrorKind
 from agent.records import (
     ApprovalKind,
     ApprovalRecord,
     ApprovalStatus,
     Checkpoint,
+    Decision,
     RunRecord,
     RunStatus,
 )
 from agent.store import DecisionEffect
-
-
-class Decision(StrEnum):
-    """What a decider can say: approve (retry, for an in-doubt step), skip, or reject (abort)."""
-
-    APPROVE = "approve"
-    SKIP = "skip"
-    REJECT = "reject"
-
-
-class DecisionRefused(Exception):
-    """The decider may not make this decision; `str()` says why in one line."""
 
 
 def check_decider(approval: ApprovalRecord, decider: str, global_approvers: Sequence[str]) -> None:
@@ -50,7 +39,9 @@ def check_decider(approval: ApprovalRecord, decider: str, global_approvers: Sequ
 def decision_status(approval: ApprovalRecord, decision: Decision) -> ApprovalStatus:
     """The approval status a decision records; skip exists only for in-doubt requests."""
     if decision == Decision.SKIP and approval.kind != ApprovalKind.IN_DOUBT:
-        raise DecisionRefused("skip applies only to a step that may or may not have run")
+        raise DecisionRefused(
+            "skip applies only to a step that may or may not have run", kind=ErrorKind.INVALID
+        )
     return {
         Decision.APPROVE: ApprovalStatus.APPROVED,
         Decision.SKIP: ApprovalStatus.SKIPPED,

@@ -19,6 +19,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from agent.errors import (
+    LeaseLost,
+    PolicyMisconfigured,
+    PolicyUnavailable,
+    RenderError,
+    SpawnRefused,
+)
+from agent.events import PolicyTurn, WaitingForEarlierAttempt
 from agent.failpoints import Failpoints
 from agent.policy.base import (
     FinalAnswer,
@@ -26,8 +34,6 @@ from agent.policy.base import (
     Policy,
     PolicyContext,
     PolicyDecision,
-    PolicyMisconfigured,
-    PolicyUnavailable,
     ToolCall,
 )
 from agent.records import (
@@ -50,19 +56,19 @@ from agent.run.outcomes import (
     step_states,
     verdict,
 )
-from agent.runbook.model import RenderError, Runbook, RunbookCatalog, Step
+from agent.runbook.model import Runbook, RunbookCatalog, Step
 from agent.settings import Settings
 from agent.store import (
-    LeaseLost,
+    CallResult,
+    Drive,
     NewApproval,
     NewChild,
-    NewPolicyTurn,
     NewToolCall,
     RunbookPin,
     RunStore,
 )
 from agent.store.database import is_postgres_url
-from agent.tools.shell import SpawnRefused, kill_attempt, new_attempt_marker
+from agent.tools.shell import kill_attempt, new_attempt_marker
 from agent.tools.toolbox import (
     TOOL_SPECS,
     AwaitApprovalArgs,
@@ -142,26 +148,20 @@ class RunKernel:
         ttl = self.settings.lease_ttl
         try:
             if claim is not None:
-                run = await self.store.get_run(run_id)
-                if Claim.of(run) != claim:
-                    raise LeaseLost(f"run {run_id} was claimed again since this worker took it")
+                drive = await self.store.drive(claim)
             else:
-                run = await self.store.claim_run(run_id, self.owner, ttl, owner_is_dead)
-                claim = Claim.of(run)
+                drive = await self.store.claim_run(run_id, self.owner, ttl, owner_is_dead)
         except asyncio.CancelledError:
             # The claim may have committed on the database thread all the same: hand it back.
-            if claim is None:
-                run = await self.store.get_run(run_id)
-                claim = Claim.of(run) if run.lease_owner == self.owner else None
-            if claim is not None:
-                await self.store.release_lease(claim)
+            run = await self.store.get_run(run_id)
+            if run.lease_owner == self.owner:
+                await Drive(self.store, Claim.of(run), run).release()
             raise
         self.failpoints.reached("after_claim")
-        loop = _RunLoop(self, run, claim)
+        loop = _RunLoop(self, drive)
         work = asyncio.create_task(loop.run(), name=f"run-loop:{run_id}")
         self._loops[run_id] = work
-        held = claim
-        keeper = LeaseKeeper(lambda: self.store.renew_lease(held, ttl), ttl, on_lost=work.cancel)
+        keeper = LeaseKeeper(lambda: drive.renew(ttl), ttl, on_lost=work.cancel)
         loop.keeper = keeper
         try:
             async with keeper:
@@ -171,23 +171,23 @@ class RunKernel:
             if current is not None and current.cancelling():
                 # This process is shutting down: hand the run back (a call in flight stays in
                 # doubt for whoever resumes it), then let the cancellation through.
-                await self.store.release_lease(claim)
+                await drive.release()
                 raise
             log.info("stopped driving %s: the run was cancelled or taken over", run_id)
-            await self._abandon(run_id, loop.in_flight)
+            await self._abandon(run_id, drive.unsaved_call, loop.in_flight)
         except LeaseLost as exc:
             log.info("stopped driving %s: %s", run_id, exc)
-            await self._abandon(run_id, loop.in_flight)
+            await self._abandon(run_id, drive.unsaved_call, loop.in_flight)
         except PolicyMisconfigured as exc:
             # Before the outage handlers: a wrong key, URL or model never heals by waiting.
-            await self._fail(claim, loop._checkpoint(), self.redactor.text(str(exc)))
+            await self._fail(drive, loop._checkpoint(), self.redactor.text(str(exc)))
         except PolicyUnavailable as exc:
-            await self._interrupt(claim, self.redactor.text(str(exc)))
+            await self._interrupt(drive, self.redactor.text(str(exc)))
         except Exception as exc:
             # A bug or an outage must not take the whole process down, nor fail the incident
             # run: journal it, free the lease, and leave the run for `resume`.
             log.exception("run %s interrupted", run_id)
-            await self._interrupt(claim, self.redactor.text(f"{type(exc).__name__}: {exc}"))
+            await self._interrupt(drive, self.redactor.text(f"{type(exc).__name__}: {exc}"))
         finally:
             if self._loops.get(run_id) is work:
                 del self._loops[run_id]
@@ -199,39 +199,41 @@ class RunKernel:
         if work is not None:
             work.cancel()
 
-    async def _abandon(self, run_id: str, in_flight: str | None) -> None:
-        if in_flight is not None:
-            await self.store.close_cancelled_call(run_id, in_flight)
+    async def _abandon(self, run_id: str, *calls: str | None) -> None:
+        """A cancelled run's calls this drive left open (an outcome not yet committed, a call
+        in flight) are closed as cancelled: they may have run."""
+        for call_key in calls:
+            if call_key is not None:
+                await self.store.close_cancelled_call(run_id, call_key)
 
-    async def _fail(self, claim: Claim, checkpoint: Checkpoint, reason: str) -> None:
+    async def _fail(self, drive: Drive, checkpoint: Checkpoint, reason: str) -> None:
         """End the run FAILED now with a one-line reason (journaled; the lease freed)."""
         try:
-            await self.store.finish_run(
-                claim, RunStatus.FAILED, checkpoint, summary=None, error=reason
-            )
+            await drive.finish(RunStatus.FAILED, checkpoint, summary=None, error=reason)
         except LeaseLost as exc:
             # Another owner holds the run now: it will meet the same setting and fail it.
-            log.info("could not fail %s: %s", claim.run_id, exc)
+            log.info("could not fail %s: %s", drive.run_id, exc)
         except Exception:
             # The store failed us: leave the run resumable rather than held by this owner.
-            log.exception("could not fail %s", claim.run_id)
-            await self._interrupt(claim, reason)
+            log.exception("could not fail %s", drive.run_id)
+            await self._interrupt(drive, reason)
 
-    async def _interrupt(self, claim: Claim, reason: str) -> None:
+    async def _interrupt(self, drive: Drive, reason: str) -> None:
         # Workers try it again after a lease TTL, not in a tight loop against an outage.
-        if not await self.store.interrupt_run(claim, reason, self.settings.lease_ttl):
-            log.info("run %s was taken over meanwhile; not interrupting it", claim.run_id)
+        if not await drive.interrupt(reason, self.settings.lease_ttl):
+            log.info("run %s was taken over meanwhile; not interrupting it", drive.run_id)
 
 
 class _RunLoop:
     """The state of one drive of one run: its checkpoint, pinned runbook and history."""
 
-    def __init__(self, kernel: RunKernel, run: RunRecord, claim: Claim) -> None:
+    def __init__(self, kernel: RunKernel, drive: Drive) -> None:
+        run = drive.run
         self.k = kernel
-        self.store = kernel.store
+        self.store = kernel.store  # reads only: every write goes through `drive`
+        self.drive = drive
         self.run_record = run
         self.run_id = run.id
-        self.claim = claim
         # What the run does live was fixed when it started; runs from before that was recorded
         # act as this process's settings say.
         self.effects = run.effects or kernel.toolbox.effects()
@@ -275,8 +277,7 @@ class _RunLoop:
         except _Wait:
             self.k.failpoints.reached("after_wait")
         except _Finish as finish:
-            await self.store.finish_run(
-                self.claim,
+            await self.drive.finish(
                 finish.status,
                 self._checkpoint(),
                 summary=None,
@@ -298,7 +299,7 @@ class _RunLoop:
                 calls.extend(await self.store.list_tool_calls(sibling.id))
         return calls
 
-    async def _decision(self, fresh_turn: bool) -> tuple[PolicyDecision, NewPolicyTurn | None]:
+    async def _decision(self, fresh_turn: bool) -> tuple[PolicyDecision, PolicyTurn | None]:
         """The journaled answer for this turn, or a new one (to be committed with its first use)."""
         if not fresh_turn:
             recorded = await self.store.get_policy_turn(self.run_id, self.state.turn)
@@ -338,7 +339,7 @@ class _RunLoop:
         if response != raw:  # the journal and the run only ever see the redacted answer
             decision = PolicyDecision.model_validate(response)
         self.state = dataclasses.replace(self.state, steps_used=self.state.steps_used + 1)
-        pending = NewPolicyTurn(
+        pending = PolicyTurn(
             turn=self.state.turn,
             policy=policy_name,
             request_hash=request_hash,
@@ -349,7 +350,7 @@ class _RunLoop:
         return decision, pending
 
     async def _execute_calls(
-        self, decision: PolicyDecision, pending: NewPolicyTurn | None, fresh_turn: bool
+        self, decision: PolicyDecision, pending: PolicyTurn | None, fresh_turn: bool
     ) -> None:
         while self.state.call < len(decision.calls):
             if self.keeper is not None and self.keeper.lost:
@@ -360,7 +361,7 @@ class _RunLoop:
             await self._one_call(call, key, pending, existing)
             pending = None  # the turn is journaled with the first call's commit
 
-    async def _finish_from(self, decision: PolicyDecision, pending: NewPolicyTurn | None) -> None:
+    async def _finish_from(self, decision: PolicyDecision, pending: PolicyTurn | None) -> None:
         """End the run with the status its facts allow; the model's answer is its narrative."""
         final = decision.final or FinalAnswer(
             outcome="failed", summary="the policy proposed no action and gave no final answer"
@@ -380,8 +381,7 @@ class _RunLoop:
             if judged.facts is not None:
                 error = judged.facts  # the facts first: they are what the run did
                 summary = f"{final.summary}\n{judged.facts}"
-        await self.store.finish_run(
-            self.claim,
+        await self.drive.finish(
             status,
             self._checkpoint(),
             summary=summary,
@@ -395,7 +395,7 @@ class _RunLoop:
         self,
         call: ToolCall,
         key: str,
-        pending: NewPolicyTurn | None,
+        pending: PolicyTurn | None,
         existing: ToolCallRecord | None,
     ) -> None:
         args = call.args  # the whole decision was redacted before it was journaled
@@ -452,13 +452,13 @@ class _RunLoop:
         durable = not repeatable
         self.in_flight = key  # before the commit: a cancel may land while it is awaited
         marker = new_attempt_marker() if durable and refusal is None else None
-        started_call = await self.store.begin_tool_call(
-            self.claim,
+        started_call = await self.drive.begin_call(
             new_call,
             self._checkpoint(),
             pending,
             rerun=rerun,
             durable=durable,
+            fresh=existing is None,
             attempt_info=self._attempt_info(call.name, args, marker) if marker else None,
         )
         attempt = started_call.attempt
@@ -475,17 +475,11 @@ class _RunLoop:
         self.state = dataclasses.replace(
             self.state, call=self.state.call + 1, tool_calls_used=self.state.tool_calls_used + 1
         )
-        await self.store.finish_tool_call(
-            self.claim,
-            key,
-            attempt,
-            result.status,
-            outcome,
-            duration_ms,
-            self._checkpoint(),
-            pin=result.pin,
-            extra_events=result.events,
-        )
+        stored = CallResult(result.status, outcome, duration_ms, result.pin, result.events)
+        if durable:
+            await self.drive.finish_call(new_call, attempt, stored, self._checkpoint())
+        else:  # safe to repeat: its outcome commits with the next step's intent
+            self.drive.defer_outcome(new_call, attempt, stored, self._checkpoint())
         self.in_flight = None
         self.k.failpoints.reached("after_outcome")
         if result.pin is not None:
@@ -637,7 +631,7 @@ class _RunLoop:
         return time.time() + timeout
 
     async def _open_gate(
-        self, args: AwaitApprovalArgs, new_call: NewToolCall, pending: NewPolicyTurn | None
+        self, args: AwaitApprovalArgs, new_call: NewToolCall, pending: PolicyTurn | None
     ) -> str:
         """Open the approval request and park the run (raises _Wait); returns the refusal
         instead when the step's action cannot be rendered for the approver to read."""
@@ -665,9 +659,7 @@ class _RunLoop:
             runs_on=self.k.runs_on,
             evidence=_evidence(self.history),
         )
-        await self.store.open_approval(
-            self.claim, approval, self._checkpoint(), call=new_call, turn=pending
-        )
+        await self.drive.open_approval(approval, self._checkpoint(), call=new_call, turn=pending)
         raise _Wait()
 
     async def _open_in_doubt(self, existing: ToolCallRecord) -> None:
@@ -708,7 +700,7 @@ class _RunLoop:
             runs_on=self.k.runs_on,
             evidence=_evidence(self.history),
         )
-        await self.store.open_approval(self.claim, approval, self._checkpoint())
+        await self.drive.open_approval(approval, self._checkpoint())
         raise _Wait()
 
     async def _settle_earlier_attempt(self, existing: ToolCallRecord) -> str:
@@ -734,11 +726,8 @@ class _RunLoop:
         act_until = float(info.get("spawn_before", 0)) + float(info.get("timeout", 0)) + ACT_GRACE
         if time.time() < act_until:
             log.info("run %s: waiting until %s for %s to be over", self.run_id, act_until, attempt)
-            await self.store.append_event(
-                self.run_id,
-                "waiting_for_earlier_attempt",
-                {"call_key": existing.call_key, "attempt": existing.attempt, "until": act_until},
-                claim=self.claim,
+            await self.drive.note(
+                WaitingForEarlierAttempt(existing.call_key, existing.attempt, act_until)
             )
             await asyncio.sleep(act_until - time.time())
         return (
@@ -749,23 +738,19 @@ class _RunLoop:
     # -- children ------------------------------------------------------------------------------
 
     async def _open_children(
-        self, roles: list[str], new_call: NewToolCall, pending: NewPolicyTurn | None
+        self, roles: list[str], new_call: NewToolCall, pending: PolicyTurn | None
     ) -> None:
         """Start the child runs and park this run until they all end (no task, no lease)."""
         pin = await self._plan_pin() if any(r != "planner" for r in roles) else None
         children = [NewChild(role, pin if role != "planner" else None) for role in roles]
-        await self.store.open_children(
-            self.claim, new_call, children, self._checkpoint(), turn=pending
-        )
+        await self.drive.open_children(new_call, children, self._checkpoint(), turn=pending)
         raise _Wait()
 
     async def _await_sibling(
-        self, role: str, new_call: NewToolCall, pending: NewPolicyTurn | None
+        self, role: str, new_call: NewToolCall, pending: PolicyTurn | None
     ) -> None:
         """Wait (durably, holding nothing) for the sibling of `role`, or take its result now."""
-        ended = await self.store.await_sibling(
-            self.claim, new_call, role, self._checkpoint(), pending
-        )
+        ended = await self.drive.await_sibling(new_call, role, self._checkpoint(), pending)
         if ended is None:
             raise _Wait()
         self.state = dataclasses.replace(
@@ -773,14 +758,8 @@ class _RunLoop:
         )
         record = await self.store.get_tool_call(new_call.call_key)
         assert record is not None
-        await self.store.finish_tool_call(
-            self.claim,
-            new_call.call_key,
-            record.attempt,
-            "ok",
-            ended,
-            0.0,
-            self._checkpoint(),
+        await self.drive.finish_call(
+            new_call, record.attempt, CallResult("ok", ended, 0.0), self._checkpoint()
         )
         self.history.append(
             Observation(new_call.call_key, new_call.tool, new_call.args, "ok", ended)

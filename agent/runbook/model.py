@@ -39,13 +39,8 @@ from pydantic import (
     model_validator,
 )
 
-from agent.runbook.templates import (
-    DEFAULT_LIMITS,
-    BoundedSandbox,
-    RenderError,
-    RenderLimitError,
-    RenderLimits,
-)
+from agent.errors import ParamError, RenderError, RenderLimitError, RunbookError
+from agent.runbook.templates import DEFAULT_LIMITS, BoundedSandbox, RenderLimits
 
 __all__ = [
     "MAX_FILE_BYTES",
@@ -93,31 +88,6 @@ _INTEGER_RE = re.compile(r"[+-]?[0-9]{1,18}")
 # --------------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------------
-
-
-class ParamError(ValueError):
-    """A parameter value given by a user was refused; the message is one line naming it."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-class RunbookError(ValueError):
-    """A runbook file is invalid: where (path, line, field) and why (message)."""
-
-    def __init__(self, path: Path, line: int | None, field: str, message: str) -> None:
-        self.path = path
-        self.line = line
-        self.field = field
-        self.message = message
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        where = str(self.path) if self.line is None else f"{self.path}:{self.line}"
-        return (
-            f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
-        )
 
 
 class _FieldError(ValueError):

@@ -9,14 +9,12 @@ import re
 import shlex
 from dataclasses import dataclass
 
+from agent.errors import RequestError
+
 PARAM_WORD = re.compile(r"^([a-z_][a-z0-9_]{0,31})=(.*)$", re.DOTALL)
 MAX_REQUEST_BYTES = 4096
 # The one `key=value` word that is not a runbook param: it names the runbook to run.
 RUNBOOK_KEY = "runbook"
-
-
-class RequestError(ValueError):
-    """A request that cannot be understood; `str()` is one line for a human."""
 
 
 @dataclass(frozen=True)

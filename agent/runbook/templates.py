@@ -53,6 +53,8 @@ from jinja2.compiler import CodeGenerator, Frame
 from jinja2.filters import ignore_case, make_attrgetter
 from jinja2.utils import Namespace
 
+from agent.errors import RenderError, RenderLimitError
+
 __all__ = [
     "DEFAULT_LIMITS",
     "MAX_NUMBER",
@@ -101,21 +103,6 @@ _CODECS_BOUND = "codecs utf-8, ascii, latin-1, utf-16, utf-32"
 MAX_NESTING = 32
 # At most this many digits in a format width, so int() of it stays trivially cheap.
 _MAX_WIDTH_DIGITS = 9
-
-
-class RenderError(ValueError):
-    """A template could not be rendered into a command, text or URL."""
-
-
-class RenderLimitError(RenderError):
-    """A render went past one of its bounds; the message names the bound it hit: the time and
-    size of `limits` unless `bound` names another (numbers, hash collisions, source length)."""
-
-    def __init__(self, limits: RenderLimits, detail: str, bound: str | None = None) -> None:
-        super().__init__(f"template exceeded the render limit ({bound or limits}): {detail}")
-        self.limits = limits
-        self.detail = detail
-        self.bound = bound
 
 
 @dataclass(frozen=True)
@@ -825,7 +812,7 @@ class BoundedSandbox(jinja2.sandbox.SandboxedEnvironment):
                 out.append(chunk)
             return "".join(out)
         except _LimitExceeded as exc:
-            raise RenderLimitError(limits, str(exc), exc.bound) from None
+            raise RenderLimitError(exc.bound or str(limits), str(exc)) from None
         except jinja2.UndefinedError as exc:
             raise RenderError(f"template uses an undefined value: {exc.message}") from exc
         except jinja2.TemplateError as exc:

@@ -81,7 +81,7 @@ async def expire_overdue_forever(service: RunService) -> None:
 async def heartbeat_forever(service: RunService, kind: str, drives_runs: bool) -> None:
     """Keep this process in the store's registry of live processes while it runs, and take
     it out on a clean exit (a killed one goes stale: its heartbeat stops)."""
-    owner = service.kernel.owner
+    owner = service.owner
     try:
         while True:
             await service.store.beat_process(owner, kind, drives_runs)

@@ -1,45 +1,67 @@
-"""RunService: the one facade the CLI, the bot and the HTTP API drive runs through."""
+"""RunService: the one door the CLI, the bot and the HTTP API drive and read runs through.
+
+Front ends call its commands (start, resume, decide, cancel) and the queries they need (a run,
+its tree, its journal, the processes serving the store), never the store or the kernel. What
+only driving a run needs (the kernel, the toolbox, the policy, the runbook model) is built on
+first use, so a command that only reads starts in a fraction of the time.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import logging
 import re
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from agent.policy.base import Policy, PolicyUnavailable
-from agent.policy.mock import MockPolicy
+from agent.errors import (
+    ApprovalAmbiguous,
+    ApprovalNotFound,
+    DeciderRefused,
+    DecisionRefused,
+    ErrorKind,
+    LoomOpsError,
+    PolicyUnavailable,
+    ServiceError,
+    StoreError,
+    StoreUnavailable,
+    kind_of,
+)
 from agent.records import (
+    ApprovalInRun,
     ApprovalRecord,
     ApprovalStatus,
     Claim,
+    Decision,
+    EventRecord,
     Origin,
     ProcessRecord,
     RunLimits,
     RunRecord,
     RunStatus,
+    RunTree,
 )
 from agent.redaction import Redactor
-from agent.run.approvals import (
-    Decision,
-    DecisionRefused,
-    check_decider,
-    decision_effect,
-    decision_status,
-)
+from agent.run.approvals import check_decider, decision_effect, decision_status
 from agent.run.host import HostIdentity, this_host
-from agent.run.kernel import RunKernel
 from agent.run.leases import new_owner_id, owner_is_dead
-from agent.runbook.model import Runbook, RunbookCatalog, load_catalog
 from agent.runbook.request import MAX_REQUEST_BYTES
 from agent.settings import Settings
-from agent.store import ApprovalNotFound, NewRun, RunStore, StoreError
-from agent.tools.memory import WorkspaceMemory
-from agent.tools.shell import kill_attempt
-from agent.tools.toolbox import Toolbox, tools_for_role
+from agent.store import Database, JournalWatch, MetricsSnapshot, NewRun, RunStore
+from agent.store.database import is_postgres_url, sqlite_path
+
+if TYPE_CHECKING:
+    # Built on first use (see the module's docstring): named here for the type checker only.
+    from agent.policy.base import Policy
+    from agent.run.kernel import RunKernel
+    from agent.runbook.model import RunbookCatalog
+    from agent.tools.toolbox import Toolbox
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +77,6 @@ NO_POLICY = (
 )
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 MAX_NOTE_BYTES = 1000
-
-
-class ServiceError(Exception):
-    """A request the service refuses; `str()` is one line for a human."""
-
-
-class DeciderRefused(ServiceError):
-    """This decider may not decide this request (not an approver, or four eyes)."""
 
 
 @dataclass(frozen=True)
@@ -93,23 +107,9 @@ class RunService:
         self._catalog: RunbookCatalog | None = None
         self._catalog_stamp: tuple[tuple[str, int, int], ...] = ()
         self.redactor = Redactor(settings.redact_patterns, settings.secret_values())
-        self._injected = policy is not None
-        self._policy = policy if policy is not None else _configured_policy(settings, self.redactor)
+        self._injected = policy
         self._policies: dict[str, Policy] = {}  # other policies runs were started with, by name
-        self.toolbox = Toolbox(
-            settings,
-            self.catalog,
-            WorkspaceMemory(settings.memory_path, settings.memory_max_lines),
-        )
-        self.kernel = RunKernel(
-            store,
-            self.toolbox,
-            settings,
-            self._policy_for,
-            self.catalog,
-            self.redactor,
-            new_owner_id(),
-        )
+        self.owner = new_owner_id()  # this process instance, as the leases it takes name it
         self._drives: dict[str, asyncio.Task[RunRecord]] = {}
         self.drive_ended = asyncio.Event()  # a slot for another run is free
         self._side_tasks: set[asyncio.Task[None]] = set()
@@ -132,11 +132,51 @@ class RunService:
         for task in drives:
             task.cancel()
         await asyncio.gather(*drives, return_exceptions=True)
-        await self.toolbox.close()
+        if "toolbox" in self.__dict__:  # built, so it may hold MCP servers to stop
+            await self.toolbox.close()
         await self.store.close()
+
+    @functools.cached_property
+    def _policy(self) -> Policy | None:
+        """What drives new runs: the policy given, else the configured one (None: runs refuse
+        to start)."""
+        if self._injected is not None:
+            return self._injected
+        return _configured_policy(self.settings, self.redactor)
+
+    @functools.cached_property
+    def toolbox(self) -> Toolbox:
+        """The tools runs act through: shell, MCP, health checks, workspace memory."""
+        from agent.tools.memory import WorkspaceMemory
+        from agent.tools.toolbox import Toolbox
+
+        memory = WorkspaceMemory(self.settings.memory_path, self.settings.memory_max_lines)
+        return Toolbox(self.settings, self.catalog, memory)
+
+    @functools.cached_property
+    def kernel(self) -> RunKernel:
+        """The loop that drives this process's runs, under this process's owner id."""
+        from agent.run.kernel import RunKernel
+
+        return RunKernel(
+            self.store,
+            self.toolbox,
+            self.settings,
+            self._policy_for,
+            self.catalog,
+            self.redactor,
+            self.owner,
+        )
+
+    def prepare(self) -> None:
+        """Build what driving runs needs (kernel, toolbox, policy) now: a long-running process
+        pays for it once at start, not in its first request."""
+        _ = self.kernel, self._policy
 
     def catalog(self) -> RunbookCatalog:
         """The workspace's runbooks; re-read only when a file in runbooks/ changed."""
+        from agent.runbook.model import load_catalog
+
         directory = self.settings.runbooks_dir
         try:
             stamp = tuple(
@@ -154,7 +194,11 @@ class RunService:
         """What drives `run`: the policy it was started with (the mock, or an LLM by model),
         whatever this process was started with; runs from before that was recorded, and runs
         of a service given its policy (tests, benchmarks), get this process's own."""
-        if self._injected or run.policy is None or run.policy == getattr(self._policy, "name", ""):
+        if (
+            self._injected is not None
+            or run.policy is None
+            or run.policy == getattr(self._policy, "name", "")
+        ):
             if self._policy is None:
                 raise PolicyUnavailable(NO_POLICY)
             return self._policy
@@ -184,6 +228,8 @@ class RunService:
             raise ServiceError("message is empty")
         if max_steps is not None and max_steps < 1:
             raise ServiceError("max_steps must be at least 1")
+        from agent.tools.toolbox import tools_for_role
+
         try:
             tools_for_role(role)
         except ValueError as exc:
@@ -199,7 +245,7 @@ class RunService:
             max_tool_calls=self.settings.max_tool_calls,
             deadline_seconds=self.settings.run_deadline,
         )
-        await self.store.create_run(
+        created = await self.store.create_run(
             NewRun(
                 id=run_id,
                 role=role,
@@ -211,7 +257,22 @@ class RunService:
                 effects=self.toolbox.effects(),
             )
         )
-        return await self._drive(run_id, wait)
+        return await self._drive(run_id, wait, created)
+
+    @property
+    def database(self) -> Database:
+        """The database under the store, for a front end's own tables (the bot's)."""
+        return self.store.db
+
+    @property
+    def outbox_ready(self) -> asyncio.Event:
+        """Set when a commit queued a chat message (in this process, or seen from another)."""
+        return self.store.outbox_ready
+
+    def new_owner_id(self) -> str:
+        """A fresh id naming this process instance, for a lease a front end holds (a chat's
+        delivery): unique as a run's lease owner is, and proven dead the same way."""
+        return new_owner_id()
 
     @property
     def driving(self) -> int:
@@ -222,15 +283,17 @@ class RunService:
         """Drive, in the background, a run this process's owner claimed (a worker's claim)."""
         self._start_drive(claim.run_id, claim)
 
-    async def _drive(self, run_id: str, wait: bool = True) -> RunRecord:
+    async def _drive(
+        self, run_id: str, wait: bool = True, written: RunRecord | None = None
+    ) -> RunRecord:
         """Drive a run once per process at a time; a second caller joins the first drive.
-        A front end beside workers drives nothing: the run stays queued for them."""
-        if not self.executes_runs:
-            return await self.store.get_run(run_id)
-        task = self._start_drive(run_id)
-        if not wait:
-            return await self.store.get_run(run_id)
-        return await asyncio.shield(task)
+        A front end beside workers drives nothing: the run stays queued for them. Not
+        waiting, it returns the run as the caller just `written` it, else as stored now."""
+        if self.executes_runs:
+            task = self._start_drive(run_id)
+            if wait:
+                return await asyncio.shield(task)
+        return written or await self.store.get_run(run_id)
 
     def _start_drive(self, run_id: str, claim: Claim | None = None) -> asyncio.Task[RunRecord]:
         task = self._drives.get(run_id)
@@ -242,7 +305,9 @@ class RunService:
             # parked the run, and something woke it since): drive the new claim after it,
             # or the claimed lease would sit undriven until it expires.
             work = _after(task, work)
-        task = asyncio.create_task(work, name=f"drive:{run_id}")
+        # A drive is the run's, not its caller's: it starts in a context of its own, so what
+        # a request set (e.g. a benchmark's round-trip count) stays with the request.
+        task = asyncio.create_task(work, name=f"drive:{run_id}", context=contextvars.Context())
         self._drives[run_id] = task
         task.add_done_callback(lambda t, rid=run_id: self._forget(rid, t))
         return task
@@ -319,8 +384,7 @@ class RunService:
         return [
             process
             for process in await self.store.list_processes()
-            if now - process.heartbeat_at <= PROCESS_LIVE_WITHIN
-            and process.owner != self.kernel.owner
+            if now - process.heartbeat_at <= PROCESS_LIVE_WITHIN and process.owner != self.owner
         ]
 
     async def drive_runnable(self) -> list[str]:
@@ -388,21 +452,56 @@ class RunService:
         (#1, #2); unnamed, it must be the run's only request ever, so a repeated decision can
         never land on a later one.
         """
+        if approval_token is not None:
+            # A late decision expires its request in the deciding transaction: no sweep first.
+            request = await self.approval_request(token=approval_token)
+            if run_id not in request.lineage:
+                await self.store.get_run(run_id)  # RunNotFound for an unknown id
+                raise ServiceError(
+                    "that approval request belongs to another run", kind=ErrorKind.CONFLICT
+                )
+            return await self.decide_request(request, decision, decider, note, wait)
         if note is not None:
             validate_text("note", note, MAX_NOTE_BYTES)
         await self.expire_overdue(wait)
         run = await self.store.get_run(run_id)
-        approval = await self._approval_to_decide(run, approval_token, approval_number)
+        approval = await self._approval_to_decide(run, approval_number)
         if approval.run_id != run.id:  # decided through its root: act on the child itself
-            run_id = approval.run_id
-            run = await self.store.get_run(run_id)
+            run = await self.store.get_run(approval.run_id)
+        return await self._decide(approval, run, decision, decider, note, wait)
+
+    async def decide_request(
+        self,
+        request: ApprovalInRun,
+        decision: Decision,
+        decider: str,
+        note: str | None = None,
+        wait: bool = True,
+    ) -> DecisionResult:
+        """Decide a request looked up with `approval_request` (a chat's button), as `decide`
+        does; the deciding transaction checks again that it is pending and not overdue."""
+        if note is not None:
+            validate_text("note", note, MAX_NOTE_BYTES)
+        return await self._decide(request.approval, request.run, decision, decider, note, wait)
+
+    async def _decide(
+        self,
+        approval: ApprovalRecord,
+        run: RunRecord,
+        decision: Decision,
+        decider: str,
+        note: str | None,
+        wait: bool,
+    ) -> DecisionResult:
         if approval.status != ApprovalStatus.PENDING:
             return DecisionResult(False, _already(approval), approval, run)
         self.check_decider(approval, decider)
         try:
             status = decision_status(approval, decision)
         except DecisionRefused as exc:
-            raise ServiceError(str(exc)) from None
+            raise ServiceError(str(exc), kind=exc.kind) from None
+        from agent.runbook.model import Runbook  # a decision's, not every command's, import
+
         runbook = Runbook.from_snapshot(run.runbook) if run.runbook else None
         note = self.redactor.text(note) if note else None
         effect = decision_effect(
@@ -413,17 +512,16 @@ class RunService:
             note,
             rollback_on_reject=bool(runbook and runbook.on_reject == "rollback"),
         )
-        changed = await self.store.decide_approval(approval.id, status, decider, note, effect)
-        approval = await self.store.get_approval(approval.id)
-        if not changed:
-            run = await self.store.get_run(run_id)
+        decided = await self.store.decide_approval(approval.id, status, decider, note, effect)
+        approval, run = decided.approval, decided.run
+        if not decided.changed:
+            if approval.status == ApprovalStatus.EXPIRED:  # too late: the deadline ended it
+                await self._wake_after_end(run, wait)
             return DecisionResult(False, _already(approval), approval, run)
-
-        run = await self.store.get_run(run_id)
         message = f"{status} by {decider}"
         try:
             if run.status == RunStatus.QUEUED:
-                run = await self._drive(run_id, wait)
+                run = await self._drive(run.id, wait, run)
             else:
                 await self._wake_after_end(run, wait)  # e.g. a rejected child: its tree goes on
         except StoreError as exc:  # e.g. another process resumed it first: still decided
@@ -432,7 +530,7 @@ class RunService:
 
     def _background(self, work: Coroutine[Any, Any, None], name: str) -> None:
         """Run `work` as a task this service keeps (and stops on close)."""
-        task = asyncio.create_task(work, name=name)
+        task = asyncio.create_task(work, name=name, context=contextvars.Context())
         self._side_tasks.add(task)
         task.add_done_callback(self._side_task_done)
 
@@ -449,21 +547,17 @@ class RunService:
             raise DeciderRefused(str(exc)) from None
 
     async def _approval_to_decide(
-        self, run: RunRecord, approval_token: str | None, approval_number: int | None
+        self, run: RunRecord, approval_number: int | None
     ) -> ApprovalRecord:
-        if approval_token is not None or approval_number is not None:
+        if approval_number is not None:
             try:
-                if approval_token is not None:
-                    approval = await self.store.get_approval_by_token(approval_token)
-                else:
-                    assert approval_number is not None
-                    approval = await self.store.get_approval_by_number(run.id, approval_number)
+                approval = await self.store.get_approval_by_number(run.id, approval_number)
             except ApprovalNotFound as exc:
-                if approval_token is not None:
-                    raise ServiceError("no such approval request (stale or forged)") from None
-                raise ServiceError(str(exc)) from None
+                raise ServiceError(str(exc), kind=exc.kind) from None
             if approval.run_id not in await self.store.subtree_ids(run.id):
-                raise ServiceError("that approval request belongs to another run")
+                raise ServiceError(
+                    "that approval request belongs to another run", kind=ErrorKind.CONFLICT
+                )
             return approval
         requests = await self.store.list_approvals(run.id)
         if not requests and run.status == RunStatus.WAITING_CHILDREN:
@@ -475,17 +569,22 @@ class RunService:
                 if pending
                 else ""
             )
-            raise ServiceError(
+            raise ApprovalAmbiguous(
                 f"run {run.id} has had {len(requests)} approval requests; say which one you "
-                f"decide by its number{hint}"
+                f"decide by its number{hint}",
+                [a.number for a in pending],
             )
         if pending:
             return pending[0]
         if run.status.is_terminal:
-            raise ServiceError(f"run {run.id} is already {run.status}; nothing to decide")
+            raise ServiceError(
+                f"run {run.id} is already {run.status}; nothing to decide", kind=ErrorKind.CONFLICT
+            )
         if requests:
             return requests[0]
-        raise ServiceError(f"run {run.id} has no approval request (status {run.status})")
+        raise ServiceError(
+            f"run {run.id} has no approval request (status {run.status})", kind=ErrorKind.CONFLICT
+        )
 
     async def _approval_in_tree(self, run: RunRecord) -> ApprovalRecord:
         """The one request below a waiting parent; as for one run, an unnamed decision is only
@@ -500,11 +599,15 @@ class RunService:
         if len(requests) == 1:  # decided already: the caller says so, nothing changes
             return requests[0]
         if not pending:
-            raise ServiceError(f"run {run.id} waits for its children; none waits for a decision")
+            raise ServiceError(
+                f"run {run.id} waits for its children; none waits for a decision",
+                kind=ErrorKind.CONFLICT,
+            )
         listing = ", ".join(f"#{a.number} ({_describe(a)} in {a.run_id})" for a in pending)
-        raise ServiceError(
+        raise ApprovalAmbiguous(
             f"run {run.id} has had {len(requests)} approval requests; say which one you "
-            f"decide by its number (open: {listing})"
+            f"decide by its number (open: {listing})",
+            [a.number for a in pending],
         )
 
     async def cancel(self, run_id: str, by: str, wait: bool = True) -> RunRecord:
@@ -513,11 +616,13 @@ class RunService:
         try:
             cancelled = await self.store.cancel_run(run_id, by)
         except StoreError as exc:
-            raise ServiceError(str(exc)) from None
+            raise ServiceError(str(exc), kind=exc.kind) from None
         # Driven here: stop at once. Driven by another process: its heartbeat finds the lease
-        # gone within a third of the lease TTL and stops there.
-        for cancelled_id in cancelled:
-            self.kernel.stop(cancelled_id)
+        # gone within a third of the lease TTL and stops there. (No kernel yet: this process
+        # drives nothing.)
+        if "kernel" in self.__dict__:
+            for cancelled_id in cancelled:
+                self.kernel.stop(cancelled_id)
         # A driver that is frozen never gets there, and its command's guard waits for the
         # timeout: kill the in-flight commands we can reach (same host and PID namespace) now.
         here = this_host()
@@ -532,6 +637,8 @@ class RunService:
                 )
                 if not isinstance(marker, str) or not here.same_pid_space(where):
                     continue
+                from agent.tools.shell import kill_attempt
+
                 try:
                     await asyncio.to_thread(kill_attempt, marker)
                 except ValueError:  # a marker this version cannot look for
@@ -546,10 +653,112 @@ class RunService:
         """One run."""
         return await self.store.get_run(run_id)
 
-    async def list(self, status: RunStatus | None = None, limit: int = 50) -> list[RunRecord]:
-        """Recent runs, newest first (overdue approvals are expired first, so none shows stale)."""
-        await self.expire_overdue()
-        return await self.store.list_runs(status, limit)
+    async def root(self, run_id: str) -> RunRecord:
+        """The root run of the tree `run_id` belongs to (its incident)."""
+        return await self.store.get_run(await self.store.root_id(run_id))
+
+    async def run_tree(self, run_id: str, calls: bool = True, events: bool = False) -> RunTree:
+        """The run and every run below it, with their approval requests, tool calls (unless
+        `calls` is False), journals (if `events`) and people's names, read in one snapshot:
+        what explain, trace, summaries and a chat's progress are made from."""
+        return await self.store.read_tree(run_id, calls=calls, events=events)
+
+    async def approval_request(
+        self, approval_id: int | None = None, token: str | None = None
+    ) -> ApprovalInRun:
+        """An approval request by id or by its button's token, with its run, that run's
+        ancestry and people's names, in one read; ServiceError for a token that names none."""
+        try:
+            return await self.store.approval_in_run(approval_id, token)
+        except ApprovalNotFound:
+            if token is None:
+                raise
+            raise ServiceError(
+                "no such approval request (stale or forged)", kind=ErrorKind.NOT_FOUND
+            ) from None
+
+    async def chat_runs(
+        self, chat_id: int, limit: int = 10, active: bool = False
+    ) -> list[RunRecord]:
+        """The runs a chat started (roots only), newest first; only unfinished ones if
+        `active`."""
+        return await self.store.list_chat_runs(chat_id, limit, active)
+
+    async def list(
+        self, status: RunStatus | None = None, limit: int = 50, offset: int = 0
+    ) -> list[RunRecord]:
+        """Runs, newest first, optionally of one status: `limit` of them from `offset`. (A
+        listing that must show no request past its deadline calls `expire_overdue` first.)"""
+        return await self.store.list_runs(status, limit, offset)
+
+    async def children(self, run_id: str) -> list[RunRecord]:
+        """The runs a run started, oldest first."""
+        return await self.store.child_runs(run_id)
+
+    async def events(self, run_id: str) -> list[EventRecord]:
+        """A run's journal, in order."""
+        return await self.store.list_events(run_id)
+
+    async def tree_events(
+        self, run_id: str, after_seq: int = 0, limit: int = 500
+    ) -> list[EventRecord]:
+        """The journal of a run and every run below it after `after_seq`, in written order."""
+        return await self.store.list_tree_events(run_id, after_seq, limit)
+
+    def watch_journal(self, run_ids: Iterable[str]) -> AbstractContextManager[JournalWatch]:
+        """Watch runs' journals for a block: no write between a reader's look and its wait is
+        missed (`add` a run as it shows up, `wait` for the next write)."""
+        return self.store.watch_journal(run_ids)
+
+    async def chain_head(self, run_id: str) -> tuple[str, int]:
+        """The hash and length the run recorded for its own journal's chain."""
+        return await self.store.chain_head(run_id)
+
+    async def metrics(self) -> MetricsSnapshot:
+        """Counts and histograms of the whole store (what /metrics shows)."""
+        return await self.store.metrics_snapshot()
+
+    async def active_runs(self) -> int:
+        """Incidents (root runs) with a run of their tree queued or running."""
+        return await self.store.count_active_roots()
+
+    async def processes(self) -> list[ProcessRecord]:
+        """Every process registered as serving this store, live or gone (by `heartbeat_at`)."""
+        return await self.store.list_processes()
+
+    def driver_gone(self, run: RunRecord) -> bool:
+        """True when the process that drives a running run is dead or its lease ran out."""
+        if not run.lease_owner:
+            return False
+        return owner_is_dead(run.lease_owner) or (run.lease_expires_at or 0) < time.time()
+
+    async def schema_version(self) -> int:
+        """The store's schema version: what a health probe asks; StoreUnavailable when the
+        store does not answer."""
+        return await _answering(self.store.schema_version())
+
+    # -- what a worker does ------------------------------------------------------------------
+
+    @property
+    def store_label(self) -> str:
+        """The store's name for people: a file path, or a URL without its password."""
+        return self.store.label
+
+    @property
+    def runs_ready(self) -> asyncio.Event:
+        """Set when a commit made a run runnable (in this process, or seen from another)."""
+        return self.store.runs_ready
+
+    async def claim(self, limit: int) -> list[Claim]:
+        """Claim up to `limit` runs nobody drives, under this process's lease, for
+        `drive_claimed`; StoreUnavailable when the database is away (try again later)."""
+        return await _answering(
+            self.store.claim_runnable(self.owner, self.settings.lease_ttl, limit)
+        )
+
+    async def release(self, claim: Claim) -> None:
+        """Hand a claimed run back (queued) without driving it."""
+        await (await self.store.drive(claim)).release()
 
     async def pending_approval(self, run_id: str) -> ApprovalRecord | None:
         """The open approval request the run waits for: its own, or one in a child it awaits."""
@@ -566,6 +775,42 @@ class RunService:
         return None
 
 
+async def _answering(query: Awaitable[T]) -> T:
+    """`query`'s answer; StoreUnavailable (one line) when the machine failed it (the disk,
+    the network, the database driver). A refusal (StoreError) and a bug pass as they are."""
+    try:
+        return await query
+    except LoomOpsError:
+        raise
+    except Exception as exc:
+        if kind_of(exc) != ErrorKind.UNAVAILABLE:
+            raise  # a bug: keep its traceback
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise StoreUnavailable(f"store unreachable: {detail}") from exc
+
+
+async def probe_store(settings: Settings) -> tuple[str, int]:
+    """(the store's label, its schema version) for a health probe, over one connection;
+    StoreError when it cannot be opened, StoreUnavailable when it does not answer."""
+    store = await _answering(RunStore.open(settings.db, pool_size=1))
+    async with store:
+        return store.label, await _answering(store.schema_version())
+
+
+def missing_store(settings: Settings) -> str | None:
+    """The SQLite file the settings name, when it does not exist yet (opening would create
+    it); None for PostgreSQL, an existing file, and a path opening must report (its
+    directory is missing, or is a file)."""
+    if is_postgres_url(settings.db):
+        return None
+    try:
+        path = sqlite_path(settings.db)
+    except ValueError:
+        return None  # opening it says what is wrong
+    file = Path(path)
+    return path if path != ":memory:" and not file.exists() and file.parent.is_dir() else None
+
+
 async def _after(previous: asyncio.Task[RunRecord], work: Coroutine[Any, Any, T]) -> T:
     """Run `work` once `previous` is over, however it ended."""
     await asyncio.gather(previous, return_exceptions=True)
@@ -575,6 +820,8 @@ async def _after(previous: asyncio.Task[RunRecord], work: Coroutine[Any, Any, T]
 def _configured_policy(settings: Settings, redactor: Redactor) -> Policy | None:
     """The mock when asked for, else the LLM when a key is set, else none (runs refuse to start)."""
     if settings.mock_llm:
+        from agent.policy.mock import MockPolicy  # with the runbook model: not every command's
+
         return MockPolicy()
     if settings.openai_api_key is None or not settings.openai_api_key.get_secret_value():
         return None
@@ -588,6 +835,8 @@ def _configured_policy(settings: Settings, redactor: Redactor) -> Policy | None:
 def _recorded_policy(name: str, settings: Settings, redactor: Redactor) -> Policy:
     """The policy a run was started with, by its recorded name: the mock needs nothing; an
     LLM needs this process's key and URL, and keeps the run's model."""
+    from agent.policy.mock import MockPolicy
+
     if name == MockPolicy.name:
         return MockPolicy()
     kind, _, model = name.partition(":")

@@ -1,55 +1,44 @@
 """The durable store: transactions over SQLite or PostgreSQL, one module per aggregate.
 
-Its public names, listed once: the store, the commands it takes, and the errors it raises.
+Its public names, listed once: the store and the commands it takes (its errors live in
+`agent.errors`).
 """
 
+from agent.store.approvals import Decided
 from agent.store.base import JournalWatch
 from agent.store.commands import (
+    CallResult,
     DecisionEffect,
     NewApproval,
     NewChild,
-    NewEvent,
-    NewPolicyTurn,
     NewRun,
     NewToolCall,
+    Outcome,
     RunbookPin,
     StartedCall,
 )
-from agent.store.database import Database, SchemaTooNew, StoreError, is_postgres_url
-from agent.store.errors import (
-    ApprovalNotFound,
-    LeaseLost,
-    RunBusy,
-    RunExists,
-    RunNotFound,
-    RunNotRunnable,
-)
+from agent.store.database import Database, is_postgres_url
+from agent.store.drive import Drive
 from agent.store.metrics import DURATION_BUCKETS, WAIT_BUCKETS, MetricsSnapshot
 from agent.store.runstore import RunStore
 
 __all__ = [
     "DURATION_BUCKETS",
     "WAIT_BUCKETS",
-    "ApprovalNotFound",
+    "CallResult",
     "Database",
+    "Decided",
     "DecisionEffect",
+    "Drive",
     "JournalWatch",
-    "LeaseLost",
     "MetricsSnapshot",
     "NewApproval",
     "NewChild",
-    "NewEvent",
-    "NewPolicyTurn",
     "NewRun",
     "NewToolCall",
-    "RunBusy",
-    "RunExists",
-    "RunNotFound",
-    "RunNotRunnable",
+    "Outcome",
     "RunStore",
     "RunbookPin",
-    "SchemaTooNew",
     "StartedCall",
-    "StoreError",
     "is_postgres_url",
 ]

@@ -6,46 +6,55 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from agent.errors import ApprovalNotFound
+from agent.events import (
+    ApprovalDecided,
+    ApprovalExpired,
+    ApprovalRequested,
+    PolicyTurn,
+    RunFinished,
+    ToolOutcome,
+)
 from agent.records import (
+    ApprovalInRun,
     ApprovalRecord,
     ApprovalStatus,
     Checkpoint,
     Claim,
+    RunRecord,
     RunStatus,
 )
 from agent.store.base import StoreBase
-from agent.store.commands import (
-    DecisionEffect,
-    NewApproval,
-    NewEvent,
-    NewPolicyTurn,
-    NewToolCall,
-)
-from agent.store.database import (
-    Connection,
-)
-from agent.store.errors import (
-    ApprovalNotFound,
-)
-from agent.store.rows import (
-    APPROVAL_COLUMNS,
-    approval_from_row,
-    dumps,
-)
+from agent.store.commands import DecisionEffect, NewApproval, NewToolCall, Outcome
+from agent.store.database import Connection
+from agent.store.people import names_in
+from agent.store.rows import APPROVAL_COLUMNS, RUN_COLUMNS, approval_from_row, dumps, run_from_row
+
+
+@dataclass(frozen=True)
+class Decided:
+    """What a decision wrote: whether it was recorded (the first decision wins; a late one
+    expires the request instead), and the request and its run as they are after it."""
+
+    changed: bool
+    approval: ApprovalRecord
+    run: RunRecord
 
 
 class ApprovalsStore(StoreBase):
     """Requests for a person's decision."""
 
-    async def open_approval(
+    async def _open_approval(
         self,
         claim: Claim,
         approval: NewApproval,
         checkpoint: Checkpoint,
         call: NewToolCall | None = None,
-        turn: NewPolicyTurn | None = None,
+        turn: PolicyTurn | None = None,
+        earlier: Outcome | None = None,
     ) -> ApprovalRecord:
         """Open a request and park the run: one transaction, so no request is ever lost.
 
@@ -57,13 +66,13 @@ class ApprovalsStore(StoreBase):
         run_id = claim.run_id
 
         def open_(conn: Connection) -> int:
-            self._fence(conn, claim)
+            self._fence(conn, claim, earlier)
             number = self._next_request_number(conn, run_id)
             events = []
             if turn is not None:
                 events.append(self._insert_policy_turn(conn, run_id, turn, now))
             if call is not None:
-                events.append(self._insert_intent(conn, run_id, call, now))
+                events.append(self._write_intent(conn, run_id, call, now, False, None)[1])
             cursor = conn.execute(
                 "INSERT INTO approvals (token, run_id, call_key, kind, step_id, action, reason, "
                 "rollback, deciders, four_eyes, requested_by, status, created_at, deadline_at, "
@@ -108,7 +117,7 @@ class ApprovalsStore(StoreBase):
             }
             # The token works like a password for buttons: chats get it, the journal does not.
             journaled = {k: v for k, v in payload.items() if k != "token"}
-            events.append(NewEvent("approval_requested", journaled))
+            events.append(ApprovalRequested(**journaled))
             self._park(conn, run_id, events, now, RunStatus.WAITING_APPROVAL, checkpoint)
             self._enqueue_outbox(conn, run_id, "approval_request", payload, now)
             return approval_id
@@ -159,16 +168,38 @@ class ApprovalsStore(StoreBase):
             raise ApprovalNotFound(f"no approval request {approval_id}")
         return approval_from_row(row)
 
-    async def get_approval_by_token(self, token: str) -> ApprovalRecord:
-        """One approval request by its opaque token."""
-        row = await self._read(
-            lambda c: c.execute(
-                f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE token = ?", (token,)
+    async def approval_in_run(
+        self, approval_id: int | None = None, token: str | None = None
+    ) -> ApprovalInRun:
+        """One approval request, by id or by its opaque token, with its run, that run's
+        ancestry and the names of the people it names: one read. Raises ApprovalNotFound."""
+        if token is not None:
+            where, key, missing = "token = ?", token, "no such approval request"
+        else:
+            where, key, missing = "id = ?", approval_id, f"no approval request {approval_id}"
+
+        def read(conn: Connection) -> ApprovalInRun:
+            row = conn.execute(
+                f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE {where}", (key,)
             ).fetchone()
-        )
-        if row is None:
-            raise ApprovalNotFound("no such approval request")
-        return approval_from_row(row)
+            if row is None:
+                raise ApprovalNotFound(missing)
+            approval = approval_from_row(row)
+            run = run_from_row(
+                conn.execute(
+                    f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?", (approval.run_id,)
+                ).fetchone()
+            )
+            lineage = [run.id]
+            parent = run.parent_id
+            while parent is not None:
+                lineage.append(parent)
+                up = conn.execute("SELECT parent_id FROM runs WHERE id = ?", (parent,)).fetchone()
+                parent = up["parent_id"] if up is not None else None
+            identities = [run.requested_by, approval.decided_by or "", *approval.deciders]
+            return ApprovalInRun(approval, run, tuple(lineage), names_in(conn, identities))
+
+        return await self._read(read)
 
     async def list_approvals(
         self, run_id: str | None = None, status: ApprovalStatus | None = None
@@ -194,12 +225,12 @@ class ApprovalsStore(StoreBase):
         "retry" decisions on its in-doubt attempts (each good for one attempt)."""
         rows = await self._read(
             lambda c: c.execute(
-                "SELECT step_id, COUNT(*) FROM approvals WHERE run_id = ? "
+                "SELECT step_id, COUNT(*) AS approved FROM approvals WHERE run_id = ? "
                 "AND status = 'approved' AND step_id IS NOT NULL GROUP BY step_id",
                 (run_id,),
             ).fetchall()
         )
-        return Counter({row[0]: row[1] for row in rows})
+        return Counter({row["step_id"]: row["approved"] for row in rows})
 
     async def decide_approval(
         self,
@@ -208,21 +239,36 @@ class ApprovalsStore(StoreBase):
         decided_by: str,
         note: str | None,
         effect: DecisionEffect,
-    ) -> bool:
-        """Record a decision if none was made yet, and apply its effect, atomically.
+    ) -> Decided:
+        """Record a decision if none was made yet, and apply its effect, atomically; returns
+        the request and its run as the transaction left them, so nothing reads them again.
 
-        Returns False (and changes nothing) when the request was already decided: the first
-        decision wins.
+        Not recorded (`changed` False) when the request was already decided, the first
+        decision winning, or when its deadline passed, which expires it instead.
         """
         now = time.time()
 
-        def decide(conn: Connection) -> bool:
+        def decide(conn: Connection) -> Decided:
+            changed = record(conn)
+            approval = approval_from_row(
+                conn.execute(
+                    f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id = ?", (approval_id,)
+                ).fetchone()
+            )
+            run = run_from_row(
+                conn.execute(
+                    f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?", (approval.run_id,)
+                ).fetchone()
+            )
+            return Decided(changed, approval, run)
+
+        def record(conn: Connection) -> bool:
             row = conn.execute(
                 "SELECT run_id, call_key, number FROM approvals WHERE id = ?", (approval_id,)
             ).fetchone()
             if row is None:
                 raise ApprovalNotFound(f"no approval request {approval_id}")
-            run_id, call_key, number = row
+            run_id, call_key, number = row["run_id"], row["call_key"], row["number"]
             # The deadline is checked here, in the deciding transaction: a decision that
             # arrives late expires the request instead, whatever the caller checked before.
             if self._expire_if_overdue(conn, approval_id, now):
@@ -246,40 +292,24 @@ class ApprovalsStore(StoreBase):
                     ),
                 )
             events = [
-                NewEvent(
-                    "approval_decided",
-                    {
-                        "approval_id": approval_id,
-                        "number": number,
-                        "call_key": call_key,
-                        "decision": str(status),
-                        "decided_by": decided_by,
-                        "note": note,
-                    },
+                ApprovalDecided(
+                    approval_id=approval_id,
+                    number=number,
+                    call_key=call_key,
+                    decision=str(status),
+                    decided_by=decided_by,
+                    note=note,
                 )
             ]
             if effect.call_status is not None and effect.call_outcome is not None:
-                events.append(
-                    NewEvent(
-                        "tool_outcome",
-                        {
-                            "call_key": call_key,
-                            "status": effect.call_status,
-                            "outcome": effect.call_outcome,
-                        },
-                    )
-                )
+                events.append(ToolOutcome(call_key, effect.call_status, effect.call_outcome))
             updates: dict[str, Any] = {"status": str(effect.run_status)}
             if effect.checkpoint is not None:
                 updates["checkpoint"] = effect.checkpoint.to_json()
             if effect.run_status.is_terminal:
                 updates["finished_at"] = now
                 updates["error"] = effect.error
-                events.append(
-                    NewEvent(
-                        "run_finished", {"status": str(effect.run_status), "error": effect.error}
-                    )
-                )
+                events.append(RunFinished(str(effect.run_status), error=effect.error))
             self._append_events(conn, run_id, events, now, updates)
             self._enqueue_outbox(
                 conn,
@@ -318,7 +348,7 @@ class ApprovalsStore(StoreBase):
         ).fetchone()
         if row is None:
             return False
-        run_id = row[0]
+        run_id = row["run_id"]
         conn.execute(
             "UPDATE approvals SET status = 'expired', decided_at = ? WHERE id = ?",
             (now, approval_id),
@@ -328,8 +358,8 @@ class ApprovalsStore(StoreBase):
             conn,
             run_id,
             [
-                NewEvent("approval_expired", {"approval_id": approval_id}),
-                NewEvent("run_finished", {"status": "expired", "error": error}),
+                ApprovalExpired(approval_id),
+                RunFinished("expired", error=error),
             ],
             now,
             {"status": RunStatus.EXPIRED, "finished_at": now, "error": error},

@@ -6,19 +6,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from agent.events import canonical_json, event_hash
-from agent.records import (
-    Checkpoint,
-    Claim,
-    Origin,
-    RunStatus,
-)
-from agent.store.commands import (
-    NewEvent,
-)
+from agent.chain import canonical_json, event_hash
+from agent.errors import LeaseLost, RunNotFound
+from agent.events import Event, ToolOutcome
+from agent.records import Checkpoint, Claim, Origin, RunStatus
+from agent.store.commands import CallResult, NewToolCall, Outcome
 from agent.store.database import (
     JOURNAL_CHANNEL,
     OUTBOX_CHANNEL,
@@ -27,13 +24,7 @@ from agent.store.database import (
     Database,
     Leadership,
 )
-from agent.store.errors import (
-    LeaseLost,
-    RunNotFound,
-)
-from agent.store.rows import (
-    dumps,
-)
+from agent.store.rows import dumps
 
 T = TypeVar("T")
 
@@ -59,6 +50,24 @@ class JournalWatch:
             async with asyncio.timeout(timeout):
                 await self.changed.wait()
         self.changed.clear()
+
+
+@dataclass
+class RunHead:
+    """What a transaction reads of a run's row once: its chain head, where it came from, and
+    who holds its lease (as of the transaction's start)."""
+
+    event_count: int
+    last_hash: str
+    origin: str
+    parent_id: str | None
+    lease_owner: str | None
+    lease_epoch: int
+    status: str
+    lease_expires_at: float | None
+    # Written by the transaction but not yet journaled: the next append takes them along.
+    carried_events: list[Event] = field(default_factory=list)
+    carried_updates: dict[str, Any] = field(default_factory=dict)
 
 
 class StoreBase:
@@ -115,7 +124,15 @@ class StoreBase:
 
         def run(conn: Connection) -> tuple[T, bool, bool]:
             queued.outbox = queued.runs = False  # a re-run starts afresh
-            return fn(conn), queued.outbox, queued.runs
+            queued.heads = {}
+            queued.checks = []
+            result = fn(conn)
+            for run_id, head in queued.heads.items():
+                if head.carried_events or head.carried_updates:  # nothing appended after them
+                    self._append_events(conn, run_id, [], time.time())
+            for check in queued.checks:
+                check()
+            return result, queued.outbox, queued.runs
 
         result, outbox, runs = await self.db.transaction(run, durable=durable)
         if outbox:
@@ -196,25 +213,22 @@ class StoreBase:
         self,
         conn: Connection,
         run_id: str,
-        events: Sequence[NewEvent],
+        events: Sequence[Event],
         now: float,
         run_updates: dict[str, Any] | None = None,
     ) -> None:
         """Append events to a run's chain and apply `run_updates` to its row (a drive's
         transaction checked its lease first, with `_fence`)."""
-        # Locked first: two appends to one run at once conflict here (one runs again), not
-        # on the journal's (run_id, idx) key after both computed the same next link.
-        row = conn.execute(
-            "SELECT event_count, last_hash FROM runs WHERE id = ?" + self.dialect.for_update,
-            (run_id,),
-        ).fetchone()
-        if row is None:
-            raise RunNotFound(f"unknown run id {run_id!r}")
-        count, prev = row
+        head = self._head(conn, run_id)
+        if head.carried_events or head.carried_updates:
+            events = [*head.carried_events, *events]
+            run_updates = {**head.carried_updates, **(run_updates or {})}
+            head.carried_events, head.carried_updates = [], {}
+        count, prev = head.event_count, head.last_hash
         rows = []
         for event in events:
             count += 1
-            data_json = canonical_json(event.data)
+            data_json = canonical_json(event.data())
             digest = event_hash(prev, run_id, count, now, event.type, data_json)
             rows.append((run_id, count, now, event.type, data_json, prev, digest))
             prev = digest
@@ -228,6 +242,7 @@ class StoreBase:
             with self._runs_written_lock:  # this runs on a database thread
                 self._runs_written.add(run_id)
             self.db.notify(conn, JOURNAL_CHANNEL, run_id)
+        head.event_count, head.last_hash = count, prev
         updates = {"event_count": count, "last_hash": prev, "updated_at": now}
         updates.update(run_updates or {})
         if updates.get("status") == RunStatus.QUEUED:
@@ -235,34 +250,120 @@ class StoreBase:
         assignments = ", ".join(f"{column} = ?" for column in updates)
         conn.execute(f"UPDATE runs SET {assignments} WHERE id = ?", (*updates.values(), run_id))
 
-    def _fence(self, conn: Connection, claim: Claim) -> float:
+    def _check_at_end(self, check: Callable[[], object]) -> None:
+        """Check something a statement of this transaction did (a row count) after its last
+        statement, before the commit; `check` raises to roll it all back. On PostgreSQL the
+        answer has arrived by then with another one, instead of costing a round trip now."""
+        self._queued.checks.append(check)
+
+    def _head(self, conn: Connection, run_id: str) -> RunHead:
+        """The run's row as this transaction holds it, read (and on PostgreSQL locked) once.
+
+        Locked first: two appends to one run at once conflict here (one runs again), not on
+        the journal's (run_id, idx) key after both computed the same next link. Later reads in
+        the same transaction reuse it; `_append_events` keeps its chain head current."""
+        heads: dict[str, RunHead] = self._queued.heads
+        head = heads.get(run_id)
+        if head is None:
+            row = conn.execute(
+                "SELECT event_count, last_hash, origin, parent_id, lease_owner, lease_epoch, "
+                "status, lease_expires_at FROM runs WHERE id = ?" + self.dialect.for_update,
+                (run_id,),
+            ).fetchone()
+            if row is None:
+                raise RunNotFound(f"unknown run id {run_id!r}")
+            head = heads[run_id] = RunHead(
+                event_count=row["event_count"],
+                last_hash=row["last_hash"],
+                origin=row["origin"],
+                parent_id=row["parent_id"],
+                lease_owner=row["lease_owner"],
+                lease_epoch=row["lease_epoch"],
+                status=row["status"],
+                lease_expires_at=row["lease_expires_at"],
+            )
+        return head
+
+    def _fence(self, conn: Connection, claim: Claim, earlier: Outcome | None = None) -> float:
         """First in every transaction of a run's drive: go on only while the claim (its owner
         at its epoch) still holds the lease; returns when the lease expires.
 
         Checked before anything is written, so a drive that lost its run stops with LeaseLost
         rather than colliding with the new owner's rows (and on PostgreSQL the row lock makes a
         takeover committed meanwhile a conflict, and the re-run sees it). The epoch makes a
-        stale drive fail even where the same owner claimed the run again since."""
-        row = conn.execute(
-            "SELECT lease_owner, lease_epoch, status, lease_expires_at FROM runs WHERE id = ?"
-            + self.dialect.for_update,
-            (claim.run_id,),
-        ).fetchone()
-        if row is None:
-            raise RunNotFound(f"unknown run id {claim.run_id!r}")
-        owner, epoch, status, expires = row
+        stale drive fail even where the same owner claimed the run again since.
+
+        `earlier` is the outcome of the drive's last call, when it was safe to repeat and so
+        waited to ride along with this transaction (one commit per step instead of two)."""
+        head = self._head(conn, claim.run_id)
+        owner, epoch, status = head.lease_owner, head.lease_epoch, head.status
+        expires = head.lease_expires_at
         if owner != claim.owner or epoch != claim.epoch or status != RunStatus.RUNNING:
             raise LeaseLost(
                 f"run {claim.run_id} is no longer driven by this claim (status {status}, "
                 f"epoch {epoch}, ours {claim.epoch})"
             )
+        if earlier is not None:
+            self._write_outcome(
+                conn, claim.run_id, earlier.call, earlier.attempt, earlier.result,
+                earlier.checkpoint, time.time(), carry=True,
+            )  # fmt: skip
         return float(expires or 0.0)
+
+    def _write_outcome(
+        self,
+        conn: Connection,
+        run_id: str,
+        call: NewToolCall,
+        attempt: int,
+        result: CallResult,
+        checkpoint: Checkpoint,
+        now: float,
+        carry: bool = False,
+    ) -> None:
+        """In the caller's (fenced) transaction: record the outcome of the attempt in flight,
+        journal it, and move the run's checkpoint with it; with `carry`, the journal entry and
+        the run's row wait for the transaction's next append (one row update, not two)."""
+        cursor = conn.execute(
+            "UPDATE tool_calls SET status = ?, outcome = ?, outcome_at = ?, duration_ms = ? "
+            "WHERE call_key = ? AND attempt = ? AND status = 'intent'",
+            (result.status, dumps(result.outcome), now, result.duration_ms, call.call_key, attempt),
+        )
+
+        def in_flight() -> None:
+            if cursor.rowcount != 1:
+                raise LeaseLost(f"tool call {call.call_key} attempt {attempt} is not in flight")
+
+        self._check_at_end(in_flight)
+        updates: dict[str, Any] = {"checkpoint": checkpoint.to_json()}
+        if result.pin is not None:
+            updates.update(
+                runbook_id=result.pin.runbook_id,
+                runbook=dumps(result.pin.runbook),
+                params=dumps(result.pin.params),
+            )
+        outcome = ToolOutcome(
+            call.call_key, result.status, result.outcome, attempt, round(result.duration_ms, 3)
+        )
+        if carry:
+            head = self._head(conn, run_id)
+            head.carried_events += [outcome, *result.events]
+            head.carried_updates.update(updates)
+        else:
+            self._append_events(conn, run_id, [outcome, *result.events], now, updates)
+        progress = {
+            "run_id": run_id,
+            "tool": call.tool,
+            "step_id": call.step_id,
+            "status": result.status,
+        }
+        self._enqueue_outbox(conn, run_id, "progress", progress, now)
 
     def _park(
         self,
         conn: Connection,
         run_id: str,
-        events: Sequence[NewEvent],
+        events: Sequence[Event],
         now: float,
         status: RunStatus,
         checkpoint: Checkpoint,
@@ -295,8 +396,8 @@ class StoreBase:
         The end of a child run is not a summary of its own: it refreshes the root's progress
         message. Progress messages name the root, whose one message is edited in place.
         """
-        row = conn.execute("SELECT origin, parent_id FROM runs WHERE id = ?", (run_id,)).fetchone()
-        origin = Origin.from_json(row[0])
+        head = self._head(conn, run_id)
+        origin = Origin.from_json(head.origin)
         if origin.chat_id is None:
             return
         target = dumps({"chat_id": origin.chat_id, "thread_id": origin.thread_id})
@@ -308,11 +409,11 @@ class StoreBase:
                 (run_id, target, kind, dumps(payload), now),
             )
 
-        is_root = row[1] is None
+        is_root = head.parent_id is None
         if kind in ("run_finished", "progress"):
             # A progress entry only says "show the tree's state again"; the message is rendered
             # from the store when it is sent, so one waiting entry per tree is enough.
-            root_id = self._root_id(conn, run_id)
+            root_id = run_id if is_root else self._root_id(conn, head.parent_id)
             waiting = conn.execute(
                 "SELECT 1 FROM outbox WHERE delivered_at IS NULL AND failed_at IS NULL "
                 "AND claimed_at IS NULL AND kind = 'progress' "

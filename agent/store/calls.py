@@ -3,73 +3,26 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
-from agent.records import (
-    Checkpoint,
-    Claim,
-    PolicyTurnRecord,
-    RunStatus,
-    ToolCallRecord,
-)
+from agent.errors import StoreError
+from agent.events import Event, PolicyTurn, ToolIntent, ToolOutcome
+from agent.records import Checkpoint, Claim, PolicyTurnRecord, RunStatus, ToolCallRecord
 from agent.store.base import StoreBase
-from agent.store.commands import (
-    NewEvent,
-    NewPolicyTurn,
-    NewToolCall,
-    RunbookPin,
-    StartedCall,
-)
-from agent.store.database import (
-    Connection,
-    StoreError,
-)
-from agent.store.errors import (
-    LeaseLost,
-)
-from agent.store.rows import (
-    CALL_COLUMNS,
-    TURN_COLUMNS,
-    call_from_row,
-    dumps,
-    turn_from_row,
-)
+from agent.store.commands import CallResult, NewToolCall, Outcome, StartedCall
+from agent.store.database import Connection, Cursor
+from agent.store.rows import CALL_COLUMNS, TURN_COLUMNS, call_from_row, dumps, turn_from_row
 
 
 class CallsStore(StoreBase):
     """What a run asked the policy and which tools it called."""
 
-    @staticmethod
-    def _insert_intent(
-        conn: Connection, run_id: str, call: NewToolCall, now: float, info: str | None = None
-    ) -> NewEvent:
-        """Insert a call's first intent; returns the event that journals it."""
-        conn.execute(
-            "INSERT INTO tool_calls (run_id, call_key, turn, position, tool, args, step_id, "
-            "attempt, status, intent_at, repeatable, attempt_info) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, 1, 'intent', ?, ?, ?)",
-            (
-                run_id,
-                call.call_key,
-                call.turn,
-                call.position,
-                call.tool,
-                dumps(call.args),
-                call.step_id,
-                now,
-                int(call.repeatable),
-                info,
-            ),
-        )
-        return _intent_event(call, 1)
-
     # -- policy turns ----------------------------------------------------------------------
 
     @staticmethod
     def _insert_policy_turn(
-        conn: Connection, run_id: str, turn: NewPolicyTurn, now: float
-    ) -> NewEvent:
+        conn: Connection, run_id: str, turn: PolicyTurn, now: float
+    ) -> PolicyTurn:
         conn.execute(
             "INSERT INTO llm_calls (run_id, turn, policy, request_hash, response, prompt_tokens, "
             "completion_tokens, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -84,17 +37,7 @@ class CallsStore(StoreBase):
                 now,
             ),
         )
-        return NewEvent(
-            "policy_turn",
-            {
-                "turn": turn.turn,
-                "policy": turn.policy,
-                "request_hash": turn.request_hash,
-                "response": turn.response,
-                "prompt_tokens": turn.prompt_tokens,
-                "completion_tokens": turn.completion_tokens,
-            },
-        )
+        return turn
 
     async def get_policy_turn(self, run_id: str, turn: int) -> PolicyTurnRecord | None:
         """The journaled policy answer of one turn, if there is one."""
@@ -117,15 +60,17 @@ class CallsStore(StoreBase):
 
     # -- tool calls ------------------------------------------------------------------------
 
-    async def begin_tool_call(
+    async def _begin_call(
         self,
         claim: Claim,
         call: NewToolCall,
         checkpoint: Checkpoint,
-        turn: NewPolicyTurn | None = None,
+        turn: PolicyTurn | None = None,
         rerun: bool = False,
         durable: bool = True,
         attempt_info: dict[str, Any] | None = None,
+        earlier: Outcome | None = None,
+        fresh: bool = True,
     ) -> StartedCall:
         """Commit the intent of a call (and the policy turn that proposed it) under the claim;
         returns the attempt and the instant its side effect must have started by.
@@ -142,89 +87,105 @@ class CallsStore(StoreBase):
         run_id = claim.run_id
 
         def begin(conn: Connection) -> StartedCall:
-            spawn_before = self._fence(conn, claim)
+            spawn_before = self._fence(conn, claim, earlier)
             info = None
             if attempt_info is not None:
                 info = dumps({**attempt_info, "spawn_before": spawn_before})
             events = []
             if turn is not None:
                 events.append(self._insert_policy_turn(conn, run_id, turn, now))
-            row = conn.execute(
-                "SELECT status, attempt FROM tool_calls WHERE call_key = ?", (call.call_key,)
-            ).fetchone()
-            if row is None:
-                attempt = 1
-                events.append(self._insert_intent(conn, run_id, call, now, info))
-            elif row[0] == "retry" or (rerun and row[0] == "intent"):
-                attempt = row[1] + 1
-                conn.execute(
-                    "UPDATE tool_calls SET status = 'intent', attempt = ?, intent_at = ?, "
-                    "attempt_info = ? WHERE call_key = ?",
-                    (attempt, now, info, call.call_key),
-                )
-                events.append(_intent_event(call, attempt))
-            else:
-                raise StoreError(f"tool call {call.call_key} is already {row[0]}; not run again")
+            attempt, intent = self._write_intent(conn, run_id, call, now, rerun, info, fresh)
+            events.append(intent)
             # The checkpoint moves with the intent so that it never lags the journaled turn.
-            self._append_events(
-                conn,
-                run_id,
-                events,
-                now,
-                {"checkpoint": checkpoint.to_json()},
-            )
+            self._append_events(conn, run_id, events, now, {"checkpoint": checkpoint.to_json()})
             return StartedCall(attempt, spawn_before)
 
         return await self._transaction(begin, durable=durable)
 
-    async def finish_tool_call(
+    def _write_intent(
+        self,
+        conn: Connection,
+        run_id: str,
+        call: NewToolCall,
+        now: float,
+        rerun: bool,
+        info: str | None,
+        fresh: bool = True,
+    ) -> tuple[int, Event]:
+        """In the caller's transaction: record an attempt of the call; returns its number and
+        the event that journals it.
+
+        A `fresh` call (the caller found none recorded) is attempt 1; the transaction checks
+        that at its end, so the insert waits for no answer (one round trip less on
+        PostgreSQL). A call a person marked for retry, or one found in doubt and safe to run
+        again (`rerun`), is the next attempt; any other recorded call is never run again."""
+        if fresh and not rerun:
+            inserted = self._insert_intent(conn, run_id, call, now, info)
+            self._check_at_end(lambda: inserted.rowcount == 1 or self._refuse(conn, call))
+            return 1, _intent_event(call, 1)
+        if self._insert_intent(conn, run_id, call, now, info).rowcount == 1:
+            return 1, _intent_event(call, 1)
+        row = conn.execute(
+            "SELECT status, attempt FROM tool_calls WHERE call_key = ?", (call.call_key,)
+        ).fetchone()
+        if not (row["status"] == "retry" or (rerun and row["status"] == "intent")):
+            self._refuse(conn, call)
+        attempt = row["attempt"] + 1
+        conn.execute(
+            "UPDATE tool_calls SET status = 'intent', attempt = ?, intent_at = ?, "
+            "attempt_info = ? WHERE call_key = ?",
+            (attempt, now, info, call.call_key),
+        )
+        return attempt, _intent_event(call, attempt)
+
+    @staticmethod
+    def _refuse(conn: Connection, call: NewToolCall) -> NoReturn:
+        """Refuse to begin a call that is recorded already (never run twice by accident)."""
+        row = conn.execute(
+            "SELECT status FROM tool_calls WHERE call_key = ?", (call.call_key,)
+        ).fetchone()
+        status = row["status"] if row is not None else "recorded"
+        raise StoreError(f"tool call {call.call_key} is already {status}; not run again")
+
+    @staticmethod
+    def _insert_intent(
+        conn: Connection, run_id: str, call: NewToolCall, now: float, info: str | None
+    ) -> Cursor:
+        """Insert attempt 1 of a call unless the call is recorded already (rowcount 0)."""
+        return conn.execute(
+            "INSERT INTO tool_calls (run_id, call_key, turn, position, tool, args, step_id, "
+            "attempt, status, intent_at, repeatable, attempt_info) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, 1, 'intent', ?, ?, ?) "
+            "ON CONFLICT (call_key) DO NOTHING",
+            (
+                run_id,
+                call.call_key,
+                call.turn,
+                call.position,
+                call.tool,
+                dumps(call.args),
+                call.step_id,
+                now,
+                int(call.repeatable),
+                info,
+            ),
+        )
+
+    async def _finish_call(
         self,
         claim: Claim,
-        call_key: str,
+        call: NewToolCall,
         attempt: int,
-        status: str,
-        outcome: dict[str, Any],
-        duration_ms: float,
+        result: CallResult,
         checkpoint: Checkpoint,
-        pin: RunbookPin | None = None,
-        extra_events: Sequence[NewEvent] = (),
+        earlier: Outcome | None = None,
     ) -> None:
         """Commit a call's outcome together with the run's next checkpoint."""
         now = time.time()
-        run_id = claim.run_id
 
         def finish(conn: Connection) -> None:
-            self._fence(conn, claim)
-            cursor = conn.execute(
-                "UPDATE tool_calls SET status = ?, outcome = ?, outcome_at = ?, duration_ms = ? "
-                "WHERE call_key = ? AND attempt = ? AND status = 'intent'",
-                (status, dumps(outcome), now, duration_ms, call_key, attempt),
-            )
-            if cursor.rowcount != 1:
-                raise LeaseLost(f"tool call {call_key} attempt {attempt} is not in flight here")
-            updates: dict[str, Any] = {"checkpoint": checkpoint.to_json()}
-            if pin is not None:
-                updates.update(
-                    runbook_id=pin.runbook_id,
-                    runbook=dumps(pin.runbook),
-                    params=dumps(pin.params),
-                )
-            event = NewEvent(
-                "tool_outcome",
-                {
-                    "call_key": call_key,
-                    "attempt": attempt,
-                    "status": status,
-                    "outcome": outcome,
-                    "duration_ms": round(duration_ms, 3),
-                },
-            )
-            self._append_events(conn, run_id, [event, *extra_events], now, updates)
-            tool, step_id = conn.execute(
-                "SELECT tool, step_id FROM tool_calls WHERE call_key = ?", (call_key,)
-            ).fetchone()
-            progress = {"run_id": run_id, "tool": tool, "step_id": step_id, "status": status}
-            self._enqueue_outbox(conn, run_id, "progress", progress, now)
+            self._fence(conn, claim, earlier)
+            self._write_outcome(conn, claim.run_id, call, attempt, result, checkpoint, now)
 
         await self._transaction(finish)
 
@@ -238,7 +199,7 @@ class CallsStore(StoreBase):
 
         def close(conn: Connection) -> bool:
             row = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
-            if row is None or row[0] != RunStatus.CANCELLED:
+            if row is None or row["status"] != RunStatus.CANCELLED:
                 return False
             outcome = {"cancelled": True, "may_have_run": True}
             row = conn.execute(
@@ -247,21 +208,13 @@ class CallsStore(StoreBase):
             ).fetchone()
             if row is None:  # no intent committed, or an outcome was recorded after all
                 return False
-            attempt = row[0]
+            attempt = row["attempt"]
             conn.execute(
                 "UPDATE tool_calls SET status = 'cancelled', outcome = ?, outcome_at = ? "
                 "WHERE call_key = ?",
                 (dumps(outcome), now, call_key),
             )
-            event = NewEvent(
-                "tool_outcome",
-                {
-                    "call_key": call_key,
-                    "attempt": attempt,
-                    "status": "cancelled",
-                    "outcome": outcome,
-                },
-            )
+            event = ToolOutcome(call_key, "cancelled", outcome, attempt)
             self._append_events(conn, run_id, [event], now)
             return True
 
@@ -289,14 +242,5 @@ class CallsStore(StoreBase):
     # -- approvals -------------------------------------------------------------------------
 
 
-def _intent_event(call: NewToolCall, attempt: int) -> NewEvent:
-    return NewEvent(
-        "tool_intent",
-        {
-            "call_key": call.call_key,
-            "tool": call.tool,
-            "args": call.args,
-            "step_id": call.step_id,
-            "attempt": attempt,
-        },
-    )
+def _intent_event(call: NewToolCall, attempt: int) -> Event:
+    return ToolIntent(call.call_key, call.tool, call.args, call.step_id, attempt)

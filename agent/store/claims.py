@@ -4,26 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
-from agent.records import (
-    Claim,
-    RunRecord,
-    RunStatus,
-)
+from agent.errors import LeaseLost, RunBusy, RunNotFound, RunNotRunnable
+from agent.events import RunClaimed, RunInterrupted
+from agent.records import Claim, RunRecord, RunStatus
 from agent.store.base import StoreBase
-from agent.store.commands import (
-    NewEvent,
-)
-from agent.store.database import (
-    Connection,
-)
-from agent.store.errors import (
-    LeaseLost,
-    RunBusy,
-    RunNotFound,
-    RunNotRunnable,
-)
+from agent.store.commands import Outcome
+from agent.store.database import Connection
+from agent.store.drive import Drive
+from agent.store.rows import RUN_COLUMNS, run_from_row
 
 
 class ClaimsStore(StoreBase):
@@ -35,15 +24,16 @@ class ClaimsStore(StoreBase):
         owner: str,
         ttl: float,
         owner_is_dead: Callable[[str], bool],
-    ) -> RunRecord:
-        """Take the lease of a runnable run at the next epoch and mark it running.
+    ) -> Drive:
+        """Take the lease of a runnable run at the next epoch and mark it running; returns the
+        handle every write of the drive goes through.
 
         A queued run is free; a running run is free when its lease expired or its owner is known
         dead. Anything else raises RunBusy, RunNotRunnable or RunNotFound.
         """
         now = time.time()
 
-        def claim(conn: Connection) -> None:
+        def claim(conn: Connection) -> RunRecord:
             row = conn.execute(
                 "SELECT status, lease_owner, lease_expires_at, lease_epoch FROM runs WHERE id = ?"
                 + self.dialect.for_update,
@@ -51,7 +41,8 @@ class ClaimsStore(StoreBase):
             ).fetchone()
             if row is None:
                 raise RunNotFound(f"unknown run id {run_id!r}")
-            status, holder, expires, epoch = RunStatus(row[0]), row[1], row[2], row[3]
+            status, holder = RunStatus(row["status"]), row["lease_owner"]
+            expires, epoch = row["lease_expires_at"], row["lease_epoch"]
             takeover = None
             if status == RunStatus.RUNNING:
                 if holder == owner:
@@ -66,9 +57,20 @@ class ClaimsStore(StoreBase):
             elif status != RunStatus.QUEUED:
                 raise RunNotRunnable(f"run {run_id} is {status}, not runnable")
             self._take_lease(conn, run_id, owner, epoch + 1, now, ttl, takeover)
+            return run_from_row(
+                conn.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchone()
+            )
 
-        await self._transaction(claim)
-        return await self.get_run(run_id)
+        run = await self._transaction(claim)
+        return Drive(self, Claim.of(run), run)  # type: ignore[arg-type]
+
+    async def drive(self, claim: Claim) -> Drive:
+        """The handle of a claim this process took earlier (a worker's batch), once the run is
+        still under it; LeaseLost if it was claimed again since."""
+        run = await self.get_run(claim.run_id)
+        if Claim.of(run) != claim:
+            raise LeaseLost(f"run {claim.run_id} was claimed again since this process took it")
+        return Drive(self, claim, run)  # type: ignore[arg-type]
 
     def _take_lease(
         self,
@@ -81,13 +83,10 @@ class ClaimsStore(StoreBase):
         taken_from: str | None,
     ) -> Claim:
         """In a claiming transaction: mark the run running under `owner`'s lease at `epoch`."""
-        data: dict[str, Any] = {"owner": owner, "epoch": epoch}
-        if taken_from is not None:
-            data["taken_over_from"] = taken_from
         self._append_events(
             conn,
             run_id,
-            [NewEvent("run_claimed", data)],
+            [RunClaimed(owner, epoch, taken_from)],
             now,
             {
                 "status": RunStatus.RUNNING,
@@ -128,7 +127,7 @@ class ClaimsStore(StoreBase):
             return []
         return await self._transaction(claim)
 
-    async def renew_lease(self, claim: Claim, ttl: float) -> bool:
+    async def _renew(self, claim: Claim, ttl: float) -> bool:
         """Extend the lease; False when this claim lost it."""
 
         def renew(conn: Connection) -> bool:
@@ -141,7 +140,7 @@ class ClaimsStore(StoreBase):
 
         return await self._transaction(renew)
 
-    async def release_lease(self, claim: Claim, retry_after: float | None = None) -> None:
+    async def _release(self, claim: Claim, retry_after: float | None = None) -> None:
         """Give the lease back, leaving a running run queued for whoever comes next (workers
         wait `retry_after` seconds before they claim it; an explicit resume does not)."""
         not_before = time.time() + retry_after if retry_after is not None else None
@@ -179,7 +178,9 @@ class ClaimsStore(StoreBase):
                 picked.append(run_id)
         return picked
 
-    async def interrupt_run(self, claim: Claim, reason: str, retry_after: float) -> bool:
+    async def _interrupt(
+        self, claim: Claim, reason: str, retry_after: float, earlier: Outcome | None = None
+    ) -> bool:
         """Journal why a drive stopped and hand the run back, queued for whoever claims it
         after `retry_after` seconds; fenced, so a driver that lost its lease writes nothing
         (False)."""
@@ -187,13 +188,13 @@ class ClaimsStore(StoreBase):
 
         def interrupt(conn: Connection) -> bool:
             try:
-                self._fence(conn, claim)
+                self._fence(conn, claim, earlier)
             except LeaseLost:
                 return False
             self._append_events(
                 conn,
                 claim.run_id,
-                [NewEvent("run_interrupted", {"error": reason})],
+                [RunInterrupted(reason)],
                 now,
                 {
                     "status": RunStatus.QUEUED,

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.records import (
-    ApprovalKind,
-    Checkpoint,
-    Effects,
-    Origin,
-    RunLimits,
-    RunStatus,
-)
+from agent.events import Event
+from agent.records import ApprovalKind, Checkpoint, Effects, Origin, RunLimits, RunStatus
 
 
 @dataclass(frozen=True)
@@ -36,26 +31,6 @@ class NewChild:
 
     role: str
     pin: RunbookPin | None = None
-
-
-@dataclass(frozen=True)
-class NewEvent:
-    """An event to append to a run's chain inside a transaction."""
-
-    type: str
-    data: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class NewPolicyTurn:
-    """A policy answer to journal before it is used."""
-
-    turn: int
-    policy: str
-    request_hash: str
-    response: dict[str, Any]
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -117,3 +92,26 @@ class DecisionEffect:
     run_status: RunStatus
     checkpoint: Checkpoint | None
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class CallResult:
+    """What a tool call came to, as the store records it: its status and outcome, how long
+    it took, the runbook it pinned (read_runbook), and events of its own (an audit entry)."""
+
+    status: str
+    outcome: dict[str, Any]
+    duration_ms: float
+    pin: RunbookPin | None = None
+    events: Sequence[Event] = ()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The outcome of a call attempt in flight, with the checkpoint after it: what a drive
+    commits at the head of its next write when the call is safe to repeat."""
+
+    call: NewToolCall
+    attempt: int
+    result: CallResult
+    checkpoint: Checkpoint

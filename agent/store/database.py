@@ -8,27 +8,26 @@ with another's and nothing in it awaits the network.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Protocol, TypeVar
 
+from agent.errors import SchemaTooNew
+
 T = TypeVar("T")
-
-
-class StoreError(Exception):
-    """A store operation that cannot be done; `str()` is one line for a human."""
-
-
-class SchemaTooNew(StoreError):
-    """The database was written by a newer loom-ops than this one."""
 
 
 # Channels a commit announces on, so that other processes sharing the database wake at once.
 RUNS_CHANNEL = "loom_ops_runs"  # a run became runnable (queued)
 OUTBOX_CHANNEL = "loom_ops_outbox"  # a chat message was queued
 JOURNAL_CHANNEL = "loom_ops_journal"  # events were appended to a run (payload: run id)
+
+
+class Row(Protocol):
+    """A row, read by column name (`row["status"]`); both engines return rows like this."""
+
+    def __getitem__(self, key: str | int) -> Any: ...
 
 
 class Cursor(Protocol):
@@ -161,12 +160,3 @@ def sqlite_path(url: str) -> str:
     if url.startswith("sqlite://"):
         raise ValueError(f"{url}: write sqlite:///relative/path or sqlite:////absolute/path")
     return url
-
-
-def driver_errors() -> tuple[type[Exception], ...]:
-    """Errors of either driver: a database that broke, not input that was bad."""
-    try:
-        import psycopg
-    except ImportError:  # pragma: no cover - psycopg is a dependency
-        return (sqlite3.Error,)
-    return (sqlite3.Error, psycopg.Error)

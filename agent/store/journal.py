@@ -5,24 +5,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from agent.records import (
-    Claim,
-    EventRecord,
-)
+from agent.errors import RunNotFound
+from agent.events import Event
+from agent.records import Claim, EventRecord
 from agent.store.base import StoreBase
-from agent.store.commands import (
-    NewEvent,
-)
-from agent.store.database import (
-    Connection,
-)
-from agent.store.errors import (
-    RunNotFound,
-)
-from agent.store.rows import (
-    EVENT_COLUMNS,
-    event_from_row,
-)
+from agent.store.commands import Outcome
+from agent.store.database import Connection
+from agent.store.rows import EVENT_COLUMNS, event_from_row
 
 
 class JournalStore(StoreBase):
@@ -37,19 +26,15 @@ class JournalStore(StoreBase):
         )
         if row is None:
             raise RunNotFound(f"unknown run id {run_id!r}")
-        return row[0], row[1]
+        return row["last_hash"], row["event_count"]
 
-    async def append_event(
-        self, run_id: str, type_: str, data: dict[str, Any], claim: Claim | None = None
-    ) -> None:
-        """Append one event outside any other change (e.g. a note from a front end); a drive
-        passes its `claim`, and writes nothing once it lost the lease (LeaseLost)."""
+    async def _note(self, claim: Claim, event: Event, earlier: Outcome | None = None) -> None:
+        """Append one event of a drive's own (through `Drive.note`), fenced by its claim."""
         now = time.time()
 
         def append(conn: Connection) -> None:
-            if claim is not None:
-                self._fence(conn, claim)
-            self._append_events(conn, run_id, [NewEvent(type_, data)], now)
+            self._fence(conn, claim, earlier)
+            self._append_events(conn, claim.run_id, [event], now)
 
         await self._transaction(append)
 

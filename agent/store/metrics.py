@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agent.store.base import StoreBase
-from agent.store.database import (
-    Connection,
-)
+from agent.store.database import Connection
 
 # Histogram bucket bounds (seconds) of /metrics: tool call durations, approval waits.
 DURATION_BUCKETS = (0.005, 0.025, 0.1, 0.5, 1, 5, 30, 120, 600)

@@ -1,37 +1,30 @@
-"""People: how each identity (`telegram:<id>`, a login) is shown to others."""
+"""People: how each identity (`telegram:<id>`, a login) is shown to others.
+
+The bot writes the names (`bot.store.ChatStore.remember_chat_user`); the store reads them with
+the runs and requests that name people, in the same snapshot.
+"""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 
-from agent.store.base import StoreBase
+from agent.records import CHAT_IDENTITY
+from agent.store.database import Connection
 
 
-class PeopleStore(StoreBase):
-    """Display names of the identities runs and decisions name."""
-
-    async def remember_chat_user(self, identity: str, display: str) -> None:
-        """Record how a chat identity (`telegram:<id>`) is shown to people, e.g. `@alice`."""
-        now = time.time()
-        await self._transaction(
-            lambda c: c.execute(
-                "INSERT INTO chat_users (identity, display, updated_at) VALUES (?, ?, ?) "
-                "ON CONFLICT (identity) DO UPDATE SET display = excluded.display, "
-                "updated_at = excluded.updated_at WHERE chat_users.display != excluded.display",
-                (identity, display, now),
-            ),
-        )
-
-    async def chat_user_names(self, identities: Iterable[str]) -> dict[str, str]:
-        """How each known identity is shown; unknown identities are left out."""
-        wanted = sorted(set(identities))
-        if not wanted:
-            return {}
-        marks = ", ".join("?" for _ in wanted)
-        rows = await self._read(
-            lambda c: c.execute(
-                f"SELECT identity, display FROM chat_users WHERE identity IN ({marks})", wanted
-            ).fetchall()
-        )
-        return dict(rows)
+def names_in(
+    conn: Connection, identities: Iterable[str], texts: Iterable[str] = ()
+) -> dict[str, str]:
+    """In the caller's read: how people know each identity, and each chat identity named
+    inside `texts` (an error, a summary); unknown ones are left out."""
+    wanted = {identity for identity in identities if identity}
+    for text in texts:
+        wanted.update(CHAT_IDENTITY.findall(text or ""))
+    if not wanted:
+        return {}
+    ordered = sorted(wanted)
+    marks = ", ".join("?" for _ in ordered)
+    rows = conn.execute(
+        f"SELECT identity, display FROM chat_users WHERE identity IN ({marks})", ordered
+    ).fetchall()
+    return {row["identity"]: row["display"] for row in rows}

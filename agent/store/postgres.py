@@ -32,16 +32,15 @@ from typing import Any, TypeVar
 import psycopg
 import psycopg_pool
 from psycopg import errors as pg_errors
-from psycopg import sql
 from psycopg.types.string import StrDumper
 
+from agent.errors import StoreError
 from agent.store.database import (
     JOURNAL_CHANNEL,
     OUTBOX_CHANNEL,
     POSTGRES,
     RUNS_CHANNEL,
     Connection,
-    StoreError,
     migrations,
     too_new,
 )
@@ -163,25 +162,32 @@ class PostgresDatabase:
         which a crash of this process cannot lose; a crash of the server may lose a suffix of
         recent commits, never a durable one or anything before it, as on SQLite.
         """
-        begin = "BEGIN ISOLATION LEVEL REPEATABLE READ"
+        begin = ["BEGIN ISOLATION LEVEL REPEATABLE READ"]
         if not durable:
-            begin += "; SET LOCAL synchronous_commit = off"
+            begin.append("SET LOCAL synchronous_commit = off")
         return await self._on_thread(lambda: self._run(fn, begin))
 
     async def read(self, fn: Callable[[Connection], T]) -> T:
         """Run `fn` over one snapshot (repeatable read, read only) on a pool thread."""
         return await self._on_thread(
-            lambda: self._run(fn, "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            lambda: self._run(fn, ["BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"])
         )
 
-    def _run(self, fn: Callable[[Connection], T], begin: str) -> T:
+    def _run(self, fn: Callable[[Connection], T], begin: list[str]) -> T:
+        """Run `fn` between `begin` and COMMIT as one pipeline: statements go out without
+        waiting for each other's results, and the connection waits only where `fn` reads a
+        result (a row, a row count) and at the commit."""
         for attempt in range(1, RETRIES + 1):
             with self._pool.connection() as raw:
-                raw.execute(begin.encode())  # no parameters: one round trip for all of it
-                statements = _Statements(raw)
                 try:
-                    result = fn(statements)
-                    raw.execute(statements.commit())
+                    with raw.pipeline() as pipeline:
+                        for statement in begin:
+                            raw.execute(statement.encode())
+                        statements = _Statements(raw, pipeline)
+                        result = fn(statements)
+                        for channel, payload in sorted(statements.notices):
+                            raw.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+                        raw.execute(b"COMMIT")
                     return result
                 except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure):
                     if raw.info.transaction_status != _IDLE:  # (a failed COMMIT has ended it)
@@ -285,30 +291,56 @@ _IDLE = psycopg.pq.TransactionStatus.IDLE
 
 
 class _Statements:
-    """A psycopg connection that takes the store's SQL (`?` placeholders), and the
+    """A pipelined psycopg connection that takes the store's SQL (`?` placeholders), and the
     notifications its transaction will send when it commits."""
 
-    __slots__ = ("_raw", "notices")
+    __slots__ = ("_pipeline", "_raw", "notices")
 
-    def __init__(self, raw: psycopg.Connection[Any]) -> None:
+    def __init__(self, raw: psycopg.Connection[Any], pipeline: psycopg.Pipeline) -> None:
         self._raw = raw
+        self._pipeline = pipeline
         self.notices: set[tuple[str, str]] = set()
 
-    def commit(self) -> sql.Composable:
-        """The transaction's end: its notifications, then COMMIT, as one round trip."""
-        parts: list[sql.Composable] = [
-            sql.SQL("SELECT pg_notify({}, {}); ").format(sql.Literal(c), sql.Literal(p))
-            for c, p in sorted(self.notices)
-        ]
-        return sql.Composed([*parts, sql.SQL("COMMIT")])
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> _Result:
+        return _Result(self._raw.execute(_placeholders(sql), params), self._pipeline)
 
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
-        return self._raw.execute(_placeholders(sql), params)
-
-    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> psycopg.Cursor[Any]:
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> _Result:
         cursor = self._raw.cursor()
         cursor.executemany(_placeholders(sql), list(rows))
-        return cursor
+        return _Result(cursor, self._pipeline, many=True)
+
+
+class _Result:
+    """A pipelined statement's cursor: reading its rows or its row count waits for it (psycopg
+    syncs the pipeline for rows by itself, not for `rowcount`)."""
+
+    __slots__ = ("_cursor", "_many", "_pipeline")
+
+    def __init__(
+        self, cursor: psycopg.Cursor[Any], pipeline: psycopg.Pipeline, many: bool = False
+    ) -> None:
+        self._cursor = cursor
+        self._pipeline = pipeline
+        self._many = many  # executemany counts up as results arrive: 0 says nothing yet
+
+    @property
+    def rowcount(self) -> int:
+        """Rows the statement changed (or returned)."""
+        if self._many or self._cursor.rowcount < 0:
+            self._pipeline.sync()
+            self._many = False
+        return self._cursor.rowcount
+
+    def fetchone(self) -> Any:
+        """The next row, or None."""
+        return self._cursor.fetchone()
+
+    def fetchall(self) -> list[Any]:
+        """Every remaining row."""
+        return self._cursor.fetchall()
+
+    def __iter__(self) -> Any:
+        return iter(self._cursor)
 
 
 @lru_cache(maxsize=1024)
@@ -317,7 +349,37 @@ def _placeholders(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s")
 
 
+class _Row(tuple):
+    """A row read by column name (`row["status"]`) or position, like SQLite's `sqlite3.Row`."""
+
+    __slots__ = ()
+    _index: dict[str, int] = {}  # noqa: RUF012 - set per column list by `_row_class`
+
+    def __getitem__(self, key: Any) -> Any:
+        if key.__class__ is str:
+            key = self._index[key]
+        return tuple.__getitem__(self, key)
+
+    def keys(self) -> list[str]:
+        """The column names, in order."""
+        return list(self._index)
+
+
+@lru_cache(maxsize=512)
+def _row_class(names: tuple[str, ...]) -> type[_Row]:
+    return type("Row", (_Row,), {"__slots__": (), "_index": {n: i for i, n in enumerate(names)}})
+
+
+def _named_rows(cursor: psycopg.Cursor[Any]) -> Callable[[Sequence[Any]], _Row]:
+    """psycopg's row factory for the store: rows readable by column name, as on SQLite."""
+    description = cursor.description
+    if description is None:
+        return tuple  # type: ignore[return-value]  # a statement without rows
+    return _row_class(tuple(column.name for column in description))
+
+
 def _configure(conn: psycopg.Connection[Any]) -> None:
+    conn.row_factory = _named_rows  # type: ignore[assignment]
     # Statuses are StrEnums: store their values ("queued"), as sqlite3 does, not their names.
     conn.adapters.register_dumper(StrEnum, StrDumper)
     # No transaction of ours waits on anything but the database: one idle this long belongs

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import time
 
-from agent.records import (
-    ProcessRecord,
-)
+from agent.records import ProcessRecord
 from agent.store.base import StoreBase
-from agent.store.database import (
-    Connection,
-)
+from agent.store.database import Connection
 
 
 class ProcessesStore(StoreBase):
@@ -47,11 +43,11 @@ class ProcessesStore(StoreBase):
             ).fetchall()
             return [
                 ProcessRecord(
-                    owner=row[0],
-                    kind=row[1],
-                    drives_runs=bool(row[2]),
-                    started_at=row[3],
-                    heartbeat_at=row[4],
+                    owner=row["owner"],
+                    kind=row["kind"],
+                    drives_runs=bool(row["drives_runs"]),
+                    started_at=row["started_at"],
+                    heartbeat_at=row["heartbeat_at"],
                 )
                 for row in rows
             ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from typing import Any
 
 from agent.records import (
@@ -21,6 +20,7 @@ from agent.records import (
     RunStatus,
     ToolCallRecord,
 )
+from agent.store.database import Row
 
 TERMINAL = frozenset(str(status) for status in TERMINAL_STATUSES)
 
@@ -32,16 +32,16 @@ def dumps(data: Any) -> str:
 EVENT_COLUMNS = "seq, run_id, idx, ts, type, data, prev_hash, hash"
 
 
-def event_from_row(row: Sequence[Any]) -> EventRecord:
+def event_from_row(row: Row) -> EventRecord:
     return EventRecord(
-        seq=row[0],
-        run_id=row[1],
-        idx=row[2],
-        ts=row[3],
-        type=row[4],
-        data=event_data(row[5]),
-        prev_hash=row[6],
-        hash=row[7],
+        seq=row["seq"],
+        run_id=row["run_id"],
+        idx=row["idx"],
+        ts=row["ts"],
+        type=row["type"],
+        data=event_data(row["data"]),
+        prev_hash=row["prev_hash"],
+        hash=row["hash"],
     )
 
 
@@ -62,30 +62,30 @@ RUN_COLUMNS = (
 )
 
 
-def run_from_row(row: Sequence[Any]) -> RunRecord:
+def run_from_row(row: Row) -> RunRecord:
     return RunRecord(
-        id=row[0],
-        parent_id=row[1],
-        role=row[2],
-        status=RunStatus(row[3]),
-        request=row[4],
-        requested_by=row[5],
-        origin=Origin.from_json(row[6]),
-        runbook_id=row[7],
-        runbook=json.loads(row[8]) if row[8] else None,
-        params=json.loads(row[9]) if row[9] else {},
-        checkpoint=Checkpoint.from_json(row[10]),
-        limits=RunLimits.from_json(row[11]),
-        summary=row[12],
-        error=row[13],
-        lease_owner=row[14],
-        lease_expires_at=row[15],
-        created_at=row[16],
-        updated_at=row[17],
-        finished_at=row[18],
-        lease_epoch=row[19],
-        policy=row[20],
-        effects=Effects.from_json(row[21]) if row[21] else None,
+        id=row["id"],
+        parent_id=row["parent_id"],
+        role=row["role"],
+        status=RunStatus(row["status"]),
+        request=row["request"],
+        requested_by=row["requested_by"],
+        origin=Origin.from_json(row["origin"]),
+        runbook_id=row["runbook_id"],
+        runbook=json.loads(row["runbook"]) if row["runbook"] else None,
+        params=json.loads(row["params"]) if row["params"] else {},
+        checkpoint=Checkpoint.from_json(row["checkpoint"]),
+        limits=RunLimits.from_json(row["limits"]),
+        summary=row["summary"],
+        error=row["error"],
+        lease_owner=row["lease_owner"],
+        lease_expires_at=row["lease_expires_at"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        finished_at=row["finished_at"],
+        lease_epoch=row["lease_epoch"],
+        policy=row["policy"],
+        effects=Effects.from_json(row["effects"]) if row["effects"] else None,
     )
 
 
@@ -95,23 +95,23 @@ CALL_COLUMNS = (
 )
 
 
-def call_from_row(row: Sequence[Any]) -> ToolCallRecord:
+def call_from_row(row: Row) -> ToolCallRecord:
     return ToolCallRecord(
-        call_key=row[0],
-        run_id=row[1],
-        turn=row[2],
-        position=row[3],
-        tool=row[4],
-        args=json.loads(row[5]),
-        step_id=row[6],
-        attempt=row[7],
-        status=row[8],
-        outcome=json.loads(row[9]) if row[9] else None,
-        intent_at=row[10],
-        outcome_at=row[11],
-        duration_ms=row[12],
-        repeatable=bool(row[13]),
-        attempt_info=json.loads(row[14]) if row[14] else None,
+        call_key=row["call_key"],
+        run_id=row["run_id"],
+        turn=row["turn"],
+        position=row["position"],
+        tool=row["tool"],
+        args=json.loads(row["args"]),
+        step_id=row["step_id"],
+        attempt=row["attempt"],
+        status=row["status"],
+        outcome=json.loads(row["outcome"]) if row["outcome"] else None,
+        intent_at=row["intent_at"],
+        outcome_at=row["outcome_at"],
+        duration_ms=row["duration_ms"],
+        repeatable=bool(row["repeatable"]),
+        attempt_info=json.loads(row["attempt_info"]) if row["attempt_info"] else None,
     )
 
 
@@ -120,16 +120,16 @@ TURN_COLUMNS = (
 )
 
 
-def turn_from_row(row: Sequence[Any]) -> PolicyTurnRecord:
+def turn_from_row(row: Row) -> PolicyTurnRecord:
     return PolicyTurnRecord(
-        run_id=row[0],
-        turn=row[1],
-        policy=row[2],
-        request_hash=row[3],
-        response=json.loads(row[4]),
-        prompt_tokens=row[5],
-        completion_tokens=row[6],
-        created_at=row[7],
+        run_id=row["run_id"],
+        turn=row["turn"],
+        policy=row["policy"],
+        request_hash=row["request_hash"],
+        response=json.loads(row["response"]),
+        prompt_tokens=row["prompt_tokens"],
+        completion_tokens=row["completion_tokens"],
+        created_at=row["created_at"],
     )
 
 
@@ -140,28 +140,30 @@ APPROVAL_COLUMNS = (
 )
 
 
-def approval_from_row(row: Sequence[Any]) -> ApprovalRecord:
+def approval_from_row(row: Row) -> ApprovalRecord:
     return ApprovalRecord(
-        id=row[0],
-        token=row[1],
-        run_id=row[2],
-        call_key=row[3],
-        kind=ApprovalKind(row[4]),
-        step_id=row[5],
-        action=row[6],
-        reason=row[7],
-        rollback=row[8],
-        deciders=json.loads(row[9]),
-        four_eyes=bool(row[10]),
-        requested_by=row[11],
-        status=ApprovalStatus(row[12]),
-        decided_by=row[13],
-        decided_at=row[14],
-        note=row[15],
-        created_at=row[16],
-        deadline_at=row[17],
-        number=row[18] if row[18] is not None else row[0],  # requests from before: their id
-        mode=row[19],
-        runs_on=row[20],
-        evidence=json.loads(row[21]) if row[21] else [],
+        id=row["id"],
+        token=row["token"],
+        run_id=row["run_id"],
+        call_key=row["call_key"],
+        kind=ApprovalKind(row["kind"]),
+        step_id=row["step_id"],
+        action=row["action"],
+        reason=row["reason"],
+        rollback=row["rollback"],
+        deciders=json.loads(row["deciders"]),
+        four_eyes=bool(row["four_eyes"]),
+        requested_by=row["requested_by"],
+        status=ApprovalStatus(row["status"]),
+        decided_by=row["decided_by"],
+        decided_at=row["decided_at"],
+        note=row["note"],
+        created_at=row["created_at"],
+        deadline_at=row["deadline_at"],
+        number=row["number"]
+        if row["number"] is not None
+        else row["id"],  # requests from before: their id
+        mode=row["mode"],
+        runs_on=row["runs_on"],
+        evidence=json.loads(row["evidence"]) if row["evidence"] else [],
     )

@@ -5,30 +5,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from agent.records import (
-    Checkpoint,
-    Claim,
-    RunRecord,
-    RunStatus,
-)
+from agent.errors import RunExists, RunNotFound, RunNotRunnable
+from agent.events import PolicyTurn, RunCreated, RunFinished
+from agent.records import Checkpoint, Claim, RunRecord, RunStatus
 from agent.store.base import StoreBase
-from agent.store.commands import (
-    NewEvent,
-    NewPolicyTurn,
-    NewRun,
-)
-from agent.store.database import (
-    Connection,
-)
-from agent.store.errors import (
-    RunExists,
-    RunNotFound,
-    RunNotRunnable,
-)
-from agent.store.rows import (
-    RUN_COLUMNS,
-    run_from_row,
-)
+from agent.store.commands import NewRun, Outcome
+from agent.store.database import Connection
+from agent.store.rows import RUN_COLUMNS, run_from_row
 
 
 class RunsStore(StoreBase):
@@ -70,18 +53,15 @@ class RunsStore(StoreBase):
             )
             if inserted.rowcount != 1:
                 raise RunExists(f"run id {new.id!r} exists already")
-            event = NewEvent(
-                "run_created",
-                {
-                    "role": new.role,
-                    "request": new.request,
-                    "requested_by": new.requested_by,
-                    "origin": new.origin.__dict__,
-                    "limits": new.limits.__dict__,
-                    "parent_id": new.parent_id,
-                    "policy": new.policy,
-                    "effects": new.effects.__dict__ if new.effects else None,
-                },
+            event = RunCreated(
+                role=new.role,
+                request=new.request,
+                requested_by=new.requested_by,
+                origin=new.origin.__dict__,
+                limits=new.limits.__dict__,
+                parent_id=new.parent_id,
+                policy=new.policy,
+                effects=new.effects.__dict__ if new.effects else None,
             )
             self._append_events(conn, new.id, [event], now)
             self._announce_runnable(conn)
@@ -128,29 +108,26 @@ class RunsStore(StoreBase):
         rows = await self._read(lambda c: c.execute(sql, params).fetchall())
         return [run_from_row(row) for row in rows]
 
-    async def finish_run(
+    async def _finish(
         self,
         claim: Claim,
         status: RunStatus,
         checkpoint: Checkpoint,
         summary: str | None,
         error: str | None,
-        turn: NewPolicyTurn | None = None,
+        turn: PolicyTurn | None = None,
+        earlier: Outcome | None = None,
     ) -> None:
         """End a run in a final status; journals the last policy turn if it was not yet."""
         now = time.time()
         run_id = claim.run_id
 
         def finish(conn: Connection) -> None:
-            self._fence(conn, claim)
+            self._fence(conn, claim, earlier)
             events = []
             if turn is not None:
                 events.append(self._insert_policy_turn(conn, run_id, turn, now))
-            events.append(
-                NewEvent(
-                    "run_finished", {"status": str(status), "summary": summary, "error": error}
-                )
-            )
+            events.append(RunFinished(str(status), summary=summary, error=error))
             self._append_events(
                 conn,
                 run_id,
@@ -219,7 +196,7 @@ class RunsStore(StoreBase):
                 self._append_events(
                     conn,
                     target,
-                    [NewEvent("run_finished", {"status": "cancelled", "by": by, "error": None})],
+                    [RunFinished("cancelled", by=by)],
                     now,
                     {
                         "status": RunStatus.CANCELLED,

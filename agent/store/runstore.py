@@ -12,17 +12,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from agent.errors import StoreError
 from agent.store.approvals import ApprovalsStore
 from agent.store.calls import CallsStore
 from agent.store.claims import ClaimsStore
-from agent.store.database import (
-    StoreError,
-    is_postgres_url,
-    sqlite_path,
-)
+from agent.store.database import is_postgres_url, sqlite_path
 from agent.store.journal import JournalStore
 from agent.store.metrics import MetricsStore
-from agent.store.people import PeopleStore
 from agent.store.processes import ProcessesStore
 from agent.store.runs import RunsStore
 from agent.store.tree import TreeStore
@@ -37,7 +33,6 @@ class RunStore(
     JournalStore,
     ProcessesStore,
     MetricsStore,
-    PeopleStore,
 ):
     """The durable store of runs and everything they did."""
 

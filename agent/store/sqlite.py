@@ -15,7 +15,8 @@ from typing import TypeVar
 
 import aiosqlite
 
-from agent.store.database import SQLITE, Connection, StoreError, migrations, too_new
+from agent.errors import StoreError
+from agent.store.database import SQLITE, Connection, migrations, too_new
 
 T = TypeVar("T")
 
@@ -89,6 +90,7 @@ class SqliteDatabase:
 
     @staticmethod
     def _configure(conn: sqlite3.Connection) -> None:
+        conn.row_factory = sqlite3.Row  # rows read by column name, as on PostgreSQL
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA journal_mode = WAL")
         # NORMAL in WAL mode survives any process crash; a power cut can only lose a suffix

@@ -7,27 +7,24 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from agent.records import (
-    Checkpoint,
-    Claim,
-    RunStatus,
-)
+from agent.errors import RunNotFound
+from agent.events import ChildrenStarted, PolicyTurn, RunCreated, ToolOutcome, WaitingForSibling
+from agent.records import Checkpoint, Claim, RunRecord, RunStatus, RunTree
 from agent.store.base import StoreBase
-from agent.store.commands import (
-    NewChild,
-    NewEvent,
-    NewPolicyTurn,
-    NewToolCall,
-)
-from agent.store.database import (
-    Connection,
-)
-from agent.store.errors import (
-    RunNotFound,
-)
+from agent.store.commands import NewChild, NewToolCall, Outcome
+from agent.store.database import Connection
+from agent.store.people import names_in
 from agent.store.rows import (
+    APPROVAL_COLUMNS,
+    CALL_COLUMNS,
+    EVENT_COLUMNS,
+    RUN_COLUMNS,
     TERMINAL,
+    approval_from_row,
+    call_from_row,
     dumps,
+    event_from_row,
+    run_from_row,
 )
 
 
@@ -45,9 +42,9 @@ class TreeStore(StoreBase):
         row = conn.execute(
             "SELECT parent_id, spawned_by FROM runs WHERE id = ?", (run_id,)
         ).fetchone()
-        if row is None or row[0] is None or row[1] is None:
+        if row is None or row["parent_id"] is None or row["spawned_by"] is None:
             return
-        parent_id, call_key = row
+        parent_id, call_key = row["parent_id"], row["spawned_by"]
         parent = conn.execute(
             "SELECT status, checkpoint FROM runs WHERE id = ?", (parent_id,)
         ).fetchone()
@@ -75,18 +72,19 @@ class TreeStore(StoreBase):
         self._append_events(
             conn,
             parent_id,
-            [NewEvent("tool_outcome", {"call_key": call_key, "status": "ok", "outcome": outcome})],
+            [ToolOutcome(call_key, "ok", outcome)],
             now,
             {"status": RunStatus.QUEUED, "checkpoint": advanced.to_json()},
         )
 
-    async def await_sibling(
+    async def _await_sibling(
         self,
         claim: Claim,
         call: NewToolCall,
         role: str,
         checkpoint: Checkpoint,
-        turn: NewPolicyTurn | None = None,
+        turn: PolicyTurn | None = None,
+        earlier: Outcome | None = None,
     ) -> dict[str, Any] | None:
         """Commit the intent of waiting for the sibling of `role`; park the run unless it ended.
 
@@ -97,7 +95,7 @@ class TreeStore(StoreBase):
         run_id = claim.run_id
 
         def wait(conn: Connection) -> dict[str, Any] | None:
-            self._fence(conn, claim)
+            self._fence(conn, claim, earlier)
             self._touch_family(conn, run_id)
             sibling = self._sibling(conn, run_id, role)
             events = []
@@ -107,7 +105,7 @@ class TreeStore(StoreBase):
                 "SELECT 1 FROM tool_calls WHERE call_key = ?", (call.call_key,)
             ).fetchone()
             if known is None:  # a resumed wait keeps the intent it already has
-                events.append(self._insert_intent(conn, run_id, call, now))
+                events.append(self._write_intent(conn, run_id, call, now, False, None)[1])
             if sibling is None or sibling["status"] in TERMINAL:
                 self._append_events(
                     conn,
@@ -117,7 +115,7 @@ class TreeStore(StoreBase):
                     {"checkpoint": checkpoint.to_json()},
                 )
                 return sibling or {"run_id": None, "role": role, "status": "absent"}
-            events.append(NewEvent("waiting_for_sibling", {"run_id": sibling["run_id"]}))
+            events.append(WaitingForSibling(sibling["run_id"]))
             self._park(conn, run_id, events, now, RunStatus.WAITING_CHILDREN, checkpoint)
             return None
 
@@ -127,29 +125,30 @@ class TreeStore(StoreBase):
     def _sibling(conn: Connection, run_id: str, role: str) -> dict[str, Any] | None:
         """The run of `role` started by the same delegate call as `run_id`."""
         row = conn.execute(
-            "SELECT s.id, s.role, s.status, s.summary, s.error FROM runs r "
+            "SELECT s.id AS run_id, s.role, s.status, s.summary, s.error FROM runs r "
             "JOIN runs s ON s.spawned_by = r.spawned_by AND s.id != r.id "
             "WHERE r.id = ? AND r.spawned_by IS NOT NULL AND s.role = ? ORDER BY s.id LIMIT 1",
             (run_id, role),
         ).fetchone()
         if row is None:
             return None
-        keys = ("run_id", "role", "status", "summary", "error")
-        return dict(zip(keys, row, strict=True))
+        return {key: row[key] for key in ("run_id", "role", "status", "summary", "error")}
 
     def _wake_waiting_siblings(self, conn: Connection, run_id: str, now: float) -> None:
         """In the caller's transaction: a run ended; wake the siblings that wait for it."""
         row = conn.execute("SELECT spawned_by, role FROM runs WHERE id = ?", (run_id,)).fetchone()
-        if row is None or row[0] is None:
+        if row is None or row["spawned_by"] is None:
             return
         waiting = conn.execute(
             "SELECT r.id, r.checkpoint, c.call_key FROM runs r JOIN tool_calls c "
             "ON c.run_id = r.id AND c.tool = 'await_sibling' AND c.status = 'intent' "
             "WHERE r.spawned_by = ? AND r.id != ? AND r.status = 'waiting_children'",
-            (row[0], run_id),
+            (row["spawned_by"], run_id),
         ).fetchall()
-        for waiter_id, checkpoint_json, call_key in waiting:
-            sibling = self._sibling(conn, waiter_id, row[1])
+        for waiter in waiting:
+            waiter_id, call_key = waiter["id"], waiter["call_key"]
+            checkpoint_json = waiter["checkpoint"]
+            sibling = self._sibling(conn, waiter_id, row["role"])
             if sibling is None or sibling["run_id"] != run_id:
                 continue
             conn.execute(
@@ -159,9 +158,7 @@ class TreeStore(StoreBase):
             )
             checkpoint = Checkpoint.from_json(checkpoint_json)
             advanced = Checkpoint(**{**checkpoint.__dict__, "call": checkpoint.call + 1})
-            event = NewEvent(
-                "tool_outcome", {"call_key": call_key, "status": "ok", "outcome": sibling}
-            )
+            event = ToolOutcome(call_key, "ok", sibling)
             self._append_events(
                 conn,
                 waiter_id,
@@ -170,13 +167,14 @@ class TreeStore(StoreBase):
                 {"status": RunStatus.QUEUED, "checkpoint": advanced.to_json()},
             )
 
-    async def open_children(
+    async def _open_children(
         self,
         claim: Claim,
         call: NewToolCall,
         children: Sequence[NewChild],
         checkpoint: Checkpoint,
-        turn: NewPolicyTurn | None = None,
+        turn: PolicyTurn | None = None,
+        earlier: Outcome | None = None,
     ) -> list[str]:
         """Start child runs for a delegate call and park the parent until they all end.
 
@@ -186,7 +184,7 @@ class TreeStore(StoreBase):
         parent_id = claim.run_id
 
         def open_(conn: Connection) -> list[str]:
-            self._fence(conn, claim)
+            self._fence(conn, claim, earlier)
             parent = conn.execute(
                 "SELECT request, requested_by, origin, limits, policy, effects FROM runs "
                 "WHERE id = ?",
@@ -197,7 +195,7 @@ class TreeStore(StoreBase):
             events = []
             if turn is not None:
                 events.append(self._insert_policy_turn(conn, parent_id, turn, now))
-            events.append(self._insert_intent(conn, parent_id, call, now))
+            events.append(self._write_intent(conn, parent_id, call, now, False, None)[1])
             ids = []
             for child in children:
                 base = f"{parent_id}:sub:{child.role}"
@@ -225,32 +223,29 @@ class TreeStore(StoreBase):
                         child.pin.runbook_id if child.pin else None,
                         dumps(child.pin.runbook) if child.pin else None,
                         dumps(child.pin.params) if child.pin else "{}",
-                        parent[4],  # a child is driven like its parent,
-                        parent[5],  # and acts on the world as it does
+                        parent["policy"],  # a child is driven like its parent,
+                        parent["effects"],  # and acts on the world as it does
                     ),
                 )
                 self._append_events(
                     conn,
                     child_id,
                     [
-                        NewEvent(
-                            "run_created",
-                            {
-                                "role": child.role,
-                                "request": parent[0],
-                                "requested_by": parent[1],
-                                "origin": json.loads(parent[2]),
-                                "limits": json.loads(parent[3]),
-                                "parent_id": parent_id,
-                                "runbook_id": child.pin.runbook_id if child.pin else None,
-                            },
+                        RunCreated(
+                            role=child.role,
+                            request=parent["request"],
+                            requested_by=parent["requested_by"],
+                            origin=json.loads(parent["origin"]),
+                            limits=json.loads(parent["limits"]),
+                            parent_id=parent_id,
+                            runbook_id=child.pin.runbook_id if child.pin else None,
                         )
                     ],
                     now,
                 )
                 ids.append(child_id)
             self._announce_runnable(conn)
-            events.append(NewEvent("children_started", {"call_key": call.call_key, "runs": ids}))
+            events.append(ChildrenStarted(call.call_key, ids))
             self._park(conn, parent_id, events, now, RunStatus.WAITING_CHILDREN, checkpoint)
             return ids
 
@@ -276,4 +271,79 @@ class TreeStore(StoreBase):
         """The root of the run's tree; raises RunNotFound."""
         return await self._read(lambda conn: self._root_id(conn, run_id))
 
+    async def read_tree(self, run_id: str, calls: bool = True, events: bool = False) -> RunTree:
+        """The run and every run below it, with their approval requests, their tool calls
+        (unless `calls` is False) and journals (if `events`), and the names of the people they
+        name: one read, so every part shows the same moment. Raises RunNotFound."""
+        below = (
+            "WITH RECURSIVE tree(id) AS (SELECT ? UNION ALL "
+            "SELECT r.id FROM runs r JOIN tree t ON r.parent_id = t.id) "
+        )
+        among = "run_id IN (SELECT id FROM tree)"
+
+        def read(conn: Connection) -> RunTree:
+            rows = conn.execute(
+                f"{below}SELECT {RUN_COLUMNS} FROM runs WHERE id IN (SELECT id FROM tree) "
+                "ORDER BY created_at, id",
+                (run_id,),
+            ).fetchall()
+            runs = _parents_first(run_id, [run_from_row(row) for row in rows])
+            approvals = [
+                approval_from_row(row)
+                for row in conn.execute(
+                    f"{below}SELECT {APPROVAL_COLUMNS} FROM approvals WHERE {among} ORDER BY id",
+                    (run_id,),
+                )
+            ]
+            found_calls = []
+            if calls:
+                order = {run.id: n for n, run in enumerate(runs)}
+                found_calls = sorted(
+                    (
+                        call_from_row(row)
+                        for row in conn.execute(
+                            f"{below}SELECT {CALL_COLUMNS} FROM tool_calls WHERE {among}",
+                            (run_id,),
+                        )
+                    ),
+                    key=lambda call: (order[call.run_id], call.turn, call.position),
+                )
+            found_events = []
+            if events:
+                found_events = [
+                    event_from_row(row)
+                    for row in conn.execute(
+                        f"{below}SELECT {EVENT_COLUMNS} FROM events WHERE {among} ORDER BY seq",
+                        (run_id,),
+                    )
+                ]
+            identities = [run.requested_by for run in runs]
+            for approval in approvals:
+                identities += [approval.requested_by, approval.decided_by or "", *approval.deciders]
+            texts = [text for run in runs for text in (run.error, run.summary) if text]
+            return RunTree(
+                tuple(runs),
+                tuple(approvals),
+                tuple(found_calls),
+                tuple(found_events),
+                names_in(conn, identities, texts),
+            )
+
+        return await self._read(read)
+
     # -- runs ------------------------------------------------------------------------------
+
+
+def _parents_first(root_id: str, runs: list[RunRecord]) -> list[RunRecord]:
+    """`runs` (oldest first) from the root down: each run's children after it, level by level,
+    oldest first; raises RunNotFound when the root is not among them."""
+    children: dict[str | None, list[RunRecord]] = {}
+    for run in runs:
+        children.setdefault(run.parent_id, []).append(run)
+    root = next((run for run in runs if run.id == root_id), None)
+    if root is None:
+        raise RunNotFound(f"unknown run id {root_id!r}")
+    ordered = [root]
+    for run in ordered:  # grows while it is walked: breadth first
+        ordered.extend(children.get(run.id, []))
+    return ordered

@@ -40,6 +40,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from agent.errors import AllowlistError, CommandDenied
+
 ALLOWLIST_FILENAME = "ops.shell.allowlist.json"
 DEFAULT_PATH: tuple[str, ...] = (
     "/usr/local/sbin",
@@ -55,14 +57,6 @@ _REST = "**"
 _REGEX_PREFIX = "re:"
 # Denial messages quote the argv; cap it so a huge argv cannot flood a log line or a chat.
 _MAX_QUOTED = 300
-
-
-class AllowlistError(ValueError):
-    """The allowlist file cannot be read or is invalid; str() names the file and the reason."""
-
-
-class CommandDenied(Exception):
-    """argv is not admitted; str() is a one-line reason naming the argv."""
 
 
 def default_allowlist_path(workspace: Path) -> Path:

@@ -23,9 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-
-class McpError(Exception):
-    """An MCP tool could not be called; `str()` is one line for the journal and the policy."""
+from agent.errors import McpError
 
 
 class McpServerConfig(BaseModel):

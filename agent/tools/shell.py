@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from agent.errors import SpawnRefused
 from agent.tools import attempt_guard
 
 log = logging.getLogger(__name__)
@@ -64,10 +65,6 @@ _GUARD_SCRIPT = os.path.abspath(attempt_guard.__file__)
 _MARKER = re.compile(r"[!-~]{1,200}")  # printable ASCII, no spaces: fits in env and in logs
 # Sweeps get threads of their own: a default executor busy with other work must not delay a kill.
 _SWEEPERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="loom-ops-sweep")
-
-
-class SpawnRefused(Exception):
-    """The spawn gate had closed (its `spawn_before` instant passed): nothing was started."""
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,12 @@ from typing import Any, Literal, TypeVar
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
+from agent.errors import CommandDenied, McpError, ParamError, RenderError, SpawnRefused
+from agent.events import Audit, Event
 from agent.records import Effects
 from agent.runbook.model import (
     HealthCheck,
     McpAction,
-    ParamError,
-    RenderError,
     Runbook,
     RunbookCatalog,
     Step,
@@ -34,11 +34,11 @@ from agent.runbook.model import (
     render_url,
 )
 from agent.settings import Settings
-from agent.store import NewEvent, RunbookPin
-from agent.tools.allowlist import CommandDenied, ShellAllowlist
-from agent.tools.mcp import McpConfig, McpError, McpHub
+from agent.store import RunbookPin
+from agent.tools.allowlist import ShellAllowlist
+from agent.tools.mcp import McpConfig, McpHub
 from agent.tools.memory import WorkspaceMemory
-from agent.tools.shell import SpawnRefused, run_command, scrubbed_environment
+from agent.tools.shell import run_command, scrubbed_environment
 
 _T = TypeVar("_T")
 
@@ -67,9 +67,6 @@ class AwaitApprovalArgs(BaseModel):
 
     step_id: str = Field(min_length=1, max_length=63)
     reason: str = Field("", max_length=1000)
-
-
-CHILD_ROLES = ("planner", "executor", "verifier")
 
 
 class DelegateArgs(BaseModel):
@@ -121,7 +118,7 @@ class ToolResult:
     status: str  # ok | error
     outcome: dict[str, Any]
     pin: RunbookPin | None = None
-    events: list[NewEvent] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -547,7 +544,7 @@ class Toolbox:
         return ToolResult(
             "ok",
             {"recorded": True, "memory_lines": kept},
-            events=[NewEvent("audit", {"entry": args.entry})],
+            events=[Audit(args.entry)],
         )
 
     def memory_lines(self) -> list[str]:

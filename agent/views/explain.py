@@ -1,15 +1,19 @@
-"""`explain`: a run's journal as a readable timeline, one line (or two) per event."""
+"""`explain`: a run tree's journal as a readable timeline, one line (or two) per event, and
+each runbook step's true state. Pure functions over one snapshot of the tree (`RunTree`)."""
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from agent.records import EventRecord, RunRecord
-from agent.run.outcomes import STEP_TOOLS, StepState, after_call, short_result
+from agent.records import EventRecord, RunRecord, RunTree
+from agent.run.outcomes import DONE, STEP_TOOLS, StepState, after_call, short_result, step_states
 
 MAX_VALUE_CHARS = 160
+# Roles that execute a runbook's steps (a supervisor's executor children, or a runbook run).
+EXECUTING_ROLES = ("runbook", "executor")
 
 
 def _short(value: Any, limit: int = MAX_VALUE_CHARS) -> str:
@@ -74,6 +78,63 @@ def describe_event(event: EventRecord) -> str:
         tail = d.get("error") or d.get("summary") or ""
         return f"finished {d['status']}" + (f": {_short(tail)}" if tail else "")
     return f"{kind}: {_short(d)}"
+
+
+def explain_tree(tree: RunTree) -> str:
+    """The timeline of every run of the tree (read with its events), parents first."""
+    return "\n".join(render_timeline(run, tree.events_of(run.id)) for run in tree.runs)
+
+
+def executing_runs(tree: RunTree) -> list[RunRecord]:
+    """The runs of the tree that executed its runbook's steps: the first such run's runbook,
+    by every run that executed it (a step run by a second executor ran all the same)."""
+    runs = [run for run in tree.runs if run.runbook and run.role in EXECUTING_ROLES]
+    return [run for run in runs if run.runbook_id == runs[0].runbook_id] if runs else []
+
+
+def tree_step_lines(tree: RunTree) -> list[str]:
+    """Each runbook step's true state (`step_lines`) from the journals of the runs that
+    executed the tree's runbook (read with its events); none when no runbook ran."""
+    executing = executing_runs(tree)
+    if not executing:
+        return []
+    ids = {run.id for run in executing}
+    return step_lines(executing[0], [event for event in tree.events if event.run_id in ids])
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    """How far a tree's runbook got: steps done of all, and the step that ran last."""
+
+    done: int
+    total: int
+    last_step: str | None = None  # the step of the latest attempt that ran (not refused)
+    last_status: str = ""  # its call's status: ok, error, skipped, ...
+    last_detail: str = ""  # what a failed attempt said, in short
+
+
+def step_progress(tree: RunTree) -> StepProgress:
+    """Steps done of the tree's runbook and its last step's result, from the tool calls of
+    the runs that executed it (the tree read with its calls)."""
+    executing = executing_runs(tree)
+    if not executing:
+        return StepProgress(0, 0)
+    calls = [call for run in executing for call in tree.calls_of(run.id)]
+    steps = (executing[0].runbook or {}).get("steps", [])
+    states = step_states(
+        (c.tool, c.step_id, c.status, c.attempt, c.outcome) for c in calls if c.status != "intent"
+    )
+    done = sum(1 for step in steps if states.get(step["id"]) and states[step["id"]].last in DONE)
+    ran = [
+        c
+        for c in calls
+        if c.tool in STEP_TOOLS and c.step_id and c.status not in ("intent", "refused")
+    ]
+    if not ran:
+        return StepProgress(done, len(steps))
+    last = max(ran, key=lambda c: (c.outcome_at or 0.0, c.intent_at))
+    detail = short_result(last.outcome or {}) if last.status == "error" else ""
+    return StepProgress(done, len(steps), last.step_id, last.status, detail)
 
 
 def step_lines(run: RunRecord, events: list[EventRecord]) -> list[str]:

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.records import ApprovalRecord, RunRecord, ToolCallRecord
+from agent.records import ApprovalRecord, RunRecord, RunTree, ToolCallRecord
 from agent.run.outcomes import STEP_TOOLS, StepState, short_result, step_states
-from agent.store import RunStore
+from agent.views.explain import executing_runs
 from agent.views.jinja import HTML, TEXT
 
 
@@ -82,38 +82,29 @@ def _detail(call: ToolCallRecord) -> str:
     return ""
 
 
-async def build_summary(store: RunStore, run_id: str) -> RunSummary:
-    """Gather a run's summary from the journal; a supervised run's steps, approvals and errors
-    come from the whole tree below it."""
-    run = await store.get_run(run_id)
-    tree = [run, *[await store.get_run(i) for i in (await store.subtree_ids(run_id))[1:]]]
+def summary_of(tree: RunTree) -> RunSummary:
+    """A run's summary from one snapshot of its tree (read with its tool calls): a supervised
+    run's steps, approvals and errors come from the whole tree below it."""
+    run = tree.root
     end = run.finished_at or time.time()
     summary = RunSummary(run=run, duration=_duration(end - run.created_at))
     errors: list[str] = []
-    executing: RunRecord | None = None  # the first run that executed the runbook's steps
-    executed: list[ToolCallRecord] = []  # its calls, and those of later executors of it
-    for member in tree:
-        summary.approvals.extend(await store.list_approvals(member.id))
-        calls = await store.list_tool_calls(member.id)
-        for call in calls:
+    for member in tree.runs:
+        for call in tree.calls_of(member.id):
             if call.status in ("error", "refused"):
                 where = f" ({member.role})" if member is not run else ""
                 line = f"{call.tool} {call.step_id or ''}: {_detail(call)}".strip() + where
                 errors.append(line)
-        # The runbook's steps are the executing runs': the run itself, or its executor
-        # children (all of them: a step run by a second executor ran all the same).
-        if member.runbook and member.role in ("runbook", "executor"):
-            executing = executing or member
-            if member.runbook_id == executing.runbook_id:
-                executed.extend(calls)
         if member.error:
             errors.append(member.error)
-    if executing is not None:
-        summary.steps = _step_results(executing, executed)
+    executing = executing_runs(tree)
+    if executing:
+        executed = [call for member in executing for call in tree.calls_of(member.id)]
+        summary.steps = _step_results(executing[0], executed)
     summary.errors = _counted(errors)
-    summary.approvals.sort(key=lambda approval: approval.id)
+    summary.approvals = list(tree.approvals)
     names = {run.requested_by, *(a.decided_by for a in summary.approvals if a.decided_by)}
-    summary.names = await store.chat_user_names(names)
+    summary.names = {i: tree.names[i] for i in names if i in tree.names}
     return summary
 
 

@@ -11,9 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.records import ApprovalRecord, EventRecord, RunRecord
-from agent.store import RunStore
-from agent.views.explain import step_lines
+from agent.records import ApprovalRecord, EventRecord, RunRecord, RunTree
+from agent.views.explain import EXECUTING_ROLES, step_lines
 from agent.views.jinja import HTML
 
 MAX_BLOCK_CHARS = 4000  # one argument or outcome block; the journal keeps the rest
@@ -134,13 +133,11 @@ def _entries(events: list[EventRecord]) -> list[TraceEntry]:
     return entries
 
 
-async def build_trace(store: RunStore, run_id: str) -> list[RunTrace]:
-    """The run and every run below it, each with its timeline."""
+def trace_of(tree: RunTree) -> list[RunTrace]:
+    """Every run of the tree (read with its events), parents first, each with its timeline."""
     traces = []
-    queue = [await store.get_run(run_id)]
-    while queue:
-        run = queue.pop(0)
-        events = await store.list_events(run.id)
+    for run in tree.runs:
+        events = tree.events_of(run.id)
         tokens = sum(
             e.data.get("prompt_tokens", 0) + e.data.get("completion_tokens", 0)
             for e in events
@@ -154,13 +151,12 @@ async def build_trace(store: RunStore, run_id: str) -> list[RunTrace]:
                 duration=f"{end - run.created_at:.1f} s",
                 tokens=tokens,
                 entries=_entries(events),
-                approvals=await store.list_approvals(run.id),
+                approvals=tree.approvals_of(run.id),
                 steps=[line.strip() for line in step_lines(run, events)]
-                if run.role in ("runbook", "executor")
+                if run.role in EXECUTING_ROLES
                 else [],
             )
         )
-        queue.extend(await store.child_runs(run.id))
     return traces
 
 
