@@ -20,7 +20,7 @@ POINTS = frozenset(
         "after_intent",
         "before_effect",  # a live command, MCP call or check about to start
         "after_tool",
-        "after_outcome",
+        "after_outcome",  # the commit that holds a call's outcome (and the next intent)
         "after_wait",
         # The chat outbox: a message about to go to the Bot API; then taken by the Bot API,
         # its delivery not yet recorded.

@@ -75,6 +75,18 @@ class Decision(StrEnum):
     REJECT = "reject"
 
 
+class ChatNotice(StrEnum):
+    """What a chat must hear about a run: the kind of an outbox entry. The store queues one
+    with the change it tells of; the bot renders it from the store when it sends it. A
+    separate vocabulary from the journal's event types: which news a chat gets is the chat's."""
+
+    APPROVAL_REQUEST = "approval_request"  # ask the deciders, with buttons
+    APPROVAL_DECIDED = "approval_decided"  # edit the request: who decided, and when
+    APPROVAL_EXPIRED = "approval_expired"  # edit the request: nobody decided in time
+    PROGRESS = "progress"  # show the tree's state again (one message per tree, edited)
+    RUN_FINISHED = "run_finished"  # the root run's summary
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """Where a run's loop stands: the policy turn, the next call in it, budgets spent."""

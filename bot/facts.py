@@ -13,7 +13,7 @@ import time
 from markupsafe import Markup
 
 from agent.records import ApprovalRecord, ApprovalStatus, RunRecord, RunStatus, RunTree
-from agent.views.explain import step_progress, tree_step_lines
+from agent.views.explain import step_progress, step_text, tree_steps
 from bot.messages import (
     STATUS_ICONS,
     STATUS_WORDS,
@@ -116,9 +116,9 @@ def outcome_line(tree: RunTree) -> str:
 def _step_list(tree: RunTree, who: Who) -> list[str]:
     """One line per runbook step, from the journal of the runs that executed them."""
     lines = []
-    for number, line in enumerate(tree_step_lines(tree), start=1):
-        step_id, _, state = line.strip().partition(": ")
-        word = "not run" if state.startswith("not run") else state.split(" ", 1)[0]
+    for number, (step_id, step) in enumerate(tree_steps(tree), start=1):
+        word = step.last or "not run"
+        state = step_text(step)
         state = ("failed" + state[len("error") :]) if word == "error" else state
         state = in_words(state, who)  # "skipped by telegram:42" -> "skipped by @sam"
         icon = STEP_ICONS.get(word, "•")

@@ -34,7 +34,7 @@ from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, Tele
 
 from agent.errors import ApprovalNotFound, LoomOpsError, RunNotFound
 from agent.failpoints import Failpoints
-from agent.records import ApprovalInRun, ApprovalStatus, RunStatus, RunTree
+from agent.records import ApprovalInRun, ApprovalStatus, ChatNotice, RunStatus, RunTree
 from agent.service.runs import RunService
 from agent.views.summary import RunSummary, render_summary, summary_of
 from bot.facts import progress_of, tree_status
@@ -170,7 +170,7 @@ class OutboxSender:
             if message.next_attempt_at > now:  # backing off: keep the chat's order
                 self._wake_at(message.next_attempt_at)
                 return False
-            if message.kind == "progress":
+            if message.kind == ChatNotice.PROGRESS:
                 root_id = message.payload["root_id"]
                 if root_id in coalesced:
                     continue
@@ -180,7 +180,9 @@ class OutboxSender:
                     self._wake_at(due)
                     continue
                 ids = [
-                    m.id for m in batch if m.kind == "progress" and m.payload["root_id"] == root_id
+                    m.id
+                    for m in batch
+                    if m.kind == ChatNotice.PROGRESS and m.payload["root_id"] == root_id
                 ]
                 ok = await self._attempt(message, self._progress(message, ids))
             else:
@@ -241,14 +243,15 @@ class OutboxSender:
     # -- what each kind of entry becomes ---------------------------------------------------
 
     async def _deliver(self, message: OutboxMessage) -> None:
-        if message.kind == "approval_request":
-            await self._approval_request(message)
-        elif message.kind in ("approval_decided", "approval_expired"):
-            await self._approval_outcome(message)
-        elif message.kind == "run_finished":
-            await self._summary(message)
-        else:
-            raise Undeliverable(f"unknown outbox entry kind {message.kind!r}")
+        match message.kind:
+            case ChatNotice.APPROVAL_REQUEST:
+                await self._approval_request(message)
+            case ChatNotice.APPROVAL_DECIDED | ChatNotice.APPROVAL_EXPIRED:
+                await self._approval_outcome(message)
+            case ChatNotice.RUN_FINISHED:
+                await self._summary(message)
+            case _:  # another version's kind
+                raise Undeliverable(f"unknown outbox entry kind {message.kind!r}")
 
     async def _approval_request(self, message: OutboxMessage) -> None:
         request = await self._service.approval_request(message.payload["approval_id"])

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from agent.records import ChatNotice
 from agent.store.database import Connection, Database, Leadership
 
 UPDATE_MEMORY = 7 * 24 * 3600.0  # seconds a handled Telegram update id is remembered
@@ -23,7 +24,7 @@ class OutboxMessage:
     id: int
     run_id: str | None
     target: dict[str, Any]
-    kind: str
+    kind: str  # a `ChatNotice`, or another version's kind (which is not delivered)
     payload: dict[str, Any]
     attempts: int
     created_at: float = 0.0
@@ -109,7 +110,7 @@ class ChatStore:
             lambda c: (
                 c.execute(
                     "UPDATE outbox SET delivered_at = ? WHERE delivered_at IS NULL "
-                    "AND kind = 'progress' AND created_at < ?",
+                    f"AND kind = '{ChatNotice.PROGRESS}' AND created_at < ?",
                     (time.time(), before),
                 ).rowcount
             )
@@ -234,7 +235,8 @@ class ChatStore:
         """The chat message that carries an approval request's buttons, once delivered."""
         row = await self._db.read(
             lambda c: c.execute(
-                "SELECT message_id FROM outbox WHERE kind = 'approval_request' "
+                # The kind is written out, not bound: only then can the partial index serve.
+                f"SELECT message_id FROM outbox WHERE kind = '{ChatNotice.APPROVAL_REQUEST}' "
                 f"AND {self._db.dialect.json_int('payload', 'approval_id')} = ? "
                 "AND message_id IS NOT NULL",
                 (approval_id,),
@@ -246,8 +248,9 @@ class ChatStore:
         """The message showing a run tree's progress, and when it was last sent or edited."""
         row = await self._db.read(
             lambda c: c.execute(
+                # The kind is written out, not bound: only then can the partial index serve.
                 "SELECT message_id, delivered_at FROM outbox "
-                "WHERE kind = 'progress' "
+                f"WHERE kind = '{ChatNotice.PROGRESS}' "
                 f"AND {self._db.dialect.json_text('payload', 'root_id')} = ? "
                 "AND message_id IS NOT NULL ORDER BY delivered_at DESC, id DESC LIMIT 1",
                 (root_id,),

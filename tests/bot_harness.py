@@ -305,3 +305,20 @@ def long_notes_runbook(
             f"    note: {'observe the dashboard & write down what you see; ' * 3}",
         ]
     return "\n".join(lines) + "\n"
+
+
+def long_action_runbook(length: int) -> str:
+    """A runbook with one gated step whose exact command is `echo` and `length` x's (4500 make
+    it longer than one Telegram message)."""
+    return (
+        "id: long-action\n"
+        "title: Long action drill\n"
+        "description: A gated step whose exact command is longer than one Telegram message.\n"
+        "triggers: [long action drill]\n"
+        "approvers: [telegram:100000001]\n"
+        "steps:\n"
+        "  - id: gated\n"
+        "    title: A gated command\n"
+        f"    run: echo {'x' * length}\n"
+        "    approval: required\n"
+    )

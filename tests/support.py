@@ -1,5 +1,6 @@
-"""Helpers shared by the approval, kernel and store tests: services over real SQLite files,
-extra runbooks and allowlist rules written into the test workspace, and scripted policies."""
+"""Helpers shared across the suite: the shipped runbooks' request texts and a two-gate runbook,
+services over real SQLite files, extra runbooks and allowlist rules written into the test
+workspace, scripted policies, and raw reads of the database."""
 
 from __future__ import annotations
 
@@ -31,6 +32,23 @@ PYTHON = str(Path(sys.executable).absolute())
 LATENCY = "incident: API latency spike"
 DISK = "disk almost full on /var"
 DEPLOY = "failed deploy of checkout-api"
+
+# Two gated steps one after the other: a decision meant for the first must not open the second.
+TWO_GATES = """\
+id: two-gates
+title: Two gates
+triggers: [two gates]
+approvers: [cli:approver]
+steps:
+  - id: first
+    title: First gated step
+    run: echo first
+    approval: required
+  - id: second
+    title: Second gated step
+    run: echo second
+    approval: required
+"""
 
 
 @asynccontextmanager

@@ -24,11 +24,9 @@ from agent.http_server import HttpServer
 from agent.records import Decision
 from agent.service.runs import RunService
 from agent.settings import Settings
-from tests.cli_helpers import Cli, assert_usage_error, make_cli_workspace
-from tests.support import LATENCY, write_runbook
-from tests.test_approvals import TWO_GATES
+from tests.cli_helpers import REPO, Cli, assert_usage_error, make_cli_workspace
+from tests.support import LATENCY, TWO_GATES, write_runbook
 
-REPO = Path(__file__).resolve().parent.parent
 # Not loom-ops's errors: the Bot API stand-in answers as Telegram's server does.
 NOT_OURS = {"bot.standin.BotApiError"}
 # Public error classes that may live beside what raises them rather than in agent.errors:

@@ -38,6 +38,7 @@ from agent.errors import (
     StoreError,
     kind_of,
 )
+from agent.events import RunInterrupted, parse
 from agent.records import (
     CHILD_ROLES,
     ApprovalRecord,
@@ -518,7 +519,9 @@ async def _free_run_id(service: RunService) -> str:
 
 async def _interrupted(service: RunService, run: RunRecord, as_json: bool) -> int:
     events = await service.events(run.id)
-    reason = next((e.data["error"] for e in reversed(events) if e.type == "run_interrupted"), None)
+    reason = next(
+        (e.error for e in map(parse, reversed(events)) if isinstance(e, RunInterrupted)), None
+    )
     message = f"run {run.id} was interrupted: {reason or 'unknown reason'}"
     if as_json:
         print(json.dumps(_run_json(run) | {"error": message}))

@@ -158,6 +158,7 @@ class RunKernel:
                 await Drive(self.store, Claim.of(run), run).release()
             raise
         self.failpoints.reached("after_claim")
+        drive.on_saved = lambda: self.failpoints.reached("after_outcome")
         loop = _RunLoop(self, drive)
         work = asyncio.create_task(loop.run(), name=f"run-loop:{run_id}")
         self._loops[run_id] = work
@@ -475,13 +476,12 @@ class _RunLoop:
         self.state = dataclasses.replace(
             self.state, call=self.state.call + 1, tool_calls_used=self.state.tool_calls_used + 1
         )
+        # The outcome commits with the drive's next write (the next step's intent, a request,
+        # the run's end): one commit per step. A crash before that leaves the call in doubt:
+        # run again if it is safe to repeat, else a person decides.
         stored = CallResult(result.status, outcome, duration_ms, result.pin, result.events)
-        if durable:
-            await self.drive.finish_call(new_call, attempt, stored, self._checkpoint())
-        else:  # safe to repeat: its outcome commits with the next step's intent
-            self.drive.defer_outcome(new_call, attempt, stored, self._checkpoint())
+        self.drive.defer_outcome(new_call, attempt, stored, self._checkpoint())
         self.in_flight = None
-        self.k.failpoints.reached("after_outcome")
         if result.pin is not None:
             self.runbook = Runbook.from_snapshot(result.pin.runbook)
             self.params = dict(result.pin.params)

@@ -22,6 +22,7 @@ from agent.records import (
     ApprovalInRun,
     ApprovalRecord,
     ApprovalStatus,
+    ChatNotice,
     Checkpoint,
     Claim,
     RunRecord,
@@ -31,7 +32,7 @@ from agent.store.base import StoreBase
 from agent.store.commands import DecisionEffect, NewApproval, NewToolCall, Outcome
 from agent.store.database import Connection
 from agent.store.people import names_in
-from agent.store.rows import APPROVAL_COLUMNS, RUN_COLUMNS, approval_from_row, dumps, run_from_row
+from agent.store.rows import APPROVAL_COLUMNS, SELECT_RUNS, approval_from_row, dumps, run_from_row
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ class ApprovalsStore(StoreBase):
             journaled = {k: v for k, v in payload.items() if k != "token"}
             events.append(ApprovalRequested(**journaled))
             self._park(conn, run_id, events, now, RunStatus.WAITING_APPROVAL, checkpoint)
-            self._enqueue_outbox(conn, run_id, "approval_request", payload, now)
+            self._enqueue_outbox(conn, run_id, ChatNotice.APPROVAL_REQUEST, payload, now)
             return approval_id
 
         approval_id = await self._transaction(open_, durable=True)
@@ -186,9 +187,7 @@ class ApprovalsStore(StoreBase):
                 raise ApprovalNotFound(missing)
             approval = approval_from_row(row)
             run = run_from_row(
-                conn.execute(
-                    f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?", (approval.run_id,)
-                ).fetchone()
+                conn.execute(f"{SELECT_RUNS} WHERE id = ?", (approval.run_id,)).fetchone()
             )
             lineage = [run.id]
             parent = run.parent_id
@@ -256,9 +255,7 @@ class ApprovalsStore(StoreBase):
                 ).fetchone()
             )
             run = run_from_row(
-                conn.execute(
-                    f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?", (approval.run_id,)
-                ).fetchone()
+                conn.execute(f"{SELECT_RUNS} WHERE id = ?", (approval.run_id,)).fetchone()
             )
             return Decided(changed, approval, run)
 
@@ -314,7 +311,7 @@ class ApprovalsStore(StoreBase):
             self._enqueue_outbox(
                 conn,
                 run_id,
-                "approval_decided",
+                ChatNotice.APPROVAL_DECIDED,
                 {
                     "approval_id": approval_id,
                     "decision": str(status),
@@ -326,7 +323,7 @@ class ApprovalsStore(StoreBase):
             )
             if effect.run_status.is_terminal:
                 self._enqueue_outbox(
-                    conn, run_id, "run_finished", {"status": str(effect.run_status)}, now
+                    conn, run_id, ChatNotice.RUN_FINISHED, {"status": str(effect.run_status)}, now
                 )
                 self._wake_parent(conn, run_id, now)
             return True
@@ -364,8 +361,10 @@ class ApprovalsStore(StoreBase):
             now,
             {"status": RunStatus.EXPIRED, "finished_at": now, "error": error},
         )
-        self._enqueue_outbox(conn, run_id, "approval_expired", {"approval_id": approval_id}, now)
-        self._enqueue_outbox(conn, run_id, "run_finished", {"status": "expired"}, now)
+        self._enqueue_outbox(
+            conn, run_id, ChatNotice.APPROVAL_EXPIRED, {"approval_id": approval_id}, now
+        )
+        self._enqueue_outbox(conn, run_id, ChatNotice.RUN_FINISHED, {"status": "expired"}, now)
         self._wake_parent(conn, run_id, now)
         return True
 

@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 from agent.chain import canonical_json, event_hash
 from agent.errors import LeaseLost, RunNotFound
 from agent.events import Event, ToolOutcome
-from agent.records import Checkpoint, Claim, Origin, RunStatus
-from agent.store.commands import CallResult, NewToolCall, Outcome
+from agent.records import ChatNotice, Checkpoint, Claim, Origin, RunStatus
+from agent.store.commands import CallResult, NewToolCall, Outcome, RunbookPin
 from agent.store.database import (
     JOURNAL_CHANNEL,
     OUTBOX_CHANNEL,
@@ -337,11 +337,8 @@ class StoreBase:
         self._check_at_end(in_flight)
         updates: dict[str, Any] = {"checkpoint": checkpoint.to_json()}
         if result.pin is not None:
-            updates.update(
-                runbook_id=result.pin.runbook_id,
-                runbook=dumps(result.pin.runbook),
-                params=dumps(result.pin.params),
-            )
+            updates["runbook_id"] = result.pin.runbook_id
+            self._pin_runbook(conn, run_id, result.pin)
         outcome = ToolOutcome(
             call.call_key, result.status, result.outcome, attempt, round(result.duration_ms, 3)
         )
@@ -357,7 +354,18 @@ class StoreBase:
             "step_id": call.step_id,
             "status": result.status,
         }
-        self._enqueue_outbox(conn, run_id, "progress", progress, now)
+        self._enqueue_outbox(conn, run_id, ChatNotice.PROGRESS, progress, now)
+
+    @staticmethod
+    def _pin_runbook(conn: Connection, run_id: str, pin: RunbookPin) -> None:
+        """In the caller's transaction: keep the runbook (and params) the run commits to, in
+        its own row (a step rewrites the run's row; it never copies the runbook)."""
+        conn.execute(
+            "INSERT INTO run_runbooks (run_id, runbook, params) VALUES (?, ?, ?) "
+            "ON CONFLICT (run_id) DO UPDATE SET runbook = excluded.runbook, "
+            "params = excluded.params",
+            (run_id, dumps(pin.runbook), dumps(pin.params)),
+        )
 
     def _park(
         self,
@@ -387,7 +395,7 @@ class StoreBase:
         self,
         conn: Connection,
         run_id: str,
-        kind: str,
+        kind: ChatNotice,
         payload: dict[str, Any],
         now: float,
     ) -> None:
@@ -402,7 +410,7 @@ class StoreBase:
             return
         target = dumps({"chat_id": origin.chat_id, "thread_id": origin.thread_id})
 
-        def insert(kind: str, payload: dict[str, Any]) -> None:
+        def insert(kind: ChatNotice, payload: dict[str, Any]) -> None:
             conn.execute(
                 "INSERT INTO outbox (run_id, target, kind, payload, created_at) "
                 "VALUES (?, ?, ?, ?, ?)",
@@ -410,20 +418,20 @@ class StoreBase:
             )
 
         is_root = head.parent_id is None
-        if kind in ("run_finished", "progress"):
+        if kind in (ChatNotice.RUN_FINISHED, ChatNotice.PROGRESS):
             # A progress entry only says "show the tree's state again"; the message is rendered
             # from the store when it is sent, so one waiting entry per tree is enough.
             root_id = run_id if is_root else self._root_id(conn, head.parent_id)
             waiting = conn.execute(
                 "SELECT 1 FROM outbox WHERE delivered_at IS NULL AND failed_at IS NULL "
-                "AND claimed_at IS NULL AND kind = 'progress' "
+                f"AND claimed_at IS NULL AND kind = '{ChatNotice.PROGRESS}' "
                 # Locked: a sender claiming it meanwhile conflicts, and this queues anew.
                 f"AND {self.dialect.json_text('payload', 'root_id')} = ?" + self.dialect.for_update,
                 (root_id,),
             ).fetchone()
             if waiting is None:  # the progress message shows a run's end too
-                insert("progress", {"root_id": root_id, "run_id": run_id, **payload})
-        if kind != "progress" and (kind != "run_finished" or is_root):
+                insert(ChatNotice.PROGRESS, {"root_id": root_id, "run_id": run_id, **payload})
+        if kind != ChatNotice.PROGRESS and (kind != ChatNotice.RUN_FINISHED or is_root):
             insert(kind, payload)  # only the root's end is a summary of its own
         self._queued.outbox = True
         self.db.notify(conn, OUTBOX_CHANNEL)

@@ -12,7 +12,7 @@ from agent.store.base import StoreBase
 from agent.store.commands import Outcome
 from agent.store.database import Connection
 from agent.store.drive import Drive
-from agent.store.rows import RUN_COLUMNS, run_from_row
+from agent.store.rows import SELECT_RUNS, run_from_row
 
 
 class ClaimsStore(StoreBase):
@@ -57,9 +57,7 @@ class ClaimsStore(StoreBase):
             elif status != RunStatus.QUEUED:
                 raise RunNotRunnable(f"run {run_id} is {status}, not runnable")
             self._take_lease(conn, run_id, owner, epoch + 1, now, ttl, takeover)
-            return run_from_row(
-                conn.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,)).fetchone()
-            )
+            return run_from_row(conn.execute(f"{SELECT_RUNS} WHERE id = ?", (run_id,)).fetchone())
 
         run = await self._transaction(claim)
         return Drive(self, Claim.of(run), run)  # type: ignore[arg-type]

@@ -4,10 +4,10 @@ Invariant: each write of a `Drive` checks its claim (owner and epoch) first, in 
 transaction that writes, so a write after a lost lease raises `LeaseLost` and changes nothing.
 The kernel holds a `Drive`, not the claim's parts, so no write of its can skip the check.
 
-The outcome of a call that is safe to repeat is not committed on its own: it rides along with
-the drive's next write (the next step's intent, a request, the run's end), so a step costs
-one commit. A crash before that write leaves the call's intent without an outcome, and a
-call safe to repeat found that way is simply run again.
+The outcome of a call is not committed on its own: it rides along with the drive's next
+write (the next step's intent, a request, the run's end), so a step costs one commit. A crash
+before that write leaves the call's intent without an outcome: a call safe to repeat is run
+again, any other is in doubt and a person decides, as after any crash mid-call.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class Drive:
     claim: Claim
     run: RunRecord
     lease_until: float = 0.0
+    on_saved: Callable[[], object] = lambda: None  # after a write committed a call's outcome
     _unsaved: Outcome | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -65,10 +66,13 @@ class Drive:
         the next write if this one fails."""
         unsaved, self._unsaved = self._unsaved, None
         try:
-            return await write(unsaved)
+            written = await write(unsaved)
         except BaseException:
             self._unsaved = unsaved
             raise
+        if unsaved is not None:
+            self.on_saved()
+        return written
 
     async def begin_call(
         self,
@@ -103,7 +107,7 @@ class Drive:
     def defer_outcome(
         self, call: NewToolCall, attempt: int, result: CallResult, checkpoint: Checkpoint
     ) -> None:
-        """Keep the outcome of a call that is safe to repeat for the drive's next write."""
+        """Keep the outcome of the call in flight for the drive's next write."""
         assert self._unsaved is None, "a drive writes between two calls"
         self._unsaved = Outcome(call, attempt, result, checkpoint)
 

@@ -55,10 +55,12 @@ def event_data(raw: str) -> dict[str, Any]:
     return data if isinstance(data, dict) else {"_undecodable": raw}
 
 
-RUN_COLUMNS = (
-    "id, parent_id, role, status, request, requested_by, origin, runbook_id, runbook, params, "
-    "checkpoint, limits, summary, error, lease_owner, lease_expires_at, created_at, updated_at, "
-    "finished_at, lease_epoch, policy, effects"
+# The run's row, and its pinned runbook kept apart (a step rewrites the row, never the runbook).
+SELECT_RUNS = (
+    "SELECT id, parent_id, role, status, request, requested_by, origin, runbook_id, runbook, "
+    "params, checkpoint, limits, summary, error, lease_owner, lease_expires_at, created_at, "
+    "updated_at, finished_at, lease_epoch, policy, effects "
+    "FROM runs LEFT JOIN run_runbooks ON run_runbooks.run_id = runs.id"
 )
 
 

@@ -7,11 +7,11 @@ from typing import Any
 
 from agent.errors import RunExists, RunNotFound, RunNotRunnable
 from agent.events import PolicyTurn, RunCreated, RunFinished
-from agent.records import Checkpoint, Claim, RunRecord, RunStatus
+from agent.records import ChatNotice, Checkpoint, Claim, RunRecord, RunStatus
 from agent.store.base import StoreBase
 from agent.store.commands import NewRun, Outcome
 from agent.store.database import Connection
-from agent.store.rows import RUN_COLUMNS, run_from_row
+from agent.store.rows import SELECT_RUNS, run_from_row
 
 
 class RunsStore(StoreBase):
@@ -66,7 +66,7 @@ class RunsStore(StoreBase):
             self._append_events(conn, new.id, [event], now)
             self._announce_runnable(conn)
             if new.parent_id is None:  # the chat's progress message for this run starts here
-                self._enqueue_outbox(conn, new.id, "progress", {"event": "started"}, now)
+                self._enqueue_outbox(conn, new.id, ChatNotice.PROGRESS, {"event": "started"}, now)
 
         await self._transaction(create, durable=True)
         return await self.get_run(new.id)
@@ -74,9 +74,7 @@ class RunsStore(StoreBase):
     async def get_run(self, run_id: str) -> RunRecord:
         """The run with that id; raises RunNotFound."""
         row = await self._read(
-            lambda c: c.execute(
-                f"SELECT {RUN_COLUMNS} FROM runs WHERE id = ?", (run_id,)
-            ).fetchone()
+            lambda c: c.execute(f"{SELECT_RUNS} WHERE id = ?", (run_id,)).fetchone()
         )
         if row is None:
             raise RunNotFound(f"unknown run id {run_id!r}")
@@ -86,7 +84,7 @@ class RunsStore(StoreBase):
         """The runs a run started, oldest first."""
         rows = await self._read(
             lambda c: c.execute(
-                f"SELECT {RUN_COLUMNS} FROM runs WHERE parent_id = ? ORDER BY created_at, id",
+                f"{SELECT_RUNS} WHERE parent_id = ? ORDER BY created_at, id",
                 (run_id,),
             ).fetchall()
         )
@@ -97,13 +95,10 @@ class RunsStore(StoreBase):
     ) -> list[RunRecord]:
         """Runs, newest first, optionally of one status."""
         if status is None:
-            sql = f"SELECT {RUN_COLUMNS} FROM runs ORDER BY created_at DESC, id LIMIT ? OFFSET ?"
+            sql = f"{SELECT_RUNS} ORDER BY created_at DESC, id LIMIT ? OFFSET ?"
             params: tuple[Any, ...] = (limit, offset)
         else:
-            sql = (
-                f"SELECT {RUN_COLUMNS} FROM runs WHERE status = ? "
-                "ORDER BY created_at DESC, id LIMIT ? OFFSET ?"
-            )
+            sql = f"{SELECT_RUNS} WHERE status = ? ORDER BY created_at DESC, id LIMIT ? OFFSET ?"
             params = (str(status), limit, offset)
         rows = await self._read(lambda c: c.execute(sql, params).fetchall())
         return [run_from_row(row) for row in rows]
@@ -144,7 +139,11 @@ class RunsStore(StoreBase):
                 },
             )
             self._enqueue_outbox(
-                conn, run_id, "run_finished", {"status": str(status), "summary": summary}, now
+                conn,
+                run_id,
+                ChatNotice.RUN_FINISHED,
+                {"status": str(status), "summary": summary},
+                now,
             )
             self._wake_parent(conn, run_id, now)
 
@@ -183,7 +182,7 @@ class RunsStore(StoreBase):
                     self._enqueue_outbox(
                         conn,
                         target,
-                        "approval_decided",
+                        ChatNotice.APPROVAL_DECIDED,
                         {
                             "approval_id": approval_id,
                             "decision": "cancelled",
@@ -206,7 +205,9 @@ class RunsStore(StoreBase):
                         "lease_expires_at": None,
                     },
                 )
-                self._enqueue_outbox(conn, target, "run_finished", {"status": "cancelled"}, now)
+                self._enqueue_outbox(
+                    conn, target, ChatNotice.RUN_FINISHED, {"status": "cancelled"}, now
+                )
                 cancelled.append(target)
             self._wake_parent(conn, run_id, now)
             return cancelled
@@ -221,7 +222,7 @@ class RunsStore(StoreBase):
         unfinished = "AND finished_at IS NULL " if active else ""
         rows = await self._read(
             lambda c: c.execute(
-                f"SELECT {RUN_COLUMNS} FROM runs WHERE parent_id IS NULL "
+                f"{SELECT_RUNS} WHERE parent_id IS NULL "
                 f"AND {self.dialect.json_int('origin', 'chat_id')} = ? {unfinished}"
                 "ORDER BY created_at DESC, id LIMIT ?",
                 (chat_id, limit),

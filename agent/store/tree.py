@@ -18,7 +18,7 @@ from agent.store.rows import (
     APPROVAL_COLUMNS,
     CALL_COLUMNS,
     EVENT_COLUMNS,
-    RUN_COLUMNS,
+    SELECT_RUNS,
     TERMINAL,
     approval_from_row,
     call_from_row,
@@ -206,27 +206,27 @@ class TreeStore(StoreBase):
                 conn.execute(
                     "INSERT INTO runs (id, parent_id, role, status, request, requested_by, "
                     "origin, checkpoint, limits, created_at, updated_at, spawned_by, runbook_id, "
-                    "runbook, params, policy, effects) "
-                    "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "policy, effects) "
+                    "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         child_id,
                         parent_id,
                         child.role,
-                        parent[0],
-                        parent[1],
-                        parent[2],
+                        parent["request"],
+                        parent["requested_by"],
+                        parent["origin"],
                         Checkpoint().to_json(),
-                        parent[3],
+                        parent["limits"],
                         now,
                         now,
                         call.call_key,
                         child.pin.runbook_id if child.pin else None,
-                        dumps(child.pin.runbook) if child.pin else None,
-                        dumps(child.pin.params) if child.pin else "{}",
                         parent["policy"],  # a child is driven like its parent,
                         parent["effects"],  # and acts on the world as it does
                     ),
                 )
+                if child.pin is not None:
+                    self._pin_runbook(conn, child_id, child.pin)
                 self._append_events(
                     conn,
                     child_id,
@@ -283,8 +283,7 @@ class TreeStore(StoreBase):
 
         def read(conn: Connection) -> RunTree:
             rows = conn.execute(
-                f"{below}SELECT {RUN_COLUMNS} FROM runs WHERE id IN (SELECT id FROM tree) "
-                "ORDER BY created_at, id",
+                f"{below}{SELECT_RUNS} WHERE id IN (SELECT id FROM tree) ORDER BY created_at, id",
                 (run_id,),
             ).fetchall()
             runs = _parents_first(run_id, [run_from_row(row) for row in rows])

@@ -5,11 +5,26 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from agent.events import (
+    ApprovalDecided,
+    ApprovalExpired,
+    ApprovalRequested,
+    Audit,
+    PolicyTurn,
+    RunClaimed,
+    RunCreated,
+    RunFinished,
+    RunInterrupted,
+    ToolIntent,
+    ToolOutcome,
+)
 from agent.records import EventRecord, RunRecord, RunTree
-from agent.run.outcomes import DONE, STEP_TOOLS, StepState, after_call, short_result, step_states
+from agent.run.outcomes import DONE, STEP_TOOLS, StepState, short_result, step_states
+from agent.views.journal import JournalEntry, journal_steps, read_journal
 
 MAX_VALUE_CHARS = 160
 # Roles that execute a runbook's steps (a supervisor's executor children, or a runbook run).
@@ -31,53 +46,52 @@ def _calls(response: dict[str, Any]) -> str:
     return ", ".join(parts) or "(nothing)"
 
 
-def _outcome(data: dict[str, Any]) -> str:
-    outcome = data.get("outcome") or {}
-    status = data.get("status")
-    duration = data.get("duration_ms")
-    took = f" in {duration:.1f} ms" if isinstance(duration, int | float) else ""
-    return f"{status}{took}: {_short(outcome)}"
+def _outcome(result: ToolOutcome) -> str:
+    took = f" in {result.duration_ms:.1f} ms" if isinstance(result.duration_ms, int | float) else ""
+    return f"{result.status}{took}: {_short(result.outcome or {})}"
 
 
-def describe_event(event: EventRecord) -> str:
-    """One event as a line of the timeline (without the time column)."""
-    d = event.data
-    kind = event.type
-    if kind == "run_created":
-        return f"created by {d['requested_by']} ({d['origin']['kind']}): {_short(d['request'])}"
-    if kind == "run_claimed":
-        taken = f", taken over from {d['taken_over_from']}" if d.get("taken_over_from") else ""
-        return f"driven by {d['owner']}{taken}"
-    if kind == "policy_turn":
-        tokens = d.get("prompt_tokens", 0) + d.get("completion_tokens", 0)
-        used = f" [{tokens} tokens]" if tokens else ""
-        return f"turn {d['turn']} ({d['policy']}){used} → {_calls(d['response'])}"
-    if kind == "tool_intent":
-        again = f" (attempt {d['attempt']})" if d.get("attempt", 1) > 1 else ""
-        return f"call {d['call_key']}{again}: {d['tool']} {_short(d['args'], 100)}"
-    if kind == "tool_outcome":
-        return f"result {d['call_key']} {_outcome(d)}"
-    if kind == "approval_requested":
-        who = ", ".join(d.get("deciders") or []) or "any approver"
-        deadline = time.strftime("%H:%M:%S UTC", time.gmtime(d["deadline_at"]))
-        number = d.get("number") or d["approval_id"]
-        lines = f"approval #{number} ({d['kind']}) for {d.get('step_id')}: {d['action']}"
-        lines += f"\n{'':>12}why: {d['reason']}; rollback: {d.get('rollback') or '-'}"
-        return lines + f"; who: {who}; until {deadline}"
-    if kind == "approval_decided":
-        note = f' — "{d["note"]}"' if d.get("note") else ""
-        number = d.get("number") or d["approval_id"]
-        return f"approval #{number} {d['decision']} by {d['decided_by']}{note}"
-    if kind == "approval_expired":
-        return f"approval #{d['approval_id']} expired without a decision"
-    if kind == "audit":
-        return f"audit: {_short(d['entry'])}"
-    if kind == "run_interrupted":
-        return f"interrupted: {d['error']} (resume to continue)"
-    if kind == "run_finished":
-        tail = d.get("error") or d.get("summary") or ""
-        return f"finished {d['status']}" + (f": {_short(tail)}" if tail else "")
-    return f"{kind}: {_short(d)}"
+def describe_event(entry: JournalEntry) -> str:
+    """One event as a line of the timeline (without the time column); one this version
+    cannot read shows its type and stored data."""
+    match entry.event:
+        case RunCreated() as created:
+            origin = created.origin["kind"]
+            return f"created by {created.requested_by} ({origin}): {_short(created.request)}"
+        case RunClaimed(owner=owner, taken_over_from=taken_from):
+            taken = f", taken over from {taken_from}" if taken_from else ""
+            return f"driven by {owner}{taken}"
+        case PolicyTurn() as turn:
+            tokens = turn.prompt_tokens + turn.completion_tokens
+            used = f" [{tokens} tokens]" if tokens else ""
+            return f"turn {turn.turn} ({turn.policy}){used} → {_calls(turn.response)}"
+        case ToolIntent() as intent:
+            again = f" (attempt {intent.attempt})" if intent.attempt > 1 else ""
+            return f"call {intent.call_key}{again}: {intent.tool} {_short(intent.args, 100)}"
+        case ToolOutcome() as result:
+            return f"result {result.call_key} {_outcome(result)}"
+        case ApprovalRequested() as request:
+            who = ", ".join(request.deciders or []) or "any approver"
+            deadline = time.strftime("%H:%M:%S UTC", time.gmtime(request.deadline_at))
+            number = request.number or request.approval_id
+            lines = f"approval #{number} ({request.kind}) for {request.step_id}: {request.action}"
+            lines += f"\n{'':>12}why: {request.reason}; rollback: {request.rollback or '-'}"
+            return lines + f"; who: {who}; until {deadline}"
+        case ApprovalDecided() as decided:
+            note = f' — "{decided.note}"' if decided.note else ""
+            number = decided.number or decided.approval_id
+            return f"approval #{number} {decided.decision} by {decided.decided_by}{note}"
+        case ApprovalExpired(approval_id=approval_id):
+            return f"approval #{approval_id} expired without a decision"
+        case Audit(entry=text):
+            return f"audit: {_short(text)}"
+        case RunInterrupted(error=error):
+            return f"interrupted: {error} (resume to continue)"
+        case RunFinished() as finished:
+            tail = finished.error or finished.summary or ""
+            return f"finished {finished.status}" + (f": {_short(tail)}" if tail else "")
+    # Unknown to this version, or a type the timeline has no words for: what was stored.
+    return f"{entry.record.type}: {_short(entry.record.data)}"
 
 
 def explain_tree(tree: RunTree) -> str:
@@ -92,14 +106,15 @@ def executing_runs(tree: RunTree) -> list[RunRecord]:
     return [run for run in runs if run.runbook_id == runs[0].runbook_id] if runs else []
 
 
-def tree_step_lines(tree: RunTree) -> list[str]:
-    """Each runbook step's true state (`step_lines`) from the journals of the runs that
-    executed the tree's runbook (read with its events); none when no runbook ran."""
+def tree_steps(tree: RunTree) -> list[tuple[str, StepState]]:
+    """Each runbook step (its id) with its true state, from the journals of the runs that
+    executed the tree's runbook (the tree read with its events); none when no runbook ran."""
     executing = executing_runs(tree)
     if not executing:
         return []
     ids = {run.id for run in executing}
-    return step_lines(executing[0], [event for event in tree.events if event.run_id in ids])
+    journal = read_journal(event for event in tree.events if event.run_id in ids)
+    return journal_steps(executing[0], journal)
 
 
 @dataclass(frozen=True)
@@ -137,36 +152,24 @@ def step_progress(tree: RunTree) -> StepProgress:
     return StepProgress(done, len(steps), last.step_id, last.status, detail)
 
 
-def step_lines(run: RunRecord, events: list[EventRecord]) -> list[str]:
-    """Each runbook step's true state from the journal: its last attempt's result, how many
-    attempts it took, and how many repeats the kernel refused."""
-    steps = (run.runbook or {}).get("steps", [])
-    calls: dict[str, tuple[str, str | None, int]] = {}  # call key -> tool, step, attempt
-    states: dict[str, StepState] = {}
-    for event in events:
-        d = event.data
-        if event.type == "tool_intent":
-            calls[d["call_key"]] = (d["tool"], d.get("step_id"), d.get("attempt", 1))
-        elif event.type == "tool_outcome" and d.get("call_key") in calls:
-            tool, step_id, _ = calls[d["call_key"]]
-            if tool in STEP_TOOLS and step_id:
-                tried = 0 if d.get("status") == "refused" else 1
-                previous = states.get(step_id, StepState())
-                states[step_id] = after_call(previous, d.get("status", ""), tried, d.get("outcome"))
-    lines = []
-    for step in steps:
-        state = states.get(step["id"], StepState())
-        if state.last is None:
-            text = "not run"
-        else:
-            times = "once" if state.attempts == 1 else f"{state.attempts} attempts"
-            result = short_result(state.outcome) if state.last != "ok" else ""
-            who = f" by {state.skipped_by}" if state.skipped_by else ""
-            text = f"{state.last}{who} ({times})" + (f": {result}" if result else "")
-        if state.refusals:
-            text += f"; {state.refusals} call(s) refused"
-        lines.append(f"  {step['id']}: {text}")
-    return lines
+def step_text(state: StepState) -> str:
+    """A step's true state in words: its last attempt's result, how many attempts it took,
+    and how many repeats the kernel refused (`error (2 attempts): exit 1: boom`)."""
+    if state.last is None:
+        text = "not run"
+    else:
+        times = "once" if state.attempts == 1 else f"{state.attempts} attempts"
+        result = short_result(state.outcome) if state.last != "ok" else ""
+        who = f" by {state.skipped_by}" if state.skipped_by else ""
+        text = f"{state.last}{who} ({times})" + (f": {result}" if result else "")
+    if state.refusals:
+        text += f"; {state.refusals} call(s) refused"
+    return text
+
+
+def step_lines(run: RunRecord, journal: Sequence[JournalEntry]) -> list[str]:
+    """Each runbook step of the run and its true state, one line each, from its journal."""
+    return [f"  {step_id}: {step_text(state)}" for step_id, state in journal_steps(run, journal)]
 
 
 def render_timeline(run: RunRecord, events: list[EventRecord]) -> str:
@@ -177,14 +180,14 @@ def render_timeline(run: RunRecord, events: list[EventRecord]) -> str:
         + (f" — runbook {run.runbook_id}" if run.runbook_id else ""),
         f"Started {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(run.created_at))}",
     ]
-    steps = step_lines(run, events)
-    if steps and run.role in ("runbook", "executor"):
+    journal = read_journal(events)
+    steps = step_lines(run, journal)
+    if steps and run.role in EXECUTING_ROLES:
         header += ["", "Steps:", *steps]
     start = events[0].ts if events else run.created_at
     lines: list[str] = []
     held: list[str] = []  # a turn and an intent that may lead to a repeat of the last refusal
     repeated, last_refusal = 0, None
-    proposed: dict[str, str] = {}  # call key -> the call (tool and arguments)
 
     def flush() -> None:
         nonlocal repeated
@@ -194,12 +197,11 @@ def render_timeline(run: RunRecord, events: list[EventRecord]) -> str:
         lines.extend(held)
         held.clear()
 
-    for event in events:
-        line = f"{'+' + format(event.ts - start, '.3f') + 's':>11} {describe_event(event)}"
-        if event.type == "tool_intent":
-            proposed[event.data["call_key"]] = _short([event.data["tool"], event.data["args"]])
-        refusal = _refusal_key(event, proposed)
-        if last_refusal is not None and event.type in ("policy_turn", "tool_intent"):
+    for entry in journal:
+        offset = "+" + format(entry.record.ts - start, ".3f") + "s"
+        line = f"{offset:>11} {describe_event(entry)}"
+        refusal = _refusal_key(entry)
+        if last_refusal is not None and isinstance(entry.event, PolicyTurn | ToolIntent):
             held.append(line)
             continue
         if refusal is not None and refusal == last_refusal:
@@ -213,9 +215,10 @@ def render_timeline(run: RunRecord, events: list[EventRecord]) -> str:
     return "\n".join([*header, "", *lines]) + "\n"
 
 
-def _refusal_key(event: EventRecord, proposed: dict[str, str]) -> str | None:
+def _refusal_key(entry: JournalEntry) -> str | None:
     """What makes a refused outcome the same as another (the call and the reason), else None."""
-    if event.type != "tool_outcome" or event.data.get("status") != "refused":
-        return None
-    call = proposed.get(event.data.get("call_key", ""), "")
-    return call + json.dumps(event.data.get("outcome"), sort_keys=True)
+    match entry.event:
+        case ToolOutcome(status="refused", outcome=outcome):
+            call = _short([entry.intent.tool, entry.intent.args]) if entry.intent else ""
+            return call + json.dumps(outcome, sort_keys=True)
+    return None

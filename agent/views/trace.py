@@ -11,9 +11,24 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.records import ApprovalRecord, EventRecord, RunRecord, RunTree
+from agent.events import (
+    ApprovalDecided,
+    ApprovalExpired,
+    ApprovalRequested,
+    Audit,
+    PolicyTurn,
+    RunClaimed,
+    RunCreated,
+    RunFinished,
+    RunInterrupted,
+    ToolIntent,
+    ToolOutcome,
+    UnknownEvent,
+)
+from agent.records import ApprovalRecord, RunRecord, RunTree
 from agent.views.explain import EXECUTING_ROLES, step_lines
 from agent.views.jinja import HTML
+from agent.views.journal import JournalEntry, read_journal
 
 MAX_BLOCK_CHARS = 4000  # one argument or outcome block; the journal keeps the rest
 
@@ -63,74 +78,86 @@ def _clock(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
 
 
-def _entries(events: list[EventRecord]) -> list[TraceEntry]:
-    """Turn the journal into timeline entries: intents are paired with their outcomes."""
-    if not events:
+def _entries(journal: list[JournalEntry]) -> list[TraceEntry]:
+    """Turn the journal into timeline entries: each outcome shows the call it answers."""
+    if not journal:
         return []
-    start = events[0].ts
-    intents: dict[str, EventRecord] = {}
+    start = previous = journal[0].record.ts
     entries: list[TraceEntry] = []
-    previous = start
-    for event in events:
-        d = event.data
-        offset = f"+{event.ts - start:.3f}s"
-        if event.type == "policy_turn":
-            calls = d["response"].get("calls") or []
-            final = d["response"].get("final")
-            what = ", ".join(c["name"] for c in calls) or (
-                f"final: {final['outcome']}" if final else "nothing"
-            )
-            tokens = d.get("prompt_tokens", 0) + d.get("completion_tokens", 0)
-            title = f"turn {d['turn']} · {d['policy']} → {what}"
-            title += f" · {tokens} tokens" if tokens else ""
-            latency = d["response"].get("latency_ms")
-            if isinstance(latency, int | float):
-                title += f" · {latency:.0f} ms"
-            else:  # journaled before latency was recorded: the gap since the event before
-                title += f" · ≈{(event.ts - previous) * 1000:.0f} ms"
-            detail = {"prompt (end)": d["response"].get("prompt_excerpt") or "-", **d["response"]}
-            entries.append(TraceEntry(offset, "llm", title, _block(detail)))
-        elif event.type == "tool_intent":
-            intents[d["call_key"]] = event
-        elif event.type == "tool_outcome":
-            intent = intents.get(d["call_key"])
-            tool = intent.data["tool"] if intent else "decision"
-            args = intent.data["args"] if intent else {}
-            took = d.get("duration_ms")
-            title = f"{tool} {json.dumps(args, ensure_ascii=False)}"
-            title += f" · {took:.1f} ms" if isinstance(took, int | float) else ""
-            detail = _outcome_block(args, d.get("outcome") or {})
-            kind = "error" if d["status"] in ("error", "refused") else "tool"
-            entries.append(TraceEntry(offset, kind, title, detail, d["status"]))
-        elif event.type == "approval_requested":
-            number = d.get("number") or d["approval_id"]
-            title = f"approval #{number} requested for {d.get('step_id')}: {d['action']}"
-            entries.append(TraceEntry(offset, "approval", title, _block(d), "pending"))
-        elif event.type == "approval_decided":
-            number = d.get("number") or d["approval_id"]
-            title = f"approval #{number} {d['decision']} by {d['decided_by']}"
-            if d.get("note"):
-                title += f" — {d['note']}"
-            entries.append(TraceEntry(offset, "approval", title, "", d["decision"]))
-        elif event.type == "approval_expired":
-            title = f"approval #{d['approval_id']} expired"
-            entries.append(TraceEntry(offset, "error", title, "", "expired"))
-        elif event.type == "run_interrupted":
-            entries.append(TraceEntry(offset, "error", f"interrupted: {d['error']}"))
-        elif event.type == "run_finished":
-            title = f"finished {d['status']}"
-            tail = d.get("error") or d.get("summary")
-            kind = "run" if d["status"] == "succeeded" else "error"
-            entries.append(TraceEntry(offset, kind, title + (f": {tail}" if tail else "")))
-        elif event.type == "run_created":
-            text = f"created by {d['requested_by']}: {d['request']}"
-            entries.append(TraceEntry(offset, "run", text))
-        elif event.type == "run_claimed":
-            entries.append(TraceEntry(offset, "run", f"driven by {d['owner']}"))
-        elif event.type == "audit":
-            entries.append(TraceEntry(offset, "run", f"audit: {d['entry']}"))
-        previous = event.ts
+    for entry in journal:
+        ts = entry.record.ts
+        offset = f"+{ts - start:.3f}s"
+        match entry.event:
+            case PolicyTurn() as turn:
+                entries.append(_turn_entry(offset, turn, ts - previous))
+            case ToolOutcome() as result:
+                entries.append(_outcome_entry(offset, result, entry.intent))
+            case ApprovalRequested() as request:
+                number = request.number or request.approval_id
+                title = f"approval #{number} requested for {request.step_id}: {request.action}"
+                detail = _block(entry.record.data)  # the request as journaled
+                entries.append(TraceEntry(offset, "approval", title, detail, "pending"))
+            case ApprovalDecided() as decided:
+                number = decided.number or decided.approval_id
+                title = f"approval #{number} {decided.decision} by {decided.decided_by}"
+                if decided.note:
+                    title += f" — {decided.note}"
+                entries.append(TraceEntry(offset, "approval", title, "", decided.decision))
+            case ApprovalExpired(approval_id=approval_id):
+                title = f"approval #{approval_id} expired"
+                entries.append(TraceEntry(offset, "error", title, "", "expired"))
+            case RunInterrupted(error=error):
+                entries.append(TraceEntry(offset, "error", f"interrupted: {error}"))
+            case RunFinished() as finished:
+                title = f"finished {finished.status}"
+                tail = finished.error or finished.summary
+                kind = "run" if finished.status == "succeeded" else "error"
+                entries.append(TraceEntry(offset, kind, title + (f": {tail}" if tail else "")))
+            case RunCreated(requested_by=who, request=asked):
+                entries.append(TraceEntry(offset, "run", f"created by {who}: {asked}"))
+            case RunClaimed(owner=owner):
+                entries.append(TraceEntry(offset, "run", f"driven by {owner}"))
+            case Audit(entry=text):
+                entries.append(TraceEntry(offset, "run", f"audit: {text}"))
+            case UnknownEvent(type=kind, raw=raw):  # another version's: what was stored
+                entries.append(
+                    TraceEntry(offset, "run", f"{kind} (unreadable by this version)", _block(raw))
+                )
+        previous = ts
     return entries
+
+
+def _turn_entry(offset: str, turn: PolicyTurn, gap: float) -> TraceEntry:
+    """A policy turn: what it answered, its tokens and latency, and the answer in full;
+    `gap` is the time since the event before (the latency of a turn journaled without)."""
+    response = turn.response
+    calls = response.get("calls") or []
+    final = response.get("final")
+    what = ", ".join(c["name"] for c in calls) or (
+        f"final: {final['outcome']}" if final else "nothing"
+    )
+    tokens = turn.prompt_tokens + turn.completion_tokens
+    title = f"turn {turn.turn} · {turn.policy} → {what}"
+    title += f" · {tokens} tokens" if tokens else ""
+    latency = response.get("latency_ms")
+    if isinstance(latency, int | float):
+        title += f" · {latency:.0f} ms"
+    else:  # journaled before latency was recorded: the gap since the event before
+        title += f" · ≈{gap * 1000:.0f} ms"
+    detail = {"prompt (end)": response.get("prompt_excerpt") or "-", **response}
+    return TraceEntry(offset, "llm", title, _block(detail))
+
+
+def _outcome_entry(offset: str, result: ToolOutcome, intent: ToolIntent | None) -> TraceEntry:
+    """A tool call's outcome with the call it answers (a decision's outcome has none)."""
+    tool = intent.tool if intent else "decision"
+    args = intent.args if intent else {}
+    title = f"{tool} {json.dumps(args, ensure_ascii=False)}"
+    if isinstance(result.duration_ms, int | float):
+        title += f" · {result.duration_ms:.1f} ms"
+    detail = _outcome_block(args, result.outcome or {})
+    kind = "error" if result.status in ("error", "refused") else "tool"
+    return TraceEntry(offset, kind, title, detail, result.status)
 
 
 def trace_of(tree: RunTree) -> list[RunTrace]:
@@ -138,10 +165,11 @@ def trace_of(tree: RunTree) -> list[RunTrace]:
     traces = []
     for run in tree.runs:
         events = tree.events_of(run.id)
+        journal = read_journal(events)
         tokens = sum(
-            e.data.get("prompt_tokens", 0) + e.data.get("completion_tokens", 0)
-            for e in events
-            if e.type == "policy_turn"
+            entry.event.prompt_tokens + entry.event.completion_tokens
+            for entry in journal
+            if isinstance(entry.event, PolicyTurn)
         )
         end = run.finished_at or (events[-1].ts if events else run.created_at)
         traces.append(
@@ -150,9 +178,9 @@ def trace_of(tree: RunTree) -> list[RunTrace]:
                 started=_clock(run.created_at),
                 duration=f"{end - run.created_at:.1f} s",
                 tokens=tokens,
-                entries=_entries(events),
+                entries=_entries(journal),
                 approvals=tree.approvals_of(run.id),
-                steps=[line.strip() for line in step_lines(run, events)]
+                steps=[line.strip() for line in step_lines(run, journal)]
                 if run.role in EXECUTING_ROLES
                 else [],
             )

@@ -1,0 +1,661 @@
+"""RunStore on real SQLite files: migrations, the hash-chained append-only journal, the outbox
+written with the state it reports, and tool-call intents that are never written twice."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+import agent.store.migrations
+from agent.chain import first_broken_link
+from agent.errors import LeaseLost, SchemaTooNew, StoreError
+from agent.events import Audit
+from agent.records import (
+    ApprovalKind,
+    ApprovalStatus,
+    Checkpoint,
+    Claim,
+    Decision,
+    Origin,
+    RunLimits,
+    RunStatus,
+)
+from agent.service.runs import RunService
+from agent.settings import Settings
+from agent.store import (
+    CallResult,
+    DecisionEffect,
+    Drive,
+    NewApproval,
+    NewRun,
+    NewToolCall,
+    RunStore,
+)
+from agent.store.database import POSTGRES, SQLITE
+from bot.store import ChatStore
+from tests.conftest import postgres_schema
+from tests.support import LATENCY, open_service, raw_rows
+
+MIGRATIONS_DIR = Path(str(agent.store.migrations.__file__)).parent
+LATEST = max(int(p.name[:4]) for p in MIGRATIONS_DIR.glob("[0-9][0-9][0-9][0-9]_*.sql"))
+OWNER = "otherhost:1:test"
+CHAT_ID = -1001234567890
+
+
+def _files(db: Path) -> dict[str, str]:
+    """SHA-256 of the database file and any -wal / -shm beside it."""
+    found = {}
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        path = Path(f"{db}{suffix}")
+        if path.exists():
+            found[path.name] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def _schema(db: Path) -> list[tuple[str, str, str]]:
+    """Every schema object of the file, to compare before and after."""
+    return sorted(raw_rows(db, "SELECT type, name, COALESCE(sql, '') FROM sqlite_master"))
+
+
+def _user_version(db: Path) -> int:
+    """PRAGMA user_version of the file."""
+    return int(raw_rows(db, "PRAGMA user_version")[0][0])
+
+
+def _set_user_version(db: Path, version: int) -> None:
+    """Stamp the file with a schema version, as a newer loom-ops would."""
+    conn = sqlite3.connect(db)
+    try:
+        conn.execute(f"PRAGMA user_version = {version}")
+        conn.commit()
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def settings(workspace: Path, db_url: str) -> Settings:
+    """Settings for a mock-LLM, dry-run service over a fresh database of either engine."""
+    return Settings(_env_file=None, db=db_url, workspace=workspace, mock_llm=True, user="tester")
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[RunStore]:
+    """A fresh store over a new database of either engine."""
+    opened = await RunStore.open(db_url)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def _claimed_run(store: RunStore, run_id: str, origin: Origin | None = None) -> Drive:
+    """A run created and claimed by OWNER, ready for tool calls; returns its drive."""
+    await store.create_run(
+        NewRun(
+            id=run_id,
+            role="runbook",
+            request="crash drill",
+            requested_by="cli:tester",
+            origin=origin or Origin(),
+            limits=RunLimits(max_steps=40, max_tool_calls=100, deadline_seconds=3600),
+        )
+    )
+    return await store.claim_run(run_id, OWNER, 30, lambda _owner: False)
+
+
+# -- migrations --------------------------------------------------------------------------------
+
+
+async def test_a_fresh_database_reaches_the_latest_schema(tmp_path: Path) -> None:
+    """A new file gets every migration; reopening it applies nothing and keeps the data."""
+    db = tmp_path / "nested" / "dir" / "fresh.sqlite"
+    store = await RunStore.open(db)
+    try:
+        assert await store.schema_version() == LATEST
+        await _claimed_run(store, "keep")
+    finally:
+        await store.close()
+    assert _user_version(db) == LATEST
+    tables = {name for kind, name, _ in _schema(db) if kind == "table"}
+    assert {"runs", "events", "tool_calls", "llm_calls", "approvals", "outbox"} <= tables
+    schema, events = _schema(db), raw_rows(db, "SELECT * FROM events")
+
+    reopened = await RunStore.open(db)
+    try:
+        assert await reopened.schema_version() == LATEST
+        assert (await reopened.get_run("keep")).status == RunStatus.RUNNING
+    finally:
+        await reopened.close()
+    assert _schema(db) == schema
+    assert raw_rows(db, "SELECT * FROM events") == events
+
+
+async def test_a_newer_schema_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    """A file from a newer loom-ops raises SchemaTooNew with both versions; not a byte changes."""
+    db = tmp_path / "newer.sqlite"
+    store = await RunStore.open(db)
+    await _claimed_run(store, "future")
+    await store.close()
+    _set_user_version(db, LATEST + 7)
+    before = _files(db)
+
+    with pytest.raises(SchemaTooNew) as caught:
+        await RunStore.open(db)
+
+    message = str(caught.value)
+    assert str(db) in message and f"version {LATEST + 7}" in message
+    assert f"the {LATEST} this loom-ops knows" in message and "upgrade loom-ops" in message
+    assert isinstance(caught.value, StoreError)
+    assert _files(db) == before
+    assert _user_version(db) == LATEST + 7
+
+
+async def test_a_newer_schema_in_rollback_journal_mode_is_left_untouched(tmp_path: Path) -> None:
+    """A too-new file that is not in WAL mode must not be switched to WAL by a refused open."""
+    db = tmp_path / "newer-delete-mode.sqlite"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE runs (id TEXT PRIMARY KEY)")
+    conn.execute(f"PRAGMA user_version = {LATEST + 1}")
+    conn.commit()
+    conn.close()
+    before = db.read_bytes()
+
+    with pytest.raises(SchemaTooNew):
+        await RunStore.open(db)
+
+    assert raw_rows(db, "PRAGMA journal_mode") == [("delete",)]
+    assert db.read_bytes() == before
+
+
+async def test_a_file_that_is_not_sqlite_is_a_store_error(tmp_path: Path) -> None:
+    """Garbage in place of the database is a one-line StoreError, and the file is kept."""
+    db = tmp_path / "notes.sqlite"
+    db.write_text("these are my incident notes, not a database\n" * 50)
+    before = db.read_bytes()
+
+    with pytest.raises(StoreError, match="is not a loom-ops database") as caught:
+        await RunStore.open(db)
+
+    assert "\n" not in str(caught.value)
+    assert db.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.sqlite"]
+
+
+async def test_someone_elses_sqlite_database_is_refused_and_left_untouched(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "app.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+        conn.execute("INSERT INTO users (name) VALUES ('alice')")
+    conn.close()
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    with pytest.raises(StoreError, match=r"not a loom-ops database \(it has tables users\)"):
+        await RunStore.open(path)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+
+
+async def test_wal_foreign_keys_and_busy_timeout_are_on(tmp_path: Path) -> None:
+    """The file is in WAL mode; the store's own connection enforces foreign keys and waits."""
+    store = await RunStore.open(tmp_path / "store.sqlite")
+    try:
+        db = store.db._db  # type: ignore[attr-defined]
+        assert raw_rows(store.label, "PRAGMA journal_mode") == [("wal",)]
+        # Per-connection settings can only be read on the store's own connection.
+        async with db.execute("PRAGMA foreign_keys") as cursor:
+            assert tuple(await cursor.fetchone()) == (1,)
+        async with db.execute("PRAGMA busy_timeout") as cursor:
+            row = await cursor.fetchone()
+            assert row is not None and row[0] >= 1000
+        with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
+            await db.execute(
+                "INSERT INTO events (run_id, idx, ts, type, data, prev_hash, hash) "
+                "VALUES ('no-such-run', 1, 0, 'x', '{}', '', '')"
+            )
+    finally:
+        await store.close()
+
+
+# -- the journal -------------------------------------------------------------------------------
+
+
+async def _finished_run(settings: Settings, run_id: str) -> None:
+    """A real run, approved and finished, in the settings' database file."""
+    async with open_service(settings) as service:
+        await service.start(run_id, LATENCY)
+        result = await service.decide(run_id, Decision.APPROVE, "cli:oncall")
+        assert result.run.status == RunStatus.SUCCEEDED
+
+
+async def test_a_real_runs_chain_verifies(settings: Settings) -> None:
+    """Every event links to the one before it; idx counts from 1; the run row holds the head."""
+    await _finished_run(settings, "chain")
+    async with open_service(settings) as service:
+        events = await service.store.list_events("chain")
+    assert first_broken_link(events) is None
+    assert [e.idx for e in events] == list(range(1, len(events) + 1))
+    assert events[0].prev_hash == "" and events[0].type == "run_created"
+    assert all(b.prev_hash == a.hash for a, b in itertools.pairwise(events))
+    head = raw_rows(settings.db, "SELECT event_count, last_hash FROM runs WHERE id = 'chain'")
+    assert head == [(len(events), events[-1].hash)]
+
+
+def _is_postgres(db: str) -> bool:
+    return db.startswith("postgresql://")
+
+
+async def test_events_are_append_only(settings: Settings) -> None:
+    """UPDATE, DELETE (and TRUNCATE) on events are refused by triggers, whoever connects."""
+    await _finished_run(settings, "locked")
+    refused = (psycopg.Error, sqlite3.DatabaseError)
+    for sql in (
+        "UPDATE events SET data = '{}' WHERE run_id = 'locked' AND idx = 3",
+        "DELETE FROM events WHERE run_id = 'locked' AND idx = 3",
+        "DELETE FROM events",
+        *(["TRUNCATE events CASCADE"] if _is_postgres(settings.db) else []),
+    ):
+        with pytest.raises(refused, match="append-only"):
+            raw_rows(settings.db, sql)
+    async with open_service(settings) as service:
+        assert first_broken_link(await service.store.list_events("locked")) is None
+
+
+def _behind_the_triggers(db: str, sql: str, params: tuple[Any, ...] = ()) -> None:
+    """Run `sql` on events with the append-only triggers out of the way, as an attacker with
+    the database's owner rights could."""
+    if _is_postgres(db):
+        raw_rows(db, "ALTER TABLE events DISABLE TRIGGER USER")
+        raw_rows(db, sql, params)
+        return
+    conn = sqlite3.connect(db)
+    try:
+        conn.execute("DROP TRIGGER events_no_update")
+        conn.execute("DROP TRIGGER events_no_delete")
+        conn.execute(sql, params)
+        conn.commit()
+    finally:
+        conn.close()
+
+
+async def test_tampering_with_one_event_is_found_exactly_there(settings: Settings) -> None:
+    """Edit one event's data behind the triggers' back: the chain breaks at that event."""
+    await _finished_run(settings, "tampered")
+    await _finished_run(settings, "bystander")
+    target = raw_rows(
+        settings.db,
+        "SELECT seq, idx FROM events WHERE run_id = 'tampered' AND type = 'approval_decided'",
+    )[0]
+    edit = (
+        "UPDATE events SET data = jsonb_set(data::jsonb, '{decided_by}', '\"cli:mallory\"')::text"
+        if _is_postgres(settings.db)
+        else "UPDATE events SET data = json_set(data, '$.decided_by', 'cli:mallory')"
+    )
+    _behind_the_triggers(settings.db, edit + " WHERE seq = ?", (target[0],))
+
+    async with open_service(settings) as service:
+        broken = first_broken_link(await service.store.list_events("tampered"))
+        assert broken is not None
+        assert (broken.seq, broken.idx) == tuple(target)
+        assert broken.data["decided_by"] == "cli:mallory"
+        assert first_broken_link(await service.store.list_events("bystander")) is None
+
+
+async def test_deleting_an_event_breaks_the_chain_at_the_gap(settings: Settings) -> None:
+    """A removed event (triggers dropped) shows as a break at the event after the gap."""
+    await _finished_run(settings, "gap")
+    _behind_the_triggers(settings.db, "DELETE FROM events WHERE run_id = 'gap' AND idx = 4")
+    async with open_service(settings) as service:
+        broken = first_broken_link(await service.store.list_events("gap"))
+    assert broken is not None and broken.idx == 5
+
+
+# -- the outbox --------------------------------------------------------------------------------
+
+
+def _outbox(db: str, run_id: str) -> list[tuple[str, float, str]]:
+    """(kind, created_at, target) of a run's outbox rows but progress refreshes, in order."""
+    return raw_rows(
+        db,
+        "SELECT kind, created_at, target FROM outbox WHERE run_id = ? AND kind != 'progress' "
+        "ORDER BY id",
+        (run_id,),
+    )
+
+
+def _json_text(db: str, column: str, key: str) -> str:
+    dialect = POSTGRES if _is_postgres(db) else SQLITE
+    return dialect.json_text(column, key)
+
+
+def _progress(db: str, root_id: str) -> list[dict[str, Any]]:
+    """Payloads of the progress rows of a run tree, in order."""
+    rows = raw_rows(
+        db,
+        "SELECT payload FROM outbox WHERE kind = 'progress' "
+        f"AND {_json_text(db, 'payload', 'root_id')} = ? ORDER BY id",
+        (root_id,),
+    )
+    return [json.loads(row[0]) for row in rows]
+
+
+async def test_a_chat_run_writes_its_messages_with_its_state(settings: Settings) -> None:
+    """approval_request, approval_decided and run_finished are queued in the very transactions
+    that open the request, record the decision and end the run (same timestamps)."""
+    chat = Origin(kind="telegram", chat_id=42, thread_id=7)
+    async with open_service(settings) as service:
+        await service.start("chat", LATENCY, origin=chat, requested_by="telegram:5")
+        pending = await service.pending_approval("chat")
+        assert pending is not None
+        rows = _outbox(settings.db, "chat")
+        assert [(kind, ts) for kind, ts, _ in rows] == [("approval_request", pending.created_at)]
+        assert rows[0][2] == '{"chat_id":42,"thread_id":7}'
+        queued = [
+            m
+            for m in await ChatStore(service.store.db).undelivered_messages()
+            if m.kind != "progress"
+        ]
+        assert [m.kind for m in queued] == ["approval_request"]
+        assert queued[0].payload["token"] == pending.token
+        assert queued[0].payload["action"] == pending.action
+        assert queued[0].target == {"chat_id": 42, "thread_id": 7}
+
+        result = await service.decide("chat", Decision.APPROVE, "telegram:100000001")
+
+        approval, run = result.approval, result.run
+        assert run.status == RunStatus.SUCCEEDED
+        assert [(kind, ts) for kind, ts, _ in _outbox(settings.db, "chat")] == [
+            ("approval_request", pending.created_at),
+            ("approval_decided", approval.decided_at),
+            ("run_finished", run.finished_at),
+        ]
+        decided = [
+            m
+            for m in await ChatStore(service.store.db).undelivered_messages()
+            if m.kind != "progress"
+        ][1]
+        assert decided.payload["decided_by"] == "telegram:100000001"
+        # Progress rows only ask for the progress message to be shown again: while one waits
+        # undelivered, later step outcomes and the run's end add no more.
+        assert _progress(settings.db, "chat") == [
+            {"root_id": "chat", "run_id": "chat", "event": "started"}
+        ]
+
+        await service.start("again", LATENCY, origin=chat, requested_by="telegram:5")
+        shown = [
+            m.id
+            for m in await ChatStore(service.store.db).undelivered_messages()
+            if m.kind == "progress"
+        ]
+        assert len(shown) == 2  # one per run tree: "chat" and "again"
+        await ChatStore(service.store.db).mark_all_delivered(shown, 1001)
+        await service.decide("again", Decision.APPROVE, "telegram:100000001")
+        [waiting] = [
+            m
+            for m in await ChatStore(service.store.db).undelivered_messages()
+            if m.kind == "progress"
+        ]
+        assert waiting.payload["root_id"] == "again"
+        assert waiting.payload["step_id"] == "scale-out"  # the first outcome after the gate
+
+
+async def test_a_rejection_queues_decision_and_end_together(settings: Settings) -> None:
+    """A rejection ends the run in the decision's transaction: both messages share its time."""
+    async with open_service(settings) as service:
+        await service.start("nope", LATENCY, origin=Origin(kind="telegram", chat_id=42))
+        result = await service.decide("nope", Decision.REJECT, "cli:oncall", "no")
+        rows = _outbox(settings.db, "nope")
+        assert [kind for kind, _, _ in rows] == [
+            "approval_request",
+            "approval_decided",
+            "run_finished",
+        ]
+        assert rows[1][1] == rows[2][1] == result.approval.decided_at == result.run.finished_at
+
+
+async def test_delivery_is_recorded_once(settings: Settings) -> None:
+    """mark_delivered succeeds once per message; a delivered message is not offered again."""
+    async with open_service(settings) as service:
+        await service.start("once", LATENCY, origin=Origin(kind="telegram", chat_id=42))
+        [message] = [
+            m
+            for m in await ChatStore(service.store.db).undelivered_messages()
+            if m.kind == "approval_request"
+        ]
+
+        first, second = await asyncio.gather(
+            ChatStore(service.store.db).mark_delivered(message.id, 1001),
+            ChatStore(service.store.db).mark_delivered(message.id, 1002),
+        )
+
+        assert sorted([first, second]) == [False, True]
+        assert not await ChatStore(service.store.db).mark_delivered(message.id, 1003)
+        assert message.id not in [
+            m.id for m in await ChatStore(service.store.db).undelivered_messages()
+        ]
+        delivered = raw_rows(
+            settings.db, "SELECT message_id, delivered_at FROM outbox WHERE id = ?", (message.id,)
+        )
+        assert delivered[0][0] == (1001 if first else 1002) and delivered[0][1] is not None
+
+
+async def test_a_cli_run_queues_no_messages(service: RunService, settings: Settings) -> None:
+    """A run with no chat behind it writes nothing to the outbox, whatever happens to it."""
+    await service.start("quiet", LATENCY)
+    await service.decide("quiet", Decision.APPROVE, "cli:oncall")
+    await service.start("quieter", LATENCY)
+    await service.cancel("quieter", "cli:oncall")
+    assert raw_rows(settings.db, "SELECT COUNT(*) FROM outbox") == [(0,)]
+    assert await ChatStore(service.store.db).undelivered_messages() == []
+
+
+async def test_giving_up_on_an_outbox_entry_works_on_postgresql() -> None:
+    """The sender gives an entry up (Forbidden, BadRequest, a chat no longer served, too many
+    network failures) with `record_delivery_failure(id, error, None)`: on PostgreSQL too the
+    entry is marked failed and its chat has nothing pending (else the chat's drain task dies
+    on it and every poll starts again on the same head-of-line entry)."""
+    with postgres_schema() as url:
+        store = await RunStore.open(url)
+        try:
+            await store.create_run(
+                NewRun(
+                    id="r-chat",
+                    role="runbook",
+                    request=LATENCY,
+                    requested_by="cli:tester",
+                    origin=Origin(kind="telegram", chat_id=CHAT_ID),
+                    limits=RunLimits(max_steps=10, max_tool_calls=10, deadline_seconds=600),
+                )
+            )
+            [entry] = await ChatStore(store.db).undelivered_messages(chat_id=CHAT_ID)
+            await ChatStore(store.db).record_delivery_failure(
+                entry.id, "Forbidden: bot was blocked", None
+            )
+            assert await ChatStore(store.db).undelivered_messages(chat_id=CHAT_ID) == []
+            assert await ChatStore(store.db).pending_chat_ids() == []
+        finally:
+            await store.close()
+
+
+# -- tool call intents -------------------------------------------------------------------------
+
+
+def _intent(key: str = "t#0.0") -> NewToolCall:
+    """The intent of one non-idempotent step call."""
+    return NewToolCall(key, 0, 0, "execute_step", {"step_id": "append-one"}, "append-one")
+
+
+async def test_a_second_intent_for_the_same_call_is_refused(store: RunStore) -> None:
+    """One intent per call; a rerun (idempotent, in doubt) gets a new attempt; a finished call
+    is never begun again; a refusal writes nothing."""
+    claim = await _claimed_run(store, "t")
+    assert (await claim.begin_call(_intent(), Checkpoint())).attempt == 1
+    events = len(await store.list_events("t"))
+
+    with pytest.raises(StoreError, match="already intent"):
+        await claim.begin_call(_intent(), Checkpoint())
+    assert len(await store.list_events("t")) == events
+    record = await store.get_tool_call("t#0.0")
+    assert record is not None and (record.attempt, record.status) == (1, "intent")
+
+    assert (await claim.begin_call(_intent(), Checkpoint(), rerun=True)).attempt == 2
+    await claim.finish_call(
+        _intent("t#0.0"), 2, CallResult("ok", {"done": True}, 1.0), Checkpoint()
+    )
+    for rerun in (False, True):
+        with pytest.raises(StoreError, match="already ok"):
+            await claim.begin_call(_intent(), Checkpoint(), rerun=rerun)
+    record = await store.get_tool_call("t#0.0")
+    assert record is not None and (record.attempt, record.status) == (2, "ok")
+    assert first_broken_link(await store.list_events("t")) is None
+
+
+async def test_a_call_a_human_marked_for_retry_gets_one_new_attempt(store: RunStore) -> None:
+    """An in-doubt call decided `retry` may be begun once more, and only once."""
+    claim = await _claimed_run(store, "r")
+    await claim.begin_call(_intent("r#0.0"), Checkpoint())
+    approval = await claim.open_approval(
+        NewApproval(
+            call_key="r#0.0",
+            kind=ApprovalKind.IN_DOUBT,
+            step_id="append-one",
+            action="append one",
+            reason="may or may not have run",
+            rollback=None,
+            deciders=["cli:approver"],
+            four_eyes=False,
+            requested_by="cli:tester",
+            deadline_at=time.time() + 60,
+        ),
+        Checkpoint(),
+    )
+    assert (await store.get_run("r")).status == RunStatus.WAITING_APPROVAL
+    retry = DecisionEffect("retry", None, RunStatus.QUEUED, None)
+    decided = await store.decide_approval(
+        approval.id, ApprovalStatus.APPROVED, "cli:approver", None, retry
+    )
+    assert decided.changed and decided.run.status == RunStatus.QUEUED
+    record = await store.get_tool_call("r#0.0")
+    assert record is not None and record.status == "retry"
+
+    again = await store.claim_run("r", OWNER, 30, lambda _owner: False)
+    assert (await again.begin_call(_intent("r#0.0"), Checkpoint(), fresh=False)).attempt == 2
+    with pytest.raises(StoreError, match="already intent"):
+        await again.begin_call(_intent("r#0.0"), Checkpoint(), fresh=False)
+    with pytest.raises(LeaseLost):  # the earlier claim is fenced out, by its epoch
+        await claim.finish_call(_intent("r#0.0"), 2, CallResult("ok", {}, 1.0), Checkpoint())
+
+
+async def test_a_decision_past_the_deadline_is_not_recorded(store: RunStore) -> None:
+    """The deadline is the first decision: once it passed, a decision must not be recorded."""
+    claim = await _claimed_run(store, "slow")
+    await claim.begin_call(_intent("slow#0.0"), Checkpoint())
+    approval = await claim.open_approval(
+        NewApproval(
+            call_key="slow#0.0",
+            kind=ApprovalKind.GATE,
+            step_id="append-two",
+            action="append two",
+            reason="gate",
+            rollback=None,
+            deciders=["cli:approver"],
+            four_eyes=False,
+            requested_by="cli:tester",
+            deadline_at=time.time() - 1,  # already past
+        ),
+        Checkpoint(),
+    )
+    approve = DecisionEffect("ok", {"approved": True}, RunStatus.QUEUED, Checkpoint(call=1))
+    recorded = await store.decide_approval(
+        approval.id, ApprovalStatus.APPROVED, "cli:approver", None, approve
+    )
+    assert not recorded.changed
+    assert recorded.approval.status == ApprovalStatus.EXPIRED  # the deadline decided it
+
+
+async def test_a_drive_that_lost_its_lease_interrupts_nothing(store: RunStore) -> None:
+    """A stale driver (its LLM call timed out after another process took the run over) must
+    not journal `run_interrupted` nor hand back a run it no longer holds; the holder can."""
+    stale = await _claimed_run(store, "i")
+    holder = await store.claim_run("i", "otherhost:2:new", 30, lambda _owner: True)
+    events = len(await store.list_events("i"))
+
+    assert not await stale.interrupt("LLM timed out", 5)
+    with pytest.raises(LeaseLost):
+        await stale.note(Audit("stale"))
+    assert len(await store.list_events("i")) == events
+    assert (await store.get_run("i")).lease_owner == "otherhost:2:new"
+
+    assert await holder.interrupt("LLM timed out", 5)
+    run = await store.get_run("i")
+    assert (run.status, run.lease_owner) == (RunStatus.QUEUED, None)
+    assert (await store.list_events("i"))[-1].type == "run_interrupted"
+
+
+async def test_stale_progress_edits_are_dropped_and_requests_kept(store: RunStore) -> None:
+    """A restarted sandbox drops the progress edits queued before it started (their chat is
+    gone); approval requests and summaries still go out."""
+    claim = await _claimed_run(store, "s", Origin(kind="telegram", chat_id=42))
+    await claim.begin_call(_intent("s#0.0"), Checkpoint())
+    await claim.finish_call(_intent("s#0.0"), 1, CallResult("ok", {}, 1.0), Checkpoint())
+    kinds = [m.kind for m in await ChatStore(store.db).undelivered_messages()]
+    assert "progress" in kinds
+    cutoff = time.time()
+    await claim.finish(RunStatus.SUCCEEDED, Checkpoint(), "done", None)
+    assert await ChatStore(store.db).drop_stale_progress(before=cutoff) >= 1
+    left = await ChatStore(store.db).undelivered_messages()
+    assert [m.kind for m in left if m.created_at < cutoff and m.kind == "progress"] == []
+    assert "run_finished" in [m.kind for m in left]
+
+
+async def test_a_pinned_runbook_moves_out_of_the_run_row_when_the_schema_is_upgraded(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database written before the runbook left the run's row (schema 11) keeps every run's
+    pinned runbook and params through the upgrade, and its runs go on from there."""
+    from agent.store import postgres, sqlite
+
+    for engine in (sqlite, postgres):
+        shipped = engine.migrations(engine.MIGRATIONS)
+        monkeypatch.setattr(
+            engine, "migrations", lambda _pkg, shipped=shipped: [m for m in shipped if m[0] <= 11]
+        )
+    await (await RunStore.open(db_url)).close()  # the schema as an older loom-ops left it
+    runbook = {"id": "disk", "steps": [{"id": "look", "title": "Look", "note": "df"}]}
+    raw_rows(
+        db_url,
+        "INSERT INTO runs (id, role, status, request, requested_by, origin, runbook_id, "
+        "runbook, params, checkpoint, limits, created_at, updated_at, lease_owner, "
+        "lease_expires_at, lease_epoch) VALUES ('pinned', 'runbook', 'running', 'disk full', "
+        "'cli:tester', ?, 'disk', ?, ?, ?, ?, 0, 0, ?, ?, 1)",
+        (
+            Origin().to_json(),
+            json.dumps(runbook),
+            json.dumps({"mount": "/var"}),
+            Checkpoint().to_json(),
+            RunLimits(max_steps=40, max_tool_calls=100, deadline_seconds=3600).to_json(),
+            OWNER,
+            time.time() + 60,
+        ),
+    )
+    monkeypatch.undo()
+
+    store = await RunStore.open(db_url)
+    try:
+        assert await store.schema_version() >= 12
+        run = await store.get_run("pinned")
+        assert (run.runbook_id, run.runbook, run.params) == ("disk", runbook, {"mount": "/var"})
+        drive = await store.drive(Claim.of(run))
+        await drive.finish(RunStatus.SUCCEEDED, Checkpoint(), "done", None)
+        assert (await store.get_run("pinned")).runbook == runbook
+    finally:
+        await store.close()
