@@ -87,6 +87,11 @@ class ChatNotice(StrEnum):
     RUN_FINISHED = "run_finished"  # the root run's summary
 
 
+# The runs table's small JSON columns; one encoder, as `json.dumps` with options builds a new
+# one per call (a checkpoint is written with every step).
+_compact_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """Where a run's loop stands: the policy turn, the next call in it, budgets spent."""
@@ -100,7 +105,12 @@ class Checkpoint:
 
     def to_json(self) -> str:
         """Serialize for the runs table."""
-        return json.dumps(self.__dict__, separators=(",", ":"))
+        return _compact_json(self.__dict__)
+
+    def moved(self, **changes: Any) -> Checkpoint:
+        """A copy with `changes`: `dataclasses.replace` without its per-call look at the
+        fields (the loop moves its checkpoint several times a step)."""
+        return Checkpoint(**{**self.__dict__, **changes})
 
     @classmethod
     def from_json(cls, text: str) -> Checkpoint:
@@ -118,7 +128,7 @@ class Origin:
 
     def to_json(self) -> str:
         """Serialize for the runs table."""
-        return json.dumps(self.__dict__, separators=(",", ":"))
+        return _compact_json(self.__dict__)
 
     @classmethod
     def from_json(cls, text: str) -> Origin:
@@ -137,7 +147,7 @@ class Effects:
 
     def to_json(self) -> str:
         """Serialize for the runs table."""
-        return json.dumps(self.__dict__, separators=(",", ":"))
+        return _compact_json(self.__dict__)
 
     @classmethod
     def from_json(cls, text: str) -> Effects:
@@ -155,7 +165,7 @@ class RunLimits:
 
     def to_json(self) -> str:
         """Serialize for the runs table."""
-        return json.dumps(self.__dict__, separators=(",", ":"))
+        return _compact_json(self.__dict__)
 
     @classmethod
     def from_json(cls, text: str) -> RunLimits:

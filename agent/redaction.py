@@ -55,6 +55,8 @@ _UNICODE = re.compile(
 # step; long command output rarely does, and would make the cache's memory unbounded.
 _CACHED_LENGTH = 512
 _CACHE_SIZE = 2048
+# Exact types that hold no string: `data` keeps them as they are, as its full path would.
+_NO_TEXT = frozenset({int, float, bool, type(None)})
 
 
 def _replace(match: re.Match[str]) -> str:
@@ -120,13 +122,25 @@ class Redactor:
         return self._apply(value, builtin=True)
 
     def data(self, value: Any) -> Any:
-        """Redact every string inside a JSON-like structure (keys included)."""
+        """Redact every string inside a JSON-like structure (keys included).
+
+        A container's plain strings and numbers are handled in place, without a call of
+        their own: those calls were most of the walk's cost (a step's decision and outcome
+        hold a few dozen leaves). Anything else, subclasses included, takes the full path."""
         if isinstance(value, str):
             return self.text(value)
+        text, data = self.text, self.data
         if isinstance(value, dict):
-            return {self.data(k): self.data(v) for k, v in value.items()}
+            return {
+                text(k) if type(k) is str else data(k): (
+                    text(v) if type(v) is str else v if type(v) in _NO_TEXT else data(v)
+                )
+                for k, v in value.items()
+            }
         if isinstance(value, list | tuple):
-            return [self.data(v) for v in value]
+            return [
+                text(v) if type(v) is str else v if type(v) in _NO_TEXT else data(v) for v in value
+            ]
         return value
 
     def _fresh(self, value: str) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import socket
 import time
@@ -273,7 +272,7 @@ class _RunLoop:
                 if decision.final is not None or not decision.calls:
                     await self._finish_from(decision, pending if not decision.calls else None)
                     return
-                self.state = dataclasses.replace(self.state, turn=self.state.turn + 1, call=0)
+                self.state = self.state.moved(turn=self.state.turn + 1, call=0)
                 fresh_turn = True
         except _Wait:
             self.k.failpoints.reached("after_wait")
@@ -339,7 +338,7 @@ class _RunLoop:
         response = self.k.redactor.data(raw)
         if response != raw:  # the journal and the run only ever see the redacted answer
             decision = PolicyDecision.model_validate(response)
-        self.state = dataclasses.replace(self.state, steps_used=self.state.steps_used + 1)
+        self.state = self.state.moved(steps_used=self.state.steps_used + 1)
         pending = PolicyTurn(
             turn=self.state.turn,
             policy=policy_name,
@@ -408,7 +407,7 @@ class _RunLoop:
                 rerun = True
             elif existing.status != "retry":  # already decided by a human (e.g. skipped)
                 self.history.append(_observation(existing))
-                self.state = dataclasses.replace(self.state, call=self.state.call + 1)
+                self.state = self.state.moved(call=self.state.call + 1)
                 return
         if self.state.phase != "rollback":
             if self.state.tool_calls_used >= self.run_record.limits.max_tool_calls:
@@ -473,8 +472,8 @@ class _RunLoop:
         duration_ms = (time.perf_counter() - started) * 1000
         self.k.failpoints.reached("after_tool")
         outcome = self.k.redactor.data(result.outcome)
-        self.state = dataclasses.replace(
-            self.state, call=self.state.call + 1, tool_calls_used=self.state.tool_calls_used + 1
+        self.state = self.state.moved(
+            call=self.state.call + 1, tool_calls_used=self.state.tool_calls_used + 1
         )
         # The outcome commits with the drive's next write (the next step's intent, a request,
         # the run's end): one commit per step. A crash before that leaves the call in doubt:
@@ -527,7 +526,7 @@ class _RunLoop:
 
     def _checkpoint(self) -> Checkpoint:
         active = self.base_active + (time.monotonic() - self.started)
-        return dataclasses.replace(self.state, active_seconds=round(active, 3))
+        return self.state.moved(active_seconds=round(active, 3))
 
     def _check_deadline(self) -> None:
         if self._remaining() <= 0:
@@ -753,8 +752,8 @@ class _RunLoop:
         ended = await self.drive.await_sibling(new_call, role, self._checkpoint(), pending)
         if ended is None:
             raise _Wait()
-        self.state = dataclasses.replace(
-            self.state, call=self.state.call + 1, tool_calls_used=self.state.tool_calls_used + 1
+        self.state = self.state.moved(
+            call=self.state.call + 1, tool_calls_used=self.state.tool_calls_used + 1
         )
         record = await self.store.get_tool_call(new_call.call_key)
         assert record is not None

@@ -25,8 +25,12 @@ from agent.store.database import Row
 TERMINAL = frozenset(str(status) for status in TERMINAL_STATUSES)
 
 
+# One encoder for every row: `json.dumps` with options builds a new one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def dumps(data: Any) -> str:
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return _ENCODER.encode(data)
 
 
 EVENT_COLUMNS = "seq, run_id, idx, ts, type, data, prev_hash, hash"

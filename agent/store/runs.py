@@ -69,7 +69,30 @@ class RunsStore(StoreBase):
                 self._enqueue_outbox(conn, new.id, ChatNotice.PROGRESS, {"event": "started"}, now)
 
         await self._transaction(create, durable=True)
-        return await self.get_run(new.id)
+        # What the transaction wrote, not read back: a new run holds nothing else yet.
+        return RunRecord(
+            id=new.id,
+            parent_id=new.parent_id,
+            role=new.role,
+            status=RunStatus.QUEUED,
+            request=new.request,
+            requested_by=new.requested_by,
+            origin=new.origin,
+            runbook_id=None,
+            runbook=None,
+            params={},
+            checkpoint=Checkpoint(),
+            limits=new.limits,
+            summary=None,
+            error=None,
+            lease_owner=None,
+            lease_expires_at=None,
+            created_at=now,
+            updated_at=now,
+            finished_at=None,
+            policy=new.policy,
+            effects=new.effects,
+        )
 
     async def get_run(self, run_id: str) -> RunRecord:
         """The run with that id; raises RunNotFound."""

@@ -26,6 +26,7 @@ from agent.records import (
     Checkpoint,
     Claim,
     Decision,
+    Effects,
     Origin,
     RunLimits,
     RunStatus,
@@ -659,3 +660,21 @@ async def test_a_pinned_runbook_moves_out_of_the_run_row_when_the_schema_is_upgr
         assert (await store.get_run("pinned")).runbook == runbook
     finally:
         await store.close()
+
+
+async def test_a_created_run_is_what_the_store_then_reads(store: RunStore) -> None:
+    """create_run returns the run it wrote without reading it back: the same record a read
+    gives, field for field."""
+    created = await store.create_run(
+        NewRun(
+            id="fresh",
+            role="runbook",
+            request="disk full on web-1",
+            requested_by="cli:tester",
+            origin=Origin(kind="telegram", chat_id=42, thread_id=7),
+            limits=RunLimits(max_steps=5, max_tool_calls=7, deadline_seconds=60),
+            policy="mock",
+            effects=Effects(shell=True, mcp=False, checks=True),
+        )
+    )
+    assert created == await store.get_run("fresh")
