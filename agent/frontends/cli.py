@@ -22,7 +22,6 @@ import shlex
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -123,12 +122,28 @@ def _port(text: str) -> int:
     return value
 
 
-def _version() -> str:
-    """The installed package's version."""
-    try:
-        return metadata.version("loom-ops")
-    except metadata.PackageNotFoundError:  # a checkout run without `pip install`
-        return "unknown"
+class _Version(argparse.Action):
+    """`--version`: the installed package's version, looked up only when asked (importing
+    importlib.metadata costs every other command about 10 ms of start-up)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **_: Any) -> None:
+        super().__init__(
+            option_strings,
+            dest,
+            nargs=0,
+            default=argparse.SUPPRESS,
+            help="show the version and exit",
+        )
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from importlib import metadata
+
+        try:
+            version = metadata.version("loom-ops")
+        except metadata.PackageNotFoundError:  # a checkout run without `pip install`
+            version = "unknown"
+        print(f"loom-ops {version}")  # on stdout, as argparse's own version action does
+        parser.exit()
 
 
 def _run_id(parser: argparse.ArgumentParser, what: str) -> None:
@@ -142,7 +157,7 @@ def _run_id(parser: argparse.ArgumentParser, what: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     parser = _Parser(prog="loom-ops", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"loom-ops {_version()}")
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     for name, help_text in (
