@@ -149,6 +149,13 @@ class LeaseLost(StoreError):
     kind = ErrorKind.CONFLICT
 
 
+class CallNotInFlight(StoreError):
+    """An outcome for a call attempt the store does not hold in flight (recorded already by a
+    commit whose answer was lost, or never begun): it is not written again."""
+
+    kind = ErrorKind.CONFLICT
+
+
 class ApprovalNotFound(StoreError):
     """No approval request matches."""
 

@@ -174,10 +174,10 @@ class RunKernel:
                 await drive.release()
                 raise
             log.info("stopped driving %s: the run was cancelled or taken over", run_id)
-            await self._abandon(run_id, drive.unsaved_call, loop.in_flight)
+            await self._abandon(run_id, drive, loop.in_flight)
         except LeaseLost as exc:
             log.info("stopped driving %s: %s", run_id, exc)
-            await self._abandon(run_id, drive.unsaved_call, loop.in_flight)
+            await self._abandon(run_id, drive, loop.in_flight)
         except PolicyMisconfigured as exc:
             # Before the outage handlers: a wrong key, URL or model never heals by waiting.
             await self._fail(drive, loop._checkpoint(), self.redactor.text(str(exc)))
@@ -199,12 +199,14 @@ class RunKernel:
         if work is not None:
             work.cancel()
 
-    async def _abandon(self, run_id: str, *calls: str | None) -> None:
-        """A cancelled run's calls this drive left open (an outcome not yet committed, a call
-        in flight) are closed as cancelled: they may have run."""
-        for call_key in calls:
-            if call_key is not None:
-                await self.store.close_cancelled_call(run_id, call_key)
+    async def _abandon(self, run_id: str, drive: Drive, in_flight: str | None) -> None:
+        """A cancelled run's calls this drive left open: one that ended keeps its result (its
+        outcome was waiting for the next write), one in flight is closed as cancelled."""
+        if drive.unsaved is not None:
+            known = drive.unsaved
+            await self.store.close_cancelled_call(run_id, known.call.call_key, known.result)
+        if in_flight is not None:
+            await self.store.close_cancelled_call(run_id, in_flight)
 
     async def _fail(self, drive: Drive, checkpoint: Checkpoint, reason: str) -> None:
         """End the run FAILED now with a one-line reason (journaled; the lease freed)."""
@@ -475,11 +477,11 @@ class _RunLoop:
         self.state = self.state.moved(
             call=self.state.call + 1, tool_calls_used=self.state.tool_calls_used + 1
         )
-        # The outcome commits with the drive's next write (the next step's intent, a request,
-        # the run's end): one commit per step. A crash before that leaves the call in doubt:
-        # run again if it is safe to repeat, else a person decides.
         stored = CallResult(result.status, outcome, duration_ms, result.pin, result.events)
-        self.drive.defer_outcome(new_call, attempt, stored, self._checkpoint())
+        if durable:  # an effect that cannot be repeated: its outcome is known, commit it now
+            await self.drive.finish_call(new_call, attempt, stored, self._checkpoint())
+        else:  # safe to repeat: the outcome commits with the next step's intent
+            self.drive.defer_outcome(new_call, attempt, stored, self._checkpoint())
         self.in_flight = None
         if result.pin is not None:
             self.runbook = Runbook.from_snapshot(result.pin.runbook)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from agent.chain import canonical_json, event_hash
-from agent.errors import LeaseLost, RunNotFound
+from agent.errors import CallNotInFlight, LeaseLost, RunNotFound
 from agent.events import Event, ToolOutcome
 from agent.records import ChatNotice, Checkpoint, Claim, Origin, RunStatus
 from agent.store.commands import CallResult, NewToolCall, Outcome, RunbookPin
@@ -332,7 +332,9 @@ class StoreBase:
 
         def in_flight() -> None:
             if cursor.rowcount != 1:
-                raise LeaseLost(f"tool call {call.call_key} attempt {attempt} is not in flight")
+                raise CallNotInFlight(
+                    f"tool call {call.call_key} attempt {attempt} is not in flight"
+                )
 
         self._check_at_end(in_flight)
         updates: dict[str, Any] = {"checkpoint": checkpoint.to_json()}

@@ -189,8 +189,11 @@ class CallsStore(StoreBase):
 
         await self._transaction(finish)
 
-    async def close_cancelled_call(self, run_id: str, call_key: str) -> bool:
-        """Record that a cancelled run's call in flight was stopped; only for a cancelled run.
+    async def close_cancelled_call(
+        self, run_id: str, call_key: str, known: CallResult | None = None
+    ) -> bool:
+        """Record that a cancelled run's call in flight was stopped, or, with `known`, what it
+        came to (it ended before its outcome was committed); only for a cancelled run.
 
         A run taken over by another process keeps the call in doubt instead: its new owner
         decides what happens to it.
@@ -201,7 +204,9 @@ class CallsStore(StoreBase):
             row = conn.execute("SELECT status FROM runs WHERE id = ?", (run_id,)).fetchone()
             if row is None or row["status"] != RunStatus.CANCELLED:
                 return False
-            outcome = {"cancelled": True, "may_have_run": True}
+            status, outcome = "cancelled", {"cancelled": True, "may_have_run": True}
+            if known is not None:
+                status, outcome = known.status, known.outcome
             row = conn.execute(
                 "SELECT attempt FROM tool_calls WHERE call_key = ? AND status = 'intent'",
                 (call_key,),
@@ -210,11 +215,10 @@ class CallsStore(StoreBase):
                 return False
             attempt = row["attempt"]
             conn.execute(
-                "UPDATE tool_calls SET status = 'cancelled', outcome = ?, outcome_at = ? "
-                "WHERE call_key = ?",
-                (dumps(outcome), now, call_key),
+                "UPDATE tool_calls SET status = ?, outcome = ?, outcome_at = ? WHERE call_key = ?",
+                (status, dumps(outcome), now, call_key),
             )
-            event = ToolOutcome(call_key, "cancelled", outcome, attempt)
+            event = ToolOutcome(call_key, status, outcome, attempt)
             self._append_events(conn, run_id, [event], now)
             return True
 

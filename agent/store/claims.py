@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -138,12 +139,17 @@ class ClaimsStore(StoreBase):
 
         return await self._transaction(renew)
 
-    async def _release(self, claim: Claim, retry_after: float | None = None) -> None:
+    async def _release(
+        self, claim: Claim, retry_after: float | None = None, earlier: Outcome | None = None
+    ) -> None:
         """Give the lease back, leaving a running run queued for whoever comes next (workers
-        wait `retry_after` seconds before they claim it; an explicit resume does not)."""
+        wait `retry_after` seconds before they claim it; an explicit resume does not). The
+        drive's held outcome (`earlier`) is written first, while the claim still holds."""
         not_before = time.time() + retry_after if retry_after is not None else None
 
         def release(conn: Connection) -> None:
+            if earlier is not None:
+                self._fence(conn, claim, earlier)  # LeaseLost: nothing is ours to write
             conn.execute(
                 "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL, not_before = ?, "
                 "status = CASE status WHEN 'running' THEN 'queued' ELSE status END "
@@ -152,7 +158,9 @@ class ClaimsStore(StoreBase):
             )
             self._announce_runnable(conn)
 
-        await self._transaction(release)
+        # LeaseLost: another process holds the run now; its journal is not ours to finish.
+        with contextlib.suppress(LeaseLost):
+            await self._transaction(release)
 
     async def runnable_run_ids(
         self, owner_is_dead: Callable[[str], bool], due_only: bool = False

@@ -4,10 +4,11 @@ Invariant: each write of a `Drive` checks its claim (owner and epoch) first, in 
 transaction that writes, so a write after a lost lease raises `LeaseLost` and changes nothing.
 The kernel holds a `Drive`, not the claim's parts, so no write of its can skip the check.
 
-The outcome of a call is not committed on its own: it rides along with the drive's next
-write (the next step's intent, a request, the run's end), so a step costs one commit. A crash
-before that write leaves the call's intent without an outcome: a call safe to repeat is run
-again, any other is in doubt and a person decides, as after any crash mid-call.
+The outcome of a call that is safe to repeat is not committed on its own: it rides along
+with the drive's next write (the next step's intent, a request, the run's end, the lease's
+release), so such a step costs one commit; a crash before that write only makes it run again.
+The outcome of a call with an effect that cannot be repeated is committed as soon as it is
+known (`finish_call`), so the time it may be in doubt is its own running time.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from agent.errors import CallNotInFlight
 from agent.events import Event, PolicyTurn
 from agent.records import ApprovalRecord, Checkpoint, Claim, RunRecord, RunStatus
 from agent.store.commands import (
@@ -57,22 +59,32 @@ class Drive:
         return self.claim.run_id
 
     @property
-    def unsaved_call(self) -> str | None:
-        """The call whose outcome waits for the next write, if any."""
-        return self._unsaved.call.call_key if self._unsaved is not None else None
+    def unsaved(self) -> Outcome | None:
+        """The outcome waiting for the next write, if any."""
+        return self._unsaved
 
-    async def _write(self, write: Callable[[Outcome | None], Awaitable[T]]) -> T:
+    async def _write(
+        self,
+        write: Callable[[Outcome | None], Awaitable[T]],
+        wrote: Callable[[T], bool] = lambda _result: True,
+    ) -> T:
         """Run one fenced write with the unsaved outcome at its head; keep the outcome for
-        the next write if this one fails."""
+        the next write if this one fails or `wrote` says it wrote nothing, drop it if the
+        store holds that attempt no longer in flight (recorded already)."""
         unsaved, self._unsaved = self._unsaved, None
         try:
-            written = await write(unsaved)
+            result = await write(unsaved)
+        except CallNotInFlight:
+            raise
         except BaseException:
             self._unsaved = unsaved
             raise
         if unsaved is not None:
-            self.on_saved()
-        return written
+            if wrote(result):
+                self.on_saved()
+            else:
+                self._unsaved = unsaved
+        return result
 
     async def begin_call(
         self,
@@ -103,11 +115,12 @@ class Drive:
                 self.claim, call, attempt, result, checkpoint, unsaved
             )
         )
+        self.on_saved()
 
     def defer_outcome(
         self, call: NewToolCall, attempt: int, result: CallResult, checkpoint: Checkpoint
     ) -> None:
-        """Keep the outcome of the call in flight for the drive's next write."""
+        """Keep the outcome of a call safe to repeat for the drive's next write."""
         assert self._unsaved is None, "a drive writes between two calls"
         self._unsaved = Outcome(call, attempt, result, checkpoint)
 
@@ -129,7 +142,8 @@ class Drive:
     async def interrupt(self, reason: str, retry_after: float) -> bool:
         """Journal why the drive stopped and hand the run back; False if it was lost already."""
         return await self._write(
-            lambda unsaved: self.store._interrupt(self.claim, reason, retry_after, unsaved)
+            lambda unsaved: self.store._interrupt(self.claim, reason, retry_after, unsaved),
+            wrote=bool,
         )
 
     async def open_approval(
@@ -187,7 +201,6 @@ class Drive:
         return renewed
 
     async def release(self, retry_after: float | None = None) -> None:
-        """Hand the run back (queued) for whoever claims it next; an unsaved outcome is
-        dropped (its call is safe to repeat, and is run again)."""
-        self._unsaved = None
-        await self.store._release(self.claim, retry_after)
+        """Write the unsaved outcome, then hand the run back (queued) for whoever claims it
+        next; once the lease is lost, neither is ours to write."""
+        await self._write(lambda unsaved: self.store._release(self.claim, retry_after, unsaved))

@@ -678,3 +678,84 @@ async def test_a_created_run_is_what_the_store_then_reads(store: RunStore) -> No
         )
     )
     assert created == await store.get_run("fresh")
+
+
+# -- outcomes that wait for the drive's next write ----------------------------------------------
+
+
+def _repeatable(key: str, position: int = 0) -> NewToolCall:
+    """A call safe to run again (a read), whose outcome may wait for the next write."""
+    return NewToolCall(key, 0, position, "read_runbook", {}, None, repeatable=True)
+
+
+async def test_outcomes_held_for_the_next_write_keep_the_chain_and_every_call(
+    store: RunStore,
+) -> None:
+    """Four outcomes each committed with the next call's intent, the last with the run's end:
+    every call holds its outcome, in order, and the hash chain verifies."""
+    drive = await _claimed_run(store, "c")
+    for i in range(4):
+        call = _repeatable(f"c#0.{i}", i)
+        started = await drive.begin_call(call, Checkpoint(call=i), durable=False)
+        drive.defer_outcome(call, started.attempt, CallResult("ok", {"i": i}, 1.0), Checkpoint())
+    await drive.finish(RunStatus.SUCCEEDED, Checkpoint(call=4), "done", None)
+
+    events = await store.list_events("c")
+    assert first_broken_link(events) is None
+    assert (await store.chain_head("c"))[1] == len(events)
+    calls = await store.list_tool_calls("c")
+    assert [(c.call_key, c.status, c.outcome) for c in calls] == [
+        (f"c#0.{i}", "ok", {"i": i}) for i in range(4)
+    ]
+    kinds = [e.type for e in events if e.type in ("tool_intent", "tool_outcome")]
+    assert kinds == ["tool_intent", "tool_outcome"] * 4  # each outcome before the next intent
+
+
+async def test_handing_a_run_back_writes_the_outcome_it_held(store: RunStore) -> None:
+    """A process shutting down hands its run back: the outcome it held is written first, so
+    the call is not found in doubt by whoever resumes the run."""
+    drive = await _claimed_run(store, "h")
+    call = _repeatable("h#0.0")
+    started = await drive.begin_call(call, Checkpoint(), durable=False)
+    drive.defer_outcome(call, started.attempt, CallResult("ok", {"read": 1}, 1.0), Checkpoint())
+    await drive.release()
+    record = await store.get_tool_call("h#0.0")
+    assert record is not None and (record.status, record.outcome) == ("ok", {"read": 1})
+    assert (await store.get_run("h")).status == RunStatus.QUEUED
+
+
+async def test_an_outcome_a_lost_claim_could_not_write_stays_unsaved(store: RunStore) -> None:
+    """Another process took the run over: the old drive's interrupt writes nothing, says so,
+    and keeps its outcome as unsaved (the failpoint of a saved outcome does not fire)."""
+    drive = await _claimed_run(store, "t")
+    saved: list[int] = []
+    drive.on_saved = lambda: saved.append(1)
+    call = _repeatable("t#0.0")
+    started = await drive.begin_call(call, Checkpoint(), durable=False)
+    drive.defer_outcome(call, started.attempt, CallResult("ok", {}, 1.0), Checkpoint())
+    await store.claim_run("t", "otherhost:2:new", 30, lambda _owner: True)
+
+    assert await drive.interrupt("the model timed out", 30) is False
+    assert saved == [] and drive.unsaved is not None
+    record = await store.get_tool_call("t#0.0")
+    assert record is not None and record.status == "intent"
+
+
+async def test_a_cancelled_run_keeps_the_result_of_a_call_that_had_ended(store: RunStore) -> None:
+    """Cancelled between a call's end and the drive's next write: the run's journal gets the
+    call's real result, not "may have run"."""
+    drive = await _claimed_run(store, "z")
+    call = _repeatable("z#0.0")
+    started = await drive.begin_call(call, Checkpoint(), durable=False)
+    result = CallResult("error", {"exit": 1, "stderr": "boom"}, 1.0)
+    drive.defer_outcome(call, started.attempt, result, Checkpoint())
+    await store.cancel_run("z", "cli:tester")
+    with pytest.raises(LeaseLost):
+        await drive.note(Audit("late"))
+    held = drive.unsaved
+    assert held is not None
+
+    assert await store.close_cancelled_call("z", held.call.call_key, held.result)
+    record = await store.get_tool_call("z#0.0")
+    assert record is not None
+    assert (record.status, record.outcome) == ("error", {"exit": 1, "stderr": "boom"})
