@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from markupsafe import Markup
 
 from agent.errors import RequestError
-from agent.policy.mock import exact_runbook, rank_runbooks
+from agent.runbook.matching import exact_runbook, rank_runbooks
 from agent.runbook.model import Runbook, RunbookCatalog, Step
 from agent.runbook.request import parse_request
 from bot.messages import clip

@@ -1117,7 +1117,7 @@ def _refuse_live_guess(
     the message names (its id first, or runbook=<id>) or with --yes: a runbook matched from
     an incident's words, with its defaults (namespace=production...), is a guess, and a guess
     must not run kubectl unasked."""
-    from agent.policy.mock import exact_runbook, match_runbook
+    from agent.runbook.matching import exact_runbook, match_runbook
 
     live = [
         name
