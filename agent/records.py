@@ -28,11 +28,6 @@ class RunStatus(StrEnum):
         """True once nothing can change the run any more."""
         return self in TERMINAL_STATUSES
 
-    @property
-    def is_waiting(self) -> bool:
-        """True while the run waits for a human or for its children."""
-        return self in (RunStatus.WAITING_APPROVAL, RunStatus.WAITING_CHILDREN)
-
 
 TERMINAL_STATUSES = frozenset(
     {
@@ -238,11 +233,6 @@ class ToolCallRecord:
     duration_ms: float | None
     repeatable: bool = False  # judged at intent time: safe to run again when in doubt
     attempt_info: dict[str, Any] | None = None  # where the latest attempt may act, and until when
-
-    @property
-    def in_doubt(self) -> bool:
-        """Intent committed, no outcome: the call may or may not have happened."""
-        return self.status == "intent"
 
 
 @dataclass(frozen=True)

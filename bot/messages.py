@@ -10,10 +10,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import jinja2
 from markupsafe import Markup
 
 from agent.records import CHAT_IDENTITY, ApprovalRecord, ApprovalStatus, RunRecord, RunStatus
+from agent.views.jinja import environment
 
 # Telegram's limit on one message's text.
 MAX_MESSAGE_CHARS = 4096
@@ -23,13 +23,7 @@ MAX_CHUNKS = 3
 CALLBACK_PREFIX = "ap"
 CHOICES = {"y": "approve", "s": "skip", "n": "reject"}
 
-_ENV = jinja2.Environment(
-    loader=jinja2.PackageLoader("bot", "templates"),
-    autoescape=True,
-    undefined=jinja2.StrictUndefined,
-    trim_blocks=True,
-    lstrip_blocks=True,
-)
+_ENV = environment("bot", html=True)
 
 STATUS_ICONS = {
     RunStatus.QUEUED: "⏳",

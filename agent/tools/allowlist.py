@@ -42,7 +42,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from agent.errors import AllowlistError, CommandDenied
 
-ALLOWLIST_FILENAME = "ops.shell.allowlist.json"
 DEFAULT_PATH: tuple[str, ...] = (
     "/usr/local/sbin",
     "/usr/local/bin",
@@ -57,11 +56,6 @@ _REST = "**"
 _REGEX_PREFIX = "re:"
 # Denial messages quote the argv; cap it so a huge argv cannot flood a log line or a chat.
 _MAX_QUOTED = 300
-
-
-def default_allowlist_path(workspace: Path) -> Path:
-    """Where the allowlist of a workspace lives unless configured otherwise."""
-    return workspace / ALLOWLIST_FILENAME
 
 
 # --- the file schema -------------------------------------------------------------------------

@@ -158,10 +158,6 @@ class McpHub:
         self._servers: dict[str, _Server] = {}
         self._lock = asyncio.Lock()
 
-    def knows(self, tool: str) -> bool:
-        """Whether a runbook-facing tool name is mapped."""
-        return tool in self.config.tools
-
     async def call(self, tool: str, arguments: dict[str, Any], timeout: float) -> McpResult:
         """Call a mapped tool; any failure (unknown, crash, hang) raises McpError."""
         mapping = self.config.tools.get(tool)

@@ -1,5 +1,6 @@
-"""The views' one Jinja setup: templates from `agent/views/templates`, strict about undefined
-names, and for HTML every value escaped, so only the templates' own tags are markup."""
+"""The one Jinja setup of the views and the chat: each package's `templates/` folder, strict
+about undefined names, and for HTML every value escaped, so only the templates' own tags are
+markup."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ def _tag(name: str) -> Callable[[object], Markup]:
     return wrap
 
 
-def _environment(html: bool) -> jinja2.Environment:
+def environment(package: str, html: bool) -> jinja2.Environment:
+    """The templates in `package`'s `templates/` folder, rendered the one way every view and
+    the chat render: strict, trimmed, and for HTML with every value escaped."""
     env = jinja2.Environment(
-        loader=jinja2.PackageLoader("agent.views", "templates"),
+        loader=jinja2.PackageLoader(package, "templates"),
         autoescape=html,
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
@@ -34,5 +37,5 @@ def _environment(html: bool) -> jinja2.Environment:
     return env
 
 
-TEXT = _environment(html=False)
-HTML = _environment(html=True)
+TEXT = environment("agent.views", html=False)
+HTML = environment("agent.views", html=True)

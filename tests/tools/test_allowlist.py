@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from agent.errors import AllowlistError, CommandDenied
-from agent.tools.allowlist import ALLOWLIST_FILENAME, ShellAllowlist, default_allowlist_path
+from agent.settings import Settings
+from agent.tools.allowlist import ShellAllowlist
 
 RULES: list[dict[str, Any]] = [
     {"argv": ["kubectl", "get", "pods"]},
@@ -37,7 +38,7 @@ def bindir(tmp_path: Path) -> Path:
 @pytest.fixture
 def allowlist(tmp_path: Path, bindir: Path) -> ShellAllowlist:
     """The allowlist loaded from a real file in the workspace."""
-    path = default_allowlist_path(tmp_path)
+    path = Settings(workspace=tmp_path).allowlist_path
     path.write_text(json.dumps({"rules": RULES, "path": [str(bindir)]}))
     return ShellAllowlist.load(path)
 
@@ -49,7 +50,7 @@ def _denied(allowlist: ShellAllowlist, argv: list[str]) -> str:
 
 
 def test_default_path_is_in_the_workspace(tmp_path: Path) -> None:
-    assert default_allowlist_path(tmp_path) == tmp_path / ALLOWLIST_FILENAME
+    assert Settings(workspace=tmp_path).allowlist_path == tmp_path / "ops.shell.allowlist.json"
 
 
 def test_literal_rule_admits_the_exact_argv_with_an_absolute_binary(
@@ -255,7 +256,7 @@ def test_default_path_when_the_file_names_none() -> None:
     ],
 )
 def test_malformed_file_error_names_the_file(tmp_path: Path, content: str, reason: str) -> None:
-    path = tmp_path / ALLOWLIST_FILENAME
+    path = tmp_path / "ops.shell.allowlist.json"
     path.write_text(content)
     with pytest.raises(AllowlistError) as info:
         ShellAllowlist.load(path)
@@ -267,7 +268,7 @@ def test_malformed_file_error_names_the_file(tmp_path: Path, content: str, reaso
 
 
 def test_unreadable_file_is_an_error_not_an_empty_allowlist(tmp_path: Path) -> None:
-    path = tmp_path / ALLOWLIST_FILENAME
+    path = tmp_path / "ops.shell.allowlist.json"
     path.mkdir()
     with pytest.raises(AllowlistError, match="cannot read"):
         ShellAllowlist.load(path)
