@@ -14,7 +14,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_RUNBOOKS = REPO / "runbooks"
-TABLES = ("runs", "events", "tool_calls", "approvals", "llm_calls", "outbox")
+TABLES = ("runs", "events", "tool_calls", "approvals", "outbox")
 CLI_USER = "tester"  # what getpass.getuser() answers in the child: the "OS user" of the tests
 
 

@@ -71,7 +71,7 @@ class ApprovalsStore(StoreBase):
             number = self._next_request_number(conn, run_id)
             events = []
             if turn is not None:
-                events.append(self._insert_policy_turn(conn, run_id, turn, now))
+                events.append(turn)
             if call is not None:
                 events.append(self._write_intent(conn, run_id, call, now, False, None)[1])
             cursor = conn.execute(

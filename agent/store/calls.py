@@ -6,7 +6,7 @@ import time
 from typing import Any, NoReturn
 
 from agent.errors import StoreError
-from agent.events import Event, PolicyTurn, ToolIntent, ToolOutcome
+from agent.events import Event, EventType, PolicyTurn, ToolIntent, ToolOutcome
 from agent.records import Checkpoint, Claim, PolicyTurnRecord, RunStatus, ToolCallRecord
 from agent.store.base import StoreBase
 from agent.store.commands import CallResult, NewToolCall, Outcome, StartedCall
@@ -19,32 +19,14 @@ class CallsStore(StoreBase):
 
     # -- policy turns ----------------------------------------------------------------------
 
-    @staticmethod
-    def _insert_policy_turn(
-        conn: Connection, run_id: str, turn: PolicyTurn, now: float
-    ) -> PolicyTurn:
-        conn.execute(
-            "INSERT INTO llm_calls (run_id, turn, policy, request_hash, response, prompt_tokens, "
-            "completion_tokens, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                run_id,
-                turn.turn,
-                turn.policy,
-                turn.request_hash,
-                dumps(turn.response),
-                turn.prompt_tokens,
-                turn.completion_tokens,
-                now,
-            ),
-        )
-        return turn
-
     async def get_policy_turn(self, run_id: str, turn: int) -> PolicyTurnRecord | None:
-        """The journaled policy answer of one turn, if there is one."""
+        """The journaled policy answer of one turn, if there is one (its `policy_turn` event:
+        the journal is the one place an answer is stored)."""
         row = await self._read(
             lambda c: c.execute(
-                f"SELECT {TURN_COLUMNS} FROM llm_calls WHERE run_id = ? AND turn = ?",
-                (run_id, turn),
+                f"SELECT {TURN_COLUMNS} FROM events WHERE run_id = ? AND type = ? "
+                f"AND {self.dialect.json_int('data', 'turn')} = ?",
+                (run_id, EventType.POLICY_TURN, turn),
             ).fetchone()
         )
         return turn_from_row(row) if row else None
@@ -53,7 +35,8 @@ class CallsStore(StoreBase):
         """Every journaled policy answer of a run, in order."""
         rows = await self._read(
             lambda c: c.execute(
-                f"SELECT {TURN_COLUMNS} FROM llm_calls WHERE run_id = ? ORDER BY turn", (run_id,)
+                f"SELECT {TURN_COLUMNS} FROM events WHERE run_id = ? AND type = ? ORDER BY idx",
+                (run_id, EventType.POLICY_TURN),
             ).fetchall()
         )
         return [turn_from_row(row) for row in rows]
@@ -93,7 +76,7 @@ class CallsStore(StoreBase):
                 info = dumps({**attempt_info, "spawn_before": spawn_before})
             events = []
             if turn is not None:
-                events.append(self._insert_policy_turn(conn, run_id, turn, now))
+                events.append(turn)
             attempt, intent = self._write_intent(conn, run_id, call, now, rerun, info, fresh)
             events.append(intent)
             # The checkpoint moves with the intent so that it never lags the journaled turn.

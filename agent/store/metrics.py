@@ -69,7 +69,7 @@ class MetricsStore(StoreBase):
             ]
             tokens = c.execute(
                 "SELECT COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0) "
-                "FROM llm_calls"
+                "FROM runs"
             ).fetchone()
             return MetricsSnapshot(runs, tools, waits, int(tokens[0]), int(tokens[1]))
 

@@ -121,21 +121,21 @@ def call_from_row(row: Row) -> ToolCallRecord:
     )
 
 
-TURN_COLUMNS = (
-    "run_id, turn, policy, request_hash, response, prompt_tokens, completion_tokens, created_at"
-)
+# A policy turn is its `policy_turn` event: the journal stores each answer once.
+TURN_COLUMNS = "run_id, ts, data"
 
 
 def turn_from_row(row: Row) -> PolicyTurnRecord:
+    data = json.loads(row["data"])
     return PolicyTurnRecord(
         run_id=row["run_id"],
-        turn=row["turn"],
-        policy=row["policy"],
-        request_hash=row["request_hash"],
-        response=json.loads(row["response"]),
-        prompt_tokens=row["prompt_tokens"],
-        completion_tokens=row["completion_tokens"],
-        created_at=row["created_at"],
+        turn=data["turn"],
+        policy=data["policy"],
+        request_hash=data["request_hash"],
+        response=data["response"],
+        prompt_tokens=data.get("prompt_tokens", 0),
+        completion_tokens=data.get("completion_tokens", 0),
+        created_at=row["ts"],
     )
 
 

@@ -144,7 +144,7 @@ class RunsStore(StoreBase):
             self._fence(conn, claim, earlier)
             events = []
             if turn is not None:
-                events.append(self._insert_policy_turn(conn, run_id, turn, now))
+                events.append(turn)
             events.append(RunFinished(str(status), summary=summary, error=error))
             self._append_events(
                 conn,

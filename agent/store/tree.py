@@ -100,7 +100,7 @@ class TreeStore(StoreBase):
             sibling = self._sibling(conn, run_id, role)
             events = []
             if turn is not None:
-                events.append(self._insert_policy_turn(conn, run_id, turn, now))
+                events.append(turn)
             known = conn.execute(
                 "SELECT 1 FROM tool_calls WHERE call_key = ?", (call.call_key,)
             ).fetchone()
@@ -194,7 +194,7 @@ class TreeStore(StoreBase):
                 raise RunNotFound(f"unknown run id {parent_id!r}")
             events = []
             if turn is not None:
-                events.append(self._insert_policy_turn(conn, parent_id, turn, now))
+                events.append(turn)
             events.append(self._write_intent(conn, parent_id, call, now, False, None)[1])
             ids = []
             for child in children:

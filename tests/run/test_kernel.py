@@ -109,7 +109,7 @@ SECRETS = (
     GITHUB_TOKEN,
     "abcdefghijklmnopqrstuvwxyz0123",
 )
-JOURNAL_TABLES = ("events", "tool_calls", "llm_calls")
+JOURNAL_TABLES = ("events", "tool_calls")
 
 
 @pytest.fixture
@@ -494,10 +494,11 @@ async def test_resuming_a_finished_run_changes_nothing(service: RunService) -> N
 
 
 def _turn_counts(db: str, run_id: str) -> list[tuple[int, int]]:
-    """(turn, rows) of a run's llm_calls, straight from the file."""
+    """(turn, answers) of a run's journaled policy turns, straight from the file."""
     return raw_rows(
         db,
-        "SELECT turn, COUNT(*) FROM llm_calls WHERE run_id = ? GROUP BY turn ORDER BY turn",
+        "SELECT json_extract(data, '$.turn') AS turn, COUNT(*) FROM events "
+        "WHERE run_id = ? AND type = 'policy_turn' GROUP BY turn ORDER BY turn",
         (run_id,),
     )
 

@@ -19,7 +19,7 @@ import pytest
 import agent.store.migrations
 from agent.chain import first_broken_link
 from agent.errors import LeaseLost, SchemaTooNew, StoreError
-from agent.events import Audit
+from agent.events import Audit, PolicyTurn
 from agent.records import (
     ApprovalKind,
     ApprovalStatus,
@@ -128,7 +128,7 @@ async def test_a_fresh_database_reaches_the_latest_schema(tmp_path: Path) -> Non
         await store.close()
     assert _user_version(db) == LATEST
     tables = {name for kind, name, _ in _schema(db) if kind == "table"}
-    assert {"runs", "events", "tool_calls", "llm_calls", "approvals", "outbox"} <= tables
+    assert {"runs", "events", "tool_calls", "approvals", "outbox"} <= tables
     schema, events = _schema(db), raw_rows(db, "SELECT * FROM events")
 
     reopened = await RunStore.open(db)
@@ -660,6 +660,88 @@ async def test_a_pinned_runbook_moves_out_of_the_run_row_when_the_schema_is_upgr
         assert (await store.get_run("pinned")).runbook == runbook
     finally:
         await store.close()
+
+
+async def test_policy_answers_leave_their_own_table_when_the_schema_is_upgraded(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database written while answers were also kept in `llm_calls` (schema 12) loses that
+    copy on upgrade: each answer is read from its journal event, and every run keeps its token
+    totals for the metrics."""
+    from agent.store import postgres, sqlite
+
+    for engine in (sqlite, postgres):
+        shipped = engine.migrations(engine.MIGRATIONS)
+        monkeypatch.setattr(
+            engine, "migrations", lambda _pkg, shipped=shipped: [m for m in shipped if m[0] <= 12]
+        )
+    await (await RunStore.open(db_url)).close()  # the schema as an older loom-ops left it
+    raw_rows(
+        db_url,
+        "INSERT INTO runs (id, role, status, request, requested_by, origin, checkpoint, limits, "
+        "created_at, updated_at) VALUES ('old', 'runbook', 'succeeded', 'disk full', "
+        "'cli:tester', ?, ?, ?, 0, 0)",
+        (
+            Origin().to_json(),
+            Checkpoint().to_json(),
+            RunLimits(max_steps=40, max_tool_calls=100, deadline_seconds=3600).to_json(),
+        ),
+    )
+    for turn in (0, 1):
+        answer = {"calls": [], "final": f"answer {turn}"}
+        raw_rows(
+            db_url,
+            "INSERT INTO llm_calls (run_id, turn, policy, request_hash, response, "
+            "prompt_tokens, completion_tokens, created_at) VALUES ('old', ?, 'llm', 'h', ?, "
+            "100, 20, 0)",
+            (turn, json.dumps(answer)),
+        )
+        data = {"turn": turn, "policy": "llm", "request_hash": "h", "response": answer,
+                "prompt_tokens": 100, "completion_tokens": 20}  # fmt: skip
+        raw_rows(
+            db_url,
+            "INSERT INTO events (run_id, idx, ts, type, data, prev_hash, hash) "
+            "VALUES ('old', ?, 5, 'policy_turn', ?, '', '')",
+            (turn + 1, json.dumps(data)),
+        )
+    monkeypatch.undo()
+
+    store = await RunStore.open(db_url)
+    try:
+        tables = {row[0] for row in raw_rows(db_url, _TABLES[store.dialect.name])}
+        assert "llm_calls" not in tables
+        answer = await store.get_policy_turn("old", 1)
+        assert answer is not None
+        assert (answer.turn, answer.response["final"], answer.prompt_tokens) == (1, "answer 1", 100)
+        assert [t.turn for t in await store.list_policy_turns("old")] == [0, 1]
+        assert (await store.metrics_snapshot()).prompt_tokens == 200
+    finally:
+        await store.close()
+
+
+_TABLES = {
+    SQLITE.name: "SELECT name FROM sqlite_master WHERE type = 'table'",
+    POSTGRES.name: "SELECT table_name FROM information_schema.tables "
+    "WHERE table_schema = current_schema()",
+}
+
+
+async def test_a_turn_has_one_journaled_answer(store: RunStore) -> None:
+    """A second answer for a turn already answered is refused with everything written with it;
+    the run's token totals count each answer once."""
+    drive = await _claimed_run(store, "once")
+    answer = PolicyTurn(turn=0, policy="mock", request_hash="h", response={}, prompt_tokens=7)
+    await drive.begin_call(_intent("once#0.0"), Checkpoint(), turn=answer)
+    events = await store.list_events("once")
+
+    with pytest.raises((sqlite3.IntegrityError, psycopg.errors.UniqueViolation)):
+        await drive.begin_call(
+            NewToolCall("once#0.1", 0, 1, "execute_step", {}, None), Checkpoint(), turn=answer
+        )
+
+    assert await store.list_events("once") == events
+    assert [t.turn for t in await store.list_policy_turns("once")] == [0]
+    assert (await store.metrics_snapshot()).prompt_tokens == 7
 
 
 async def test_a_created_run_is_what_the_store_then_reads(store: RunStore) -> None:
