@@ -12,10 +12,11 @@ import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from telegram import Update
+from telegram.error import TelegramError
 from telegram.ext import Application, ApplicationHandlerStop, TypeHandler
 
 from agent.errors import LoomOpsError
@@ -38,6 +39,25 @@ ALLOWED_UPDATES = [Update.MESSAGE, Update.CALLBACK_QUERY]
 
 class ConfigError(LoomOpsError, ValueError):
     """A setting the bot cannot start with; `str()` is one line for a human."""
+
+
+@contextlib.asynccontextmanager
+async def _opened(application: Application) -> AsyncIterator[None]:
+    """The application initialized for the block and shut down after it.
+
+    Initializing calls getMe: a bad token or an unreachable API fails here. An answer
+    python-telegram-bot cannot read (a proxy's error page, a URL that answers something else)
+    fails as a TelegramError too, so every start-up failure reaches the operator as one line."""
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            await stack.enter_async_context(application)
+        except TelegramError:
+            raise
+        except Exception as exc:
+            raise TelegramError(
+                f"unexpected answer to getMe ({type(exc).__name__}: {exc})"
+            ) from exc
+        yield
 
 
 def check_config(telegram: TelegramSettings) -> None:
@@ -97,8 +117,11 @@ async def serve_bot(
         allowed_chat_ids=telegram.allowed_chat_ids,
         lease_ttl=service.settings.lease_ttl,
     )
-    async with application:  # getMe: a bad token or an unreachable API fails here
-        await application.bot.set_my_commands(COMMANDS)
+    async with _opened(application):
+        try:
+            await application.bot.set_my_commands(COMMANDS)
+        except TelegramError as exc:  # only the chat's command menu: every command still works
+            log.warning("could not set the bot's command menu (setMyCommands): %s", exc)
         await application.start()
         tasks = [background(sender.run, "outbox")]
         try:

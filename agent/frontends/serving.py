@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from agent.errors import ServingRefused
+from agent.errors import ErrorKind, ServingRefused
 from agent.service.maintenance import Maintenance
 from agent.service.runs import RunService
 from agent.settings import Settings
@@ -193,10 +193,11 @@ async def _serve_bot(service: RunService, telegram: TelegramConfig, stop: asynci
         raise ServingRefused(
             "the Bot API refused TELEGRAM_BOT_TOKEN (revoked or mistyped?)"
         ) from None
-    except TelegramError as exc:
+    except TelegramError as exc:  # getMe failed: unreachable, or an answer that is no Bot API's
         url = telegram.settings.api_base_url
-        print(f"loom-ops: cannot reach the Bot API at {url}: {exc}", file=sys.stderr)
-        return 1
+        raise ServingRefused(
+            f"the Bot API at {url} failed at start-up: {exc}", kind=ErrorKind.UNAVAILABLE
+        ) from None
     return 0
 
 

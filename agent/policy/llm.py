@@ -137,15 +137,22 @@ class OpenAIPolicy:
         """Nothing to check before the run: the model reads the request itself."""
 
     def messages(self, context: PolicyContext) -> list[dict[str, Any]]:
-        """The conversation sent for this turn, redacted."""
-        prompt = _PROMPTS.get_template(f"prompt_{context.role}.j2").render(
+        """The conversation sent for this turn, redacted: the role's instructions as the
+        system message, the incident (request, runbook, memory) as the first user message,
+        then the turns so far. Some models' chat templates refuse a chat with no user turn."""
+        instructions = _PROMPTS.get_template(f"prompt_{context.role}.j2").render()
+        incident = _PROMPTS.get_template("prompt_context.j2").render(
             request=context.request,
             runbook=context.runbook,
             params=context.params,
             catalog=[] if context.runbook else list(context.catalog.runbooks.values()),
             memory=list(context.memory),
         )
-        messages = [{"role": "system", "content": prompt}, *_history_messages(context.history)]
+        messages = [
+            {"role": "system", "content": instructions},
+            {"role": "user", "content": incident},
+            *_history_messages(context.history),
+        ]
         return self._redactor.data(messages)
 
     async def decide(self, context: PolicyContext) -> PolicyDecision:

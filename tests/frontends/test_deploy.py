@@ -397,6 +397,22 @@ def test_dockerfile_runs_as_a_fixed_non_root_user_with_healthcheck_and_worker_cm
     assert exec_form(instruction(final, "CMD")[-1]) == ["loom-ops", "worker"]
 
 
+def test_readme_builds_with_podman_in_the_format_that_keeps_the_healthcheck():
+    """The OCI format has no HEALTHCHECK and podman builds OCI by default: every podman build
+    the README shows asks for Docker's format, and its extension example starts from the image
+    and ends as the image's user."""
+    assert instruction(dockerfile_stages()[-1], "HEALTHCHECK"), "nothing to keep"
+    section = deploying_section()
+    builds = re.findall(r"podman build -[^`\n]*", section)  # the commands, not the prose
+    assert builds and all("--format docker" in b for b in builds), builds
+    assert "BUILDAH_FORMAT=docker" in section
+    extension = re.search(r"```dockerfile\n(.*?)```", section, re.S)
+    assert extension, "no example of extending the image"
+    lines = extension.group(1).strip().splitlines()
+    uid = arg_defaults(dockerfile_stages()[-1])["LOOM_UID"]
+    assert lines[0] == "FROM loom-ops" and lines[-1].startswith(f"USER {uid}"), lines
+
+
 def test_dockerfile_workspace_holds_runbooks_and_allowlist():
     final = dockerfile_stages()[-1]
     workdir = instruction(final, "WORKDIR")[-1]

@@ -5,10 +5,13 @@ settings before any network call and says in one line when the Bot API cannot be
 from __future__ import annotations
 
 import asyncio
+import http.server
+import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import httpx
@@ -89,6 +92,78 @@ async def test_the_bot_alias_serves_and_stops_cleanly_on_sigterm(
             code = bot.stop()
         assert code == 0, bot.output()
         assert [c["command"] for c in standin.commands()][:2] == ["run", "runs"]
+
+
+async def test_a_failing_command_menu_is_a_warning_and_the_bot_serves(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """setMyCommands only sets the chat's command menu: when the Bot API answers it with a
+    500, the bot logs a warning naming it and goes on polling."""
+    async with standin_server() as (standin, server):
+        standin.fail_next("setMyCommands", 500, None, "Internal Server Error")
+        bot = BotProcess(bot_env(server, settings), settings.workspace, tmp_path / "bot.log")
+        bot.start()
+        try:
+            await standin.wait_until(lambda: bool(standin.calls("getUpdates")), 30)
+        finally:
+            code = bot.stop()
+        assert code == 0, bot.output()
+        [warning] = [line for line in bot.output().splitlines() if "setMyCommands" in line]
+        assert "WARNING" in warning and "Internal Server Error" in warning
+
+
+class _NotABotApi(http.server.BaseHTTPRequestHandler):
+    """Answers every Bot API call with 200 and JSON that is no Bot API answer (a wrong URL
+    behind a proxy that still answers)."""
+
+    def do_POST(self) -> None:
+        body = json.dumps({"ok": True, "result": "surprise"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_bot_api_that_answers_nonsense_at_start_up_is_one_line(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """getMe answered with something python-telegram-bot cannot read: one line naming the
+    Bot API and a non-zero exit, never a traceback."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotABotApi)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/bot"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("TELEGRAM_", "LOOM_OPS_"))}
+        env.update(
+            TELEGRAM_BOT_TOKEN=TOKEN,
+            TELEGRAM_ALLOWED_CHAT_IDS=str(INCIDENTS),
+            TELEGRAM_APPROVER_IDS=str(BOB),
+            TELEGRAM_API_BASE_URL=url,
+            LOOM_OPS_DB=settings.db,
+            LOOM_OPS_WORKSPACE=str(settings.workspace),
+            LOOM_OPS_MOCK_LLM="1",
+        )
+        done = subprocess.run(
+            [sys.executable, "-m", "agent.frontends.cli", "telegram"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr, done.stderr[-600:]
+    [line] = done.stderr.strip().splitlines()
+    assert url in line and "getMe" in line, line
 
 
 def test_telegram_with_an_unreachable_bot_api_says_so_in_one_line(

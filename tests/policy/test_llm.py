@@ -84,13 +84,19 @@ async def test_a_run_through_the_real_client(settings: Settings, workspace: Path
     assert all(t.policy == "openai:stand-in-1" for t in turns)
     assert all((t.prompt_tokens, t.completion_tokens) == (100, 20) for t in turns)
     # The trace's material: where the prompt ended, and how long the model took.
-    assert turns[0].response["prompt_excerpt"].startswith("system: ")
+    assert turns[0].response["prompt_excerpt"].startswith("user: ")
     assert turns[2].response["prompt_excerpt"].startswith("tool: ")
     assert all(t.response["latency_ms"] > 0 for t in turns)
     malformed = calls[1]
     assert malformed.status == "refused"
     assert "invalid arguments" in malformed.outcome["refused"]
     # The model was told: the refusal is the tool result of that call in the next request.
+    # Every request: the role's instructions as system, then the incident as a user message
+    # (some models' chat templates refuse a chat without one), then the turns so far.
+    for request in stand_in.requests:
+        system, user = request["messages"][:2]
+        assert system["role"] == "system" and "incident: llm drill" not in system["content"]
+        assert user["role"] == "user" and "incident: llm drill" in user["content"]
     replies = [m for m in stand_in.requests[2]["messages"] if m["role"] == "tool"]
     assert "invalid arguments" in replies[-1]["content"]
     # Tool schemas come from the argument models; role restriction applies.
@@ -179,7 +185,7 @@ def test_a_resume_never_asks_again_for_an_answered_turn(workspace: Path, tmp_pat
 
 
 @pytest.mark.parametrize("role", ["runbook", "supervisor", "planner", "executor", "verifier"])
-async def test_every_role_has_its_system_prompt(
+async def test_every_role_has_its_instructions_and_the_incident_as_the_user_turn(
     settings: Settings, workspace: Path, role: str
 ) -> None:
     from agent.policy.base import PolicyContext
@@ -201,9 +207,10 @@ async def test_every_role_has_its_system_prompt(
         history=[],
         tools=tools_for_role(role),
     )
-    system = policy.messages(context)[0]["content"]
-    assert f"the {role}" in system or role == "runbook"
-    assert "incident: llm drill" in system
+    system, user = policy.messages(context)[:2]
+    assert system["role"] == "system" and user["role"] == "user"
+    assert f"the {role}" in system["content"] or role == "runbook"
+    assert "incident: llm drill" in user["content"]
     names = {t["function"]["name"] for t in tool_schemas(tools_for_role(role))}
     assert names == {*tools_for_role(role), "finish_run"}
 
