@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from agent.chain import canonical_json, event_hash
 from agent.errors import CallNotInFlight, LeaseLost, RunNotFound
-from agent.events import Event, PolicyTurn, ToolOutcome
+from agent.events import Event, ToolOutcome
 from agent.records import ChatNotice, Checkpoint, Claim, Origin, RunStatus
 from agent.store.commands import CallResult, NewToolCall, Outcome, RunbookPin
 from agent.store.database import (
@@ -65,8 +65,6 @@ class RunHead:
     lease_epoch: int
     status: str
     lease_expires_at: float | None
-    prompt_tokens: int
-    completion_tokens: int
     # Written by the transaction but not yet journaled: the next append takes them along.
     carried_events: list[Event] = field(default_factory=list)
     carried_updates: dict[str, Any] = field(default_factory=dict)
@@ -227,12 +225,8 @@ class StoreBase:
             run_updates = {**head.carried_updates, **(run_updates or {})}
             head.carried_events, head.carried_updates = [], {}
         count, prev = head.event_count, head.last_hash
-        tokens = head.prompt_tokens, head.completion_tokens
         rows = []
         for event in events:
-            if isinstance(event, PolicyTurn):  # the run's token totals move with its turns
-                head.prompt_tokens += event.prompt_tokens
-                head.completion_tokens += event.completion_tokens
             count += 1
             data_json = canonical_json(event.data())
             digest = event_hash(prev, run_id, count, now, event.type, data_json)
@@ -250,9 +244,6 @@ class StoreBase:
             self.db.notify(conn, JOURNAL_CHANNEL, run_id)
         head.event_count, head.last_hash = count, prev
         updates = {"event_count": count, "last_hash": prev, "updated_at": now}
-        if tokens != (head.prompt_tokens, head.completion_tokens):
-            updates["prompt_tokens"] = head.prompt_tokens
-            updates["completion_tokens"] = head.completion_tokens
         updates.update(run_updates or {})
         if updates.get("status") == RunStatus.QUEUED:
             self._announce_runnable(conn)
@@ -276,8 +267,7 @@ class StoreBase:
         if head is None:
             row = conn.execute(
                 "SELECT event_count, last_hash, origin, parent_id, lease_owner, lease_epoch, "
-                "status, lease_expires_at, prompt_tokens, completion_tokens FROM runs "
-                "WHERE id = ?" + self.dialect.for_update,
+                "status, lease_expires_at FROM runs WHERE id = ?" + self.dialect.for_update,
                 (run_id,),
             ).fetchone()
             if row is None:
@@ -291,8 +281,6 @@ class StoreBase:
                 lease_epoch=row["lease_epoch"],
                 status=row["status"],
                 lease_expires_at=row["lease_expires_at"],
-                prompt_tokens=row["prompt_tokens"],
-                completion_tokens=row["completion_tokens"],
             )
         return head
 

@@ -4,15 +4,4 @@
 -- The journal keeps the rule the table's key kept: one answer per turn of a run.
 CREATE UNIQUE INDEX events_one_policy_turn
     ON events (run_id, (((data)::jsonb ->> 'turn')::bigint)) WHERE type = 'policy_turn';
--- The token totals a metrics scrape sums, kept per run (moved with each policy turn).
-ALTER TABLE runs ADD COLUMN prompt_tokens BIGINT NOT NULL DEFAULT 0;
-ALTER TABLE runs ADD COLUMN completion_tokens BIGINT NOT NULL DEFAULT 0;
-UPDATE runs SET
-    prompt_tokens = t.prompt_tokens, completion_tokens = t.completion_tokens
-    FROM (
-        SELECT run_id, SUM(prompt_tokens) AS prompt_tokens,
-            SUM(completion_tokens) AS completion_tokens
-        FROM llm_calls GROUP BY run_id
-    ) AS t
-    WHERE runs.id = t.run_id;
 DROP TABLE llm_calls;
