@@ -715,8 +715,11 @@ class RunService:
         return await self.store.chain_head(run_id)
 
     async def metrics(self) -> MetricsSnapshot:
-        """Counts and histograms of the whole store (what /metrics shows)."""
-        return await self.store.metrics_snapshot()
+        """Counters and current values of the store (what /metrics shows); a tool name the
+        kernel does not offer is counted as `other`."""
+        from agent.tools.toolbox import TOOL_SPECS  # what only a scrape needs, on first use
+
+        return await self.store.metrics_snapshot(TOOL_SPECS)
 
     async def active_runs(self) -> int:
         """Incidents (root runs) with a run of their tree queued or running."""

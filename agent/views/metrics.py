@@ -1,18 +1,93 @@
-"""`/metrics`: one store snapshot as Prometheus text (runs by status, tool call durations,
-approval waits, LLM tokens)."""
+"""`/metrics`: one store snapshot as Prometheus text.
+
+Counters (`_total`, `# TYPE … counter`) are what the store counted since it was created, and
+never go down (agent/store/metrics.py keeps them); gauges are current values only. A tool label
+is one of the kernel's tool names or `other`, and every other label has a fixed few values, so
+what a model writes never makes a new series.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
-from agent.records import RunStatus
-from agent.store import DURATION_BUCKETS, WAIT_BUCKETS, MetricsSnapshot
+from agent.store import MetricsSnapshot
+from agent.store.metrics import (
+    DECISIONS,
+    FINAL_STATUSES,
+    HISTOGRAMS,
+    LLM_ERROR_REASONS,
+    ROLES,
+    Labels,
+)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+PREFIX = "loom_ops_"
+
+
+@dataclass(frozen=True)
+class Family:
+    """One family: the store's counter name, its labels, its help, and the label values shown
+    at 0 before anything is counted (so a rate has a start)."""
+
+    name: str
+    labels: tuple[str, ...]
+    help: str
+    zeros: tuple[str, ...] = ()  # values of the one label, listed even when never counted
+
+
+COUNTERS = (
+    Family("runs_started", ("role",), "Runs created, by role", ROLES),
+    Family("runs_finished", ("status",), "Runs that ended, by final status", FINAL_STATUSES),
+    Family("runs_interrupted", (), "Drives stopped without an end (resumable)"),
+    Family(
+        "tool_calls",
+        ("tool", "status"),
+        "Tool calls with an outcome, refused ones included (tool: a known tool or other)",
+    ),
+    Family("mcp_calls", ("status", "mode"), "MCP tool calls of runbook steps and checks"),
+    Family("llm_calls", ("policy",), "Policy answers (LLM or mock calls) that were journaled"),
+    Family("llm_tokens", ("policy", "kind"), "LLM tokens used, prompt and completion"),
+    Family(
+        "llm_call_errors",
+        ("reason",),
+        "LLM calls that failed: an outage (run interrupted) or a setting (run failed)",
+        LLM_ERROR_REASONS,
+    ),
+    Family("approvals_decided", ("decision",), "Approval requests decided", DECISIONS),
+    Family("approvals_expired", (), "Approval requests nobody decided before the deadline"),
+    Family("outbox_delivered", (), "Chat messages delivered"),
+    Family(
+        "outbox_delivery_failures",
+        ("outcome",),
+        "Failed chat deliveries: retried later, or given up",
+        ("gave_up", "retry"),
+    ),
+)
+
+# Histograms: their labels and help (their buckets are the store's, HISTOGRAMS).
+HISTOGRAM_FAMILIES = {
+    "tool_call_duration_seconds": (
+        ("tool",),
+        "Durations of tool calls that ran (refused calls are not)",
+    ),
+    "mcp_call_duration_seconds": (("status",), "Durations of live MCP tool calls"),
+    "llm_call_duration_seconds": (
+        ("policy",),
+        "How long the policy (LLM) took to answer a turn",
+    ),
+    "approval_wait_seconds": (("decision",), "Time from an approval request to its decision"),
+}
 
 
 def render_metrics(snapshot: MetricsSnapshot) -> bytes:
@@ -29,36 +104,87 @@ class SnapshotCollector(Collector):
         self._snapshot = snapshot
 
     def collect(self) -> Iterable[Metric]:
-        """Yield every family."""
+        """Yield every family: counters, histograms, then gauges."""
         snap = self._snapshot
-        runs = GaugeMetricFamily("loom_ops_runs", "Runs by status", labels=["status"])
-        for status in RunStatus:
-            runs.add_metric([str(status)], snap.runs_by_status.get(str(status), 0))
-        yield runs
-        tools = HistogramMetricFamily(
-            "loom_ops_tool_call_duration_seconds",
-            "Tool call durations (execute_step is a runbook step)",
-            labels=["tool"],
+        for family in COUNTERS:
+            yield _counter(family, snap)
+        queued = CounterMetricFamily(
+            f"{PREFIX}outbox_queued", "Chat messages queued (delivered, given up or pending)"
         )
-        for tool, cumulative, count, total in snap.tool_durations:
-            tools.add_metric([tool], _buckets(DURATION_BUCKETS, cumulative, count), total)
-        yield tools
-        waits = HistogramMetricFamily(
-            "loom_ops_approval_wait_seconds",
-            "Time from an approval request to its decision",
-            labels=["status"],
+        queued.add_metric(
+            [],
+            snap.total("outbox_delivered")
+            + snap.value("outbox_delivery_failures", outcome="gave_up")
+            + snap.outbox_pending,
         )
-        for status, cumulative, count, total in snap.approval_waits:
-            waits.add_metric([status], _buckets(WAIT_BUCKETS, cumulative, count), total)
-        yield waits
-        tokens = GaugeMetricFamily(
-            "loom_ops_llm_tokens", "LLM tokens used by all runs", labels=["kind"]
-        )
-        tokens.add_metric(["prompt"], snap.prompt_tokens)
-        tokens.add_metric(["completion"], snap.completion_tokens)
-        yield tokens
+        yield queued
+        for name, (labels, help_text) in HISTOGRAM_FAMILIES.items():
+            yield _histogram(name, labels, help_text, snap)
+        yield from _gauges(snap)
 
 
-def _buckets(bounds: Iterable[float], cumulative: list[int], count: int) -> list[tuple[str, float]]:
-    pairs = [(f"{bound:g}", float(n or 0)) for bound, n in zip(bounds, cumulative, strict=True)]
-    return [*pairs, ("+Inf", float(count))]
+def _counter(family: Family, snap: MetricsSnapshot) -> Metric:
+    metric = CounterMetricFamily(f"{PREFIX}{family.name}", family.help, labels=family.labels)
+    values = dict(snap.counters.get(family.name, {}))
+    for zero in family.zeros:
+        values.setdefault(((family.labels[0], zero),), 0.0)
+    if not family.labels:
+        values.setdefault((), 0.0)
+    for labels, value in sorted(values.items()):
+        metric.add_metric([dict(labels).get(name, "") for name in family.labels], value)
+    return metric
+
+
+def _histogram(
+    name: str, label_names: tuple[str, ...], help_text: str, snap: MetricsSnapshot
+) -> Metric:
+    """A histogram from its bucket counters (one per bound, not cumulative) and its sum."""
+    metric = HistogramMetricFamily(f"{PREFIX}{name}", help_text, labels=label_names)
+    buckets: dict[Labels, dict[str, float]] = defaultdict(dict)
+    for labels, value in snap.counters.get(name, {}).items():
+        rest = tuple(pair for pair in labels if pair[0] != "le")
+        buckets[rest][dict(labels).get("le", "+Inf")] = value
+    sums = snap.counters.get(f"{name}_sum", {})
+    bounds = [f"{b:g}" for b in HISTOGRAMS[name]]
+    for labels, counts in sorted(buckets.items()):
+        cumulative, running = [], 0.0
+        for bound in [*bounds, "+Inf"]:
+            running += counts.get(bound, 0.0)
+            cumulative.append((bound, running))
+        values = dict(labels)
+        metric.add_metric(
+            [values.get(n, "") for n in label_names], cumulative, sums.get(labels, 0.0)
+        )
+    return metric
+
+
+def _gauges(snap: MetricsSnapshot) -> Iterator[Metric]:
+    runs = GaugeMetricFamily(
+        f"{PREFIX}runs",
+        "Runs not finished, by status (finished: runs_finished_total)",
+        None,
+        ["status"],
+    )
+    for status, count in snap.runs_by_status.items():
+        runs.add_metric([status], count)
+    yield runs
+    for name, help_text, value in (
+        ("approvals_pending", "Approval requests waiting for a decision", snap.approvals_pending),
+        ("outbox_pending", "Chat messages not delivered yet", snap.outbox_pending),
+        (
+            "outbox_pending_retrying",
+            "Pending chat messages whose delivery failed at least once",
+            snap.outbox_retrying,
+        ),
+        (
+            "outbox_oldest_pending_age_seconds",
+            "How long the oldest pending chat message has waited",
+            snap.outbox_oldest_age,
+        ),
+        (
+            "metrics_journal_backlog_events",
+            "Journal events not counted yet (a large store catching up after an upgrade)",
+            snap.journal_backlog,
+        ),
+    ):
+        yield GaugeMetricFamily(f"{PREFIX}{name}", help_text, value=value)
