@@ -4,7 +4,8 @@ decide approvals, explain, trace, health and metrics, over the one RunService.
 Runs are not tied to a connection: a start returns (or starts streaming) at once and the run
 is driven by the service; a client that goes away stops only its stream. Every error is a
 JSON body `{"error": "..."}`: a refusal's status is its kind's (`STATUS`), its text the
-refuser's; a 4xx for anything the client sent.
+refuser's; a 4xx for anything the client sent. Each route declares the errors it sends, and
+the OpenAPI document (`agent.frontends.openapi`) says how each looks.
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, BaseModel, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent.errors import ErrorKind, LoomOpsError, ServiceError, kind_of
+from agent.frontends import openapi
+from agent.frontends.openapi import errors, event_stream
 from agent.records import ApprovalRecord, Decision, Origin, RunRecord, RunStatus
 from agent.runbook.request import MAX_REQUEST_BYTES
 from agent.service.runs import (
@@ -53,6 +57,15 @@ MAX_ID = 10**15
 EVENT_ID = re.compile(r"^[0-9]{1,15}$")
 
 RunIdPath = Annotated[str, Path(pattern=RUN_ID, max_length=128)]
+
+# Reads the Authorization header and declares the bearer scheme in the OpenAPI document; it
+# refuses nothing itself (auto_error=False): a missing token is our 401, in our error shape.
+BEARER = HTTPBearer(
+    scheme_name="bearer",
+    description="LOOM_OPS_API_TOKEN, as `Authorization: Bearer <token>`; needed only when the "
+    "server has one set.",
+    auto_error=False,
+)
 
 # The status of each kind of refusal; the body is the refusal's own one line.
 STATUS: dict[ErrorKind, int] = {
@@ -163,17 +176,6 @@ class DecisionOut(BaseModel):
     run: RunOut
 
 
-class ErrorOut(BaseModel):
-    """Every error answer."""
-
-    error: str
-
-
-ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 409, 413, 422, 429, 503)
-}
-
-
 def _approval_out(approval: ApprovalRecord | None) -> ApprovalOut | None:
     if approval is None:
         return None
@@ -225,11 +227,13 @@ def create_app(service: RunService) -> FastAPI:
     # The active-run count and the start are one step, or concurrent starts all see room.
     starting = asyncio.Lock()
 
-    async def authorized(authorization: Annotated[str | None, Header()] = None) -> None:
+    async def authorized(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
+    ) -> None:
         if token is None:
             return
-        scheme, _, given = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+        given = credentials.credentials if credentials is not None else ""
+        if credentials is None or not hmac.compare_digest(given.encode(), token.encode()):
             raise HTTPException(
                 401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}
             )
@@ -240,14 +244,24 @@ def create_app(service: RunService) -> FastAPI:
         version="0.1.0",
         docs_url=None,
         redoc_url=None,
-        responses=ERRORS,
+        # Operation ids are the handlers' names (`start_run`, `events`): what a generated
+        # client names its functions, rather than FastAPI's path-and-method compounds.
+        generate_unique_id_function=lambda route: route.name,
     )
+    openapi.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(LoomOpsError, _refused)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(Exception, _internal_error)
     guarded = [Depends(authorized)]
+
+    def sends(*statuses: int) -> dict[int | str, dict[str, Any]]:
+        """The errors a guarded route sends: its own, and the token's, the body limit's, the
+        store's and a bug's, which any guarded route may send."""
+        return errors(401, 413, 500, 503, *statuses)
+
+    starts = sends(403, 409, 422, 429)
 
     async def start(body: StartRun, role: str) -> RunRecord:
         run_id = body.run_id or f"run-{secrets.token_hex(4)}"
@@ -268,24 +282,34 @@ def create_app(service: RunService) -> FastAPI:
                 wait=False,
             )
 
-    @app.post("/runs", status_code=201, dependencies=guarded)
+    @app.post("/runs", status_code=201, dependencies=guarded, responses=starts)
     async def start_run(body: StartRun) -> RunOut:
         """Start a run; it goes on whatever happens to this connection."""
         return _run_out(await start(body, body.role))
 
-    @app.post("/supervise", dependencies=guarded, response_class=EventSourceResponse)
+    @app.post(
+        "/supervise",
+        dependencies=guarded,
+        response_class=EventSourceResponse,
+        responses={**event_stream("The new run's tree, from its first event."), **starts},
+    )
     async def supervise(body: StartRun, request: Request) -> EventSourceResponse:
         """Start a supervised run and stream its tree's journal (seed-compatible)."""
         run = await start(body, "supervisor")
         return _stream(service, run.id, 0, shutdown)
 
-    @app.post("/runbook", dependencies=guarded, response_class=EventSourceResponse)
+    @app.post(
+        "/runbook",
+        dependencies=guarded,
+        response_class=EventSourceResponse,
+        responses={**event_stream("The new run's journal, from its first event."), **starts},
+    )
     async def runbook(body: StartRun, request: Request) -> EventSourceResponse:
         """Start a single runbook run and stream its journal (seed-compatible)."""
         run = await start(body, "runbook")
         return _stream(service, run.id, 0, shutdown)
 
-    @app.get("/runs", dependencies=guarded)
+    @app.get("/runs", dependencies=guarded, responses=sends(422))
     async def list_runs(
         status: RunStatus | None = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 50,
@@ -296,26 +320,43 @@ def create_app(service: RunService) -> FastAPI:
         next_offset = offset + len(runs) if len(runs) == limit else None
         return RunList(runs=[_run_out(r) for r in runs], next_offset=next_offset)
 
-    @app.get("/runs/{run_id}", dependencies=guarded)
+    @app.get("/runs/{run_id}", dependencies=guarded, responses=sends(404, 422))
     async def show_run(run_id: RunIdPath) -> RunOut:
         """One run and the approval request it waits for."""
         run = await service.get(run_id)
         return _run_out(run, await service.pending_approval(run.id))
 
-    @app.get("/runs/{run_id}/events", dependencies=guarded, response_class=EventSourceResponse)
+    @app.get(
+        "/runs/{run_id}/events",
+        dependencies=guarded,
+        response_class=EventSourceResponse,
+        responses={
+            **event_stream(
+                "The run's tree after the cursor (all of it without one).", ends_with_204=True
+            ),
+            **sends(404, 422),
+        },
+    )
     async def events(
         run_id: RunIdPath,
         last_event_id: Annotated[str | None, Header()] = None,
         after: Annotated[int | None, Query(ge=0, le=MAX_ID)] = None,
-    ) -> EventSourceResponse:
+    ) -> Response:
         """The journal of the run and the runs below it as SSE; `id:` is the journal sequence,
-        so a reconnect with Last-Event-ID goes on with no gap and no repeat."""
-        await service.get(run_id)
+        so a reconnect with Last-Event-ID goes on with no gap and no repeat. 204 once the run
+        has ended and nothing is left after the cursor."""
+        run = await service.get(run_id)
         resume_from = after or 0
         if last_event_id:
             if not EVENT_ID.match(last_event_id):
                 raise HTTPException(422, "Last-Event-ID must be an event id from this stream")
             resume_from = int(last_event_id)
+        # An EventSource reconnects whenever a stream ends, even after the run's last event; an
+        # empty 200 would have it retry every few seconds forever, a 204 makes it stop. The
+        # status is read before the events: a run that has ended writes nothing more, so
+        # nothing can land after this look.
+        if run.status.is_terminal and not await service.tree_events(run_id, resume_from, 1):
+            return Response(status_code=204)
         return _stream(service, run_id, resume_from, shutdown)
 
     async def decide(run_id: str, body: DecisionBody, decision: Decision) -> DecisionOut:
@@ -334,17 +375,17 @@ def create_app(service: RunService) -> FastAPI:
             raise HTTPException(409, result.message)
         return DecisionOut(message=result.message, run=_run_out(result.run))
 
-    @app.post("/runs/{run_id}/approve", dependencies=guarded)
+    @app.post("/runs/{run_id}/approve", dependencies=guarded, responses=sends(403, 404, 409, 422))
     async def approve(run_id: RunIdPath, body: DecisionBody | None = None) -> DecisionOut:
         """Approve the run's pending request (as LOOM_OPS_API_USER); the run resumes."""
         return await decide(run_id, body or DecisionBody(), Decision.APPROVE)
 
-    @app.post("/runs/{run_id}/reject", dependencies=guarded)
+    @app.post("/runs/{run_id}/reject", dependencies=guarded, responses=sends(403, 404, 409, 422))
     async def reject(run_id: RunIdPath, body: DecisionBody | None = None) -> DecisionOut:
         """Reject the run's pending request (as LOOM_OPS_API_USER)."""
         return await decide(run_id, body or DecisionBody(), Decision.REJECT)
 
-    @app.post("/runs/{run_id}/cancel", dependencies=guarded)
+    @app.post("/runs/{run_id}/cancel", dependencies=guarded, responses=sends(404, 409, 422))
     async def cancel(run_id: RunIdPath) -> RunOut:
         """Cancel the run and the runs below it."""
         run = await service.get(run_id)
@@ -352,28 +393,39 @@ def create_app(service: RunService) -> FastAPI:
             raise HTTPException(409, f"run {run_id} is already {run.status}")
         return _run_out(await service.cancel(run_id, settings.api_user, wait=False))
 
-    @app.get("/runs/{run_id}/explain", dependencies=guarded, response_class=PlainTextResponse)
+    @app.get(
+        "/runs/{run_id}/explain",
+        dependencies=guarded,
+        response_class=PlainTextResponse,
+        responses=sends(404, 422),
+    )
     async def explain(run_id: RunIdPath) -> PlainTextResponse:
         """The timeline of the run and the runs below it, as text."""
         tree = await service.run_tree(run_id, calls=False, events=True)
         return PlainTextResponse(explain_tree(tree))
 
-    @app.get("/runs/{run_id}/trace", dependencies=guarded, response_class=HTMLResponse)
+    @app.get(
+        "/runs/{run_id}/trace",
+        dependencies=guarded,
+        response_class=HTMLResponse,
+        responses=sends(404, 422),
+    )
     async def trace(run_id: RunIdPath) -> HTMLResponse:
         """The self-contained HTML trace of the run tree."""
         tree = await service.run_tree(run_id, calls=False, events=True)
         return HTMLResponse(render_trace(trace_of(tree)))
 
     @app.head("/healthz", include_in_schema=False)
-    @app.get("/healthz")
+    @app.get("/healthz", responses=errors(413, 500, 503))
     async def healthz() -> dict[str, str]:
         """200 while the store answers (HEAD too, for load balancers), else 503."""
         await service.schema_version()
         return {"status": "ok"}
 
-    @app.get("/metrics", dependencies=guarded, response_class=PlainTextResponse)
+    @app.get("/metrics", dependencies=guarded, response_class=PlainTextResponse, responses=sends())
     async def metrics() -> Response:
-        """Prometheus text: runs by status, tool call durations, approval waits, LLM tokens."""
+        """Prometheus text: counters of runs, tool, MCP and LLM calls, approvals and chat
+        deliveries, and gauges of what is unfinished now (agent/views/metrics.py)."""
         return Response(render_metrics(await service.metrics()), media_type=CONTENT_TYPE)
 
     app.state.shutdown = shutdown

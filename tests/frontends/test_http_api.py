@@ -189,13 +189,12 @@ async def test_last_event_id_reconnect_to_a_finished_run_has_no_gap_and_no_dupli
             after = await read_stream(s.client, f"/runs/done/events?after={first[-1].id}")
             assert after == rest
 
-        # Reconnecting after the very last event: nothing more, and the stream closes.
-        assert (
-            await read_stream(
-                s.client, "/runs/done/events", headers={"Last-Event-ID": whole[-1].id or ""}
-            )
-            == []
+        # Reconnecting after the very last event of the ended run: 204 No Content, the one
+        # answer that stops an EventSource's reconnects (an empty 200 restarts them).
+        response = await s.client.get(
+            "/runs/done/events", headers={"Last-Event-ID": whole[-1].id or ""}
         )
+        assert response.status_code == 204 and response.content == b""
 
 
 async def test_last_event_id_reconnect_while_waiting_then_approve_delivers_the_rest(
@@ -696,12 +695,12 @@ async def test_list_explain_trace_metrics_and_openapi(oncall: Settings) -> None:
         values = dict(
             line.rsplit(" ", 1) for line in metrics.text.splitlines() if not line.startswith("#")
         )
-        assert float(values['loom_ops_runs{status="succeeded"}']) == 4
+        assert float(values['loom_ops_runs_finished_total{status="succeeded"}']) == 4
         assert float(values['loom_ops_runs{status="waiting_approval"}']) == 3
         assert any(k.startswith("loom_ops_tool_call_duration_seconds_bucket{") for k in values)
         assert float(values['loom_ops_tool_call_duration_seconds_count{tool="execute_step"}']) > 0
         assert any(k.startswith("loom_ops_approval_wait_seconds_bucket{") for k in values)
-        assert 'loom_ops_llm_tokens{kind="prompt"}' in values
+        assert float(values['loom_ops_llm_calls_total{policy="mock"}']) > 0
 
         spec = (await c.get("/openapi.json")).json()
         assert spec["openapi"].startswith("3.")
