@@ -899,14 +899,14 @@ def _export(events: list[EventRecord], fmt: str, output: Path | None) -> int:
     return EXIT_OK
 
 
-def _cmd_runbooks(settings: Settings, args: argparse.Namespace) -> int:
+async def _cmd_runbooks(settings: Settings, args: argparse.Namespace) -> int:
     from agent.runbook.model import load_catalog, load_runbook
 
     path: Path = args.path or settings.runbooks_dir
     if not path.is_file() and not path.is_dir():
         raise UsageError(f"no such file or directory: {path}")
     if args.action == "validate":
-        return _validate(settings, path, args.json)
+        return await _validate(settings, path, args.json)
     if path.is_file():
         try:
             runbooks, errors = [load_runbook(path)], []
@@ -937,12 +937,14 @@ def _cmd_runbooks(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_USAGE if errors else EXIT_OK
 
 
-def _validate(settings: Settings, path: Path, as_json: bool) -> int:
+async def _validate(settings: Settings, path: Path, as_json: bool) -> int:
     """`runbooks validate`: every error of every file in one pass (templates rendered with
-    the params' defaults, within the bounds), and commands no allowlist rule admits: errors
-    when LOOM_OPS_ALLOW_SHELL=1, warnings otherwise."""
+    the params' defaults, within the bounds), commands no allowlist rule admits (errors when
+    LOOM_OPS_ALLOW_SHELL=1, warnings otherwise), and MCP tools no configured server offers
+    (the servers used are started for their `tools/list`: see agent.tools.mcp_check)."""
     from agent.runbook.model import validate_runbooks
     from agent.tools.allowlist import ShellAllowlist
+    from agent.tools.mcp_check import check_mcp_tools, mcp_uses
 
     live = settings.allow_shell
     errors: list[str] = []
@@ -964,6 +966,15 @@ def _validate(settings: Settings, path: Path, as_json: bool) -> int:
         errors += [str(e) for e in report.errors]
         warnings += [str(e) for e in report.warnings]
     valid = [r.runbook for r in reports if r.runbook is not None and not r.errors]
+    uses = mcp_uses(valid, settings.allow_mcp, settings.live_checks)
+    mcp_broken: set[str] = set()  # runbooks an MCP error is about: not "ok"
+    for finding in await check_mcp_tools(settings.mcp_config_path, uses):
+        if finding.severity == "error":
+            errors.append(finding.message)
+            mcp_broken.update(finding.runbooks)
+        elif finding.severity == "warning":
+            warnings.append(finding.message)
+    valid = [r for r in valid if r.id not in mcp_broken]
     if as_json:
         payload = {
             "run_id": None,
@@ -974,8 +985,9 @@ def _validate(settings: Settings, path: Path, as_json: bool) -> int:
         }
         print(json.dumps(payload, ensure_ascii=False))
     else:
+        fine = {id(r) for r in valid}
         for report in reports:
-            if report.runbook is not None and not report.errors:
+            if report.runbook is not None and id(report.runbook) in fine:
                 noted = f" ({len(report.warnings)} warning(s))" if report.warnings else ""
                 print(f"ok       {report.runbook.id}{noted}")
         for error in errors:
@@ -1041,7 +1053,7 @@ async def _run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     _merge_run_id(args)
     if args.command == "runbooks":
-        return _cmd_runbooks(settings, args)
+        return await _cmd_runbooks(settings, args)
     if args.command == "doctor":
         return await _cmd_doctor(settings, args)
     if args.command in ("telegram", "bot", "serve"):

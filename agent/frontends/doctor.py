@@ -3,9 +3,10 @@
 Each check yields findings, one line each with a severity: `error` (a run, the bot or a
 decision will fail on it: exit 1), `warning` (it will fail once a setting is switched on, or
 only some runs are affected) and `ok` (what was checked and passed). Nothing is written: the
-store is not opened, no run starts, no MCP server is spawned; the only requests are one tiny
-LLM completion (when a key is set and the mock is not asked for) and one Bot API `getMe` (when
-a bot token is set), each with a short timeout.
+store is not opened and no run starts. It asks: the MCP servers runbooks use, started for
+their `tools/list` and stopped (each within its startup timeout), one tiny LLM completion (when
+a key is set and the mock is not asked for) and one Bot API `getMe` (when a bot token is set),
+each with a short timeout.
 """
 
 from __future__ import annotations
@@ -13,19 +14,18 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import httpx
 
-from agent.errors import AllowlistError, McpError, ServingRefused
+from agent.errors import AllowlistError, ServingRefused
 from agent.redaction import Redactor
 from agent.runbook.model import Runbook, RunbookReport, sample_commands, validate_runbooks
 from agent.settings import Settings
 from agent.tools.allowlist import ShellAllowlist
-from agent.tools.mcp import McpConfig
+from agent.tools.mcp_check import check_mcp_tools, mcp_uses
 
 Severity = Literal["error", "warning", "ok"]
 SEVERITIES: tuple[Severity, ...] = ("error", "warning", "ok")
@@ -56,14 +56,17 @@ async def diagnose(settings: Settings, timeout: float = DEFAULT_TIMEOUT) -> list
     findings += runbook_findings
     findings += allowlist_findings
     findings += _binaries(settings, allowlist, runbooks)
-    findings += _mcp(settings, runbooks)
-    findings += _approvers(settings, runbooks)
     redactor = Redactor(settings.redact_patterns, settings.secret_values())
-    remote = await asyncio.gather(
-        _llm(settings, redactor, timeout), _telegram(settings, redactor, timeout)
+    # What waits on another process (MCP servers starting, the LLM, the Bot API) runs at once.
+    mcp, llm, telegram = await asyncio.gather(
+        _mcp(settings, runbooks),
+        _llm(settings, redactor, timeout),
+        _telegram(settings, redactor, timeout),
     )
-    for found in remote:
-        findings += found
+    findings += mcp
+    findings += _approvers(settings, runbooks)
+    findings += llm
+    findings += telegram
     order = {severity: index for index, severity in enumerate(SEVERITIES)}
     return sorted(findings, key=lambda f: order[f.severity])  # stable: checks keep their order
 
@@ -153,60 +156,12 @@ def _binaries(
 # -- MCP ----------------------------------------------------------------------------------------
 
 
-def _mcp(settings: Settings, runbooks: Sequence[Runbook]) -> list[Finding]:
-    """MCP tools runbooks name that the MCP config does not map, and servers not installed."""
-    # (tool, runbook id, step id, live?): a `mcp` step acts, a `check: {mcp: ...}` reads.
-    uses: list[tuple[str, str, str, bool]] = []
-    for runbook in runbooks:
-        for step in runbook.steps:
-            if step.mcp is not None:
-                uses.append((step.mcp.tool, runbook.id, step.id, settings.allow_mcp))
-            if step.check is not None and step.check.mcp is not None:
-                uses.append((step.check.mcp.tool, runbook.id, step.id, settings.live_checks))
-    if not uses:
-        return []
-    path = settings.mcp_config_path
-    try:
-        config = McpConfig.load(path)
-    except McpError as exc:
-        severity: Severity = "error" if any(live for *_, live in uses) else "warning"
-        return [Finding(severity, "mcp", f"{exc}; fix the file")]
-    findings = []
-    missing: dict[str, list[str]] = {}
-    live_missing: set[str] = set()
-    for tool, runbook_id, step_id, live in uses:
-        if tool not in config.tools:
-            missing.setdefault(tool, []).append(f"{runbook_id}/{step_id}")
-            if live:
-                live_missing.add(tool)
-    known = ", ".join(sorted(config.tools)) or "none"
-    for tool, where in sorted(missing.items()):
-        findings.append(
-            Finding(
-                "error" if tool in live_missing else "warning",
-                "mcp",
-                f"MCP tool {tool!r} (used by {', '.join(where)}) is not in {path} "
-                f'(tools: {known}): map it under "tools"',
-            )
-        )
-    used_servers = {config.tools[t].server for t, *_ in uses if t in config.tools}
-    live_servers = {
-        config.tools[t].server for t, *_rest, live in uses if live and t in config.tools
-    }
-    for name in sorted(used_servers):
-        command = config.servers[name].command
-        if shutil.which(command) is None:
-            findings.append(
-                Finding(
-                    "error" if name in live_servers else "warning",
-                    "mcp",
-                    f"MCP server {name!r}: command {command!r} is not found on PATH",
-                )
-            )
-    if not findings:
-        tools = sorted({tool for tool, *_ in uses})
-        findings.append(Finding("ok", "mcp", f"{path} maps every tool used: {', '.join(tools)}"))
-    return findings
+async def _mcp(settings: Settings, runbooks: Sequence[Runbook]) -> list[Finding]:
+    """MCP tools runbooks name that the MCP config does not resolve, servers that cannot
+    start, and tools their server does not offer (`tools/list`): see agent.tools.mcp_check."""
+    uses = mcp_uses(runbooks, settings.allow_mcp, settings.live_checks)
+    found = await check_mcp_tools(settings.mcp_config_path, uses)
+    return [Finding(f.severity, "mcp", f.message) for f in found]
 
 
 # -- approvers ----------------------------------------------------------------------------------

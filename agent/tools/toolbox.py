@@ -449,26 +449,54 @@ class Toolbox:
             arguments = await _off_loop(_render_arguments, action, params, templates=texts)
         except RenderError as exc:
             return ToolResult("error", {"mcp_tool": action.tool, "error": f"arguments: {exc}"})
-        base = {"mcp_tool": action.tool, "arguments": arguments}
+        base: dict[str, Any] = {"mcp_tool": action.tool, "arguments": arguments}
         effects = self._effects(gate)
         allowed = effects.mcp if live else effects.checks
         if not allowed:
-            return ToolResult("ok", {**base, "mode": "dry-run", "dry_run": True})
+            # Shown, not called: which server and tool it would be, when the config says.
+            return ToolResult("ok", {**base, **self._mcp_target(action.tool), "dry_run": True})
         if gate is not None:
             gate.check(f"MCP tool {action.tool}")
         try:
-            result = await self._mcp_hub().call(action.tool, arguments, max(0.01, timeout))
+            hub = self._mcp_hub()
+            mapping = hub.config.resolve(action.tool)
+            if mapping is not None:
+                base.update(server=mapping.server, server_tool=mapping.tool)
+            result = await hub.call(
+                action.tool, arguments, max(0.01, timeout), self._settings.output_cap
+            )
         except McpError as exc:
             return ToolResult("error", {**base, "mode": "live", "error": str(exc)})
         outcome = {**base, "mode": "live", "is_error": result.is_error, "text": result.text}
+        outcome["text_bytes"] = result.text_bytes
+        if result.truncated:
+            outcome["truncated"] = True  # the text's marker, or `data_bytes`, says what was cut
         if result.data is not None:
             outcome["data"] = result.data
+        if result.data_bytes is not None:
+            outcome["data_bytes"] = result.data_bytes
         if result.is_error:
             outcome["error"] = result.text or "the MCP tool reported an error"
         return ToolResult("error" if result.is_error else "ok", outcome)
 
     def _effects(self, gate: EffectGate | None) -> Effects:
         return gate.effects if gate is not None and gate.effects is not None else self.effects()
+
+    def _mcp_target(self, tool: str) -> dict[str, Any]:
+        """`mode`, and the server and tool a dry-run MCP call names (None when the config
+        cannot be read or does not resolve it: dry-run shows, it does not fail)."""
+        try:
+            config = (
+                self._hub.config if self._hub else McpConfig.load(self._settings.mcp_config_path)
+            )
+        except McpError:
+            config = McpConfig()
+        mapping = config.resolve(tool)
+        return {
+            "mode": "dry-run",
+            "server": mapping.server if mapping else None,
+            "server_tool": mapping.tool if mapping else None,
+        }
 
     def _mcp_hub(self) -> McpHub:
         if self._hub is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -64,6 +65,8 @@ def _detail(call: ToolCallRecord) -> str:
         return f"skipped by {outcome.get('decided_by')} (may have run)"
     if "denied" in outcome:
         return f"denied: {outcome['denied']}"
+    if "mcp_tool" in outcome:
+        return _mcp_detail(outcome)
     if outcome.get("dry_run"):
         if "argv" in outcome:
             return "dry-run: " + " ".join(outcome["argv"])
@@ -80,6 +83,33 @@ def _detail(call: ToolCallRecord) -> str:
     if "error" in outcome:
         return str(outcome["error"])
     return ""
+
+
+def _mcp_detail(outcome: dict[str, Any]) -> str:
+    """An MCP call as a person reads it: which server and tool, with what arguments, and (live)
+    what it answered."""
+    name, server, tool = outcome["mcp_tool"], outcome.get("server"), outcome.get("server_tool")
+    if server is not None:
+        target = f"server {server}, tool {tool}"
+        target = target if name == f"{server}.{tool}" else f"{name} (server {server}, tool {tool})"
+    elif "server" in outcome:  # looked up, and the MCP config has no server for it
+        target = f"{name} (no server in the MCP config)"
+    else:
+        target = name
+    arguments = json.dumps(outcome.get("arguments") or {}, sort_keys=True, ensure_ascii=False)
+    if len(arguments) > _ARGUMENTS_SHOWN:
+        arguments = arguments[: _ARGUMENTS_SHOWN - 1] + "…"
+    if outcome.get("dry_run"):
+        return f"dry-run MCP {target}, arguments {arguments}"
+    if outcome.get("error"):
+        return f"MCP {target}: {str(outcome['error'])[:_ARGUMENTS_SHOWN]}"
+    said = " ".join(str(outcome.get("text", ""))[: _ARGUMENTS_SHOWN * 2].split())  # JSON too
+    if len(said) > _ARGUMENTS_SHOWN:
+        said = said[: _ARGUMENTS_SHOWN - 1] + "…"
+    return f"MCP {target}: {said}" if said else f"MCP {target}"
+
+
+_ARGUMENTS_SHOWN = 200  # characters of an MCP call's arguments or answer in one summary line
 
 
 def summary_of(tree: RunTree) -> RunSummary:

@@ -126,6 +126,7 @@ def test_missing_allowlist_is_one_finding(cli: Cli) -> None:
     assert missing.startswith("no allowlist at ")
 
 
+OPS_SERVER = REPO / "tests" / "mcp_servers" / "ops_server.py"
 MCP_RUNBOOK = """\
 id: mcp-drill
 title: Restart through MCP
@@ -140,7 +141,7 @@ steps:
 def test_mcp_tool_missing_from_the_config(cli: Cli) -> None:
     (cli.workspace / "runbooks" / "mcp-drill.yaml").write_text(MCP_RUNBOOK)
     config = {
-        "servers": {"ops": {"command": sys.executable, "args": ["-c", "pass"]}},
+        "servers": {"ops": {"command": sys.executable, "args": [str(OPS_SERVER)]}},
         "tools": {"scale_service": {"server": "ops", "tool": "scale"}},
     }
     (cli.workspace / "ops.mcp.json").write_text(json.dumps(config))
@@ -149,7 +150,7 @@ def test_mcp_tool_missing_from_the_config(cli: Cli) -> None:
     assert dry.returncode == 0, dry.describe()
     [missing] = findings(dry, "warning", "mcp")
     assert "'restart_service' (used by mcp-drill/restart)" in missing
-    assert "(tools: scale_service)" in missing
+    assert '"tools" (mapped: scale_service)' in missing
 
     live = cli("doctor", "--mock-llm", env={"LOOM_OPS_ALLOW_MCP": "1"})
     assert live.returncode == 1, live.describe()
@@ -160,7 +161,8 @@ def test_mcp_tool_missing_from_the_config(cli: Cli) -> None:
     fixed = cli("doctor", "--mock-llm", env={"LOOM_OPS_ALLOW_MCP": "1"})
     assert fixed.returncode == 0, fixed.describe()
     assert findings(fixed, "ok", "mcp") == [
-        f"{cli.workspace / 'ops.mcp.json'} maps every tool used: restart_service"
+        f"{cli.workspace / 'ops.mcp.json'}: every MCP tool used is offered: "
+        "restart_service (ops.restart)"
     ]
 
 

@@ -42,6 +42,12 @@ def hang() -> str:
 
 
 @app.tool()
+def big(size: int) -> str:
+    """A result of `size` bytes, as a read of a large file returns."""
+    return "x" * size
+
+
+@app.tool()
 def environment() -> str:
     """The names of the variables this server was given."""
     return ",".join(sorted(os.environ))
