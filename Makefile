@@ -37,6 +37,7 @@ bench: $(BIN)/loom-ops
 	$(BIN)/python bench/http.py
 	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/decision.py
+	$(BIN)/python bench/soak.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
