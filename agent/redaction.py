@@ -10,10 +10,13 @@ cache hit.
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 from collections.abc import Iterable
 from functools import lru_cache
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 REDACTED = "[REDACTED]"
 
@@ -22,16 +25,24 @@ REDACTED = "[REDACTED]"
 # Runs of name characters are bounded ({0,40}) so a long word cannot make matching quadratic.
 BUILTIN_PATTERNS = (
     r"(?i)\b(?:bearer|token|basic)\s+[A-Za-z0-9._~+/=-]{12,}",
-    r"(?i)[A-Za-z0-9_.-]{0,40}(?:password|passwd|pwd|secret|api[_-]?key|access[_-]?key|token)"
-    r"[A-Za-z0-9_.-]{0,40}[\"']?\s*[=:]\s*[\"']?(?P<secret>[^\s'\"&,;}]{4,})",
+    r"(?i)(?P<name>[A-Za-z0-9_.-]{0,40}(?:password|passwd|pwd|secret|api[_-]?key|access[_-]?key"
+    r"|token)[A-Za-z0-9_.-]{0,40})[\"']?\s*[=:]\s*[\"']?(?P<secret>[^\s'\"&,;}]{4,})",
     r"\bAKIA[0-9A-Z]{16}\b",
     r"\bgh[pousr]_[A-Za-z0-9]{30,}\b",
     r"\bsk-[A-Za-z0-9_-]{20,}\b",
     r"\bxox[abprs]-[A-Za-z0-9-]{10,}\b",
-    r"(?<!\d)\d{6,12}:[A-Za-z0-9_-]{30,}",  # Telegram bot tokens, also inside /bot<token>/
+    # Telegram bot tokens, also inside /bot<token>/ and URL-encoded (`%3A` for the colon).
+    r"(?<!\d)\d{6,12}(?::|%3[Aa])[A-Za-z0-9_-]{30,}",
     r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----",
     r"(?<=://)[^/\s:@]+:[^/\s@]+(?=@)",  # user:password@ in URLs
 )
+
+# Names the key pattern matches that are clearly no secret when they hold a path: the
+# working directories the shell sets (`PWD`, not `pwd=` in a URL, which may be a password).
+NOT_SECRET_NAMES = frozenset({"PWD", "OLDPWD"})
+# A known secret cut short (by an output cap) still hides this many leading characters or more:
+# its prefix is redacted where a line or the text ends with it.
+CUT_SECRET_MIN = 8
 
 # The prefilter: what every match of a built-in pattern contains, one entry per pattern
 # above (in order). Change a pattern, change its literals here: the property tests compare
@@ -43,12 +54,13 @@ _ASCII_NAMES = ("bearer", "token", "basic")  # 1
 _ASCII_KEYS = ("passw", "pwd", "secret", "key", "token")  # 2, which also needs "=" or ":"
 _ASCII_CASED = ("AKIA", "sk-", "xox", "-----BEGIN ")  # 3, 5, 6, 8 (4, 7, 9: regexes)
 _GITHUB = re.compile(r"gh[pousr]_")  # 4
-_TELEGRAM = re.compile(r":[A-Za-z0-9_-]{30}")  # 7, its tail: a literal first is a fast scan
+_TELEGRAM = re.compile(r"(?::|%3[Aa])[A-Za-z0-9_-]{30}")  # 7, its tail
 _URL_USER = re.compile(r"://[^/\s:@]+:[^/\s@]+@")  # 9, without its look-arounds
 # Any other string (rare: non-ASCII text) goes through one regex with the patterns' own (?i),
 # so Unicode case folding (the Kelvin sign matches "k", long s "s") stays the same.
 _UNICODE = re.compile(
-    r"(?i:bearer|token|basic|passw|pwd|secret|key)|AKIA|gh[pousr]_|sk-|xox|:[A-Za-z0-9_-]{30}"
+    r"(?i:bearer|token|basic|passw|pwd|secret|key)|AKIA|gh[pousr]_|sk-|xox"
+    r"|(?::|%3[Aa])[A-Za-z0-9_-]{30}"
     r"|-----BEGIN |://[^/\s:@]+:[^/\s@]+@"
 )
 # Strings up to this long are cached: keys, names, statuses, short prose repeat from step to
@@ -61,6 +73,8 @@ _NO_TEXT = frozenset({int, float, bool, type(None)})
 
 def _replace(match: re.Match[str]) -> str:
     if "secret" in match.re.groupindex and match.group("secret") is not None:
+        if match.group("name") in NOT_SECRET_NAMES and match.group("secret").startswith("/"):
+            return match.group(0)  # `PWD=/srv/app`: a path the shell sets, not a password
         start, end = match.span("secret")
         whole_start = match.start()
         text = match.group(0)
@@ -83,10 +97,9 @@ def may_hold_builtin(value: str) -> bool:
         return True
     if "gh" in value and _GITHUB.search(value):
         return True
-    return colon and (
-        _TELEGRAM.search(value) is not None
-        or ("@" in value and _URL_USER.search(value) is not None)
-    )
+    if ("%3" in value or colon) and _TELEGRAM.search(value) is not None:
+        return True
+    return colon and "@" in value and _URL_USER.search(value) is not None
 
 
 class Redactor:
@@ -97,10 +110,18 @@ class Redactor:
         self._builtin = re.compile("|".join(f"(?:{_scoped(p)})" for p in BUILTIN_PATTERNS))
         # Configured patterns are arbitrary regexes: no prefilter can vouch for them.
         self._configured = [re.compile(p) for p in patterns]
-        self._values = tuple(sorted({v for v in secret_values if len(v) >= 4}, key=len))
-        # Longest first, so a value wins over its own prefix.
+        known = {v for v in secret_values if len(v) >= 4}
+        # A secret also travels encoded: in a URL, base64, or a JSON string.
+        self._values = tuple(sorted({e for v in known for e in encodings(v)}, key=len))
+        # What any match contains: the value, or the first CUT_SECRET_MIN characters of one
+        # cut short (the prefilter's literal test).
+        self._literals = tuple({v[:CUT_SECRET_MIN] for v in self._values})
+        # Longest first, so a value wins over its own prefix; then values cut short.
         self._value_pattern = (
-            re.compile("|".join(re.escape(v) for v in reversed(self._values)))
+            re.compile(
+                "|".join(re.escape(v) for v in reversed(self._values))
+                + "".join(f"|{_cut(v)}" for v in reversed(self._values))
+            )
             if self._values
             else None
         )
@@ -154,9 +175,38 @@ class Redactor:
         for pattern in self._configured:
             value = pattern.sub(_replace, value)
         # A literal that is not in the string cannot match: `in` is far cheaper than a search.
-        if self._value_pattern is not None and any(v in value for v in self._values):
+        if self._value_pattern is not None and any(v in value for v in self._literals):
             value = self._value_pattern.sub(_replace, value)
         return value
+
+
+def encodings(secret: str) -> list[str]:
+    """The forms a secret value travels in: as is, URL-encoded (a path or query), base64 (a
+    header, a config blob; with and without padding, standard and URL-safe alphabets) and
+    escaped inside a JSON string."""
+    raw = secret.encode()
+    forms = {
+        secret,
+        quote(secret, safe=""),
+        quote_plus(secret, safe=""),
+        json.dumps(secret)[1:-1],
+        json.dumps(secret, ensure_ascii=False)[1:-1],
+    }
+    for encoded in (base64.b64encode(raw), base64.urlsafe_b64encode(raw)):
+        text = encoded.decode()
+        forms.update((text, text.rstrip("=")))
+    return [form for form in forms if len(form) >= 4]
+
+
+def _cut(value: str) -> str:
+    """A regex for `value` cut short after at least CUT_SECRET_MIN characters, where a line or
+    the text ends (an output cap cuts there, before its marker line)."""
+    if len(value) <= CUT_SECRET_MIN:
+        return re.escape(value) + r"(?=\n|\Z)"
+    tail = ""
+    for char in reversed(value[CUT_SECRET_MIN:]):
+        tail = f"(?:{re.escape(char)}{tail})?"
+    return re.escape(value[:CUT_SECRET_MIN]) + tail + r"(?=\n|\Z)"
 
 
 def _scoped(pattern: str) -> str:

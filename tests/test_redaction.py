@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import re
+import sys
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.redaction import BUILTIN_PATTERNS, REDACTED, Redactor, may_hold_builtin
+from agent.tools.shell import run_command
 
 BOT_TOKEN = "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsawA"
 
@@ -148,6 +155,83 @@ def test_quoted_secret_values_are_redacted(text: str) -> None:
     assert "hunter22" not in Redactor().text(text)
 
 
+# -- encodings, cut secrets, and names that are no secret ---------------------------------------
+
+BOT_TOKEN = "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw1"
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda v: urllib.parse.quote(v, safe=""),
+        lambda v: urllib.parse.quote_plus(v),
+        lambda v: base64.b64encode(v.encode()).decode(),
+        lambda v: base64.b64encode(v.encode()).decode().rstrip("="),
+        lambda v: base64.urlsafe_b64encode(v.encode()).decode(),
+        lambda v: json.dumps(v)[1:-1],
+    ],
+    ids=["url", "url-plus", "base64", "base64-unpadded", "base64-urlsafe", "json"],
+)
+@pytest.mark.parametrize("secret", [BOT_TOKEN, 'p@ss "word"/ü+=&x', "sk-live-0123456789abcdef"])
+def test_a_known_secret_is_redacted_in_the_encodings_it_travels_in(
+    encode: Callable[[str], str], secret: str
+) -> None:
+    encoded = encode(secret)
+    text = f'GET /bot/{encoded}/getMe HTTP/1.1 and {{"v": "{encoded}"}}'
+    redacted = Redactor(secret_values=[secret]).text(text)
+    assert encoded not in redacted and secret not in redacted
+    assert redacted.count(REDACTED) == 2, redacted
+
+
+def test_a_url_encoded_bot_token_is_redacted_by_its_shape_alone() -> None:
+    quoted = urllib.parse.quote(BOT_TOKEN, safe="")
+    assert quoted.startswith("123456789%3A")
+    assert Redactor().text(f"https://api.telegram.org/bot{quoted}/getMe") == (
+        f"https://api.telegram.org/bot{REDACTED}/getMe"
+    )
+
+
+@pytest.mark.parametrize("kept", [8, 9, 23, len(BOT_TOKEN) - 1])
+def test_a_known_secret_cut_short_is_redacted_where_the_output_ends(kept: int) -> None:
+    """An output cap can cut a secret anywhere: 8 or more of its first characters at the end
+    of a line or of the text are redacted, so at most 7 are ever kept."""
+    redactor = Redactor(secret_values=[BOT_TOKEN])
+    cut = BOT_TOKEN[:kept]
+    for text in (f"token is {cut}", f"token is {cut}\n[… truncated: 99 more bytes]"):
+        assert cut not in redactor.text(text)
+        assert redactor.text(text).startswith(f"token is {REDACTED}")
+    assert redactor.text(f"{BOT_TOKEN[:7]}\n") == f"{BOT_TOKEN[:7]}\n"  # too short to tell
+
+
+async def test_a_secret_a_real_command_prints_past_the_output_cap_is_never_kept(
+    tmp_path: Path,
+) -> None:
+    """A real command prints the bot token URL-encoded and then plainly, cut by the cap: no
+    8 characters of it in a row survive redaction."""
+    script = tmp_path / "leak.py"
+    quoted = urllib.parse.quote(BOT_TOKEN, safe="")
+    script.write_text(f"print({quoted!r}); print('x' * 16 + {BOT_TOKEN!r})\n")
+    cap = len(quoted) + 1 + 16 + 23  # the plain token is cut after 23 characters
+    result = await run_command([sys.executable, str(script)], timeout=30, env={}, output_cap=cap)
+    assert result.truncated and BOT_TOKEN[:23] in result.stdout
+    redacted = Redactor(secret_values=[BOT_TOKEN]).text(result.stdout)
+    pieces = {BOT_TOKEN[i : i + 8] for i in range(len(BOT_TOKEN) - 7)}
+    pieces |= {quoted[i : i + 8] for i in range(len(quoted) - 7)}
+    assert [p for p in pieces if p in redacted] == [], redacted
+
+
+@pytest.mark.parametrize("text", ["PWD=/srv/app", "cd back to OLDPWD=/home/sam/src"])
+def test_the_working_directory_is_no_secret(text: str) -> None:
+    assert Redactor().text(text) == text
+
+
+@pytest.mark.parametrize(
+    "text", ["PWD=hunter2secret", "https://x/login?user=a&pwd=/hunter2", "DB_PWD=/x/y"]
+)
+def test_a_password_named_like_the_working_directory_still_is_one(text: str) -> None:
+    assert REDACTED in Redactor().text(text)
+
+
 # -- the fast path (prefilter + cache) redacts exactly what every pattern does ----------------
 
 
@@ -203,9 +287,10 @@ SHAPES = st.one_of(
     ),
     st.builds(lambda s: "sk-" + s, st.text(ALNUM + "_-", min_size=18, max_size=24)),
     st.builds(lambda p, s: f"xox{p}-{s}", st.sampled_from("abprsz"), VALUE),
-    st.builds(  # Telegram tokens, with ASCII or other Unicode digits
-        lambda d, s: f"{d}:{s}",
+    st.builds(  # Telegram tokens, with ASCII or other Unicode digits, URL-encoded or not
+        lambda d, sep, s: f"{d}{sep}{s}",
         st.text(alphabet="0123456789\u0663\uff11", min_size=5, max_size=13),
+        st.sampled_from([":", "%3A", "%3a", "%3", "%"]),
         st.text(ALNUM + "_-", min_size=28, max_size=34),
     ),
     st.builds(
