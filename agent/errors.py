@@ -82,6 +82,10 @@ class RunbookError(LoomOpsError, ValueError):
         )
 
 
+class PeopleFileError(RunbookError):
+    """The people file is invalid: where (path, line, field) and why, as for a runbook."""
+
+
 class RequestError(LoomOpsError, ValueError):
     """A request that cannot be understood; `str()` is one line for a human."""
 

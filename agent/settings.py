@@ -54,6 +54,14 @@ class Settings(BaseSettings):
     approvers: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Who may decide approvals everywhere (empty: anyone)."
     )
+    telegram_approvers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("TELEGRAM_APPROVER_IDS", "LOOM_OPS_TELEGRAM_APPROVER_IDS"),
+        description="Telegram user ids who may decide: with LOOM_OPS_APPROVERS, group:approvers.",
+    )
+    people_file: Path | None = Field(
+        None, description="People, their identities and groups; default <workspace>/people.yaml."
+    )
     allow_shell: bool = Field(False, description="Run `run` steps for real (else dry-run).")
     live_checks: bool = Field(False, description="Send real HTTP health checks (else synthetic).")
     shell_allowlist: Path | None = Field(
@@ -129,6 +137,16 @@ class Settings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
+    @field_validator("telegram_approvers", mode="before")
+    @classmethod
+    def _telegram_ids(cls, value: object) -> object:
+        # Kept as text: they become identities (`telegram:<id>`); the bot checks they are numbers.
+        if isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        if isinstance(value, list | tuple):
+            return [str(item) for item in value]
+        return value
+
     @field_validator("redact_patterns")
     @classmethod
     def _patterns_compile(cls, value: list[str]) -> list[str]:
@@ -149,6 +167,11 @@ class Settings(BaseSettings):
     def runbooks_dir(self) -> Path:
         """Where this workspace's runbooks live."""
         return self.workspace / "runbooks"
+
+    @property
+    def people_path(self) -> Path:
+        """The people file in force (it need not exist unless LOOM_OPS_PEOPLE_FILE names it)."""
+        return self.people_file or self.workspace / "people.yaml"
 
     @property
     def allowlist_path(self) -> Path:

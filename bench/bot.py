@@ -56,7 +56,7 @@ from bot.standin import BotApiStandIn, StandInServer  # noqa: E402
 TOKEN = "123456789:BENCH-loom-ops-token-0123456789"
 CHAT = -100101
 REQUESTER = 100000050
-APPROVER = 100000001  # named in the shipped runbooks
+APPROVER = 100000001  # in TELEGRAM_APPROVER_IDS: group:approvers, which the runbooks name
 # Named outright, so /run starts at once (free text would first get a card to confirm).
 INCIDENT = "/run api-latency-spike incident: API latency spike"
 TAP_TARGET = 3  # issue 14: a Telegram tap in at most 3 store round trips
@@ -242,7 +242,13 @@ async def main() -> None:
                 admin.execute(f"CREATE SCHEMA {schema}")
             separator = "&" if "?" in args.pg else "?"
             db = f"{args.pg}{separator}options={quote(f'-csearch_path={schema}')}"
-        settings = Settings(_env_file=None, db=db, workspace=directory, mock_llm=True)
+        settings = Settings(
+            _env_file=None,
+            db=db,
+            workspace=directory,
+            mock_llm=True,
+            telegram_approvers=[str(APPROVER)],  # group:approvers, which the runbooks name
+        )
         standin = BotApiStandIn(TOKEN)
         standin.add_user(REQUESTER, "Alice", "alice")
         standin.add_user(APPROVER, "Bob", "bob")

@@ -83,6 +83,7 @@ def env(workspace: Path, db: str) -> dict[str, str]:
         "LOOM_OPS_MOCK_LLM": "1",
         "LOOM_OPS_DB": db,
         "LOOM_OPS_WORKSPACE": str(workspace),
+        "LOOM_OPS_APPROVERS": "cli:oncall",  # the group the shipped runbooks name
         "LOGNAME": "bench",
         "USER": "bench",
     }
@@ -173,9 +174,9 @@ def figures_of(run_id: str, workspace: Path, db: str, figures: dict[str, list[fl
     """Decide one run from the CLI and read when its next step started."""
     started = time.time()
     subprocess.run(
-        [LOOM_OPS, "approve", "--run-id", run_id, "--as", "oncall", "--json"],
+        [LOOM_OPS, "approve", "--run-id", run_id, "--json"],
         cwd=workspace,
-        env=env(workspace, db),
+        env=env(workspace, db) | {"LOOM_OPS_USER": "oncall"},  # the approver's login
         capture_output=True,
         check=True,
         timeout=60,

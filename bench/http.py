@@ -37,7 +37,7 @@ import httpx  # noqa: E402
 from agent.records import Origin, RunLimits  # noqa: E402
 from agent.store import NewRun, RunStore  # noqa: E402
 
-APPROVER = "cli:oncall"  # named in the shipped runbooks; the API decides as this user
+APPROVER = "cli:oncall"  # the API decides as this user, an approver (LOOM_OPS_APPROVERS)
 
 
 def _free_port() -> int:
@@ -184,6 +184,7 @@ async def main() -> None:
             LOOM_OPS_WORKSPACE=str(directory),
             LOOM_OPS_MOCK_LLM="1",
             LOOM_OPS_API_USER=APPROVER,
+            LOOM_OPS_APPROVERS=APPROVER,  # the group the shipped runbooks name
             LOOM_OPS_MAX_ACTIVE_RUNS="1000",
         )
         server = subprocess.Popen(

@@ -35,8 +35,11 @@ INCIDENT = "incident: API latency spike"
 
 
 def workspace(directory: Path) -> Path:
-    """A workspace with the shipped runbooks."""
+    """A workspace with the shipped runbooks, and oncall in the group they name."""
     shutil.copytree(REPO / "runbooks", directory / "runbooks")
+    (directory / "people.yaml").write_text(
+        "people:\n  - name: oncall\n    cli: oncall\n    groups: [approvers]\n"
+    )
     return directory
 
 
@@ -83,9 +86,9 @@ def as_processes(directory: Path, runs: int) -> list[float]:
             capture_output=True,
         )
         subprocess.run(
-            [*cli, "approve", "--run-id", "inc", "--as", "oncall"],
+            [*cli, "approve", "--run-id", "inc"],
             cwd=ws,
-            env=env,
+            env=env | {"LOOM_OPS_USER": "oncall"},  # the approver's login
             check=True,
             capture_output=True,
         )

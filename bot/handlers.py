@@ -592,8 +592,10 @@ class ChatOps:
             return TapOutcome(REFUSED_CHAT, alert=True)
         if parsed is None:
             return TapOutcome("This button is not one of ours; nothing changed.", alert=True)
-        if user.id not in self._approvers:
-            log.warning("refused a tap by user %s: not in TELEGRAM_APPROVER_IDS", user.id)
+        if not self._may_decide(user.id):
+            log.warning(
+                "refused a tap by user %s: in neither TELEGRAM_APPROVER_IDS nor people", user.id
+            )
             return TapOutcome(
                 "You are not an approver here (TELEGRAM_APPROVER_IDS); nothing changed.",
                 alert=True,
@@ -626,6 +628,16 @@ class ChatOps:
         if not result.changed:
             return TapOutcome(await self._decided_first(result.approval), alert=True)
         return TapOutcome("Approved: the run goes on." if choice == "y" else "Skipped.")
+
+    def _may_decide(self, user_id: int) -> bool:
+        """Whether a decision by this user is worth checking: an id of TELEGRAM_APPROVER_IDS,
+        or a person of the people file (the runbook's approvers then say whether they may)."""
+        if user_id in self._approvers:
+            return True
+        try:
+            return self._service.people().person(f"telegram:{user_id}").known
+        except ServiceError:  # a bad people file: the settings alone say who may decide
+            return False
 
     async def _prompt_for_reason(
         self, message: Message, request: ApprovalInRun, user: User
@@ -692,7 +704,7 @@ class ChatOps:
         if run is None:
             return
         _, user = _message_and_user(update)
-        if user.id not in self._approvers:
+        if not self._may_decide(user.id):
             await _answer(update, "You are not an approver here (TELEGRAM_APPROVER_IDS).")
             return
         identity = await self._remember(user)

@@ -41,10 +41,37 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
+# The people of the tests' workspaces. The tests' login (CLI_USER) is a shared operations
+# account, so `--as oncall` decides as oncall; oncall and sam (telegram:100000001) are in the
+# group the shipped runbooks name, lead (failed-deploy-rollback's second pair of eyes) leads.
+TEST_PEOPLE = f"""\
+people:
+  - name: {CLI_USER}
+    cli: {CLI_USER}
+    may_act_for_others: true
+  - name: oncall
+    cli: oncall
+    groups: [approvers]
+  - name: sam
+    telegram: 100000001
+    groups: [approvers]
+  - name: lead
+    cli: lead
+    telegram: 100000002
+    groups: [leads]
+"""
+
+
+def write_test_people(workspace: Path) -> None:
+    """Give a workspace the tests' people file (see TEST_PEOPLE)."""
+    (workspace / "people.yaml").write_text(TEST_PEOPLE)
+
+
 def make_cli_workspace(root: Path) -> Path:
-    """A workspace directory holding a copy of the shipped runbooks."""
+    """A workspace directory holding a copy of the shipped runbooks and the tests' people."""
     root.mkdir(parents=True, exist_ok=True)
     shutil.copytree(SHIPPED_RUNBOOKS, root / "runbooks", dirs_exist_ok=True)
+    write_test_people(root)
     return root
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from agent.service.runs import RunService
 from agent.settings import Settings
+from tests.cli_helpers import write_test_people
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,7 +57,8 @@ time.sleep(float(sys.argv[2]) if len(sys.argv) > 2 else 0)
 
 
 def make_workspace(root: Path) -> Path:
-    """A workspace with the shipped runbooks, the crash drill, and an allowlist for it."""
+    """A workspace with the shipped runbooks, the crash drill, an allowlist for it, and the
+    tests' people (tests.cli_helpers.TEST_PEOPLE)."""
     root.mkdir(parents=True, exist_ok=True)
     shutil.copytree(REPO / "runbooks", root / "runbooks", dirs_exist_ok=True)
     python = str(Path(sys.executable).absolute())
@@ -67,6 +69,7 @@ def make_workspace(root: Path) -> Path:
         "path": [str(Path(python).parent)],
     }
     (root / "ops.shell.allowlist.json").write_text(json.dumps(allowlist))
+    write_test_people(root)
     return root
 
 

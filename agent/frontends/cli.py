@@ -34,6 +34,7 @@ from agent.errors import (
     LoomOpsError,
     RunbookError,
     RunNotFound,
+    ServiceError,
     StoreError,
     kind_of,
 )
@@ -411,13 +412,26 @@ def _deadline(at: float) -> str:
 
 
 def _as_hint(service: RunService, approval: ApprovalRecord) -> str | None:
-    """The `--as` a pasted decision needs: none when this login may decide, else the first
-    CLI approver the request names."""
+    """The `--as` a pasted decision needs: none when this login may decide itself or may not
+    act for others, else the first CLI login of a person the request admits."""
     me = f"cli:{service.settings.user}"
-    if not approval.deciders or me in approval.deciders:
+    try:
+        people = service.people()
+    except ServiceError:  # a bad people file: the decision itself will say so
         return None
-    cli_deciders = [d.removeprefix("cli:") for d in approval.deciders if d.startswith("cli:")]
-    return cli_deciders[0] if cli_deciders else None
+    if not approval.deciders or not people.may_act_for_others(me):
+        return None
+    if people.admits(me, approval.deciders):
+        return None
+    logins = [d for d in approval.deciders if d.startswith("cli:")] + sorted(
+        i for i in people.by_identity if i.startswith("cli:")
+    )
+    for login in logins:
+        if people.admits(login, approval.deciders) and not (
+            approval.four_eyes and people.same_person(login, approval.requested_by)
+        ):
+            return login.removeprefix("cli:")
+    return None
 
 
 def _run_json(run: RunRecord) -> dict[str, Any]:
@@ -579,9 +593,12 @@ async def _cmd_decide(service: RunService, args: argparse.Namespace) -> int:
             args.run_id, decision, decider, args.note, approval_number=args.approval
         )
     except DeciderRefused as exc:
-        raise UsageError(
-            f"{exc}; decide as one of them with --as NAME (cli:NAME), or set LOOM_OPS_USER"
-        ) from None
+        me = f"cli:{service.settings.user}"
+        if service.people().may_act_for_others(me):
+            hint = "decide for one of them with --as NAME (cli:NAME)"
+        else:
+            hint = f"this login is {me}; the people file says who may decide"
+        raise UsageError(f"{exc}; {hint}", kind=exc.kind) from None
     if not result.changed:
         raise UsageError(f"run {args.run_id}: {result.message}")
     if drivers and not result.run.status.is_terminal:
@@ -1012,7 +1029,25 @@ async def _cmd_doctor(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cli_user(service: RunService, name: str | None) -> str:
+    """Who a CLI command acts as: the login (`cli:<login>`), or the person `--as` names once
+    `_check_acting_for_others` allowed it."""
     return f"cli:{name or service.settings.user}"
+
+
+def _check_acting_for_others(settings: Settings, name: str) -> None:
+    """`--as NAME` is refused (before the store is opened) unless the people file lets this
+    login act for others: a shared operations account. The login is who decides otherwise."""
+    from agent.people import load_people
+
+    me = f"cli:{settings.user}"
+    if name == settings.user:
+        return  # acting as oneself
+    if not load_people(settings).may_act_for_others(me):
+        raise UsageError(
+            f"--as {name}: {me} may not act for others (only a login the people file "
+            f"{settings.people_path} marks may_act_for_others: true); decide without --as",
+            kind=ErrorKind.FORBIDDEN,
+        )
 
 
 COMMANDS: dict[str, Callable[[RunService, argparse.Namespace], Awaitable[int]]] = {
@@ -1071,6 +1106,8 @@ async def _run(args: argparse.Namespace) -> int:
         return await run_sandbox(settings, args.port, args.script)
     # Whatever can be refused without the store is refused before it is opened: opening
     # creates the database, and a usage error must leave nothing behind.
+    if getattr(args, "as_user", None) is not None:
+        _check_acting_for_others(settings, args.as_user)
     if args.command in ("runbook", "supervise"):
         _check_start(settings, args)
     elif (missing := missing_store(settings)) is not None:

@@ -20,7 +20,8 @@ from typing import Any, Literal
 
 import httpx
 
-from agent.errors import AllowlistError, ServingRefused
+from agent.errors import AllowlistError, PeopleFileError, ServingRefused
+from agent.people import People, load_people
 from agent.redaction import Redactor
 from agent.runbook.model import Runbook, RunbookReport, sample_commands, validate_runbooks
 from agent.settings import Settings
@@ -168,7 +169,12 @@ async def _mcp(settings: Settings, runbooks: Sequence[Runbook]) -> list[Finding]
 
 
 def _approvers(settings: Settings, runbooks: Sequence[Runbook]) -> list[Finding]:
-    """Approver settings that no runbook accepts, and runbooks nobody configured may approve."""
+    """Approver settings that no runbook accepts, and runbooks nobody configured may approve
+    (entries are matched by person and group, as decisions are: agent.people)."""
+    try:
+        people = load_people(settings)
+    except PeopleFileError as exc:
+        return [Finding("error", "people", str(exc))]
     telegram_ids = _telegram_approver_ids()
     # Runbooks that can ask a person: gated steps, and steps that act (an attempt in doubt).
     deciding = [
@@ -183,7 +189,7 @@ def _approvers(settings: Settings, runbooks: Sequence[Runbook]) -> list[Finding]
     configured = [(who, "LOOM_OPS_APPROVERS") for who in globals_]
     configured += [(f"telegram:{i}", "TELEGRAM_APPROVER_IDS") for i in telegram_ids]
     for who, setting in configured:
-        if all(r.approvers and who not in r.approvers for r in deciding):
+        if all(r.approvers and not people.admits(who, r.approvers) for r in deciding):
             findings.append(
                 Finding(
                     "warning",
@@ -195,7 +201,7 @@ def _approvers(settings: Settings, runbooks: Sequence[Runbook]) -> list[Finding]
             )
     if globals_ and telegram_ids:
         for i in telegram_ids:
-            if f"telegram:{i}" not in globals_:
+            if not people.admits(f"telegram:{i}", globals_):
                 findings.append(
                     Finding(
                         "warning",
@@ -205,7 +211,7 @@ def _approvers(settings: Settings, runbooks: Sequence[Runbook]) -> list[Finding]
                     )
                 )
     for runbook in deciding:
-        if globals_ and runbook.approvers and not set(runbook.approvers) & set(globals_):
+        if globals_ and runbook.approvers and not _anyone_admitted(people, globals_, runbook):
             findings.append(
                 Finding(
                     "error",
@@ -222,6 +228,16 @@ def _approvers(settings: Settings, runbooks: Sequence[Runbook]) -> list[Finding]
             )
         )
     return findings
+
+
+def _anyone_admitted(people: People, globals_: Sequence[str], runbook: Runbook) -> bool:
+    """Whether some identity the settings or the people file know passes both lists."""
+    known = [*globals_, *runbook.approvers, *people.by_identity]
+    return any(
+        people.admits(who, globals_) and people.admits(who, runbook.approvers)
+        for who in known
+        if not who.startswith("group:")
+    )
 
 
 def _names(runbooks: Iterable[Runbook]) -> str:

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -54,12 +55,25 @@ class Person:
     role: str
 
 
-# Sam's id is the approver the shipped runbooks name (telegram:100000001).
+# The people of the shipped example people file (people.example.yaml): Alex is on call, Sam
+# is in group:approvers, which the shipped runbooks name.
 PEOPLE = (
     Person(200000001, "Alex", "alex", "on call (starts runs; not an approver)"),
     Person(100000001, "Sam", "sam", "approver"),
 )
 REQUESTER, APPROVER = PEOPLE
+
+
+EXAMPLE_PEOPLE = Path(__file__).resolve().parents[2] / "people.example.yaml"
+
+
+def service_settings(settings: Settings) -> Settings:
+    """The sandbox's people: the shipped example people file and Sam as the one Telegram
+    approver; the real TELEGRAM_APPROVER_IDS and people file are ignored here."""
+    update: dict[str, object] = {"telegram_approvers": [str(APPROVER.user_id)]}
+    if EXAMPLE_PEOPLE.exists():  # an installed package has no repository around it
+        update["people_file"] = EXAMPLE_PEOPLE
+    return settings.model_copy(update=update)
 
 
 def make_standin() -> BotApiStandIn:
@@ -286,7 +300,7 @@ async def running_sandbox(
         await server.start()
     except (OSError, OverflowError) as exc:
         raise ServingRefused(f"cannot serve the sandbox on port {port}: {exc}") from None
-    service = await RunService.open(settings)
+    service = await RunService.open(service_settings(settings))
     service.prepare()
     # The page's chat starts empty: an earlier session's unsent progress edits would land in
     # it as messages about runs nobody here has seen.

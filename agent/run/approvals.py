@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 
 from agent.errors import DecisionRefused, ErrorKind
+from agent.people import People
 from agent.records import (
     ApprovalKind,
     ApprovalRecord,
@@ -19,21 +20,27 @@ from agent.records import (
 from agent.store import DecisionEffect
 
 
-def check_decider(approval: ApprovalRecord, decider: str, global_approvers: Sequence[str]) -> None:
-    """Raise DecisionRefused unless `decider` may decide `approval`.
+def check_decider(
+    approval: ApprovalRecord, decider: str, people: People, global_approvers: Sequence[str]
+) -> None:
+    """Raise DecisionRefused unless the person behind `decider` may decide `approval`.
 
-    Every list that is set must name the decider: the global `LOOM_OPS_APPROVERS` and the
-    runbook's `approvers` (which can only narrow it). Four eyes bars the requester.
+    Every list that is set must name that person, by an identity or a group: the global
+    `LOOM_OPS_APPROVERS` and the runbook's `approvers` (which can only narrow it). Four eyes
+    bars the person who requested the run, from whichever front end they decide.
     """
-    if global_approvers and decider not in global_approvers:
-        raise DecisionRefused(f"{decider} is not an approver (LOOM_OPS_APPROVERS)")
-    if approval.deciders and decider not in approval.deciders:
+    who = people.describe(decider)
+    if global_approvers and not people.admits(decider, global_approvers):
+        raise DecisionRefused(f"{who} is not an approver (LOOM_OPS_APPROVERS)")
+    if approval.deciders and not people.admits(decider, approval.deciders):
         raise DecisionRefused(
-            f"{decider} may not decide this request (runbook approvers: "
-            f"{', '.join(approval.deciders)})"
+            f"{who} may not decide this request (runbook approvers: {', '.join(approval.deciders)})"
         )
-    if approval.four_eyes and decider == approval.requested_by:
-        raise DecisionRefused(f"{decider} requested this run and the runbook asks for four eyes")
+    if approval.four_eyes and people.same_person(decider, approval.requested_by):
+        requested = "" if decider == approval.requested_by else f" (as {approval.requested_by})"
+        raise DecisionRefused(
+            f"{who} requested this run{requested} and the runbook asks for four eyes"
+        )
 
 
 def decision_status(approval: ApprovalRecord, decision: Decision) -> ApprovalStatus:

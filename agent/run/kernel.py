@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from agent.errors import (
     LeaseLost,
+    PeopleFileError,
     PolicyMisconfigured,
     PolicyUnavailable,
     RenderError,
@@ -27,6 +28,7 @@ from agent.errors import (
 )
 from agent.events import PolicyTurn, WaitingForEarlierAttempt
 from agent.failpoints import Failpoints
+from agent.people import load_people, start_refusal
 from agent.policy.base import (
     FinalAnswer,
     Observation,
@@ -562,6 +564,10 @@ class _RunLoop:
                 for err in exc.errors()
             )
             return f"invalid arguments for {tool}: {problems}", None
+        if isinstance(parsed, ReadRunbookArgs) and parsed.runbook_id and self.runbook is None:
+            refusal = self._start_refusal(parsed.runbook_id)
+            if refusal is not None:
+                return refusal, None
         if isinstance(
             parsed,
             ReadRunbookArgs | RecordAuditArgs | DelegateArgs | DelegateBatchArgs | AwaitSiblingArgs,
@@ -594,6 +600,21 @@ class _RunLoop:
                 "an approver's decision first"
             ), None
         return None, parsed
+
+    def _start_refusal(self, runbook_id: str) -> str | None:
+        """Why the run's requester may not start this runbook, or None. The service checks
+        the runbook a request names or matches; this holds for one a model chose instead."""
+        try:
+            starters = self.k.catalog_loader().get(runbook_id).starters
+        except KeyError:
+            return None  # read_runbook itself says the id is unknown
+        if not starters:
+            return None
+        try:
+            people = load_people(self.k.settings)
+        except PeopleFileError as exc:
+            return str(exc)
+        return start_refusal(people, self.run_record.requested_by, runbook_id, starters)
 
     async def _run_tool(self, tool: str, parsed: Any, gate: EffectGate) -> ToolResult:
         """Carry the call out; nothing live starts once `gate` closed (the lease may be gone)."""

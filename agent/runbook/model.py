@@ -77,6 +77,8 @@ SLUG_PATTERN = r"[a-z0-9][a-z0-9_-]{0,62}"
 PARAM_NAME_PATTERN = r"[a-z_][a-z0-9_]{0,31}"
 ENV_NAME_PATTERN = r"[A-Za-z_][A-Za-z0-9_]{0,127}"
 APPROVER_PATTERN = r"[a-z][a-z0-9_]*:\S+"
+# `group:<name>` in approvers or starters names every person in a group (agent.people).
+GROUP_ENTRY_PATTERN = rf"group:{SLUG_PATTERN}"
 # `runbook=<id>` in a request names the runbook (agent.runbook.request): no param may be called so.
 RESERVED_PARAM_NAMES = frozenset({"runbook"})
 
@@ -559,6 +561,8 @@ class Runbook(BaseModel):
     triggers: list[str] = Field(default_factory=list)
     params: dict[str, RunbookParam] = Field(default_factory=dict)
     approvers: list[str] = Field(default_factory=list)
+    # Who may start it (identities or groups); empty: whoever may start runs at all.
+    starters: list[str] = Field(default_factory=list)
     four_eyes: bool = Field(default=False, strict=True)
     approval_timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False, strict=True)
     on_reject: Literal["stop", "rollback"] = "stop"
@@ -585,15 +589,21 @@ class Runbook(BaseModel):
                 )
         return value
 
-    @field_validator("approvers")
+    @field_validator("approvers", "starters")
     @classmethod
-    def _approver_identities(cls, value: list[str]) -> list[str]:
-        for index, approver in enumerate(value):
-            if not re.fullmatch(APPROVER_PATTERN, approver):
+    def _people_entries(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        who = "approver" if info.field_name == "approvers" else "starter"
+        for index, entry in enumerate(value):
+            if entry.startswith("group:"):
+                if not re.fullmatch(GROUP_ENTRY_PATTERN, entry):
+                    raise _FieldError(
+                        (index,), f"{who} {entry!r}: a group name must match {SLUG_PATTERN}"
+                    )
+            elif not re.fullmatch(APPROVER_PATTERN, entry):
                 raise _FieldError(
                     (index,),
-                    f"approver {approver!r} must be a decider identity like cli:alice "
-                    "or telegram:12345",
+                    f"{who} {entry!r} must be an identity like cli:alice or telegram:12345, "
+                    "or a group like group:oncall",
                 )
         return value
 
@@ -993,7 +1003,7 @@ def _examine(
     line). `every`: every error of the file, else the first one is enough (a run's loader
     stops there: one error keeps the file out, and the catalog is loaded often)."""
     try:
-        root, document = _read_yaml(path)
+        root, document = read_yaml_mapping(path, "id: ..., steps: ...")
     except RunbookError as exc:  # unreadable or not YAML: nothing further can be checked
         return None, None, [exc]
     try:
@@ -1053,8 +1063,12 @@ def _merged(first: list[RunbookError], second: list[RunbookError]) -> list[Runbo
     return sorted([*first, *extra], key=lambda e: e.line or 0)  # stable: ties keep order
 
 
-def _read_yaml(path: Path) -> tuple[yaml.MappingNode, object]:
-    """Read a runbook file within the size limit and parse it; raises RunbookError."""
+def read_yaml_mapping(
+    path: Path, shape: str, empty: object | None = None
+) -> tuple[yaml.MappingNode, object]:
+    """Read a YAML file whose top level is a mapping (`shape` shows it in errors) within the
+    size limit, with duplicate keys, alias bombs and non-printable text refused; raises
+    RunbookError naming the line. An empty file is `empty` when given, else an error."""
     try:
         with path.open("rb") as handle:
             # Read one byte past the limit: never trust stat() for special or growing files.
@@ -1068,20 +1082,24 @@ def _read_yaml(path: Path) -> tuple[yaml.MappingNode, object]:
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise RunbookError(path, line, "", "file is not valid UTF-8 text") from None
-    return _parse_yaml(path, text)
+    return _parse_yaml(path, text, shape, empty)
 
 
-def _parse_yaml(path: Path, text: str) -> tuple[yaml.MappingNode, object]:
+def _parse_yaml(
+    path: Path, text: str, shape: str, empty: object | None
+) -> tuple[yaml.MappingNode, object]:
     """Compose the node tree (marks, duplicate keys), then construct Python data from it."""
     loader: _Loader | None = None
     try:
         loader = _Loader(text)  # the reader already refuses non-printable characters
         root = loader.get_single_node()
         if root is None:
-            raise RunbookError(path, None, "", "file is empty; a runbook is a YAML mapping")
+            if empty is not None:
+                return yaml.MappingNode("tag:yaml.org,2002:map", []), empty
+            raise RunbookError(path, None, "", f"file is empty; expected a mapping ({shape})")
         if not isinstance(root, yaml.MappingNode):
             line = root.start_mark.line + 1
-            raise RunbookError(path, line, "", "top level must be a mapping (id: ..., steps: ...)")
+            raise RunbookError(path, line, "", f"top level must be a mapping ({shape})")
         _check_tree(path, root)
         return root, loader.construct_document(root)
     except RunbookError:

@@ -27,12 +27,14 @@ from agent.errors import (
     DecisionRefused,
     ErrorKind,
     LoomOpsError,
+    PeopleFileError,
     PolicyUnavailable,
     ServiceError,
     StoreError,
     StoreUnavailable,
     kind_of,
 )
+from agent.people import People, load_people, start_refusal
 from agent.records import (
     ApprovalInRun,
     ApprovalRecord,
@@ -106,6 +108,8 @@ class RunService:
         self.settings = settings
         self._catalog: RunbookCatalog | None = None
         self._catalog_stamp: tuple[tuple[str, int, int], ...] = ()
+        self._people: People | None = None
+        self._people_stamp: tuple[int, int] | None = None
         self.redactor = Redactor(settings.redact_patterns, settings.secret_values())
         self._injected = policy
         self._policies: dict[str, Policy] = {}  # other policies runs were started with, by name
@@ -190,6 +194,22 @@ class RunService:
             self._catalog, self._catalog_stamp = load_catalog(directory), stamp
         return self._catalog
 
+    def people(self) -> People:
+        """Who is who (the people file and the approver settings); the file is re-read only
+        when it changed. ServiceError (invalid) names the file, line and field of a bad one."""
+        try:
+            status = self.settings.people_path.stat()
+            stamp: tuple[int, int] | None = (status.st_mtime_ns, status.st_size)
+        except OSError:
+            stamp = None
+        if self._people is None or stamp != self._people_stamp:
+            try:
+                people = load_people(self.settings)
+            except PeopleFileError as exc:
+                raise ServiceError(str(exc), kind=exc.kind) from None
+            self._people, self._people_stamp = people, stamp
+        return self._people
+
     def _policy_for(self, run: RunRecord) -> Policy:
         """What drives `run`: the policy it was started with (the mock, or an LLM by model),
         whatever this process was started with; runs from before that was recorded, and runs
@@ -240,6 +260,8 @@ class RunService:
             self._policy.preflight(message, self.catalog())
         except ValueError as exc:  # RequestError, ParamError: the store stays unchanged
             raise ServiceError(str(exc)) from None
+        requested_by = requested_by or f"cli:{self.settings.user}"
+        self.check_starter(message, requested_by)
         limits = RunLimits(
             max_steps=max_steps if max_steps is not None else self.settings.max_steps,
             max_tool_calls=self.settings.max_tool_calls,
@@ -250,7 +272,7 @@ class RunService:
                 id=run_id,
                 role=role,
                 request=self.redactor.text(message),
-                requested_by=requested_by or f"cli:{self.settings.user}",
+                requested_by=requested_by,
                 origin=origin or Origin(),
                 limits=limits,
                 policy=self._policy.name,
@@ -542,9 +564,25 @@ class RunService:
     def check_decider(self, approval: ApprovalRecord, decider: str) -> None:
         """Raise DeciderRefused unless `decider` may decide `approval` (nothing is recorded)."""
         try:
-            check_decider(approval, decider, self.settings.approvers)
+            check_decider(approval, decider, self.people(), self.settings.approvers)
         except DecisionRefused as exc:
             raise DeciderRefused(str(exc)) from None
+
+    def check_starter(self, message: str, requester: str) -> None:
+        """Raise ServiceError (forbidden) when the runbook `message` would run names
+        `starters` and none of them is the requester's person or one of their groups."""
+        from agent.runbook.matching import choose_runbook
+        from agent.runbook.request import parse_request
+
+        try:
+            runbook = choose_runbook(self.catalog(), parse_request(message), message)
+        except ValueError:  # no runbook matches: the policy (an LLM) reads the request itself
+            return
+        if not runbook.starters:
+            return
+        refusal = start_refusal(self.people(), requester, runbook.id, runbook.starters)
+        if refusal is not None:
+            raise ServiceError(refusal, kind=ErrorKind.FORBIDDEN)
 
     async def _approval_to_decide(
         self, run: RunRecord, approval_number: int | None

@@ -532,11 +532,31 @@ async def test_second_approve_while_the_run_goes_on_says_already_approved(
     assert "Approved by @bob" in text_of(bench.current(INCIDENTS, request["message_id"]))
 
 
+async def test_a_person_of_the_people_file_decides_outside_telegram_approver_ids(
+    bench: Bench, settings: Settings
+) -> None:
+    """MALLORY is in no TELEGRAM_APPROVER_IDS; once the people file puts her in
+    group:approvers (which api-latency-spike names), her /approve decides."""
+    run_id, _ = await bench.start_run(INCIDENTS, "incident: API latency spike")
+    refused = await bench.ask(INCIDENTS, MALLORY, f"/approve {run_id}", starts_with("You are"))
+    assert text_of(refused).startswith("You are not an approver here")
+    people = settings.workspace / "people.yaml"
+    joined = "  - name: mel\n    telegram: 100000066\n    groups: [approvers]\n"
+    people.write_text(people.read_text() + joined)
+
+    answer = await bench.ask(INCIDENTS, MALLORY, f"/approve {run_id}", starts_with("Approved"))
+
+    assert text_of(answer).startswith("Approved")
+    tree = await bench.service.run_tree(run_id)
+    assert [a.decided_by for a in tree.approvals] == ["telegram:100000066"]
+
+
 async def test_approve_by_a_non_runbook_approver_is_refused(bench: Bench) -> None:
-    """CAROL is a Telegram approver, but api-latency-spike names only BOB (and the CLI)."""
+    """CAROL is a Telegram approver, but api-latency-spike names group:approvers, and the
+    people file puts her (lead) only in group leads."""
     run_id, request = await bench.start_run(INCIDENTS, "incident: API latency spike")
     answer = await bench.ask(INCIDENTS, CAROL, f"/approve {run_id}", starts_with("Refused"))
-    assert "telegram:100000002 may not decide this request" in text_of(answer)
+    assert "(telegram:100000002) may not decide this request" in text_of(answer)
     assert (await bench.service.get(run_id)).status == RunStatus.WAITING_CHILDREN
     assert keyboard_data(bench.current(INCIDENTS, request["message_id"]))
 

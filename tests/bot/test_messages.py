@@ -89,7 +89,7 @@ async def test_the_approval_card_carries_what_a_decision_needs(settings: Setting
         assert len(evidence) == 1
         assert "logs: ok" in text
         assert f"Or type /approve {run_id} #1 · /reject {run_id} #1 reason" in text
-        assert "Approvers: cli:oncall, @bob" in text
+        assert "Approvers: group:approvers" in text
 
         approve = next(d for d in keyboard_data(request) if d.endswith(":y"))
         standin.inject_callback(INCIDENTS, request["message_id"], BOB, approve)

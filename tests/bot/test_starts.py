@@ -276,7 +276,7 @@ async def test_without_groups_only_an_approver_starts_runs_in_private(
         assert refusal["text"].startswith("Only an approver may start runs in a private chat")
         standin.inject_message(PRIVATE, BOB, "/run api-latency-spike")
         request = await wait_for_approval(standin, PRIVATE)
-        assert "Approvers: cli:oncall, @bob" in request["text"]
+        assert "Approvers: group:approvers" in request["text"]
 
 
 def _labels(message: JSON) -> list[tuple[str, str]]:

@@ -93,7 +93,7 @@ def test_full_flow_runbook_approve_explain_list(cli: Cli) -> None:
     assert started.stderr == "", started.describe()
     assert "waiting for request #1" in started.stdout
     assert "scale-out" in started.stdout
-    assert "cli:oncall" in started.stdout
+    assert "who:      group:approvers" in started.stdout
 
     # As the README writes it: no --mock-llm here, the run remembers what drives it.
     approved = cli("approve", "--run-id", "inc-1", "--as", "oncall", "--note", "LGTM")
@@ -163,7 +163,7 @@ def test_reject_ends_the_run_with_exit_1(cli: Cli) -> None:
     payload = started.json()
     assert (payload["run_id"], payload["status"]) == ("inc-3", "waiting_approval")
     assert payload["approval"]["step_id"] == "scale-out"
-    assert payload["approval"]["deciders"] == ["cli:oncall", "telegram:100000001"]
+    assert payload["approval"]["deciders"] == ["group:approvers"]
 
     rejected = cli("reject", "--run-id", "inc-3", "--as", "oncall", "--note", "no", "--json")
     assert rejected.returncode == 1, rejected.describe()
@@ -654,7 +654,7 @@ NO_STORE_YET = [
 def test_usage_error_before_any_run_creates_no_database(cli: Cli, args: list[str]) -> None:
     assert_usage_error(cli(*args))
     assert not cli.db.exists()
-    assert sorted(p.name for p in cli.workspace.iterdir()) == ["runbooks"]
+    assert sorted(p.name for p in cli.workspace.iterdir()) == ["people.yaml", "runbooks"]
 
 
 def test_read_commands_before_any_run_answer_without_creating_the_database(cli: Cli) -> None:

@@ -46,7 +46,8 @@ from tests.http_harness import (
 )
 from tests.support import DISK, LATENCY, allow, lines, write_runbook
 
-ONCALL = "cli:oncall"  # an approver of the shipped runbooks
+ONCALL = "cli:oncall"  # in the group the shipped runbooks name (the tests' people file)
+APPROVERS = "group:approvers"
 STREAM_TIMEOUT = 20  # seconds: a stream that never closes fails the test instead of hanging it
 
 
@@ -140,7 +141,7 @@ async def test_post_runs_answers_json_at_once_and_the_events_stream_follows(
         assert response.json()["run_id"] == "disk-1"
         assert response.json()["status"] in ("queued", "running", "waiting_approval")
         approval = await wait_for_approval(s.client, "disk-1")
-        assert approval["step_id"] == "vacuum-journal" and ONCALL in approval["deciders"]
+        assert approval["step_id"] == "vacuum-journal" and APPROVERS in approval["deciders"]
         assert (await s.client.post("/runs/disk-1/approve")).status_code == 200
         events = await read_stream(s.client, "/runs/disk-1/events")
         assert_well_formed(events)
@@ -517,7 +518,7 @@ async def test_approve_by_an_api_user_not_among_the_approvers_is_403(settings: S
         await wait_for_approval(s.client, "gate")
         for action in ("approve", "reject"):
             text = assert_error(await s.client.post(f"/runs/gate/{action}"), 403)
-            assert "api:http" in text and ONCALL in text
+            assert "api:http" in text and APPROVERS in text
         run = (await s.client.get("/runs/gate")).json()
         assert run["status"] == "waiting_approval" and run["approval"]["status"] == "pending"
 
@@ -628,7 +629,7 @@ async def test_a_four_eyes_refusal_is_403(oncall: Settings) -> None:
         body = {"message": "failed deploy of checkout-api", "run_id": "fe", "role": "runbook"}
         await s.client.post("/runs", json=body)
         approval = await wait_for_approval(s.client, "fe")
-        assert ONCALL in approval["deciders"]  # an approver, but also the requester
+        assert APPROVERS in approval["deciders"]  # ONCALL is one, but also the requester
         assert "four eyes" in assert_error(await s.client.post("/runs/fe/approve"), 403)
 
 

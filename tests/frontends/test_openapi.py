@@ -29,7 +29,7 @@ from tests.conftest import make_workspace
 from tests.http_harness import ServeProcess, free_port, served, sse_events
 from tests.support import DISK, LATENCY
 
-ONCALL = "cli:oncall"  # an approver of the shipped runbooks
+ONCALL = "cli:oncall"  # in the group the shipped runbooks name (the tests' people file)
 TOKEN = "t0ken-for-tests"
 ERROR_REF = {"$ref": "#/components/schemas/ErrorOut"}
 SSE_OPERATIONS = {("post", "/supervise"), ("post", "/runbook"), ("get", "/runs/{run_id}/events")}
@@ -283,7 +283,9 @@ def test_a_generated_client_starts_approves_and_reads_the_events(
         ):
             assert time.monotonic() < deadline, run
             time.sleep(0.05)
-        assert run.approval.step_id == "vacuum-journal" and ONCALL in run.approval.deciders
+        assert (
+            run.approval.step_id == "vacuum-journal" and "group:approvers" in run.approval.deciders
+        )
 
         decided = approve.sync("gen-1", client=client, body=models.DecisionBody(note="LGTM"))
         assert isinstance(decided, models.DecisionOut), decided

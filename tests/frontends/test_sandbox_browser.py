@@ -116,7 +116,8 @@ async def test_the_incident_flow_by_hand_in_a_real_browser(
         toast = await _until(
             lambda: [t.text for t in driver.find_elements(By.CSS_SELECTOR, ".toast.alert")]  # type: ignore[attr-defined]
         )
-        assert "not an approver" in " ".join(toast)  # type: ignore[arg-type]
+        assert "may not decide" in " ".join(toast)  # type: ignore[arg-type]
+        assert "group:approvers" in " ".join(toast)  # type: ignore[arg-type]
 
         # A reload in the middle keeps the conversation (the stand-in holds it).
         before = await asyncio.to_thread(messages)

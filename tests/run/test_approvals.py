@@ -141,7 +141,7 @@ async def test_approve_resumes_the_run_and_records_the_decider(service: RunServi
     assert (pending.step_id, pending.kind, pending.status) == ("scale-out", "gate", "pending")
     assert pending.action == "kubectl scale deployment/checkout-api -n production --replicas=6"
     assert pending.rollback == "kubectl scale deployment/checkout-api -n production --replicas=3"
-    assert pending.deciders == ["cli:oncall", "telegram:100000001"]
+    assert pending.deciders == ["group:approvers"]
     assert "scale-out" not in await _executed_steps(service, "inc-1")
 
     before = time.time()
@@ -528,11 +528,25 @@ async def test_a_decider_not_in_the_runbook_approvers_is_refused(service: RunSer
     assert result.changed and result.run.status == RunStatus.SUCCEEDED
 
 
+NARROW_GATE = """\
+id: narrow-gate
+title: Narrow gate
+triggers: [narrow gate]
+approvers: [cli:oncall, telegram:100000001]
+steps:
+  - id: act
+    title: Act
+    run: echo act
+    approval: required
+"""
+
+
 async def test_the_global_approvers_setting_narrows_every_runbook(settings: Settings) -> None:
     """LOOM_OPS_APPROVERS and the runbook's list must both name the decider."""
+    write_runbook(settings.workspace, "narrow-gate", NARROW_GATE)
     narrowed = settings.model_copy(update={"approvers": ["cli:oncall", "cli:boss"]})
     async with open_service(narrowed) as service:
-        await service.start("narrow", LATENCY)
+        await service.start("narrow", "narrow gate")
         before = await _snapshot(service, "narrow")
         # In the runbook's list, not in the global one.
         with pytest.raises(ServiceError, match="LOOM_OPS_APPROVERS"):

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.cli_helpers import REPO
+from tests.cli_helpers import CLI_USER, REPO
 from tests.conftest import make_workspace
 from tests.support import raw_rows
 
@@ -32,6 +32,7 @@ def _env(
         LOOM_OPS_WORKSPACE=str(workspace),
         LOOM_OPS_MOCK_LLM="1",
         LOOM_OPS_ALLOW_SHELL="1" if live else "0",
+        LOOM_OPS_USER=CLI_USER,  # the tests' people file lets this login act for others
         PYTHONPATH=str(REPO),
     )
     if failpoint:

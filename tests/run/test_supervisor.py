@@ -20,7 +20,7 @@ from agent.policy.mock import MockPolicy
 from agent.records import ApprovalStatus, Decision, RunStatus
 from agent.service.runs import RunService
 from agent.settings import Settings
-from tests.cli_helpers import REPO
+from tests.cli_helpers import CLI_USER, REPO
 from tests.conftest import make_workspace
 from tests.support import (
     LATENCY,
@@ -102,6 +102,7 @@ def _cli(workspace: Path, db: Path, *args: str, failpoint: str | None = None) ->
         LOOM_OPS_DB=str(db),
         LOOM_OPS_WORKSPACE=str(workspace),
         LOOM_OPS_MOCK_LLM="1",
+        LOOM_OPS_USER=CLI_USER,  # the tests' people file lets this login act for others
         PYTHONPATH=str(REPO),
     )
     if failpoint:

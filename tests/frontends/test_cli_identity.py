@@ -1,0 +1,100 @@
+"""CLI identity is the login: `--as` only from a login the people file lets act for others.
+
+Real `loom-ops` processes over a real SQLite file; the tests' login is `tester`
+(tests.cli_helpers.CLI_USER).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.cli_helpers import Cli, assert_usage_error, make_cli_workspace, snapshot
+from tests.support import raw_rows
+
+LATENCY = "incident: API latency spike"
+
+# The tests' people, except that the login `tester` is a person of its own, not a shared account.
+NO_ACTING = """\
+people:
+  - name: tester
+    cli: tester
+  - name: oncall
+    cli: oncall
+    groups: [approvers]
+  - name: lead
+    cli: lead
+    groups: [leads]
+"""
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    return Cli(make_cli_workspace(tmp_path / "ws"), tmp_path / "ops.sqlite")
+
+
+def _decided_by(cli: Cli, run_id: str) -> list[str]:
+    return [
+        row[0]
+        for row in raw_rows(
+            cli.db, "SELECT decided_by FROM approvals WHERE run_id = ? ORDER BY number", (run_id,)
+        )
+    ]
+
+
+def test_as_is_refused_without_the_people_files_permission(cli: Cli) -> None:
+    (cli.workspace / "people.yaml").write_text(NO_ACTING)
+    assert cli("runbook", LATENCY, "--run-id", "inc-1", "--mock-llm").returncode == 0
+    before = snapshot(cli.db)
+
+    refused = cli("approve", "inc-1", "--as", "oncall", "--note", "LGTM")
+
+    line = assert_usage_error(refused, "--as oncall", "cli:tester may not act for others")
+    assert str(cli.workspace / "people.yaml") in line
+    assert snapshot(cli.db) == before
+
+
+def test_as_does_not_let_the_requester_bypass_four_eyes(cli: Cli) -> None:
+    """The issue's case: the requester of `failed-deploy-rollback` approved with --as lead."""
+    (cli.workspace / "people.yaml").write_text(NO_ACTING)
+    started = cli("runbook", "failed-deploy-rollback", "--run-id", "dep", "--mock-llm")
+    assert started.returncode == 0, started.describe()
+    before = snapshot(cli.db)
+
+    assert_usage_error(cli("approve", "dep", "--as", "lead"), "may not act for others")
+    assert_usage_error(cli("cancel", "dep", "--as", "lead"), "may not act for others")
+    assert snapshot(cli.db) == before
+
+
+def test_as_is_allowed_where_the_people_file_lets_the_login_act_for_others(cli: Cli) -> None:
+    assert cli("runbook", LATENCY, "--run-id", "inc-2", "--mock-llm").returncode == 0
+
+    approved = cli("approve", "inc-2", "--as", "oncall", "--note", "LGTM")
+
+    assert approved.returncode == 0, approved.describe()
+    assert _decided_by(cli, "inc-2") == ["cli:oncall"]
+
+
+def test_a_cli_decision_is_recorded_as_the_login(cli: Cli) -> None:
+    (cli.workspace / "people.yaml").write_text(NO_ACTING)
+    assert cli("runbook", LATENCY, "--run-id", "inc-3", "--mock-llm").returncode == 0
+
+    refused = cli("approve", "inc-3")  # tester is no approver, and cannot speak for one
+    assert_usage_error(refused, "tester may not decide", "group:approvers")
+    approved = cli("approve", "inc-3", env={"LOOM_OPS_USER": "oncall"})
+
+    assert approved.returncode == 0, approved.describe()
+    assert _decided_by(cli, "inc-3") == ["cli:oncall"]
+
+
+def test_a_people_file_with_an_error_is_one_line_naming_the_file_and_field(cli: Cli) -> None:
+    assert cli("runbook", LATENCY, "--run-id", "inc-4", "--mock-llm").returncode == 0
+    people = cli.workspace / "people.yaml"
+    people.write_text("people:\n  - name: oncall\n    cli: oncall\n    groups: oncall\n")
+    before = snapshot(cli.db)
+
+    for command in (["approve", "inc-4", "--as", "oncall"], ["approve", "inc-4"]):
+        line = assert_usage_error(cli(*command))
+        assert line == f"loom-ops: {people}:4: people[0].groups: Input should be a valid list"
+    assert snapshot(cli.db) == before
