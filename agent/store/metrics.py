@@ -189,7 +189,9 @@ class Fold:
         self.add("llm_calls", policy=policy)
         for kind in ("prompt", "completion"):
             tokens = _number(row[f"{kind}_tokens"])
-            if tokens is not None and tokens > 0:
+            # Zero is counted too: the series exists from a policy's first answer (the mock's
+            # are all zero), so a rate over it is 0, not absent.
+            if tokens is not None and tokens >= 0:
                 self.add("llm_tokens", tokens, policy=policy, kind=kind)
         latency = _number(row["latency_ms"])
         if latency is not None:

@@ -410,7 +410,20 @@ def test_readme_builds_with_podman_in_the_format_that_keeps_the_healthcheck():
     assert extension, "no example of extending the image"
     lines = extension.group(1).strip().splitlines()
     uid = arg_defaults(dockerfile_stages()[-1])["LOOM_UID"]
-    assert lines[0] == "FROM loom-ops" and lines[-1].startswith(f"USER {uid}"), lines
+    compose = yaml.safe_load((REPO / "deploy" / "compose.yaml").read_text())
+    tags = {service.get("image") for service in compose["services"].values()}
+    base = lines[0].removeprefix("FROM ")
+    assert base in tags and lines[-1].startswith(f"USER {uid}"), (lines, tags)
+    # What it copies from the repository root gets through .dockerignore.
+    copied = [
+        name.rstrip("/")
+        for line in lines
+        if line.startswith("COPY ")
+        for name in line.split()[1:-1]
+    ]
+    patterns = (REPO / ".dockerignore").read_text().splitlines()
+    for name in copied:
+        assert f"!{name}" in patterns or f"!{name}/" in patterns, f".dockerignore drops {name}"
 
 
 def test_dockerfile_workspace_holds_runbooks_and_allowlist():

@@ -104,6 +104,9 @@ def test_a_scrape_of_serve_after_a_run_passes_promtool(tmp_path: Path, workspace
     assert "# TYPE loom_ops_tool_calls_total counter" in text
     assert "# TYPE loom_ops_llm_tokens_total counter" in text
     assert "loom_ops_llm_tokens{" not in text  # a cumulative count is never a gauge again
+    # The mock's answers use no tokens: the series is there at 0, so a rate over it is 0.
+    assert values['loom_ops_llm_tokens_total{kind="prompt",policy="mock"}'] == 0
+    assert values['loom_ops_llm_tokens_total{kind="completion",policy="mock"}'] == 0
 
 
 def test_counters_survive_a_restart_of_serve(tmp_path: Path, workspace: Path) -> None:
