@@ -23,7 +23,7 @@ from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -97,6 +97,10 @@ def _text_within(limit: int) -> Callable[[str | None], str | None]:
 class StartRun(BaseModel):
     """What starts a run: the incident message, optionally its id and a step budget."""
 
+    # A field this API does not know is a mistake to say, not to ignore: `{"skip": true}` on
+    # an older server would otherwise run a step again that the client meant to skip.
+    model_config = ConfigDict(extra="forbid")
+
     message: Annotated[
         str,
         Field(min_length=1, max_length=MAX_REQUEST_BYTES),
@@ -112,6 +116,8 @@ class StartRun(BaseModel):
 class DecisionBody(BaseModel):
     """A decision on a run's pending approval request."""
 
+    model_config = ConfigDict(extra="forbid")  # unknown fields are a 422 (see StartRun)
+
     note: Annotated[
         str | None,
         Field(max_length=MAX_NOTE_BYTES),
@@ -122,6 +128,11 @@ class DecisionBody(BaseModel):
         ge=1,
         le=MAX_ID,
         description="the request's number in the run (#1, #2): needed once a run had several",
+    )
+    skip: bool = Field(
+        False,
+        description="approve only, on a step that may or may not have run (in doubt): it ran, "
+        "treat it as done instead of running it again",
     )
 
 
@@ -360,6 +371,10 @@ def create_app(service: RunService) -> FastAPI:
         return _stream(service, run_id, resume_from, shutdown)
 
     async def decide(run_id: str, body: DecisionBody, decision: Decision) -> DecisionOut:
+        if body.skip:
+            if decision != Decision.APPROVE:
+                raise HTTPException(422, "skip goes with approve: reject aborts the run")
+            decision = Decision.SKIP
         run = await service.get(run_id)
         if run.status.is_terminal:
             raise HTTPException(409, f"run {run_id} is already {run.status}; nothing to decide")
@@ -377,12 +392,14 @@ def create_app(service: RunService) -> FastAPI:
 
     @app.post("/runs/{run_id}/approve", dependencies=guarded, responses=sends(403, 404, 409, 422))
     async def approve(run_id: RunIdPath, body: DecisionBody | None = None) -> DecisionOut:
-        """Approve the run's pending request (as LOOM_OPS_API_USER); the run resumes."""
+        """Approve the run's pending request (as LOOM_OPS_API_USER); the run resumes. On a
+        step in doubt, approve runs it again, and approve with `skip` treats it as done."""
         return await decide(run_id, body or DecisionBody(), Decision.APPROVE)
 
     @app.post("/runs/{run_id}/reject", dependencies=guarded, responses=sends(403, 404, 409, 422))
     async def reject(run_id: RunIdPath, body: DecisionBody | None = None) -> DecisionOut:
-        """Reject the run's pending request (as LOOM_OPS_API_USER)."""
+        """Reject the run's pending request (as LOOM_OPS_API_USER); on a step in doubt, this
+        aborts the run."""
         return await decide(run_id, body or DecisionBody(), Decision.REJECT)
 
     @app.post("/runs/{run_id}/cancel", dependencies=guarded, responses=sends(404, 409, 422))

@@ -14,10 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.cli_helpers import CLI_USER, REPO
 from tests.conftest import make_workspace
+from tests.http_harness import ServeProcess, free_port
 from tests.support import raw_rows
 
 LOOM_OPS = [sys.executable, "-m", "agent.frontends.cli"]
@@ -204,6 +206,46 @@ def test_in_doubt_step_is_not_rerun_without_a_decision(tmp_path: Path, db_url: s
     assert _cli(workspace, db, "approve", "--run-id", "d", "--as", "approver", "--skip") == 0
     assert _run_row(db, "d") == ("waiting_approval", ("gate", "append-two"))
     assert _lines(workspace) == ["one"]
+
+
+def test_an_in_doubt_step_is_decided_over_http_and_unknown_fields_are_refused(
+    tmp_path: Path, db_url: str
+) -> None:
+    """`loom-ops serve` offers what the CLI and the chat offer on a step in doubt: approve
+    with `skip` (it ran: treat as done) marks it done without running it again. A body with a
+    field the API does not know is a 422 that changes nothing, never a decision that ignored
+    the field; `skip` with reject is refused too."""
+    workspace = make_workspace(tmp_path / "ws")
+    code = _cli(
+        workspace, db_url, "runbook", "crash-drill", "--run-id", "h", failpoint="after_tool:3"
+    )
+    assert code == -signal.SIGKILL
+    assert _cli(workspace, db_url, "resume", "--run-id", "h") == 0
+    assert _run_row(db_url, "h") == ("waiting_approval", ("in_doubt", "append-one"))
+
+    serve = ServeProcess(workspace, db_url, free_port()).start(
+        LOOM_OPS_ALLOW_SHELL="1", LOOM_OPS_API_USER="cli:approver"
+    )
+    try:
+        with httpx.Client(base_url=serve.url, timeout=15) as client:
+            for path, body in (
+                ("approve", {"approval_id": 1, "skip": True}),  # `approval` is the field
+                ("reject", {"skip": True}),
+            ):
+                refused = client.post(f"/runs/h/{path}", json=body)
+                assert refused.status_code == 422, refused.text
+                assert set(refused.json()) == {"error"}, refused.text
+                assert _run_row(db_url, "h") == ("waiting_approval", ("in_doubt", "append-one"))
+            skipped = client.post("/runs/h/approve", json={"approval": 1, "skip": True})
+            assert skipped.status_code == 200, skipped.text
+    finally:
+        serve.stop()
+    assert _lines(workspace) == ["one"], "the skipped step ran again"
+    assert _run_row(db_url, "h") == ("waiting_approval", ("gate", "append-two"))
+    decided = raw_rows(
+        db_url, "SELECT status, decided_by FROM approvals WHERE run_id = 'h' ORDER BY id"
+    )[0]
+    assert decided == ("skipped", "cli:approver")
 
 
 def test_sigkill_inside_a_running_command(tmp_path: Path, db_url: str) -> None:
