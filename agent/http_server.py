@@ -5,12 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 from collections.abc import Callable, Iterator
 from types import TracebackType
 
+import h11
 import uvicorn
 from starlette.types import ASGIApp
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+log = logging.getLogger(__name__)
+
+# Seconds a client has to send a request's headers and body (from its first byte, or from
+# connecting). uvicorn bounds none of it: a client that stops mid-headers, or sends less body
+# than its Content-Length, holds the connection (and the handler awaiting the body) forever,
+# before any authentication.
+READ_TIMEOUT = 30.0
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -21,8 +32,70 @@ class _EmbeddedUvicorn(uvicorn.Server):
         yield
 
 
+class _ReadDeadlineH11(H11Protocol):
+    """uvicorn's h11 protocol with a deadline on reading each request: a client too slow to
+    send its headers and body is disconnected (its handler sees the disconnect)."""
+
+    read_timeout = READ_TIMEOUT
+    _deadline: asyncio.TimerHandle | None = None
+    _reading = False  # a request's first byte came and the request is not whole yet
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()  # a connection that sends nothing at all is cut off too
+
+    def data_received(self, data: bytes) -> None:
+        if not self._reading:  # a request's first bytes: its deadline starts now, once
+            self._reading = True
+            self._arm()
+        super().data_received(data)
+        self._check_read()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # may go on with a request pipelined behind it
+        self._check_read()
+
+    def _check_read(self) -> None:
+        """Keep the deadline while a request is arriving (headers in part: IDLE with bytes
+        read or buffered; its body: SEND_BODY); drop it once the request is whole (DONE) or
+        the connection ends. Between requests, uvicorn's keep-alive timeout rules."""
+        state = self.conn.their_state
+        arriving = state is h11.SEND_BODY or (
+            state is h11.IDLE and (self._reading or bool(self.conn.trailing_data[0]))
+        )
+        if arriving and not self._reading:
+            self._reading = True
+            self._arm()
+        elif not arriving and state is not h11.IDLE:
+            self._reading = False
+            self._disarm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self.read_timeout, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _timed_out(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            log.warning(
+                "closed a connection from %s: no whole request within %g s",
+                self.client, self.read_timeout,
+            )  # fmt: skip
+            self.transport.close()
+
+
 class HttpServer:
-    """Serve `app` on host:port (0: a free port) until the block ends."""
+    """Serve `app` on host:port (0: a free port) until the block ends; a client has
+    `read_timeout` seconds to send each request whole."""
 
     def __init__(
         self,
@@ -31,12 +104,17 @@ class HttpServer:
         port: int = 0,
         before_stop: Callable[[], None] | None = None,
         graceful_seconds: float = 2,
+        read_timeout: float = READ_TIMEOUT,
     ) -> None:
         self.app = app
         self.host = host
         self.port = port
         self._before_stop = before_stop  # e.g. release long polls so shutdown is quick
         self._graceful = graceful_seconds
+        # The protocol class carries the timeout: uvicorn builds one per connection.
+        self._protocol = type(
+            "ReadDeadlineH11", (_ReadDeadlineH11,), {"read_timeout": read_timeout}
+        )
         self._server: _EmbeddedUvicorn | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -71,6 +149,7 @@ class HttpServer:
             access_log=False,
             log_config=None,  # leave the host process's logging configuration alone
             timeout_graceful_shutdown=self._graceful,  # a stuck request must not hold shutdown
+            http=self._protocol,
         )
         self._server = _EmbeddedUvicorn(config)
         self.port = sock.getsockname()[1]

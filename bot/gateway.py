@@ -105,6 +105,7 @@ async def serve_bot(
     check_config(telegram)
     application = build_application(token, telegram)
     chat = ChatStore(service.database)
+    application.add_handler(TypeHandler(Update, _ignore_without_sender), group=-2)
     application.add_handler(TypeHandler(Update, _first_time_only(chat)), group=-1)
     ChatOps(service, chat, telegram).register(application)
     failpoints = Failpoints(service.settings.failpoint)
@@ -198,6 +199,15 @@ async def _take_webhook(
         drop_pending_updates=False,
     )
     log.info("taking updates by webhook at %s (listening on %s)", webhook.url, server.url)
+
+
+async def _ignore_without_sender(update: Update, context: Any) -> None:
+    """A handler run before all others: an update with no sender (a channel post, a message
+    an anonymous channel sent) has nobody to authorize or answer: one log line, no handler."""
+    if update.effective_user is None:
+        kind = next((key for key in update.to_dict() if key != "update_id"), "unknown")
+        log.info("ignored update %s (%s): it has no sender", update.update_id, kind)
+        raise ApplicationHandlerStop
 
 
 def _first_time_only(chat: ChatStore) -> Callable[[Update, Any], Awaitable[None]]:

@@ -599,6 +599,11 @@ class BotApiStandIn:
         self._queue_update("message", copy.deepcopy(message))
         return self._record_json(record)
 
+    def inject_update(self, kind: str, payload: JSON) -> None:
+        """Queue an update as given (`kind`: `message`, `channel_post`, …), for updates the
+        other inject methods do not build, such as one without a sender; nothing is stored."""
+        self._queue_update(kind, copy.deepcopy(payload))
+
     def inject_callback(
         self, chat_id: int, message_id: int, user_id: int, data: str, *, require_button: bool = True
     ) -> str:

@@ -137,3 +137,29 @@ async def test_the_bot_answers_after_its_bot_api_numbers_from_1_again(settings: 
             assert [c.params.get("offset") for c in standin.calls("getUpdates")][-1] == 4
     rows = raw_rows(settings.db, "SELECT update_id FROM telegram_updates ORDER BY update_id")
     assert rows == [(1,), (2,), (3,)]
+
+
+async def test_an_update_without_a_sender_is_ignored_with_a_log_line(
+    settings: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A message with no `from` (as an anonymous channel posting in a group sends) reaches the
+    real bot: one log line and nothing else (no answer, no traceback); the next command is
+    served as ever."""
+    standin = make_standin()
+    chat = {"id": INCIDENTS, "type": "supergroup", "title": "Incidents"}
+    senderless = {"message_id": 900, "date": int(time.time()), "chat": chat, "text": "/help"}
+    async with StandInServer(standin) as server, running_bot(settings, telegram_settings(server)):
+        with caplog.at_level("INFO", logger="bot.gateway"):
+            standin.inject_update("message", senderless)
+            sent = standin.inject_message(INCIDENTS, ALICE, "/help")
+            await wait_for(
+                standin,
+                lambda: any(
+                    m["message_id"] > sent["message_id"] for m in from_bot(standin, INCIDENTS)
+                ),
+                timeout=10,
+            )
+    ignored = [r.getMessage() for r in caplog.records if "no sender" in r.getMessage()]
+    assert len(ignored) == 1 and "(message)" in ignored[0]
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    assert len(from_bot(standin, INCIDENTS)) == 1  # only the answer to Alice's /help

@@ -182,6 +182,8 @@ async def test_the_bearer_scheme_is_declared_on_exactly_the_operations_that_need
             checked += 1
         assert checked == 13
         assert await s.service.store.list_runs() == []  # nothing started without the token
+        # The document itself is open (README): the API's shape, no data.
+        assert (await s.client.get("/openapi.json")).json() == spec
 
 
 # -- a generated client -------------------------------------------------------------------------
