@@ -958,7 +958,8 @@ async def _validate(settings: Settings, path: Path, as_json: bool) -> int:
     """`runbooks validate`: every error of every file in one pass (templates rendered with
     the params' defaults, within the bounds), commands no allowlist rule admits (errors when
     LOOM_OPS_ALLOW_SHELL=1, warnings otherwise), and MCP tools no configured server offers
-    (the servers used are started for their `tools/list`: see agent.tools.mcp_check)."""
+    (the servers used are started for their `tools/list`: see agent.tools.mcp_check); a
+    runbook an MCP error fails is listed as `error <id>: <reason>` beside the `ok` ones."""
     from agent.runbook.model import validate_runbooks
     from agent.tools.allowlist import ShellAllowlist
     from agent.tools.mcp_check import check_mcp_tools, mcp_uses
@@ -984,11 +985,12 @@ async def _validate(settings: Settings, path: Path, as_json: bool) -> int:
         warnings += [str(e) for e in report.warnings]
     valid = [r.runbook for r in reports if r.runbook is not None and not r.errors]
     uses = mcp_uses(valid, settings.allow_mcp, settings.live_checks)
-    mcp_broken: set[str] = set()  # runbooks an MCP error is about: not "ok"
+    mcp_broken: dict[str, list[str]] = {}  # runbook id -> the MCP errors about it: not "ok"
     for finding in await check_mcp_tools(settings.mcp_config_path, uses):
         if finding.severity == "error":
             errors.append(finding.message)
-            mcp_broken.update(finding.runbooks)
+            for runbook_id in finding.runbooks:
+                mcp_broken.setdefault(runbook_id, []).append(finding.message)
         elif finding.severity == "warning":
             warnings.append(finding.message)
     valid = [r for r in valid if r.id not in mcp_broken]
@@ -1007,6 +1009,9 @@ async def _validate(settings: Settings, path: Path, as_json: bool) -> int:
             if report.runbook is not None and id(report.runbook) in fine:
                 noted = f" ({len(report.warnings)} warning(s))" if report.warnings else ""
                 print(f"ok       {report.runbook.id}{noted}")
+            elif report.runbook is not None:  # valid as a file, but its MCP tools fail it
+                for reason in mcp_broken.get(report.runbook.id, []):
+                    print(f"error    {report.runbook.id}: {reason}")
         for error in errors:
             print(f"loom-ops: {error}", file=sys.stderr)
         for warning in warnings:

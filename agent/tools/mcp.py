@@ -23,10 +23,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import difflib
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +40,7 @@ STDERR_KEPT = 8192  # bytes of a server's stderr kept: its last words explain a 
 _STDERR_SHOWN = 400  # characters of them quoted in an error line
 _STDERR_EOF_WAIT = 1.0  # seconds to wait for a dead server's stderr to close (a child holds it)
 LIST_TIMEOUT = 10.0  # seconds a started server has to answer `tools/list`
+_SHOWN = 12  # tool names listed in one error: a filesystem server offers a dozen or more
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -121,7 +123,8 @@ class McpConfig(BaseModel):
     @classmethod
     def load(cls, path: Path) -> McpConfig:
         """Read the config; a missing file means no MCP tools. McpError (kind INVALID) is one
-        line naming the file and, for a bad entry, the server or tool and the field."""
+        line naming the file and every problem of it ("; " between them), each with the
+        server or tool and the field: `unknown field 'arg' (did you mean 'args'?)`."""
         try:
             raw = path.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -138,14 +141,16 @@ class McpConfig(BaseModel):
         try:
             config = cls.model_validate(document)
         except ValidationError as exc:
-            raise McpError(f"{path}: {_first_error(exc)}", kind=ErrorKind.INVALID) from None
-        for name, mapping in config.tools.items():
-            if mapping.server not in config.servers:
-                raise McpError(
-                    f"{path}: tool {name!r}: server: {mapping.server!r} is not a configured "
-                    f"server ({', '.join(sorted(config.servers)) or 'none'})",
-                    kind=ErrorKind.INVALID,
-                )
+            problems = "; ".join(_problem(error) for error in exc.errors())
+            raise McpError(f"{path}: {problems}", kind=ErrorKind.INVALID) from None
+        servers = ", ".join(sorted(config.servers)) or "none"
+        unknown = [
+            f"tool {name!r}: server: {mapping.server!r} is not a configured server ({servers})"
+            for name, mapping in config.tools.items()
+            if mapping.server not in config.servers
+        ]
+        if unknown:
+            raise McpError(f"{path}: {'; '.join(unknown)}", kind=ErrorKind.INVALID)
         return config
 
     def resolve(self, name: str) -> McpToolMapping | None:
@@ -161,11 +166,11 @@ class McpConfig(BaseModel):
         return McpToolMapping(server=server, tool=name[len(server) + 1 :])
 
 
-def _first_error(exc: ValidationError) -> str:
-    """A validation error as one line: `server 'fs': args: Input should be a valid list`."""
-    errors = exc.errors()
-    first = errors[0]
-    loc = list(first["loc"])
+def _problem(error: Any) -> str:
+    """One validation error as a person reads it: `server 'fs': args: Input should be a valid
+    list`, `server 'fs': unknown field 'arg' (did you mean 'args'?)`, `server 'fs': command
+    is required`."""
+    loc = list(error["loc"])
     where: list[str] = []
     if len(loc) >= 2 and loc[0] in ("servers", "tools"):
         where.append(f"{'server' if loc[0] == 'servers' else 'tool'} {loc[1]!r}")
@@ -173,11 +178,46 @@ def _first_error(exc: ValidationError) -> str:
     field = ""
     for part in loc:
         field += f"[{part}]" if isinstance(part, int) else (f".{part}" if field else str(part))
+    if error["type"] == "extra_forbidden" and error["loc"]:
+        return ": ".join([*where, _unknown_field(error["loc"])])
+    if error["type"] == "missing" and field:
+        return ": ".join([*where, f"{field} is required"])
     if field:
         where.append(field)
-    message = str(first["msg"]).removeprefix("Value error, ")
-    more = f" (and {len(errors) - 1} more error(s))" if len(errors) > 1 else ""
-    return ": ".join([*where, message]) + more
+    return ": ".join([*where, str(error["msg"]).removeprefix("Value error, ")])
+
+
+def _unknown_field(loc: Sequence[Any]) -> str:
+    """`unknown field 'arg' (did you mean 'args'?)`, as agent.people words it: the nearest
+    field of the entry (a server, a tool mapping, or the file, with its standard key)."""
+    if len(loc) == 1:
+        known = ["mcpServers", *McpConfig.model_fields]
+    else:
+        model = McpServerConfig if loc[0] == "servers" else McpToolMapping
+        known = list(model.model_fields)
+    name = str(loc[-1])
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    return f"unknown field {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
+def no_such_tool(
+    server: str, tool: str, offered: Sequence[str], name: str | None = None, used_by: str = ""
+) -> str:
+    """Why a tool cannot be called, as `runbooks validate` and a live call both say it:
+    `MCP server 'fs' offers no tool 'cat', used by read-motd/read; it offers: ...`. `name` is
+    the runbook's name for it (said when a `tools` mapping gave another one)."""
+    mapped = "" if name in (None, f"{server}.{tool}") else f" (mapped from {name!r})"
+    used = f", used by {used_by}" if used_by else ""
+    listing = _listing(offered)
+    return f"MCP server {server!r} offers no tool {tool!r}{mapped}{used}; it offers: {listing}"
+
+
+def _listing(names: Sequence[str]) -> str:
+    shown = sorted(names)
+    if not shown:
+        return "none"
+    more = f", … ({len(shown) - _SHOWN} more)" if len(shown) > _SHOWN else ""
+    return ", ".join(shown[:_SHOWN]) + more
 
 
 @dataclass(frozen=True)
@@ -274,6 +314,7 @@ class _Server:
         self.name = name
         self.config = config
         self.session: Any = None
+        self.tools: list[str] | None = None  # what `tools/list` answered this session
         self.exit_status: int | None = None
         self._stderr: _StderrTail | None = None
         self._ready: asyncio.Future[Any] | None = None
@@ -438,6 +479,9 @@ class McpHub:
                 timeout=timeout + 1,
             )
         except Exception as exc:  # timed out, or the transport broke (the server crashed)
+            if _is_invalid_params(exc):  # answered, so alive: an unknown tool, or bad arguments
+                await self._unknown_tool(tool, mapping, timeout)
+                raise McpError(f"MCP tool {tool!r} failed: {type(exc).__name__}: {exc}") from None
             death = await self._drop(mapping.server)  # restarted on the next call
             if isinstance(exc, TimeoutError) or _is_timeout(exc):
                 raise McpError(f"MCP tool {tool!r} did not answer within {timeout:g} s") from None
@@ -445,8 +489,26 @@ class McpHub:
             raise McpError(
                 f"MCP tool {tool!r} failed: {type(leaf).__name__}: {leaf}{death}"
             ) from None
+        if result.is_error:  # some servers answer an unknown tool so ("Unknown tool: cat")
+            await self._unknown_tool(tool, mapping, timeout)
         text = "\n".join(getattr(part, "text", "") for part in result.content).strip()
         return capped_result(bool(result.is_error), text, result.structured_content, output_cap)
+
+    async def _unknown_tool(self, name: str, mapping: McpToolMapping, timeout: float) -> None:
+        """After a failed call: McpError in `runbooks validate`'s words when the server does
+        not offer the tool (its `tools/list`, asked once per server session); nothing when it
+        does, or cannot say (the call's own error stands then: no server is started to ask)."""
+        server = self._servers.get(mapping.server)
+        if server is None or not server.alive:
+            return
+        offered = server.tools
+        if offered is None:
+            try:
+                offered = await self.list_tools(mapping.server, min(timeout, LIST_TIMEOUT))
+            except McpError:
+                return
+        if mapping.tool not in offered:
+            raise McpError(no_such_tool(mapping.server, mapping.tool, offered, name))
 
     async def list_tools(self, server: str, timeout: float = LIST_TIMEOUT) -> list[str]:
         """The names of the tools `server` offers (`tools/list`, every page), starting it
@@ -462,7 +524,7 @@ class McpHub:
                     names += [tool.name for tool in listing.tools]
                     cursor = listing.next_cursor
                     if not cursor:
-                        return names
+                        break
         except Exception as exc:
             death = await self._drop(server)
             if isinstance(exc, TimeoutError):
@@ -474,6 +536,10 @@ class McpHub:
                 f"MCP server {server!r} failed to list its tools: {type(leaf).__name__}: "
                 f"{leaf}{death}"
             ) from None
+        running = self._servers.get(server)
+        if running is not None and running.session is session:
+            running.tools = names  # for the words of a call of a tool it does not offer
+        return names
 
     async def _session(self, name: str, startup_timeout: float) -> Any:
         async with self._locks.setdefault(name, asyncio.Lock()):
@@ -505,6 +571,15 @@ def _page(cursor: str | None) -> Any:
     from mcp_types import PaginatedRequestParams
 
     return PaginatedRequestParams(cursor=cursor) if cursor else None
+
+
+def _is_invalid_params(exc: BaseException) -> bool:
+    """Whether the server answered with the JSON-RPC error -32602 (invalid params): the MCP
+    spec's answer to a call of a tool it does not offer, or of arguments it refuses."""
+    from mcp.shared.exceptions import MCPError
+    from mcp_types import INVALID_PARAMS
+
+    return isinstance(exc, MCPError) and exc.error.code == INVALID_PARAMS
 
 
 def _is_timeout(exc: BaseException) -> bool:

@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from agent.errors import McpError
-from agent.tools.mcp import McpConfig, offered_tools
+from agent.tools.mcp import McpConfig, no_such_tool, offered_tools
 
 if TYPE_CHECKING:
     from agent.runbook.model import Runbook
 
 Severity = Literal["error", "warning", "ok"]
-_SHOWN = 12  # tool names listed in one finding: a filesystem server offers a dozen or more
 
 
 @dataclass(frozen=True)
@@ -107,15 +106,8 @@ async def check_mcp_tools(path: Path, uses: Sequence[McpUse]) -> list[McpFinding
         names = offered.get(mapping.server) if mapping is not None else None
         if mapping is None or not isinstance(names, list) or mapping.tool in names:
             continue
-        mapped = "" if tool == f"{mapping.server}.{mapping.tool}" else f" (mapped from {tool!r})"
-        findings.append(
-            McpFinding(
-                "error",
-                f"MCP server {mapping.server!r} offers no tool {mapping.tool!r}{mapped}, used "
-                f"by {', '.join(where[tool])}; it offers: {_listing(names)}",
-                tuple(owners[tool]),
-            )
-        )
+        message = no_such_tool(mapping.server, mapping.tool, names, tool, ", ".join(where[tool]))
+        findings.append(McpFinding("error", message, tuple(owners[tool])))
     if not findings:
         named = [
             tool if tool == f"{m.server}.{m.tool}" else f"{tool} ({m.server}.{m.tool})"
@@ -126,11 +118,3 @@ async def check_mcp_tools(path: Path, uses: Sequence[McpUse]) -> list[McpFinding
             McpFinding("ok", f"{path}: every MCP tool used is offered: {', '.join(named)}")
         )
     return findings
-
-
-def _listing(names: Sequence[str]) -> str:
-    shown = sorted(names)
-    if not shown:
-        return "none"
-    more = f", … ({len(shown) - _SHOWN} more)" if len(shown) > _SHOWN else ""
-    return ", ".join(shown[:_SHOWN]) + more

@@ -484,18 +484,22 @@ class Toolbox:
 
     def _mcp_target(self, tool: str) -> dict[str, Any]:
         """`mode`, and the server and tool a dry-run MCP call names (None when the config
-        cannot be read or does not resolve it: dry-run shows, it does not fail)."""
+        cannot be read or does not resolve it: dry-run shows, it does not fail). A config
+        that cannot be read is said, as `config_error`: the step succeeds (a dry run uses no
+        server, as `runbooks validate` warns rather than fails then), but not in silence."""
+        problem: dict[str, Any] = {}
         try:
             config = (
                 self._hub.config if self._hub else McpConfig.load(self._settings.mcp_config_path)
             )
-        except McpError:
-            config = McpConfig()
+        except McpError as exc:
+            config, problem = McpConfig(), {"config_error": str(exc)}
         mapping = config.resolve(tool)
         return {
             "mode": "dry-run",
             "server": mapping.server if mapping else None,
             "server_tool": mapping.tool if mapping else None,
+            **problem,
         }
 
     def _mcp_hub(self) -> McpHub:

@@ -92,6 +92,11 @@ def _mcp_detail(outcome: dict[str, Any]) -> str:
     if server is not None:
         target = f"server {server}, tool {tool}"
         target = target if name == f"{server}.{tool}" else f"{name} (server {server}, tool {tool})"
+    elif outcome.get("config_error"):  # looked up in a config that cannot be read
+        problem = str(outcome["config_error"])
+        if len(problem) > _ARGUMENTS_SHOWN:
+            problem = problem[: _ARGUMENTS_SHOWN - 1] + "…"
+        target = f"{name} (MCP config unusable: {problem})"
     elif "server" in outcome:  # looked up, and the MCP config has no server for it
         target = f"{name} (no server in the MCP config)"
     else:

@@ -1,11 +1,18 @@
-"""A small MCP server for the tests, built with the official SDK, spoken to over stdio."""
+"""A small MCP server for the tests, built with the official SDK, spoken to over stdio.
+
+With `--unknown-tool-is-a-protocol-error` it answers a call of a tool it does not offer with
+the JSON-RPC error -32602 (as servers of other SDKs do), not with an error result."""
 
 from __future__ import annotations
 
 import os
+import sys
 import time
+from typing import Any
 
 from mcp.server.mcpserver import MCPServer
+from mcp.shared.exceptions import MCPError
+from mcp_types import INVALID_PARAMS
 
 app = MCPServer("loom-ops-test")
 
@@ -51,6 +58,17 @@ def big(size: int) -> str:
 def environment() -> str:
     """The names of the variables this server was given."""
     return ",".join(sorted(os.environ))
+
+
+if "--unknown-tool-is-a-protocol-error" in sys.argv:
+    answer_tools = app.call_tool
+
+    async def _call_tool(name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+        if name not in {tool.name for tool in await app.list_tools()}:
+            raise MCPError(code=INVALID_PARAMS, message=f"Tool {name} not found")
+        return await answer_tools(name, arguments, context)
+
+    app.call_tool = _call_tool  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

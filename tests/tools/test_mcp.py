@@ -95,6 +95,8 @@ async def test_dry_run_calls_no_server(settings: Settings, workspace: Path) -> N
         "mode": "dry-run",
         "server": None,  # the config cannot be read: dry-run shows what it can, and goes on
         "server_tool": None,
+        "config_error": f"{workspace / 'ops.mcp.json'}: not valid JSON: Expecting value "
+        "(line 1, column 1)",
         "dry_run": True,
     }
     assert probe["dry_run"] is True
@@ -133,6 +135,29 @@ async def test_only_listed_variables_reach_the_server(
     assert status == RunStatus.SUCCEEDED
     names = act["text"].split(",")
     assert "LISTED_VAR" in names and "SECRET_TOKEN_FOR_TEST" not in names
+
+
+@pytest.mark.parametrize(
+    ("protocol_error", "tool", "mapped"),
+    [
+        pytest.param(False, "ops.cat", "", id="error-result"),
+        pytest.param(True, "read_motd", " (mapped from 'read_motd')", id="json-rpc-error"),
+    ],
+)
+async def test_a_live_call_of_a_tool_the_server_does_not_offer_says_what_it_offers(
+    settings: Settings, workspace: Path, protocol_error: bool, tool: str, mapped: str
+) -> None:
+    # The server answers with an error result (this SDK) or the JSON-RPC error -32602 (others):
+    # either way the step says what `runbooks validate` says.
+    _workspace(workspace, tool)
+    config = json.loads((workspace / "ops.mcp.json").read_text())
+    config["tools"]["read_motd"] = {"server": "ops", "tool": "cat"}
+    if protocol_error:
+        config["servers"]["ops"]["args"].append("--unknown-tool-is-a-protocol-error")
+    (workspace / "ops.mcp.json").write_text(json.dumps(config))
+    status, act, _ = await _run(settings)
+    assert status == RunStatus.FAILED
+    assert act["error"] == f"MCP server 'ops' offers no tool 'cat'{mapped}; it offers: {OPS_TOOLS}"
 
 
 async def test_a_bad_config_is_an_error_outcome(settings: Settings, workspace: Path) -> None:
@@ -245,6 +270,90 @@ def test_a_config_error_is_one_line_naming_the_file_the_server_and_the_field(
         McpConfig.load(path)
     assert str(caught.value) == f"{path}: {expected}"
     assert caught.value.kind == ErrorKind.INVALID
+
+
+@pytest.mark.parametrize(
+    ("document", "expected"),
+    [
+        pytest.param(
+            {"mcpServers": {"fs": {"comand": "npx"}}},
+            "server 'fs': command is required; "
+            "server 'fs': unknown field 'comand' (did you mean 'command'?)",
+            id="misspelled-command",
+        ),
+        pytest.param(
+            {"mcpServers": {"fs": {"command": "npx", "arg": ["-y"]}}},
+            "server 'fs': unknown field 'arg' (did you mean 'args'?)",
+            id="misspelled-args",
+        ),
+        pytest.param(
+            {"mcpservers": {}},
+            "unknown field 'mcpservers' (did you mean 'mcpServers'?)",
+            id="misspelled-mcpServers",
+        ),
+        pytest.param(
+            {"mcpServers": {"fs": {"command": "npx", "flavour": 1}}},
+            "server 'fs': unknown field 'flavour'",
+            id="unknown-field",
+        ),
+        pytest.param(
+            {
+                "mcpServers": {
+                    "a": {"command": "a", "args": "-y"},
+                    "b": {"command": "b", "startup_timout": 5},
+                },
+                "tools": {"t": {"server": "a", "tol": "x"}},
+            },
+            "server 'a': args: Input should be a valid list; "
+            "server 'b': unknown field 'startup_timout' (did you mean 'startup_timeout'?); "
+            "tool 't': tool is required; tool 't': unknown field 'tol' (did you mean 'tool'?)",
+            id="every-problem",
+        ),
+        pytest.param(
+            {
+                "servers": {},
+                "tools": {"x": {"server": "a", "tool": "y"}, "z": {"server": "b", "tool": "y"}},
+            },
+            "tool 'x': server: 'a' is not a configured server (none); "
+            "tool 'z': server: 'b' is not a configured server (none)",
+            id="every-tool-server",
+        ),
+    ],
+)
+def test_a_config_error_names_every_problem_and_the_field_a_misspelling_meant(
+    tmp_path: Path, document: dict, expected: str
+) -> None:
+    from agent.errors import McpError
+    from agent.tools.mcp import McpConfig
+
+    path = tmp_path / "ops.mcp.json"
+    path.write_text(json.dumps(document))
+    with pytest.raises(McpError) as caught:
+        McpConfig.load(path)
+    assert str(caught.value) == f"{path}: {expected}"
+
+
+async def test_a_dry_run_step_says_when_the_mcp_config_is_unusable_and_still_succeeds(
+    settings: Settings, workspace: Path
+) -> None:
+    from agent.views.summary import summary_of
+
+    _workspace(workspace, "ops.restart", '{service: "{{ service }}"}')
+    path = _standard_config(workspace, ops=_ops(), fs={"command": "npx", "arg": ["-y"]})
+    problem = f"{path}: server 'fs': unknown field 'arg' (did you mean 'args'?)"
+    status, act, probe = await _run(settings, live=False)
+    assert status == RunStatus.SUCCEEDED
+    assert act["dry_run"] is True and act["config_error"] == problem
+    assert probe["dry_run"] is True and probe["config_error"] == problem
+    service = await RunService.open(settings)
+    try:
+        steps = {s.step_id: s.detail for s in summary_of(await service.run_tree("m")).steps}
+    finally:
+        await service.close()
+    assert steps["act"] == (
+        f'dry-run MCP ops.restart (MCP config unusable: {problem}), arguments {{"service": "api"}}'
+    )
+    assert steps["probe"] == f"dry-run MCP probe (MCP config unusable: {problem}), arguments {{}}"
 
 
 # -- start-up failures ----------------------------------------------------------------------------
@@ -386,7 +495,7 @@ def _tools_workspace(workspace: Path) -> None:
 OPS_TOOLS = "big, crash, environment, hang, healthy, refuse, restart"
 
 
-def test_validate_reports_tools_no_server_offers_and_servers_that_cannot_start(
+def test_validate_gives_each_runbook_an_mcp_check_failed_an_error_row_with_the_reason(
     workspace: Path, tmp_path: Path
 ) -> None:
     from tests.cli_helpers import Cli
@@ -394,16 +503,23 @@ def test_validate_reports_tools_no_server_offers_and_servers_that_cannot_start(
     _tools_workspace(workspace)
     result = Cli(workspace, tmp_path / "ops.sqlite")("runbooks", "validate")
     assert result.returncode == 2, result.describe()
-    assert result.stdout == "ok       good\n"  # the others are not "ok"
-    assert result.stderr_lines() == [
-        "loom-ops: MCP server 'fs' exited with status 3 at start; stderr: starting loom-ops "
-        "test server | Error: ENOENT: no such file or directory, stat '/srv/missing' "
-        "(used for: fs.read_text_file)",
-        "loom-ops: MCP server 'ops' offers no tool 'reboot', used by typo/use; it offers: "
-        f"{OPS_TOOLS}",
-        "loom-ops: MCP server 'ops' offers no tool 'restart_it' (mapped from "
-        f"'restart_service'), used by mapped/use; it offers: {OPS_TOOLS}",
+    started = (
+        "MCP server 'fs' exited with status 3 at start; stderr: starting loom-ops test server | "
+        "Error: ENOENT: no such file or directory, stat '/srv/missing' "
+        "(used for: fs.read_text_file)"
+    )
+    reboot = f"MCP server 'ops' offers no tool 'reboot', used by typo/use; it offers: {OPS_TOOLS}"
+    restart_it = (
+        "MCP server 'ops' offers no tool 'restart_it' (mapped from 'restart_service'), used by "
+        f"mapped/use; it offers: {OPS_TOOLS}"
+    )
+    assert result.stdout.splitlines() == [  # one row per runbook, in the order of the files
+        f"error    broken: {started}",
+        "ok       good",
+        f"error    mapped: {restart_it}",
+        f"error    typo: {reboot}",
     ]
+    assert result.stderr_lines() == [f"loom-ops: {e}" for e in (started, reboot, restart_it)]
 
 
 async def test_doctor_checks_each_tool_against_tools_list(
