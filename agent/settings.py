@@ -87,6 +87,11 @@ class Settings(BaseSettings):
         description="Who decisions made through the HTTP API are recorded as.",
     )
     host: str = Field("127.0.0.1", description="Address `loom-ops serve` binds.")
+    public_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Host names `serve` answers besides loopback and its bind address "
+        "(a reverse proxy's name, a Prometheus target's): others are refused (DNS rebinding).",
+    )
     port: int = Field(8766, ge=0, le=65535, description="Port `loom-ops serve` binds.")
     max_active_runs: int = Field(
         32, ge=1, le=10_000, description="Runs the HTTP API lets run at once (then 429)."
@@ -129,7 +134,7 @@ class Settings(BaseSettings):
             return None
         return value
 
-    @field_validator("approvers", "redact_patterns", mode="before")
+    @field_validator("approvers", "redact_patterns", "public_hosts", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         # A comma-separated env value is friendlier than JSON for a list of names.

@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from agent.errors import ErrorKind, LoomOpsError, ServiceError, kind_of
 from agent.frontends import openapi
 from agent.frontends.openapi import errors, event_stream
+from agent.frontends.same_site import SameSiteOnly, server_names
 from agent.records import ApprovalRecord, Decision, Origin, RunRecord, RunStatus
 from agent.runbook.request import MAX_REQUEST_BYTES
 from agent.service.runs import (
@@ -229,8 +230,9 @@ def _run_out(run: RunRecord, approval: ApprovalRecord | None = None) -> RunOut:
 # -- the app -----------------------------------------------------------------------------------
 
 
-def create_app(service: RunService) -> FastAPI:
-    """The FastAPI application over `service`."""
+def create_app(service: RunService, bind_host: str | None = None) -> FastAPI:
+    """The FastAPI application over `service`, served at `bind_host` (default: the
+    setting): its name, loopback and LOOM_OPS_PUBLIC_HOSTS are the hosts it answers."""
     settings = service.settings
     token = settings.bearer_token()
     # Set when the server stops: open event streams end cleanly instead of being cut.
@@ -261,6 +263,13 @@ def create_app(service: RunService) -> FastAPI:
     )
     openapi.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    # Outermost: another site's request is refused before anything reads it.
+    app.add_middleware(
+        SameSiteOnly,
+        names=server_names(bind_host or settings.host, settings.public_hosts),
+        open_paths=("/healthz",),
+        hint=" (a name it is served by goes in LOOM_OPS_PUBLIC_HOSTS)",
+    )
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(LoomOpsError, _refused)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
@@ -268,9 +277,10 @@ def create_app(service: RunService) -> FastAPI:
     guarded = [Depends(authorized)]
 
     def sends(*statuses: int) -> dict[int | str, dict[str, Any]]:
-        """The errors a guarded route sends: its own, and the token's, the body limit's, the
-        store's and a bug's, which any guarded route may send."""
-        return errors(401, 413, 500, 503, *statuses)
+        """The errors a guarded route sends: its own, and the token's, the cross-site
+        refusal's, the body limit's, the store's and a bug's, which any guarded route may
+        send."""
+        return errors(401, 403, 413, 500, 503, *statuses)
 
     starts = sends(403, 409, 422, 429)
 
@@ -433,7 +443,7 @@ def create_app(service: RunService) -> FastAPI:
         return HTMLResponse(render_trace(trace_of(tree)))
 
     @app.head("/healthz", include_in_schema=False)
-    @app.get("/healthz", responses=errors(413, 500, 503))
+    @app.get("/healthz", responses=errors(403, 413, 500, 503))
     async def healthz() -> dict[str, str]:
         """200 while the store answers (HEAD too, for load balancers), else 503."""
         await service.schema_version()

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -28,9 +27,9 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from agent.errors import ServingRefused
+from agent.frontends.same_site import SameSiteOnly, server_names
 from agent.http_server import HttpServer
 from agent.service.runs import RunService
 from agent.settings import Settings
@@ -119,42 +118,12 @@ def build_sandbox_app(standin: BotApiStandIn) -> Starlette:
         Route("/sandbox/documents/{file_id}", _document),
         Mount("/", app=build_app(standin)),
     ]
-    app = Starlette(routes=routes, middleware=[Middleware(LocalOnly)])
+    # Only this machine's own page may drive it: loopback names, its own origin, JSON posts
+    # to the page's API (the Bot API beside it takes python-telegram-bot's form posts).
+    local = Middleware(SameSiteOnly, names=server_names("127.0.0.1"), json_posts_under="/sandbox/")
+    app = Starlette(routes=routes, middleware=[local])
     app.state.standin = standin
     return app
-
-
-LOCAL_NAMES = ("127.0.0.1", "localhost")
-
-
-class LocalOnly:
-    """Only this machine's own pages may drive the sandbox: a request must name a local host
-    (no DNS rebinding), a browser's Origin must be local (no cross-site form posts), and the
-    page's POSTs must be JSON (a cross-site page cannot send that without asking first)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-            host = headers.get("host", "").rsplit(":", 1)[0]
-            origin = headers.get("origin")
-            refused = None
-            if host not in LOCAL_NAMES:
-                refused = f"host {host!r} is not this machine"
-            elif origin is not None and urlsplit(origin).hostname not in LOCAL_NAMES:
-                refused = f"requests from {origin} are not accepted"
-            elif (
-                scope["method"] == "POST"
-                and scope["path"].startswith("/sandbox/")
-                and not headers.get("content-type", "").startswith("application/json")
-            ):
-                refused = "the page's API takes application/json"
-            if refused is not None:
-                await JSONResponse({"error": refused}, 403)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 # -- the page and its API --------------------------------------------------------------------

@@ -153,7 +153,7 @@ async def serve(
                 from agent.frontends.http_api import create_app
                 from agent.http_server import HttpServer
 
-                app = create_app(service)
+                app = create_app(service, http.host)
                 try:
                     server = await stack.enter_async_context(
                         HttpServer(app, http.host, http.port, before_stop=app.state.shutdown.set)

@@ -90,7 +90,18 @@ async def test_every_error_response_is_declared_as_the_json_body_it_is_sent_with
             ("POST", "/supervise", {"json": {"message": ""}}, 422),
             ("GET", "/runs", {"headers": {"Authorization": "Bearer wrong"}}, 401),
             ("GET", "/metrics", {"headers": {"Authorization": ""}}, 401),
-            ("POST", "/runs", {"content": b"x" * (settings.max_body_bytes + 1)}, 413),
+            (
+                "POST",
+                "/runs",
+                {
+                    "content": b"x" * (settings.max_body_bytes + 1),
+                    "headers": {"Content-Type": "application/json"},
+                },
+                413,
+            ),
+            # Another site's page: refused before anything reads it (agent.frontends.same_site).
+            ("POST", "/runs", {"content": b"{}", "headers": {"Content-Type": "text/plain"}}, 403),
+            ("GET", "/runs", {"headers": {"Host": "rebound.example"}}, 403),
         ]
         for method, path, kwargs, status in requests:
             response = await s.client.request(method, path, **kwargs)
