@@ -62,6 +62,25 @@ class Undeliverable(LoomOpsError):
     """The Bot API refused an entry for good (bad chat, bot blocked, malformed request)."""
 
 
+# What a person must act on, or is told about a decision, goes out before the rest of a
+# chat's news: at Telegram's 20 messages a minute in a group, a flood of other runs' progress
+# and summaries must not hold up the card an approver is waiting for.
+URGENCY: dict[str, int] = {
+    ChatNotice.APPROVAL_REQUEST: 0,
+    ChatNotice.APPROVAL_DECIDED: 0,
+    ChatNotice.APPROVAL_EXPIRED: 0,
+    ChatNotice.RUN_FINISHED: 1,
+    ChatNotice.PROGRESS: 2,
+}
+
+
+def urgent_first(batch: list[OutboxMessage]) -> list[OutboxMessage]:
+    """A chat's pending entries in the order to send them: approval cards and decisions
+    first, then summaries, then progress edits, each group oldest first (so a request goes
+    out before its decision, and a run's news keeps its order within a group)."""
+    return sorted(batch, key=lambda m: (URGENCY.get(m.kind, 1), m.id))
+
+
 class OutboxSender:
     """Delivers the outbox: one task per chat with messages waiting, woken by the store.
     What a message says is read through the service; the delivery through the chat store."""
@@ -162,7 +181,7 @@ class OutboxSender:
             return False
         delivered_any = False
         coalesced: set[str] = set()
-        for message in batch:
+        for message in urgent_first(batch):
             if not await self._chat.claim_chat(chat_id, self._owner, self._lease_ttl):
                 log.warning("chat %s is delivered by another instance now", chat_id)
                 return False

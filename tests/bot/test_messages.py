@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from agent.records import ApprovalKind, ApprovalRecord, ApprovalStatus, RunStatus
+from agent.records import ApprovalKind, ApprovalRecord, ApprovalStatus, Origin, RunStatus
 from agent.settings import Settings
 from bot.messages import approval_text, in_words, shown_status, until
 from tests.bot_harness import (
@@ -19,6 +19,7 @@ from tests.bot_harness import (
     BOB,
     INCIDENTS,
     JSON,
+    approval_messages,
     chat_bench,
     confirm_run,
     from_bot,
@@ -28,6 +29,7 @@ from tests.bot_harness import (
     wait_for,
     wait_for_approval,
 )
+from tests.support import open_service, write_runbook
 
 FAIL_RUNBOOK = """\
 id: fail-drill
@@ -273,3 +275,36 @@ def test_a_card_of_an_older_request_leaves_out_what_it_lacks() -> None:
         facts,
     )
     assert "#1</b>" in own and "DRY-RUN" in own and "logs: ok" in own and "pods" not in own
+
+
+QUICK = """\
+id: quick-look
+title: A quick look
+triggers: [quick look]
+steps:
+  - id: look
+    title: Look around
+    note: nothing to do
+"""
+
+
+async def test_an_approval_card_goes_out_ahead_of_a_flood_of_other_news(
+    settings: Settings,
+) -> None:
+    """Twelve runs from the chat finished (their progress and summaries wait to be sent)
+    before an incident asked for approval: the card is the first message the bot sends, so
+    a flood of other runs' news cannot hold up the approver (at 20 messages a minute in a
+    group, twelve of them would be half a minute)."""
+    write_runbook(settings.workspace, "quick-look", QUICK)
+    origin = Origin(kind="telegram", chat_id=INCIDENTS)
+    async with open_service(settings) as service:
+        for i in range(12):
+            done = await service.start(f"noise-{i}", "quick-look", origin=origin)
+            assert done.status == RunStatus.SUCCEEDED
+        waiting = await service.start("incident", "incident: API latency spike", origin=origin)
+        assert waiting.status == RunStatus.WAITING_APPROVAL
+    async with chat_bench(settings) as (standin, _):
+        await wait_for(standin, lambda: approval_messages(standin, INCIDENTS))
+        await wait_for(standin, lambda: len(summaries(standin, INCIDENTS)) == 12)
+        sent = from_bot(standin, INCIDENTS)
+        assert "Approval needed" in sent[0]["text"], [m["text"][:40] for m in sent[:3]]
