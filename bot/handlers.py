@@ -588,23 +588,24 @@ class ChatOps:
         message = query.message if isinstance(query.message, Message) else None
         chat_id = message.chat.id if message else None
         if chat_id not in self._allowed:
-            log.warning("refused a tap from chat %s (user %s)", chat_id, user.id)
+            _log_refusal(chat_id, user, "a button", "the chat is not in TELEGRAM_ALLOWED_CHAT_IDS")
             return TapOutcome(REFUSED_CHAT, alert=True)
         if parsed is None:
+            _log_refusal(chat_id, user, "a button", "the button is not one of ours")
             return TapOutcome("This button is not one of ours; nothing changed.", alert=True)
-        if not self._may_decide(user.id):
-            log.warning(
-                "refused a tap by user %s: in neither TELEGRAM_APPROVER_IDS nor people", user.id
-            )
+        token, choice = parsed
+        refusal = self._decider_refusal(user.id)
+        if refusal is not None:
+            _log_refusal(chat_id, user, await self._tap_subject(token, chat_id), refusal)
             return TapOutcome(
                 "You are not an approver here (TELEGRAM_APPROVER_IDS); nothing changed.",
                 alert=True,
             )
-        token, choice = parsed
         # One read for the button's request, one transaction for the decision: a tap costs
         # two store round trips (what the decision wakes runs in the background).
         request = await self._request_in_chat(token, chat_id)
         if request is None:
+            _log_refusal(chat_id, user, _subject(None), "unknown or stale request")
             return TapOutcome("Unknown or stale request; nothing changed.", alert=True)
         approval = request.approval
         if approval.status != ApprovalStatus.PENDING:
@@ -614,6 +615,7 @@ class ChatOps:
             try:
                 self._service.check_decider(approval, identity)
             except ServiceError as exc:
+                _log_refusal(chat_id, user, _subject(request), exc)
                 return TapOutcome(f"Refused: {exc}", alert=True)
             assert message is not None
             return TapOutcome(
@@ -624,20 +626,33 @@ class ChatOps:
         try:
             result = await self._service.decide_request(request, decision, identity, wait=False)
         except ServiceError as exc:
+            _log_refusal(chat_id, user, _subject(request), exc)
             return TapOutcome(f"Refused: {exc}", alert=True)
         if not result.changed:
             return TapOutcome(await self._decided_first(result.approval), alert=True)
         return TapOutcome("Approved: the run goes on." if choice == "y" else "Skipped.")
 
-    def _may_decide(self, user_id: int) -> bool:
-        """Whether a decision by this user is worth checking: an id of TELEGRAM_APPROVER_IDS,
-        or a person of the people file (the runbook's approvers then say whether they may)."""
-        if user_id in self._approvers:
-            return True
+    async def _tap_subject(self, token: str, chat_id: int | None) -> str:
+        """What a refused non-approver's tap was about, for the log. Read only for the log
+        (an approver's tap keeps to two store round trips), and best effort: the refusal
+        is answered whatever the store says."""
         try:
-            return self._service.people().person(f"telegram:{user_id}").known
-        except ServiceError:  # a bad people file: the settings alone say who may decide
-            return False
+            return _subject(await self._request_in_chat(token, chat_id))
+        except StoreError as exc:
+            log.info("cannot look up a refused tap's request: %s", exc)
+            return "a request"
+
+    def _decider_refusal(self, user_id: int) -> str | None:
+        """Why a decision by this user is not even checked (for the log), or None when it is
+        worth checking: an id of TELEGRAM_APPROVER_IDS, or a person of the people file (the
+        runbook's approvers then say whether they may)."""
+        if user_id in self._approvers:
+            return None
+        try:
+            known = self._service.people().person(f"telegram:{user_id}").known
+        except ServiceError as exc:  # a bad people file: the settings alone say who may decide
+            return f"not in TELEGRAM_APPROVER_IDS, and the people file cannot be read: {exc}"
+        return None if known else "in neither TELEGRAM_APPROVER_IDS nor the people file"
 
     async def _prompt_for_reason(
         self, message: Message, request: ApprovalInRun, user: User
@@ -678,6 +693,12 @@ class ChatOps:
                 )
             return
         if user.id != prompt.user_id:
+            _log_refusal(
+                message.chat.id,
+                user,
+                f"run {prompt.run_id}",
+                "only the approver who tapped Reject answers its reason prompt",
+            )
             await _answer(update, "Only the approver who tapped Reject answers this prompt.")
             return
         identity = await self._remember(user)
@@ -693,6 +714,7 @@ class ChatOps:
                 wait=False,
             )
         except ServiceError as exc:
+            _log_refusal(message.chat.id, user, f"run {prompt.run_id}", exc)
             await _answer(update, Markup("Refused: {}").format(exc))
             return
         del self._reject_prompts[(message.chat.id, replied.message_id)]
@@ -703,8 +725,10 @@ class ChatOps:
         run = await self._chat_run(update, context)
         if run is None:
             return
-        _, user = _message_and_user(update)
-        if not self._may_decide(user.id):
+        message, user = _message_and_user(update)
+        refusal = self._decider_refusal(user.id)
+        if refusal is not None:
+            _log_refusal(message.chat.id, user, f"run {run.id}", refusal)
             await _answer(update, "You are not an approver here (TELEGRAM_APPROVER_IDS).")
             return
         identity = await self._remember(user)
@@ -721,6 +745,8 @@ class ChatOps:
                 run.id, decision, identity, note=note, approval_number=approval_number, wait=False
             )
         except ServiceError as exc:
+            number = f" request #{approval_number}" if approval_number is not None else ""
+            _log_refusal(message.chat.id, user, f"run {run.id}{number}", exc)
             hint = f" (e.g. /approve {run.id} #2)" if "by its number" in str(exc) else ""
             await _answer(update, Markup("Refused: {}{}").format(str(exc), hint))
             return
@@ -794,6 +820,22 @@ class ChatOps:
                 await update.effective_message.reply_text("⚠️ Something went wrong; it is logged.")
         except TelegramError as exc:  # e.g. the query was answered already
             log.info("could not tell the chat about the error: %s", exc)
+
+
+def _log_refusal(chat_id: int | None, user: User, subject: str, reason: object) -> None:
+    """One WARNING line for a refused decision: the chat, who, on what, and why. The person
+    refused sees only their alert; whoever runs the bot learns from this line why a tap did
+    nothing (a runbook naming someone else, four eyes, a bad people file)."""
+    log.warning(
+        "refused a decision in chat %s by %s on %s: %s", chat_id, identity_of(user), subject, reason
+    )
+
+
+def _subject(request: ApprovalInRun | None) -> str:
+    """What a refused tap was about, for the log: `run tg-1a2b3c request #1`."""
+    if request is None:
+        return "an unknown request"
+    return f"run {request.root_id} request #{request.approval.number}"
 
 
 def _already(approval: ApprovalRecord, who: Who) -> str:

@@ -21,7 +21,15 @@ from typing import Any, Literal
 import httpx
 
 from agent.errors import AllowlistError, PeopleFileError, ServingRefused
-from agent.people import People, load_people
+from agent.people import (
+    APPROVERS_GROUP,
+    GROUP_PREFIX,
+    People,
+    Person,
+    PersonEntry,
+    load_people,
+    load_people_file,
+)
 from agent.redaction import Redactor
 from agent.runbook.model import Runbook, RunbookReport, sample_commands, validate_runbooks
 from agent.settings import Settings
@@ -65,7 +73,7 @@ async def diagnose(settings: Settings, timeout: float = DEFAULT_TIMEOUT) -> list
         _telegram(settings, redactor, timeout),
     )
     findings += mcp
-    findings += _approvers(settings, runbooks)
+    findings += _people(settings, runbooks)
     findings += llm
     findings += telegram
     order = {severity: index for index, severity in enumerate(SEVERITIES)}
@@ -165,16 +173,137 @@ async def _mcp(settings: Settings, runbooks: Sequence[Runbook]) -> list[Finding]
     return [Finding(f.severity, "mcp", f.message) for f in found]
 
 
-# -- approvers ----------------------------------------------------------------------------------
+# -- people and approvers -----------------------------------------------------------------------
+
+# The front ends a person may act on whatever else is set: the CLI is installed wherever this
+# runs, and `serve` always has the HTTP API (its decisions are `api:` identities).
+_ALWAYS_RUNNING = ("cli", "api")
 
 
-def _approvers(settings: Settings, runbooks: Sequence[Runbook]) -> list[Finding]:
-    """Approver settings that no runbook accepts, and runbooks nobody configured may approve
-    (entries are matched by person and group, as decisions are: agent.people)."""
+def _people(settings: Settings, runbooks: Sequence[Runbook]) -> list[Finding]:
+    """What the people file and the approver settings mean for the runbooks: groups nobody
+    is in, people nobody can act as, runbooks nobody may decide or start (entries are matched
+    by person and group, as decisions and starts are: agent.people)."""
     try:
         people = load_people(settings)
+        # Read again for its people without any identity: lookups by identity never find them.
+        entries = load_people_file(people.source).people if people.source else []
     except PeopleFileError as exc:
         return [Finding("error", "people", str(exc))]
+    persons = _persons(people)
+    findings = _empty_groups(settings, people, persons, runbooks)
+    findings += _without_front_end(settings, people, persons, entries)
+    if not findings:
+        findings.append(Finding("ok", "people", _who_is_who(settings, people, persons)))
+    findings += _approvers(settings, people, persons, runbooks)
+    findings += _starters(people, persons, runbooks)
+    return findings
+
+
+def _persons(people: People) -> list[Person]:
+    """Every person with an identity (the file's and the approver settings'), once each."""
+    return list({p.name: p for p in people.by_identity.values()}.values())
+
+
+def _who_is_who(settings: Settings, people: People, persons: Sequence[Person]) -> str:
+    """The ok line: where people come from, and how many are in each group."""
+    if people.source is None:
+        return (
+            f"no people file at {settings.people_path}: each approver setting is a person of "
+            f"its own ({len(persons)})"
+        )
+    groups = sorted({g for p in persons for g in p.groups})
+    counts = ", ".join(f"{g} ({sum(1 for p in persons if g in p.groups)})" for g in groups)
+    return f"{people.source}: {len(persons)} people; groups: {counts or 'none'}"
+
+
+def _empty_groups(
+    settings: Settings, people: People, persons: Sequence[Person], runbooks: Sequence[Runbook]
+) -> list[Finding]:
+    """Groups runbooks (or LOOM_OPS_APPROVERS) name that no person is in. A warning: the
+    list may admit someone else; a list left with nobody is the approvers' or starters' error."""
+    named: dict[str, list[str]] = {}
+    for runbook in runbooks:
+        for kind, entries in (("approvers", runbook.approvers), ("starters", runbook.starters)):
+            for entry in entries:
+                if _is_group(entry):
+                    named.setdefault(entry, []).append(f"{runbook.id} ({kind})")
+    for entry in settings.approvers:
+        if _is_group(entry):
+            named.setdefault(entry, []).append("LOOM_OPS_APPROVERS")
+    members = {g for p in persons for g in p.groups}
+    where = people.source or settings.people_path
+    findings = []
+    for entry, users in sorted(named.items()):
+        group = entry.removeprefix(GROUP_PREFIX)
+        if group in members:
+            continue
+        fix = f"add it to a person's groups in {where}"
+        if group == APPROVERS_GROUP:  # the settings fill it too
+            fix += ", or set LOOM_OPS_APPROVERS or TELEGRAM_APPROVER_IDS"
+        findings.append(
+            Finding(
+                "warning",
+                "people",
+                f"{entry} is named by {', '.join(users)} but no person is in it: {fix}",
+            )
+        )
+    return findings
+
+
+def _without_front_end(
+    settings: Settings,
+    people: People,
+    persons: Sequence[Person],
+    entries: Sequence[PersonEntry],
+) -> list[Finding]:
+    """People nobody can act as here: one without a cli: or telegram: identity (only an API
+    token, if any, which doctor does not open the store to see), and one whose identities
+    are all on front ends this process does not run (a Telegram id without
+    TELEGRAM_BOT_TOKEN); warnings both."""
+    findings = [
+        Finding(  # a warning: they may act through an API token, which doctor cannot see
+            "warning",
+            "people",
+            f"{entry.name} in {people.source} has no cli: or telegram: identity: they can "
+            f"act only through an API token (loom-ops tokens create --person {entry.name}); "
+            "give them a cli: login or a telegram: user id, or remove them",
+        )
+        for entry in entries
+        if not entry.identities()
+    ]
+    running = {*_ALWAYS_RUNNING, *(["telegram"] if settings.telegram_bot_token else [])}
+    where = people.source or settings.people_path
+    for person in persons:
+        kinds = {identity.partition(":")[0] for identity in person.identities}
+        if kinds & running:
+            continue
+        if person.known:
+            who = person.name
+        else:  # a person the settings alone make: name the setting
+            setting = set(person.identities) & set(settings.approvers)
+            who = f"{person.name} ({'LOOM_OPS_APPROVERS' if setting else 'TELEGRAM_APPROVER_IDS'})"
+        reasons = ["TELEGRAM_BOT_TOKEN is not set"] if "telegram" in kinds else []
+        if others := sorted(kinds - {"telegram"}):  # e.g. `slack:` in LOOM_OPS_APPROVERS
+            reasons.append(f"no front end decides as {', '.join(k + ':' for k in others)}")
+        fix = f"give them a cli: login in {where}"
+        findings.append(
+            Finding(
+                "warning",
+                "people",
+                f"{who} has no identity on a front end this process runs: only "
+                f"{', '.join(person.identities)}, and {'; '.join(reasons)} "
+                f"({'set it, or ' + fix if not others else fix})",
+            )
+        )
+    return findings
+
+
+def _approvers(
+    settings: Settings, people: People, persons: Sequence[Person], runbooks: Sequence[Runbook]
+) -> list[Finding]:
+    """Approver settings that no runbook accepts, runbooks nobody configured may approve, and
+    four-eyes runbooks only one person may approve (nobody may decide that person's runs)."""
     telegram_ids = _telegram_approver_ids()
     # Runbooks that can ask a person: gated steps, and steps that act (an attempt in doubt).
     deciding = [
@@ -211,16 +340,14 @@ def _approvers(settings: Settings, runbooks: Sequence[Runbook]) -> list[Finding]
                     )
                 )
     for runbook in deciding:
-        if globals_ and runbook.approvers and not _anyone_admitted(people, globals_, runbook):
-            findings.append(
-                Finding(
-                    "error",
-                    "approvers",
-                    f"nobody may decide runbook {runbook.id}'s requests: its approvers "
-                    f"({', '.join(runbook.approvers)}) are none of LOOM_OPS_APPROVERS "
-                    f"({', '.join(globals_)})",
-                )
-            )
+        lists = [entries for entries in (globals_, runbook.approvers) if entries]
+        if not lists:
+            continue  # anyone may decide
+        deciders = _admitted(people, persons, lists)
+        if not deciders:
+            findings.append(Finding("error", "approvers", _nobody_decides(runbook, globals_)))
+        elif runbook.four_eyes and len(deciders) == 1:
+            findings.append(_four_eyes_alone(people, persons, runbook, deciders[0]))
     if not findings:
         findings.append(
             Finding(
@@ -230,14 +357,72 @@ def _approvers(settings: Settings, runbooks: Sequence[Runbook]) -> list[Finding]
     return findings
 
 
-def _anyone_admitted(people: People, globals_: Sequence[str], runbook: Runbook) -> bool:
-    """Whether some identity the settings or the people file know passes both lists."""
-    known = [*globals_, *runbook.approvers, *people.by_identity]
-    return any(
-        people.admits(who, globals_) and people.admits(who, runbook.approvers)
-        for who in known
-        if not who.startswith("group:")
+def _admitted(
+    people: People, persons: Sequence[Person], lists: Sequence[Sequence[str]]
+) -> list[str]:
+    """The names of the configured people every one of `lists` admits: the people file's and
+    the settings', and each identity a list names outright (a person of its own)."""
+    named = [people.person(e) for entries in lists for e in entries if not _is_group(e)]
+    admitted: dict[str, None] = {}  # a set that keeps the order people were named in
+    for person in [*persons, *named]:
+        identity = person.identities[0]
+        if all(people.admits(identity, entries) for entries in lists):
+            admitted[person.name] = None
+    return list(admitted)
+
+
+def _is_group(entry: str) -> bool:
+    """Whether an approvers or starters entry names a group (`group:oncall`)."""
+    return entry.startswith(GROUP_PREFIX)
+
+
+def _nobody_decides(runbook: Runbook, globals_: Sequence[str]) -> str:
+    """Why nobody may decide a runbook's requests, naming the list to fix."""
+    head = f"nobody may decide runbook {runbook.id}'s requests:"
+    if globals_ and runbook.approvers:
+        return (
+            f"{head} its approvers ({', '.join(runbook.approvers)}) are none of "
+            f"LOOM_OPS_APPROVERS ({', '.join(globals_)})"
+        )
+    if globals_:
+        return f"{head} no configured person is in LOOM_OPS_APPROVERS ({', '.join(globals_)})"
+    return (
+        f"{head} no configured person is in its approvers ({', '.join(runbook.approvers)}); "
+        "add someone to them"
     )
+
+
+def _four_eyes_alone(
+    people: People, persons: Sequence[Person], runbook: Runbook, only: str
+) -> Finding:
+    """A four-eyes runbook that one person alone may decide: nobody may decide the runs that
+    person starts. An error when its starters admit nobody else (every run would wait)."""
+    starters = _admitted(people, persons, [runbook.starters]) if runbook.starters else None
+    # Starters that admit nobody at all are the starters' own error, not this one's.
+    severity: Severity = "error" if starters and set(starters) == {only} else "warning"
+    return Finding(
+        severity,
+        "approvers",
+        f"runbook {runbook.id} asks for four eyes, but only {only} may decide its requests: "
+        f"nobody may decide a run {only} starts; add a second person to its approvers "
+        f"({', '.join(runbook.approvers) or 'LOOM_OPS_APPROVERS'})",
+    )
+
+
+def _starters(
+    people: People, persons: Sequence[Person], runbooks: Sequence[Runbook]
+) -> list[Finding]:
+    """Runbooks whose `starters` admit no configured person: every start is refused."""
+    return [
+        Finding(
+            "error",
+            "starters",
+            f"nobody may start runbook {runbook.id}: no configured person is in its starters "
+            f"({', '.join(runbook.starters)})",
+        )
+        for runbook in runbooks
+        if runbook.starters and not _admitted(people, persons, [runbook.starters])
+    ]
 
 
 def _names(runbooks: Iterable[Runbook]) -> str:

@@ -354,3 +354,42 @@ async def test_twenty_runs_at_once_in_two_chats(settings: Settings) -> None:
 def run_id_of_summary(message: dict) -> str:
     """The run id a summary's first line names."""
     return message["text"].split(":", 1)[0].removeprefix("Run ")
+
+
+def _refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The bot's log lines about refused decisions, in order."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "bot.handlers"
+        and r.levelname == "WARNING"
+        and r.getMessage().startswith("refused a decision")
+    ]
+
+
+async def test_each_refused_tap_is_logged_once_with_its_reason(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Mallory (no approver) and Carol (the requester of a four-eyes run) tap Approve: each
+    refusal is one WARNING line naming the chat, the tapper, the run and request, and why."""
+    caplog.set_level("WARNING", logger="bot.handlers")
+    async with chat_bench(settings) as (standin, service):
+        standin.inject_message(INCIDENTS, CAROL, "/run failed-deploy-rollback service=web")
+        request = await wait_for_approval(standin, INCIDENTS)
+        run_id = run_id_of(request)
+        pending = await service.pending_approval(run_id)
+        assert pending is not None
+        for user in (MALLORY, CAROL):
+            tap = standin.inject_callback(
+                INCIDENTS, request["message_id"], user, _choice(request, "y")
+            )
+            await wait_for(standin, lambda q=tap: standin.callback_answer(q))
+    subject = f"in chat {INCIDENTS} by telegram:{{}} on run {run_id} request #{pending.number}: "
+    assert _refusals(caplog) == [
+        "refused a decision "
+        + subject.format(MALLORY)
+        + "in neither TELEGRAM_APPROVER_IDS nor the people file",
+        "refused a decision "
+        + subject.format(CAROL)
+        + "lead (telegram:100000002) requested this run and the runbook asks for four eyes",
+    ]

@@ -561,6 +561,43 @@ async def test_approve_by_a_non_runbook_approver_is_refused(bench: Bench) -> Non
     assert keyboard_data(bench.current(INCIDENTS, request["message_id"]))
 
 
+async def test_each_refused_approve_is_logged_once_with_its_reason(
+    bench: Bench, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each refused /approve is one WARNING line naming the chat, the sender, the run (and
+    request) and why: not in the runbook's approvers; then, with the people file broken, an
+    approver of TELEGRAM_APPROVER_IDS (the file's error) and someone who is not."""
+    caplog.set_level("WARNING", logger="bot.handlers")
+    run_id, _ = await bench.start_run(INCIDENTS, "incident: API latency spike")
+    await bench.ask(INCIDENTS, CAROL, f"/approve {run_id}", starts_with("Refused"))
+    people = settings.workspace / "people.yaml"
+    people.write_text("people:\n  - name: sam\n    grups: [approvers]\n")
+    await bench.ask(INCIDENTS, BOB, f"/approve {run_id} #1", starts_with("Refused"))
+    await bench.ask(INCIDENTS, MALLORY, f"/approve {run_id}", starts_with("You are not"))
+
+    lines = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelname == "WARNING" and r.getMessage().startswith("refused a decision")
+    ]
+    assert len(lines) == 3, lines
+    carol, bob, mallory = lines
+    assert carol == (
+        f"refused a decision in chat {INCIDENTS} by telegram:{CAROL} on run {run_id}: "
+        "lead (telegram:100000002) may not decide this request (runbook approvers: "
+        "group:approvers)"
+    )
+    assert bob.startswith(
+        f"refused a decision in chat {INCIDENTS} by telegram:{BOB} on run {run_id} request #1: "
+        f"{people}:3: "
+    ), bob
+    assert mallory.startswith(
+        f"refused a decision in chat {INCIDENTS} by telegram:{MALLORY} on run {run_id}: not in "
+        f"TELEGRAM_APPROVER_IDS, and the people file cannot be read: {people}:3: "
+    ), mallory
+    assert (await bench.service.get(run_id)).status == RunStatus.WAITING_CHILDREN
+
+
 async def test_reject_by_text_with_a_reason(bench: Bench) -> None:
     """CAROL rejects a failed-deploy rollback (a runbook naming her) with a reason."""
     other, _ = await bench.start_run(INCIDENTS, "incident: API latency spike")
