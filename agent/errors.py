@@ -166,6 +166,18 @@ class ApprovalNotFound(StoreError):
     kind = ErrorKind.NOT_FOUND
 
 
+class TokenExists(StoreError):
+    """An API token of that name exists already (revoked ones too: a name is an identity)."""
+
+    kind = ErrorKind.CONFLICT
+
+
+class TokenNotFound(StoreError):
+    """No API token has that name."""
+
+    kind = ErrorKind.NOT_FOUND
+
+
 # -- tools --------------------------------------------------------------------------------------
 
 

@@ -71,7 +71,9 @@ class PersonEntry(BaseModel):
     name: str = Field(pattern=f"^{NAME_PATTERN}$")
     cli: str | None = Field(None, pattern=f"^{LOGIN_PATTERN}$")
     telegram: int | None = Field(None, gt=0, strict=True)
-    api: str | None = Field(None, pattern=f"^{TOKEN_NAME_PATTERN}$")  # reserved: per-person tokens
+    # `api:<name>`: the service token's LOOM_OPS_API_USER (`api: http`) deciding as this
+    # person, or a token's name. Tokens made with `loom-ops tokens` are theirs without it.
+    api: str | None = Field(None, pattern=f"^{TOKEN_NAME_PATTERN}$")
     groups: list[str] = Field(default_factory=list)
     # A shared operations login: its CLI user may decide for another person with --as.
     may_act_for_others: bool = Field(default=False, strict=True)
@@ -211,6 +213,8 @@ class People:
 
     by_identity: Mapping[str, Person] = field(default_factory=dict)
     source: Path | None = None  # the people file read, if any
+    # The file's people by name, those without any identity too (an API token names them).
+    by_name: Mapping[str, Person] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -219,6 +223,7 @@ class People:
         """People from the file, with each of `approvers` (identities from the settings)
         added to the group `approvers`."""
         by_identity: dict[str, Person] = {}
+        by_name: dict[str, Person] = {}
         for entry in file.people if file else ():
             person = Person(
                 entry.name,
@@ -228,6 +233,7 @@ class People:
                 known=True,
             )
             by_identity.update(dict.fromkeys(person.identities, person))
+            by_name[person.name] = person
         for identity in approvers:
             person = by_identity.get(identity) or Person(identity, (identity,))
             joined = Person(
@@ -238,7 +244,34 @@ class People:
                 person.known,
             )
             by_identity.update(dict.fromkeys(joined.identities, joined))
-        return cls(by_identity, source)
+            if joined.known:
+                by_name[joined.name] = joined
+        return cls(by_identity, source, by_name)
+
+    def with_tokens(self, tokens: Mapping[str, str]) -> People:
+        """These people, with each API token (name → person's name, from the store) one
+        more identity of its person, `api:<name>`: a decision made with it is that person's
+        for approvers, groups and four eyes. The file wins where it maps the identity
+        itself; a token whose person left the file stays an identity of its own."""
+        if not tokens:
+            return self
+        by_identity = dict(self.by_identity)
+        by_name = dict(self.by_name)
+        for name, owner in sorted(tokens.items()):
+            identity = f"api:{name}"
+            person = by_name.get(owner)
+            if person is None or identity in by_identity:
+                continue
+            grown = Person(
+                person.name,
+                (*person.identities, identity),
+                person.groups,
+                person.may_act_for_others,
+                person.known,
+            )
+            by_identity.update(dict.fromkeys(grown.identities, grown))
+            by_name[owner] = grown
+        return People(by_identity, self.source, by_name)
 
     def person(self, identity: str) -> Person:
         """The person behind an identity (its own person when nobody mapped it)."""

@@ -275,6 +275,21 @@ class ProcessRecord:
 
 
 @dataclass(frozen=True)
+class ApiTokenRecord:
+    """A person's API token as stored: never the token itself, only what is shown of it."""
+
+    name: str  # decisions made with it are recorded as `api:<name>`
+    person: str  # a name of the people file
+    created_at: float
+    revoked_at: float | None
+
+    @property
+    def identity(self) -> str:
+        """The identity requests made with this token act as."""
+        return f"api:{self.name}"
+
+
+@dataclass(frozen=True)
 class EventRecord:
     """One journal entry; `hash` covers `prev_hash` and the entry itself."""
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import ErrorKind, PeopleFileError, RunbookError, RunNotFound, ServiceError
-from agent.people import People, load_people, load_people_file
+from agent.people import People, PeopleFile, load_people, load_people_file
 from agent.records import ApprovalStatus, Decision, RunStatus
 from agent.runbook.model import load_catalog, load_runbook
 from agent.service.runs import RunService
@@ -248,3 +248,23 @@ def test_a_runbook_names_people_by_identity_or_group_and_nothing_else(tmp_path: 
     path.write_text(ONCALL_GATE.replace("group:oncall", "oncall"))
     with pytest.raises(RunbookError, match=r"approvers\[0\]: approver 'oncall' must be"):
         load_runbook(path)
+
+
+def test_a_token_is_one_more_identity_of_its_person_and_the_file_wins() -> None:
+    """`api:<token name>` counts as the token's person (groups, four eyes); an identity the
+    file maps stays the file's person, and a token of someone who left the file is nobody's."""
+    file = load_people_file(REPO / "people.example.yaml")
+    people = People.build(file).with_tokens({"sam-laptop": "sam", "gone-ci": "gone"})
+    assert people.admits("api:sam-laptop", ["group:approvers"])
+    assert people.same_person("api:sam-laptop", "telegram:100000001")
+    assert people.describe("api:sam-laptop") == "sam (api:sam-laptop)"
+    assert "api:sam-laptop" in people.by_name["sam"].identities
+    assert not people.person("api:gone-ci").known
+    assert People.build(file).with_tokens({}) == People.build(file)
+    assert not people.admits("api:sam-laptop", ["group:leads"])
+    mapped = PeopleFile.model_validate(
+        {"people": [{"name": "sam", "api": "shared"}, {"name": "lee"}]}
+    )
+    claimed = People.build(mapped).with_tokens({"shared": "lee", "lee-ci": "lee"})
+    assert claimed.person("api:shared").name == "sam"  # the file's mapping stands
+    assert claimed.person("api:lee-ci").name == "lee"  # a person with no identity but tokens

@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import secrets
 import shlex
 import sys
@@ -41,6 +42,7 @@ from agent.errors import (
 from agent.events import RunInterrupted, parse
 from agent.records import (
     CHILD_ROLES,
+    ApiTokenRecord,
     ApprovalRecord,
     Decision,
     EventRecord,
@@ -326,6 +328,23 @@ def build_parser() -> argparse.ArgumentParser:
         "request unless --mock-llm), the Bot API (getMe, when TELEGRAM_BOT_TOKEN is set) and "
         "approver settings. Writes nothing.",
     )
+    _common(p)
+
+    p = sub.add_parser("tokens", help="create, list or revoke people's HTTP API tokens")
+    actions = p.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    p = actions.add_parser(
+        "create", help="a new token for a person of the people file, printed once"
+    )
+    p.add_argument("--person", required=True, help="the person's name in the people file")
+    p.add_argument(
+        "--name",
+        help="the token's name; decisions are recorded as api:NAME (default: PERSON-xxxxxx)",
+    )
+    _common(p)
+    p = actions.add_parser("list", help="every token: name, person, created, revoked (no secret)")
+    _common(p)
+    p = actions.add_parser("revoke", help="revoke a token: requests with it get 401 from now on")
+    p.add_argument("name", help="the token's name (see tokens list)")
     _common(p)
 
     p = sub.add_parser("runbooks", help="list or validate runbooks")
@@ -1055,6 +1074,78 @@ def _check_acting_for_others(settings: Settings, name: str) -> None:
         )
 
 
+def _check_token_person(settings: Settings, person: str, name: str | None) -> None:
+    """`tokens create --person NAME` is refused (before the store is opened, so nothing is
+    written) unless the people file names that person, a token acts as its person, and the
+    token's name is a valid one."""
+    from agent.people import TOKEN_NAME_PATTERN, load_people
+
+    if name is not None and not re.fullmatch(TOKEN_NAME_PATTERN, name):
+        raise UsageError(f"token name {name!r} must match {TOKEN_NAME_PATTERN}")
+    people = load_people(settings)
+    if person not in people.by_name:
+        where = people.source or settings.people_path
+        raise UsageError(f"--person {person}: no person of that name in the people file {where}")
+
+
+async def _cmd_tokens(service: RunService, args: argparse.Namespace) -> int:
+    """`loom-ops tokens create|list|revoke`: people's tokens for the HTTP API."""
+    if args.action == "create":
+        record, secret = await service.create_token(args.person, args.name)
+        if args.json:
+            payload = {"run_id": None, "status": "ok", "token": _token_json(record)}
+            print(json.dumps(payload | {"secret": secret}))
+        else:
+            # The token alone on stdout (`TOKEN=$(loom-ops tokens create …)`); the rest is
+            # for the person reading the terminal.
+            print(secret)
+            print(
+                f"API token {record.name} for {record.person}: decisions with it are recorded "
+                f"as {record.identity}. It is shown only now: the store keeps its hash.",
+                file=sys.stderr,
+            )
+        return EXIT_OK
+    if args.action == "list":
+        return _print_tokens(await service.list_tokens(), args.json)
+    record = await service.revoke_token(args.name)
+    if args.json:
+        print(json.dumps({"run_id": None, "status": "ok", "token": _token_json(record)}))
+    else:
+        print(f"revoked API token {record.name} ({record.person}) at {_utc(record.revoked_at)}")
+    return EXIT_OK
+
+
+def _utc(at: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(at)) if at is not None else "-"
+
+
+def _token_json(record: ApiTokenRecord) -> dict[str, Any]:
+    return {
+        "name": record.name,
+        "person": record.person,
+        "identity": record.identity,
+        "created_at": record.created_at,
+        "revoked_at": record.revoked_at,
+    }
+
+
+def _print_tokens(tokens: Sequence[ApiTokenRecord], as_json: bool) -> int:
+    if as_json:
+        listed = [_token_json(token) for token in tokens]
+        print(json.dumps({"run_id": None, "status": "ok", "tokens": listed}))
+        return EXIT_OK
+    if not tokens:
+        print("no API tokens")
+        return EXIT_OK
+    print(f"{'NAME':<24} {'PERSON':<20} {'CREATED (UTC)':<17} REVOKED (UTC)")
+    for token in tokens:
+        print(
+            f"{token.name:<24} {token.person:<20} {_utc(token.created_at):<17} "
+            f"{_utc(token.revoked_at)}"
+        )
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[RunService, argparse.Namespace], Awaitable[int]]] = {
     "runbook": _cmd_runbook,
     "supervise": _cmd_runbook,
@@ -1067,6 +1158,7 @@ COMMANDS: dict[str, Callable[[RunService, argparse.Namespace], Awaitable[int]]] 
     "explain": _cmd_explain,
     "audit": _cmd_audit,
     "trace": _cmd_trace,
+    "tokens": _cmd_tokens,
 }
 
 
@@ -1113,7 +1205,9 @@ async def _run(args: argparse.Namespace) -> int:
     # creates the database, and a usage error must leave nothing behind.
     if getattr(args, "as_user", None) is not None:
         _check_acting_for_others(settings, args.as_user)
-    if args.command in ("runbook", "supervise"):
+    if args.command == "tokens" and args.action == "create":
+        _check_token_person(settings, args.person, args.name)  # a new token creates the store
+    elif args.command in ("runbook", "supervise"):
         _check_start(settings, args)
     elif (missing := missing_store(settings)) is not None:
         return await _without_store(missing, args)
@@ -1227,6 +1321,10 @@ async def _without_store(where: str, args: argparse.Namespace) -> int:
         return EXIT_OK
     if args.command == "status" and args.run_id is None:
         return await _print_processes(None, args.json)
+    if args.command == "tokens":
+        if args.action == "list":
+            return _print_tokens([], args.json)
+        raise UsageError(f"no API token is named {args.name!r}: there is no database at {where}")
     if args.command == "resume" and args.run_id is None:
         if args.json:
             print(json.dumps({"run_id": None, "status": "ok", "runs": []}))

@@ -57,14 +57,18 @@ RETRY_AFTER_SECONDS = 5
 MAX_ID = 10**15
 EVENT_ID = re.compile(r"^[0-9]{1,15}$")
 
+# One answer for a missing, unknown and revoked token: which it was is nobody's business.
+NO_TOKEN = "missing or wrong bearer token"
+
 RunIdPath = Annotated[str, Path(pattern=RUN_ID, max_length=128)]
 
 # Reads the Authorization header and declares the bearer scheme in the OpenAPI document; it
 # refuses nothing itself (auto_error=False): a missing token is our 401, in our error shape.
 BEARER = HTTPBearer(
     scheme_name="bearer",
-    description="LOOM_OPS_API_TOKEN, as `Authorization: Bearer <token>`; needed only when the "
-    "server has one set.",
+    description="A person's token (`loom-ops tokens create`; decisions are recorded as that "
+    "person) or LOOM_OPS_API_TOKEN, as `Authorization: Bearer <token>`; needed only when the "
+    "server has LOOM_OPS_API_TOKEN set.",
     auto_error=False,
 )
 
@@ -227,6 +231,39 @@ def _run_out(run: RunRecord, approval: ApprovalRecord | None = None) -> RunOut:
     )
 
 
+class Caller(BaseModel):
+    """Who a request acts as: a person's token's identity (`api:<token name>`), or
+    LOOM_OPS_API_USER for the service token (`service`) or a server without a token."""
+
+    identity: str
+    service: bool = False
+
+
+async def authorized(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
+) -> Caller:
+    """Who the request acts as (a guarded route's dependency): 401 for a missing token when
+    the server has one, and for any token that is neither it nor a person's live token."""
+    service: RunService = request.app.state.service
+    settings = service.settings
+    token = settings.bearer_token()
+    if credentials is None:
+        if token is None:  # a loopback server without a token: as before tokens
+            return Caller(identity=settings.api_user)
+        raise HTTPException(401, NO_TOKEN, {"WWW-Authenticate": "Bearer"})
+    given = credentials.credentials
+    if token is not None and hmac.compare_digest(given.encode(), token.encode()):
+        return Caller(identity=settings.api_user, service=True)
+    person = await service.authenticate(given)
+    if person is None:  # unknown, revoked, or its person left the people file
+        raise HTTPException(401, NO_TOKEN, {"WWW-Authenticate": "Bearer"})
+    return Caller(identity=person.identity)
+
+
+As = Annotated[Caller, Depends(authorized)]  # the caller of a guarded route
+
+
 # -- the app -----------------------------------------------------------------------------------
 
 
@@ -234,22 +271,10 @@ def create_app(service: RunService, bind_host: str | None = None) -> FastAPI:
     """The FastAPI application over `service`, served at `bind_host` (default: the
     setting): its name, loopback and LOOM_OPS_PUBLIC_HOSTS are the hosts it answers."""
     settings = service.settings
-    token = settings.bearer_token()
     # Set when the server stops: open event streams end cleanly instead of being cut.
     shutdown = asyncio.Event()
     # The active-run count and the start are one step, or concurrent starts all see room.
     starting = asyncio.Lock()
-
-    async def authorized(
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
-    ) -> None:
-        if token is None:
-            return
-        given = credentials.credentials if credentials is not None else ""
-        if credentials is None or not hmac.compare_digest(given.encode(), token.encode()):
-            raise HTTPException(
-                401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"}
-            )
 
     app = FastAPI(
         title="loom-ops",
@@ -284,7 +309,7 @@ def create_app(service: RunService, bind_host: str | None = None) -> FastAPI:
 
     starts = sends(403, 409, 422, 429)
 
-    async def start(body: StartRun, role: str) -> RunRecord:
+    async def start(body: StartRun, role: str, caller: Caller) -> RunRecord:
         run_id = body.run_id or f"run-{secrets.token_hex(4)}"
         async with starting:
             if await service.active_runs() >= settings.max_active_runs:
@@ -297,16 +322,16 @@ def create_app(service: RunService, bind_host: str | None = None) -> FastAPI:
                 run_id,
                 body.message,
                 role=role,
-                requested_by=settings.api_user,
+                requested_by=caller.identity,
                 origin=Origin(kind="http"),
                 max_steps=body.max_steps,
                 wait=False,
             )
 
     @app.post("/runs", status_code=201, dependencies=guarded, responses=starts)
-    async def start_run(body: StartRun) -> RunOut:
+    async def start_run(body: StartRun, caller: As) -> RunOut:
         """Start a run; it goes on whatever happens to this connection."""
-        return _run_out(await start(body, body.role))
+        return _run_out(await start(body, body.role, caller))
 
     @app.post(
         "/supervise",
@@ -314,9 +339,9 @@ def create_app(service: RunService, bind_host: str | None = None) -> FastAPI:
         response_class=EventSourceResponse,
         responses={**event_stream("The new run's tree, from its first event."), **starts},
     )
-    async def supervise(body: StartRun, request: Request) -> EventSourceResponse:
+    async def supervise(body: StartRun, request: Request, caller: As) -> EventSourceResponse:
         """Start a supervised run and stream its tree's journal (seed-compatible)."""
-        run = await start(body, "supervisor")
+        run = await start(body, "supervisor", caller)
         return _stream(service, run.id, 0, shutdown)
 
     @app.post(
@@ -325,9 +350,9 @@ def create_app(service: RunService, bind_host: str | None = None) -> FastAPI:
         response_class=EventSourceResponse,
         responses={**event_stream("The new run's journal, from its first event."), **starts},
     )
-    async def runbook(body: StartRun, request: Request) -> EventSourceResponse:
+    async def runbook(body: StartRun, request: Request, caller: As) -> EventSourceResponse:
         """Start a single runbook run and stream its journal (seed-compatible)."""
-        run = await start(body, "runbook")
+        run = await start(body, "runbook", caller)
         return _stream(service, run.id, 0, shutdown)
 
     @app.get("/runs", dependencies=guarded, responses=sends(422))
@@ -380,7 +405,9 @@ def create_app(service: RunService, bind_host: str | None = None) -> FastAPI:
             return Response(status_code=204)
         return _stream(service, run_id, resume_from, shutdown)
 
-    async def decide(run_id: str, body: DecisionBody, decision: Decision) -> DecisionOut:
+    async def decide(
+        run_id: str, body: DecisionBody, decision: Decision, caller: Caller
+    ) -> DecisionOut:
         if body.skip:
             if decision != Decision.APPROVE:
                 raise HTTPException(422, "skip goes with approve: reject aborts the run")
@@ -388,10 +415,12 @@ def create_app(service: RunService, bind_host: str | None = None) -> FastAPI:
         run = await service.get(run_id)
         if run.status.is_terminal:
             raise HTTPException(409, f"run {run_id} is already {run.status}; nothing to decide")
+        if caller.service:
+            service.check_service_decider(caller.identity)
         result = await service.decide(
             run_id,
             decision,
-            settings.api_user,
+            caller.identity,
             note=body.note,
             approval_number=body.approval,
             wait=False,
@@ -401,24 +430,29 @@ def create_app(service: RunService, bind_host: str | None = None) -> FastAPI:
         return DecisionOut(message=result.message, run=_run_out(result.run))
 
     @app.post("/runs/{run_id}/approve", dependencies=guarded, responses=sends(403, 404, 409, 422))
-    async def approve(run_id: RunIdPath, body: DecisionBody | None = None) -> DecisionOut:
-        """Approve the run's pending request (as LOOM_OPS_API_USER); the run resumes. On a
-        step in doubt, approve runs it again, and approve with `skip` treats it as done."""
-        return await decide(run_id, body or DecisionBody(), Decision.APPROVE)
+    async def approve(
+        run_id: RunIdPath, caller: As, body: DecisionBody | None = None
+    ) -> DecisionOut:
+        """Approve the run's pending request (as the token's person, else LOOM_OPS_API_USER);
+        the run resumes. On a step in doubt, approve runs it again, and approve with `skip`
+        treats it as done."""
+        return await decide(run_id, body or DecisionBody(), Decision.APPROVE, caller)
 
     @app.post("/runs/{run_id}/reject", dependencies=guarded, responses=sends(403, 404, 409, 422))
-    async def reject(run_id: RunIdPath, body: DecisionBody | None = None) -> DecisionOut:
-        """Reject the run's pending request (as LOOM_OPS_API_USER); on a step in doubt, this
-        aborts the run."""
-        return await decide(run_id, body or DecisionBody(), Decision.REJECT)
+    async def reject(
+        run_id: RunIdPath, caller: As, body: DecisionBody | None = None
+    ) -> DecisionOut:
+        """Reject the run's pending request (as the token's person, else LOOM_OPS_API_USER);
+        on a step in doubt, this aborts the run."""
+        return await decide(run_id, body or DecisionBody(), Decision.REJECT, caller)
 
     @app.post("/runs/{run_id}/cancel", dependencies=guarded, responses=sends(404, 409, 422))
-    async def cancel(run_id: RunIdPath) -> RunOut:
+    async def cancel(run_id: RunIdPath, caller: As) -> RunOut:
         """Cancel the run and the runs below it."""
         run = await service.get(run_id)
         if run.status.is_terminal:
             raise HTTPException(409, f"run {run_id} is already {run.status}")
-        return _run_out(await service.cancel(run_id, settings.api_user, wait=False))
+        return _run_out(await service.cancel(run_id, caller.identity, wait=False))
 
     @app.get(
         "/runs/{run_id}/explain",
@@ -456,6 +490,7 @@ def create_app(service: RunService, bind_host: str | None = None) -> FastAPI:
         return Response(render_metrics(await service.metrics()), media_type=CONTENT_TYPE)
 
     app.state.shutdown = shutdown
+    app.state.service = service  # for `authorized`
     return app
 
 

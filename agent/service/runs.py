@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import hashlib
 import logging
 import re
+import secrets
 import time
 from collections.abc import Awaitable, Coroutine, Iterable
 from contextlib import AbstractContextManager
@@ -34,8 +36,9 @@ from agent.errors import (
     StoreUnavailable,
     kind_of,
 )
-from agent.people import People, load_people, start_refusal
+from agent.people import TOKEN_NAME_PATTERN, People, load_people, start_refusal
 from agent.records import (
+    ApiTokenRecord,
     ApprovalInRun,
     ApprovalRecord,
     ApprovalStatus,
@@ -79,6 +82,8 @@ NO_POLICY = (
 )
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 MAX_NOTE_BYTES = 1000
+# A person's API token: recognisable in a leaked log or a secret scanner, then 256 bits.
+TOKEN_PREFIX = "lo_"
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,9 @@ class RunService:
         self._catalog_stamp: tuple[tuple[str, int, int], ...] = ()
         self._people: People | None = None
         self._people_stamp: tuple[int, int] | None = None
+        # API token name -> its person's name, as last read from the store: token identities
+        # (`api:<name>`) are people's identities too (see `people`).
+        self._token_people: dict[str, str] = {}
         self.redactor = Redactor(settings.redact_patterns, settings.secret_values())
         self._injected = policy
         self._policies: dict[str, Policy] = {}  # other policies runs were started with, by name
@@ -195,8 +203,19 @@ class RunService:
         return self._catalog
 
     def people(self) -> People:
-        """Who is who (the people file and the approver settings); the file is re-read only
-        when it changed. ServiceError (invalid) names the file, line and field of a bad one."""
+        """Who is who (the people file, the approver settings and the API tokens last read
+        from the store); the file is re-read only when it changed. ServiceError (invalid)
+        names the file, line and field of a bad one."""
+        return self._file_people().with_tokens(self._token_people)
+
+    async def _read_tokens(self) -> None:
+        # Before a start or decision that involves a token identity: a token made by another
+        # process (`loom-ops tokens create`) must count as its person here too.
+        tokens = await self.store.list_tokens()
+        self._token_people = {token.name: token.person for token in tokens}
+
+    def _file_people(self) -> People:
+        """The people file and the approver settings, re-read when the file changed."""
         try:
             status = self.settings.people_path.stat()
             stamp: tuple[int, int] | None = (status.st_mtime_ns, status.st_size)
@@ -261,6 +280,8 @@ class RunService:
         except ValueError as exc:  # RequestError, ParamError: the store stays unchanged
             raise ServiceError(str(exc)) from None
         requested_by = requested_by or f"cli:{self.settings.user}"
+        if requested_by.startswith("api:"):
+            await self._read_tokens()
         self.check_starter(message, requested_by)
         limits = RunLimits(
             max_steps=max_steps if max_steps is not None else self.settings.max_steps,
@@ -517,6 +538,8 @@ class RunService:
     ) -> DecisionResult:
         if approval.status != ApprovalStatus.PENDING:
             return DecisionResult(False, _already(approval), approval, run)
+        if decider.startswith("api:") or approval.requested_by.startswith("api:"):
+            await self._read_tokens()
         self.check_decider(approval, decider)
         try:
             status = decision_status(approval, decision)
@@ -567,6 +590,68 @@ class RunService:
             check_decider(approval, decider, self.people(), self.settings.approvers)
         except DecisionRefused as exc:
             raise DeciderRefused(str(exc)) from None
+
+    def check_service_decider(self, identity: str) -> None:
+        """Raise DeciderRefused when the HTTP API's service token (LOOM_OPS_API_TOKEN), acting
+        as `identity` (LOOM_OPS_API_USER), may not decide: with a people file it decides only
+        as a person the file names; without one, as before people files, it may."""
+        people = self.people()
+        if people.source is None or people.person(identity).known:
+            return
+        raise DeciderRefused(
+            f"the service token (LOOM_OPS_API_TOKEN) decides only as a person: map "
+            f"{identity} to one in {people.source}, or use a person's token (loom-ops tokens)"
+        )
+
+    # -- API tokens ----------------------------------------------------------------------------
+
+    async def create_token(
+        self, person: str, name: str | None = None
+    ) -> tuple[ApiTokenRecord, str]:
+        """A new API token for `person` of the people file: its record and the token itself,
+        which is shown once and stored only as a hash. ServiceError for an unknown person or
+        a name that is not free; TokenExists for a name another token has."""
+        people = self._file_people()
+        if person not in people.by_name:
+            where = people.source or self.settings.people_path
+            raise ServiceError(f"no person named {person!r} in the people file ({where})")
+        name = name if name is not None else f"{person}-{secrets.token_hex(3)}"
+        if not re.fullmatch(TOKEN_NAME_PATTERN, name):
+            raise ServiceError(f"token name {name!r} must match {TOKEN_NAME_PATTERN}")
+        identity = f"api:{name}"
+        # The token's identity must not already be someone else's (or the service token's):
+        # decisions made with it would be recorded as that other identity's person.
+        if identity == self.settings.api_user:
+            raise ServiceError(f"{identity} is LOOM_OPS_API_USER, the service token's identity")
+        owner = people.by_identity.get(identity)
+        if owner is not None and owner.name != person:
+            raise ServiceError(f"{identity} is {owner.name}'s identity in the people file")
+        secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        record = await self.store.create_token(name, person, token_hash(secret))
+        self._token_people[record.name] = record.person
+        return record, secret
+
+    async def list_tokens(self) -> list[ApiTokenRecord]:
+        """Every API token, revoked ones included (never a token itself: it is not kept)."""
+        return await self.store.list_tokens()
+
+    async def revoke_token(self, name: str) -> ApiTokenRecord:
+        """Revoke an API token: from now on it is a 401. TokenNotFound for an unknown name."""
+        return await self.store.revoke_token(name)
+
+    async def authenticate(self, secret: str) -> ApiTokenRecord | None:
+        """The live token `secret` is (not revoked, its person still in the people file), or
+        None. Looked up by its hash: the database compares hashes of 256-bit secrets, so how
+        long a lookup takes says nothing about any token."""
+        if not secret.startswith(TOKEN_PREFIX):
+            return None
+        record = await self.store.token_by_hash(token_hash(secret))
+        if record is None or record.revoked_at is not None:
+            return None
+        if record.person not in self._file_people().by_name:
+            return None  # the person left the file: their tokens end with them
+        self._token_people[record.name] = record.person
+        return record
 
     def check_starter(self, message: str, requester: str) -> None:
         """Raise ServiceError (forbidden) when the runbook `message` would run names
@@ -900,6 +985,11 @@ def _describe(approval: ApprovalRecord) -> str:
 def _already(approval: ApprovalRecord) -> str:
     who = f"by {approval.decided_by}" if approval.decided_by else "at its deadline"
     return f"already {approval.status} {who}; nothing changed"
+
+
+def token_hash(secret: str) -> str:
+    """What the store keeps of an API token: its SHA-256, hex."""
+    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 def validate_text(name: str, value: str, max_bytes: int) -> None:

@@ -21,6 +21,7 @@ from agent.store.journal import JournalStore
 from agent.store.metrics import MetricsStore
 from agent.store.processes import ProcessesStore
 from agent.store.runs import RunsStore
+from agent.store.tokens import TokensStore
 from agent.store.tree import TreeStore
 
 
@@ -33,6 +34,7 @@ class RunStore(
     JournalStore,
     ProcessesStore,
     MetricsStore,
+    TokensStore,
 ):
     """The durable store of runs and everything they did."""
 

@@ -629,7 +629,13 @@ def test_approve_role_decides_in_the_child_of_that_role(cli: Cli) -> None:
 )
 def test_every_command_accepts_mock_llm(command: str) -> None:
     # Parsing only: serve, telegram, worker and sandbox would run until interrupted.
-    needs = {"audit": ["verify", "x"], "runbooks": ["list"], "runbook": ["m"], "supervise": ["m"]}
+    needs = {
+        "audit": ["verify", "x"],
+        "runbooks": ["list"],
+        "runbook": ["m"],
+        "supervise": ["m"],
+        "tokens": ["list"],
+    }
     args = build_parser().parse_args([command, *needs.get(command, []), "--mock-llm"])
     assert args.mock_llm is True
 
