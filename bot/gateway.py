@@ -105,7 +105,8 @@ async def serve_bot(
     check_config(telegram)
     application = build_application(token, telegram)
     chat = ChatStore(service.database)
-    application.add_handler(TypeHandler(Update, _ignore_without_sender), group=-2)
+    # First of all (its own group: within one, only the first matching handler runs).
+    application.add_handler(TypeHandler(Update, _ignore_without_sender), group=-3)
     application.add_handler(TypeHandler(Update, _first_time_only(chat)), group=-1)
     ChatOps(service, chat, telegram).register(application)
     failpoints = Failpoints(service.settings.failpoint)

@@ -3,6 +3,7 @@ restarted its numbering (the sandbox's stand-in, a fresh self-hosted server) is 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -163,3 +164,17 @@ async def test_an_update_without_a_sender_is_ignored_with_a_log_line(
     assert len(ignored) == 1 and "(message)" in ignored[0]
     assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
     assert len(from_bot(standin, INCIDENTS)) == 1  # only the answer to Alice's /help
+
+
+async def test_the_sender_of_a_plain_message_is_remembered_by_name(settings: Any) -> None:
+    """Every early handler runs on every update: the check for a sender does not take the
+    place of the one that learns people's names (a plain message, no command, is enough)."""
+    standin = make_standin()
+    async with StandInServer(standin) as server, running_bot(settings, telegram_settings(server)):
+        standin.inject_message(INCIDENTS, ALICE, "looking at the dashboards now")
+        deadline = time.monotonic() + 10
+        while not raw_rows(settings.db, "SELECT display FROM chat_users"):
+            assert time.monotonic() < deadline, "the sender's name was never stored"
+            await asyncio.sleep(0.05)
+    rows = raw_rows(settings.db, "SELECT identity, display FROM chat_users")
+    assert rows == [(f"telegram:{ALICE}", "@alice")], rows
