@@ -7,6 +7,7 @@ from typing import Any
 
 from agent.records import (
     TERMINAL_STATUSES,
+    ApiTokenRecord,
     ApprovalKind,
     ApprovalRecord,
     ApprovalStatus,
@@ -172,4 +173,16 @@ def approval_from_row(row: Row) -> ApprovalRecord:
         mode=row["mode"],
         runs_on=row["runs_on"],
         evidence=json.loads(row["evidence"]) if row["evidence"] else [],
+    )
+
+
+TOKEN_COLUMNS = "name, person, created_at, revoked_at"  # never the hash: nothing shows it
+
+
+def token_from_row(row: Row) -> ApiTokenRecord:
+    return ApiTokenRecord(
+        name=row["name"],
+        person=row["person"],
+        created_at=row["created_at"],
+        revoked_at=row["revoked_at"],
     )

@@ -8,23 +8,12 @@ be found by one indexed lookup.
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from agent.errors import TokenExists, TokenNotFound
 from agent.records import ApiTokenRecord
 from agent.store.base import StoreBase
 from agent.store.database import Connection
-
-_COLUMNS = "name, person, created_at, revoked_at"
-
-
-def _token(row: Any) -> ApiTokenRecord:
-    return ApiTokenRecord(
-        name=row["name"],
-        person=row["person"],
-        created_at=row["created_at"],
-        revoked_at=row["revoked_at"],
-    )
+from agent.store.rows import TOKEN_COLUMNS, token_from_row
 
 
 class TokensStore(StoreBase):
@@ -51,9 +40,9 @@ class TokensStore(StoreBase):
         """Every token, revoked ones included, oldest first."""
         return await self._transaction(
             lambda c: [
-                _token(row)
+                token_from_row(row)
                 for row in c.execute(
-                    f"SELECT {_COLUMNS} FROM api_tokens ORDER BY created_at, name"
+                    f"SELECT {TOKEN_COLUMNS} FROM api_tokens ORDER BY created_at, name"
                 ).fetchall()
             ]
         )
@@ -63,9 +52,9 @@ class TokensStore(StoreBase):
 
         def find(conn: Connection) -> ApiTokenRecord | None:
             row = conn.execute(
-                f"SELECT {_COLUMNS} FROM api_tokens WHERE token_hash = ?", (token_hash,)
+                f"SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE token_hash = ?", (token_hash,)
             ).fetchone()
-            return _token(row) if row else None
+            return token_from_row(row) if row else None
 
         return await self._transaction(find)
 
@@ -79,10 +68,10 @@ class TokensStore(StoreBase):
                 (now, name),
             )
             row = conn.execute(
-                f"SELECT {_COLUMNS} FROM api_tokens WHERE name = ?", (name,)
+                f"SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE name = ?", (name,)
             ).fetchone()
             if row is None:
                 raise TokenNotFound(f"no API token is named {name!r} (see loom-ops tokens list)")
-            return _token(row)
+            return token_from_row(row)
 
         return await self._transaction(revoke)
