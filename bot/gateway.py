@@ -1,18 +1,16 @@
 """The Telegram gateway: a python-telegram-bot Application beside the runs.
 
-`serve_bot` starts everything one bot instance runs: the Application (handlers; updates by long
-polling while it leads, or by webhook), the outbox sender, the approval-expiry sweeper, and the
-recovery of runs a dead process left.
+`serve_bot` starts everything one bot instance runs: the Application (its handlers, fed from
+the inbox: updates by long polling while it leads, or by webhook), the outbox sender, the
+approval-expiry sweeper, and the recovery of runs a dead process left.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from telegram import Update
@@ -25,6 +23,7 @@ from agent.http_server import HttpServer
 from agent.service.maintenance import Maintenance, background, stop_all
 from agent.service.runs import RunService
 from bot.handlers import COMMANDS, ChatOps
+from bot.inbox import ALLOWED_UPDATES, Inbox
 from bot.outbox import OutboxSender
 from bot.ratelimit import ChatRateLimiter
 from bot.settings import TelegramSettings
@@ -32,9 +31,6 @@ from bot.store import ChatStore
 from bot.webhook import Webhook, webhook_app
 
 log = logging.getLogger(__name__)
-
-# Update types the handlers use; Telegram drops the others before they reach us.
-ALLOWED_UPDATES = [Update.MESSAGE, Update.CALLBACK_QUERY]
 
 
 class ConfigError(LoomOpsError, ValueError):
@@ -72,7 +68,8 @@ def check_config(telegram: TelegramSettings) -> None:
 
 def build_application(token: str, telegram: TelegramSettings) -> Application:  # type: ignore[type-arg]
     """The Application: Bot API base URL from the settings, Telegram's flood limits respected
-    (a `RetryAfter` is waited out and retried), updates handled concurrently."""
+    (a `RetryAfter` is waited out and retried), updates handled concurrently. It has no
+    Updater: updates reach it from the inbox, stored before Telegram hears they arrived."""
     base_url = telegram.api_base_url
     file_url = base_url[: -len("/bot")] + "/file/bot" if base_url.endswith("/bot") else base_url
     return (
@@ -82,6 +79,7 @@ def build_application(token: str, telegram: TelegramSettings) -> Application:  #
         .base_file_url(file_url)
         .rate_limiter(ChatRateLimiter(telegram.overall_rate, telegram.group_rate, max_retries=3))
         .concurrent_updates(True)
+        .updater(None)
         .build()
     )
 
@@ -99,16 +97,17 @@ async def serve_bot(
 
     Updates come by long polling (only while this instance leads: one poller among the
     instances sharing a PostgreSQL store) or, with `webhook`, by Telegram's POSTs to every
-    instance. `maintain` also runs the expiry sweeper and run recovery (off when another front
-    end in the process runs them). Raises telegram.error.TelegramError when the Bot API refuses
+    instance; either way each is stored in the inbox before Telegram is told it arrived.
+    `maintain` also runs the expiry sweeper and run recovery (off when another front end in
+    the process runs them). Raises telegram.error.TelegramError when the Bot API refuses
     the token or cannot be reached at start."""
     check_config(telegram)
     application = build_application(token, telegram)
     chat = ChatStore(service.database)
     # First of all (its own group: within one, only the first matching handler runs).
     application.add_handler(TypeHandler(Update, _ignore_without_sender), group=-3)
-    application.add_handler(TypeHandler(Update, _first_time_only(chat)), group=-1)
     ChatOps(service, chat, telegram).register(application)
+    inbox = Inbox(application, chat, service.new_owner_id(), service.settings.lease_ttl)
     failpoints = Failpoints(service.settings.failpoint)
     sender = OutboxSender(
         service,
@@ -131,11 +130,13 @@ async def serve_bot(
                 if webhook is None:
                     tasks.append(
                         background(
-                            lambda: _poll_while_leading(application, chat, telegram), "polling"
+                            lambda: _poll_while_leading(application, chat, inbox, telegram),
+                            "polling",
                         )
                     )
                 else:
-                    await _take_webhook(application, chat, webhook, stack)
+                    await _take_webhook(application, chat, inbox, webhook, stack)
+                    tasks.append(background(inbox.sweep, "inbox"))
                 log.info(
                     "bot @%s serving chats %s", application.bot.username, telegram.allowed_chat_ids
                 )
@@ -146,34 +147,33 @@ async def serve_bot(
                 await stop.wait()
         finally:
             await stop_all(tasks)
+            await inbox.close()
             await application.stop()
 
 
 async def _poll_while_leading(
     application: Application,  # type: ignore[type-arg]
     chat: ChatStore,
+    inbox: Inbox,
     telegram: TelegramSettings,
 ) -> None:
-    """Poll while this instance leads; stand by (and take over within seconds) otherwise."""
-    updater = application.updater
-    assert updater is not None
+    """Poll while this instance leads (the updates the last poller left pending first);
+    stand by (and take over within seconds) otherwise."""
     leadership = chat.leadership(f"telegram-poller/{application.bot.id}")
     try:
         while True:
             await leadership.acquire()
             log.info("leading: polling Telegram for updates")
-            # Taps made while the bot was down are still decisions: never drop pending updates.
-            await updater.start_polling(
-                timeout=telegram.poll_timeout,
-                allowed_updates=ALLOWED_UPDATES,
-                drop_pending_updates=False,
-                bootstrap_retries=3,
-            )
+            polling = asyncio.create_task(inbox.poll(telegram.poll_timeout), name="polling")
+            lost = asyncio.create_task(leadership.lost(), name="leadership")
             try:
-                await leadership.lost()
+                done, _ = await asyncio.wait([polling, lost], return_when=asyncio.FIRST_COMPLETED)
+                if polling in done:
+                    polling.result()  # polling ends only by raising (e.g. a revoked token)
             finally:
-                if updater.running:
-                    await updater.stop()
+                for task in (polling, lost):
+                    task.cancel()
+                await asyncio.gather(polling, lost, return_exceptions=True)
     finally:
         await leadership.release()
 
@@ -181,11 +181,12 @@ async def _poll_while_leading(
 async def _take_webhook(
     application: Application,  # type: ignore[type-arg]
     chat: ChatStore,
+    inbox: Inbox,
     webhook: Webhook,
     stack: contextlib.AsyncExitStack,
 ) -> None:
     """Listen for Telegram's POSTs, then point Telegram at us (every instance says the same)."""
-    app = webhook_app(application, webhook, chat.schema_version)
+    app = webhook_app(inbox, application.bot, webhook, chat.schema_version)
     try:
         server = await stack.enter_async_context(HttpServer(app, webhook.host, webhook.port))
     except (OSError, OverflowError) as exc:
@@ -209,29 +210,3 @@ async def _ignore_without_sender(update: Update, context: Any) -> None:
         kind = next((key for key in update.to_dict() if key != "update_id"), "unknown")
         log.info("ignored update %s (%s): it has no sender", update.update_id, kind)
         raise ApplicationHandlerStop
-
-
-def _first_time_only(chat: ChatStore) -> Callable[[Update, Any], Awaitable[None]]:
-    """A handler run before all others: a message seen before (by any instance) goes no
-    further, so a failover or Telegram's redelivery never starts a run twice. Taps are let
-    through: a decision is recorded once whatever happens, and a tap must be answered fast."""
-
-    async def check(update: Update, context: Any) -> None:
-        if update.callback_query is not None:
-            return
-        taken = context.bot.id, update.update_id, update_digest(update)
-        if not await chat.first_sight_of_update(*taken):
-            log.info("update %s was taken already; skipping it", update.update_id)
-            raise ApplicationHandlerStop
-
-    return check
-
-
-def update_digest(update: Update) -> str:
-    """A digest of an update's content without its id: a redelivery has the same one, while
-    an id reused by a Bot API that restarted its numbering comes with other content (another
-    message, another date)."""
-    content = update.to_dict()
-    content.pop("update_id", None)
-    encoded = json.dumps(content, sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.sha256(encoded.encode("utf-8")).hexdigest()[:32]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import secrets
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -162,7 +161,7 @@ class ChatOps:
     def register(self, application: Application) -> None:  # type: ignore[type-arg]
         """Add every handler, most specific first, and the error handler."""
         allowed = filters.Chat(chat_id=list(self._allowed))
-        # Before everything else (the dedup is group -1): learn who people are.
+        # Before everything else but the sender check (group -3): learn who people are.
         application.add_handler(TypeHandler(Update, self.note_user), group=-2)
         application.add_handler(MessageHandler(filters.COMMAND & ~allowed, self.refuse_chat))
         routes = {
@@ -270,11 +269,16 @@ class ChatOps:
                 do_quote=True,
             )
             return
-        for _ in range(5):  # a random id: retry the rare collision
-            run_id = f"tg-{secrets.token_hex(3)}"
+        # The run id derives from the /run message, as a card's from the card: a /run handled
+        # again (a crash mid-handler) finds its run, whose progress message is the answer.
+        date = int(message.date.timestamp())
+        for attempt in range(5):
+            run_id = start_run_id(message.chat.id, message.message_id, date, attempt)
             try:
                 await self._start(run_id, text, identity, message)
             except RunExists:
+                if await self._card_run(message, date, attempt, text) is not None:
+                    return
                 continue
             except (ServiceError, RequestError, RunbookError, StoreError) as exc:
                 await _answer(update, Markup("Cannot start the run: {}").format(exc))

@@ -482,6 +482,10 @@ class BotApiStandIn:
         self._next_update_id = 1
         # Test control: getUpdates' offsets stop confirming (see _get_updates).
         self.hold_confirmations = False
+        # Test hook: called with the offset of a getUpdates that confirmed updates, before it
+        # answers, and after a webhook delivery was answered 2xx (a crash test kills the bot
+        # there: right after a confirmation).
+        self.on_confirm: Callable[[int], None] | None = None
         self.webhook_url: str | None = None
         self._webhook_secret: str | None = None
         self._webhook_task: asyncio.Task[None] | None = None
@@ -847,6 +851,8 @@ class BotApiStandIn:
                 self.webhook_deliveries.append((update["update_id"], status))
                 if 200 <= status < 300:
                     self._confirm_updates(update["update_id"] + 1)
+                    if self.on_confirm is not None:
+                        self.on_confirm(update["update_id"] + 1)
                     self._changed()
                 else:
                     await asyncio.sleep(WEBHOOK_RETRY_DELAY)
@@ -900,7 +906,10 @@ class BotApiStandIn:
             # Telegram), so whoever polls next without an offset gets these updates again.
             since = offset if offset is not None and offset > 0 else 0
         else:
+            pending = len(self._updates)
             self._confirm_updates(offset)
+            if self.on_confirm is not None and offset is not None and len(self._updates) < pending:
+                self.on_confirm(offset)
         return await self._long_poll(limit, timeout, since)
 
     async def _long_poll(self, limit: int, timeout: float, since: int) -> list[JSON]:

@@ -1,7 +1,7 @@
-"""The bot's own tables: chat delivery of the outbox, chat leases, Telegram update ids, and
-how chat users are shown. The outbox rows are queued by the core with the change they tell of;
-everything after that (claiming, sending, marking delivered) is the bot's. The core reads the
-names back with the runs that mention people (`RunTree.names`)."""
+"""The bot's own tables: chat delivery of the outbox, chat leases, the inbox of Telegram
+updates, and how chat users are shown. The outbox rows are queued by the core with the change
+they tell of; everything after that (claiming, sending, marking delivered) is the bot's. The
+core reads the names back with the runs that mention people (`RunTree.names`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,23 @@ from typing import Any
 from agent.records import ChatNotice
 from agent.store.database import Connection, Database, Leadership
 
-UPDATE_MEMORY = 7 * 24 * 3600.0  # seconds a handled Telegram update id is remembered
+
+@dataclass(frozen=True)
+class ReceivedUpdate:
+    """A Telegram update as it arrived: its id, a digest of its content, and its JSON."""
+
+    update_id: int
+    digest: str
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class InboxEntry:
+    """An update in the inbox: its row, its Telegram id, and its JSON."""
+
+    id: int
+    update_id: int
+    payload: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -195,41 +211,88 @@ class ChatStore:
             ),
         )
 
-    async def first_sight_of_update(
-        self, bot_id: int, update_id: int, digest: str | None = None
-    ) -> bool:
-        """Record that a Telegram update is being handled; False if it was taken before (by
-        this or another instance), so no update is handled twice.
-
-        With `digest` (of the update's content), a known id with other content is a new
-        update: a Bot API that restarts its numbering reuses ids, while a redelivery repeats
-        the content too. A row recorded without a digest counts as other content."""
+    async def store_updates(
+        self, bot_id: int, updates: Sequence[ReceivedUpdate], owner: str, claim_ttl: float
+    ) -> list[InboxEntry]:
+        """Put a batch of updates in the inbox in one durable commit, claimed by `owner` for
+        `claim_ttl` seconds; returns the entries written. An update whose id and digest are
+        there already (a redelivery) is not written again, handled or not."""
         now = time.time()
 
-        def record(conn: Connection) -> bool:
-            cursor = conn.execute(
-                "INSERT INTO telegram_updates (bot_id, update_id, digest, received_at) "
-                "VALUES (?, ?, ?, ?) ON CONFLICT (bot_id, update_id) DO NOTHING",
-                (bot_id, update_id, digest, now),
-            )
-            new = cursor.rowcount == 1
-            if not new and digest is not None:
-                # The id is known: new only if its content differs (the row then remembers
-                # this content, so a redelivery of it is caught in turn).
-                cursor = conn.execute(
-                    "UPDATE telegram_updates SET digest = ?, received_at = ? "
-                    "WHERE bot_id = ? AND update_id = ? AND (digest IS NULL OR digest != ?)",
-                    (digest, now, bot_id, update_id, digest),
-                )
-                new = cursor.rowcount == 1
-            if update_id % 500 == 0:  # Telegram redelivers for a day at most: keep a week
-                conn.execute(
-                    "DELETE FROM telegram_updates WHERE bot_id = ? AND received_at < ?",
-                    (bot_id, now - UPDATE_MEMORY),
-                )
-            return new
+        def store(conn: Connection) -> list[InboxEntry]:
+            stored = []
+            for update in updates:
+                row = conn.execute(
+                    "INSERT INTO telegram_inbox (bot_id, update_id, digest, payload, "
+                    "received_at, claimed_by, claimed_until) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (bot_id, update_id, digest) DO NOTHING RETURNING id",
+                    (
+                        bot_id,
+                        update.update_id,
+                        update.digest,
+                        json.dumps(update.payload, ensure_ascii=False, default=str),
+                        now,
+                        owner,
+                        now + claim_ttl,
+                    ),
+                ).fetchone()
+                if row is not None:
+                    stored.append(InboxEntry(row["id"], update.update_id, update.payload))
+            return stored
 
-        return await self._db.transaction(record, durable=True)
+        return await self._db.transaction(store, durable=True)
+
+    async def claim_pending_updates(
+        self, bot_id: int, owner: str, claim_ttl: float, *, lapsed_only: bool
+    ) -> list[InboxEntry]:
+        """Claim the inbox's updates not handled yet, oldest first, and return them: every
+        one (a poller taking over: it alone handles), or those no live claim covers."""
+        now = time.time()
+        sql = (
+            "SELECT id, update_id, payload FROM telegram_inbox "
+            "WHERE bot_id = ? AND handled_at IS NULL"
+        )
+        params: tuple[Any, ...] = (bot_id,)
+        if lapsed_only:
+            sql += " AND (claimed_until IS NULL OR claimed_until < ?)"
+            params += (now,)
+        sql += " ORDER BY id" + self._db.dialect.skip_locked
+
+        def claim(conn: Connection) -> list[InboxEntry]:
+            rows = conn.execute(sql, params).fetchall()
+            conn.executemany(
+                "UPDATE telegram_inbox SET claimed_by = ?, claimed_until = ? WHERE id = ?",
+                [(owner, now + claim_ttl, row["id"]) for row in rows],
+            )
+            return [
+                InboxEntry(row["id"], row["update_id"], json.loads(row["payload"])) for row in rows
+            ]
+
+        return await self._db.transaction(claim)
+
+    async def mark_update_handled(self, entry_id: int) -> bool:
+        """Record that an update's handlers are done; False if that was recorded before."""
+        return await self._db.transaction(
+            lambda c: (
+                c.execute(
+                    "UPDATE telegram_inbox SET handled_at = ? WHERE id = ? AND handled_at IS NULL",
+                    (time.time(), entry_id),
+                ).rowcount
+                == 1
+            )
+        )
+
+    async def prune_inbox(self, before: float) -> int:
+        """Forget the updates handled before `before`; returns how many. Updates not handled
+        are kept however old: a tap made while the bot was down is still a decision."""
+        return await self._db.transaction(
+            lambda c: (
+                c.execute(
+                    "DELETE FROM telegram_inbox WHERE handled_at IS NOT NULL AND handled_at < ?",
+                    (before,),
+                ).rowcount
+            )
+        )
 
     async def approval_message_id(self, approval_id: int) -> int | None:
         """The chat message that carries an approval request's buttons, once delivered."""

@@ -3,7 +3,9 @@ a load balancer can take them.
 
 Only requests carrying the secret token given to `setWebhook` (the
 `X-Telegram-Bot-Api-Secret-Token` header) are taken; anything else is refused with 403 before
-its body is read. Accepted updates go to the Application's queue, as polled ones do.
+its body is read. An accepted update is stored in the inbox, and handled from there, as polled
+ones are: Telegram gets its 200 only after that commit (a 503 while the store does not answer,
+so Telegram delivers the update again).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from telegram import Update
-from telegram.ext import Application
+from telegram import Bot, Update
+
+from bot.inbox import Inbox
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +48,13 @@ class Webhook:
 
 
 def webhook_app(
-    application: Application,  # type: ignore[type-arg]
+    inbox: Inbox,
+    bot: Bot,
     webhook: Webhook,
     healthy: Callable[[], Awaitable[object]],
 ) -> Starlette:
-    """The receiver: POST `webhook.path` takes updates; GET /healthz answers while the store
-    does (for the load balancer)."""
+    """The receiver: POST `webhook.path` stores an update in the inbox, then answers 200;
+    GET /healthz answers while the store does (for the load balancer)."""
     secret = webhook.secret.encode()
 
     async def receive(request: Request) -> Response:
@@ -63,12 +67,16 @@ def webhook_app(
             return JSONResponse({"error": "update too large"}, status_code=413)
         try:
             data = json.loads(body)
-            update = Update.de_json(data, application.bot) if isinstance(data, dict) else None
+            update = Update.de_json(data, bot) if isinstance(data, dict) else None
         except (ValueError, TypeError, KeyError):
             update = None
         if update is None:
             return JSONResponse({"error": "not a Telegram update"}, status_code=400)
-        await application.update_queue.put(update)
+        try:
+            await inbox.take([update])
+        except Exception as exc:  # not stored: Telegram must send it again
+            log.warning("could not store update %s: %s", update.update_id, exc)
+            return JSONResponse({"error": f"store unavailable: {exc}"}, status_code=503)
         return JSONResponse({"ok": True})
 
     async def healthz(request: Request) -> Response:

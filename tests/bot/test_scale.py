@@ -103,7 +103,7 @@ async def test_a_standby_takes_over_polling_and_no_update_is_handled_twice(
     assert sorted(row[0] for row in stored) == sorted(runs)  # one run per /run, no more
     # --no-worker: the bots recorded the runs and drove none of them (no worker is running).
     assert {row[1] for row in stored} == {"queued"}
-    taken = raw_rows(pg_settings.db, "SELECT COUNT(*) FROM telegram_updates")
+    taken = raw_rows(pg_settings.db, "SELECT COUNT(*) FROM telegram_inbox")
     assert taken == [(8,)]
     # The standby really saw the leader's batch again, and skipped it.
     assert standby.output().count("was taken already; skipping it") >= 5, standby.output()
@@ -178,7 +178,7 @@ async def test_webhook_takes_updates_with_the_secret_and_refuses_the_rest(
     assert len(_started_runs(standin)) == 1
     assert raw_rows(settings.db, "SELECT COUNT(*) FROM runs WHERE parent_id IS NULL") == [(1,)]
     assert raw_rows(
-        settings.db, "SELECT COUNT(*) FROM telegram_updates WHERE update_id = 990001"
+        settings.db, "SELECT COUNT(*) FROM telegram_inbox WHERE update_id = 990001"
     ) == [(0,)]
 
 

@@ -1,20 +1,25 @@
-"""Update dedup: a redelivered update is dropped, while an id reused by a Bot API that
-restarted its numbering (the sandbox's stand-in, a fresh self-hosted server) is a new update."""
+"""The inbox's store: a redelivered update is stored once, while an id reused by a Bot API that
+restarted its numbering (the sandbox's stand-in, a fresh self-hosted server) is a new update;
+pending updates are claimed, handled ones pruned; and the live bot over it."""
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from telegram import Bot, Update
 
 from agent.store import RunStore
-from bot.gateway import update_digest
+from agent.store.database import migrations
+from agent.store.sqlite import split_sql
+from bot.inbox import INBOX_RETENTION, update_digest
 from bot.standin import StandInServer
-from bot.store import ChatStore
+from bot.store import ChatStore, ReceivedUpdate
 from tests.bot_harness import (
     ALICE,
     INCIDENTS,
@@ -28,6 +33,7 @@ from tests.bot_harness import (
 from tests.support import raw_rows
 
 BOT = 7000000001
+OWNER = "host:1:ab@-.-.-"
 
 
 @pytest.fixture
@@ -55,57 +61,109 @@ def _update(update_id: int, text: str, date: int, message_id: int = 1) -> Update
     return Update.de_json(data, Bot(TOKEN))
 
 
-async def test_a_redelivered_update_is_still_dropped(store: RunStore) -> None:
+def _received(update: Update) -> ReceivedUpdate:
+    return ReceivedUpdate(update.update_id, update_digest(update), update.to_dict())
+
+
+async def _store(store: RunStore, bot_id: int, *updates: Update) -> list[int]:
+    """Store a batch as one instance does; the update ids written (the new ones)."""
+    stored = await ChatStore(store.db).store_updates(
+        bot_id, [_received(u) for u in updates], OWNER, 30.0
+    )
+    return [entry.update_id for entry in stored]
+
+
+async def test_a_redelivered_update_is_stored_once(store: RunStore) -> None:
     """The same id with the same content (Telegram redelivering, a standby polling the
-    leader's batch again) is taken once, however often it comes."""
-    digest = update_digest(_update(41, "/run incident: API latency spike", 1_700_000_000))
-    assert await ChatStore(store.db).first_sight_of_update(BOT, 41, digest) is True
-    assert await ChatStore(store.db).first_sight_of_update(BOT, 41, digest) is False
-    assert await ChatStore(store.db).first_sight_of_update(BOT, 41, digest) is False
+    leader's batch again) is written to the inbox once, however often it comes."""
+    update = _update(41, "/run incident: API latency spike", 1_700_000_000)
+    assert await _store(store, BOT, update) == [41]
+    assert await _store(store, BOT, update) == []
+    assert await _store(store, BOT, update, _update(42, "/help", 1_700_000_001)) == [42]
 
 
 async def test_a_reused_id_with_other_content_is_a_new_update(store: RunStore) -> None:
-    """A Bot API that numbers from 1 again: id 1 with another message is handled, and its own
-    redelivery is dropped in turn; an earlier content never comes back as new."""
-    first = update_digest(_update(1, "/help", 1_700_000_000))
-    after_restart = update_digest(_update(1, "/help", 1_700_000_060))
-    assert first != after_restart
-    assert await ChatStore(store.db).first_sight_of_update(BOT, 1, first) is True
-    assert await ChatStore(store.db).first_sight_of_update(BOT, 1, after_restart) is True
-    assert await ChatStore(store.db).first_sight_of_update(BOT, 1, after_restart) is False
-    # Another bot's update 1 is another update altogether.
-    assert await ChatStore(store.db).first_sight_of_update(BOT + 1, 1, after_restart) is True
+    """A Bot API that numbers from 1 again: id 1 with another message is stored (to be
+    handled), and its own redelivery is not; another bot's update 1 is another update."""
+    first = _update(1, "/help", 1_700_000_000)
+    after_restart = _update(1, "/help", 1_700_000_060)
+    assert update_digest(first) != update_digest(after_restart)
+    assert await _store(store, BOT, first) == [1]
+    assert await _store(store, BOT, after_restart) == [1]
+    assert await _store(store, BOT, after_restart) == []
+    assert await _store(store, BOT + 1, after_restart) == [1]
 
 
-async def test_a_row_from_before_digests_gives_way_to_new_content(
+async def test_pending_updates_are_claimed_oldest_first_and_lapsed_claims_only_on_request(
+    store: RunStore,
+) -> None:
+    """Updates stored and not handled are there for the next poller (all of them) and, once
+    their instance's claim lapsed, for any webhook instance; handled ones for nobody."""
+    chat = ChatStore(store.db)
+    received = [_received(_update(n, f"/status tg-{n}", 1_700_000_000 + n)) for n in (5, 6, 7)]
+    stored = await chat.store_updates(BOT, received, OWNER, 30.0)
+    assert await chat.mark_update_handled(stored[1].id) is True
+    assert await chat.mark_update_handled(stored[1].id) is False
+    # Claimed by the instance that stored them: none lapsed yet.
+    assert await chat.claim_pending_updates(BOT, "other", 30.0, lapsed_only=True) == []
+    taken = await chat.claim_pending_updates(BOT, "poller", 0.0, lapsed_only=False)
+    assert [e.update_id for e in taken] == [5, 7]
+    assert taken[0].payload["message"]["text"] == "/status tg-5"
+    # The poller's claim (0 s) has lapsed: a webhook instance may take them now.
+    lapsed = await chat.claim_pending_updates(BOT, "other", 30.0, lapsed_only=True)
+    assert [e.update_id for e in lapsed] == [5, 7]
+    assert await chat.claim_pending_updates(BOT + 1, "other", 30.0, lapsed_only=False) == []
+
+
+async def test_handled_updates_are_pruned_and_pending_ones_kept_however_old(
     store: RunStore, db_url: str
 ) -> None:
-    """A row recorded before digests were kept (digest NULL) cannot prove a duplicate: the
-    next update with that id is handled, and then remembered with its digest."""
-    assert (
-        await ChatStore(store.db).first_sight_of_update(BOT, 7) is True
-    )  # no digest: the old call
-    assert (
-        await ChatStore(store.db).first_sight_of_update(BOT, 7) is False
-    )  # the id alone still counts
-    digest = update_digest(_update(7, "/status", 1_700_000_000))
-    assert await ChatStore(store.db).first_sight_of_update(BOT, 7, digest) is True
-    assert await ChatStore(store.db).first_sight_of_update(BOT, 7, digest) is False
-    rows = raw_rows(db_url, "SELECT digest FROM telegram_updates WHERE update_id = 7")
-    assert rows == [(digest,)]
+    """Pruning forgets handled updates older than the retention, never one not handled: a
+    tap made while the bot was down is still a decision."""
+    chat = ChatStore(store.db)
+    old, fresh, pending = (_received(_update(n, "/help", 1_700_000_000 + n)) for n in (1, 2, 3))
+    stored = await chat.store_updates(BOT, [old, fresh, pending], OWNER, 30.0)
+    for entry in stored[:2]:
+        await chat.mark_update_handled(entry.id)
+    long_ago = time.time() - INBOX_RETENTION - 3600
+    raw_rows(db_url, "UPDATE telegram_inbox SET received_at = ?", (long_ago,))
+    raw_rows(db_url, "UPDATE telegram_inbox SET handled_at = ? WHERE update_id = 1", (long_ago,))
+    assert await chat.prune_inbox(time.time() - INBOX_RETENTION) == 1
+    rows = raw_rows(db_url, "SELECT update_id FROM telegram_inbox ORDER BY update_id")
+    assert rows == [(2,), (3,)]
 
 
-async def test_old_rows_are_still_cleaned_up(store: RunStore, db_url: str) -> None:
-    """Every 500th id sweeps rows older than a week, as before digests."""
-    digest = update_digest(_update(3, "/help", 1_700_000_000))
-    assert await ChatStore(store.db).first_sight_of_update(BOT, 3, digest)
-    week_ago = time.time() - 8 * 24 * 3600
-    raw_rows(db_url, "UPDATE telegram_updates SET received_at = ?", (week_ago,))
-    assert await ChatStore(store.db).first_sight_of_update(
-        BOT, 500, update_digest(_update(500, "/x", 1))
+async def test_a_store_from_before_the_inbox_keeps_the_updates_it_handled(
+    tmp_path: Path,
+) -> None:
+    """A SQLite file at schema 15 (first-sight table) upgrades: each remembered update with
+    a digest becomes a handled inbox row, so its redelivery is still not handled; a row with
+    no digest proves nothing and is dropped."""
+    path = tmp_path / "v15.sqlite"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for number, sql in migrations("agent.store.migrations"):
+        if number <= 15:
+            for statement in split_sql(sql):
+                conn.execute(statement)
+    conn.execute("PRAGMA user_version = 15")
+    seen = _update(41, "/run api-latency-spike", 1_700_000_000)
+    conn.executemany(
+        "INSERT INTO telegram_updates (bot_id, update_id, digest, received_at) VALUES (?, ?, ?, ?)",
+        [(BOT, 41, update_digest(seen), time.time()), (BOT, 40, None, time.time())],
     )
-    rows = raw_rows(db_url, "SELECT update_id FROM telegram_updates ORDER BY update_id")
-    assert rows == [(500,)]
+    conn.close()
+    store = await RunStore.open(str(path))
+    try:
+        assert await _store(store, BOT, seen) == []  # handled before the upgrade
+        assert await _store(store, BOT, _update(40, "/help", 1_700_000_000)) == [40]
+        pending = await ChatStore(store.db).claim_pending_updates(
+            BOT, OWNER, 30.0, lapsed_only=False
+        )
+        assert [e.update_id for e in pending] == [40]
+    finally:
+        await store.close()
+    tables = raw_rows(path, "SELECT name FROM sqlite_master WHERE name = 'telegram_updates'")
+    assert tables == []
 
 
 def test_the_digest_ignores_the_id_and_sees_the_content() -> None:
@@ -117,18 +175,21 @@ def test_the_digest_ignores_the_id_and_sees_the_content() -> None:
     assert update_digest(_update(1, "/help", 1_700_000_000, message_id=2)) != base
 
 
-async def test_the_bot_answers_after_its_bot_api_numbers_from_1_again(settings: Any) -> None:
+async def test_the_bot_handles_reused_ids_after_its_bot_api_numbers_from_1_again(
+    settings: Any,
+) -> None:
     """The real bot over one database and two fresh stand-ins, each numbering updates from 1
-    (as a restarted local Bot API does; its chats' message ids go on, as Telegram's do):
-    every command to the second one is answered too."""
+    (as a restarted local Bot API does; its chats' message ids go on, as Telegram's do): the
+    second one's updates reuse ids 1-3 with other content, and every one is handled: each
+    command answered, each `/run` a run."""
     for session in range(2):
         standin = make_standin(first_message_id=1 + 1000 * session)
         async with (
             StandInServer(standin) as server,
             running_bot(settings, telegram_settings(server)),
         ):
-            for _ in range(3):
-                sent = standin.inject_message(INCIDENTS, ALICE, "/help")
+            for text in ("/help", f"/run api-latency-spike session {session}", "/help"):
+                sent = standin.inject_message(INCIDENTS, ALICE, text)
 
                 def answered(after: int = sent["message_id"], api: Any = standin) -> bool:
                     return any(m["message_id"] > after for m in from_bot(api, INCIDENTS))
@@ -136,8 +197,52 @@ async def test_the_bot_answers_after_its_bot_api_numbers_from_1_again(settings: 
                 await wait_for(standin, answered, timeout=10)
             # The same update ids as the session before: 1, 2, 3.
             assert [c.params.get("offset") for c in standin.calls("getUpdates")][-1] == 4
-    rows = raw_rows(settings.db, "SELECT update_id FROM telegram_updates ORDER BY update_id")
-    assert rows == [(1,), (2,), (3,)]
+    rows = raw_rows(
+        settings.db,
+        "SELECT update_id, handled_at IS NOT NULL FROM telegram_inbox ORDER BY update_id, id",
+    )
+    assert rows == [(1, 1), (1, 1), (2, 1), (2, 1), (3, 1), (3, 1)]
+    runs = raw_rows(settings.db, "SELECT request FROM runs WHERE parent_id IS NULL ORDER BY 1")
+    assert runs == [("api-latency-spike session 0",), ("api-latency-spike session 1",)]
+
+
+async def test_an_update_redelivered_to_a_restarted_bot_is_not_handled_again(
+    settings: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Telegram never hears the bot's confirmation (its next offset is lost), so after a
+    restart it delivers the same `/run` again, same id and content: the inbox knows it, no
+    handler sees it, and there is still one run; the next message is handled as ever."""
+    standin = make_standin()
+
+    def handled() -> list[tuple[Any, ...]]:
+        return raw_rows(settings.db, "SELECT 1 FROM telegram_inbox WHERE handled_at IS NOT NULL")
+
+    async with StandInServer(standin) as server:
+        standin.hold_confirmations = True
+        async with running_bot(settings, telegram_settings(server)):
+            standin.inject_message(INCIDENTS, ALICE, "/run api-latency-spike once only")
+            await wait_for(standin, lambda: from_bot(standin, INCIDENTS), timeout=10)
+            deadline = time.monotonic() + 10
+            while not handled():
+                assert time.monotonic() < deadline, "the /run was never marked handled"
+                await asyncio.sleep(0.05)
+        with caplog.at_level("INFO", logger="bot.inbox"):
+            async with running_bot(settings, telegram_settings(server)):
+                sent = standin.inject_message(INCIDENTS, ALICE, "/help")
+                await wait_for(
+                    standin,
+                    lambda: any(
+                        m["message_id"] > sent["message_id"] for m in from_bot(standin, INCIDENTS)
+                    ),
+                    timeout=10,
+                )
+    offsets = [c.params.get("offset") for c in standin.calls("getUpdates")]
+    assert None in offsets[1:], "the restarted bot never asked for unconfirmed updates"
+    logged = [r.getMessage() for r in caplog.records]
+    assert "update 1 was taken already; skipping it" in logged
+    assert not [line for line in logged if "handling update" in line]
+    assert raw_rows(settings.db, "SELECT COUNT(*) FROM runs WHERE parent_id IS NULL") == [(1,)]
+    assert raw_rows(settings.db, "SELECT update_id FROM telegram_inbox ORDER BY id") == [(1,), (2,)]
 
 
 async def test_an_update_without_a_sender_is_ignored_with_a_log_line(
