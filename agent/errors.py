@@ -178,6 +178,10 @@ class TokenNotFound(StoreError):
     kind = ErrorKind.NOT_FOUND
 
 
+class AuditKeyError(LoomOpsError):
+    """A keyed journal verified without its audit key, or with another one (not tampering)."""
+
+
 # -- tools --------------------------------------------------------------------------------------
 
 

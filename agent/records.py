@@ -194,6 +194,12 @@ class RunRecord:
     lease_epoch: int = 0  # grows with every claim of the lease
     policy: str | None = None  # what drives it ("mock", "openai:<model>"); None: the configured
     effects: Effects | None = None  # live or dry-run, per kind; None (older runs): the process's
+    run_no: int | None = (
+        None  # global number, from 1 in creation order (audit: a gap is a deletion)
+    )
+    event_count: int = 0  # length of its journal's chain, as the run recorded it
+    last_hash: str = ""  # head of that chain (an HMAC when keyed)
+    key_id: str | None = None  # id of the audit key its last event was written with (None: unkeyed)
 
 
 @dataclass(frozen=True)
@@ -301,6 +307,7 @@ class EventRecord:
     data: dict[str, Any] = field(default_factory=dict)
     prev_hash: str = ""
     hash: str = ""
+    key_id: str | None = None  # the audit key `hash` is an HMAC under (None: a plain SHA-256)
 
 
 @dataclass(frozen=True)

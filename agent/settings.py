@@ -7,9 +7,17 @@ import re
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from agent.chain import AuditKey
 from agent.failpoints import Failpoints
 
 
@@ -18,6 +26,19 @@ def _os_user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):  # no passwd entry, e.g. in a bare container
         return "unknown"
+
+
+MIN_AUDIT_KEY = 16  # characters of an audit key
+
+
+def _first_line(path: Path) -> str:
+    """The first line of a key file, stripped; ValueError (one line) when it cannot be read."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ValueError(f"cannot read {path}: {reason}") from None
+    return lines[0].strip() if lines else ""
 
 
 class Settings(BaseSettings):
@@ -124,8 +145,18 @@ class Settings(BaseSettings):
         3, ge=0, le=10, description="Retries of a failed LLM request (the client's backoff)."
     )
     user: str = Field(default_factory=_os_user, description="Who the CLI acts as.")
+    audit_key: SecretStr | None = Field(
+        None,
+        description="Secret the journal's chain is an HMAC under (at least 16 characters); "
+        "kept outside the store. Unset: a plain hash chain a store writer could recompute.",
+    )
+    audit_key_file: Path | None = Field(
+        None, description="A file holding the audit key instead (its first line)."
+    )
 
-    @field_validator("api_token", "openai_api_key", "telegram_bot_token", mode="before")
+    @field_validator(
+        "api_token", "openai_api_key", "telegram_bot_token", "audit_key", mode="before"
+    )
     @classmethod
     def _blank_secret_is_unset(cls, value: object) -> object:
         # `LOOM_OPS_API_TOKEN=` must not read as "a token was given" anywhere: an empty
@@ -161,6 +192,34 @@ class Settings(BaseSettings):
             except re.error as exc:
                 raise ValueError(f"invalid regex {pattern!r}: {exc}") from None
         return value
+
+    @field_validator("audit_key")
+    @classmethod
+    def _audit_key_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().strip()) < MIN_AUDIT_KEY:
+            raise ValueError(f"the audit key must be at least {MIN_AUDIT_KEY} characters")
+        return value
+
+    @field_validator("audit_key_file")
+    @classmethod
+    def _audit_key_file_usable(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        # Checked here, so a missing or short key file is a setting error before anything runs.
+        if value is None:
+            return None
+        if info.data.get("audit_key") is not None:
+            raise ValueError("set LOOM_OPS_AUDIT_KEY or LOOM_OPS_AUDIT_KEY_FILE, not both")
+        if len(_first_line(value)) < MIN_AUDIT_KEY:
+            raise ValueError(
+                f"the audit key in {value} must be at least {MIN_AUDIT_KEY} characters"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _audit_key_from_file(self) -> Settings:
+        # One place holds the key, whichever setting named it (redaction reads it there).
+        if self.audit_key_file is not None:
+            self.audit_key = SecretStr(_first_line(self.audit_key_file))
+        return self
 
     @field_validator("failpoint")
     @classmethod
@@ -198,7 +257,13 @@ class Settings(BaseSettings):
         value = self.api_token.get_secret_value().strip() if self.api_token else ""
         return value or None
 
+    def audit_secret(self) -> AuditKey | None:
+        """The audit key the journal is chained under, or None (unkeyed)."""
+        if self.audit_key is None:
+            return None
+        return AuditKey.of(self.audit_key.get_secret_value().strip())
+
     def secret_values(self) -> list[str]:
         """Values of secret settings, redacted wherever they appear."""
-        secrets = [self.api_token, self.openai_api_key, self.telegram_bot_token]
+        secrets = [self.api_token, self.openai_api_key, self.telegram_bot_token, self.audit_key]
         return [s.get_secret_value() for s in secrets if s and s.get_secret_value()]

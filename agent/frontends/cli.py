@@ -62,6 +62,7 @@ from agent.service.runs import (
 from agent.settings import Settings
 
 if TYPE_CHECKING:
+    from agent.chain import ChainReport
     from agent.runbook.model import RunbookCatalog
 
 EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE = 0, 1, 2
@@ -245,9 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, help="file to write (default: <run-id>.html)")
     _common(p)
 
-    p = sub.add_parser("audit", help="verify or export a run's hash-chained journal")
+    p = sub.add_parser("audit", help="verify or export a run's chained journal")
     p.add_argument("action", choices=["verify", "export"])
     _run_id(p, "the run whose journal is verified or exported")
+    p.add_argument(
+        "--head",
+        metavar="HEX",
+        help="for verify: the head published when the run ended (chat summary, export)",
+    )
+    p.add_argument(
+        "--all", action="store_true", help="for verify: every run, and gaps in the run numbering"
+    )
     p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl", help="for export")
     p.add_argument("-o", "--output", type=Path, help="export to this file (default: stdout)")
     _common(p)
@@ -870,35 +879,113 @@ async def _cmd_trace(service: RunService, args: argparse.Namespace) -> int:
 
 
 async def _cmd_audit(service: RunService, args: argparse.Namespace) -> int:
-    from agent.chain import verify_chain
-
-    run = await service.get(args.run_id)
-    events = await service.events(run.id)
+    if args.all:
+        if args.action != "verify" or args.run_id is not None or args.head is not None:
+            raise UsageError("--all verifies every run: loom-ops audit verify --all")
+        return await _verify_all(service, args.json)
+    if args.head is not None and args.action != "verify":
+        raise UsageError("--head is for verify: loom-ops audit verify RUN_ID --head HEX")
     if args.action == "export":
-        return _export(events, args.format, args.output)
-    head_hash, head_count = await service.chain_head(run.id)
-    report = verify_chain(run.id, events, head_hash, head_count)
+        run = await service.get(args.run_id)
+        return _export(run, await service.events(run.id), args.format, args.output)
+    report = await service.verify_audit(args.run_id, _published(args.head))
     if args.json:
-        payload = {
-            "run_id": run.id,
-            "status": "intact" if report.intact else "tampered",
-            "events": report.events,
-            "first_bad_seq": report.broken.seq if report.broken else None,
-            "problem": report.problem,
-        }
-        print(json.dumps(payload))
-    elif report.intact:
-        print(f"run {run.id}: journal intact ({report.events} events, head {head_hash[:16]}…)")
+        print(json.dumps(_report_json(report) | {"published_head": args.head}))
     else:
-        print(f"run {run.id}: journal TAMPERED: {report.problem}")
+        print(f"run {report.run_id}: {_verdict(report, args.head)}")
     return EXIT_OK if report.intact else EXIT_RUN_FAILED
 
 
-EXPORT_COLUMNS = ("seq", "run_id", "idx", "ts", "time_utc", "type", "data", "prev_hash", "hash")
+def _published(value: str | None) -> str | None:
+    """`--head` as given, checked: hex digits, enough of them to compare."""
+    from agent.chain import published_head
+
+    if value is None:
+        return None
+    try:
+        return published_head(value)
+    except ValueError as exc:
+        raise UsageError(f"--head: {exc}") from None
 
 
-def _export(events: list[EventRecord], fmt: str, output: Path | None) -> int:
-    """Write the journal as JSON lines or CSV, one event per line, hashes included."""
+def _verdict(report: ChainReport, published: str | None = None) -> str:
+    """One run's verdict in one line: intact (keyed or not, and what that means), or how
+    it was tampered with."""
+    from agent.chain import SHOWN_HEX
+
+    if not report.intact:
+        return f"journal TAMPERED: {report.problem}"
+    head = report.head[:SHOWN_HEX]
+    if report.unkeyed == report.events:
+        return (
+            f"journal intact ({report.events} events, head {head}) but UNKEYED: a store writer "
+            "could have recomputed it (set LOOM_OPS_AUDIT_KEY)"
+        )
+    said = f"journal intact ({report.events} events, head {head}, key {report.key_id})"
+    if report.unkeyed:
+        said += f"; its first {report.unkeyed} were written unkeyed, before the audit key"
+    if published is not None:
+        said += "; it ends at the published head"
+    return said
+
+
+def _report_json(report: ChainReport) -> dict[str, Any]:
+    return {
+        "run_id": report.run_id,
+        "run_no": report.run_no,
+        "status": "intact" if report.intact else "tampered",
+        "events": report.events,
+        "unkeyed_events": report.unkeyed,
+        "head": report.head,
+        "key_id": report.key_id,
+        "first_bad_seq": report.broken.seq if report.broken else None,
+        "problem": report.problem,
+    }
+
+
+async def _verify_all(service: RunService, as_json: bool) -> int:
+    """`audit verify --all`: every run's journal, then the global run numbering."""
+    reports, numbering = await service.verify_all_audit()
+    bad = [r for r in reports if not r.intact]
+    intact = not bad and numbering.intact
+    if as_json:
+        payload = {
+            "status": "intact" if intact else "tampered",
+            "runs": len(reports),
+            "events": sum(r.events for r in reports),
+            "unkeyed_runs": sum(1 for r in reports if r.unkeyed == r.events),
+            "tampered": [_report_json(r) for r in bad],
+            "numbering": numbering.problems(),
+        }
+        print(json.dumps(payload))
+        return EXIT_OK if intact else EXIT_RUN_FAILED
+    for report in bad:
+        print(f"run {report.run_id} (#{report.run_no}): {_verdict(report)}")
+    for line in numbering.problems():
+        print(f"TAMPERED: {line}")
+    events = sum(r.events for r in reports)
+    unkeyed = sum(1 for r in reports if r.unkeyed == r.events and r.events)
+    if not reports and intact:
+        print("no runs to verify")
+    elif intact:
+        said = f"all {len(reports)} runs intact ({events} events, numbered 1-{numbering.highest})"
+        if unkeyed:
+            said += f"; {unkeyed} of them UNKEYED: a store writer could have recomputed those"
+        print(said)
+    else:
+        numbered = "intact" if numbering.intact else "not intact"
+        print(f"{len(bad)} of {len(reports)} runs tampered; run numbering {numbered}")
+    return EXIT_OK if intact else EXIT_RUN_FAILED
+
+
+EXPORT_COLUMNS = (
+    "seq", "run_id", "idx", "ts", "time_utc", "type", "data", "prev_hash", "hash", "key_id"
+)  # fmt: skip
+
+
+def _export(run: RunRecord, events: list[EventRecord], fmt: str, output: Path | None) -> int:
+    """Write the journal as JSON lines or CSV, one event per line, links included, and last
+    the head it ends at (`type` audit_head): a copy kept elsewhere is a published head."""
     import csv
     from datetime import UTC, datetime
 
@@ -913,9 +1000,18 @@ def _export(events: list[EventRecord], fmt: str, output: Path | None) -> int:
             "data": e.data,
             "prev_hash": e.prev_hash,
             "hash": e.hash,
+            "key_id": e.key_id,
         }
         for e in events
     ]
+    last = events[-1] if events else None
+    head = {
+        "run_id": run.id,
+        "run_no": run.run_no,
+        "events": len(events),
+        "head": last.hash if last else "",
+        "key_id": last.key_id if last else None,
+    }
     try:
         handle = output.open("w", newline="", encoding="utf-8") if output else sys.stdout
     except OSError as exc:
@@ -924,11 +1020,22 @@ def _export(events: list[EventRecord], fmt: str, output: Path | None) -> int:
         if fmt == "jsonl":
             for row in rows:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            handle.write(json.dumps({"type": "audit_head", **head}) + "\n")
         else:
             writer = csv.DictWriter(handle, fieldnames=EXPORT_COLUMNS)
             writer.writeheader()
             for row in rows:
                 writer.writerow(row | {"data": json.dumps(row["data"], ensure_ascii=False)})
+            writer.writerow(
+                {
+                    "run_id": run.id,
+                    "idx": len(events),
+                    "type": "audit_head",
+                    "data": json.dumps(head),
+                    "hash": head["head"],
+                    "key_id": head["key_id"],
+                }
+            )
     finally:
         if output:
             handle.close()
@@ -1233,7 +1340,7 @@ def _merge_run_id(args: argparse.Namespace) -> None:
     if given is not None and flag is not None and given != flag:
         raise UsageError(f"two run ids given: {given} and --run-id {flag}")
     args.run_id = given if given is not None else flag
-    if args.run_id is None and args.command in _NEEDS_RUN_ID:
+    if args.run_id is None and args.command in _NEEDS_RUN_ID and not getattr(args, "all", False):
         command = f"audit {args.action}" if args.command == "audit" else args.command
         raise UsageError(f"which run? loom-ops {command} RUN_ID (or --run-id RUN_ID)")
     if args.run_id is not None:

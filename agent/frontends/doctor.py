@@ -76,8 +76,23 @@ async def diagnose(settings: Settings, timeout: float = DEFAULT_TIMEOUT) -> list
     findings += _people(settings, runbooks)
     findings += llm
     findings += telegram
+    findings.append(_audit_key(settings))
     order = {severity: index for index, severity in enumerate(SEVERITIES)}
     return sorted(findings, key=lambda f: order[f.severity])  # stable: checks keep their order
+
+
+def _audit_key(settings: Settings) -> Finding:
+    """Whether the journal is chained under an audit key (only its public id is shown)."""
+    key = settings.audit_secret()
+    if key is None:
+        return Finding(
+            "warning",
+            "audit",
+            "no LOOM_OPS_AUDIT_KEY: the journal's chain is unkeyed, and anyone who can write "
+            "the store could rewrite it and recompute the chain; set a secret of 16+ "
+            "characters kept off the store's host",
+        )
+    return Finding("ok", "audit", f"the journal is chained under audit key {key.id}")
 
 
 # -- runbooks and the shell allowlist -----------------------------------------------------------

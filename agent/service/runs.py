@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from agent.chain import ChainReport, NumberingReport, check_numbering, verify_chain
 from agent.errors import (
     ApprovalAmbiguous,
     ApprovalNotFound,
@@ -131,7 +132,7 @@ class RunService:
         cls, settings: Settings, policy: Policy | None = None, executes_runs: bool = True
     ) -> RunService:
         """Open the store named by the settings and build the service over it."""
-        store = await RunStore.open(settings.db, settings.db_pool_size)
+        store = await RunStore.open(settings.db, settings.db_pool_size, settings.audit_secret())
         try:
             return cls(store, settings, policy, executes_runs)
         except BaseException:
@@ -833,9 +834,25 @@ class RunService:
         missed (`add` a run as it shows up, `wait` for the next write)."""
         return self.store.watch_journal(run_ids)
 
-    async def chain_head(self, run_id: str) -> tuple[str, int]:
-        """The hash and length the run recorded for its own journal's chain."""
-        return await self.store.chain_head(run_id)
+    async def verify_audit(self, run_id: str, published: str | None = None) -> ChainReport:
+        """Verify a run's journal under this process's audit key, and against a head
+        published outside the store when given; AuditKeyError when the key is missing or
+        another one wrote it."""
+        run = await self.store.get_run(run_id)
+        events = await self.store.list_events(run.id)
+        keyed_since = await self.store.first_keyed_run()
+        return verify_chain(run, events, self.settings.audit_secret(), published, keyed_since)
+
+    async def verify_all_audit(self) -> tuple[list[ChainReport], NumberingReport]:
+        """Verify every run's journal, and the global run numbering for deleted runs."""
+        key = self.settings.audit_secret()
+        counter, runs = await self.store.numbered_runs()
+        keyed_since = await self.store.first_keyed_run()
+        reports = []
+        for run in runs:
+            events = await self.store.list_events(run.id)
+            reports.append(verify_chain(run, events, key, keyed_since=keyed_since))
+        return reports, check_numbering(runs, counter)
 
     async def metrics(self) -> MetricsSnapshot:
         """Counters and current values of the store (what /metrics shows); a tool name the

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from agent.chain import canonical_json, event_hash
+from agent.chain import AuditKey, canonical_json, event_link
 from agent.errors import CallNotInFlight, LeaseLost, RunNotFound
 from agent.events import Event, ToolOutcome
 from agent.records import ChatNotice, Checkpoint, Claim, Origin, RunStatus
@@ -59,6 +59,7 @@ class RunHead:
 
     event_count: int
     last_hash: str
+    run_no: int | None  # None until the run's first event is written
     origin: str
     parent_id: str | None
     lease_owner: str | None
@@ -73,8 +74,10 @@ class RunHead:
 class StoreBase:
     """A database plus the wake-ups its commits send; every aggregate store extends it."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, audit_key: AuditKey | None = None) -> None:
         self.db = db
+        # What the journal's links are MACs under (None: plain hashes); never stored.
+        self.audit_key = audit_key
         self.dialect = db.dialect
         # Set after a commit that queued chat messages, so a sender in this process delivers
         # them at once instead of polling the table (other processes: see `follow_others`).
@@ -224,31 +227,48 @@ class StoreBase:
             events = [*head.carried_events, *events]
             run_updates = {**head.carried_updates, **(run_updates or {})}
             head.carried_events, head.carried_updates = [], {}
+        updates: dict[str, Any] = {}
+        if head.run_no is None and events:  # the run's first event: it takes its number now
+            head.run_no = updates["run_no"] = self._next_run_no(conn)
+        key = self.audit_key
+        key_id = key.id if key else None
         count, prev = head.event_count, head.last_hash
         rows = []
         for event in events:
             count += 1
             data_json = canonical_json(event.data())
-            digest = event_hash(prev, run_id, count, now, event.type, data_json)
-            rows.append((run_id, count, now, event.type, data_json, prev, digest))
+            digest = event_link(key, prev, run_id, head.run_no, count, now, event.type, data_json)
+            rows.append((run_id, count, now, event.type, data_json, prev, digest, key_id))
             prev = digest
         if rows:
             conn.executemany(
-                "INSERT INTO events (run_id, idx, ts, type, data, prev_hash, hash) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO events (run_id, idx, ts, type, data, prev_hash, hash, key_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
+            updates["key_id"] = key_id
             # A rolled-back transaction leaves a stale entry: a spurious wake, nothing worse.
             with self._runs_written_lock:  # this runs on a database thread
                 self._runs_written.add(run_id)
             self.db.notify(conn, JOURNAL_CHANNEL, run_id)
         head.event_count, head.last_hash = count, prev
-        updates = {"event_count": count, "last_hash": prev, "updated_at": now}
+        updates.update({"event_count": count, "last_hash": prev, "updated_at": now})
         updates.update(run_updates or {})
         if updates.get("status") == RunStatus.QUEUED:
             self._announce_runnable(conn)
         assignments = ", ".join(f"{column} = ?" for column in updates)
         conn.execute(f"UPDATE runs SET {assignments} WHERE id = ?", (*updates.values(), run_id))
+
+    @staticmethod
+    def _next_run_no(conn: Connection) -> int:
+        """In the transaction creating a run: the next global run number. The counter row is
+        written in that transaction, so a rollback gives its number back (no gap), and only
+        run creations wait for its lock, never event appends."""
+        row = conn.execute(
+            "UPDATE run_counter SET last_run_no = last_run_no + 1 WHERE id = 1 "
+            "RETURNING last_run_no"
+        ).fetchone()
+        return int(row["last_run_no"])
 
     def _check_at_end(self, check: Callable[[], object]) -> None:
         """Check something a statement of this transaction did (a row count) after its last
@@ -266,8 +286,9 @@ class StoreBase:
         head = heads.get(run_id)
         if head is None:
             row = conn.execute(
-                "SELECT event_count, last_hash, origin, parent_id, lease_owner, lease_epoch, "
-                "status, lease_expires_at FROM runs WHERE id = ?" + self.dialect.for_update,
+                "SELECT event_count, last_hash, run_no, origin, parent_id, lease_owner, "
+                "lease_epoch, status, lease_expires_at FROM runs WHERE id = ?"
+                + self.dialect.for_update,
                 (run_id,),
             ).fetchone()
             if row is None:
@@ -275,6 +296,7 @@ class StoreBase:
             head = heads[run_id] = RunHead(
                 event_count=row["event_count"],
                 last_hash=row["last_hash"],
+                run_no=row["run_no"],
                 origin=row["origin"],
                 parent_id=row["parent_id"],
                 lease_owner=row["lease_owner"],

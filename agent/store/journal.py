@@ -1,32 +1,42 @@
-"""The journal: each run's hash-chained events."""
+"""The journal: each run's chained events (see `agent.chain`), and the runs' global numbering."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
-from agent.errors import RunNotFound
 from agent.events import Event
-from agent.records import Claim, EventRecord
+from agent.records import Claim, EventRecord, RunRecord
 from agent.store.base import StoreBase
 from agent.store.commands import Outcome
 from agent.store.database import Connection
-from agent.store.rows import EVENT_COLUMNS, event_from_row
+from agent.store.rows import EVENT_COLUMNS, SELECT_RUNS, event_from_row, run_from_row
 
 
 class JournalStore(StoreBase):
     """Reading and appending a run's events."""
 
-    async def chain_head(self, run_id: str) -> tuple[str, int]:
-        """The hash and length the run recorded for its own chain."""
+    async def numbered_runs(self) -> tuple[int, list[RunRecord]]:
+        """For an audit of the whole store, in one snapshot: the last run number the counter
+        handed out, and every run (each with its chain head) in number order."""
+
+        def read(c: Connection) -> tuple[int, list[RunRecord]]:
+            counter = c.execute("SELECT last_run_no FROM run_counter WHERE id = 1").fetchone()
+            rows = c.execute(f"{SELECT_RUNS} ORDER BY run_no, id").fetchall()
+            return (counter["last_run_no"] if counter else 0), [run_from_row(r) for r in rows]
+
+        return await self._read(read)
+
+    async def first_keyed_run(self) -> int | None:
+        """The number of the first run with an event written under an audit key, if any."""
         row = await self._read(
             lambda c: c.execute(
-                "SELECT last_hash, event_count FROM runs WHERE id = ?", (run_id,)
+                "SELECT MIN(run_no) AS first FROM runs WHERE run_no IS NOT NULL AND EXISTS "
+                "(SELECT 1 FROM events WHERE events.run_id = runs.id "
+                "AND events.key_id IS NOT NULL)"
             ).fetchone()
         )
-        if row is None:
-            raise RunNotFound(f"unknown run id {run_id!r}")
-        return row["last_hash"], row["event_count"]
+        return row["first"]
 
     async def _note(self, claim: Claim, event: Event, earlier: Outcome | None = None) -> None:
         """Append one event of a drive's own (through `Drive.note`), fenced by its claim."""

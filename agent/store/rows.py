@@ -34,7 +34,7 @@ def dumps(data: Any) -> str:
     return _ENCODER.encode(data)
 
 
-EVENT_COLUMNS = "seq, run_id, idx, ts, type, data, prev_hash, hash"
+EVENT_COLUMNS = "seq, run_id, idx, ts, type, data, prev_hash, hash, key_id"
 
 
 def event_from_row(row: Row) -> EventRecord:
@@ -47,6 +47,7 @@ def event_from_row(row: Row) -> EventRecord:
         data=event_data(row["data"]),
         prev_hash=row["prev_hash"],
         hash=row["hash"],
+        key_id=row["key_id"],
     )
 
 
@@ -64,7 +65,8 @@ def event_data(raw: str) -> dict[str, Any]:
 SELECT_RUNS = (
     "SELECT id, parent_id, role, status, request, requested_by, origin, runbook_id, runbook, "
     "params, checkpoint, limits, summary, error, lease_owner, lease_expires_at, created_at, "
-    "updated_at, finished_at, lease_epoch, policy, effects "
+    "updated_at, finished_at, lease_epoch, policy, effects, run_no, event_count, last_hash, "
+    "key_id "
     "FROM runs LEFT JOIN run_runbooks ON run_runbooks.run_id = runs.id"
 )
 
@@ -93,6 +95,10 @@ def run_from_row(row: Row) -> RunRecord:
         lease_epoch=row["lease_epoch"],
         policy=row["policy"],
         effects=Effects.from_json(row["effects"]) if row["effects"] else None,
+        run_no=row["run_no"],
+        event_count=row["event_count"],
+        last_hash=row["last_hash"],
+        key_id=row["key_id"],
     )
 
 

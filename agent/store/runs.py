@@ -8,7 +8,7 @@ from typing import Any
 from agent.errors import RunExists, RunNotFound, RunNotRunnable
 from agent.events import PolicyTurn, RunCreated, RunFinished
 from agent.records import ChatNotice, Checkpoint, Claim, RunRecord, RunStatus
-from agent.store.base import StoreBase
+from agent.store.base import RunHead, StoreBase
 from agent.store.commands import NewRun, Outcome
 from agent.store.database import Connection
 from agent.store.rows import SELECT_RUNS, run_from_row
@@ -21,7 +21,7 @@ class RunsStore(StoreBase):
         """Create a queued run; raises RunExists for a duplicate id."""
         now = time.time()
 
-        def create(conn: Connection) -> None:
+        def create(conn: Connection) -> RunHead:
             if conn.execute("SELECT 1 FROM runs WHERE id = ?", (new.id,)).fetchone():
                 raise RunExists(f"run id {new.id!r} exists already")
             if (
@@ -67,8 +67,9 @@ class RunsStore(StoreBase):
             self._announce_runnable(conn)
             if new.parent_id is None:  # the chat's progress message for this run starts here
                 self._enqueue_outbox(conn, new.id, ChatNotice.PROGRESS, {"event": "started"}, now)
+            return self._head(conn, new.id)  # its global number and chain, as just written
 
-        await self._transaction(create, durable=True)
+        head = await self._transaction(create, durable=True)
         # What the transaction wrote, not read back: a new run holds nothing else yet.
         return RunRecord(
             id=new.id,
@@ -92,6 +93,10 @@ class RunsStore(StoreBase):
             finished_at=None,
             policy=new.policy,
             effects=new.effects,
+            run_no=head.run_no,
+            event_count=head.event_count,
+            last_hash=head.last_hash,
+            key_id=self.audit_key.id if self.audit_key else None,
         )
 
     async def get_run(self, run_id: str) -> RunRecord:

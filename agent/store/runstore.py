@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from agent.chain import AuditKey
 from agent.errors import StoreError
 from agent.store.approvals import ApprovalsStore
 from agent.store.calls import CallsStore
@@ -39,18 +40,21 @@ class RunStore(
     """The durable store of runs and everything they did."""
 
     @classmethod
-    async def open(cls, url: str | Path, pool_size: int = 4) -> RunStore:
+    async def open(
+        cls, url: str | Path, pool_size: int = 4, audit_key: AuditKey | None = None
+    ) -> RunStore:
         """Open the database a setting names, creating it or bringing its schema up to date:
-        `postgresql://…` is PostgreSQL; a path or `sqlite:///path` is a SQLite file."""
+        `postgresql://…` is PostgreSQL; a path or `sqlite:///path` is a SQLite file. Events
+        this store appends are chained under `audit_key` (None: unkeyed)."""
         url = str(url)
         if is_postgres_url(url):
             from agent.store.postgres import PostgresDatabase
 
-            return cls(await PostgresDatabase.open(url, pool_size))
+            return cls(await PostgresDatabase.open(url, pool_size), audit_key)
         from agent.store.sqlite import SqliteDatabase
 
         try:
             path = sqlite_path(url)
         except ValueError as exc:
             raise StoreError(str(exc)) from None
-        return cls(await SqliteDatabase.open(path))
+        return cls(await SqliteDatabase.open(path), audit_key)

@@ -1,4 +1,5 @@
-"""The audit summary of a run: outcome, duration, each step's result, each approval, errors."""
+"""The audit summary of a run: outcome, duration, each step's result, each approval, errors,
+and last its journal's head (published outside the store)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.chain import SHOWN_HEX
 from agent.records import ApprovalRecord, RunRecord, RunTree, ToolCallRecord
 from agent.run.outcomes import STEP_TOOLS, StepState, short_result, step_states
 from agent.views.explain import executing_runs
@@ -37,6 +39,19 @@ class RunSummary:
     approvals: list[ApprovalRecord] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     names: dict[str, str] = field(default_factory=dict)  # identity -> how people know it
+
+    timeline: list[str] = field(default_factory=list)  # start, each decision and its wait, end
+
+    @property
+    def audit(self) -> str | None:
+        """The run's chain head, published with the summary so a verifier outside the store
+        can compare (`loom-ops audit verify RUN --head HEX`); None before its first event."""
+        run = self.run
+        if not run.event_count:
+            return None
+        key = f"key {run.key_id}" if run.key_id else "unkeyed"
+        number = f"run #{run.run_no}, " if run.run_no is not None else ""
+        return f"audit: {number}{run.event_count} events, head {run.last_hash[:SHOWN_HEX]} ({key})"
 
     def who(self, identity: str) -> str:
         """An identity as people know it: `@alice (telegram:42)`, or the identity alone."""
