@@ -27,6 +27,7 @@ class EventType(StrEnum):
     TOOL_OUTCOME = "tool_outcome"
     APPROVAL_REQUESTED = "approval_requested"
     APPROVAL_DECIDED = "approval_decided"
+    APPROVAL_VOTED = "approval_voted"
     APPROVAL_EXPIRED = "approval_expired"
     CHILDREN_STARTED = "children_started"
     WAITING_FOR_SIBLING = "waiting_for_sibling"
@@ -170,6 +171,7 @@ class ApprovalRequested(Event):
     mode: str | None = None
     runs_on: str | None = None
     evidence: list[str] = field(default_factory=list)
+    required: int = 1  # approvals by distinct people it needs
 
 
 @dataclass(frozen=True)
@@ -191,6 +193,20 @@ class ApprovalExpired(Event):
 
     type: ClassVar[EventType] = EventType.APPROVAL_EXPIRED
     approval_id: int
+
+
+@dataclass(frozen=True)
+class ApprovalVoted(Event):
+    """A person approved request `number`, which needs more approvals: `approvals` of
+    `required` are in (the approval that completes it is an ApprovalDecided)."""
+
+    type: ClassVar[EventType] = EventType.APPROVAL_VOTED
+    approval_id: int
+    decided_by: str
+    approvals: int
+    required: int
+    number: int | None = None
+    note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -248,6 +264,7 @@ KNOWN: dict[str, type[Event]] = {
         ToolOutcome,
         ApprovalRequested,
         ApprovalDecided,
+        ApprovalVoted,
         ApprovalExpired,
         ChildrenStarted,
         WaitingForSibling,

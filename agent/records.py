@@ -41,7 +41,8 @@ TERMINAL_STATUSES = frozenset(
 
 
 class ApprovalStatus(StrEnum):
-    """An approval request is decided once: the first decision wins."""
+    """An approval request is decided once: when its approvals are all in, or at the first
+    reject."""
 
     PENDING = "pending"
     APPROVED = "approved"
@@ -49,6 +50,17 @@ class ApprovalStatus(StrEnum):
     REJECTED = "rejected"
     EXPIRED = "expired"
     CANCELLED = "cancelled"
+
+
+class VoteOutcome(StrEnum):
+    """What one person's decision on a request does under its rule (`required` approvals by
+    distinct people): counted toward it, already counted (nothing changes), completes it, or
+    rejects it (the first reject makes the rule impossible and ends the request)."""
+
+    COUNTED = "counted"
+    ALREADY_COUNTED = "already_counted"
+    COMPLETES = "completes"
+    REJECTS = "rejects"
 
 
 class ApprovalKind(StrEnum):
@@ -77,6 +89,7 @@ class ChatNotice(StrEnum):
 
     APPROVAL_REQUEST = "approval_request"  # ask the deciders, with buttons
     APPROVAL_DECIDED = "approval_decided"  # edit the request: who decided, and when
+    APPROVAL_VOTED = "approval_voted"  # edit the request: one more approval, buttons kept
     APPROVAL_EXPIRED = "approval_expired"  # edit the request: nobody decided in time
     PROGRESS = "progress"  # show the tree's state again (one message per tree, edited)
     RUN_FINISHED = "run_finished"  # the root run's summary
@@ -267,6 +280,19 @@ class ApprovalRecord:
     mode: str | None = None  # "live" or "dry-run"
     runs_on: str | None = None  # where the action runs
     evidence: list[str] = field(default_factory=list)  # the last lines of steps already run
+    required: int = 1  # approvals by distinct people the request needs
+
+
+@dataclass(frozen=True)
+class ApprovalVote:
+    """One person's decision on a request, counted once per person (whichever identity)."""
+
+    approval_id: int
+    person: str  # the people file's name, or the identity nobody mapped
+    decided_by: str  # the identity that decided
+    decision: str  # approve, skip or reject
+    note: str | None
+    decided_at: float
 
 
 @dataclass(frozen=True)
@@ -382,6 +408,7 @@ class ApprovalInRun:
     run: RunRecord
     lineage: tuple[str, ...]  # the run's id, its parent's, ... up to the root of its tree
     names: Mapping[str, str] = field(default_factory=dict)
+    votes: tuple[ApprovalVote, ...] = ()  # the decisions counted so far, oldest first
 
     @property
     def root_id(self) -> str:

@@ -632,6 +632,8 @@ class ChatOps:
         except ServiceError as exc:
             _log_refusal(chat_id, user, _subject(request), exc)
             return TapOutcome(f"Refused: {exc}", alert=True)
+        if result.approval.status == ApprovalStatus.PENDING:  # counted (or counted before)
+            return TapOutcome(f"{result.message[:1].upper()}{result.message[1:]}.")
         if not result.changed:
             return TapOutcome(await self._decided_first(result.approval), alert=True)
         return TapOutcome("Approved: the run goes on." if choice == "y" else "Skipped.")
@@ -753,6 +755,11 @@ class ChatOps:
             _log_refusal(message.chat.id, user, f"run {run.id}{number}", exc)
             hint = f" (e.g. /approve {run.id} #2)" if "by its number" in str(exc) else ""
             await _answer(update, Markup("Refused: {}{}").format(str(exc), hint))
+            return
+        if result.approval.status == ApprovalStatus.PENDING:  # counted (or counted before)
+            await _answer(
+                update, Markup("Request #{}: {}.").format(result.approval.number, result.message)
+            )
             return
         if not result.changed:
             await _answer(update, Markup("{}").format(await self._decided_first(result.approval)))

@@ -12,7 +12,14 @@ from dataclasses import dataclass
 
 from markupsafe import Markup
 
-from agent.records import CHAT_IDENTITY, ApprovalRecord, ApprovalStatus, RunRecord, RunStatus
+from agent.records import (
+    CHAT_IDENTITY,
+    ApprovalRecord,
+    ApprovalStatus,
+    ApprovalVote,
+    RunRecord,
+    RunStatus,
+)
 from agent.views.jinja import environment
 
 # Telegram's limit on one message's text.
@@ -158,6 +165,22 @@ def decision_line(approval: ApprovalRecord, who: Who) -> str:
     return str(line)
 
 
+def tally_line(approval: ApprovalRecord, votes: Sequence[ApprovalVote], who: Who) -> str:
+    """For a request that needs several people: how many approved, who, and how many more
+    it waits for (`1 of 2 approvals: @sam — waiting for one more`); empty for one approver."""
+    if approval.required <= 1:
+        return ""
+    approved = [vote for vote in votes if vote.decision != "reject"]
+    if not approved:
+        return f"Needs {approval.required} approvals by different people"
+    names = ", ".join(who(vote.decided_by) for vote in approved)
+    line = f"{len(approved)} of {approval.required} approvals: {names}"
+    more = approval.required - len(approved)
+    if approval.status == ApprovalStatus.PENDING and more > 0:
+        line += " — waiting for " + ("one more" if more == 1 else f"{more} more")
+    return line
+
+
 def approval_text(
     approval: ApprovalRecord,
     root_id: str,
@@ -166,11 +189,13 @@ def approval_text(
     who: Who,
     now: float | None = None,
     facts: dict[str, object] | None = None,
+    votes: Sequence[ApprovalVote] = (),
 ) -> str:
     """The approval message: LIVE or DRY-RUN, the request's number, the run (its root id),
     runbook and step, where it runs, the exact action, why, the rollback, what the steps so
     far found, who asked and may decide, and the deadline; once decided, the decision line
-    ends it. `facts` (the outbox entry's payload) fills in what an older record lacks."""
+    ends it; a request that needs several people says who approved so far (`votes`).
+    `facts` (the outbox entry's payload) fills in what an older record lacks."""
     facts = facts or {}
     decided = approval.status != ApprovalStatus.PENDING
     number = approval.number or _int(facts.get("number"))
@@ -194,6 +219,7 @@ def approval_text(
         who=who,
         deadline=clock(approval.deadline_at) if decided else until(approval.deadline_at, now),
         outcome=Markup(decision_line(approval, who)) if decided else "",
+        tally=tally_line(approval, votes, who),
     )
 
 

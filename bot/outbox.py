@@ -34,7 +34,14 @@ from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, Tele
 
 from agent.errors import ApprovalNotFound, LoomOpsError, RunNotFound
 from agent.failpoints import Failpoints
-from agent.records import ApprovalInRun, ApprovalStatus, ChatNotice, RunStatus, RunTree
+from agent.records import (
+    ApprovalInRun,
+    ApprovalRecord,
+    ApprovalStatus,
+    ChatNotice,
+    RunStatus,
+    RunTree,
+)
 from agent.service.runs import RunService
 from agent.views.summary import RunSummary, render_summary, summary_of
 from bot.facts import progress_of, tree_status
@@ -68,6 +75,7 @@ class Undeliverable(LoomOpsError):
 URGENCY: dict[str, int] = {
     ChatNotice.APPROVAL_REQUEST: 0,
     ChatNotice.APPROVAL_DECIDED: 0,
+    ChatNotice.APPROVAL_VOTED: 0,
     ChatNotice.APPROVAL_EXPIRED: 0,
     ChatNotice.RUN_FINISHED: 1,
     ChatNotice.PROGRESS: 2,
@@ -265,7 +273,11 @@ class OutboxSender:
         match message.kind:
             case ChatNotice.APPROVAL_REQUEST:
                 await self._approval_request(message)
-            case ChatNotice.APPROVAL_DECIDED | ChatNotice.APPROVAL_EXPIRED:
+            case (
+                ChatNotice.APPROVAL_DECIDED
+                | ChatNotice.APPROVAL_EXPIRED
+                | ChatNotice.APPROVAL_VOTED
+            ):
                 await self._approval_outcome(message)
             case ChatNotice.RUN_FINISHED:
                 await self._summary(message)
@@ -274,31 +286,25 @@ class OutboxSender:
 
     async def _approval_request(self, message: OutboxMessage) -> None:
         request = await self._service.approval_request(message.payload["approval_id"])
-        approval = request.approval
         text = _approval_text(request, message.payload)
-        buttons = None
-        if approval.status == ApprovalStatus.PENDING:  # decided before we got to say it: no keys
-            buttons = InlineKeyboardMarkup(
-                [
-                    [InlineKeyboardButton(label, callback_data=data) for label, data in row]
-                    for row in approval_buttons(approval)
-                ]
-            )
+        buttons = _buttons(request.approval)
         self._failpoints.reached("before_send_approval_request")
         sent = await self._send(message, text, reply_markup=buttons)
         self._failpoints.reached("after_send_approval_request")
         await self._chat.mark_delivered(message.id, sent.message_id)
 
     async def _approval_outcome(self, message: OutboxMessage) -> None:
-        """Edit the request's message to say who decided and when, without the buttons."""
+        """Edit the request's message as it stands now: who decided and when, without the
+        buttons; or, while it waits for more approvals, who approved so far, with them."""
         request = await self._service.approval_request(message.payload["approval_id"])
         text = _approval_text(request)
+        buttons = _buttons(request.approval)
         message_id = await self._chat.approval_message_id(request.approval.id)
         edited = None
         if message_id is not None:
-            edited = await self._edit(message, message_id, text)
+            edited = await self._edit(message, message_id, text, buttons)
         if edited is None:  # the request never reached the chat, or its message is gone
-            edited = (await self._send(message, text)).message_id
+            edited = (await self._send(message, text, reply_markup=buttons)).message_id
         await self._chat.mark_delivered(message.id, edited)
 
     async def _progress_due(self, root_id: str) -> float:
@@ -367,8 +373,15 @@ class OutboxSender:
             link_preview_options=NO_PREVIEW,
         )
 
-    async def _edit(self, message: OutboxMessage, message_id: int, text: str) -> int | None:
-        """Edit a message in place (dropping its buttons); None if it no longer exists."""
+    async def _edit(
+        self,
+        message: OutboxMessage,
+        message_id: int,
+        text: str,
+        buttons: InlineKeyboardMarkup | None = None,
+    ) -> int | None:
+        """Edit a message in place (its buttons become `buttons`: none unless given); None if
+        it no longer exists."""
         try:
             await self._bot.edit_message_text(
                 chat_id=message.target["chat_id"],
@@ -376,6 +389,7 @@ class OutboxSender:
                 text=text,
                 parse_mode=ParseMode.HTML,
                 link_preview_options=NO_PREVIEW,
+                reply_markup=buttons,
             )
         except BadRequest as exc:
             reason = str(exc).lower()
@@ -399,6 +413,19 @@ def _approval_text(request: ApprovalInRun, facts: dict[str, Any] | None = None) 
         request.name,
         time.time(),
         facts,
+        request.votes,
+    )
+
+
+def _buttons(approval: ApprovalRecord) -> InlineKeyboardMarkup | None:
+    """The request's keys while it is pending (decided before we got to say it: none)."""
+    if approval.status != ApprovalStatus.PENDING:
+        return None
+    return InlineKeyboardMarkup(
+        [
+            [InlineKeyboardButton(label, callback_data=data) for label, data in row]
+            for row in approval_buttons(approval)
+        ]
     )
 
 

@@ -243,6 +243,11 @@ def _empty_groups(
             for entry in entries:
                 if _is_group(entry):
                     named.setdefault(entry, []).append(f"{runbook.id} ({kind})")
+        for step in runbook.steps:
+            rule = step.approval_rule
+            for entry in rule.from_ if rule else ():
+                if _is_group(entry):
+                    named.setdefault(entry, []).append(f"{runbook.id} (step {step.id} approval)")
     for entry in settings.approvers:
         if _is_group(entry):
             named.setdefault(entry, []).append("LOOM_OPS_APPROVERS")
@@ -363,12 +368,56 @@ def _approvers(
             findings.append(Finding("error", "approvers", _nobody_decides(runbook, globals_)))
         elif runbook.four_eyes and len(deciders) == 1:
             findings.append(_four_eyes_alone(people, persons, runbook, deciders[0]))
+    for runbook in deciding:
+        findings += _approval_rules(people, persons, runbook, globals_)
     if not findings:
         findings.append(
             Finding(
                 "ok", "approvers", f"every runbook that asks has an approver: {_names(deciding)}"
             )
         )
+    return findings
+
+
+def _approval_rules(
+    people: People, persons: Sequence[Person], runbook: Runbook, globals_: Sequence[str]
+) -> list[Finding]:
+    """Steps whose `approval: {required: N}` fewer than N configured people may satisfy (an
+    error: their requests can only expire), or exactly N with four eyes (a warning: a run
+    one of them starts can never get N)."""
+    findings = []
+    for step in runbook.steps:
+        rule = step.approval_rule
+        if rule is None or rule.required < 2:
+            continue
+        entries = rule.from_ or runbook.approvers
+        lists = [e for e in (globals_, entries) if e]
+        if not lists:
+            continue  # anyone may approve: doctor cannot count them
+        admitted = _admitted(people, persons, lists)
+        if not admitted and not rule.from_:
+            continue  # the runbook's approvers admit nobody: that error says it
+        where = f"runbook {runbook.id} step {step.id} needs {rule.required} approvals"
+        who = f"{len(admitted)} configured people ({', '.join(admitted) or 'none'})"
+        if len(admitted) < rule.required:
+            findings.append(
+                Finding(
+                    "error",
+                    "approvers",
+                    f"{where} by different people, but only {who} may give them "
+                    f"({', '.join(entries) or 'LOOM_OPS_APPROVERS'}): add people to those "
+                    "groups, or lower `required`",
+                )
+            )
+        elif (rule.four_eyes or runbook.four_eyes) and len(admitted) == rule.required:
+            findings.append(
+                Finding(
+                    "warning",
+                    "approvers",
+                    f"{where} with four eyes, and only {who} may give them: a run one of "
+                    "them starts can never get them all; add another person",
+                )
+            )
     return findings
 
 

@@ -186,10 +186,18 @@ class RunList(BaseModel):
 
 
 class DecisionOut(BaseModel):
-    """What a decision did."""
+    """What a decision did: a request that needs several people stays pending (the run
+    waits) until `required` of them approved."""
 
-    message: str
+    message: str = Field(
+        description="e.g. `approved by api:sam`, or `recorded: 1 of 2 approvals, waiting for "
+        "one more`"
+    )
     run: RunOut
+    approved_by: list[str] = Field(
+        default_factory=list, description="who approved the request so far, in order"
+    )
+    required: int = Field(1, description="approvals by distinct people the request needs")
 
 
 def _approval_out(approval: ApprovalRecord | None) -> ApprovalOut | None:
@@ -427,7 +435,12 @@ def create_app(service: RunService, bind_host: str | None = None) -> FastAPI:
         )
         if not result.changed:
             raise HTTPException(409, result.message)
-        return DecisionOut(message=result.message, run=_run_out(result.run))
+        return DecisionOut(
+            message=result.message,
+            run=_run_out(result.run),
+            approved_by=[v.decided_by for v in result.votes if v.decision != "reject"],
+            required=result.approval.required,
+        )
 
     @app.post("/runs/{run_id}/approve", dependencies=guarded, responses=sends(403, 404, 409, 422))
     async def approve(

@@ -41,7 +41,8 @@ WHY: dict[int, str] = {
     "or four eyes.",
     404: "No run (or approval request) has that id.",
     409: "The state forbids it now: the run id exists, the run already ended, the request is "
-    "decided, or several requests are open and `approval` names none.",
+    "decided, this person's approval is already counted, or several requests are open and "
+    "`approval` names none.",
     413: "The request body is over LOOM_OPS_MAX_BODY_BYTES.",
     422: "Invalid input: a body, path, query or header value; the text names it.",
     429: "LOOM_OPS_MAX_ACTIVE_RUNS runs are active; try again after `Retry-After` seconds.",

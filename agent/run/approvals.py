@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from agent.errors import DecisionRefused, ErrorKind
 from agent.people import People
@@ -16,6 +16,7 @@ from agent.records import (
     Decision,
     RunRecord,
     RunStatus,
+    VoteOutcome,
 )
 from agent.store import DecisionEffect
 
@@ -54,6 +55,20 @@ def decision_status(approval: ApprovalRecord, decision: Decision) -> ApprovalSta
         Decision.SKIP: ApprovalStatus.SKIPPED,
         Decision.REJECT: ApprovalStatus.REJECTED,
     }[decision]
+
+
+def vote_outcome(
+    required: int, counted: Collection[str], person: str, decision: Decision
+) -> VoteOutcome:
+    """What `person`'s decision does to a request needing `required` approvals by distinct
+    people, of whom `counted` (persons, not identities) approved so far: a person counts once
+    whatever they say next, a reject ends it at once, an approval (or skip) counts and
+    completes it when it is the last one needed."""
+    if person in counted:
+        return VoteOutcome.ALREADY_COUNTED
+    if decision == Decision.REJECT:
+        return VoteOutcome.REJECTS
+    return VoteOutcome.COMPLETES if len(counted) + 1 >= required else VoteOutcome.COUNTED
 
 
 def decision_effect(

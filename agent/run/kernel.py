@@ -666,6 +666,7 @@ class _RunLoop:
             )
         except RenderError as exc:
             return f"step {step.id!r} cannot be shown to an approver: {exc}"
+        rule = step.approval_rule
         approval = NewApproval(
             call_key=new_call.call_key,
             kind=ApprovalKind.GATE,
@@ -673,13 +674,15 @@ class _RunLoop:
             action=self.k.redactor.text(action),
             reason=args.reason or step.title,
             rollback=self.k.redactor.text(rollback) if rollback else None,
-            deciders=list(self.runbook.approvers),
-            four_eyes=self.runbook.four_eyes,
+            deciders=list((rule and rule.from_) or self.runbook.approvers),
+            # A step's rule may ask for four eyes; it can never waive the runbook's.
+            four_eyes=self.runbook.four_eyes or bool(rule and rule.four_eyes),
             requested_by=self.run_record.requested_by,
             deadline_at=self._deadline(),
             mode=self.k.toolbox.mode_of(step, self.effects),
             runs_on=self.k.runs_on,
             evidence=_evidence(self.history),
+            required=rule.required if rule else 1,
         )
         await self.drive.open_approval(approval, self._checkpoint(), call=new_call, turn=pending)
         raise _Wait()
@@ -703,6 +706,7 @@ class _RunLoop:
                 # The person must still decide about the attempt: show the call as recorded.
                 action = f"{action} (its template cannot be rendered: {exc})"
         what = f"step {existing.step_id!r}" if existing.step_id else f"call {existing.call_key}"
+        rule = step.approval_rule if step is not None else None
         approval = NewApproval(
             call_key=existing.call_key,
             kind=ApprovalKind.IN_DOUBT,
@@ -713,9 +717,13 @@ class _RunLoop:
                 "as done, reject to abort"
             ),
             rollback=None,
-            deciders=list(self.runbook.approvers) if self.runbook else [],
-            # Retrying a side effect needs the same eyes as running it did.
-            four_eyes=bool(self.runbook and self.runbook.four_eyes),
+            # Retrying a side effect needs the same eyes as running it did: the step's rule's
+            # deciders and four eyes (one decision: retry, skip and abort do not add up).
+            deciders=list(
+                (rule and rule.from_) or (self.runbook.approvers if self.runbook else [])
+            ),
+            four_eyes=bool(self.runbook and self.runbook.four_eyes)
+            or bool(rule and rule.four_eyes),
             requested_by=self.run_record.requested_by,
             deadline_at=self._deadline() if self.runbook else time.time() + 3600,
             mode=self.k.toolbox.mode_of(step, self.effects) if step is not None else None,

@@ -494,6 +494,24 @@ class RollbackAction(BaseModel):
         return self
 
 
+class ApprovalRule(BaseModel):
+    """Who must approve a risky step: `required` distinct people, from `from` (groups or
+    identities; empty: the runbook's approvers), none of them the requester with four eyes."""
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, serialize_by_alias=True
+    )
+
+    required: int = Field(default=1, ge=1, le=20, strict=True)
+    from_: list[str] = Field(default_factory=list, alias="from")
+    four_eyes: bool = Field(default=False, strict=True)
+
+    @field_validator("from_")
+    @classmethod
+    def _deciders(cls, value: list[str]) -> list[str]:
+        return _people_entries(value, "approver")
+
+
 class Step(BaseModel):
     """One runbook step with exactly one action: run (command), check (HTTP) or note."""
 
@@ -505,13 +523,31 @@ class Step(BaseModel):
     check: HealthCheck | None = None
     mcp: McpAction | None = None
     note: str | None = None
-    approval: Literal["required", "none"] = "none"
+    # `required` (one approver's decision), `none`, or a rule: {required: 2, from: [...]}.
+    approval: Literal["required", "none"] | ApprovalRule = "none"
     timeout: float = Field(default=60, gt=0, le=3600, allow_inf_nan=False, strict=True)
     retries: int = Field(default=0, ge=0, le=5, strict=True)
     idempotent: bool = Field(default=False, strict=True)
     # A policy may leave an optional step out; the run can still succeed without it.
     optional: bool = Field(default=False, strict=True)
     rollback: RollbackAction | None = None
+
+    @field_validator("approval", mode="before")
+    @classmethod
+    def _approval_rule(cls, value: object) -> object:
+        # Validated here so a bad rule is reported at its own field (`approval.required`),
+        # not as "not 'required' or 'none'" from the union's other member.
+        if not isinstance(value, dict):
+            if value in ("required", "none"):
+                return value
+            raise ValueError(
+                "approval must be required, none, or a rule like "
+                "{required: 2, from: [group:oncall], four_eyes: true}"
+            )
+        try:
+            return ApprovalRule.model_validate(value)
+        except ValidationError as exc:
+            raise _FieldError.of([_rule_problem(error) for error in exc.errors()]) from None
 
     @model_validator(mode="after")
     def _exactly_one_action(self) -> Step:
@@ -547,7 +583,45 @@ class Step(BaseModel):
     @property
     def needs_approval(self) -> bool:
         """True when a human must approve before the step runs."""
-        return self.approval == "required"
+        return self.approval != "none"
+
+    @property
+    def approval_rule(self) -> ApprovalRule | None:
+        """The step's approval rule when it names one (`approval: {required: 2, ...}`)."""
+        return self.approval if isinstance(self.approval, ApprovalRule) else None
+
+
+def _rule_problem(error: Any) -> tuple[tuple[str | int, ...], str]:
+    """An approval rule's validation error as (location below `approval`, message)."""
+    loc = tuple("from" if part == "from_" else part for part in error["loc"])
+    original = (error.get("ctx") or {}).get("error")
+    if isinstance(original, _FieldError):
+        return (*loc, *original.loc), str(original)
+    if error["type"] == "missing":
+        return loc, "required field is missing"
+    if error["type"] == "extra_forbidden":
+        fields = ["required", "from", "four_eyes"]
+        close = difflib.get_close_matches(str(loc[-1]), fields, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return loc, f"unknown field {loc[-1]!r} in an approval rule{hint}"
+    return loc, error["msg"]
+
+
+def _people_entries(value: list[str], who: str) -> list[str]:
+    """Check approvers, starters or an approval rule's `from`: identities or groups."""
+    for index, entry in enumerate(value):
+        if entry.startswith("group:"):
+            if not re.fullmatch(GROUP_ENTRY_PATTERN, entry):
+                raise _FieldError(
+                    (index,), f"{who} {entry!r}: a group name must match {SLUG_PATTERN}"
+                )
+        elif not re.fullmatch(APPROVER_PATTERN, entry):
+            raise _FieldError(
+                (index,),
+                f"{who} {entry!r} must be an identity like cli:alice or telegram:12345, "
+                "or a group like group:oncall",
+            )
+    return value
 
 
 class Runbook(BaseModel):
@@ -592,20 +666,7 @@ class Runbook(BaseModel):
     @field_validator("approvers", "starters")
     @classmethod
     def _people_entries(cls, value: list[str], info: ValidationInfo) -> list[str]:
-        who = "approver" if info.field_name == "approvers" else "starter"
-        for index, entry in enumerate(value):
-            if entry.startswith("group:"):
-                if not re.fullmatch(GROUP_ENTRY_PATTERN, entry):
-                    raise _FieldError(
-                        (index,), f"{who} {entry!r}: a group name must match {SLUG_PATTERN}"
-                    )
-            elif not re.fullmatch(APPROVER_PATTERN, entry):
-                raise _FieldError(
-                    (index,),
-                    f"{who} {entry!r} must be an identity like cli:alice or telegram:12345, "
-                    "or a group like group:oncall",
-                )
-        return value
+        return _people_entries(value, "approver" if info.field_name == "approvers" else "starter")
 
     @field_validator("env")
     @classmethod

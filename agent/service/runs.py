@@ -16,7 +16,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Coroutine, Iterable
+from collections.abc import Awaitable, Coroutine, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +43,7 @@ from agent.records import (
     ApprovalInRun,
     ApprovalRecord,
     ApprovalStatus,
+    ApprovalVote,
     Claim,
     Decision,
     EventRecord,
@@ -52,9 +53,10 @@ from agent.records import (
     RunRecord,
     RunStatus,
     RunTree,
+    VoteOutcome,
 )
 from agent.redaction import Redactor
-from agent.run.approvals import check_decider, decision_effect, decision_status
+from agent.run.approvals import check_decider, decision_effect, decision_status, vote_outcome
 from agent.run.host import HostIdentity, this_host
 from agent.run.leases import new_owner_id, owner_is_dead
 from agent.runbook.request import MAX_REQUEST_BYTES
@@ -83,18 +85,23 @@ NO_POLICY = (
 )
 RUN_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 MAX_NOTE_BYTES = 1000
+# A decision is judged again when someone voted meanwhile; each round means another vote
+# landed, so a few rounds are plenty.
+MAX_VOTE_ROUNDS = 8
 # A person's API token: recognisable in a leaked log or a secret scanner, then 256 bits.
 TOKEN_PREFIX = "lo_"
 
 
 @dataclass(frozen=True)
 class DecisionResult:
-    """What came of a decision: whether it changed anything, and the run after it."""
+    """What came of a decision: whether it changed anything, the run after it, and the
+    request's votes (a request needing several approvals stays pending until they are in)."""
 
     changed: bool
     message: str
     approval: ApprovalRecord
     run: RunRecord
+    votes: tuple[ApprovalVote, ...] = ()
 
 
 class RunService:
@@ -489,8 +496,10 @@ class RunService:
         approval_number: int | None = None,
         wait: bool = True,
     ) -> DecisionResult:
-        """Decide one approval request of a run; the first decision wins. Approval resumes it
-        (in this task when `wait`, else in the background, as a chat handler needs).
+        """Decide one approval request of a run: the first reject, or the approval that makes
+        the count its rule asks for (one, unless the step says more), decides it; an earlier
+        approval is counted and the run goes on waiting. Approval resumes the run (in this
+        task when `wait`, else in the background, as a chat handler needs).
 
         The request is named by its token (buttons, links) or its number in the incident
         (#1, #2); unnamed, it must be the run's only request ever, so a repeated decision can
@@ -526,7 +535,9 @@ class RunService:
         does; the deciding transaction checks again that it is pending and not overdue."""
         if note is not None:
             validate_text("note", note, MAX_NOTE_BYTES)
-        return await self._decide(request.approval, request.run, decision, decider, note, wait)
+        return await self._decide(
+            request.approval, request.run, decision, decider, note, wait, request.votes
+        )
 
     async def _decide(
         self,
@@ -536,7 +547,10 @@ class RunService:
         decider: str,
         note: str | None,
         wait: bool,
+        votes: Sequence[ApprovalVote] | None = None,
     ) -> DecisionResult:
+        """Decide `approval` (its `votes` as read with it, if they were: a button's tap then
+        costs no read more; the deciding transaction checks they are still the ones)."""
         if approval.status != ApprovalStatus.PENDING:
             return DecisionResult(False, _already(approval), approval, run)
         if decider.startswith("api:") or approval.requested_by.startswith("api:"):
@@ -558,13 +572,46 @@ class RunService:
             note,
             rollback_on_reject=bool(runbook and runbook.on_reject == "rollback"),
         )
-        decided = await self.store.decide_approval(approval.id, status, decider, note, effect)
-        approval, run = decided.approval, decided.run
+        # Votes count by person: one person's identities on two front ends count once.
+        person = self.people().person(decider).name
+        if votes is None:
+            votes = await self.store.approval_votes(approval.id)
+        votes = tuple(votes)
+        for _ in range(MAX_VOTE_ROUNDS):  # judged again each time someone voted meanwhile
+            counted = [vote.person for vote in votes]
+            outcome = vote_outcome(approval.required, counted, person, decision)
+            if outcome == VoteOutcome.ALREADY_COUNTED:
+                message = f"already counted: {_tally(approval, votes)}; nothing changed"
+                return DecisionResult(False, message, approval, run, votes)
+            decided = await self.store.decide_approval(
+                approval.id,
+                status,
+                decider,
+                note,
+                effect,
+                person=person,
+                outcome=outcome,
+                counted=counted,
+            )
+            approval, run, votes = decided.approval, decided.run, decided.votes
+            if not decided.stale:
+                break
+        else:
+            raise ServiceError(
+                "the request's approvals kept changing while this one was counted; try again",
+                kind=ErrorKind.CONFLICT,
+            )
         if not decided.changed:
             if approval.status == ApprovalStatus.EXPIRED:  # too late: the deadline ended it
                 await self._wake_after_end(run, wait)
-            return DecisionResult(False, _already(approval), approval, run)
+            return DecisionResult(False, _already(approval), approval, run, votes)
+        if outcome == VoteOutcome.COUNTED:  # the request waits for more: the run stays parked
+            return DecisionResult(
+                True, f"recorded: {_tally(approval, votes)}", approval, run, votes
+            )
         message = f"{status} by {decider}"
+        if approval.required > 1 and outcome == VoteOutcome.COMPLETES:
+            message += f": {_tally(approval, votes)}"
         try:
             if run.status == RunStatus.QUEUED:
                 run = await self._drive(run.id, wait, run)
@@ -572,7 +619,7 @@ class RunService:
                 await self._wake_after_end(run, wait)  # e.g. a rejected child: its tree goes on
         except StoreError as exc:  # e.g. another process resumed it first: still decided
             message += f"; the run goes on elsewhere ({exc})"
-        return DecisionResult(True, message, approval, run)
+        return DecisionResult(True, message, approval, run, votes)
 
     def _background(self, work: Coroutine[Any, Any, None], name: str) -> None:
         """Run `work` as a task this service keeps (and stops on close)."""
@@ -997,6 +1044,16 @@ def _recorded_policy(name: str, settings: Settings, redactor: Redactor) -> Polic
 
 def _describe(approval: ApprovalRecord) -> str:
     return f"{approval.kind} for step {approval.step_id}"
+
+
+def _tally(approval: ApprovalRecord, votes: Sequence[ApprovalVote]) -> str:
+    """`1 of 2 approvals, waiting for one more` (or `2 of 2 approvals, done`)."""
+    approvals = sum(1 for vote in votes if vote.decision != "reject")
+    more = approval.required - approvals
+    if more <= 0:
+        return f"{approvals} of {approval.required} approvals, done"
+    waiting = "one more" if more == 1 else f"{more} more"
+    return f"{approvals} of {approval.required} approvals, waiting for {waiting}"
 
 
 def _already(approval: ApprovalRecord) -> str:

@@ -14,6 +14,8 @@ from agent.events import (
     ApprovalDecided,
     ApprovalExpired,
     ApprovalRequested,
+    ApprovalVoted,
+    Event,
     PolicyTurn,
     RunFinished,
     ToolOutcome,
@@ -22,27 +24,40 @@ from agent.records import (
     ApprovalInRun,
     ApprovalRecord,
     ApprovalStatus,
+    ApprovalVote,
     ChatNotice,
     Checkpoint,
     Claim,
     RunRecord,
     RunStatus,
+    VoteOutcome,
 )
 from agent.store.base import StoreBase
 from agent.store.commands import DecisionEffect, NewApproval, NewToolCall, Outcome
 from agent.store.database import Connection
 from agent.store.people import names_in
-from agent.store.rows import APPROVAL_COLUMNS, SELECT_RUNS, approval_from_row, dumps, run_from_row
+from agent.store.rows import (
+    APPROVAL_COLUMNS,
+    SELECT_RUNS,
+    VOTE_COLUMNS,
+    approval_from_row,
+    dumps,
+    run_from_row,
+    vote_from_row,
+)
 
 
 @dataclass(frozen=True)
 class Decided:
-    """What a decision wrote: whether it was recorded (the first decision wins; a late one
-    expires the request instead), and the request and its run as they are after it."""
+    """What a decision wrote: whether it was recorded (a late one expires the request
+    instead; one judged on votes that changed meanwhile is `stale`), and the request, its
+    run and its votes as they are after it."""
 
     changed: bool
     approval: ApprovalRecord
     run: RunRecord
+    votes: tuple[ApprovalVote, ...] = ()
+    stale: bool = False
 
 
 class ApprovalsStore(StoreBase):
@@ -77,8 +92,8 @@ class ApprovalsStore(StoreBase):
             cursor = conn.execute(
                 "INSERT INTO approvals (token, run_id, call_key, kind, step_id, action, reason, "
                 "rollback, deciders, four_eyes, requested_by, status, created_at, deadline_at, "
-                "number, mode, runs_on, evidence) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?) "
+                "number, mode, runs_on, evidence, required) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?) "
                 "RETURNING id",
                 (
                     token,
@@ -98,6 +113,7 @@ class ApprovalsStore(StoreBase):
                     approval.mode,
                     approval.runs_on,
                     dumps(approval.evidence),
+                    approval.required,
                 ),
             )
             approval_id = int(cursor.fetchone()[0])
@@ -115,6 +131,7 @@ class ApprovalsStore(StoreBase):
                 "rollback": approval.rollback,
                 "deciders": approval.deciders,
                 "deadline_at": approval.deadline_at,
+                "required": approval.required,
             }
             # The token works like a password for buttons: chats get it, the journal does not.
             journaled = {k: v for k, v in payload.items() if k != "token"}
@@ -195,8 +212,12 @@ class ApprovalsStore(StoreBase):
                 lineage.append(parent)
                 up = conn.execute("SELECT parent_id FROM runs WHERE id = ?", (parent,)).fetchone()
                 parent = up["parent_id"] if up is not None else None
+            votes = _votes(conn, approval.id)
             identities = [run.requested_by, approval.decided_by or "", *approval.deciders]
-            return ApprovalInRun(approval, run, tuple(lineage), names_in(conn, identities))
+            identities += [vote.decided_by for vote in votes]
+            return ApprovalInRun(
+                approval, run, tuple(lineage), names_in(conn, identities), tuple(votes)
+            )
 
         return await self._read(read)
 
@@ -231,6 +252,10 @@ class ApprovalsStore(StoreBase):
         )
         return Counter({row["step_id"]: row["approved"] for row in rows})
 
+    async def approval_votes(self, approval_id: int) -> list[ApprovalVote]:
+        """The decisions counted on a request so far, oldest first."""
+        return await self._read(lambda conn: _votes(conn, approval_id))
+
     async def decide_approval(
         self,
         approval_id: int,
@@ -238,17 +263,24 @@ class ApprovalsStore(StoreBase):
         decided_by: str,
         note: str | None,
         effect: DecisionEffect,
+        *,
+        person: str,
+        outcome: VoteOutcome,
+        counted: Sequence[str],
     ) -> Decided:
-        """Record a decision if none was made yet, and apply its effect, atomically; returns
-        the request and its run as the transaction left them, so nothing reads them again.
+        """Record `person`'s decision as `outcome` (counted, completes or rejects) and apply
+        its effect, atomically; returns the request, its run and its votes as the transaction
+        left them, so nothing reads them again.
 
-        Not recorded (`changed` False) when the request was already decided, the first
-        decision winning, or when its deadline passed, which expires it instead.
+        `counted` is the people whose approvals the outcome was judged on: when the request's
+        votes are not exactly those any more (someone voted meanwhile), nothing is written and
+        `stale` says to judge again. Not recorded either (`changed` False) when the request
+        was already decided, or when its deadline passed, which expires it instead.
         """
         now = time.time()
 
         def decide(conn: Connection) -> Decided:
-            changed = record(conn)
+            changed, stale = record(conn)
             approval = approval_from_row(
                 conn.execute(
                     f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id = ?", (approval_id,)
@@ -257,26 +289,60 @@ class ApprovalsStore(StoreBase):
             run = run_from_row(
                 conn.execute(f"{SELECT_RUNS} WHERE id = ?", (approval.run_id,)).fetchone()
             )
-            return Decided(changed, approval, run)
+            return Decided(changed, approval, run, tuple(_votes(conn, approval_id)), stale)
 
-        def record(conn: Connection) -> bool:
+        def record(conn: Connection) -> tuple[bool, bool]:
+            # Locked first: deciders of one request take turns, so the count read below is
+            # the one this decision is judged against (two last approvals cannot both
+            # complete it, nor one complete it after a reject).
             row = conn.execute(
-                "SELECT run_id, call_key, number FROM approvals WHERE id = ?", (approval_id,)
+                "SELECT run_id, call_key, number, status, required FROM approvals WHERE id = ?"
+                + self.dialect.for_update,
+                (approval_id,),
             ).fetchone()
             if row is None:
                 raise ApprovalNotFound(f"no approval request {approval_id}")
             run_id, call_key, number = row["run_id"], row["call_key"], row["number"]
             # The deadline is checked here, in the deciding transaction: a decision that
             # arrives late expires the request instead, whatever the caller checked before.
-            if self._expire_if_overdue(conn, approval_id, now):
-                return False
-            cursor = conn.execute(
+            if self._expire_if_overdue(conn, approval_id, now) or row["status"] != "pending":
+                return False, False
+            # A pending request holds approvals only (a reject ends it).
+            if sorted(v.person for v in _votes(conn, approval_id)) != sorted(counted):
+                return False, True
+            conn.execute(
+                f"INSERT INTO approval_votes ({VOTE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                (approval_id, person, decided_by, _vote_decision(status), note, now),
+            )
+            if outcome == VoteOutcome.COUNTED:
+                # A new version of the request's row: a decider waiting on its lock (on
+                # PostgreSQL) must then start again from a snapshot that holds this vote.
+                conn.execute(
+                    "UPDATE approvals SET required = required WHERE id = ?", (approval_id,)
+                )
+                approvals = len(counted) + 1
+                voted = ApprovalVoted(
+                    approval_id=approval_id,
+                    decided_by=decided_by,
+                    approvals=approvals,
+                    required=row["required"],
+                    number=number,
+                    note=note,
+                )
+                self._append_events(conn, run_id, [voted], now)
+                self._enqueue_outbox(
+                    conn,
+                    run_id,
+                    ChatNotice.APPROVAL_VOTED,
+                    {"approval_id": approval_id, "decided_by": decided_by, "approvals": approvals},
+                    now,
+                )
+                return True, False
+            conn.execute(
                 "UPDATE approvals SET status = ?, decided_by = ?, decided_at = ?, note = ? "
-                "WHERE id = ? AND status = 'pending'",
+                "WHERE id = ?",
                 (str(status), decided_by, now, note, approval_id),
             )
-            if cursor.rowcount != 1:
-                return False
             if effect.call_status is not None:
                 conn.execute(
                     "UPDATE tool_calls SET status = ?, outcome = COALESCE(?, outcome), "
@@ -288,7 +354,7 @@ class ApprovalsStore(StoreBase):
                         call_key,
                     ),
                 )
-            events = [
+            events: list[Event] = [
                 ApprovalDecided(
                     approval_id=approval_id,
                     number=number,
@@ -326,7 +392,7 @@ class ApprovalsStore(StoreBase):
                     conn, run_id, ChatNotice.RUN_FINISHED, {"status": str(effect.run_status)}, now
                 )
                 self._wake_parent(conn, run_id, now)
-            return True
+            return True, False
 
         return await self._transaction(decide, durable=True)
 
@@ -389,3 +455,22 @@ class ApprovalsStore(StoreBase):
         return [row[0] for row in rows]
 
     # -- journal ---------------------------------------------------------------------------
+
+
+def _votes(conn: Connection, approval_id: int) -> list[ApprovalVote]:
+    """In the caller's transaction: the decisions counted on a request, oldest first."""
+    rows = conn.execute(
+        f"SELECT {VOTE_COLUMNS} FROM approval_votes WHERE approval_id = ? "
+        "ORDER BY decided_at, person",
+        (approval_id,),
+    ).fetchall()
+    return [vote_from_row(row) for row in rows]
+
+
+def _vote_decision(status: ApprovalStatus) -> str:
+    """How a vote records the decision that made `status`."""
+    return {
+        ApprovalStatus.APPROVED: "approve",
+        ApprovalStatus.SKIPPED: "skip",
+        ApprovalStatus.REJECTED: "reject",
+    }[status]

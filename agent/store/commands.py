@@ -63,6 +63,7 @@ class NewApproval:
     mode: str | None = None  # "live" or "dry-run"
     runs_on: str | None = None  # where the action runs: "this host (vm)", "any worker"
     evidence: list[str] = field(default_factory=list)  # the last lines of steps already run
+    required: int = 1  # approvals by distinct people it needs (the step's `approval:` rule)
 
 
 @dataclass(frozen=True)

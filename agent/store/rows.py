@@ -11,6 +11,7 @@ from agent.records import (
     ApprovalKind,
     ApprovalRecord,
     ApprovalStatus,
+    ApprovalVote,
     Checkpoint,
     Effects,
     EventRecord,
@@ -149,7 +150,7 @@ def turn_from_row(row: Row) -> PolicyTurnRecord:
 APPROVAL_COLUMNS = (
     "id, token, run_id, call_key, kind, step_id, action, reason, rollback, deciders, four_eyes, "
     "requested_by, status, decided_by, decided_at, note, created_at, deadline_at, number, mode, "
-    "runs_on, evidence"
+    "runs_on, evidence, required"
 )
 
 
@@ -179,6 +180,21 @@ def approval_from_row(row: Row) -> ApprovalRecord:
         mode=row["mode"],
         runs_on=row["runs_on"],
         evidence=json.loads(row["evidence"]) if row["evidence"] else [],
+        required=row["required"],
+    )
+
+
+VOTE_COLUMNS = "approval_id, person, decided_by, decision, note, decided_at"
+
+
+def vote_from_row(row: Row) -> ApprovalVote:
+    return ApprovalVote(
+        approval_id=row["approval_id"],
+        person=row["person"],
+        decided_by=row["decided_by"],
+        decision=row["decision"],
+        note=row["note"],
+        decided_at=row["decided_at"],
     )
 
 

@@ -13,6 +13,7 @@ from agent.events import (
     ApprovalDecided,
     ApprovalExpired,
     ApprovalRequested,
+    ApprovalVoted,
     Audit,
     PolicyTurn,
     RunClaimed,
@@ -76,7 +77,16 @@ def describe_event(entry: JournalEntry) -> str:
             number = request.number or request.approval_id
             lines = f"approval #{number} ({request.kind}) for {request.step_id}: {request.action}"
             lines += f"\n{'':>12}why: {request.reason}; rollback: {request.rollback or '-'}"
+            if request.required > 1:
+                who = f"{request.required} distinct people of {who}"
             return lines + f"; who: {who}; until {deadline}"
+        case ApprovalVoted() as voted:
+            note = f' — "{voted.note}"' if voted.note else ""
+            number = voted.number or voted.approval_id
+            return (
+                f"approval #{number} approved by {voted.decided_by}{note} "
+                f"({voted.approvals} of {voted.required}, waiting for more)"
+            )
         case ApprovalDecided() as decided:
             note = f' — "{decided.note}"' if decided.note else ""
             number = decided.number or decided.approval_id

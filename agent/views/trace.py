@@ -15,6 +15,7 @@ from agent.events import (
     ApprovalDecided,
     ApprovalExpired,
     ApprovalRequested,
+    ApprovalVoted,
     Audit,
     PolicyTurn,
     RunClaimed,
@@ -103,6 +104,15 @@ def _entries(journal: list[JournalEntry]) -> list[TraceEntry]:
                 if decided.note:
                     title += f" — {decided.note}"
                 entries.append(TraceEntry(offset, "approval", title, "", decided.decision))
+            case ApprovalVoted() as voted:
+                number = voted.number or voted.approval_id
+                title = (
+                    f"approval #{number} approved by {voted.decided_by} "
+                    f"({voted.approvals} of {voted.required})"
+                )
+                if voted.note:
+                    title += f" — {voted.note}"
+                entries.append(TraceEntry(offset, "approval", title, "", "pending"))
             case ApprovalExpired(approval_id=approval_id):
                 title = f"approval #{approval_id} expired"
                 entries.append(TraceEntry(offset, "error", title, "", "expired"))

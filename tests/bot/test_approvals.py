@@ -13,7 +13,7 @@ import pytest
 from telegram import Update
 from telegram.ext import Application
 
-from agent.records import ApprovalStatus, RunStatus
+from agent.records import ApprovalStatus, Decision, RunStatus
 from agent.settings import Settings
 from bench.roundtrips import RoundTrips, count_store, counting_here
 from tests.bot_harness import (
@@ -103,7 +103,7 @@ async def test_a_tap_takes_at_most_three_store_round_trips(
     monkeypatch.setattr(Application, "process_update", counted)
     async with chat_bench(settings.model_copy(update={"db": db_url})) as (standin, service):
         count_store(service.store.db)
-        standin.inject_message(INCIDENTS, ALICE, "/run failed-deploy-rollback service=web")
+        standin.inject_message(INCIDENTS, ALICE, "/run api-latency-spike service=web")
         request = await wait_for_approval(standin, INCIDENTS)
         run_id = run_id_of(request)
         tap = standin.inject_callback(INCIDENTS, request["message_id"], BOB, _choice(request, "y"))
@@ -114,7 +114,8 @@ async def test_a_tap_takes_at_most_three_store_round_trips(
 
 
 async def test_four_eyes_bars_the_requester_from_approving(settings: Settings) -> None:
-    """Carol starts a four-eyes runbook: her own tap is refused; Bob's approves."""
+    """Carol starts a four-eyes runbook: her own tap is refused; Bob's counts, and oncall's
+    CLI approval is the second of the two the rollback needs."""
     async with chat_bench(settings) as (standin, service):
         standin.inject_message(INCIDENTS, CAROL, "/run failed-deploy-rollback service=web")
         request = await wait_for_approval(standin, INCIDENTS)
@@ -128,15 +129,97 @@ async def test_four_eyes_bars_the_requester_from_approving(settings: Settings) -
         assert (await service.pending_approval(run_id)) is not None
 
         standin.inject_callback(INCIDENTS, request["message_id"], BOB, _choice(request, "y"))
+        await wait_for(
+            standin, lambda: "1 of 2" in _current(standin, INCIDENTS, request["message_id"])["text"]
+        )
+        await service.decide(run_id, Decision.APPROVE, "cli:oncall")
         await wait_for(standin, lambda: summaries(standin, INCIDENTS, run_id), 20)
-        assert "approved by @bob" in summaries(standin, INCIDENTS, run_id)[0]["text"]
+        assert "approved by cli:oncall" in summaries(standin, INCIDENTS, run_id)[0]["text"]
 
 
-async def test_two_approvers_tapping_at_once_make_one_decision(settings: Settings) -> None:
-    """Bob approves and Carol rejects in the same instant: exactly one decision is recorded,
-    the other tap is told it changed nothing."""
-    async with chat_bench(settings) as (standin, _):
+async def test_a_two_person_card_says_who_approved_and_keeps_its_buttons(
+    settings: Settings,
+) -> None:
+    """failed-deploy-rollback needs two people: after Bob's tap the card says "1 of 2
+    approvals: @bob — waiting for one more" and keeps its buttons; Bob's second tap counts
+    nothing; Carol's completes it, and the card shows both, without buttons."""
+    async with chat_bench(settings) as (standin, service):
         standin.inject_message(INCIDENTS, ALICE, "/run failed-deploy-rollback service=web")
+        request = await wait_for_approval(standin, INCIDENTS)
+        run_id, message_id = run_id_of(request), request["message_id"]
+        assert "Needs 2 approvals by different people" in request["text"]
+
+        first = standin.inject_callback(INCIDENTS, message_id, BOB, _choice(request, "y"))
+        await wait_for(
+            standin, lambda: "1 of 2" in _current(standin, INCIDENTS, message_id)["text"]
+        )
+        answer = standin.callback_answer(first)
+        assert answer["text"] == "Recorded: 1 of 2 approvals, waiting for one more."
+        card = _current(standin, INCIDENTS, message_id)
+        assert "1 of 2 approvals: @bob — waiting for one more" in card["text"]
+        assert keyboard_data(card) == keyboard_data(request)
+        pending = await service.pending_approval(run_id)
+        assert pending is not None and pending.status == ApprovalStatus.PENDING
+
+        again = standin.inject_callback(INCIDENTS, message_id, BOB, _choice(request, "y"))
+        await wait_for(standin, lambda: standin.callback_answer(again))
+        assert standin.callback_answer(again)["text"] == (
+            "Already counted: 1 of 2 approvals, waiting for one more; nothing changed."
+        )
+
+        standin.inject_callback(INCIDENTS, message_id, CAROL, _choice(request, "y"))
+        await wait_for(standin, lambda: summaries(standin, INCIDENTS, run_id), 20)
+        await wait_for(standin, lambda: not keyboard_data(_current(standin, INCIDENTS, message_id)))
+        final = _current(standin, INCIDENTS, message_id)["text"]
+        assert "2 of 2 approvals: @bob, @carol" in final
+        assert "Approved by @carol" in final and "waiting" not in final
+        assert "SUCCEEDED" in summaries(standin, INCIDENTS, run_id)[0]["text"]
+        assert len(_decisions(settings.db, run_id)) == 1
+
+
+async def test_a_reject_after_one_approval_ends_the_two_person_request(
+    settings: Settings,
+) -> None:
+    async with chat_bench(settings) as (standin, service):
+        standin.inject_message(INCIDENTS, ALICE, "/run failed-deploy-rollback service=web")
+        request = await wait_for_approval(standin, INCIDENTS)
+        run_id, message_id = run_id_of(request), request["message_id"]
+        standin.inject_callback(INCIDENTS, message_id, BOB, _choice(request, "y"))
+        await wait_for(
+            standin, lambda: "1 of 2" in _current(standin, INCIDENTS, message_id)["text"]
+        )
+
+        await service.decide(run_id, Decision.REJECT, "telegram:100000002", "not this one")
+
+        await wait_for(standin, lambda: summaries(standin, INCIDENTS, run_id), 20)
+        final = _current(standin, INCIDENTS, message_id)
+        assert not keyboard_data(final)
+        assert "1 of 2 approvals: @bob\n" in final["text"]
+        assert "Rejected by telegram:100000002" in final["text"]
+        assert "rejected" in summaries(standin, INCIDENTS, run_id)[0]["text"]
+
+
+ONE_OF_TWO_GROUPS = """\
+id: one-of-two
+title: One approval, from either group
+triggers: [one of two]
+approvers: [group:approvers, group:leads]
+steps:
+  - id: gated
+    title: A gated note
+    note: nothing happens
+    approval: required
+"""
+
+
+async def test_two_approvers_tapping_at_once_make_one_decision(
+    settings: Settings, workspace: Path
+) -> None:
+    """Bob and Carol approve in the same instant a step one approval decides: exactly one
+    decision is recorded, the other tap is told it changed nothing."""
+    (workspace / "runbooks" / "one-of-two.yaml").write_text(ONE_OF_TWO_GROUPS)
+    async with chat_bench(settings) as (standin, _):
+        standin.inject_message(INCIDENTS, ALICE, "/run one-of-two")
         request = await wait_for_approval(standin, INCIDENTS)
         run_id = run_id_of(request)
         first = standin.inject_callback(

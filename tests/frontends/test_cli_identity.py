@@ -10,6 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.errors import DeciderRefused
+from agent.records import Decision
+from agent.service.runs import DecisionResult, RunService
+from agent.settings import Settings
 from tests.cli_helpers import Cli, assert_usage_error, make_cli_workspace, snapshot
 from tests.support import raw_rows
 
@@ -97,4 +101,65 @@ def test_a_people_file_with_an_error_is_one_line_naming_the_file_and_field(cli: 
     for command in (["approve", "inc-4", "--as", "oncall"], ["approve", "inc-4"]):
         line = assert_usage_error(cli(*command))
         assert line == f"loom-ops: {people}:4: people[0].groups: Input should be a valid list"
+    assert snapshot(cli.db) == before
+
+
+# -- approval by several people ------------------------------------------------------------------
+
+DEPLOY = "failed-deploy-rollback"  # its rollback needs two people, neither the requester
+
+
+async def _decide_in_chat(cli: Cli, run_id: str, identity: str) -> DecisionResult:
+    """A decision as the bot records a tap: the person's telegram: identity, in-process."""
+    settings = Settings(
+        _env_file=None, db=str(cli.db), workspace=cli.workspace, mock_llm=True, user="tester"
+    )
+    service = await RunService.open(settings)
+    try:
+        return await service.decide(run_id, Decision.APPROVE, identity, wait=False)
+    finally:
+        await service.close()
+
+
+async def test_approving_in_chat_then_in_the_cli_as_the_same_person_counts_once(cli: Cli) -> None:
+    """lead is telegram:100000002 and cli:lead (the tests' people file): one person."""
+    started = cli("runbook", DEPLOY, "--run-id", "dep-1", "--mock-llm")
+    assert started.returncode == 0, started.describe()
+    tapped = await _decide_in_chat(cli, "dep-1", "telegram:100000002")
+    assert tapped.message == "recorded: 1 of 2 approvals, waiting for one more"
+    before = snapshot(cli.db)
+
+    again = cli("approve", "dep-1", env={"LOOM_OPS_USER": "lead"})
+
+    assert_usage_error(again, "already counted: 1 of 2 approvals, waiting for one more")
+    assert snapshot(cli.db) == before
+    second = cli("approve", "dep-1", env={"LOOM_OPS_USER": "oncall"})
+    assert second.returncode == 0, second.describe()
+    assert "Decision: approved by cli:oncall: 2 of 2 approvals, done" in second.stdout
+    votes = raw_rows(cli.db, "SELECT person, decided_by FROM approval_votes ORDER BY decided_at")
+    assert [tuple(v) for v in votes] == [("lead", "telegram:100000002"), ("oncall", "cli:oncall")]
+
+
+def test_the_cli_answer_says_how_many_approvals_are_in(cli: Cli) -> None:
+    assert cli("runbook", DEPLOY, "--run-id", "dep-2", "--mock-llm").returncode == 0
+
+    first = cli("approve", "dep-2", "--json", env={"LOOM_OPS_USER": "oncall"})
+
+    assert first.returncode == 0, first.describe()
+    payload = first.json()
+    assert payload["status"] == "waiting_approval"
+    assert payload["message"] == "Decision: recorded: 1 of 2 approvals, waiting for one more"
+
+
+async def test_four_eyes_holds_across_front_ends_for_a_two_person_rule(cli: Cli) -> None:
+    """lead starts the run from the CLI: their chat tap is refused; nothing is counted."""
+    started = cli(
+        "runbook", DEPLOY, "--run-id", "dep-3", "--mock-llm", env={"LOOM_OPS_USER": "lead"}
+    )
+    assert started.returncode == 0, started.describe()
+    before = snapshot(cli.db)
+
+    with pytest.raises(DeciderRefused, match="four eyes"):
+        await _decide_in_chat(cli, "dep-3", "telegram:100000002")
+
     assert snapshot(cli.db) == before

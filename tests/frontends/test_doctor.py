@@ -337,7 +337,8 @@ def test_approvers_no_runbook_accepts(cli: Cli) -> None:
 
 def test_approvers_every_runbook_accepts_are_fine(cli: Cli) -> None:
     env = {
-        "LOOM_OPS_APPROVERS": "cli:oncall,telegram:100000001",
+        # Three: failed-deploy-rollback needs two approvals, neither the requester's.
+        "LOOM_OPS_APPROVERS": "cli:oncall,telegram:100000001,cli:lead",
         "TELEGRAM_APPROVER_IDS": "100000001",
     }
     result = cli("doctor", "--mock-llm", env=env)
@@ -423,7 +424,8 @@ def test_the_approver_settings_fill_group_approvers(cli: Cli) -> None:
     assert sorted(line.split()[4] for line in findings(alone, "error", "approvers")) == [
         "api-latency-spike's",
         "disk-almost-full's",
-    ]  # failed-deploy-rollback also names group:leads, which lee is in
+        "needs",  # failed-deploy-rollback also names group:leads, but lee alone is not two
+    ]
 
     filled = cli("doctor", "--mock-llm", env={"LOOM_OPS_APPROVERS": "cli:bob,cli:lee"})
     assert filled.returncode == 0, filled.describe()

@@ -142,7 +142,9 @@ def test_four_eyes_refuses_the_requester_through_their_own_token(
         assert oncall.get("/runs/deploy").json()["approval"]["status"] == "pending"
         decided = leads.post("/runs/deploy/approve")
         assert decided.status_code == 200, decided.text
-        assert decided.json()["message"] == "approved by api:lead-web"
+        # The rollback needs two people: lead's approval is the first.
+        assert decided.json()["approved_by"] == ["api:lead-web"]
+        assert decided.json()["message"] == "recorded: 1 of 2 approvals, waiting for one more"
 
 
 def test_a_revoked_or_unknown_token_gets_401(cli: Cli, serve: ServeProcess) -> None:
@@ -192,7 +194,7 @@ def test_the_service_token_starts_and_reads_but_decides_only_as_a_mapped_person(
             assert started.returncode == 0, started.describe()
             decided = svc.post("/runs/by-cli/approve")  # lead is in group:leads
             assert decided.status_code == 200, decided.text
-            assert decided.json()["message"] == "approved by api:http"
+            assert decided.json()["approved_by"] == ["api:http"]  # one of the two it needs
     finally:
         server.stop()
 

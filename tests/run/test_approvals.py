@@ -573,9 +573,11 @@ async def test_four_eyes_bars_the_requester(service: RunService) -> None:
             await service.decide("deploy", decision, "cli:oncall")
     assert await _snapshot(service, "deploy") == before
 
-    result = await service.decide("deploy", Decision.APPROVE, "cli:lead", "second pair of eyes")
+    first = await service.decide("deploy", Decision.APPROVE, "cli:lead", "second pair of eyes")
+    assert first.changed and first.run.status == RunStatus.WAITING_APPROVAL  # one of two
+    result = await service.decide("deploy", Decision.APPROVE, "telegram:100000001")
     assert result.changed and result.run.status == RunStatus.SUCCEEDED
-    assert result.approval.decided_by == "cli:lead"
+    assert result.approval.decided_by == "telegram:100000001"
 
 
 def test_four_eyes_holds_for_the_in_doubt_retry_of_a_gated_step(
@@ -671,3 +673,79 @@ async def test_cancel_closes_the_pending_request(service: RunService) -> None:
         await service.cancel("cancel", "cli:oncall")
     assert await _snapshot(service, "cancel") == before
     assert "scale-out" not in await _executed_steps(service, "cancel")
+
+
+# -- approval by several people ----------------------------------------------------------------
+
+TWO_PEOPLE_DRILL = """\
+id: two-people-drill
+title: Two people drill
+triggers: [two people drill]
+approvers: [group:approvers]
+steps:
+  - id: act
+    title: Act
+    note: acting
+    approval: {required: 2, from: [group:approvers, group:leads], four_eyes: true}
+"""
+
+
+async def test_a_step_without_a_rule_is_decided_by_one_approver_as_before(
+    service: RunService,
+) -> None:
+    """`approval: required`: one decision ends the request; no partial approval is journaled."""
+    await service.start("one", LATENCY)
+    pending = await service.pending_approval("one")
+    assert pending is not None and pending.required == 1
+
+    result = await service.decide("one", Decision.APPROVE, "cli:oncall")
+
+    assert result.message == "approved by cli:oncall"
+    assert result.run.status == RunStatus.SUCCEEDED
+    assert [v.decided_by for v in result.votes] == ["cli:oncall"]
+    assert "approval_voted" not in await _event_types(service, "one")
+
+
+async def test_explain_and_the_trace_show_each_approval(
+    workspace: Path, service: RunService
+) -> None:
+    from agent.views.explain import explain_tree
+    from agent.views.trace import render_trace, trace_of
+
+    write_runbook(workspace, "two-people-drill", TWO_PEOPLE_DRILL)
+    await service.start("two", "two people drill")
+    await service.decide("two", Decision.APPROVE, "cli:oncall", "ok by me")
+    await service.decide("two", Decision.APPROVE, "cli:lead")
+
+    tree = await service.run_tree("two", calls=False, events=True)
+    explained = explain_tree(tree)
+    assert "2 distinct people of group:approvers, group:leads" in explained
+    assert 'approval #1 approved by cli:oncall — "ok by me" (1 of 2, waiting for more)' in explained
+    assert "approval #1 approved by cli:lead" in explained
+    html = render_trace(trace_of(tree))
+    assert "approval #1 approved by cli:oncall (1 of 2) — ok by me" in html
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        ("{required: 0}", "steps[0].approval.required: Input should be greater than or equal"),
+        ("{required: 2, from: [oncall]}", "steps[0].approval.from[0]: approver 'oncall' must"),
+        ("{requierd: 2}", "unknown field 'requierd' in an approval rule (did you mean 'required'"),
+        ("sometimes", "steps[0].approval: approval must be required, none, or a rule"),
+    ],
+)
+def test_a_bad_approval_rule_is_one_line_naming_the_field(
+    tmp_path: Path, rule: str, message: str
+) -> None:
+    cli = Cli(tmp_path / "ws", tmp_path / "ops.sqlite")
+    (tmp_path / "ws" / "runbooks").mkdir(parents=True)
+    text = TWO_PEOPLE_DRILL.replace(
+        "{required: 2, from: [group:approvers, group:leads], four_eyes: true}", rule
+    )
+    (tmp_path / "ws" / "runbooks" / "bad.yaml").write_text(text)
+
+    result = cli("runbooks", "validate")
+
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.describe()
+    assert message in result.stdout + result.stderr, result.describe()

@@ -30,6 +30,7 @@ from agent.records import (
     Origin,
     RunLimits,
     RunStatus,
+    VoteOutcome,
 )
 from agent.service.runs import RunService
 from agent.settings import Settings
@@ -542,7 +543,14 @@ async def test_a_call_a_human_marked_for_retry_gets_one_new_attempt(store: RunSt
     assert (await store.get_run("r")).status == RunStatus.WAITING_APPROVAL
     retry = DecisionEffect("retry", None, RunStatus.QUEUED, None)
     decided = await store.decide_approval(
-        approval.id, ApprovalStatus.APPROVED, "cli:approver", None, retry
+        approval.id,
+        ApprovalStatus.APPROVED,
+        "cli:approver",
+        None,
+        retry,
+        person="cli:approver",
+        outcome=VoteOutcome.COMPLETES,
+        counted=(),
     )
     assert decided.changed and decided.run.status == RunStatus.QUEUED
     record = await store.get_tool_call("r#0.0")
@@ -577,7 +585,14 @@ async def test_a_decision_past_the_deadline_is_not_recorded(store: RunStore) -> 
     )
     approve = DecisionEffect("ok", {"approved": True}, RunStatus.QUEUED, Checkpoint(call=1))
     recorded = await store.decide_approval(
-        approval.id, ApprovalStatus.APPROVED, "cli:approver", None, approve
+        approval.id,
+        ApprovalStatus.APPROVED,
+        "cli:approver",
+        None,
+        approve,
+        person="cli:approver",
+        outcome=VoteOutcome.COMPLETES,
+        counted=(),
     )
     assert not recorded.changed
     assert recorded.approval.status == ApprovalStatus.EXPIRED  # the deadline decided it
