@@ -24,6 +24,7 @@ class ErrorKind(StrEnum):
     CONFLICT = "conflict"  # the state forbids it now: exists, decided, ended, driven elsewhere
     FORBIDDEN = "forbidden"  # this person or command may not: not an approver, not allowlisted
     UNAVAILABLE = "unavailable"  # what it needs is away (database, LLM, MCP server): retry later
+    BUSY = "busy"  # too much is going on now (active runs, a person's rate): retry shortly
 
 
 class LoomOpsError(Exception):
@@ -176,6 +177,13 @@ class TokenNotFound(StoreError):
     """No API token has that name."""
 
     kind = ErrorKind.NOT_FOUND
+
+
+class TooManyRuns(LoomOpsError):
+    """No run may start now: LOOM_OPS_MAX_ACTIVE_RUNS incidents are active (counted when
+    the run would be created)."""
+
+    kind = ErrorKind.BUSY
 
 
 class AuditKeyError(LoomOpsError):

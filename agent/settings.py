@@ -115,7 +115,11 @@ class Settings(BaseSettings):
     )
     port: int = Field(8766, ge=0, le=65535, description="Port `loom-ops serve` binds.")
     max_active_runs: int = Field(
-        32, ge=1, le=10_000, description="Runs the HTTP API lets run at once (then 429)."
+        32,
+        ge=1,
+        le=10_000,
+        description="Incidents active at once (queued or running) before further starts "
+        "from the API (429) and the chat are refused.",
     )
     max_body_bytes: int = Field(
         64 * 1024, ge=1024, description="Largest HTTP request body accepted (then 413)."

@@ -45,6 +45,7 @@ from agent.errors import (
     RunNotFound,
     ServiceError,
     StoreError,
+    TooManyRuns,
 )
 from agent.records import (
     ApprovalInRun,
@@ -70,6 +71,7 @@ from bot.messages import (
     status_words,
     until,
 )
+from bot.quota import RateVerdict, rate_rule
 from bot.settings import TelegramSettings
 from bot.starts import CALLBACK_PREFIX as START_PREFIX
 from bot.starts import (
@@ -157,6 +159,7 @@ class ChatOps:
         self._names: dict[str, str] = {}
         self._titles: dict[int, str] = {}  # served groups' titles, for a pointer to them
         self._background: set[asyncio.Task[None]] = set()  # names being stored
+        self._run_rate = telegram.run_rate, telegram.run_rate_window
 
     def register(self, application: Application) -> None:  # type: ignore[type-arg]
         """Add every handler, most specific first, and the error handler."""
@@ -249,6 +252,8 @@ class ChatOps:
             await _answer(update, refusal)
             return
         identity = await self._remember(user)
+        if not await self._within_rate(update, identity, message):
+            return
         plan = plan_start(self._service.catalog(), text)
         if plan.problem is not None:
             await _answer(update, Markup("{}").format(plan.problem))
@@ -280,18 +285,42 @@ class ChatOps:
                 if await self._card_run(message, date, attempt, text) is not None:
                     return
                 continue
-            except (ServiceError, RequestError, RunbookError, StoreError) as exc:
+            except (ServiceError, RequestError, RunbookError, StoreError, TooManyRuns) as exc:
                 await _answer(update, Markup("Cannot start the run: {}").format(exc))
             # Started: the run's progress message, sent through the outbox, is the answer.
             return
         await _answer(update, "Cannot start the run: no free run id; try again.")
 
+    async def _within_rate(self, update: Update, identity: str, asked: Message) -> bool:
+        """True when `identity` may send this /run (TELEGRAM_RUN_RATE); else one short
+        refusal per window, then silence, so a flood gets no flood of answers."""
+        limit, window = self._run_rate
+        message = f"{asked.chat.id}:{asked.message_id}"
+        decision = await self._chat.judge_run_rate(identity, message, limit, window)
+        if decision.verdict == RateVerdict.ADMIT:
+            return True
+        log.info("over the /run rate: %s (%s)", identity, decision.verdict.value)
+        if decision.verdict == RateVerdict.REFUSE:
+            await _answer(
+                update,
+                f"Too many /run messages ({rate_rule(limit, window)} per person); the next "
+                f"one is taken {until(decision.free_at or time.time(), time.time())}.",
+            )
+        return False
+
     async def _start(self, run_id: str, text: str, identity: str, asked: Message) -> None:
-        """Start a supervised run from the chat of the `/run` message `asked`."""
+        """Start a supervised run from the chat of the `/run` message `asked`, unless
+        LOOM_OPS_MAX_ACTIVE_RUNS incidents are active already (TooManyRuns)."""
         thread_id = asked.message_thread_id if asked.is_topic_message else None
         origin = Origin(kind="telegram", chat_id=asked.chat.id, thread_id=thread_id)
         await self._service.start(
-            run_id, text, role="supervisor", requested_by=identity, origin=origin, wait=False
+            run_id,
+            text,
+            role="supervisor",
+            requested_by=identity,
+            origin=origin,
+            wait=False,
+            capped=True,
         )
 
     async def _private_run_refusal(
@@ -335,7 +364,7 @@ class ChatOps:
         assert query is not None
         try:
             text, alert = await self._judge_start_tap(query)
-        except (ServiceError, RequestError, RunbookError, StoreError) as exc:
+        except (ServiceError, RequestError, RunbookError, StoreError, TooManyRuns) as exc:
             text, alert = f"Cannot start the run: {exc}", True
         await query.answer(clip(text, MAX_ANSWER_CHARS), show_alert=alert)
 

@@ -58,6 +58,21 @@ class TelegramSettings(BaseSettings):
         validation_alias=_alias("TELEGRAM_PROGRESS_INTERVAL"),
         description="Seconds between two edits of one run's progress message.",
     )
+    run_rate: int = Field(
+        5,
+        ge=0,
+        validation_alias=_alias("TELEGRAM_RUN_RATE"),
+        description="/run messages one Telegram user may send per TELEGRAM_RUN_RATE_WINDOW "
+        "(then one short refusal, and silence until the window frees a slot; 0: no limit).",
+    )
+    run_rate_window: float = Field(
+        300.0,
+        gt=0,
+        le=7 * 86400,
+        validation_alias=_alias("TELEGRAM_RUN_RATE_WINDOW"),
+        description="Seconds (at most a week) over which TELEGRAM_RUN_RATE counts a user's "
+        "/run messages.",
+    )
     poll_timeout: int = Field(
         30,
         ge=1,

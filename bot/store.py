@@ -13,6 +13,7 @@ from typing import Any
 
 from agent.records import ChatNotice
 from agent.store.database import Connection, Database, Leadership
+from bot.quota import RateDecision, RateVerdict, rate_decision
 
 
 @dataclass(frozen=True)
@@ -320,3 +321,46 @@ class ChatStore:
             ).fetchone()
         )
         return (row["message_id"], row["delivered_at"]) if row else None
+
+    async def judge_run_rate(
+        self, identity: str, message: str, limit: int, window: float
+    ) -> RateDecision:
+        """Decide one /run by `identity` under the rate (`limit` per `window` seconds; 0: no
+        rate) and record it, in one transaction on the person's row: two messages at once
+        cannot both take the last slot. `message` names the /run message (chat and message
+        id): one handled again after a crash is admitted again, not counted twice."""
+        if limit == 0:
+            return RateDecision(RateVerdict.ADMIT)
+
+        def judge(conn: Connection) -> RateDecision:
+            now = time.time()  # inside: the person's row orders the decisions
+            row = conn.execute(
+                "SELECT admitted_at, answered_at, ignored FROM chat_run_rates WHERE identity = ?",
+                (identity,),
+            ).fetchone()
+            # [message, when] of the latest admitted /run messages.
+            admitted = json.loads(row["admitted_at"]) if row is not None else []
+            if any(key == message for key, _ in admitted):
+                return RateDecision(RateVerdict.ADMIT)
+            answered_at = row["answered_at"] if row is not None else None
+            ignored = row["ignored"] if row is not None else 0
+            decision = rate_decision(
+                [at for _, at in admitted], answered_at is not None, limit, window, now
+            )
+            if decision.verdict == RateVerdict.ADMIT:
+                admitted = [*admitted, [message, now]][-limit:]
+                answered_at, ignored = None, 0  # a later flood gets its own refusal
+            elif decision.verdict == RateVerdict.REFUSE:
+                answered_at = now
+            else:
+                ignored += 1
+            conn.execute(
+                "INSERT INTO chat_run_rates (identity, admitted_at, answered_at, ignored) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (identity) DO UPDATE SET "
+                "admitted_at = excluded.admitted_at, answered_at = excluded.answered_at, "
+                "ignored = excluded.ignored",
+                (identity, json.dumps(admitted), answered_at, ignored),
+            )
+            return decision
+
+        return await self._db.transaction(judge)

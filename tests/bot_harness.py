@@ -50,8 +50,10 @@ def make_standin(first_message_id: int = 1) -> BotApiStandIn:
 
 
 def telegram_settings(server: StandInServer, **overrides: Any) -> TelegramSettings:
-    """Bot settings pointing at the stand-in; flood limits off so tests run at full speed."""
+    """Bot settings pointing at the stand-in; flood limits (Telegram's, and the /run rate:
+    tests/bot/test_limits.py turns it on) off so tests run at full speed."""
     values: dict[str, Any] = {
+        "run_rate": 0,
         "allowed_chat_ids": [INCIDENTS, PLATFORM, PRIVATE],
         "approver_ids": [BOB, CAROL],
         "api_base_url": server.bot_base_url,
@@ -73,6 +75,7 @@ def bot_env(server: StandInServer, settings: Settings, **extra: str) -> dict[str
         TELEGRAM_API_BASE_URL=server.bot_base_url,
         TELEGRAM_GROUP_RATE="0",
         TELEGRAM_OVERALL_RATE="0",
+        TELEGRAM_RUN_RATE="0",
         TELEGRAM_PROGRESS_INTERVAL="0.3",
         TELEGRAM_POLL_TIMEOUT="1",
         LOOM_OPS_DB=settings.db,

@@ -63,6 +63,21 @@ async def open_service(
         await service.close()
 
 
+# One live step that takes a minute: keeps a run `running` (allow `append.py slow 60`).
+SLOW_RUNBOOK = """\
+id: slow-drill
+title: Slow drill
+description: One long live step, to keep a run running.
+triggers: [slow drill]
+approvers: [cli:oncall]
+steps:
+  - id: slow
+    title: Take a while
+    run: "{python} append.py slow 60"
+    timeout: 120
+"""
+
+
 def write_runbook(workspace: Path, runbook_id: str, text: str) -> Path:
     """Write a runbook YAML into the workspace; `{python}` in `text` becomes this interpreter."""
     path = workspace / "runbooks" / f"{runbook_id}.yaml"

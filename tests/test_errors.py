@@ -72,6 +72,7 @@ def test_each_kind_maps_to_the_documented_exit_code_and_http_status() -> None:
         ErrorKind.CONFLICT: 2,
         ErrorKind.FORBIDDEN: 2,
         ErrorKind.UNAVAILABLE: 1,  # the machine, not the input: trying again may work
+        ErrorKind.BUSY: 1,
     }
     assert STATUS == {
         ErrorKind.INVALID: 422,
@@ -79,6 +80,7 @@ def test_each_kind_maps_to_the_documented_exit_code_and_http_status() -> None:
         ErrorKind.CONFLICT: 409,
         ErrorKind.FORBIDDEN: 403,
         ErrorKind.UNAVAILABLE: 503,
+        ErrorKind.BUSY: 429,
     }
 
 

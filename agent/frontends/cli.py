@@ -74,6 +74,7 @@ EXIT_CODES: dict[ErrorKind, int] = {
     ErrorKind.CONFLICT: EXIT_USAGE,
     ErrorKind.FORBIDDEN: EXIT_USAGE,
     ErrorKind.UNAVAILABLE: EXIT_RUN_FAILED,
+    ErrorKind.BUSY: EXIT_RUN_FAILED,
 }
 
 

@@ -79,6 +79,7 @@ STATUS: dict[ErrorKind, int] = {
     ErrorKind.CONFLICT: 409,
     ErrorKind.FORBIDDEN: 403,
     ErrorKind.UNAVAILABLE: 503,
+    ErrorKind.BUSY: 429,
 }
 
 
@@ -281,8 +282,6 @@ def create_app(service: RunService, bind_host: str | None = None) -> FastAPI:
     settings = service.settings
     # Set when the server stops: open event streams end cleanly instead of being cut.
     shutdown = asyncio.Event()
-    # The active-run count and the start are one step, or concurrent starts all see room.
-    starting = asyncio.Lock()
 
     app = FastAPI(
         title="loom-ops",
@@ -319,22 +318,16 @@ def create_app(service: RunService, bind_host: str | None = None) -> FastAPI:
 
     async def start(body: StartRun, role: str, caller: Caller) -> RunRecord:
         run_id = body.run_id or f"run-{secrets.token_hex(4)}"
-        async with starting:
-            if await service.active_runs() >= settings.max_active_runs:
-                raise HTTPException(
-                    429,
-                    f"{settings.max_active_runs} runs are active; try again shortly",
-                    {"Retry-After": str(RETRY_AFTER_SECONDS)},
-                )
-            return await service.start(
-                run_id,
-                body.message,
-                role=role,
-                requested_by=caller.identity,
-                origin=Origin(kind="http"),
-                max_steps=body.max_steps,
-                wait=False,
-            )
+        return await service.start(
+            run_id,
+            body.message,
+            role=role,
+            requested_by=caller.identity,
+            origin=Origin(kind="http"),
+            max_steps=body.max_steps,
+            wait=False,
+            capped=True,
+        )
 
     @app.post("/runs", status_code=201, dependencies=guarded, responses=starts)
     async def start_run(body: StartRun, caller: As) -> RunOut:
@@ -566,7 +559,8 @@ async def _refused(request: Request, exc: LoomOpsError) -> JSONResponse:
     """A refusal from any layer: its kind's status, its own text."""
     if exc.kind == ErrorKind.UNAVAILABLE:
         log.warning("%s %s: %s", request.method, request.url.path, exc)
-    return JSONResponse({"error": str(exc)}, STATUS[exc.kind])
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if exc.kind == ErrorKind.BUSY else None
+    return JSONResponse({"error": str(exc)}, STATUS[exc.kind], headers=headers)
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -267,8 +267,12 @@ class RunService:
         origin: Origin | None = None,
         max_steps: int | None = None,
         wait: bool = True,
+        capped: bool = False,
     ) -> RunRecord:
-        """Create a run and drive it (in this task when `wait`, else in the background)."""
+        """Create a run and drive it (in this task when `wait`, else in the background).
+
+        `capped` (the API's and the chat's starts) refuses with TooManyRuns while
+        LOOM_OPS_MAX_ACTIVE_RUNS incidents are active."""
         validate_run_id(run_id)
         validate_text("message", message, MAX_REQUEST_BYTES)
         if not message.strip():
@@ -306,7 +310,8 @@ class RunService:
                 limits=limits,
                 policy=self._policy.name,
                 effects=self.toolbox.effects(),
-            )
+            ),
+            max_active=self.settings.max_active_runs if capped else None,
         )
         return await self._drive(run_id, wait, created)
 

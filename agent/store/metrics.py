@@ -260,19 +260,6 @@ def _events_sql(dialect: Dialect) -> str:
 class MetricsStore(StoreBase):
     """Counts over all runs."""
 
-    async def count_active_roots(self) -> int:
-        """Runs started by a front end (roots) with a run of their tree queued or running; a
-        tree that only waits for a human holds nothing and is not counted."""
-        row = await self._read(
-            lambda c: c.execute(
-                "WITH RECURSIVE up(id, parent_id) AS ("
-                "SELECT id, parent_id FROM runs WHERE status IN ('queued', 'running') UNION "
-                "SELECT r.id, r.parent_id FROM runs r JOIN up ON r.id = up.parent_id) "
-                "SELECT COUNT(*) FROM up WHERE parent_id IS NULL"
-            ).fetchone()
-        )
-        return int(row[0])
-
     async def metrics_snapshot(self, known_tools: Iterable[str] = ()) -> MetricsSnapshot:
         """Fold the journal's new events into the counters, then read the counters and the
         current values: one transaction, whose cost follows what happened since the last

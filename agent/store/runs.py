@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from agent.errors import RunExists, RunNotFound, RunNotRunnable
+from agent.errors import RunExists, RunNotFound, RunNotRunnable, TooManyRuns
 from agent.events import PolicyTurn, RunCreated, RunFinished
 from agent.records import ChatNotice, Checkpoint, Claim, RunRecord, RunStatus
 from agent.store.base import RunHead, StoreBase
@@ -17,13 +17,20 @@ from agent.store.rows import SELECT_RUNS, run_from_row
 class RunsStore(StoreBase):
     """The runs aggregate."""
 
-    async def create_run(self, new: NewRun) -> RunRecord:
-        """Create a queued run; raises RunExists for a duplicate id."""
+    async def create_run(self, new: NewRun, max_active: int | None = None) -> RunRecord:
+        """Create a queued run; raises RunExists for a duplicate id, and TooManyRuns when
+        `max_active` incidents are active already (counted in the creating transaction, which
+        every process's creations serialize on: the run counter's row)."""
         now = time.time()
 
         def create(conn: Connection) -> RunHead:
             if conn.execute("SELECT 1 FROM runs WHERE id = ?", (new.id,)).fetchone():
                 raise RunExists(f"run id {new.id!r} exists already")
+            if max_active is not None and _active_roots(conn) >= max_active:
+                raise TooManyRuns(
+                    f"{max_active} active run(s), the limit (LOOM_OPS_MAX_ACTIVE_RUNS); "
+                    "try again shortly"
+                )
             if (
                 new.parent_id is not None
                 and not conn.execute("SELECT 1 FROM runs WHERE id = ?", (new.parent_id,)).fetchone()
@@ -98,6 +105,11 @@ class RunsStore(StoreBase):
             last_hash=head.last_hash,
             key_id=self.audit_key.id if self.audit_key else None,
         )
+
+    async def count_active_roots(self) -> int:
+        """Runs started by a front end (roots) with a run of their tree queued or running; a
+        tree that only waits for a human holds nothing and is not counted."""
+        return await self._read(_active_roots)
 
     async def get_run(self, run_id: str) -> RunRecord:
         """The run with that id; raises RunNotFound."""
@@ -257,3 +269,14 @@ class RunsStore(StoreBase):
             ).fetchall()
         )
         return [run_from_row(row) for row in rows]
+
+
+def _active_roots(conn: Connection) -> int:
+    """In a transaction or a read: the roots with a run of their tree queued or running."""
+    row = conn.execute(
+        "WITH RECURSIVE up(id, parent_id) AS ("
+        "SELECT id, parent_id FROM runs WHERE status IN ('queued', 'running') UNION "
+        "SELECT r.id, r.parent_id FROM runs r JOIN up ON r.id = up.parent_id) "
+        "SELECT COUNT(*) AS active FROM up WHERE parent_id IS NULL"
+    ).fetchone()
+    return int(row["active"])

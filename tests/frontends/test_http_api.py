@@ -44,7 +44,7 @@ from tests.http_harness import (
     wait_for_approval,
     wait_for_run,
 )
-from tests.support import DISK, LATENCY, allow, lines, write_runbook
+from tests.support import DISK, LATENCY, SLOW_RUNBOOK, allow, lines, write_runbook
 
 ONCALL = "cli:oncall"  # in the group the shipped runbooks name (the tests' people file)
 APPROVERS = "group:approvers"
@@ -521,20 +521,6 @@ async def test_approve_by_an_api_user_not_among_the_approvers_is_403(settings: S
             assert "api:http" in text and APPROVERS in text
         run = (await s.client.get("/runs/gate")).json()
         assert run["status"] == "waiting_approval" and run["approval"]["status"] == "pending"
-
-
-SLOW_RUNBOOK = """\
-id: slow-drill
-title: Slow drill
-description: One long live step, to keep a run running.
-triggers: [slow drill]
-approvers: [cli:oncall]
-steps:
-  - id: slow
-    title: Take a while
-    run: "{python} append.py slow 60"
-    timeout: 120
-"""
 
 
 async def test_max_active_runs_then_429_with_retry_after(
