@@ -33,6 +33,10 @@ class EventType(StrEnum):
     WAITING_FOR_SIBLING = "waiting_for_sibling"
     WAITING_FOR_EARLIER_ATTEMPT = "waiting_for_earlier_attempt"
     AUDIT = "audit"
+    ALERT_RECEIVED = "alert_received"
+    ALERT_UPDATED = "alert_updated"
+    ALERT_RESOLVED = "alert_resolved"
+    ALERT_SILENCED = "alert_silenced"
 
 
 @dataclass(frozen=True)
@@ -188,14 +192,6 @@ class ApprovalDecided(Event):
 
 
 @dataclass(frozen=True)
-class ApprovalExpired(Event):
-    """Nobody decided before the deadline (never consent)."""
-
-    type: ClassVar[EventType] = EventType.APPROVAL_EXPIRED
-    approval_id: int
-
-
-@dataclass(frozen=True)
 class ApprovalVoted(Event):
     """A person approved request `number`, which needs more approvals: `approvals` of
     `required` are in (the approval that completes it is an ApprovalDecided)."""
@@ -207,6 +203,14 @@ class ApprovalVoted(Event):
     required: int
     number: int | None = None
     note: str | None = None
+
+
+@dataclass(frozen=True)
+class ApprovalExpired(Event):
+    """Nobody decided before the deadline (never consent)."""
+
+    type: ClassVar[EventType] = EventType.APPROVAL_EXPIRED
+    approval_id: int
 
 
 @dataclass(frozen=True)
@@ -245,6 +249,55 @@ class Audit(Event):
 
 
 @dataclass(frozen=True)
+class AlertReceived(Event):
+    """The run answers an alert group: what fired, when it was first notified (`first_at`,
+    Unix seconds), which route started it and who (`auto`: the route, on its own)."""
+
+    type: ClassVar[EventType] = EventType.ALERT_RECEIVED
+    incident_id: int
+    source: str
+    alertname: str
+    status: str
+    firing: int
+    labels: dict[str, str]
+    annotations: dict[str, str]
+    first_at: float
+    started_by: str
+    start: str  # the route's `start`: auto or ask
+
+
+@dataclass(frozen=True)
+class AlertUpdated(Event):
+    """The alert group fired again (new alerts, or a re-fire) while the run is open."""
+
+    type: ClassVar[EventType] = EventType.ALERT_UPDATED
+    incident_id: int
+    firing: int
+    notifications: int
+    received_at: float
+
+
+@dataclass(frozen=True)
+class AlertResolved(Event):
+    """The alert group resolved (`resolved_at`, Unix seconds) while the run is open."""
+
+    type: ClassVar[EventType] = EventType.ALERT_RESOLVED
+    incident_id: int
+    resolved_at: float
+
+
+@dataclass(frozen=True)
+class AlertSilenced(Event):
+    """A person silenced the alert group in Alertmanager (`silence_id`) until `until`."""
+
+    type: ClassVar[EventType] = EventType.ALERT_SILENCED
+    incident_id: int
+    silence_id: str
+    by: str
+    until: float
+
+
+@dataclass(frozen=True)
 class UnknownEvent:
     """An event this version cannot read (another version's type, a damaged payload)."""
 
@@ -270,6 +323,10 @@ KNOWN: dict[str, type[Event]] = {
         WaitingForSibling,
         WaitingForEarlierAttempt,
         Audit,
+        AlertReceived,
+        AlertUpdated,
+        AlertResolved,
+        AlertSilenced,
     )
 }
 

@@ -93,6 +93,7 @@ class ChatNotice(StrEnum):
     APPROVAL_EXPIRED = "approval_expired"  # edit the request: nobody decided in time
     PROGRESS = "progress"  # show the tree's state again (one message per tree, edited)
     RUN_FINISHED = "run_finished"  # the root run's summary
+    ALERT = "alert"  # show an alert incident's card: sent once, then edited in place
 
 
 # The runs table's small JSON columns; one encoder, as `json.dumps` with options builds a new
@@ -418,3 +419,87 @@ class ApprovalInRun:
     def name(self, identity: str) -> str:
         """How people know an identity (`@alice`); an unknown one as it is."""
         return self.names.get(identity, identity)
+
+
+@dataclass(frozen=True)
+class AlertItem:
+    """One alert of a notification: its fingerprint, status, labels, annotations and the
+    sender's RFC 3339 start and end times."""
+
+    fingerprint: str
+    status: str  # firing or resolved
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
+    starts_at: str | None = None
+    ends_at: str | None = None
+
+
+@dataclass(frozen=True)
+class AlertNotice:
+    """One alert notification as loom-ops reads it, whoever sent it: the group it is about
+    (`group_key`, the sender's), its status, the labels and annotations the group shares, the
+    labels a silence of it matches, and its alerts."""
+
+    source: str  # alertmanager, grafana or generic
+    group_key: str
+    status: str  # firing or resolved
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
+    matchers: Mapping[str, str]
+    alerts: tuple[AlertItem, ...]
+
+    @property
+    def alertname(self) -> str:
+        """The group's alert name (`alertname`), or `alert` when the alerts differ."""
+        return self.labels.get("alertname") or "alert"
+
+    @property
+    def firing(self) -> int:
+        """How many of its alerts are firing."""
+        return sum(1 for alert in self.alerts if alert.status == "firing")
+
+
+class AlertState(StrEnum):
+    """What the incident chat (or an `auto` route) made of an alert incident."""
+
+    PROPOSED = "proposed"  # its card asks whether to start the runbook
+    STARTED = "started"  # its run is started (by a tap, or on its own)
+    IGNORED = "ignored"  # a person closed the card
+
+
+@dataclass(frozen=True)
+class AlertIncident:
+    """One alert group's incident: the runbook and params it proposes, its run (the id is
+    fixed when it opens), where its card is, and what happened to it, in Unix seconds."""
+
+    id: int
+    source: str
+    group_key: str  # a digest of the sender's group key
+    alertname: str
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
+    matchers: Mapping[str, str]  # what a silence matches
+    runbook_id: str
+    params: Mapping[str, str]
+    start_mode: str  # the route's `start`: auto or ask
+    state: AlertState
+    status: str  # firing or resolved, as last notified
+    firing: int
+    notifications: int  # distinct notifications received
+    run_id: str
+    chat_id: int | None
+    card_message_id: int | None
+    first_at: float
+    last_at: float
+    resolved_at: float | None
+    decided_by: str | None
+    decided_at: float | None
+    silence_id: str | None
+    silenced_by: str | None
+    silenced_until: float | None
+    closed_at: float | None
+
+    @property
+    def is_open(self) -> bool:
+        """True while a notification of its group belongs to it."""
+        return self.closed_at is None

@@ -144,6 +144,26 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("TELEGRAM_BOT_TOKEN", "LOOM_OPS_TELEGRAM_BOT_TOKEN"),
         description="The Telegram bot's token (from @BotFather); redacted wherever it appears.",
     )
+    alert_chat_id: int | None = Field(
+        None,
+        validation_alias=AliasChoices("TELEGRAM_ALERT_CHAT_ID", "LOOM_OPS_TELEGRAM_ALERT_CHAT_ID"),
+        description="The incident chat alert cards go to (unset: the first group chat in "
+        "TELEGRAM_ALLOWED_CHAT_IDS).",
+    )
+    telegram_chats: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices(
+            "TELEGRAM_ALLOWED_CHAT_IDS", "LOOM_OPS_TELEGRAM_ALLOWED_CHAT_IDS"
+        ),
+        description="The chats the bot serves (the bot checks them); alert cards go to the "
+        "first group among them unless TELEGRAM_ALERT_CHAT_ID names one.",
+    )
+    alertmanager_url: str | None = Field(
+        None,
+        pattern=r"^https?://[^\s]+$",
+        description="Alertmanager's base URL: an alert card's [Silence 1h] creates the silence "
+        "through its API v2 (unset: the card has no such button).",
+    )
     llm_timeout: float = Field(60.0, gt=0, description="Seconds per LLM request attempt.")
     llm_max_retries: int = Field(
         3, ge=0, le=10, description="Retries of a failed LLM request (the client's backoff)."
@@ -177,7 +197,7 @@ class Settings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
-    @field_validator("telegram_approvers", mode="before")
+    @field_validator("telegram_approvers", "telegram_chats", mode="before")
     @classmethod
     def _telegram_ids(cls, value: object) -> object:
         # Kept as text: they become identities (`telegram:<id>`); the bot checks they are numbers.
@@ -260,6 +280,14 @@ class Settings(BaseSettings):
         """The HTTP API's token, or None when none (or a blank one) is set."""
         value = self.api_token.get_secret_value().strip() if self.api_token else ""
         return value or None
+
+    def alert_chat(self) -> int | None:
+        """The chat alert cards go to: TELEGRAM_ALERT_CHAT_ID, else the first group chat
+        (a negative id) the bot serves, else None (no card is posted)."""
+        if self.alert_chat_id is not None:
+            return self.alert_chat_id
+        groups = [int(chat) for chat in self.telegram_chats if re.fullmatch(r"-[0-9]{1,20}", chat)]
+        return groups[0] if groups else None
 
     def audit_secret(self) -> AuditKey | None:
         """The audit key the journal is chained under, or None (unkeyed)."""

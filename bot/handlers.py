@@ -58,6 +58,7 @@ from agent.records import (
 from agent.runbook.model import Step
 from agent.service.runs import RunService, validate_run_id
 from agent.views.trace import render_trace, trace_of
+from bot.alerts import AlertTaps
 from bot.facts import explain_lines, outcome_line, progress_of, runbook_of, team, tree_status
 from bot.messages import (
     MAX_CHUNKS,
@@ -186,6 +187,7 @@ class ChatOps:
             MessageHandler(filters.REPLY & filters.TEXT & ~filters.COMMAND & allowed, self.reply)
         )
         application.add_handler(CallbackQueryHandler(self.start_tap, pattern=f"^{START_PREFIX}:"))
+        AlertTaps(self._service, self._allowed, self._remember).register(application)
         application.add_handler(CallbackQueryHandler(self.tap))
         application.add_error_handler(self.on_error)
 

@@ -32,7 +32,7 @@ from telegram import (
 from telegram.constants import ParseMode
 from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, TelegramError
 
-from agent.errors import ApprovalNotFound, LoomOpsError, RunNotFound
+from agent.errors import ApprovalNotFound, LoomOpsError, RunNotFound, ServiceError
 from agent.failpoints import Failpoints
 from agent.records import (
     ApprovalInRun,
@@ -42,8 +42,11 @@ from agent.records import (
     RunStatus,
     RunTree,
 )
+from agent.service.alerts import AlertService
 from agent.service.runs import RunService
 from agent.views.summary import RunSummary, render_summary, summary_of
+from bot.alerts import card_buttons as alert_card_buttons
+from bot.alerts import card_text as alert_card_text
 from bot.facts import progress_of, tree_status
 from bot.messages import (
     MAX_CHUNKS,
@@ -77,6 +80,7 @@ URGENCY: dict[str, int] = {
     ChatNotice.APPROVAL_DECIDED: 0,
     ChatNotice.APPROVAL_VOTED: 0,
     ChatNotice.APPROVAL_EXPIRED: 0,
+    ChatNotice.ALERT: 0,
     ChatNotice.RUN_FINISHED: 1,
     ChatNotice.PROGRESS: 2,
 }
@@ -281,6 +285,8 @@ class OutboxSender:
                 await self._approval_outcome(message)
             case ChatNotice.RUN_FINISHED:
                 await self._summary(message)
+            case ChatNotice.ALERT:
+                await self._alert_card(message)
             case _:  # another version's kind
                 raise Undeliverable(f"unknown outbox entry kind {message.kind!r}")
 
@@ -305,6 +311,24 @@ class OutboxSender:
             edited = await self._edit(message, message_id, text, buttons)
         if edited is None:  # the request never reached the chat, or its message is gone
             edited = (await self._send(message, text, reply_markup=buttons)).message_id
+        await self._chat.mark_delivered(message.id, edited)
+
+    async def _alert_card(self, message: OutboxMessage) -> None:
+        """An alert incident's card as it stands now: sent the first time, then edited in
+        place (its buttons with it)."""
+        alerts = AlertService(self._service)
+        try:
+            card = await alerts.card(message.payload["incident_id"])
+        except ServiceError as exc:  # no such incident: nothing to show
+            raise Undeliverable(str(exc)) from None
+        text, buttons = alert_card_text(card, time.time()), alert_card_buttons(card)
+        message_id = card.incident.card_message_id
+        edited = None
+        if message_id is not None:
+            edited = await self._edit(message, message_id, text, buttons)
+        if edited is None:  # the first time, or the card's message is gone
+            edited = (await self._send(message, text, reply_markup=buttons)).message_id
+            await alerts.record_card(card.incident.id, edited)
         await self._chat.mark_delivered(message.id, edited)
 
     async def _progress_due(self, root_id: str) -> float:

@@ -495,6 +495,12 @@ def create_app(service: RunService, bind_host: str | None = None) -> FastAPI:
         deliveries, and gauges of what is unfinished now (agent/views/metrics.py)."""
         return Response(render_metrics(await service.metrics()), media_type=CONTENT_TYPE)
 
+    # Alert intake (POST /alerts/...); imported here, as that module builds on this one.
+    from agent.frontends.alerts import install as install_alerts
+    from agent.service.alerts import AlertService
+
+    install_alerts(app, AlertService(service))
+
     app.state.shutdown = shutdown
     app.state.service = service  # for `authorized`
     return app

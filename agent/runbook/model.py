@@ -44,6 +44,7 @@ from agent.runbook.templates import DEFAULT_LIMITS, BoundedSandbox, RenderLimits
 
 __all__ = [
     "MAX_FILE_BYTES",
+    "AlertRoute",
     "HealthCheck",
     "McpAction",
     "ParamError",
@@ -624,6 +625,67 @@ def _people_entries(value: list[str], who: str) -> list[str]:
     return value
 
 
+# A Prometheus label name: what an alert route's `match` keys must be.
+LABEL_NAME_PATTERN = r"[a-zA-Z_][a-zA-Z0-9_]{0,127}"
+# What an alert route's param templates may read: the alert group's labels and annotations.
+ALERT_TEMPLATE_NAMES = frozenset({"labels", "annotations"})
+
+
+class AlertRoute(BaseModel):
+    """One kind of alert a runbook answers: every `match` label equal, `params` rendered from
+    the alert's labels and annotations, and whether its run starts on its own (`auto`) or the
+    incident chat decides (`ask`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    match: dict[str, str] = Field(min_length=1)
+    params: dict[str, str] = Field(default_factory=dict)
+    start: Literal["auto", "ask"] = "ask"
+
+    @field_validator("match")
+    @classmethod
+    def _label_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not re.fullmatch(LABEL_NAME_PATTERN, name):
+                raise _FieldError((name,), f"{name!r} is not a label name ({LABEL_NAME_PATTERN})")
+        return value
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        """True when every label the route names has exactly its value in `labels`."""
+        return all(labels.get(name) == value for name, value in self.match.items())
+
+    def render_params(
+        self, labels: Mapping[str, str], annotations: Mapping[str, str]
+    ) -> dict[str, str]:
+        """The params this route gives its runbook for one alert (bounded sandbox renders);
+        RenderError names the param whose template failed (e.g. a label the alert lacks)."""
+        values = {"labels": dict(labels), "annotations": dict(annotations)}
+        rendered = {}
+        for name, template in self.params.items():
+            try:
+                rendered[name] = render_text(template, values)
+            except RenderError as exc:
+                raise RenderError(f"alert param {name!r}: {exc}") from None
+        return rendered
+
+
+def _alert_template_problem(source: str) -> str | None:
+    """Why an alert route's param template is unusable (syntax, unknown names), or None."""
+    if "{" not in source:
+        return None
+    try:
+        ast = _TEXT_ENV.parse(source)
+    except jinja2.TemplateSyntaxError as exc:
+        return f"template syntax error (template line {exc.lineno}): {exc.message}"
+    unknown = (
+        jinja2.meta.find_undeclared_variables(ast) - ALERT_TEMPLATE_NAMES - set(_TEXT_ENV.globals)
+    )
+    if unknown:
+        names = ", ".join(sorted(unknown))
+        return f"template references {names}: alert params may use labels and annotations"
+    return None
+
+
 class Runbook(BaseModel):
     """A validated runbook: identity, triggers, typed params, approvers and ordered steps."""
 
@@ -642,6 +704,8 @@ class Runbook(BaseModel):
     on_reject: Literal["stop", "rollback"] = "stop"
     env: list[str] = Field(default_factory=list)
     steps: list[Step] = Field(min_length=1)
+    # The alerts it answers (`POST /alerts/...`), first match first.
+    alerts: list[AlertRoute] = Field(default_factory=list)
 
     @field_validator("triggers")
     @classmethod
@@ -701,6 +765,28 @@ class Runbook(BaseModel):
         if problems:
             raise _FieldError.of(problems)
         return self
+
+    @model_validator(mode="after")
+    def _alert_params(self) -> Runbook:
+        # Here, not in AlertRoute: only the runbook knows which params it declares.
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        for index, route in enumerate(self.alerts):
+            for name, template in route.params.items():
+                loc: tuple[str | int, ...] = ("alerts", index, "params", name)
+                if name not in self.params:
+                    known = ", ".join(sorted(self.params)) or "none"
+                    problems.append((loc, f"{name!r} is not a param of {self.id} ({known})"))
+                    continue
+                problem = _alert_template_problem(template)
+                if problem:
+                    problems.append((loc, problem))
+        if problems:
+            raise _FieldError.of(problems)
+        return self
+
+    def alert_route(self, labels: Mapping[str, str]) -> AlertRoute | None:
+        """The first of its alert routes that matches `labels`, or None."""
+        return next((route for route in self.alerts if route.matches(labels)), None)
 
     def _template_fields(self) -> Iterator[tuple[tuple[str | int, ...], str, bool]]:
         """Every template in the runbook: (location, source, is_command)."""
@@ -929,6 +1015,8 @@ def _unknown_field_message(loc: tuple[object, ...]) -> str:
         model = HealthCheck
     elif len(parent) == 3 and parent[0] == "steps" and parent[2] == "rollback":
         model = RollbackAction
+    elif len(parent) == 2 and parent[0] == "alerts":
+        model = AlertRoute
     name = str(loc[-1])
     close = difflib.get_close_matches(name, list(model.model_fields), n=1, cutoff=0.6)
     hint = f" (did you mean {close[0]!r}?)" if close else ""

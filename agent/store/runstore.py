@@ -14,6 +14,7 @@ from pathlib import Path
 
 from agent.chain import AuditKey
 from agent.errors import StoreError
+from agent.store.alerts import AlertsStore
 from agent.store.approvals import ApprovalsStore
 from agent.store.calls import CallsStore
 from agent.store.claims import ClaimsStore
@@ -36,6 +37,7 @@ class RunStore(
     ProcessesStore,
     MetricsStore,
     TokensStore,
+    AlertsStore,
 ):
     """The durable store of runs and everything they did."""
 

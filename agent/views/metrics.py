@@ -66,6 +66,12 @@ COUNTERS = (
     ),
     Family("approvals_decided", ("decision",), "Approval requests decided", DECISIONS),
     Family("approvals_expired", (), "Approval requests nobody decided before the deadline"),
+    Family(
+        "alerts_received",
+        ("outcome",),
+        "Alert notifications, by what came of them (agent/store/alerts.py)",
+        ("opened", "updated", "resolved", "unchanged", "unmatched"),
+    ),
     Family("outbox_delivered", (), "Chat messages delivered"),
     Family(
         "outbox_delivery_failures",

@@ -191,7 +191,7 @@ async def test_the_bearer_scheme_is_declared_on_exactly_the_operations_that_need
                 assert operation["security"] == [{name: []}], (method, path)
                 assert response.status_code == 401, (method, path, response.text)
             checked += 1
-        assert checked == 13
+        assert checked == 16
         assert await s.service.store.list_runs() == []  # nothing started without the token
         # The document itself is open (README): the API's shape, no data.
         assert (await s.client.get("/openapi.json")).json() == spec

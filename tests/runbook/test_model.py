@@ -844,3 +844,97 @@ def test_allowlist_gaps_are_warnings_unless_live_shell(tmp_path: Path) -> None:
     everything = ShellAllowlist.from_data({"rules": [{"argv": ["kubectl", "**"]}]})
     # `**` admits no options: -n and -l are refused, so both commands are gaps.
     assert len(validate_runbooks(path, everything)[0].warnings) == 2
+
+
+# --- alert routes -------------------------------------------------------------------------------
+
+ALERTS = """\
+alerts:
+  - match: {alertname: WebDown, team: web}
+    params:
+      service: "{{ labels.service }}"
+      ticket: "{{ annotations.ticket | default('none') }}"
+    start: auto
+"""
+
+
+def with_alerts(block: str = ALERTS) -> str:
+    """VALID with an `alerts:` block before its steps (line 20 is `alerts:`)."""
+    return VALID.replace("steps:\n", block + "steps:\n", 1)
+
+
+def test_an_alert_route_matches_labels_and_renders_its_params() -> None:
+    runbook = Runbook.model_validate(yaml.safe_load(with_alerts()))
+    assert runbook.alert_route({"alertname": "WebDown"}) is None  # every label must match
+    route = runbook.alert_route({"alertname": "WebDown", "team": "web", "x": "y"})
+    assert route is not None and route.start == "auto"
+    params = route.render_params({"service": "web-eu"}, {"ticket": "INC-7"})
+    assert params == {"service": "web-eu", "ticket": "INC-7"}
+    assert runbook.resolve_params(params)["service"] == "web-eu"
+    with pytest.raises(RenderError, match="alert param 'service'"):
+        route.render_params({}, {})  # the alert lacks the label the template reads
+
+
+def test_shipped_runbooks_answer_their_alerts(catalog: RunbookCatalog) -> None:
+    answers = {
+        "HighLatency": "api-latency-spike",
+        "DiskAlmostFull": "disk-almost-full",
+        "NodeFilesystemAlmostOutOfSpace": "disk-almost-full",
+        "KubeDeploymentRolloutStuck": "failed-deploy-rollback",
+    }
+    for alertname, runbook_id in answers.items():
+        runbook = catalog.get(runbook_id)
+        route = runbook.alert_route({"alertname": alertname})
+        assert route is not None, alertname
+        runbook.resolve_params(route.render_params({"alertname": alertname}, {}))
+
+
+@pytest.mark.parametrize(
+    ("block", "line", "field", "message"),
+    [
+        (
+            ALERTS.replace("    start: auto", "    strat: auto"),
+            25,
+            "alerts[0].strat",
+            "unknown field 'strat' (did you mean 'start'?)",
+        ),
+        (ALERTS.replace("start: auto", "start: now"), 25, "alerts[0].start", "'auto' or 'ask'"),
+        (
+            ALERTS.replace("service: ", "replicas: "),
+            23,
+            "alerts[0].params.replicas",
+            "'replicas' is not a param of restart-web",
+        ),
+        (
+            ALERTS.replace("labels.service", "alert.service"),
+            23,
+            "alerts[0].params.service",
+            "template references alert: alert params may use labels and annotations",
+        ),
+        (
+            ALERTS.replace("{{ labels.service }}", "{{ labels.service"),
+            23,
+            "alerts[0].params.service",
+            "template syntax error",
+        ),
+        (
+            ALERTS.replace("{alertname: WebDown, team: web}", "{}"),
+            21,
+            "alerts[0].match",
+            "at least 1 item",
+        ),
+        (
+            ALERTS.replace("team: web", "team-name: web"),
+            21,
+            "alerts[0].match.team-name",
+            "is not a label name",
+        ),
+    ],
+)
+def test_a_bad_alert_route_is_one_error_with_file_line_and_field(
+    tmp_path: Path, block: str, line: int, field: str, message: str
+) -> None:
+    error = load_error(tmp_path, with_alerts(block))
+    assert (error.line, error.field) == (line, field), error
+    assert message in error.message
+    assert str(error).startswith(f"{tmp_path / 'rb.yaml'}:{line}: {field}: ")

@@ -1,0 +1,536 @@
+"""Alert intake over HTTP (`POST /alerts/...`) and its incidents: one incident, one run; a
+redelivery changes nothing; the incident chat's card and taps (the Bot API stand-in)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from agent.errors import ServiceError
+from agent.frontends.alerts import AlertmanagerBody, alertmanager_notice
+from agent.http_server import HttpServer
+from agent.service.alerts import AlertService
+from agent.service.runs import RunService
+from agent.settings import Settings
+from tests.bot_harness import (
+    ALICE,
+    BOB,
+    INCIDENTS,
+    MALLORY,
+    from_bot,
+    keyboard_data,
+    make_standin,
+    running_bot,
+    telegram_settings,
+    wait_for,
+)
+from tests.http_harness import served, wait_for_run
+
+TOKEN = "alert-test-token-0123456789"
+JSON = dict[str, Any]
+
+
+def alertmanager_body(
+    alertname: str = "HighLatency",
+    status: str = "firing",
+    instances: tuple[str, ...] = ("a",),
+    group_key: str | None = None,
+    labels: dict[str, str] | None = None,
+    starts_at: str = "2026-12-05T05:09:00Z",
+    ends_at: str = "0001-01-01T00:00:00Z",
+) -> JSON:
+    """An Alertmanager `version: "4"` notification of one group, one alert per instance."""
+    common = {"alertname": alertname, "service": "checkout-api", **(labels or {})}
+    alerts = [
+        {
+            "status": status,
+            "labels": {**common, "instance": instance},
+            "annotations": {"summary": f"p99 over 2 s on {instance}"},
+            "startsAt": starts_at,
+            "endsAt": ends_at,
+            "generatorURL": "http://prometheus:9090/graph",
+            "fingerprint": f"fp-{alertname}-{instance}",
+        }
+        for instance in instances
+    ]
+    return {
+        "version": "4",
+        "groupKey": group_key or f'{{}}:{{alertname="{alertname}"}}',
+        "truncatedAlerts": 0,
+        "status": status,
+        "receiver": "loom-ops",
+        "groupLabels": {"alertname": alertname},
+        "commonLabels": common,
+        "commonAnnotations": {"summary": "p99 over 2 s"} if len(instances) > 1 else {},
+        "externalURL": "http://alertmanager:9093",
+        "alerts": alerts,
+    }
+
+
+def alert_settings(settings: Settings, **overrides: Any) -> Settings:
+    """The test settings with an incident chat for alert cards."""
+    return settings.model_copy(update={"alert_chat_id": INCIDENTS, **overrides})
+
+
+def outbox_kinds(db: str) -> list[str]:
+    """The outbox's entries, oldest first, by kind."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        return [row[0] for row in conn.execute("SELECT kind FROM outbox ORDER BY id")]
+
+
+def event_types(events: list[Any]) -> list[str]:
+    return [event.type for event in events]
+
+
+async def _post(client: httpx.AsyncClient, path: str, body: JSON, **kwargs: Any) -> httpx.Response:
+    return await client.post(path, json=body, **kwargs)
+
+
+def parked(run: JSON) -> bool:
+    """The run waits for a person (its dry-run diagnostics done): its journal holds still."""
+    return bool(run["status"] == "waiting_approval")
+
+
+# -- intake ------------------------------------------------------------------------------------
+
+
+async def test_an_ask_route_proposes_the_runbook_to_the_chat_and_starts_nothing(
+    settings: Settings,
+) -> None:
+    async with served(alert_settings(settings)) as app:
+        answer = await _post(app.client, "/alerts/alertmanager", alertmanager_body())
+        assert answer.status_code == 202, answer.text
+        body = answer.json()
+        assert body["outcome"] == "opened"
+        assert body["runbook_id"] == "api-latency-spike"
+        assert body["params"] == {"service": "checkout-api", "namespace": "production"}
+        assert body["run_id"] is None
+        assert (await app.client.get("/runs")).json()["runs"] == []
+    assert outbox_kinds(settings.db) == ["alert"]
+
+
+async def test_an_auto_route_starts_one_run_that_journals_the_alert(settings: Settings) -> None:
+    async with served(alert_settings(settings)) as app:
+        answer = await _post(
+            app.client, "/alerts/alertmanager", alertmanager_body("DiskAlmostFull")
+        )
+        assert answer.status_code == 202, answer.text
+        run_id = answer.json()["run_id"]
+        assert answer.json()["runbook_id"] == "disk-almost-full"
+        run = (await app.client.get(f"/runs/{run_id}")).json()
+        assert run["requested_by"] == "api:http"
+        events = await app.service.events(run_id)
+        received = [e for e in events if e.type == "alert_received"]
+        assert len(received) == 1
+        assert received[0].data["alertname"] == "DiskAlmostFull"
+        assert received[0].data["started_by"] == "auto"
+        assert received[0].data["first_at"] <= received[0].ts
+
+
+async def test_a_redelivered_webhook_changes_nothing(settings: Settings) -> None:
+    body = alertmanager_body("DiskAlmostFull")
+    async with served(alert_settings(settings)) as app:
+        first = (await _post(app.client, "/alerts/alertmanager", body)).json()
+        await wait_for_run(app.client, first["run_id"], parked)
+        journal = await app.service.events(first["run_id"])
+        outbox = outbox_kinds(settings.db)
+        again = await _post(app.client, "/alerts/alertmanager", body)
+        assert again.status_code == 202
+        assert again.json()["outcome"] == "unchanged"
+        assert again.json()["run_id"] == first["run_id"]
+        assert await app.service.events(first["run_id"]) == journal
+        assert outbox_kinds(settings.db) == outbox
+        assert len((await app.client.get("/runs")).json()["runs"]) == 1
+
+
+async def test_a_refire_updates_the_open_run_and_the_resolve_is_journaled(
+    settings: Settings,
+) -> None:
+    async with served(alert_settings(settings)) as app:
+        first = (
+            await _post(app.client, "/alerts/alertmanager", alertmanager_body("DiskAlmostFull"))
+        ).json()
+        run_id = first["run_id"]
+        refire = await _post(
+            app.client,
+            "/alerts/alertmanager",
+            alertmanager_body("DiskAlmostFull", instances=("a", "b")),
+        )
+        assert refire.json()["outcome"] == "updated"
+        assert refire.json()["run_id"] == run_id
+        resolved = await _post(
+            app.client,
+            "/alerts/alertmanager",
+            alertmanager_body(
+                "DiskAlmostFull", "resolved", ("a", "b"), ends_at="2026-12-05T05:12:00Z"
+            ),
+        )
+        assert resolved.json()["outcome"] == "resolved"
+        assert resolved.json()["run_id"] == run_id
+        runs = (await app.client.get("/runs")).json()["runs"]
+        assert [run["run_id"] for run in runs] == [run_id]
+        types = event_types(await app.service.events(run_id))
+        assert types.count("alert_updated") == 1
+        assert types.count("alert_resolved") == 1
+        updated = next(e for e in await app.service.events(run_id) if e.type == "alert_updated")
+        assert updated.data["firing"] == 2
+        incident = await AlertService(app.service).incident_of_run(run_id)
+        assert incident is not None and incident.resolved_at is not None
+        assert incident.first_at < incident.resolved_at
+
+
+async def test_a_firing_after_the_run_ended_opens_a_new_incident(settings: Settings) -> None:
+    async with served(alert_settings(settings)) as app:
+        first = (
+            await _post(app.client, "/alerts/alertmanager", alertmanager_body("DiskAlmostFull"))
+        ).json()
+        await app.client.post(f"/runs/{first['run_id']}/cancel")
+        second = await _post(
+            app.client,
+            "/alerts/alertmanager",
+            alertmanager_body("DiskAlmostFull", instances=("c",)),
+        )
+        assert second.json()["outcome"] == "opened"
+        assert second.json()["run_id"] not in (None, first["run_id"])
+
+
+async def test_an_alert_no_runbook_answers_is_accepted_counted_and_starts_nothing(
+    settings: Settings,
+) -> None:
+    async with served(alert_settings(settings)) as app:
+        answer = await _post(app.client, "/alerts/alertmanager", alertmanager_body("Watchdog"))
+        assert answer.status_code == 202
+        assert answer.json()["outcome"] == "unmatched"
+        assert "no runbook answers this alert" in answer.json()["message"]
+        assert (await app.client.get("/runs")).json()["runs"] == []
+        metrics = (await app.client.get("/metrics")).text
+        assert 'loom_ops_alerts_received_total{outcome="unmatched"} 1.0' in metrics
+    assert outbox_kinds(settings.db) == []
+
+
+async def test_grafana_and_generic_alerts_are_accepted(settings: Settings) -> None:
+    grafana = alertmanager_body("HighLatency")
+    del grafana["version"], grafana["groupKey"]
+    grafana.update(
+        {"orgId": 1, "title": "[FIRING:1] HighLatency", "state": "alerting", "message": "…"}
+    )
+    grafana["alerts"][0].update({"values": {"A": 2.4}, "valueString": "[ var='A' value=2.4 ]"})
+    async with served(alert_settings(settings)) as app:
+        answer = await _post(app.client, "/alerts/grafana", grafana)
+        assert answer.status_code == 202, answer.text
+        assert answer.json()["outcome"] == "opened"
+        generic = {"name": "KubeDeploymentRolloutStuck", "labels": {"deployment": "cart"}}
+        answer = await _post(app.client, "/alerts", generic)
+        assert answer.status_code == 202, answer.text
+        assert answer.json()["runbook_id"] == "failed-deploy-rollback"
+        assert answer.json()["params"]["service"] == "cart"
+        again = await _post(app.client, "/alerts", generic)
+        assert again.json()["outcome"] == "unchanged"
+
+
+@pytest.mark.parametrize(
+    ("path", "change", "field"),
+    [
+        ("/alerts/alertmanager", {"version": "3"}, "version"),
+        ("/alerts/alertmanager", {"groupKey": None}, "groupKey"),
+        ("/alerts/alertmanager", {"status": "burning"}, "status"),
+        ("/alerts/alertmanager", {"alerts": []}, "alerts"),
+        ("/alerts/alertmanager", {"commonLabels": {"a": 1}}, "commonLabels.a"),
+        ("/alerts/grafana", {"alerts": None}, "alerts"),
+    ],
+)
+async def test_a_malformed_webhook_is_a_422_naming_the_field(
+    settings: Settings, path: str, change: JSON, field: str
+) -> None:
+    body = alertmanager_body() | change
+    async with served(alert_settings(settings)) as app:
+        answer = await _post(app.client, path, body)
+        assert answer.status_code == 422
+        assert answer.headers["content-type"] == "application/json"
+        assert answer.json()["error"].startswith(field)
+        assert (await app.client.get("/runs")).json()["runs"] == []
+    assert outbox_kinds(settings.db) == []
+
+
+async def test_a_generic_alert_with_a_field_it_does_not_know_is_a_422(settings: Settings) -> None:
+    async with served(alert_settings(settings)) as app:
+        answer = await _post(app.client, "/alerts", {"name": "X", "severity": "page"})
+        assert answer.status_code == 422
+        assert answer.json()["error"].startswith("severity")
+        not_json = await app.client.post(
+            "/alerts", content=b"{", headers={"content-type": "application/json"}
+        )
+        assert not_json.status_code == 422
+        assert "error" in not_json.json()
+
+
+async def test_basic_auth_takes_a_token_as_its_password(settings: Settings) -> None:
+    guarded = alert_settings(settings, api_token=SecretStr(TOKEN))
+
+    def basic(password: str) -> dict[str, str]:
+        raw = base64.b64encode(f"alertmanager:{password}".encode()).decode()
+        return {"authorization": f"Basic {raw}"}
+
+    async with served(guarded) as app:
+        body = alertmanager_body()
+        assert (await _post(app.client, "/alerts/alertmanager", body)).status_code == 401
+        wrong = await _post(app.client, "/alerts/alertmanager", body, headers=basic("nope"))
+        assert wrong.status_code == 401
+        assert wrong.json() == {"error": "missing or wrong bearer token"}
+        assert wrong.headers["www-authenticate"] == "Basic"
+        assert (await app.client.get("/runs", headers=basic(TOKEN))).status_code == 401
+        right = await _post(app.client, "/alerts/alertmanager", body, headers=basic(TOKEN))
+        assert right.status_code == 202, right.text
+        bearer = {"authorization": f"Bearer {TOKEN}"}
+        again = await _post(app.client, "/alerts/grafana", body, headers=bearer)
+        assert again.status_code == 202, again.text
+
+
+async def test_another_sites_post_to_the_alert_routes_is_refused(settings: Settings) -> None:
+    async with served(alert_settings(settings)) as app:
+        foreign = await _post(
+            app.client,
+            "/alerts/alertmanager",
+            alertmanager_body(),
+            headers={"origin": "https://evil.example"},
+        )
+        assert foreign.status_code == 403
+        form = await app.client.post(
+            "/alerts", content=b"name=X", headers={"content-type": "text/plain"}
+        )
+        assert form.status_code == 403
+    assert outbox_kinds(settings.db) == []
+
+
+# -- one incident, one run ---------------------------------------------------------------------
+
+
+async def test_two_concurrent_deliveries_of_a_new_group_start_one_run(
+    db_url: str, workspace: Path
+) -> None:
+    settings = Settings(
+        _env_file=None, db=db_url, workspace=workspace, mock_llm=True, user="tester"
+    )
+    # Two processes' worth: each delivery through its own service and store connections.
+    services = [await RunService.open(settings) for _ in range(2)]
+    try:
+        for round_ in range(3):  # a few rounds: each a new group, delivered twice at once
+            group = f"group-{round_}"
+            notices = [
+                alertmanager_notice(
+                    AlertmanagerBody.model_validate(
+                        alertmanager_body("DiskAlmostFull", instances=i, group_key=group)
+                    )
+                )
+                for i in (("a",), ("a", "b"))
+            ]
+            answers = await asyncio.gather(
+                *(
+                    AlertService(service).receive(notice, "api:http")
+                    for service, notice in zip(services, notices, strict=True)
+                )
+            )
+            assert sorted(a.outcome for a in answers) == ["opened", "updated"]
+            assert len({a.run_id for a in answers}) == 1
+        runs = await services[0].list()
+        assert len(runs) == 3
+    finally:
+        for service in services:
+            await service.close()
+
+
+# -- the incident chat -------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def alert_bench(
+    settings: Settings,
+) -> AsyncIterator[tuple[Any, RunService, httpx.AsyncClient]]:
+    """The stand-in, the bot, and the HTTP API, over one store (as `serve --telegram`)."""
+    from agent.frontends.http_api import create_app
+    from bot.standin import StandInServer
+
+    standin = make_standin()
+    async with (
+        StandInServer(standin) as server,
+        running_bot(settings, telegram_settings(server)) as service,
+        HttpServer(create_app(service)) as http,
+        httpx.AsyncClient(base_url=http.url, timeout=15) as client,
+    ):
+        yield standin, service, client
+
+
+def alert_cards(standin: Any) -> list[JSON]:
+    return [m for m in from_bot(standin, INCIDENTS) if m.get("text", "").startswith("🚨")]
+
+
+async def test_the_card_starts_the_run_as_the_person_who_taps(settings: Settings) -> None:
+    async with alert_bench(alert_settings(settings)) as (standin, service, client):
+        opened = (await _post(client, "/alerts/alertmanager", alertmanager_body())).json()
+        await wait_for(standin, lambda: alert_cards(standin))
+        card = alert_cards(standin)[0]
+        assert "HighLatency" in card["text"] and "api-latency-spike" in card["text"]
+        assert "service=checkout-api" in card["text"]
+        buttons = keyboard_data(card)
+        assert [b.rsplit(":", 1)[1] for b in buttons] == ["s", "i"]  # no Alertmanager URL
+        standin.inject_callback(INCIDENTS, card["message_id"], ALICE, buttons[0])
+        await wait_for(standin, lambda: "Started by" in alert_cards(standin)[0]["text"])
+        card = alert_cards(standin)[0]
+        assert "@alice" in card["text"] and not keyboard_data(card)
+        incident = await AlertService(service).incident(opened["incident"])
+        run = await service.get(incident.run_id)
+        assert run.requested_by == f"telegram:{ALICE}"
+        assert len(alert_cards(standin)) == 1  # edited in place, never a second card
+
+
+async def test_ignore_closes_the_card_and_a_second_tap_changes_nothing(settings: Settings) -> None:
+    async with alert_bench(alert_settings(settings)) as (standin, service, client):
+        await _post(client, "/alerts/alertmanager", alertmanager_body())
+        await wait_for(standin, lambda: alert_cards(standin))
+        card = alert_cards(standin)[0]
+        start, ignore = keyboard_data(card)
+        standin.inject_callback(INCIDENTS, card["message_id"], BOB, ignore)
+        await wait_for(standin, lambda: "Ignored by @bob" in alert_cards(standin)[0]["text"])
+        late = standin.inject_callback(
+            INCIDENTS, card["message_id"], MALLORY, start, require_button=False
+        )
+        await wait_for(standin, lambda: standin.callback_answer(late))
+        answer = standin.callback_answer(late)
+        assert answer is not None and "ignored by telegram:" in answer.get("text", "")
+        assert await service.list() == []
+
+
+async def test_a_resolve_after_the_run_ended_is_shown_after_the_step_that_mitigated_it(
+    settings: Settings,
+) -> None:
+    from agent.records import Decision
+    from bot.alerts import card_text, resolved_line
+
+    async with served(alert_settings(settings)) as app:
+        opened = (await _post(app.client, "/alerts/alertmanager", alertmanager_body())).json()
+        alerts = AlertService(app.service)
+        run = await alerts.start(opened["incident"], INCIDENTS, "cli:oncall")
+        await wait_for_run(app.client, run.id, parked)
+        await app.service.decide(run.id, Decision.APPROVE, "cli:oncall", wait=False)
+        ended = await wait_for_run(app.client, run.id)
+        assert ended["status"] == "succeeded", ended
+        journal = await app.service.events(run.id)
+        resolved = await _post(
+            app.client, "/alerts/alertmanager", alertmanager_body(status="resolved")
+        )
+        assert resolved.json()["outcome"] == "resolved"
+        # The ended run's journal stays as its summary published it; the incident keeps it.
+        assert await app.service.events(run.id) == journal
+        card = await alerts.card(opened["incident"])
+        assert card.incident.resolved_at is not None and not card.incident.is_open
+        assert card.mitigation is not None and card.mitigation.step_id == "scale-out"
+        line = resolved_line(card)
+        assert line.startswith("Resolved at ")
+        assert "after Scale the deployment out (step scale-out)" in line
+        assert line in card_text(card, card.incident.resolved_at)
+
+
+async def test_only_people_who_may_start_the_runbook_may_start_it_from_the_card(
+    settings: Settings,
+) -> None:
+    runbook = settings.workspace / "runbooks" / "api-latency-spike.yaml"
+    runbook.write_text(
+        runbook.read_text().replace("\nsteps:\n", "\nstarters: [group:approvers]\nsteps:\n", 1)
+    )
+    async with alert_bench(alert_settings(settings)) as (standin, service, client):
+        await _post(client, "/alerts/alertmanager", alertmanager_body())
+        await wait_for(standin, lambda: alert_cards(standin))
+        card = alert_cards(standin)[0]
+        start, _ignore = keyboard_data(card)
+        refused = standin.inject_callback(INCIDENTS, card["message_id"], ALICE, start)
+        await wait_for(standin, lambda: standin.callback_answer(refused))
+        answer = standin.callback_answer(refused) or {}
+        assert answer.get("show_alert") and "may not start" in answer.get("text", ""), answer
+        assert await service.list() == []
+        standin.inject_callback(INCIDENTS, card["message_id"], BOB, start)
+        await wait_for(standin, lambda: "Started by @bob" in alert_cards(standin)[0]["text"])
+        [run] = await service.list()
+        assert run.requested_by == f"telegram:{BOB}"
+
+
+async def test_an_incident_lives_through_start_refire_resolve_and_ignore_on_both_engines(
+    db_url: str, workspace: Path
+) -> None:
+    settings = Settings(
+        _env_file=None,
+        db=db_url,
+        workspace=workspace,
+        mock_llm=True,
+        user="tester",
+        alert_chat_id=INCIDENTS,
+    )
+
+    def notice(alertname: str, *instances: str, status: str = "firing") -> Any:
+        body = alertmanager_body(alertname, status, instances)
+        return alertmanager_notice(AlertmanagerBody.model_validate(body))
+
+    service = await RunService.open(settings)
+    try:
+        alerts = AlertService(service)
+        opened = await alerts.receive(notice("HighLatency", "a"), "api:http")
+        assert (opened.outcome, opened.run_id) == ("opened", None)
+        assert opened.incident_id is not None
+        run = await alerts.start(opened.incident_id, INCIDENTS, "cli:oncall")
+        again = await alerts.start(opened.incident_id, INCIDENTS, "cli:oncall")
+        assert again.id == run.id  # a second tap finds the first one's run
+        updated = await alerts.receive(notice("HighLatency", "a", "b"), "api:http")
+        assert (updated.outcome, updated.run_id) == ("updated", run.id)
+        resolved = await alerts.receive(
+            notice("HighLatency", "a", "b", status="resolved"), "api:http"
+        )
+        assert resolved.outcome == "resolved"
+        redelivered = await alerts.receive(
+            notice("HighLatency", "a", "b", status="resolved"), "api:http"
+        )
+        assert redelivered.outcome == "unchanged"
+        types = [e.type for e in await service.events(run.id) if e.type.startswith("alert_")]
+        assert types[0] == "alert_received"
+        if "alert_updated" in types:  # unless the run ended first (a fast mock drive)
+            assert types.count("alert_updated") == 1
+        incident = await alerts.incident_of_run(run.id)
+        assert incident is not None and incident.decided_by == "cli:oncall"
+        assert incident.notifications == 3 and incident.resolved_at is not None
+
+        other = await alerts.receive(notice("KubeDeploymentRolloutStuck", "a"), "api:http")
+        assert other.incident_id is not None
+        ignored = await alerts.ignore(other.incident_id, INCIDENTS, f"telegram:{BOB}")
+        assert (ignored.state, ignored.decided_by) == ("ignored", f"telegram:{BOB}")
+        with pytest.raises(ServiceError, match="ignored by"):
+            await alerts.start(other.incident_id, INCIDENTS, f"telegram:{BOB}")
+        with pytest.raises(ServiceError, match="no such alert in this chat"):
+            await alerts.ignore(other.incident_id, INCIDENTS - 1, f"telegram:{BOB}")
+        refire = await alerts.receive(notice("KubeDeploymentRolloutStuck", "a", "b"), "api:http")
+        assert (refire.outcome, refire.incident_id) == ("updated", other.incident_id)
+        assert [r.id for r in await service.list()] == [run.id]
+    finally:
+        await service.close()
+
+
+async def test_a_card_queued_while_no_bot_runs_reaches_the_chat_when_it_starts(
+    settings: Settings,
+) -> None:
+    from bot.standin import StandInServer
+
+    chosen = alert_settings(settings)
+    async with served(chosen) as app:
+        answer = await _post(app.client, "/alerts/alertmanager", alertmanager_body())
+        assert answer.json()["outcome"] == "opened"
+    standin = make_standin()
+    async with StandInServer(standin) as server, running_bot(chosen, telegram_settings(server)):
+        await wait_for(standin, lambda: alert_cards(standin))
+        [card] = alert_cards(standin)
+        assert "HighLatency" in card["text"] and keyboard_data(card)
