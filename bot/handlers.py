@@ -56,7 +56,9 @@ from agent.records import (
     RunRecord,
 )
 from agent.runbook.model import Step
+from agent.service.alerts import AlertService
 from agent.service.runs import RunService, validate_run_id
+from agent.views.postmortem import postmortem_of
 from agent.views.trace import render_trace, trace_of
 from bot.alerts import AlertTaps
 from bot.facts import explain_lines, outcome_line, progress_of, runbook_of, team, tree_status
@@ -98,6 +100,7 @@ COMMANDS = [
     BotCommand("status", "Where a run stands: /status <id>"),
     BotCommand("explain", "A run in short (steps, requests, outcome): /explain <id>"),
     BotCommand("trace", "A run's whole journal as an offline HTML page: /trace <id>"),
+    BotCommand("postmortem", "A post-mortem draft (Markdown) of an incident: /postmortem <id>"),
     BotCommand("cancel", "Cancel a run: /cancel <id>"),
     BotCommand("approve", "Approve a run's pending step: /approve <id> [#request]"),
     BotCommand("reject", "Reject it: /reject <id> [#request] [reason]"),
@@ -175,6 +178,7 @@ class ChatOps:
             ("status",): self.status,
             ("explain",): self.explain,
             ("trace",): self.trace,
+            ("postmortem",): self.postmortem,
             ("cancel",): self.cancel,
             ("approve",): self.approve,
             ("reject",): self.reject,
@@ -538,6 +542,19 @@ class ChatOps:
         await _message_and_user(update)[0].reply_document(
             InputFile(html.encode("utf-8"), filename=f"{run.id}.html"),
             caption=f"Trace of run {run.id} ({run.status}); open it in a browser, works offline.",
+        )
+
+    async def postmortem(self, update: Update, context: Context) -> None:
+        """/postmortem <id>: a Markdown post-mortem draft of the incident, as a document."""
+        run = await self._chat_run(update, context)
+        if run is None:
+            return
+        tree = await self._service.run_tree(run.id, calls=False, events=True)
+        draft = postmortem_of(tree, await AlertService(self._service).incident_of_run(run.id))
+        await _message_and_user(update)[0].reply_document(
+            InputFile(draft.encode("utf-8"), filename=f"postmortem-{run.id}.md"),
+            caption=f"Post-mortem draft of run {run.id} ({run.status}): the facts from its "
+            "journal; the cause and the follow-ups are yours to write.",
         )
 
     async def cancel(self, update: Update, context: Context) -> None:

@@ -247,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, help="file to write (default: <run-id>.html)")
     _common(p)
 
+    p = sub.add_parser("postmortem", help="a Markdown post-mortem draft of an incident")
+    _run_id(p, "the run (incident) to write it for")
+    p.add_argument("-o", "--output", type=Path, help="file to write (default: standard output)")
+    _common(p)
+
     p = sub.add_parser("audit", help="verify or export a run's chained journal")
     p.add_argument("action", choices=["verify", "export"])
     _run_id(p, "the run whose journal is verified or exported")
@@ -868,6 +873,30 @@ async def _write_trace(service: RunService, run_id: str, path: Path) -> None:
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
+async def _cmd_postmortem(service: RunService, args: argparse.Namespace) -> int:
+    from agent.service.alerts import AlertService
+    from agent.views.postmortem import postmortem_of
+
+    run = await service.root(args.run_id)
+    tree = await service.run_tree(run.id, calls=False, events=True)
+    draft = postmortem_of(tree, await AlertService(service).incident_of_run(run.id))
+    if args.output is None:
+        print(
+            json.dumps({"run_id": run.id, "postmortem": draft}) + "\n" if args.json else draft,
+            end="",
+        )
+        return EXIT_OK
+    try:
+        args.output.write_text(draft, encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"cannot write {args.output}: {exc.strerror or exc}") from None
+    if args.json:
+        print(json.dumps({"run_id": run.id, "postmortem": str(args.output)}))
+    else:
+        print(f"wrote {args.output}")
+    return EXIT_OK
+
+
 async def _cmd_trace(service: RunService, args: argparse.Namespace) -> int:
     run = await service.get(args.run_id)
     path = args.output or Path(f"{run.id}.html")
@@ -1266,6 +1295,7 @@ COMMANDS: dict[str, Callable[[RunService, argparse.Namespace], Awaitable[int]]] 
     "explain": _cmd_explain,
     "audit": _cmd_audit,
     "trace": _cmd_trace,
+    "postmortem": _cmd_postmortem,
     "tokens": _cmd_tokens,
 }
 
@@ -1327,7 +1357,9 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 # Commands that act on one named run (resume and status also work without one).
-_NEEDS_RUN_ID = frozenset({"approve", "reject", "cancel", "explain", "trace", "audit"})
+_NEEDS_RUN_ID = frozenset(
+    {"approve", "reject", "cancel", "explain", "trace", "postmortem", "audit"}
+)
 
 
 def _merge_run_id(args: argparse.Namespace) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,6 +14,7 @@ from agent.records import ApprovalRecord, RunRecord, RunTree, ToolCallRecord
 from agent.run.outcomes import STEP_TOOLS, StepState, short_result, step_states
 from agent.views.explain import executing_runs
 from agent.views.jinja import HTML, TEXT
+from agent.views.units import clock, duration, hms
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,6 @@ class RunSummary:
     approvals: list[ApprovalRecord] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     names: dict[str, str] = field(default_factory=dict)  # identity -> how people know it
-
     timeline: list[str] = field(default_factory=list)  # start, each decision and its wait, end
 
     @property
@@ -57,19 +57,6 @@ class RunSummary:
         """An identity as people know it: `@alice (telegram:42)`, or the identity alone."""
         name = self.names.get(identity)
         return f"{name} ({identity})" if name else identity
-
-
-def _clock(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts)) if ts else "-"
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes} min" if hours else f"{minutes} min {secs} s"
 
 
 def _detail(call: ToolCallRecord) -> str:
@@ -137,7 +124,7 @@ def summary_of(tree: RunTree) -> RunSummary:
     run's steps, approvals and errors come from the whole tree below it."""
     run = tree.root
     end = run.finished_at or time.time()
-    summary = RunSummary(run=run, duration=_duration(end - run.created_at))
+    summary = RunSummary(run=run, duration=duration(end - run.created_at))
     errors: list[str] = []
     for member in tree.runs:
         for call in tree.calls_of(member.id):
@@ -155,7 +142,36 @@ def summary_of(tree: RunTree) -> RunSummary:
     summary.approvals = list(tree.approvals)
     names = {run.requested_by, *(a.decided_by for a in summary.approvals if a.decided_by)}
     summary.names = {i: tree.names[i] for i in names if i in tree.names}
+    summary.timeline = _timeline(run, summary.approvals, tree.name)
     return summary
+
+
+def _timeline(
+    run: RunRecord, approvals: Sequence[ApprovalRecord], name: Callable[[str], str]
+) -> list[str]:
+    """The run's shape in a few lines: its start, each request with who decided it and the
+    wait it caused, and its end with how much of the time was spent waiting for people."""
+    lines = [f"{hms(run.created_at)}  started by {name(run.requested_by)}"]
+    waited = 0.0
+    for a in sorted(approvals, key=lambda a: a.created_at):
+        what = f"#{a.number or a.id} {a.step_id or a.kind}"
+        if a.decided_at is None:
+            lines.append(f"{hms(a.created_at)}  {what}: waiting for a decision since then")
+            continue
+        wait = a.decided_at - a.created_at
+        waited += wait
+        if a.decided_by:
+            said = f"{a.status} by {name(a.decided_by)} after {duration(wait)}"
+        else:
+            said = f"{a.status} after {duration(wait)}: nobody decided"
+        lines.append(f"{hms(a.decided_at)}  {what}: {said}")
+    if run.finished_at is not None:
+        total = run.finished_at - run.created_at
+        spent = f"{duration(total)} in all"
+        if waited >= 0.5:  # less is a script's or a test's decision, not a person's wait
+            spent += f", {duration(waited)} of it waiting for people"
+        lines.append(f"{hms(run.finished_at)}  {run.status} ({spent})")
+    return lines
 
 
 def _step_results(run: RunRecord, calls: list[ToolCallRecord]) -> list[StepResult]:
@@ -211,4 +227,4 @@ def render_summary(summary: RunSummary, html: bool = False, hints: Sequence[str]
     """The audit summary: plain text, or Telegram HTML (only b and code tags; all else escaped).
     `hints` are closing lines on where to read more (commands are shown as code)."""
     env = HTML if html else TEXT
-    return env.get_template("summary.j2").render(s=summary, clock=_clock, hints=hints)
+    return env.get_template("summary.j2").render(s=summary, clock=clock, hints=hints)

@@ -424,6 +424,23 @@ async def test_trace_sends_an_offline_html_document(bench: Bench) -> None:
     assert "@import" not in lowered and "url(http" not in lowered
 
 
+async def test_postmortem_sends_a_markdown_draft_from_the_journal(bench: Bench) -> None:
+    run_id, _ = await bench.start_run(INCIDENTS, "incident: API latency spike")
+    answer = await bench.ask(
+        INCIDENTS,
+        ALICE,
+        f"/postmortem {run_id}",
+        lambda text: text.startswith("Post-mortem draft of run"),
+    )
+    document = answer["document"]
+    assert document["file_name"] == f"postmortem-{run_id}.md"
+    draft = bench.standin.document_bytes(document["file_id"]).decode("utf-8")
+    assert draft.startswith("# Post-mortem draft: ")
+    assert "by @alice (telegram)" in draft  # people as the chat knows them
+    assert "asked group:approvers to decide #1: step scale-out:" in draft
+    assert "## Cause" in draft and "## Follow-ups" in draft
+
+
 # -- /cancel ---------------------------------------------------------------------------------
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+from agent.records import Decision
 from agent.service.runs import RunService
 from agent.views.summary import render_summary, summary_of
 
@@ -15,3 +18,27 @@ async def test_the_html_variant_escapes_everything_but_its_own_tags(service: Run
     assert "<b>Run h1: WAITING_APPROVAL</b>" in html
     assert "<code>api-latency-spike</code>" in html
     assert "<script>alert(1)</script> & more" in text and "<b>" not in text
+
+
+async def test_the_summary_ends_with_a_timeline_of_decisions_and_the_waits_they_caused(
+    service: RunService,
+) -> None:
+    """Start, each decision with who made it and how long the run waited for it, and the
+    end with the share of the time spent waiting for people."""
+    await service.start("t1", "incident: API latency spike")
+    await service.decide("t1", Decision.APPROVE, "cli:oncall")
+    tree = await service.run_tree("t1")
+    # The moments as a 3 a.m. incident has them: asked at 05:00:10, approved 4 min later.
+    t0 = 1_700_000_000.0 - 1_700_000_000.0 % 86400 + 5 * 3600
+    run = dataclasses.replace(tree.root, created_at=t0, finished_at=t0 + 300)
+    [approval] = tree.approvals
+    approval = dataclasses.replace(approval, created_at=t0 + 10, decided_at=t0 + 250)
+    summary = summary_of(dataclasses.replace(tree, runs=(run,), approvals=(approval,)))
+    assert summary.timeline == [
+        "05:00:00  started by cli:tester",
+        "05:04:10  #1 scale-out: approved by cli:oncall after 4 min 0 s",
+        f"05:05:00  {run.status} (5 min 0 s in all, 4 min 0 s of it waiting for people)",
+    ]
+    text = render_summary(summary)
+    assert "Timeline (UTC):\n  05:00:00  started by cli:tester\n" in text
+    assert text.rstrip().splitlines()[-1].startswith("audit: ")  # the head stays last
