@@ -134,6 +134,7 @@ class Origin:
     kind: str = "cli"  # "cli", "http", "telegram"
     chat_id: int | None = None
     thread_id: int | None = None
+    message_id: int | None = None  # the chat message that asked for the run (a `/run`)
 
     def to_json(self) -> str:
         """Serialize for the runs table."""

@@ -107,7 +107,9 @@ async def serve_bot(
     # First of all (its own group: within one, only the first matching handler runs).
     application.add_handler(TypeHandler(Update, _ignore_without_sender), group=-3)
     ChatOps(service, chat, telegram).register(application)
-    inbox = Inbox(application, chat, service.new_owner_id(), service.settings.lease_ttl)
+    inbox = Inbox(
+        application, chat, service.new_owner_id(), service.settings.lease_ttl, service.owner_gone
+    )
     failpoints = Failpoints(service.settings.failpoint)
     sender = OutboxSender(
         service,
@@ -124,7 +126,8 @@ async def serve_bot(
         except TelegramError as exc:  # only the chat's command menu: every command still works
             log.warning("could not set the bot's command menu (setMyCommands): %s", exc)
         await application.start()
-        tasks = [background(sender.run, "outbox")]
+        # Every instance sweeps: a poller's standby too takes what a dead poller left.
+        tasks = [background(sender.run, "outbox"), background(inbox.sweep, "inbox")]
         try:
             async with contextlib.AsyncExitStack() as stack:
                 if webhook is None:
@@ -136,7 +139,6 @@ async def serve_bot(
                     )
                 else:
                     await _take_webhook(application, chat, inbox, webhook, stack)
-                    tasks.append(background(inbox.sweep, "inbox"))
                 log.info(
                     "bot @%s serving chats %s", application.bot.username, telegram.allowed_chat_ids
                 )

@@ -79,6 +79,7 @@ from bot.settings import TelegramSettings
 from bot.starts import CALLBACK_PREFIX as START_PREFIX
 from bot.starts import (
     CANCEL_KEY,
+    START_ATTEMPTS,
     card_buttons,
     card_text,
     plan_start,
@@ -265,6 +266,10 @@ class ChatOps:
             await _answer(update, Markup("{}").format(plan.problem))
             return
         if not plan.exact:
+            if await self._started_run(message) is not None:
+                # Handled again (a crash mid-handler) after a tap on its card started the run:
+                # the run's messages are the answer; another card would only offer it again.
+                return
             toolbox = self._service.toolbox
             effects = toolbox.effects()  # a run started here acts as this process allows
 
@@ -280,15 +285,14 @@ class ChatOps:
                 do_quote=True,
             )
             return
-        # The run id derives from the /run message, as a card's from the card: a /run handled
-        # again (a crash mid-handler) finds its run, whose progress message is the answer.
-        date = int(message.date.timestamp())
-        for attempt in range(5):
-            run_id = start_run_id(message.chat.id, message.message_id, date, attempt)
+        # The run id derives from the /run message (as its cards' do): a /run handled again (a
+        # crash mid-handler) finds its run, whose progress message is the answer.
+        for attempt in range(START_ATTEMPTS):
+            run_id = _start_run_id(message, attempt)
             try:
                 await self._start(run_id, text, identity, message)
             except RunExists:
-                if await self._card_run(message, date, attempt, text) is not None:
+                if await self._message_run(message, attempt) is not None:
                     return
                 continue
             except (ServiceError, RequestError, RunbookError, StoreError, TooManyRuns) as exc:
@@ -318,7 +322,12 @@ class ChatOps:
         """Start a supervised run from the chat of the `/run` message `asked`, unless
         LOOM_OPS_MAX_ACTIVE_RUNS incidents are active already (TooManyRuns)."""
         thread_id = asked.message_thread_id if asked.is_topic_message else None
-        origin = Origin(kind="telegram", chat_id=asked.chat.id, thread_id=thread_id)
+        origin = Origin(
+            kind="telegram",
+            chat_id=asked.chat.id,
+            thread_id=thread_id,
+            message_id=asked.message_id,  # how a second handling or a tap knows its run
+        )
         await self._service.start(
             run_id,
             text,
@@ -391,12 +400,10 @@ class ChatOps:
         identity = await self._remember(user)
         text = _arguments(asked)
         shown = self._names.get(identity, identity)
-        date = int(card.date.timestamp())
         if key == CANCEL_KEY:
-            for attempt in range(5):
-                started = await self._card_run(card, date, attempt, text)
-                if started is not None:
-                    return f"Already started as {started.id}; /cancel {started.id} stops it.", True
+            started = await self._started_run(asked)
+            if started is not None:
+                return f"Already started as {started.id}; /cancel {started.id} stops it.", True
             await self._close_card(
                 card,
                 Markup("✖ Not started: cancelled by {} at {}.").format(shown, hhmm(time.time())),
@@ -408,12 +415,15 @@ class ChatOps:
             return "The runbooks changed since this card; send /run again.", True
         message = start_message(text, choice.runbook.id)
         requester = identity_of(asked.from_user)
-        for attempt in range(5):
-            run_id = start_run_id(card.chat.id, card.message_id, date, attempt)
+        # The run id derives from the /run message, not from this card: every tap of every
+        # card answering one /run (a card sent again when its update was handled again) finds
+        # the one run.
+        for attempt in range(START_ATTEMPTS):
+            run_id = _start_run_id(asked, attempt)
             try:
                 await self._start(run_id, message, requester, asked)
             except RunExists:
-                started = await self._card_run(card, date, attempt, text)
+                started = await self._message_run(asked, attempt)
                 if started is not None:
                     return f"Already started as {started.id}.", False
                 continue
@@ -426,21 +436,25 @@ class ChatOps:
             return f"Started: run {run_id}.", False
         return "Cannot start the run: no free run id; try again.", True
 
-    async def _card_run(
-        self, card: Message, date: int, attempt: int, text: str
-    ) -> RunRecord | None:
-        """The run this card started under the id of `attempt`, if one did (another run may
-        hold that id: then None)."""
-        run_id = start_run_id(card.chat.id, card.message_id, date, attempt)
+    async def _message_run(self, asked: Message, attempt: int) -> RunRecord | None:
+        """The run the `/run` message `asked` started under the id of `attempt`, if it did;
+        None when no run or another message's run holds that id."""
         try:
-            run = await self._service.get(run_id)
+            run = await self._service.get(_start_run_id(asked, attempt))
         except RunNotFound:
             return None
-        if run.origin.chat_id != card.chat.id or not run.request.startswith(
-            self._service.redactor.text(text)
-        ):
+        # The message itself, not its words: another /run with the same text is another run.
+        if (run.origin.chat_id, run.origin.message_id) != (asked.chat.id, asked.message_id):
             return None
         return run
+
+    async def _started_run(self, asked: Message) -> RunRecord | None:
+        """The run the `/run` message `asked` started (at once or from a card), if any."""
+        for attempt in range(START_ATTEMPTS):
+            run = await self._message_run(asked, attempt)
+            if run is not None:
+                return run
+        return None
 
     async def _close_card(self, card: Message, outcome: Markup) -> None:
         """Say on the card what became of it, without its buttons (best effort)."""
@@ -908,6 +922,11 @@ def _message_and_user(update: Update) -> tuple[Message, User]:
     user = update.effective_user
     assert message is not None and user is not None  # command and text handlers only
     return message, user
+
+
+def _start_run_id(asked: Message, attempt: int) -> str:
+    """The run id the `/run` message `asked` starts under at `attempt`."""
+    return start_run_id(asked.chat.id, asked.message_id, int(asked.date.timestamp()), attempt)
 
 
 def _arguments(message: Message) -> str:

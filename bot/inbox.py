@@ -6,10 +6,16 @@ then confirms it, by asking for the next batch with a higher offset; webhook mod
 Telegram's POST with 200 only after the same commit. Each stored update goes to the
 Application's handlers at once and is marked handled when they are done. An update the inbox
 holds already (same id, same content digest: Telegram's redelivery, a failover) is not handled
-again; updates stored and not handled (the process died) are handled when a poller starts or
-takes over, and in webhook mode when their instance's claim lapses. A crash mid-handler means
+again. An instance claims the updates it handles and renews its claims while their handlers
+run, however long they take; updates stored and not handled (the process died) are handled by
+any instance once their claim lapses or their owner is proven dead. A crash mid-handler means
 handling an update twice, which the handlers make harmless (a `/run`'s run id derives from its
-message; a decision is recorded once).
+message, whatever card it is started from; a decision is recorded once).
+
+Polling confirms by offset, so an offset must never run ahead of what the Bot API holds: after
+any failure (a self-hosted Bot API that restarted numbers its updates from 1 again, and an old
+offset would confirm its new updates unseen) the next request carries no offset, and the
+redelivered updates the inbox holds already are skipped.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from telegram import Update
 from telegram.error import InvalidToken, RetryAfter, TelegramError
@@ -39,8 +45,11 @@ PRUNE_INTERVAL = 3600.0  # seconds between two prunes by one process
 PENDING_HEAD_START = 10.0
 # Waits after a failed getUpdates or a failed store, doubling up to the last.
 RETRY_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+# Storing a refused batch one update at a time stops at this many refusals in a row (the
+# store is down, not one update at fault).
+MAX_REFUSED_IN_A_ROW = 2
 # On a stop, handlers still running get this long before they are cancelled (their updates
-# stay pending and are handled again at the next start).
+# stay pending, their claims released: the next instance to look handles them).
 STOP_GRACE = 5.0
 
 
@@ -51,12 +60,14 @@ def update_digest(update: Update) -> str:
     content = update.to_dict()
     content.pop("update_id", None)
     encoded = json.dumps(content, sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.sha256(encoded.encode("utf-8")).hexdigest()[:32]
+    # surrogatepass: a lone surrogate (valid JSON a Bot API may pass on) still has a digest,
+    # while every other text keeps the digest it was stored under before.
+    return hashlib.sha256(encoded.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 class Inbox:
-    """Updates stored durably before they are confirmed; each handled from the store, and
-    marked handled once its handlers are done."""
+    """Updates stored durably before they are confirmed; each handled from the store under a
+    claim renewed until its handlers are done, then marked handled."""
 
     def __init__(
         self,
@@ -64,28 +75,27 @@ class Inbox:
         chat: ChatStore,
         owner: str,
         claim_ttl: float,
+        owner_is_dead: Callable[[str], bool],
     ) -> None:
         self._application = application
         self._chat = chat
         self._owner = owner
         self._claim_ttl = claim_ttl
+        self._owner_is_dead = owner_is_dead
         self._tasks: set[asyncio.Task[None]] = set()  # every handling under way
         self._handling: dict[int, asyncio.Task[None]] = {}  # inbox row id -> its handling
+        self._keeper: asyncio.Task[None] | None = None  # renews the claims of `_handling`
         self._pruned_at: float | None = None
 
     async def take(self, updates: Sequence[Update]) -> list[InboxEntry]:
-        """Store a batch in one durable commit, then start handling the updates that are new;
-        returns those. Raises what the store raises: then nothing may be confirmed.
+        """Store a batch durably, then start handling the updates that are new; returns
+        those. Raises what the store raises: then nothing may be confirmed.
 
         Taps are handled at once, while the batch is being stored: a busy store must not
         keep a tap from its answer, and a decision is recorded once whatever happens (a tap
         Telegram delivers again is answered again and changes nothing)."""
         received = [ReceivedUpdate(u.update_id, update_digest(u), u.to_dict()) for u in updates]
-        storing = asyncio.create_task(
-            self._chat.store_updates(
-                self._application.bot.id, received, self._owner, self._claim_ttl
-            )
-        )
+        storing = asyncio.create_task(self._store(received))
         taps = {u.update_id: self._handle(u, storing) for u in updates if u.callback_query}
         stored = await storing
         new = {entry.update_id: entry for entry in stored}
@@ -98,15 +108,18 @@ class Inbox:
                 log.info("update %s was taken already; skipping it", update.update_id)
             else:
                 self._handle(update, entry.id)
-        await self._prune_now_and_then()
         return stored
 
-    async def take_pending(self, *, lapsed_only: bool) -> list[asyncio.Task[None]]:
-        """Claim the updates stored and not handled, and start handling them, oldest first:
-        all of them (a poller starting or taking over), or those whose claim lapsed (webhook
-        mode: an instance died). Returns their handling tasks."""
+    async def take_pending(self, *, left_by_me: bool = False) -> list[asyncio.Task[None]]:
+        """Claim the updates stored and not handled that no live claim covers (lapsed, or
+        its owner proven dead; with `left_by_me` also this instance's own, after a take that
+        failed), and start handling them, oldest first. Returns their handling tasks."""
+
+        def claim_over(holder: str) -> bool:
+            return (left_by_me and holder == self._owner) or self._owner_is_dead(holder)
+
         entries = await self._chat.claim_pending_updates(
-            self._application.bot.id, self._owner, self._claim_ttl, lapsed_only=lapsed_only
+            self._application.bot.id, self._owner, self._claim_ttl, claim_over
         )
         tasks = []
         for entry in entries:
@@ -131,7 +144,7 @@ class Inbox:
         while True:
             try:
                 if recover:
-                    pending = await self.take_pending(lapsed_only=False)
+                    pending = await self.take_pending(left_by_me=True)
                     if pending:
                         await asyncio.wait(pending, timeout=PENDING_HEAD_START)
                     recover = False
@@ -148,15 +161,18 @@ class Inbox:
                     await self.take(updates)
                     recover = False
                     # Only now: the next request's offset tells Telegram they were received.
-                    offset = updates[-1].update_id + 1
+                    offset = _next_offset(offset, updates)
                 failures = 0
             except InvalidToken:
                 raise
-            except RetryAfter as exc:
+            except RetryAfter as exc:  # the Bot API answered: the offset stands
                 wait = _seconds(exc.retry_after)
                 log.warning("getUpdates: flood control, waiting %.0f s", wait)
                 await asyncio.sleep(wait)
             except Exception as exc:  # the network, the Bot API or the store: try again
+                # From the lowest update the Bot API holds: it may be a restarted one that
+                # numbers from 1 again, where the old offset would confirm new updates unseen.
+                offset = None
                 wait = RETRY_DELAYS[min(failures, len(RETRY_DELAYS) - 1)]
                 failures += 1
                 what = "getUpdates" if isinstance(exc, TelegramError) else "storing updates"
@@ -165,20 +181,70 @@ class Inbox:
                 await asyncio.sleep(wait)
 
     async def sweep(self) -> None:
-        """Webhook mode, until cancelled: handle the updates whose instance stored them and
-        stopped before handling them, once its claim has lapsed."""
+        """Until cancelled, in every instance: handle the updates whose instance stored them
+        and stopped before handling them, once its claim lapsed or it is proven dead; and
+        prune handled updates now and then (never on an update's way in)."""
         while True:
-            await self.take_pending(lapsed_only=True)
+            try:
+                await self.take_pending()
+                await self._prune_now_and_then()
+            except Exception as exc:  # the store: the next round tries again
+                log.warning("could not look for pending updates: %s", exc)
             await asyncio.sleep(self._claim_ttl / 2)
 
     async def close(self) -> None:
-        """Let running handlers finish for a moment, then cancel the rest (still pending)."""
+        """Let running handlers finish for a moment, then cancel the rest and give up their
+        claims, so the next instance to look handles them at once."""
         tasks = list(self._tasks)
         if tasks:
             _, late = await asyncio.wait(tasks, timeout=STOP_GRACE)
+            stopped = [entry_id for entry_id, task in self._handling.items() if task in late]
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
+            if stopped:
+                try:
+                    await self._chat.release_update_claims(stopped, self._owner)
+                except Exception as exc:  # they lapse instead
+                    log.warning("could not release the claims on updates not handled: %s", exc)
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
+
+    async def _store(self, received: list[ReceivedUpdate]) -> list[InboxEntry]:
+        """Store a batch in one durable commit; when the store refuses it, one update at a
+        time, so an update the store cannot take does not hold up the others for good: it is
+        dropped (and logged) once an update after it was stored. Raises when the last ones
+        could not be stored (the store is down, or a later update will tell); two refusals in
+        a row end the pass, so a store that is down is not waited on once per update."""
+        bot_id = self._application.bot.id
+        try:
+            return await self._chat.store_updates(bot_id, received, self._owner, self._claim_ttl)
+        except Exception as exc:
+            if len(received) == 1:
+                raise
+            log.warning(
+                "could not store a batch of %s updates (%s); one by one", len(received), exc
+            )
+        stored: list[InboxEntry] = []
+        refused: list[tuple[ReceivedUpdate, Exception]] = []
+        for update in received:
+            try:
+                stored += await self._chat.store_updates(
+                    bot_id, [update], self._owner, self._claim_ttl
+                )
+            except Exception as exc:
+                refused.append((update, exc))
+                if len(refused) == MAX_REFUSED_IN_A_ROW:
+                    break
+                continue
+            # The store took this one: those it refused before it are at fault, not the store.
+            for bad, why in refused:
+                log.error("dropped update %s: the store cannot take it (%s)", bad.update_id, why)
+            refused.clear()
+        if refused:
+            raise refused[-1][1]
+        return stored
 
     def _handle(
         self, update: Update, entry: int | asyncio.Task[list[InboxEntry]]
@@ -214,23 +280,57 @@ class Inbox:
         return task
 
     def _track(self, entry_id: int, task: asyncio.Task[None]) -> None:
-        """Note that `task` handles the inbox row `entry_id` until it is done."""
-        if not task.done():
-            self._handling[entry_id] = task
-            task.add_done_callback(lambda _: self._handling.pop(entry_id, None))
+        """Note that `task` handles the inbox row `entry_id` until it is done, and keep the
+        row's claim renewed meanwhile."""
+        if task.done():
+            return
+        self._handling[entry_id] = task
+        task.add_done_callback(lambda _: self._handling.pop(entry_id, None))
+        if self._keeper is None or self._keeper.done():
+            self._keeper = asyncio.create_task(self._keep_claims(), name="inbox-claims")
+
+    async def _keep_claims(self) -> None:
+        """Renew the claims of the rows being handled every third of their time to live, until
+        none is: a handler slower than that (a reply held by the rate limiter, a long trace)
+        must not be joined by another instance's."""
+        while self._handling:
+            await asyncio.sleep(self._claim_ttl / 3)
+            handling = list(self._handling)
+            if not handling:
+                return
+            try:
+                renewed = await self._chat.renew_update_claims(
+                    handling, self._owner, self._claim_ttl
+                )
+            except Exception as exc:  # the next round tries again, within the claims' time
+                log.warning("could not renew the claims on updates being handled: %s", exc)
+                continue
+            lost = [i for i in handling if i not in renewed and i in self._handling]
+            if lost:  # this process stalled past its claims: another instance took them
+                log.warning("inbox rows %s were taken over while being handled here", lost)
 
     async def _prune_now_and_then(self) -> None:
         now = time.monotonic()
         if self._pruned_at is not None and now - self._pruned_at < PRUNE_INTERVAL:
             return
         self._pruned_at = now
-        try:
-            pruned = await self._chat.prune_inbox(time.time() - INBOX_RETENTION)
-        except Exception as exc:  # best effort: the next prune tries again
-            log.warning("could not prune the inbox: %s", exc)
-            return
+        pruned = await self._chat.prune_inbox(time.time() - INBOX_RETENTION)
         if pruned:
             log.info("pruned %s handled updates from the inbox", pruned)
+
+
+def _next_offset(sent: int | None, updates: Sequence[Update]) -> int | None:
+    """The offset that confirms a stored batch; None (from the lowest again) when the Bot API
+    answered with ids below the offset sent: it numbers anew, and whatever it holds below
+    the old offset is to be fetched, not confirmed unseen."""
+    if sent is not None and updates[0].update_id < sent:
+        log.warning(
+            "the Bot API answered update %s to offset %s: it numbers updates anew",
+            updates[0].update_id,
+            sent,
+        )
+        return None
+    return updates[-1].update_id + 1
 
 
 def _seconds(period: float | dt.timedelta) -> float:

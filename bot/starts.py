@@ -6,7 +6,9 @@ with a card: the runbook, its parameters and what it does, with [▶ Start] [✖
 button per candidate when several match). The card is a reply to the `/run` message, and its
 buttons carry only an opaque key of the runbook id (`rs:<key>`): on a tap, the request is read
 again from the `/run` message Telegram sends along, so a card works after a restart and needs
-no table. The run id is derived from the card, so a second tap finds the run the first started.
+no table. The run id is derived from the `/run` message the card answers, so a second tap, or
+a tap on a second card of the same `/run` (its update handled again), finds the run the first
+started.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ CANCEL_KEY = "x"
 # Candidates a card offers when several runbooks match.
 MAX_CHOICES = 3
 KEY_CHARS = 12
+# 48 bits of hash in a run id: a collision (which only costs the next attempt's id) stays
+# rare after millions of `/run` messages, and `tg-` + 12 hex digits is still easy to type.
+RUN_ID_HEX = 12
+# Ids a `/run` tries, each after another run turned out to hold the one before.
+START_ATTEMPTS = 5
 
 
 @dataclass(frozen=True)
@@ -96,11 +103,12 @@ def start_message(text: str, runbook_id: str) -> str:
     return f"{text} runbook={runbook_id}"
 
 
-def start_run_id(chat_id: int, card_id: int, card_date: int, attempt: int) -> str:
-    """The run id a card starts: the same for every tap of one card (a second tap finds the
-    first one's run); `attempt` moves past an id some other run has taken."""
-    seed = f"{chat_id}:{card_id}:{card_date}:{attempt}".encode()
-    return f"tg-{hashlib.sha256(seed).hexdigest()[:6]}"
+def start_run_id(chat_id: int, message_id: int, message_date: int, attempt: int) -> str:
+    """The run id a `/run` message starts, at once or through any of its cards: one id for
+    every handling of the message and every tap (a second one finds the first one's run);
+    `attempt` moves past an id some other run has taken."""
+    seed = f"{chat_id}:{message_id}:{message_date}:{attempt}".encode()
+    return f"tg-{hashlib.sha256(seed).hexdigest()[:RUN_ID_HEX]}"
 
 
 def callback_data(key: str) -> str:

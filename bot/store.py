@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -231,7 +231,8 @@ class ChatStore:
                         bot_id,
                         update.update_id,
                         update.digest,
-                        json.dumps(update.payload, ensure_ascii=False, default=str),
+                        # ASCII: any text a Bot API passes on (a lone surrogate too) is storable.
+                        json.dumps(update.payload, ensure_ascii=True, default=str),
                         now,
                         owner,
                         now + claim_ttl,
@@ -244,23 +245,26 @@ class ChatStore:
         return await self._db.transaction(store, durable=True)
 
     async def claim_pending_updates(
-        self, bot_id: int, owner: str, claim_ttl: float, *, lapsed_only: bool
+        self, bot_id: int, owner: str, claim_ttl: float, claim_over: Callable[[str], bool]
     ) -> list[InboxEntry]:
-        """Claim the inbox's updates not handled yet, oldest first, and return them: every
-        one (a poller taking over: it alone handles), or those no live claim covers."""
+        """Claim for `owner` the inbox's updates not handled yet that no live claim covers
+        (none, lapsed, or `claim_over` its holder: proven dead, say), oldest first, and return
+        them. A claim is renewed while its update is handled, so a slow handler is never
+        joined by a second one."""
         now = time.time()
         sql = (
-            "SELECT id, update_id, payload FROM telegram_inbox "
-            "WHERE bot_id = ? AND handled_at IS NULL"
+            "SELECT id, update_id, payload, claimed_by, claimed_until FROM telegram_inbox "
+            "WHERE bot_id = ? AND handled_at IS NULL ORDER BY id" + self._db.dialect.skip_locked
         )
-        params: tuple[Any, ...] = (bot_id,)
-        if lapsed_only:
-            sql += " AND (claimed_until IS NULL OR claimed_until < ?)"
-            params += (now,)
-        sql += " ORDER BY id" + self._db.dialect.skip_locked
 
         def claim(conn: Connection) -> list[InboxEntry]:
-            rows = conn.execute(sql, params).fetchall()
+            rows = [
+                row
+                for row in conn.execute(sql, (bot_id,)).fetchall()
+                if row["claimed_by"] is None
+                or (row["claimed_until"] or 0) < now
+                or claim_over(row["claimed_by"])
+            ]
             conn.executemany(
                 "UPDATE telegram_inbox SET claimed_by = ?, claimed_until = ? WHERE id = ?",
                 [(owner, now + claim_ttl, row["id"]) for row in rows],
@@ -271,12 +275,53 @@ class ChatStore:
 
         return await self._db.transaction(claim)
 
+    async def renew_update_claims(
+        self, entry_ids: Sequence[int], owner: str, claim_ttl: float
+    ) -> list[int]:
+        """Extend `owner`'s claims on these inbox rows (their handlers still run) by
+        `claim_ttl` from now; returns the rows renewed (not those handled or taken over)."""
+        until = time.time() + claim_ttl
+
+        def renew(conn: Connection) -> list[int]:
+            renewed = []
+            for entry_id in entry_ids:
+                cursor = conn.execute(
+                    "UPDATE telegram_inbox SET claimed_until = ? "
+                    "WHERE id = ? AND claimed_by = ? AND handled_at IS NULL",
+                    (until, entry_id, owner),
+                )
+                if cursor.rowcount == 1:
+                    renewed.append(entry_id)
+            return renewed
+
+        return await self._db.transaction(renew)
+
+    async def release_update_claims(self, entry_ids: Sequence[int], owner: str) -> list[int]:
+        """Give up `owner`'s claims on these inbox rows (their handling was stopped), so any
+        instance handles them at once; returns the rows released."""
+
+        def release(conn: Connection) -> list[int]:
+            released = []
+            for entry_id in entry_ids:
+                cursor = conn.execute(
+                    "UPDATE telegram_inbox SET claimed_by = NULL, claimed_until = NULL "
+                    "WHERE id = ? AND claimed_by = ? AND handled_at IS NULL",
+                    (entry_id, owner),
+                )
+                if cursor.rowcount == 1:
+                    released.append(entry_id)
+            return released
+
+        return await self._db.transaction(release)
+
     async def mark_update_handled(self, entry_id: int) -> bool:
-        """Record that an update's handlers are done; False if that was recorded before."""
+        """Record that an update's handlers are done, ending its claim (`claimed_by` stays:
+        who handled it); False if that was recorded before."""
         return await self._db.transaction(
             lambda c: (
                 c.execute(
-                    "UPDATE telegram_inbox SET handled_at = ? WHERE id = ? AND handled_at IS NULL",
+                    "UPDATE telegram_inbox SET handled_at = ?, claimed_until = NULL "
+                    "WHERE id = ? AND handled_at IS NULL",
                     (time.time(), entry_id),
                 ).rowcount
                 == 1

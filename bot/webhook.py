@@ -5,7 +5,8 @@ Only requests carrying the secret token given to `setWebhook` (the
 `X-Telegram-Bot-Api-Secret-Token` header) are taken; anything else is refused with 403 before
 its body is read. An accepted update is stored in the inbox, and handled from there, as polled
 ones are: Telegram gets its 200 only after that commit (a 503 while the store does not answer,
-so Telegram delivers the update again).
+a 500 for anything else, so Telegram delivers the update again). Nothing else (pruning the
+inbox, say) happens on a request's way to its 200.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from telegram import Bot, Update
 
+from agent.errors import ErrorKind, kind_of
 from bot.inbox import Inbox
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,9 @@ def webhook_app(
         try:
             await inbox.take([update])
         except Exception as exc:  # not stored: Telegram must send it again
+            if kind_of(exc) != ErrorKind.UNAVAILABLE:  # a bug, not the store: keep its traceback
+                log.exception("could not take update %s", update.update_id)
+                return JSONResponse({"error": "could not take the update"}, status_code=500)
             log.warning("could not store update %s: %s", update.update_id, exc)
             return JSONResponse({"error": f"store unavailable: {exc}"}, status_code=503)
         return JSONResponse({"ok": True})

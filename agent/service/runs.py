@@ -927,6 +927,11 @@ class RunService:
             return False
         return owner_is_dead(run.lease_owner) or (run.lease_expires_at or 0) < time.time()
 
+    def owner_gone(self, owner: str) -> bool:
+        """True only when the process instance `owner` names (a front end's lease or claim)
+        provably no longer runs (same host and namespace); anything else waits for expiry."""
+        return owner_is_dead(owner)
+
     async def schema_version(self) -> int:
         """The store's schema version: what a health probe asks; StoreUnavailable when the
         store does not answer."""

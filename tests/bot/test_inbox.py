@@ -1,6 +1,8 @@
 """No lost updates: `loom-ops telegram` as a real process, SIGKILLed right after Telegram (the
 stand-in) took its confirmation of a batch, again and again; every `/run` still becomes exactly
-one run, and each is answered. In webhook mode the 200 comes only after the update is stored."""
+one run, and each is answered. In webhook mode the 200 comes only after the update is stored.
+An update is handled by one instance at a time however long its handler takes, one the store
+cannot take holds up no other, and the webhook's 200 waits for nothing but the store."""
 
 from __future__ import annotations
 
@@ -8,18 +10,33 @@ import asyncio
 import random
 import signal
 import socket
+import subprocess
+import sys
 import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from telegram import Update
+from telegram.ext import Application, TypeHandler
 
+from agent.http_server import HttpServer
+from agent.run.leases import owner_is_dead
 from agent.settings import Settings
+from agent.store import RunStore
+from bot.gateway import build_application
+from bot.inbox import INBOX_RETENTION, Inbox, update_digest
 from bot.standin import BotApiStandIn, StandInServer
 from bot.starts import start_run_id
+from bot.store import ChatStore, ReceivedUpdate
+from bot.webhook import SECRET_HEADER, Webhook, webhook_app
 from tests.bot_harness import (
     ALICE,
     INCIDENTS,
+    TOKEN,
     BotProcess,
     bot_env,
     from_bot,
@@ -212,7 +229,8 @@ async def test_a_run_message_handled_again_after_a_crash_starts_no_second_run(
             await wait_for(standin, lambda: from_bot(standin, INCIDENTS))  # the run's answer
             await _until_handled(settings.db, 1)
             started = _root_runs(settings.db)
-        raw_rows(settings.db, "UPDATE telegram_inbox SET handled_at = NULL")  # the crash
+        # The crash: the handler ran, the update is not marked handled, the claim lapsed.
+        raw_rows(settings.db, "UPDATE telegram_inbox SET handled_at = NULL, claimed_until = 0")
         async with running_bot(settings, telegram_settings(server)):
             await _until_handled(settings.db, 1)  # handled again
             sent = standin.inject_message(INCIDENTS, ALICE, "/help")
@@ -223,3 +241,191 @@ async def test_a_run_message_handled_again_after_a_crash_starts_no_second_run(
     assert _root_runs(settings.db) == started == [_expected_run_id(asked)]
     texts = [m.get("text", "") for m in from_bot(standin, INCIDENTS)]
     assert not [t for t in texts if "Cannot start" in t], texts
+
+
+# -- one instance at a time, whatever the store says ------------------------------------------
+
+
+@asynccontextmanager
+async def _application(
+    server: StandInServer, calls: list[str], name: str, seconds: float
+) -> AsyncIterator[Application]:  # type: ignore[type-arg]
+    """A real Application over the stand-in whose one handler notes each update it handles
+    and takes `seconds` (a reply held by the rate limiter, a long trace)."""
+    application = build_application(TOKEN, telegram_settings(server))
+
+    async def slow(update: Update, context: Any) -> None:
+        calls.append(f"{name} starts {update.update_id}")
+        await asyncio.sleep(seconds)
+        calls.append(f"{name} ends {update.update_id}")
+
+    application.add_handler(TypeHandler(Update, slow))
+    async with application:
+        yield application
+
+
+def _update(application: Application, update_id: int, text: str) -> Update:  # type: ignore[type-arg]
+    data = {
+        "update_id": update_id,
+        "message": {
+            "message_id": update_id,
+            "date": 1_700_000_000,
+            "chat": {"id": INCIDENTS, "type": "supergroup", "title": "Incidents"},
+            "from": {"id": ALICE, "is_bot": False, "first_name": "Alice"},
+            "text": text,
+        },
+    }
+    update = Update.de_json(data, application.bot)
+    assert update is not None
+    return update
+
+
+async def _until(condition: Callable[[], Any], what: str, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+async def two_stores(db_url: str) -> AsyncIterator[tuple[RunStore, RunStore]]:
+    """Two instances' stores over one database."""
+    first, second = await RunStore.open(db_url), await RunStore.open(db_url)
+    try:
+        yield first, second
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_handler_slower_than_its_claim_is_not_joined_by_another_instance(
+    two_stores: tuple[RunStore, RunStore],
+) -> None:
+    """Instance A handles an update for three claim lifetimes; B's sweeper (webhook mode, or
+    a standby poller) and B taking over as poll leader meanwhile start nothing: A's claim is
+    renewed while its handler runs."""
+    ttl = 1.0  # LOOM_OPS_LEASE_TTL, scaled down
+    calls: list[str] = []
+    async with (
+        standin_server() as (_, server),
+        _application(server, calls, "A", 3 * ttl) as app_a,
+        _application(server, calls, "B", 3 * ttl) as app_b,
+    ):
+        a = Inbox(app_a, ChatStore(two_stores[0].db), "owner-a", ttl, owner_is_dead)
+        b = Inbox(app_b, ChatStore(two_stores[1].db), "owner-b", ttl, owner_is_dead)
+        sweeping = asyncio.create_task(b.sweep())
+        try:
+            await a.take([_update(app_a, 1, "/trace inc-1")])
+            await asyncio.sleep(2 * ttl)  # the first claim has lapsed by now
+            assert await b.take_pending(left_by_me=True) == []  # B becomes poll leader
+            await _until(lambda: "A ends 1" in calls, "A's handler never ended")
+        finally:
+            sweeping.cancel()
+            await asyncio.gather(sweeping, return_exceptions=True)
+            await a.close()
+            await b.close()
+    assert calls == ["A starts 1", "A ends 1"]
+
+
+async def test_updates_left_by_a_dead_instance_are_handled_before_their_claim_lapses(
+    two_stores: tuple[RunStore, RunStore],
+) -> None:
+    """An instance stored updates and died (a real process, gone): the next instance takes
+    them at once, its owner being proven dead, without waiting for the claim to lapse."""
+    dead = subprocess.run(
+        [sys.executable, "-c", "from agent.run.leases import new_owner_id; print(new_owner_id())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    calls: list[str] = []
+    async with standin_server() as (_, server), _application(server, calls, "B", 0) as app:
+        # What the dead instance did: stored an update, claimed for an hour, no more.
+        await ChatStore(two_stores[0].db).store_updates(
+            app.bot.id, [_received(_update(app, 7, "/help"))], dead, 3600.0
+        )
+        b = Inbox(app, ChatStore(two_stores[1].db), "owner-b", 3600.0, owner_is_dead)
+        handling = await b.take_pending()
+        await asyncio.gather(*handling)
+        await b.close()
+    assert calls == ["B starts 7", "B ends 7"]
+
+
+def _received(update: Update) -> ReceivedUpdate:
+    return ReceivedUpdate(update.update_id, update_digest(update), update.to_dict())
+
+
+async def test_an_update_the_store_cannot_take_does_not_hold_up_its_batch(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch holds an update whose id no store column can hold: the others are stored and
+    handled, the bad one is dropped with an error line, and the batch is not refused."""
+    store = await RunStore.open(db_url)
+    calls: list[str] = []
+    try:
+        async with standin_server() as (_, server), _application(server, calls, "A", 0) as app:
+            inbox = Inbox(app, ChatStore(store.db), "owner-a", 30.0, owner_is_dead)
+            bad = _update(app, 2**63, "/help")
+            stored = await inbox.take([_update(app, 1, "/help"), bad, _update(app, 2, "/help")])
+            await inbox.close()
+    finally:
+        await store.close()
+    assert [entry.update_id for entry in stored] == [1, 2]
+    assert sorted(calls) == ["A ends 1", "A ends 2", "A starts 1", "A starts 2"]
+    dropped = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert [line.split(":")[0] for line in dropped] == [f"dropped update {2**63}"]
+
+
+async def test_the_webhook_answers_without_pruning_and_says_store_unavailable_only_for_the_store(
+    tmp_path: Path,
+) -> None:
+    """A webhook POST is stored and answered; pruning old handled updates happens in the
+    sweeper, not on the request's way. An update the store refuses for its content is a
+    500, not a "store unavailable" 503 (that is for a store that does not answer)."""
+    db = str(tmp_path / "webhook.sqlite")
+    store = await RunStore.open(db)
+    try:
+        calls: list[str] = []
+        async with standin_server() as (_, server), _application(server, calls, "A", 0) as app:
+            chat = ChatStore(store.db)
+            inbox = Inbox(app, chat, "owner-a", 30.0, owner_is_dead)
+            old = await chat.store_updates(
+                app.bot.id, [_received(_update(app, 1, "/help"))], "owner-a", 30.0
+            )
+            await chat.mark_update_handled(old[0].id)
+            long_ago = time.time() - INBOX_RETENTION - 60
+            raw_rows(db, "UPDATE telegram_inbox SET handled_at = ?", (long_ago,))
+            webhook = Webhook("http://127.0.0.1/telegram", "127.0.0.1", 0, SECRET)
+            receiver = webhook_app(inbox, app.bot, webhook, chat.schema_version)
+            async with HttpServer(receiver) as listening, httpx.AsyncClient() as client:
+
+                async def post(update: Update) -> httpx.Response:
+                    return await client.post(
+                        f"{listening.url}/telegram",
+                        json=update.to_dict(),
+                        headers={SECRET_HEADER: SECRET},
+                    )
+
+                answer = await post(_update(app, 2, "/help"))
+                assert (answer.status_code, answer.json()) == (200, {"ok": True})
+                assert raw_rows(db, "SELECT update_id FROM telegram_inbox ORDER BY id") == [
+                    (1,),
+                    (2,),
+                ]
+                sweeping = asyncio.create_task(inbox.sweep())
+                try:
+                    await _until(
+                        lambda: raw_rows(db, "SELECT update_id FROM telegram_inbox") == [(2,)],
+                        "the sweeper never pruned the old handled update",
+                    )
+                finally:
+                    sweeping.cancel()
+                    await asyncio.gather(sweeping, return_exceptions=True)
+                refused = await post(_update(app, 2**63, "/help"))
+                assert (refused.status_code, refused.json()) == (
+                    500,
+                    {"error": "could not take the update"},
+                )
+            await inbox.close()
+    finally:
+        await store.close()

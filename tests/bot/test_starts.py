@@ -6,8 +6,10 @@ requests always reach a chat where an approver is."""
 from __future__ import annotations
 
 import asyncio
+import re
+import time
 
-from agent.records import RunStatus
+from agent.records import Origin, RunRecord, RunStatus
 from agent.runbook.model import load_catalog
 from agent.settings import Settings
 from agent.tools.toolbox import Toolbox
@@ -33,6 +35,7 @@ from tests.bot_harness import (
     wait_for,
     wait_for_approval,
 )
+from tests.support import raw_rows
 
 
 def _current(standin: BotApiStandIn, chat_id: int, message_id: int) -> JSON:
@@ -227,12 +230,12 @@ def test_the_card_says_live_when_commands_run_for_real(settings: Settings) -> No
     assert "🧪 <b>DRY-RUN</b>: nothing is executed for real" in text
 
 
-def test_a_card_starts_the_same_run_id_on_every_tap() -> None:
-    """The run id comes from the card (chat, message, date): stable, and moved on only by
-    the attempt number when some other run holds it."""
+def test_a_run_message_derives_one_48_bit_run_id() -> None:
+    """The run id comes from the /run message (chat, message, date): stable, 48 bits of hash
+    (`tg-` and 12 hex digits), moved on only by the attempt number when another run holds it."""
     first = start_run_id(INCIDENTS, 12, 1_700_000_000, 0)
     assert first == start_run_id(INCIDENTS, 12, 1_700_000_000, 0)
-    assert first.startswith("tg-") and len(first) == 9
+    assert re.fullmatch(r"tg-[0-9a-f]{12}", first)
     assert first != start_run_id(INCIDENTS, 12, 1_700_000_000, 1)
     assert first != start_run_id(PLATFORM, 12, 1_700_000_000, 0)
     assert first != start_run_id(INCIDENTS, 12, 1_700_000_001, 0)
@@ -284,3 +287,127 @@ def _labels(message: JSON) -> list[tuple[str, str]]:
     return [
         (b["text"], b["callback_data"]) for row in markup.get("inline_keyboard", []) for b in row
     ]
+
+
+# -- one /run, one run ------------------------------------------------------------------------
+
+
+def _cards(standin: BotApiStandIn, asked: JSON) -> list[JSON]:
+    """Every card (with its buttons) answering the /run message `asked`."""
+    return [
+        m
+        for m in from_bot(standin, asked["chat"]["id"])
+        if (m.get("reply_to_message") or {}).get("message_id") == asked["message_id"] and _starts(m)
+    ]
+
+
+def _handled(db: str) -> int:
+    return raw_rows(db, "SELECT COUNT(*) FROM telegram_inbox WHERE handled_at IS NOT NULL")[0][0]
+
+
+def _crash_before_marked_handled(db: str) -> None:
+    """As if the bot died after the handler ran and before the update was marked handled
+    (its claim has lapsed since, as a dead instance's does)."""
+    raw_rows(db, "UPDATE telegram_inbox SET handled_at = NULL, claimed_until = 0")
+
+
+async def test_every_card_of_one_run_message_starts_the_same_one_run(
+    settings: Settings,
+) -> None:
+    """A free-text /run handled again (a crash between its card and the update's handled
+    mark) is answered with a second card; a Start on each card still starts one run."""
+    standin = make_standin()
+    async with StandInServer(standin) as server:
+        async with running_bot(settings, telegram_settings(server)):
+            asked = standin.inject_message(INCIDENTS, ALICE, "/run incident: API latency spike")
+            await wait_for(standin, lambda: _cards(standin, asked) and _handled(settings.db))
+        _crash_before_marked_handled(settings.db)
+        async with running_bot(settings, telegram_settings(server)) as service:
+            await wait_for(standin, lambda: len(_cards(standin, asked)) == 2)
+            first, second = _cards(standin, asked)
+            started = await _tap(standin, first, ALICE, _starts(first)[0])
+            again = await _tap(standin, second, BOB, _starts(second)[0])
+            roots = [r for r in await service.store.list_runs() if r.parent_id is None]
+    assert len(roots) == 1
+    assert started["text"] == f"Started: run {roots[0].id}."
+    assert again["text"] == f"Already started as {roots[0].id}."
+    assert roots[0].origin.message_id == asked["message_id"]
+
+
+async def test_a_run_message_handled_again_after_its_run_started_sends_no_second_card(
+    settings: Settings,
+) -> None:
+    """The card's Start started the run; the /run's update is then handled again: the run
+    is the answer, and no second card offers to start it once more."""
+    standin = make_standin()
+    async with StandInServer(standin) as server:
+        async with running_bot(settings, telegram_settings(server)):
+            card = await _card(standin, INCIDENTS, ALICE, "incident: API latency spike")
+            answer = await _tap(standin, card, ALICE, _starts(card)[0])
+            assert answer["text"].startswith("Started: run ")
+            await wait_for(standin, lambda: _handled(settings.db) == 2)  # the /run, the tap
+        _crash_before_marked_handled(settings.db)
+        async with running_bot(settings, telegram_settings(server)):
+            await wait_for(standin, lambda: _handled(settings.db) == 2)
+            sent = standin.inject_message(INCIDENTS, ALICE, "/help")  # handled after them
+            await wait_for(
+                standin,
+                lambda: any(
+                    m["message_id"] > sent["message_id"] for m in from_bot(standin, INCIDENTS)
+                ),
+            )
+    replies = [
+        m
+        for m in from_bot(standin, INCIDENTS)
+        if (m.get("reply_to_message") or {}).get("message_id")
+        == card["reply_to_message"]["message_id"]
+    ]
+    assert [m["message_id"] for m in replies] == [card["message_id"]]
+    assert raw_rows(settings.db, "SELECT COUNT(*) FROM runs WHERE parent_id IS NULL") == [(1,)]
+
+
+async def test_a_run_message_whose_run_id_another_run_holds_starts_its_own_run(
+    settings: Settings,
+) -> None:
+    """Another /run's run holds the id the next /run message derives (a hash collision, the
+    same request text): the new message is not taken for that run; it starts its own under
+    the next attempt's id, and its origin names its message."""
+    async with chat_bench(settings) as (standin, service):
+        standin.inject_message(INCIDENTS, ALICE, "/help")
+        await wait_for(standin, lambda: from_bot(standin, INCIDENTS))
+        next_id = max(m["message_id"] for m in standin.messages(INCIDENTS)) + 1
+        now = int(time.time())
+        # The test does not control the clock: a planted run for each date the message may carry.
+        planted = {start_run_id(INCIDENTS, next_id, date, 0) for date in range(now, now + 4)}
+        for run_id in planted:  # stored before runs named their message: none in the origin
+            await service.start(
+                run_id,
+                "disk-almost-full",
+                role="supervisor",
+                requested_by=f"telegram:{BOB}",
+                origin=Origin(kind="telegram", chat_id=INCIDENTS),
+                wait=False,
+            )
+        asked = standin.inject_message(INCIDENTS, ALICE, "/run disk-almost-full")
+        assert asked["message_id"] == next_id
+
+        async def new_runs() -> list[RunRecord]:
+            runs = await service.store.list_runs()
+            return [r for r in runs if r.parent_id is None and r.id not in planted]
+
+        deadline = time.monotonic() + 15
+        while not await new_runs():
+            assert time.monotonic() < deadline, "the /run was taken for another run"
+            await asyncio.sleep(0.05)
+        [own] = await new_runs()
+        assert own.id == start_run_id(INCIDENTS, next_id, asked["date"], 1)
+        assert own.origin.message_id == next_id
+
+
+def test_a_run_origin_keeps_its_message_and_origins_stored_without_one_still_read() -> None:
+    """The /run message's id is part of a run's origin; an origin stored before it was (no
+    `message_id` in its JSON) reads with none."""
+    origin = Origin(kind="telegram", chat_id=INCIDENTS, thread_id=7, message_id=42)
+    assert Origin.from_json(origin.to_json()) == origin
+    old = Origin.from_json('{"kind":"telegram","chat_id":-1001,"thread_id":null}')
+    assert old == Origin(kind="telegram", chat_id=-1001)

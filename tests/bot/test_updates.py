@@ -94,25 +94,48 @@ async def test_a_reused_id_with_other_content_is_a_new_update(store: RunStore) -
     assert await _store(store, BOT + 1, after_restart) == [1]
 
 
-async def test_pending_updates_are_claimed_oldest_first_and_lapsed_claims_only_on_request(
+def _alive(owner: str) -> bool:
+    return False
+
+
+async def test_pending_updates_are_claimed_oldest_first_once_their_claim_is_over(
     store: RunStore,
 ) -> None:
-    """Updates stored and not handled are there for the next poller (all of them) and, once
-    their instance's claim lapsed, for any webhook instance; handled ones for nobody."""
+    """Updates stored and not handled are there for any instance once their claim lapsed or
+    its holder is over (proven dead), oldest first; handled ones for nobody."""
     chat = ChatStore(store.db)
     received = [_received(_update(n, f"/status tg-{n}", 1_700_000_000 + n)) for n in (5, 6, 7)]
     stored = await chat.store_updates(BOT, received, OWNER, 30.0)
     assert await chat.mark_update_handled(stored[1].id) is True
     assert await chat.mark_update_handled(stored[1].id) is False
-    # Claimed by the instance that stored them: none lapsed yet.
-    assert await chat.claim_pending_updates(BOT, "other", 30.0, lapsed_only=True) == []
-    taken = await chat.claim_pending_updates(BOT, "poller", 0.0, lapsed_only=False)
+    # Claimed by the live instance that stored them: nobody else takes them.
+    assert await chat.claim_pending_updates(BOT, "other", 30.0, _alive) == []
+    taken = await chat.claim_pending_updates(BOT, "poller", 0.0, lambda o: o == OWNER)
     assert [e.update_id for e in taken] == [5, 7]
     assert taken[0].payload["message"]["text"] == "/status tg-5"
-    # The poller's claim (0 s) has lapsed: a webhook instance may take them now.
-    lapsed = await chat.claim_pending_updates(BOT, "other", 30.0, lapsed_only=True)
+    # The poller's claim (0 s) has lapsed: any instance may take them now.
+    lapsed = await chat.claim_pending_updates(BOT, "other", 30.0, _alive)
     assert [e.update_id for e in lapsed] == [5, 7]
-    assert await chat.claim_pending_updates(BOT + 1, "other", 30.0, lapsed_only=False) == []
+    assert await chat.claim_pending_updates(BOT + 1, "other", 30.0, _alive) == []
+
+
+async def test_a_renewed_claim_keeps_an_update_from_others_and_a_released_one_frees_it(
+    store: RunStore,
+) -> None:
+    """A claim renewed while its handler runs outlives its first time to live; renewal
+    skips rows handled or held by another; a released claim is taken at once."""
+    chat = ChatStore(store.db)
+    received = [_received(_update(n, "/help", 1_700_000_000 + n)) for n in (1, 2, 3)]
+    first, second, third = await chat.store_updates(BOT, received, OWNER, 0.0)
+    await chat.mark_update_handled(third.id)
+    renewed = await chat.renew_update_claims([first.id, second.id, third.id], OWNER, 30.0)
+    assert renewed == [first.id, second.id]
+    assert await chat.claim_pending_updates(BOT, "other", 30.0, _alive) == []
+    assert await chat.renew_update_claims([first.id], "other", 30.0) == []
+    assert await chat.release_update_claims([second.id], "other") == []
+    assert await chat.release_update_claims([second.id], OWNER) == [second.id]
+    taken = await chat.claim_pending_updates(BOT, "other", 30.0, _alive)
+    assert [e.update_id for e in taken] == [2]
 
 
 async def test_handled_updates_are_pruned_and_pending_ones_kept_however_old(
@@ -157,7 +180,7 @@ async def test_a_store_from_before_the_inbox_keeps_the_updates_it_handled(
         assert await _store(store, BOT, seen) == []  # handled before the upgrade
         assert await _store(store, BOT, _update(40, "/help", 1_700_000_000)) == [40]
         pending = await ChatStore(store.db).claim_pending_updates(
-            BOT, OWNER, 30.0, lapsed_only=False
+            BOT, OWNER, 30.0, lambda o: o == OWNER
         )
         assert [e.update_id for e in pending] == [40]
     finally:
@@ -283,3 +306,53 @@ async def test_the_sender_of_a_plain_message_is_remembered_by_name(settings: Any
             await asyncio.sleep(0.05)
     rows = raw_rows(settings.db, "SELECT identity, display FROM chat_users")
     assert rows == [(f"telegram:{ALICE}", "@alice")], rows
+
+
+async def test_an_update_with_a_lone_surrogate_is_stored_with_its_batch(store: RunStore) -> None:
+    """Valid JSON a Bot API may pass on (an escaped lone surrogate, which UTF-8 cannot
+    encode) is stored with the rest of its batch and reads back as it came, on both engines."""
+    chat = ChatStore(store.db)
+    odd = _update(2, "/help \ud800", 1_700_000_000)
+    assert await _store(store, BOT, _update(1, "/help", 1_700_000_000), odd) == [1, 2]
+    pending = await chat.claim_pending_updates(BOT, "other", 30.0, lambda owner: owner == OWNER)
+    assert pending[1].payload["message"]["text"] == "/help \ud800"
+    assert await _store(store, BOT, odd) == []  # its redelivery is known
+
+
+async def test_updates_sent_to_a_restarted_bot_api_while_the_bot_runs_are_all_handled(
+    settings: Any,
+) -> None:
+    """A self-hosted Bot API restarts while the bot runs and numbers its updates from 1
+    again; /run messages reach it before the bot's next poll. The bot's old offset would
+    confirm them unseen: after the failed polls it asks from the lowest, and each is a run."""
+
+    def started() -> list[tuple[Any, ...]]:
+        return raw_rows(settings.db, "SELECT request FROM runs WHERE parent_id IS NULL ORDER BY 1")
+
+    first = make_standin()
+    server = StandInServer(first)
+    await server.__aenter__()
+    port = int(server.url.rsplit(":", 1)[1])
+    try:
+        async with running_bot(settings, telegram_settings(server)):
+            for _ in range(3):
+                sent = first.inject_message(INCIDENTS, ALICE, "/help")
+                await wait_for(
+                    first,
+                    lambda s=sent: any(
+                        m["message_id"] > s["message_id"] for m in from_bot(first, INCIDENTS)
+                    ),
+                )
+            await server.stop()  # the Bot API restarts ...
+            second = make_standin(first_message_id=1000)
+            # ... and people write to it before the bot's next poll reaches it.
+            for n in range(3):
+                second.inject_message(INCIDENTS, ALICE, f"/run api-latency-spike after restart {n}")
+            async with StandInServer(second, port=port):
+                deadline = time.monotonic() + 30
+                while len(started()) < 3:
+                    assert time.monotonic() < deadline, f"runs: {started()}"
+                    await asyncio.sleep(0.1)
+    finally:
+        await server.stop()
+    assert started() == [(f"api-latency-spike after restart {n}",) for n in range(3)]
