@@ -7,7 +7,8 @@ again; one sent but not yet recorded when the process died is sent again (at lea
 Several bot instances may share the outbox: a chat is delivered by whichever instance holds
 its delivery lease in the store, and taken over when that instance dies.
 A run's progress entries coalesce into one message edited in place, at most once per
-`progress_interval` seconds per run.
+`progress_interval` seconds per run. Where in its chat a run's messages go (the incident's
+forum topic, or replies to its first message) is bot/topics.py's to say.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import dataclasses
 import datetime as dtm
 import logging
 import time
-from collections.abc import Awaitable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from telegram import (
@@ -35,6 +36,7 @@ from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, Tele
 from agent.errors import ApprovalNotFound, LoomOpsError, RunNotFound, ServiceError
 from agent.failpoints import Failpoints
 from agent.records import (
+    AlertState,
     ApprovalInRun,
     ApprovalRecord,
     ApprovalStatus,
@@ -56,6 +58,7 @@ from bot.messages import (
     progress_text,
 )
 from bot.store import ChatStore, OutboxMessage
+from bot.topics import Placement, Topics, alert_topic_name, is_lost_topic, request_topic_name
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +119,7 @@ class OutboxSender:
         self._lease_ttl = lease_ttl
         self._allowed = frozenset(allowed_chat_ids) if allowed_chat_ids is not None else None
         self._bot = bot
+        self._topics = Topics(bot, chat)
         self._progress_interval = progress_interval
         self._failpoints = failpoints or Failpoints(None)
         # Other processes (a CLI decision on a chat's run) write the outbox too: look again
@@ -295,7 +299,7 @@ class OutboxSender:
         text = _approval_text(request, message.payload)
         buttons = _buttons(request.approval)
         self._failpoints.reached("before_send_approval_request")
-        sent = await self._send(message, text, reply_markup=buttons)
+        sent = await self._send(message, request.root_id, text, reply_markup=buttons)
         self._failpoints.reached("after_send_approval_request")
         await self._chat.mark_delivered(message.id, sent.message_id)
 
@@ -310,7 +314,8 @@ class OutboxSender:
         if message_id is not None:
             edited = await self._edit(message, message_id, text, buttons)
         if edited is None:  # the request never reached the chat, or its message is gone
-            edited = (await self._send(message, text, reply_markup=buttons)).message_id
+            sent = await self._send(message, request.root_id, text, reply_markup=buttons)
+            edited = sent.message_id
         await self._chat.mark_delivered(message.id, edited)
 
     async def _alert_card(self, message: OutboxMessage) -> None:
@@ -327,9 +332,15 @@ class OutboxSender:
         if message_id is not None:
             edited = await self._edit(message, message_id, text, buttons)
         if edited is None:  # the first time, or the card's message is gone
-            edited = (await self._send(message, text, reply_markup=buttons)).message_id
+            sent = await self._send(message, card.incident.run_id, text, reply_markup=buttons)
+            edited = sent.message_id
             await alerts.record_card(card.incident.id, edited)
         await self._chat.mark_delivered(message.id, edited)
+        incident = card.incident
+        if incident.state == AlertState.IGNORED or (
+            incident.state == AlertState.PROPOSED and not incident.is_open
+        ):  # the incident ended with no run: its topic has nothing more to say
+            await self._topics.close(incident.run_id, message.target["chat_id"])
 
     async def _progress_due(self, root_id: str) -> float:
         shown = await self._chat.progress_message(root_id)
@@ -347,7 +358,7 @@ class OutboxSender:
         if shown is not None:
             message_id = await self._edit(message, shown[0], text)
         if message_id is None:
-            message_id = (await self._send(message, text)).message_id
+            message_id = (await self._send(message, root.id, text)).message_id
         await self._chat.mark_all_delivered(ids, message_id)
 
     async def _summary(self, message: OutboxMessage) -> None:
@@ -365,7 +376,7 @@ class OutboxSender:
             for number, chunk in enumerate(chunks, start=1):
                 if number <= message.parts_sent:  # went out before a failure or a crash
                     continue
-                sent = await self._send(message, chunk)
+                sent = await self._send(message, run_id, chunk)
                 message_id = message_id or sent.message_id
                 if number < len(chunks):
                     await self._chat.record_part_sent(message.id, number)
@@ -373,29 +384,76 @@ class OutboxSender:
             text = render_summary(summary, html=False, hints=hints)
             status = RunStatus(summary.run.status)
             caption = f"Run {run_id}: {status.upper()}. The audit summary is attached."
-            sent = await self._bot.send_document(
-                chat_id=message.target["chat_id"],
-                document=InputFile(text.encode("utf-8"), filename=f"{run_id}-summary.txt"),
-                caption=caption,
-                message_thread_id=message.target.get("thread_id"),
+            document = text.encode("utf-8")
+            sent = await self._placed(
+                message,
+                run_id,
+                lambda where: self._bot.send_document(
+                    chat_id=message.target["chat_id"],
+                    document=InputFile(document, filename=f"{run_id}-summary.txt"),
+                    caption=caption,
+                    message_thread_id=where.thread_id,
+                    reply_parameters=where.reply_parameters(),
+                ),
             )
             message_id = sent.message_id
         self._failpoints.reached("after_send_run_finished")
         await self._chat.mark_delivered(message.id, message_id)
+        await self._topics.close(run_id, message.target["chat_id"])  # the run ended
 
     # -- the Bot API -----------------------------------------------------------------------
 
     async def _send(
-        self, message: OutboxMessage, text: str, reply_markup: InlineKeyboardMarkup | None = None
+        self,
+        message: OutboxMessage,
+        root_id: str,
+        text: str,
+        reply_markup: InlineKeyboardMarkup | None = None,
     ) -> Message:
-        return await self._bot.send_message(
-            chat_id=message.target["chat_id"],
-            text=text,
-            parse_mode=ParseMode.HTML,
-            reply_markup=reply_markup,
-            message_thread_id=message.target.get("thread_id"),
-            link_preview_options=NO_PREVIEW,
+        """Send a message of run tree `root_id` where the run's messages go."""
+        return await self._placed(
+            message,
+            root_id,
+            lambda where: self._bot.send_message(
+                chat_id=message.target["chat_id"],
+                text=text,
+                parse_mode=ParseMode.HTML,
+                reply_markup=reply_markup,
+                message_thread_id=where.thread_id,
+                reply_parameters=where.reply_parameters(),
+                link_preview_options=NO_PREVIEW,
+            ),
         )
+
+    async def _placed(
+        self,
+        message: OutboxMessage,
+        root_id: str,
+        send: Callable[[Placement], Awaitable[Message]],
+    ) -> Message:
+        """`send` a message of run tree `root_id` to where the run's messages go: its topic
+        (opened now for its first message in a forum), or a reply to its first message; once
+        more in the chat itself if the topic turns out gone or closed."""
+        target = message.target
+        where = await self._topics.where(target, root_id, lambda: self._topic_name(root_id))
+        try:
+            sent = await send(where)
+        except BadRequest as exc:
+            if where.thread_id is None or not is_lost_topic(exc):
+                raise
+            await self._topics.lost(target, root_id, where.thread_id)
+            where = await self._topics.where(target, root_id, lambda: self._topic_name(root_id))
+            sent = await send(where)
+        await self._topics.sent(target, root_id, where, sent.message_id)
+        return sent
+
+    async def _topic_name(self, root_id: str) -> str:
+        """The name of a run's topic: its alert's, or its request's."""
+        incident = await AlertService(self._service).incident_of_run(root_id)
+        if incident is not None:
+            return alert_topic_name(incident.alertname, incident.matchers, incident.labels)
+        run = await self._service.get(root_id)
+        return request_topic_name(run.request, run.id)
 
     async def _edit(
         self,

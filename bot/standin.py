@@ -4,6 +4,8 @@ It speaks the wire format python-telegram-bot uses (form-encoded or multipart bo
 complex values, `{"ok": ..., "result": ...}` answers, Telegram's error descriptions), keeps every
 chat, message, update and Bot API call in memory, and lets tests or the sandbox page play the
 user's side: inject messages and button presses, inject faults, and watch what the bot did.
+A supergroup may be a forum (`add_chat(..., is_forum=True)`): its topics are opened, edited,
+closed and listed like Telegram's, and a message sent to a topic must name an open one.
 
 Not thread-safe: drive it from the event loop that serves it. Run it standalone with
 `python -m bot.standin --token T [--port N]`.
@@ -26,7 +28,7 @@ import signal
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from http import HTTPStatus
 from typing import Any
@@ -51,6 +53,9 @@ MAX_CAPTION_LENGTH = 1024
 MAX_CALLBACK_DATA_BYTES = 64
 MAX_DOCUMENT_BYTES = 50 * 1024 * 1024
 MAX_UPDATES_PER_POLL = 100
+MAX_TOPIC_NAME_LENGTH = 128
+# The colours a forum topic's icon may have (createForumTopic), the first one the default.
+TOPIC_ICON_COLORS = (0x6FB9F0, 0xFFD67E, 0xCB86DB, 0x8EEE98, 0xFF93B2, 0xFB6F5F)
 
 CHAT_TYPES = frozenset({"private", "group", "supergroup"})
 # An empty or never-given allowed_updates list means "all except these", as in Telegram.
@@ -143,11 +148,23 @@ class _Fault:
 
 
 @dataclass
+class _Topic:
+    """A forum topic: its thread id is the id of the service message that opened it."""
+
+    thread_id: int
+    name: str
+    icon_color: int
+    closed: bool = False
+
+
+@dataclass
 class _Chat:
     id: int
     type: str
     title: str | None
     next_message_id: int = 1
+    is_forum: bool = False
+    topics: dict[int, _Topic] = field(default_factory=dict)
 
 
 @dataclass
@@ -335,6 +352,7 @@ _INT_PARAMS = frozenset(
         "limit",
         "cache_time",
         "user_id",
+        "icon_color",
     }
 )
 _NUMBER_PARAMS = frozenset({"timeout"})
@@ -489,6 +507,9 @@ class BotApiStandIn:
         self.webhook_url: str | None = None
         self._webhook_secret: str | None = None
         self._webhook_task: asyncio.Task[None] | None = None
+        # Test hook: called with every Bot API call before it runs (after it is logged); a
+        # BotApiError it raises fails the call (a crash test kills the bot there).
+        self.on_call: Callable[[ApiCall], None] | None = None
         # (update_id, HTTP status or 0 for no answer) of every webhook delivery attempt.
         self.webhook_deliveries: list[tuple[int, int]] = []
         self._allowed_updates: list[str] | None = None
@@ -519,6 +540,10 @@ class BotApiStandIn:
                 "sendDocument": self._send_document,
                 "sendChatAction": self._send_chat_action,
                 "deleteMessage": self._delete_message,
+                "createForumTopic": self._create_forum_topic,
+                "editForumTopic": self._edit_forum_topic,
+                "closeForumTopic": self._close_forum_topic,
+                "reopenForumTopic": self._reopen_forum_topic,
             }.items()
         }
 
@@ -543,22 +568,59 @@ class BotApiStandIn:
         self._changed()
         return dict(user)
 
-    def add_chat(self, chat_id: int, type: str, title: str | None = None) -> JSON:
-        """Create or update a chat ("private", "group" or "supergroup"); returns its Chat JSON."""
+    def add_chat(
+        self, chat_id: int, type: str, title: str | None = None, *, is_forum: bool = False
+    ) -> JSON:
+        """Create or update a chat ("private", "group" or "supergroup"; a supergroup may be a
+        forum, whose messages live in topics); returns its Chat JSON."""
         if type not in CHAT_TYPES:
             raise ValueError(f"chat type must be one of {sorted(CHAT_TYPES)}, not {type!r}")
         if type == "private" and chat_id <= 0:
             raise ValueError("a private chat's id is its user's id, a positive number")
         if type != "private" and chat_id >= 0:
             raise ValueError("group and supergroup chat ids are negative")
+        if is_forum and type != "supergroup":
+            raise ValueError("only a supergroup can be a forum")
         chat = self._chats.get(chat_id)
         if chat is None:
-            self._chats[chat_id] = _Chat(chat_id, type, title, self._first_message_id)
+            chat = self._chats[chat_id] = _Chat(chat_id, type, title, self._first_message_id)
             self._messages[chat_id] = {}
         else:
             chat.type, chat.title = type, title
+        chat.is_forum = is_forum
         self._changed()
         return self._chat_json(chat_id)
+
+    def open_topic(self, chat_id: int, name: str, user_id: int) -> int:
+        """A person opens a topic in a forum chat; returns its message_thread_id."""
+        chat = self._chats.get(chat_id)
+        if chat is None or not chat.is_forum:
+            raise ValueError(f"chat {chat_id} is not a forum")
+        return self._create_topic(chat, name, TOPIC_ICON_COLORS[0], self._ensure_user(user_id))
+
+    def close_topic(self, chat_id: int, thread_id: int, user_id: int) -> None:
+        """A person closes a forum topic: nobody without the right to manage topics (the
+        bot included, here) may write in it until it is reopened."""
+        chat = self._chats.get(chat_id)
+        topic = chat.topics.get(thread_id) if chat else None
+        if chat is None or topic is None or topic.closed:
+            raise ValueError(f"chat {chat_id} has no open topic {thread_id}")
+        topic.closed = True
+        person = self._ensure_user(user_id)
+        self._topic_service_message(chat, topic, "forum_topic_closed", {}, person)
+
+    def topics(self, chat_id: int) -> list[JSON]:
+        """A forum chat's topics in creation order: thread id, name, icon colour, closed."""
+        chat = self._chats.get(chat_id)
+        return [
+            {
+                "message_thread_id": topic.thread_id,
+                "name": topic.name,
+                "icon_color": topic.icon_color,
+                "is_closed": topic.closed,
+            }
+            for topic in (chat.topics.values() if chat else ())
+        ]
 
     def chats(self) -> list[JSON]:
         """Every known chat as Telegram Chat JSON, in creation order."""
@@ -592,6 +654,10 @@ class BotApiStandIn:
                 raise ValueError(f"message {reply_to_message_id} not found in chat {chat_id}")
         user = self._ensure_user(user_id)
         chat = self._ensure_chat(chat_id)
+        if chat.is_forum and thread_id is not None:
+            topic = chat.topics.get(thread_id)
+            if topic is None or topic.closed:
+                raise ValueError(f"chat {chat_id} has no open topic {thread_id}")
         message = self._new_message(chat, user, thread_id, reply_to)
         message["text"] = text
         command = _BOT_COMMAND.match(text)
@@ -754,8 +820,11 @@ class BotApiStandIn:
         name = known[0] if known else method
         decoded = {key: _decode_value(key, value) for key, value in params.items()}
         logged = decoded | {key: upload.summary() for key, upload in files.items()}
-        self._calls.append(ApiCall(name, logged, time.monotonic()))
+        call = ApiCall(name, logged, time.monotonic())
+        self._calls.append(call)
         self._changed()
+        if self.on_call is not None:
+            self.on_call(call)
         self._raise_injected_fault(method.lower())
         if known is None:
             raise BotApiError(404, "Not Found")
@@ -956,7 +1025,7 @@ class BotApiStandIn:
         )
         inline_markup, ui_markup = _reply_markup(p)
         reply_to = self._reply_target(chat, p)
-        message = self._new_message(chat, self.bot_user, p.get_int("message_thread_id"), reply_to)
+        message = self._new_message(chat, self.bot_user, self._thread_to_send(chat, p), reply_to)
         message["text"] = text
         if entities:
             message["entities"] = entities
@@ -980,7 +1049,7 @@ class BotApiStandIn:
         serial = len(self._files) + 1
         file_id = f"BQACAgIAAxkBAAI{serial:06d}{hashlib.sha256(upload.content).hexdigest()[:16]}"
         self._files[file_id] = upload
-        message = self._new_message(chat, self.bot_user, p.get_int("message_thread_id"), reply_to)
+        message = self._new_message(chat, self.bot_user, self._thread_to_send(chat, p), reply_to)
         message["document"] = {
             "file_id": file_id,
             "file_unique_id": f"AgAD{serial:06d}",
@@ -1066,7 +1135,88 @@ class BotApiStandIn:
         self._changed()
         return True
 
+    def _create_forum_topic(self, p: _Params) -> JSON:
+        chat = self._forum(p)
+        name = p.get_str("name") or ""
+        if not 1 <= len(name) <= MAX_TOPIC_NAME_LENGTH:
+            raise _bad_request("TOPIC_NAME_INVALID")
+        color = p.get_int("icon_color")
+        if color is None:
+            color = TOPIC_ICON_COLORS[0]
+        if color not in TOPIC_ICON_COLORS:
+            raise _bad_request("TOPIC_ICON_COLOR_INVALID")
+        thread_id = self._create_topic(chat, name, color, self.bot_user)
+        return {"message_thread_id": thread_id, "name": name, "icon_color": color}
+
+    def _edit_forum_topic(self, p: _Params) -> bool:
+        chat = self._forum(p)
+        topic = self._topic(chat, p)
+        name = p.get_str("name")
+        if name is None or name == topic.name:
+            raise _bad_request("TOPIC_NOT_MODIFIED")
+        if len(name) > MAX_TOPIC_NAME_LENGTH:
+            raise _bad_request("TOPIC_NAME_INVALID")
+        topic.name = name
+        self._topic_service_message(chat, topic, "forum_topic_edited", {"name": name})
+        return True
+
+    def _close_forum_topic(self, p: _Params) -> bool:
+        return self._set_topic_closed(p, True)
+
+    def _reopen_forum_topic(self, p: _Params) -> bool:
+        return self._set_topic_closed(p, False)
+
+    def _set_topic_closed(self, p: _Params, closed: bool) -> bool:
+        chat = self._forum(p)
+        topic = self._topic(chat, p)
+        if topic.closed == closed:
+            raise _bad_request("TOPIC_NOT_MODIFIED")
+        topic.closed = closed
+        kind = "forum_topic_closed" if closed else "forum_topic_reopened"
+        self._topic_service_message(chat, topic, kind, {})
+        return True
+
     # --- Internals -------------------------------------------------------------------------------
+
+    def _forum(self, p: _Params) -> _Chat:
+        chat = self._target_chat(p)
+        if not chat.is_forum:
+            raise _bad_request("the chat is not a forum")
+        return chat
+
+    def _topic(self, chat: _Chat, p: _Params) -> _Topic:
+        topic = chat.topics.get(p.get_int("message_thread_id") or 0)
+        if topic is None:
+            raise _bad_request("message thread not found")
+        return topic
+
+    def _create_topic(self, chat: _Chat, name: str, color: int, sender: JSON) -> int:
+        """Open a topic: a service message whose id becomes the topic's thread id."""
+        thread_id = chat.next_message_id
+        topic = chat.topics[thread_id] = _Topic(thread_id, name, color)
+        created = {"name": name, "icon_color": color}
+        self._topic_service_message(chat, topic, "forum_topic_created", created, sender)
+        return thread_id
+
+    def _topic_service_message(
+        self, chat: _Chat, topic: _Topic, kind: str, body: JSON, sender: JSON | None = None
+    ) -> None:
+        message = self._new_message(chat, sender or self.bot_user, topic.thread_id, None)
+        message[kind] = body
+        self._store(chat, message)
+
+    def _thread_to_send(self, chat: _Chat, p: _Params) -> int | None:
+        """The message_thread_id a bot message goes to: in a forum, an open topic's (a closed
+        one refuses it, as Telegram refuses a member who may not manage topics)."""
+        thread_id = p.get_int("message_thread_id")
+        if thread_id is None or not chat.is_forum:
+            return thread_id
+        topic = chat.topics.get(thread_id)
+        if topic is None:
+            raise _bad_request("message thread not found")
+        if topic.closed:
+            raise _bad_request("TOPIC_CLOSED")
+        return thread_id
 
     def _changed(self) -> None:
         self._changes.notify()
@@ -1091,7 +1241,11 @@ class BotApiStandIn:
     def _chat_json(self, chat_id: int) -> JSON:
         chat = self._chats[chat_id]
         if chat.type != "private":
-            return {"id": chat.id, "type": chat.type, "title": chat.title or f"Chat {chat.id}"}
+            title = chat.title or f"Chat {chat.id}"
+            group: JSON = {"id": chat.id, "type": chat.type, "title": title}
+            if chat.is_forum:
+                group["is_forum"] = True
+            return group
         user = self._users.get(chat.id, {})
         result: JSON = {
             "id": chat.id,
@@ -1484,6 +1638,11 @@ async def _get_callback(request: Request, standin: BotApiStandIn) -> JSON:
     return {"callback_query_id": query_id, "answer": standin.callback_answer(query_id)}
 
 
+async def _get_topics(request: Request, standin: BotApiStandIn) -> JSON:
+    chat_id = _path_int(request, "chat_id")
+    return {"chat_id": chat_id, "topics": standin.topics(chat_id)}
+
+
 async def _get_calls(request: Request, standin: BotApiStandIn) -> JSON:
     calls = standin.calls(request.query_params.get("method") or None)
     return {"calls": [{"method": c.method, "params": c.params, "at": c.at} for c in calls]}
@@ -1514,6 +1673,7 @@ def build_app(standin: BotApiStandIn) -> Starlette:
             Route("/standin/callbacks", _control(_post_callback), methods=["POST"]),
             Route("/standin/callbacks/{query_id}", _control(_get_callback), methods=["GET"]),
             Route("/standin/chats/{chat_id}/messages", _control(_get_messages), methods=["GET"]),
+            Route("/standin/chats/{chat_id}/topics", _control(_get_topics), methods=["GET"]),
             Route("/standin/calls", _control(_get_calls), methods=["GET"]),
             Route("/standin/faults", _control(_post_fault), methods=["POST"]),
         ]

@@ -1,5 +1,6 @@
 """The bot's own tables: chat delivery of the outbox, chat leases, the inbox of Telegram
-updates, and how chat users are shown. The outbox rows are queued by the core with the change
+updates, how chat users are shown, and where each run's messages go (its forum topic, or the
+message its later ones reply to). The outbox rows are queued by the core with the change
 they tell of; everything after that (claiming, sending, marking delivered) is the bot's. The
 core reads the names back with the runs that mention people (`RunTree.names`)."""
 
@@ -47,6 +48,31 @@ class OutboxMessage:
     created_at: float = 0.0
     next_attempt_at: float = 0.0  # after a failed attempt: not before this time
     parts_sent: int = 0  # of a message sent in parts, how many went out already
+
+
+@dataclass(frozen=True)
+class RunPlace:
+    """Where a run tree's messages go in a chat, as recorded: the forum topic the bot opened
+    for it, or (no topic) the run's first message there, which the later ones reply to."""
+
+    root_id: str
+    chat_id: int
+    thread_id: int | None
+    first_message_id: int | None
+    closed_at: float | None  # when the bot closed its topic
+
+
+RUN_PLACE_COLUMNS = "root_id, chat_id, thread_id, first_message_id, closed_at"
+
+
+def _run_place(row: Any) -> RunPlace:
+    return RunPlace(
+        root_id=row["root_id"],
+        chat_id=row["chat_id"],
+        thread_id=row["thread_id"],
+        first_message_id=row["first_message_id"],
+        closed_at=row["closed_at"],
+    )
 
 
 class ChatStore:
@@ -366,6 +392,72 @@ class ChatStore:
             ).fetchone()
         )
         return (row["message_id"], row["delivered_at"]) if row else None
+
+    async def run_place(self, root_id: str, chat_id: int) -> RunPlace | None:
+        """Where a run tree's messages go in a chat, if that is recorded."""
+        row = await self._db.read(
+            lambda c: c.execute(
+                f"SELECT {RUN_PLACE_COLUMNS} FROM run_places WHERE root_id = ? AND chat_id = ?",
+                (root_id, chat_id),
+            ).fetchone()
+        )
+        return _run_place(row) if row else None
+
+    async def record_run_place(
+        self,
+        root_id: str,
+        chat_id: int,
+        *,
+        thread_id: int | None = None,
+        first_message_id: int | None = None,
+    ) -> RunPlace:
+        """Record where a run tree's messages go in a chat (its topic, or the first message of
+        a run without one), durably; returns the place as it stands after. A recorded topic is never
+        replaced (the first one recorded wins), and a first message is recorded once."""
+        now = time.time()
+
+        def record(conn: Connection) -> RunPlace:
+            conn.execute(
+                "INSERT INTO run_places (root_id, chat_id, thread_id, first_message_id, "
+                "created_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (root_id, chat_id) DO UPDATE SET "
+                "first_message_id = excluded.first_message_id WHERE run_places.thread_id IS NULL "
+                "AND run_places.first_message_id IS NULL AND excluded.thread_id IS NULL",
+                (root_id, chat_id, thread_id, first_message_id, now),
+            )
+            row = conn.execute(
+                f"SELECT {RUN_PLACE_COLUMNS} FROM run_places WHERE root_id = ? AND chat_id = ?",
+                (root_id, chat_id),
+            ).fetchone()
+            return _run_place(row)
+
+        return await self._db.transaction(record, durable=True)
+
+    async def forget_topic(self, root_id: str, chat_id: int, thread_id: int) -> bool:
+        """The run's topic is gone (deleted, or closed by a person): its later messages go to
+        the chat's main thread, under the next one sent. False if the topic was not the run's."""
+        return await self._db.transaction(
+            lambda c: (
+                c.execute(
+                    "UPDATE run_places SET thread_id = NULL, first_message_id = NULL "
+                    "WHERE root_id = ? AND chat_id = ? AND thread_id = ?",
+                    (root_id, chat_id, thread_id),
+                ).rowcount
+                == 1
+            )
+        )
+
+    async def record_topic_closed(self, root_id: str, chat_id: int) -> bool:
+        """Record that the bot closed the run's topic; False if that was recorded before."""
+        return await self._db.transaction(
+            lambda c: (
+                c.execute(
+                    "UPDATE run_places SET closed_at = ? WHERE root_id = ? AND chat_id = ? "
+                    "AND thread_id IS NOT NULL AND closed_at IS NULL",
+                    (time.time(), root_id, chat_id),
+                ).rowcount
+                == 1
+            )
+        )
 
     async def judge_run_rate(
         self, identity: str, message: str, limit: int, window: float
