@@ -29,6 +29,8 @@ class EventType(StrEnum):
     APPROVAL_DECIDED = "approval_decided"
     APPROVAL_VOTED = "approval_voted"
     APPROVAL_EXPIRED = "approval_expired"
+    APPROVAL_REMINDED = "approval_reminded"
+    APPROVAL_ESCALATED = "approval_escalated"
     CHILDREN_STARTED = "children_started"
     WAITING_FOR_SIBLING = "waiting_for_sibling"
     WAITING_FOR_EARLIER_ATTEMPT = "waiting_for_earlier_attempt"
@@ -176,6 +178,11 @@ class ApprovalRequested(Event):
     runs_on: str | None = None
     evidence: list[str] = field(default_factory=list)
     required: int = 1  # approvals by distinct people it needs
+    # Its timers before the deadline (None: none), whom it escalates to, what expiry does.
+    remind_at: float | None = None
+    escalate_at: float | None = None
+    escalate_to: list[str] = field(default_factory=list)
+    on_expiry: str = "stop"
 
 
 @dataclass(frozen=True)
@@ -211,6 +218,35 @@ class ApprovalExpired(Event):
 
     type: ClassVar[EventType] = EventType.APPROVAL_EXPIRED
     approval_id: int
+    # What expiry did (the runbook's `on_expiry`): "stop", or "rollback" (completed steps
+    # are rolled back, then the run ends as expired). Never consent either way.
+    on_expiry: str = "stop"
+
+
+@dataclass(frozen=True)
+class ApprovalReminded(Event):
+    """Request `number` was still pending at its reminder time: `mentioned` (the identities
+    of the people who may decide it) were reminded in its chat, `privately` also in their
+    private chats with the bot."""
+
+    type: ClassVar[EventType] = EventType.APPROVAL_REMINDED
+    approval_id: int
+    number: int
+    mentioned: list[str]
+    privately: list[str]
+
+
+@dataclass(frozen=True)
+class ApprovalEscalated(Event):
+    """Request `number` was still pending at its escalation time: `escalate_to` (groups or
+    identities) became deciders too; `mentioned` are the people that added."""
+
+    type: ClassVar[EventType] = EventType.APPROVAL_ESCALATED
+    approval_id: int
+    number: int
+    escalate_to: list[str]
+    mentioned: list[str]
+    privately: list[str]
 
 
 @dataclass(frozen=True)
@@ -319,6 +355,8 @@ KNOWN: dict[str, type[Event]] = {
         ApprovalDecided,
         ApprovalVoted,
         ApprovalExpired,
+        ApprovalReminded,
+        ApprovalEscalated,
         ChildrenStarted,
         WaitingForSibling,
         WaitingForEarlierAttempt,

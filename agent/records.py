@@ -52,6 +52,14 @@ class ApprovalStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+class Hop(StrEnum):
+    """A step a pending approval request takes before its deadline: remind its deciders,
+    then escalate (add its `escalate_to` as deciders)."""
+
+    REMIND = "remind"
+    ESCALATE = "escalate"
+
+
 class VoteOutcome(StrEnum):
     """What one person's decision on a request does under its rule (`required` approvals by
     distinct people): counted toward it, already counted (nothing changes), completes it, or
@@ -68,6 +76,63 @@ class ApprovalKind(StrEnum):
 
     GATE = "gate"
     IN_DOUBT = "in_doubt"
+
+
+@dataclass(frozen=True)
+class Delay:
+    """When a hop of an approval request comes: a share of its timeout (`50%`), or seconds
+    after it was opened (`10m`, `90s`, `600`); `Delay.parse` reads both, and `0` or an empty
+    text is no hop (None)."""
+
+    seconds: float | None = None
+    fraction: float | None = None
+
+    @classmethod
+    def parse(cls, value: object) -> Delay | None:
+        """The delay `value` says (a number is seconds); ValueError naming the forms."""
+        if isinstance(value, bool):
+            raise ValueError(DELAY_FORMS)
+        if isinstance(value, int | float):
+            return _delay_seconds(float(value))
+        if not isinstance(value, str):
+            raise ValueError(DELAY_FORMS)
+        text = value.strip().lower()
+        if text in ("", "0", "none", "off"):
+            return None
+        if text.endswith("%"):
+            try:
+                percent = float(text[:-1])
+            except ValueError:
+                raise ValueError(DELAY_FORMS) from None
+            if not 0 < percent < 100:
+                raise ValueError(f"{value!r}: a share of the deadline is between 0% and 100%")
+            return cls(fraction=percent / 100)
+        match = DELAY_PATTERN.fullmatch(text)
+        if match is None:
+            raise ValueError(f"{value!r}: {DELAY_FORMS}")
+        return _delay_seconds(float(match[1]) * DELAY_UNITS[match[2] or "s"])
+
+    def after(self, opened_at: float, timeout: float) -> float | None:
+        """When the hop comes for a request opened at `opened_at` that expires `timeout`
+        seconds later; None when that is not before its deadline."""
+        offset = self.seconds if self.seconds is not None else (self.fraction or 0) * timeout
+        return opened_at + offset if offset < timeout else None
+
+    def __str__(self) -> str:
+        if self.fraction is not None:
+            return f"{self.fraction * 100:g}%"
+        return f"{self.seconds:g}s"
+
+
+DELAY_FORMS = "a delay is a share of the deadline like 50%, or a duration like 90s, 10m or 1h"
+DELAY_PATTERN = re.compile(r"(\d+(?:\.\d+)?)\s*([smh]?)")
+DELAY_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _delay_seconds(seconds: float) -> Delay | None:
+    if seconds < 0 or seconds != seconds or seconds == float("inf"):
+        raise ValueError(DELAY_FORMS)
+    return Delay(seconds=seconds) if seconds > 0 else None
 
 
 # The roles of a supervisor's child runs, in the order the team works: plan, execute, verify.
@@ -91,6 +156,10 @@ class ChatNotice(StrEnum):
     APPROVAL_DECIDED = "approval_decided"  # edit the request: who decided, and when
     APPROVAL_VOTED = "approval_voted"  # edit the request: one more approval, buttons kept
     APPROVAL_EXPIRED = "approval_expired"  # edit the request: nobody decided in time
+    # A hop of a pending request: the card says so (buttons kept) and a reply mentions who
+    # may decide; the same kinds go to an approver's private chat, as a message of its own.
+    APPROVAL_REMINDED = "approval_reminded"
+    APPROVAL_ESCALATED = "approval_escalated"
     PROGRESS = "progress"  # show the tree's state again (one message per tree, edited)
     RUN_FINISHED = "run_finished"  # the root run's summary
     ALERT = "alert"  # show an alert incident's card: sent once, then edited in place
@@ -120,6 +189,11 @@ class Checkpoint:
         """A copy with `changes`: `dataclasses.replace` without its per-call look at the
         fields (the loop moves its checkpoint several times a step)."""
         return Checkpoint(**{**self.__dict__, **changes})
+
+    def rolling_back(self) -> Checkpoint:
+        """Where a run resumes to roll its completed steps back (after a reject or an
+        expiry that asks for it): a turn of its own, the kernel's rollback plan."""
+        return self.moved(turn=self.turn + 1, call=0, phase="rollback")
 
     @classmethod
     def from_json(cls, text: str) -> Checkpoint:
@@ -283,6 +357,20 @@ class ApprovalRecord:
     runs_on: str | None = None  # where the action runs
     evidence: list[str] = field(default_factory=list)  # the last lines of steps already run
     required: int = 1  # approvals by distinct people the request needs
+    # Its hops before the deadline (None: none planned / not made yet), and what expiry does.
+    remind_at: float | None = None
+    reminded_at: float | None = None
+    escalate_at: float | None = None
+    escalated_at: float | None = None
+    escalate_to: list[str] = field(default_factory=list)  # deciders added at escalate_at
+    on_expiry: str = "stop"  # or "rollback": completed steps are rolled back, then expired
+
+    @property
+    def all_deciders(self) -> list[str]:
+        """Who may decide now: the deciders, and those it escalated to once it did."""
+        if self.escalated_at is None:
+            return list(self.deciders)
+        return [*self.deciders, *(e for e in self.escalate_to if e not in self.deciders)]
 
 
 @dataclass(frozen=True)

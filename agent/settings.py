@@ -19,6 +19,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from agent.chain import AuditKey
 from agent.failpoints import Failpoints
+from agent.records import Delay
 
 
 def _os_user() -> str:
@@ -79,6 +80,21 @@ class Settings(BaseSettings):
         default_factory=list,
         validation_alias=AliasChoices("TELEGRAM_APPROVER_IDS", "LOOM_OPS_TELEGRAM_APPROVER_IDS"),
         description="Telegram user ids who may decide: with LOOM_OPS_APPROVERS, group:approvers.",
+    )
+    remind_after: str = Field(
+        "50%",
+        description="When a pending approval reminds its deciders: a share of its deadline "
+        "(50%) or a duration (10m); 0 or empty: never. A runbook's `escalation:` wins.",
+    )
+    escalate_after: str = Field(
+        "",
+        description="When a pending approval escalates to LOOM_OPS_ESCALATE_TO (as "
+        "remind_after); empty: never.",
+    )
+    escalate_to: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        validate_default=True,  # checked against escalate_after even when left out
+        description="Who is added as deciders at escalate_after: groups or identities.",
     )
     people_file: Path | None = Field(
         None, description="People, their identities and groups; default <workspace>/people.yaml."
@@ -189,7 +205,7 @@ class Settings(BaseSettings):
             return None
         return value
 
-    @field_validator("approvers", "redact_patterns", "public_hosts", mode="before")
+    @field_validator("approvers", "redact_patterns", "public_hosts", "escalate_to", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         # A comma-separated env value is friendlier than JSON for a list of names.
@@ -244,6 +260,33 @@ class Settings(BaseSettings):
         if self.audit_key_file is not None:
             self.audit_key = SecretStr(_first_line(self.audit_key_file))
         return self
+
+    @field_validator("remind_after", "escalate_after")
+    @classmethod
+    def _delay_parses(cls, value: str) -> str:
+        Delay.parse(value)  # the runbooks' parser: one format for both
+        return value
+
+    @field_validator("escalate_to")
+    @classmethod
+    def _escalation_complete(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        if "escalate_after" not in info.data:  # refused already, with its own reason
+            return value
+        if bool(Delay.parse(info.data["escalate_after"])) != bool(value):
+            raise ValueError(
+                "set LOOM_OPS_ESCALATE_AFTER and LOOM_OPS_ESCALATE_TO together (when, and to whom)"
+            )
+        return value
+
+    @property
+    def remind_delay(self) -> Delay | None:
+        """When a request reminds by default (None: never)."""
+        return Delay.parse(self.remind_after)
+
+    @property
+    def escalate_delay(self) -> Delay | None:
+        """When a request escalates by default (None: never)."""
+        return Delay.parse(self.escalate_after)
 
     @field_validator("failpoint")
     @classmethod

@@ -162,6 +162,7 @@ class ChatOps:
         self._approvers = frozenset(telegram.approver_ids)
         self._reject_prompts: dict[tuple[int, int], RejectPrompt] = {}
         self._names: dict[str, str] = {}
+        self._private: set[str] = set()  # who wrote to the bot privately (noted once)
         self._titles: dict[int, str] = {}  # served groups' titles, for a pointer to them
         self._background: set[asyncio.Task[None]] = set()  # names being stored
         self._run_rate = telegram.run_rate, telegram.run_rate_window
@@ -198,18 +199,37 @@ class ChatOps:
 
     async def note_user(self, update: Update, context: Context) -> None:
         """Remember how the sender of anything in a served chat is shown (`@name`), so cards
-        and summaries name people, not `telegram:<id>`. Only a new or changed name is
+        and summaries name people, not `telegram:<id>`; and who wrote to the bot privately,
+        served chat or not, so reminders can reach them there. Only a new or changed fact is
         written, in the background: a busy database must not hold up a tap's answer."""
         chat, user = update.effective_chat, update.effective_user
-        if chat is None or user is None or chat.id not in self._allowed or user.is_bot:
+        if chat is None or user is None or user.is_bot:
             return
         identity, display = identity_of(user), display_of(user)
+        if chat.type == ChatType.PRIVATE and identity not in self._private:
+            self._private.add(identity)
+            self._names[identity] = display
+            task = asyncio.create_task(
+                self._store_private(identity, display), name="remember-private-chat"
+            )
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return
+        if chat.id not in self._allowed:
+            return
         if self._names.get(identity) == display:
             return
         self._names[identity] = display
         task = asyncio.create_task(self._store_name(identity, display), name="remember-user")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _store_private(self, identity: str, display: str) -> None:
+        try:
+            await self._chat.remember_private_chat(identity, display)
+        except Exception as exc:  # best effort: the next message tries again
+            log.warning("could not note the private chat of %s: %s", identity, exc)
+            self._private.discard(identity)
 
     async def _store_name(self, identity: str, display: str) -> None:
         try:

@@ -155,7 +155,9 @@ def decision_line(approval: ApprovalRecord, who: Who) -> str:
     elif approval.status == ApprovalStatus.REJECTED:
         line = Markup("❌ <b>Rejected by {}</b> at {}").format(by, at)
     elif approval.status == ApprovalStatus.EXPIRED:
-        line = Markup("⌛ <b>Expired</b> at {} without a decision").format(at)
+        line = Markup("⌛ <b>Expired</b> at {} without a decision: {}").format(
+            at, expiry_words(approval)
+        )
     elif approval.status == ApprovalStatus.CANCELLED:
         line = Markup("🚫 <b>Cancelled</b> with the run by {} at {}").format(by, at)
     else:
@@ -163,6 +165,59 @@ def decision_line(approval: ApprovalRecord, who: Who) -> str:
     if approval.note:
         line += Markup(" — {}").format(approval.note)
     return str(line)
+
+
+def expiry_words(approval: ApprovalRecord) -> str:
+    """What an expiry does to the run (the runbook's `on_expiry`): never consent."""
+    if approval.on_expiry == "rollback" and approval.kind == "gate":
+        return "nothing approved; the completed steps are rolled back, then the run stops"
+    return "nothing approved; the run stopped"
+
+
+def hop_lines(approval: ApprovalRecord) -> list[str]:
+    """The hops a request made before its decision, for its card: `Reminded at 05:10 UTC`,
+    `Escalated to group:leads at 05:12 UTC`."""
+    lines = []
+    if approval.reminded_at is not None:
+        lines.append(f"🔔 Reminded at {hhmm(approval.reminded_at)}")
+    if approval.escalated_at is not None:
+        added = ", ".join(approval.escalate_to)
+        lines.append(f"⏫ Escalated to {added} at {hhmm(approval.escalated_at)}")
+    return lines
+
+
+def mention(entry: dict[str, object]) -> str:
+    """One person a hop mentions (`{"identity": ..., "display": ...}` of its outbox entry),
+    as HTML: their `@name` (which notifies them), else a link to their Telegram user (which
+    does too), else their identity."""
+    identity, display = str(entry.get("identity") or ""), entry.get("display")
+    shown = str(display) if display else identity
+    kind, _, user_id = identity.partition(":")
+    if kind == "telegram" and user_id.isdigit() and not shown.startswith("@"):
+        return str(Markup('<a href="tg://user?id={}">{}</a>').format(user_id, shown))
+    return str(Markup("{}").format(shown))
+
+
+def hop_text(
+    approval: ApprovalRecord,
+    root_id: str,
+    escalation: bool,
+    mentions: Sequence[dict[str, object]],
+    now: float,
+    private: bool = False,
+) -> str:
+    """A reminder of a pending request (`escalation` False), or the news that it escalated,
+    mentioning the people who may decide it (HTML): a reply to its card in the run's chat,
+    or (`private`) a message of its own in one person's chat with the bot."""
+    return _ENV.get_template("approval_hop.html.j2").render(
+        a=approval,
+        root_id=root_id,
+        escalation=escalation,
+        escalate_to=", ".join(approval.escalate_to),
+        mentions=Markup(", ").join(Markup(mention(m)) for m in mentions),
+        deadline=until(approval.deadline_at, now),
+        private=private,
+    )
 
 
 def tally_line(approval: ApprovalRecord, votes: Sequence[ApprovalVote], who: Who) -> str:
@@ -215,7 +270,8 @@ def approval_text(
         root_id=root_id,
         runbook_id=runbook_id,
         requested_by=requested_by,
-        approvers=", ".join(who(d) for d in approval.deciders) or "any approver",
+        approvers=", ".join(who(d) for d in approval.all_deciders) or "any approver",
+        hops=hop_lines(approval),
         who=who,
         deadline=clock(approval.deadline_at) if decided else until(approval.deadline_at, now),
         outcome=Markup(decision_line(approval, who)) if decided else "",

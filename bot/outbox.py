@@ -29,6 +29,7 @@ from telegram import (
     InputFile,
     LinkPreviewOptions,
     Message,
+    ReplyParameters,
 )
 from telegram.constants import ParseMode
 from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, TelegramError
@@ -54,6 +55,7 @@ from bot.messages import (
     MAX_CHUNKS,
     approval_buttons,
     approval_text,
+    hop_text,
     html_chunks,
     progress_text,
 )
@@ -83,6 +85,8 @@ URGENCY: dict[str, int] = {
     ChatNotice.APPROVAL_DECIDED: 0,
     ChatNotice.APPROVAL_VOTED: 0,
     ChatNotice.APPROVAL_EXPIRED: 0,
+    ChatNotice.APPROVAL_REMINDED: 0,
+    ChatNotice.APPROVAL_ESCALATED: 0,
     ChatNotice.ALERT: 0,
     ChatNotice.RUN_FINISHED: 1,
     ChatNotice.PROGRESS: 2,
@@ -185,7 +189,10 @@ class OutboxSender:
         """Deliver what is due of one batch; True if anything was delivered."""
         # Progress entries are one per run tree, so a batch this size sees every run's news.
         batch = await self._chat.undelivered_messages(limit=500, chat_id=chat_id)
-        if self._allowed is not None and chat_id not in self._allowed:
+        if self._allowed is not None and chat_id not in self._allowed and batch:
+            # An approver's own chat with the bot is not served, yet hears their reminders.
+            if all(_private_hop(message) for message in batch):
+                return await self._drain_private(batch)
             log.warning(
                 "not delivering %d message(s) to chat %s: it is no longer served "
                 "(TELEGRAM_ALLOWED_CHAT_IDS)",
@@ -226,6 +233,17 @@ class OutboxSender:
                 return False
             delivered_any = True
         return delivered_any
+
+    async def _drain_private(self, batch: list[OutboxMessage]) -> bool:
+        """Deliver reminders and escalations to a person's private chat with the bot (the
+        only entries the store queues there), oldest first."""
+        for message in batch:
+            if message.next_attempt_at > time.time():
+                self._wake_at(message.next_attempt_at)
+                return False
+            if not await self._attempt(message, self._private_hop(message)):
+                return False
+        return True
 
     async def _attempt(self, message: OutboxMessage, send: Awaitable[None]) -> bool:
         """Send one entry; on failure record it and say whether the chat may go on."""
@@ -287,6 +305,11 @@ class OutboxSender:
                 | ChatNotice.APPROVAL_VOTED
             ):
                 await self._approval_outcome(message)
+            case ChatNotice.APPROVAL_REMINDED | ChatNotice.APPROVAL_ESCALATED:
+                if _private_hop(message):
+                    await self._private_hop(message)
+                else:
+                    await self._approval_hop(message)
             case ChatNotice.RUN_FINISHED:
                 await self._summary(message)
             case ChatNotice.ALERT:
@@ -317,6 +340,54 @@ class OutboxSender:
             sent = await self._send(message, request.root_id, text, reply_markup=buttons)
             edited = sent.message_id
         await self._chat.mark_delivered(message.id, edited)
+
+    async def _approval_hop(self, message: OutboxMessage) -> None:
+        """A reminder or an escalation in the run's chat: the card shows the hop (buttons
+        kept while it waits), and a reply to it mentions the people who may decide."""
+        request = await self._service.approval_request(message.payload["approval_id"])
+        approval = request.approval
+        card_id = await self._chat.approval_message_id(approval.id)
+        if card_id is not None:
+            card_id = await self._edit(
+                message, card_id, _approval_text(request), _buttons(approval)
+            )
+        if approval.status != ApprovalStatus.PENDING:  # decided meanwhile: the card says so
+            await self._chat.mark_delivered(message.id, card_id)
+            return
+        text = _hop_text(request, message, private=False)
+        target = message.target
+        sent = await self._placed(
+            message,
+            request.root_id,
+            lambda where: self._bot.send_message(
+                chat_id=target["chat_id"],
+                text=text,
+                parse_mode=ParseMode.HTML,
+                message_thread_id=where.thread_id,
+                reply_parameters=(
+                    ReplyParameters(card_id, allow_sending_without_reply=True)
+                    if card_id is not None
+                    else where.reply_parameters()
+                ),
+                link_preview_options=NO_PREVIEW,
+            ),
+        )
+        await self._chat.mark_delivered(message.id, sent.message_id)
+
+    async def _private_hop(self, message: OutboxMessage) -> None:
+        """A reminder or an escalation in one approver's private chat with the bot: a
+        message of its own (no buttons: decisions are made where the card is)."""
+        request = await self._service.approval_request(message.payload["approval_id"])
+        if request.approval.status != ApprovalStatus.PENDING:  # nothing left to remind of
+            await self._chat.mark_delivered(message.id, None)
+            return
+        sent = await self._bot.send_message(
+            chat_id=message.target["chat_id"],
+            text=_hop_text(request, message, private=True),
+            parse_mode=ParseMode.HTML,
+            link_preview_options=NO_PREVIEW,
+        )
+        await self._chat.mark_delivered(message.id, sent.message_id)
 
     async def _alert_card(self, message: OutboxMessage) -> None:
         """An alert incident's card as it stands now: sent the first time, then edited in
@@ -496,6 +567,26 @@ def _approval_text(request: ApprovalInRun, facts: dict[str, Any] | None = None) 
         time.time(),
         facts,
         request.votes,
+    )
+
+
+def _hop_text(request: ApprovalInRun, message: OutboxMessage, private: bool) -> str:
+    """A reminder's or an escalation's text, mentioning whom its entry names."""
+    return hop_text(
+        request.approval,
+        request.root_id,
+        message.kind == ChatNotice.APPROVAL_ESCALATED,
+        message.payload.get("mentions") or [],
+        time.time(),
+        private=private,
+    )
+
+
+def _private_hop(message: OutboxMessage) -> bool:
+    """True for an entry the store queued to an approver's private chat: a hop's."""
+    return bool(message.target.get("private")) and message.kind in (
+        ChatNotice.APPROVAL_REMINDED,
+        ChatNotice.APPROVAL_ESCALATED,
     )
 
 

@@ -102,6 +102,20 @@ class ChatStore:
             ),
         )
 
+    async def remember_private_chat(self, identity: str, display: str) -> None:
+        """Record that a chat user (`telegram:<id>`) wrote to the bot in a private chat, so
+        reminders may reach them there (the Bot API refuses anyone who never started it)."""
+        now = time.time()
+        await self._db.transaction(
+            lambda c: c.execute(
+                "INSERT INTO chat_users (identity, display, updated_at, private_chat_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (identity) DO UPDATE SET "
+                "display = excluded.display, updated_at = excluded.updated_at, "
+                "private_chat_at = COALESCE(chat_users.private_chat_at, excluded.private_chat_at)",
+                (identity, display, now, now),
+            ),
+        )
+
     async def undelivered_messages(
         self, limit: int = 100, chat_id: int | None = None
     ) -> list[OutboxMessage]:

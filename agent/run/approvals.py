@@ -7,12 +7,11 @@ import time
 from collections.abc import Collection, Sequence
 
 from agent.errors import DecisionRefused, ErrorKind
-from agent.people import People
+from agent.people import APPROVERS_GROUP, GROUP_PREFIX, People
 from agent.records import (
     ApprovalKind,
     ApprovalRecord,
     ApprovalStatus,
-    Checkpoint,
     Decision,
     RunRecord,
     RunStatus,
@@ -27,15 +26,20 @@ def check_decider(
     """Raise DecisionRefused unless the person behind `decider` may decide `approval`.
 
     Every list that is set must name that person, by an identity or a group: the global
-    `LOOM_OPS_APPROVERS` and the runbook's `approvers` (which can only narrow it). Four eyes
-    bars the person who requested the run, from whichever front end they decide.
+    `LOOM_OPS_APPROVERS` and the runbook's `approvers` (which can only narrow it), joined by
+    its `escalate_to` once the request escalated. Four eyes bars the person who requested the
+    run, from whichever front end they decide.
     """
     who = people.describe(decider)
     if global_approvers and not people.admits(decider, global_approvers):
         raise DecisionRefused(f"{who} is not an approver (LOOM_OPS_APPROVERS)")
-    if approval.deciders and not people.admits(decider, approval.deciders):
+    deciders = approval.all_deciders
+    if deciders and not people.admits(decider, deciders):
+        escalated = "" if approval.escalated_at is None else ", escalated to "
+        escalated += ", ".join(e for e in deciders if e not in approval.deciders)
         raise DecisionRefused(
-            f"{who} may not decide this request (runbook approvers: {', '.join(approval.deciders)})"
+            f"{who} may not decide this request (runbook approvers: "
+            f"{', '.join(approval.deciders)}{escalated})"
         )
     if approval.four_eyes and people.same_person(decider, approval.requested_by):
         requested = "" if decider == approval.requested_by else f" (as {approval.requested_by})"
@@ -87,15 +91,7 @@ def decision_effect(
         outcome = {"approved": False, **decided}
         if approval.kind == ApprovalKind.GATE and rollback_on_reject:
             # The kernel rolls completed steps back, then ends the run as rejected.
-            rollback = Checkpoint(
-                **{
-                    **dataclasses.asdict(checkpoint),
-                    "turn": checkpoint.turn + 1,
-                    "call": 0,
-                    "phase": "rollback",
-                }
-            )
-            return DecisionEffect("ok", outcome, RunStatus.QUEUED, rollback)
+            return DecisionEffect("ok", outcome, RunStatus.QUEUED, checkpoint.rolling_back())
         error = f"rejected by {decider}" + (f": {note}" if note else "")
         status = "ok" if approval.kind == ApprovalKind.GATE else None
         return DecisionEffect(status, outcome, RunStatus.REJECTED, None, error=error)
@@ -106,3 +102,52 @@ def decision_effect(
         outcome = {"skipped": True, "may_have_run": True, **decided}
         return DecisionEffect("skipped", outcome, RunStatus.QUEUED, advanced)
     return DecisionEffect("retry", None, RunStatus.QUEUED, None)
+
+
+def addressees(
+    entries: Sequence[str],
+    people: People,
+    *,
+    requested_by: str | None = None,
+    counted: Collection[str] = (),
+) -> list[str]:
+    """One identity for each person `entries` (groups or identities) name, to mention in a
+    reminder: their Telegram identity where they have one; leaving out the requester (four
+    eyes: `requested_by`) and the persons whose approvals are `counted` already."""
+    persons = {person.name: person for person in people.by_identity.values()}
+    for entry in entries:  # identities nobody mapped are persons of their own
+        if not entry.startswith(GROUP_PREFIX):
+            persons.setdefault(people.person(entry).name, people.person(entry))
+    barred = set(counted)
+    if requested_by is not None:
+        barred.add(people.person(requested_by).name)
+    found = []
+    for name, person in sorted(persons.items()):
+        if name in barred or not person.identities:
+            continue
+        if not people.admits(person.identities[0], entries):
+            continue
+        chat = [i for i in person.identities if i.startswith("telegram:")]
+        found.append(chat[0] if chat else person.identities[0])
+    return found
+
+
+def reminded(
+    approval: ApprovalRecord,
+    people: People,
+    global_approvers: Sequence[str],
+    counted: Collection[str],
+) -> list[str]:
+    """Whom a reminder of `approval` mentions: everyone who may decide it now and has not
+    approved yet (a request open to anyone reminds the approvers)."""
+    entries = approval.all_deciders or list(global_approvers) or [GROUP_PREFIX + APPROVERS_GROUP]
+    requester = approval.requested_by if approval.four_eyes else None
+    found = addressees(entries, people, requested_by=requester, counted=counted)
+    # LOOM_OPS_APPROVERS bars everyone else, whatever the request names.
+    return [i for i in found if not global_approvers or people.admits(i, global_approvers)]
+
+
+def escalated(approval: ApprovalRecord, people: People, counted: Collection[str]) -> list[str]:
+    """Whom an escalation of `approval` mentions: the people its `escalate_to` adds."""
+    requester = approval.requested_by if approval.four_eyes else None
+    return addressees(approval.escalate_to, people, requested_by=requester, counted=counted)

@@ -372,7 +372,10 @@ class _RunLoop:
         )
         summary, error = final.summary, final.summary
         if self.state.phase == "rollback":
-            status = RunStatus.REJECTED
+            # Rolled back after a reject, or after an expiry (`on_expiry: rollback`): the
+            # run ends as what ended its request, never as a success.
+            expired = self._refusal().get("expired") is True
+            status = RunStatus.EXPIRED if expired else RunStatus.REJECTED
             summary = error = self._rollback_summary(decision)
         else:
             children = []
@@ -647,10 +650,27 @@ class _RunLoop:
 
     # -- approvals ---------------------------------------------------------------------------
 
-    def _deadline(self) -> float:
-        assert self.runbook is not None
-        timeout = self.runbook.approval_timeout or self.k.settings.approval_timeout
-        return time.time() + timeout
+    def _timers(self, on_expiry: bool = True) -> dict[str, Any]:
+        """A new request's deadline and hops: when it reminds, when it escalates and to whom
+        (the runbook's `escalation:`, else the settings'), and what its expiry does (an
+        in-doubt request's only stops: `on_expiry=False`)."""
+        settings = self.k.settings
+        now = time.time()
+        if self.runbook is None:  # an in-doubt call of a run that never chose a runbook
+            return {"deadline_at": now + 3600}
+        timeout = self.runbook.approval_timeout or settings.approval_timeout
+        escalation = self.runbook.escalation
+        remind = escalation.remind(settings.remind_delay)
+        escalate = escalation.escalate(settings.escalate_delay)
+        escalate_to = escalation.escalate_to or settings.escalate_to
+        escalate_at = escalate.after(now, timeout) if escalate and escalate_to else None
+        return {
+            "deadline_at": now + timeout,
+            "remind_at": remind.after(now, timeout) if remind else None,
+            "escalate_at": escalate_at,
+            "escalate_to": list(escalate_to) if escalate_at is not None else [],
+            "on_expiry": self.runbook.on_expiry if on_expiry else "stop",
+        }
 
     async def _open_gate(
         self, args: AwaitApprovalArgs, new_call: NewToolCall, pending: PolicyTurn | None
@@ -678,11 +698,11 @@ class _RunLoop:
             # A step's rule may ask for four eyes; it can never waive the runbook's.
             four_eyes=self.runbook.four_eyes or bool(rule and rule.four_eyes),
             requested_by=self.run_record.requested_by,
-            deadline_at=self._deadline(),
             mode=self.k.toolbox.mode_of(step, self.effects),
             runs_on=self.k.runs_on,
             evidence=_evidence(self.history),
             required=rule.required if rule else 1,
+            **self._timers(),
         )
         await self.drive.open_approval(approval, self._checkpoint(), call=new_call, turn=pending)
         raise _Wait()
@@ -725,10 +745,10 @@ class _RunLoop:
             four_eyes=bool(self.runbook and self.runbook.four_eyes)
             or bool(rule and rule.four_eyes),
             requested_by=self.run_record.requested_by,
-            deadline_at=self._deadline() if self.runbook else time.time() + 3600,
             mode=self.k.toolbox.mode_of(step, self.effects) if step is not None else None,
             runs_on=self.k.runs_on,
             evidence=_evidence(self.history),
+            **self._timers(on_expiry=False),
         )
         await self.drive.open_approval(approval, self._checkpoint())
         raise _Wait()
@@ -830,9 +850,10 @@ class _RunLoop:
             calls=calls, final=FinalAnswer(outcome="failed", summary="rollback"), thought="rollback"
         )
 
-    def _rollback_summary(self, decision: PolicyDecision) -> str:
-        """Who rejected, and what the rollback actually did, from the recorded outcomes."""
-        rejection = next(
+    def _refusal(self) -> dict[str, Any]:
+        """The recorded outcome of the request that started the rollback: a reject, or an
+        expiry (`expired: true`)."""
+        return next(
             (
                 obs.outcome
                 for obs in reversed(self.history)
@@ -840,7 +861,14 @@ class _RunLoop:
             ),
             {},
         )
-        who = f"rejected by {rejection.get('decided_by', 'an approver')}"
+
+    def _rollback_summary(self, decision: PolicyDecision) -> str:
+        """Who rejected, and what the rollback actually did, from the recorded outcomes."""
+        rejection = self._refusal()
+        if rejection.get("expired") is True:
+            who = "approval request expired without a decision"
+        else:
+            who = f"rejected by {rejection.get('decided_by', 'an approver')}"
         if rejection.get("note"):
             who += f": {rejection['note']}"
         planned = [c.args.get("step_id") for c in decision.calls]

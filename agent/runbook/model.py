@@ -40,6 +40,7 @@ from pydantic import (
 )
 
 from agent.errors import ParamError, RenderError, RenderLimitError, RunbookError
+from agent.records import Delay
 from agent.runbook.templates import DEFAULT_LIMITS, BoundedSandbox, RenderLimits
 
 __all__ = [
@@ -513,6 +514,48 @@ class ApprovalRule(BaseModel):
         return _people_entries(value, "approver")
 
 
+class Escalation(BaseModel):
+    """When an unanswered approval request reminds its deciders, and whom it adds as
+    deciders later (`escalate_to` at `escalate_after`); a delay left out is the settings'
+    (LOOM_OPS_REMIND_AFTER, LOOM_OPS_ESCALATE_AFTER), `0` is never."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # A share of the deadline (`50%`) or a duration (`10m`, `90s`, a number of seconds).
+    remind_after: str | float | None = None
+    escalate_after: str | float | None = None
+    escalate_to: list[str] = Field(default_factory=list)
+
+    @field_validator("remind_after", "escalate_after", mode="before")
+    @classmethod
+    def _delay(cls, value: object) -> object:
+        if value is not None:
+            Delay.parse(value)
+        return value
+
+    @field_validator("escalate_to")
+    @classmethod
+    def _escalate_to(cls, value: list[str]) -> list[str]:
+        return _people_entries(value, "escalate_to entry")
+
+    @model_validator(mode="after")
+    def _escalation_complete(self) -> Escalation:
+        later = self.escalate_after is not None and Delay.parse(self.escalate_after) is not None
+        if later and not self.escalate_to:
+            raise _FieldError(("escalate_after",), "escalate_after needs escalate_to (whom)")
+        if self.escalate_to and not later:
+            raise _FieldError(("escalate_to",), "escalate_to needs escalate_after (when)")
+        return self
+
+    def remind(self, default: Delay | None) -> Delay | None:
+        """When to remind: this block's delay, else `default` (the settings')."""
+        return default if self.remind_after is None else Delay.parse(self.remind_after)
+
+    def escalate(self, default: Delay | None) -> Delay | None:
+        """When to escalate: this block's delay, else `default` (the settings')."""
+        return default if self.escalate_after is None else Delay.parse(self.escalate_after)
+
+
 class Step(BaseModel):
     """One runbook step with exactly one action: run (command), check (HTTP) or note."""
 
@@ -702,6 +745,10 @@ class Runbook(BaseModel):
     four_eyes: bool = Field(default=False, strict=True)
     approval_timeout: float | None = Field(default=None, gt=0, allow_inf_nan=False, strict=True)
     on_reject: Literal["stop", "rollback"] = "stop"
+    # Unanswered requests: reminders and escalation (settings' defaults where it says
+    # nothing), and what expiry does: stop, or roll back the completed steps. Never consent.
+    escalation: Escalation = Field(default_factory=Escalation)
+    on_expiry: Literal["stop", "rollback"] = "stop"
     env: list[str] = Field(default_factory=list)
     steps: list[Step] = Field(min_length=1)
     # The alerts it answers (`POST /alerts/...`), first match first.
@@ -1017,6 +1064,8 @@ def _unknown_field_message(loc: tuple[object, ...]) -> str:
         model = RollbackAction
     elif len(parent) == 2 and parent[0] == "alerts":
         model = AlertRoute
+    elif parent == ("escalation",):
+        model = Escalation
     name = str(loc[-1])
     close = difflib.get_close_matches(name, list(model.model_fields), n=1, cutoff=0.6)
     hint = f" (did you mean {close[0]!r}?)" if close else ""

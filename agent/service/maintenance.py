@@ -1,6 +1,6 @@
 """What a long-running process (the bot, the HTTP API, a worker) does beside its front end:
-say it is alive, expire approval requests at their deadline, and drive on the runs that became
-runnable elsewhere (a CLI decision) or that a dead process left."""
+say it is alive, remind, escalate and expire approval requests at their timers, and drive on
+the runs that became runnable elsewhere (a CLI decision) or that a dead process left."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from agent.service.runs import HEARTBEAT_INTERVAL, RunService
 
 log = logging.getLogger(__name__)
 
-# A request opened by another process (a CLI run) is not announced here: look for overdue
-# requests at least this often.
-MAX_EXPIRY_SLEEP = 5.0
+# A request opened by another process (a CLI run) is not announced here (one opened here
+# is): look for due timers of requests at least this often.
+MAX_SWEEP_SLEEP = 5.0
 RESTART_DELAY = 1.0
 JOURNAL_WATCH_INTERVAL = 1.0
 # How often a process that drives runs looks for runnable ones when nothing woke it: what a
@@ -27,10 +27,11 @@ RUNNABLE_POLL = 0.5
 
 class Maintenance:
     """`async with Maintenance(service, kind):` registers the process (`kind`: serve,
-    telegram, worker…) with a heartbeat, runs the expiry sweeper, the runnable-runs loop (when
-    `recover` and the service executes runs), and follows other processes' commits; with
-    `watch_journal` it also polls the journal once a second for readers (SSE streams): how
-    SQLite learns of other processes' writes, and a safety net beside PostgreSQL's NOTIFY."""
+    telegram, worker…) with a heartbeat, runs the approval timers' sweeper, the runnable-runs
+    loop (when `recover` and the service executes runs), and follows other processes'
+    commits; with `watch_journal` it also polls the journal once a second for readers (SSE
+    streams): how SQLite learns of other processes' writes, and a safety net beside
+    PostgreSQL's NOTIFY."""
 
     def __init__(
         self,
@@ -51,7 +52,7 @@ class Maintenance:
         drives = self._service.executes_runs
         self._tasks = [
             background(lambda: heartbeat_forever(self._service, self._kind, drives), "heartbeat"),
-            background(lambda: expire_overdue_forever(self._service), "expiry"),
+            background(lambda: sweep_approvals_forever(self._service), "approval timers"),
             background(self._service.store.follow_others, "listen"),
         ]
         if self._recover:
@@ -69,13 +70,19 @@ class Maintenance:
         await stop_all(self._tasks)
 
 
-async def expire_overdue_forever(service: RunService) -> None:
-    """Expire approval requests at their deadline (their chat messages then say so)."""
+async def sweep_approvals_forever(service: RunService) -> None:
+    """Make the timers of pending approval requests go off: remind, escalate, expire (their
+    chat messages then say so), waking at the earliest one. Each hop is made in one
+    transaction that finds it not made yet, so processes sweeping one store make it once."""
+    opened = service.store.approval_opened
     while True:
-        await service.expire_overdue(wait=False)
-        deadline = await service.store.next_approval_deadline()
-        delay = MAX_EXPIRY_SLEEP if deadline is None else deadline - time.time() + 0.01
-        await asyncio.sleep(min(MAX_EXPIRY_SLEEP, max(0.01, delay)))
+        opened.clear()  # before the look: a request opened from here on wakes the next one
+        await service.sweep_approvals(wait=False)
+        due = await service.store.next_approval_timer()
+        delay = MAX_SWEEP_SLEEP if due is None else due - time.time() + 0.01
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(MAX_SWEEP_SLEEP, max(0.01, delay))):
+                await opened.wait()
 
 
 async def heartbeat_forever(service: RunService, kind: str, drives_runs: bool) -> None:

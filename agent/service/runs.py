@@ -47,6 +47,7 @@ from agent.records import (
     Claim,
     Decision,
     EventRecord,
+    Hop,
     Origin,
     ProcessRecord,
     RunLimits,
@@ -56,7 +57,14 @@ from agent.records import (
     VoteOutcome,
 )
 from agent.redaction import Redactor
-from agent.run.approvals import check_decider, decision_effect, decision_status, vote_outcome
+from agent.run.approvals import (
+    check_decider,
+    decision_effect,
+    decision_status,
+    escalated,
+    reminded,
+    vote_outcome,
+)
 from agent.run.host import HostIdentity, this_host
 from agent.run.leases import new_owner_id, owner_is_dead
 from agent.runbook.request import MAX_REQUEST_BYTES
@@ -472,9 +480,50 @@ class RunService:
                 recovered.append(result)
         return recovered
 
+    async def sweep_approvals(self, wait: bool = True) -> int:
+        """Make what the timers of pending approval requests say is due: expire the overdue
+        ones, then remind and escalate; returns how many timers this process acted on. Each
+        hop is made once however many processes sweep the store."""
+        acted = await self.expire_overdue(wait)
+        for approval_id, hop in await self.store.due_approval_hops():
+            if await self.make_hop(approval_id, hop):
+                acted += 1
+        return acted
+
+    async def make_hop(self, approval_id: int, hop: Hop) -> bool:
+        """Remind the people who may decide a pending request, or escalate it (its
+        `escalate_to` become deciders, and are told); False when it was made already or the
+        request no longer waits."""
+        request = await self.store.approval_in_run(approval_id)
+        approval = request.approval
+        if approval.status != ApprovalStatus.PENDING:
+            return False
+        counted = [vote.person for vote in request.votes]
+        try:
+            people = self.people()
+        except ServiceError as exc:  # the hop is still made (and journaled), naming nobody
+            log.warning("approval request %s: cannot tell whom to mention: %s", approval_id, exc)
+            mentioned: list[str] = []
+        else:
+            if hop == Hop.REMIND:
+                mentioned = reminded(approval, people, self.settings.approvers, counted)
+            else:
+                mentioned = escalated(approval, people, counted)
+        made = await self.store.make_hop(approval_id, hop, mentioned)
+        if made.made:
+            log.info(
+                "approval request %s of %s: %s (%s)",
+                approval_id,
+                approval.run_id,
+                "reminded" if hop == Hop.REMIND else f"escalated to {approval.escalate_to}",
+                ", ".join(mentioned) or "nobody to mention",
+            )
+        return made.made
+
     async def expire_overdue(self, wait: bool = True) -> int:
-        """End runs whose approval request passed its deadline; returns how many. What their
-        end wakes is driven in this task when `wait`, else in the background."""
+        """End runs whose approval request passed its deadline (or, `on_expiry: rollback`,
+        send them back to roll their completed steps back first); returns how many. What
+        their end wakes is driven in this task when `wait`, else in the background."""
         expired = 0
         for approval_id in await self.store.overdue_approval_ids():
             if await self.store.expire_approval(approval_id):
@@ -484,7 +533,12 @@ class RunService:
         return expired
 
     async def _wake_after_end(self, run: RunRecord, wait: bool) -> None:
-        if wait:
+        if run.status == RunStatus.QUEUED:  # its request expired into a rollback
+            try:
+                await self._drive(run.id, wait, run)
+            except StoreError as exc:  # e.g. another process drives it
+                log.info("not rolling %s back here: %s", run.id, exc)
+        elif wait:
             await self._drive_woken(run)
         elif run.status.is_terminal and run.parent_id:
             self._background(self._drive_woken(run), f"wake:{run.id}")

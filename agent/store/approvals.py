@@ -1,7 +1,9 @@
-"""Approval requests: open, decide, expire."""
+"""Approval requests: open, decide, remind, escalate, expire."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import secrets
 import time
 from collections import Counter
@@ -12,7 +14,9 @@ from typing import Any
 from agent.errors import ApprovalNotFound
 from agent.events import (
     ApprovalDecided,
+    ApprovalEscalated,
     ApprovalExpired,
+    ApprovalReminded,
     ApprovalRequested,
     ApprovalVoted,
     Event,
@@ -22,19 +26,21 @@ from agent.events import (
 )
 from agent.records import (
     ApprovalInRun,
+    ApprovalKind,
     ApprovalRecord,
     ApprovalStatus,
     ApprovalVote,
     ChatNotice,
     Checkpoint,
     Claim,
+    Hop,
     RunRecord,
     RunStatus,
     VoteOutcome,
 )
 from agent.store.base import StoreBase
 from agent.store.commands import DecisionEffect, NewApproval, NewToolCall, Outcome
-from agent.store.database import Connection
+from agent.store.database import OUTBOX_CHANNEL, Connection
 from agent.store.people import names_in
 from agent.store.rows import (
     APPROVAL_COLUMNS,
@@ -45,6 +51,16 @@ from agent.store.rows import (
     run_from_row,
     vote_from_row,
 )
+
+
+@dataclass(frozen=True)
+class HopMade:
+    """What a hop wrote: whether this call made it (else it was made already, or the
+    request is no longer pending), the request as it is now, and whom it reached privately."""
+
+    made: bool
+    approval: ApprovalRecord
+    privately: list[str]
 
 
 @dataclass(frozen=True)
@@ -92,8 +108,9 @@ class ApprovalsStore(StoreBase):
             cursor = conn.execute(
                 "INSERT INTO approvals (token, run_id, call_key, kind, step_id, action, reason, "
                 "rollback, deciders, four_eyes, requested_by, status, created_at, deadline_at, "
-                "number, mode, runs_on, evidence, required) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?) "
+                "number, mode, runs_on, evidence, required, remind_at, escalate_at, escalate_to, "
+                "on_expiry) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', "
+                "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "RETURNING id",
                 (
                     token,
@@ -114,6 +131,10 @@ class ApprovalsStore(StoreBase):
                     approval.runs_on,
                     dumps(approval.evidence),
                     approval.required,
+                    approval.remind_at,
+                    approval.escalate_at,
+                    dumps(approval.escalate_to),
+                    approval.on_expiry,
                 ),
             )
             approval_id = int(cursor.fetchone()[0])
@@ -132,6 +153,10 @@ class ApprovalsStore(StoreBase):
                 "deciders": approval.deciders,
                 "deadline_at": approval.deadline_at,
                 "required": approval.required,
+                "remind_at": approval.remind_at,
+                "escalate_at": approval.escalate_at,
+                "escalate_to": approval.escalate_to,
+                "on_expiry": approval.on_expiry,
             }
             # The token works like a password for buttons: chats get it, the journal does not.
             journaled = {k: v for k, v in payload.items() if k != "token"}
@@ -141,7 +166,13 @@ class ApprovalsStore(StoreBase):
             return approval_id
 
         approval_id = await self._transaction(open_, durable=True)
+        self.approval_opened.set()  # its timers may come before the sweeper's next look
         return await self.get_approval(approval_id)
+
+    @functools.cached_property
+    def approval_opened(self) -> asyncio.Event:
+        """Set when this process opens a request: the approval timers' sweeper looks again."""
+        return asyncio.Event()
 
     def _next_request_number(self, conn: Connection, run_id: str) -> int:
         """In an opening transaction: the next request number of the run's incident (its
@@ -406,7 +437,8 @@ class ApprovalsStore(StoreBase):
     def _expire_if_overdue(self, conn: Connection, approval_id: int, now: float) -> bool:
         """In the caller's transaction: expire the request if it is pending and overdue."""
         row = conn.execute(
-            "SELECT run_id FROM approvals WHERE id = ? AND status = 'pending' AND deadline_at <= ?",
+            "SELECT run_id, call_key, kind, on_expiry FROM approvals "
+            "WHERE id = ? AND status = 'pending' AND deadline_at <= ?",
             (approval_id, now),
         ).fetchone()
         if row is None:
@@ -416,6 +448,30 @@ class ApprovalsStore(StoreBase):
             "UPDATE approvals SET status = 'expired', decided_at = ? WHERE id = ?",
             (now, approval_id),
         )
+        expired = {"approval_id": approval_id}
+        if row["on_expiry"] == "rollback" and row["kind"] == str(ApprovalKind.GATE):
+            # Never consent: the gated call's outcome says no, and the run goes back to the
+            # kernel to roll its completed steps back, which then ends it as expired.
+            outcome = {"approved": False, "expired": True, "decided_at": now}
+            conn.execute(
+                "UPDATE tool_calls SET status = 'ok', outcome = ?, outcome_at = ? "
+                "WHERE call_key = ?",
+                (dumps(outcome), now, row["call_key"]),
+            )
+            head = conn.execute("SELECT checkpoint FROM runs WHERE id = ?", (run_id,)).fetchone()
+            checkpoint = Checkpoint.from_json(head["checkpoint"]).rolling_back()
+            self._append_events(
+                conn,
+                run_id,
+                [
+                    ApprovalExpired(approval_id, on_expiry="rollback"),
+                    ToolOutcome(row["call_key"], "ok", outcome),
+                ],
+                now,
+                {"status": RunStatus.QUEUED, "checkpoint": checkpoint.to_json()},
+            )
+            self._enqueue_outbox(conn, run_id, ChatNotice.APPROVAL_EXPIRED, expired, now)
+            return True
         error = "approval request expired without a decision"
         self._append_events(
             conn,
@@ -427,21 +483,109 @@ class ApprovalsStore(StoreBase):
             now,
             {"status": RunStatus.EXPIRED, "finished_at": now, "error": error},
         )
-        self._enqueue_outbox(
-            conn, run_id, ChatNotice.APPROVAL_EXPIRED, {"approval_id": approval_id}, now
-        )
+        self._enqueue_outbox(conn, run_id, ChatNotice.APPROVAL_EXPIRED, expired, now)
         self._enqueue_outbox(conn, run_id, ChatNotice.RUN_FINISHED, {"status": "expired"}, now)
         self._wake_parent(conn, run_id, now)
         return True
 
-    async def next_approval_deadline(self) -> float | None:
-        """The earliest deadline of a pending approval request, if any."""
+    async def next_approval_timer(self) -> float | None:
+        """The earliest timer of a pending request still to go off, if any: a reminder or an
+        escalation not made yet, or a deadline."""
         row = await self._read(
             lambda c: c.execute(
-                "SELECT MIN(deadline_at) FROM approvals WHERE status = 'pending'"
+                "SELECT MIN(CASE WHEN remind_at IS NOT NULL AND reminded_at IS NULL "
+                "THEN remind_at ELSE deadline_at END), "
+                "MIN(CASE WHEN escalate_at IS NOT NULL AND escalated_at IS NULL "
+                "THEN escalate_at ELSE deadline_at END) "
+                "FROM approvals WHERE status = 'pending'"
             ).fetchone()
         )
-        return row[0]
+        timers = [at for at in (row[0], row[1]) if at is not None]
+        return min(timers) if timers else None
+
+    async def due_approval_hops(self) -> list[tuple[int, Hop]]:
+        """Pending requests (not overdue) with a hop due now and not made yet, each hop as
+        (request id, hop), oldest request first, a reminder before an escalation."""
+        now = time.time()
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT id, remind_at <= ? AND reminded_at IS NULL AS remind, "
+                "escalate_at <= ? AND escalated_at IS NULL AS escalate FROM approvals "
+                "WHERE status = 'pending' AND deadline_at > ? AND ("
+                "(remind_at <= ? AND reminded_at IS NULL) OR "
+                "(escalate_at <= ? AND escalated_at IS NULL)) ORDER BY id",
+                (now, now, now, now, now),
+            ).fetchall()
+        )
+        due: list[tuple[int, Hop]] = []
+        for row in rows:
+            due += [(row["id"], hop) for hop in Hop if row[str(hop)]]
+        return due
+
+    async def make_hop(self, approval_id: int, hop: Hop, mentioned: Sequence[str]) -> HopMade:
+        """Make `hop` of a pending request, once, in one transaction: record it, journal it
+        (`approval_reminded`, or `approval_escalated`, which adds `escalate_to` to its
+        deciders), and queue its news: a reply in the run's chat mentioning `mentioned`
+        (identities), and a private message to each of them who started the bot.
+
+        Several processes may try the same hop: the one whose UPDATE finds it not made yet
+        makes it; the others (and a request decided, expired or overdue meanwhile) get
+        `made` False and change nothing. Returns the request as the transaction left it."""
+        now = time.time()
+        at, planned = (
+            ("reminded_at", "remind_at") if hop == Hop.REMIND else ("escalated_at", "escalate_at")
+        )
+
+        def make(conn: Connection) -> HopMade:
+            changed = conn.execute(
+                f"UPDATE approvals SET {at} = ? WHERE id = ? AND status = 'pending' "
+                f"AND {at} IS NULL AND {planned} <= ? AND deadline_at > ?",
+                (now, approval_id, now, now),
+            )
+            row = conn.execute(
+                f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE id = ?", (approval_id,)
+            ).fetchone()
+            if row is None:
+                raise ApprovalNotFound(f"no approval request {approval_id}")
+            approval = approval_from_row(row)
+            if changed.rowcount != 1:
+                return HopMade(False, approval, [])
+            privately = _private_chats(conn, mentioned)
+            event: Event
+            if hop == Hop.REMIND:
+                event = ApprovalReminded(approval_id, approval.number, list(mentioned), privately)
+                kind = ChatNotice.APPROVAL_REMINDED
+            else:
+                event = ApprovalEscalated(
+                    approval_id,
+                    approval.number,
+                    approval.escalate_to,
+                    list(mentioned),
+                    privately,
+                )
+                kind = ChatNotice.APPROVAL_ESCALATED
+            self._append_events(conn, approval.run_id, [event], now)
+            names = names_in(conn, mentioned)
+            payload = {
+                "approval_id": approval_id,
+                "mentions": [{"identity": i, "display": names.get(i)} for i in mentioned],
+            }
+            self._enqueue_outbox(conn, approval.run_id, kind, payload, now)
+            for identity in privately:
+                # The person's own chat with the bot: the only chat outside the served ones
+                # the bot writes to, and only these hops (see bot.outbox).
+                target = {"chat_id": int(identity.partition(":")[2]), "private": True}
+                conn.execute(
+                    "INSERT INTO outbox (run_id, target, kind, payload, created_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (approval.run_id, dumps(target), kind, dumps(payload), now),
+                )
+            if privately:  # wake the senders, as a queued chat message does
+                self._queued.outbox = True
+                self.db.notify(conn, OUTBOX_CHANNEL)
+            return HopMade(True, approval, privately)
+
+        return await self._transaction(make, durable=True)
 
     async def overdue_approval_ids(self) -> list[int]:
         """Pending requests whose deadline has passed."""
@@ -454,7 +598,21 @@ class ApprovalsStore(StoreBase):
         )
         return [row[0] for row in rows]
 
-    # -- journal ---------------------------------------------------------------------------
+
+def _private_chats(conn: Connection, identities: Sequence[str]) -> list[str]:
+    """In the caller's transaction: those of `identities` (chat identities) whose person
+    wrote to the bot in a private chat, so a private message can reach them."""
+    wanted = sorted({i for i in identities if i.startswith("telegram:")})
+    if not wanted:
+        return []
+    marks = ", ".join("?" for _ in wanted)
+    rows = conn.execute(
+        f"SELECT identity FROM chat_users WHERE identity IN ({marks}) "
+        "AND private_chat_at IS NOT NULL",
+        wanted,
+    ).fetchall()
+    started = {row["identity"] for row in rows}
+    return [i for i in identities if i in started]
 
 
 def _votes(conn: Connection, approval_id: int) -> list[ApprovalVote]:

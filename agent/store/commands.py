@@ -64,6 +64,11 @@ class NewApproval:
     runs_on: str | None = None  # where the action runs: "this host (vm)", "any worker"
     evidence: list[str] = field(default_factory=list)  # the last lines of steps already run
     required: int = 1  # approvals by distinct people it needs (the step's `approval:` rule)
+    # Its hops before the deadline (None: none), whom it escalates to, and what expiry does.
+    remind_at: float | None = None
+    escalate_at: float | None = None
+    escalate_to: list[str] = field(default_factory=list)
+    on_expiry: str = "stop"
 
 
 @dataclass(frozen=True)

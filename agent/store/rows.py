@@ -150,7 +150,8 @@ def turn_from_row(row: Row) -> PolicyTurnRecord:
 APPROVAL_COLUMNS = (
     "id, token, run_id, call_key, kind, step_id, action, reason, rollback, deciders, four_eyes, "
     "requested_by, status, decided_by, decided_at, note, created_at, deadline_at, number, mode, "
-    "runs_on, evidence, required"
+    "runs_on, evidence, required, remind_at, reminded_at, escalate_at, escalated_at, "
+    "escalate_to, on_expiry"
 )
 
 
@@ -181,6 +182,12 @@ def approval_from_row(row: Row) -> ApprovalRecord:
         runs_on=row["runs_on"],
         evidence=json.loads(row["evidence"]) if row["evidence"] else [],
         required=row["required"],
+        remind_at=row["remind_at"],
+        reminded_at=row["reminded_at"],
+        escalate_at=row["escalate_at"],
+        escalated_at=row["escalated_at"],
+        escalate_to=json.loads(row["escalate_to"]) if row["escalate_to"] else [],
+        on_expiry=row["on_expiry"],
     )
 
 

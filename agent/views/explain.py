@@ -11,7 +11,9 @@ from typing import Any
 
 from agent.events import (
     ApprovalDecided,
+    ApprovalEscalated,
     ApprovalExpired,
+    ApprovalReminded,
     ApprovalRequested,
     ApprovalVoted,
     Audit,
@@ -91,8 +93,19 @@ def describe_event(entry: JournalEntry) -> str:
             note = f' — "{decided.note}"' if decided.note else ""
             number = decided.number or decided.approval_id
             return f"approval #{number} {decided.decision} by {decided.decided_by}{note}"
-        case ApprovalExpired(approval_id=approval_id):
-            return f"approval #{approval_id} expired without a decision"
+        case ApprovalExpired(approval_id=approval_id, on_expiry=on_expiry):
+            rollback = "; rolling the completed steps back" if on_expiry == "rollback" else ""
+            return f"approval #{approval_id} expired without a decision{rollback}"
+        case ApprovalReminded() as reminded:
+            whom = ", ".join(reminded.mentioned) or "nobody to mention"
+            private = f" (privately too: {', '.join(reminded.privately)})"
+            return f"approval #{reminded.number} reminded {whom}" + (
+                private if reminded.privately else ""
+            )
+        case ApprovalEscalated() as escalated:
+            added = ", ".join(escalated.escalate_to)
+            whom = f" ({', '.join(escalated.mentioned)})" if escalated.mentioned else ""
+            return f"approval #{escalated.number} escalated to {added}{whom}"
         case Audit(entry=text):
             return f"audit: {_short(text)}"
         case RunInterrupted(error=error):

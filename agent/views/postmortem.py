@@ -20,7 +20,9 @@ from agent.events import (
     AlertSilenced,
     AlertUpdated,
     ApprovalDecided,
+    ApprovalEscalated,
     ApprovalExpired,
+    ApprovalReminded,
     ApprovalRequested,
     ApprovalVoted,
     RunClaimed,
@@ -178,9 +180,16 @@ def _timeline(
                         f"{decided.decision} #{number} after {duration(waited)}{note}",
                     )
                 )
-            case ApprovalExpired(approval_id=approval_id):
+            case ApprovalExpired(approval_id=approval_id, on_expiry=on_expiry):
                 number = numbers.get(approval_id, approval_id)
-                moments.append(Moment(ts, "loom-ops", f"#{number} expired: nobody decided"))
+                then = "; rolling back" if on_expiry == "rollback" else ""
+                moments.append(Moment(ts, "loom-ops", f"#{number} expired: nobody decided{then}"))
+            case ApprovalReminded() as reminded:
+                whom = ", ".join(tree.name(who) for who in reminded.mentioned) or "nobody"
+                moments.append(Moment(ts, "loom-ops", f"reminded {whom} of #{reminded.number}"))
+            case ApprovalEscalated() as escalated:
+                added = ", ".join(escalated.escalate_to)
+                moments.append(Moment(ts, "loom-ops", f"escalated #{escalated.number} to {added}"))
             case ToolOutcome() as result if (
                 entry.intent is not None and entry.intent.tool in STEP_TOOLS
             ):

@@ -164,6 +164,9 @@ def _timeline(
             said = f"{a.status} by {name(a.decided_by)} after {duration(wait)}"
         else:
             said = f"{a.status} after {duration(wait)}: nobody decided"
+            if a.status == "expired":  # never consent: say what the runbook made of it
+                rolled = a.on_expiry == "rollback" and a.kind == "gate"
+                said += "; completed steps rolled back" if rolled else "; the run stopped"
         lines.append(f"{hms(a.decided_at)}  {what}: {said}")
     if run.finished_at is not None:
         total = run.finished_at - run.created_at

@@ -17,7 +17,9 @@ from typing import Any
 
 from agent.events import (
     ApprovalDecided,
+    ApprovalEscalated,
     ApprovalExpired,
+    ApprovalReminded,
     ApprovalRequested,
     ApprovalVoted,
     Audit,
@@ -161,9 +163,20 @@ def _entries(journal: list[JournalEntry], name: Callable[[str], str] = str) -> l
                 if voted.note:
                     title += f" — {voted.note}"
                 entries.append(TraceEntry(offset, "approval", title, "", "pending"))
-            case ApprovalExpired(approval_id=approval_id):
+            case ApprovalExpired(approval_id=approval_id, on_expiry=on_expiry):
                 title = f"approval #{approval_id} expired"
+                if on_expiry == "rollback":
+                    title += ": rolling the completed steps back"
                 entries.append(TraceEntry(offset, "error", title, "", "expired"))
+            case ApprovalReminded() as reminded:
+                whom = ", ".join(name(who) for who in reminded.mentioned) or "nobody"
+                title = f"approval #{reminded.number} reminded {whom}"
+                entries.append(TraceEntry(offset, "approval", title, "", "pending"))
+            case ApprovalEscalated() as escalated:
+                title = f"approval #{escalated.number} escalated to " + ", ".join(
+                    escalated.escalate_to
+                )
+                entries.append(TraceEntry(offset, "approval", title, "", "pending"))
             case RunInterrupted(error=error):
                 entries.append(TraceEntry(offset, "error", f"interrupted: {error}"))
             case RunFinished() as finished:

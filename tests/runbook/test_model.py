@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.errors import ParamError, RenderError, RunbookError
+from agent.records import Delay
 from agent.runbook.model import (
     MAX_FILE_BYTES,
     Runbook,
@@ -935,6 +936,104 @@ def test_a_bad_alert_route_is_one_error_with_file_line_and_field(
     tmp_path: Path, block: str, line: int, field: str, message: str
 ) -> None:
     error = load_error(tmp_path, with_alerts(block))
+    assert (error.line, error.field) == (line, field), error
+    assert message in error.message
+    assert str(error).startswith(f"{tmp_path / 'rb.yaml'}:{line}: {field}: ")
+
+
+# --- reminders, escalation and expiry -------------------------------------------------------
+
+ESCALATION = """\
+escalation:
+  remind_after: 50%
+  escalate_after: 10m
+  escalate_to: [group:leads]
+on_expiry: rollback
+"""
+
+
+def with_escalation(block: str) -> str:
+    """VALID with `block` after its triggers (line 4 on)."""
+    head, tail = VALID.split("params:\n", 1)
+    return f"{head}{block}params:\n{tail}"
+
+
+def test_escalation_and_on_expiry_load_with_their_delays(tmp_path: Path) -> None:
+    runbook = load_runbook(write(tmp_path, with_escalation(ESCALATION)))
+    assert runbook.on_expiry == "rollback"
+    escalation = runbook.escalation
+    assert escalation.escalate_to == ["group:leads"]
+    remind, escalate = escalation.remind(None), escalation.escalate(None)
+    assert remind is not None and remind.after(1000.0, 600.0) == 1300.0
+    assert escalate is not None and escalate.after(1000.0, 1200.0) == 1600.0
+    # Past the deadline a hop is no hop: a 10 minute escalation of a 5 minute request.
+    assert escalate.after(1000.0, 300.0) is None
+
+
+def test_a_runbook_without_escalation_takes_the_settings_and_stops_on_expiry() -> None:
+    runbook = valid_runbook()
+    assert runbook.on_expiry == "stop"
+    default = Delay(fraction=0.5)
+    assert runbook.escalation.remind(default) == default
+    assert runbook.escalation.escalate(None) is None
+
+
+def test_remind_after_zero_turns_the_settings_reminder_off(tmp_path: Path) -> None:
+    runbook = load_runbook(write(tmp_path, with_escalation("escalation:\n  remind_after: 0\n")))
+    assert runbook.escalation.remind(Delay(fraction=0.5)) is None
+
+
+@pytest.mark.parametrize(
+    ("block", "line", "field", "message"),
+    [
+        (
+            ESCALATION.replace("remind_after", "remind_aftr"),
+            5,
+            "escalation.remind_aftr",
+            "unknown field 'remind_aftr' (did you mean 'remind_after'?)",
+        ),
+        (
+            ESCALATION.replace("50%", "150%"),
+            5,
+            "escalation.remind_after",
+            "'150%': a share of the deadline is between 0% and 100%",
+        ),
+        (
+            ESCALATION.replace("10m", "ten minutes"),
+            6,
+            "escalation.escalate_after",
+            "'ten minutes': a delay is a share of the deadline like 50%, or a duration",
+        ),
+        (
+            ESCALATION.replace("  escalate_to: [group:leads]\n", ""),
+            6,
+            "escalation.escalate_after",
+            "escalate_after needs escalate_to (whom)",
+        ),
+        (
+            ESCALATION.replace("  escalate_after: 10m\n", ""),
+            6,
+            "escalation.escalate_to",
+            "escalate_to needs escalate_after (when)",
+        ),
+        (
+            ESCALATION.replace("[group:leads]", "[leads]"),
+            7,
+            "escalation.escalate_to[0]",
+            "must be an identity like cli:alice or telegram:12345, or a group",
+        ),
+        (
+            ESCALATION.replace("on_expiry: rollback", "on_expiry: approve"),
+            8,
+            "on_expiry",
+            "'stop' or 'rollback'",
+        ),
+    ],
+)
+def test_a_bad_escalation_is_one_error_with_file_line_and_field(
+    tmp_path: Path, block: str, line: int, field: str, message: str
+) -> None:
+    error = load_error(tmp_path, with_escalation(block))
     assert (error.line, error.field) == (line, field), error
     assert message in error.message
     assert str(error).startswith(f"{tmp_path / 'rb.yaml'}:{line}: {field}: ")
