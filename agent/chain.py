@@ -5,19 +5,26 @@ which a store writer without the key cannot recompute: changing, inserting or re
 event anywhere but at a run's end breaks the chain for good. Without a key a link is a plain
 SHA-256 (as every event before schema 17 is), which anyone who can write the store can
 recompute; such events still verify, as *unkeyed*. Each keyed event records the short id of
-the key that wrote it (`k:` and 8 hex), so a verifier given another key hears "written with
-key k:…, you gave k:…" rather than "tampered".
+the key that wrote it (`k:` and 8 hex), so a verifier holding the key (or, after a rotation,
+the previous ones) checks each event under its own key, and names a key it does not hold
+rather than calling the run tampered.
+
+Nothing the store says is trusted to decide what must be keyed: a store writer could strip
+every MAC and claim the key never came. The anchor comes from outside: the run number from
+which the key was in force (`LOOM_OPS_AUDIT_KEYED_SINCE`, or `--keyed-since`), which doctor
+prints when it first sees a key on a store with unkeyed runs. From that run on, every run's
+journal is keyed from its first event; without an anchor, a verifier holding a key accepts no
+unkeyed event at all.
 
 Deletions show as gaps. Every run gets a global number (`runs.run_no`) from a one-row counter
 incremented in the transaction that writes the run's first event, so a rolled-back creation
-leaves no hole (a sequence or AUTOINCREMENT would skip one, and a gap would prove nothing);
-each keyed link covers the run's number and the event's index in its run, contiguous from 1.
-A deleted run is a missing number; a deleted event breaks its run's chain. Numbering runs
-rather than events keeps the counter's row lock out of the hot path: it is taken once per run
-created, while many workers append events to their own runs without touching a shared row.
-What no chain shows by itself is the newest runs or events deleted (with the counter and the
-run's recorded head wound back): that is caught against a head published outside the store
-(the chat summary, every export) with `loom-ops audit verify --head`.
+leaves no hole; each keyed link covers the run's number and the event's index in its run,
+contiguous from 1, and a run's first event is always `run_created`. A deleted run is a
+missing number, an emptied one a run without its first event; a deleted event breaks its
+run's chain. What no chain shows by itself is the newest runs or events deleted (with the
+counter and the run's recorded head wound back): that is caught against the head of the run's
+whole tree (`tree_head`), published outside the store (the chat summary, every export) and
+checked with `loom-ops audit verify RUN --head HEX`.
 """
 
 from __future__ import annotations
@@ -29,15 +36,18 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.errors import AuditKeyError
 from agent.records import EventRecord, RunRecord
 
 GENESIS = ""
+RUN_CREATED = "run_created"  # the first event of every run's journal
 _KEY_ID_LABEL = b"loom-ops key id"
-# Shortest published head `--head` compares with: 8 hex digits (32 bits) of a MAC.
+_TREE_LABEL = "loom-ops tree 1"
+# Shortest published head `--head` compares with: 8 hex digits (32 bits).
 MIN_PUBLISHED_HEX = 8
 # How much of a head the chat summary and a verdict show: 64 bits, not guessable.
 SHOWN_HEX = 16
+# Events a published head that does not match is searched back through (older tree heads).
+_MAX_SEARCHED_EVENTS = 50_000
 
 
 # One encoder for every call: json.dumps with options builds a new one each time.
@@ -62,6 +72,33 @@ class AuditKey:
         raw = secret.encode()
         digest = hmac.new(raw, _KEY_ID_LABEL, hashlib.sha256).hexdigest()
         return cls(raw, f"k:{digest[:8]}")
+
+
+@dataclass(frozen=True)
+class Keyring:
+    """The keys a verifier holds: the one in force (which writes) and the ones it replaced
+    (rotation), each found by its id; empty when no key is set."""
+
+    current: AuditKey | None = None
+    previous: tuple[AuditKey, ...] = ()
+
+    def get(self, key_id: str) -> AuditKey | None:
+        """The key with this id, if held."""
+        return next((k for k in self.keys if k.id == key_id), None)
+
+    @property
+    def keys(self) -> tuple[AuditKey, ...]:
+        """Every key held, the one in force first."""
+        return (self.current, *self.previous) if self.current else self.previous
+
+    def describe(self) -> str:
+        """The ids held, for a person: `k:ab12cd34 (and previous k:…)`, or `none`."""
+        if not self.keys:
+            return "none"
+        said = self.current.id if self.current else "no current key"
+        if self.previous:
+            said += f" (and previous {', '.join(k.id for k in self.previous)})"
+        return said
 
 
 def event_hash(prev_hash: str, run_id: str, idx: int, ts: float, type_: str, data_json: str) -> str:
@@ -90,12 +127,12 @@ def event_link(
 
 
 def first_broken_link(
-    events: Iterable[EventRecord], run_no: int | None = None, key: AuditKey | None = None
+    events: Iterable[EventRecord], run_no: int | None = None, keys: Keyring = Keyring()
 ) -> EventRecord | None:
     """Recompute a run's chain in order; return the first event that does not verify.
 
-    A keyed event verifies only under `key` (with the run's number); an unkeyed event after a
-    keyed one is broken (its MAC was stripped and replaced by a plain hash)."""
+    A keyed event verifies only under the key its id names (with the run's number); an
+    unkeyed event after a keyed one is broken (its MAC was stripped for a plain hash)."""
     prev = GENESIS
     expected_idx = 1
     keyed_before = False
@@ -106,7 +143,8 @@ def first_broken_link(
             good = not keyed_before
         else:
             keyed_before = True
-            good = key is not None and event.key_id == key.id
+            key = keys.get(event.key_id)
+            good = key is not None
             digest = event_link(
                 key, prev, event.run_id, run_no, event.idx, event.ts, event.type, data_json
             )
@@ -119,7 +157,8 @@ def first_broken_link(
 
 @dataclass(frozen=True)
 class ChainReport:
-    """The verdict on one run's journal: intact, or where it first breaks and how."""
+    """The verdict on one run: intact, TAMPERED (`problems`, one line each), or not verified
+    (`unverified`: a key the verifier lacks, or unkeyed events and no anchor to judge them)."""
 
     run_id: str
     run_no: int | None
@@ -127,91 +166,134 @@ class ChainReport:
     head: str  # the last event's link, as the journal holds it
     key_id: str | None  # the key of the last event (None: unkeyed)
     unkeyed: int  # events written without a key (not protected against a store writer)
-    broken: EventRecord | None
-    problem: str | None
+    broken: EventRecord | None = None
+    problems: tuple[str, ...] = ()
+    unverified: str | None = None
 
     @property
     def intact(self) -> bool:
-        """True when every event, the run's recorded head and any published head check out."""
-        return self.problem is None
+        """True when every event and every row read from the journal checks out."""
+        return not self.problems and self.unverified is None
 
-
-def check_key(run: RunRecord, events: Sequence[EventRecord], key: AuditKey | None) -> None:
-    """Refuse (AuditKeyError, one line) to judge a keyed journal without its key or with
-    another: that is the verifier's mistake, not tampering."""
-    written = sorted({e.key_id for e in events if e.key_id is not None})
-    if not written:
-        return
-    if key is None:
-        raise AuditKeyError(
-            f"run {run.id} was written with audit key {', '.join(written)}: set "
-            "LOOM_OPS_AUDIT_KEY (or LOOM_OPS_AUDIT_KEY_FILE) to verify it"
-        )
-    if key.id not in written or len(written) > 1:
-        others = ", ".join(k for k in written if k != key.id)
-        raise AuditKeyError(
-            f"run {run.id} was written with key {others}, you gave {key.id} "
-            "(or its key ids were altered)"
-        )
+    @property
+    def problem(self) -> str | None:
+        """Every finding in one line (None when intact)."""
+        found = [*self.problems, *([self.unverified] if self.unverified else [])]
+        return "; ".join(found) if found else None
 
 
 def verify_chain(
     run: RunRecord,
     events: Sequence[EventRecord],
-    key: AuditKey | None,
-    published: str | None = None,
+    keys: Keyring,
     keyed_since: int | None = None,
 ) -> ChainReport:
-    """Check a run's events, that they end where the run says its chain ends, and (given)
-    that they end at a head published outside the store.
+    """Check a run's journal: it starts with the run's creation, every link verifies under
+    the key its id names, it is keyed where the key was in force, and it ends where the run's
+    row says it ends (one snapshot: rows and events agree unless someone wrote behind the
+    store's back).
 
-    The recorded head catches events deleted from the end by someone who left the run's row
-    alone; the published head catches it when the row was wound back too. `keyed_since`, the
-    number of the first run with a keyed event: with a key, a wholly unkeyed run numbered
-    after it had its MACs stripped (or was written by a process without the key)."""
-    check_key(run, events, key)
+    `keyed_since` is the operator's anchor (never read from the store): the number of the
+    first run written under a key. From that run on, a run must be keyed from its first
+    event; without it, a verifier holding a key cannot tell an unkeyed event from a stripped
+    MAC, and says so."""
     last = events[-1] if events else None
     head = last.hash if last else GENESIS
     unkeyed = sum(1 for e in events if e.key_id is None)
+    problems: list[str] = []
+    broken: EventRecord | None = None
+    unverified: str | None = None
 
-    def report(problem: str | None, broken: EventRecord | None = None) -> ChainReport:
-        key_id = last.key_id if last else None
-        return ChainReport(run.id, run.run_no, len(events), head, key_id, unkeyed, broken, problem)
-
-    broken = first_broken_link(events, run.run_no, key)
-    if broken is not None:
-        return report(
-            f"event seq {broken.seq} (#{broken.idx}, {broken.type}) does not match its chain: "
-            "it or an event before it was changed, inserted or removed",
-            broken,
+    unknown = sorted({e.key_id for e in events if e.key_id and keys.get(e.key_id) is None})
+    if not events:
+        problems.append(
+            "it has no events, though a run is written with its run_created event: its "
+            "journal was deleted and its row kept"
         )
-    stripped = key is not None and keyed_since is not None and 0 < unkeyed == len(events)
-    if stripped and run.run_no is not None and run.run_no > keyed_since:
-        return report(
-            f"no event is keyed though run #{keyed_since} before it was: its MACs were "
-            "stripped and replaced by plain hashes (or a process without the key wrote it)"
+    elif events[0].type != RUN_CREATED or events[0].idx != 1:
+        problems.append(
+            f"its journal starts with {events[0].type} (#{events[0].idx}), not run_created: "
+            "its first events were removed"
         )
-    if len(events) != run.event_count or head != run.last_hash:
-        return report(
+    if unknown and not keys.keys:
+        unverified = (
+            f"written with audit key {', '.join(unknown)}: set LOOM_OPS_AUDIT_KEY (or "
+            "LOOM_OPS_AUDIT_KEY_FILE; older keys in LOOM_OPS_AUDIT_PREVIOUS_KEYS) to verify it"
+        )
+    elif unknown:
+        unverified = (
+            f"written with key {', '.join(unknown)}, which the verifier does not hold (it "
+            f"holds {keys.describe()}): add a rotated-away key to "
+            "LOOM_OPS_AUDIT_PREVIOUS_KEYS; otherwise its key ids were altered"
+        )
+    elif events:
+        broken = first_broken_link(events, run.run_no, keys)
+        if broken is not None:
+            problems.append(
+                f"event seq {broken.seq} (#{broken.idx}, {broken.type}) does not match its "
+                "chain: it or an event before it was changed, inserted or removed"
+            )
+    anchored = keyed_since is not None and run.run_no is not None and run.run_no >= keyed_since
+    if anchored and events and events[0].key_id is None:
+        problems.append(
+            f"its first event is unkeyed though the key is in force since run #{keyed_since}: "
+            "its MACs were stripped for plain hashes (or a process without the key wrote it)"
+        )
+    elif keyed_since is None and keys.keys and unkeyed and unverified is None:
+        unverified = (
+            f"{unkeyed} of its {len(events)} events are unkeyed, and nothing says since which "
+            "run the key is in force: they may be MACs a store writer stripped (give "
+            "--keyed-since N or set LOOM_OPS_AUDIT_KEYED_SINCE; `loom-ops doctor` prints N)"
+        )
+    if len(events) < run.event_count:
+        problems.append(
             f"the journal holds {len(events)} event(s) but the run recorded "
-            f"{run.event_count}: events were removed from its end"
+            f"{run.event_count}: {run.event_count - len(events)} were removed from its end"
         )
-    if published is not None and not head.startswith(published.lower()):
-        return report(_published_mismatch(events, published.lower()))
-    return report(None)
+    elif len(events) > run.event_count:
+        problems.append(
+            f"the journal holds {len(events)} event(s) but the run recorded only "
+            f"{run.event_count}: events were added behind the store's back, or the run's row "
+            "was wound back"
+        )
+    elif head != run.last_hash:
+        problems.append(
+            "the run's recorded head is not its last event's link: the row or its last "
+            "event was rewritten"
+        )
+    key_id = last.key_id if last else None
+    return ChainReport(
+        run.id, run.run_no, len(events), head, key_id, unkeyed, broken, tuple(problems), unverified
+    )
 
 
-def _published_mismatch(events: Sequence[EventRecord], published: str) -> str:
-    """Why a journal does not end at a published head, as far as the journal can tell."""
-    said = f"the published head {published[:SHOWN_HEX]} is not the journal's"
-    earlier = next((e for e in events if e.hash.startswith(published)), None)
-    if earlier is not None:
-        later = len(events) - earlier.idx
-        return (
-            f"{said}: it is event #{earlier.idx}'s, and {later} event(s) came after it "
-            "(published before the run ended, or events were added since)"
-        )
-    return f"{said} ({len(events)} events): events were removed from its end or rewritten"
+# -- the head of a run's tree, published outside the store --------------------------------------
+
+
+@dataclass(frozen=True)
+class RunHead:
+    """What a tree's head covers of one run: its number, id, journal length and last link."""
+
+    run_no: int | None
+    run_id: str
+    events: int
+    head: str
+
+    @classmethod
+    def of(cls, run: RunRecord) -> RunHead:
+        """A run's head as its row records it (what a summary rendered from the rows shows)."""
+        return cls(run.run_no, run.id, run.event_count, run.last_hash)
+
+
+def tree_head(runs: Iterable[RunHead]) -> str:
+    """The head of a run tree: a SHA-256 over each run's number, id, length and last link, in
+    number order. A run's last link is a MAC under the key, so a store writer without it can
+    only offer older prefixes of runs, never a tree with a run changed or added."""
+    ordered = sorted(runs, key=lambda r: (r.run_no is None, r.run_no or 0, r.run_id))
+    material = "\x1e".join(
+        "\x1f".join((str(r.run_no), r.run_id, str(r.events), r.head)) for r in ordered
+    )
+    return hashlib.sha256(f"{_TREE_LABEL}\x1d{material}".encode()).hexdigest()
 
 
 def published_head(value: str) -> str:
@@ -222,6 +304,51 @@ def published_head(value: str) -> str:
             f"a published head is at least {MIN_PUBLISHED_HEX} hex digits, not {value!r}"
         )
     return text
+
+
+def journal_tree_head(runs: Sequence[RunRecord], events: Sequence[EventRecord]) -> str:
+    """The head of a run tree as its journal (not its rows) says: each run's events counted
+    and its last link."""
+    last: dict[str, EventRecord] = {}
+    count: dict[str, int] = {}
+    for event in sorted(events, key=lambda e: e.seq):
+        last[event.run_id] = event
+        count[event.run_id] = count.get(event.run_id, 0) + 1
+    return tree_head(
+        RunHead(r.run_no, r.id, count.get(r.id, 0), _link(last.get(r.id))) for r in runs
+    )
+
+
+def published_mismatch(
+    runs: Sequence[RunRecord], events: Sequence[EventRecord], published: str
+) -> str | None:
+    """Why a tree's journal does not end at a published tree head (None when it does), as
+    far as the journal tells: the tree's head as of an earlier event, or none of them."""
+    whole = journal_tree_head(runs, events)
+    if whole.startswith(published):
+        return None
+    said = f"the published head {published[:SHOWN_HEX]} is not this tree's ({whole[:SHOWN_HEX]})"
+    ordered = sorted(events, key=lambda e: e.seq)
+    numbers = {r.id: r.run_no for r in runs}
+    if len(ordered) <= _MAX_SEARCHED_EVENTS:
+        state: dict[str, RunHead] = {}
+        for n, event in enumerate(ordered, start=1):
+            run_id = event.run_id
+            state[run_id] = RunHead(numbers[run_id], run_id, event.idx, event.hash)
+            if tree_head(state.values()).startswith(published):
+                return (
+                    f"{said}: it is the tree's head as of event seq {event.seq}, and "
+                    f"{len(ordered) - n} event(s) came after it (published before the tree "
+                    "ended, or events were added since)"
+                )
+    return (
+        f"{said}, nor was it at any earlier event ({len(runs)} run(s), {len(ordered)} "
+        "events): runs or events were removed from its end, or rewritten"
+    )
+
+
+def _link(event: EventRecord | None) -> str:
+    return event.hash if event is not None else GENESIS
 
 
 @dataclass(frozen=True)

@@ -186,10 +186,6 @@ class TooManyRuns(LoomOpsError):
     kind = ErrorKind.BUSY
 
 
-class AuditKeyError(LoomOpsError):
-    """A keyed journal verified without its audit key, or with another one (not tampering)."""
-
-
 # -- tools --------------------------------------------------------------------------------------
 
 

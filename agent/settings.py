@@ -17,7 +17,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from agent.chain import AuditKey
+from agent.chain import AuditKey, Keyring
 from agent.failpoints import Failpoints
 from agent.records import Delay
 
@@ -30,6 +30,11 @@ def _os_user() -> str:
 
 
 MIN_AUDIT_KEY = 16  # characters of an audit key
+
+
+def _split_keys(value: str) -> list[str]:
+    """Comma-separated keys, each stripped as it is used."""
+    return [key.strip() for key in value.split(",") if key.strip()]
 
 
 def _first_line(path: Path) -> str:
@@ -193,9 +198,26 @@ class Settings(BaseSettings):
     audit_key_file: Path | None = Field(
         None, description="A file holding the audit key instead (its first line)."
     )
+    audit_previous_keys: SecretStr | None = Field(
+        None,
+        description="Keys the audit key replaced (comma-separated), for verifying runs they "
+        "wrote; never used to write, never stored.",
+    )
+    audit_keyed_since: int | None = Field(
+        None,
+        ge=1,
+        description="The number of the first run written under an audit key (`loom-ops doctor` "
+        "prints it): from it on, an unkeyed run is a stripped one. Unset with a key: verify "
+        "accepts no unkeyed run.",
+    )
 
     @field_validator(
-        "api_token", "openai_api_key", "telegram_bot_token", "audit_key", mode="before"
+        "api_token",
+        "openai_api_key",
+        "telegram_bot_token",
+        "audit_key",
+        "audit_previous_keys",
+        mode="before",
     )
     @classmethod
     def _blank_secret_is_unset(cls, value: object) -> object:
@@ -238,6 +260,15 @@ class Settings(BaseSettings):
     def _audit_key_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and len(value.get_secret_value().strip()) < MIN_AUDIT_KEY:
             raise ValueError(f"the audit key must be at least {MIN_AUDIT_KEY} characters")
+        return value
+
+    @field_validator("audit_previous_keys")
+    @classmethod
+    def _previous_keys_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and any(
+            len(k) < MIN_AUDIT_KEY for k in _split_keys(value.get_secret_value())
+        ):
+            raise ValueError(f"each previous audit key must be at least {MIN_AUDIT_KEY} characters")
         return value
 
     @field_validator("audit_key_file")
@@ -338,7 +369,14 @@ class Settings(BaseSettings):
             return None
         return AuditKey.of(self.audit_key.get_secret_value().strip())
 
+    def audit_keys(self) -> Keyring:
+        """Every audit key a verifier holds: the one in force and the ones it replaced."""
+        previous = self.audit_previous_keys.get_secret_value() if self.audit_previous_keys else ""
+        return Keyring(self.audit_secret(), tuple(AuditKey.of(k) for k in _split_keys(previous)))
+
     def secret_values(self) -> list[str]:
-        """Values of secret settings, redacted wherever they appear."""
-        secrets = [self.api_token, self.openai_api_key, self.telegram_bot_token, self.audit_key]
-        return [s.get_secret_value() for s in secrets if s and s.get_secret_value()]
+        """Values of secret settings as they are used (an audit key stripped, each previous
+        key apart), redacted wherever they appear."""
+        secrets = [self.api_token, self.openai_api_key, self.telegram_bot_token]
+        values = [s.get_secret_value() for s in secrets if s and s.get_secret_value()]
+        return values + [key.secret.decode() for key in self.audit_keys().keys]

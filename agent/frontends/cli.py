@@ -64,6 +64,7 @@ from agent.settings import Settings
 if TYPE_CHECKING:
     from agent.chain import ChainReport
     from agent.runbook.model import RunbookCatalog
+    from agent.service.audit import TreeReport
 
 EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE = 0, 1, 2
 # The exit code of each kind of refusal: the input (or the state it met) was wrong, or the
@@ -252,16 +253,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, help="file to write (default: standard output)")
     _common(p)
 
-    p = sub.add_parser("audit", help="verify or export a run's chained journal")
+    p = sub.add_parser(
+        "audit", help="verify or export the chained journal of a run and the runs below it"
+    )
     p.add_argument("action", choices=["verify", "export"])
-    _run_id(p, "the run whose journal is verified or exported")
+    _run_id(p, "the run whose tree (it and every run below it) is verified or exported")
     p.add_argument(
         "--head",
         metavar="HEX",
-        help="for verify: the head published when the run ended (chat summary, export)",
+        help="for verify: the tree's head published when the run ended (chat summary, export)",
     )
     p.add_argument(
         "--all", action="store_true", help="for verify: every run, and gaps in the run numbering"
+    )
+    p.add_argument(
+        "--keyed-since",
+        type=_positive_int,
+        metavar="N",
+        help="for verify: the first run written under an audit key (doctor prints it; "
+        "default LOOM_OPS_AUDIT_KEYED_SINCE): later unkeyed runs are stripped ones",
     )
     p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl", help="for export")
     p.add_argument("-o", "--output", type=Path, help="export to this file (default: stdout)")
@@ -912,18 +922,28 @@ async def _cmd_audit(service: RunService, args: argparse.Namespace) -> int:
     if args.all:
         if args.action != "verify" or args.run_id is not None or args.head is not None:
             raise UsageError("--all verifies every run: loom-ops audit verify --all")
-        return await _verify_all(service, args.json)
-    if args.head is not None and args.action != "verify":
-        raise UsageError("--head is for verify: loom-ops audit verify RUN_ID --head HEX")
+        return await _verify_all(service, args.keyed_since, args.json)
     if args.action == "export":
-        run = await service.get(args.run_id)
-        return _export(run, await service.events(run.id), args.format, args.output)
-    report = await service.verify_audit(args.run_id, _published(args.head))
+        if args.head is not None or args.keyed_since is not None:
+            raise UsageError(
+                "--head and --keyed-since are for verify: loom-ops audit verify RUN_ID"
+            )
+        tree = await service.run_tree(args.run_id, calls=False, events=True)
+        return _export(tree.runs, list(tree.events), args.format, args.output)
+    report = await service.verify_audit(args.run_id, _published(args.head), args.keyed_since)
     if args.json:
-        print(json.dumps(_report_json(report) | {"published_head": args.head}))
+        print(json.dumps(_tree_json(report)))
     else:
-        print(f"run {report.run_id}: {_verdict(report, args.head)}")
+        for line in _tree_verdict(report):
+            print(line)
     return EXIT_OK if report.intact else EXIT_RUN_FAILED
+
+
+def _positive_int(value: str) -> int:
+    """A run number: a whole number from 1."""
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"a run number (1 or more), not {value!r}")
+    return int(value)
 
 
 def _published(value: str | None) -> str | None:
@@ -938,74 +958,119 @@ def _published(value: str | None) -> str | None:
         raise UsageError(f"--head: {exc}") from None
 
 
-def _verdict(report: ChainReport, published: str | None = None) -> str:
-    """One run's verdict in one line: intact (keyed or not, and what that means), or how
-    it was tampered with."""
+def _tree_verdict(report: TreeReport) -> list[str]:
+    """A tree's verdict for a person: a line per run that is not intact, then the tree's."""
     from agent.chain import SHOWN_HEX
 
+    lines = [f"run {r.run_id} (#{r.run_no}): {_verdict(r)}" for r in report.runs if not r.intact]
+    if report.published_problem:
+        lines.append(f"run {report.run_id}: TAMPERED: {report.published_problem}")
+    runs = len(report.runs)
+    size = f"tree of {runs} run{'s' if runs > 1 else ''}, {report.events} events"
     if not report.intact:
-        return f"journal TAMPERED: {report.problem}"
-    head = report.head[:SHOWN_HEX]
-    if report.unkeyed == report.events:
-        return (
-            f"journal intact ({report.events} events, head {head}) but UNKEYED: a store writer "
-            "could have recomputed it (set LOOM_OPS_AUDIT_KEY)"
-        )
-    said = f"journal intact ({report.events} events, head {head}, key {report.key_id})"
-    if report.unkeyed:
-        said += f"; its first {report.unkeyed} were written unkeyed, before the audit key"
-    if published is not None:
+        tampered = bool(report.published_problem) or any(r.problems for r in report.runs)
+        verdict = "TAMPERED" if tampered else "NOT VERIFIED"
+        bad = sum(1 for r in report.runs if not r.intact)
+        lines.append(f"run {report.run_id}: {verdict} ({size}; {bad} run(s) with findings)")
+        return lines
+    said = f"run {report.run_id}: journal intact ({size}, head {report.head[:SHOWN_HEX]}"
+    keys = sorted({r.key_id for r in report.runs if r.key_id})
+    said += f", key {', '.join(keys)})" if keys else ")"
+    unkeyed = sum(r.unkeyed for r in report.runs)
+    if unkeyed == report.events:
+        said += " but UNKEYED: a store writer could have recomputed it"
+        said += " (written before the key was in force)" if report.keyed else ""
+        said += "" if report.keyed else " (set LOOM_OPS_AUDIT_KEY)"
+    elif unkeyed:
+        said += f"; {unkeyed} of its events were written before the audit key was in force"
+    if report.published is not None:
         said += "; it ends at the published head"
-    return said
+    return [*lines, said]
+
+
+def _verdict(report: ChainReport) -> str:
+    """One run's finding in one line: how it was tampered with, or why it was not verified."""
+    if report.problems:
+        return f"journal TAMPERED: {report.problem}"
+    if report.unverified:
+        return f"NOT VERIFIED: {report.unverified}"
+    return "journal intact"
 
 
 def _report_json(report: ChainReport) -> dict[str, Any]:
+    status = "intact" if report.intact else "tampered" if report.problems else "unverified"
     return {
         "run_id": report.run_id,
         "run_no": report.run_no,
-        "status": "intact" if report.intact else "tampered",
+        "status": status,
         "events": report.events,
         "unkeyed_events": report.unkeyed,
         "head": report.head,
         "key_id": report.key_id,
         "first_bad_seq": report.broken.seq if report.broken else None,
-        "problem": report.problem,
+        "problems": list(report.problems),
+        "unverified": report.unverified,
     }
 
 
-async def _verify_all(service: RunService, as_json: bool) -> int:
+def _overall(intact: bool, tampered: bool) -> str:
+    """A whole verdict's status: intact, tampered (any finding), or unverified (only runs the
+    keys held could not judge)."""
+    return "intact" if intact else "tampered" if tampered else "unverified"
+
+
+def _tree_json(report: TreeReport) -> dict[str, Any]:
+    tampered = bool(report.published_problem) or any(r.problems for r in report.runs)
+    return {
+        "run_id": report.run_id,
+        "status": _overall(report.intact, tampered),
+        "runs": [_report_json(r) for r in report.runs],
+        "events": report.events,
+        "head": report.head,
+        "published_head": report.published,
+        "published_problem": report.published_problem,
+    }
+
+
+async def _verify_all(service: RunService, keyed_since: int | None, as_json: bool) -> int:
     """`audit verify --all`: every run's journal, then the global run numbering."""
-    reports, numbering = await service.verify_all_audit()
+    report = await service.verify_all_audit(keyed_since)
+    reports, numbering = report.runs, report.numbering
     bad = [r for r in reports if not r.intact]
-    intact = not bad and numbering.intact
     if as_json:
+        tampered = not numbering.intact or any(r.problems for r in reports)
         payload = {
-            "status": "intact" if intact else "tampered",
+            "status": _overall(report.intact, tampered),
             "runs": len(reports),
             "events": sum(r.events for r in reports),
             "unkeyed_runs": sum(1 for r in reports if r.unkeyed == r.events),
-            "tampered": [_report_json(r) for r in bad],
+            "tampered": [_report_json(r) for r in bad if r.problems],
+            "unverified": [_report_json(r) for r in bad if not r.problems],
             "numbering": numbering.problems(),
         }
         print(json.dumps(payload))
-        return EXIT_OK if intact else EXIT_RUN_FAILED
-    for report in bad:
-        print(f"run {report.run_id} (#{report.run_no}): {_verdict(report)}")
+        return EXIT_OK if report.intact else EXIT_RUN_FAILED
+    for run in bad:
+        print(f"run {run.run_id} (#{run.run_no}): {_verdict(run)}")
     for line in numbering.problems():
         print(f"TAMPERED: {line}")
     events = sum(r.events for r in reports)
     unkeyed = sum(1 for r in reports if r.unkeyed == r.events and r.events)
-    if not reports and intact:
+    if not reports and report.intact:
         print("no runs to verify")
-    elif intact:
+    elif report.intact:
         said = f"all {len(reports)} runs intact ({events} events, numbered 1-{numbering.highest})"
         if unkeyed:
             said += f"; {unkeyed} of them UNKEYED: a store writer could have recomputed those"
         print(said)
     else:
+        tampered = sum(1 for r in bad if r.problems)
         numbered = "intact" if numbering.intact else "not intact"
-        print(f"{len(bad)} of {len(reports)} runs tampered; run numbering {numbered}")
-    return EXIT_OK if intact else EXIT_RUN_FAILED
+        print(
+            f"{tampered} of {len(reports)} runs tampered, {len(bad) - tampered} not verified; "
+            f"run numbering {numbered}"
+        )
+    return EXIT_OK if report.intact else EXIT_RUN_FAILED
 
 
 EXPORT_COLUMNS = (
@@ -1013,11 +1078,16 @@ EXPORT_COLUMNS = (
 )  # fmt: skip
 
 
-def _export(run: RunRecord, events: list[EventRecord], fmt: str, output: Path | None) -> int:
-    """Write the journal as JSON lines or CSV, one event per line, links included, and last
-    the head it ends at (`type` audit_head): a copy kept elsewhere is a published head."""
+def _export(
+    runs: Sequence[RunRecord], events: list[EventRecord], fmt: str, output: Path | None
+) -> int:
+    """Write the journal of a run's tree as JSON lines or CSV, one event per line in written
+    order, links included, and last the tree's head (`type` audit_head): a copy kept elsewhere
+    is a published head (`audit verify RUN --head`)."""
     import csv
     from datetime import UTC, datetime
+
+    from agent.chain import journal_tree_head
 
     rows = [
         {
@@ -1034,13 +1104,14 @@ def _export(run: RunRecord, events: list[EventRecord], fmt: str, output: Path | 
         }
         for e in events
     ]
-    last = events[-1] if events else None
+    root = runs[0]
     head = {
-        "run_id": run.id,
-        "run_no": run.run_no,
+        "run_id": root.id,
+        "run_no": root.run_no,
+        "runs": len(runs),
         "events": len(events),
-        "head": last.hash if last else "",
-        "key_id": last.key_id if last else None,
+        "head": journal_tree_head(runs, events),
+        "key_ids": sorted({e.key_id for e in events if e.key_id}),
     }
     try:
         handle = output.open("w", newline="", encoding="utf-8") if output else sys.stdout
@@ -1058,12 +1129,11 @@ def _export(run: RunRecord, events: list[EventRecord], fmt: str, output: Path | 
                 writer.writerow(row | {"data": json.dumps(row["data"], ensure_ascii=False)})
             writer.writerow(
                 {
-                    "run_id": run.id,
+                    "run_id": root.id,
                     "idx": len(events),
                     "type": "audit_head",
                     "data": json.dumps(head),
                     "hash": head["head"],
-                    "key_id": head["key_id"],
                 }
             )
     finally:

@@ -2,8 +2,9 @@
 
 Each check yields findings, one line each with a severity: `error` (a run, the bot or a
 decision will fail on it: exit 1), `warning` (it will fail once a setting is switched on, or
-only some runs are affected) and `ok` (what was checked and passed). Nothing is written: the
-store is not opened and no run starts. It asks: the MCP servers runbooks use, started for
+only some runs are affected) and `ok` (what was checked and passed). No run starts, and the
+store is opened only when an audit key is set without LOOM_OPS_AUDIT_KEYED_SINCE, to read the
+run number to record. It asks: the MCP servers runbooks use, started for
 their `tools/list` and stopped (each within its startup timeout), one tiny LLM completion (when
 a key is set and the mock is not asked for) and one Bot API `getMe` (when a bot token is set),
 each with a short timeout.
@@ -20,7 +21,7 @@ from typing import Any, Literal
 
 import httpx
 
-from agent.errors import AllowlistError, PeopleFileError, ServingRefused
+from agent.errors import AllowlistError, LoomOpsError, PeopleFileError, ServingRefused
 from agent.people import (
     APPROVERS_GROUP,
     GROUP_PREFIX,
@@ -76,13 +77,17 @@ async def diagnose(settings: Settings, timeout: float = DEFAULT_TIMEOUT) -> list
     findings += _people(settings, runbooks)
     findings += llm
     findings += telegram
-    findings.append(_audit_key(settings))
+    findings.append(await _audit_key(settings))
     order = {severity: index for index, severity in enumerate(SEVERITIES)}
     return sorted(findings, key=lambda f: order[f.severity])  # stable: checks keep their order
 
 
-def _audit_key(settings: Settings) -> Finding:
-    """Whether the journal is chained under an audit key (only its public id is shown)."""
+async def _audit_key(settings: Settings) -> Finding:
+    """Whether the journal is chained under an audit key (only its public id is shown), and
+    from which run on: with a key but no LOOM_OPS_AUDIT_KEYED_SINCE, the store is read (only
+    then) for the number to record, since verify takes no anchor from the store itself."""
+    from agent.service.runs import RunService
+
     key = settings.audit_secret()
     if key is None:
         return Finding(
@@ -92,7 +97,30 @@ def _audit_key(settings: Settings) -> Finding:
             "the store could rewrite it and recompute the chain; set a secret of 16+ "
             "characters kept off the store's host",
         )
-    return Finding("ok", "audit", f"the journal is chained under audit key {key.id}")
+    said = f"the journal is chained under audit key {key.id}"
+    if settings.audit_keyed_since is not None:
+        return Finding("ok", "audit", f"{said}, in force since run #{settings.audit_keyed_since}")
+    try:
+        anchor = await RunService.audit_anchor(settings)
+    except LoomOpsError as exc:
+        return Finding("warning", "audit", f"{said}; cannot read the store to say since which "
+                       f"run: {exc}")  # fmt: skip
+    if anchor is None or not anchor.any_unkeyed:
+        since, why = 1, "every run of this store is keyed"
+    else:
+        since = anchor.first_keyed if anchor.first_keyed is not None else anchor.counter + 1
+        why = (
+            f"runs before #{since} were written without it"
+            if anchor.first_keyed is not None
+            else f"its {anchor.counter} run(s) were written without it; the next is #{since}"
+        )
+    return Finding(
+        "warning",
+        "audit",
+        f"{said}, but nothing outside the store says since which run: record "
+        f"LOOM_OPS_AUDIT_KEYED_SINCE={since} with the key ({why}); until then `audit verify` "
+        "accepts no unkeyed event, and once set it takes a later unkeyed run for a stripped one",
+    )
 
 
 # -- runbooks and the shell allowlist -----------------------------------------------------------

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from agent.chain import ChainReport, NumberingReport, check_numbering, verify_chain
 from agent.errors import (
     ApprovalAmbiguous,
     ApprovalNotFound,
@@ -68,9 +67,11 @@ from agent.run.approvals import (
 from agent.run.host import HostIdentity, this_host
 from agent.run.leases import new_owner_id, owner_is_dead
 from agent.runbook.request import MAX_REQUEST_BYTES
+from agent.service.audit import StoreReport, TreeReport, audit_store, audit_tree
 from agent.settings import Settings
 from agent.store import Database, JournalWatch, MetricsSnapshot, NewRun, RunStore
 from agent.store.database import is_postgres_url, sqlite_path
+from agent.store.journal import AuditAnchor
 
 if TYPE_CHECKING:
     # Built on first use (see the module's docstring): named here for the type checker only.
@@ -940,25 +941,44 @@ class RunService:
         missed (`add` a run as it shows up, `wait` for the next write)."""
         return self.store.watch_journal(run_ids)
 
-    async def verify_audit(self, run_id: str, published: str | None = None) -> ChainReport:
-        """Verify a run's journal under this process's audit key, and against a head
-        published outside the store when given; AuditKeyError when the key is missing or
-        another one wrote it."""
-        run = await self.store.get_run(run_id)
-        events = await self.store.list_events(run.id)
-        keyed_since = await self.store.first_keyed_run()
-        return verify_chain(run, events, self.settings.audit_secret(), published, keyed_since)
+    async def verify_audit(
+        self, run_id: str, published: str | None = None, keyed_since: int | None = None
+    ) -> TreeReport:
+        """Verify a run and every run below it, over one snapshot: each chain under the keys
+        this process holds, the rows views read against the journal, and the tree's head
+        against one published outside the store when given. `keyed_since` (else the
+        setting) is the run number the key is in force from."""
+        snapshot = await self.store.audit_snapshot(run_id)
+        return audit_tree(
+            snapshot, run_id, self.settings.audit_keys(), self._keyed_since(keyed_since), published
+        )
 
-    async def verify_all_audit(self) -> tuple[list[ChainReport], NumberingReport]:
-        """Verify every run's journal, and the global run numbering for deleted runs."""
-        key = self.settings.audit_secret()
-        counter, runs = await self.store.numbered_runs()
-        keyed_since = await self.store.first_keyed_run()
-        reports = []
-        for run in runs:
-            events = await self.store.list_events(run.id)
-            reports.append(verify_chain(run, events, key, keyed_since=keyed_since))
-        return reports, check_numbering(runs, counter)
+    async def verify_all_audit(self, keyed_since: int | None = None) -> StoreReport:
+        """Verify every run (as `verify_audit` does) and the global run numbering, over one
+        snapshot; a run that cannot be judged with the keys held is reported, not fatal."""
+        snapshot = await self.store.audit_snapshot()
+        keys = self.settings.audit_keys()
+        return audit_store(snapshot, keys, self._keyed_since(keyed_since))
+
+    def _keyed_since(self, given: int | None) -> int | None:
+        """The anchor a verdict uses: the operator's, never one read from the store."""
+        return given if given is not None else self.settings.audit_keyed_since
+
+    @classmethod
+    async def audit_anchor(cls, settings: Settings) -> AuditAnchor | None:
+        """Where the store stands on audit keys, for doctor to name the run number the key is
+        in force from; None when the store does not exist yet (every run it gets is keyed)."""
+        if not is_postgres_url(settings.db):
+            try:
+                if not Path(sqlite_path(settings.db)).exists():
+                    return None
+            except ValueError as exc:
+                raise StoreError(str(exc)) from None
+        service = await cls.open(settings)
+        try:
+            return await service.store.audit_anchor()
+        finally:
+            await service.close()
 
     async def metrics(self) -> MetricsSnapshot:
         """Counters and current values of the store (what /metrics shows); a tool name the

@@ -3,40 +3,135 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
+from agent.errors import RunNotFound
 from agent.events import Event
-from agent.records import Claim, EventRecord, RunRecord
+from agent.records import (
+    ApprovalRecord,
+    ApprovalVote,
+    Claim,
+    EventRecord,
+    RunRecord,
+    ToolCallRecord,
+)
 from agent.store.base import StoreBase
 from agent.store.commands import Outcome
 from agent.store.database import Connection
-from agent.store.rows import EVENT_COLUMNS, SELECT_RUNS, event_from_row, run_from_row
+from agent.store.rows import (
+    APPROVAL_COLUMNS,
+    CALL_COLUMNS,
+    EVENT_COLUMNS,
+    SELECT_RUNS,
+    VOTE_COLUMNS,
+    approval_from_row,
+    call_from_row,
+    event_from_row,
+    run_from_row,
+    vote_from_row,
+)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class AuditSnapshot:
+    """Runs (in number order) and what their journal recorded, as of one moment."""
+
+    counter: int  # the last run number handed out
+    runs: tuple[RunRecord, ...]
+    events: tuple[EventRecord, ...]  # in journal order (seq)
+    approvals: tuple[ApprovalRecord, ...]
+    votes: tuple[ApprovalVote, ...]
+    calls: tuple[ToolCallRecord, ...]
+
+
+@dataclass(frozen=True)
+class AuditAnchor:
+    """Where a store stands on audit keys: its run counter, the first run keyed from its
+    first event (None: none yet), and whether any event is unkeyed."""
+
+    counter: int
+    first_keyed: int | None
+    any_unkeyed: bool
 
 
 class JournalStore(StoreBase):
     """Reading and appending a run's events."""
 
-    async def numbered_runs(self) -> tuple[int, list[RunRecord]]:
-        """For an audit of the whole store, in one snapshot: the last run number the counter
-        handed out, and every run (each with its chain head) in number order."""
+    async def audit_snapshot(self, run_id: str | None = None) -> AuditSnapshot:
+        """What an audit compares, read in one snapshot (so a run written meanwhile is seen
+        whole or not at all): the run and every run below it (`run_id`), or every run, with
+        their events, approval requests, votes and tool calls, and the run counter."""
 
-        def read(c: Connection) -> tuple[int, list[RunRecord]]:
-            counter = c.execute("SELECT last_run_no FROM run_counter WHERE id = 1").fetchone()
-            rows = c.execute(f"{SELECT_RUNS} ORDER BY run_no, id").fetchall()
-            return (counter["last_run_no"] if counter else 0), [run_from_row(r) for r in rows]
+        def read(c: Connection) -> AuditSnapshot:
+            runs = _runs(c, run_id)
+            if run_id is not None and not runs:
+                raise RunNotFound(f"unknown run id {run_id!r}")
+            scope, params = _scope(run_id)
+            events = c.execute(
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE {scope.format('run_id')} ORDER BY seq",
+                params,
+            ).fetchall()
+            approvals = c.execute(
+                f"SELECT {APPROVAL_COLUMNS} FROM approvals WHERE {scope.format('run_id')} "
+                "ORDER BY id",
+                params,
+            ).fetchall()
+            votes = c.execute(
+                f"SELECT {VOTE_COLUMNS} FROM approval_votes WHERE approval_id IN "
+                f"(SELECT id FROM approvals WHERE {scope.format('run_id')}) "
+                "ORDER BY approval_id, decided_at",
+                params,
+            ).fetchall()
+            calls = c.execute(
+                f"SELECT {CALL_COLUMNS} FROM tool_calls WHERE {scope.format('run_id')} "
+                "ORDER BY run_id, turn, position",
+                params,
+            ).fetchall()
+            return AuditSnapshot(
+                counter=_counter(c),
+                runs=tuple(runs),
+                events=tuple(event_from_row(r) for r in events),
+                approvals=tuple(approval_from_row(r) for r in approvals),
+                votes=tuple(vote_from_row(r) for r in votes),
+                calls=tuple(call_from_row(r) for r in calls),
+            )
 
-        return await self._read(read)
+        return await self._snapshot(read)
 
-    async def first_keyed_run(self) -> int | None:
-        """The number of the first run with an event written under an audit key, if any."""
-        row = await self._read(
-            lambda c: c.execute(
-                "SELECT MIN(run_no) AS first FROM runs WHERE run_no IS NOT NULL AND EXISTS "
-                "(SELECT 1 FROM events WHERE events.run_id = runs.id "
-                "AND events.key_id IS NOT NULL)"
+    async def audit_anchor(self) -> AuditAnchor:
+        """What doctor needs to tell an operator which run number the key is in force from:
+        the run counter, the first run whose first event is keyed, and whether any event is
+        unkeyed (read once by doctor, never on a verify)."""
+
+        def read(c: Connection) -> AuditAnchor:
+            first = c.execute(
+                "SELECT MIN(runs.run_no) AS first FROM runs JOIN events "
+                "ON events.run_id = runs.id AND events.idx = 1 WHERE events.key_id IS NOT NULL"
             ).fetchone()
-        )
-        return row["first"]
+            unkeyed = c.execute("SELECT 1 FROM events WHERE key_id IS NULL LIMIT 1").fetchone()
+            return AuditAnchor(_counter(c), first["first"], unkeyed is not None)
+
+        return await self._snapshot(read)
+
+    async def _snapshot(self, fn: Callable[[Connection], T]) -> T:
+        """Run `fn` over one snapshot on either engine: PostgreSQL's reads are one repeatable-
+        read transaction already; on SQLite each statement would see the file as it is then,
+        so a deferred transaction holds one WAL snapshot for all of them."""
+        if self.dialect.name != "sqlite":
+            return await self._read(fn)
+
+        def held(c: Connection) -> T:
+            c.execute("BEGIN")
+            try:
+                return fn(c)
+            finally:
+                c.execute("COMMIT")
+
+        return await self._read(held)
 
     async def _note(self, claim: Claim, event: Event, earlier: Outcome | None = None) -> None:
         """Append one event of a drive's own (through `Drive.note`), fenced by its claim."""
@@ -76,3 +171,30 @@ class JournalStore(StoreBase):
         return [event_from_row(row) for row in rows]
 
     # -- live processes ----------------------------------------------------------------------
+
+
+_SUBTREE = (
+    "WITH RECURSIVE tree(id) AS (SELECT ? UNION ALL "
+    "SELECT r.id FROM runs r JOIN tree t ON r.parent_id = t.id) "
+)
+
+
+def _scope(run_id: str | None) -> tuple[str, tuple[Any, ...]]:
+    """A condition on a run id column (`{}`): in the run's subtree, or true for every run."""
+    if run_id is None:
+        return "1 = 1", ()
+    return "{} IN (" + _SUBTREE + "SELECT id FROM tree)", (run_id,)
+
+
+def _runs(c: Connection, run_id: str | None) -> list[RunRecord]:
+    """Every run, or the run and every run below it, in number order."""
+    scope, params = _scope(run_id)
+    rows = c.execute(
+        f"{SELECT_RUNS} WHERE {scope.format('runs.id')} ORDER BY run_no, id", params
+    ).fetchall()
+    return [run_from_row(r) for r in rows]
+
+
+def _counter(c: Connection) -> int:
+    row = c.execute("SELECT last_run_no FROM run_counter WHERE id = 1").fetchone()
+    return int(row["last_run_no"]) if row else 0

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.chain import SHOWN_HEX
+from agent.chain import SHOWN_HEX, RunHead, tree_head
 from agent.records import ApprovalRecord, RunRecord, RunTree, ToolCallRecord
 from agent.run.outcomes import STEP_TOOLS, StepState, short_result, step_states
 from agent.views.explain import executing_runs
@@ -41,17 +41,25 @@ class RunSummary:
     errors: list[str] = field(default_factory=list)
     names: dict[str, str] = field(default_factory=dict)  # identity -> how people know it
     timeline: list[str] = field(default_factory=list)  # start, each decision and its wait, end
+    tree: tuple[RunRecord, ...] = ()  # the run and every run below it (the audit head's)
 
     @property
     def audit(self) -> str | None:
-        """The run's chain head, published with the summary so a verifier outside the store
-        can compare (`loom-ops audit verify RUN --head HEX`); None before its first event."""
-        run = self.run
-        if not run.event_count:
+        """The head of the run's whole tree (every run's number, length and last link),
+        published with the summary so a verifier outside the store can compare (`loom-ops
+        audit verify RUN --head HEX`); None before its first event."""
+        run, runs = self.run, self.tree or (self.run,)
+        events = sum(r.event_count for r in runs)
+        if not events:
             return None
-        key = f"key {run.key_id}" if run.key_id else "unkeyed"
+        head = tree_head(RunHead.of(r) for r in runs)[:SHOWN_HEX]
+        keys = sorted({r.key_id for r in runs if r.key_id})
+        key = f"key{'s' if len(keys) > 1 else ''} {', '.join(keys)}" if keys else "unkeyed"
+        if keys and any(r.key_id is None for r in runs):
+            key += ", partly unkeyed"
         number = f"run #{run.run_no}, " if run.run_no is not None else ""
-        return f"audit: {number}{run.event_count} events, head {run.last_hash[:SHOWN_HEX]} ({key})"
+        size = f"tree of {len(runs)} run{'s' if len(runs) > 1 else ''}"
+        return f"audit: {number}{size}, {events} events, head {head} ({key})"
 
     def who(self, identity: str) -> str:
         """An identity as people know it: `@alice (telegram:42)`, or the identity alone."""
@@ -124,7 +132,7 @@ def summary_of(tree: RunTree) -> RunSummary:
     run's steps, approvals and errors come from the whole tree below it."""
     run = tree.root
     end = run.finished_at or time.time()
-    summary = RunSummary(run=run, duration=duration(end - run.created_at))
+    summary = RunSummary(run=run, duration=duration(end - run.created_at), tree=tree.runs)
     errors: list[str] = []
     for member in tree.runs:
         for call in tree.calls_of(member.id):
