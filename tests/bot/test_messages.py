@@ -131,9 +131,13 @@ async def test_a_live_card_says_live_and_a_failed_step_says_why(
         [failing] = [r for r in roots if "fail drill" in r.request]
         await wait_for(standin, lambda: summaries(standin, INCIDENTS, failing.id), 20)
         said = "exit 1: dial tcp 10.0.0.1:443: connect: connection refused"
-        await wait_for(standin, lambda: said in _progress(standin, failing.id)["text"])
+        # The progress message is edited at most every progress_interval: the failed step
+        # shows while the run still says running, and the run's end comes in a later edit.
+        failed_head = f"💥 Run {failing.id} · failed · fail-drill"
+        await wait_for(
+            standin, lambda: _progress(standin, failing.id)["text"].startswith(failed_head)
+        )
         progress = _progress(standin, failing.id)["text"]
-        assert progress.startswith(f"💥 Run {failing.id} · failed · fail-drill")
         assert f"Steps: 0 of 2 done; last fetch failed: {said}" in progress
         [summary] = summaries(standin, INCIDENTS, failing.id)
         assert said.split(": ", 1)[1] in summary["text"]
