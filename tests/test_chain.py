@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -55,15 +54,6 @@ def settings(workspace: Path, db_url: str) -> Settings:
         audit_key=KEY,
         audit_keyed_since=1,
     )
-
-
-@pytest.fixture
-async def service(settings: Settings) -> AsyncIterator[RunService]:
-    svc = await RunService.open(settings)
-    try:
-        yield svc
-    finally:
-        await svc.close()
 
 
 async def _finished(service: RunService, run_id: str) -> None:

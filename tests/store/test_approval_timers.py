@@ -123,15 +123,6 @@ def settings(workspace: Path, db_url: str) -> Settings:
 
 
 @pytest.fixture
-async def service(settings: Settings) -> AsyncIterator[RunService]:
-    svc = RunService(await RunStore.open(settings.db), settings)
-    try:
-        yield svc
-    finally:
-        await svc.close()
-
-
-@pytest.fixture
 async def other(settings: Settings) -> AsyncIterator[RunService]:
     """A second process's service over the same database (its own connections)."""
     svc = RunService(await RunStore.open(settings.db), settings)

@@ -8,7 +8,6 @@ Real RunService over a real SQLite file and a real PostgreSQL schema (LOOM_OPS_T
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -65,15 +64,6 @@ def settings(workspace: Path, db_url: str) -> Settings:
     write_runbook(workspace, "two-people", TWO_PEOPLE)
     (workspace / "people.yaml").write_text(PEOPLE)
     return Settings(_env_file=None, db=db_url, workspace=workspace, mock_llm=True, user="tester")
-
-
-@pytest.fixture
-async def service(settings: Settings) -> AsyncIterator[RunService]:
-    svc = RunService(await RunStore.open(settings.db), settings)
-    try:
-        yield svc
-    finally:
-        await svc.close()
 
 
 async def _start(service: RunService, run_id: str) -> None:
