@@ -302,6 +302,10 @@ class People:
         """True when the people file lets this identity (a shared login) act as another."""
         return self.person(identity).may_act_for_others
 
+    def on(self, front_end: str) -> list[str]:
+        """Every identity known on one front end (`telegram`, `cli`, `api`), sorted."""
+        return sorted(i for i in self.by_identity if i.startswith(f"{front_end}:"))
+
 
 def start_refusal(
     people: People, requester: str, runbook_id: str, starters: Sequence[str]

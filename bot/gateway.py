@@ -20,6 +20,7 @@ from telegram.ext import Application, ApplicationHandlerStop, TypeHandler
 from agent.errors import LoomOpsError
 from agent.failpoints import Failpoints
 from agent.http_server import HttpServer
+from agent.people import People
 from agent.service.maintenance import Maintenance, background, stop_all
 from agent.service.runs import RunService
 from bot.handlers import COMMANDS, ChatOps
@@ -56,13 +57,15 @@ async def _opened(application: Application) -> AsyncIterator[None]:
         yield
 
 
-def check_config(telegram: TelegramSettings) -> None:
-    """Raise ConfigError for a configuration that would serve nobody or let anybody decide."""
+def check_config(telegram: TelegramSettings, people: People) -> None:
+    """Raise ConfigError for a configuration that would serve nobody or let nobody decide:
+    deciders come from TELEGRAM_APPROVER_IDS or from the people file's Telegram ids."""
     if not telegram.allowed_chat_ids:
         raise ConfigError("TELEGRAM_ALLOWED_CHAT_IDS is not set: name the chats the bot serves")
-    if not telegram.approver_ids:
+    if not telegram.approver_ids and not people.on("telegram"):
         raise ConfigError(
-            "TELEGRAM_APPROVER_IDS is not set: name the Telegram user ids who may decide"
+            "nobody may decide in chat: set TELEGRAM_APPROVER_IDS, or give people in the "
+            "people file their Telegram user id"
         )
 
 
@@ -101,7 +104,7 @@ async def serve_bot(
     `maintain` also runs the expiry sweeper and run recovery (off when another front end in
     the process runs them). Raises telegram.error.TelegramError when the Bot API refuses
     the token or cannot be reached at start."""
-    check_config(telegram)
+    check_config(telegram, service.people())
     application = build_application(token, telegram)
     chat = ChatStore(service.database)
     # First of all (its own group: within one, only the first matching handler runs).

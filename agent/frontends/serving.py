@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from agent.errors import ErrorKind, ServingRefused
+from agent.people import load_people
 from agent.service.maintenance import Maintenance
 from agent.service.runs import RunService
 from agent.settings import Settings
@@ -78,14 +79,14 @@ def check_telegram(settings: Settings, options: WebhookOptions | None = None) ->
 
     try:
         telegram = TelegramSettings()
-        check_config(telegram)
+        check_config(telegram, load_people(settings))
         secret = settings.telegram_bot_token
         token = check_token(secret.get_secret_value() if secret else None)
         webhook = _check_webhook(telegram, options or WebhookOptions())
     except ValidationError as exc:
         first = exc.errors()[0]
         raise ServingRefused(f"bad setting {first['loc'][0]}: {first['msg']}") from None
-    except (ConfigError, ValueError) as exc:
+    except (ConfigError, ValueError) as exc:  # a bad people file too (a ValueError)
         raise ServingRefused(str(exc)) from None
     return TelegramConfig(token, telegram, webhook)
 

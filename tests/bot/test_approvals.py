@@ -113,6 +113,19 @@ async def test_a_tap_takes_at_most_three_store_round_trips(
     assert 0 < counts.total_calls <= 3, counts.lines(per=1, unit="tap")
 
 
+async def test_a_team_with_only_a_people_file_decides_in_chat(settings: Settings) -> None:
+    """No TELEGRAM_APPROVER_IDS: the people file's Telegram ids are who decides (Bob is the
+    tests' sam, in group approvers, which the shipped runbooks name)."""
+    async with chat_bench(settings, approver_ids=[]) as (standin, service):
+        standin.inject_message(INCIDENTS, ALICE, "/run disk-almost-full")
+        request = await wait_for_approval(standin, INCIDENTS)
+        run_id = run_id_of(request)
+        standin.inject_callback(INCIDENTS, request["message_id"], BOB, _choice(request, "y"))
+        await wait_for(standin, lambda: summaries(standin, INCIDENTS, run_id), 20)
+        [first] = (await service.run_tree(run_id)).approvals
+        assert (first.status, first.decided_by) == (ApprovalStatus.APPROVED, f"telegram:{BOB}")
+
+
 async def test_four_eyes_bars_the_requester_from_approving(settings: Settings) -> None:
     """Carol starts a four-eyes runbook: her own tap is refused; Bob's counts, and oncall's
     CLI approval is the second of the two the rollback needs."""

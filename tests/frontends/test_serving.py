@@ -16,7 +16,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
+from agent.frontends.serving import check_telegram
 from agent.settings import Settings
 from tests.bot_harness import (
     ALICE,
@@ -43,6 +45,17 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def test_a_people_file_with_telegram_people_stands_in_for_approver_ids(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A team that names its people (with their Telegram ids) needs no TELEGRAM_APPROVER_IDS."""
+    monkeypatch.setenv("TELEGRAM_ALLOWED_CHAT_IDS", str(INCIDENTS))
+    monkeypatch.delenv("TELEGRAM_APPROVER_IDS", raising=False)
+    monkeypatch.delenv("LOOM_OPS_TELEGRAM_APPROVER_IDS", raising=False)
+    with_token = settings.model_copy(update={"telegram_bot_token": SecretStr(TOKEN)})
+    assert check_telegram(with_token).settings.approver_ids == []
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -50,7 +63,10 @@ def _free_port() -> int:
         ({"TELEGRAM_BOT_TOKEN": "not-a-token"}, "TELEGRAM_BOT_TOKEN is malformed"),
         ({"TELEGRAM_ALLOWED_CHAT_IDS": ""}, "TELEGRAM_ALLOWED_CHAT_IDS is not set"),
         ({"TELEGRAM_ALLOWED_CHAT_IDS": "-100,general"}, "'general' is not a numeric Telegram id"),
-        ({"TELEGRAM_APPROVER_IDS": ""}, "TELEGRAM_APPROVER_IDS is not set"),
+        (
+            {"TELEGRAM_APPROVER_IDS": "", "LOOM_OPS_PEOPLE_FILE": "/dev/null"},
+            "nobody may decide in chat: set TELEGRAM_APPROVER_IDS",
+        ),
         ({"TELEGRAM_API_BASE_URL": "api.telegram.org"}, "is not an http(s) URL"),
         ({"TELEGRAM_PROGRESS_INTERVAL": "-1"}, "TELEGRAM_PROGRESS_INTERVAL"),
     ],
