@@ -118,6 +118,18 @@ class TelegramSettings(BaseSettings):
     def _http_url(cls, value: str | None) -> str | None:
         return None if value is None else check_http_url(value)
 
+    @field_validator("api_base_url")
+    @classmethod
+    def _ends_with_bot(cls, value: str) -> str:
+        # The token is appended to it: without `/bot` it would run into the host or port
+        # (and into an error message with it).
+        if not value.endswith("/bot"):
+            raise ValueError(
+                f"{value!r} must end with /bot, e.g. http://127.0.0.1:8081/bot "
+                "(the token and method are appended to it)"
+            )
+        return value
+
     @field_validator("webhook_listen")
     @classmethod
     def _host_and_port(cls, value: str) -> str:

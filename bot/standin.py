@@ -1721,7 +1721,8 @@ class StandInServer(HttpServer):
 
 async def _serve_until_signalled(standin: BotApiStandIn, host: str, port: int) -> None:
     async with StandInServer(standin, host, port) as server:
-        print(server.url, flush=True)
+        # What TELEGRAM_API_BASE_URL should say (the token and method are appended to it).
+        print(server.bot_base_url, flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):

@@ -653,7 +653,7 @@ async def _telegram(settings: Settings, redactor: Redactor, timeout: float) -> l
     try:
         async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client:
             response = await client.get(url)
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:  # an unusable URL too: one line
         detail = redactor.text(str(exc).replace(config.token, "<token>")) or "no answer"
         return [
             Finding(

@@ -68,8 +68,9 @@ EXAMPLE_PEOPLE = Path(__file__).resolve().parents[2] / "people.example.yaml"
 
 def service_settings(settings: Settings) -> Settings:
     """The sandbox's people: the shipped example people file and Sam as the one Telegram
-    approver; the real TELEGRAM_APPROVER_IDS and people file are ignored here."""
-    update: dict[str, object] = {"telegram_approvers": [str(APPROVER.user_id)]}
+    approver; the real TELEGRAM_APPROVER_IDS, LOOM_OPS_APPROVERS (which would narrow who may
+    decide) and people file are ignored here."""
+    update: dict[str, object] = {"telegram_approvers": [str(APPROVER.user_id)], "approvers": []}
     if EXAMPLE_PEOPLE.exists():  # an installed package has no repository around it
         update["people_file"] = EXAMPLE_PEOPLE
     return settings.model_copy(update=update)

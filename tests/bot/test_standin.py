@@ -652,19 +652,20 @@ async def test_server_only_binds_locally_and_stops_while_polled(standin: BotApiS
     await bot.shutdown()
 
 
-def test_standalone_entry_point_prints_its_url() -> None:
-    """`python -m bot.standin` prints its URL, serves, and stops cleanly on SIGTERM."""
+def test_standalone_entry_point_prints_the_base_url_the_bot_needs() -> None:
+    """`python -m bot.standin` prints what TELEGRAM_API_BASE_URL should say (ending in /bot),
+    serves, and stops cleanly on SIGTERM."""
     command = [sys.executable, "-m", "bot.standin", "--port", "0", "--token", TOKEN]
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as process:
         try:
             assert process.stdout is not None
             url = process.stdout.readline().strip()
-            me = httpx.post(f"{url}/bot{TOKEN}/getMe", timeout=5).json()
+            me = httpx.post(f"{url}{TOKEN}/getMe", timeout=5).json()
         finally:
             process.terminate()
             process.wait(timeout=5)
 
-    assert url.startswith("http://127.0.0.1:")
+    assert url.startswith("http://127.0.0.1:") and url.endswith("/bot")
     assert me["result"]["username"] == "loom_ops_bot"
     # SIGTERM is a clean stop, not a crash.
     assert process.returncode == 0

@@ -15,11 +15,13 @@ import pytest
 
 from agent.frontends.sandbox import (
     APPROVER,
+    EXAMPLE_PEOPLE,
     INCIDENT_CHAT,
     REQUESTER,
     build_sandbox_app,
     make_standin,
     running_sandbox,
+    service_settings,
 )
 from agent.http_server import HttpServer
 from agent.settings import Settings
@@ -243,3 +245,14 @@ def test_a_failed_scripted_flow_says_so(
     assert code != 0
     assert "cannot serve the sandbox" not in err, err
     assert "/run incident: API latency spike" in out  # the transcript, to see what went wrong
+
+
+def test_the_sandbox_ignores_the_real_approver_settings(settings: Settings) -> None:
+    """A LOOM_OPS_APPROVERS exported for the CLI would narrow who may decide and lock the
+    sandbox's Sam out: the sandbox brings its own people."""
+    real = settings.model_copy(
+        update={"approvers": ["cli:root"], "telegram_approvers": ["999"], "people_file": None}
+    )
+    own = service_settings(real)
+    assert own.approvers == [] and own.telegram_approvers == [str(APPROVER.user_id)]
+    assert own.people_file == EXAMPLE_PEOPLE

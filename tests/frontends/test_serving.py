@@ -68,6 +68,8 @@ def test_a_people_file_with_telegram_people_stands_in_for_approver_ids(
             "nobody may decide in chat: set TELEGRAM_APPROVER_IDS",
         ),
         ({"TELEGRAM_API_BASE_URL": "api.telegram.org"}, "is not an http(s) URL"),
+        # Without /bot the token would be appended to the port (and shown in the error).
+        ({"TELEGRAM_API_BASE_URL": "http://127.0.0.1:8081"}, "must end with /bot"),
         ({"TELEGRAM_PROGRESS_INTERVAL": "-1"}, "TELEGRAM_PROGRESS_INTERVAL"),
     ],
 )
@@ -90,6 +92,7 @@ async def test_bad_settings_are_one_line_and_exit_2_before_any_network_call(
         assert done.returncode == 2, done.stderr
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], done.stderr
+        assert TOKEN.split(":")[1] not in done.stderr + done.stdout
         assert standin.calls() == []
 
 
