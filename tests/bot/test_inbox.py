@@ -138,11 +138,11 @@ async def _kill_right_after_confirmations(settings: Settings, log: Path, kills: 
 async def test_every_run_message_becomes_one_run_across_kills_after_confirmation(
     settings: Settings, db_url: str, tmp_path: Path
 ) -> None:
-    """10 SIGKILLs, each 0-30 ms after Telegram took the bot's confirmation of a batch of
+    """5 SIGKILLs, each 0-30 ms after Telegram took the bot's confirmation of a batch of
     `/run` messages: every one of them is one run after the restarts, and each is answered;
     on both engines."""
     settings = settings.model_copy(update={"db": db_url})
-    await _kill_right_after_confirmations(settings, tmp_path / "bot.log", kills=10)
+    await _kill_right_after_confirmations(settings, tmp_path / "bot.log", kills=5)
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -19,14 +20,30 @@ from tests.cli_helpers import Cli, CliResult, make_cli_workspace
 LATENCY = "incident: API latency spike"
 
 
-@pytest.fixture
-def finished(tmp_path: Path) -> Cli:
-    """A database with one run that was approved and succeeded."""
-    cli = Cli(make_cli_workspace(tmp_path / "ws"), tmp_path / "ops.sqlite")
+def copied(template: Cli, root: Path) -> Cli:
+    """A test's own copy of a template's workspace and database: each test tampers with its
+    copy, and the runs behind it are made once per module (they take CLI processes)."""
+    root.mkdir()
+    shutil.copytree(template.workspace, root / "ws")
+    with sqlite3.connect(template.db) as source, sqlite3.connect(root / "ops.sqlite") as target:
+        source.backup(target)
+    return Cli(root / "ws", root / "ops.sqlite")
+
+
+@pytest.fixture(scope="module")
+def finished_template(tmp_path_factory: pytest.TempPathFactory) -> Cli:
+    root = tmp_path_factory.mktemp("finished")
+    cli = Cli(make_cli_workspace(root / "ws"), root / "ops.sqlite")
     assert cli("runbook", LATENCY, "--run-id", "a1", "--mock-llm").returncode == 0
     done = cli("approve", "--run-id", "a1", "--as", "oncall", "--mock-llm")
     assert done.returncode == 0, done.describe()
     return cli
+
+
+@pytest.fixture
+def finished(finished_template: Cli, tmp_path: Path) -> Cli:
+    """A database with one run that was approved and succeeded."""
+    return copied(finished_template, tmp_path / "finished")
 
 
 def _events(db: Path) -> list[tuple[int, str]]:
@@ -149,9 +166,17 @@ class Keyed:
 
 
 @pytest.fixture
-def keyed(tmp_path: Path) -> Keyed:
+def keyed(keyed_template: Keyed, tmp_path: Path) -> Keyed:
     """A keyed database with two finished runs, a0 then a1 (approved by cli:oncall)."""
-    run = Keyed(Cli(make_cli_workspace(tmp_path / "keyed"), tmp_path / "keyed.sqlite"))
+    run = Keyed(copied(keyed_template.cli, tmp_path / "keyed"))
+    run.published = dict(keyed_template.published)
+    return run
+
+
+@pytest.fixture(scope="module")
+def keyed_template(tmp_path_factory: pytest.TempPathFactory) -> Keyed:
+    root = tmp_path_factory.mktemp("keyed")
+    run = Keyed(Cli(make_cli_workspace(root / "keyed"), root / "keyed.sqlite"))
     for n, run_id in enumerate(("a0", "a1"), start=1):
         assert run("runbook", LATENCY, "--run-id", run_id, "--mock-llm").returncode == 0
         done = run("approve", "--run-id", run_id, "--as", "oncall", "--mock-llm")
