@@ -63,12 +63,12 @@ class Hop(StrEnum):
 class VoteOutcome(StrEnum):
     """What one person's decision on a request does under its rule (`required` approvals by
     distinct people): counted toward it, already counted (nothing changes), completes it, or
-    rejects it (the first reject makes the rule impossible and ends the request)."""
+    ends it at once (a reject, which makes the rule impossible, or an in-doubt skip)."""
 
     COUNTED = "counted"
     ALREADY_COUNTED = "already_counted"
     COMPLETES = "completes"
-    REJECTS = "rejects"
+    ENDS = "ends"
 
 
 class ApprovalKind(StrEnum):
@@ -367,8 +367,10 @@ class ApprovalRecord:
 
     @property
     def all_deciders(self) -> list[str]:
-        """Who may decide now: the deciders, and those it escalated to once it did."""
-        if self.escalated_at is None:
+        """Who may decide now: the deciders, and those it escalated to once it did; empty
+        (anyone the global list admits) for a request open to anyone, escalated or not, since
+        escalation only ever adds deciders."""
+        if self.escalated_at is None or not self.deciders:
             return list(self.deciders)
         return [*self.deciders, *(e for e in self.escalate_to if e not in self.deciders)]
 

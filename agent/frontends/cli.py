@@ -665,7 +665,9 @@ async def _cmd_cancel(service: RunService, args: argparse.Namespace) -> int:
 
 
 async def _cmd_runs(service: RunService, args: argparse.Namespace) -> int:
-    await service.expire_overdue()  # so no request shows as pending past its deadline
+    # So no request shows as pending past its deadline: recorded only, never driven here (a
+    # rollback it queues is driven by a worker, `serve`/`telegram`, or `loom-ops resume`).
+    await service.expire_overdue()
     wanted = RunStatus(args.status) if args.status else None
     if args.all:
         runs = await service.list(wanted, args.limit)
@@ -742,7 +744,7 @@ async def _cmd_status(service: RunService, args: argparse.Namespace) -> int:
     command that decides it."""
     if args.run_id is None:
         return await _print_processes(service, args.json)
-    await service.expire_overdue()
+    await service.expire_overdue()  # recorded only, as `runs` does
     run = await service.get(args.run_id)
     children = sorted(  # in the order they started
         (await service.run_tree(run.id, calls=False)).children,

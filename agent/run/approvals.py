@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 from agent.errors import DecisionRefused, ErrorKind
 from agent.people import APPROVERS_GROUP, GROUP_PREFIX, People
@@ -12,6 +12,7 @@ from agent.records import (
     ApprovalKind,
     ApprovalRecord,
     ApprovalStatus,
+    ApprovalVote,
     Decision,
     RunRecord,
     RunStatus,
@@ -27,20 +28,20 @@ def check_decider(
 
     Every list that is set must name that person, by an identity or a group: the global
     `LOOM_OPS_APPROVERS` and the runbook's `approvers` (which can only narrow it), joined by
-    its `escalate_to` once the request escalated. Four eyes bars the person who requested the
-    run, from whichever front end they decide.
+    its `escalate_to` once the request escalated (a request open to anyone stays open). Four
+    eyes bars the person who requested the run, from whichever front end they decide.
     """
     who = people.describe(decider)
     if global_approvers and not people.admits(decider, global_approvers):
         raise DecisionRefused(f"{who} is not an approver (LOOM_OPS_APPROVERS)")
     deciders = approval.all_deciders
     if deciders and not people.admits(decider, deciders):
-        escalated = "" if approval.escalated_at is None else ", escalated to "
-        escalated += ", ".join(e for e in deciders if e not in approval.deciders)
-        raise DecisionRefused(
-            f"{who} may not decide this request (runbook approvers: "
-            f"{', '.join(approval.deciders)}{escalated})"
-        )
+        # Only a request with deciders of its own refuses anyone, so this list is never empty.
+        named = f"runbook approvers: {', '.join(approval.deciders)}"
+        added = [entry for entry in deciders if entry not in approval.deciders]
+        if added:
+            named += f", escalated to {', '.join(added)}"
+        raise DecisionRefused(f"{who} may not decide this request ({named})")
     if approval.four_eyes and people.same_person(decider, approval.requested_by):
         requested = "" if decider == approval.requested_by else f" (as {approval.requested_by})"
         raise DecisionRefused(
@@ -66,13 +67,41 @@ def vote_outcome(
 ) -> VoteOutcome:
     """What `person`'s decision does to a request needing `required` approvals by distinct
     people, of whom `counted` (persons, not identities) approved so far: a person counts once
-    whatever they say next, a reject ends it at once, an approval (or skip) counts and
-    completes it when it is the last one needed."""
+    whatever they say next, an approval (of a gate, or the retry of an in-doubt attempt)
+    counts and completes it when it is the last one needed, a reject ends it at once.
+
+    A skip of an in-doubt attempt ("it ran, treat it as done") ends it at once too, decided by
+    one person like an abort: it starts nothing, so it is not the risky act the step's rule
+    guards; the steps after it still stop at their own gates."""
     if person in counted:
         return VoteOutcome.ALREADY_COUNTED
-    if decision == Decision.REJECT:
-        return VoteOutcome.REJECTS
+    if decision in (Decision.REJECT, Decision.SKIP):
+        return VoteOutcome.ENDS
     return VoteOutcome.COMPLETES if len(counted) + 1 >= required else VoteOutcome.COUNTED
+
+
+def counted_persons(
+    approval: ApprovalRecord,
+    votes: Iterable[ApprovalVote],
+    people: People,
+    global_approvers: Sequence[str],
+) -> list[str]:
+    """The distinct persons whose recorded approvals of `approval` count now: each vote's
+    deciding identity mapped to its person under the people file in force, kept only while
+    that identity may still decide the request (a renamed person counts once; one who left
+    the group, or whom LOOM_OPS_APPROVERS no longer names, counts no more)."""
+    persons: list[str] = []
+    for vote in votes:
+        if vote.decision == "reject":  # never on a pending request; never an approval
+            continue
+        try:
+            check_decider(approval, vote.decided_by, people, global_approvers)
+        except DecisionRefused:
+            continue
+        person = people.person(vote.decided_by).name
+        if person not in persons:
+            persons.append(person)
+    return persons
 
 
 def decision_effect(
@@ -107,13 +136,15 @@ def decision_effect(
 def addressees(
     entries: Sequence[str],
     people: People,
+    global_approvers: Sequence[str],
     *,
     requested_by: str | None = None,
     counted: Collection[str] = (),
 ) -> list[str]:
     """One identity for each person `entries` (groups or identities) name, to mention in a
     reminder: their Telegram identity where they have one; leaving out the requester (four
-    eyes: `requested_by`) and the persons whose approvals are `counted` already."""
+    eyes: `requested_by`), the persons whose approvals are `counted` already, and whoever
+    `global_approvers` (LOOM_OPS_APPROVERS, when set) bars, whatever `entries` say."""
     persons = {person.name: person for person in people.by_identity.values()}
     for entry in entries:  # identities nobody mapped are persons of their own
         if not entry.startswith(GROUP_PREFIX):
@@ -126,6 +157,8 @@ def addressees(
         if name in barred or not person.identities:
             continue
         if not people.admits(person.identities[0], entries):
+            continue
+        if global_approvers and not people.admits(person.identities[0], global_approvers):
             continue
         chat = [i for i in person.identities if i.startswith("telegram:")]
         found.append(chat[0] if chat else person.identities[0])
@@ -142,12 +175,18 @@ def reminded(
     approved yet (a request open to anyone reminds the approvers)."""
     entries = approval.all_deciders or list(global_approvers) or [GROUP_PREFIX + APPROVERS_GROUP]
     requester = approval.requested_by if approval.four_eyes else None
-    found = addressees(entries, people, requested_by=requester, counted=counted)
-    # LOOM_OPS_APPROVERS bars everyone else, whatever the request names.
-    return [i for i in found if not global_approvers or people.admits(i, global_approvers)]
+    return addressees(entries, people, global_approvers, requested_by=requester, counted=counted)
 
 
-def escalated(approval: ApprovalRecord, people: People, counted: Collection[str]) -> list[str]:
-    """Whom an escalation of `approval` mentions: the people its `escalate_to` adds."""
+def escalated(
+    approval: ApprovalRecord,
+    people: People,
+    global_approvers: Sequence[str],
+    counted: Collection[str],
+) -> list[str]:
+    """Whom an escalation of `approval` mentions: the people its `escalate_to` names (added
+    as deciders, unless the request was open to anyone already) who may decide it."""
     requester = approval.requested_by if approval.four_eyes else None
-    return addressees(approval.escalate_to, people, requested_by=requester, counted=counted)
+    return addressees(
+        approval.escalate_to, people, global_approvers, requested_by=requester, counted=counted
+    )

@@ -738,7 +738,8 @@ class _RunLoop:
             ),
             rollback=None,
             # Retrying a side effect needs the same eyes as running it did: the step's rule's
-            # deciders and four eyes (one decision: retry, skip and abort do not add up).
+            # deciders, four eyes and number of people (skip and abort end it at once: see
+            # agent.run.approvals.vote_outcome).
             deciders=list(
                 (rule and rule.from_) or (self.runbook.approvers if self.runbook else [])
             ),
@@ -748,6 +749,7 @@ class _RunLoop:
             mode=self.k.toolbox.mode_of(step, self.effects) if step is not None else None,
             runs_on=self.k.runs_on,
             evidence=_evidence(self.history),
+            required=rule.required if rule else 1,
             **self._timers(on_expiry=False),
         )
         await self.drive.open_approval(approval, self._checkpoint())

@@ -58,6 +58,7 @@ from agent.records import (
 from agent.redaction import Redactor
 from agent.run.approvals import (
     check_decider,
+    counted_persons,
     decision_effect,
     decision_status,
     escalated,
@@ -429,7 +430,7 @@ class RunService:
     async def resume(self, run_id: str) -> RunRecord:
         """Drive on every runnable run of the tree `run_id` belongs to, children first, each
         with its own stored role; waiting and finished runs are left as they are."""
-        await self.expire_overdue()
+        await self._expire_and_drive(wait=True)
         await self.store.get_run(run_id)  # RunNotFound for an unknown id
         for tree_id in reversed(await self.store.tree_ids(run_id)):
             run = await self.store.get_run(tree_id)
@@ -466,7 +467,7 @@ class RunService:
 
     async def recover(self) -> list[RunRecord]:
         """Pick up every run whose owner died (or that was left queued), and drive them all."""
-        await self.expire_overdue()
+        await self.expire_overdue()  # what it queues (a rollback, a woken parent) is driven here
         run_ids = await self.store.runnable_run_ids(owner_is_dead)
         results = await asyncio.gather(
             *(self._drive(run_id) for run_id in run_ids), return_exceptions=True
@@ -485,7 +486,7 @@ class RunService:
         """Make what the timers of pending approval requests say is due: expire the overdue
         ones, then remind and escalate; returns how many timers this process acted on. Each
         hop is made once however many processes sweep the store."""
-        acted = await self.expire_overdue(wait)
+        acted = await self._expire_and_drive(wait)
         for approval_id, hop in await self.store.due_approval_hops():
             if await self.make_hop(approval_id, hop):
                 acted += 1
@@ -499,17 +500,16 @@ class RunService:
         approval = request.approval
         if approval.status != ApprovalStatus.PENDING:
             return False
-        counted = [vote.person for vote in request.votes]
         try:
             people = self.people()
         except ServiceError as exc:  # the hop is still made (and journaled), naming nobody
             log.warning("approval request %s: cannot tell whom to mention: %s", approval_id, exc)
             mentioned: list[str] = []
         else:
-            if hop == Hop.REMIND:
-                mentioned = reminded(approval, people, self.settings.approvers, counted)
-            else:
-                mentioned = escalated(approval, people, counted)
+            approvers = self.settings.approvers
+            counted = counted_persons(approval, request.votes, people, approvers)
+            hop_of = reminded if hop == Hop.REMIND else escalated
+            mentioned = hop_of(approval, people, approvers, counted)
         made = await self.store.make_hop(approval_id, hop, mentioned)
         if made.made:
             log.info(
@@ -521,17 +521,26 @@ class RunService:
             )
         return made.made
 
-    async def expire_overdue(self, wait: bool = True) -> int:
-        """End runs whose approval request passed its deadline (or, `on_expiry: rollback`,
-        send them back to roll their completed steps back first); returns how many. What
-        their end wakes is driven in this task when `wait`, else in the background."""
-        expired = 0
+    async def expire_overdue(self) -> list[RunRecord]:
+        """Record the expiry of every pending request past its deadline: its run ends (or,
+        `on_expiry: rollback`, is queued to roll its completed steps back first). Store
+        transactions only, nothing is driven: what a read command may do; whatever drives
+        runs (a worker, `serve`/`telegram`, `loom-ops resume`) drives what it queued. Returns
+        the runs as their expiry left them."""
+        runs = []
         for approval_id in await self.store.overdue_approval_ids():
             if await self.store.expire_approval(approval_id):
-                expired += 1
                 approval = await self.store.get_approval(approval_id)
-                await self._wake_after_end(await self.store.get_run(approval.run_id), wait)
-        return expired
+                runs.append(await self.store.get_run(approval.run_id))
+        return runs
+
+    async def _expire_and_drive(self, wait: bool) -> int:
+        """Expire overdue requests, then drive what their expiry queued or woke (in this task
+        when `wait`, else in the background); returns how many expired."""
+        runs = await self.expire_overdue()
+        for run in runs:
+            await self._wake_after_end(run, wait)
+        return len(runs)
 
     async def _wake_after_end(self, run: RunRecord, wait: bool) -> None:
         if run.status == RunStatus.QUEUED:  # its request expired into a rollback
@@ -576,7 +585,7 @@ class RunService:
             return await self.decide_request(request, decision, decider, note, wait)
         if note is not None:
             validate_text("note", note, MAX_NOTE_BYTES)
-        await self.expire_overdue(wait)
+        await self._expire_and_drive(wait)
         run = await self.store.get_run(run_id)
         approval = await self._approval_to_decide(run, approval_number)
         if approval.run_id != run.id:  # decided through its root: act on the child itself
@@ -632,16 +641,18 @@ class RunService:
             note,
             rollback_on_reject=bool(runbook and runbook.on_reject == "rollback"),
         )
-        # Votes count by person: one person's identities on two front ends count once.
-        person = self.people().person(decider).name
+        # Votes count by person under the people file in force: one person's identities on
+        # two front ends count once, and a vote counts only while its identity may decide.
+        people = self.people()
+        person = people.person(decider).name
         if votes is None:
             votes = await self.store.approval_votes(approval.id)
         votes = tuple(votes)
         for _ in range(MAX_VOTE_ROUNDS):  # judged again each time someone voted meanwhile
-            counted = [vote.person for vote in votes]
+            counted = counted_persons(approval, votes, people, self.settings.approvers)
             outcome = vote_outcome(approval.required, counted, person, decision)
             if outcome == VoteOutcome.ALREADY_COUNTED:
-                message = f"already counted: {_tally(approval, votes)}; nothing changed"
+                message = f"already counted: {_tally(approval, len(counted))}; nothing changed"
                 return DecisionResult(False, message, approval, run, votes)
             decided = await self.store.decide_approval(
                 approval.id,
@@ -651,7 +662,8 @@ class RunService:
                 effect,
                 person=person,
                 outcome=outcome,
-                counted=counted,
+                counted=[vote.person for vote in votes],
+                approvals=len(counted) + 1,
             )
             approval, run, votes = decided.approval, decided.run, decided.votes
             if not decided.stale:
@@ -666,12 +678,11 @@ class RunService:
                 await self._wake_after_end(run, wait)
             return DecisionResult(False, _already(approval), approval, run, votes)
         if outcome == VoteOutcome.COUNTED:  # the request waits for more: the run stays parked
-            return DecisionResult(
-                True, f"recorded: {_tally(approval, votes)}", approval, run, votes
-            )
+            tally = _tally(approval, len(counted) + 1)
+            return DecisionResult(True, f"recorded: {tally}", approval, run, votes)
         message = f"{status} by {decider}"
         if approval.required > 1 and outcome == VoteOutcome.COMPLETES:
-            message += f": {_tally(approval, votes)}"
+            message += f": {_tally(approval, len(counted) + 1)}"
         try:
             if run.status == RunStatus.QUEUED:
                 run = await self._drive(run.id, wait, run)
@@ -1130,9 +1141,8 @@ def _describe(approval: ApprovalRecord) -> str:
     return f"{approval.kind} for step {approval.step_id}"
 
 
-def _tally(approval: ApprovalRecord, votes: Sequence[ApprovalVote]) -> str:
+def _tally(approval: ApprovalRecord, approvals: int) -> str:
     """`1 of 2 approvals, waiting for one more` (or `2 of 2 approvals, done`)."""
-    approvals = sum(1 for vote in votes if vote.decision != "reject")
     more = approval.required - approvals
     if more <= 0:
         return f"{approvals} of {approval.required} approvals, done"

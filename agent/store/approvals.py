@@ -40,7 +40,7 @@ from agent.records import (
 )
 from agent.store.base import StoreBase
 from agent.store.commands import DecisionEffect, NewApproval, NewToolCall, Outcome
-from agent.store.database import OUTBOX_CHANNEL, Connection
+from agent.store.database import Connection
 from agent.store.people import names_in
 from agent.store.rows import (
     APPROVAL_COLUMNS,
@@ -137,7 +137,7 @@ class ApprovalsStore(StoreBase):
                     approval.on_expiry,
                 ),
             )
-            approval_id = int(cursor.fetchone()[0])
+            approval_id = int(cursor.fetchone()["id"])
             payload = {
                 "approval_id": approval_id,
                 "number": number,
@@ -183,10 +183,10 @@ class ApprovalsStore(StoreBase):
         row = conn.execute(
             "WITH RECURSIVE tree(id) AS (SELECT ? UNION ALL "
             "SELECT r.id FROM runs r JOIN tree t ON r.parent_id = t.id) "
-            "SELECT COUNT(*) FROM approvals WHERE run_id IN (SELECT id FROM tree)",
+            "SELECT COUNT(*) AS requests FROM approvals WHERE run_id IN (SELECT id FROM tree)",
             (root,),
         ).fetchone()
-        return int(row[0]) + 1
+        return int(row["requests"]) + 1
 
     async def get_approval_by_number(self, run_id: str, number: int) -> ApprovalRecord:
         """The request numbered `number` in the incident (tree) `run_id` belongs to."""
@@ -298,15 +298,18 @@ class ApprovalsStore(StoreBase):
         person: str,
         outcome: VoteOutcome,
         counted: Sequence[str],
+        approvals: int = 1,
     ) -> Decided:
-        """Record `person`'s decision as `outcome` (counted, completes or rejects) and apply
+        """Record `person`'s decision as `outcome` (counted, completes or ends) and apply
         its effect, atomically; returns the request, its run and its votes as the transaction
         left them, so nothing reads them again.
 
-        `counted` is the people whose approvals the outcome was judged on: when the request's
-        votes are not exactly those any more (someone voted meanwhile), nothing is written and
-        `stale` says to judge again. Not recorded either (`changed` False) when the request
-        was already decided, or when its deadline passed, which expires it instead.
+        `counted` is the votes the outcome was judged on, by the person each is stored under;
+        `approvals` how many of them count under the people file in force, this one included
+        (what `approval_voted` journals). When the request's votes are not exactly those any
+        more (someone voted meanwhile), nothing is written and `stale` says to judge again.
+        Not recorded either (`changed` False) when the request was already decided, or when
+        its deadline passed, which expires it instead.
         """
         now = time.time()
 
@@ -341,8 +344,14 @@ class ApprovalsStore(StoreBase):
             # A pending request holds approvals only (a reject ends it).
             if sorted(v.person for v in _votes(conn, approval_id)) != sorted(counted):
                 return False, True
+            # One row per person: a vote stored under this name that no longer counts (its
+            # identity is now another person's, or may decide no more) gives way to this one;
+            # the journal keeps both.
             conn.execute(
-                f"INSERT INTO approval_votes ({VOTE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO approval_votes ({VOTE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (approval_id, person) DO UPDATE SET decided_by = excluded.decided_by, "
+                "decision = excluded.decision, note = excluded.note, "
+                "decided_at = excluded.decided_at",
                 (approval_id, person, decided_by, _vote_decision(status), note, now),
             )
             if outcome == VoteOutcome.COUNTED:
@@ -351,7 +360,6 @@ class ApprovalsStore(StoreBase):
                 conn.execute(
                     "UPDATE approvals SET required = required WHERE id = ?", (approval_id,)
                 )
-                approvals = len(counted) + 1
                 voted = ApprovalVoted(
                     approval_id=approval_id,
                     decided_by=decided_by,
@@ -494,13 +502,13 @@ class ApprovalsStore(StoreBase):
         row = await self._read(
             lambda c: c.execute(
                 "SELECT MIN(CASE WHEN remind_at IS NOT NULL AND reminded_at IS NULL "
-                "THEN remind_at ELSE deadline_at END), "
+                "THEN remind_at ELSE deadline_at END) AS remind, "
                 "MIN(CASE WHEN escalate_at IS NOT NULL AND escalated_at IS NULL "
-                "THEN escalate_at ELSE deadline_at END) "
+                "THEN escalate_at ELSE deadline_at END) AS escalate "
                 "FROM approvals WHERE status = 'pending'"
             ).fetchone()
         )
-        timers = [at for at in (row[0], row[1]) if at is not None]
+        timers = [at for at in (row["remind"], row["escalate"]) if at is not None]
         return min(timers) if timers else None
 
     async def due_approval_hops(self) -> list[tuple[int, Hop]]:
@@ -525,8 +533,9 @@ class ApprovalsStore(StoreBase):
     async def make_hop(self, approval_id: int, hop: Hop, mentioned: Sequence[str]) -> HopMade:
         """Make `hop` of a pending request, once, in one transaction: record it, journal it
         (`approval_reminded`, or `approval_escalated`, which adds `escalate_to` to its
-        deciders), and queue its news: a reply in the run's chat mentioning `mentioned`
-        (identities), and a private message to each of them who started the bot.
+        deciders unless anyone could decide it already), and queue its news: a reply in the
+        run's chat mentioning `mentioned` (identities), and a private message to each of them
+        who started the bot.
 
         Several processes may try the same hop: the one whose UPDATE finds it not made yet
         makes it; the others (and a request decided, expired or overdue meanwhile) get
@@ -570,19 +579,8 @@ class ApprovalsStore(StoreBase):
                 "approval_id": approval_id,
                 "mentions": [{"identity": i, "display": names.get(i)} for i in mentioned],
             }
-            self._enqueue_outbox(conn, approval.run_id, kind, payload, now)
-            for identity in privately:
-                # The person's own chat with the bot: the only chat outside the served ones
-                # the bot writes to, and only these hops (see bot.outbox).
-                target = {"chat_id": int(identity.partition(":")[2]), "private": True}
-                conn.execute(
-                    "INSERT INTO outbox (run_id, target, kind, payload, created_at) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (approval.run_id, dumps(target), kind, dumps(payload), now),
-                )
-            if privately:  # wake the senders, as a queued chat message does
-                self._queued.outbox = True
-                self.db.notify(conn, OUTBOX_CHANNEL)
+            private_chats = [int(identity.partition(":")[2]) for identity in privately]
+            self._enqueue_outbox(conn, approval.run_id, kind, payload, now, private_chats)
             return HopMade(True, approval, privately)
 
         return await self._transaction(make, durable=True)
@@ -596,7 +594,7 @@ class ApprovalsStore(StoreBase):
                 (time.time(),),
             ).fetchall()
         )
-        return [row[0] for row in rows]
+        return [row["id"] for row in rows]
 
 
 def _private_chats(conn: Connection, identities: Sequence[str]) -> list[str]:

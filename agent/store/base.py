@@ -422,24 +422,37 @@ class StoreBase:
         kind: ChatNotice,
         payload: dict[str, Any],
         now: float,
+        private_chats: Sequence[int] = (),
     ) -> None:
-        """Queue a chat message in the caller's transaction when the run's tree came from a chat.
+        """Queue a chat message in the caller's transaction when the run's tree came from a chat,
+        and to each of `private_chats` (a person's own chat with the bot) wherever it came from.
 
         The end of a child run is not a summary of its own: it refreshes the root's progress
-        message. Progress messages name the root, whose one message is edited in place.
+        message. Progress messages name the root, whose one message is edited in place. A
+        private chat is the only chat outside the served ones the bot writes to, and only an
+        approval request's reminder or escalation goes there (see bot.outbox).
         """
         head = self._head(conn, run_id)
         origin = Origin.from_json(head.origin)
-        if origin.chat_id is None:
-            return
         target = dumps({"chat_id": origin.chat_id, "thread_id": origin.thread_id})
 
-        def insert(kind: ChatNotice, payload: dict[str, Any]) -> None:
+        def insert(kind: ChatNotice, payload: dict[str, Any], to: str = target) -> None:
             conn.execute(
                 "INSERT INTO outbox (run_id, target, kind, payload, created_at) "
                 "VALUES (?, ?, ?, ?, ?)",
-                (run_id, target, kind, dumps(payload), now),
+                (run_id, to, kind, dumps(payload), now),
             )
+
+        def privately_and_wake() -> None:
+            for chat_id in private_chats:
+                insert(kind, payload, dumps({"chat_id": chat_id, "private": True}))
+            self._queued.outbox = True
+            self.db.notify(conn, OUTBOX_CHANNEL)
+
+        if origin.chat_id is None:
+            if private_chats:
+                privately_and_wake()
+            return
 
         is_root = head.parent_id is None
         if kind in (ChatNotice.RUN_FINISHED, ChatNotice.PROGRESS):
@@ -457,8 +470,7 @@ class StoreBase:
                 insert(ChatNotice.PROGRESS, {"root_id": root_id, "run_id": run_id, **payload})
         if kind != ChatNotice.PROGRESS and (kind != ChatNotice.RUN_FINISHED or is_root):
             insert(kind, payload)  # only the root's end is a summary of its own
-        self._queued.outbox = True
-        self.db.notify(conn, OUTBOX_CHANNEL)
+        privately_and_wake()
 
     @staticmethod
     def _root_id(conn: Connection, run_id: str) -> str:

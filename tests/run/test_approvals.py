@@ -13,7 +13,8 @@ import pytest
 
 from agent.chain import first_broken_link
 from agent.errors import ServiceError, StoreError
-from agent.records import ApprovalStatus, Decision, RunStatus
+from agent.records import ApprovalStatus, Decision, RunStatus, VoteOutcome
+from agent.run.approvals import vote_outcome
 from agent.service.runs import RunService
 from agent.settings import Settings
 from tests.cli_helpers import Cli
@@ -349,12 +350,12 @@ async def test_runbook_deadline_expires_the_run_and_a_late_decision_changes_noth
     pending = await service.pending_approval("late")
     assert pending is not None
     assert pending.deadline_at - pending.created_at == pytest.approx(0.2, abs=0.05)
-    assert await service.expire_overdue() == 0  # not yet
+    assert await service.expire_overdue() == []  # not yet
     assert (await service.get("late")).status == RunStatus.WAITING_APPROVAL
 
     await asyncio.sleep(0.3)
-    assert await service.expire_overdue() == 1
-    assert await service.expire_overdue() == 0  # once
+    assert len(await service.expire_overdue()) == 1
+    assert await service.expire_overdue() == []  # once
 
     run = await service.get("late")
     assert run.status == RunStatus.EXPIRED
@@ -749,3 +750,13 @@ def test_a_bad_approval_rule_is_one_line_naming_the_field(
 
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.describe()
     assert message in result.stdout + result.stderr, result.describe()
+
+
+def test_a_skip_or_an_abort_of_an_in_doubt_attempt_ends_it_at_once() -> None:
+    """However many people a retry needs, "it ran, treat it as done" and an abort start
+    nothing, so one person decides them."""
+    for decision in (Decision.SKIP, Decision.REJECT):
+        assert vote_outcome(2, [], "sam", decision) == VoteOutcome.ENDS
+        assert vote_outcome(2, ["lee"], "sam", decision) == VoteOutcome.ENDS
+    assert vote_outcome(2, [], "sam", Decision.APPROVE) == VoteOutcome.COUNTED
+    assert vote_outcome(2, ["lee"], "sam", Decision.APPROVE) == VoteOutcome.COMPLETES

@@ -431,3 +431,45 @@ def test_a_driver_in_another_pid_namespace_is_not_declared_dead(
         proc.wait(timeout=30)
     assert _run_row(db, "ns") == ("waiting_approval", ("gate", "append-two"))
     assert _lines(workspace) == ["one"]
+
+
+TWO_PERSON_DRILL = """\
+id: two-person-drill
+title: Two-person drill
+triggers: [two person drill]
+steps:
+  - id: append-one
+    title: Append line one
+    run: "{python} append.py one"
+    approval: {{required: 2, from: [group:approvers, group:leads]}}
+"""
+
+
+def test_retrying_an_in_doubt_step_needs_as_many_people_as_running_it(
+    tmp_path: Path, db_url: str
+) -> None:
+    """A step needs two people; the driver dies just before its command starts, so the step
+    is in doubt. Running it again is the same act: one person's retry is counted and the
+    run waits; the second person's runs the step, once."""
+    workspace = make_workspace(tmp_path / "ws")
+    python = str(Path(sys.executable).absolute())
+    drill = workspace / "runbooks" / "two-person-drill.yaml"
+    drill.write_text(TWO_PERSON_DRILL.format(python=python))
+    assert _cli(workspace, db_url, "runbook", "two-person-drill", "--run-id", "tp") == 0
+    assert _cli(workspace, db_url, "approve", "--run-id", "tp", "--as", "oncall") == 0
+    killed = _cli(
+        workspace, db_url, "approve", "--run-id", "tp", "--as", "lead", failpoint="before_effect:1"
+    )
+    assert killed == -signal.SIGKILL
+    assert _cli(workspace, db_url, "resume", "--run-id", "tp") == 0
+    assert _pending(db_url, "tp") == (2, "in_doubt", "append-one")
+    assert _one(db_url, "SELECT required FROM approvals WHERE number = 2") == (2,)
+
+    approve = ["approve", "--run-id", "tp", "--approval", "2"]
+    assert _cli(workspace, db_url, *approve, "--as", "oncall") == 0
+
+    assert _run_row(db_url, "tp") == ("waiting_approval", ("in_doubt", "append-one"))
+    assert _lines(workspace) == [], "one person retried a step that needs two"
+    assert _cli(workspace, db_url, *approve, "--as", "lead") == 0
+    assert _run_row(db_url, "tp") == ("succeeded", None)
+    assert _lines(workspace) == ["one"]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -31,6 +33,7 @@ from agent.records import (
 from agent.service.runs import RunService
 from agent.settings import Settings
 from agent.store import RunStore
+from tests.cli_helpers import REPO, cli_env
 from tests.support import raw_rows, write_runbook
 
 CHAT = -100101
@@ -445,3 +448,151 @@ def test_escalation_settings_default_to_a_reminder_at_half_the_deadline() -> Non
     off = Settings(_env_file=None, remind_after="0", escalate_after="90s", escalate_to="cli:x")
     assert off.remind_delay is None
     assert off.escalate_delay == Delay(seconds=90.0) and off.escalate_to == ["cli:x"]
+
+
+OPEN = """\
+id: open
+title: Anyone may decide
+triggers: [open drill]
+approval_timeout: 600
+steps:
+  - id: act
+    title: Act
+    run: echo act
+    approval: required
+"""
+
+
+async def _open_service(db_url: str, workspace: Path, **values: Any) -> RunService:
+    """A service over `db_url` whose settings say `values` (escalation, approvers)."""
+    settings = Settings(
+        _env_file=None, db=db_url, workspace=workspace, mock_llm=True, user="tester", **values
+    )
+    return RunService(await RunStore.open(db_url), settings)
+
+
+async def test_escalating_a_request_anyone_may_decide_keeps_it_open(
+    db_url: str, settings: Settings
+) -> None:
+    """A runbook without `approvers` escalates by LOOM_OPS_ESCALATE_TO: the leads are told,
+    and sam (on call, not a lead), who could decide before, still decides after it."""
+    write_runbook(settings.workspace, "open", OPEN)
+    service = await _open_service(
+        db_url,
+        settings.workspace,
+        remind_after="0",
+        escalate_after="0.1s",
+        escalate_to="group:leads",
+    )
+    try:
+        await _start_in_chat(service, "inc-1", "open drill")
+        await _until(lambda: _one_hop_due(service))
+        assert await service.sweep_approvals() == 1
+
+        (escalated,) = _events(db_url, "inc-1", "approval_escalated")
+        assert escalated["mentioned"] == ["cli:kim", "telegram:100000002", "cli:tester"]
+        result = await service.decide("inc-1", Decision.APPROVE, "cli:sam")
+        assert result.changed and result.approval.status == ApprovalStatus.APPROVED
+        assert result.run.status == RunStatus.SUCCEEDED
+    finally:
+        await service.close()
+
+
+async def _one_hop_due(service: RunService) -> bool:
+    return len(await service.store.due_approval_hops()) == 1
+
+
+async def test_a_refusal_after_an_escalation_that_added_nobody_names_no_empty_list(
+    service: RunService, settings: Settings
+) -> None:
+    """A runbook escalating to its own approvers adds nobody: a lead is refused with the
+    runbook's list alone, not an empty "escalated to"."""
+    same = (
+        TIMERS.replace("id: timers", "id: timers-same")
+        .replace("[timers drill]", "[same group drill]")
+        .replace("escalate_to: [group:leads]", "escalate_to: [group:oncall]")
+    )
+    write_runbook(settings.workspace, "timers-same", same)
+    await _start_in_chat(service, "inc-1", "same group drill")
+    await _until(lambda: _both_hops_due(service))
+    await service.sweep_approvals()
+
+    with pytest.raises(DeciderRefused) as refused:
+        await service.decide("inc-1", Decision.APPROVE, "cli:lee")
+    assert str(refused.value).endswith(
+        "may not decide this request (runbook approvers: group:oncall)"
+    )
+
+
+async def test_an_escalation_never_reaches_people_the_global_approvers_bar(
+    db_url: str, settings: Settings
+) -> None:
+    """LOOM_OPS_APPROVERS=group:oncall bars the leads the runbook escalates to: the
+    escalation mentions none of them, nor writes to lee, who started the bot, privately;
+    and lee is still refused."""
+    service = await _open_service(db_url, settings.workspace, approvers=["group:oncall"])
+    try:
+        raw_rows(
+            db_url,
+            "INSERT INTO chat_users (identity, display, updated_at, private_chat_at) "
+            "VALUES ('telegram:100000002', '@lee', 0, 0)",
+        )
+        await _start_in_chat(service, "inc-1", "timers drill")
+        await _until(lambda: _both_hops_due(service))
+        await service.sweep_approvals()
+
+        (escalated,) = _events(db_url, "inc-1", "approval_escalated")
+        assert escalated["mentioned"] == [] and escalated["privately"] == []
+        assert [target for target, _ in _outbox(db_url, "approval_escalated")] == [
+            {"chat_id": CHAT, "thread_id": None}
+        ]
+        with pytest.raises(DeciderRefused, match="LOOM_OPS_APPROVERS"):
+            await service.decide("inc-1", Decision.APPROVE, "telegram:100000002")
+    finally:
+        await service.close()
+
+
+def _loom_ops(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """`loom-ops ARGS` as a process of its own over the tests' store and workspace."""
+    env = cli_env(
+        LOOM_OPS_DB=settings.db,
+        LOOM_OPS_WORKSPACE=str(settings.workspace),
+        LOOM_OPS_MOCK_LLM="1",
+        PYTHONPATH=str(REPO),
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "agent.frontends.cli", *args],
+        cwd=settings.workspace,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "Traceback" not in done.stderr, done.stderr
+    return done
+
+
+async def test_listing_runs_records_an_expiry_and_leaves_its_rollback_to_a_driver(
+    service: RunService, settings: Settings
+) -> None:
+    """`loom-ops runs` and `loom-ops status` past an `on_expiry: rollback` deadline record
+    the expiry and drive nothing: the run waits, queued, for whoever drives runs (here
+    `loom-ops resume`), which rolls it back and ends it expired."""
+    await _start_in_chat(service, "inc-1", "expiry rollback drill")
+    await _until(lambda: _overdue(service))
+
+    for args in (("runs", "--json"), ("status", "--run-id", "inc-1", "--json")):
+        await asyncio.to_thread(_loom_ops, settings, *args)
+
+        (approval,) = await service.store.list_approvals("inc-1")
+        assert approval.status == ApprovalStatus.EXPIRED
+        assert (await service.get("inc-1")).status == RunStatus.QUEUED
+        calls = await service.store.list_tool_calls("inc-1")
+        assert [c for c in calls if c.tool == "rollback_step"] == []
+
+    await asyncio.to_thread(_loom_ops, settings, "resume", "--run-id", "inc-1", "--json")
+
+    run = await service.get("inc-1")
+    assert run.status == RunStatus.EXPIRED
+    calls = await service.store.list_tool_calls("inc-1")
+    assert [(c.step_id, c.status) for c in calls if c.tool == "rollback_step"] == [("drain", "ok")]

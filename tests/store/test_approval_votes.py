@@ -200,3 +200,74 @@ async def test_concurrent_taps_by_one_person_count_once(
     assert sorted(r.changed for r in results) == [False, True]
     assert [p for p, _ in await _votes(service, "twice")] == ["sam"]
     assert (await service.get("twice")).status == RunStatus.WAITING_APPROVAL
+
+
+def _edit_people(settings: Settings, old: str, new: str) -> None:
+    """Change the people file in force, as an operator editing it between two votes."""
+    path = Path(settings.workspace) / "people.yaml"
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+
+
+async def test_a_renamed_person_still_counts_once(service: RunService, settings: Settings) -> None:
+    """sam approves in chat; the people file then renames sam to samuel (same identities):
+    the same human approving again from the CLI is already counted, and the rule still
+    needs a second person."""
+    await _start(service, "rename")
+    await service.decide("rename", Decision.APPROVE, "telegram:100000001")
+    _edit_people(settings, "name: sam\n", "name: samuel\n")
+
+    again = await service.decide("rename", Decision.APPROVE, "cli:sam")
+
+    assert not again.changed
+    assert (
+        again.message == "already counted: 1 of 2 approvals, waiting for one more; nothing changed"
+    )
+    assert again.approval.status == ApprovalStatus.PENDING
+    done = await service.decide("rename", Decision.APPROVE, "cli:lee")
+    assert done.message == "approved by cli:lee: 2 of 2 approvals, done"
+
+
+async def test_an_approval_stops_counting_when_its_person_leaves_the_group(
+    service: RunService, settings: Settings
+) -> None:
+    """sam approves, then leaves on-call (no group any more): lee's approval is the first
+    that counts, and kim's completes the rule."""
+    await _start(service, "left")
+    await service.decide("left", Decision.APPROVE, "cli:sam")
+    _edit_people(
+        settings, "    telegram: 100000001\n    groups: [oncall]\n", "    telegram: 100000001\n"
+    )
+
+    lee = await service.decide("left", Decision.APPROVE, "cli:lee")
+
+    assert lee.changed and lee.message == "recorded: 1 of 2 approvals, waiting for one more"
+    assert lee.approval.status == ApprovalStatus.PENDING
+    assert lee.run.status == RunStatus.WAITING_APPROVAL
+    voted = [e.data for e in await service.store.list_events("left") if e.type == "approval_voted"]
+    assert [(v["decided_by"], v["approvals"]) for v in voted] == [("cli:sam", 1), ("cli:lee", 1)]
+    kim = await service.decide("left", Decision.APPROVE, "cli:kim")
+    assert kim.message == "approved by cli:kim: 2 of 2 approvals, done"
+    assert kim.run.status == RunStatus.SUCCEEDED
+
+
+async def test_a_vote_whose_identity_left_its_person_gives_way_to_their_new_one(
+    service: RunService, settings: Settings
+) -> None:
+    """sam approves from the CLI; the people file then drops sam's CLI login, so that vote
+    counts for nobody: sam approving in chat counts (once), in place of the old vote."""
+    await _start(service, "moved")
+    await service.decide("moved", Decision.APPROVE, "cli:sam")
+    _edit_people(settings, "    cli: sam\n", "")
+
+    chat = await service.decide("moved", Decision.APPROVE, "telegram:100000001")
+
+    assert chat.changed and chat.message == "recorded: 1 of 2 approvals, waiting for one more"
+    assert await _votes(service, "moved") == [("sam", "telegram:100000001")]
+    journaled = [
+        e.data["decided_by"]
+        for e in await service.store.list_events("moved")
+        if e.type == "approval_voted"
+    ]
+    assert journaled == ["cli:sam", "telegram:100000001"]
