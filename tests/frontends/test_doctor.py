@@ -255,9 +255,9 @@ def bot_api() -> Iterator[str]:
     )
     try:
         assert proc.stdout is not None
-        url = proc.stdout.readline().strip()
-        assert url.startswith("http://127.0.0.1:"), url
-        yield f"{url}/bot"
+        url = proc.stdout.readline().strip()  # the base URL to set, ending in /bot
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/bot"), url
+        yield url
     finally:
         proc.terminate()
         proc.wait(10)
