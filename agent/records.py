@@ -589,6 +589,7 @@ class AlertIncident:
     silenced_by: str | None
     silenced_until: float | None
     closed_at: float | None
+    start_refused: str | None = None  # why its `auto` start was refused (then proposed)
 
     @property
     def is_open(self) -> bool:

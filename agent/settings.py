@@ -145,6 +145,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         64 * 1024, ge=1024, description="Largest HTTP request body accepted (then 413)."
     )
+    max_alert_body_bytes: int = Field(
+        4 * 1024 * 1024,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        description="Largest alert webhook body accepted on /alerts/* (then 413): an alert "
+        "storm's notification (up to 1000 alerts) is far larger than a request.",
+    )
     openai_api_key: SecretStr | None = Field(
         None,
         validation_alias=AliasChoices("OPENAI_API_KEY", "LOOM_OPS_OPENAI_API_KEY"),
@@ -362,6 +369,16 @@ class Settings(BaseSettings):
             return self.alert_chat_id
         groups = [int(chat) for chat in self.telegram_chats if re.fullmatch(r"-[0-9]{1,20}", chat)]
         return groups[0] if groups else None
+
+    def alert_chat_refusal(self) -> str | None:
+        """Why TELEGRAM_ALERT_CHAT_ID cannot be the incident chat (the bot does not serve it:
+        its cards would never be sent), or None."""
+        if self.alert_chat_id is None or str(self.alert_chat_id) in self.telegram_chats:
+            return None
+        return (
+            f"TELEGRAM_ALERT_CHAT_ID {self.alert_chat_id} is not a chat the bot serves: "
+            "add it to TELEGRAM_ALLOWED_CHAT_IDS, or name one of those"
+        )
 
     def audit_secret(self) -> AuditKey | None:
         """The audit key the journal is chained under, or None (unkeyed)."""

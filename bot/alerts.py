@@ -10,6 +10,7 @@ Who may tap: whoever may start the runbook (`starters`; without them, anyone in 
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -84,6 +85,12 @@ def _what_happened(card: AlertCard) -> list[Markup]:
     lines: list[Markup] = []
     decided = hhmm(incident.decided_at) if incident.decided_at else ""
     match incident.state:
+        case AlertState.PROPOSED if incident.is_open and incident.start_refused:
+            lines.append(
+                Markup(
+                    "Not started on its own: {}. Nothing runs until someone taps ▶ Start."
+                ).format(clip(incident.start_refused, 200))
+            )
         case AlertState.PROPOSED if incident.is_open:
             lines.append(Markup("Nothing runs until someone taps ▶ Start."))
         case AlertState.PROPOSED:
@@ -128,7 +135,7 @@ def resolved_line(card: AlertCard) -> str:
     incident = card.incident
     resolved = incident.resolved_at or incident.last_at
     if card.mitigation is not None:
-        after = _minutes(resolved - card.mitigation.at)
+        after = _minutes(resolved - card.mitigation.ts)
         what = card.mitigation.title or card.mitigation.step_id
         return (
             f"Resolved at {hhmm(resolved)}, {after} after {what} (step {card.mitigation.step_id})."
@@ -184,25 +191,41 @@ class AlertTaps:
         query = update.callback_query
         assert query is not None
         try:
-            text, alert = await self._judge(query)
+            text, alert, silencing = await self._judge(query)
         except LoomOpsError as exc:
             log.info("alert card tap by telegram:%s refused: %s", query.from_user.id, exc)
-            text, alert = str(exc), True
+            text, alert, silencing = str(exc), True, None
+        # Answered before Alertmanager is asked: a slow one must not make the tap too old.
         await query.answer(clip(text, MAX_ANSWER_CHARS), show_alert=alert)
+        if silencing is not None:
+            await silencing()
 
-    async def _judge(self, query: CallbackQuery) -> tuple[str, bool]:
+    async def _judge(
+        self, query: CallbackQuery
+    ) -> tuple[str, bool, Callable[[], Awaitable[None]] | None]:
+        """What to answer the tap, whether as an alert, and the silence still to ask for."""
         card = query.message if isinstance(query.message, Message) else None
         parsed = parse_callback_data(query.data or "")
         if card is None or card.chat.id not in self._allowed or parsed is None:
-            return "This chat is not served by this loom-ops bot.", True
+            return "This chat is not served by this loom-ops bot.", True, None
         incident_id, choice = parsed
         identity = await self._remember(query.from_user)
         chat_id = card.chat.id
         if choice == START:
             run = await self._alerts.start(incident_id, chat_id, identity)
-            return f"Started: run {run.id}.", False
+            return f"Started: run {run.id}.", False, None
         if choice == IGNORE:
             await self._alerts.ignore(incident_id, chat_id, identity)
-            return "Ignored; nothing was started.", False
-        silenced = await self._alerts.silence(incident_id, chat_id, identity)
-        return f"Silenced for 1 h in Alertmanager (silence {silenced.silence_id}).", False
+            return "Ignored; nothing was started.", False, None
+        await self._alerts.may_silence(incident_id, chat_id, identity)
+        silencing = functools.partial(self._silence, card, incident_id, identity)
+        return "Asking Alertmanager to silence it for 1 h…", False, silencing
+
+    async def _silence(self, card: Message, incident_id: int, identity: str) -> None:
+        """Ask Alertmanager for the silence: the card is edited with it (through the
+        outbox); a failure is said in a reply to the card."""
+        try:
+            await self._alerts.silence(incident_id, card.chat.id, identity)
+        except LoomOpsError as exc:
+            log.info("silence of alert incident #%s failed: %s", incident_id, exc)
+            await card.reply_text(clip(f"🔕 Not silenced: {exc}", MAX_ANSWER_CHARS))

@@ -4,7 +4,8 @@
 
 Authenticated as the rest of the API (a bearer token) or with HTTP basic auth whose password
 is a token, since Alertmanager's `http_config` can send either. Every answer is 202 with what
-came of the notification; a body that is no such webhook is a 422 with the field it lacks.
+came of the notification; a body that is no such webhook is a 422 with the field it lacks. A
+body may be up to LOOM_OPS_MAX_ALERT_BODY_BYTES (an alert storm), not the API's usual limit.
 """
 
 from __future__ import annotations
@@ -101,13 +102,16 @@ class AlertOut(BaseModel):
     outcome: str = Field(
         description="opened (a new incident: its run started, or its card proposed), updated "
         "(it fired again), resolved, unchanged (seen before, or nothing open to resolve), "
-        "unmatched (no runbook answers it) or refused (its runbook cannot take its params)"
+        "unmatched (no runbook answers it) or refused (its runbook cannot take its params, "
+        "or its `auto` start was refused: the incident is then proposed to the chat)"
     )
     message: str
     incident: int | None = None
     runbook_id: str | None = None
     run_id: str | None = Field(None, description="the incident's run, once it is started")
-    params: dict[str, str] = Field(default_factory=dict)
+    params: dict[str, str] = Field(
+        default_factory=dict, description="exactly the params the incident's run gets"
+    )
 
 
 # -- reading a body into a notice --------------------------------------------------------------

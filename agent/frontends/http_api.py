@@ -294,7 +294,11 @@ def create_app(service: RunService, bind_host: str | None = None) -> FastAPI:
         generate_unique_id_function=lambda route: route.name,
     )
     openapi.install(app)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.max_body_bytes,
+        alert_max_bytes=settings.max_alert_body_bytes,
+    )
     # Outermost: another site's request is refused before anything reads it.
     app.add_middleware(
         SameSiteOnly,
@@ -587,23 +591,29 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 
 class BodySizeLimit:
-    """Refuse request bodies over `max_bytes` with 413, by Content-Length or as they stream.
+    """Refuse request bodies over `max_bytes` (the alert routes': `alert_max_bytes`) with
+    413, by Content-Length or as they stream.
 
-    The body is read here first (bodies are small: an incident message) and handed on whole,
-    so an over-long chunked body is refused before any endpoint sees it.
+    The body is read here first (bodies are small: an incident message; an alert storm's
+    notification is bounded on its own) and handed on whole, so an over-long chunked body is
+    refused before any endpoint sees it.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, alert_max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.alert_max_bytes = alert_max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path = str(scope.get("path", ""))
+        alerts = path == "/alerts" or path.startswith("/alerts/")
+        limit = self.alert_max_bytes if alerts else self.max_bytes
         declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._refuse(send)
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
+            await self._refuse(send, limit)
             return
         chunks: list[bytes] = []
         size = 0
@@ -614,8 +624,8 @@ class BodySizeLimit:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_bytes:
-                await self._refuse(send)
+            if size > limit:
+                await self._refuse(send, limit)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -623,8 +633,8 @@ class BodySizeLimit:
         whole: Message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
         await self.app(scope, _replay([whole], receive), send)
 
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps({"error": f"request body over {self.max_bytes} bytes"}).encode()
+    async def _refuse(self, send: Send, limit: int) -> None:
+        body = json.dumps({"error": f"request body over {limit} bytes"}).encode()
         await send(
             {
                 "type": "http.response.start",

@@ -43,7 +43,8 @@ WHY: dict[int, str] = {
     409: "The state forbids it now: the run id exists, the run already ended, the request is "
     "decided, this person's approval is already counted, or several requests are open and "
     "`approval` names none.",
-    413: "The request body is over LOOM_OPS_MAX_BODY_BYTES.",
+    413: "The request body is over LOOM_OPS_MAX_BODY_BYTES (LOOM_OPS_MAX_ALERT_BODY_BYTES for "
+    "the alert routes).",
     422: "Invalid input: a body, path, query or header value; the text names it.",
     429: "LOOM_OPS_MAX_ACTIVE_RUNS runs are active; try again after `Retry-After` seconds.",
     500: "A bug; the traceback is in the server's log.",

@@ -77,6 +77,9 @@ def check_telegram(settings: Settings, options: WebhookOptions | None = None) ->
     from bot.gateway import ConfigError, check_config
     from bot.settings import TelegramSettings, check_token
 
+    refusal = settings.alert_chat_refusal()
+    if refusal is not None:  # its alert cards would wait in the outbox for ever
+        raise ServingRefused(refusal)
     try:
         telegram = TelegramSettings()
         check_config(telegram, load_people(settings))

@@ -6,6 +6,11 @@ alert, and recorded as its group's incident (one open incident, so one run, per 
 `auto` route starts the run at once; an `ask` route leaves it to the incident chat, whose card
 offers Start, Ignore and (with LOOM_OPS_ALERTMANAGER_URL) Silence 1h. A notification no
 runbook answers is logged and counted, never journaled.
+
+A run gets exactly its route's rendered params: its request names the runbook and each
+param, every value quoted, and the alert's name only as quoted text no parser reads as a
+param. An `auto` start that is refused (its starters, its request, the active-run cap)
+leaves the incident proposed with the reason, so a person can still start it.
 """
 
 from __future__ import annotations
@@ -28,21 +33,23 @@ from agent.errors import (
     LoomOpsError,
     ParamError,
     RenderError,
+    RequestError,
     RunExists,
     RunNotFound,
     ServiceError,
+    TooManyRuns,
 )
-from agent.events import ToolIntent, ToolOutcome, parse
 from agent.records import (
     AlertIncident,
     AlertNotice,
     AlertState,
     Origin,
     RunRecord,
-    RunTree,
 )
+from agent.runbook.request import parse_request
 from agent.service.runs import RunService
 from agent.store.alerts import UNMATCHED, Intake, NewAlert
+from agent.views.mitigation import Mitigation, mitigation_of
 
 if TYPE_CHECKING:  # the runbook model is loaded with the catalog, on first use
     from agent.runbook.model import AlertRoute, Runbook
@@ -50,7 +57,9 @@ if TYPE_CHECKING:  # the runbook model is loaded with the catalog, on first use
 log = logging.getLogger(__name__)
 
 SILENCE_SECONDS = 3600
-ALERTMANAGER_TIMEOUT = 10.0
+ALERTMANAGER_TIMEOUT = 10.0  # seconds for the whole silence call, however the server drips
+MAX_ALERT_TEXT = 200  # characters of the alert's name a run's request quotes
+REFUSED = "refused"  # the outcome of a notification whose run may not start
 # A run id is this, a digest of the group's key, and the incident's number: `al-3f9a1b-12`.
 RUN_PREFIX = "al-"
 
@@ -66,16 +75,6 @@ class AlertAnswer:
     runbook_id: str | None = None
     run_id: str | None = None
     params: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Mitigation:
-    """The last gated step (one a person approved) that succeeded before the alert
-    resolved: what mitigated it, as the post-mortem counts it."""
-
-    step_id: str
-    title: str
-    at: float
 
 
 @dataclass(frozen=True)
@@ -133,7 +132,8 @@ class AlertService:
 
     async def receive(self, notice: AlertNotice, caller: str) -> AlertAnswer:
         """Record one notification from `caller` (the webhook's identity) and start the run
-        of a new incident whose route says `start: auto` (as `caller`)."""
+        of a new incident whose route says `start: auto` (as `caller`); a start refused
+        leaves the incident proposed and answers `refused` with the reason."""
         match = self._route(notice)
         if match is None:
             log.info(
@@ -150,13 +150,16 @@ class AlertService:
         try:
             params = await asyncio.to_thread(route.render_params, notice.labels, notice.annotations)
             runbook.resolve_params(params)
-        except (RenderError, ParamError) as exc:
+            request = run_request(runbook.id, params, notice.alertname)
+        except (RenderError, ParamError, RequestError) as exc:
             log.warning("alert %s cannot start %s: %s", notice.alertname, runbook.id, exc)
             return AlertAnswer(
-                "refused",
+                REFUSED,
                 f"runbook {runbook.id} answers this alert, but {exc}",
                 runbook_id=runbook.id,
             )
+        # What can be checked before the incident is recorded as started by its route.
+        refusal = self._start_refusal(request, caller) if route.start == "auto" else None
         chat_id = self._settings.alert_chat()
         if route.start == "ask" and chat_id is None:
             log.warning(
@@ -173,21 +176,36 @@ class AlertService:
                 start_mode=route.start,
                 chat_id=chat_id,
                 run_prefix=f"{RUN_PREFIX}{group[:6]}-",
+                refusal=refusal,
             )
         )
         incident = receipt.incident
         if incident is None:
             return AlertAnswer(str(receipt.intake), "resolved; no incident of it was open")
+        refused = refusal if receipt.intake == Intake.OPENED and refusal else None
         if incident.state == AlertState.STARTED:
-            await self._ensure_run(incident, caller)
+            try:
+                await self._ensure_run(incident, caller)
+            except (ServiceError, TooManyRuns) as exc:
+                refused = _first_line(exc)
+                log.warning("alert incident #%s: the run did not start: %s", incident.id, refused)
+                incident = await self._store.alert_start_refused(incident.id, refused)
         return AlertAnswer(
-            str(receipt.intake),
-            _said(receipt.intake, incident),
+            REFUSED if refused else str(receipt.intake),
+            _refused(incident, refused) if refused else _said(receipt.intake, incident),
             incident_id=incident.id,
             runbook_id=incident.runbook_id,
             run_id=incident.run_id if incident.state == AlertState.STARTED else None,
-            params=dict(incident.params),
+            params=dict(incident.params),  # exactly the run's: run_request checks it
         )
+
+    def _start_refusal(self, request: str, caller: str) -> str | None:
+        """Why `caller` may not start `request` on an `auto` route (its starters), if not."""
+        try:
+            self._runs.check_starter(request, caller)
+        except ServiceError as exc:
+            return _first_line(exc)
+        return None
 
     def _route(self, notice: AlertNotice) -> tuple[Runbook, AlertRoute] | None:
         """The first runbook (catalog order) with a route matching the group's labels."""
@@ -260,20 +278,26 @@ class AlertService:
             raise ServiceError(f"already {now.state} by {now.decided_by}", kind=ErrorKind.CONFLICT)
         return ignored
 
-    async def silence(self, incident_id: int, chat_id: int, person: str) -> AlertIncident:
-        """Silence the incident's alert group in Alertmanager for an hour, created by
-        `person` (who may start its runbook), and record it. No store transaction is open
-        while Alertmanager is asked."""
-        url = self._settings.alertmanager_url
-        if not url:
+    async def may_silence(self, incident_id: int, chat_id: int, person: str) -> AlertIncident:
+        """The incident, when `person` (who may start its runbook) may silence it now;
+        ServiceError (not configured, forbidden, already silenced) otherwise."""
+        if not self._settings.alertmanager_url:
             raise ServiceError("LOOM_OPS_ALERTMANAGER_URL is not set: no silences from here")
         incident = await self.incident(incident_id, chat_id)
         self._runs.check_starter(_request(incident), person)
-        now = time.time()
-        if incident.silenced_until is not None and incident.silenced_until > now:
+        if incident.silenced_until is not None and incident.silenced_until > time.time():
             raise ServiceError(
                 f"already silenced by {incident.silenced_by}", kind=ErrorKind.CONFLICT
             )
+        return incident
+
+    async def silence(self, incident_id: int, chat_id: int, person: str) -> AlertIncident:
+        """Silence the incident's alert group in Alertmanager for an hour, created by
+        `person` (see may_silence), and record it. Alertmanager gets ALERTMANAGER_TIMEOUT
+        seconds in all; no store transaction is open while it is asked."""
+        incident = await self.may_silence(incident_id, chat_id, person)
+        url = self._settings.alertmanager_url or ""
+        now = time.time()
         until = now + SILENCE_SECONDS
         body = {
             "matchers": [
@@ -287,10 +311,19 @@ class AlertService:
             f"(alert incident #{incident.id}, runbook {incident.runbook_id})",
         }
         try:
-            async with httpx.AsyncClient(timeout=ALERTMANAGER_TIMEOUT) as client:
+            # httpx's timeout is per read: a server dripping bytes would hold it for ever.
+            async with (
+                asyncio.timeout(ALERTMANAGER_TIMEOUT),
+                httpx.AsyncClient(timeout=ALERTMANAGER_TIMEOUT) as client,
+            ):
                 answer = await client.post(f"{url.rstrip('/')}/api/v2/silences", json=body)
             answer.raise_for_status()
             silence_id = str(answer.json()["silenceID"])
+        except TimeoutError:
+            raise ServiceError(
+                f"Alertmanager at {url} did not answer within {ALERTMANAGER_TIMEOUT:g} s",
+                kind=ErrorKind.UNAVAILABLE,
+            ) from None
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
             raise ServiceError(
                 f"Alertmanager at {url} did not create the silence: {_first_line(exc)}",
@@ -322,7 +355,7 @@ class AlertService:
                 run = tree.root
                 names = dict(tree.names)
                 if incident.resolved_at is not None:
-                    mitigation = _mitigation(tree, incident.resolved_at)
+                    mitigation = mitigation_of(tree, before=incident.resolved_at)
         if any(identity not in names for identity in identities):
             names.update(await self._store.display_names(identities))
         return AlertCard(
@@ -335,34 +368,24 @@ class AlertService:
         )
 
 
+def run_request(runbook_id: str, params: Mapping[str, str], alertname: str) -> str:
+    """The request a run of the alert runs: `runbook=<id>`, each param with its value quoted,
+    and the alert's name as one quoted word of text (`'alert: HighLatency'`, never a param:
+    a param word cannot hold a colon before its `=`). RequestError when the request would
+    not give the run exactly these params (one too long, say)."""
+    words = [f"runbook={shlex.quote(runbook_id)}"]
+    words += [f"{name}={shlex.quote(value)}" for name, value in params.items()]
+    words.append(shlex.quote(f"alert: {' '.join(alertname.split())[:MAX_ALERT_TEXT]}"))
+    request = " ".join(words)
+    parsed = parse_request(request)
+    if parsed.runbook != runbook_id or parsed.params != dict(params):
+        raise RequestError(f"the params {_labels(params)} do not make a request of their own")
+    return request
+
+
 def _request(incident: AlertIncident) -> str:
-    """The request an incident's run runs: its runbook named outright, with its params."""
-    params = " ".join(f"{name}={shlex.quote(value)}" for name, value in incident.params.items())
-    return f"runbook={incident.runbook_id} {params} alert: {incident.alertname}".replace("  ", " ")
-
-
-def _mitigation(tree: RunTree, before: float) -> Mitigation | None:
-    """The last gated step (`approval` other than none) that succeeded before `before`,
-    from the tree's journal."""
-    intents: dict[str, ToolIntent] = {}
-    found: Mitigation | None = None
-    runbooks = {run.id: run.runbook or {} for run in tree.runs}
-    for record in tree.events:
-        if record.ts > before:
-            break
-        event = parse(record)
-        if isinstance(event, ToolIntent):
-            intents[event.call_key] = event
-        elif isinstance(event, ToolOutcome) and event.status == "ok":
-            intent = intents.get(event.call_key)
-            if intent is None or intent.tool != "execute_step" or not intent.step_id:
-                continue
-            steps = runbooks.get(record.run_id, {}).get("steps") or []
-            step = next((s for s in steps if s.get("id") == intent.step_id), None)
-            if step is None or step.get("approval", "none") == "none":
-                continue  # a read, or a step nobody had to approve: not what mitigated it
-            found = Mitigation(intent.step_id, str(step.get("title") or ""), record.ts)
-    return found
+    """The request an incident's run runs (see run_request)."""
+    return run_request(incident.runbook_id, incident.params, incident.alertname)
 
 
 def _said(intake: Intake, incident: AlertIncident) -> str:
@@ -371,6 +394,11 @@ def _said(intake: Intake, incident: AlertIncident) -> str:
     match intake:
         case Intake.OPENED if incident.state == AlertState.STARTED:
             return f"incident #{incident.id}: {incident.runbook_id} started ({run})"
+        case Intake.OPENED if incident.chat_id is None:
+            return (
+                f"incident #{incident.id}: {incident.runbook_id} proposed, but no chat can start "
+                "it: set TELEGRAM_ALERT_CHAT_ID, or give its route start: auto"
+            )
         case Intake.OPENED:
             return f"incident #{incident.id}: {incident.runbook_id} proposed to the chat"
         case Intake.UPDATED:
@@ -379,6 +407,16 @@ def _said(intake: Intake, incident: AlertIncident) -> str:
             return f"incident #{incident.id} resolved ({run})"
         case _:
             return f"incident #{incident.id}: seen before; nothing changed"
+
+
+def _refused(incident: AlertIncident, reason: str) -> str:
+    """One line for the sender about an `auto` start that was refused."""
+    where = (
+        "proposed to the chat"
+        if incident.chat_id is not None
+        else "no chat can start it (set TELEGRAM_ALERT_CHAT_ID)"
+    )
+    return f"incident #{incident.id}: {incident.runbook_id} not started: {reason}; {where}"
 
 
 def _labels(labels: Mapping[str, str], limit: int = 120) -> str:

@@ -4,10 +4,11 @@ card in the incident chat and what people decided on it.
 One incident, one run: the incident's `open_key` is its group's key while it is open, and
 unique, so two deliveries of a new group at once open one incident (on PostgreSQL the later
 transaction conflicts with the earlier one's row and runs again, finding it). Its run id is
-fixed when it opens. A notification whose content was seen before (a redelivered webhook) is
-known by its digest and changes nothing. What happens to an incident while its run is open is
-journaled on that run, in the same transaction; once the run has ended its journal is left as
-its summary published it, and the incident row keeps the rest (the resolve time).
+fixed when it opens. A notification whose content any incident of its group received before
+(a redelivered webhook, however late) is known by its digest and changes nothing. What happens
+to an incident while its run is open is journaled on that run, in the same transaction; once
+the run has ended its journal is left as its summary published it, and the incident row keeps
+the rest (the resolve time).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ INCIDENT_COLUMNS = (
     "id, source, group_key, alertname, labels, annotations, matchers, runbook_id, params, "
     "start_mode, state, status, firing, notifications, run_id, chat_id, card_message_id, "
     "first_at, last_at, resolved_at, decided_by, decided_at, silence_id, silenced_by, "
-    "silenced_until, closed_at"
+    "silenced_until, closed_at, start_refused"
 )
 # The counter /metrics shows as loom_ops_alerts_received_total{outcome}.
 ALERTS_COUNTER = "alerts_received"
@@ -60,6 +61,7 @@ class NewAlert:
     start_mode: str  # auto or ask
     chat_id: int | None
     run_prefix: str  # the run id is the prefix and the incident's number
+    refusal: str | None = None  # why an `auto` start may not happen: it opens proposed
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ def incident_from_row(row: Row) -> AlertIncident:
         silenced_by=row["silenced_by"],
         silenced_until=row["silenced_until"],
         closed_at=row["closed_at"],
+        start_refused=row["start_refused"],
     )
 
 
@@ -114,9 +117,10 @@ class AlertsStore(StoreBase):
 
         def receive(conn: Connection) -> AlertReceipt:
             latest = self._latest_incident(conn, new.group_key)
-            if latest is not None and self._seen(conn, latest.id, new.digest):
+            seen = self._seen_by(conn, new.group_key, new.digest)
+            if latest is not None and seen is not None:
                 self._count(conn, Intake.UNCHANGED)
-                return AlertReceipt(Intake.UNCHANGED, latest)
+                return AlertReceipt(Intake.UNCHANGED, self._incident(conn, seen))
             current = latest if latest is not None and latest.is_open else None
             if current is not None and new.notice.status == "firing":
                 run_status = self._run_status(conn, current.run_id)
@@ -138,12 +142,14 @@ class AlertsStore(StoreBase):
 
     def _open(self, conn: Connection, new: NewAlert, now: float) -> AlertReceipt:
         notice = new.notice
-        state = AlertState.STARTED if new.start_mode == "auto" else AlertState.PROPOSED
+        auto = new.start_mode == "auto" and new.refusal is None
+        state = AlertState.STARTED if auto else AlertState.PROPOSED
         row = conn.execute(
             "INSERT INTO alert_incidents (source, group_key, open_key, alertname, labels, "
             "annotations, matchers, runbook_id, params, start_mode, state, status, firing, "
-            "notifications, run_id, chat_id, first_at, last_at, decided_by, decided_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, '', ?, ?, ?, ?, ?) "
+            "notifications, run_id, chat_id, first_at, last_at, decided_by, decided_at, "
+            "start_refused) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, '', ?, ?, ?, ?, ?, ?) "
             "ON CONFLICT DO NOTHING RETURNING id",
             (
                 notice.source,
@@ -164,6 +170,7 @@ class AlertsStore(StoreBase):
                 now,
                 "auto" if state == AlertState.STARTED else None,
                 now if state == AlertState.STARTED else None,
+                new.refusal,
             ),
         ).fetchone()
         if row is None:  # SQLite runs one writer at a time; PostgreSQL runs this again
@@ -258,6 +265,26 @@ class AlertsStore(StoreBase):
 
         return await self._transaction(started)
 
+    async def alert_start_refused(self, incident_id: int, reason: str) -> AlertIncident:
+        """The incident's `auto` start was refused (`reason`): it is proposed again, with the
+        reason, so its card offers Start to a person; unchanged when its run exists (another
+        delivery started it) or a person decided it meanwhile."""
+        now = time.time()
+
+        def refused(conn: Connection) -> AlertIncident:
+            changed = conn.execute(
+                "UPDATE alert_incidents SET state = ?, decided_by = NULL, decided_at = NULL, "
+                "start_refused = ? WHERE id = ? AND state = ? AND decided_by = 'auto' "
+                "AND NOT EXISTS (SELECT 1 FROM runs WHERE runs.id = alert_incidents.run_id)",
+                (AlertState.PROPOSED, reason, incident_id, AlertState.STARTED),
+            )
+            incident = self._incident(conn, incident_id)
+            if changed.rowcount == 1:
+                self._queue_card(conn, incident, now)
+            return incident
+
+        return await self._transaction(refused)
+
     async def ignore_alert(self, incident_id: int, by: str) -> AlertIncident | None:
         """Close a proposed incident's card as ignored by `by` (the incident stays open until
         its group resolves, so its notifications post no new card); None when it is not
@@ -346,14 +373,15 @@ class AlertsStore(StoreBase):
         return incident_from_row(row) if row else None
 
     @staticmethod
-    def _seen(conn: Connection, incident_id: int, digest: str) -> bool:
-        return (
-            conn.execute(
-                "SELECT 1 FROM alert_notifications WHERE incident_id = ? AND digest = ?",
-                (incident_id, digest),
-            ).fetchone()
-            is not None
-        )
+    def _seen_by(conn: Connection, group_key: str, digest: str) -> int | None:
+        """The incident of the group that received this content before, if one did."""
+        row = conn.execute(
+            "SELECT n.incident_id FROM alert_notifications n "
+            "JOIN alert_incidents i ON i.id = n.incident_id "
+            "WHERE n.digest = ? AND i.group_key = ? ORDER BY n.incident_id DESC LIMIT 1",
+            (digest, group_key),
+        ).fetchone()
+        return row["incident_id"] if row else None
 
     @staticmethod
     def _note_notification(conn: Connection, incident_id: int, new: NewAlert, now: float) -> None:

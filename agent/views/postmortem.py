@@ -34,21 +34,13 @@ from agent.events import (
 from agent.records import AlertIncident, RunRecord, RunStatus, RunTree
 from agent.run.outcomes import STEP_TOOLS, short_result
 from agent.views.journal import JournalEntry, journal_steps, read_journal
+from agent.views.mitigation import Mitigation, mitigation_of
 from agent.views.units import clock, duration, hms
 
 KEY_LINES = 5  # output lines of a step the draft quotes
 MAX_LINE_CHARS = 200
 EXECUTING_ROLES = ("runbook", "executor")
 NOT_MITIGATED = "no step a person approved succeeded"
-
-
-@dataclass(frozen=True)
-class Mitigation:
-    """The last approved step that succeeded: when, which, and whether it only pretended."""
-
-    ts: float
-    step_id: str
-    dry_run: bool
 
 
 @dataclass(frozen=True)
@@ -74,7 +66,7 @@ def postmortem_of(
     started = min(
         [root.created_at, *([first_alert] if first_alert else []), *(m.ts for m in fired)]
     )
-    mitigation = _mitigation(journal)
+    mitigation = mitigation_of(tree, journal)
     resolved = _resolved_at(root, journal, incident)
     # A supervised incident's runbook is its executor's.
     executing = next((run for run in tree.runs if run.runbook_id), None)
@@ -236,26 +228,6 @@ def _timeline(
     if incident is not None and incident.resolved_at is not None and not journaled:
         moments.append(Moment(incident.resolved_at, "alert", "resolved after the run ended"))
     return sorted(moments, key=lambda m: m.ts)  # an alert's own times precede its journaling
-
-
-def _mitigation(journal: list[JournalEntry]) -> Mitigation | None:
-    """When the last step a person approved succeeded (the fix applied), if one did."""
-    approved_steps = set()
-    steps_of: dict[int, str | None] = {}
-    mitigated = None
-    for entry in journal:
-        match entry.event:
-            case ApprovalRequested(approval_id=approval_id, step_id=step_id):
-                steps_of[approval_id] = step_id
-            case ApprovalDecided(approval_id=approval_id, decision="approved"):
-                if steps_of.get(approval_id):
-                    approved_steps.add(steps_of[approval_id])
-            case ToolOutcome(status="ok", outcome=outcome) if (
-                entry.intent is not None and entry.intent.step_id in approved_steps
-            ):
-                dry_run = isinstance(outcome, dict) and bool(outcome.get("dry_run"))
-                mitigated = Mitigation(entry.record.ts, entry.intent.step_id or "", dry_run)
-    return mitigated
 
 
 def _resolved_at(

@@ -534,3 +534,450 @@ async def test_a_card_queued_while_no_bot_runs_reaches_the_chat_when_it_starts(
         await wait_for(standin, lambda: alert_cards(standin))
         [card] = alert_cards(standin)
         assert "HighLatency" in card["text"] and keyboard_data(card)
+
+
+# -- what an alert may not do ------------------------------------------------------------------
+
+
+def route_on_severity(settings: Settings) -> None:
+    """api-latency-spike answers any `severity=page` alert, on its own: the alert's name is
+    then whatever the sender says."""
+    path = settings.workspace / "runbooks" / "api-latency-spike.yaml"
+    text = path.read_text()
+    path.write_text(
+        text.replace(
+            "  - match: {alertname: HighLatency}\n", "  - match: {severity: page}\n"
+        ).replace("    start: ask\n", "    start: auto\n", 1)
+    )
+
+
+@pytest.mark.parametrize(
+    "alertname",
+    [
+        "HighLatency replicas=50 health_host=evil.example",
+        "replicas=50",
+        "runbook=disk-almost-full",
+        "Disk'Full",
+        'a "quoted" name',
+        "back\\slash\nnew line",
+    ],
+)
+def test_a_run_request_gives_exactly_the_routes_params_whatever_the_alert_is_called(
+    alertname: str,
+) -> None:
+    from agent.runbook.request import parse_request
+    from agent.service.alerts import run_request
+
+    params = {"service": "checkout-api", "namespace": "production", "note": "it's a b=c"}
+    parsed = parse_request(run_request("api-latency-spike", params, alertname))
+    assert parsed.runbook == "api-latency-spike"
+    assert parsed.params == params
+
+
+async def test_an_alert_name_sets_no_runbook_param_of_the_run(settings: Settings) -> None:
+    route_on_severity(settings)
+    body = alertmanager_body(
+        "HighLatency replicas=50 health_host=evil.example", labels={"severity": "page"}
+    )
+    async with served(alert_settings(settings)) as app:
+        answer = await _post(app.client, "/alerts/alertmanager", body)
+        assert answer.status_code == 202, answer.text
+        said = answer.json()
+        assert said["outcome"] == "opened"
+        assert said["params"] == {"service": "checkout-api", "namespace": "production"}
+        run = await wait_for_run(app.client, said["run_id"], parked)
+        # The runbook's defaults, not the alert's words.
+        assert run["params"]["replicas"] == 6
+        assert "health_host" not in run["params"] or run["params"]["health_host"] != (
+            "evil.example"
+        )
+        assert {k: run["params"][k] for k in said["params"]} == said["params"]
+        for approval in await app.service.store.list_approvals(said["run_id"]):
+            assert "evil.example" not in approval.action and "50" not in approval.action
+
+
+async def test_an_alert_name_with_a_quote_opens_once_and_its_redelivery_changes_nothing(
+    settings: Settings,
+) -> None:
+    route_on_severity(settings)
+    body = alertmanager_body("Disk'Full", labels={"severity": "page"})
+    async with served(alert_settings(settings)) as app:
+        first = await _post(app.client, "/alerts/alertmanager", body)
+        assert first.status_code == 202, first.text
+        assert first.json()["outcome"] == "opened" and first.json()["run_id"]
+        again = await _post(app.client, "/alerts/alertmanager", body)
+        assert again.status_code == 202, again.text
+        assert again.json()["outcome"] == "unchanged"
+        assert again.json()["run_id"] == first.json()["run_id"]
+
+
+# -- an `auto` start that may not happen -------------------------------------------------------
+
+
+def only_oncall_starts_disk_runs(settings: Settings) -> None:
+    """disk-almost-full (an `auto` route) may be started by the oncall group only: sam."""
+    path = settings.workspace / "runbooks" / "disk-almost-full.yaml"
+    path.write_text(
+        path.read_text().replace(
+            "approvers: [group:approvers]\n",
+            "approvers: [group:approvers]\nstarters: [group:oncall]\n",
+        )
+    )
+    (settings.workspace / "people.yaml").write_text(
+        "people:\n  - name: sam\n    cli: sam\n    groups: [oncall]\n"
+    )
+
+
+async def test_an_auto_start_its_starters_refuse_is_proposed_to_a_person_with_the_reason(
+    settings: Settings,
+) -> None:
+    from bot.alerts import card_buttons, card_text
+
+    only_oncall_starts_disk_runs(settings)
+    async with served(alert_settings(settings)) as app:
+        answer = await _post(
+            app.client, "/alerts/alertmanager", alertmanager_body("DiskAlmostFull")
+        )
+        assert answer.status_code == 202, answer.text
+        said = answer.json()
+        assert said["outcome"] == "refused"
+        assert "may not start" in said["message"] and "proposed to the chat" in said["message"]
+        assert said["run_id"] is None
+        alerts = AlertService(app.service)
+        card = await alerts.card(said["incident"])
+        assert card.incident.state == "proposed" and card.incident.decided_by is None
+        assert card.incident.start_refused and "may not start" in card.incident.start_refused
+        text = card_text(card, card.incident.last_at)
+        assert "Not started on its own: " in text and "Started on its own" not in text
+        buttons = card_buttons(card)
+        assert buttons is not None
+        assert buttons.inline_keyboard[0][0].callback_data == f"al:{said['incident']}:s"
+        # A re-fire updates the proposed incident; it is no 403.
+        refire = await _post(
+            app.client,
+            "/alerts/alertmanager",
+            alertmanager_body("DiskAlmostFull", instances=("a", "b")),
+        )
+        assert refire.status_code == 202, refire.text
+        assert refire.json()["outcome"] == "updated"
+        assert await app.service.list() == []
+        # A person who may start it does, from the card.
+        run = await alerts.start(said["incident"], INCIDENTS, "cli:sam")
+        assert run.requested_by == "cli:sam"
+        started = await alerts.incident(said["incident"])
+        assert (started.state, started.decided_by) == ("started", "cli:sam")
+
+
+async def test_an_auto_start_over_the_active_run_cap_is_proposed_with_the_reason(
+    settings: Settings, workspace: Path
+) -> None:
+    from tests.support import SLOW_RUNBOOK, allow, lines, write_runbook
+
+    write_runbook(workspace, "slow-drill", SLOW_RUNBOOK)
+    allow(workspace, "append.py", "slow", "60")
+    one = alert_settings(settings, max_active_runs=1, allow_shell=True)
+    async with served(one) as app:
+        body = {"message": "slow drill", "run_id": "busy", "role": "runbook"}
+        assert (await app.client.post("/runs", json=body)).status_code == 201
+        await wait_for_run(app.client, "busy", lambda r: lines(workspace) == ["slow"])
+        answer = await _post(
+            app.client, "/alerts/alertmanager", alertmanager_body("DiskAlmostFull")
+        )
+        assert answer.status_code == 202, answer.text
+        said = answer.json()
+        assert said["outcome"] == "refused" and "active" in said["message"], said
+        assert said["run_id"] is None
+        incident = await AlertService(app.service).incident(said["incident"])
+        assert incident.state == "proposed" and incident.decided_by is None
+        assert incident.start_refused and "active" in incident.start_refused
+        assert [r.id for r in await app.service.list()] == ["busy"]
+        assert (await app.client.post("/runs/busy/cancel")).status_code == 200
+        run = await AlertService(app.service).start(said["incident"], INCIDENTS, "cli:oncall")
+        assert run.id == incident.run_id
+
+
+# -- redeliveries ------------------------------------------------------------------------------
+
+
+async def test_a_late_redelivery_of_an_old_resolve_leaves_the_newer_incident_open(
+    db_url: str, workspace: Path
+) -> None:
+    settings = Settings(
+        _env_file=None, db=db_url, workspace=workspace, mock_llm=True, user="tester"
+    )
+
+    def notice(status: str, starts_at: str, ends_at: str = "0001-01-01T00:00:00Z") -> Any:
+        body = alertmanager_body(status=status, starts_at=starts_at, ends_at=ends_at)
+        return alertmanager_notice(AlertmanagerBody.model_validate(body))
+
+    resolve = notice("resolved", "2026-12-05T05:00:00Z", "2026-12-05T05:10:00Z")
+    service = await RunService.open(settings)
+    try:
+        alerts = AlertService(service)
+        first = await alerts.receive(notice("firing", "2026-12-05T05:00:00Z"), "api:http")
+        assert (await alerts.receive(resolve, "api:http")).outcome == "resolved"
+        second = await alerts.receive(notice("firing", "2026-12-05T06:00:00Z"), "api:http")
+        assert second.outcome == "opened" and second.incident_id != first.incident_id
+        assert second.incident_id is not None
+        late = await alerts.receive(resolve, "api:http")
+        assert late.outcome == "unchanged" and late.incident_id == first.incident_id
+        newer = await alerts.incident(second.incident_id)
+        assert newer.is_open and newer.status == "firing" and newer.resolved_at is None
+        assert newer.notifications == 1
+    finally:
+        await service.close()
+
+
+# -- bodies ------------------------------------------------------------------------------------
+
+
+def node_exporter_storm(count: int) -> JSON:
+    """One notification of `count` node-exporter alerts (about 900 bytes each)."""
+    body = alertmanager_body("NodeFilesystemAlmostOutOfSpace", instances=())
+    body["alerts"] = [
+        {
+            "status": "firing",
+            "labels": {
+                "alertname": "NodeFilesystemAlmostOutOfSpace",
+                "device": "/dev/nvme0n1p1",
+                "fstype": "ext4",
+                "instance": f"node-{n:03d}.prod.internal:9100",
+                "job": "node-exporter",
+                "mountpoint": "/var",
+                "severity": "warning",
+            },
+            "annotations": {
+                "description": f"Filesystem on /dev/nvme0n1p1 at node-{n:03d} has only 4.8% "
+                "available space left and is filling up fast. " * 4,
+                "runbook_url": "https://runbooks.prometheus-operator.dev/runbooks/node/"
+                "nodefilesystemalmostoutofspace",
+                "summary": "Filesystem has less than 5% space left.",
+            },
+            "startsAt": "2026-12-05T05:09:00Z",
+            "endsAt": "0001-01-01T00:00:00Z",
+            "generatorURL": f"http://prometheus:9090/graph?g0.expr=node_filesystem_avail{n}",
+            "fingerprint": f"fp-{n:04d}",
+        }
+        for n in range(count)
+    ]
+    body["commonLabels"] = {"alertname": "NodeFilesystemAlmostOutOfSpace", "mountpoint": "/var"}
+    return body
+
+
+async def test_an_alert_storm_over_the_request_body_limit_is_accepted(
+    settings: Settings,
+) -> None:
+    storm = node_exporter_storm(80)
+    size = len(httpx.Request("POST", "http://x", json=storm).content)
+    assert size > settings.max_body_bytes
+    async with served(alert_settings(settings)) as app:
+        answer = await _post(app.client, "/alerts/alertmanager", storm)
+        assert answer.status_code == 202, answer.text
+        assert answer.json()["runbook_id"] == "disk-almost-full"
+        # The rest of the API keeps its own limit.
+        big = {"message": "disk almost full " + "x" * size}
+        assert (await app.client.post("/runs", json=big)).status_code == 413
+
+
+async def test_an_alert_body_over_its_own_limit_is_a_413(settings: Settings) -> None:
+    storm = node_exporter_storm(80)
+    size = len(httpx.Request("POST", "http://x", json=storm).content)
+    async with served(alert_settings(settings, max_alert_body_bytes=size - 1)) as app:
+        answer = await _post(app.client, "/alerts/alertmanager", storm)
+        assert answer.status_code == 413
+        assert answer.json() == {"error": f"request body over {size - 1} bytes"}
+        assert (await app.client.get("/runs")).json()["runs"] == []
+    assert outbox_kinds(settings.db) == []
+
+
+# -- the incident chat, configured or not ------------------------------------------------------
+
+
+async def test_an_ask_route_with_no_incident_chat_says_nobody_can_start_it_from_chat(
+    settings: Settings,
+) -> None:
+    async with served(settings) as app:  # no TELEGRAM_ALERT_CHAT_ID, no bot chats
+        answer = await _post(app.client, "/alerts/alertmanager", alertmanager_body())
+        said = answer.json()
+        assert said["outcome"] == "opened" and said["run_id"] is None
+        assert "proposed to the chat" not in said["message"]
+        assert "TELEGRAM_ALERT_CHAT_ID" in said["message"] and "start: auto" in said["message"]
+
+
+def test_an_alert_chat_the_bot_does_not_serve_is_refused_at_start_up(
+    settings: Settings,
+) -> None:
+    from agent.frontends.serving import ServingRefused, check_telegram
+
+    chosen = settings.model_copy(
+        update={"alert_chat_id": -100999, "telegram_chats": [str(INCIDENTS)]}
+    )
+    with pytest.raises(ServingRefused) as refused:
+        check_telegram(chosen)
+    said = str(refused.value)
+    assert "TELEGRAM_ALERT_CHAT_ID -100999" in said and "\n" not in said
+    served_chat = settings.model_copy(
+        update={"alert_chat_id": INCIDENTS, "telegram_chats": [str(INCIDENTS)]}
+    )
+    assert served_chat.alert_chat_refusal() is None
+
+
+async def test_doctor_reports_an_alert_chat_the_bot_does_not_serve(settings: Settings) -> None:
+    from agent.frontends.doctor import diagnose
+
+    chosen = settings.model_copy(
+        update={
+            "alert_chat_id": -100999,
+            "telegram_chats": [str(INCIDENTS)],
+            "telegram_bot_token": SecretStr("123456:" + "A" * 35),
+        }
+    )
+    findings = await diagnose(chosen, timeout=1)
+    assert any(
+        f.severity == "error" and "TELEGRAM_ALERT_CHAT_ID -100999" in f.message for f in findings
+    ), [f.line() for f in findings]
+
+
+# -- Silence 1h against an Alertmanager that drips its answer ----------------------------------
+
+
+@contextlib.asynccontextmanager
+async def dripping_alertmanager() -> AsyncIterator[tuple[str, asyncio.Event, asyncio.Event]]:
+    """A server on 127.0.0.1 that takes the silence request, then answers a byte at a time
+    (each read well within httpx's per-read timeout, the whole answer never): its URL, set
+    when the request came, and set when the caller gave up (the connection closed)."""
+    asked, gave_up = asyncio.Event(), asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        asked.set()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+        writer.write(b"Content-Length: 100000\r\n\r\n")
+        try:
+            while not reader.at_eof():
+                writer.write(b" ")
+                await writer.drain()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(reader.read(1), 0.2)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            gave_up.set()
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}", asked, gave_up
+    finally:
+        server.close()
+
+
+async def test_a_silence_call_gives_up_after_its_timeout_however_alertmanager_drips(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import agent.service.alerts as service_alerts
+
+    monkeypatch.setattr(service_alerts, "ALERTMANAGER_TIMEOUT", 1.0)
+    async with dripping_alertmanager() as (url, asked, gave_up):
+        chosen = alert_settings(settings, alertmanager_url=url)
+        async with served(chosen) as app:
+            opened = (await _post(app.client, "/alerts/alertmanager", alertmanager_body())).json()
+            alerts = AlertService(app.service)
+            # A guard, not a measure: the old per-read timeout held the call for minutes.
+            async with asyncio.timeout(30):
+                with pytest.raises(ServiceError, match="did not answer within 1 s"):
+                    await alerts.silence(opened["incident"], INCIDENTS, "cli:oncall")
+            assert asked.is_set()
+            async with asyncio.timeout(30):
+                await gave_up.wait()
+            incident = await alerts.incident(opened["incident"])
+            assert incident.silence_id is None and incident.silenced_by is None
+
+
+async def test_a_silence_tap_is_answered_before_alertmanager_is_asked(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import agent.service.alerts as service_alerts
+
+    monkeypatch.setattr(service_alerts, "ALERTMANAGER_TIMEOUT", 2.0)
+    async with (
+        dripping_alertmanager() as (url, asked, gave_up),
+        alert_bench(alert_settings(settings, alertmanager_url=url)) as (standin, _, client),
+    ):
+        await _post(client, "/alerts/alertmanager", alertmanager_body())
+        await wait_for(standin, lambda: alert_cards(standin))
+        card = alert_cards(standin)[0]
+        silence = next(d for d in keyboard_data(card) if d.endswith(":m"))
+        tap = standin.inject_callback(INCIDENTS, card["message_id"], BOB, silence)
+        await wait_for(standin, lambda: standin.callback_answer(tap))
+        assert not gave_up.is_set()  # Alertmanager was still being asked
+        answer = standin.callback_answer(tap) or {}
+        assert "Asking Alertmanager" in answer.get("text", "") and not answer.get("show_alert")
+
+        def said_why() -> list[JSON]:
+            return [
+                m
+                for m in from_bot(standin, INCIDENTS)
+                if m.get("text", "").startswith("🔕 Not silenced")
+            ]
+
+        await wait_for(standin, said_why)
+        assert "did not answer within 2 s" in said_why()[0]["text"]
+        assert asked.is_set()
+
+
+async def test_an_incident_from_before_the_upgrade_reads_and_takes_its_notifications(
+    db_url: str, workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An incident the previous schema (22) wrote reads with no refusal after the upgrade,
+    its redelivered notification changes nothing and a re-fire updates it."""
+    import time
+
+    from agent.service.alerts import group_digest, notice_digest
+    from agent.store import RunStore, postgres, sqlite
+    from tests.support import raw_rows
+
+    settings = Settings(
+        _env_file=None, db=db_url, workspace=workspace, mock_llm=True, user="tester"
+    )
+    for engine in (sqlite, postgres):
+        shipped = engine.migrations(engine.MIGRATIONS)
+        monkeypatch.setattr(
+            engine, "migrations", lambda _pkg, shipped=shipped: [m for m in shipped if m[0] <= 22]
+        )
+    await (await RunStore.open(db_url)).close()  # the schema as the previous version left it
+    notice = alertmanager_notice(AlertmanagerBody.model_validate(alertmanager_body()))
+    now = time.time()
+    group = group_digest(notice)
+    raw_rows(
+        db_url,
+        "INSERT INTO alert_incidents (source, group_key, open_key, alertname, labels, "
+        "annotations, matchers, runbook_id, params, start_mode, state, status, firing, "
+        "notifications, run_id, chat_id, first_at, last_at) VALUES ('alertmanager', ?, ?, "
+        "'HighLatency', '{}', '{}', '{}', 'api-latency-spike', '{}', 'ask', 'proposed', "
+        "'firing', 1, 1, 'al-old-1', NULL, ?, ?)",
+        (group, group, now, now),
+    )
+    raw_rows(
+        db_url,
+        "INSERT INTO alert_notifications (incident_id, digest, status, firing, received_at) "
+        "SELECT id, ?, 'firing', 1, ? FROM alert_incidents",
+        (notice_digest(notice), now),
+    )
+    monkeypatch.undo()
+
+    service = await RunService.open(settings)
+    try:
+        alerts = AlertService(service)
+        again = await alerts.receive(notice, "api:http")
+        assert again.outcome == "unchanged" and again.incident_id is not None
+        incident = await alerts.incident(again.incident_id)
+        assert incident.state == "proposed" and incident.start_refused is None
+        refire = alertmanager_notice(
+            AlertmanagerBody.model_validate(alertmanager_body(instances=("a", "b")))
+        )
+        updated = await alerts.receive(refire, "api:http")
+        assert (updated.outcome, updated.incident_id) == ("updated", again.incident_id)
+    finally:
+        await service.close()

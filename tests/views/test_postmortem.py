@@ -170,3 +170,37 @@ async def test_an_incident_from_an_alert_says_what_fired_and_when_it_resolved(
     started = min(incident.first_at, tree.root.created_at)
     expected = duration(incident.resolved_at - started)
     assert f"- **Time to resolve:** {expected} (" in draft
+
+
+async def test_a_failed_gated_step_mitigates_nothing_on_the_card_or_in_the_draft(
+    settings: Settings, workspace: Path
+) -> None:
+    """The approval's own result names the step and is ok; only the step's execution counts,
+    and the alert card and the draft ask the same question of the journal."""
+    write_runbook(
+        workspace,
+        "failing-fix",
+        FAILING_RUNBOOK
+        + "alerts:\n  - match: {alertname: FixFails}\n    params: {}\n    start: auto\n",
+    )
+    (workspace / "fail.py").write_text(FAIL_SCRIPT)
+    allow(workspace, "fail.py")
+    chosen = alert_settings(settings, allow_shell=True)
+    async with served(chosen) as app:
+        fired = (
+            await app.client.post("/alerts/alertmanager", json=alertmanager_body("FixFails"))
+        ).json()
+        run_id = fired["run_id"]
+        assert run_id, fired
+        await finished(app.service, run_id, Decision.APPROVE)
+        resolve = alertmanager_body("FixFails", "resolved", ends_at="2026-12-05T05:12:00Z")
+        assert (await app.client.post("/alerts/alertmanager", json=resolve)).status_code == 202
+        alerts = AlertService(app.service)
+        card = await alerts.card(fired["incident"])
+        incident = await alerts.incident_of_run(run_id)
+        tree = await app.service.run_tree(run_id, calls=False, events=True)
+    assert card.incident.resolved_at is not None
+    assert card.mitigation is None
+    draft = postmortem_of(tree, incident)
+    assert f"- **Time to mitigate:** {NOT_MITIGATED}" in draft
+    assert "### 1. `fix`: error" in draft
