@@ -47,6 +47,18 @@ def _first_line(path: Path) -> str:
     return lines[0].strip() if lines else ""
 
 
+def setting_name(model: type[BaseSettings], field: str) -> str:
+    """The environment variable a settings field is read from (what an error should name):
+    its alias's first choice, else the model's prefix and the field's name."""
+    info = model.model_fields.get(field)
+    alias = info.validation_alias if info is not None else None
+    if isinstance(alias, AliasChoices) and isinstance(alias.choices[0], str):
+        return alias.choices[0]
+    if isinstance(alias, str):
+        return alias
+    return f"{model.model_config.get('env_prefix', '')}{field}".upper()
+
+
 class Settings(BaseSettings):
     """Every knob of loom-ops; `.env.example` documents each one."""
 

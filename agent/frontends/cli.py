@@ -59,7 +59,7 @@ from agent.service.runs import (
     validate_run_id,
     validate_text,
 )
-from agent.settings import Settings
+from agent.settings import Settings, setting_name
 
 if TYPE_CHECKING:
     from agent.chain import ChainReport
@@ -407,8 +407,12 @@ def _settings(args: argparse.Namespace) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise UsageError(f"bad setting {field}: {first['msg']}") from None
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        # Named as the person gave it: the flag, else the environment variable.
+        name = (
+            f"--{field.replace('_', '-')}" if field in overrides else setting_name(Settings, field)
+        )
+        raise UsageError(f"bad setting {name}: {first['msg']}") from None
 
 
 # -- output -------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from agent.errors import ErrorKind, ServingRefused
 from agent.people import load_people
 from agent.service.maintenance import Maintenance
 from agent.service.runs import RunService
-from agent.settings import Settings
+from agent.settings import Settings, setting_name
 
 if TYPE_CHECKING:
     from bot.settings import TelegramSettings
@@ -88,7 +88,8 @@ def check_telegram(settings: Settings, options: WebhookOptions | None = None) ->
         webhook = _check_webhook(telegram, options or WebhookOptions())
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise ServingRefused(f"bad setting {first['loc'][0]}: {first['msg']}") from None
+        name = setting_name(TelegramSettings, str(first["loc"][0])) if first["loc"] else "?"
+        raise ServingRefused(f"bad setting {name}: {first['msg']}") from None
     except (ConfigError, ValueError) as exc:  # a bad people file too (a ValueError)
         raise ServingRefused(str(exc)) from None
     return TelegramConfig(token, telegram, webhook)

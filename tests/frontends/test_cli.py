@@ -272,7 +272,7 @@ BAD_INPUT = [
     pytest.param(["runbook", LATENCY, "--run-id", "nollm"], "--mock-llm", id="no-llm"),
     pytest.param(
         ["runbook", LATENCY, "--run-id", "steps", "--mock-llm", "--max-steps", "0"],
-        "max_steps",
+        "bad setting --max-steps",
         id="max-steps-0",
     ),
 ]
@@ -878,3 +878,9 @@ def test_validate_refuses_allowlist_gaps_when_live_shell_is_on(gappy: Cli) -> No
     missing = gappy("runbooks", "validate", env=LIVE)
     assert missing.returncode == 2
     assert "no allowlist at" in missing.stderr_lines()[0]
+
+
+def test_a_bad_setting_is_named_by_its_environment_variable(cli: Cli) -> None:
+    """What a person set is what the error names: LOOM_OPS_MAX_STEPS, not `max_steps`."""
+    result = cli("runs", env={"LOOM_OPS_MAX_STEPS": "0"})
+    assert_usage_error(result, "bad setting LOOM_OPS_MAX_STEPS:")
