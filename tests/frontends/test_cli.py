@@ -413,7 +413,7 @@ def test_invalid_redact_pattern_is_a_usage_error(cli: Cli) -> None:
         result = cli("runs", env={"LOOM_OPS_REDACT_PATTERNS": "("}, timeout=3)
     except subprocess.TimeoutExpired:
         pytest.fail("loom-ops hung after failing to compile LOOM_OPS_REDACT_PATTERNS")
-    assert_usage_error(result, "redact")
+    assert_usage_error(result, "bad setting LOOM_OPS_REDACT_PATTERNS:", "invalid regex")
 
 
 def test_a_bad_failpoint_setting_is_one_line(cli: Cli) -> None:

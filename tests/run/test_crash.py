@@ -5,6 +5,7 @@ engines (`db_url`: a fresh SQLite file, then a fresh PostgreSQL schema)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ import httpx
 import pytest
 
 from tests.cli_helpers import CLI_USER, REPO
-from tests.conftest import make_workspace
+from tests.conftest import make_workspace, postgres_schema
 from tests.http_harness import ServeProcess, free_port
 from tests.support import raw_rows
 
@@ -157,11 +158,43 @@ BOUNDARIES = [
 ]
 
 
-@pytest.mark.parametrize("failpoint", BOUNDARIES)
-def test_sigkill_at_every_boundary_then_resume(tmp_path: Path, db_url: str, failpoint: str) -> None:
+# Every boundary on SQLite; on PostgreSQL one of each kind in the suite and the rest in the
+# soak (bench/soak.py): what differs between the engines is the commit, not the boundary.
+PG_IN_SUITE = {
+    "after_claim:1",
+    "after_wait:1",
+    "before_intent:2",
+    "after_intent:3",
+    "after_tool:3",
+    "after_outcome:2",
+}
+BOUNDARY_CASES = [
+    *(pytest.param("sqlite", point, id=f"sqlite-{point}") for point in BOUNDARIES),
+    *(
+        pytest.param(
+            "postgresql",
+            point,
+            id=f"postgresql-{point}",
+            marks=() if point in PG_IN_SUITE else pytest.mark.slow,
+        )
+        for point in BOUNDARIES
+    ),
+]
+
+
+@pytest.mark.parametrize(("engine", "failpoint"), BOUNDARY_CASES)
+def test_sigkill_at_every_boundary_then_resume(tmp_path: Path, engine: str, failpoint: str) -> None:
     """Killed anywhere, the run completes with each line appended exactly once."""
-    workspace = make_workspace(tmp_path / "ws")
-    db = db_url
+    with contextlib.ExitStack() as stack:
+        if engine == "sqlite":
+            db = str(tmp_path / "ops.sqlite")
+        else:
+            db = stack.enter_context(postgres_schema())
+        _every_boundary(make_workspace(tmp_path / "ws"), db, failpoint)
+
+
+def _every_boundary(workspace: Path, db: str, failpoint: str) -> None:
+    """Drive the drill to its end through a SIGKILL at `failpoint`, then check the world."""
     decisions = _drive_to_end(workspace, db, "drill", failpoint)
 
     status, _ = _run_row(db, "drill")
