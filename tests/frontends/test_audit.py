@@ -230,7 +230,7 @@ def _decider_row(db: Path, run_id: str) -> None:
     conn.close()
 
 
-def test_the_issue_17_rewrite_passes_an_unkeyed_chain_but_not_a_keyed_one(
+def test_a_rewrite_with_recomputed_hashes_passes_an_unkeyed_chain_but_not_a_keyed_one(
     finished: Cli, keyed: Keyed
 ) -> None:
     _recompute_plain(finished.db, "a1")
