@@ -40,6 +40,11 @@ TERMINAL_STATUSES = frozenset(
 )
 
 
+# A person's identity on a front end: `cli:alice`, `telegram:12345`, `api:sam-laptop`, and the
+# same shape names a group: `group:oncall`.
+IDENTITY_PATTERN = r"[a-z][a-z0-9_]*:\S+"
+
+
 class ApprovalStatus(StrEnum):
     """An approval request is decided once: when its approvals are all in, or at the first
     reject."""

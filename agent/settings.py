@@ -19,7 +19,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from agent.chain import AuditKey, Keyring
 from agent.failpoints import Failpoints
-from agent.records import Delay
+from agent.records import IDENTITY_PATTERN, Delay
 
 
 def _os_user() -> str:
@@ -91,7 +91,9 @@ class Settings(BaseSettings):
         1800.0, gt=0, description="Seconds an approval request stays open before it expires."
     )
     approvers: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Who may decide approvals everywhere (empty: anyone)."
+        default_factory=list,
+        description="Who may decide anywhere; non-empty, it narrows every other list (empty: "
+        "the people file and the runbooks say).",
     )
     telegram_approvers: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -252,6 +254,18 @@ class Settings(BaseSettings):
         # A comma-separated env value is friendlier than JSON for a list of names.
         if isinstance(value, str) and not value.lstrip().startswith("["):
             return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("approvers")
+    @classmethod
+    def _identities(cls, value: list[str]) -> list[str]:
+        # `cli:` alone (an unset $USER in `cli:$USER`) would name nobody, silently.
+        for entry in value:
+            if not re.fullmatch(IDENTITY_PATTERN, entry):
+                raise ValueError(
+                    f"{entry!r} must be an identity like cli:alice or telegram:12345, or a "
+                    "group like group:oncall"
+                )
         return value
 
     @field_validator("telegram_approvers", "telegram_chats", mode="before")

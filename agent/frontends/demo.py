@@ -57,7 +57,7 @@ def main() -> int:
     if approved != 0:
         return 1
     _step("The timeline, for the postmortem", ["explain", "--run-id", run_id, "--db", DEMO_DB])
-    print(f"\nDone. The run is in {DEMO_DB}; try: loom-ops runs --db {DEMO_DB}")
+    print(f"\nDone. The run is in {DEMO_DB}; try: .venv/bin/loom-ops runs --db {DEMO_DB}")
     return 0
 
 

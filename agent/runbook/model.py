@@ -40,7 +40,7 @@ from pydantic import (
 )
 
 from agent.errors import ParamError, RenderError, RenderLimitError, RunbookError
-from agent.records import Delay
+from agent.records import IDENTITY_PATTERN, Delay
 from agent.runbook.templates import DEFAULT_LIMITS, BoundedSandbox, RenderLimits
 
 __all__ = [
@@ -78,7 +78,7 @@ MAX_PARAM_CHARS = 4096
 SLUG_PATTERN = r"[a-z0-9][a-z0-9_-]{0,62}"
 PARAM_NAME_PATTERN = r"[a-z_][a-z0-9_]{0,31}"
 ENV_NAME_PATTERN = r"[A-Za-z_][A-Za-z0-9_]{0,127}"
-APPROVER_PATTERN = r"[a-z][a-z0-9_]*:\S+"
+APPROVER_PATTERN = IDENTITY_PATTERN
 # `group:<name>` in approvers or starters names every person in a group (agent.people).
 GROUP_ENTRY_PATTERN = rf"group:{SLUG_PATTERN}"
 # `runbook=<id>` in a request names the runbook (agent.runbook.request): no param may be called so.

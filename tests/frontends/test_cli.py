@@ -884,3 +884,10 @@ def test_a_bad_setting_is_named_by_its_environment_variable(cli: Cli) -> None:
     """What a person set is what the error names: LOOM_OPS_MAX_STEPS, not `max_steps`."""
     result = cli("runs", env={"LOOM_OPS_MAX_STEPS": "0"})
     assert_usage_error(result, "bad setting LOOM_OPS_MAX_STEPS:")
+
+
+def test_an_approver_setting_naming_nobody_is_refused(cli: Cli) -> None:
+    """`LOOM_OPS_APPROVERS=cli:$USER` with $USER unset is `cli:`: one line, not a silent
+    narrowing to nobody."""
+    result = cli("runs", env={"LOOM_OPS_APPROVERS": "cli:"})
+    assert_usage_error(result, "bad setting LOOM_OPS_APPROVERS:", "'cli:' must be an identity")
