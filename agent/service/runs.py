@@ -31,6 +31,8 @@ from agent.errors import (
     LoomOpsError,
     PeopleFileError,
     PolicyUnavailable,
+    RunBusy,
+    RunNotRunnable,
     ServiceError,
     StoreError,
     StoreUnavailable,
@@ -323,7 +325,12 @@ class RunService:
             ),
             max_active=self.settings.max_active_runs if capped else None,
         )
-        return await self._drive(run_id, wait, created)
+        try:
+            return await self._drive(run_id, wait, created)
+        except (RunBusy, RunNotRunnable):
+            # Another process on the store (a worker, `serve`) took the new run first and
+            # drives it, or drove it to a wait already: the start happened, the run goes on.
+            return await self.store.get_run(run_id)
 
     @property
     def database(self) -> Database:

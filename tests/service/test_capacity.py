@@ -1,5 +1,6 @@
-"""The active-run cap (LOOM_OPS_MAX_ACTIVE_RUNS) holds across processes sharing a store: the
-count and the creation are one transaction, which every process's creations serialize on."""
+"""Starts beside other processes on one store: the active-run cap (LOOM_OPS_MAX_ACTIVE_RUNS)
+holds across them (the count and the creation are one transaction, which every process's
+creations serialize on), and a run another process takes first is still started."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import RunExists, TooManyRuns
+from agent.records import RunStatus
 from agent.service.runs import RunService
 from agent.settings import Settings
 from tests.support import LATENCY
@@ -62,3 +64,29 @@ async def test_a_start_handled_again_at_the_cap_finds_its_run(
             await service.start("tg-other", LATENCY, capped=True, wait=False)
     finally:
         await service.close()
+
+
+async def test_a_start_another_process_drove_first_returns_the_run_as_it_stands(
+    workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`loom-ops runbook` beside `serve` on one store: serve's loop may claim the new run and
+    drive it to its approval before the CLI claims it. The start happened; the CLI reports
+    the run as it stands instead of failing."""
+    settings = capped_settings(workspace, str(tmp_path / "ops.sqlite"))
+    cli = await RunService.open(settings)
+    other = await RunService.open(settings)
+    try:
+        create_run = cli.store.create_run
+
+        async def created_then_driven_elsewhere(*args: object, **kwargs: object) -> object:
+            run = await create_run(*args, **kwargs)  # type: ignore[arg-type]
+            await other.kernel.drive(run.id)  # the other process wins the claim
+            return run
+
+        monkeypatch.setattr(cli.store, "create_run", created_then_driven_elsewhere)
+        run = await cli.start("by-cli", LATENCY, role="runbook")
+        assert run.status == RunStatus.WAITING_APPROVAL
+        assert (await cli.pending_approval("by-cli")) is not None
+    finally:
+        await cli.close()
+        await other.close()
