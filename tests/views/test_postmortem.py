@@ -14,8 +14,8 @@ from agent.service.runs import RunService
 from agent.settings import Settings
 from agent.views.postmortem import NOT_MITIGATED, postmortem_of
 from agent.views.units import duration
+from tests.alert_harness import alert_settings, alertmanager_body
 from tests.cli_helpers import Cli, assert_usage_error, make_cli_workspace
-from tests.frontends.test_alerts import alert_settings, alertmanager_body
 from tests.http_harness import served
 from tests.support import LATENCY, allow, open_service, write_runbook
 
