@@ -247,6 +247,7 @@ async def main() -> None:
             db=db,
             workspace=directory,
             mock_llm=True,
+            max_active_runs=10_000,  # `--concurrent` incidents are open at once
             telegram_approvers=[str(APPROVER)],  # group:approvers, which the runbooks name
         )
         standin = BotApiStandIn(TOKEN)
@@ -261,6 +262,7 @@ async def main() -> None:
                 api_base_url=server.bot_base_url,
                 group_rate=0,  # the stand-in has no flood limit; measure the bot, not the limiter
                 overall_rate=0,
+                run_rate=0,  # one requester starts every run here: no per-person /run rate
             )
             service = await RunService.open(settings)
             counts = count_store(service.store.db)
