@@ -1,19 +1,25 @@
-"""SqliteDatabase: the embedded engine, one aiosqlite connection in WAL mode.
+"""SqliteDatabase: the embedded engine, one sqlite3 connection in WAL mode.
 
-A transaction runs as one function on the connection's thread with `BEGIN IMMEDIATE`, so
-writers are serialized and the journal's order is its commit order. Other processes sharing
-the file are noticed by polling (the store's journal watch, the workers' claim loop).
+A transaction runs as one function with `BEGIN IMMEDIATE`, so writers are serialized and the
+journal's order is its commit order. One that cannot wait runs right on the event loop's
+thread, without a hop to another thread (most of a dry-run step's cost was that hop): the
+connection is free, the write lock is had without waiting (`busy_timeout` is 0 there) and the
+commit syncs nothing. Anything that may wait runs on the engine's own thread instead: a lock
+another process holds (the loop's attempt, refused at once, runs again there with the busy
+timeout), a synced (`durable`) commit, and the WAL checkpoint, which SQLite would otherwise run
+inside some commit on the loop. Other processes sharing the file are noticed by polling (the
+store's journal watch, the workers' claim loop).
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
-
-import aiosqlite
 
 from agent.errors import StoreError
 from agent.store.database import SQLITE, Connection, migrations, too_new
@@ -22,6 +28,10 @@ T = TypeVar("T")
 
 BUSY_TIMEOUT_MS = 10_000
 MIGRATIONS = "agent.store.migrations"
+# Commits between two WAL checkpoints on the engine's thread (SQLite's own automatic
+# checkpoint is off: it would run inside a commit on the event loop). A step writes about 8
+# pages, so the WAL stays near SQLite's default of 1,000 pages.
+CHECKPOINT_EVERY = 100
 
 
 class SqliteDatabase:
@@ -29,10 +39,14 @@ class SqliteDatabase:
 
     dialect = SQLITE
 
-    def __init__(self, db: aiosqlite.Connection, path: str) -> None:
-        self._db = db
+    def __init__(self, path: str) -> None:
         self.path = path
         self.label = path
+        self._conn: sqlite3.Connection | None = None
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="loom-ops-sqlite")
+        # The connection serves one function at a time, on whichever thread runs it.
+        self._lock = threading.Lock()
+        self._commits = 0  # since the last checkpoint (approximate: either thread counts)
 
     @classmethod
     async def open(cls, path: str) -> SqliteDatabase:
@@ -44,29 +58,40 @@ class SqliteDatabase:
                 raise StoreError(f"cannot open database {path}: {exc.strerror or exc}") from exc
         if Path(path).is_dir():
             raise StoreError(f"cannot open database {path}: it is a directory")
-        connecting = aiosqlite.connect(path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
+        database = cls(path)
         try:
-            db = await connecting
-        except sqlite3.Error as exc:
-            # aiosqlite stops its thread on failure without waiting; wait for it here, or it
-            # may outlive the event loop and die noisily.
-            await asyncio.get_running_loop().run_in_executor(None, connecting._thread.join, 5)
-            raise StoreError(f"cannot open database {path}: {exc}") from exc
-        database = cls(db, path)
-        try:
+            await database._waiting(database._connect)
             for step in (database._check_schema, database._configure, database._migrate):
                 try:
-                    await database._on_thread(step)
+                    await database._waiting(step)
                 except sqlite3.DatabaseError as exc:
                     raise StoreError(f"{path} is not a loom-ops database: {exc}") from exc
         except BaseException:
-            await db.close()
+            await database.close()
             raise
         return database
 
     async def close(self) -> None:
-        """Close the connection."""
-        await self._db.close()
+        """Close the connection and stop the engine's thread."""
+
+        def close() -> None:
+            with self._lock:
+                if self._conn is not None:
+                    self._conn.close()
+                    self._conn = None
+
+        await asyncio.get_running_loop().run_in_executor(self._thread, close)
+        self._thread.shutdown(wait=False)
+
+    def _connect(self, _: None) -> None:
+        try:
+            # Used from the loop's thread and the engine's, never both at once (`_lock`).
+            # No busy timeout but on the engine's thread (`_waiting` sets it there).
+            self._conn = sqlite3.connect(
+                self.path, isolation_level=None, timeout=0, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open database {self.path}: {exc}") from exc
 
     def _check_schema(self, conn: sqlite3.Connection) -> None:
         """Refuse, before writing anything, a database that is newer or not ours."""
@@ -91,13 +116,13 @@ class SqliteDatabase:
     @staticmethod
     def _configure(conn: sqlite3.Connection) -> None:
         conn.row_factory = sqlite3.Row  # rows read by column name, as on PostgreSQL
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA journal_mode = WAL")
         # NORMAL in WAL mode survives any process crash; a power cut can only lose a suffix
         # of recent commits. Commits that must survive even that (the intent of a side
         # effect) ask for `durable=True`, which syncs the WAL and everything before it.
         conn.execute("PRAGMA synchronous = NORMAL")
         conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA wal_autocheckpoint = 0")  # see CHECKPOINT_EVERY
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         shipped = migrations(MIGRATIONS)
@@ -119,16 +144,11 @@ class SqliteDatabase:
 
     async def schema_version(self) -> int:
         """The schema version the file is at."""
-        return await self._on_thread(lambda c: c.execute("PRAGMA user_version").fetchone()[0])
-
-    async def _on_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        # aiosqlite has no public way to run several statements as one unit on its thread; its
-        # `_execute` is what every public method uses. One hop per transaction keeps concurrent
-        # runs' statements out of each other's transactions and keeps the per-step cost low.
-        return await self._db._execute(fn, self._db._conn)
+        return await self.read(lambda c: c.execute("PRAGMA user_version").fetchone()[0])
 
     async def transaction(self, fn: Callable[[Connection], T], durable: bool = False) -> T:
-        """Run `fn` as one `BEGIN IMMEDIATE` transaction on the connection's thread.
+        """Run `fn` as one `BEGIN IMMEDIATE` transaction (on the loop's thread when nothing
+        makes it wait; `fn` may then run a second time, on the engine's thread).
 
         `durable` syncs the commit to disk (synchronous=FULL) before returning. The WAL is
         sequential, so a durable commit also makes every earlier commit durable: after a power
@@ -146,17 +166,56 @@ class SqliteDatabase:
                     conn.execute("ROLLBACK")
                     raise
                 conn.execute("COMMIT")
+                self._commits += 1
                 return result
             finally:
                 if durable:
                     conn.execute("PRAGMA synchronous = NORMAL")
 
-        return await self._on_thread(run)
+        if durable or self._commits >= CHECKPOINT_EVERY:
+            return await self._waiting(run)
+        return await self._at_once(run)
 
     async def read(self, fn: Callable[[Connection], T]) -> T:
-        """Run `fn` on the connection's thread (statements outside a write see a snapshot
-        each; `fn` runs between other transactions, never inside one)."""
-        return await self._on_thread(fn)
+        """Run `fn` between other transactions, never inside one (statements outside a write
+        see a snapshot each)."""
+        return await self._at_once(fn)
+
+    async def _at_once(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` here and now if the connection is free and no lock makes it wait;
+        otherwise on the engine's thread."""
+        conn = self._conn
+        if conn is not None and self._lock.acquire(blocking=False):
+            try:
+                return fn(conn)
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+                    raise
+                # Another process holds the lock: wait for it off the loop (`fn` rolled back).
+            finally:
+                self._lock.release()
+        return await self._waiting(fn)
+
+    async def _waiting(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` on the engine's thread, where it may wait for locks and the disk; then
+        checkpoint the WAL if enough commits have accumulated."""
+
+        def run() -> T:
+            with self._lock:
+                conn = self._conn
+                if conn is None:  # opening: `_connect` makes the connection
+                    return fn(conn)  # type: ignore[arg-type]
+                conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                try:
+                    result = fn(conn)
+                    if self._commits >= CHECKPOINT_EVERY:
+                        self._commits = 0
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    return result
+                finally:
+                    conn.execute("PRAGMA busy_timeout = 0")
+
+        return await asyncio.get_running_loop().run_in_executor(self._thread, run)
 
     def notify(self, conn: Connection, channel: str, payload: str = "") -> None:
         """Nothing: other processes sharing the file poll."""

@@ -8,6 +8,7 @@ import hashlib
 import itertools
 import json
 import sqlite3
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -44,6 +45,7 @@ from agent.store import (
     RunStore,
 )
 from agent.store.database import POSTGRES, SQLITE
+from agent.store.sqlite import CHECKPOINT_EVERY
 from bot.store import ChatStore
 from tests.conftest import postgres_schema
 from tests.support import LATENCY, open_service, raw_rows
@@ -207,23 +209,93 @@ async def test_someone_elses_sqlite_database_is_refused_and_left_untouched(
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
 
 
-async def test_wal_foreign_keys_and_busy_timeout_are_on(tmp_path: Path) -> None:
-    """The file is in WAL mode; the store's own connection enforces foreign keys and waits."""
+async def test_wal_and_foreign_keys_are_on(tmp_path: Path) -> None:
+    """The file is in WAL mode; the store's own connection enforces foreign keys."""
     store = await RunStore.open(tmp_path / "store.sqlite")
     try:
-        db = store.db._db  # type: ignore[attr-defined]
         assert raw_rows(store.label, "PRAGMA journal_mode") == [("wal",)]
         # Per-connection settings can only be read on the store's own connection.
-        async with db.execute("PRAGMA foreign_keys") as cursor:
-            assert tuple(await cursor.fetchone()) == (1,)
-        async with db.execute("PRAGMA busy_timeout") as cursor:
-            row = await cursor.fetchone()
-            assert row is not None and row[0] >= 1000
+        row = await store.db.read(lambda c: c.execute("PRAGMA foreign_keys").fetchone())
+        assert tuple(row) == (1,)
         with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
-            await db.execute(
-                "INSERT INTO events (run_id, idx, ts, type, data, prev_hash, hash) "
-                "VALUES ('no-such-run', 1, 0, 'x', '{}', '', '')"
+            await store.db.transaction(
+                lambda c: c.execute(
+                    "INSERT INTO events (run_id, idx, ts, type, data, prev_hash, hash) "
+                    "VALUES ('no-such-run', 1, 0, 'x', '{}', '', '')"
+                )
             )
+    finally:
+        await store.close()
+
+
+HOLD_THE_WRITE_LOCK = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+conn.execute("COMMIT")
+"""
+
+
+async def test_a_write_waits_off_the_event_loop_for_another_processs_lock(
+    tmp_path: Path,
+) -> None:
+    """A transaction that finds the file locked by another process waits for the lock (it
+    does not fail with "database is locked"), and the event loop goes on meanwhile."""
+    store = await RunStore.open(tmp_path / "store.sqlite")
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", HOLD_THE_WRITE_LOCK, store.label, "0.5",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        assert await holder.stdout.readline() == b"locked\n"
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        written = await store.db.transaction(
+            lambda c: c.execute("UPDATE run_counter SET last_run_no = last_run_no").rowcount
+        )
+        ticker.cancel()
+        assert written == 1
+        assert await holder.wait() == 0  # the holder committed first: the write waited
+        assert ticks >= 10, f"the event loop was blocked while the write waited ({ticks} ticks)"
+    finally:
+        if holder.returncode is None:
+            holder.kill()
+            await holder.wait()
+        await store.close()
+
+
+async def test_the_wal_is_checkpointed_without_sqlites_automatic_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """SQLite's automatic checkpoint is off on the store's connection (it would run inside a
+    commit on the event loop); the store checkpoints on its own thread, so the WAL stays
+    about CHECKPOINT_EVERY commits long however many commits there are."""
+    store = await RunStore.open(tmp_path / "store.sqlite")
+    wal = Path(f"{store.label}-wal")
+
+    def commit(c: Any) -> None:
+        c.execute("UPDATE run_counter SET last_run_no = last_run_no + 1")
+
+    try:
+        row = await store.db.read(lambda c: c.execute("PRAGMA wal_autocheckpoint").fetchone())
+        assert tuple(row) == (0,)
+        for _ in range(CHECKPOINT_EVERY - 1):
+            await store.db.transaction(commit)
+        before_any_checkpoint = wal.stat().st_size
+        for _ in range(10 * CHECKPOINT_EVERY):
+            await store.db.transaction(commit)
+        # Without checkpoints the WAL would be about 11 times as long.
+        assert wal.stat().st_size <= 2.5 * before_any_checkpoint
     finally:
         await store.close()
 
