@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -27,6 +28,12 @@ from agent.store.database import (
 from agent.store.rows import dumps
 
 T = TypeVar("T")
+
+
+@functools.lru_cache(maxsize=256)
+def _origin(text: str) -> Origin:
+    """A run's origin from its row (few distinct ones, parsed once each: every step asks)."""
+    return Origin.from_json(text)
 
 
 class JournalWatch:
@@ -227,6 +234,9 @@ class StoreBase:
             events = [*head.carried_events, *events]
             run_updates = {**head.carried_updates, **(run_updates or {})}
             head.carried_events, head.carried_updates = [], {}
+            carried = run_updates.get("checkpoint")
+            if isinstance(carried, Checkpoint):  # not replaced by a later one: write it now
+                run_updates["checkpoint"] = carried.to_json()
         updates: dict[str, Any] = {}
         if head.run_no is None and events:  # the run's first event: it takes its number now
             head.run_no = updates["run_no"] = self._next_run_no(conn)
@@ -359,7 +369,8 @@ class StoreBase:
                 )
 
         self._check_at_end(in_flight)
-        updates: dict[str, Any] = {"checkpoint": checkpoint.to_json()}
+        # Carried, the checkpoint is serialized only if no later write replaces it.
+        updates: dict[str, Any] = {"checkpoint": checkpoint if carry else checkpoint.to_json()}
         if result.pin is not None:
             updates["runbook_id"] = result.pin.runbook_id
             self._pin_runbook(conn, run_id, result.pin)
@@ -433,7 +444,7 @@ class StoreBase:
         approval request's reminder or escalation goes there (see bot.outbox).
         """
         head = self._head(conn, run_id)
-        origin = Origin.from_json(head.origin)
+        origin = _origin(head.origin)
         target = dumps({"chat_id": origin.chat_id, "thread_id": origin.thread_id})
 
         def insert(kind: ChatNotice, payload: dict[str, Any], to: str = target) -> None:
