@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-script demo-cli test lint bench clean
+.PHONY: demo demo-script demo-cli test lint bench bench-smoke clean
 
 $(BIN)/loom-ops: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,17 @@ bench: $(BIN)/loom-ops
 	$(BIN)/python bench/scale.py
 	$(BIN)/python bench/decision.py
 	$(BIN)/python bench/soak.py
+
+# Every benchmark once at a tiny size (about 30 s): what CI runs so that none rots unnoticed.
+# Its figures mean nothing at these sizes.
+bench-smoke: $(BIN)/loom-ops
+	$(BIN)/python bench/kernel.py --big 20 --small 5 --live 2
+	$(BIN)/python bench/redaction.py --steps 10
+	$(BIN)/python bench/supervise.py --runs 1
+	$(BIN)/python bench/bot.py --runs 2 --concurrent 2
+	$(BIN)/python bench/http.py --runs 50 --streams 5 --clients 2 --incidents 2 --seconds 0.5
+	$(BIN)/python bench/scale.py --quick --runs 4 --workers 1 --rounds 1
+	$(BIN)/python bench/decision.py --runs 2
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
