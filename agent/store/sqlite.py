@@ -6,8 +6,9 @@ thread, without a hop to another thread (most of a dry-run step's cost was that 
 connection is free, the write lock is had without waiting (`busy_timeout` is 0 there) and the
 commit syncs nothing. Anything that may wait runs on the engine's own thread instead: a lock
 another process holds (the loop's attempt, refused at once, runs again there with the busy
-timeout), a synced (`durable`) commit, and the WAL checkpoint, which SQLite would otherwise run
-inside some commit on the loop. Other processes sharing the file are noticed by polling (the
+timeout), a synced (`durable`) commit, the WAL checkpoint, which SQLite would otherwise run
+inside some commit on the loop, and the first commit after it (which starts the WAL over and
+syncs its header). Other processes sharing the file are noticed by polling (the
 store's journal watch, the workers' claim loop).
 """
 
@@ -47,6 +48,10 @@ class SqliteDatabase:
         # The connection serves one function at a time, on whichever thread runs it.
         self._lock = threading.Lock()
         self._commits = 0  # since the last checkpoint (approximate: either thread counts)
+        # The next commit may start the WAL over (a new file, or one just checkpointed whole),
+        # which writes and syncs its header: it runs on the engine's thread.
+        self._restart_due = True
+        self._closed = False
 
     @classmethod
     async def open(cls, path: str) -> SqliteDatabase:
@@ -72,14 +77,22 @@ class SqliteDatabase:
         return database
 
     async def close(self) -> None:
-        """Close the connection and stop the engine's thread."""
+        """Checkpoint what this process wrote, close the connection and stop the engine's
+        thread (a second close does nothing)."""
 
         def close() -> None:
             with self._lock:
                 if self._conn is not None:
+                    # Another process may keep the file open, so SQLite would not checkpoint
+                    # at close: short-lived writers (CLI commands) would grow the WAL forever.
+                    if self._commits:
+                        self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
                     self._conn.close()
                     self._conn = None
 
+        if self._closed:
+            return
+        self._closed = True
         await asyncio.get_running_loop().run_in_executor(self._thread, close)
         self._thread.shutdown(wait=False)
 
@@ -167,12 +180,13 @@ class SqliteDatabase:
                     raise
                 conn.execute("COMMIT")
                 self._commits += 1
+                self._restart_due = False
                 return result
             finally:
                 if durable:
                     conn.execute("PRAGMA synchronous = NORMAL")
 
-        if durable or self._commits >= CHECKPOINT_EVERY:
+        if durable or self._restart_due or self._commits >= CHECKPOINT_EVERY:
             return await self._waiting(run)
         return await self._at_once(run)
 
@@ -184,6 +198,7 @@ class SqliteDatabase:
     async def _at_once(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn` here and now if the connection is free and no lock makes it wait;
         otherwise on the engine's thread."""
+        self._check_open()
         conn = self._conn
         if conn is not None and self._lock.acquire(blocking=False):
             try:
@@ -199,23 +214,30 @@ class SqliteDatabase:
     async def _waiting(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn` on the engine's thread, where it may wait for locks and the disk; then
         checkpoint the WAL if enough commits have accumulated."""
+        self._check_open()
 
         def run() -> T:
             with self._lock:
                 conn = self._conn
-                if conn is None:  # opening: `_connect` makes the connection
-                    return fn(conn)  # type: ignore[arg-type]
+                if conn is None:
+                    self._check_open()  # (closed while this waited for the lock)
+                    return fn(conn)  # type: ignore[arg-type]  # opening: `_connect`
                 conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
                 try:
                     result = fn(conn)
                     if self._commits >= CHECKPOINT_EVERY:
                         self._commits = 0
                         conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                        self._restart_due = True
                     return result
                 finally:
                     conn.execute("PRAGMA busy_timeout = 0")
 
         return await asyncio.get_running_loop().run_in_executor(self._thread, run)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError(f"database {self.label} is closed")
 
     def notify(self, conn: Connection, channel: str, payload: str = "") -> None:
         """Nothing: other processes sharing the file poll."""
