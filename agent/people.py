@@ -13,20 +13,23 @@ pure functions of the loaded `People`, which the kernel's decision rules are giv
 
 from __future__ import annotations
 
-import difflib
+import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import PeopleFileError, RunbookError
 from agent.settings import Settings
 
 if TYPE_CHECKING:
     import yaml
+    from pydantic import ValidationError
+
+    # pydantic models, built on first use (`_file_models`): typed loosely here.
+    PersonEntry = Any
+    PeopleFile = Any
 
 __all__ = [
     "APPROVERS_GROUP",
@@ -63,79 +66,95 @@ class _At(ValueError):
         self.loc = loc
 
 
-class PersonEntry(BaseModel):
-    """One person of the people file: a name, an identity per front end, groups, rights."""
+@functools.cache
+def _file_models() -> dict[str, Any]:
+    """The people file's models, `PersonEntry` and `PeopleFile`: built (and pydantic imported)
+    when a file is first read, since most commands never read one (CLI start-up)."""
+    from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    class PersonEntry(BaseModel):
+        """One person of the people file: a name, an identity per front end, groups, rights."""
 
-    name: str = Field(pattern=f"^{NAME_PATTERN}$")
-    cli: str | None = Field(None, pattern=f"^{LOGIN_PATTERN}$")
-    telegram: int | None = Field(None, gt=0, strict=True)
-    # `api:<name>`: the service token's LOOM_OPS_API_USER (`api: http`) deciding as this
-    # person, or a token's name. Tokens made with `loom-ops tokens` are theirs without it.
-    api: str | None = Field(None, pattern=f"^{TOKEN_NAME_PATTERN}$")
-    groups: list[str] = Field(default_factory=list)
-    # A shared operations login: its CLI user may decide for another person with --as.
-    may_act_for_others: bool = Field(default=False, strict=True)
+        model_config = ConfigDict(extra="forbid", frozen=True)
 
-    @field_validator("groups")
-    @classmethod
-    def _group_names(cls, value: list[str]) -> list[str]:
-        for index, group in enumerate(value):
-            if not re.fullmatch(NAME_PATTERN, group):
-                raise _At((index,), f"group name {group!r} must match {NAME_PATTERN}")
-        return value
+        name: str = Field(pattern=f"^{NAME_PATTERN}$")
+        cli: str | None = Field(None, pattern=f"^{LOGIN_PATTERN}$")
+        telegram: int | None = Field(None, gt=0, strict=True)
+        # `api:<name>`: the service token's LOOM_OPS_API_USER (`api: http`) deciding as this
+        # person, or a token's name. Tokens made with `loom-ops tokens` are theirs without it.
+        api: str | None = Field(None, pattern=f"^{TOKEN_NAME_PATTERN}$")
+        groups: list[str] = Field(default_factory=list)
+        # A shared operations login: its CLI user may decide for another person with --as.
+        may_act_for_others: bool = Field(default=False, strict=True)
 
-    def identities(self) -> list[str]:
-        """This person's identities as deciders are recorded (`cli:sam`, `telegram:42`)."""
-        return [
-            f"{kind}:{value}"
-            for kind in IDENTITY_KINDS
-            if (value := getattr(self, kind)) is not None
-        ]
+        @field_validator("groups")
+        @classmethod
+        def _group_names(cls, value: list[str]) -> list[str]:
+            for index, group in enumerate(value):
+                if not re.fullmatch(NAME_PATTERN, group):
+                    raise _At((index,), f"group name {group!r} must match {NAME_PATTERN}")
+            return value
 
+        def identities(self) -> list[str]:
+            """This person's identities as deciders are recorded (`cli:sam`, `telegram:42`)."""
+            return [
+                f"{kind}:{value}"
+                for kind in IDENTITY_KINDS
+                if (value := getattr(self, kind)) is not None
+            ]
 
-class PeopleFile(BaseModel):
-    """The validated people file: each name and each identity belongs to one person."""
+    class PeopleFile(BaseModel):
+        """The validated people file: each name and each identity belongs to one person."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+        model_config = ConfigDict(extra="forbid", frozen=True)
 
-    people: list[PersonEntry] = Field(default_factory=list)
+        people: list[PersonEntry] = Field(default_factory=list)
 
-    @model_validator(mode="after")
-    def _one_person_each(self) -> PeopleFile:
-        names: dict[str, int] = {}
-        owners: dict[str, int] = {}
-        problems: list[tuple[tuple[str | int, ...], str]] = []
-        for index, person in enumerate(self.people):
-            if person.name in names:
-                also = f"people[{names[person.name]}]"
-                problems.append(
-                    (("people", index, "name"), f"duplicate name {person.name!r} (also {also})")
-                )
-            names.setdefault(person.name, index)
-            for kind in IDENTITY_KINDS:
-                value = getattr(person, kind)
-                if value is None:
-                    continue
-                identity = f"{kind}:{value}"
-                if identity in owners:
-                    other = self.people[owners[identity]].name
+        @model_validator(mode="after")
+        def _one_person_each(self) -> PeopleFile:
+            names: dict[str, int] = {}
+            owners: dict[str, int] = {}
+            problems: list[tuple[tuple[str | int, ...], str]] = []
+            for index, person in enumerate(self.people):
+                if person.name in names:
+                    also = f"people[{names[person.name]}]"
                     problems.append(
-                        ((("people", index, kind)), f"{identity} is already {other}'s identity")
+                        (("people", index, "name"), f"duplicate name {person.name!r} (also {also})")
                     )
-                owners.setdefault(identity, index)
-        if problems:
-            raise _At(*problems[0])  # the earliest: one line, as a person fixes them
-        return self
+                names.setdefault(person.name, index)
+                for kind in IDENTITY_KINDS:
+                    value = getattr(person, kind)
+                    if value is None:
+                        continue
+                    identity = f"{kind}:{value}"
+                    if identity in owners:
+                        other = self.people[owners[identity]].name
+                        problems.append(
+                            ((("people", index, kind)), f"{identity} is already {other}'s identity")
+                        )
+                    owners.setdefault(identity, index)
+            if problems:
+                raise _At(*problems[0])  # the earliest: one line, as a person fixes them
+            return self
+
+    return {"PersonEntry": PersonEntry, "PeopleFile": PeopleFile}
+
+
+def __getattr__(name: str) -> Any:
+    """`PersonEntry` and `PeopleFile`, as if defined here (see `_file_models`)."""
+    if name in ("PersonEntry", "PeopleFile"):
+        return _file_models()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_people_file(path: Path) -> PeopleFile:
     """Read and validate a people file; any problem is one PeopleFileError naming the file,
     the line and the field."""
+    from pydantic import ValidationError
+
     try:
         root, document = _read(path)
-        return PeopleFile.model_validate(document)
+        return _file_models()["PeopleFile"].model_validate(document)
     except ValidationError as exc:
         raise _first_error(path, root, exc) from None
     except PeopleFileError:
@@ -178,7 +197,9 @@ def _first_error(path: Path, root: yaml.Node, exc: ValidationError) -> PeopleFil
 
 
 def _unknown_field(loc: Sequence[object]) -> str:
-    model: type[BaseModel] = PersonEntry if len(loc) == 3 else PeopleFile
+    import difflib
+
+    model = _file_models()["PersonEntry" if len(loc) == 3 else "PeopleFile"]
     name = str(loc[-1])
     close = difflib.get_close_matches(name, list(model.model_fields), n=1, cutoff=0.6)
     return f"unknown field {name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")

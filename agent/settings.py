@@ -1,25 +1,33 @@
-"""Settings: environment variables with the `LOOM_OPS_` prefix, a `.env` file, then CLI flags."""
+"""Settings: environment variables with the `LOOM_OPS_` prefix, a `.env` file, then CLI flags.
+
+A settings model is declared as a pydantic model is (`Field`, `field_validator`, ...) and keeps
+pydantic's rules, messages and `ValidationError`, but pydantic itself is imported only for a
+value outside the plain forms settings come in (text from the environment, values of their
+own type): every command builds settings, and importing pydantic would cost each one about a
+third of its start-up (`loom-ops runs` in a shell loop; issue 14).
+"""
 
 from __future__ import annotations
 
+import codecs
+import copy
 import getpass
+import inspect
+import json
+import os
 import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated
-
-from pydantic import (
-    AliasChoices,
-    Field,
-    SecretStr,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypedDict
 
 from agent.chain import AuditKey, Keyring
 from agent.failpoints import Failpoints
 from agent.records import IDENTITY_PATTERN, Delay
+
+if TYPE_CHECKING:
+    from typing import Self
+
+    from pydantic import ValidationError
 
 
 def _os_user() -> str:
@@ -47,28 +55,485 @@ def _first_line(path: Path) -> str:
     return lines[0].strip() if lines else ""
 
 
-def setting_name(model: type[BaseSettings], field: str) -> str:
+# -- the environment and the `.env` file ---------------------------------------------------------
+
+ENV_FILE = ".env"  # read from the current directory, after the environment
+
+
+def env_names(model: type[EnvSettings], field: str) -> list[str]:
+    """The environment variables a settings field is read from, the first choice first: its
+    aliases, else the model's prefix and the field's name."""
+    info = model.model_fields.get(field)
+    if info is not None and info.validation_alias is not None:
+        return list(info.validation_alias.choices)
+    return [f"{model.model_config.get('env_prefix', '')}{field}".upper()]
+
+
+def setting_name(model: type[EnvSettings], field: str) -> str:
     """The environment variable a settings field is read from (what an error should name):
     its alias's first choice, else the model's prefix and the field's name."""
-    info = model.model_fields.get(field)
-    alias = info.validation_alias if info is not None else None
-    if isinstance(alias, AliasChoices) and isinstance(alias.choices[0], str):
-        return alias.choices[0]
-    if isinstance(alias, str):
-        return alias
-    return f"{model.model_config.get('env_prefix', '')}{field}".upper()
+    return env_names(model, field)[0]
 
 
-class Settings(BaseSettings):
+# One `KEY=value` entry of a dotenv file, as python-dotenv (which pydantic-settings used) reads
+# it (each part taken whole, hence the possessive `*+`): `export`, quotes (multi-line ones
+# too), comments. A line that is no entry is skipped.
+_DOTENV_ENTRY = re.compile(
+    r"""\s*+(?:export[^\S\r\n]+)?+
+    (?:'(?P<quoted_key>[^']+)'|(?P<key>(?!')[^=\#\s]+))[^\S\r\n]*+
+    (?:(?P<equals>=[^\S\r\n]*+)
+        (?:'(?P<single>(?:\\[\s\S]|[^'\\])*)'
+          |"(?P<double>(?:\\[\s\S]|[^"\\])*)"
+          |(?P<bare>(?!['"])[^\r\n]*)))?
+    (?:[^\S\r\n]*\#[^\r\n]*)?[^\S\r\n]*(?:\r\n|\n|\r|$)""",
+    re.VERBOSE,
+)
+_SINGLE_QUOTED_ESCAPES = re.compile(r"\\[\\']")
+_DOUBLE_QUOTED_ESCAPES = re.compile(r"\\[\\'\"abfnrtv]")
+_VARIABLE = re.compile(r"\$\{(?P<name>[^}:]*)(?::-(?P<default>[^}]*))?\}")
+
+
+def read_env_file(path: Path) -> dict[str, str | None]:
+    """The variables a dotenv file sets (None: a name without `=`), each `${NAME}` or
+    `${NAME:-default}` in a value taken from the file's earlier lines, else the environment.
+    ValueError (one line) when it cannot be read."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise ValueError(f"cannot read {path}: {reason}") from None
+    values: dict[str, str | None] = {}
+    at = 0
+    while at < len(text):
+        entry = _DOTENV_ENTRY.match(text, at)
+        if entry is None:  # a comment, or a line that is no entry
+            newline = text.find("\n", at)
+            at = len(text) if newline < 0 else newline + 1
+            continue
+        at = entry.end()
+        values[entry["quoted_key"] or entry["key"]] = _dotenv_value(entry, values)
+    return values
+
+
+def _dotenv_value(entry: re.Match[str], earlier: dict[str, str | None]) -> str | None:
+    if entry["equals"] is None:
+        return None
+    if entry["single"] is not None:
+        value = _unescape(_SINGLE_QUOTED_ESCAPES, entry["single"])
+    elif entry["double"] is not None:
+        value = _unescape(_DOUBLE_QUOTED_ESCAPES, entry["double"])
+    elif len(entry["equals"]) > 1 and entry["bare"].startswith("#"):
+        value = ""  # `KEY= # a comment`: the value is empty
+    else:
+        value = re.sub(r"\s+#.*", "", entry["bare"]).rstrip()
+    if "${" not in value:
+        return value
+    known: dict[str, str | None] = {**os.environ, **earlier}
+    return _VARIABLE.sub(
+        lambda m: (known[m["name"]] if m["name"] in known else m["default"]) or "", value
+    )
+
+
+def _unescape(escapes: re.Pattern[str], value: str) -> str:
+    return escapes.sub(lambda m: codecs.decode(m.group(0), "unicode-escape"), value)
+
+
+# -- fields, validators and errors, as pydantic has them ----------------------------------------
+
+
+class AliasChoices:
+    """The names a field is read from, as keyword arguments and environment variables, the
+    first choice first (pydantic's `AliasChoices`)."""
+
+    def __init__(self, *choices: str) -> None:
+        self.choices: list[str] = list(choices)
+
+
+class SecretStr:
+    """A secret's value, shown as asterisks (pydantic's `SecretStr`): `get_secret_value()`
+    reads it."""
+
+    __slots__ = ("_secret",)
+
+    def __init__(self, secret: str) -> None:
+        self._secret = secret
+
+    def get_secret_value(self) -> str:
+        """The secret itself."""
+        return self._secret
+
+    def __eq__(self, other: object) -> bool:
+        secret = getattr(other, "get_secret_value", None)  # pydantic's SecretStr too
+        return callable(secret) and self._secret == secret()
+
+    def __hash__(self) -> int:
+        return hash(self._secret)
+
+    def __len__(self) -> int:
+        return len(self._secret)
+
+    def __str__(self) -> str:
+        return "**********" if self._secret else ""
+
+    def __repr__(self) -> str:
+        return f"SecretStr('{self}')"
+
+
+# The annotations a settings field may have (each also as `X | None`).
+_KINDS = ("str", "int", "float", "bool", "Path", "SecretStr", "list[str]", "list[int]")
+
+
+class FieldInfo:
+    """A settings field: its type (`annotation`, as written), default and constraints."""
+
+    def __init__(
+        self,
+        default: Any,
+        default_factory: Callable[[], Any] | None,
+        ge: float | None,
+        gt: float | None,
+        le: float | None,
+        pattern: str | None,
+        validation_alias: AliasChoices | None,
+        description: str,
+    ) -> None:
+        self.annotation = ""  # set when its model is declared
+        self.default = default
+        self.default_factory = default_factory
+        self.ge, self.gt, self.le, self.pattern = ge, gt, le, pattern
+        self.validation_alias = validation_alias
+        self.description = description
+        # pydantic's `$` is the end of the text; Python's also matches before a final newline.
+        self._pattern = re.compile(re.sub(r"\$$", r"\\Z", pattern)) if pattern else None
+        self._adapter: Any = None  # pydantic's validator of this field, made when first needed
+
+    def default_value(self) -> Any:
+        """The value of a field left out."""
+        return self.default_factory() if self.default_factory is not None else self.default
+
+    def typed(self, name: str, value: Any) -> Any:
+        """`value` as a value of this field: what pydantic would make of it, or _Refused with
+        pydantic's errors."""
+        plain = self._plain(value)
+        return plain if plain is not _UNSURE else self._by_pydantic(name, value)
+
+    def _plain(self, value: Any) -> Any:
+        # The forms settings come in, checked here; any other (or a value out of bounds)
+        # goes to pydantic, for its verdict and its words.
+        nullable = self.annotation.endswith(" | None")
+        if value is None and nullable:
+            return None
+        kind = self.annotation.removesuffix(" | None")
+        typed = _plain_value(kind, value)
+        if typed is _UNSURE:
+            return _UNSURE
+        bounded = isinstance(typed, int | float) and not isinstance(typed, bool)
+        if bounded and (
+            (self.ge is not None and not typed >= self.ge)
+            or (self.gt is not None and not typed > self.gt)
+            or (self.le is not None and not typed <= self.le)
+        ):
+            return _UNSURE
+        if self._pattern is not None and not (typed.isascii() and self._pattern.search(typed)):
+            return _UNSURE  # (beyond ASCII, pydantic's regex engine may see `\s` otherwise)
+        return typed
+
+    def _by_pydantic(self, name: str, value: Any) -> Any:
+        from pydantic import TypeAdapter, ValidationError
+
+        if self._adapter is None:
+            self._adapter = TypeAdapter(self._pydantic_type())
+        try:
+            typed = self._adapter.validate_python(value)
+        except ValidationError as exc:
+            raise _Refused([{**e, "loc": (name, *e["loc"])} for e in exc.errors()]) from None
+        secret = getattr(typed, "get_secret_value", None)
+        return SecretStr(secret()) if callable(secret) else typed
+
+    def _pydantic_type(self) -> Any:
+        from typing import Annotated
+
+        import pydantic
+
+        kind = self.annotation.removesuffix(" | None")
+        python: Any = {
+            "str": str,
+            "int": int,
+            "float": float,
+            "bool": bool,
+            "Path": Path,
+            "SecretStr": pydantic.SecretStr,
+            "list[str]": list[str],
+            "list[int]": list[int],
+        }[kind]
+        if self.annotation.endswith(" | None"):
+            python = python | None
+        bounds = {"ge": self.ge, "gt": self.gt, "le": self.le, "pattern": self.pattern}
+        return Annotated[
+            python, pydantic.Field(**{k: v for k, v in bounds.items() if v is not None})
+        ]
+
+
+def Field(  # pydantic's name: a settings model reads as a pydantic model
+    default: Any = None,
+    *,
+    default_factory: Callable[[], Any] | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    pattern: str | None = None,
+    validation_alias: AliasChoices | None = None,
+    description: str = "",
+) -> Any:
+    """A settings field: pydantic's `Field`, with the arguments settings use."""
+    return FieldInfo(default, default_factory, ge, gt, le, pattern, validation_alias, description)
+
+
+_UNSURE: Any = object()  # a form left to pydantic
+_DIGITS = re.compile(r"[0-9]{1,18}")
+_DECIMAL = re.compile(r"[0-9]{1,15}(?:\.[0-9]{1,15})?")
+_BOOLEANS = {
+    **dict.fromkeys(("0", "off", "f", "false", "n", "no"), False),
+    **dict.fromkeys(("1", "on", "t", "true", "y", "yes"), True),
+}
+_EXACT_FLOATS = 2**53  # an int beyond is no float pydantic would make the same
+
+
+def _plain_value(kind: str, value: Any) -> Any:
+    """`value` as pydantic makes a value of `kind` from it, for the plain forms (text as the
+    environment gives it, a value of the type itself); _UNSURE for any other form."""
+    given = type(value)
+    if kind == "str" and given is str:
+        return value
+    if kind == "int":
+        if given is int:
+            return value
+        if given is str and _DIGITS.fullmatch(value):
+            return int(value)
+    elif kind == "float":
+        if given is float or (given is int and abs(value) < _EXACT_FLOATS):
+            return float(value)
+        if given is str and _DECIMAL.fullmatch(value):
+            return float(value)
+    elif kind == "bool":
+        if given is bool:
+            return value
+        if given is str and value.isascii():
+            return _BOOLEANS.get(value.lower(), _UNSURE)
+    elif kind == "Path" and (given is str or isinstance(value, Path)):
+        return Path(value)
+    elif kind == "SecretStr":
+        if given is str:
+            return SecretStr(value)
+        if given is SecretStr:
+            return value
+    elif kind.startswith("list[") and given is list:
+        item = str if kind == "list[str]" else int
+        if all(type(each) is item for each in value):
+            return list(value)
+    return _UNSURE
+
+
+class _Refused(Exception):
+    """A field's value refused, with pydantic's error details."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__(errors)
+        self.errors = errors
+
+
+def _validation_error(title: str, errors: list[dict[str, Any]]) -> ValidationError:
+    """pydantic's ValidationError: pydantic-core words an error of its own types from the
+    type and context; one of pydantic's (`path_type`) keeps the message it came with."""
+    from typing import get_args
+
+    from pydantic_core import PydanticCustomError, ValidationError, core_schema
+
+    core = get_args(core_schema.ErrorType)
+    details: list[Any] = []
+    for e in errors:
+        detail = {key: e[key] for key in ("type", "loc", "input", "ctx") if key in e}
+        if e["type"] not in core:
+            detail = {"type": PydanticCustomError(e["type"], e["msg"]), "loc": e["loc"]}
+            detail["input"] = e["input"]
+        details.append(detail)
+    return ValidationError.from_exception_data(title, details)
+
+
+class ValidationInfo:
+    """What a validator is told besides the value (pydantic's `ValidationInfo`): `data`, the
+    fields validated before this one."""
+
+    def __init__(self, data: dict[str, Any], field_name: str | None = None) -> None:
+        self.data = data
+        self.field_name = field_name
+
+
+def field_validator(
+    *fields: str, mode: Literal["before", "after"] = "after"
+) -> Callable[[Any], Any]:
+    """Validate these fields with the decorated classmethod, pydantic's way: `before` on the
+    value as given (the latest declared first), `after` on the typed one (in declared order);
+    a ValueError refuses the value with its message."""
+
+    def mark(method: Any) -> Any:
+        target = method.__func__ if isinstance(method, classmethod) else method
+        target.__settings_validator__ = (fields, mode)
+        return method
+
+    return mark
+
+
+def model_validator(*, mode: Literal["after"]) -> Callable[[Any], Any]:
+    """Run the decorated method on the model once every field is valid."""
+
+    def mark(method: Any) -> Any:
+        method.__settings_validator__ = ((), mode)
+        return method
+
+    return mark
+
+
+class EnvConfig(TypedDict, total=False):
+    """A settings model's config."""
+
+    env_prefix: str  # before the name of a field without aliases
+
+
+class EnvSettings:
+    """A settings model: fields not given as arguments (by name or alias) are read from the
+    environment, else from the `.env` file (`_env_file` names another, None none), else take
+    their defaults, which are validated too; other arguments are ignored. A field is read from
+    its aliases (the first one set wins), a field without any from the config's `env_prefix`
+    and its name, in any case; lists arrive as text, for the fields' validators to split.
+    Refused values raise pydantic's ValidationError."""
+
+    model_config: ClassVar[EnvConfig] = EnvConfig()
+    model_fields: ClassVar[dict[str, FieldInfo]] = {}
+    _before: ClassVar[dict[str, list[Callable[..., Any]]]] = {}
+    _after: ClassVar[dict[str, list[Callable[..., Any]]]] = {}
+    _model_after: ClassVar[list[Callable[..., Any]]] = []
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        fields = dict(cls.model_fields)
+        for name, annotation in inspect.get_annotations(cls).items():
+            if str(annotation).startswith("ClassVar"):
+                continue
+            info = cls.__dict__.get(name)
+            kind = str(annotation).removesuffix(" | None")
+            if not isinstance(info, FieldInfo) or kind not in _KINDS:
+                raise TypeError(f"{cls.__name__}.{name}: declare it `: <{_KINDS}> = Field(...)`")
+            info.annotation = str(annotation)
+            fields[name] = info
+            delattr(cls, name)  # read from instances only, as pydantic's fields are
+        cls.model_fields = fields
+        cls._before = {name: [] for name in fields}
+        cls._after = {name: [] for name in fields}
+        cls._model_after = []
+        for attribute in cls.__dict__.values():
+            function = attribute.__func__ if isinstance(attribute, classmethod) else attribute
+            names, mode = getattr(function, "__settings_validator__", (None, None))
+            if names is None:
+                continue
+            if not names:
+                cls._model_after.append(function)
+            for name in names:
+                if mode == "before":
+                    cls._before[name].insert(0, getattr(cls, function.__name__))
+                else:
+                    cls._after[name].append(getattr(cls, function.__name__))
+
+    def __init__(self, _env_file: str | Path | None = ENV_FILE, **values: Any) -> None:
+        values = self._from_environment(values, _env_file)
+        data: dict[str, Any] = {}
+        errors: list[dict[str, Any]] = []
+        for name, field in self.model_fields.items():
+            given = self._given(name, field, values)
+            try:
+                data[name] = self._validated(name, field, given, ValidationInfo(data, name))
+            except _Refused as refused:
+                errors += refused.errors
+            except ValueError as exc:
+                errors.append(
+                    {"type": "value_error", "loc": (name,), "input": given, "ctx": {"error": exc}}
+                )
+        if errors:
+            raise _validation_error(type(self).__name__, errors)
+        self.__dict__.update(data)
+        for validator in self._model_after:
+            try:
+                validator(self)
+            except ValueError as exc:
+                error = {"type": "value_error", "loc": (), "input": values, "ctx": {"error": exc}}
+                raise _validation_error(type(self).__name__, [error]) from None
+
+    @staticmethod
+    def _given(name: str, field: FieldInfo, values: Mapping[str, Any]) -> Any:
+        """The value given for a field, by an alias (as pydantic prefers) or its name, else its
+        default."""
+        for key in (*(field.validation_alias.choices if field.validation_alias else ()), name):
+            if key in values:
+                return values[key]
+        return field.default_value()
+
+    def _validated(self, name: str, field: FieldInfo, value: Any, info: ValidationInfo) -> Any:
+        for validator in self._before[name]:
+            value = _call(validator, value, info)
+        value = field.typed(name, value)
+        for validator in self._after[name]:
+            value = _call(validator, value, info)
+        return value
+
+    @classmethod
+    def _from_environment(
+        cls, values: dict[str, Any], env_file: str | Path | None
+    ) -> dict[str, Any]:
+        """`values` with each field they leave out that the environment or the file sets."""
+        environment = {name.lower(): value for name, value in os.environ.items()}
+        path = Path(env_file).expanduser() if env_file is not None else None
+        found = read_env_file(path) if path and (path.is_file() or path.is_fifo()) else {}
+        dotenv = {name.lower(): value for name, value in found.items()}
+        merged = dict(values)
+        for field in cls.model_fields:
+            names = env_names(cls, field)
+            if field in values or any(name in values for name in names):
+                continue
+            for source in (environment, dotenv):
+                value = next(
+                    (source[n.lower()] for n in names if source.get(n.lower()) is not None), None
+                )
+                if value is not None:
+                    merged[field] = value
+                    break
+        return merged
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy, with `update`'s values set as they are (not validated), as pydantic's."""
+        copied = object.__new__(type(self))
+        copied.__dict__.update(copy.deepcopy(self.__dict__) if deep else self.__dict__)
+        copied.__dict__.update(update or {})
+        return copied
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.__dict__ == self.__dict__
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={value!r}" for name, value in self.__dict__.items())
+        return f"{type(self).__name__}({shown})"
+
+
+def _call(validator: Callable[..., Any], value: Any, info: ValidationInfo) -> Any:
+    """A validator called as pydantic calls it: with the info when it takes one."""
+    function = getattr(validator, "__func__", validator)
+    takes_info = function.__code__.co_argcount > 2  # (cls, value, info)
+    return validator(value, info) if takes_info else validator(value)
+
+
+class Settings(EnvSettings):
     """Every knob of loom-ops; `.env.example` documents each one."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="LOOM_OPS_",
-        env_file=".env",
-        extra="ignore",
-        validate_default=True,
-        populate_by_name=True,
-    )
+    model_config = EnvConfig(env_prefix="LOOM_OPS_")
 
     db: str = Field(
         "ops.sqlite",
@@ -90,12 +555,12 @@ class Settings(BaseSettings):
     approval_timeout: float = Field(
         1800.0, gt=0, description="Seconds an approval request stays open before it expires."
     )
-    approvers: Annotated[list[str], NoDecode] = Field(
+    approvers: list[str] = Field(
         default_factory=list,
         description="Who may decide anywhere; non-empty, it narrows every other list (empty: "
         "the people file and the runbooks say).",
     )
-    telegram_approvers: Annotated[list[str], NoDecode] = Field(
+    telegram_approvers: list[str] = Field(
         default_factory=list,
         validation_alias=AliasChoices("TELEGRAM_APPROVER_IDS", "LOOM_OPS_TELEGRAM_APPROVER_IDS"),
         description="Telegram user ids who may decide: with LOOM_OPS_APPROVERS, group:approvers.",
@@ -110,9 +575,8 @@ class Settings(BaseSettings):
         description="When a pending approval escalates to LOOM_OPS_ESCALATE_TO (as "
         "remind_after); empty: never.",
     )
-    escalate_to: Annotated[list[str], NoDecode] = Field(
-        default_factory=list,
-        validate_default=True,  # checked against escalate_after even when left out
+    escalate_to: list[str] = Field(
+        default_factory=list,  # checked against escalate_after even when left out
         description="Who is added as deciders at escalate_after: groups or identities.",
     )
     people_file: Path | None = Field(
@@ -128,7 +592,7 @@ class Settings(BaseSettings):
         None, description="MCP servers and tool mapping; default <workspace>/ops.mcp.json."
     )
     output_cap: int = Field(64 * 1024, ge=1024, description="Bytes kept of a command's output.")
-    redact_patterns: Annotated[list[str], NoDecode] = Field(
+    redact_patterns: list[str] = Field(
         default_factory=list, description="Extra regexes whose matches are redacted."
     )
     lease_ttl: float = Field(30.0, gt=0, description="Seconds a run's lease lasts without beat.")
@@ -143,7 +607,7 @@ class Settings(BaseSettings):
         description="Who decisions made through the HTTP API are recorded as.",
     )
     host: str = Field("127.0.0.1", description="Address `loom-ops serve` binds.")
-    public_hosts: Annotated[list[str], NoDecode] = Field(
+    public_hosts: list[str] = Field(
         default_factory=list,
         description="Host names `serve` answers besides loopback and its bind address "
         "(a reverse proxy's name, a Prometheus target's): others are refused (DNS rebinding).",
@@ -192,7 +656,7 @@ class Settings(BaseSettings):
         description="The incident chat alert cards go to (unset: the first group chat in "
         "TELEGRAM_ALLOWED_CHAT_IDS).",
     )
-    telegram_chats: Annotated[list[str], NoDecode] = Field(
+    telegram_chats: list[str] = Field(
         default_factory=list,
         validation_alias=AliasChoices(
             "TELEGRAM_ALLOWED_CHAT_IDS", "LOOM_OPS_TELEGRAM_ALLOWED_CHAT_IDS"
@@ -251,10 +715,16 @@ class Settings(BaseSettings):
     @field_validator("approvers", "redact_patterns", "public_hosts", "escalate_to", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
-        # A comma-separated env value is friendlier than JSON for a list of names.
-        if isinstance(value, str) and not value.lstrip().startswith("["):
-            return [item.strip() for item in value.split(",") if item.strip()]
-        return value
+        # A comma-separated env value is friendlier than JSON for a list of names; JSON is
+        # there for items with a comma (a regex like `a{1,3}`).
+        if not isinstance(value, str):
+            return value
+        if value.lstrip().startswith("["):
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not a JSON list: {exc}") from None
+        return [item.strip() for item in value.split(",") if item.strip()]
 
     @field_validator("approvers")
     @classmethod

@@ -4,10 +4,8 @@ network call. The bot token itself lives in the shared settings so every front e
 from __future__ import annotations
 
 import re
-from typing import Annotated
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from agent.settings import AliasChoices, EnvSettings, Field, SecretStr, field_validator
 
 TELEGRAM_BOT_API = "https://api.telegram.org/bot"
 # What @BotFather hands out: the bot's numeric id, a colon, then the secret part.
@@ -18,19 +16,15 @@ def _alias(name: str) -> AliasChoices:
     return AliasChoices(name, f"LOOM_OPS_{name}")
 
 
-class TelegramSettings(BaseSettings):
+class TelegramSettings(EnvSettings):
     """Which chats the bot serves, who may decide approvals, and how it talks to the Bot API."""
 
-    model_config = SettingsConfigDict(
-        env_file=".env", extra="ignore", validate_default=True, populate_by_name=True
-    )
-
-    allowed_chat_ids: Annotated[list[int], NoDecode] = Field(
+    allowed_chat_ids: list[int] = Field(
         default_factory=list,
         validation_alias=_alias("TELEGRAM_ALLOWED_CHAT_IDS"),
         description="Comma-separated chat ids the bot serves; every other chat is refused.",
     )
-    approver_ids: Annotated[list[int], NoDecode] = Field(
+    approver_ids: list[int] = Field(
         default_factory=list,
         validation_alias=_alias("TELEGRAM_APPROVER_IDS"),
         description="Comma-separated Telegram user ids who may decide approvals.",

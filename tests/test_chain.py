@@ -14,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import SecretStr
 
 from agent.chain import AuditKey, Keyring, canonical_json, event_hash, verify_chain
 from agent.records import Checkpoint, Decision, Origin, RunLimits, RunStatus
 from agent.redaction import Redactor
 from agent.service.runs import RunService
-from agent.settings import Settings
+from agent.settings import SecretStr, Settings
 from agent.store import NewRun, RunStore
 from agent.views.summary import render_summary, summary_of
 from tests.bot_harness import (

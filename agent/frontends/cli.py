@@ -6,8 +6,8 @@ cancelled or expired (or was interrupted), or the machine failed (disk, network,
 its kind's (`EXIT_CODES`).
 
 Start-up is part of the interface (`loom-ops runs` in a shell loop): a command imports what it
-needs when it runs, so listing runs never pays for the runbook model, the kernel, httpx or the
-views' templates.
+needs when it runs, so listing runs never pays for pydantic, the runbook model, the kernel,
+httpx or the views' templates.
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
-
-from pydantic import ValidationError
 
 from agent.errors import (
     AllowlistError,
@@ -389,7 +387,7 @@ def _no_worker(parser: argparse.ArgumentParser) -> None:
 
 
 def _host_port(value: str) -> tuple[str, int]:
-    from bot.settings import parse_host_port  # plain pydantic: no Telegram packages
+    from bot.settings import parse_host_port  # no Telegram packages, no pydantic
 
     try:
         return parse_host_port(value)
@@ -405,7 +403,11 @@ def _settings(args: argparse.Namespace) -> Settings:
             overrides[name] = value
     try:
         return Settings(**overrides)
-    except ValidationError as exc:
+    except ValueError as exc:
+        from pydantic import ValidationError  # imported only when a setting is refused
+
+        if not isinstance(exc, ValidationError):  # the .env file could not be read
+            raise UsageError(f"bad settings: {exc}") from None
         first = exc.errors()[0]
         field = str(first["loc"][0]) if first["loc"] else "?"
         # Named as the person gave it: the flag, else the environment variable.

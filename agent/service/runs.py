@@ -2,8 +2,9 @@
 
 Front ends call its commands (start, resume, decide, cancel) and the queries they need (a run,
 its tree, its journal, the processes serving the store), never the store or the kernel. What
-only driving a run needs (the kernel, the toolbox, the policy, the runbook model) is built on
-first use, so a command that only reads starts in a fraction of the time.
+only driving a run needs (the kernel, the toolbox, the policy, the runbook model), and the
+audit verifier, are imported and built on first use, so a command that only reads starts in a
+fraction of the time.
 """
 
 from __future__ import annotations
@@ -70,17 +71,17 @@ from agent.run.approvals import (
 from agent.run.host import HostIdentity, this_host
 from agent.run.leases import new_owner_id, owner_is_dead
 from agent.runbook.request import MAX_REQUEST_BYTES
-from agent.service.audit import StoreReport, TreeReport, audit_store, audit_tree
 from agent.settings import Settings
 from agent.store import Database, JournalWatch, MetricsSnapshot, NewRun, RunStore
 from agent.store.database import is_postgres_url, sqlite_path
-from agent.store.journal import AuditAnchor
 
 if TYPE_CHECKING:
-    # Built on first use (see the module's docstring): named here for the type checker only.
+    # Imported on first use (see the module's docstring): named here for the type checker.
     from agent.policy.base import Policy
     from agent.run.kernel import RunKernel
     from agent.runbook.model import RunbookCatalog
+    from agent.service.audit import StoreReport, TreeReport
+    from agent.store.journal import AuditAnchor
     from agent.tools.toolbox import Toolbox
 
 log = logging.getLogger(__name__)
@@ -966,6 +967,8 @@ class RunService:
         this process holds, the rows views read against the journal, and the tree's head
         against one published outside the store when given. `keyed_since` (else the
         setting) is the run number the key is in force from."""
+        from agent.service.audit import audit_tree
+
         snapshot = await self.store.audit_snapshot(run_id)
         return audit_tree(
             snapshot, run_id, self.settings.audit_keys(), self._keyed_since(keyed_since), published
@@ -974,6 +977,8 @@ class RunService:
     async def verify_all_audit(self, keyed_since: int | None = None) -> StoreReport:
         """Verify every run (as `verify_audit` does) and the global run numbering, over one
         snapshot; a run that cannot be judged with the keys held is reported, not fatal."""
+        from agent.service.audit import audit_store
+
         snapshot = await self.store.audit_snapshot()
         keys = self.settings.audit_keys()
         return audit_store(snapshot, keys, self._keyed_since(keyed_since))

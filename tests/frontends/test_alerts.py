@@ -13,14 +13,13 @@ from typing import Any
 
 import httpx
 import pytest
-from pydantic import SecretStr
 
 from agent.errors import ServiceError
 from agent.frontends.alerts import AlertmanagerBody, alertmanager_notice
 from agent.http_server import HttpServer
 from agent.service.alerts import AlertService
 from agent.service.runs import RunService
-from agent.settings import Settings
+from agent.settings import SecretStr, Settings
 from tests.alert_harness import alert_settings, alertmanager_body
 from tests.bot_harness import (
     ALICE,

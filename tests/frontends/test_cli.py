@@ -891,3 +891,9 @@ def test_an_approver_setting_naming_nobody_is_refused(cli: Cli) -> None:
     narrowing to nobody."""
     result = cli("runs", env={"LOOM_OPS_APPROVERS": "cli:"})
     assert_usage_error(result, "bad setting LOOM_OPS_APPROVERS:", "'cli:' must be an identity")
+def test_an_env_file_that_is_no_text_is_one_line(cli: Cli) -> None:
+    (cli.workspace / ".env").write_bytes(b"LOOM_OPS_DB=\xff\xfe\n")
+    result = cli("runs")
+    assert_usage_error(result, "bad settings: cannot read .env:", "can't decode")
+
+

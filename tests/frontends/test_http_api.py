@@ -21,13 +21,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from pydantic import SecretStr
 
 from agent.errors import ServingRefused
 from agent.frontends import http_api, serving
 from agent.records import Decision
 from agent.service.runs import RunService
-from agent.settings import Settings
+from agent.settings import SecretStr, Settings
 from agent.store import JournalWatch
 from tests.cli_helpers import LOOM_OPS, Cli, assert_usage_error
 from tests.http_harness import (

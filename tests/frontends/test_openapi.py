@@ -21,10 +21,9 @@ from typing import Any
 import httpx
 import jsonschema
 import pytest
-from pydantic import SecretStr
 
 from agent.events import EventType
-from agent.settings import Settings
+from agent.settings import SecretStr, Settings
 from tests.conftest import make_workspace
 from tests.http_harness import ServeProcess, free_port, served, sse_events
 from tests.support import DISK, LATENCY

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from pydantic import SecretStr
 from starlette.applications import Starlette
 from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
 from agent.http_server import HttpServer
-from agent.settings import Settings
+from agent.settings import SecretStr, Settings
 from tests.http_harness import served, wait_for_approval
 from tests.support import DISK
 

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from pydantic import SecretStr
 
 from agent.frontends.serving import check_telegram
-from agent.settings import Settings
+from agent.settings import SecretStr, Settings
 from tests.bot_harness import (
     ALICE,
     BOB,

@@ -11,12 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from pydantic import SecretStr
 
 from agent.errors import ServiceError
 from agent.records import Decision, RunStatus
 from agent.service.runs import RunService
-from agent.settings import Settings
+from agent.settings import SecretStr, Settings
 from tests.cli_helpers import REPO, Cli, make_cli_workspace
 from tests.openai_standin import html_page, http_error, serve, tool_reply
 

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import SecretStr
-
 from agent.chain import first_broken_link
 from agent.policy.base import PolicyContext, PolicyDecision
 from agent.records import Decision, RunStatus
 from agent.service.runs import RunService
-from agent.settings import Settings
+from agent.settings import SecretStr, Settings
 from agent.views.explain import render_timeline
 from agent.views.summary import render_summary, summary_of
 from agent.views.trace import render_trace, trace_of
