@@ -1,9 +1,9 @@
 """PostgresDatabase: the shared engine, for several processes on several machines.
 
 psycopg 3, because one driver gives both halves we need: its plain (blocking) connections run
-the store's transaction functions unchanged on pool threads, exactly as aiosqlite runs them on
-its thread, and its async connection receives LISTEN/NOTIFY. (asyncpg would have meant a second,
-async copy of every transaction in the store.)
+the store's transaction functions unchanged on pool threads, exactly as the SQLite engine runs
+them on its connection, and its async connection receives LISTEN/NOTIFY. (asyncpg would have
+meant a second, async copy of every transaction in the store.)
 
 Transactions run at REPEATABLE READ: each sees one snapshot, and two that write the same row
 conflict, the later one being run again (so a read-then-write of a row is never lost). The
