@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from agent.errors import (
-    AllowlistError,
     DeciderRefused,
     ErrorKind,
     LoomOpsError,
@@ -151,7 +150,7 @@ class _Version(argparse.Action):
 
 
 def _run_id(parser: argparse.ArgumentParser, what: str) -> None:
-    """A run id as the first word (`loom-ops explain inc-001`) or, as before, `--run-id`."""
+    """A run id as the first word (`loom-ops explain inc-001`) or as `--run-id`."""
     parser.add_argument("run_id", nargs="?", metavar="RUN_ID", help=what)
     parser.add_argument(
         "--run-id", dest="run_id_flag", metavar="RUN_ID", help="the same, as a flag"
@@ -361,7 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--person", required=True, help="the person's name in the people file")
     p.add_argument(
         "--name",
-        help="the token's name; decisions are recorded as api:NAME (default: PERSON-xxxxxx)",
+        help="the token's name; decisions are recorded as api:NAME (default: the person's "
+        "name, a hyphen and 6 random hex digits, e.g. sam-3f9a0c)",
     )
     _common(p)
     p = actions.add_parser("list", help="every token: name, person, created, revoked (no secret)")
@@ -690,11 +690,14 @@ async def _cmd_runs(service: RunService, args: argparse.Namespace) -> int:
     if not rows:
         print("no runs")
         return EXIT_OK
-    print(f"{'RUN':<24} {'STATUS':<17} {'STARTED (UTC)':<17} {'RUNBOOK':<24} REQUEST")
+    # Columns as wide as their longest value (a child's id is its root's and more).
+    ids = max(24, *(len(run.id) for run, _, _ in rows))
+    books = max(24, *(len(runbook_id or "-") for _, _, runbook_id in rows))
+    print(f"{'RUN':<{ids}} {'STATUS':<17} {'STARTED (UTC)':<17} {'RUNBOOK':<{books}} REQUEST")
     for run, status, runbook_id in rows:
         started = time.strftime("%Y-%m-%d %H:%M", time.gmtime(run.created_at))
         print(
-            f"{run.id:<24} {status:<17} {started:<17} {runbook_id or '-':<24} "
+            f"{run.id:<{ids}} {status:<17} {started:<17} {runbook_id or '-':<{books}} "
             f"{' '.join(run.request.split())[:60]}"
         )
     return EXIT_OK
@@ -1193,26 +1196,22 @@ async def _validate(settings: Settings, path: Path, as_json: bool) -> int:
     the params' defaults, within the bounds), commands no allowlist rule admits (errors when
     LOOM_OPS_ALLOW_SHELL=1, warnings otherwise), and MCP tools no configured server offers
     (the servers used are started for their `tools/list`: see agent.tools.mcp_check); a
-    runbook an MCP error fails is listed as `error <id>: <reason>` beside the `ok` ones."""
+    runbook an MCP error fails is listed as `error <id>: <reason>` beside the `ok` ones.
+    An allowlist file that is missing or unreadable is named as doctor names it: an error
+    when LOOM_OPS_ALLOW_SHELL=1, else a warning, except that dry-run needs no allowlist."""
+    from agent.frontends.doctor import read_allowlist
     from agent.runbook.model import validate_runbooks
-    from agent.tools.allowlist import ShellAllowlist
     from agent.tools.mcp_check import check_mcp_tools, mcp_uses
 
     live = settings.allow_shell
     errors: list[str] = []
     warnings: list[str] = []
-    try:
-        allowlist: ShellAllowlist | None = ShellAllowlist.load(settings.allowlist_path)
-    except AllowlistError as exc:
-        allowlist = None
-        (errors if live else warnings).append(str(exc))
-    if allowlist is not None and not allowlist.found:
-        allowlist = None
-        if live:  # dry-run never reads it: only `loom-ops doctor` mentions it then
-            errors.append(
-                f"no allowlist at {settings.allowlist_path}: with LOOM_OPS_ALLOW_SHELL=1 every "
-                "command is refused"
-            )
+    allowlist, problem = read_allowlist(settings)  # doctor's words, and its severities...
+    missing = allowlist is not None and not allowlist.found
+    if problem is not None and (live or not missing):  # ...but dry-run needs no allowlist
+        (errors if live else warnings).append(problem)
+    if missing:
+        allowlist = None  # one line above, not one per command
     reports = validate_runbooks(path, allowlist, live_shell=live)
     for report in reports:
         errors += [str(e) for e in report.errors]

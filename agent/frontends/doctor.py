@@ -126,26 +126,36 @@ async def _audit_key(settings: Settings) -> Finding:
 # -- runbooks and the shell allowlist -----------------------------------------------------------
 
 
-def _allowlist(settings: Settings) -> tuple[ShellAllowlist | None, list[Finding]]:
-    """The allowlist in force (None when it cannot be read) and what is wrong with it."""
+def read_allowlist(settings: Settings) -> tuple[ShellAllowlist | None, str | None]:
+    """The allowlist in force (None when it cannot be read) and what is wrong with it (None:
+    nothing), in the words doctor and `runbooks validate` both use."""
     path = settings.allowlist_path
-    severity: Severity = "error" if settings.allow_shell else "warning"
     try:
         allowlist = ShellAllowlist.load(path)
     except AllowlistError as exc:
-        return None, [Finding(severity, "allowlist", f"{exc}; fix the file")]
+        return None, f"{exc}; fix the file"
     if not allowlist.found:
-        return allowlist, [
-            Finding(
-                severity,
-                "allowlist",
-                f"no allowlist at {path}: every live command would be refused "
-                "(create it, or set LOOM_OPS_SHELL_ALLOWLIST)",
-            )
-        ]
+        return allowlist, (
+            f"no allowlist at {path}: every live command would be refused "
+            "(create it, or set LOOM_OPS_SHELL_ALLOWLIST)"
+        )
+    return allowlist, None
+
+
+def _allowlist(settings: Settings) -> tuple[ShellAllowlist | None, list[Finding]]:
+    """The allowlist in force (None when it cannot be read) and what is wrong with it."""
+    allowlist, problem = read_allowlist(settings)
+    if problem is not None:
+        severity: Severity = "error" if settings.allow_shell else "warning"
+        return allowlist, [Finding(severity, "allowlist", problem)]
+    assert allowlist is not None  # read, and found
     live = "live shell on" if settings.allow_shell else "dry-run: LOOM_OPS_ALLOW_SHELL is off"
     return allowlist, [
-        Finding("ok", "allowlist", f"{path}: {len(allowlist.rules)} rule(s) ({live})")
+        Finding(
+            "ok",
+            "allowlist",
+            f"{settings.allowlist_path}: {len(allowlist.rules)} rule(s) ({live})",
+        )
     ]
 
 
@@ -263,11 +273,16 @@ def _who_is_who(settings: Settings, people: People, persons: Sequence[Person]) -
 def _empty_groups(
     settings: Settings, people: People, persons: Sequence[Person], runbooks: Sequence[Runbook]
 ) -> list[Finding]:
-    """Groups runbooks (or LOOM_OPS_APPROVERS) name that no person is in. A warning: the
-    list may admit someone else; a list left with nobody is the approvers' or starters' error."""
+    """Groups runbooks (or LOOM_OPS_APPROVERS, LOOM_OPS_ESCALATE_TO) name that no person is
+    in. A warning: the list may admit someone else; a list left with nobody is the approvers'
+    or starters' error (an escalation to nobody adds no decider: the request goes on)."""
     named: dict[str, list[str]] = {}
     for runbook in runbooks:
-        for kind, entries in (("approvers", runbook.approvers), ("starters", runbook.starters)):
+        for kind, entries in (
+            ("approvers", runbook.approvers),
+            ("starters", runbook.starters),
+            ("escalation.escalate_to", runbook.escalation.escalate_to),
+        ):
             for entry in entries:
                 if _is_group(entry):
                     named.setdefault(entry, []).append(f"{runbook.id} ({kind})")
@@ -276,9 +291,13 @@ def _empty_groups(
             for entry in rule.from_ if rule else ():
                 if _is_group(entry):
                     named.setdefault(entry, []).append(f"{runbook.id} (step {step.id} approval)")
-    for entry in settings.approvers:
-        if _is_group(entry):
-            named.setdefault(entry, []).append("LOOM_OPS_APPROVERS")
+    for setting, entries in (
+        ("LOOM_OPS_APPROVERS", settings.approvers),
+        ("LOOM_OPS_ESCALATE_TO", settings.escalate_to),
+    ):
+        for entry in entries:
+            if _is_group(entry):
+                named.setdefault(entry, []).append(setting)
     members = {g for p in persons for g in p.groups}
     where = people.source or settings.people_path
     findings = []

@@ -135,12 +135,17 @@ def summary_of(tree: RunTree) -> RunSummary:
     summary = RunSummary(run=run, duration=duration(end - run.created_at), tree=tree.runs)
     errors: list[str] = []
     for member in tree.runs:
+        # A tool's own words (an MCP error) that the run's error quotes again: said once.
+        quoted: list[str] = []
         for call in tree.calls_of(member.id):
             if call.status in ("error", "refused"):
                 where = f" ({member.role})" if member is not run else ""
                 line = f"{call.tool} {call.step_id or ''}: {_detail(call)}".strip() + where
                 errors.append(line)
-        if member.error:
+                said = (call.outcome or {}).get("error")
+                if said:
+                    quoted.append(str(said))
+        if member.error and not any(said in member.error for said in quoted):
             errors.append(member.error)
     executing = executing_runs(tree)
     if executing:

@@ -572,6 +572,19 @@ def test_runs_shows_one_row_per_incident_and_all_adds_the_children(cli: Cli) -> 
     assert [r["run_id"] for r in one] == ["single"]
 
 
+def test_runs_all_aligns_its_columns_under_long_child_run_ids(cli: Cli) -> None:
+    root = "incident-with-a-long-id"  # its children's ids are longer still
+    assert cli("supervise", LATENCY, "--run-id", root, "--mock-llm").returncode == 0
+    table = cli("runs", "--all")
+    assert table.returncode == 0, table.describe()
+    header, *rows = table.stdout.splitlines()
+    assert len(rows) == 4 and any(len(row.split()[0]) > 24 for row in rows), rows
+    for column in ("STATUS", "STARTED (UTC)", "RUNBOOK", "REQUEST"):
+        at = header.index(column)
+        for row in rows:  # each value starts where its heading does, after a space
+            assert row[at - 1] == " " and row[at] != " ", (column, header, row)
+
+
 def test_status_lists_children_and_a_decide_command_that_works_when_pasted(cli: Cli) -> None:
     assert cli("supervise", LATENCY, "--run-id", "st", "--mock-llm").returncode == 0
     status = cli("status", "st")
@@ -674,6 +687,7 @@ def test_read_commands_before_any_run_answer_without_creating_the_database(cli: 
 # -- a live run never starts from a guess ------------------------------------------------------
 
 LIVE = {"LOOM_OPS_ALLOW_SHELL": "1"}
+MCP_LIVE = {"LOOM_OPS_ALLOW_MCP": "1"}
 
 
 def test_live_run_from_a_fuzzy_match_is_refused_naming_runbook_params_and_yes(
@@ -879,10 +893,71 @@ def test_validate_refuses_allowlist_gaps_when_live_shell_is_on(gappy: Cli) -> No
     assert "no allowlist at" in missing.stderr_lines()[0]
 
 
+MCP_TEST_SERVER = Path(__file__).resolve().parents[1] / "mcp_servers" / "ops_server.py"
+REFUSING = """\
+id: refusing
+title: Calls a tool that refuses
+triggers: [refusing]
+steps:
+  - id: ask
+    title: Ask the tool
+    mcp: {tool: ops.refuse, arguments: {reason: disk full}}
+"""
+
+
+def test_a_failed_mcp_tools_error_is_listed_once(cli: Cli) -> None:
+    (cli.workspace / "runbooks" / "refusing.yaml").write_text(REFUSING)
+    server = {"command": sys.executable, "args": [str(MCP_TEST_SERVER)]}
+    (cli.workspace / "ops.mcp.json").write_text(json.dumps({"mcpServers": {"ops": server}}))
+    result = cli("runbook", "refusing", "--run-id", "mcp-1", "--mock-llm", env=MCP_LIVE)
+    assert result.returncode == 1, result.describe()
+    errors = result.stdout.split("\nErrors:\n")[1].split("\n\n")[0].splitlines()
+    assert len(errors) == 1 and errors[0].startswith("  - execute_step ask: MCP server ops"), errors
+    assert errors[0].endswith(": Error executing tool refuse"), errors  # the server's words
+
+
+def test_a_token_made_without_a_name_is_named_as_its_help_says(cli: Cli) -> None:
+    helped = subprocess.run(
+        [LOOM_OPS, "tokens", "create", "--help"], capture_output=True, text=True, check=True
+    )
+    assert "the person's name, a hyphen and 6 random hex digits" in " ".join(helped.stdout.split())
+    made = cli("tokens", "create", "--person", "sam", "--json")
+    assert made.returncode == 0, made.describe()
+    assert re.fullmatch(r"sam-[0-9a-f]{6}", made.json()["token"]["name"]), made.stdout
+
+
+def _doctor_says(cli: Cli, check: str, env: dict[str, str] | None = None) -> list[str]:
+    payload = cli("doctor", "--json", "--mock-llm", env=env).json()
+    return [f["message"] for f in payload["findings"] if f["check"] == check]
+
+
+def test_validate_names_a_missing_or_unreadable_allowlist_in_doctors_words(gappy: Cli) -> None:
+    allowlist = gappy.workspace / "ops.shell.allowlist.json"
+    allowlist.unlink()
+    [missing] = _doctor_says(gappy, "allowlist", env=LIVE)
+    live = gappy("runbooks", "validate", env=LIVE)
+    assert live.returncode == 2 and live.stderr_lines() == [f"loom-ops: {missing}"], live.describe()
+    dry = gappy("runbooks", "validate")  # dry-run needs no allowlist: nothing to say
+    assert (dry.returncode, dry.stderr) == (0, ""), dry.describe()
+
+    allowlist.write_text("{not json")
+    [unreadable] = _doctor_says(gappy, "allowlist")
+    dry = gappy("runbooks", "validate")
+    assert dry.returncode == 0 and dry.stderr_lines() == [f"loom-ops: warning: {unreadable}"]
+    live = gappy("runbooks", "validate", env=LIVE)
+    assert live.returncode == 2 and live.stderr_lines() == [f"loom-ops: {unreadable}"]
+
+
 def test_a_bad_setting_is_named_by_its_environment_variable(cli: Cli) -> None:
     """What a person set is what the error names: LOOM_OPS_MAX_STEPS, not `max_steps`."""
     result = cli("runs", env={"LOOM_OPS_MAX_STEPS": "0"})
     assert_usage_error(result, "bad setting LOOM_OPS_MAX_STEPS:")
+
+
+def test_an_env_file_that_is_no_text_is_one_line(cli: Cli) -> None:
+    (cli.workspace / ".env").write_bytes(b"LOOM_OPS_DB=\xff\xfe\n")
+    result = cli("runs")
+    assert_usage_error(result, "bad settings: cannot read .env:", "can't decode")
 
 
 def test_an_approver_setting_naming_nobody_is_refused(cli: Cli) -> None:
@@ -890,9 +965,3 @@ def test_an_approver_setting_naming_nobody_is_refused(cli: Cli) -> None:
     narrowing to nobody."""
     result = cli("runs", env={"LOOM_OPS_APPROVERS": "cli:"})
     assert_usage_error(result, "bad setting LOOM_OPS_APPROVERS:", "'cli:' must be an identity")
-def test_an_env_file_that_is_no_text_is_one_line(cli: Cli) -> None:
-    (cli.workspace / ".env").write_bytes(b"LOOM_OPS_DB=\xff\xfe\n")
-    result = cli("runs")
-    assert_usage_error(result, "bad settings: cannot read .env:", "can't decode")
-
-

@@ -415,6 +415,32 @@ def test_a_group_no_person_is_in_is_named_and_a_list_left_with_nobody_is_an_erro
     ]
 
 
+ESCALATING = """\
+id: escalating-drill
+title: Escalates to a group
+triggers: [escalating drill]
+escalation: {escalate_after: 10m, escalate_to: [group:nightshift, cli:oncall]}
+steps:
+  - id: gated
+    title: Gated
+    note: nothing happens
+    approval: required
+"""
+
+
+def test_an_escalation_to_a_group_nobody_is_in_is_named(cli: Cli) -> None:
+    (cli.workspace / "runbooks" / "escalating-drill.yaml").write_text(ESCALATING)
+    escalation = {"LOOM_OPS_ESCALATE_AFTER": "30m", "LOOM_OPS_ESCALATE_TO": "group:dayshift"}
+    result = cli("doctor", "--mock-llm", env=escalation)
+    where = cli.workspace / "people.yaml"
+    assert [w for w in findings(result, "warning", "people") if "shift " in w] == [
+        "group:dayshift is named by LOOM_OPS_ESCALATE_TO but no person is in it: add it to a "
+        f"person's groups in {where}",
+        "group:nightshift is named by escalating-drill (escalation.escalate_to) but no person "
+        f"is in it: add it to a person's groups in {where}",
+    ]
+
+
 def test_the_approver_settings_fill_group_approvers(cli: Cli) -> None:
     _people(cli, "people:\n  - name: lee\n    cli: lee\n    groups: [leads]\n")
     alone = cli("doctor", "--mock-llm")
