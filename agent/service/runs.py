@@ -58,7 +58,6 @@ from agent.records import (
     RunTree,
     VoteOutcome,
 )
-from agent.redaction import Redactor
 from agent.run.approvals import (
     check_decider,
     counted_persons,
@@ -78,6 +77,7 @@ from agent.store.database import is_postgres_url, sqlite_path
 if TYPE_CHECKING:
     # Imported on first use (see the module's docstring): named here for the type checker.
     from agent.policy.base import Policy
+    from agent.redaction import Redactor
     from agent.run.kernel import RunKernel
     from agent.runbook.model import RunbookCatalog
     from agent.service.audit import StoreReport, TreeReport
@@ -139,13 +139,20 @@ class RunService:
         # API token name -> its person's name, as last read from the store: token identities
         # (`api:<name>`) are people's identities too (see `people`).
         self._token_people: dict[str, str] = {}
-        self.redactor = Redactor(settings.redact_patterns, settings.secret_values())
         self._injected = policy
         self._policies: dict[str, Policy] = {}  # other policies runs were started with, by name
         self.owner = new_owner_id()  # this process instance, as the leases it takes name it
         self._drives: dict[str, asyncio.Task[RunRecord]] = {}
         self.drive_ended = asyncio.Event()  # a slot for another run is free
         self._side_tasks: set[asyncio.Task[None]] = set()
+
+    @functools.cached_property
+    def redactor(self) -> Redactor:
+        """What hides secrets in what runs journal and show (built on first use: a command
+        that only reads never compiles its patterns)."""
+        from agent.redaction import Redactor
+
+        return Redactor(self.settings.redact_patterns, self.settings.secret_values())
 
     @classmethod
     async def open(
