@@ -8,8 +8,8 @@ commit syncs nothing. Anything that may wait runs on the engine's own thread ins
 another process holds (the loop's attempt, refused at once, runs again there with the busy
 timeout), a synced (`durable`) commit, the WAL checkpoint, which SQLite would otherwise run
 inside some commit on the loop, and the first commit after it (which starts the WAL over and
-syncs its header). Other processes sharing the file are noticed by polling (the
-store's journal watch, the workers' claim loop).
+syncs its header). Reads run there too: a read has no bound on its size. Other processes
+sharing the file are noticed by polling (the store's journal watch, the workers' claim loop).
 """
 
 from __future__ import annotations
@@ -192,8 +192,9 @@ class SqliteDatabase:
 
     async def read(self, fn: Callable[[Connection], T]) -> T:
         """Run `fn` between other transactions, never inside one (statements outside a write
-        see a snapshot each)."""
-        return await self._at_once(fn)
+        see a snapshot each), on the engine's thread: a read has no bound on its size (an
+        export, a long run's journal), and SQLite lets the loop run while it reads there."""
+        return await self._waiting(fn)
 
     async def _at_once(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn` here and now if the connection is free and no lock makes it wait;
