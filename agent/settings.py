@@ -69,10 +69,41 @@ def env_names(model: type[EnvSettings], field: str) -> list[str]:
     return [f"{model.model_config.get('env_prefix', '')}{field}".upper()]
 
 
-def setting_name(model: type[EnvSettings], field: str) -> str:
-    """The environment variable a settings field is read from (what an error should name):
-    its alias's first choice, else the model's prefix and the field's name."""
-    return env_names(model, field)[0]
+def setting_name(
+    model: type[EnvSettings], field: str, env_file: str | Path | None = ENV_FILE
+) -> str:
+    """The variable an error about a settings field should name: the one it was read from,
+    as the person wrote it (the environment first, then the `.env` file), else its first
+    name."""
+    names = env_names(model, field)
+    try:
+        found = _lookup(names, _sources(env_file))
+    except ValueError:  # the file cannot be read: an error says so, not this
+        found = None
+    return found[0] if found is not None else names[0]
+
+
+# A name as the environment or the file spells it, and its value (None: set without `=`).
+_Source = dict[str, tuple[str, str | None]]
+
+
+def _sources(env_file: str | Path | None) -> tuple[_Source, _Source]:
+    """Where settings are read from, in order: the environment, then the `.env` file; each
+    by lower-cased name (names are read in any case)."""
+    environment = {name.lower(): (name, value) for name, value in os.environ.items()}
+    path = Path(env_file).expanduser() if env_file is not None else None
+    found = read_env_file(path) if path and (path.is_file() or path.is_fifo()) else {}
+    return environment, {name.lower(): (name, value) for name, value in found.items()}
+
+
+def _lookup(names: list[str], sources: tuple[_Source, ...]) -> tuple[str, str] | None:
+    """The first of `names` set in the first source that sets any: (name as written, value)."""
+    for source in sources:
+        for name in names:
+            written, value = source.get(name.lower(), (name, None))
+            if value is not None:
+                return written, value
+    return None
 
 
 # One `KEY=value` entry of a dotenv file, as python-dotenv (which pydantic-settings used) reads
@@ -98,10 +129,13 @@ def read_env_file(path: Path) -> dict[str, str | None]:
     `${NAME:-default}` in a value taken from the file's earlier lines, else the environment.
     ValueError (one line) when it cannot be read."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # (a BOM, as Windows editors write, is none)
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise ValueError(f"cannot read {path}: {reason}") from None
+    if "\0" in text:  # no setting may hold one (no path, no URL): refused here, in one line
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise ValueError(f"cannot read {path}: line {line} holds a NUL character")
     values: dict[str, str | None] = {}
     at = 0
     while at < len(text):
@@ -290,6 +324,9 @@ def Field(  # pydantic's name: a settings model reads as a pydantic model
 
 
 _UNSURE: Any = object()  # a form left to pydantic
+# The password of a URL's `user:password@` (a database URL's): never shown in a repr.
+_URL_PASSWORD = re.compile(r"(://[^/\s:@']+):[^/\s@']+@")
+_MASKED = r"\1:***@"
 _DIGITS = re.compile(r"[0-9]{1,18}")
 _DECIMAL = re.compile(r"[0-9]{1,15}(?:\.[0-9]{1,15})?")
 _BOOLEANS = {
@@ -490,22 +527,15 @@ class EnvSettings:
         cls, values: dict[str, Any], env_file: str | Path | None
     ) -> dict[str, Any]:
         """`values` with each field they leave out that the environment or the file sets."""
-        environment = {name.lower(): value for name, value in os.environ.items()}
-        path = Path(env_file).expanduser() if env_file is not None else None
-        found = read_env_file(path) if path and (path.is_file() or path.is_fifo()) else {}
-        dotenv = {name.lower(): value for name, value in found.items()}
+        sources = _sources(env_file)
         merged = dict(values)
         for field in cls.model_fields:
             names = env_names(cls, field)
             if field in values or any(name in values for name in names):
                 continue
-            for source in (environment, dotenv):
-                value = next(
-                    (source[n.lower()] for n in names if source.get(n.lower()) is not None), None
-                )
-                if value is not None:
-                    merged[field] = value
-                    break
+            found = _lookup(names, sources)
+            if found is not None:
+                merged[field] = found[1]
         return merged
 
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
@@ -519,7 +549,10 @@ class EnvSettings:
         return type(other) is type(self) and other.__dict__ == self.__dict__
 
     def __repr__(self) -> str:
-        shown = ", ".join(f"{name}={value!r}" for name, value in self.__dict__.items())
+        shown = ", ".join(
+            f"{name}={_URL_PASSWORD.sub(_MASKED, repr(value))}"
+            for name, value in self.__dict__.items()
+        )
         return f"{type(self).__name__}({shown})"
 
 

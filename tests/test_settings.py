@@ -161,3 +161,112 @@ def test_a_copy_takes_its_update_as_given_and_a_secret_never_shows() -> None:
     assert (copied.max_steps, settings.max_steps, copied.api_token) == (0, 3, settings.api_token)
     assert "s3cret" not in repr(settings) and "s3cret" not in str(settings.api_token)
     assert Settings.model_fields["db"].default == "ops.sqlite"
+
+
+# -- as a team writes them, and as an adversary does ---------------------------------------------
+
+
+def _loom_ops(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`loom-ops ARGS` in the current directory, with only `env` set besides the basics."""
+    basics = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "HOME": str(Path.cwd())}
+    return subprocess.run(
+        [sys.executable, "-m", "agent.frontends.cli", *args],
+        env={**basics, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _one_line_refusal(done: subprocess.CompletedProcess[str]) -> str:
+    """The single `loom-ops:` line of a refused command (exit 2, no traceback)."""
+    described = f"exit {done.returncode}\nstdout: {done.stdout}\nstderr: {done.stderr}"
+    assert done.returncode == 2 and "Traceback" not in done.stderr, described
+    [line] = done.stderr.splitlines()
+    assert line.startswith("loom-ops: "), described
+    return line
+
+
+def test_a_team_env_file_with_crlf_ends_reads_as_the_readme_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PG_PASSWORD", "Zq7%23pw")
+    lines = [
+        "# our team",
+        'export LOOM_OPS_DB="postgresql://loom:${PG_PASSWORD}@db:5432/ops"  # the store',
+        "TELEGRAM_BOT_TOKEN=123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw",
+        "TELEGRAM_ALLOWED_CHAT_IDS=-1001234567890, -1009876543210",
+        "export TELEGRAM_APPROVER_IDS='100000001,100000002'",
+        "LOOM_OPS_API_TOKEN='tok-3f9a#8b7c'",
+        "LOOM_OPS_APPROVERS=cli:sam, group:approvers   # who may decide",
+        'LOOM_OPS_REDACT_PATTERNS=["acct-[0-9]{6,12}", "sk-[A-Za-z0-9]{20,}"]',
+        "LOOM_OPS_PUBLIC_HOSTS=ops.example.com,metrics.internal",
+        "LOOM_OPS_ESCALATE_AFTER=",
+        "OPENAI_API_KEY=",
+    ]
+    Path(".env").write_bytes("\r\n".join(lines).encode() + b"\r\n")
+    settings, telegram = Settings(), TelegramSettings()
+    assert settings.db == "postgresql://loom:Zq7%23pw@db:5432/ops"
+    assert settings.telegram_bot_token == SecretStr("123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw")
+    assert (telegram.allowed_chat_ids, telegram.approver_ids) == (
+        [-1001234567890, -1009876543210],
+        [100000001, 100000002],
+    )
+    assert settings.alert_chat() == -1001234567890
+    assert settings.bearer_token() == "tok-3f9a#8b7c"
+    assert settings.approvers == ["cli:sam", "group:approvers"]
+    assert settings.redact_patterns == ["acct-[0-9]{6,12}", "sk-[A-Za-z0-9]{20,}"]
+    assert settings.public_hosts == ["ops.example.com", "metrics.internal"]
+    assert (settings.escalate_delay, settings.openai_api_key) == (None, None)
+
+
+def test_an_env_file_with_a_byte_order_mark_still_sets_its_first_line() -> None:
+    """Notepad and PowerShell write a BOM; python-dotenv (what pydantic-settings read `.env`
+    with) drops it, so the first setting must not vanish silently."""
+    Path(".env").write_bytes(b"\xef\xbb\xbfLOOM_OPS_DB=postgresql://db/ops\r\nLOOM_OPS_PORT=81\r\n")
+    assert read_env_file(Path(".env")) == {
+        "LOOM_OPS_DB": "postgresql://db/ops",
+        "LOOM_OPS_PORT": "81",
+    }
+    assert (Settings().db, Settings().port) == ("postgresql://db/ops", 81)
+
+
+def test_an_env_file_that_is_not_utf8_is_one_line_naming_it() -> None:
+    Path(".env").write_bytes("LOOM_OPS_MAX_STEPS=5\n".encode("utf-16"))  # PowerShell's `>`
+    line = _one_line_refusal(_loom_ops("runs", "--db", "runs.sqlite"))
+    assert line.startswith("loom-ops: bad settings: cannot read .env: "), line
+
+
+def test_the_environment_wins_over_the_env_file_whichever_name_either_uses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    Path(".env").write_text("TELEGRAM_BOT_TOKEN=1:file\nLOOM_OPS_PORT=81\n")
+    monkeypatch.setenv("loom_ops_telegram_bot_token", "2:environment")
+    monkeypatch.setenv("Loom_Ops_Port", "82")
+    settings = Settings()
+    assert (settings.telegram_bot_token, settings.port) == (SecretStr("2:environment"), 82)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["LOOM_OPS_TELEGRAM_ALERT_CHAT_ID", "loom_ops_max_steps"],
+    ids=["second-alias", "lower-case"],
+)
+def test_a_bad_setting_names_the_variable_as_the_person_wrote_it(name: str) -> None:
+    """An error naming TELEGRAM_ALERT_CHAT_ID to someone who set LOOM_OPS_TELEGRAM_ALERT_CHAT_ID
+    sends them looking for a variable they never wrote."""
+    line = _one_line_refusal(_loom_ops("runs", "--db", "runs.sqlite", env={name: "abc"}))
+    assert line.startswith(f"loom-ops: bad setting {name}: "), line
+
+
+def test_a_nul_in_an_env_file_value_is_one_line_not_a_traceback() -> None:
+    """The environment cannot hold a NUL, so only `.env` brings one; doctor must not crash."""
+    Path(".env").write_bytes(b"LOOM_OPS_WORKSPACE=ops\x00x\n")
+    done = _loom_ops("doctor", "--mock-llm", "--db", "runs.sqlite")
+    assert "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_database_password_never_shows_in_the_settings_repr() -> None:
+    settings = Settings(_env_file=None, db="postgresql://loom:hunter2-pw@db.internal:5432/ops")
+    assert "hunter2-pw" not in repr(settings)
+    assert settings.db.endswith("@db.internal:5432/ops")  # what the store connects with
