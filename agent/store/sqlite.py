@@ -3,24 +3,27 @@
 A transaction runs as one function with `BEGIN IMMEDIATE`, so writers are serialized and the
 journal's order is its commit order. One that cannot wait runs right on the event loop's
 thread, without a hop to another thread (most of a dry-run step's cost was that hop): the
-connection is free, the write lock is had without waiting (`busy_timeout` is 0 there) and the
-commit syncs nothing. Anything that may wait runs on the engine's own thread instead: a lock
-another process holds (the loop's attempt, refused at once, runs again there with the busy
-timeout), a synced (`durable`) commit, the WAL checkpoint, which SQLite would otherwise run
-inside some commit on the loop, and the first commit after it (which starts the WAL over and
-syncs its header). Reads run there too: a read has no bound on its size. Other processes
-sharing the file are noticed by polling (the store's journal watch, the workers' claim loop).
+connection is free, the write lock is had without waiting (the connection has no busy
+timeout) and the commit syncs nothing. Anything that may wait runs on the engine's own thread
+instead: a lock another process holds (the loop's attempt, refused at once, runs again there,
+again and again for up to BUSY_TIMEOUT_MS), a synced (`durable`) commit, the WAL checkpoint,
+which SQLite would otherwise run inside some commit on the loop, and the first commit after it
+(which starts the WAL over and syncs its header). Reads run there too: a read has no bound on
+its size. Other processes sharing the file are noticed by polling (the store's journal watch,
+the workers' claim loop).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from agent.errors import StoreError
 from agent.store.database import SQLITE, Connection, migrations, too_new
@@ -44,7 +47,7 @@ class SqliteDatabase:
         self.path = path
         self.label = path
         self._conn: sqlite3.Connection | None = None
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="loom-ops-sqlite")
+        self._thread = _EngineThread()
         # The connection serves one function at a time, on whichever thread runs it.
         self._lock = threading.Lock()
         self._commits = 0  # since the last checkpoint (approximate: either thread counts)
@@ -93,13 +96,14 @@ class SqliteDatabase:
         if self._closed:
             return
         self._closed = True
-        await asyncio.get_running_loop().run_in_executor(self._thread, close)
-        self._thread.shutdown(wait=False)
+        await self._thread.run(close)
+        self._thread.stop()
 
     def _connect(self, _: None) -> None:
         try:
             # Used from the loop's thread and the engine's, never both at once (`_lock`).
-            # No busy timeout but on the engine's thread (`_waiting` sets it there).
+            # No busy timeout: the loop's thread never waits, the engine's waits its own way
+            # (`_retrying_while_busy`).
             self._conn = sqlite3.connect(
                 self.path, isolation_level=None, timeout=0, check_same_thread=False
             )
@@ -205,7 +209,7 @@ class SqliteDatabase:
             try:
                 return fn(conn)
             except sqlite3.OperationalError as exc:
-                if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY:
+                if not _busy(exc):
                     raise
                 # Another process holds the lock: wait for it off the loop (`fn` rolled back).
             finally:
@@ -223,18 +227,14 @@ class SqliteDatabase:
                 if conn is None:
                     self._check_open()  # (closed while this waited for the lock)
                     return fn(conn)  # type: ignore[arg-type]  # opening: `_connect`
-                conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-                try:
-                    result = fn(conn)
-                    if self._commits >= CHECKPOINT_EVERY:
-                        self._commits = 0
-                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                        self._restart_due = True
-                    return result
-                finally:
-                    conn.execute("PRAGMA busy_timeout = 0")
+                result = _retrying_while_busy(fn, conn)
+                if self._commits >= CHECKPOINT_EVERY:
+                    self._commits = 0
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    self._restart_due = True
+                return result
 
-        return await asyncio.get_running_loop().run_in_executor(self._thread, run)
+        return await self._thread.run(run)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -250,6 +250,72 @@ class SqliteDatabase:
     def leadership(self, name: str) -> LocalLeadership:
         """Leadership among processes: every process leads on SQLite."""
         return LocalLeadership()
+
+
+class _EngineThread:
+    """One thread that runs the functions handed to it in order and answers each on its
+    caller's event loop (a thread pool's future chain costs a read half as much again)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        # A daemon: a store left open must not keep the interpreter from exiting.
+        threading.Thread(target=self._serve, name="loom-ops-sqlite", daemon=True).start()
+
+    def run(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """Queue `fn`; the future is answered on this event loop."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((loop, future, fn))
+        return future
+
+    def stop(self) -> None:
+        """End the thread after the functions queued so far."""
+        self._jobs.put(None)
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            loop, future, fn = job
+            if future.cancelled():  # its caller gave up before it started: never run it
+                continue
+            try:
+                outcome: tuple[Any, BaseException | None] = (fn(), None)
+            except BaseException as exc:  # handed to the caller, whatever it is
+                outcome = (None, exc)
+            with contextlib.suppress(RuntimeError):  # the caller's loop is closed
+                loop.call_soon_threadsafe(_settle, future, *outcome)
+
+
+_Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[[], Any]]
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller was cancelled: its function ran all the same
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    """SQLite said another connection holds a lock this needs (SQLITE_BUSY and its kinds)."""
+    return exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+
+
+def _retrying_while_busy(fn: Callable[[sqlite3.Connection], T], conn: sqlite3.Connection) -> T:
+    """`fn`, run again while another process holds a lock it needs, for up to
+    BUSY_TIMEOUT_MS, pausing as SQLite's own busy handler does (the connection has none: the
+    loop's thread must never wait; `fn` may run again, as on PostgreSQL)."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    pause = 0.001
+    while True:
+        try:
+            return fn(conn)
+        except sqlite3.OperationalError as exc:
+            if not _busy(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
 
 
 class LocalLeadership:
