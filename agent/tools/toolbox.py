@@ -15,9 +15,8 @@ import shlex
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.errors import CommandDenied, McpError, ParamError, RenderError, SpawnRefused
@@ -38,6 +37,9 @@ from agent.store import RunbookPin
 from agent.tools.allowlist import ShellAllowlist
 from agent.tools.mcp import McpConfig, McpHub
 from agent.tools.memory import WorkspaceMemory
+
+if TYPE_CHECKING:
+    import httpx
 from agent.tools.shell import run_command, scrubbed_environment
 
 _T = TypeVar("_T")
@@ -541,6 +543,8 @@ class Toolbox:
             )
         if gate is not None:
             gate.check(f"the health check of {url}")
+        import httpx  # only a live check needs it (about 70 ms of every command's start-up)
+
         client = self._http or httpx.AsyncClient()
         started = time.perf_counter()
         try:
