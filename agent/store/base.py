@@ -96,7 +96,7 @@ class StoreBase:
         # Readers waiting for new journal events of some runs (SSE streams), by run id; a
         # commit wakes the waiters of the runs it appended to, and only those.
         self._journal_waiters: dict[str, set[JournalWatch]] = {}
-        self._runs_written: set[str] = set()  # filled on a database thread
+        self._runs_written: set[str] = set()  # filled where a transaction runs (a thread)
         self._runs_written_lock = threading.Lock()
         self._last_seq_seen = 0
 
@@ -123,12 +123,16 @@ class StoreBase:
 
     # -- plumbing --------------------------------------------------------------------------
 
-    async def _transaction(self, fn: Callable[[Connection], T], durable: bool = False) -> T:
+    async def _transaction(
+        self, fn: Callable[[Connection], T], durable: bool = False, brief: bool = False
+    ) -> T:
         """Run `fn` as one transaction, then wake what its commit concerns in this process.
 
         `durable` makes the commit (and every one before it) survive a power cut before this
-        returns. `fn` may run more than once (a PostgreSQL serialization conflict): it only
-        touches the database and this store's wake-up flags.
+        returns; `brief` (a step's bounded writes) lets SQLite run it on the event loop's
+        thread. `fn` may run more than once (a PostgreSQL serialization conflict, a SQLite
+        lock another process holds): it only touches the database and this store's wake-up
+        flags.
         """
         queued = self._queued
 
@@ -144,7 +148,7 @@ class StoreBase:
                 check()
             return result, queued.outbox, queued.runs
 
-        result, outbox, runs = await self.db.transaction(run, durable=durable)
+        result, outbox, runs = await self.db.transaction(run, durable=durable, brief=brief)
         if outbox:
             self.outbox_ready.set()
         if runs:

@@ -83,7 +83,7 @@ class CallsStore(StoreBase):
             self._append_events(conn, run_id, events, now, {"checkpoint": checkpoint.to_json()})
             return StartedCall(attempt, spawn_before)
 
-        return await self._transaction(begin, durable=durable)
+        return await self._transaction(begin, durable=durable, brief=True)
 
     def _write_intent(
         self,
@@ -170,7 +170,7 @@ class CallsStore(StoreBase):
             self._fence(conn, claim, earlier)
             self._write_outcome(conn, claim.run_id, call, attempt, result, checkpoint, now)
 
-        await self._transaction(finish)
+        await self._transaction(finish, brief=True)
 
     async def close_cancelled_call(
         self, run_id: str, call_key: str, known: CallResult | None = None

@@ -100,9 +100,13 @@ class Database(Protocol):
     label: str  # what error messages call the database (a path, or a URL without password)
     dialect: Dialect
 
-    async def transaction(self, fn: Callable[[Connection], T], durable: bool = False) -> T:
+    async def transaction(
+        self, fn: Callable[[Connection], T], durable: bool = False, brief: bool = False
+    ) -> T:
         """Run `fn` as one transaction that behaves as if it ran alone (`fn` may run again
-        on a conflict); `durable` waits for the commit to reach the disk."""
+        on a conflict); `durable` waits for the commit to reach the disk; `brief` says `fn`
+        does a small, bounded amount of work (a step's writes), which an engine may do right
+        on the event loop's thread."""
         ...
 
     async def read(self, fn: Callable[[Connection], T]) -> T:

@@ -155,8 +155,11 @@ class PostgresDatabase:
     async def _on_thread(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._threads, fn)
 
-    async def transaction(self, fn: Callable[[Connection], T], durable: bool = False) -> T:
-        """Run `fn` as one transaction on a pool thread (again after a write conflict).
+    async def transaction(
+        self, fn: Callable[[Connection], T], durable: bool = False, brief: bool = False
+    ) -> T:
+        """Run `fn` as one transaction on a pool thread (again after a write conflict; every
+        transaction waits on the network, `brief` or not).
 
         Not `durable`: the commit does not wait for the WAL flush (synchronous_commit off),
         which a crash of this process cannot lose; a crash of the server may lose a suffix of

@@ -1,22 +1,25 @@
 """SqliteDatabase: the embedded engine, one sqlite3 connection in WAL mode.
 
 A transaction runs as one function with `BEGIN IMMEDIATE`, so writers are serialized and the
-journal's order is its commit order. One that cannot wait runs right on the event loop's
-thread, without a hop to another thread (most of a dry-run step's cost was that hop): the
-connection is free, the write lock is had without waiting (the connection has no busy
-timeout) and the commit syncs nothing. Anything that may wait runs on the engine's own thread
-instead: a lock another process holds (the loop's attempt, refused at once, runs again there,
-again and again for up to BUSY_TIMEOUT_MS), a synced (`durable`) commit, the WAL checkpoint,
-which SQLite would otherwise run inside some commit on the loop, and the first commit after it
-(which starts the WAL over and syncs its header). Reads run there too: a read has no bound on
-its size. Other processes sharing the file are noticed by polling (the store's journal watch,
-the workers' claim loop).
+journal's order is its commit order. A `brief` one (a run's step: bounded writes) runs right
+on the event loop's thread, without a hop to another thread (most of a dry-run step's cost was
+that hop), when the connection is free and the write lock is had without waiting (the
+connection has no busy timeout); its commit syncs nothing. Everything else runs on the
+engine's own thread: a brief transaction that found a lock another process holds (run again
+there, again and again for up to BUSY_TIMEOUT_MS), a synced (`durable`) commit, the WAL
+checkpoint, which SQLite would otherwise run inside some commit on the loop, the first commit
+after it (which starts the WAL over and syncs its header), and every transaction or read that
+is not brief: their work has no bound. One sync can still land on the loop: a brief commit
+right after another process checkpointed the whole WAL starts it over, and this process cannot
+see that cheaply. Other processes sharing the file are noticed by polling (the store's journal
+watch, the workers' claim loop).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import queue
 import sqlite3
 import threading
@@ -29,6 +32,7 @@ from agent.errors import StoreError
 from agent.store.database import SQLITE, Connection, migrations, too_new
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 10_000
 MIGRATIONS = "agent.store.migrations"
@@ -50,7 +54,7 @@ class SqliteDatabase:
         self._thread = _EngineThread()
         # The connection serves one function at a time, on whichever thread runs it.
         self._lock = threading.Lock()
-        self._commits = 0  # since the last checkpoint (approximate: either thread counts)
+        self._commits = 0  # since the last checkpoint (changed under `_lock`)
         # The next commit may start the WAL over (a new file, or one just checkpointed whole),
         # which writes and syncs its header: it runs on the engine's thread.
         self._restart_due = True
@@ -163,9 +167,11 @@ class SqliteDatabase:
         """The schema version the file is at."""
         return await self.read(lambda c: c.execute("PRAGMA user_version").fetchone()[0])
 
-    async def transaction(self, fn: Callable[[Connection], T], durable: bool = False) -> T:
-        """Run `fn` as one `BEGIN IMMEDIATE` transaction (on the loop's thread when nothing
-        makes it wait; `fn` may then run a second time, on the engine's thread).
+    async def transaction(
+        self, fn: Callable[[Connection], T], durable: bool = False, brief: bool = False
+    ) -> T:
+        """Run `fn` as one `BEGIN IMMEDIATE` transaction: on the loop's thread when `brief` and
+        nothing makes it wait (`fn` may then run again, on the engine's thread), else there.
 
         `durable` syncs the commit to disk (synchronous=FULL) before returning. The WAL is
         sequential, so a durable commit also makes every earlier commit durable: after a power
@@ -179,10 +185,11 @@ class SqliteDatabase:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
                     result = fn(conn)
+                    conn.execute("COMMIT")
                 except BaseException:
-                    conn.execute("ROLLBACK")
+                    if conn.in_transaction:  # (a failed COMMIT leaves it open)
+                        conn.execute("ROLLBACK")
                     raise
-                conn.execute("COMMIT")
                 self._commits += 1
                 self._restart_due = False
                 return result
@@ -190,7 +197,7 @@ class SqliteDatabase:
                 if durable:
                     conn.execute("PRAGMA synchronous = NORMAL")
 
-        if durable or self._restart_due or self._commits >= CHECKPOINT_EVERY:
+        if not brief or durable or self._restart_due or self._commits >= CHECKPOINT_EVERY:
             return await self._waiting(run)
         return await self._at_once(run)
 
@@ -230,8 +237,11 @@ class SqliteDatabase:
                 result = _retrying_while_busy(fn, conn)
                 if self._commits >= CHECKPOINT_EVERY:
                     self._commits = 0
-                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
                     self._restart_due = True
+                    try:
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    except sqlite3.Error as exc:  # housekeeping: `fn`'s commit stands
+                        log.warning("checkpoint of %s failed: %s", self.label, exc)
                 return result
 
         return await self._thread.run(run)

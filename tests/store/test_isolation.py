@@ -61,14 +61,16 @@ class Hold:
         self._go = threading.Event()
         original = store.db.transaction
 
-        async def transaction(fn: Callable[[Any], Any], durable: bool = False) -> Any:
+        async def transaction(
+            fn: Callable[[Any], Any], durable: bool = False, brief: bool = False
+        ) -> Any:
             def body(conn: _Statements) -> Any:
                 result = fn(_Stopping(conn, self._before))
                 if self._at is None:
                     self._stop()
                 return result
 
-            return await original(body, durable=durable)
+            return await original(body, durable=durable, brief=brief)
 
         store.db.transaction = transaction  # type: ignore[method-assign]
 

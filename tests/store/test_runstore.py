@@ -261,7 +261,8 @@ async def test_a_write_waits_off_the_event_loop_for_another_processs_lock(
 
         ticker = asyncio.create_task(tick())
         written = await store.db.transaction(
-            lambda c: c.execute("UPDATE run_counter SET last_run_no = last_run_no").rowcount
+            lambda c: c.execute("UPDATE run_counter SET last_run_no = last_run_no").rowcount,
+            brief=True,
         )
         ticker.cancel()
         assert written == 1
@@ -290,10 +291,10 @@ async def test_the_wal_is_checkpointed_without_sqlites_automatic_checkpoint(
         row = await store.db.read(lambda c: c.execute("PRAGMA wal_autocheckpoint").fetchone())
         assert tuple(row) == (0,)
         for _ in range(CHECKPOINT_EVERY - 1):
-            await store.db.transaction(commit)
+            await store.db.transaction(commit, brief=True)
         before_any_checkpoint = wal.stat().st_size
         for _ in range(10 * CHECKPOINT_EVERY):
-            await store.db.transaction(commit)
+            await store.db.transaction(commit, brief=True)
         # Without checkpoints the WAL would be about 11 times as long.
         assert wal.stat().st_size <= 2.5 * before_any_checkpoint
     finally:

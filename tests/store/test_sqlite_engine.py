@@ -50,7 +50,8 @@ async def main(path, mode, n, tag):
         print(threading.get_native_id(), flush=True)
         for _ in range(n):
             await db.transaction(
-                lambda c: c.execute("UPDATE run_counter SET last_run_no = last_run_no + 1")
+                lambda c: c.execute("UPDATE run_counter SET last_run_no = last_run_no + 1"),
+                brief=True,
             )
     elif mode == "big":
         for i in range(n):
@@ -58,7 +59,8 @@ async def main(path, mode, n, tag):
                 lambda c, i=i: c.execute(
                     INSERT + " ON CONFLICT (owner) DO UPDATE SET kind = excluded.kind",
                     (f"wal-{i % 4}", chr(65 + i % 26) * 30000),  # new text: every page written
-                )
+                ),
+                brief=True,
             )
     elif mode == "ack":
         def bump(c):
@@ -68,7 +70,7 @@ async def main(path, mode, n, tag):
             c.execute(INSERT, (f"ack-{value}", "ack"))
             return value
         for i in itertools.count():
-            print(await db.transaction(bump, durable=i % 10 == 0), flush=True)
+            print(await db.transaction(bump, durable=i % 10 == 0, brief=True), flush=True)
     elif mode == "mixed":
         numbers = iter(range(n))
         async def worker():
@@ -76,7 +78,7 @@ async def main(path, mode, n, tag):
                 def bump(c, i=i):
                     c.execute(INSERT, (f"{tag}-{i}", "mixed"))
                     c.execute("UPDATE run_counter SET last_run_no = last_run_no + 1")
-                await db.transaction(bump, durable=i % 7 == 0)
+                await db.transaction(bump, durable=i % 7 == 0, brief=True)
         await asyncio.gather(*(worker() for _ in range(4)))
         print("done", flush=True)
     await store.close()
@@ -229,11 +231,11 @@ async def test_a_transaction_issued_on_a_closing_or_closed_store_fails_as_on_a_c
     holder = await _hold(db, "write")
     try:
         # Refused the lock on the loop, it waits on the engine's thread for the holder.
-        in_flight = asyncio.create_task(store.db.transaction(_insert("in-flight")))
+        in_flight = asyncio.create_task(store.db.transaction(_insert("in-flight"), brief=True))
         await asyncio.sleep(0)
         closing = asyncio.create_task(store.close())
         await asyncio.sleep(0)
-        queued = asyncio.create_task(store.db.transaction(_insert("queued")))
+        queued = asyncio.create_task(store.db.transaction(_insert("queued"), brief=True))
         await asyncio.sleep(0)
         await _release(holder)
         await in_flight
@@ -272,7 +274,7 @@ async def test_concurrent_writers_in_two_processes_lose_and_duplicate_no_commit(
             for tag in ("a", "b")
         ]
         for index in range(n):  # this process writes meanwhile too
-            await store.db.transaction(_insert(f"parent-{index}"))
+            await store.db.transaction(_insert(f"parent-{index}"), brief=True)
         for child in children:
             out, err = await child.communicate()
             assert child.returncode == 0, err.decode()
@@ -321,7 +323,7 @@ async def test_a_process_killed_mid_commit_leaves_every_acknowledged_commit_whol
         )
         assert last <= counter <= last + 1
         assert rows == counter  # each commit whole: its row and its count together
-        assert await store.db.transaction(_bump) == 1  # and the store writes on
+        assert await store.db.transaction(_bump, brief=True) == 1  # and the store writes on
     finally:
         await store.close()
 
@@ -343,7 +345,7 @@ async def test_a_cancelled_transaction_runs_to_its_commit_or_not_at_all_and_the_
     try:
         running = asyncio.create_task(store.db.transaction(slow, durable=True))
         assert await asyncio.to_thread(started.wait, 60)
-        queued = asyncio.create_task(store.db.transaction(_insert("queued")))
+        queued = asyncio.create_task(store.db.transaction(_insert("queued"), brief=True))
         await asyncio.sleep(0)  # it finds the connection taken and waits for the engine
         running.cancel()
         queued.cancel()
@@ -351,7 +353,7 @@ async def test_a_cancelled_transaction_runs_to_its_commit_or_not_at_all_and_the_
             with pytest.raises(asyncio.CancelledError):
                 await task
         proceed.set()
-        await store.db.transaction(_insert("after"))
+        await store.db.transaction(_insert("after"), brief=True)
         owners = await store.db.read(
             lambda c: sorted(row[0] for row in c.execute("SELECT owner FROM processes"))
         )
@@ -371,7 +373,9 @@ def test_two_event_loops_in_two_threads_share_one_store(tmp_path: Path) -> None:
 
     async def write(tag: str) -> None:
         for index in range(n):
-            await store.db.transaction(_insert(f"{tag}-{index}"), durable=index % 9 == 0)
+            await store.db.transaction(
+                _insert(f"{tag}-{index}"), durable=index % 9 == 0, brief=True
+            )
 
     def thread(tag: str) -> None:
         try:
@@ -397,7 +401,7 @@ async def test_reads_go_on_while_another_process_holds_the_write_lock(tmp_path: 
     """Reads, one statement or a held snapshot, run while another process holds the write
     lock (WAL readers never wait for a writer): they return before the holder lets go."""
     store = await RunStore.open(tmp_path / "store.sqlite")
-    await store.db.transaction(_insert("before"))
+    await store.db.transaction(_insert("before"), brief=True)
     holder = await _hold(store.label, "write")
     try:
         owners = await store.db.read(lambda c: c.execute("SELECT owner FROM processes").fetchall())
@@ -419,13 +423,13 @@ async def test_the_wal_is_reused_from_its_start_once_a_long_reader_in_another_pr
     reader = await _hold(store.label, "read")
     try:
         for _ in range(3 * CHECKPOINT_EVERY):
-            await store.db.transaction(_bump)
+            await store.db.transaction(_bump, brief=True)
         await _release(reader)
         for _ in range(3 * CHECKPOINT_EVERY):  # a whole checkpoint, and the WAL's restart
-            await store.db.transaction(_bump)
+            await store.db.transaction(_bump, brief=True)
         caught_up = _wal_size(store)
         for _ in range(3 * CHECKPOINT_EVERY):
-            await store.db.transaction(_bump)
+            await store.db.transaction(_bump, brief=True)
         assert _wal_size(store) <= caught_up
         counter = await store.db.read(
             lambda c: c.execute("SELECT last_run_no FROM run_counter").fetchone()[0]
@@ -446,7 +450,7 @@ async def test_a_memory_store_takes_durable_commits_and_checkpoints_on_either_th
     second = await RunStore.open(":memory:")
     try:
         for index in range(2 * CHECKPOINT_EVERY + 5):
-            await first.db.transaction(_insert(f"m-{index}"), durable=index % 5 == 0)
+            await first.db.transaction(_insert(f"m-{index}"), durable=index % 5 == 0, brief=True)
         count = await first.db.read(
             lambda c: c.execute("SELECT COUNT(*) FROM processes").fetchone()[0]
         )

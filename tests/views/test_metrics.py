@@ -330,8 +330,10 @@ class Recorder:
 
         return lambda conn: fn(Conn(conn))
 
-    async def transaction(self, fn: Callable[[Any], Any], durable: bool = False) -> Any:
-        return await self.db.transaction(self._wrap(fn), durable)
+    async def transaction(
+        self, fn: Callable[[Any], Any], durable: bool = False, brief: bool = False
+    ) -> Any:
+        return await self.db.transaction(self._wrap(fn), durable, brief)
 
     async def read(self, fn: Callable[[Any], Any]) -> Any:
         return await self.db.read(self._wrap(fn))
