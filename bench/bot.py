@@ -256,7 +256,7 @@ async def main() -> None:
         standin.add_chat(CHAT, "supergroup", "Incidents")
         async with StandInServer(standin) as server:
             telegram = TelegramSettings(
-                _env_file=None,  # type: ignore[call-arg]
+                _env_file=None,
                 allowed_chat_ids=[CHAT],
                 approver_ids=[APPROVER],
                 api_base_url=server.bot_base_url,

@@ -155,7 +155,7 @@ async def test_a_team_with_only_telegram_approver_ids_approves_every_shipped_run
     workspace = tmp_path / "ws"
     shutil.copytree(REPO / "runbooks", workspace / "runbooks")
     settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
         db=str(tmp_path / "ops.sqlite"),
         workspace=workspace,
         mock_llm=True,
@@ -215,7 +215,7 @@ async def test_a_bad_people_file_refuses_decisions_with_its_one_line(
 
 def test_settings_alone_form_the_group_approvers(tmp_path: Path) -> None:
     settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
         workspace=tmp_path,
         approvers="cli:oncall",
         telegram_approvers="5550001",

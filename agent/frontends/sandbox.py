@@ -96,7 +96,7 @@ def make_standin() -> BotApiStandIn:
 def telegram_settings(base_url: str) -> TelegramSettings:
     """The sandbox's own bot settings; real TELEGRAM_* settings are ignored here."""
     return TelegramSettings(
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
         allowed_chat_ids=[INCIDENT_CHAT, *(p.user_id for p in PEOPLE)],
         approver_ids=[APPROVER.user_id],
         api_base_url=base_url,

@@ -37,10 +37,10 @@ from agent.store import RunbookPin
 from agent.tools.allowlist import ShellAllowlist
 from agent.tools.mcp import McpConfig, McpHub
 from agent.tools.memory import WorkspaceMemory
+from agent.tools.shell import run_command, scrubbed_environment
 
 if TYPE_CHECKING:
     import httpx
-from agent.tools.shell import run_command, scrubbed_environment
 
 _T = TypeVar("_T")
 
