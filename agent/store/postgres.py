@@ -69,7 +69,11 @@ class PostgresDatabase:
             url,
             min_size=1,
             max_size=pool_size,
-            kwargs={"autocommit": True},
+            # No server-side prepared statements: a pipeline aborted by a serialization
+            # conflict can drop a PREPARE psycopg has already counted as done, and every later
+            # use of that query on the connection then fails ("prepared statement ... does
+            # not exist"), long after the conflict that caused it.
+            kwargs={"autocommit": True, "prepare_threshold": None},
             configure=_configure,
             open=False,
             timeout=CONNECT_TIMEOUT,
