@@ -1199,14 +1199,14 @@ async def _validate(settings: Settings, path: Path, as_json: bool) -> int:
     runbook an MCP error fails is listed as `error <id>: <reason>` beside the `ok` ones.
     An allowlist file that is missing or unreadable is named as doctor names it: an error
     when LOOM_OPS_ALLOW_SHELL=1, else a warning, except that dry-run needs no allowlist."""
-    from agent.frontends.doctor import read_allowlist
     from agent.runbook.model import validate_runbooks
+    from agent.tools.allowlist import read_allowlist
     from agent.tools.mcp_check import check_mcp_tools, mcp_uses
 
     live = settings.allow_shell
     errors: list[str] = []
     warnings: list[str] = []
-    allowlist, problem = read_allowlist(settings)  # doctor's words, and its severities...
+    allowlist, problem = read_allowlist(settings.allowlist_path)  # doctor's words, and...
     missing = allowlist is not None and not allowlist.found
     if problem is not None and (live or not missing):  # ...but dry-run needs no allowlist
         (errors if live else warnings).append(problem)

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import httpx
 
-from agent.errors import AllowlistError, LoomOpsError, PeopleFileError, ServingRefused
+from agent.errors import LoomOpsError, PeopleFileError, ServingRefused
 from agent.people import (
     APPROVERS_GROUP,
     GROUP_PREFIX,
@@ -34,7 +34,7 @@ from agent.people import (
 from agent.redaction import Redactor
 from agent.runbook.model import Runbook, RunbookReport, sample_commands, validate_runbooks
 from agent.settings import Settings
-from agent.tools.allowlist import ShellAllowlist
+from agent.tools.allowlist import ShellAllowlist, read_allowlist
 from agent.tools.mcp_check import check_mcp_tools, mcp_uses
 
 Severity = Literal["error", "warning", "ok"]
@@ -126,25 +126,9 @@ async def _audit_key(settings: Settings) -> Finding:
 # -- runbooks and the shell allowlist -----------------------------------------------------------
 
 
-def read_allowlist(settings: Settings) -> tuple[ShellAllowlist | None, str | None]:
-    """The allowlist in force (None when it cannot be read) and what is wrong with it (None:
-    nothing), in the words doctor and `runbooks validate` both use."""
-    path = settings.allowlist_path
-    try:
-        allowlist = ShellAllowlist.load(path)
-    except AllowlistError as exc:
-        return None, f"{exc}; fix the file"
-    if not allowlist.found:
-        return allowlist, (
-            f"no allowlist at {path}: every live command would be refused "
-            "(create it, or set LOOM_OPS_SHELL_ALLOWLIST)"
-        )
-    return allowlist, None
-
-
 def _allowlist(settings: Settings) -> tuple[ShellAllowlist | None, list[Finding]]:
     """The allowlist in force (None when it cannot be read) and what is wrong with it."""
-    allowlist, problem = read_allowlist(settings)
+    allowlist, problem = read_allowlist(settings.allowlist_path)
     if problem is not None:
         severity: Severity = "error" if settings.allow_shell else "warning"
         return allowlist, [Finding(severity, "allowlist", problem)]

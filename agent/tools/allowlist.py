@@ -287,3 +287,18 @@ def _one_line(exc: ValidationError) -> str:
         where = ".".join(str(p) for p in error["loc"]) or "<root>"
         parts.append(f"{where}: {error['msg']}")
     return "; ".join(parts)
+
+
+def read_allowlist(path: Path) -> tuple[ShellAllowlist | None, str | None]:
+    """The allowlist at `path` (None when it cannot be read) and what is wrong with it (None:
+    nothing), in the words doctor and `runbooks validate` both use."""
+    try:
+        allowlist = ShellAllowlist.load(path)
+    except AllowlistError as exc:
+        return None, f"{exc}; fix the file"
+    if not allowlist.found:
+        return allowlist, (
+            f"no allowlist at {path}: every live command would be refused "
+            "(create it, or set LOOM_OPS_SHELL_ALLOWLIST)"
+        )
+    return allowlist, None
