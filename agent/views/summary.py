@@ -127,6 +127,23 @@ def _mcp_detail(outcome: dict[str, Any]) -> str:
 _ARGUMENTS_SHOWN = 200  # characters of an MCP call's arguments or answer in one summary line
 
 
+# A run's error that ends with a tool's own words ("step ask failed (Error executing tool
+# refuse)") is that error said again only when the words are long enough to be that tool's
+# (not "failed") and what leads up to them is a short lead-in (the runbook's title and the
+# step), so the summary never hides anything else the run said.
+_QUOTED_MIN, _LEAD_IN_MAX = 16, 120
+
+
+def _quotes(error: str, said: str) -> bool:
+    """Whether a run's `error` only repeats a tool's error `said` after a short lead-in."""
+    ending = error.rstrip(" .)")
+    return (
+        len(said) >= _QUOTED_MIN
+        and ending.endswith(said)
+        and len(ending) - len(said) <= _LEAD_IN_MAX
+    )
+
+
 def summary_of(tree: RunTree) -> RunSummary:
     """A run's summary from one snapshot of its tree (read with its tool calls): a supervised
     run's steps, approvals and errors come from the whole tree below it."""
@@ -145,7 +162,7 @@ def summary_of(tree: RunTree) -> RunSummary:
                 said = (call.outcome or {}).get("error")
                 if said:
                     quoted.append(str(said))
-        if member.error and not any(said in member.error for said in quoted):
+        if member.error and not any(_quotes(member.error, said) for said in quoted):
             errors.append(member.error)
     executing = executing_runs(tree)
     if executing:

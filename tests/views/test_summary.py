@@ -42,3 +42,25 @@ async def test_the_summary_ends_with_a_timeline_of_decisions_and_the_waits_they_
     text = render_summary(summary)
     assert "Timeline (UTC):\n  05:00:00  started by cli:tester\n" in text
     assert text.rstrip().splitlines()[-1].startswith("audit: ")  # the head stays last
+
+
+async def test_a_runs_error_is_left_out_only_where_it_repeats_a_tools_own_words(
+    service: RunService,
+) -> None:
+    """A run's error that quotes a failed call's error after a short lead-in is listed once;
+    one that only shares a short word with it ("failed") or says more is listed too."""
+    await service.start("e1", "incident: API latency spike")
+    tree = await service.run_tree("e1", calls=True)
+    call = tree.calls[-1]
+
+    def errors(said: str, run_error: str) -> list[str]:
+        failed = dataclasses.replace(call, status="error", outcome={"error": said})
+        run = dataclasses.replace(tree.root, error=run_error)
+        return summary_of(dataclasses.replace(tree, runs=(run,), calls=(failed,))).errors
+
+    words = "MCP server ops: Error executing tool refuse"
+    assert len(errors(words, f"step 'ask' failed: {words}")) == 1
+    assert len(errors(words, f"Calls a tool that refuses: step ask failed ({words})")) == 1
+    assert len(errors("failed", "disk full on db-1; the step failed")) == 2
+    assert len(errors(words, f"{'the model also saw the disk fill up on db-1; ' * 3}{words}")) == 2
+    assert len(errors(words, f"{words}; and the rollback did not run")) == 2
