@@ -554,6 +554,12 @@ class AlertNotice:
         """How many of its alerts are firing."""
         return sum(1 for alert in self.alerts if alert.status == "firing")
 
+    @property
+    def dated(self) -> bool:
+        """Whether its alerts carry the sender's start times (Alertmanager's and Grafana's
+        do; a generic alert does not), which tell a re-fire from a redelivery."""
+        return any(alert.starts_at is not None for alert in self.alerts)
+
 
 class AlertState(StrEnum):
     """What the incident chat (or an `auto` route) made of an alert incident."""

@@ -5,7 +5,10 @@ One incident, one run: the incident's `open_key` is its group's key while it is 
 unique, so two deliveries of a new group at once open one incident (on PostgreSQL the later
 transaction conflicts with the earlier one's row and runs again, finding it). Its run id is
 fixed when it opens. A notification whose content any incident of its group received before
-(a redelivered webhook, however late) is known by its digest and changes nothing. What happens
+(a redelivered webhook, however late) is known by its digest and changes nothing; one without
+the sender's start times (a generic alert) is a redelivery only while the group's latest
+incident has received it and still says what it says, since nothing else tells a re-fire after
+a resolve from a repeat. What happens
 to an incident while its run is open is journaled on that run, in the same transaction; once
 the run has ended its journal is left as its summary published it, and the incident row keeps
 the rest (the resolve time).
@@ -106,6 +109,17 @@ def incident_from_row(row: Row) -> AlertIncident:
     )
 
 
+def _redelivered(new: NewAlert, seen: int, latest: AlertIncident) -> bool:
+    """Whether a notification whose content incident `seen` of its group received before is
+    that delivery again (it changes nothing), given the group's latest incident.
+
+    A dated notification (its alerts' start times are in its digest) is, however late. An
+    undated one that fires again after its incident was resolved is a new firing."""
+    if new.notice.dated:
+        return True
+    return seen == latest.id and latest.status == new.notice.status
+
+
 class AlertsStore(StoreBase):
     """The alert_incidents aggregate (with its notifications)."""
 
@@ -118,7 +132,7 @@ class AlertsStore(StoreBase):
         def receive(conn: Connection) -> AlertReceipt:
             latest = self._latest_incident(conn, new.group_key)
             seen = self._seen_by(conn, new.group_key, new.digest)
-            if latest is not None and seen is not None:
+            if latest is not None and seen is not None and _redelivered(new, seen, latest):
                 self._count(conn, Intake.UNCHANGED)
                 return AlertReceipt(Intake.UNCHANGED, self._incident(conn, seen))
             current = latest if latest is not None and latest.is_open else None

@@ -15,7 +15,12 @@ import httpx
 import pytest
 
 from agent.errors import ServiceError
-from agent.frontends.alerts import AlertmanagerBody, alertmanager_notice
+from agent.frontends.alerts import (
+    AlertmanagerBody,
+    GenericAlert,
+    alertmanager_notice,
+    generic_notice,
+)
 from agent.http_server import HttpServer
 from agent.service.alerts import AlertService
 from agent.service.runs import RunService
@@ -682,6 +687,37 @@ async def test_a_late_redelivery_of_an_old_resolve_leaves_the_newer_incident_ope
         newer = await alerts.incident(second.incident_id)
         assert newer.is_open and newer.status == "firing" and newer.resolved_at is None
         assert newer.notifications == 1
+    finally:
+        await service.close()
+
+
+async def test_a_generic_alert_that_fires_again_after_its_resolve_opens_a_new_incident(
+    db_url: str, workspace: Path
+) -> None:
+    """A generic alert has no start time: the same body after a resolve is a new firing, while
+    a repeat before anything else happened is a redelivery."""
+    settings = Settings(
+        _env_file=None, db=db_url, workspace=workspace, mock_llm=True, user="tester"
+    )
+
+    def notice(status: str) -> Any:
+        body = {"name": "HighLatency", "labels": {"service": "cart"}, "status": status}
+        return generic_notice(GenericAlert.model_validate(body))
+
+    service = await RunService.open(settings)
+    try:
+        alerts = AlertService(service)
+        outcomes = [await alerts.receive(notice(s), "api:http") for s in ("firing", "firing")]
+        assert [a.outcome for a in outcomes] == ["opened", "unchanged"]
+        first = outcomes[0].incident_id
+        resolves = [await alerts.receive(notice("resolved"), "api:http") for _ in range(2)]
+        assert [a.outcome for a in resolves] == ["resolved", "unchanged"]
+        again = [await alerts.receive(notice(s), "api:http") for s in ("firing", "firing")]
+        assert [a.outcome for a in again] == ["opened", "unchanged"]
+        second = again[0].incident_id
+        assert second is not None and second != first
+        assert (await alerts.receive(notice("resolved"), "api:http")).outcome == "resolved"
+        assert not (await alerts.incident(second)).is_open
     finally:
         await service.close()
 
