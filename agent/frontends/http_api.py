@@ -196,7 +196,8 @@ class DecisionOut(BaseModel):
     )
     run: RunOut
     approved_by: list[str] = Field(
-        default_factory=list, description="who approved the request so far, in order"
+        default_factory=list,
+        description="who approved the request so far, in order (approvals that still count)",
     )
     required: int = Field(1, description="approvals by distinct people the request needs")
 
@@ -435,7 +436,7 @@ def create_app(service: RunService, bind_host: str | None = None) -> FastAPI:
         return DecisionOut(
             message=result.message,
             run=_run_out(result.run),
-            approved_by=[v.decided_by for v in result.votes if v.decision != "reject"],
+            approved_by=result.approved_by,
             required=result.approval.required,
         )
 

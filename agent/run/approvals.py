@@ -80,17 +80,18 @@ def vote_outcome(
     return VoteOutcome.COMPLETES if len(counted) + 1 >= required else VoteOutcome.COUNTED
 
 
-def counted_persons(
+def counting_votes(
     approval: ApprovalRecord,
     votes: Iterable[ApprovalVote],
     people: People,
     global_approvers: Sequence[str],
-) -> list[str]:
-    """The distinct persons whose recorded approvals of `approval` count now: each vote's
-    deciding identity mapped to its person under the people file in force, kept only while
-    that identity may still decide the request (a renamed person counts once; one who left
-    the group, or whom LOOM_OPS_APPROVERS no longer names, counts no more)."""
-    persons: list[str] = []
+) -> list[ApprovalVote]:
+    """The recorded approvals of `approval` that count now, oldest first, one per person:
+    each vote's deciding identity mapped to its person under the people file in force, kept
+    only while that identity may still decide the request (a renamed person counts once; one
+    who left the group, or whom LOOM_OPS_APPROVERS no longer names, counts no more)."""
+    counting: list[ApprovalVote] = []
+    persons: set[str] = set()
     for vote in votes:
         if vote.decision == "reject":  # never on a pending request; never an approval
             continue
@@ -100,8 +101,23 @@ def counted_persons(
             continue
         person = people.person(vote.decided_by).name
         if person not in persons:
-            persons.append(person)
-    return persons
+            persons.add(person)
+            counting.append(vote)
+    return counting
+
+
+def counted_persons(
+    approval: ApprovalRecord,
+    votes: Iterable[ApprovalVote],
+    people: People,
+    global_approvers: Sequence[str],
+) -> list[str]:
+    """The distinct persons whose recorded approvals of `approval` count now (see
+    `counting_votes`), oldest first."""
+    return [
+        people.person(vote.decided_by).name
+        for vote in counting_votes(approval, votes, people, global_approvers)
+    ]
 
 
 def decision_effect(

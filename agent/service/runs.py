@@ -19,7 +19,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Coroutine, Iterable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -61,6 +61,7 @@ from agent.records import (
 from agent.run.approvals import (
     check_decider,
     counted_persons,
+    counting_votes,
     decision_effect,
     decision_status,
     escalated,
@@ -114,7 +115,13 @@ class DecisionResult:
     message: str
     approval: ApprovalRecord
     run: RunRecord
-    votes: tuple[ApprovalVote, ...] = ()
+    votes: tuple[ApprovalVote, ...] = ()  # the approvals that count, one per person
+
+    @property
+    def approved_by(self) -> list[str]:
+        """Who approved the request so far (identities, oldest first), counting only the
+        approvals that count."""
+        return [vote.decided_by for vote in self.votes]
 
 
 class RunService:
@@ -616,7 +623,8 @@ class RunService:
         wait: bool = True,
     ) -> DecisionResult:
         """Decide a request looked up with `approval_request` (a chat's button), as `decide`
-        does; the deciding transaction checks again that it is pending and not overdue."""
+        does; the deciding transaction checks again that it is pending and not overdue (and,
+        when one of its votes no longer counts, reads them all once more)."""
         if note is not None:
             validate_text("note", note, MAX_NOTE_BYTES)
         return await self._decide(
@@ -663,12 +671,18 @@ class RunService:
         if votes is None:
             votes = await self.store.approval_votes(approval.id)
         votes = tuple(votes)
+
+        def result(changed: bool, message: str) -> DecisionResult:
+            # The request's approvals as they count now (what the card and the API show).
+            counting = counting_votes(approval, votes, people, self.settings.approvers)
+            return DecisionResult(changed, message, approval, run, tuple(counting))
+
         for _ in range(MAX_VOTE_ROUNDS):  # judged again each time someone voted meanwhile
             counted = counted_persons(approval, votes, people, self.settings.approvers)
             outcome = vote_outcome(approval.required, counted, person, decision)
             if outcome == VoteOutcome.ALREADY_COUNTED:
                 message = f"already counted: {_tally(approval, len(counted))}; nothing changed"
-                return DecisionResult(False, message, approval, run, votes)
+                return result(False, message)
             decided = await self.store.decide_approval(
                 approval.id,
                 status,
@@ -691,10 +705,10 @@ class RunService:
         if not decided.changed:
             if approval.status == ApprovalStatus.EXPIRED:  # too late: the deadline ended it
                 await self._wake_after_end(run, wait)
-            return DecisionResult(False, _already(approval), approval, run, votes)
+            return result(False, _already(approval))
         if outcome == VoteOutcome.COUNTED:  # the request waits for more: the run stays parked
             tally = _tally(approval, len(counted) + 1)
-            return DecisionResult(True, f"recorded: {tally}", approval, run, votes)
+            return result(True, f"recorded: {tally}")
         message = f"{status} by {decider}"
         if approval.required > 1 and outcome == VoteOutcome.COMPLETES:
             message += f": {_tally(approval, len(counted) + 1)}"
@@ -705,7 +719,7 @@ class RunService:
                 await self._wake_after_end(run, wait)  # e.g. a rejected child: its tree goes on
         except StoreError as exc:  # e.g. another process resumed it first: still decided
             message += f"; the run goes on elsewhere ({exc})"
-        return DecisionResult(True, message, approval, run, votes)
+        return result(True, message)
 
     def _background(self, work: Coroutine[Any, Any, None], name: str) -> None:
         """Run `work` as a task this service keeps (and stops on close)."""
@@ -924,15 +938,27 @@ class RunService:
         self, approval_id: int | None = None, token: str | None = None
     ) -> ApprovalInRun:
         """An approval request by id or by its button's token, with its run, that run's
-        ancestry and people's names, in one read; ServiceError for a token that names none."""
+        ancestry, people's names and the approvals that count, in one read; ServiceError for
+        a token that names none."""
         try:
-            return await self.store.approval_in_run(approval_id, token)
+            request = await self.store.approval_in_run(approval_id, token)
         except ApprovalNotFound:
             if token is None:
                 raise
             raise ServiceError(
                 "no such approval request (stale or forged)", kind=ErrorKind.NOT_FOUND
             ) from None
+        if not request.votes:
+            return request
+        # A decided request's card is drawn right after its decision, so the people file in
+        # force is the one it was decided under.
+        try:
+            people = self.people()
+        except ServiceError:  # no decision is taken until the file is fixed: show them all
+            return request
+        approvers = self.settings.approvers
+        counting = counting_votes(request.approval, request.votes, people, approvers)
+        return replace(request, votes=tuple(counting))
 
     async def chat_runs(
         self, chat_id: int, limit: int = 10, active: bool = False

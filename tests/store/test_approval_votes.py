@@ -245,11 +245,18 @@ async def test_an_approval_stops_counting_when_its_person_leaves_the_group(
     assert lee.changed and lee.message == "recorded: 1 of 2 approvals, waiting for one more"
     assert lee.approval.status == ApprovalStatus.PENDING
     assert lee.run.status == RunStatus.WAITING_APPROVAL
+    # What the card and the API show is what counts: sam's vote no longer does.
+    assert lee.approved_by == ["cli:lee"]
+    card = await service.approval_request(lee.approval.id)
+    assert [vote.decided_by for vote in card.votes] == ["cli:lee"]
     voted = [e.data for e in await service.store.list_events("left") if e.type == "approval_voted"]
     assert [(v["decided_by"], v["approvals"]) for v in voted] == [("cli:sam", 1), ("cli:lee", 1)]
     kim = await service.decide("left", Decision.APPROVE, "cli:kim")
     assert kim.message == "approved by cli:kim: 2 of 2 approvals, done"
     assert kim.run.status == RunStatus.SUCCEEDED
+    assert kim.approved_by == ["cli:lee", "cli:kim"]
+    card = await service.approval_request(kim.approval.id)
+    assert [vote.decided_by for vote in card.votes] == ["cli:lee", "cli:kim"]
 
 
 async def test_a_vote_whose_identity_left_its_person_gives_way_to_their_new_one(
