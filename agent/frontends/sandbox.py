@@ -94,17 +94,21 @@ def make_standin() -> BotApiStandIn:
 
 
 def telegram_settings(base_url: str) -> TelegramSettings:
-    """The sandbox's own bot settings; real TELEGRAM_* settings are ignored here."""
-    return TelegramSettings(
-        _env_file=None,
-        allowed_chat_ids=[INCIDENT_CHAT, *(p.user_id for p in PEOPLE)],
-        approver_ids=[APPROVER.user_id],
-        api_base_url=base_url,
-        group_rate=0,  # nothing to protect: the stand-in has no flood limit
-        overall_rate=0,
-        progress_interval=1.0,
-        poll_timeout=10,
-    )
+    """The sandbox's own bot settings; real TELEGRAM_* settings are ignored here (every
+    field is given, so none is read from the environment: a webhook URL there would take
+    the sandbox's bot off its page)."""
+    chosen = {
+        "allowed_chat_ids": [INCIDENT_CHAT, *(p.user_id for p in PEOPLE)],
+        "approver_ids": [APPROVER.user_id],
+        "api_base_url": base_url,
+        "group_rate": 0,  # nothing to protect: the stand-in has no flood limit
+        "overall_rate": 0,
+        "progress_interval": 1.0,
+        "poll_timeout": 10,
+    }
+    fields = TelegramSettings.model_fields
+    defaults = {name: field.default_value() for name, field in fields.items()}
+    return TelegramSettings(_env_file=None, **(defaults | chosen))
 
 
 def build_sandbox_app(standin: BotApiStandIn) -> Starlette:

@@ -22,9 +22,11 @@ from agent.frontends.sandbox import (
     make_standin,
     running_sandbox,
     service_settings,
+    telegram_settings,
 )
 from agent.http_server import HttpServer
 from agent.settings import Settings
+from bot.settings import TelegramSettings
 from bot.standin import UploadedFile
 
 
@@ -256,3 +258,23 @@ def test_the_sandbox_ignores_the_real_approver_settings(settings: Settings) -> N
     own = service_settings(real)
     assert own.approvers == [] and own.telegram_approvers == [str(APPROVER.user_id)]
     assert own.people_file == EXAMPLE_PEOPLE
+
+
+def test_the_sandbox_ignores_the_teams_telegram_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TELEGRAM_* exported for the real bot (a /run rate of one, a webhook) would refuse the
+    second /run on the page or change how its bot listens: the sandbox sets every one."""
+    monkeypatch.setenv("TELEGRAM_RUN_RATE", "1")
+    monkeypatch.setenv("TELEGRAM_RUN_RATE_WINDOW", "86400")
+    monkeypatch.setenv("TELEGRAM_WEBHOOK_URL", "https://bot.example.org/loom-ops")
+    monkeypatch.setenv("TELEGRAM_WEBHOOK_SECRET", "team-secret-0123456789")
+    own = telegram_settings("http://127.0.0.1:1/bot")
+    plain = TelegramSettings(_env_file=None, allowed_chat_ids=[INCIDENT_CHAT])
+    monkeypatch.delenv("TELEGRAM_RUN_RATE")
+    monkeypatch.delenv("TELEGRAM_RUN_RATE_WINDOW")
+    monkeypatch.delenv("TELEGRAM_WEBHOOK_URL")
+    monkeypatch.delenv("TELEGRAM_WEBHOOK_SECRET")
+    default = TelegramSettings(_env_file=None, allowed_chat_ids=[INCIDENT_CHAT])
+    assert plain.run_rate == 1 and plain.webhook_url is not None  # the environment counts
+    assert (own.run_rate, own.run_rate_window) == (default.run_rate, default.run_rate_window)
+    assert own.webhook_url is None and own.webhook_secret is None
+    assert own.api_base_url == "http://127.0.0.1:1/bot"
