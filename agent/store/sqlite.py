@@ -85,7 +85,7 @@ class SqliteDatabase:
 
     async def close(self) -> None:
         """Checkpoint what this process wrote, close the connection and stop the engine's
-        thread (a second close does nothing)."""
+        thread (a second close does nothing; a cancelled one still happens)."""
 
         def close() -> None:
             with self._lock:
@@ -100,8 +100,12 @@ class SqliteDatabase:
         if self._closed:
             return
         self._closed = True
-        await self._thread.run(close)
-        self._thread.stop()
+        try:
+            # Shielded: a caller that gives up waiting must not take the close out of the
+            # queue (the connection would stay open, its WAL never checkpointed).
+            await asyncio.shield(self._thread.run(close))
+        finally:
+            self._thread.stop()  # after the close, which is queued ahead of it
 
     def _connect(self, _: None) -> None:
         try:

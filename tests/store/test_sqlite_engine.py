@@ -251,6 +251,46 @@ async def test_a_transaction_issued_on_a_closing_or_closed_store_fails_as_on_a_c
     assert raw_rows(db, "SELECT owner FROM processes ORDER BY owner") == [("in-flight",)]
 
 
+async def test_a_close_cancelled_while_it_waits_still_closes_the_database(
+    tmp_path: Path,
+) -> None:
+    """A shutdown that gives up on `close` (its task cancelled while a transaction ahead of it
+    waits for another process's lock) still checkpoints and closes the connection and stops
+    the engine's thread once that transaction is done: the WAL is gone, no thread is left."""
+    others = set(threading.enumerate())
+    store = await RunStore.open(tmp_path / "store.sqlite")
+    db = store.label
+    await store.db.transaction(_insert("before"), brief=True)
+    threads = {t for t in set(threading.enumerate()) - others if t.name == "loom-ops-sqlite"}
+    assert len(threads) == 1
+    holder = await _hold(db, "write")
+    try:
+        in_flight = asyncio.create_task(store.db.transaction(_insert("in-flight"), brief=True))
+        await asyncio.sleep(0)
+        closing = asyncio.create_task(store.close())
+        await asyncio.sleep(0.05)
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        await _release(holder)
+        await in_flight
+    finally:
+        if holder.returncode is None:
+            holder.kill()
+            await holder.wait()
+    for _ in range(200):
+        left = {t for t in threading.enumerate() if t.name == "loom-ops-sqlite"} & threads
+        if not left and not Path(f"{db}-wal").exists():
+            break
+        await asyncio.sleep(0.01)
+    assert not left, "the engine's thread is still running"
+    assert not Path(f"{db}-wal").exists(), "the connection was not closed"
+    assert raw_rows(db, "SELECT owner FROM processes ORDER BY owner") == [
+        ("before",),
+        ("in-flight",),
+    ]
+
+
 # -- other processes, kills, cancellation and a second event loop ----------------------------
 
 
