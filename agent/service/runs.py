@@ -551,9 +551,9 @@ class RunService:
         the runs as their expiry left them."""
         runs = []
         for approval_id in await self.store.overdue_approval_ids():
-            if await self.store.expire_approval(approval_id):
-                approval = await self.store.get_approval(approval_id)
-                runs.append(await self.store.get_run(approval.run_id))
+            run = await self.store.expire_approval(approval_id)
+            if run is not None:
+                runs.append(run)
         return runs
 
     async def _expire_and_drive(self, wait: bool) -> int:

@@ -339,7 +339,10 @@ class ApprovalsStore(StoreBase):
             run_id, call_key, number = row["run_id"], row["call_key"], row["number"]
             # The deadline is checked here, in the deciding transaction: a decision that
             # arrives late expires the request instead, whatever the caller checked before.
-            if self._expire_if_overdue(conn, approval_id, now) or row["status"] != "pending":
+            if (
+                self._expire_if_overdue(conn, approval_id, now) is not None
+                or row["status"] != "pending"
+            ):
                 return False, False
             # A pending request holds approvals only (a reject ends it).
             if sorted(v.person for v in _votes(conn, approval_id)) != sorted(counted):
@@ -435,22 +438,30 @@ class ApprovalsStore(StoreBase):
 
         return await self._transaction(decide, durable=True)
 
-    async def expire_approval(self, approval_id: int) -> bool:
-        """Expire a pending request past its deadline and end its run as expired."""
+    async def expire_approval(self, approval_id: int) -> RunRecord | None:
+        """Expire a pending request past its deadline and end its run as expired (or queue
+        it to roll back); returns the run as the expiry left it, None when the request was
+        not pending and overdue."""
         now = time.time()
-        return await self._transaction(
-            lambda conn: self._expire_if_overdue(conn, approval_id, now), durable=True
-        )
 
-    def _expire_if_overdue(self, conn: Connection, approval_id: int, now: float) -> bool:
-        """In the caller's transaction: expire the request if it is pending and overdue."""
+        def expire(conn: Connection) -> RunRecord | None:
+            run_id = self._expire_if_overdue(conn, approval_id, now)
+            if run_id is None:
+                return None
+            return run_from_row(conn.execute(f"{SELECT_RUNS} WHERE id = ?", (run_id,)).fetchone())
+
+        return await self._transaction(expire, durable=True)
+
+    def _expire_if_overdue(self, conn: Connection, approval_id: int, now: float) -> str | None:
+        """In the caller's transaction: expire the request if it is pending and overdue;
+        returns its run's id if it did."""
         row = conn.execute(
             "SELECT run_id, call_key, kind, on_expiry FROM approvals "
             "WHERE id = ? AND status = 'pending' AND deadline_at <= ?",
             (approval_id, now),
         ).fetchone()
         if row is None:
-            return False
+            return None
         run_id = row["run_id"]
         conn.execute(
             "UPDATE approvals SET status = 'expired', decided_at = ? WHERE id = ?",
@@ -479,7 +490,7 @@ class ApprovalsStore(StoreBase):
                 {"status": RunStatus.QUEUED, "checkpoint": checkpoint.to_json()},
             )
             self._enqueue_outbox(conn, run_id, ChatNotice.APPROVAL_EXPIRED, expired, now)
-            return True
+            return run_id
         error = "approval request expired without a decision"
         self._append_events(
             conn,
@@ -494,7 +505,7 @@ class ApprovalsStore(StoreBase):
         self._enqueue_outbox(conn, run_id, ChatNotice.APPROVAL_EXPIRED, expired, now)
         self._enqueue_outbox(conn, run_id, ChatNotice.RUN_FINISHED, {"status": "expired"}, now)
         self._wake_parent(conn, run_id, now)
-        return True
+        return run_id
 
     async def next_approval_timer(self) -> float | None:
         """The earliest timer of a pending request still to go off, if any: a reminder or an
