@@ -168,6 +168,9 @@ class ChatNotice(StrEnum):
     PROGRESS = "progress"  # show the tree's state again (one message per tree, edited)
     RUN_FINISHED = "run_finished"  # the root run's summary
     ALERT = "alert"  # show an alert incident's card: sent once, then edited in place
+    # Close the forum topic the bot opened for a run tree: queued by the bot itself once the
+    # tree's last word is out, so a crash or a failed call is retried like any message.
+    TOPIC_CLOSE = "topic_close"
 
 
 # The runs table's small JSON columns; one encoder, as `json.dumps` with options builds a new

@@ -89,6 +89,7 @@ URGENCY: dict[str, int] = {
     ChatNotice.APPROVAL_ESCALATED: 0,
     ChatNotice.ALERT: 0,
     ChatNotice.RUN_FINISHED: 1,
+    ChatNotice.TOPIC_CLOSE: 1,  # queued after its tree's summary, so it goes after it
     ChatNotice.PROGRESS: 2,
 }
 
@@ -314,6 +315,9 @@ class OutboxSender:
                 await self._summary(message)
             case ChatNotice.ALERT:
                 await self._alert_card(message)
+            case ChatNotice.TOPIC_CLOSE:
+                await self._topics.close(message.payload["root_id"], message.target["chat_id"])
+                await self._chat.mark_delivered(message.id, None)
             case _:  # another version's kind
                 raise Undeliverable(f"unknown outbox entry kind {message.kind!r}")
 
@@ -406,12 +410,13 @@ class OutboxSender:
             sent = await self._send(message, card.incident.run_id, text, reply_markup=buttons)
             edited = sent.message_id
             await alerts.record_card(card.incident.id, edited)
-        await self._chat.mark_delivered(message.id, edited)
         incident = card.incident
         if incident.state == AlertState.IGNORED or (
             incident.state == AlertState.PROPOSED and not incident.is_open
         ):  # the incident ended with no run: its topic has nothing more to say
-            await self._topics.close(incident.run_id, message.target["chat_id"])
+            await self._chat.mark_delivered_and_close_topic(message, edited, incident.run_id)
+        else:
+            await self._chat.mark_delivered(message.id, edited)
 
     async def _progress_due(self, root_id: str) -> float:
         shown = await self._chat.progress_message(root_id)
@@ -469,8 +474,7 @@ class OutboxSender:
             )
             message_id = sent.message_id
         self._failpoints.reached("after_send_run_finished")
-        await self._chat.mark_delivered(message.id, message_id)
-        await self._topics.close(run_id, message.target["chat_id"])  # the run ended
+        await self._chat.mark_delivered_and_close_topic(message, message_id, run_id)
 
     # -- the Bot API -----------------------------------------------------------------------
 

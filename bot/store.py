@@ -160,6 +160,44 @@ class ChatStore:
         """Record a delivery once; False if it was already recorded."""
         return await self.mark_all_delivered([message_id], chat_message_id) == 1
 
+    async def mark_delivered_and_close_topic(
+        self, message: OutboxMessage, chat_message_id: int | None, root_id: str
+    ) -> bool:
+        """Record a delivery once (False if it was already recorded), and in the same
+        transaction queue the closing of run tree `root_id`'s topic in that chat when the
+        bot opened one that is not closed yet: the tree has nothing more to say there."""
+        now = time.time()
+        chat_id = message.target["chat_id"]
+
+        def mark(conn: Connection) -> bool:
+            marked = conn.execute(
+                "UPDATE outbox SET delivered_at = ?, message_id = ? "
+                "WHERE id = ? AND delivered_at IS NULL",
+                (now, chat_message_id, message.id),
+            ).rowcount
+            if marked != 1:
+                return False
+            topic = conn.execute(
+                "SELECT 1 FROM run_places WHERE root_id = ? AND chat_id = ? "
+                "AND thread_id IS NOT NULL AND closed_at IS NULL",
+                (root_id, chat_id),
+            ).fetchone()
+            if topic is not None:
+                conn.execute(
+                    "INSERT INTO outbox (run_id, target, kind, payload, created_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (
+                        root_id,
+                        json.dumps({"chat_id": chat_id}),
+                        ChatNotice.TOPIC_CLOSE,
+                        json.dumps({"root_id": root_id}),
+                        now,
+                    ),
+                )
+            return True
+
+        return await self._db.transaction(mark, durable=True)
+
     async def drop_stale_progress(self, before: float) -> int:
         """Give up the progress edits queued before `before` and not sent: the chat they edit
         is gone (a restarted sandbox starts an empty page). Requests and summaries stay."""

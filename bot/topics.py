@@ -144,7 +144,10 @@ class Topics:
         await self._chat.record_run_place(root_id, chat_id)  # a topic a person opened, too
 
     async def close(self, root_id: str, chat_id: int) -> None:
-        """Close the topic the bot opened in a chat for a run that ended; best effort (logged)."""
+        """Close the topic the bot opened in a chat for a run tree that said its last word
+        there (a TOPIC_CLOSE entry). A topic closed already is fine; any other error is the
+        outbox's to retry (a network fault, a flood limit) or give up on (a topic deleted,
+        a right taken away)."""
         place = await self._chat.run_place(root_id, chat_id)
         if place is None or place.thread_id is None or place.closed_at is not None:
             return  # no topic, a person's topic, or closed already
@@ -152,11 +155,7 @@ class Topics:
             await self._bot.close_forum_topic(place.chat_id, place.thread_id)
         except BadRequest as exc:
             if "not_modified" not in str(exc).lower():  # else someone closed it already
-                log.warning("could not close topic %s of run %s: %s", place.thread_id, root_id, exc)
-                return
-        except TelegramError as exc:
-            log.warning("could not close topic %s of run %s: %s", place.thread_id, root_id, exc)
-            return
+                raise
         await self._chat.record_topic_closed(root_id, chat_id)
 
     async def _may_open_topics(self, chat_id: int) -> bool:

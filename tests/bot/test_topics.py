@@ -244,6 +244,21 @@ async def test_a_run_in_a_forum_gets_a_topic_named_after_its_request_closed_when
     assert len(calls_to(standin, "getChat")) == 1
 
 
+async def test_a_topic_whose_close_fails_once_is_closed_on_the_retry(settings: Settings) -> None:
+    """The Bot API fails the first closeForumTopic (a 502): the close is retried like any
+    message, and the topic ends closed."""
+    async with chat_bench(settings) as (standin, _):
+        make_forum(standin)
+        standin.fail_next("closeForumTopic", 502)
+        await confirm_run(standin, INCIDENTS, ALICE, REQUEST)
+        request = await wait_for_approval(standin, INCIDENTS)
+        run_id = run_id_of(request)
+        approve(standin, request)
+        await wait_for(standin, lambda: summaries(standin, INCIDENTS, run_id))
+        await wait_for(standin, lambda: closed(standin), 15)
+    assert len(calls_to(standin, "closeForumTopic")) == 2
+
+
 async def test_a_run_started_inside_a_topic_stays_there_and_leaves_it_open(
     settings: Settings,
 ) -> None:
@@ -412,6 +427,42 @@ async def test_a_bot_killed_after_opening_and_recording_a_topic_goes_on_in_it_af
     assert progress_messages(said, run_id) and summaries(standin, INCIDENTS, run_id)
     assert [m.get("message_thread_id") for m in said] == [topic["message_thread_id"]] * len(said)
     assert len(calls_to(standin, "createForumTopic")) == 1
+
+
+async def test_a_bot_killed_as_it_closes_a_runs_topic_closes_it_after_restart(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """SIGKILL as the bot asks to close the topic of a run whose summary is out: the restarted
+    bot closes it (the summary is not sent again)."""
+    async with standin_server() as (standin, server):
+        make_forum(standin)
+        bot = BotProcess(bot_env(server, settings), settings.workspace, tmp_path / "bot.log")
+        killed: list[ApiCall] = []
+
+        def kill_at_the_close(call: ApiCall) -> None:
+            if call.method == "closeForumTopic" and not killed:
+                killed.append(call)
+                bot.kill()
+                raise BotApiError(502, "Bad Gateway")  # it never reached the chat
+
+        standin.on_call = kill_at_the_close
+        bot.start()
+        try:
+            await confirm_run(standin, INCIDENTS, ALICE, REQUEST, timeout=30)
+            request = await wait_for_approval(standin, INCIDENTS)
+            run_id = run_id_of(request)
+            approve(standin, request)
+            await wait_for(standin, lambda: killed, 30)
+            standin.on_call = None
+            assert not closed(standin)
+            bot = BotProcess(bot_env(server, settings), settings.workspace, tmp_path / "bot.log")
+            bot.start()
+            await wait_for(standin, lambda: closed(standin), 30)
+        finally:
+            code = bot.stop()
+        assert code == 0, bot.output()
+    assert len(summaries(standin, INCIDENTS, run_id)) == 1
+    assert len(calls_to(standin, "closeForumTopic")) == 2
 
 
 # -- the store -----------------------------------------------------------------------------------
