@@ -48,7 +48,9 @@ def _split_keys(value: str) -> list[str]:
 def _first_line(path: Path) -> str:
     """The first line of a key file, stripped; ValueError (one line) when it cannot be read."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # A BOM (as Windows editors write) is no part of the key: with it, a process reading
+        # a copy without one would hold another key and call every link broken.
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise ValueError(f"cannot read {path}: {reason}") from None

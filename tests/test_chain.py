@@ -298,6 +298,8 @@ def test_an_audit_key_file_is_read_and_checked(tmp_path: Path) -> None:
     key_file.write_text(KEY + "\n")
     from_file = Settings(_env_file=None, audit_key_file=key_file)
     assert from_file.audit_secret() == AuditKey.of(KEY)
+    key_file.write_bytes(b"\xef\xbb\xbf" + KEY.encode() + b"\r\n")  # as Notepad saves it
+    assert Settings(_env_file=None, audit_key_file=key_file).audit_secret() == AuditKey.of(KEY)
     with pytest.raises(ValueError, match="cannot read"):
         Settings(_env_file=None, audit_key_file=tmp_path / "missing.key")
     with pytest.raises(ValueError, match="at least 16 characters"):
