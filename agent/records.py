@@ -198,6 +198,12 @@ class Checkpoint:
         fields (the loop moves its checkpoint several times a step)."""
         return Checkpoint(**{**self.__dict__, **changes})
 
+    @property
+    def at_start(self) -> bool:
+        """No policy turn taken yet. The checkpoint moves in the transaction that journals a
+        turn, a call or an approval request, so such a run has none of them to read back."""
+        return self.turn == 0 and self.call == 0 and self.steps_used == 0
+
     def rolling_back(self) -> Checkpoint:
         """Where a run resumes to roll its completed steps back (after a reject or an
         expiry that asks for it): a turn of its own, the kernel's rollback plan."""

@@ -257,7 +257,10 @@ class _RunLoop:
     # -- the loop ----------------------------------------------------------------------------
 
     async def run(self) -> None:
-        records = await self.store.list_tool_calls(self.run_id)
+        # A run that has taken no turn has journaled nothing to read back (a new run's first
+        # drive: three reads fewer).
+        at_start = self.state.at_start
+        records = [] if at_start else await self.store.list_tool_calls(self.run_id)
         for record in records:
             if record.outcome is not None and record.status not in ("intent", "retry"):
                 self.history.append(_observation(record))
@@ -267,8 +270,9 @@ class _RunLoop:
             for r in counted
             if r.status != "intent"  # an attempt in flight is counted when it is decided
         )
-        self.approvals = await self.store.approved_gate_counts(self.run_id)
-        fresh_turn = False  # True once we know no journaled answer exists for this turn
+        if not at_start:
+            self.approvals = await self.store.approved_gate_counts(self.run_id)
+        fresh_turn = at_start  # True once we know no journaled answer exists for this turn
         try:
             while True:
                 decision, pending = await self._decision(fresh_turn)

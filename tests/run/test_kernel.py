@@ -20,6 +20,7 @@ from agent.run.leases import owner_is_dead
 from agent.service.runs import RunService
 from agent.settings import Settings
 from agent.store import NewRun, RunStore
+from bench.roundtrips import count_store
 from tests.support import (
     DEPLOY,
     DISK,
@@ -328,6 +329,28 @@ async def test_an_approved_action_cannot_be_changed_by_re_reading_the_runbook(
 
 
 # -- budgets -----------------------------------------------------------------------------------
+
+
+async def test_a_new_runs_first_drive_reads_nothing_back_and_a_later_drive_reads_its_journal(
+    service: RunService,
+) -> None:
+    """A run that has taken no turn has journaled no call, gate approval or policy answer:
+    its first drive reads none of them back. The drive after its approval does, and goes on
+    from them to the end."""
+    reads = ("list_tool_calls", "approved_gate_counts", "get_policy_turn")
+    counts = count_store(service.store.db)
+    run = await service.start("fresh", "incident: API latency spike")
+    assert run.status == RunStatus.WAITING_APPROVAL
+    first = counts.snapshot()
+    assert [label for label in first.calls if label.endswith(reads)] == []
+    await service.decide("fresh", Decision.APPROVE, "cli:oncall")
+    later = counts.since(first)
+    assert sorted(label.rsplit(".", 1)[-1] for label in later.calls if label.endswith(reads)) == [
+        "approved_gate_counts",
+        "get_policy_turn",
+        "list_tool_calls",
+    ]
+    assert (await service.get("fresh")).status == RunStatus.SUCCEEDED
 
 
 async def test_max_steps_ends_the_run(service: RunService) -> None:
