@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from agent.runbook.model import (
     sample_commands,
     validate_runbooks,
 )
+from agent.service.runs import RunService
 from agent.tools.allowlist import ShellAllowlist
 from tests.cli_helpers import REPO
 
@@ -1037,3 +1040,20 @@ def test_a_bad_escalation_is_one_error_with_file_line_and_field(
     assert (error.line, error.field) == (line, field), error
     assert message in error.message
     assert str(error).startswith(f"{tmp_path / 'rb.yaml'}:{line}: {field}: ")
+
+
+async def test_the_services_catalog_follows_the_runbooks_directory(service: RunService) -> None:
+    """A runbook added, edited in place or removed is in the next start's catalog; an
+    unchanged directory is not parsed again."""
+    directory = service.settings.runbooks_dir
+    first = service.catalog()
+    assert service.catalog() is first  # nothing changed: the same catalog
+    added = directory / "added.yaml"
+    added.write_text("id: added\ntitle: Added\nsteps:\n  - id: a\n    title: A\n    note: a\n")
+    assert service.catalog().get("added").title == "Added"
+    text = added.read_text().replace("title: Added", "title: Edits")  # the same size
+    added.write_text(text)
+    os.utime(added, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    assert service.catalog().get("added").title == "Edits"
+    added.unlink()
+    assert "added" not in service.catalog().runbooks
