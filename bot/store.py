@@ -75,6 +75,18 @@ def _run_place(row: Any) -> RunPlace:
     )
 
 
+def _mark_delivered(
+    conn: Connection, message_ids: Sequence[int], chat_message_id: int | None, now: float
+) -> int:
+    """In the caller's transaction: record entries as delivered by one chat message; returns
+    how many were not recorded before."""
+    cursor = conn.executemany(
+        "UPDATE outbox SET delivered_at = ?, message_id = ? WHERE id = ? AND delivered_at IS NULL",
+        [(now, chat_message_id, message_id) for message_id in message_ids],
+    )
+    return cursor.rowcount
+
+
 class ChatStore:
     """The bot's statements, over the database the run store uses."""
 
@@ -170,12 +182,7 @@ class ChatStore:
         chat_id = message.target["chat_id"]
 
         def mark(conn: Connection) -> bool:
-            marked = conn.execute(
-                "UPDATE outbox SET delivered_at = ?, message_id = ? "
-                "WHERE id = ? AND delivered_at IS NULL",
-                (now, chat_message_id, message.id),
-            ).rowcount
-            if marked != 1:
+            if _mark_delivered(conn, [message.id], chat_message_id, now) != 1:
                 return False
             topic = conn.execute(
                 "SELECT 1 FROM run_places WHERE root_id = ? AND chat_id = ? "
@@ -218,15 +225,9 @@ class ChatStore:
         one edit); returns how many were not recorded before."""
         now = time.time()
 
-        def mark(conn: Connection) -> int:
-            cursor = conn.executemany(
-                "UPDATE outbox SET delivered_at = ?, message_id = ? "
-                "WHERE id = ? AND delivered_at IS NULL",
-                [(now, chat_message_id, message_id) for message_id in message_ids],
-            )
-            return cursor.rowcount
-
-        return await self._db.transaction(mark, durable=True)
+        return await self._db.transaction(
+            lambda c: _mark_delivered(c, message_ids, chat_message_id, now), durable=True
+        )
 
     async def claim_messages(self, message_ids: Sequence[int]) -> None:
         """Mark entries as being sent: a change committed from now on queues its own entry
