@@ -189,12 +189,11 @@ class ChatStore:
                 "AND thread_id IS NOT NULL AND closed_at IS NULL",
                 (root_id, chat_id),
             ).fetchone()
-            if topic is not None:
+            if topic is not None:  # no run id: an alert incident's tree may have no run
                 conn.execute(
                     "INSERT INTO outbox (run_id, target, kind, payload, created_at) "
-                    "VALUES (?, ?, ?, ?, ?)",
+                    "VALUES (NULL, ?, ?, ?, ?)",
                     (
-                        root_id,
                         json.dumps({"chat_id": chat_id}),
                         ChatNotice.TOPIC_CLOSE,
                         json.dumps({"root_id": root_id}),

@@ -31,12 +31,15 @@ from tests.bot_harness import (
     BOB,
     INCIDENTS,
     MALLORY,
+    confirm_run,
     from_bot,
     keyboard_data,
     make_standin,
     running_bot,
     telegram_settings,
+    undelivered,
     wait_for,
+    wait_for_approval,
 )
 from tests.http_harness import served, wait_for_run
 
@@ -370,6 +373,28 @@ async def test_ignore_closes_the_card_and_a_second_tap_changes_nothing(settings:
         answer = standin.callback_answer(late)
         assert answer is not None and "ignored by telegram:" in answer.get("text", "")
         assert await service.list() == []
+
+
+async def test_an_ignored_card_in_a_forum_closes_its_topic_and_the_chat_goes_on(
+    settings: Settings,
+) -> None:
+    """In a forum the card opens the incident's topic; Ignore ends the incident with no run,
+    so the topic is closed, and a run started in the chat afterwards gets its news."""
+    async with alert_bench(alert_settings(settings)) as (standin, _, client):
+        standin.add_chat(INCIDENTS, "supergroup", "Incidents", is_forum=True)
+        await _post(client, "/alerts/alertmanager", alertmanager_body())
+        await wait_for(standin, lambda: alert_cards(standin))
+        card = alert_cards(standin)[0]
+        _, ignore = keyboard_data(card)
+        standin.inject_callback(INCIDENTS, card["message_id"], BOB, ignore)
+        await wait_for(standin, lambda: "Ignored by @bob" in alert_cards(standin)[0]["text"])
+        await wait_for(standin, lambda: all(t["is_closed"] for t in standin.topics(INCIDENTS)))
+        await confirm_run(standin, INCIDENTS, ALICE, "incident: API latency spike")
+        await wait_for_approval(standin, INCIDENTS)
+        [incident_topic, run_topic] = standin.topics(INCIDENTS)
+        assert incident_topic["is_closed"] and not run_topic["is_closed"]
+        assert len(standin.calls("closeForumTopic")) == 1
+        await wait_for(standin, lambda: undelivered(settings.db) == 0)
 
 
 async def test_a_resolve_after_the_run_ended_is_shown_after_the_step_that_mitigated_it(
