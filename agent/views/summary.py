@@ -136,11 +136,11 @@ _QUOTED_MIN, _LEAD_IN_MAX = 16, 120
 
 def _quotes(error: str, said: str) -> bool:
     """Whether a run's `error` only repeats a tool's error `said` after a short lead-in."""
-    ending = error.rstrip(" .)")
+    ending, words = error.rstrip(" .)"), said.rstrip(" .)")
     return (
-        len(said) >= _QUOTED_MIN
-        and ending.endswith(said)
-        and len(ending) - len(said) <= _LEAD_IN_MAX
+        len(words) >= _QUOTED_MIN
+        and ending.endswith(words)
+        and len(ending) - len(words) <= _LEAD_IN_MAX
     )
 
 

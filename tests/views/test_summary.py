@@ -61,6 +61,9 @@ async def test_a_runs_error_is_left_out_only_where_it_repeats_a_tools_own_words(
     words = "MCP server ops: Error executing tool refuse"
     assert len(errors(words, f"step 'ask' failed: {words}")) == 1
     assert len(errors(words, f"Calls a tool that refuses: step ask failed ({words})")) == 1
+    # The tool's own words may end as the run's do: a sentence, a parenthesis.
+    for said in (f"{words}.", "unknown MCP tool 'ops.refuse' (servers: ops)"):
+        assert len(errors(said, f"Calls a tool that refuses: step ask failed ({said})")) == 1
     assert len(errors("failed", "disk full on db-1; the step failed")) == 2
     assert len(errors(words, f"{'the model also saw the disk fill up on db-1; ' * 3}{words}")) == 2
     assert len(errors(words, f"{words}; and the rollback did not run")) == 2
