@@ -212,6 +212,8 @@ class OutboxSender:
             now = time.time()
             if message.next_attempt_at > now:  # backing off: keep the chat's order
                 self._wake_at(message.next_attempt_at)
+                if message.kind == ChatNotice.TOPIC_CLOSE:
+                    continue  # housekeeping, after its tree's last word: it holds up no news
                 return False
             if message.kind == ChatNotice.PROGRESS:
                 root_id = message.payload["root_id"]
@@ -230,7 +232,7 @@ class OutboxSender:
                 ok = await self._attempt(message, self._progress(message, ids))
             else:
                 ok = await self._attempt(message, self._deliver(message))
-            if not ok:
+            if not ok and message.kind != ChatNotice.TOPIC_CLOSE:
                 return False
             delivered_any = True
         return delivered_any
