@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -394,6 +395,23 @@ async def test_a_forum_that_refuses_the_bot_a_topic_threads_runs_as_replies(
 # -- a crash -------------------------------------------------------------------------------------
 
 
+def kill_the_bot_at(
+    standin: BotApiStandIn, bot: BotProcess, matches: Callable[[ApiCall], object]
+) -> list[ApiCall]:
+    """SIGKILL `bot` at the first Bot API call `matches`, which then fails (it never reaches
+    the chat); returns the list that call is put in once it happened."""
+    killed: list[ApiCall] = []
+
+    def kill(call: ApiCall) -> None:
+        if matches(call) and not killed:
+            killed.append(call)
+            bot.kill()
+            raise BotApiError(502, "Bad Gateway")
+
+    standin.on_call = kill
+    return killed
+
+
 async def test_a_bot_killed_after_opening_and_recording_a_topic_goes_on_in_it_after_restart(
     settings: Settings, tmp_path: Path
 ) -> None:
@@ -402,15 +420,11 @@ async def test_a_bot_killed_after_opening_and_recording_a_topic_goes_on_in_it_af
     async with standin_server() as (standin, server):
         make_forum(standin)
         bot = BotProcess(bot_env(server, settings), settings.workspace, tmp_path / "bot.log")
-        killed: list[ApiCall] = []
-
-        def kill_at_first_send_into_a_topic(call: ApiCall) -> None:
-            if call.method == "sendMessage" and call.params.get("message_thread_id") and not killed:
-                killed.append(call)
-                bot.kill()
-                raise BotApiError(502, "Bad Gateway")  # it never reached the chat
-
-        standin.on_call = kill_at_first_send_into_a_topic
+        killed = kill_the_bot_at(
+            standin,
+            bot,
+            lambda call: call.method == "sendMessage" and call.params.get("message_thread_id"),
+        )
         bot.start()
         try:
             card = await confirm_run(standin, INCIDENTS, ALICE, REQUEST, timeout=30)
@@ -445,15 +459,7 @@ async def test_a_bot_killed_as_it_closes_a_runs_topic_closes_it_after_restart(
     async with standin_server() as (standin, server):
         make_forum(standin)
         bot = BotProcess(bot_env(server, settings), settings.workspace, tmp_path / "bot.log")
-        killed: list[ApiCall] = []
-
-        def kill_at_the_close(call: ApiCall) -> None:
-            if call.method == "closeForumTopic" and not killed:
-                killed.append(call)
-                bot.kill()
-                raise BotApiError(502, "Bad Gateway")  # it never reached the chat
-
-        standin.on_call = kill_at_the_close
+        killed = kill_the_bot_at(standin, bot, lambda call: call.method == "closeForumTopic")
         bot.start()
         try:
             await confirm_run(standin, INCIDENTS, ALICE, REQUEST, timeout=30)

@@ -358,14 +358,21 @@ async def test_the_card_starts_the_run_as_the_person_who_taps(settings: Settings
         assert len(alert_cards(standin)) == 1  # edited in place, never a second card
 
 
+async def ignored_card(standin: Any, client: httpx.AsyncClient) -> JSON:
+    """An alert's card, once Bob tapped Ignore on it (as it was before the tap)."""
+    await _post(client, "/alerts/alertmanager", alertmanager_body())
+    await wait_for(standin, lambda: alert_cards(standin))
+    card = alert_cards(standin)[0]
+    _, ignore = keyboard_data(card)
+    standin.inject_callback(INCIDENTS, card["message_id"], BOB, ignore)
+    await wait_for(standin, lambda: "Ignored by @bob" in alert_cards(standin)[0]["text"])
+    return card
+
+
 async def test_ignore_closes_the_card_and_a_second_tap_changes_nothing(settings: Settings) -> None:
     async with alert_bench(alert_settings(settings)) as (standin, service, client):
-        await _post(client, "/alerts/alertmanager", alertmanager_body())
-        await wait_for(standin, lambda: alert_cards(standin))
-        card = alert_cards(standin)[0]
-        start, ignore = keyboard_data(card)
-        standin.inject_callback(INCIDENTS, card["message_id"], BOB, ignore)
-        await wait_for(standin, lambda: "Ignored by @bob" in alert_cards(standin)[0]["text"])
+        card = await ignored_card(standin, client)
+        start, _ = keyboard_data(card)
         late = standin.inject_callback(
             INCIDENTS, card["message_id"], MALLORY, start, require_button=False
         )
@@ -382,12 +389,7 @@ async def test_an_ignored_card_in_a_forum_closes_its_topic_and_the_chat_goes_on(
     so the topic is closed, and a run started in the chat afterwards gets its news."""
     async with alert_bench(alert_settings(settings)) as (standin, _, client):
         standin.add_chat(INCIDENTS, "supergroup", "Incidents", is_forum=True)
-        await _post(client, "/alerts/alertmanager", alertmanager_body())
-        await wait_for(standin, lambda: alert_cards(standin))
-        card = alert_cards(standin)[0]
-        _, ignore = keyboard_data(card)
-        standin.inject_callback(INCIDENTS, card["message_id"], BOB, ignore)
-        await wait_for(standin, lambda: "Ignored by @bob" in alert_cards(standin)[0]["text"])
+        await ignored_card(standin, client)
         await wait_for(standin, lambda: all(t["is_closed"] for t in standin.topics(INCIDENTS)))
         await confirm_run(standin, INCIDENTS, ALICE, "incident: API latency spike")
         await wait_for_approval(standin, INCIDENTS)
