@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from agent.chain import AuditKey, canonical_json, event_link
 from agent.errors import CallNotInFlight, LeaseLost, RunNotFound
 from agent.events import Event, ToolOutcome
-from agent.records import ChatNotice, Checkpoint, Claim, Origin, RunStatus
+from agent.records import ChatNotice, Checkpoint, Claim, Origin, RunRecord, RunStatus
 from agent.store.commands import CallResult, NewToolCall, Outcome, RunbookPin
 from agent.store.database import (
     JOURNAL_CHANNEL,
@@ -99,6 +99,9 @@ class StoreBase:
         self._runs_written: set[str] = set()  # filled where a transaction runs (a thread)
         self._runs_written_lock = threading.Lock()
         self._last_seq_seen = 0
+        # Runs a worker's batch claimed, as the claiming transaction left them: the drive of
+        # each starts from that row instead of reading it again (see ClaimsStore.drive).
+        self._claimed_runs: dict[Claim, RunRecord] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 

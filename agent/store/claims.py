@@ -64,11 +64,14 @@ class ClaimsStore(StoreBase):
         return Drive(self, Claim.of(run), run)  # type: ignore[arg-type]
 
     async def drive(self, claim: Claim) -> Drive:
-        """The handle of a claim this process took earlier (a worker's batch), once the run is
-        still under it; LeaseLost if it was claimed again since."""
-        run = await self.get_run(claim.run_id)
-        if Claim.of(run) != claim:
-            raise LeaseLost(f"run {claim.run_id} was claimed again since this process took it")
+        """The handle of a claim this process took earlier (a worker's batch), starting from
+        the run as its claim left it; a claim taken again since fails at its first write
+        (every write is fenced), or here with LeaseLost once its row was read anew."""
+        run = self._claimed_runs.pop(claim, None)
+        if run is None:
+            run = await self.get_run(claim.run_id)
+            if Claim.of(run) != claim:
+                raise LeaseLost(f"run {claim.run_id} was claimed again since this process took it")
         return Drive(self, claim, run)  # type: ignore[arg-type]
 
     def _take_lease(
@@ -106,7 +109,7 @@ class ClaimsStore(StoreBase):
         """
         now = time.time()
 
-        def claim(conn: Connection) -> list[Claim]:
+        def claim(conn: Connection) -> list[tuple[Claim, RunRecord]]:
             rows = conn.execute(
                 "SELECT id, status, lease_owner, lease_epoch FROM runs "
                 "WHERE (status = 'queued' AND (not_before IS NULL OR not_before <= ?)) "
@@ -120,11 +123,20 @@ class ClaimsStore(StoreBase):
                 claims.append(
                     self._take_lease(conn, run_id, owner, epoch + 1, now, ttl, taken_from)
                 )
-            return claims
+            if not claims:
+                return []
+            marks = ", ".join("?" for _ in claims)
+            claimed = conn.execute(
+                f"{SELECT_RUNS} WHERE id IN ({marks})", [c.run_id for c in claims]
+            ).fetchall()
+            runs = {run.id: run for run in map(run_from_row, claimed)}
+            return [(c, runs[c.run_id]) for c in claims]
 
         if limit < 1:
             return []
-        return await self._transaction(claim)
+        taken = await self._transaction(claim)
+        self._claimed_runs.update(taken)
+        return [c for c, _ in taken]
 
     async def _renew(self, claim: Claim, ttl: float) -> bool:
         """Extend the lease; False when this claim lost it."""

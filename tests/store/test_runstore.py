@@ -46,6 +46,7 @@ from agent.store import (
 )
 from agent.store.database import POSTGRES, SQLITE
 from agent.store.sqlite import CHECKPOINT_EVERY
+from bench.roundtrips import count_store
 from bot.store import ChatStore
 from tests.conftest import postgres_schema
 from tests.support import LATENCY, open_service, raw_rows
@@ -892,6 +893,43 @@ async def test_handing_a_run_back_writes_the_outcome_it_held(store: RunStore) ->
     record = await store.get_tool_call("h#0.0")
     assert record is not None and (record.status, record.outcome) == ("ok", {"read": 1})
     assert (await store.get_run("h")).status == RunStatus.QUEUED
+
+
+async def test_a_batch_claims_drive_starts_from_the_claimed_row_and_is_fenced(
+    store: RunStore,
+) -> None:
+    """A worker's batch claim reads each run as it claims it: the drive of a claim starts
+    from that row without reading it again. A claim another process took since writes
+    nothing: its first write fails with LeaseLost."""
+    for run_id in ("b1", "b2"):
+        await store.create_run(
+            NewRun(
+                id=run_id,
+                role="runbook",
+                request="crash drill",
+                requested_by="cli:tester",
+                origin=Origin(),
+                limits=RunLimits(max_steps=40, max_tool_calls=100, deadline_seconds=3600),
+            )
+        )
+    first, second = await store.claim_runnable(OWNER, 0.1, 2)
+    counts = count_store(store.db)
+    drive = await store.drive(first)
+    assert counts.total_calls == 0
+    assert (drive.run.status, drive.run.lease_owner, drive.run.lease_epoch) == (
+        RunStatus.RUNNING,
+        OWNER,
+        first.epoch,
+    )
+    await asyncio.sleep(0.2)  # the second claim's lease expires: another process takes it
+    await store.claim_run("b2", "otherhost:2:new", 30, lambda _owner: False)
+    stale = await store.drive(second)
+    with pytest.raises(LeaseLost):
+        await stale.finish(RunStatus.SUCCEEDED, Checkpoint(), "done", None)
+    taken = await store.get_run("b2")
+    assert (taken.status, taken.lease_owner) == (RunStatus.RUNNING, "otherhost:2:new")
+    await drive.finish(RunStatus.SUCCEEDED, Checkpoint(), "done", None)
+    assert (await store.get_run("b1")).status == RunStatus.SUCCEEDED
 
 
 async def test_an_outcome_a_lost_claim_could_not_write_stays_unsaved(store: RunStore) -> None:
