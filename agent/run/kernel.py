@@ -193,7 +193,9 @@ class RunKernel:
         finally:
             if self._loops.get(run_id) is work:
                 del self._loops[run_id]
-        return await self.store.get_run(run_id)
+        # Ended, the drive holds the run as its last write left it; parked or handed back,
+        # it is read (another process may have changed it since).
+        return drive.ended or await self.store.get_run(run_id)
 
     def stop(self, run_id: str) -> None:
         """Stop driving a run in this process now (after it was cancelled)."""

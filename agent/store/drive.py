@@ -47,6 +47,7 @@ class Drive:
     claim: Claim
     run: RunRecord
     lease_until: float = 0.0
+    ended: RunRecord | None = None  # the run as `finish` left it
     on_saved: Callable[[], object] = lambda: None  # after a write committed a call's outcome
     _unsaved: Outcome | None = field(default=None, repr=False)
 
@@ -132,8 +133,8 @@ class Drive:
         error: str | None,
         turn: PolicyTurn | None = None,
     ) -> None:
-        """End the run in a final status."""
-        await self._write(
+        """End the run in a final status (`ended` is then the run as it ended)."""
+        self.ended = await self._write(
             lambda unsaved: self.store._finish(
                 self.claim, status, checkpoint, summary, error, turn, unsaved
             )

@@ -152,12 +152,13 @@ class RunsStore(StoreBase):
         error: str | None,
         turn: PolicyTurn | None = None,
         earlier: Outcome | None = None,
-    ) -> None:
-        """End a run in a final status; journals the last policy turn if it was not yet."""
+    ) -> RunRecord:
+        """End a run in a final status; journals the last policy turn if it was not yet.
+        Returns the run as it ended."""
         now = time.time()
         run_id = claim.run_id
 
-        def finish(conn: Connection) -> None:
+        def finish(conn: Connection) -> RunRecord:
             self._fence(conn, claim, earlier)
             events = []
             if turn is not None:
@@ -186,8 +187,9 @@ class RunsStore(StoreBase):
                 now,
             )
             self._wake_parent(conn, run_id, now)
+            return run_from_row(conn.execute(f"{SELECT_RUNS} WHERE id = ?", (run_id,)).fetchone())
 
-        await self._transaction(finish, durable=True)
+        return await self._transaction(finish, durable=True)
 
     async def cancel_run(self, run_id: str, by: str) -> list[str]:
         """Cancel a run that has not finished, and every unfinished run below it, in one

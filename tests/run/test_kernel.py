@@ -353,6 +353,30 @@ async def test_a_new_runs_first_drive_reads_nothing_back_and_a_later_drive_reads
     assert (await service.get("fresh")).status == RunStatus.SUCCEEDED
 
 
+async def test_a_run_nobody_needs_to_decide_only_writes(
+    settings: Settings, workspace: Path
+) -> None:
+    """A three-step dry run asks the store to create it, claim it, commit each step (with the
+    last one's outcome) and end it, and reads nothing: the run it returns is the one its end
+    wrote."""
+    steps = "\n".join(f"  - id: s{i}\n    title: S{i}\n    run: echo {i}" for i in range(3))
+    write_runbook(workspace, "three", f"id: three\ntitle: Three\nsteps:\n{steps}\n")
+    service = await RunService.open(settings)
+    try:
+        counts = count_store(service.store.db)
+        run = await service.start("three", "three")
+        assert run.status == RunStatus.SUCCEEDED and run.finished_at is not None
+        assert {label.rsplit(".", 1)[-1]: n for label, n in counts.calls.items()} == {
+            "create_run": 1,
+            "claim_run": 1,
+            "_begin_call": 5,  # read_runbook, three steps, record_audit
+            "_finish": 1,
+        }
+        assert run == await service.get("three")
+    finally:
+        await service.close()
+
+
 async def test_max_steps_ends_the_run(service: RunService) -> None:
     """A run out of policy turns fails with `budget exhausted`, never asking a fourth time."""
     run = await service.start("steps", LATENCY, max_steps=3)
