@@ -99,9 +99,10 @@ class StoreBase:
         self._runs_written: set[str] = set()  # filled where a transaction runs (a thread)
         self._runs_written_lock = threading.Lock()
         self._last_seq_seen = 0
-        # Runs a worker's batch claimed, as the claiming transaction left them: the drive of
-        # each starts from that row instead of reading it again (see ClaimsStore.drive).
-        self._claimed_runs: dict[Claim, RunRecord] = {}
+        # Runs a worker's batch claimed, as the claiming transaction left them, by run id:
+        # the drive of each starts from that row instead of reading it again (see
+        # ClaimsStore.drive); a later claim of the run by this process drops it.
+        self._claimed_runs: dict[str, RunRecord] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 

@@ -61,17 +61,22 @@ class ClaimsStore(StoreBase):
             return run_from_row(conn.execute(f"{SELECT_RUNS} WHERE id = ?", (run_id,)).fetchone())
 
         run = await self._transaction(claim)
+        self._claimed_runs.pop(run_id, None)  # a batch's claim of it is stale now
         return Drive(self, Claim.of(run), run)  # type: ignore[arg-type]
 
     async def drive(self, claim: Claim) -> Drive:
-        """The handle of a claim this process took earlier (a worker's batch), starting from
-        the run as its claim left it; a claim taken again since fails at its first write
-        (every write is fenced), or here with LeaseLost once its row was read anew."""
-        run = self._claimed_runs.pop(claim, None)
-        if run is None:
+        """The handle of a claim this process took earlier (a worker's batch), once the run is
+        still under it; LeaseLost if it was claimed again since.
+
+        The run is the row the batch's claim read while that claim's lease has not expired
+        and this process has not claimed the run again: nobody else can have taken it then.
+        Otherwise it is read anew (a write would be refused anyway, but only after the drive
+        asked its policy for a turn)."""
+        run = self._claimed_runs.pop(claim.run_id, None)
+        if run is None or Claim.of(run) != claim or (run.lease_expires_at or 0) <= time.time():
             run = await self.get_run(claim.run_id)
-            if Claim.of(run) != claim:
-                raise LeaseLost(f"run {claim.run_id} was claimed again since this process took it")
+        if run.lease_owner is None or Claim.of(run) != claim:
+            raise LeaseLost(f"run {claim.run_id} was claimed again since this process took it")
         return Drive(self, claim, run)  # type: ignore[arg-type]
 
     def _take_lease(
@@ -135,7 +140,7 @@ class ClaimsStore(StoreBase):
         if limit < 1:
             return []
         taken = await self._transaction(claim)
-        self._claimed_runs.update(taken)
+        self._claimed_runs.update((c.run_id, run) for c, run in taken)
         return [c for c, _ in taken]
 
     async def _renew(self, claim: Claim, ttl: float) -> bool:

@@ -895,13 +895,14 @@ async def test_handing_a_run_back_writes_the_outcome_it_held(store: RunStore) ->
     assert (await store.get_run("h")).status == RunStatus.QUEUED
 
 
-async def test_a_batch_claims_drive_starts_from_the_claimed_row_and_is_fenced(
+async def test_a_batch_claims_drive_starts_from_the_claimed_row_unless_it_went_stale(
     store: RunStore,
 ) -> None:
     """A worker's batch claim reads each run as it claims it: the drive of a claim starts
-    from that row without reading it again. A claim another process took since writes
-    nothing: its first write fails with LeaseLost."""
-    for run_id in ("b1", "b2"):
+    from that row without reading it again. A claim this process took again since (a
+    parent driving its child here), or one whose lease expired (another process may have
+    taken the run), is read anew and refused with LeaseLost before anything is asked."""
+    for run_id in ("b1", "b2", "b3"):
         await store.create_run(
             NewRun(
                 id=run_id,
@@ -912,7 +913,9 @@ async def test_a_batch_claims_drive_starts_from_the_claimed_row_and_is_fenced(
                 limits=RunLimits(max_steps=40, max_tool_calls=100, deadline_seconds=3600),
             )
         )
-    first, second = await store.claim_runnable(OWNER, 0.1, 2)
+    first, again, expiring = await store.claim_runnable(OWNER, 30, 2) + await store.claim_runnable(
+        OWNER, 0.1, 1
+    )
     counts = count_store(store.db)
     drive = await store.drive(first)
     assert counts.total_calls == 0
@@ -921,15 +924,18 @@ async def test_a_batch_claims_drive_starts_from_the_claimed_row_and_is_fenced(
         OWNER,
         first.epoch,
     )
-    await asyncio.sleep(0.2)  # the second claim's lease expires: another process takes it
-    await store.claim_run("b2", "otherhost:2:new", 30, lambda _owner: False)
-    stale = await store.drive(second)
+    await store.claim_run("b2", OWNER, 30, lambda _owner: False)  # this process, again
     with pytest.raises(LeaseLost):
-        await stale.finish(RunStatus.SUCCEEDED, Checkpoint(), "done", None)
-    taken = await store.get_run("b2")
+        await store.drive(again)
+    await asyncio.sleep(0.2)  # the lease expires: another process takes the run
+    await store.claim_run("b3", "otherhost:2:new", 30, lambda _owner: False)
+    with pytest.raises(LeaseLost):
+        await store.drive(expiring)
+    taken = await store.get_run("b3")
     assert (taken.status, taken.lease_owner) == (RunStatus.RUNNING, "otherhost:2:new")
     await drive.finish(RunStatus.SUCCEEDED, Checkpoint(), "done", None)
-    assert (await store.get_run("b1")).status == RunStatus.SUCCEEDED
+    assert drive.ended == await store.get_run("b1")
+    assert drive.ended is not None and drive.ended.status == RunStatus.SUCCEEDED
 
 
 async def test_an_outcome_a_lost_claim_could_not_write_stays_unsaved(store: RunStore) -> None:
