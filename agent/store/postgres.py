@@ -34,7 +34,7 @@ import psycopg_pool
 from psycopg import errors as pg_errors
 from psycopg.types.string import StrDumper
 
-from agent.errors import StoreError
+from agent.errors import StoreError, StoreUnavailable
 from agent.store.database import (
     JOURNAL_CHANNEL,
     OUTBOX_CHANNEL,
@@ -100,7 +100,10 @@ class PostgresDatabase:
             self._pool.open(wait=True, timeout=CONNECT_TIMEOUT)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             reason = scrub(_why(exc), self.url)
-            raise StoreError(f"cannot connect to database {self.label}: {reason}") from None
+            # A server that refused us by name (password, database, role) is a setting to
+            # fix; one that is away, starting or full may answer later.
+            error = StoreUnavailable if _away(exc) else StoreError
+            raise error(f"cannot connect to database {self.label}: {reason}") from None
         with self._pool.connection() as conn:
             row = conn.execute("SELECT current_schema()").fetchone()
             if row is None or row[0] is None:
@@ -410,6 +413,28 @@ def scrub(text: str, url: str) -> str:
 def _passwords(url: str) -> list[str]:
     found = re.findall(r"://[^:/@]*:([^/?#]*)@", url) + re.findall(r"[?&]password=([^&#]*)", url)
     return [secret for secret in found if secret]
+
+
+# What libpq says when no server answered (refused, unreachable, timed out, dropped), and what
+# a server says when it takes no logins for now (starting, stopping, recovering, full). A
+# connection failure carries no SQLSTATE, only these words (libpq's own are English unless
+# it was built to translate them; anything unmatched counts as a setting to fix).
+_AWAY = re.compile(
+    r"connection refused|timeout expired|timed out|could not translate host name|"
+    r"no route to host|network is unreachable|could not connect to server|"
+    r"temporary failure in name resolution|"
+    r"server closed the connection unexpectedly|the database system is (?:starting up|"
+    r"shutting down|in recovery mode|not yet accepting connections)|too many clients|"
+    r"remaining connection slots are reserved",
+    re.IGNORECASE,
+)
+
+
+def _away(exc: BaseException) -> bool:
+    """Whether a failed connection says the server is away or takes no logins for now,
+    rather than that it refused this login (password, database, role): trying later may
+    work."""
+    return isinstance(exc, psycopg_pool.PoolTimeout) or _AWAY.search(str(exc)) is not None
 
 
 def _why(exc: BaseException) -> str:

@@ -37,7 +37,7 @@ from tests.cli_helpers import (
     make_cli_workspace,
     snapshot,
 )
-from tests.conftest import postgres_schema
+from tests.conftest import postgres_dsn, postgres_schema
 
 LATENCY = "incident: API latency spike"
 LATENCY_STEPS = [
@@ -443,6 +443,39 @@ def test_a_bad_postgres_url_is_one_line_without_the_password(tmp_path: Path) -> 
     assert child.returncode != 0 and lines, child.stderr
     assert password not in child.stderr, child.stderr
     assert len(lines) == 1, child.stderr
+
+
+def test_a_database_that_does_not_answer_exits_1_and_one_that_refuses_the_login_2(
+    tmp_path: Path,
+) -> None:
+    """Nothing listening is the machine failing (exit 1: try again); a server that answers
+    that the database does not exist is a setting to fix (exit 2). One line each."""
+    nobody = subprocess.run(
+        [LOOM_OPS, "runs"],
+        cwd=tmp_path,
+        env=cli_env(LOOM_OPS_DB="postgresql://postgres@127.0.0.1:1/loom_ops"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert nobody.returncode == 1, nobody.stderr
+    assert nobody.stderr.splitlines() == [
+        "loom-ops: cannot connect to database postgresql://postgres@127.0.0.1:1/loom_ops: "
+        'connection failed: connection to server at "127.0.0.1", port 1 failed: '
+        "Connection refused"
+    ]
+    server = postgres_dsn().rsplit("/", 1)[0]
+    missing = subprocess.run(
+        [LOOM_OPS, "runs"],
+        cwd=tmp_path,
+        env=cli_env(LOOM_OPS_DB=f"{server}/loom_ops_no_such_database"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert missing.returncode == 2, missing.stderr
+    [line] = missing.stderr.splitlines()
+    assert 'database "loom_ops_no_such_database" does not exist' in line
 
 
 def test_a_password_in_the_url_query_is_not_printed(tmp_path: Path) -> None:
