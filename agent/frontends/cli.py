@@ -1298,8 +1298,14 @@ def _check_token_person(settings: Settings, person: str, name: str | None) -> No
         raise UsageError(f"token name {name!r} must match {TOKEN_NAME_PATTERN}")
     people = load_people(settings)
     if person not in people.by_name:
-        where = people.source or settings.people_path
-        raise UsageError(f"--person {person}: no person of that name in the people file {where}")
+        if people.source is None:  # no file: say so, rather than name one that is not there
+            raise UsageError(
+                f"--person {person}: there is no people file at {settings.people_path} "
+                "(a token acts as a person it names)"
+            )
+        raise UsageError(
+            f"--person {person}: no person of that name in the people file {people.source}"
+        )
 
 
 async def _cmd_tokens(service: RunService, args: argparse.Namespace) -> int:

@@ -107,6 +107,16 @@ def test_an_unknown_person_is_one_line_exit_2_and_nothing_is_written(cli: Cli) -
     assert_usage_error(cli("tokens", "revoke", "nope"), "nope")
 
 
+def test_a_token_with_no_people_file_says_there_is_none(cli: Cli) -> None:
+    """Without a people file the refusal says there is none, not that the person is missing
+    from a file that does not exist."""
+    (cli.workspace / "people.yaml").unlink()
+    result = cli("tokens", "create", "--person", "oncall")
+    assert_usage_error(result, "there is no people file at")
+    assert "no person of that name" not in result.stderr
+    assert not cli.db.exists()
+
+
 # -- HTTP ---------------------------------------------------------------------------------------
 
 
