@@ -225,7 +225,7 @@ async def concurrent(standin: BotApiStandIn, chat: ChatObserver, count: int) -> 
 
 async def main() -> None:
     """Run the bot against the stand-in and print the figures."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--runs", type=int, default=100)
     parser.add_argument("--concurrent", type=int, default=50)
     parser.add_argument("--pg", metavar="DSN", help="PostgreSQL server (a scratch schema)")

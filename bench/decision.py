@@ -5,7 +5,7 @@ Prints p50 and p95 per kind of owner; asserts nothing. Run with `python bench/de
 [--runs 20]`. For each owner:
 
 - `serve` on SQLite: `loom-ops serve` drives its runs; it learns of a decision made by another
-  process at its next look (at most a second);
+  process at its next look (every half second);
 - `serve` on PostgreSQL: the same, woken by NOTIFY;
 - `worker` on PostgreSQL: `loom-ops serve --no-worker` records the runs, one `loom-ops worker`
   drives them;
@@ -239,7 +239,7 @@ def percentile(values: list[float], p: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--runs", type=int, default=20)
     args = parser.parse_args()
     dsn = os.environ.get("LOOM_OPS_BENCH_PG_DSN") or os.environ.get(

@@ -164,7 +164,7 @@ async def stream_memory(url: str, pid: int, streams: int) -> None:
 
 async def main() -> None:
     """Start `loom-ops serve`, run the three measurements, stop it."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--runs", type=int, default=10_000)
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=16)

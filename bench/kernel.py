@@ -218,7 +218,7 @@ def target(what: str, met: bool) -> None:
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--big", type=int, default=1000, help="steps of the long run")
     parser.add_argument("--small", type=int, default=40, help="steps of the short run")
     parser.add_argument("--live", type=int, default=40, help="steps of the side-effect run")

@@ -124,7 +124,7 @@ def report(label: str, steps: list[list[str]]) -> None:
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--steps", type=int, default=200, help="steps of the recorded run")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="loom-bench-redaction-") as tmp:

@@ -532,7 +532,7 @@ async def one_round(
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--runs", type=int, default=200, help="runs per configuration")
     parser.add_argument("--steps", type=int, default=6, help="runbook steps per run (>= 3)")
     parser.add_argument("--concurrency", type=int, default=16, help="runs per worker at once")

@@ -8,6 +8,7 @@ seen; prints and asserts nothing else. Run with `python bench/soak.py` or `make 
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def main() -> int:
     """Run the slow tests once, in one process, and report their durations."""
+    argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split())).parse_args()
     print("loom-ops soak tests (pytest -m slow)", flush=True)
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-m", "slow", "-q", "-p", "no:cacheprovider",

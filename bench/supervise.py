@@ -97,7 +97,7 @@ def as_processes(directory: Path, runs: int) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--runs", type=int, default=5, help="rounds per measurement")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="loom-bench-") as tmp:
