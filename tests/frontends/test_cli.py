@@ -450,14 +450,18 @@ def test_a_database_that_does_not_answer_exits_1_and_one_that_refuses_the_login_
 ) -> None:
     """Nothing listening is the machine failing (exit 1: try again); a server that answers
     that the database does not exist is a setting to fix (exit 2). One line each."""
-    nobody = subprocess.run(
-        [LOOM_OPS, "runs"],
-        cwd=tmp_path,
-        env=cli_env(LOOM_OPS_DB="postgresql://postgres@127.0.0.1:1/loom_ops"),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+
+    def runs_on(db: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [LOOM_OPS, "runs"],
+            cwd=tmp_path,
+            env=cli_env(LOOM_OPS_DB=db),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    nobody = runs_on("postgresql://postgres@127.0.0.1:1/loom_ops")
     assert nobody.returncode == 1, nobody.stderr
     assert nobody.stderr.splitlines() == [
         "loom-ops: cannot connect to database postgresql://postgres@127.0.0.1:1/loom_ops: "
@@ -465,14 +469,7 @@ def test_a_database_that_does_not_answer_exits_1_and_one_that_refuses_the_login_
         "Connection refused"
     ]
     server = postgres_dsn().rsplit("/", 1)[0]
-    missing = subprocess.run(
-        [LOOM_OPS, "runs"],
-        cwd=tmp_path,
-        env=cli_env(LOOM_OPS_DB=f"{server}/loom_ops_no_such_database"),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    missing = runs_on(f"{server}/loom_ops_no_such_database")
     assert missing.returncode == 2, missing.stderr
     [line] = missing.stderr.splitlines()
     assert 'database "loom_ops_no_such_database" does not exist' in line

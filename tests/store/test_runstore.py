@@ -103,8 +103,8 @@ async def store(db_url: str) -> AsyncIterator[RunStore]:
         await opened.close()
 
 
-async def _claimed_run(store: RunStore, run_id: str, origin: Origin | None = None) -> Drive:
-    """A run created and claimed by OWNER, ready for tool calls; returns its drive."""
+async def _new_run(store: RunStore, run_id: str, origin: Origin | None = None) -> None:
+    """A queued crash-drill run."""
     await store.create_run(
         NewRun(
             id=run_id,
@@ -115,6 +115,11 @@ async def _claimed_run(store: RunStore, run_id: str, origin: Origin | None = Non
             limits=RunLimits(max_steps=40, max_tool_calls=100, deadline_seconds=3600),
         )
     )
+
+
+async def _claimed_run(store: RunStore, run_id: str, origin: Origin | None = None) -> Drive:
+    """A run created and claimed by OWNER, ready for tool calls; returns its drive."""
+    await _new_run(store, run_id, origin)
     return await store.claim_run(run_id, OWNER, 30, lambda _owner: False)
 
 
@@ -903,16 +908,7 @@ async def test_a_batch_claims_drive_starts_from_the_claimed_row_unless_it_went_s
     parent driving its child here), or one whose lease expired (another process may have
     taken the run), is read anew and refused with LeaseLost before anything is asked."""
     for run_id in ("b1", "b2", "b3"):
-        await store.create_run(
-            NewRun(
-                id=run_id,
-                role="runbook",
-                request="crash drill",
-                requested_by="cli:tester",
-                origin=Origin(),
-                limits=RunLimits(max_steps=40, max_tool_calls=100, deadline_seconds=3600),
-            )
-        )
+        await _new_run(store, run_id)
     first, again, expiring = await store.claim_runnable(OWNER, 30, 2) + await store.claim_runnable(
         OWNER, 0.1, 1
     )
