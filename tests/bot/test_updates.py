@@ -217,7 +217,18 @@ async def test_the_bot_handles_reused_ids_after_its_bot_api_numbers_from_1_again
                 def answered(after: int = sent["message_id"], api: Any = standin) -> bool:
                     return any(m["message_id"] > after for m in from_bot(api, INCIDENTS))
 
-                await wait_for(standin, answered, timeout=10)
+                try:
+                    await wait_for(standin, answered, timeout=10)
+                except TimeoutError:  # say what was left unanswered, and the inbox then
+                    inbox = raw_rows(
+                        settings.db,
+                        "SELECT id, update_id, claimed_by, claimed_until, handled_at "
+                        "FROM telegram_inbox ORDER BY id",
+                    )
+                    raise AssertionError(
+                        f"session {session}: {text!r} unanswered at {time.time():.3f}; "
+                        f"inbox {inbox}"
+                    ) from None
             # The same update ids as the session before: 1, 2, 3.
             assert [c.params.get("offset") for c in standin.calls("getUpdates")][-1] == 4
     rows = raw_rows(
