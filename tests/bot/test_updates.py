@@ -225,9 +225,15 @@ async def test_the_bot_handles_reused_ids_after_its_bot_api_numbers_from_1_again
                         "SELECT id, update_id, claimed_by, claimed_until, handled_at "
                         "FROM telegram_inbox ORDER BY id",
                     )
+                    waiting = raw_rows(
+                        settings.db,
+                        "SELECT id, kind, attempts, claimed_at FROM outbox "
+                        "WHERE delivered_at IS NULL AND failed_at IS NULL",
+                    )
+                    leases = raw_rows(settings.db, "SELECT * FROM chat_leases")
                     raise AssertionError(
                         f"session {session}: {text!r} unanswered at {time.time():.3f}; "
-                        f"inbox {inbox}"
+                        f"inbox {inbox}; outbox waiting {waiting}; chat leases {leases}"
                     ) from None
             # The same update ids as the session before: 1, 2, 3.
             assert [c.params.get("offset") for c in standin.calls("getUpdates")][-1] == 4
