@@ -123,10 +123,12 @@ class ClaimsStore(StoreBase):
                 (now, now, limit),
             ).fetchall()
             claims = []
-            for run_id, status, holder, epoch in rows:
-                taken_from = holder if status == RunStatus.RUNNING else None
+            for row in rows:
+                taken_from = row["lease_owner"] if row["status"] == RunStatus.RUNNING else None
                 claims.append(
-                    self._take_lease(conn, run_id, owner, epoch + 1, now, ttl, taken_from)
+                    self._take_lease(
+                        conn, row["id"], owner, row["lease_epoch"] + 1, now, ttl, taken_from
+                    )
                 )
             if not claims:
                 return []
