@@ -53,7 +53,9 @@ class Maintenance:
         self._tasks = [
             background(lambda: heartbeat_forever(self._service, self._kind, drives), "heartbeat"),
             background(lambda: sweep_approvals_forever(self._service), "approval timers"),
-            background(self._service.store.follow_others, "listen"),
+            background(
+                lambda: self._service.store.follow_others(journal=self._watch_journal), "listen"
+            ),
         ]
         if self._recover:
             self._tasks.append(background(lambda: drive_runnable_forever(self._service), "runs"))

@@ -168,10 +168,13 @@ class StoreBase:
         self._queued.runs = True
         self.db.notify(conn, RUNS_CHANNEL)
 
-    async def follow_others(self) -> None:
-        """Until cancelled: wake this process's workers, senders and journal readers when
-        another process commits (PostgreSQL's LISTEN; on SQLite, the callers poll)."""
-        await self.db.listen(self._on_notice)
+    async def follow_others(self, journal: bool) -> None:
+        """Until cancelled: wake this process's workers and senders, and with `journal` its
+        journal readers, when another process commits (PostgreSQL's LISTEN; on SQLite, the
+        callers poll). Every step notifies the journal: a process without readers (a worker,
+        the bot) does not listen to it, so no step of any run wakes it."""
+        channels = [RUNS_CHANNEL, OUTBOX_CHANNEL, *([JOURNAL_CHANNEL] if journal else [])]
+        await self.db.listen(self._on_notice, channels)
 
     def leadership(self, name: str) -> Leadership:
         """The right to be the one process sharing this store that does `name`."""

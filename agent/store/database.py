@@ -117,8 +117,9 @@ class Database(Protocol):
         """In a transaction: tell other processes at commit (nothing on SQLite)."""
         ...
 
-    async def listen(self, on_notice: Callable[[str, str], None]) -> None:
-        """Call `on_notice(channel, payload)` for other processes' commits until cancelled."""
+    async def listen(self, on_notice: Callable[[str, str], None], channels: Sequence[str]) -> None:
+        """Call `on_notice(channel, payload)` for other processes' commits on `channels`
+        until cancelled."""
         ...
 
     def leadership(self, name: str) -> Leadership:

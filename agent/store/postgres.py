@@ -36,10 +36,7 @@ from psycopg.types.string import StrDumper
 
 from agent.errors import StoreError, StoreUnavailable
 from agent.store.database import (
-    JOURNAL_CHANNEL,
-    OUTBOX_CHANNEL,
     POSTGRES,
-    RUNS_CHANNEL,
     Connection,
     migrations,
     too_new,
@@ -216,17 +213,17 @@ class PostgresDatabase:
         assert isinstance(conn, _Statements)
         conn.notices.add((channel, payload))
 
-    async def listen(self, on_notice: Callable[[str, str], None]) -> None:
-        """Pass every notice on our channels to `on_notice` until cancelled; after a lost
+    async def listen(self, on_notice: Callable[[str, str], None], channels: Sequence[str]) -> None:
+        """Pass every notice on `channels` to `on_notice` until cancelled; after a lost
         connection, report each channel once (something may have been missed)."""
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
                     self.url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT)
                 ) as conn:
-                    for channel in (RUNS_CHANNEL, OUTBOX_CHANNEL, JOURNAL_CHANNEL):
+                    for channel in channels:
                         await conn.execute(f"LISTEN {channel}")
-                    for channel in (RUNS_CHANNEL, OUTBOX_CHANNEL, JOURNAL_CHANNEL):
+                    for channel in channels:
                         on_notice(channel, "")
                     async for notice in conn.notifies():
                         on_notice(notice.channel, notice.payload)

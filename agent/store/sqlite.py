@@ -24,7 +24,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -257,7 +257,7 @@ class SqliteDatabase:
     def notify(self, conn: Connection, channel: str, payload: str = "") -> None:
         """Nothing: other processes sharing the file poll."""
 
-    async def listen(self, on_notice: Callable[[str, str], None]) -> None:
+    async def listen(self, on_notice: Callable[[str, str], None], channels: Sequence[str]) -> None:
         """Nothing to listen to on SQLite: wait until cancelled."""
         await asyncio.Event().wait()
 

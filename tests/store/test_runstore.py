@@ -567,6 +567,36 @@ async def test_giving_up_on_an_outbox_entry_works_on_postgresql() -> None:
             await store.close()
 
 
+async def test_only_a_process_with_journal_readers_listens_to_other_processes_steps() -> None:
+    """On PostgreSQL every commit that journals notifies. A process serving journal readers
+    (the HTTP API's streams) is woken by another process's step; one without (a worker, the
+    bot) does not listen to the journal, so no step of any run wakes it, while a run queued
+    by the same commit still does."""
+    with postgres_schema() as url:
+        writer, reader, worker = [await RunStore.open(url) for _ in range(3)]
+        listening = [
+            asyncio.create_task(reader.follow_others(journal=True)),
+            asyncio.create_task(worker.follow_others(journal=False)),
+        ]
+        try:
+            for listener in (reader, worker):  # each reports its channels once it listens
+                await asyncio.wait_for(listener.runs_ready.wait(), 10)
+                listener.runs_ready.clear()
+            with reader.watch_journal(["r-1"]) as read, worker.watch_journal(["r-1"]) as work:
+                await _new_run(writer, "r-1")  # journals the run and queues it, one commit
+                await asyncio.wait_for(read.changed.wait(), 10)
+                await asyncio.wait_for(worker.runs_ready.wait(), 10)
+                # The journal's notice goes out before the queue's in that commit, on the one
+                # connection: had the worker listened to it, its watch would be set by now.
+                assert not work.changed.is_set()
+        finally:
+            for task in listening:
+                task.cancel()
+            await asyncio.gather(*listening, return_exceptions=True)
+            for opened in (writer, reader, worker):
+                await opened.close()
+
+
 # -- tool call intents -------------------------------------------------------------------------
 
 
