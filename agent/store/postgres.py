@@ -24,7 +24,6 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from enum import StrEnum
 from functools import lru_cache
 from typing import Any, TypeVar
@@ -41,6 +40,7 @@ from agent.store.database import (
     migrations,
     too_new,
 )
+from agent.store.threads import EngineThreads
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class PostgresDatabase:
             timeout=CONNECT_TIMEOUT,
             name="loom-ops",
         )
-        self._threads = ThreadPoolExecutor(pool_size, thread_name_prefix="loom-ops-pg")
+        self._threads = EngineThreads(pool_size, "loom-ops-pg")
 
     @classmethod
     async def open(cls, url: str, pool_size: int = 4) -> PostgresDatabase:
@@ -153,11 +153,13 @@ class PostgresDatabase:
 
     async def close(self) -> None:
         """Close the pool and its threads."""
-        await asyncio.get_running_loop().run_in_executor(None, self._pool.close)
-        self._threads.shutdown(wait=False)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self._pool.close)
+        finally:
+            self._threads.stop()
 
     async def _on_thread(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._threads, fn)
+        return await self._threads.run(fn)
 
     async def transaction(
         self, fn: Callable[[Connection], T], durable: bool = False, brief: bool = False

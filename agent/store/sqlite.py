@@ -18,18 +18,17 @@ watch, the workers' claim loop).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import queue
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from agent.errors import StoreError
 from agent.store.database import SQLITE, Connection, migrations, too_new
+from agent.store.threads import EngineThreads
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -51,7 +50,7 @@ class SqliteDatabase:
         self.path = path
         self.label = path
         self._conn: sqlite3.Connection | None = None
-        self._thread = _EngineThread()
+        self._thread = EngineThreads(1, "loom-ops-sqlite")
         # The connection serves one function at a time, on whichever thread runs it.
         self._lock = threading.Lock()
         self._commits = 0  # since the last checkpoint (changed under `_lock`)
@@ -264,51 +263,6 @@ class SqliteDatabase:
     def leadership(self, name: str) -> LocalLeadership:
         """Leadership among processes: every process leads on SQLite."""
         return LocalLeadership()
-
-
-class _EngineThread:
-    """One thread that runs the functions handed to it in order and answers each on its
-    caller's event loop (a thread pool's future chain costs a read half as much again)."""
-
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        # A daemon: a store left open must not keep the interpreter from exiting.
-        threading.Thread(target=self._serve, name="loom-ops-sqlite", daemon=True).start()
-
-    def run(self, fn: Callable[[], T]) -> asyncio.Future[T]:
-        """Queue `fn`; the future is answered on this event loop."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._jobs.put((loop, future, fn))
-        return future
-
-    def stop(self) -> None:
-        """End the thread after the functions queued so far."""
-        self._jobs.put(None)
-
-    def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            loop, future, fn = job
-            if future.cancelled():  # its caller gave up before it started: never run it
-                continue
-            try:
-                outcome: tuple[Any, BaseException | None] = (fn(), None)
-            except BaseException as exc:  # handed to the caller, whatever it is
-                outcome = (None, exc)
-            with contextlib.suppress(RuntimeError):  # the caller's loop is closed
-                loop.call_soon_threadsafe(_settle, future, *outcome)
-
-
-_Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[[], Any]]
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():  # the caller was cancelled: its function ran all the same
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
 
 
 def _busy(exc: sqlite3.OperationalError) -> bool:
