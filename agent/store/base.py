@@ -143,13 +143,10 @@ class StoreBase:
         def run(conn: Connection) -> tuple[T, bool, bool]:
             queued.outbox = queued.runs = False  # a re-run starts afresh
             queued.heads = {}
-            queued.checks = []
             result = fn(conn)
             for run_id, head in queued.heads.items():
                 if head.carried_events or head.carried_updates:  # nothing appended after them
                     self._append_events(conn, run_id, [], time.time())
-            for check in queued.checks:
-                check()
             return result, queued.outbox, queued.runs
 
         result, outbox, runs = await self.db.transaction(run, durable=durable, brief=brief)
@@ -291,12 +288,6 @@ class StoreBase:
         ).fetchone()
         return int(row["last_run_no"])
 
-    def _check_at_end(self, check: Callable[[], object]) -> None:
-        """Check something a statement of this transaction did (a row count) after its last
-        statement, before the commit; `check` raises to roll it all back. On PostgreSQL the
-        answer has arrived by then with another one, instead of costing a round trip now."""
-        self._queued.checks.append(check)
-
     def _head(self, conn: Connection, run_id: str) -> RunHead:
         """The run's row as this transaction holds it, read (and on PostgreSQL locked) once.
 
@@ -367,19 +358,15 @@ class StoreBase:
         """In the caller's (fenced) transaction: record the outcome of the attempt in flight,
         journal it, and move the run's checkpoint with it; with `carry`, the journal entry and
         the run's row wait for the transaction's next append (one row update, not two)."""
-        cursor = conn.execute(
+        gone = f"tool call {call.call_key} attempt {attempt} is not in flight"
+        self.db.expect(
+            conn,
             "UPDATE tool_calls SET status = ?, outcome = ?, outcome_at = ?, duration_ms = ? "
             "WHERE call_key = ? AND attempt = ? AND status = 'intent'",
             (result.status, dumps(result.outcome), now, result.duration_ms, call.call_key, attempt),
+            1,
+            lambda: CallNotInFlight(gone),
         )
-
-        def in_flight() -> None:
-            if cursor.rowcount != 1:
-                raise CallNotInFlight(
-                    f"tool call {call.call_key} attempt {attempt} is not in flight"
-                )
-
-        self._check_at_end(in_flight)
         # Carried, the checkpoint is serialized only if no later write replaces it.
         updates: dict[str, Any] = {"checkpoint": checkpoint if carry else checkpoint.to_json()}
         if result.pin is not None:

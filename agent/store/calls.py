@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from typing import Any, NoReturn
+from typing import Any
 
 from agent.errors import StoreError
 from agent.events import Event, EventType, PolicyTurn, ToolIntent, ToolOutcome
 from agent.records import Checkpoint, Claim, PolicyTurnRecord, RunStatus, ToolCallRecord
 from agent.store.base import StoreBase
 from agent.store.commands import CallResult, NewToolCall, Outcome, StartedCall
-from agent.store.database import Connection, Cursor
+from agent.store.database import Connection
 from agent.store.rows import CALL_COLUMNS, TURN_COLUMNS, call_from_row, dumps, turn_from_row
 
 
@@ -98,21 +98,22 @@ class CallsStore(StoreBase):
         """In the caller's transaction: record an attempt of the call; returns its number and
         the event that journals it.
 
-        A `fresh` call (the caller found none recorded) is attempt 1; the transaction checks
-        that at its end, so the insert waits for no answer (one round trip less on
+        A `fresh` call (the caller found none recorded) is attempt 1; the insert carries its
+        own check (`Database.expect`), so it waits for no answer (one round trip less on
         PostgreSQL). A call a person marked for retry, or one found in doubt and safe to run
         again (`rerun`), is the next attempt; any other recorded call is never run again."""
+        params = _intent_params(run_id, call, now, info)
         if fresh and not rerun:
-            inserted = self._insert_intent(conn, run_id, call, now, info)
-            self._check_at_end(lambda: inserted.rowcount == 1 or self._refuse(conn, call))
+            begun = f"tool call {call.call_key} was begun already; not run again"
+            self.db.expect(conn, _INSERT_INTENT, params, 1, lambda: StoreError(begun))
             return 1, _intent_event(call, 1)
-        if self._insert_intent(conn, run_id, call, now, info).rowcount == 1:
+        if conn.execute(_INSERT_INTENT, params).rowcount == 1:
             return 1, _intent_event(call, 1)
         row = conn.execute(
             "SELECT status, attempt FROM tool_calls WHERE call_key = ?", (call.call_key,)
         ).fetchone()
         if not (row["status"] == "retry" or (rerun and row["status"] == "intent")):
-            self._refuse(conn, call)
+            raise StoreError(f"tool call {call.call_key} is already {row['status']}; not run again")
         attempt = row["attempt"] + 1
         conn.execute(
             "UPDATE tool_calls SET status = 'intent', attempt = ?, intent_at = ?, "
@@ -120,39 +121,6 @@ class CallsStore(StoreBase):
             (attempt, now, info, call.call_key),
         )
         return attempt, _intent_event(call, attempt)
-
-    @staticmethod
-    def _refuse(conn: Connection, call: NewToolCall) -> NoReturn:
-        """Refuse to begin a call that is recorded already (never run twice by accident)."""
-        row = conn.execute(
-            "SELECT status FROM tool_calls WHERE call_key = ?", (call.call_key,)
-        ).fetchone()
-        status = row["status"] if row is not None else "recorded"
-        raise StoreError(f"tool call {call.call_key} is already {status}; not run again")
-
-    @staticmethod
-    def _insert_intent(
-        conn: Connection, run_id: str, call: NewToolCall, now: float, info: str | None
-    ) -> Cursor:
-        """Insert attempt 1 of a call unless the call is recorded already (rowcount 0)."""
-        return conn.execute(
-            "INSERT INTO tool_calls (run_id, call_key, turn, position, tool, args, step_id, "
-            "attempt, status, intent_at, repeatable, attempt_info) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, 1, 'intent', ?, ?, ?) "
-            "ON CONFLICT (call_key) DO NOTHING",
-            (
-                run_id,
-                call.call_key,
-                call.turn,
-                call.position,
-                call.tool,
-                dumps(call.args),
-                call.step_id,
-                now,
-                int(call.repeatable),
-                info,
-            ),
-        )
 
     async def _finish_call(
         self,
@@ -227,6 +195,30 @@ class CallsStore(StoreBase):
         return [call_from_row(row) for row in rows]
 
     # -- approvals -------------------------------------------------------------------------
+
+
+# Attempt 1 of a call, unless the call is recorded already (then it changes no row).
+_INSERT_INTENT = (
+    "INSERT INTO tool_calls (run_id, call_key, turn, position, tool, args, step_id, "
+    "attempt, status, intent_at, repeatable, attempt_info) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, 1, 'intent', ?, ?, ?) "
+    "ON CONFLICT (call_key) DO NOTHING"
+)
+
+
+def _intent_params(run_id: str, call: NewToolCall, now: float, info: str | None) -> tuple[Any, ...]:
+    return (
+        run_id,
+        call.call_key,
+        call.turn,
+        call.position,
+        call.tool,
+        dumps(call.args),
+        call.step_id,
+        now,
+        int(call.repeatable),
+        info,
+    )
 
 
 def _intent_event(call: NewToolCall, attempt: int) -> Event:

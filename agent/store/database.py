@@ -117,6 +117,19 @@ class Database(Protocol):
         """In a transaction: tell other processes at commit (nothing on SQLite)."""
         ...
 
+    def expect(
+        self,
+        conn: Connection,
+        sql: str,
+        params: Sequence[Any],
+        rows: int,
+        otherwise: Callable[[], Exception],
+    ) -> None:
+        """In a transaction: run an INSERT or UPDATE that must change exactly `rows` rows;
+        else the transaction fails with `otherwise()`, by its commit at the latest (PostgreSQL
+        checks on the server, so the check waits for no answer of its own)."""
+        ...
+
     async def listen(self, on_notice: Callable[[str, str], None], channels: Sequence[str]) -> None:
         """Call `on_notice(channel, payload)` for other processes' commits on `channels`
         until cancelled."""

@@ -188,6 +188,7 @@ class PostgresDatabase:
         result (a row, a row count) and at the commit."""
         for attempt in range(1, RETRIES + 1):
             with self._pool.connection() as raw:
+                statements: _Statements | None = None
                 try:
                     with raw.pipeline() as pipeline:
                         for statement in begin:
@@ -203,9 +204,12 @@ class PostgresDatabase:
                         raw.execute("ROLLBACK")
                     if attempt == RETRIES:
                         raise
-                except BaseException:
+                except BaseException as exc:
                     if not raw.closed and raw.info.transaction_status != _IDLE:
                         raw.execute("ROLLBACK")
+                    failed = _failed_expectation(exc, statements)
+                    if failed is not None:
+                        raise failed from None
                     raise
             time.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
         raise AssertionError("unreachable")  # pragma: no cover
@@ -214,6 +218,26 @@ class PostgresDatabase:
         """In a transaction: announce `channel` to listening processes at commit."""
         assert isinstance(conn, _Statements)
         conn.notices.add((channel, payload))
+
+    def expect(
+        self,
+        conn: Connection,
+        sql: str,
+        params: Sequence[Any],
+        rows: int,
+        otherwise: Callable[[], Exception],
+    ) -> None:
+        """In a transaction: run `sql` with a check of its row count on the server (migration
+        0024's `loom_ops_expect`), which fails the transaction with `otherwise()` if it is not
+        `rows`; nothing waits for the statement's answer."""
+        assert isinstance(conn, _Statements)
+        token = len(conn.failures)
+        conn.failures.append(otherwise)
+        conn.execute(
+            f"WITH changed AS ({sql} RETURNING 1) "
+            f"SELECT loom_ops_expect((SELECT count(*) FROM changed), {rows:d}, '{token:d}')",
+            params,
+        )
 
     async def listen(self, on_notice: Callable[[str, str], None], channels: Sequence[str]) -> None:
         """Pass every notice on `channels` to `on_notice` until cancelled; after a lost
@@ -300,15 +324,17 @@ _IDLE = psycopg.pq.TransactionStatus.IDLE
 
 
 class _Statements:
-    """A pipelined psycopg connection that takes the store's SQL (`?` placeholders), and the
-    notifications its transaction will send when it commits."""
+    """A pipelined psycopg connection that takes the store's SQL (`?` placeholders), the
+    notifications its transaction will send when it commits, and what each of its checks
+    raises when it fails (`PostgresDatabase.expect`)."""
 
-    __slots__ = ("_pipeline", "_raw", "notices")
+    __slots__ = ("_pipeline", "_raw", "failures", "notices")
 
     def __init__(self, raw: psycopg.Connection[Any], pipeline: psycopg.Pipeline) -> None:
         self._raw = raw
         self._pipeline = pipeline
         self.notices: set[tuple[str, str]] = set()
+        self.failures: list[Callable[[], Exception]] = []
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> _Result:
         return _Result(self._raw.execute(_placeholders(sql), params), self._pipeline)
@@ -317,6 +343,18 @@ class _Statements:
         cursor = self._raw.cursor()
         cursor.executemany(_placeholders(sql), list(rows))
         return _Result(cursor, self._pipeline, many=True)
+
+
+# The SQLSTATE of a failed check (migration 0024): its message is the check's token.
+_EXPECTATION_FAILED = "LO001"
+
+
+def _failed_expectation(exc: BaseException, statements: _Statements | None) -> Exception | None:
+    """The error a transaction's check asked for, when `exc` is that check failing."""
+    if not isinstance(exc, psycopg.Error) or exc.sqlstate != _EXPECTATION_FAILED:
+        return None
+    assert statements is not None, "a check failed in a transaction that made none"
+    return statements.failures[int(exc.diag.message_primary or "")]()
 
 
 class _Result:

@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from agent.errors import StoreError
 from agent.store.database import SQLITE, Connection, migrations, too_new
@@ -255,6 +255,19 @@ class SqliteDatabase:
 
     def notify(self, conn: Connection, channel: str, payload: str = "") -> None:
         """Nothing: other processes sharing the file poll."""
+
+    def expect(
+        self,
+        conn: Connection,
+        sql: str,
+        params: Sequence[Any],
+        rows: int,
+        otherwise: Callable[[], Exception],
+    ) -> None:
+        """In a transaction: run `sql`, which must change exactly `rows` rows (checked now:
+        SQLite answers at once)."""
+        if conn.execute(sql, params).rowcount != rows:
+            raise otherwise()
 
     async def listen(self, on_notice: Callable[[str, str], None], channels: Sequence[str]) -> None:
         """Nothing to listen to on SQLite: wait until cancelled."""

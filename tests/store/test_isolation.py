@@ -39,6 +39,7 @@ class _Stopping(_Statements):
     def __init__(self, conn: _Statements, before: Callable[[str], None]) -> None:
         super().__init__(conn._raw, conn._pipeline)
         self.notices = conn.notices  # the original object sends them with its COMMIT
+        self.failures = conn.failures  # and raises what a failed check of its asks for
         self.before = before
 
     def execute(self, sql: str, params: Any = ()) -> Any:
@@ -150,7 +151,7 @@ async def test_a_stale_owner_beginning_a_call_the_new_owner_began_loses_its_leas
     stale = await first.claim_run("r", "w1", TTL, _nobody_dead)
     call = NewToolCall("r:1:0", 1, 0, "ops.shell", {"argv": ["df", "-h"]}, None)
     hold = Hold(first)
-    hold.arm(at="INSERT INTO tool_calls")
+    hold.arm(at="WITH changed AS (INSERT INTO tool_calls")
     stale_call = asyncio.create_task(stale.begin_call(call, Checkpoint(turn=1)))
     await hold.reached()  # w1's snapshot: it still owns the run, and no intent exists
 

@@ -19,7 +19,7 @@ import pytest
 
 import agent.store.migrations
 from agent.chain import first_broken_link
-from agent.errors import LeaseLost, SchemaTooNew, StoreError
+from agent.errors import CallNotInFlight, LeaseLost, SchemaTooNew, StoreError
 from agent.events import Audit, PolicyTurn
 from agent.records import (
     ApprovalKind,
@@ -46,7 +46,7 @@ from agent.store import (
 )
 from agent.store.database import POSTGRES, SQLITE
 from agent.store.sqlite import CHECKPOINT_EVERY
-from bench.roundtrips import count_store
+from bench.roundtrips import count_postgres, count_store
 from bot.store import ChatStore
 from tests.conftest import postgres_schema
 from tests.support import LATENCY, open_service, raw_rows
@@ -612,7 +612,7 @@ async def test_a_second_intent_for_the_same_call_is_refused(store: RunStore) -> 
     assert (await claim.begin_call(_intent(), Checkpoint())).attempt == 1
     events = len(await store.list_events("t"))
 
-    with pytest.raises(StoreError, match="already intent"):
+    with pytest.raises(StoreError, match="begun already"):
         await claim.begin_call(_intent(), Checkpoint())
     assert len(await store.list_events("t")) == events
     record = await store.get_tool_call("t#0.0")
@@ -622,9 +622,10 @@ async def test_a_second_intent_for_the_same_call_is_refused(store: RunStore) -> 
     await claim.finish_call(
         _intent("t#0.0"), 2, CallResult("ok", {"done": True}, 1.0), Checkpoint()
     )
-    for rerun in (False, True):
-        with pytest.raises(StoreError, match="already ok"):
-            await claim.begin_call(_intent(), Checkpoint(), rerun=rerun)
+    with pytest.raises(StoreError, match="begun already"):
+        await claim.begin_call(_intent(), Checkpoint())
+    with pytest.raises(StoreError, match="already ok"):
+        await claim.begin_call(_intent(), Checkpoint(), rerun=True)
     record = await store.get_tool_call("t#0.0")
     assert record is not None and (record.attempt, record.status) == (2, "ok")
     assert first_broken_link(await store.list_events("t")) is None
@@ -928,6 +929,39 @@ async def test_handing_a_run_back_writes_the_outcome_it_held(store: RunStore) ->
     record = await store.get_tool_call("h#0.0")
     assert record is not None and (record.status, record.outcome) == ("ok", {"read": 1})
     assert (await store.get_run("h")).status == RunStatus.QUEUED
+
+
+async def test_a_steps_checks_refuse_a_wrong_write_and_wait_for_no_answer_of_their_own(
+    store: RunStore,
+) -> None:
+    """A step's writes check themselves: an outcome for an attempt no longer in flight is
+    refused with CallNotInFlight, and a call begun anew that is begun already is refused;
+    each refusal writes nothing. On PostgreSQL the checks run on the server, so a step (the
+    last call's outcome, the next call's intent) waits for two answers: the run's row, and
+    the commit."""
+    drive = await _claimed_run(store, "c")
+    first, second = _repeatable("c#0.0"), _repeatable("c#0.1", 1)
+    started = await drive.begin_call(first, Checkpoint(), durable=False)
+    drive.defer_outcome(first, started.attempt, CallResult("ok", {}, 1.0), Checkpoint(call=1))
+    counts = count_store(store.db)
+    uncount = count_postgres(counts)
+    try:
+        await drive.begin_call(second, Checkpoint(call=1), durable=False)
+    finally:
+        uncount()
+    assert counts.total_calls == 1
+    if store.dialect == POSTGRES:
+        assert counts.total_wire == 2, counts.lines(1)
+    events = await store.list_events("c")
+
+    with pytest.raises(CallNotInFlight, match=r"c#0\.0 attempt 1 is not in flight"):
+        await drive.finish_call(first, 1, CallResult("failed", {}, 1.0), Checkpoint(call=2))
+    with pytest.raises(StoreError, match=r"c#0\.1 was begun already"):
+        await drive.begin_call(second, Checkpoint(call=2), durable=False)
+    assert await store.list_events("c") == events
+    record = await store.get_tool_call("c#0.0")
+    assert record is not None and record.status == "ok"
+    assert first_broken_link(events) is None
 
 
 async def test_a_batch_claims_drive_starts_from_the_claimed_row_unless_it_went_stale(
