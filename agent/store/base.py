@@ -9,7 +9,7 @@ import functools
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from agent.chain import AuditKey, canonical_json, event_link
@@ -59,6 +59,11 @@ class JournalWatch:
         self.changed.clear()
 
 
+class _StaleHead(Exception):
+    """The run head a drive kept from its last step no longer matches the run's row (another
+    write came between): the transaction runs again, reading the row."""
+
+
 @dataclass
 class RunHead:
     """What a transaction reads of a run's row once: its chain head, where it came from, and
@@ -103,6 +108,9 @@ class StoreBase:
         # the drive of each starts from that row instead of reading it again (see
         # ClaimsStore.drive); a later claim of the run by this process drops it.
         self._claimed_runs: dict[str, RunRecord] = {}
+        # The run head each drive's last step left, by run id, with the claim that wrote it:
+        # the drive's next step starts from it instead of reading the row (see `_fence`).
+        self._kept_heads: dict[str, tuple[Claim, RunHead]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -140,16 +148,29 @@ class StoreBase:
         """
         queued = self._queued
 
-        def run(conn: Connection) -> tuple[T, bool, bool]:
+        def run(conn: Connection) -> tuple[T, bool, bool, list[tuple[Claim, RunHead]]]:
             queued.outbox = queued.runs = False  # a re-run starts afresh
             queued.heads = {}
+            queued.keep = []
             result = fn(conn)
             for run_id, head in queued.heads.items():
                 if head.carried_events or head.carried_updates:  # nothing appended after them
                     self._append_events(conn, run_id, [], time.time())
-            return result, queued.outbox, queued.runs
+            kept = [
+                (claim, replace(queued.heads[claim.run_id], carried_events=[], carried_updates={}))
+                for claim in queued.keep
+            ]
+            return result, queued.outbox, queued.runs, kept
 
-        result, outbox, runs = await self.db.transaction(run, durable=durable, brief=brief)
+        try:
+            result, outbox, runs, kept = await self.db.transaction(
+                run, durable=durable, brief=brief
+            )
+        except _StaleHead:  # `_fence` dropped the kept head: this time it reads the row
+            result, outbox, runs, kept = await self.db.transaction(
+                run, durable=durable, brief=brief
+            )
+        self._kept_heads.update((claim.run_id, (claim, head)) for claim, head in kept)
         if outbox:
             self.outbox_ready.set()
         if runs:
@@ -318,31 +339,69 @@ class StoreBase:
             )
         return head
 
-    def _fence(self, conn: Connection, claim: Claim, earlier: Outcome | None = None) -> float:
+    def _fence(
+        self,
+        conn: Connection,
+        claim: Claim,
+        earlier: Outcome | None = None,
+        step: bool = False,
+        lease_floor: float = 0.0,
+    ) -> float:
         """First in every transaction of a run's drive: go on only while the claim (its owner
-        at its epoch) still holds the lease; returns when the lease expires.
+        at its epoch) still holds the lease; returns when the lease expires (at least
+        `lease_floor`, the expiry the drive's last renewal proved).
 
         Checked before anything is written, so a drive that lost its run stops with LeaseLost
         rather than colliding with the new owner's rows (and on PostgreSQL the row lock makes a
         takeover committed meanwhile a conflict, and the re-run sees it). The epoch makes a
         stale drive fail even where the same owner claimed the run again since.
 
+        A `step` (a call's intent or outcome, which leave the run's status and lease as they
+        are) keeps the run head it leaves for the drive's next write. That write starts from
+        it instead of reading the row: its first statement checks on the row that nothing
+        changed since (owner, epoch, status, and the journal's length, which every other
+        write to the run moves), without waiting for an answer. If something did, the
+        transaction runs again and reads the row. Only a step keeps a head.
+
         `earlier` is the outcome of the drive's last call, when it was safe to repeat and so
         waited to ride along with this transaction (one commit per step instead of two)."""
-        head = self._head(conn, claim.run_id)
-        owner, epoch, status = head.lease_owner, head.lease_epoch, head.status
-        expires = head.lease_expires_at
-        if owner != claim.owner or epoch != claim.epoch or status != RunStatus.RUNNING:
-            raise LeaseLost(
-                f"run {claim.run_id} is no longer driven by this claim (status {status}, "
-                f"epoch {epoch}, ours {claim.epoch})"
-            )
+        kept = self._kept_heads.pop(claim.run_id, None)
+        if step:
+            self._queued.keep.append(claim)
+        if kept is not None and kept[0] == claim:
+            head = self._reuse_head(conn, claim, kept[1])
+        else:
+            head = self._head(conn, claim.run_id)
+            owner, epoch, status = head.lease_owner, head.lease_epoch, head.status
+            if owner != claim.owner or epoch != claim.epoch or status != RunStatus.RUNNING:
+                raise LeaseLost(
+                    f"run {claim.run_id} is no longer driven by this claim (status {status}, "
+                    f"epoch {epoch}, ours {claim.epoch})"
+                )
+        expires = head.lease_expires_at = max(float(head.lease_expires_at or 0.0), lease_floor)
         if earlier is not None:
             self._write_outcome(
                 conn, claim.run_id, earlier.call, earlier.attempt, earlier.result,
                 earlier.checkpoint, time.time(), carry=True,
             )  # fmt: skip
-        return float(expires or 0.0)
+        return expires
+
+    def _reuse_head(self, conn: Connection, claim: Claim, kept: RunHead) -> RunHead:
+        """In a drive's step: take the head its last step left as this transaction's, after a
+        check (the transaction's first statement, which also locks the row) that the row is
+        still as that step left it; else the transaction fails with `_StaleHead`."""
+        head = self._queued.heads[claim.run_id] = replace(
+            kept, carried_events=[], carried_updates={}
+        )
+        self.db.expect(
+            conn,
+            "UPDATE runs SET updated_at = updated_at WHERE id = ? AND lease_owner = ? "
+            "AND lease_epoch = ? AND status = ? AND event_count = ?",
+            (claim.run_id, claim.owner, claim.epoch, RunStatus.RUNNING, head.event_count),
+            1,
+            _StaleHead,
+        )
+        return head
 
     def _write_outcome(
         self,

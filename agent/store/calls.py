@@ -54,6 +54,7 @@ class CallsStore(StoreBase):
         attempt_info: dict[str, Any] | None = None,
         earlier: Outcome | None = None,
         fresh: bool = True,
+        lease_floor: float = 0.0,
     ) -> StartedCall:
         """Commit the intent of a call (and the policy turn that proposed it) under the claim;
         returns the attempt and the instant its side effect must have started by.
@@ -64,13 +65,14 @@ class CallsStore(StoreBase):
         deadline added. A call a human marked for retry, or an in-doubt call (`rerun`), gets
         a new attempt; any other call that already has an intent or an outcome is refused,
         so nothing runs twice by accident. `durable` (the default) syncs the intent to disk
-        before the call runs; a call that is safe to repeat may skip that sync.
+        before the call runs; a call that is safe to repeat may skip that sync. `lease_floor`
+        is the expiry the drive's last renewal proved: the deadline is never earlier.
         """
         now = time.time()
         run_id = claim.run_id
 
         def begin(conn: Connection) -> StartedCall:
-            spawn_before = self._fence(conn, claim, earlier)
+            spawn_before = self._fence(conn, claim, earlier, step=True, lease_floor=lease_floor)
             info = None
             if attempt_info is not None:
                 info = dumps({**attempt_info, "spawn_before": spawn_before})
@@ -135,7 +137,7 @@ class CallsStore(StoreBase):
         now = time.time()
 
         def finish(conn: Connection) -> None:
-            self._fence(conn, claim, earlier)
+            self._fence(conn, claim, earlier, step=True)
             self._write_outcome(conn, claim.run_id, call, attempt, result, checkpoint, now)
 
         await self._transaction(finish, brief=True)

@@ -76,6 +76,8 @@ class ClaimsStore(StoreBase):
         if run is None or Claim.of(run) != claim or (run.lease_expires_at or 0) <= time.time():
             run = await self.get_run(claim.run_id)
         if run.lease_owner is None or Claim.of(run) != claim:
+            if (kept := self._kept_heads.get(claim.run_id)) is not None and kept[0] == claim:
+                del self._kept_heads[claim.run_id]  # the claim's head, never to be used
             raise LeaseLost(f"run {claim.run_id} was claimed again since this process took it")
         return Drive(self, claim, run)  # type: ignore[arg-type]
 
@@ -89,7 +91,9 @@ class ClaimsStore(StoreBase):
         ttl: float,
         taken_from: str | None,
     ) -> Claim:
-        """In a claiming transaction: mark the run running under `owner`'s lease at `epoch`."""
+        """In a claiming transaction: mark the run running under `owner`'s lease at `epoch`;
+        the run head it leaves is kept for the claim's first write (see `_fence`)."""
+        expires = now + ttl
         self._append_events(
             conn,
             run_id,
@@ -99,11 +103,16 @@ class ClaimsStore(StoreBase):
                 "status": RunStatus.RUNNING,
                 "lease_owner": owner,
                 "lease_epoch": epoch,
-                "lease_expires_at": now + ttl,
+                "lease_expires_at": expires,
                 "not_before": None,
             },
         )
-        return Claim(run_id, owner, epoch)
+        head = self._head(conn, run_id)
+        head.status, head.lease_owner, head.lease_epoch = RunStatus.RUNNING, owner, epoch
+        head.lease_expires_at = expires
+        claim = Claim(run_id, owner, epoch)
+        self._queued.keep.append(claim)
+        return claim
 
     async def claim_runnable(self, owner: str, ttl: float, limit: int) -> list[Claim]:
         """Claim up to `limit` runs nobody drives (queued, or running with an expired lease),
@@ -165,6 +174,7 @@ class ClaimsStore(StoreBase):
         wait `retry_after` seconds before they claim it; an explicit resume does not). The
         drive's held outcome (`earlier`) is written first, while the claim still holds."""
         not_before = time.time() + retry_after if retry_after is not None else None
+        self._kept_heads.pop(claim.run_id, None)  # the run's row is no drive's to keep now
 
         def release(conn: Connection) -> None:
             if earlier is not None:

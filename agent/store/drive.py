@@ -101,7 +101,16 @@ class Drive:
         says no attempt of it is recorded (else: a retry, or `rerun` of one in doubt)."""
         started = await self._write(
             lambda unsaved: self.store._begin_call(
-                self.claim, call, checkpoint, turn, rerun, durable, attempt_info, unsaved, fresh
+                self.claim,
+                call,
+                checkpoint,
+                turn,
+                rerun,
+                durable,
+                attempt_info,
+                unsaved,
+                fresh,
+                self.lease_until,
             )
         )
         self.lease_until = started.spawn_before

@@ -186,7 +186,8 @@ class RunsStore(StoreBase):
                 {"status": str(status), "summary": summary},
                 now,
             )
-            self._wake_parent(conn, run_id, now)
+            if self._head(conn, run_id).parent_id is not None:  # a root has no family to wake
+                self._wake_parent(conn, run_id, now)
             return run_from_row(conn.execute(f"{SELECT_RUNS} WHERE id = ?", (run_id,)).fetchone())
 
         return await self._transaction(finish, durable=True)

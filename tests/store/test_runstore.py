@@ -43,6 +43,7 @@ from agent.store import (
     NewRun,
     NewToolCall,
     RunStore,
+    StartedCall,
 )
 from agent.store.database import POSTGRES, SQLITE
 from agent.store.sqlite import CHECKPOINT_EVERY
@@ -936,22 +937,22 @@ async def test_a_steps_checks_refuse_a_wrong_write_and_wait_for_no_answer_of_the
 ) -> None:
     """A step's writes check themselves: an outcome for an attempt no longer in flight is
     refused with CallNotInFlight, and a call begun anew that is begun already is refused;
-    each refusal writes nothing. On PostgreSQL the checks run on the server, so a step (the
-    last call's outcome, the next call's intent) waits for two answers: the run's row, and
-    the commit."""
+    each refusal writes nothing. On PostgreSQL the checks run on the server, and the drive's
+    first step starts from the run head its claim left (see the next test), so the step
+    waits for one answer: its commit's."""
     drive = await _claimed_run(store, "c")
     first, second = _repeatable("c#0.0"), _repeatable("c#0.1", 1)
-    started = await drive.begin_call(first, Checkpoint(), durable=False)
-    drive.defer_outcome(first, started.attempt, CallResult("ok", {}, 1.0), Checkpoint(call=1))
     counts = count_store(store.db)
     uncount = count_postgres(counts)
     try:
-        await drive.begin_call(second, Checkpoint(call=1), durable=False)
+        started = await drive.begin_call(first, Checkpoint(), durable=False)
     finally:
         uncount()
     assert counts.total_calls == 1
     if store.dialect == POSTGRES:
-        assert counts.total_wire == 2, counts.lines(1)
+        assert counts.total_wire == 1, counts.lines(1)
+    drive.defer_outcome(first, started.attempt, CallResult("ok", {}, 1.0), Checkpoint(call=1))
+    await drive.begin_call(second, Checkpoint(call=1), durable=False)
     events = await store.list_events("c")
 
     with pytest.raises(CallNotInFlight, match=r"c#0\.0 attempt 1 is not in flight"):
@@ -962,6 +963,54 @@ async def test_a_steps_checks_refuse_a_wrong_write_and_wait_for_no_answer_of_the
     record = await store.get_tool_call("c#0.0")
     assert record is not None and record.status == "ok"
     assert first_broken_link(events) is None
+
+
+async def test_a_drives_step_starts_from_the_head_its_last_step_left_until_the_row_moves(
+    store: RunStore, db_url: str
+) -> None:
+    """A claim and each step of its drive keep the run head they leave, and the drive's next
+    write starts from it: on PostgreSQL a step waits only for its commit, with a deadline no
+    earlier than the drive's last renewal. When another write moved the run's row since
+    (another process's; here a note under the same claim), the step reads the row and the
+    chain goes on unbroken; when another process took the run over, the step is refused
+    with LeaseLost and writes nothing."""
+    drive = await _claimed_run(store, "k")
+    calls = [_repeatable(f"k#0.{n}", n) for n in range(4)]
+
+    async def step(n: int) -> tuple[StartedCall, int]:
+        counts = count_store(store.db)
+        uncount = count_postgres(counts)
+        try:
+            started = await drive.begin_call(calls[n], Checkpoint(call=n), durable=False)
+        finally:
+            uncount()
+        result = CallResult("ok", {"n": n}, 1.0)
+        drive.defer_outcome(calls[n], started.attempt, result, Checkpoint(call=n + 1))
+        return started, counts.total_wire
+
+    first_trips = (await step(0))[1]
+    await drive.renew(600)
+    started, trips = await step(1)
+    assert started.spawn_before >= time.time() + 590
+    if store.dialect == POSTGRES:
+        assert (first_trips, trips) == (1, 1)
+
+    other = await RunStore.open(db_url)
+    try:
+        await Drive(other, drive.claim, drive.run).note(Audit("meanwhile"))
+        await step(2)
+        events = await store.list_events("k")
+        assert [e.type for e in events[-3:]] == ["audit", "tool_outcome", "tool_intent"]
+        assert first_broken_link(events) is None
+
+        await other.claim_run("k", "otherhost:2:new", 30, lambda _owner: True)
+        events = await store.list_events("k")
+        with pytest.raises(LeaseLost):
+            await step(3)
+        assert await store.list_events("k") == events
+        assert await store.get_tool_call("k#0.3") is None
+    finally:
+        await other.close()
 
 
 async def test_a_batch_claims_drive_starts_from_the_claimed_row_unless_it_went_stale(
