@@ -568,6 +568,23 @@ async def test_giving_up_on_an_outbox_entry_works_on_postgresql() -> None:
             await store.close()
 
 
+async def test_only_a_durable_transaction_waits_for_postgresqls_wal_flush() -> None:
+    """A durable commit (a run's creation, a side effect's intent) waits for the server's WAL
+    flush; every other one (a step's) does not, and leaves the connection as it found it."""
+    with postgres_schema() as url:
+        store = await RunStore.open(url, pool_size=1)  # one connection: both run on it
+
+        def setting(conn: Any) -> str:
+            return str(conn.execute("SHOW synchronous_commit").fetchone()[0])
+
+        try:
+            assert await store.db.transaction(setting, durable=True) == "on"
+            assert await store.db.transaction(setting) == "off"
+            assert await store.db.transaction(setting, durable=True) == "on"
+        finally:
+            await store.close()
+
+
 async def test_only_a_process_with_journal_readers_listens_to_other_processes_steps() -> None:
     """On PostgreSQL every commit that journals notifies. A process serving journal readers
     (the HTTP API's streams) is woken by another process's step; one without (a worker, the
