@@ -9,7 +9,7 @@ import functools
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from agent.chain import AuditKey, canonical_json, event_link
@@ -81,6 +81,11 @@ class RunHead:
     # Written by the transaction but not yet journaled: the next append takes them along.
     carried_events: list[Event] = field(default_factory=list)
     carried_updates: dict[str, Any] = field(default_factory=dict)
+
+    def copy(self) -> RunHead:
+        """A copy without what a transaction carried: the head a next transaction starts
+        from (`dataclasses.replace` without its per-call look at the fields)."""
+        return RunHead(**{**self.__dict__, "carried_events": [], "carried_updates": {}})
 
 
 class StoreBase:
@@ -156,10 +161,7 @@ class StoreBase:
             for run_id, head in queued.heads.items():
                 if head.carried_events or head.carried_updates:  # nothing appended after them
                     self._append_events(conn, run_id, [], time.time())
-            kept = [
-                (claim, replace(queued.heads[claim.run_id], carried_events=[], carried_updates={}))
-                for claim in queued.keep
-            ]
+            kept = [(claim, queued.heads[claim.run_id].copy()) for claim in queued.keep]
             return result, queued.outbox, queued.runs, kept
 
         try:
@@ -390,9 +392,7 @@ class StoreBase:
         """In a drive's step: take the head its last step left as this transaction's, after a
         check (the transaction's first statement, which also locks the row) that the row is
         still as that step left it; else the transaction fails with `_StaleHead`."""
-        head = self._queued.heads[claim.run_id] = replace(
-            kept, carried_events=[], carried_updates={}
-        )
+        head = self._queued.heads[claim.run_id] = kept.copy()
         self.db.expect(
             conn,
             "UPDATE runs SET updated_at = updated_at WHERE id = ? AND lease_owner = ? "
