@@ -77,6 +77,9 @@ class PostgresDatabase:
             name="loom-ops",
         )
         self._threads = EngineThreads(pool_size, "loom-ops-pg")
+        # What a durable commit waits for: the server's (or the role's, or the URL's)
+        # synchronous_commit, read at open; the pool's connections turn it off for the rest.
+        self._durable_commit = "on"
 
     @classmethod
     async def open(cls, url: str, pool_size: int = 4) -> PostgresDatabase:
@@ -93,7 +96,10 @@ class PostgresDatabase:
         # One plain connection first: it fails at once with libpq's own reason (a wrong
         # password, no such database), where the pool would retry quietly until its timeout.
         try:
-            psycopg.connect(self.url, connect_timeout=int(CONNECT_TIMEOUT)).close()
+            with psycopg.connect(
+                self.url, connect_timeout=int(CONNECT_TIMEOUT), autocommit=True
+            ) as first:
+                self._durable_commit = _configured_commit(first)
             self._pool.open(wait=True, timeout=CONNECT_TIMEOUT)
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             reason = scrub(_why(exc), self.url)
@@ -115,7 +121,8 @@ class PostgresDatabase:
         conn.execute(f"SELECT pg_advisory_lock({key})")
         try:
             with conn.transaction():
-                conn.execute("SET LOCAL synchronous_commit = on")  # a schema change is durable
+                # A schema change is durable.
+                conn.execute(f"SET LOCAL synchronous_commit = {self._durable_commit}")
                 current = self._version(conn, schema)
                 if current > known:
                     raise too_new(self.label, current, known)
@@ -171,11 +178,12 @@ class PostgresDatabase:
         Not `durable`: the commit does not wait for the WAL flush (the connections'
         synchronous_commit is off), which a crash of this process cannot lose; a crash of the
         server may lose a suffix of recent commits, never a durable one or anything before it,
-        as on SQLite.
+        as on SQLite. A durable one waits as the server's configuration says (`on`, or what
+        the operator chose: `remote_apply`, `local`...).
         """
         begin = ["BEGIN ISOLATION LEVEL REPEATABLE READ"]
         if durable:
-            begin.append("SET LOCAL synchronous_commit = on")
+            begin.append(f"SET LOCAL synchronous_commit = {self._durable_commit}")
         return await self._on_thread(lambda: self._run(fn, begin))
 
     async def read(self, fn: Callable[[Connection], T]) -> T:
@@ -425,6 +433,17 @@ def _named_rows(cursor: psycopg.Cursor[Any]) -> Callable[[Sequence[Any]], _Row]:
     if description is None:
         return tuple  # type: ignore[return-value]  # a statement without rows
     return _row_class(tuple(column.name for column in description))
+
+
+# synchronous_commit's values (PostgreSQL 9.6 and later).
+_COMMIT_LEVELS = frozenset({"on", "off", "local", "remote_write", "remote_apply"})
+
+
+def _configured_commit(conn: psycopg.Connection[Any]) -> str:
+    """The synchronous_commit a new connection of ours starts with (`on` if unknown)."""
+    row = conn.execute("SHOW synchronous_commit").fetchone()
+    value = str(row[0]) if row is not None else "on"
+    return value if value in _COMMIT_LEVELS else "on"
 
 
 def _configure(conn: psycopg.Connection[Any]) -> None:

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import psycopg
 import pytest
@@ -568,19 +569,24 @@ async def test_giving_up_on_an_outbox_entry_works_on_postgresql() -> None:
             await store.close()
 
 
-async def test_only_a_durable_transaction_waits_for_postgresqls_wal_flush() -> None:
+@pytest.mark.parametrize("configured", ["", "local", "remote_apply"])
+async def test_only_a_durable_transaction_waits_for_postgresqls_wal_flush(configured: str) -> None:
     """A durable commit (a run's creation, a side effect's intent) waits for the server's WAL
-    flush; every other one (a step's) does not, and leaves the connection as it found it."""
+    flush, as the operator configured it (here in the URL; the server's `on` when not);
+    every other one (a step's) does not."""
     with postgres_schema() as url:
-        store = await RunStore.open(url, pool_size=1)  # one connection: both run on it
+        if configured:
+            url += quote(f" -csynchronous_commit={configured}")
+        store = await RunStore.open(url, pool_size=1)  # one connection: all run on it
 
         def setting(conn: Any) -> str:
             return str(conn.execute("SHOW synchronous_commit").fetchone()[0])
 
         try:
-            assert await store.db.transaction(setting, durable=True) == "on"
+            durable = configured or "on"
+            assert await store.db.transaction(setting, durable=True) == durable
             assert await store.db.transaction(setting) == "off"
-            assert await store.db.transaction(setting, durable=True) == "on"
+            assert await store.db.transaction(setting, durable=True) == durable
         finally:
             await store.close()
 
