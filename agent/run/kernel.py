@@ -191,6 +191,7 @@ class RunKernel:
             log.exception("run %s interrupted", run_id)
             await self._interrupt(drive, self.redactor.text(f"{type(exc).__name__}: {exc}"))
         finally:
+            drive.close()
             if self._loops.get(run_id) is work:
                 del self._loops[run_id]
         # Ended, the drive holds the run as its last write left it; parked or handed back,

@@ -388,6 +388,13 @@ class StoreBase:
             )  # fmt: skip
         return expires
 
+    def _forget_head(self, claim: Claim) -> None:
+        """Drop the run head kept for this claim's next write (its drive is over): a run
+        cancelled or taken over elsewhere is never fenced here again to drop it."""
+        kept = self._kept_heads.get(claim.run_id)
+        if kept is not None and kept[0] == claim:
+            self._kept_heads.pop(claim.run_id, None)
+
     def _reuse_head(self, conn: Connection, claim: Claim, kept: RunHead) -> RunHead:
         """In a drive's step: take the head its last step left as this transaction's, after a
         check (the transaction's first statement, which also locks the row) that the row is

@@ -76,8 +76,7 @@ class ClaimsStore(StoreBase):
         if run is None or Claim.of(run) != claim or (run.lease_expires_at or 0) <= time.time():
             run = await self.get_run(claim.run_id)
         if run.lease_owner is None or Claim.of(run) != claim:
-            if (kept := self._kept_heads.get(claim.run_id)) is not None and kept[0] == claim:
-                del self._kept_heads[claim.run_id]  # the claim's head, never to be used
+            self._forget_head(claim)
             raise LeaseLost(f"run {claim.run_id} was claimed again since this process took it")
         return Drive(self, claim, run)  # type: ignore[arg-type]
 

@@ -210,6 +210,10 @@ class Drive:
             self.lease_until = max(self.lease_until, asked + ttl)
         return renewed
 
+    def close(self) -> None:
+        """The drive is over, however it ended: the store keeps nothing for its next write."""
+        self.store._forget_head(self.claim)
+
     async def release(self, retry_after: float | None = None) -> None:
         """Write the unsaved outcome, then hand the run back (queued) for whoever claims it
         next; once the lease is lost, neither is ours to write."""

@@ -655,6 +655,8 @@ async def test_cancelling_a_running_run_stops_the_command_in_flight(
             "may_have_run": True,
         }
         assert await service.resume("stop") == after
+        # The drive is over: the store keeps no run head for a next write of it.
+        assert "stop" not in service.store._kept_heads
 
 
 async def test_a_cancel_from_another_process_stops_the_driver(
