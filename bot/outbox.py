@@ -175,16 +175,25 @@ class OutboxSender:
     async def _drain(self, chat_id: int) -> None:
         """Deliver a chat's entries in order until none is left or the rest must wait; skip
         the chat while another instance holds its delivery lease."""
-        if not await self._chat.claim_chat(chat_id, self._owner, self._lease_ttl):
-            return  # another instance delivers this chat; its lease expires if it dies
+        # A task of its own: stopped while the claim commits, the drain lets the claim end
+        # (it may hold the lease) before it gives the lease back.
+        claiming = asyncio.ensure_future(
+            self._chat.claim_chat(chat_id, self._owner, self._lease_ttl)
+        )
+        held = True  # until the claim says otherwise
         try:
+            if not await asyncio.shield(claiming):
+                held = False
+                return  # another instance delivers this chat; its lease expires if it dies
             while True:
                 self._again.discard(chat_id)
                 if not await self._drain_batch(chat_id) and chat_id not in self._again:
                     return  # no await since the check: nothing can slip in unseen
         finally:
-            with contextlib.suppress(Exception):  # else the lease simply expires
-                await self._chat.release_chat(chat_id, self._owner)
+            if held:
+                with contextlib.suppress(Exception):  # else the lease simply expires
+                    await asyncio.wait([claiming])
+                    await self._chat.release_chat(chat_id, self._owner)
 
     async def _drain_batch(self, chat_id: int) -> bool:
         """Deliver what is due of one batch; True if anything was delivered."""

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from telegram import Bot
 
-from agent.records import RunStatus
+from agent.records import Origin, RunStatus
 from agent.service.runs import RunService
 from agent.settings import Settings
 from bot.outbox import OutboxSender
@@ -47,7 +47,7 @@ from tests.bot_harness import (
     wait_for,
     wait_for_approval,
 )
-from tests.support import LATENCY
+from tests.support import LATENCY, raw_rows
 
 SHIPPED = ("api-latency-spike", "disk-almost-full", "failed-deploy-rollback")
 HELP_HEAD = "loom-ops runs runbooks from this chat."
@@ -711,6 +711,39 @@ async def test_a_handler_exception_does_not_kill_the_bot(
 
 
 # -- stopping --------------------------------------------------------------------------------
+
+
+async def test_an_outbox_sender_stopped_as_it_claims_a_chat_gives_the_lease_back(
+    settings: Settings,
+) -> None:
+    """Stopped while its claim of a chat's delivery lease commits (the commit is in, its
+    answer not back yet), the sender still gives the lease back: a restarted bot delivers
+    the chat at once instead of waiting for the lease to run out."""
+    service = await RunService.open(settings, executes_runs=False)
+    chat = ChatStore(service.database)
+    claimed = asyncio.Event()
+    claim = chat.claim_chat
+
+    async def claim_then_linger(chat_id: int, owner: str, ttl: float) -> bool:
+        held = await claim(chat_id, owner, ttl)
+        claimed.set()
+        await asyncio.sleep(0.5)  # the answer on its way back when the stop comes
+        return held
+
+    chat.claim_chat = claim_then_linger  # type: ignore[method-assign]
+    sender = OutboxSender(service, chat, Bot(TOKEN), progress_interval=0.3)
+    try:
+        await service.start("leased", LATENCY, origin=Origin("telegram", INCIDENTS))
+        task = asyncio.create_task(sender.run(), name="test:outbox-sender")
+        await asyncio.wait_for(claimed.wait(), 5)
+        assert [row[0] for row in raw_rows(settings.db, "SELECT chat_id FROM chat_leases")] == [
+            INCIDENTS
+        ]
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert raw_rows(settings.db, "SELECT chat_id, owner FROM chat_leases") == []
+    finally:
+        await service.close()
 
 
 async def test_outbox_sender_stops_when_cancelled_just_after_a_wake(settings: Settings) -> None:
