@@ -94,6 +94,17 @@ URGENCY: dict[str, int] = {
 }
 
 
+async def _to_the_end(work: Awaitable[None]) -> None:
+    """Await `work` to its end even if the caller is cancelled meanwhile; the cancellation
+    then goes on."""
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
+
+
 def urgent_first(batch: list[OutboxMessage]) -> list[OutboxMessage]:
     """A chat's pending entries in the order to send them: approval cards and decisions
     first, then summaries, then progress edits, each group oldest first (so a request goes
@@ -191,9 +202,15 @@ class OutboxSender:
                     return  # no await since the check: nothing can slip in unseen
         finally:
             if held:
-                with contextlib.suppress(Exception):  # else the lease simply expires
-                    await asyncio.wait([claiming])
-                    await self._chat.release_chat(chat_id, self._owner)
+                # To its end even when the bot stops meanwhile: else the chat waits for the
+                # lease to run out, however soon the next instance starts.
+                await _to_the_end(self._give_back(chat_id, claiming))
+
+    async def _give_back(self, chat_id: int, claiming: asyncio.Future[bool]) -> None:
+        """Give a chat's delivery lease back once its claim has ended."""
+        with contextlib.suppress(Exception):  # else the lease simply expires
+            await asyncio.wait([claiming])
+            await self._chat.release_chat(chat_id, self._owner)
 
     async def _drain_batch(self, chat_id: int) -> bool:
         """Deliver what is due of one batch; True if anything was delivered."""

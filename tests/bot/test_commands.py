@@ -746,6 +746,39 @@ async def test_an_outbox_sender_stopped_as_it_claims_a_chat_gives_the_lease_back
         await service.close()
 
 
+async def test_an_outbox_sender_stopped_as_it_gives_a_chat_back_still_gives_it_back(
+    settings: Settings,
+) -> None:
+    """A drain that ended (nothing due) gives the chat's lease back; a bot stopping at that
+    moment cancels the drain in the middle of it. The lease is still given back: a restarted
+    bot delivers the chat at once instead of waiting for the lease to run out."""
+    service = await RunService.open(settings, executes_runs=False)
+    chat = ChatStore(service.database)
+    releasing = asyncio.Event()
+    release = chat.release_chat
+
+    async def slow_release(chat_id: int, owner: str) -> None:
+        releasing.set()
+        await asyncio.sleep(0.3)  # the stop comes now
+        await release(chat_id, owner)
+
+    async def nothing_due(chat_id: int) -> bool:
+        return False
+
+    chat.release_chat = slow_release  # type: ignore[method-assign]
+    sender = OutboxSender(service, chat, Bot(TOKEN), progress_interval=0.3)
+    sender._drain_batch = nothing_due  # type: ignore[method-assign]
+    try:
+        await service.start("given-back", LATENCY, origin=Origin("telegram", INCIDENTS))
+        task = asyncio.create_task(sender.run(), name="test:outbox-sender")
+        await asyncio.wait_for(releasing.wait(), 5)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert raw_rows(settings.db, "SELECT chat_id, owner FROM chat_leases") == []
+    finally:
+        await service.close()
+
+
 async def test_outbox_sender_stops_when_cancelled_just_after_a_wake(settings: Settings) -> None:
     """serve_bot stops by cancelling the outbox task and gathering it (bot/gateway.py). A run
     that commits a chat message at that moment sets `outbox_ready` just before the cancel:
