@@ -60,8 +60,9 @@ class JournalWatch:
 
 
 class _StaleHead(Exception):
-    """The run head a drive kept from its last step no longer matches the run's row (another
-    write came between): the transaction runs again, reading the row."""
+    """The run head kept for a drive's next write (by its claim or last step) no longer
+    matches the run's row (another write came between): the transaction runs again, reading
+    the row."""
 
 
 @dataclass
@@ -113,8 +114,8 @@ class StoreBase:
         # the drive of each starts from that row instead of reading it again (see
         # ClaimsStore.drive); a later claim of the run by this process drops it.
         self._claimed_runs: dict[str, RunRecord] = {}
-        # The run head each drive's last step left, by run id, with the claim that wrote it:
-        # the drive's next step starts from it instead of reading the row (see `_fence`).
+        # The run head each claim or drive's last step left, by run id, with the claim: the
+        # drive's next write starts from it instead of reading the row (see `_fence`).
         self._kept_heads: dict[str, tuple[Claim, RunHead]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -358,12 +359,12 @@ class StoreBase:
         takeover committed meanwhile a conflict, and the re-run sees it). The epoch makes a
         stale drive fail even where the same owner claimed the run again since.
 
-        A `step` (a call's intent or outcome, which leave the run's status and lease as they
-        are) keeps the run head it leaves for the drive's next write. That write starts from
-        it instead of reading the row: its first statement checks on the row that nothing
-        changed since (owner, epoch, status, and the journal's length, which every other
-        write to the run moves), without waiting for an answer. If something did, the
-        transaction runs again and reads the row. Only a step keeps a head.
+        A claim, and a `step` (a call's intent or outcome, which leave the run's status and
+        lease as they are), keep the run head they leave for the drive's next write. That
+        write starts from it instead of reading the row: its first statement checks on the
+        row that nothing changed since (owner, epoch, status, and the journal's length, which
+        every other write to the run moves), without waiting for an answer. If something did,
+        the transaction runs again and reads the row. No other write keeps a head.
 
         `earlier` is the outcome of the drive's last call, when it was safe to repeat and so
         waited to ride along with this transaction (one commit per step instead of two)."""
@@ -396,9 +397,10 @@ class StoreBase:
             self._kept_heads.pop(claim.run_id, None)
 
     def _reuse_head(self, conn: Connection, claim: Claim, kept: RunHead) -> RunHead:
-        """In a drive's step: take the head its last step left as this transaction's, after a
-        check (the transaction's first statement, which also locks the row) that the row is
-        still as that step left it; else the transaction fails with `_StaleHead`."""
+        """In a drive's write: take the head its claim or last step left as this
+        transaction's, after a check (the transaction's first statement, which also locks the
+        row) that the row is still as it was left; else the transaction fails with
+        `_StaleHead`."""
         head = self._queued.heads[claim.run_id] = kept.copy()
         self.db.expect(
             conn,

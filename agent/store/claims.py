@@ -173,7 +173,7 @@ class ClaimsStore(StoreBase):
         wait `retry_after` seconds before they claim it; an explicit resume does not). The
         drive's held outcome (`earlier`) is written first, while the claim still holds."""
         not_before = time.time() + retry_after if retry_after is not None else None
-        self._kept_heads.pop(claim.run_id, None)  # the run's row is no drive's to keep now
+        self._forget_head(claim)  # the run's row is no drive's to keep now
 
         def release(conn: Connection) -> None:
             if earlier is not None:
