@@ -30,6 +30,21 @@ from agent.store.rows import dumps
 T = TypeVar("T")
 
 
+# Events go in as one multi-row INSERT (a step appends two or three): on PostgreSQL each row
+# of an executemany is a statement of its own, each costing the client as much as a round trip
+# saves. Bounded well under SQLite's 32,766 parameters (8 per row).
+_EVENTS_PER_INSERT = 100
+
+
+@functools.lru_cache(maxsize=_EVENTS_PER_INSERT)
+def _insert_events(count: int) -> str:
+    """The INSERT of `count` journal rows."""
+    values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * count)
+    return (
+        f"INSERT INTO events (run_id, idx, ts, type, data, prev_hash, hash, key_id) VALUES {values}"
+    )
+
+
 @functools.lru_cache(maxsize=256)
 def _origin(text: str) -> Origin:
     """A run's origin from its row (few distinct ones, parsed once each: every step asks)."""
@@ -282,12 +297,10 @@ class StoreBase:
             digest = event_link(key, prev, run_id, head.run_no, count, now, event.type, data_json)
             rows.append((run_id, count, now, event.type, data_json, prev, digest, key_id))
             prev = digest
+        for start in range(0, len(rows), _EVENTS_PER_INSERT):
+            chunk = rows[start : start + _EVENTS_PER_INSERT]
+            conn.execute(_insert_events(len(chunk)), [value for row in chunk for value in row])
         if rows:
-            conn.executemany(
-                "INSERT INTO events (run_id, idx, ts, type, data, prev_hash, hash, key_id) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
             updates["key_id"] = key_id
             # A rolled-back transaction leaves a stale entry: a spurious wake, nothing worse.
             with self._runs_written_lock:  # this runs on a database thread
