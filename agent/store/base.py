@@ -303,9 +303,9 @@ class StoreBase:
         if rows:
             updates["key_id"] = key_id
             # A rolled-back transaction leaves a stale entry: a spurious wake, nothing worse.
+            # Other processes hear of it from the database (PostgreSQL: migration 0025).
             with self._runs_written_lock:  # this runs on a database thread
                 self._runs_written.add(run_id)
-            self.db.notify(conn, JOURNAL_CHANNEL, run_id)
         head.event_count, head.last_hash = count, prev
         updates.update({"event_count": count, "last_hash": prev, "updated_at": now})
         updates.update(run_updates or {})

@@ -21,7 +21,8 @@ T = TypeVar("T")
 # Channels a commit announces on, so that other processes sharing the database wake at once.
 RUNS_CHANNEL = "loom_ops_runs"  # a run became runnable (queued)
 OUTBOX_CHANNEL = "loom_ops_outbox"  # a chat message was queued
-JOURNAL_CHANNEL = "loom_ops_journal"  # events were appended to a run (payload: run id)
+JOURNAL_CHANNEL = "loom_ops_journal"  # events were appended to a run (payload: run id),
+# sent by the database itself at the commit (PostgreSQL: migration 0025)
 
 
 class Row(Protocol):

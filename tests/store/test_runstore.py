@@ -610,8 +610,11 @@ async def test_only_a_process_with_journal_readers_listens_to_other_processes_st
                 await _new_run(writer, "r-1")  # journals the run and queues it, one commit
                 await asyncio.wait_for(read.changed.wait(), 10)
                 await asyncio.wait_for(worker.runs_ready.wait(), 10)
-                # The journal's notice goes out before the queue's in that commit, on the one
-                # connection: had the worker listened to it, its watch would be set by now.
+                worker.runs_ready.clear()
+                # Notices arrive in commit order: once the next commit's is in, had the worker
+                # listened to the journal, r-1's notice would have set its watch.
+                await _new_run(writer, "r-2")
+                await asyncio.wait_for(worker.runs_ready.wait(), 10)
                 assert not work.changed.is_set()
         finally:
             for task in listening:
