@@ -32,28 +32,33 @@ def _nobody_dead(_owner: str) -> bool:
 
 
 class _Stopping(_Statements):
-    """The store's statements, calling `before(sql)` ahead of each one."""
+    """The store's statements, calling `before(sql)` ahead of each one and then handing it to
+    the transaction's own `_Statements`, which sends them and commits."""
 
-    __slots__ = ("before",)
+    __slots__ = ("before", "inner")
 
-    def __init__(self, conn: _Statements, before: Callable[[str], None]) -> None:
-        super().__init__(conn._raw, conn._pipeline)
-        self.notices = conn.notices  # the original object sends them with its COMMIT
+    def __init__(self, conn: _Statements, before: Callable[[str, _Statements], None]) -> None:
+        # No `super().__init__`: everything but the hook is the inner object's.
+        self.inner = conn
+        self.notices = conn.notices  # the inner object sends them with its COMMIT
         self.failures = conn.failures  # and raises what a failed check of its asks for
         self.before = before
 
     def execute(self, sql: str, params: Any = ()) -> Any:
-        self.before(sql)
-        return super().execute(sql, params)
+        self.before(sql, self.inner)
+        return self.inner.execute(sql, params)
 
     def executemany(self, sql: str, rows: Any) -> Any:
-        self.before(sql)
-        return super().executemany(sql, rows)
+        self.before(sql, self.inner)
+        return self.inner.executemany(sql, rows)
 
 
 class Hold:
     """Stops the next transaction of `store` once, at a statement starting with `at` (or, with
-    `at=None`, at the end of its body, just before COMMIT), until `release`."""
+    `at=None`, at the end of its body, just before COMMIT), until `release`. Every statement
+    before that point is sent first (the store holds them until it needs an answer), so the
+    held transaction has its snapshot and its locks, as it would if the process paused there
+    between two batches."""
 
     def __init__(self, store: RunStore) -> None:
         self._at: str | None = None
@@ -68,7 +73,7 @@ class Hold:
             def body(conn: _Statements) -> Any:
                 result = fn(_Stopping(conn, self._before))
                 if self._at is None:
-                    self._stop()
+                    self._stop(conn)
                 return result
 
             return await original(body, durable=durable, brief=brief)
@@ -78,12 +83,13 @@ class Hold:
     def arm(self, at: str | None) -> None:
         self._at, self._armed = at, True
 
-    def _before(self, sql: str) -> None:
+    def _before(self, sql: str, conn: _Statements) -> None:
         if self._at is not None and sql.startswith(self._at):
-            self._stop()
+            self._stop(conn)
 
-    def _stop(self) -> None:
+    def _stop(self, conn: _Statements) -> None:
         if self._armed:
+            conn.send()
             self._armed = False
             self._reached.set()
             assert self._go.wait(10), "never released"

@@ -1,0 +1,83 @@
+"""The PostgreSQL engine's transactions: statements bound in this process and sent in batches,
+each statement still answered with its own rows and row count."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from agent.store.database import Connection
+from agent.store.postgres import PostgresDatabase
+from bench.roundtrips import RoundTrips, count_postgres
+from tests.conftest import postgres_schema
+
+
+async def test_a_batch_answers_each_statement_with_its_own_rows_and_count() -> None:
+    """Statements held until a result is read go out together: a closing `-- comment`, a
+    trailing `;`, quotes and semicolons inside a bound value, and an executemany (its row
+    count added up) all keep to their own statement; a read sees the writes held before it;
+    the read and the commit are the transaction's only round trips."""
+
+    def body(conn: Connection) -> tuple[Any, ...]:
+        conn.execute("CREATE TABLE t (id INTEGER, note TEXT)")
+        conn.execute("INSERT INTO t VALUES (1, 'one') -- a closing comment")
+        many = conn.executemany("INSERT INTO t VALUES (?, ?);", [(2, "two"), (3, "three")])
+        echoed = conn.execute("SELECT ? AS text, ? AS n", ("it's; -- not a comment", 7))
+        changed = conn.execute("UPDATE t SET note = note || '!' WHERE id > ?", (1,))
+        rows = conn.execute("SELECT id, note FROM t ORDER BY id")
+        later = conn.execute("DELETE FROM t WHERE id = ?", (3,))  # sent with the COMMIT
+        return (
+            [(row["id"], row["note"]) for row in rows],
+            many.rowcount,
+            echoed.fetchone()["text"],
+            changed.rowcount,
+            later,
+        )
+
+    with postgres_schema() as url:
+        db = await PostgresDatabase.open(url)
+        counts = RoundTrips()
+        uncount = count_postgres(counts)
+        try:
+            rows, inserted, text, updated, later = await db.transaction(body)
+        finally:
+            uncount()
+        try:
+            assert rows == [(1, "one"), (2, "two!"), (3, "three!")]
+            assert (inserted, text, updated, later.rowcount) == (2, "it's; -- not a comment", 2, 1)
+            assert counts.total_wire == 2, counts.lines(2)  # the read, then the rest and COMMIT
+            left = await db.read(lambda c: c.execute("SELECT id FROM t ORDER BY id").fetchall())
+            assert [row["id"] for row in left] == [1, 2]
+        finally:
+            await db.close()
+
+
+async def test_a_body_that_fails_before_it_reads_sends_nothing() -> None:
+    """A transaction body that raises with writes still held has sent none of them: nothing to
+    roll back, nothing written, no round trip."""
+
+    def body(conn: Connection) -> None:
+        conn.execute("UPDATE run_counter SET last_run_no = last_run_no + 100")
+        raise ValueError("changed my mind")
+
+    with postgres_schema() as url:
+        db = await PostgresDatabase.open(url)
+        before = await db.read(
+            lambda c: c.execute("SELECT last_run_no FROM run_counter").fetchone()
+        )
+        counts = RoundTrips()
+        uncount = count_postgres(counts)
+        try:
+            with pytest.raises(ValueError, match="changed my mind"):
+                await db.transaction(body)
+        finally:
+            uncount()
+        try:
+            assert counts.total_wire == 0, counts.lines(1)
+            after = await db.read(
+                lambda c: c.execute("SELECT last_run_no FROM run_counter").fetchone()
+            )
+            assert after["last_run_no"] == before["last_run_no"]
+        finally:
+            await db.close()
