@@ -363,8 +363,17 @@ class _Statements:
         return result
 
     def _bind(self, template: bytes, params: Sequence[Any]) -> bytes:
-        literal = self._literal
-        return template % tuple(b"NULL" if value is None else literal(value) for value in params)
+        return template % tuple(map(self._value, params))
+
+    def _value(self, value: Any) -> bytes:
+        """`value` as a literal of the type server-side binding gives it."""
+        if value is None:
+            return b"NULL"
+        if type(value) is float:  # psycopg writes `1.5`, a numeric: keep it a float8
+            return b"'%r'::float8" % value
+        if type(value) is int and value < 0:  # `-1::text` would read as `-(1::text)`
+            return b"(%d)" % value
+        return self._literal(value)
 
     def send(self) -> None:
         """Send what is held, wait for the answer, and hand each statement its result (the
@@ -376,17 +385,19 @@ class _Statements:
         # A line break before each `;`: a statement's closing `-- comment` ends there.
         cursor = self._raw.execute(b"\n;".join(sql for sql, _ in held))
         for n, (_, result) in enumerate(held):
-            if n:
-                cursor.nextset()
+            if n and not cursor.nextset():
+                raise StoreError(f"a batch of {len(held)} statements gave {n} results")
             if result is not None:
                 rows = cursor.fetchall() if cursor.pgresult.status == _TUPLES_OK else []
                 result.answered(rows, cursor.rowcount)
+        if cursor.nextset():  # a statement of two, or one that gave none: answers misplaced
+            raise StoreError(f"a batch of {len(held)} statements gave more results")
 
     def commit(self) -> None:
         """Send what is held, the notifications and COMMIT, together (nothing if the
         transaction never sent a statement)."""
-        if not self._sent and all(result is None for _, result in self._held):
-            return  # only its BEGIN: nothing was read or written
+        if not self._sent and not self.notices and all(r is None for _, r in self._held):
+            return  # only its BEGIN: nothing was read, written or announced
         for channel, payload in sorted(self.notices):
             self.execute("SELECT pg_notify(?, ?)", (channel, payload))
         self._held.append((b"COMMIT", None))

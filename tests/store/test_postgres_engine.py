@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
 import pytest
 
+from agent.errors import StoreError
 from agent.store.database import Connection
 from agent.store.postgres import PostgresDatabase
 from bench.roundtrips import RoundTrips, count_postgres
@@ -81,3 +83,79 @@ async def test_a_body_that_fails_before_it_reads_sends_nothing() -> None:
             assert after["last_run_no"] == before["last_run_no"]
         finally:
             await db.close()
+
+
+async def test_values_bound_here_keep_the_types_the_server_would_give_them() -> None:
+    """Values are written into the statement as literals of the type server-side binding
+    gives them: a float stays a float8 (not a numeric: rounding, sign of zero), a negative
+    number keeps its sign before a cast, and quotes, backslashes and comment marks inside a
+    string stay data."""
+    text = "back\\slash 'quoted' $$; DROP TABLE runs; -- not a comment"
+
+    def body(conn: Connection) -> Any:
+        return conn.execute(
+            "SELECT ? AS f, CAST(? AS INTEGER) AS i, CAST(? AS TEXT) AS z, ?::text AS neg, "
+            "? AS inf, ? AS s",
+            (1.5, 2.5, -0.0, -1, float("inf"), text),
+        ).fetchone()
+
+    with postgres_schema() as url:
+        db = await PostgresDatabase.open(url)
+        try:
+            row = await db.transaction(body)
+            # The string stayed data: the table it names is still there.
+            assert await db.read(lambda c: c.execute("SELECT count(*) AS n FROM runs").fetchone())
+        finally:
+            await db.close()
+    assert type(row["f"]) is float and row["f"] == 1.5
+    assert (row["i"], row["z"], row["neg"], row["inf"], row["s"]) == (
+        2,
+        "-0",
+        "-1",
+        float("inf"),
+        text,
+    )
+
+
+async def test_a_statement_that_is_not_exactly_one_fails_its_transaction() -> None:
+    """Every held statement must give one answer: a statement that is only a comment (none)
+    or two statements in one string (two) would hand the next statement's answer to the
+    wrong reader, so the batch fails with StoreError instead and nothing is written."""
+
+    def none_then_read(conn: Connection) -> Any:
+        conn.execute("UPDATE run_counter SET last_run_no = last_run_no + 100")
+        conn.execute("-- only a comment")
+        return conn.execute("SELECT 2 AS two").fetchall()
+
+    def two_in_one(conn: Connection) -> Any:
+        conn.execute("UPDATE run_counter SET last_run_no = last_run_no + 100")
+        conn.execute("SELECT 1 AS a; SELECT 99 AS b")
+        return conn.execute("SELECT 2 AS two").fetchall()
+
+    with postgres_schema() as url:
+        db = await PostgresDatabase.open(url)
+        try:
+            for body in (none_then_read, two_in_one):
+                with pytest.raises(StoreError, match="statements gave"):
+                    await db.transaction(body)
+            row = await db.read(
+                lambda c: c.execute("SELECT last_run_no FROM run_counter").fetchone()
+            )
+            assert row["last_run_no"] == 0
+        finally:
+            await db.close()
+
+
+async def test_a_transaction_that_only_announces_still_sends_its_notice() -> None:
+    """A transaction whose body only notifies (no statement) still commits its notice."""
+    with postgres_schema() as url:
+        db = await PostgresDatabase.open(url)
+        listener = await psycopg.AsyncConnection.connect(url, autocommit=True)
+        try:
+            await listener.execute("LISTEN loom_ops_probe")
+            await db.transaction(lambda c: db.notify(c, "loom_ops_probe", "hello"))
+            notices = [n.payload async for n in listener.notifies(timeout=5, stop_after=1)]
+        finally:
+            await listener.close()
+            await db.close()
+    assert notices == ["hello"]
