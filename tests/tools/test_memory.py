@@ -34,7 +34,37 @@ def test_bounded_to_max_lines_newest_last(tmp_path: Path) -> None:
     counts = [memory.add(f"entry {i}") for i in range(6)]
     assert counts == [1, 2, 3, 3, 3, 3]
     assert memory.read() == ["entry 3", "entry 4", "entry 5"]
-    assert len((tmp_path / "memory.txt").read_text().splitlines()) == 3
+
+
+def test_an_entry_is_appended_and_the_file_rewritten_only_past_twice_its_bound(
+    tmp_path: Path,
+) -> None:
+    """Below twice `max_lines` lines an entry is appended to the same file; past it, the file
+    is rewritten to what is kept, so it never holds more than twice `max_lines` lines."""
+    path = tmp_path / "memory.txt"
+    memory = WorkspaceMemory(path, max_lines=3)
+    memory.add("entry 0")
+    inode = path.stat().st_ino
+    for i in range(1, 6):
+        memory.add(f"entry {i}")
+    assert path.stat().st_ino == inode  # appended: six lines, twice the bound
+    memory.add("entry 6")
+    assert path.read_text() == "entry 4\nentry 5\nentry 6\n"
+    for i in range(7, 100):
+        memory.add(f"entry {i % 5}")
+        assert len(path.read_text().splitlines()) <= 6
+    assert memory.read() == ["entry 2", "entry 3", "entry 4"]
+
+
+def test_a_line_being_written_is_left_for_the_next_look(tmp_path: Path) -> None:
+    """A last line without its line break (an append in progress) is not read yet; one a
+    person wrote that way stays a line of its own when the next entry is added."""
+    path = tmp_path / "memory.txt"
+    path.write_text("first\nsecond, still being writ")
+    memory = WorkspaceMemory(path, max_lines=5)
+    assert memory.read() == ["first"]
+    assert memory.add("third") == 3
+    assert memory.read() == ["first", "second, still being writ", "third"]
 
 
 def test_re_adding_moves_the_entry_to_the_end(tmp_path: Path) -> None:
