@@ -302,8 +302,9 @@ class StoreBase:
             conn.execute(_insert_events(len(chunk)), [value for row in chunk for value in row])
         if rows:
             updates["key_id"] = key_id
-            # A rolled-back transaction leaves a stale entry: a spurious wake, nothing worse.
-            # Other processes hear of it from the database (PostgreSQL: migration 0025).
+            # This process's readers are woken after the commit; other processes' by the
+            # database (PostgreSQL: migration 0025). A rolled-back transaction leaves a stale
+            # entry: a spurious wake, nothing worse.
             with self._runs_written_lock:  # this runs on a database thread
                 self._runs_written.add(run_id)
         head.event_count, head.last_hash = count, prev

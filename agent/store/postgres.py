@@ -78,6 +78,7 @@ class PostgresDatabase:
             name="loom-ops",
         )
         self._threads = EngineThreads(pool_size, "loom-ops-pg")
+        self._closed = False
         # What a durable commit waits for: the server's (or the role's, or the URL's)
         # synchronous_commit, read at open; the pool's connections turn it off for the rest.
         self._durable_commit = "on"
@@ -162,12 +163,15 @@ class PostgresDatabase:
 
     async def close(self) -> None:
         """Close the pool and its threads."""
+        self._closed = True
         try:
             await asyncio.get_running_loop().run_in_executor(None, self._pool.close)
         finally:
             self._threads.stop()
 
     async def _on_thread(self, fn: Callable[[], T]) -> T:
+        if self._closed:  # as on SQLite
+            raise StoreError(f"database {self.label} is closed")
         return await self._threads.run(fn)
 
     async def transaction(
@@ -394,8 +398,8 @@ class _Statements:
             raise StoreError(f"a batch of {len(held)} statements gave more results")
 
     def commit(self) -> None:
-        """Send what is held, the notifications and COMMIT, together (nothing if the
-        transaction never sent a statement)."""
+        """Send what is held, the notifications and COMMIT, together (nothing if the body
+        neither read, wrote nor announced anything)."""
         if not self._sent and not self.notices and all(r is None for _, r in self._held):
             return  # only its BEGIN: nothing was read, written or announced
         for channel, payload in sorted(self.notices):

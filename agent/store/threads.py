@@ -30,6 +30,7 @@ class EngineThreads:
     event loop."""
 
     def __init__(self, count: int, name: str) -> None:
+        self._name = name
         self._lock = threading.Lock()
         # Each idle thread's inbox, the last to go idle on top; jobs no thread was free for.
         self._idle: list[queue.SimpleQueue[_Job | None]] = []
@@ -41,12 +42,15 @@ class EngineThreads:
             threading.Thread(target=self._serve, name=label, daemon=True).start()
 
     def run(self, fn: Callable[[], T]) -> asyncio.Future[T]:
-        """Hand `fn` to a thread; the future is answered on this event loop."""
+        """Hand `fn` to a thread; the future is answered on this event loop (at once, with
+        RuntimeError, once the threads are stopped)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         job = (loop, future, fn)
         with self._lock:
-            if self._idle:
+            if self._stopped:  # no thread would ever answer it
+                future.set_exception(RuntimeError(f"the {self._name} threads are stopped"))
+            elif self._idle:
                 self._idle.pop().put(job)
             else:
                 self._waiting.append(job)

@@ -3,6 +3,7 @@ each statement still answered with its own rows and row count."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import psycopg
@@ -159,3 +160,14 @@ async def test_a_transaction_that_only_announces_still_sends_its_notice() -> Non
             await listener.close()
             await db.close()
     assert notices == ["hello"]
+
+
+async def test_a_transaction_on_a_closed_database_fails_as_on_sqlite() -> None:
+    """After close, a transaction or read is refused at once with the store's own error (its
+    threads are gone: nothing would ever answer it)."""
+    with postgres_schema() as url:
+        db = await PostgresDatabase.open(url)
+        await db.close()
+        for attempt in (db.transaction(lambda c: None), db.read(lambda c: None)):
+            with pytest.raises(StoreError, match="is closed"):
+                await asyncio.wait_for(attempt, 5)

@@ -6,6 +6,8 @@ import asyncio
 import threading
 import time
 
+import pytest
+
 from agent.store.threads import EngineThreads
 
 
@@ -66,12 +68,15 @@ async def test_a_function_whose_caller_gave_up_before_it_started_never_runs() ->
 
 
 async def test_stop_ends_the_threads_after_the_functions_handed_over() -> None:
-    """`stop` while functions still wait: every one of them runs, then every thread ends."""
+    """`stop` while functions still wait: every one of them runs, then every thread ends; a
+    function handed over after `stop` is refused at once instead of waiting forever."""
     threads = EngineThreads(2, "test-stop")
     mine = _threads_named("test-stop")
     assert len(mine) == 2
     pending = [threads.run(lambda n=n: (time.sleep(0.01), n)[1]) for n in range(5)]
     threads.stop()
+    with pytest.raises(RuntimeError, match="the test-stop threads are stopped"):
+        await threads.run(lambda: "too late")
     assert await asyncio.gather(*pending) == list(range(5))
     for thread in mine:
         thread.join(5)
