@@ -10,7 +10,9 @@ Prints p50 and p95 per kind of owner; asserts nothing. Run with `python bench/de
 - `worker` on PostgreSQL: `loom-ops serve --no-worker` records the runs, one `loom-ops worker`
   drives them;
 - `sandbox` on SQLite: `loom-ops sandbox`, the Telegram bot against its Bot API stand-in, the
-  runs started by `/run api-latency-spike` messages sent through its page's API.
+  runs started by `/run api-latency-spike` messages sent through its page's API. Its bot keeps
+  the real bot's /run quota (TELEGRAM_RUN_RATE's default per user and window), so this row
+  has at most that many runs.
 
 Each run is the shipped api-latency-spike runbook (mock policy, dry-run) started over HTTP; it
 waits for its approval. Then, one at a time, `loom-ops approve` decides it as a separate
@@ -50,6 +52,8 @@ from urllib.parse import quote  # noqa: E402
 
 import httpx  # noqa: E402
 import psycopg  # noqa: E402
+
+from bot.settings import TelegramSettings  # noqa: E402
 
 LOOM_OPS = str(Path(sys.executable).parent / "loom-ops")
 MESSAGE = "incident: API latency spike"
@@ -263,10 +267,14 @@ def main() -> None:
             if db is None:
                 print(f"  {label:<26}skipped: no PostgreSQL at {dsn}")
                 continue
-            figures = measure(owner, db, args.runs)
+            runs = args.runs
+            if owner == "sandbox":  # one requester: the rest would be refused by the quota
+                runs = min(runs, TelegramSettings.model_fields["run_rate"].default)
+            figures = measure(owner, db, runs)
         assert isinstance(figures, dict)
         cells = [f"{percentile(v, 50):.3f} / {percentile(v, 95):.3f}" for v in figures.values()]
-        print(f"  {label:<26}{cells[0]:>16}{cells[1]:>22}{cells[2]:>22}")
+        shown = label if runs == args.runs else f"{label.split(',')[0]}, {runs} runs"
+        print(f"  {shown:<26}{cells[0]:>16}{cells[1]:>22}{cells[2]:>22}")
         report[label] = {k: statistics.median(v) for k, v in figures.items()}
     print(json.dumps(report))
 
