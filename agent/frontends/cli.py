@@ -43,6 +43,7 @@ from agent.records import (
     ApprovalRecord,
     Decision,
     EventRecord,
+    ProcessRecord,
     RunRecord,
     RunStatus,
 )
@@ -565,14 +566,46 @@ async def _cmd_runbook(service: RunService, args: argparse.Namespace) -> int:
         run_id = await _free_run_id(service)
         if not args.json:  # said first, so another terminal can follow or cancel it
             print(f"Run id: {run_id}", flush=True)
+    drivers = await _drivers(service)
     run = await service.start(
         run_id, args.message, role=role, requested_by=_cli_user(service, None)
     )
     if args.trace:
         await _write_trace(service, run.id, args.trace)
     if run.status in (RunStatus.QUEUED, RunStatus.RUNNING):
+        if drivers or run.lease_owner not in (None, service.owner):
+            # Recorded, and driven by a live process (or taken by one as it started).
+            where = _driven_by(drivers) if drivers else f"process {run.lease_owner}"
+            message = (
+                f"Run {run.id} started; {where} drives it. "
+                f"Follow it with: loom-ops status {run.id}{_where(service)}"
+            )
+            if args.json:
+                print(json.dumps(_run_json(run) | {"message": message}, ensure_ascii=False))
+            else:
+                print(message)
+            return EXIT_OK
         return await _interrupted(service, run, args.json)
     return await _report(service, run, args.json)
+
+
+async def _drivers(service: RunService) -> list[ProcessRecord]:
+    """The live processes that drive this store's runs; when there is one, a command records
+    its start or decision and leaves the run to it (at once on PostgreSQL, within a second
+    on SQLite) rather than race it for the run."""
+    drivers = [p for p in await service.live_processes() if p.drives_runs]
+    if drivers:
+        service.executes_runs = False
+    return drivers
+
+
+def _driven_by(drivers: list[ProcessRecord]) -> str:
+    """Who will drive a run: the one live process, or any of several (which one claims it
+    is theirs to settle)."""
+    if len(drivers) == 1:
+        return f"the {drivers[0].kind} process {drivers[0].owner}"
+    kinds = ", ".join(sorted({d.kind for d in drivers}))
+    return f"one of {len(drivers)} live processes ({kinds})"
 
 
 # Letters and digits that cannot be misread (no 0/o, 1/l/i): ids are read aloud and retyped.
@@ -633,11 +666,7 @@ async def _cmd_decide(service: RunService, args: argparse.Namespace) -> int:
     else:
         decision = Decision.SKIP if args.skip else Decision.APPROVE
     decider = _cli_user(service, args.as_user)
-    drivers = [p for p in await service.live_processes() if p.drives_runs]
-    if drivers:
-        # A live process drives this store's runs: record the decision and let it go on (at
-        # once on PostgreSQL, within a second on SQLite) rather than take the run from it.
-        service.executes_runs = False
+    drivers = await _drivers(service)
     try:
         result = await service.decide(
             args.run_id, decision, decider, args.note, approval_number=args.approval
@@ -652,8 +681,7 @@ async def _cmd_decide(service: RunService, args: argparse.Namespace) -> int:
     if not result.changed:
         raise UsageError(f"run {args.run_id}: {result.message}")
     if drivers and not result.run.status.is_terminal:
-        where = f"the {drivers[0].kind} process {drivers[0].owner}"
-        message = f"Decision: {result.message}; {where} goes on with the run"
+        message = f"Decision: {result.message}; {_driven_by(drivers)} goes on with the run"
         if args.json:
             print(json.dumps(_run_json(result.run) | {"message": message}, ensure_ascii=False))
         else:

@@ -202,6 +202,8 @@ def test_the_service_token_starts_and_reads_but_decides_only_as_a_mapped_person(
             assert refused.status_code == 403 and "four eyes" in refused.text, refused.text
             started = cli("runbook", DEPLOY, "--run-id", "by-cli", "--mock-llm")  # as tester
             assert started.returncode == 0, started.describe()
+            # Recorded by the CLI, driven by the serving process to its approval.
+            poll_run(svc, "by-cli", lambda r: r["approval"] is not None)
             decided = svc.post("/runs/by-cli/approve")  # lead is in group:leads
             assert decided.status_code == 200, decided.text
             assert decided.json()["approved_by"] == ["api:http"]  # one of the two it needs

@@ -1,5 +1,6 @@
-"""A decision made in the CLI while a long-running process serves the store: the CLI records
-it and the live process goes on with the run within about a second, never the CLI itself.
+"""A decision or a start made in the CLI while a long-running process serves the store: the
+CLI records it and the live process goes on with the run within about a second, never the
+CLI itself.
 
 Real processes: `loom-ops serve` on SQLite and on PostgreSQL (each test runs on both engines),
 and `loom-ops approve` as its own process."""
@@ -81,6 +82,52 @@ def test_a_cli_decision_hands_the_run_to_the_live_process(tmp_path: Path, db_url
     finally:
         server.stop()
     assert raw_rows(db_url, "SELECT owner FROM processes") == []  # a clean exit says so
+
+
+def test_a_cli_start_hands_the_run_to_the_live_process(tmp_path: Path, db_url: str) -> None:
+    """`loom-ops runbook` while a live process drives the store's runs: the CLI records the
+    start, says which process drives it and how to follow it, and exits 0; the live process
+    alone claims the run and takes it to its approval (never a false "interrupted", which a
+    race for the new run gave)."""
+    workspace = make_cli_workspace(tmp_path / "ws")
+    server = ServeProcess(workspace, db_url, free_port()).start()
+    try:
+        _wait(
+            lambda: raw_rows(db_url, "SELECT kind, drives_runs FROM processes"),
+            10,
+            "serve to register",
+        )
+        start = ["runbook", LATENCY, "--run-id", "h2", "--mock-llm", "--workspace", str(workspace)]
+        started = subprocess.run(
+            [LOOM_OPS, *start, "--db", db_url],
+            cwd=workspace,
+            env=cli_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert started.returncode == 0, (started.stdout, started.stderr)
+        assert "Run h2 started; the serve process" in started.stdout, started.stdout
+        assert "loom-ops status h2" in started.stdout
+        assert "interrupted" not in started.stdout + started.stderr
+        _wait(
+            lambda: (
+                raw_rows(db_url, "SELECT status FROM runs WHERE id = 'h2'")[0][0]
+                == "waiting_approval"
+            ),
+            20,
+            "serve to take the run to its approval",
+        )
+        claims = raw_rows(
+            db_url,
+            "SELECT data FROM events WHERE (run_id = ? OR run_id LIKE ?) AND type = 'run_claimed'",
+            ("h2", "h2:sub:%"),
+        )
+        owners = {data.split('"owner":"')[1].split('"')[0] for (data,) in claims}
+        serve_owner = raw_rows(db_url, "SELECT owner FROM processes")[0][0]
+        assert owners == {serve_owner}, (owners, serve_owner)  # never the CLI's
+    finally:
+        server.stop()
 
 
 def test_status_lists_the_live_processes_and_the_gone_ones(tmp_path: Path) -> None:
