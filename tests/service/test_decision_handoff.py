@@ -28,17 +28,34 @@ def _wait(predicate: object, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def _serve_registered(db_url: str) -> str:
+    """Wait for the serving process to register (its first heartbeat is at once) saying it
+    drives runs; returns its owner id."""
+    _wait(
+        lambda: raw_rows(db_url, "SELECT kind, drives_runs FROM processes"),
+        10,
+        "serve to register",
+    )
+    assert raw_rows(db_url, "SELECT kind, drives_runs FROM processes") == [("serve", 1)]
+    return raw_rows(db_url, "SELECT owner FROM processes")[0][0]
+
+
+def _claimed_by(db_url: str, run_id: str, since: float = 0.0) -> set[str]:
+    """Who claimed the run (or one of its children) since `since`."""
+    claims = raw_rows(
+        db_url,
+        "SELECT data FROM events WHERE (run_id = ? OR run_id LIKE ?) "
+        "AND type = 'run_claimed' AND ts >= ?",
+        (run_id, f"{run_id}:sub:%", since),
+    )
+    return {data.split('"owner":"')[1].split('"')[0] for (data,) in claims}
+
+
 def test_a_cli_decision_hands_the_run_to_the_live_process(tmp_path: Path, db_url: str) -> None:
     workspace = make_cli_workspace(tmp_path / "ws")
     server = ServeProcess(workspace, db_url, free_port()).start()
     try:
-        # Registered: the serving process says it drives runs (its first heartbeat is at once).
-        _wait(
-            lambda: raw_rows(db_url, "SELECT kind, drives_runs FROM processes"),
-            10,
-            "serve to register",
-        )
-        assert raw_rows(db_url, "SELECT kind, drives_runs FROM processes") == [("serve", 1)]
+        serve_owner = _serve_registered(db_url)
         started = httpx.post(
             f"{server.url}/runs", json={"run_id": "h1", "message": LATENCY}, timeout=10
         )
@@ -70,14 +87,7 @@ def test_a_cli_decision_hands_the_run_to_the_live_process(tmp_path: Path, db_url
             20,
             "the run to finish",
         )
-        claims = raw_rows(
-            db_url,
-            "SELECT ts, data FROM events WHERE (run_id = ? OR run_id LIKE ?) "
-            "AND type = 'run_claimed' AND ts >= ? ORDER BY seq",
-            ("h1", "h1:sub:%", decided_at),
-        )
-        owners = {data.split('"owner":"')[1].split('"')[0] for _, data in claims}
-        serve_owner = raw_rows(db_url, "SELECT owner FROM processes")[0][0]
+        owners = _claimed_by(db_url, "h1", decided_at)
         assert owners == {serve_owner}, (owners, serve_owner)  # never the CLI's
     finally:
         server.stop()
@@ -92,11 +102,7 @@ def test_a_cli_start_hands_the_run_to_the_live_process(tmp_path: Path, db_url: s
     workspace = make_cli_workspace(tmp_path / "ws")
     server = ServeProcess(workspace, db_url, free_port()).start()
     try:
-        _wait(
-            lambda: raw_rows(db_url, "SELECT kind, drives_runs FROM processes"),
-            10,
-            "serve to register",
-        )
+        serve_owner = _serve_registered(db_url)
         start = ["runbook", LATENCY, "--run-id", "h2", "--mock-llm", "--workspace", str(workspace)]
         started = subprocess.run(
             [LOOM_OPS, *start, "--db", db_url],
@@ -118,13 +124,7 @@ def test_a_cli_start_hands_the_run_to_the_live_process(tmp_path: Path, db_url: s
             20,
             "serve to take the run to its approval",
         )
-        claims = raw_rows(
-            db_url,
-            "SELECT data FROM events WHERE (run_id = ? OR run_id LIKE ?) AND type = 'run_claimed'",
-            ("h2", "h2:sub:%"),
-        )
-        owners = {data.split('"owner":"')[1].split('"')[0] for (data,) in claims}
-        serve_owner = raw_rows(db_url, "SELECT owner FROM processes")[0][0]
+        owners = _claimed_by(db_url, "h2")
         assert owners == {serve_owner}, (owners, serve_owner)  # never the CLI's
     finally:
         server.stop()
