@@ -124,14 +124,14 @@ def assert_usage_error(result: CliResult, *needles: str) -> str:
 class Cli:
     """Runs `loom-ops` commands against one workspace and one database file."""
 
-    def __init__(self, workspace: Path, db: Path) -> None:
+    def __init__(self, workspace: Path, db: Path | str) -> None:
         self.workspace = workspace
         self.db = db
 
     def __call__(
         self,
         *args: str,
-        db: Path | None = None,
+        db: Path | str | None = None,
         env: dict[str, str] | None = None,
         timeout: float = 60,
     ) -> CliResult:

@@ -3,18 +3,17 @@ CLI records it and the live process goes on with the run within about a second, 
 CLI itself.
 
 Real processes: `loom-ops serve` on SQLite and on PostgreSQL (each test runs on both engines),
-and `loom-ops approve` as its own process."""
+and `loom-ops approve`, `runbook` and `status` as processes of their own."""
 
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from pathlib import Path
 
 import httpx
 
-from tests.cli_helpers import LOOM_OPS, cli_env, make_cli_workspace
+from tests.cli_helpers import Cli, make_cli_workspace
 from tests.http_harness import ServeProcess, free_port
 from tests.support import raw_rows
 
@@ -67,16 +66,8 @@ def test_a_cli_decision_hands_the_run_to_the_live_process(tmp_path: Path, db_url
         )
 
         decided_at = time.time()
-        approve = ["approve", "--run-id", "h1", "--as", "oncall"]
-        done = subprocess.run(
-            [LOOM_OPS, *approve, "--workspace", str(workspace), "--db", db_url],
-            cwd=workspace,
-            env=cli_env(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 0, (done.stdout, done.stderr)
+        done = Cli(workspace, db_url)("approve", "--run-id", "h1", "--as", "oncall")
+        assert done.returncode == 0, done.describe()
         assert "the serve process" in done.stdout and "goes on with the run" in done.stdout
         assert "Traceback" not in done.stderr
 
@@ -103,16 +94,8 @@ def test_a_cli_start_hands_the_run_to_the_live_process(tmp_path: Path, db_url: s
     server = ServeProcess(workspace, db_url, free_port()).start()
     try:
         serve_owner = _serve_registered(db_url)
-        start = ["runbook", LATENCY, "--run-id", "h2", "--mock-llm", "--workspace", str(workspace)]
-        started = subprocess.run(
-            [LOOM_OPS, *start, "--db", db_url],
-            cwd=workspace,
-            env=cli_env(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert started.returncode == 0, (started.stdout, started.stderr)
+        started = Cli(workspace, db_url)("runbook", LATENCY, "--run-id", "h2", "--mock-llm")
+        assert started.returncode == 0, started.describe()
         assert "Run h2 started; the serve process" in started.stdout, started.stdout
         assert "loom-ops status h2" in started.stdout
         assert "interrupted" not in started.stdout + started.stderr
@@ -138,15 +121,8 @@ def test_status_lists_the_live_processes_and_the_gone_ones(tmp_path: Path) -> No
     server = ServeProcess(workspace, db, free_port()).start()
 
     def status() -> dict:
-        done = subprocess.run(
-            [LOOM_OPS, "status", "--json", "--workspace", str(workspace), "--db", db],
-            cwd=workspace,
-            env=cli_env(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 0, (done.stdout, done.stderr)
+        done = Cli(workspace, db)("status", "--json")
+        assert done.returncode == 0, done.describe()
         return json.loads(done.stdout)
 
     try:
