@@ -1495,12 +1495,12 @@ def _check_start(settings: Settings, args: argparse.Namespace) -> None:
     """What `runbook`/`supervise` refuses anyway (the message, the policy, the runbook and
     its params, a live run from a guess), refused before the store exists."""
     from agent.policy.mock import MockPolicy
-    from agent.runbook.model import load_catalog
+    from agent.runbook.model import current_catalog
 
     validate_text("message", args.message, MAX_REQUEST_BYTES)
     if not args.message.strip():
         raise UsageError("message is empty")
-    catalog = load_catalog(settings.runbooks_dir)
+    catalog = current_catalog(settings.runbooks_dir)
     key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else ""
     if settings.mock_llm:
         MockPolicy().preflight(args.message, catalog)  # RequestError, ParamError: one line

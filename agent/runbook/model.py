@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import functools
 import json
+import os
 import re
 import shlex
 from collections.abc import Iterator, Mapping, Sequence
@@ -1286,10 +1287,29 @@ def read_yaml_mapping(
 def _parse_yaml(
     path: Path, text: str, shape: str, empty: object | None
 ) -> tuple[yaml.MappingNode, object]:
-    """Compose the node tree (marks, duplicate keys), then construct Python data from it."""
-    loader: _Loader | None = None
+    """Compose the node tree (marks, duplicate keys), then construct Python data from it.
+
+    libyaml parses (about ten times faster: every run start loads the catalog); a file it
+    refuses is parsed again by PyYAML's own parser, whose messages name what is wrong
+    ("found character '\\t'", "undefined alias 'db'") where libyaml's do not."""
     try:
-        loader = _Loader(text)  # the reader already refuses non-printable characters
+        try:
+            return _compose(path, text, shape, empty, _FastLoader)
+        except yaml.YAMLError as fast_error:
+            try:
+                _compose(path, text, shape, empty, _Loader)
+            except yaml.YAMLError as exc:
+                raise _yaml_error(path, text, exc) from None
+            raise _yaml_error(path, text, fast_error) from None  # (they disagree: libyaml's)
+    except RecursionError:
+        raise RunbookError(path, None, "", "YAML is nested too deeply") from None
+
+
+def _compose(
+    path: Path, text: str, shape: str, empty: object | None, loader_class: type[_Loader]
+) -> tuple[yaml.MappingNode, object]:
+    loader = loader_class(text)  # the reader already refuses non-printable characters
+    try:
         root = loader.get_single_node()
         if root is None:
             if empty is not None:
@@ -1300,29 +1320,31 @@ def _parse_yaml(
             raise RunbookError(path, line, "", f"top level must be a mapping ({shape})")
         _check_tree(path, root)
         return root, loader.construct_document(root)
-    except RunbookError:
-        raise
-    except yaml.YAMLError as exc:
-        raise _yaml_error(path, text, exc) from None
-    except RecursionError:
-        raise RunbookError(path, None, "", "YAML is nested too deeply") from None
     finally:
-        if loader is not None:
-            loader.dispose()
+        loader.dispose()
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader whose scalar conversion errors carry the node's line."""
+class _MarkedValues:
+    """A loader's scalar conversion errors carry the node's line."""
 
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         """Like SafeLoader's, but `!!int abc` or `!!timestamp 2024-13-01` become marked errors."""
         try:
-            return super().construct_object(node, deep=deep)
+            return super().construct_object(node, deep=deep)  # type: ignore[misc]
         except (ValueError, TypeError, OverflowError) as exc:
             # SafeConstructor lets int()/float()/datetime() errors escape without a mark.
             raise yaml.constructor.ConstructorError(
                 None, None, f"invalid value: {exc}", node.start_mark
             ) from None
+
+
+class _Loader(_MarkedValues, yaml.SafeLoader):
+    """PyYAML's pure-Python SafeLoader, with marked value errors."""
+
+
+# PyPI's wheels ship libyaml; without it the pure-Python parser does both jobs.
+class _FastLoader(_MarkedValues, getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """libyaml's SafeLoader, with marked value errors: the same marks and character rule."""
 
 
 @dataclass(frozen=True)
@@ -1373,6 +1395,32 @@ def load_catalog(directory: Path, render_templates: bool = False) -> RunbookCata
         runbooks[runbook.id] = runbook
         sources[runbook.id] = path
     return RunbookCatalog(runbooks, errors)
+
+
+# Catalogs kept by `current_catalog`, most recently used last: a process reads one workspace's
+# directory; a few more cost little, and the bound keeps a test process's memory flat.
+_CATALOGS: dict[Path, tuple[tuple[tuple[str, int, int], ...], RunbookCatalog]] = {}
+_CATALOGS_KEPT = 8
+
+
+def current_catalog(directory: Path) -> RunbookCatalog:
+    """`load_catalog(directory)`, read again only when a file in it changed (its name, size
+    or mtime): every run start asks for it, the CLI once before it opens the store and once
+    after."""
+    directory = Path(directory)
+    try:
+        with os.scandir(directory) as entries:  # one stat per file
+            stamp = tuple(
+                sorted((e.name, (st := e.stat()).st_mtime_ns, st.st_size) for e in entries)
+            )
+    except OSError:
+        stamp = ()
+    kept = _CATALOGS.pop(directory, None)
+    catalog = kept[1] if kept is not None and kept[0] == stamp else load_catalog(directory)
+    _CATALOGS[directory] = (stamp, catalog)
+    while len(_CATALOGS) > _CATALOGS_KEPT:
+        del _CATALOGS[next(iter(_CATALOGS))]
+    return catalog
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import contextvars
 import functools
 import hashlib
 import logging
-import os
 import re
 import secrets
 import time
@@ -140,8 +139,6 @@ class RunService:
         # decisions, and the workers, woken by the store, drive the runs.
         self.executes_runs = executes_runs
         self.settings = settings
-        self._catalog: RunbookCatalog | None = None
-        self._catalog_stamp: tuple[tuple[str, int, int], ...] = ()
         self._people: People | None = None
         self._people_stamp: tuple[int, int] | None = None
         # API token name -> its person's name, as last read from the store: token identities
@@ -223,19 +220,9 @@ class RunService:
 
     def catalog(self) -> RunbookCatalog:
         """The workspace's runbooks; re-read only when a file in runbooks/ changed."""
-        from agent.runbook.model import load_catalog
+        from agent.runbook.model import current_catalog
 
-        directory = self.settings.runbooks_dir
-        try:
-            with os.scandir(directory) as entries:  # one stat per file: this runs per start
-                stamp = tuple(
-                    sorted((e.name, (st := e.stat()).st_mtime_ns, st.st_size) for e in entries)
-                )
-        except OSError:
-            stamp = ()
-        if self._catalog is None or stamp != self._catalog_stamp:
-            self._catalog, self._catalog_stamp = load_catalog(directory), stamp
-        return self._catalog
+        return current_catalog(self.settings.runbooks_dir)
 
     def people(self) -> People:
         """Who is who (the people file, the approver settings and the API tokens last read

@@ -22,6 +22,7 @@ from agent.runbook.model import (
     MAX_FILE_BYTES,
     Runbook,
     RunbookCatalog,
+    current_catalog,
     load_catalog,
     load_runbook,
     render_command,
@@ -362,6 +363,26 @@ def test_error_yaml_syntax(tmp_path: Path) -> None:
     assert str(error).startswith(f"{tmp_path / 'rb.yaml'}:3: YAML syntax error")
 
 
+@pytest.mark.parametrize(
+    ("text", "line", "words"),
+    [
+        (
+            "id: x\nsteps:\n\t- id: a\n",
+            3,
+            "while scanning for the next token, found character '\\t' that cannot start any token",
+        ),
+        ("id: x\ntitle: a: b\n", 2, "mapping values are not allowed here"),
+        ("id: x\ntitle: *title\n", 2, "found undefined alias 'title'"),
+    ],
+)
+def test_a_yaml_error_names_what_is_wrong(tmp_path: Path, text: str, line: int, words: str) -> None:
+    """libyaml parses, but its messages leave out the tab or the alias: a refused file is
+    described in PyYAML's own words, at the same line."""
+    error = load_error(tmp_path, text)
+    assert (error.line, error.field) == (line, "")
+    assert error.message == f"YAML syntax error: {words}"
+
+
 def test_error_bad_slug_and_bad_param_name(tmp_path: Path) -> None:
     error = load_error(tmp_path, VALID.replace("- id: probe", "- id: Probe Step"))
     assert (error.line, error.field) == (31, "steps[2].id")
@@ -626,13 +647,15 @@ SCALARS = (
     | st.text(max_size=30)
     | st.sampled_from(["{{ nope }}", "{{ service }}", "http://x/", "required", "[", "!!"])
 )
-VALUES = st.recursive(
-    SCALARS,
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
-    ),
-    max_leaves=8,
-)
+
+
+def _containers(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    # A named function: Hypothesis reads a lambda split over lines as one that never
+    # recurses, and warns.
+    return st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+
+
+VALUES = st.recursive(SCALARS, _containers, max_leaves=8)
 KEYS = st.sampled_from(
     [
         "id",
@@ -1057,3 +1080,16 @@ async def test_the_services_catalog_follows_the_runbooks_directory(service: RunS
     assert service.catalog().get("added").title == "Edits"
     added.unlink()
     assert "added" not in service.catalog().runbooks
+
+
+async def test_a_catalog_is_parsed_once_per_process_while_its_files_stay_the_same(
+    service: RunService,
+) -> None:
+    """The CLI reads the catalog before it opens the store and the service again after:
+    both, and a second service on the same workspace, get the one parsed catalog."""
+    directory = service.settings.runbooks_dir
+    first = current_catalog(directory)
+    for other in range(10):  # other workspaces read meanwhile (a test process has many)
+        current_catalog(directory.parent / f"elsewhere-{other}")
+        assert current_catalog(directory) is first
+    assert service.catalog() is first
