@@ -869,6 +869,15 @@ class Settings(EnvSettings):
         return self.workspace / "runbooks"
 
     @property
+    def live_switches(self) -> list[str]:
+        """The settings that let a run act on the world (empty: every run is a dry run)."""
+        switches = (
+            ("LOOM_OPS_ALLOW_SHELL=1", self.allow_shell),
+            ("LOOM_OPS_ALLOW_MCP=1", self.allow_mcp),
+        )
+        return [name for name, on in switches if on]
+
+    @property
     def people_path(self) -> Path:
         """The people file in force (it need not exist unless LOOM_OPS_PEOPLE_FILE names it)."""
         return self.people_file or self.workspace / "people.yaml"

@@ -47,7 +47,7 @@ from agent.records import (
     RunRecord,
     RunStatus,
 )
-from agent.runbook.request import MAX_REQUEST_BYTES, parse_request
+from agent.runbook.request import MAX_REQUEST_BYTES
 from agent.service.runs import (
     NO_POLICY,
     PROCESS_LIVE_WITHIN,
@@ -568,7 +568,11 @@ async def _cmd_runbook(service: RunService, args: argparse.Namespace) -> int:
             print(f"Run id: {run_id}", flush=True)
     drivers = await _drivers(service)
     run = await service.start(
-        run_id, args.message, role=role, requested_by=_cli_user(service, None)
+        run_id,
+        args.message,
+        role=role,
+        requested_by=_cli_user(service, None),
+        guess_confirmed=args.yes,
     )
     if args.trace:
         await _write_trace(service, run.id, args.trace)
@@ -1512,45 +1516,20 @@ def _check_start(settings: Settings, args: argparse.Namespace) -> None:
 def _refuse_live_guess(
     settings: Settings, args: argparse.Namespace, catalog: RunbookCatalog
 ) -> None:
-    """A live run (LOOM_OPS_ALLOW_SHELL=1 or LOOM_OPS_ALLOW_MCP=1) starts only from a runbook
-    the message names (its id first, or runbook=<id>) or with --yes: a runbook matched from
-    an incident's words, with its defaults (namespace=production...), is a guess, and a guess
-    must not run kubectl unasked."""
-    from agent.runbook.matching import exact_runbook, match_runbook
+    """The service's rule (a live run starts only from a runbook the message names, or with
+    --yes), checked before the store exists and said with the command line that runs exactly
+    the guess."""
+    from agent.runbook.matching import live_guess_refusal
 
-    live = [
-        name
-        for name, on in (
-            ("LOOM_OPS_ALLOW_SHELL=1", settings.allow_shell),
-            ("LOOM_OPS_ALLOW_MCP=1", settings.allow_mcp),
-        )
-        if on
-    ]
-    if not live or args.yes:
-        return
-    parsed = parse_request(args.message)
-    if exact_runbook(catalog, parsed) is not None:
-        return
-    said = f"{' '.join(args.message.split())[:60]!r}"
-    guess = match_runbook(catalog, parsed.text or args.message)
-    if guess is None:
-        known = ", ".join(sorted(catalog.runbooks)) or "none"
-        raise UsageError(
-            f"not starting a live run ({', '.join(live)}): {said} names no runbook; put a "
-            f"runbook id first (known: {known}), or add --yes to let the policy choose"
-        )
-    params = guess.resolve_params(parsed.params)
-    words = [guess.id, *(f"{k}={_param_text(v)}" for k, v in params.items())]
-    named = " ".join(shlex.quote(word) for word in words)
-    raise UsageError(
-        f"not starting a live run ({', '.join(live)}) from a guess: {said} matched runbook "
-        f"{guess.id} with {' '.join(words[1:]) or 'no params'}; to run exactly that: "
-        f"{_retyped(args, named)} (or add --yes)"
+    refused = (
+        None if args.yes else live_guess_refusal(settings.live_switches, catalog, args.message)
     )
-
-
-def _param_text(value: object) -> str:
-    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+    if refused is None:
+        return
+    why, guess = refused
+    if guess.runbook is None:
+        raise UsageError(f"{why}; put a runbook id first, or add --yes to let the policy choose")
+    raise UsageError(f"{why}; to run exactly that: {_retyped(args, guess.named())} (or add --yes)")
 
 
 def _retyped(args: argparse.Namespace, message: str) -> str:

@@ -101,7 +101,8 @@ def _text_within(limit: int) -> Callable[[str | None], str | None]:
 
 
 class StartRun(BaseModel):
-    """What starts a run: the incident message, optionally its id and a step budget."""
+    """What starts a run: the incident message, optionally its id, a step budget, and
+    whether a live run may start from the runbook its words match."""
 
     # A field this API does not know is a mistake to say, not to ignore: `{"skip": true}` on
     # an older server would otherwise run a step again that the client meant to skip.
@@ -116,6 +117,15 @@ class StartRun(BaseModel):
     max_steps: int | None = Field(None, ge=1, le=100_000)
     role: Literal["supervisor", "runbook"] = Field(
         "supervisor", description="supervisor: the planner/executor/verifier team"
+    )
+    yes: bool = Field(
+        False,
+        description=(
+            "With a live switch on (LOOM_OPS_ALLOW_SHELL=1, LOOM_OPS_ALLOW_MCP=1), start from "
+            "the runbook the message's words match; without it a live run starts only from a "
+            "runbook the message names (its id first, or runbook=<id>), else 422. Dry runs "
+            "ignore it."
+        ),
     )
 
 
@@ -332,6 +342,7 @@ def create_app(service: RunService, bind_host: str | None = None) -> FastAPI:
             max_steps=body.max_steps,
             wait=False,
             capped=True,
+            guess_confirmed=body.yes,
         )
 
     @app.post("/runs", status_code=201, dependencies=guarded, responses=starts)

@@ -1,15 +1,18 @@
 """Which runbook a request means: the one it names outright, or the best match of its words
 against each runbook's id, triggers and title. Pure functions of the catalog and the request:
-the mock policy plans with them, the CLI and the chat use them to say what a request will run
-before anything starts."""
+the mock policy plans with them, the service, the CLI and the chat use them to say what a
+request will run before anything starts."""
 
 from __future__ import annotations
 
 import re
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from agent.errors import RequestError
 from agent.runbook.model import Runbook, RunbookCatalog
-from agent.runbook.request import ParsedRequest
+from agent.runbook.request import ParsedRequest, parse_request
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -54,6 +57,67 @@ def exact_runbook(catalog: RunbookCatalog, parsed: ParsedRequest) -> Runbook | N
         return catalog.runbooks.get(parsed.runbook)
     words = parsed.text.split(maxsplit=1)
     return catalog.runbooks.get(words[0]) if words else None
+
+
+@dataclass(frozen=True)
+class Guess:
+    """What a request that names no runbook would run: the runbook its words match best (None
+    when none does), with its params resolved (the defaults filled in)."""
+
+    runbook: Runbook | None
+    params: dict[str, str | int | bool]
+
+    def named(self) -> str:
+        """The request that names exactly this guess: the runbook's id, then every param."""
+        assert self.runbook is not None
+        return " ".join(shlex.quote(word) for word in [self.runbook.id, *self._param_words()])
+
+    def params_text(self) -> str:
+        """The params as `key=value` words, or "no params"."""
+        return " ".join(self._param_words()) or "no params"
+
+    def _param_words(self) -> list[str]:
+        return [f"{k}={_param_text(v)}" for k, v in self.params.items()]
+
+
+def guess_of(catalog: RunbookCatalog, request: str) -> Guess | None:
+    """None when the request names a runbook of the catalog outright; else what a start from
+    its words would guess. A live run never starts from a guess unless a person confirmed it
+    (ParamError, a ValueError, for params the guessed runbook refuses)."""
+    parsed = parse_request(request)
+    if exact_runbook(catalog, parsed) is not None:
+        return None
+    runbook = match_runbook(catalog, parsed.text or request)
+    if runbook is None:
+        return Guess(None, {})
+    return Guess(runbook, runbook.resolve_params(parsed.params))
+
+
+def live_guess_refusal(
+    live: Sequence[str], catalog: RunbookCatalog, request: str
+) -> tuple[str, Guess] | None:
+    """With a live switch on (`live`, the settings that make it so) and a request that names
+    no runbook: why the start is refused, in front-end-neutral words (a front end adds how to
+    name the runbook or confirm the guess in its own terms), and the guess; else None."""
+    guess = guess_of(catalog, request) if live else None
+    if guess is None:
+        return None
+    said = f"{' '.join(request.split())[:60]!r}"
+    if guess.runbook is None:
+        known = ", ".join(sorted(catalog.runbooks)) or "none"
+        why = (
+            f"not starting a live run ({', '.join(live)}): {said} names no runbook (known: {known})"
+        )
+    else:
+        why = (
+            f"not starting a live run ({', '.join(live)}) from a guess: {said} matched runbook "
+            f"{guess.runbook.id} with {guess.params_text()}"
+        )
+    return why, guess
+
+
+def _param_text(value: object) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
 def choose_runbook(catalog: RunbookCatalog, parsed: ParsedRequest, request: str) -> Runbook:

@@ -124,6 +124,26 @@ class DecisionResult:
         return [vote.decided_by for vote in self.votes]
 
 
+def _refuse_live_guess(live: list[str], catalog: RunbookCatalog, message: str) -> None:
+    """With a live switch on, refuse a message that names no runbook (ServiceError): the
+    runbook its words match, with defaults such as namespace=production, is a guess, and a
+    guess must not run kubectl unasked."""
+    from agent.runbook.matching import live_guess_refusal
+
+    refused = live_guess_refusal(live, catalog, message)
+    if refused is None:
+        return
+    why, guess = refused
+    how = (
+        f"to run exactly that, make the message {guess.named()!r}"
+        if guess.runbook
+        else "put a runbook id first"
+    )
+    raise ServiceError(
+        f"{why}; {how}, or confirm the guess (the API's \"yes\": true, the CLI's --yes)"
+    )
+
+
 class RunService:
     """Start, resume, decide, cancel, list and explain runs over one store."""
 
@@ -282,11 +302,14 @@ class RunService:
         max_steps: int | None = None,
         wait: bool = True,
         capped: bool = False,
+        guess_confirmed: bool = False,
     ) -> RunRecord:
         """Create a run and drive it (in this task when `wait`, else in the background).
 
         `capped` (the API's and the chat's starts) refuses with TooManyRuns while
-        LOOM_OPS_MAX_ACTIVE_RUNS incidents are active."""
+        LOOM_OPS_MAX_ACTIVE_RUNS incidents are active. A live run starts only from a runbook
+        the message names, unless `guess_confirmed` (the CLI's --yes, the API's `yes`): a
+        person let it run the runbook the message's words match."""
         validate_run_id(run_id)
         validate_text("message", message, MAX_REQUEST_BYTES)
         if not message.strip():
@@ -301,8 +324,11 @@ class RunService:
             raise ServiceError(str(exc)) from None
         if self._policy is None:
             raise ServiceError(NO_POLICY)
+        catalog = self.catalog()
         try:
-            self._policy.preflight(message, self.catalog())
+            self._policy.preflight(message, catalog)
+            if not guess_confirmed:
+                _refuse_live_guess(self.settings.live_switches, catalog, message)
         except ValueError as exc:  # RequestError, ParamError: the store stays unchanged
             raise ServiceError(str(exc)) from None
         requested_by = requested_by or f"cli:{self.settings.user}"

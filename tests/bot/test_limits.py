@@ -179,7 +179,7 @@ async def test_a_run_in_chat_is_refused_while_the_active_run_cap_is_reached(
     allow(workspace, "append.py", "slow", "60")
     capped = settings.model_copy(update={"max_active_runs": 1, "allow_shell": True})
     async with chat_bench(capped) as (standin, service):
-        await service.start("slow", "slow drill", role="runbook", wait=False)
+        await service.start("slow", "slow-drill", role="runbook", wait=False)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 15
         while lines(workspace) != ["slow"]:

@@ -667,7 +667,7 @@ async def test_an_auto_start_over_the_active_run_cap_is_proposed_with_the_reason
     allow(workspace, "append.py", "slow", "60")
     one = alert_settings(settings, max_active_runs=1, allow_shell=True)
     async with served(one) as app:
-        body = {"message": "slow drill", "run_id": "busy", "role": "runbook"}
+        body = {"message": "slow-drill", "run_id": "busy", "role": "runbook"}
         assert (await app.client.post("/runs", json=body)).status_code == 201
         await wait_for_run(app.client, "busy", lambda r: lines(workspace) == ["slow"])
         answer = await _post(

@@ -529,20 +529,42 @@ async def test_max_active_runs_then_429_with_retry_after(
     allow(workspace, "append.py", "slow", "60")
     one = settings.model_copy(update={"max_active_runs": 1, "allow_shell": True})
     async with served(one) as s:
-        body = {"message": "slow drill", "run_id": "a", "role": "runbook"}
+        body = {"message": "slow-drill", "run_id": "a", "role": "runbook"}
         assert (await s.client.post("/runs", json=body)).status_code == 201
         await wait_for_run(s.client, "a", lambda r: lines(workspace) == ["slow"])
         assert (await s.client.get("/runs/a")).json()["status"] == "running"
         for path in ("/runs", "/supervise", "/runbook"):
-            response = await s.client.post(path, json={"message": DISK, "run_id": "b"})
+            response = await s.client.post(path, json={"message": DISK, "run_id": "b", "yes": True})
             assert "active" in assert_error(response, 429)
             assert int(response.headers["retry-after"]) > 0
         assert "b" not in {r.id for r in await s.service.store.list_runs()}
 
         # Once it is over (cancelled here), the slot is free again.
         assert (await s.client.post("/runs/a/cancel")).json()["status"] == "cancelled"
-        response = await s.client.post("/runs", json={"message": DISK, "run_id": "b"})
+        response = await s.client.post("/runs", json={"message": DISK, "run_id": "b", "yes": True})
         assert response.status_code == 201, response.text
+
+
+async def test_a_live_start_names_its_runbook_or_confirms_the_guess(settings: Settings) -> None:
+    """With a live switch on, a message that only describes the incident is a 422 naming the
+    runbook it matched and the message that runs exactly that, and nothing is stored; the
+    runbook's id first, or `"yes": true`, starts it. (The CLI's --yes, the chat's card.)"""
+    live = settings.model_copy(update={"allow_shell": True})
+    async with served(live) as s:
+        for path in ("/runs", "/supervise", "/runbook"):
+            error = assert_error(await s.client.post(path, json={"message": DISK}), 422)
+            assert "LOOM_OPS_ALLOW_SHELL=1" in error and "from a guess" in error
+            assert "matched runbook disk-almost-full" in error
+            assert "make the message 'disk-almost-full" in error and '"yes": true' in error
+        assert await s.service.store.list_runs() == []
+
+        named = {"message": "disk-almost-full", "run_id": "named", "role": "runbook"}
+        confirmed = {"message": DISK, "run_id": "confirmed", "role": "runbook", "yes": True}
+        for body in (named, confirmed):
+            response = await s.client.post("/runs", json=body)
+            assert response.status_code == 201, response.text
+            assert response.json()["run_id"] == body["run_id"]
+            await s.client.post(f"/runs/{body['run_id']}/cancel")
 
 
 async def test_concurrent_starts_cannot_exceed_max_active_runs(
@@ -557,7 +579,7 @@ async def test_concurrent_starts_cannot_exceed_max_active_runs(
         answers = await asyncio.gather(
             *(
                 s.client.post(
-                    "/runs", json={"message": "slow drill", "run_id": f"r{n}", "role": "runbook"}
+                    "/runs", json={"message": "slow-drill", "run_id": f"r{n}", "role": "runbook"}
                 )
                 for n in range(6)
             )
@@ -836,7 +858,7 @@ def test_a_restarted_server_resumes_a_run_its_killed_predecessor_left(
     server.start(LOOM_OPS_FAILPOINT="after_outcome:4")
     try:
         with httpx.Client(base_url=server.url, timeout=10) as c:
-            body = {"message": "crash drill", "run_id": "drill", "role": "runbook"}
+            body = {"message": "crash-drill", "run_id": "drill", "role": "runbook"}
             assert c.post("/runs", json=body).status_code == 201
             # The run and its request are read one after the other: wait for both to show.
             run = poll_run(

@@ -457,7 +457,7 @@ async def test_three_workers_share_the_runs_and_survive_a_sigkill(
             async with recording_service(workspace, db) as service:
                 operator = Operator(service, db, workspace)
                 for run_id in run_ids:
-                    run = await service.start(run_id, f"crash drill tag={run_id}")
+                    run = await service.start(run_id, f"crash-drill tag={run_id}")
                     assert run.status in ("queued", "running", "waiting_approval"), run
 
                 victim: WorkerProc | None = None
@@ -600,7 +600,7 @@ async def test_one_worker_drives_a_recorded_run_on_sqlite(tmp_path: Path) -> Non
     with worker_pool(1, workspace, db, logs, concurrency=2, ttl=10.0) as workers:
         (worker,) = workers
         async with recording_service(workspace, db) as service:
-            run = await service.start("w001", "crash drill tag=w001")
+            run = await service.start("w001", "crash-drill tag=w001")
             assert run.status == "queued"  # recorded only: this process drives nothing
 
             def wait_for(status: str) -> None:
@@ -714,7 +714,7 @@ async def test_the_api_without_a_worker_records_and_a_worker_drives(
     try:
         async with httpx.AsyncClient(base_url=api.url, timeout=10) as client:
             created = await client.post(
-                "/runs", json={"message": "crash drill tag=w901", "run_id": "api-1"}
+                "/runs", json={"message": "crash-drill tag=w901", "run_id": "api-1"}
             )
             assert created.status_code == 201, created.text
             await asyncio.sleep(1.5)  # a front end that drove runs would have claimed it by now
@@ -771,7 +771,7 @@ async def test_a_worker_frozen_between_intent_and_spawn_starts_nothing_once_it_l
         try:
             await_ready([frozen])
             async with recording_service(workspace, db) as service:
-                await service.start("stall", "crash drill")
+                await service.start("stall", "crash-drill")
                 deadline = time.monotonic() + 30
                 while _process_state(frozen.proc.pid) != "T":
                     assert time.monotonic() < deadline, frozen.tail()

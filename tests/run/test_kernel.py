@@ -152,7 +152,7 @@ async def test_the_gate_holds_whatever_the_policy_says(settings: Settings, works
         ]
     )
     async with open_service(settings.model_copy(update={"allow_shell": True}), policy) as service:
-        run = await service.start("rogue", "crash drill")
+        run = await service.start("rogue", "crash-drill")
 
         assert run.status == RunStatus.FAILED
         assert run.error == "the kernel would not let me"
@@ -181,7 +181,7 @@ async def test_one_approval_runs_a_gated_step_once(settings: Settings, workspace
     ]
     live = settings.model_copy(update={"allow_shell": True})
     async with open_service(live, ScriptedPolicy(script)) as service:
-        run = await service.start("again", "crash drill")
+        run = await service.start("again", "crash-drill")
         assert run.status == RunStatus.WAITING_APPROVAL
         await service.decide("again", Decision.APPROVE, "cli:approver")
 
@@ -217,7 +217,7 @@ async def test_a_bad_call_is_an_observation_not_a_crash(
         ]
     )
     async with open_service(settings.model_copy(update={"allow_shell": True}), policy) as service:
-        run = await service.start("bad", "crash drill")
+        run = await service.start("bad", "crash-drill")
 
         # The kernel went on with the next call; the model's "succeeded" does not make the
         # run succeed with three of its four steps never run.
@@ -242,7 +242,7 @@ async def test_a_step_before_any_runbook_is_refused(settings: Settings) -> None:
     """Executing a step with no runbook pinned is refused and the policy is told why."""
     policy = ScriptedPolicy([turn(call("execute_step", step_id="append-one"))])
     async with open_service(settings, policy) as service:
-        run = await service.start("early", "crash drill")
+        run = await service.start("early", "crash-drill")
         records = await service.store.list_tool_calls("early")
         assert [(r.tool, r.status) for r in records] == [("execute_step", "refused")]
         assert records[0].outcome is not None
@@ -429,7 +429,7 @@ async def test_a_failing_command_is_an_outcome_and_is_retried(
 ) -> None:
     """Exit code 3 is an error outcome; `retries: 2` means three attempts; a readable end."""
     async with open_service(live) as service:
-        run = await service.start("fail", "live drill mode=fail")
+        run = await service.start("fail", "live-drill mode=fail")
 
         assert run.status == RunStatus.FAILED
         assert run.error == "Live drill: step act failed (exit code 3)"
@@ -448,7 +448,7 @@ async def test_a_failing_command_is_an_outcome_and_is_retried(
 async def test_a_denied_command_never_runs(live: Settings, workspace: Path) -> None:
     """A command the allowlist does not admit is an outcome `denied`; nothing is executed."""
     async with open_service(live) as service:
-        run = await service.start("deny", "deny drill")
+        run = await service.start("deny", "deny-drill")
 
         assert run.status == RunStatus.FAILED
         assert run.error is not None and "command denied" in run.error
@@ -469,7 +469,7 @@ async def test_secrets_never_reach_the_database(live: Settings, workspace: Path)
     async with open_service(live) as service:
         run = await service.start(
             "leak",
-            "live drill mode=leak (password=hunter2secret)",
+            "live-drill mode=leak (password=hunter2secret)",
             origin=Origin(kind="telegram", chat_id=42),
         )
         assert run.status == RunStatus.WAITING_APPROVAL
@@ -516,7 +516,7 @@ async def test_a_secret_in_an_argument_key_never_reaches_the_journal(settings: S
         final("failed", "done"),
     ]
     async with open_service(settings, ScriptedPolicy(script)) as service:
-        await service.start("keyleak", "crash drill")
+        await service.start("keyleak", "crash-drill")
     dumped = table_text(settings.db, JOURNAL_TABLES)
     leaked = [table for table, text in dumped.items() if GITHUB_TOKEN in text]
     assert leaked == []
@@ -599,7 +599,7 @@ async def test_a_takeover_mid_turn_reuses_the_journaled_turn(
     ]
     first, second = ScriptedPolicy(script), ScriptedPolicy(script)
     async with open_service(live, first) as a, open_service(live, second) as b:
-        driving = asyncio.create_task(a.start("mid", "slow drill"))
+        driving = asyncio.create_task(a.start("mid", "slow-drill"))
         deadline = time.monotonic() + 10
         while "slow" not in lines(workspace):
             assert time.monotonic() < deadline and not driving.done()

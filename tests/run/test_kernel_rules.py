@@ -111,7 +111,7 @@ def _llm(
 async def _run(settings: Settings, workspace: Path, script: list[dict], run_id: str) -> RunService:
     with serve(script) as stand_in:
         service = await RunService.open(_llm(settings, workspace, stand_in.base_url))
-        await service.start(run_id, "incident: rules drill")
+        await service.start(run_id, "rules-drill")
         return service
 
 
@@ -142,7 +142,7 @@ async def test_a_claim_of_success_after_a_failed_check_fails_the_run(
         llm = _llm(settings, workspace, stand_in.base_url, SCALES_FINE, live_checks=True)
         service = await RunService.open(llm)
         try:
-            run = await service.start("check", "incident: rules drill")
+            run = await service.start("check", "rules-drill")
             assert run.status == RunStatus.WAITING_APPROVAL
             stand_in.script.extend(
                 [_step("execute_step", "scale"), _step("check_health", "verify")]
@@ -191,7 +191,7 @@ async def test_one_approval_covers_one_attempt_whatever_its_result(
     with serve(list(TO_THE_GATE)) as stand_in:
         service = await RunService.open(_llm(settings, workspace, stand_in.base_url))
         try:
-            run = await service.start("gated", "incident: rules drill")
+            run = await service.start("gated", "rules-drill")
             assert run.status == RunStatus.WAITING_APPROVAL
             stand_in.script.extend([_step("execute_step", "scale")] * 5)
             stand_in.script.append(tool_reply(("await_approval", {"step_id": "scale"})))
@@ -224,7 +224,7 @@ async def test_a_completed_gated_step_is_not_run_or_approved_again(
         scale = EFFECT_THEN_FAIL.replace("sys.exit(1)", "sys.exit(0)")
         service = await RunService.open(_llm(settings, workspace, stand_in.base_url, scale))
         try:
-            await service.start("done", "incident: rules drill")
+            await service.start("done", "rules-drill")
             stand_in.script.append(_step("execute_step", "scale"))
             stand_in.script.append(tool_reply(("await_approval", {"step_id": "scale"})))
             stand_in.script.extend([_step("execute_step", "scale")] * 33)
@@ -290,7 +290,7 @@ async def test_a_run_succeeds_when_every_required_step_did_and_optional_ones_may
     with serve(list(TO_THE_GATE)) as stand_in:
         service = await RunService.open(_llm(settings, workspace, stand_in.base_url, SCALES_FINE))
         try:
-            await service.start("ok", "incident: rules drill")
+            await service.start("ok", "rules-drill")
             stand_in.script.extend(
                 [_step("execute_step", "scale"), _step("check_health", "verify")]
             )
@@ -368,7 +368,7 @@ async def test_a_second_executor_does_not_run_a_completed_step_again(
         }
     )
     async with open_service(_once_settings(settings, workspace), policy) as service:
-        run = await service.start("tree", "once drill", role="supervisor")
+        run = await service.start("tree", "once-drill", role="supervisor")
         children = await service.store.child_runs("tree")
         later = await service.store.list_tool_calls("tree:sub:executor-3")
         text = render_summary(summary_of(await service.run_tree("tree")))
@@ -401,7 +401,7 @@ async def test_a_failed_executor_fails_its_supervisor_whatever_follows(
     )
     (workspace / "append.py").write_text("import sys; sys.exit(1)\n")  # act fails, no line
     async with open_service(_once_settings(settings, workspace), policy) as service:
-        run = await service.start("tree", "once drill", role="supervisor")
+        run = await service.start("tree", "once-drill", role="supervisor")
         statuses = [c.status for c in await service.store.child_runs("tree")]
     assert statuses == ["succeeded", "failed", "failed"]
     assert run.status == RunStatus.FAILED
@@ -425,7 +425,7 @@ async def test_retries_bound_idempotent_actions_but_not_polled_checks(
         ]
     )
     async with open_service(_once_settings(settings, workspace), policy) as service:
-        run = await service.start("bounded", "once drill")
+        run = await service.start("bounded", "once-drill")
         calls = await service.store.list_tool_calls("bounded")
     assert lines(workspace) == ["act", "again"]
     again = [c for c in calls if c.step_id == "again"]
@@ -444,7 +444,7 @@ async def test_a_dry_run_run_stays_dry_when_a_live_process_approves_it(
     """Started without LOOM_OPS_ALLOW_SHELL, approved by a process that has it: the gated
     command is still only shown, never run."""
     async with open_service(settings) as dry:
-        run = await dry.start("dry", "crash drill")
+        run = await dry.start("dry", "crash-drill")
         assert run.status == RunStatus.WAITING_APPROVAL
         pending = await dry.pending_approval("dry")
         assert pending is not None and pending.mode == "dry-run"
@@ -465,7 +465,7 @@ async def test_a_live_run_waits_rather_than_finish_dry_in_a_process_that_may_not
     finished as a dry run; it waits, saying why, and a process allowed to act goes on live."""
     live = settings.model_copy(update={"allow_shell": True})
     async with open_service(live) as starter:
-        run = await starter.start("live", "crash drill")
+        run = await starter.start("live", "crash-drill")
         assert run.status == RunStatus.WAITING_APPROVAL
         assert lines(workspace) == ["one"]
     async with open_service(settings) as dry:

@@ -66,7 +66,7 @@ async def _run(settings: Settings, live: bool = True) -> tuple[RunStatus, dict, 
     configured = settings.model_copy(update={"allow_mcp": live, "live_checks": live})
     service = await RunService.open(configured)
     try:
-        run = await service.start("m", "mcp drill")
+        run = await service.start("m", "mcp-drill")
         calls = {c.step_id: c for c in await service.store.list_tool_calls("m") if c.step_id}
         act = calls["act"].outcome or {}
         probe = (calls["probe"].outcome or {}) if "probe" in calls else {}
@@ -446,7 +446,7 @@ async def test_a_dry_run_step_shows_the_server_the_tool_and_the_arguments(
     _workspace(workspace, "restart_service", '{service: "{{ service }}"}')
     service = await RunService.open(settings)
     try:
-        await service.start("m", "mcp drill")
+        await service.start("m", "mcp-drill")
         steps = {
             step.step_id: step.detail for step in summary_of(await service.run_tree("m")).steps
         }

@@ -252,7 +252,7 @@ async def test_live_mcp_calls_are_counted_and_timed(settings: Settings, workspac
     (workspace / "ops.mcp.json").write_text(json.dumps(config))
     live = settings.model_copy(update={"allow_mcp": True, "live_checks": True})
     async with open_service(live) as service:
-        assert (await service.start("m", "mcp drill")).status == RunStatus.SUCCEEDED
+        assert (await service.start("m", "mcp-drill")).status == RunStatus.SUCCEEDED
         values = samples(render_metrics(await service.metrics()).decode())
 
     assert values['loom_ops_mcp_calls_total{mode="live",status="ok"}'] == 2

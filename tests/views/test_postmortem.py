@@ -107,7 +107,7 @@ async def test_a_failed_live_step_quotes_its_error_output_first(
     (workspace / "fail.py").write_text(FAIL_SCRIPT)
     allow(workspace, "fail.py")
     async with open_service(settings.model_copy(update={"allow_shell": True})) as service:
-        await service.start("fx", "failing fix", role="runbook", wait=False)
+        await service.start("fx", "failing-fix", role="runbook", wait=False)
         await finished(service, "fx", Decision.APPROVE)
         draft = postmortem_of(await service.run_tree("fx", calls=False, events=True))
     block = draft.split("### 1. `fix`: error", 1)[1].split("```")[1]
