@@ -631,6 +631,16 @@ class Settings(EnvSettings):
         default_factory=list, description="Extra regexes whose matches are redacted."
     )
     lease_ttl: float = Field(30.0, gt=0, description="Seconds a run's lease lasts without beat.")
+    drain_seconds: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description=(
+            "On SIGTERM/SIGINT, how long a worker or serve lets the steps in flight finish "
+            "(their outcomes kept) before it hands their runs back; a step still running then "
+            "is in doubt for a person to decide. Keep the stop timeout above it."
+        ),
+    )
     memory_max_lines: int = Field(200, ge=1, description="Lines kept in the workspace memory.")
     failpoint: str | None = Field(
         None, description="Test hook: '<point>:<n>' kills the process with SIGKILL there."

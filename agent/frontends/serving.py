@@ -146,6 +146,7 @@ async def serve(
     `executes_runs` the front ends only record; `loom-ops worker` processes drive runs."""
     _service_logging()
     stop = _stop_on_signals(stop)
+    code = 0
     service = await RunService.open(settings, executes_runs=executes_runs)
     try:
         service.prepare()
@@ -172,10 +173,11 @@ async def serve(
             if telegram is None:
                 await stop.wait()
             else:
-                return await _serve_bot(service, telegram, stop)
+                code = await _serve_bot(service, telegram, stop)
+            await service.drain(settings.drain_seconds)  # the steps in flight end first
     finally:
         await service.close()
-    return 0
+    return code
 
 
 async def _serve_bot(service: RunService, telegram: TelegramConfig, stop: asyncio.Event) -> int:

@@ -102,6 +102,8 @@ async def run_worker(
             failure = results[0]
             if isinstance(failure, Exception):
                 raise failure
+            # Claiming no more, still registered as live: the steps in flight end first.
+            await service.drain(settings.drain_seconds)
     finally:
-        await service.close()  # drives in flight hand their runs back (queued, announced)
+        await service.close()  # drives still going hand their runs back (queued, announced)
     return 0

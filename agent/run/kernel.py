@@ -99,6 +99,10 @@ class _Wait(Exception):
     """The run is parked (waiting for a human); the loop ends without finishing the run."""
 
 
+class _HandBack(Exception):
+    """This process is stopping: the loop ends between two calls and the run goes back."""
+
+
 class _Finish(Exception):
     """The run must end now with this status and message."""
 
@@ -142,6 +146,8 @@ class RunKernel:
             else f"this host ({socket.gethostname()})"
         )
         self._loops: dict[str, asyncio.Task[None]] = {}
+        # Set when this process stops: each loop hands its run back at its next step boundary.
+        self.draining = False
 
     async def drive(self, run_id: str, claim: Claim | None = None) -> RunRecord:
         """Claim the run's lease (unless this process holds `claim` on it already, a worker's
@@ -177,6 +183,11 @@ class RunKernel:
                 raise
             log.info("stopped driving %s: the run was cancelled or taken over", run_id)
             await self._abandon(run_id, drive, loop.in_flight)
+        except _HandBack:
+            # Between two calls: the last one's outcome goes with the run, so whoever drives
+            # it next goes on from there, asking nobody whether a step ran.
+            log.info("handed %s back: this process is stopping", run_id)
+            await drive.release()
         except LeaseLost as exc:
             log.info("stopped driving %s: %s", run_id, exc)
             await self._abandon(run_id, drive, loop.in_flight)
@@ -278,6 +289,7 @@ class _RunLoop:
         fresh_turn = at_start  # True once we know no journaled answer exists for this turn
         try:
             while True:
+                self._stop_if_draining()
                 decision, pending = await self._decision(fresh_turn)
                 await self._execute_calls(decision, pending, fresh_turn)
                 if decision.final is not None or not decision.calls:
@@ -366,6 +378,7 @@ class _RunLoop:
         while self.state.call < len(decision.calls):
             if self.keeper is not None and self.keeper.lost:
                 raise LeaseLost(f"lease of run {self.run_id} lost")
+            self._stop_if_draining()
             call = decision.calls[self.state.call]
             key = call_key(self.run_id, self.state.turn, self.state.call)
             existing = None if fresh_turn or pending else await self.store.get_tool_call(key)
@@ -504,6 +517,12 @@ class _RunLoop:
             # line counts the attempt from the journal when the run is driven again.
             state = self.steps.get(step_id, StepState())
             self.steps[step_id] = after_call(state, result.status, 1, outcome)
+
+    def _stop_if_draining(self) -> None:
+        """Between two calls (nothing in flight, the last outcome known): stop if the
+        process is stopping."""
+        if self.k.draining:
+            raise _HandBack
 
     def _before_effect(self) -> None:
         self.k.failpoints.reached("before_effect")

@@ -191,6 +191,28 @@ class RunService:
             await store.close()
             raise
 
+    async def drain(self, grace: float) -> None:
+        """Stop driving runs, gently: no drive starts any more, and each one hands its run
+        back at its next step boundary (a call in flight runs to its end, and its outcome is
+        kept), waiting at most `grace` seconds for them. `close` then stops what is left at
+        once: a call still in flight is in doubt for whoever drives its run next."""
+        self.executes_runs = False
+        if "kernel" in self.__dict__:  # built, so it may be driving
+            self.kernel.draining = True
+        going = [task for task in self._drives.values() if not task.done()]
+        if not going:
+            return
+        log.warning(
+            "stopping: %d run(s) go back once their step in flight ends, within %g s "
+            "(LOOM_OPS_DRAIN_SECONDS)",
+            len(going),
+            grace,
+        )
+        if grace > 0:
+            await asyncio.wait(going, timeout=grace)
+        if left := sum(not task.done() for task in going):
+            log.warning("stopping: %d run(s) still in a step: handed back, the step in doubt", left)
+
     async def close(self) -> None:
         """Stop this process's drives (their runs go back to the queue), then close the store."""
         drives: list[asyncio.Task[Any]] = [*self._drives.values(), *self._side_tasks]
@@ -416,7 +438,7 @@ class RunService:
     async def _drive_tree(self, run_id: str, claim: Claim | None = None) -> RunRecord:
         """Drive a run; drive the children it waits for; when it ends, wake its parent."""
         run = await self.kernel.drive(run_id, claim)
-        while run.status == RunStatus.WAITING_CHILDREN:
+        while run.status == RunStatus.WAITING_CHILDREN and self.executes_runs:
             runnable = [
                 child.id
                 for child in await self.store.child_runs(run_id)

@@ -619,3 +619,15 @@ def test_dockerfile_build_commands_work_in_a_fresh_venv(tmp_path):
         [str(venv / "bin" / "loom-ops"), "--help"], cwd=tmp_path, capture_output=True, text=True
     )
     assert result.returncode == 0 and "usage: loom-ops" in result.stdout, result.stderr
+
+
+def test_a_workers_stop_timeout_outlasts_its_drain():
+    """systemd and Compose kill a worker that has not stopped in time: they must wait longer
+    than it lets its steps in flight end (LOOM_OPS_DRAIN_SECONDS), with time to hand the runs
+    back after, or every rolling restart leaves those steps in doubt."""
+    drain = Settings.model_fields["drain_seconds"].default
+    unit = one(parse_unit(SYSTEMD / "loom-ops-worker@.service"), "Service", "TimeoutStopSec")
+    grace = compose()["services"]["worker"]["stop_grace_period"]
+    for where, timeout in (("systemd TimeoutStopSec", unit), ("compose stop_grace_period", grace)):
+        assert re.fullmatch(r"\d+s?", timeout), (where, timeout)
+        assert int(timeout.removesuffix("s")) >= drain + 10, (where, timeout, drain)

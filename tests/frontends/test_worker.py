@@ -45,7 +45,7 @@ from agent.settings import Settings
 from agent.store import NewRun, RunStore
 from tests.cli_helpers import LOOM_OPS, cli_env
 from tests.conftest import make_workspace, postgres_schema
-from tests.support import LATENCY, PYTHON, raw_rows
+from tests.support import LATENCY, PYTHON, allow, lines, raw_rows, write_runbook
 
 APPROVER = "cli:approver"  # the drill runbook's only approver
 LEASE_TTL = 2.0
@@ -625,6 +625,61 @@ async def test_one_worker_drives_a_recorded_run_on_sqlite(tmp_path: Path) -> Non
     assert report.violations == [], report.violations
     assert report.claims == Counter({worker.owner: 2})  # once to its gate, once after it
     assert report.takeovers == []
+
+
+DRAIN_DRILL = """\
+id: drain-drill
+title: Drain drill
+description: A live step that takes a while, then one more.
+triggers: [drain drill]
+approvers: [cli:approver]
+steps:
+  - id: slow
+    title: Take two seconds
+    run: "{python} append.py slow 2"
+    timeout: 60
+  - id: after
+    title: Then this
+    run: "{python} append.py after"
+"""
+
+
+async def test_a_stopped_worker_lets_its_step_in_flight_finish_and_hands_the_run_back(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while a live step runs (a rolling restart): the worker waits for the step
+    (LOOM_OPS_DRAIN_SECONDS), keeps its outcome and hands the run back, so the next worker
+    goes on from there; nobody is asked whether the step ran, and it ran once."""
+    workspace = make_workspace(tmp_path / "ws")
+    write_runbook(workspace, "drain-drill", DRAIN_DRILL)
+    allow(workspace, "append.py", "slow", "2")
+    allow(workspace, "append.py", "after")
+    db = str(tmp_path / "ops.sqlite")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    with worker_pool(1, workspace, db, logs, concurrency=2, ttl=10.0) as (first,):
+        async with recording_service(workspace, db) as service:
+            await service.start("d", "drain-drill")
+        deadline = time.monotonic() + 30
+        while lines(workspace) != ["slow"]:  # written as the step starts; it then sleeps
+            assert time.monotonic() < deadline, diagnostics(db, [first], None)
+            await asyncio.sleep(0.05)
+        first.proc.send_signal(signal.SIGTERM)
+        assert first.proc.wait(timeout=30) == 0, first.tail()
+    [(status, outcome)] = raw_rows(
+        db, "SELECT status, outcome IS NOT NULL FROM tool_calls WHERE step_id = 'slow'"
+    )
+    assert (status, outcome) == ("ok", 1), diagnostics(db, [first], None)
+    assert run_status(db, "d") == "queued" and lines(workspace) == ["slow"]
+    assert raw_rows(db, "SELECT lease_owner FROM runs WHERE id = 'd'") == [(None,)]
+
+    with worker_pool(1, workspace, db, logs, concurrency=2, ttl=10.0) as (second,):
+        deadline = time.monotonic() + 30
+        while run_status(db, "d") != "succeeded":
+            assert time.monotonic() < deadline, diagnostics(db, [second], None)
+            await asyncio.sleep(0.05)
+    assert lines(workspace) == ["slow", "after"]
+    assert raw_rows(db, "SELECT kind FROM approvals WHERE run_id = 'd'") == []
 
 
 async def test_two_workers_drive_supervised_incidents_whose_children_end_together(
