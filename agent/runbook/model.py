@@ -1300,6 +1300,8 @@ def _parse_yaml(
                 _compose(path, text, shape, empty, _Loader)
             except yaml.YAMLError as exc:
                 raise _yaml_error(path, text, exc) from None
+            except (ValueError, OverflowError):
+                pass  # PyYAML's scanner breaks on escapes such as "\U00110000": libyaml's words
             raise _yaml_error(path, text, fast_error) from None  # (they disagree: libyaml's)
     except RecursionError:
         raise RunbookError(path, None, "", "YAML is nested too deeply") from None
@@ -1374,7 +1376,11 @@ def load_catalog(directory: Path, render_templates: bool = False) -> RunbookCata
             {}, [RunbookError(directory, None, "", "runbook directory not found")]
         )
     sources: dict[str, Path] = {}
-    files = sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml"))
+    try:
+        files = sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml"))
+    except OSError as exc:
+        reason = f"cannot read the runbook directory: {exc.strerror or exc}"
+        return RunbookCatalog({}, [RunbookError(directory, None, "", reason)])
     for path in files:
         try:
             runbook, root = _load(path, render_templates)
@@ -1399,22 +1405,26 @@ def load_catalog(directory: Path, render_templates: bool = False) -> RunbookCata
 
 # Catalogs kept by `current_catalog`, most recently used last: a process reads one workspace's
 # directory; a few more cost little, and the bound keeps a test process's memory flat.
-_CATALOGS: dict[Path, tuple[tuple[tuple[str, int, int], ...], RunbookCatalog]] = {}
+_CATALOGS: dict[Path, tuple[tuple[tuple[str, int, int, int, int], ...] | None, RunbookCatalog]] = {}
 _CATALOGS_KEPT = 8
 
 
 def current_catalog(directory: Path) -> RunbookCatalog:
-    """`load_catalog(directory)`, read again only when a file in it changed (its name, size
-    or mtime): every run start asks for it, the CLI once before it opens the store and once
-    after."""
+    """`load_catalog(directory)`, read again only when a file in it changed (its name, inode,
+    size, mtime or ctime, which no copy that keeps the mtime keeps): every run start asks for
+    it, the CLI once before it opens the store and once after."""
     directory = Path(directory)
+    stamp: tuple[tuple[str, int, int, int, int], ...] | None
     try:
         with os.scandir(directory) as entries:  # one stat per file
             stamp = tuple(
-                sorted((e.name, (st := e.stat()).st_mtime_ns, st.st_size) for e in entries)
+                sorted(
+                    (e.name, (st := e.stat()).st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                    for e in entries
+                )
             )
     except OSError:
-        stamp = ()
+        stamp = None  # missing or unreadable: not the same as empty
     kept = _CATALOGS.pop(directory, None)
     catalog = kept[1] if kept is not None and kept[0] == stamp else load_catalog(directory)
     _CATALOGS[directory] = (stamp, catalog)

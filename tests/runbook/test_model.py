@@ -383,6 +383,15 @@ def test_a_yaml_error_names_what_is_wrong(tmp_path: Path, text: str, line: int, 
     assert error.message == f"YAML syntax error: {words}"
 
 
+def test_an_escape_pyyaml_cannot_scan_is_one_error_not_a_crash(tmp_path: Path) -> None:
+    """libyaml refuses `"\\U00110000"` (past Unicode); PyYAML's own scanner, asked for its
+    words, raises a ValueError instead: the file is still one error, and the catalog loads."""
+    error = load_error(tmp_path, 'id: x\ntitle: "\\U00110000"\n')
+    assert (error.line, error.field) == (2, "")
+    assert error.message.startswith("YAML syntax error: ")
+    assert [str(e) for e in load_catalog(tmp_path).errors] == [str(error)]
+
+
 def test_error_bad_slug_and_bad_param_name(tmp_path: Path) -> None:
     error = load_error(tmp_path, VALID.replace("- id: probe", "- id: Probe Step"))
     assert (error.line, error.field) == (31, "steps[2].id")
@@ -1080,6 +1089,22 @@ async def test_the_services_catalog_follows_the_runbooks_directory(service: RunS
     assert service.catalog().get("added").title == "Edits"
     added.unlink()
     assert "added" not in service.catalog().runbooks
+    # A copy that keeps size and mtime (cp -p, rsync -t, tar x) is a change all the same.
+    before = (directory / "crash-drill.yaml").stat()
+    replacement = directory.parent / "crash-drill.yaml"
+    text = (directory / "crash-drill.yaml").read_text()
+    replacement.write_text(text.replace("title: Crash drill", "title: Crash dri1l"))
+    os.utime(replacement, ns=(before.st_atime_ns, before.st_mtime_ns))
+    replacement.replace(directory / "crash-drill.yaml")
+    assert service.catalog().get("crash-drill").title == "Crash dri1l"
+
+
+def test_a_runbook_directory_created_after_a_look_is_read(tmp_path: Path) -> None:
+    """Missing, then there and empty: not the same, so not the same catalog."""
+    directory = tmp_path / "runbooks"
+    assert "runbook directory not found" in str(current_catalog(directory).errors[0])
+    directory.mkdir()
+    assert current_catalog(directory).errors == []
 
 
 async def test_a_catalog_is_parsed_once_per_process_while_its_files_stay_the_same(
