@@ -186,8 +186,9 @@ class RunKernel:
         except _HandBack:
             # Between two calls: the last one's outcome goes with the run, so whoever drives
             # it next goes on from there, asking nobody whether a step ran.
-            log.info("handed %s back: this process is stopping", run_id)
-            await drive.release()
+            log.info("handing %s back: this process is stopping", run_id)
+            if not await drive.release():  # cancelled or taken over meanwhile
+                await self._abandon(run_id, drive, None)
         except LeaseLost as exc:
             log.info("stopped driving %s: %s", run_id, exc)
             await self._abandon(run_id, drive, loop.in_flight)

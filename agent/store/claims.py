@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 
@@ -168,10 +167,11 @@ class ClaimsStore(StoreBase):
 
     async def _release(
         self, claim: Claim, retry_after: float | None = None, earlier: Outcome | None = None
-    ) -> None:
+    ) -> bool:
         """Give the lease back, leaving a running run queued for whoever comes next (workers
         wait `retry_after` seconds before they claim it; an explicit resume does not). The
-        drive's held outcome (`earlier`) is written first, while the claim still holds."""
+        drive's held outcome (`earlier`) is written first, while the claim still holds.
+        False when the claim was lost already (cancelled, taken over): nothing was written."""
         not_before = time.time() + retry_after if retry_after is not None else None
         self._forget_head(claim)  # the run's row is no drive's to keep now
 
@@ -186,9 +186,11 @@ class ClaimsStore(StoreBase):
             )
             self._announce_runnable(conn)
 
-        # LeaseLost: another process holds the run now; its journal is not ours to finish.
-        with contextlib.suppress(LeaseLost):
+        try:
             await self._transaction(release)
+        except LeaseLost:  # another process holds the run now; its journal is not ours
+            return False
+        return True
 
     async def runnable_run_ids(
         self, owner_is_dead: Callable[[str], bool], due_only: bool = False

@@ -214,7 +214,9 @@ class Drive:
         """The drive is over, however it ended: the store keeps nothing for its next write."""
         self.store._forget_head(self.claim)
 
-    async def release(self, retry_after: float | None = None) -> None:
+    async def release(self, retry_after: float | None = None) -> bool:
         """Write the unsaved outcome, then hand the run back (queued) for whoever claims it
-        next; once the lease is lost, neither is ours to write."""
-        await self._write(lambda unsaved: self.store._release(self.claim, retry_after, unsaved))
+        next; once the lease is lost, neither is ours to write (False, the outcome kept)."""
+        return await self._write(
+            lambda unsaved: self.store._release(self.claim, retry_after, unsaved), wrote=bool
+        )

@@ -825,3 +825,41 @@ async def test_close_does_not_strand_a_background_run(settings: Settings) -> Non
         run = await other.resume("bg")
 
     assert run.status == RunStatus.WAITING_APPROVAL
+
+
+async def test_a_run_cancelled_elsewhere_while_this_process_drains_keeps_its_last_outcome(
+    settings: Settings,
+) -> None:
+    """This process stops (drains) and hands the run back between two calls, but another
+    process cancelled the run meanwhile: the call that ended keeps its outcome, closed as the
+    cancel's, as it is when the lease loss is noticed first. No call is left an intent."""
+    script = [
+        turn(
+            call("read_runbook", runbook_id="disk-almost-full"),
+            call("record_audit", entry="checked the disk"),
+        ),
+        final("failed", "end"),
+    ]
+    gate, entered = asyncio.Event(), asyncio.Event()
+    async with (
+        open_service(settings, ScriptedPolicy(script)) as worker,
+        open_service(settings, ScriptedPolicy(script)) as other,
+    ):
+        real = worker.kernel.toolbox.read_runbook
+
+        async def held_read(*args: object) -> object:
+            entered.set()
+            await gate.wait()
+            return await real(*args)
+
+        worker.kernel.toolbox.read_runbook = held_read  # type: ignore[method-assign]
+        await worker.start("r", "disk-almost-full", wait=False)
+        await asyncio.wait_for(entered.wait(), 10)
+        await other.cancel("r", by="cli:tester")
+        draining = asyncio.create_task(worker.drain(10))
+        await asyncio.sleep(0.1)  # the drain waits for the call in flight
+        gate.set()
+        await asyncio.wait_for(draining, 15)
+    calls = raw_rows(settings.db, "SELECT tool, status FROM tool_calls WHERE run_id = 'r'")
+    assert calls and all(status != "intent" for _, status in calls), calls
+    assert raw_rows(settings.db, "SELECT status FROM runs WHERE id = 'r'") == [("cancelled",)]
