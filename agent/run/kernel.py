@@ -57,7 +57,9 @@ from agent.run.outcomes import (
     step_states,
     verdict,
 )
+from agent.runbook.matching import exact_runbook
 from agent.runbook.model import Runbook, RunbookCatalog, Step
+from agent.runbook.request import parse_request
 from agent.settings import Settings
 from agent.store import (
     CallResult,
@@ -595,7 +597,7 @@ class _RunLoop:
             )
             return f"invalid arguments for {tool}: {problems}", None
         if isinstance(parsed, ReadRunbookArgs) and parsed.runbook_id and self.runbook is None:
-            refusal = self._start_refusal(parsed.runbook_id)
+            refusal = self._start_refusal(parsed.runbook_id) or self._unnamed_refusal(parsed)
             if refusal is not None:
                 return refusal, None
         if isinstance(
@@ -630,6 +632,30 @@ class _RunLoop:
                 "an approver's decision first"
             ), None
         return None, parsed
+
+    def _unnamed_refusal(self, args: ReadRunbookArgs) -> str | None:
+        """In a live run whose request names its runbook: why the policy may not commit the
+        run to another runbook, or to other values of the params the request sets, or None.
+        A person chose those (the service refuses a live start from a guess); a model's
+        other choice would act unconfirmed."""
+        if not (self.effects.shell or self.effects.mcp):
+            return None
+        try:
+            request = parse_request(self.run_record.request)
+        except ValueError:  # (it parsed at the start; redaction may have cut a quote since)
+            return None
+        named = exact_runbook(self.k.catalog_loader(), request)
+        if named is None:  # a person let the policy choose (--yes, "yes": true)
+            return None
+        if args.runbook_id != named.id:
+            return (
+                f"the request names runbook {named.id!r}: this live run runs that one, "
+                f"not {args.runbook_id!r}"
+            )
+        differ = [f"{k}={v}" for k, v in request.params.items() if args.params.get(k) != v]
+        if differ:
+            return f"the request sets {' '.join(differ)}: pass them as they are"
+        return None
 
     def _start_refusal(self, runbook_id: str) -> str | None:
         """Why the run's requester may not start this runbook, or None. The service checks

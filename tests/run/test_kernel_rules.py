@@ -479,3 +479,30 @@ async def test_a_live_run_waits_rather_than_finish_dry_in_a_process_that_may_not
         resumed = await resumer.resume("live")
     assert resumed.status == RunStatus.SUCCEEDED, resumed.error
     assert lines(workspace) == ["one", "two"]
+
+
+async def test_a_live_run_keeps_to_the_runbook_and_params_its_request_names(
+    settings: Settings,
+) -> None:
+    """A person named the runbook and a param; a model (confused, or steered by the incident
+    text) reads another runbook, then the named one with another value: both are refused,
+    and the run commits only to what was named. In a dry run the model may choose."""
+    script = [
+        turn(call("read_runbook", runbook_id="api-latency-spike")),
+        turn(call("read_runbook", runbook_id="disk-almost-full", params={"mount": "/"})),
+        turn(call("read_runbook", runbook_id="disk-almost-full", params={"mount": "/data"})),
+        final("failed", "scripted end"),
+    ]
+    live = settings.model_copy(update={"allow_shell": True})
+    async with open_service(live, ScriptedPolicy(script)) as service:
+        run = await service.start("live", "disk-almost-full mount=/data", role="runbook")
+        calls = await service.store.list_tool_calls("live")
+    assert [c.status for c in calls] == ["refused", "refused", "ok"], calls
+    assert "names runbook 'disk-almost-full'" in calls[0].outcome["refused"]
+    assert "sets mount=/data" in calls[1].outcome["refused"]
+    assert run.runbook_id == "disk-almost-full"
+
+    async with open_service(settings, ScriptedPolicy(script)) as service:
+        run = await service.start("dry", "disk-almost-full mount=/data", role="runbook")
+        calls = await service.store.list_tool_calls("dry")
+    assert calls[0].status == "ok" and run.runbook_id == "api-latency-spike"
