@@ -116,13 +116,20 @@ def _check_webhook(telegram: TelegramSettings, options: WebhookOptions) -> Webho
     return Webhook(url=url, host=host, port=port, secret=secret)
 
 
-def _stop_on_signals(stop: asyncio.Event | None) -> asyncio.Event:
+def _stop_on_signals(stop: asyncio.Event | None) -> tuple[asyncio.Event, asyncio.Event]:
+    """(stop, hurry): the first SIGINT/SIGTERM sets `stop` (the steps in flight end first),
+    a second one `hurry` (they are cut short). A `stop` given is the caller's own."""
+    hurry = asyncio.Event()
     if stop is None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            (hurry if stop.is_set() else stop).set()
+
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-    return stop
+            loop.add_signal_handler(signum, on_signal)
+    return stop, hurry
 
 
 async def serve_worker(
@@ -132,7 +139,8 @@ async def serve_worker(
     from agent.frontends.worker import run_worker
 
     _service_logging()
-    return await run_worker(settings, concurrency, _stop_on_signals(stop))
+    stop, hurry = _stop_on_signals(stop)
+    return await run_worker(settings, concurrency, stop, hurry=hurry)
 
 
 async def serve(
@@ -145,7 +153,7 @@ async def serve(
     """Serve until SIGINT/SIGTERM (or `stop`); returns the exit code. Without
     `executes_runs` the front ends only record; `loom-ops worker` processes drive runs."""
     _service_logging()
-    stop = _stop_on_signals(stop)
+    stop, hurry = _stop_on_signals(stop)
     code = 0
     service = await RunService.open(settings, executes_runs=executes_runs)
     try:
@@ -174,7 +182,7 @@ async def serve(
                 await stop.wait()
             else:
                 code = await _serve_bot(service, telegram, stop)
-            await service.drain(settings.drain_seconds)  # the steps in flight end first
+            await service.drain(settings.drain_seconds, hurry)  # the steps in flight end first
     finally:
         await service.close()
     return code

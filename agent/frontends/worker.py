@@ -78,9 +78,14 @@ async def _first_of(event: asyncio.Event, timeout: float) -> None:
 
 
 async def run_worker(
-    settings: Settings, concurrency: int, stop: asyncio.Event, poll_interval: float = 1.0
+    settings: Settings,
+    concurrency: int,
+    stop: asyncio.Event,
+    poll_interval: float = 1.0,
+    hurry: asyncio.Event | None = None,
 ) -> int:
-    """Serve as a worker until `stop` is set; returns the exit code."""
+    """Serve as a worker until `stop` is set, then let the steps in flight end (unless
+    `hurry` is set meanwhile); returns the exit code."""
     service = await RunService.open(settings)
     try:
         service.prepare()
@@ -103,7 +108,7 @@ async def run_worker(
             if isinstance(failure, Exception):
                 raise failure
             # Claiming no more, still registered as live: the steps in flight end first.
-            await service.drain(settings.drain_seconds)
+            await service.drain(settings.drain_seconds, hurry)
     finally:
         await service.close()  # drives still going hand their runs back (queued, announced)
     return 0

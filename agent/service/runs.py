@@ -191,11 +191,12 @@ class RunService:
             await store.close()
             raise
 
-    async def drain(self, grace: float) -> None:
+    async def drain(self, grace: float, hurry: asyncio.Event | None = None) -> None:
         """Stop driving runs, gently: no drive starts any more, and each one hands its run
         back at its next step boundary (a call in flight runs to its end, and its outcome is
-        kept), waiting at most `grace` seconds for them. `close` then stops what is left at
-        once: a call still in flight is in doubt for whoever drives its run next."""
+        kept), waiting at most `grace` seconds for them, or until `hurry` is set. `close`
+        then stops what is left at once: a call still in flight is in doubt for whoever
+        drives its run next."""
         self.executes_runs = False
         if "kernel" in self.__dict__:  # built, so it may be driving
             self.kernel.draining = True
@@ -204,12 +205,16 @@ class RunService:
             return
         log.warning(
             "stopping: %d run(s) go back once their step in flight ends, within %g s "
-            "(LOOM_OPS_DRAIN_SECONDS)",
+            "(LOOM_OPS_DRAIN_SECONDS; a second signal stops at once)",
             len(going),
             grace,
         )
         if grace > 0:
-            await asyncio.wait(going, timeout=grace)
+            ended = asyncio.ensure_future(asyncio.wait(going, timeout=grace))
+            waits = {ended, *([asyncio.ensure_future(hurry.wait())] if hurry else [])}
+            _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
         if left := sum(not task.done() for task in going):
             log.warning("stopping: %d run(s) still in a step: handed back, the step in doubt", left)
 

@@ -636,12 +636,33 @@ approvers: [cli:approver]
 steps:
   - id: slow
     title: Take two seconds
-    run: "{python} append.py slow 2"
+    run: "{python} append.py slow SECONDS"
     timeout: 60
   - id: after
     title: Then this
     run: "{python} append.py after"
 """
+
+
+def _drain_drill(root: Path, seconds: int) -> tuple[Path, str, Path]:
+    """(workspace, database, logs) of the drain drill, its first step `seconds` long."""
+    workspace = make_workspace(root / "ws")
+    write_runbook(workspace, "drain-drill", DRAIN_DRILL.replace("SECONDS", str(seconds)))
+    allow(workspace, "append.py", "slow", str(seconds))
+    allow(workspace, "append.py", "after")
+    logs = root / "logs"
+    logs.mkdir()
+    return workspace, str(root / "ops.sqlite"), logs
+
+
+async def _start_the_slow_step(workspace: Path, db: str, worker: WorkerProc) -> None:
+    """Start run `d` of the drain drill and return once `worker` runs its slow step."""
+    async with recording_service(workspace, db) as service:
+        await service.start("d", "drain-drill")
+    deadline = time.monotonic() + 30
+    while lines(workspace) != ["slow"]:  # written as the step starts; it then sleeps
+        assert time.monotonic() < deadline, diagnostics(db, [worker], None)
+        await asyncio.sleep(0.05)
 
 
 async def test_a_stopped_worker_lets_its_step_in_flight_finish_and_hands_the_run_back(
@@ -650,20 +671,9 @@ async def test_a_stopped_worker_lets_its_step_in_flight_finish_and_hands_the_run
     """SIGTERM while a live step runs (a rolling restart): the worker waits for the step
     (LOOM_OPS_DRAIN_SECONDS), keeps its outcome and hands the run back, so the next worker
     goes on from there; nobody is asked whether the step ran, and it ran once."""
-    workspace = make_workspace(tmp_path / "ws")
-    write_runbook(workspace, "drain-drill", DRAIN_DRILL)
-    allow(workspace, "append.py", "slow", "2")
-    allow(workspace, "append.py", "after")
-    db = str(tmp_path / "ops.sqlite")
-    logs = tmp_path / "logs"
-    logs.mkdir()
+    workspace, db, logs = _drain_drill(tmp_path, seconds=2)
     with worker_pool(1, workspace, db, logs, concurrency=2, ttl=10.0) as (first,):
-        async with recording_service(workspace, db) as service:
-            await service.start("d", "drain-drill")
-        deadline = time.monotonic() + 30
-        while lines(workspace) != ["slow"]:  # written as the step starts; it then sleeps
-            assert time.monotonic() < deadline, diagnostics(db, [first], None)
-            await asyncio.sleep(0.05)
+        await _start_the_slow_step(workspace, db, first)
         first.proc.send_signal(signal.SIGTERM)
         assert first.proc.wait(timeout=30) == 0, first.tail()
     [(status, outcome)] = raw_rows(
@@ -680,6 +690,24 @@ async def test_a_stopped_worker_lets_its_step_in_flight_finish_and_hands_the_run
             await asyncio.sleep(0.05)
     assert lines(workspace) == ["slow", "after"]
     assert raw_rows(db, "SELECT kind FROM approvals WHERE run_id = 'd'") == []
+
+
+async def test_a_second_sigterm_stops_a_draining_worker_at_once(tmp_path: Path) -> None:
+    """Whoever sends a second SIGTERM (or Ctrl-C) will not wait: the worker hands the run
+    back at once, its step in flight in doubt, as before there was a drain."""
+    workspace, db, logs = _drain_drill(tmp_path, seconds=30)
+    with worker_pool(1, workspace, db, logs, concurrency=2, ttl=10.0) as (worker,):
+        await _start_the_slow_step(workspace, db, worker)
+        worker.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while "a second signal stops at once" not in worker.stderr():
+            assert time.monotonic() < deadline, worker.tail()
+            await asyncio.sleep(0.05)
+        worker.proc.send_signal(signal.SIGTERM)
+        assert worker.proc.wait(timeout=15) == 0, worker.tail()  # not the step's 30 s
+    assert "still in a step: handed back" in worker.stderr(), worker.tail()
+    assert run_status(db, "d") == "queued"
+    assert raw_rows(db, "SELECT status FROM tool_calls WHERE step_id = 'slow'") == [("intent",)]
 
 
 async def test_two_workers_drive_supervised_incidents_whose_children_end_together(
