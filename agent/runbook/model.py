@@ -1290,19 +1290,21 @@ def _parse_yaml(
     """Compose the node tree (marks, duplicate keys), then construct Python data from it.
 
     libyaml parses (about ten times faster: every run start loads the catalog); a file it
-    refuses is parsed again by PyYAML's own parser, whose messages name what is wrong
-    ("found character '\\t'", "undefined alias 'db'") where libyaml's do not."""
+    refuses is parsed again by PyYAML's own parser, which loads the few files only it reads
+    (a `%FOO` directive, a lone surrogate escape: they loaded before, so they still do), and
+    whose messages name what is wrong ("found character '\\t'", "undefined alias 'db'")
+    where libyaml's do not."""
     try:
         try:
             return _compose(path, text, shape, empty, _FastLoader)
         except yaml.YAMLError as fast_error:
             try:
-                _compose(path, text, shape, empty, _Loader)
+                return _compose(path, text, shape, empty, _Loader)
             except yaml.YAMLError as exc:
                 raise _yaml_error(path, text, exc) from None
             except (ValueError, OverflowError):
                 pass  # PyYAML's scanner breaks on escapes such as "\U00110000": libyaml's words
-            raise _yaml_error(path, text, fast_error) from None  # (they disagree: libyaml's)
+            raise _yaml_error(path, text, fast_error) from None
     except RecursionError:
         raise RunbookError(path, None, "", "YAML is nested too deeply") from None
 

@@ -25,6 +25,7 @@ from agent.runbook.model import (
     current_catalog,
     load_catalog,
     load_runbook,
+    read_yaml_mapping,
     render_command,
     render_text,
     render_url,
@@ -381,6 +382,24 @@ def test_a_yaml_error_names_what_is_wrong(tmp_path: Path, text: str, line: int, 
     error = load_error(tmp_path, text)
     assert (error.line, error.field) == (line, "")
     assert error.message == f"YAML syntax error: {words}"
+
+
+@pytest.mark.parametrize(
+    ("text", "title"),
+    [
+        ("%FOO bar\n---\nid: x\ntitle: directive\n", "directive"),
+        ('id: x\ntitle: "a\\uD800b"\n', "a\ud800b"),
+    ],
+)
+def test_a_file_only_pyyaml_reads_loads_as_it_always_did(
+    tmp_path: Path, text: str, title: str
+) -> None:
+    """libyaml refuses an unknown directive and a lone surrogate escape; PyYAML read both
+    before the change to libyaml, so they still load, with PyYAML's values."""
+    path = tmp_path / "rb.yaml"
+    path.write_text(text)
+    _, document = read_yaml_mapping(path, "id: ...")
+    assert document == {"id": "x", "title": title}
 
 
 def test_an_escape_pyyaml_cannot_scan_is_one_error_not_a_crash(tmp_path: Path) -> None:
