@@ -597,7 +597,7 @@ class _RunLoop:
             )
             return f"invalid arguments for {tool}: {problems}", None
         if isinstance(parsed, ReadRunbookArgs) and parsed.runbook_id and self.runbook is None:
-            refusal = self._start_refusal(parsed.runbook_id) or self._unnamed_refusal(parsed)
+            refusal = self._start_refusal(parsed.runbook_id) or self._named_refusal(parsed)
             if refusal is not None:
                 return refusal, None
         if isinstance(
@@ -633,7 +633,7 @@ class _RunLoop:
             ), None
         return None, parsed
 
-    def _unnamed_refusal(self, args: ReadRunbookArgs) -> str | None:
+    def _named_refusal(self, args: ReadRunbookArgs) -> str | None:
         """In a live run whose request names its runbook: why the policy may not commit the
         run to another runbook, or to other values of the params the request sets, or None.
         A person chose those (the service refuses a live start from a guess); a model's
