@@ -23,7 +23,7 @@ from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -118,7 +118,7 @@ class StartRun(BaseModel):
     role: Literal["supervisor", "runbook"] = Field(
         "supervisor", description="supervisor: the planner/executor/verifier team"
     )
-    yes: bool = Field(
+    yes: StrictBool = Field(  # a confirmation: `true`, never a string that coerces to it
         False,
         description=(
             "With a live switch on (LOOM_OPS_ALLOW_SHELL=1, LOOM_OPS_ALLOW_MCP=1), start from "

@@ -179,9 +179,17 @@ class RunKernel:
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if current is not None and current.cancelling():
-                # This process is shutting down: hand the run back (a call in flight stays in
-                # doubt for whoever resumes it), then let the cancellation through.
-                await drive.release()
+                # This process is shutting down: hand the run back, then let the cancellation
+                # through. A call in flight stays in doubt for whoever resumes it: the journal
+                # says why, since its attempt's processes die with this drive.
+                if loop.in_flight is None:
+                    await drive.release()
+                else:
+                    await drive.interrupt(
+                        f"this process stopped while call {loop.in_flight} ran: it was cut "
+                        "short, and may or may not have done its work",
+                        retry_after=0.0,
+                    )
                 raise
             log.info("stopped driving %s: the run was cancelled or taken over", run_id)
             await self._abandon(run_id, drive, loop.in_flight)

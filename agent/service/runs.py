@@ -215,8 +215,10 @@ class RunService:
             _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             for task in pending:
                 task.cancel()
-        if left := sum(not task.done() for task in going):
-            log.warning("stopping: %d run(s) still in a step: handed back, the step in doubt", left)
+        if left := sorted(run_id for run_id, task in self._drives.items() if not task.done()):
+            log.warning(
+                "stopping: %s still in a step: handed back, the step in doubt", ", ".join(left)
+            )
 
     async def close(self) -> None:
         """Stop this process's drives (their runs go back to the queue), then close the store."""

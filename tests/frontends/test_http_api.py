@@ -556,6 +556,8 @@ async def test_a_live_start_names_its_runbook_or_confirms_the_guess(settings: Se
             assert "LOOM_OPS_ALLOW_SHELL=1" in error and "from a guess" in error
             assert "matched runbook disk-almost-full" in error
             assert "make the message 'disk-almost-full" in error and '"yes": true' in error
+        stringly = {"message": DISK, "yes": "true"}  # a confirmation is a JSON true
+        assert "yes" in assert_error(await s.client.post("/runs", json=stringly), 422)
         assert await s.service.store.list_runs() == []
 
         named = {"message": "disk-almost-full", "run_id": "named", "role": "runbook"}

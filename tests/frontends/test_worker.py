@@ -705,9 +705,11 @@ async def test_a_second_sigterm_stops_a_draining_worker_at_once(tmp_path: Path) 
             await asyncio.sleep(0.05)
         worker.proc.send_signal(signal.SIGTERM)
         assert worker.proc.wait(timeout=15) == 0, worker.tail()  # not the step's 30 s
-    assert "still in a step: handed back" in worker.stderr(), worker.tail()
+    assert "d still in a step: handed back" in worker.stderr(), worker.tail()
     assert run_status(db, "d") == "queued"
     assert raw_rows(db, "SELECT status FROM tool_calls WHERE step_id = 'slow'") == [("intent",)]
+    [(why,)] = raw_rows(db, "SELECT data FROM events WHERE type = 'run_interrupted'")
+    assert "this process stopped while call d#" in why
 
 
 async def test_two_workers_drive_supervised_incidents_whose_children_end_together(
