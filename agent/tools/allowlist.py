@@ -243,6 +243,12 @@ class ShellAllowlist:
         rule = self.rule_for(argv)
         if rule is not None:
             return [self._resolve(rule.binary, argv), *argv[1:]]
+        if not self.found:  # say so: "no rule matches" would send people to edit its rules
+            raise CommandDenied(
+                f"command denied: there is no allowlist file at "
+                f"{self.source.removesuffix(' (missing)')}, so no command runs live: "
+                f"{_quote(argv)}"
+            )
         raise CommandDenied(f"command denied: no allowlist rule matches {_quote(argv)}")
 
     def rule_for(self, argv: Sequence[str]) -> Rule | None:

@@ -216,11 +216,12 @@ def test_nul_bytes_and_empty_argv_are_denied(allowlist: ShellAllowlist) -> None:
     assert "NUL" in _denied(allowlist, ["kubectl\0", "get", "pods"])
 
 
-def test_missing_file_denies_everything(tmp_path: Path) -> None:
+def test_missing_file_denies_everything_and_says_the_file_is_missing(tmp_path: Path) -> None:
     allowlist = ShellAllowlist.load(tmp_path / "nope.json")
     assert allowlist.rules == ()
-    _denied(allowlist, ["ls"])
-    _denied(allowlist, ["/bin/ls"])
+    for argv in (["ls"], ["/bin/ls"]):
+        denied = _denied(allowlist, argv)
+        assert f"there is no allowlist file at {tmp_path / 'nope.json'}, so no" in denied
 
 
 def test_default_path_when_the_file_names_none() -> None:
