@@ -171,7 +171,8 @@ class ClaimsStore(StoreBase):
         """Give the lease back, leaving a running run queued for whoever comes next (workers
         wait `retry_after` seconds before they claim it; an explicit resume does not). The
         drive's held outcome (`earlier`) is written first, while the claim still holds.
-        False when the claim was lost already (cancelled, taken over): nothing was written."""
+        False when that write found the claim lost (cancelled, taken over): nothing was
+        written. Without a held outcome a lost claim changes no row, and that is True."""
         not_before = time.time() + retry_after if retry_after is not None else None
         self._forget_head(claim)  # the run's row is no drive's to keep now
 
