@@ -17,25 +17,19 @@ from telegram import Update
 from telegram.error import TelegramError
 from telegram.ext import Application, ApplicationHandlerStop, TypeHandler
 
-from agent.errors import LoomOpsError
 from agent.failpoints import Failpoints
 from agent.http_server import HttpServer
-from agent.people import People
 from agent.service.maintenance import Maintenance, background, stop_all
 from agent.service.runs import RunService
 from bot.handlers import COMMANDS, ChatOps
 from bot.inbox import ALLOWED_UPDATES, Inbox
 from bot.outbox import OutboxSender
 from bot.ratelimit import ChatRateLimiter
-from bot.settings import TelegramSettings
+from bot.settings import ConfigError, TelegramSettings, Webhook, check_config
 from bot.store import ChatStore
-from bot.webhook import Webhook, webhook_app
+from bot.webhook import webhook_app
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(LoomOpsError, ValueError):
-    """A setting the bot cannot start with; `str()` is one line for a human."""
 
 
 @contextlib.asynccontextmanager
@@ -55,18 +49,6 @@ async def _opened(application: Application) -> AsyncIterator[None]:
                 f"unexpected answer to getMe ({type(exc).__name__}: {exc})"
             ) from exc
         yield
-
-
-def check_config(telegram: TelegramSettings, people: People) -> None:
-    """Raise ConfigError for a configuration that would serve nobody or let nobody decide:
-    deciders come from TELEGRAM_APPROVER_IDS or from the people file's Telegram ids."""
-    if not telegram.allowed_chat_ids:
-        raise ConfigError("TELEGRAM_ALLOWED_CHAT_IDS is not set: name the chats the bot serves")
-    if not telegram.approver_ids and not people.on("telegram"):
-        raise ConfigError(
-            "nobody may decide in chat: set TELEGRAM_APPROVER_IDS, or give people in the "
-            "people file their Telegram user id"
-        )
 
 
 def build_application(token: str, telegram: TelegramSettings) -> Application:  # type: ignore[type-arg]

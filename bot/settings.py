@@ -4,7 +4,11 @@ network call. The bot token itself lives in the shared settings so every front e
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
+from urllib.parse import urlsplit
 
+from agent.errors import LoomOpsError
+from agent.people import People
 from agent.settings import AliasChoices, EnvSettings, Field, SecretStr, field_validator
 
 TELEGRAM_BOT_API = "https://api.telegram.org/bot"
@@ -156,3 +160,34 @@ def check_token(token: str | None) -> str:
     if not TOKEN_PATTERN.match(token):
         raise ValueError("TELEGRAM_BOT_TOKEN is malformed: expected <bot id>:<secret>")
     return token
+
+
+class ConfigError(LoomOpsError, ValueError):
+    """A setting the bot cannot start with; `str()` is one line for a human."""
+
+
+def check_config(telegram: TelegramSettings, people: People) -> None:
+    """Raise ConfigError for a configuration that would serve nobody or let nobody decide:
+    deciders come from TELEGRAM_APPROVER_IDS or from the people file's Telegram ids."""
+    if not telegram.allowed_chat_ids:
+        raise ConfigError("TELEGRAM_ALLOWED_CHAT_IDS is not set: name the chats the bot serves")
+    if not telegram.approver_ids and not people.on("telegram"):
+        raise ConfigError(
+            "nobody may decide in chat: set TELEGRAM_APPROVER_IDS, or give people in the "
+            "people file their Telegram user id"
+        )
+
+
+@dataclass(frozen=True)
+class Webhook:
+    """Where Telegram sends updates, where we listen for them, and the shared secret."""
+
+    url: str
+    host: str
+    port: int
+    secret: str
+
+    @property
+    def path(self) -> str:
+        """The URL's path, which the receiver serves (behind a proxy that keeps it)."""
+        return urlsplit(self.url).path or "/"

@@ -15,8 +15,6 @@ import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -26,27 +24,13 @@ from telegram import Bot, Update
 
 from agent.errors import ErrorKind, kind_of
 from bot.inbox import Inbox
+from bot.settings import Webhook
 
 log = logging.getLogger(__name__)
 
 SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
 # Telegram's updates are small; a message with a long text and entities stays well under this.
 MAX_UPDATE_BYTES = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class Webhook:
-    """Where Telegram sends updates, where we listen for them, and the shared secret."""
-
-    url: str
-    host: str
-    port: int
-    secret: str
-
-    @property
-    def path(self) -> str:
-        """The URL's path, which the receiver serves (behind a proxy that keeps it)."""
-        return urlsplit(self.url).path or "/"
 
 
 def webhook_app(

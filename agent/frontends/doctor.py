@@ -17,9 +17,7 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
-
-import httpx
+from typing import TYPE_CHECKING, Any, Literal
 
 from agent.errors import LoomOpsError, PeopleFileError, ServingRefused
 from agent.people import (
@@ -36,6 +34,9 @@ from agent.runbook.model import Runbook, RunbookReport, sample_commands, validat
 from agent.settings import Settings
 from agent.tools.allowlist import ShellAllowlist, read_allowlist
 from agent.tools.mcp_check import check_mcp_tools, mcp_uses
+
+if TYPE_CHECKING:
+    import httpx
 
 Severity = Literal["error", "warning", "ok"]
 SEVERITIES: tuple[Severity, ...] = ("error", "warning", "ok")
@@ -563,6 +564,8 @@ async def _llm(settings: Settings, redactor: Redactor, timeout: float) -> list[F
         "max_tokens": 1,
     }
     headers = {"Authorization": f"Bearer {key}"}
+    import httpx  # only when there is a server to ask: it costs a start-up 50 ms
+
     try:
         async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client:
             response = await client.post(url, json=body, headers=headers)
@@ -653,6 +656,8 @@ async def _telegram(settings: Settings, redactor: Redactor, timeout: float) -> l
     base = config.settings.api_base_url
     url = f"{base}{config.token}/getMe"
     shown = f"{base}<token>/getMe"  # the token is in the URL: never print it
+    import httpx  # only when there is a server to ask: it costs a start-up 50 ms
+
     try:
         async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client:
             response = await client.get(url)

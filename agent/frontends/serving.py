@@ -21,8 +21,7 @@ from agent.service.runs import RunService
 from agent.settings import Settings, setting_name
 
 if TYPE_CHECKING:
-    from bot.settings import TelegramSettings
-    from bot.webhook import Webhook
+    from bot.settings import TelegramSettings, Webhook
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +72,8 @@ def check_http(settings: Settings, endpoint: HttpEndpoint) -> None:
 
 def check_telegram(settings: Settings, options: WebhookOptions | None = None) -> TelegramConfig:
     """Every TELEGRAM_* setting (and webhook flag), checked before any network call."""
-    # Imported here: python-telegram-bot is not needed by the other commands.
-    from bot.gateway import ConfigError, check_config
-    from bot.settings import TelegramSettings, check_token
+    # Imported here, and without python-telegram-bot: a bad setting is refused at once.
+    from bot.settings import ConfigError, TelegramSettings, check_config, check_token
 
     refusal = settings.alert_chat_refusal()
     if refusal is not None:  # its alert cards would wait in the outbox for ever
@@ -96,8 +94,7 @@ def check_telegram(settings: Settings, options: WebhookOptions | None = None) ->
 
 
 def _check_webhook(telegram: TelegramSettings, options: WebhookOptions) -> Webhook | None:
-    from bot.settings import WEBHOOK_SECRET_PATTERN, check_http_url, parse_host_port
-    from bot.webhook import Webhook
+    from bot.settings import WEBHOOK_SECRET_PATTERN, Webhook, check_http_url, parse_host_port
 
     url = check_http_url(options.url) if options.url else telegram.webhook_url
     if not url:
@@ -191,7 +188,8 @@ async def serve(
 async def _serve_bot(service: RunService, telegram: TelegramConfig, stop: asyncio.Event) -> int:
     from telegram.error import InvalidToken, TelegramError
 
-    from bot.gateway import ConfigError, serve_bot
+    from bot.gateway import serve_bot
+    from bot.settings import ConfigError
 
     try:
         await serve_bot(

@@ -95,6 +95,31 @@ async def test_bad_settings_are_one_line_and_exit_2_before_any_network_call(
         assert standin.calls() == []
 
 
+def test_a_bad_bot_setting_is_refused_before_python_telegram_bot_loads(tmp_path: Path) -> None:
+    """The settings are checked with the bot's own settings module only: a misconfigured
+    `loom-ops telegram` answers before it loads python-telegram-bot (most of its start-up)."""
+    probe = (
+        "import sys\n"
+        "from agent.errors import ServingRefused\n"
+        "from agent.frontends.serving import check_telegram\n"
+        "from agent.settings import Settings\n"
+        "try:\n"
+        "    check_telegram(Settings(_env_file=None))\n"
+        "except ServingRefused as exc:\n"
+        "    print(exc)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('telegram', 'bot')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOOM_OPS_", "TELEGRAM_"))}
+    env["TELEGRAM_BOT_TOKEN"] = TOKEN
+    done = subprocess.run(
+        [sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    refusal, loaded = done.stdout.splitlines()
+    assert "TELEGRAM_ALLOWED_CHAT_IDS is not set" in refusal
+    assert loaded == "['bot', 'bot.settings']"
+
+
 async def test_the_bot_alias_serves_and_stops_cleanly_on_sigterm(
     settings: Settings, tmp_path: Path
 ) -> None:
