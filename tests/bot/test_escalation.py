@@ -53,7 +53,7 @@ title: Escalation drill
 description: A gated step nobody on call answers in time.
 triggers: [escalation drill]
 approvers: [group:oncall]
-approval_timeout: 10
+approval_timeout: 6
 escalation:
   remind_after: 30%
   escalate_after: 60%

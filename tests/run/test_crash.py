@@ -158,9 +158,10 @@ BOUNDARIES = [
 ]
 
 
-# Every boundary on SQLite; on PostgreSQL one of each kind in the suite and the rest in the
-# soak (bench/soak.py): what differs between the engines is the commit, not the boundary.
-PG_IN_SUITE = {
+# On each engine one boundary of each kind runs in the suite, the live append-one's on both
+# sides of its side effect, and the rest in the soak (bench/soak.py): the other calls cross
+# the same lines of the kernel and the store.
+IN_SUITE = {
     "after_claim:1",
     "after_wait:1",
     "before_intent:2",
@@ -169,16 +170,14 @@ PG_IN_SUITE = {
     "after_outcome:2",
 }
 BOUNDARY_CASES = [
-    *(pytest.param("sqlite", point, id=f"sqlite-{point}") for point in BOUNDARIES),
-    *(
-        pytest.param(
-            "postgresql",
-            point,
-            id=f"postgresql-{point}",
-            marks=() if point in PG_IN_SUITE else pytest.mark.slow,
-        )
-        for point in BOUNDARIES
-    ),
+    pytest.param(
+        engine,
+        point,
+        id=f"{engine}-{point}",
+        marks=() if point in IN_SUITE else pytest.mark.slow,
+    )
+    for engine in ("sqlite", "postgresql")
+    for point in BOUNDARIES
 ]
 
 
