@@ -23,12 +23,17 @@ JOURNAL_WATCH_INTERVAL = 1.0
 # How often a process that drives runs looks for runnable ones when nothing woke it: what a
 # decision recorded by another process waits at most on SQLite (PostgreSQL wakes it at once).
 RUNNABLE_POLL = 0.5
+# How often a process that drives no runs looks whether runs wait for one that does, besides
+# when a run becomes runnable here; and how soon after the last look at the earliest.
+UNDRIVEN_CHECK = 10.0
+UNDRIVEN_SPACING = 1.0
 
 
 class Maintenance:
     """`async with Maintenance(service, kind):` registers the process (`kind`: serve,
     telegram, worker…) with a heartbeat, runs the approval timers' sweeper, the runnable-runs
-    loop (when `recover` and the service executes runs), and follows other processes'
+    loop (when `recover` and the service executes runs; when it executes none, a watch that
+    logs runs left waiting for want of a process that does), and follows other processes'
     commits; with `watch_journal` it also polls the journal once a second for readers (SSE
     streams): how SQLite learns of other processes' writes, and a safety net beside
     PostgreSQL's NOTIFY."""
@@ -59,6 +64,10 @@ class Maintenance:
         ]
         if self._recover:
             self._tasks.append(background(lambda: drive_runnable_forever(self._service), "runs"))
+        elif not drives:
+            self._tasks.append(
+                background(lambda: warn_of_undriven_runs_forever(self._service), "undriven runs")
+            )
         if self._watch_journal:
             self._tasks.append(background(lambda: watch_journal(self._service), "journal"))
         return self
@@ -114,6 +123,39 @@ async def drive_runnable_forever(service: RunService) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(RUNNABLE_POLL):
                 await store.runs_ready.wait()
+
+
+async def warn_of_undriven_runs_forever(service: RunService) -> None:
+    """In a process that drives no runs (`--no-worker`): log once per run when runs wait and
+    no live process drives runs, so a run does not sit queued unnoticed. Looks when a run
+    becomes runnable here (a start, a decision) and every UNDRIVEN_CHECK seconds."""
+    store = service.store
+    warned: set[str] = set()
+    await asyncio.sleep(HEARTBEAT_INTERVAL)  # a worker started beside this process beats first
+    while True:
+        store.runs_ready.clear()
+        waiting = await service.runs_nobody_drives()
+        new = [run_id for run_id in waiting if run_id not in warned]
+        if new:
+            log.warning(
+                "%s and no live process drives runs: start `loom-ops worker` (this process "
+                "was started with --no-worker)",
+                _runs_wait(new),
+            )
+        warned = set(waiting)  # a run that waits again later is named again
+        await asyncio.sleep(UNDRIVEN_SPACING)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(UNDRIVEN_CHECK - UNDRIVEN_SPACING):
+                await store.runs_ready.wait()
+
+
+def _runs_wait(run_ids: list[str], shown: int = 10) -> str:
+    """The log's words for waiting runs: "run a waits", "runs a, b wait", "runs a, …, j and
+    5 more wait"."""
+    if len(run_ids) == 1:
+        return f"run {run_ids[0]} waits"
+    more = f" and {len(run_ids) - shown} more" if len(run_ids) > shown else ""
+    return f"runs {', '.join(run_ids[:shown])}{more} wait"
 
 
 async def watch_journal(service: RunService) -> None:

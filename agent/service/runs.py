@@ -517,6 +517,13 @@ class RunService:
             if now - process.heartbeat_at <= PROCESS_LIVE_WITHIN and process.owner != self.owner
         ]
 
+    async def runs_nobody_drives(self) -> list[str]:
+        """Runnable runs (due now) while no live process drives runs, this one included: they
+        wait until one starts."""
+        if self.executes_runs or any(p.drives_runs for p in await self.live_processes()):
+            return []
+        return await self.store.runnable_run_ids(owner_is_dead, due_only=True)
+
     async def drive_runnable(self) -> list[str]:
         """Start driving, in the background, every runnable run (due now) this process does
         not drive yet; returns their ids. What a long-running process does when woken."""

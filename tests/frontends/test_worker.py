@@ -774,12 +774,15 @@ async def test_two_workers_drive_supervised_incidents_whose_children_end_togethe
     assert len(claimed_by) == 2, claimed_by  # both workers drove runs
 
 
+WAITS_UNDRIVEN = "run api-1 waits and no live process drives runs: start `loom-ops worker`"
+
+
 async def test_the_api_without_a_worker_records_and_a_worker_drives(
     tmp_path: Path, db_url: str
 ) -> None:
-    """`loom-ops serve --no-worker` records a run and drives none of it; a `loom-ops worker`
-    started later drives it to its gate, the API records the approval, and the worker
-    resumes it to the end."""
+    """`loom-ops serve --no-worker` records a run, drives none of it and logs that it waits
+    for a process that drives runs; a `loom-ops worker` started later drives it to its gate,
+    the API records the approval, and the worker resumes it to the end."""
     import asyncio
 
     import httpx
@@ -802,7 +805,10 @@ async def test_the_api_without_a_worker_records_and_a_worker_drives(
                 "/runs", json={"message": "crash-drill tag=w901", "run_id": "api-1"}
             )
             assert created.status_code == 201, created.text
-            await asyncio.sleep(1.5)  # a front end that drove runs would have claimed it by now
+            deadline = time.monotonic() + 15
+            while WAITS_UNDRIVEN not in api.output():  # logged 2 s after start, at the latest
+                assert time.monotonic() < deadline, api.output()
+                await asyncio.sleep(0.1)
             assert (await client.get("/runs/api-1")).json()["status"] == "queued"
 
             workers.append(start_worker("w", workspace, db_url, tmp_path, 2, LEASE_TTL))
@@ -820,6 +826,7 @@ async def test_the_api_without_a_worker_records_and_a_worker_drives(
         stop_workers(workers)
         api.stop()
     assert markers(workspace) == Counter({"one w901": 1, "two w901": 1})
+    assert api.output().count(WAITS_UNDRIVEN) == 1, api.output()  # never while a worker lives
     owners = {
         json.loads(row[0])["owner"]
         for row in raw_rows(db_url, "SELECT data FROM events WHERE type = 'run_claimed'")
