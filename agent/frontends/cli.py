@@ -829,7 +829,22 @@ async def _cmd_status(service: RunService, args: argparse.Namespace) -> int:
                 f"Its driver {run.lease_owner} is gone (dead, or its lease ran out): "
                 f"loom-ops resume {run.id}{_where(service)}"
             )
+    else:
+        # A parent waiting for its children waits on nothing if nobody drives them: resuming
+        # it drives its whole tree.
+        stalled = [c.id for c in children if _undriven(service, c)]
+        if stalled:
+            resume = f"loom-ops resume {run.id}{_where(service)}"
+            print(f"Nobody drives {', '.join(stalled)} now: {resume}")
     return _exit_code(run)
+
+
+def _undriven(service: RunService, run: RunRecord) -> bool:
+    """A queued or running run that no process drives now (none ever claimed it, or its
+    driver is gone)."""
+    if run.status not in (RunStatus.QUEUED, RunStatus.RUNNING):
+        return False
+    return not run.lease_owner or service.driver_gone(run)
 
 
 def _where(service: RunService) -> str:

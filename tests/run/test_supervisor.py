@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -190,6 +191,36 @@ def test_sigkill_anywhere_in_the_tree_then_resume_the_root(
         ("t:sub:executor", "scale-out"),
         ("t:sub:executor", "handoff"),
     }
+
+
+def test_status_of_a_parent_names_the_children_nobody_drives(tmp_path: Path) -> None:
+    """Killed while its executor ran, the root waits for children nobody drives: its
+    `status` names them, with the command that drives the tree on."""
+    workspace = make_workspace(tmp_path / "ws")
+    db = tmp_path / "ops.sqlite"
+    code = _cli(workspace, db, "supervise", LATENCY, "--run-id", "t", failpoint="after_intent:5")
+    assert code == -signal.SIGKILL, "the failpoint never fired: the test would prove nothing"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_OPS_")}
+    env.update(LOOM_OPS_DB=str(db), LOOM_OPS_WORKSPACE=str(workspace), PYTHONPATH=str(REPO))
+    done = subprocess.run(
+        [sys.executable, "-m", "agent.frontends.cli", "status", "t"],
+        cwd=workspace,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr  # the root itself waits, as it should
+    assert done.stdout.startswith("Run t: waiting_children\n"), done.stdout
+    said = done.stdout.splitlines()[-1]
+    head, _, command = said.partition(" now: ")
+    assert command == f"loom-ops resume t --db {db}", done.stdout
+    # The verifier, started beside the executor, may be waiting for it already or not.
+    running = {c for c in ("t:sub:executor", "t:sub:verifier") if _status(db, c) == "running"}
+    assert "t:sub:executor" in running
+    assert head.startswith("Nobody drives ") and set(head[14:].split(", ")) == running, said
+    assert _cli(workspace, db, "resume", "t") in (0, 1)  # what it says does drive them on
+    assert _status(db, "t:sub:executor") == "waiting_approval"  # at its gate, scale-out
 
 
 async def test_cancelling_the_root_cancels_the_whole_tree(service: RunService) -> None:
