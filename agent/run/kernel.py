@@ -102,7 +102,16 @@ class _Wait(Exception):
 
 
 class _HandBack(Exception):
-    """This process is stopping: the loop ends between two calls and the run goes back."""
+    """This process is stopping: the loop ends between two calls and the run goes back, with
+    the policy's answer for a turn none of whose calls began (`turn`, kept with the
+    `checkpoint` that points at it), so that answer is not asked for again."""
+
+    def __init__(
+        self, turn: PolicyTurn | None = None, checkpoint: Checkpoint | None = None
+    ) -> None:
+        super().__init__()
+        self.turn = turn
+        self.checkpoint = checkpoint
 
 
 class _Finish(Exception):
@@ -193,11 +202,13 @@ class RunKernel:
                 raise
             log.info("stopped driving %s: the run was cancelled or taken over", run_id)
             await self._abandon(run_id, drive, loop.in_flight)
-        except _HandBack:
-            # Between two calls: the last one's outcome goes with the run, so whoever drives
-            # it next goes on from there, asking nobody whether a step ran.
+        except _HandBack as handback:
+            # Between two calls: the last one's outcome (and an answer not acted on yet) goes
+            # with the run, so whoever drives it next goes on from there, asking nobody
+            # whether a step ran, nor the policy what it answered already.
             log.info("handing %s back: this process is stopping", run_id)
-            if not await drive.release():  # cancelled or taken over meanwhile
+            if not await drive.release(turn=handback.turn, checkpoint=handback.checkpoint):
+                # Cancelled or taken over meanwhile.
                 await self._abandon(run_id, drive, None)
         except LeaseLost as exc:
             log.info("stopped driving %s: %s", run_id, exc)
@@ -389,7 +400,7 @@ class _RunLoop:
         while self.state.call < len(decision.calls):
             if self.keeper is not None and self.keeper.lost:
                 raise LeaseLost(f"lease of run {self.run_id} lost")
-            self._stop_if_draining()
+            self._stop_if_draining(pending)
             call = decision.calls[self.state.call]
             key = call_key(self.run_id, self.state.turn, self.state.call)
             existing = None if fresh_turn or pending else await self.store.get_tool_call(key)
@@ -529,11 +540,11 @@ class _RunLoop:
             state = self.steps.get(step_id, StepState())
             self.steps[step_id] = after_call(state, result.status, 1, outcome)
 
-    def _stop_if_draining(self) -> None:
+    def _stop_if_draining(self, pending: PolicyTurn | None = None) -> None:
         """Between two calls (nothing in flight, the last outcome known): stop if the
-        process is stopping."""
+        process is stopping, keeping the `pending` answer none of whose calls began."""
         if self.k.draining:
-            raise _HandBack
+            raise _HandBack(pending, self._checkpoint() if pending is not None else None)
 
     def _before_effect(self) -> None:
         self.k.failpoints.reached("before_effect")

@@ -6,8 +6,8 @@ import time
 from collections.abc import Callable
 
 from agent.errors import LeaseLost, RunBusy, RunNotFound, RunNotRunnable
-from agent.events import RunClaimed, RunInterrupted
-from agent.records import Claim, RunRecord, RunStatus
+from agent.events import PolicyTurn, RunClaimed, RunInterrupted
+from agent.records import Checkpoint, Claim, RunRecord, RunStatus
 from agent.store.base import StoreBase
 from agent.store.commands import Outcome
 from agent.store.database import Connection
@@ -166,19 +166,29 @@ class ClaimsStore(StoreBase):
         return await self._transaction(renew)
 
     async def _release(
-        self, claim: Claim, retry_after: float | None = None, earlier: Outcome | None = None
+        self,
+        claim: Claim,
+        retry_after: float | None = None,
+        earlier: Outcome | None = None,
+        turn: PolicyTurn | None = None,
+        checkpoint: Checkpoint | None = None,
     ) -> bool:
         """Give the lease back, leaving a running run queued for whoever comes next (workers
         wait `retry_after` seconds before they claim it; an explicit resume does not). The
-        drive's held outcome (`earlier`) is written first, while the claim still holds.
-        False when that write found the claim lost (cancelled, taken over): nothing was
-        written. Without a held outcome a lost claim changes no row, and that is True."""
+        drive's held outcome (`earlier`), then a policy `turn` none of whose calls began
+        (with the `checkpoint` that points at it), are written first, while the claim still
+        holds. False when that write found the claim lost (cancelled, taken over): nothing
+        was written. With nothing to write, a lost claim changes no row, and that is True."""
         not_before = time.time() + retry_after if retry_after is not None else None
         self._forget_head(claim)  # the run's row is no drive's to keep now
 
         def release(conn: Connection) -> None:
-            if earlier is not None:
+            if earlier is not None or turn is not None:
                 self._fence(conn, claim, earlier)  # LeaseLost: nothing is ours to write
+            if turn is not None and checkpoint is not None:
+                self._append_events(
+                    conn, claim.run_id, [turn], time.time(), {"checkpoint": checkpoint.to_json()}
+                )
             conn.execute(
                 "UPDATE runs SET lease_owner = NULL, lease_expires_at = NULL, not_before = ?, "
                 "status = CASE status WHEN 'running' THEN 'queued' ELSE status END "

@@ -214,9 +214,16 @@ class Drive:
         """The drive is over, however it ended: the store keeps nothing for its next write."""
         self.store._forget_head(self.claim)
 
-    async def release(self, retry_after: float | None = None) -> bool:
-        """Write the unsaved outcome, then hand the run back (queued) for whoever claims it
-        next; once the lease is lost, neither is ours to write (False, the outcome kept)."""
+    async def release(
+        self,
+        retry_after: float | None = None,
+        turn: PolicyTurn | None = None,
+        checkpoint: Checkpoint | None = None,
+    ) -> bool:
+        """Write the unsaved outcome (and a policy `turn` none of whose calls began, with the
+        `checkpoint` pointing at it), then hand the run back (queued) for whoever claims it
+        next; once the lease is lost, none is ours to write (False, the outcome kept)."""
         return await self._write(
-            lambda unsaved: self.store._release(self.claim, retry_after, unsaved), wrote=bool
+            lambda unsaved: self.store._release(self.claim, retry_after, unsaved, turn, checkpoint),
+            wrote=bool,
         )

@@ -14,7 +14,7 @@ import pytest
 
 from agent.chain import first_broken_link
 from agent.errors import RunBusy
-from agent.policy.base import ToolCall
+from agent.policy.base import PolicyContext, PolicyDecision, ToolCall
 from agent.records import Decision, Origin, RunLimits, RunStatus
 from agent.run.leases import owner_is_dead
 from agent.service.runs import RunService
@@ -863,3 +863,39 @@ async def test_a_run_cancelled_elsewhere_while_this_process_drains_keeps_its_las
     calls = raw_rows(settings.db, "SELECT tool, status FROM tool_calls WHERE run_id = 'r'")
     assert calls and all(status != "intent" for _, status in calls), calls
     assert raw_rows(settings.db, "SELECT status FROM runs WHERE id = 'r'") == [("cancelled",)]
+
+
+async def test_an_answer_that_arrives_while_this_process_drains_is_kept_for_the_next_owner(
+    settings: Settings, db_url: str
+) -> None:
+    """This process stops (drains) while the policy decides: its answer, which arrives after,
+    goes with the run handed back, and whoever drives the run next acts on it without asking
+    the policy that turn again (an LLM call is paid for once); on both engines."""
+    settings = settings.model_copy(update={"db": db_url})
+    script = [turn(call("read_runbook", runbook_id="disk-almost-full")), final("failed", "end")]
+    gate, entered = asyncio.Event(), asyncio.Event()
+
+    class HeldPolicy(ScriptedPolicy):
+        async def decide(self, context: PolicyContext) -> PolicyDecision:
+            entered.set()
+            await gate.wait()
+            return await super().decide(context)
+
+    held, after = HeldPolicy(script), ScriptedPolicy(script)
+    async with open_service(settings, held) as stopping:
+        await stopping.start("h", "disk-almost-full", wait=False)
+        await asyncio.wait_for(entered.wait(), 10)
+        draining = asyncio.create_task(stopping.drain(10))
+        await asyncio.sleep(0.1)  # the drain waits for the answer in flight
+        gate.set()
+        await asyncio.wait_for(draining, 15)
+    assert raw_rows(settings.db, "SELECT status FROM runs WHERE id = 'h'") == [("queued",)]
+    assert raw_rows(settings.db, "SELECT COUNT(*) FROM tool_calls WHERE run_id = 'h'") == [(0,)]
+    async with open_service(settings, after) as next_owner:
+        run = await next_owner.resume("h")
+        turns = await next_owner.store.list_policy_turns("h")
+        calls = await next_owner.store.list_tool_calls("h")
+    assert (held.asked, after.asked) == (1, 1)  # the second process asked for turn 1 only
+    assert [t.turn for t in turns] == [0, 1]
+    assert [(c.tool, c.status) for c in calls] == [("read_runbook", "ok")]
+    assert run.status == RunStatus.FAILED
