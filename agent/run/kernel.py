@@ -101,26 +101,36 @@ class _Wait(Exception):
     """The run is parked (waiting for a human); the loop ends without finishing the run."""
 
 
-class _HandBack(Exception):
-    """This process is stopping: the loop ends between two calls and the run goes back, with
-    the policy's answer for a turn none of whose calls began (`turn`, kept with the
-    `checkpoint` that points at it), so that answer is not asked for again."""
+# The three ways a loop stops before the first call of a turn wrote anything carry that
+# turn's answer (`turn`, none when the turn is journaled already), so their write journals
+# it: the policy is never asked again for an answer it gave (an LLM call is paid for once).
 
-    def __init__(
-        self, turn: PolicyTurn | None = None, checkpoint: Checkpoint | None = None
-    ) -> None:
+
+class _HandBack(Exception):
+    """This process is stopping: the loop ends between two calls and the run goes back."""
+
+    def __init__(self, turn: PolicyTurn | None = None) -> None:
         super().__init__()
         self.turn = turn
-        self.checkpoint = checkpoint
+
+
+class _CannotAct(Exception):
+    """This process may not act as the run does (its effects): the run waits, resumable,
+    for a process that may (never a quiet dry run instead)."""
+
+    def __init__(self, reason: str, turn: PolicyTurn | None = None) -> None:
+        super().__init__(reason)
+        self.turn = turn
 
 
 class _Finish(Exception):
     """The run must end now with this status and message."""
 
-    def __init__(self, status: RunStatus, error: str) -> None:
+    def __init__(self, status: RunStatus, error: str, turn: PolicyTurn | None = None) -> None:
         super().__init__(error)
         self.status = status
         self.error = error
+        self.turn = turn
 
 
 def call_key(run_id: str, turn: int, position: int) -> str:
@@ -207,7 +217,7 @@ class RunKernel:
             # with the run, so whoever drives it next goes on from there, asking nobody
             # whether a step ran, nor the policy what it answered already.
             log.info("handing %s back: this process is stopping", run_id)
-            if not await drive.release(turn=handback.turn, checkpoint=handback.checkpoint):
+            if not await drive.release(turn=handback.turn, checkpoint=loop._checkpoint()):
                 # Cancelled or taken over meanwhile.
                 await self._abandon(run_id, drive, None)
         except LeaseLost as exc:
@@ -216,6 +226,8 @@ class RunKernel:
         except PolicyMisconfigured as exc:
             # Before the outage handlers: a wrong key, URL or model never heals by waiting.
             await self._fail(drive, loop._checkpoint(), self.redactor.text(str(exc)))
+        except _CannotAct as exc:
+            await self._interrupt(drive, self.redactor.text(str(exc)), exc.turn, loop._checkpoint())
         except PolicyUnavailable as exc:
             await self._interrupt(drive, self.redactor.text(str(exc)))
         except Exception as exc:
@@ -258,9 +270,15 @@ class RunKernel:
             log.exception("could not fail %s", drive.run_id)
             await self._interrupt(drive, reason)
 
-    async def _interrupt(self, drive: Drive, reason: str) -> None:
+    async def _interrupt(
+        self,
+        drive: Drive,
+        reason: str,
+        turn: PolicyTurn | None = None,
+        checkpoint: Checkpoint | None = None,
+    ) -> None:
         # Workers try it again after a lease TTL, not in a tight loop against an outage.
-        if not await drive.interrupt(reason, self.settings.lease_ttl):
+        if not await drive.interrupt(reason, self.settings.lease_ttl, turn, checkpoint):
             log.info("run %s was taken over meanwhile; not interrupting it", drive.run_id)
 
 
@@ -311,7 +329,8 @@ class _RunLoop:
         fresh_turn = at_start  # True once we know no journaled answer exists for this turn
         try:
             while True:
-                self._stop_if_draining()
+                if self.k.draining:  # between two turns: nothing in flight
+                    raise _HandBack
                 decision, pending = await self._decision(fresh_turn)
                 await self._execute_calls(decision, pending, fresh_turn)
                 if decision.final is not None or not decision.calls:
@@ -327,6 +346,7 @@ class _RunLoop:
                 self._checkpoint(),
                 summary=None,
                 error=finish.error,
+                turn=finish.turn,
             )
 
     async def _earlier_executors_calls(self) -> list[ToolCallRecord]:
@@ -400,7 +420,8 @@ class _RunLoop:
         while self.state.call < len(decision.calls):
             if self.keeper is not None and self.keeper.lost:
                 raise LeaseLost(f"lease of run {self.run_id} lost")
-            self._stop_if_draining(pending)
+            if self.k.draining:  # between two calls: nothing in flight, the last outcome known
+                raise _HandBack(pending)
             call = decision.calls[self.state.call]
             key = call_key(self.run_id, self.state.turn, self.state.call)
             existing = None if fresh_turn or pending else await self.store.get_tool_call(key)
@@ -463,8 +484,9 @@ class _RunLoop:
                 raise _Finish(
                     RunStatus.FAILED,
                     f"budget exhausted: max_tool_calls={self.run_record.limits.max_tool_calls}",
+                    pending,
                 )
-            self._check_deadline()
+            self._check_deadline(pending)
         step_id = args.get("step_id") if isinstance(args.get("step_id"), str) else None
         # A person's "retry" of an in-doubt attempt is that person's call, past the runbook's
         # retries; every other call is checked against what the step has done.
@@ -475,7 +497,7 @@ class _RunLoop:
             if unable is not None:
                 # Before the intent: nothing was started, and the run waits, resumable, for a
                 # process allowed to act as the run does (never a quiet dry run instead).
-                raise PolicyUnavailable(f"step {step.id!r}: {unable}")
+                raise _CannotAct(f"step {step.id!r}: {unable}", pending)
         # A refused call never runs, so repeating it is harmless.
         repeatable = refusal is not None or self.k.toolbox.is_idempotent(
             call.name, args, self.runbook, self.effects
@@ -540,12 +562,6 @@ class _RunLoop:
             state = self.steps.get(step_id, StepState())
             self.steps[step_id] = after_call(state, result.status, 1, outcome)
 
-    def _stop_if_draining(self, pending: PolicyTurn | None = None) -> None:
-        """Between two calls (nothing in flight, the last outcome known): stop if the
-        process is stopping, keeping the `pending` answer none of whose calls began."""
-        if self.k.draining:
-            raise _HandBack(pending, self._checkpoint() if pending is not None else None)
-
     def _before_effect(self) -> None:
         self.k.failpoints.reached("before_effect")
 
@@ -583,11 +599,12 @@ class _RunLoop:
         active = self.base_active + (time.monotonic() - self.started)
         return self.state.moved(active_seconds=round(active, 3))
 
-    def _check_deadline(self) -> None:
+    def _check_deadline(self, pending: PolicyTurn | None = None) -> None:
         if self._remaining() <= 0:
             raise _Finish(
                 RunStatus.FAILED,
                 f"deadline exceeded: {self.run_record.limits.deadline_seconds:g} s of running time",
+                pending,
             )
 
     def _remaining(self) -> float:

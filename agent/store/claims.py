@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 
 from agent.errors import LeaseLost, RunBusy, RunNotFound, RunNotRunnable
-from agent.events import PolicyTurn, RunClaimed, RunInterrupted
+from agent.events import Event, PolicyTurn, RunClaimed, RunInterrupted
 from agent.records import Checkpoint, Claim, RunRecord, RunStatus
 from agent.store.base import StoreBase
 from agent.store.commands import Outcome
@@ -226,11 +226,18 @@ class ClaimsStore(StoreBase):
         return picked
 
     async def _interrupt(
-        self, claim: Claim, reason: str, retry_after: float, earlier: Outcome | None = None
+        self,
+        claim: Claim,
+        reason: str,
+        retry_after: float,
+        earlier: Outcome | None = None,
+        turn: PolicyTurn | None = None,
+        checkpoint: Checkpoint | None = None,
     ) -> bool:
-        """Journal why a drive stopped and hand the run back, queued for whoever claims it
-        after `retry_after` seconds; fenced, so a driver that lost its lease writes nothing
-        (False)."""
+        """Journal why a drive stopped (after a policy `turn` none of whose calls began, with
+        the `checkpoint` that points at it) and hand the run back, queued for whoever claims
+        it after `retry_after` seconds; fenced, so a driver that lost its lease writes
+        nothing (False)."""
         now = time.time()
 
         def interrupt(conn: Connection) -> bool:
@@ -238,18 +245,17 @@ class ClaimsStore(StoreBase):
                 self._fence(conn, claim, earlier)
             except LeaseLost:
                 return False
-            self._append_events(
-                conn,
-                claim.run_id,
-                [RunInterrupted(reason)],
-                now,
-                {
-                    "status": RunStatus.QUEUED,
-                    "lease_owner": None,
-                    "lease_expires_at": None,
-                    "not_before": now + retry_after,
-                },
-            )
+            updates: dict[str, object] = {
+                "status": RunStatus.QUEUED,
+                "lease_owner": None,
+                "lease_expires_at": None,
+                "not_before": now + retry_after,
+            }
+            events: list[Event] = [RunInterrupted(reason)]
+            if turn is not None and checkpoint is not None:
+                events.insert(0, turn)
+                updates["checkpoint"] = checkpoint.to_json()
+            self._append_events(conn, claim.run_id, events, now, updates)
             return True
 
         return await self._transaction(interrupt)

@@ -149,10 +149,20 @@ class Drive:
             )
         )
 
-    async def interrupt(self, reason: str, retry_after: float) -> bool:
-        """Journal why the drive stopped and hand the run back; False if it was lost already."""
+    async def interrupt(
+        self,
+        reason: str,
+        retry_after: float,
+        turn: PolicyTurn | None = None,
+        checkpoint: Checkpoint | None = None,
+    ) -> bool:
+        """Journal why the drive stopped (after a policy `turn` none of whose calls began,
+        with the `checkpoint` pointing at it) and hand the run back; False if it was lost
+        already."""
         return await self._write(
-            lambda unsaved: self.store._interrupt(self.claim, reason, retry_after, unsaved),
+            lambda unsaved: self.store._interrupt(
+                self.claim, reason, retry_after, unsaved, turn, checkpoint
+            ),
             wrote=bool,
         )
 

@@ -389,13 +389,16 @@ async def test_max_steps_ends_the_run(service: RunService) -> None:
 
 
 async def test_max_tool_calls_ends_the_run(settings: Settings) -> None:
-    """A run out of tool calls fails before the next intent is written."""
+    """A run out of tool calls fails before the next intent is written; the answer that
+    asked for that call is journaled all the same, as every answer the policy gave."""
     async with open_service(settings.model_copy(update={"max_tool_calls": 2})) as service:
         run = await service.start("tools", LATENCY)
         assert run.status == RunStatus.FAILED
         assert run.error == "budget exhausted: max_tool_calls=2"
         assert len(await service.store.list_tool_calls("tools")) == 2
         assert run.lease_owner is None
+        turns = await service.store.list_policy_turns("tools")
+        assert [t.turn for t in turns] == list(range(run.checkpoint.steps_used))
 
 
 async def test_a_tiny_deadline_ends_the_run(settings: Settings) -> None:

@@ -462,7 +462,8 @@ async def test_a_live_run_waits_rather_than_finish_dry_in_a_process_that_may_not
     settings: Settings, workspace: Path
 ) -> None:
     """Started live, approved by a process without LOOM_OPS_ALLOW_SHELL: the run is not
-    finished as a dry run; it waits, saying why, and a process allowed to act goes on live."""
+    finished as a dry run; it waits, saying why, and a process allowed to act goes on live,
+    from the answer the first process got (the policy is not asked for it again)."""
     live = settings.model_copy(update={"allow_shell": True})
     async with open_service(live) as starter:
         run = await starter.start("live", "crash-drill")
@@ -477,8 +478,13 @@ async def test_a_live_run_waits_rather_than_finish_dry_in_a_process_that_may_not
     assert lines(workspace) == ["one"]  # append-two neither ran nor was shown as done
     async with open_service(live) as resumer:
         resumed = await resumer.resume("live")
+        events = await resumer.store.list_events("live")
     assert resumed.status == RunStatus.SUCCEEDED, resumed.error
     assert lines(workspace) == ["one", "two"]
+    stop = max(i for i, e in enumerate(events) if e.type == "run_interrupted")
+    assert events[stop - 1].type == "policy_turn"  # the answer the dry process could not act on
+    turns = [e.data["turn"] for e in events if e.type == "policy_turn"]
+    assert turns == sorted(set(turns)), turns  # each answer asked for once
 
 
 async def test_a_live_run_keeps_to_the_runbook_and_params_its_request_names(
