@@ -821,27 +821,28 @@ async def _cmd_status(service: RunService, args: argparse.Namespace) -> int:
             )
     if approval is not None:
         await _report(service, run, False)  # the request and how to decide it, as everywhere
-    elif run.status in (RunStatus.QUEUED, RunStatus.RUNNING):
-        if not run.lease_owner:
-            print(f"Nobody drives it now: loom-ops resume {run.id}{_where(service)}")
-        elif service.driver_gone(run):
-            print(
-                f"Its driver {run.lease_owner} is gone (dead, or its lease ran out): "
-                f"loom-ops resume {run.id}{_where(service)}"
-            )
+        return _exit_code(run)
+    # What nobody holds now: the run itself, else (a parent waiting for them) its children.
+    waits = run.status in (RunStatus.QUEUED, RunStatus.RUNNING)
+    unowned = [r for r in ([run] if waits else children) if _unowned(service, r)]
+    if not unowned:
+        return _exit_code(run)
+    resume = f"loom-ops resume {run.id}{_where(service)}"  # it drives the whole tree
+    # A live process that drives runs picks up what nobody holds (after an outage's pause).
+    drivers = sorted({p.kind for p in await service.live_processes() if p.drives_runs})
+    named = "it" if waits else ", ".join(r.id for r in unowned)
+    if drivers:
+        print(f"Waiting for the live {', '.join(drivers)} to pick {named} up")
+    elif waits and run.lease_owner:
+        print(f"Its driver {run.lease_owner} is gone (dead, or its lease ran out): {resume}")
     else:
-        # A parent waiting for its children waits on nothing if nobody drives them: resuming
-        # it drives its whole tree.
-        stalled = [c.id for c in children if _undriven(service, c)]
-        if stalled:
-            resume = f"loom-ops resume {run.id}{_where(service)}"
-            print(f"Nobody drives {', '.join(stalled)} now: {resume}")
+        print(f"Nobody drives {named} now: {resume}")
     return _exit_code(run)
 
 
-def _undriven(service: RunService, run: RunRecord) -> bool:
-    """A queued or running run that no process drives now (none ever claimed it, or its
-    driver is gone)."""
+def _unowned(service: RunService, run: RunRecord) -> bool:
+    """A queued or running run that no process holds now (none claimed it, or its driver is
+    gone): whoever drives runs next picks it up."""
     if run.status not in (RunStatus.QUEUED, RunStatus.RUNNING):
         return False
     return not run.lease_owner or service.driver_gone(run)

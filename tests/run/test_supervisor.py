@@ -10,6 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -195,30 +196,45 @@ def test_sigkill_anywhere_in_the_tree_then_resume_the_root(
 
 def test_status_of_a_parent_names_the_children_nobody_drives(tmp_path: Path) -> None:
     """Killed while its executor ran, the root waits for children nobody drives: its
-    `status` names them, with the command that drives the tree on."""
+    `status` names them, with the command that drives the tree on; with a live worker, it
+    says that worker picks them up instead."""
     workspace = make_workspace(tmp_path / "ws")
     db = tmp_path / "ops.sqlite"
     code = _cli(workspace, db, "supervise", LATENCY, "--run-id", "t", failpoint="after_intent:5")
     assert code == -signal.SIGKILL, "the failpoint never fired: the test would prove nothing"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_OPS_")}
     env.update(LOOM_OPS_DB=str(db), LOOM_OPS_WORKSPACE=str(workspace), PYTHONPATH=str(REPO))
-    done = subprocess.run(
-        [sys.executable, "-m", "agent.frontends.cli", "status", "t"],
-        cwd=workspace,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr  # the root itself waits, as it should
-    assert done.stdout.startswith("Run t: waiting_children\n"), done.stdout
-    said = done.stdout.splitlines()[-1]
+
+    def status() -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "agent.frontends.cli", "status", "t"],
+            cwd=workspace,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr  # the root itself waits, as it should
+        assert done.stdout.startswith("Run t: waiting_children\n"), done.stdout
+        return done.stdout.splitlines()[-1]
+
+    said = status()
     head, _, command = said.partition(" now: ")
-    assert command == f"loom-ops resume t --db {db}", done.stdout
+    assert command == f"loom-ops resume t --db {db}", said
     # The verifier, started beside the executor, may be waiting for it already or not.
     running = {c for c in ("t:sub:executor", "t:sub:verifier") if _status(db, c) == "running"}
     assert "t:sub:executor" in running
     assert head.startswith("Nobody drives ") and set(head[14:].split(", ")) == running, said
+    with sqlite3.connect(db) as conn:  # a worker's heartbeat, as `loom-ops worker` writes it
+        conn.execute(
+            "INSERT INTO processes (owner, kind, drives_runs, started_at, heartbeat_at) "
+            "VALUES ('w:1', 'worker', 1, ?, ?)",
+            (time.time(), time.time()),
+        )
+    said = status()
+    assert said.startswith("Waiting for the live worker to pick t:sub:executor"), said
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM processes")
     assert _cli(workspace, db, "resume", "t") in (0, 1)  # what it says does drive them on
     assert _status(db, "t:sub:executor") == "waiting_approval"  # at its gate, scale-out
 
