@@ -11,7 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 
-from agent.service.runs import HEARTBEAT_INTERVAL, RunService
+from agent.service.runs import HEARTBEAT_INTERVAL, PROCESS_LIVE_WITHIN, RunService
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +24,9 @@ JOURNAL_WATCH_INTERVAL = 1.0
 # decision recorded by another process waits at most on SQLite (PostgreSQL wakes it at once).
 RUNNABLE_POLL = 0.5
 # How often a process that drives no runs looks whether runs wait for one that does, besides
-# when a run becomes runnable here; and how soon after the last look at the earliest.
+# when a run becomes runnable here; and how soon after the last look at the earliest. A run
+# is named once it waited a whole PROCESS_LIVE_WITHIN with no live process that drives runs:
+# a worker started beside this process, or back from an outage, has beaten by then.
 UNDRIVEN_CHECK = 10.0
 UNDRIVEN_SPACING = 1.0
 
@@ -65,8 +67,11 @@ class Maintenance:
         if self._recover:
             self._tasks.append(background(lambda: drive_runnable_forever(self._service), "runs"))
         elif not drives:
+            warned: set[str] = set()  # kept when the task starts again (after an outage)
             self._tasks.append(
-                background(lambda: warn_of_undriven_runs_forever(self._service), "undriven runs")
+                background(
+                    lambda: warn_of_undriven_runs_forever(self._service, warned), "undriven runs"
+                )
             )
         if self._watch_journal:
             self._tasks.append(background(lambda: watch_journal(self._service), "journal"))
@@ -125,27 +130,34 @@ async def drive_runnable_forever(service: RunService) -> None:
                 await store.runs_ready.wait()
 
 
-async def warn_of_undriven_runs_forever(service: RunService) -> None:
-    """In a process that drives no runs (`--no-worker`): log once per run when runs wait and
-    no live process drives runs, so a run does not sit queued unnoticed. Looks when a run
-    becomes runnable here (a start, a decision) and every UNDRIVEN_CHECK seconds."""
+async def warn_of_undriven_runs_forever(service: RunService, warned: set[str]) -> None:
+    """In a process that drives no runs (`--no-worker`): log once per run (`warned` holds
+    those named) when a run waited PROCESS_LIVE_WITHIN seconds and no live process drives
+    runs, so a run does not sit queued unnoticed. Looks when a run becomes runnable here (a
+    start, a decision), when a run seen waiting is due, and every UNDRIVEN_CHECK seconds."""
     store = service.store
-    warned: set[str] = set()
-    await asyncio.sleep(HEARTBEAT_INTERVAL)  # a worker started beside this process beats first
+    since: dict[str, float] = {}  # run id -> when it was first seen waiting for nobody
     while True:
         store.runs_ready.clear()
+        now = time.monotonic()
         waiting = await service.runs_nobody_drives()
-        new = [run_id for run_id in waiting if run_id not in warned]
-        if new:
+        since = {run_id: since.get(run_id, now) for run_id in waiting}
+        due = [
+            r for r, seen in since.items() if r not in warned and now - seen >= PROCESS_LIVE_WITHIN
+        ]
+        if due:
             log.warning(
                 "%s and no live process drives runs: start `loom-ops worker` (this process "
                 "was started with --no-worker)",
-                _runs_wait(new),
+                _runs_wait(due),
             )
-        warned = set(waiting)  # a run that waits again later is named again
+        warned.intersection_update(waiting)  # a run that waits again later is named again
+        warned.update(due)
+        unnamed = [seen for r, seen in since.items() if r not in warned]
+        look = min([UNDRIVEN_CHECK, *(seen + PROCESS_LIVE_WITHIN - now for seen in unnamed)])
         await asyncio.sleep(UNDRIVEN_SPACING)
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(UNDRIVEN_CHECK - UNDRIVEN_SPACING):
+            async with asyncio.timeout(max(0.0, look - UNDRIVEN_SPACING)):
                 await store.runs_ready.wait()
 
 
