@@ -217,7 +217,7 @@ class RunKernel:
             # with the run, so whoever drives it next goes on from there, asking nobody
             # whether a step ran, nor the policy what it answered already.
             log.info("handing %s back: this process is stopping", run_id)
-            if not await drive.release(turn=handback.turn, checkpoint=loop._checkpoint()):
+            if not await drive.release(unacted=loop.unacted(handback.turn)):
                 # Cancelled or taken over meanwhile.
                 await self._abandon(run_id, drive, None)
         except LeaseLost as exc:
@@ -227,7 +227,7 @@ class RunKernel:
             # Before the outage handlers: a wrong key, URL or model never heals by waiting.
             await self._fail(drive, loop._checkpoint(), self.redactor.text(str(exc)))
         except _CannotAct as exc:
-            await self._interrupt(drive, self.redactor.text(str(exc)), exc.turn, loop._checkpoint())
+            await self._interrupt(drive, self.redactor.text(str(exc)), loop.unacted(exc.turn))
         except PolicyUnavailable as exc:
             await self._interrupt(drive, self.redactor.text(str(exc)))
         except Exception as exc:
@@ -271,14 +271,10 @@ class RunKernel:
             await self._interrupt(drive, reason)
 
     async def _interrupt(
-        self,
-        drive: Drive,
-        reason: str,
-        turn: PolicyTurn | None = None,
-        checkpoint: Checkpoint | None = None,
+        self, drive: Drive, reason: str, unacted: tuple[PolicyTurn, Checkpoint] | None = None
     ) -> None:
         # Workers try it again after a lease TTL, not in a tight loop against an outage.
-        if not await drive.interrupt(reason, self.settings.lease_ttl, turn, checkpoint):
+        if not await drive.interrupt(reason, self.settings.lease_ttl, unacted):
             log.info("run %s was taken over meanwhile; not interrupting it", drive.run_id)
 
 
@@ -598,6 +594,11 @@ class _RunLoop:
     def _checkpoint(self) -> Checkpoint:
         active = self.base_active + (time.monotonic() - self.started)
         return self.state.moved(active_seconds=round(active, 3))
+
+    def unacted(self, turn: PolicyTurn | None) -> tuple[PolicyTurn, Checkpoint] | None:
+        """A turn none of whose calls began, with the checkpoint that points at it: what a
+        drive that stops before acting on it writes, so nobody asks for it again."""
+        return None if turn is None else (turn, self._checkpoint())
 
     def _check_deadline(self, pending: PolicyTurn | None = None) -> None:
         if self._remaining() <= 0:

@@ -170,22 +170,22 @@ class ClaimsStore(StoreBase):
         claim: Claim,
         retry_after: float | None = None,
         earlier: Outcome | None = None,
-        turn: PolicyTurn | None = None,
-        checkpoint: Checkpoint | None = None,
+        unacted: tuple[PolicyTurn, Checkpoint] | None = None,
     ) -> bool:
         """Give the lease back, leaving a running run queued for whoever comes next (workers
         wait `retry_after` seconds before they claim it; an explicit resume does not). The
-        drive's held outcome (`earlier`), then a policy `turn` none of whose calls began
-        (with the `checkpoint` that points at it), are written first, while the claim still
-        holds. False when that write found the claim lost (cancelled, taken over): nothing
-        was written. With nothing to write, a lost claim changes no row, and that is True."""
+        drive's held outcome (`earlier`), then a policy turn none of whose calls began (with
+        the checkpoint that points at it: `unacted`), are written first, while the claim
+        still holds. False when that write found the claim lost (cancelled, taken over):
+        nothing was written. With nothing to write, a lost claim changes no row: True."""
         not_before = time.time() + retry_after if retry_after is not None else None
         self._forget_head(claim)  # the run's row is no drive's to keep now
 
         def release(conn: Connection) -> None:
-            if earlier is not None or turn is not None:
+            if earlier is not None or unacted is not None:
                 self._fence(conn, claim, earlier)  # LeaseLost: nothing is ours to write
-            if turn is not None and checkpoint is not None:
+            if unacted is not None:
+                turn, checkpoint = unacted
                 self._append_events(
                     conn, claim.run_id, [turn], time.time(), {"checkpoint": checkpoint.to_json()}
                 )
@@ -231,13 +231,12 @@ class ClaimsStore(StoreBase):
         reason: str,
         retry_after: float,
         earlier: Outcome | None = None,
-        turn: PolicyTurn | None = None,
-        checkpoint: Checkpoint | None = None,
+        unacted: tuple[PolicyTurn, Checkpoint] | None = None,
     ) -> bool:
-        """Journal why a drive stopped (after a policy `turn` none of whose calls began, with
-        the `checkpoint` that points at it) and hand the run back, queued for whoever claims
-        it after `retry_after` seconds; fenced, so a driver that lost its lease writes
-        nothing (False)."""
+        """Journal why a drive stopped (after a policy turn none of whose calls began, with
+        the checkpoint that points at it: `unacted`) and hand the run back, queued for
+        whoever claims it after `retry_after` seconds; fenced, so a driver that lost its
+        lease writes nothing (False)."""
         now = time.time()
 
         def interrupt(conn: Connection) -> bool:
@@ -252,9 +251,9 @@ class ClaimsStore(StoreBase):
                 "not_before": now + retry_after,
             }
             events: list[Event] = [RunInterrupted(reason)]
-            if turn is not None and checkpoint is not None:
-                events.insert(0, turn)
-                updates["checkpoint"] = checkpoint.to_json()
+            if unacted is not None:
+                events.insert(0, unacted[0])
+                updates["checkpoint"] = unacted[1].to_json()
             self._append_events(conn, claim.run_id, events, now, updates)
             return True
 

@@ -153,15 +153,14 @@ class Drive:
         self,
         reason: str,
         retry_after: float,
-        turn: PolicyTurn | None = None,
-        checkpoint: Checkpoint | None = None,
+        unacted: tuple[PolicyTurn, Checkpoint] | None = None,
     ) -> bool:
-        """Journal why the drive stopped (after a policy `turn` none of whose calls began,
-        with the `checkpoint` pointing at it) and hand the run back; False if it was lost
-        already."""
+        """Journal why the drive stopped (after a policy turn none of whose calls began, with
+        the checkpoint that points at it: `unacted`) and hand the run back; False if it was
+        lost already."""
         return await self._write(
             lambda unsaved: self.store._interrupt(
-                self.claim, reason, retry_after, unsaved, turn, checkpoint
+                self.claim, reason, retry_after, unsaved, unacted
             ),
             wrote=bool,
         )
@@ -227,13 +226,13 @@ class Drive:
     async def release(
         self,
         retry_after: float | None = None,
-        turn: PolicyTurn | None = None,
-        checkpoint: Checkpoint | None = None,
+        unacted: tuple[PolicyTurn, Checkpoint] | None = None,
     ) -> bool:
-        """Write the unsaved outcome (and a policy `turn` none of whose calls began, with the
-        `checkpoint` pointing at it), then hand the run back (queued) for whoever claims it
-        next; once the lease is lost, none is ours to write (False, the outcome kept)."""
+        """Write the unsaved outcome (and a policy turn none of whose calls began, with the
+        checkpoint that points at it: `unacted`), then hand the run back (queued) for
+        whoever claims it next; once the lease is lost, none is ours to write (False, the
+        outcome kept)."""
         return await self._write(
-            lambda unsaved: self.store._release(self.claim, retry_after, unsaved, turn, checkpoint),
+            lambda unsaved: self.store._release(self.claim, retry_after, unsaved, unacted),
             wrote=bool,
         )
