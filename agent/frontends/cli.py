@@ -850,12 +850,13 @@ def _unowned(service: RunService, run: RunRecord) -> bool:
 
 def _where(service: RunService) -> str:
     """The `--db`/`--workspace` a printed command needs to reach this store when pasted
-    elsewhere than where this one ran (none when they are the defaults)."""
+    elsewhere than where this one ran: no `--db` where this shell's LOOM_OPS_DB (or the
+    default) names the store already. A URL's password is never printed: `***` stands in."""
     settings = service.settings
-    default = Settings.model_fields["db"].default
+    default = os.environ.get("LOOM_OPS_DB") or str(Settings.model_fields["db"].default)
     parts = []
-    if str(settings.db) != str(default):
-        parts.append(f" --db {shlex.quote(str(settings.db))}")
+    if str(settings.db) != default:
+        parts.append(f" --db {shlex.quote(service.store_label)}")
     if Path(settings.workspace).resolve() != Path.cwd().resolve():
         parts.append(f" --workspace {shlex.quote(str(settings.workspace))}")
     return "".join(parts)

@@ -644,6 +644,24 @@ def test_status_lists_children_and_a_decide_command_that_works_when_pasted(cli: 
     }
 
 
+def test_a_printed_command_never_shows_the_database_password(cli: Cli) -> None:
+    """The store's URL carries a password: a command `status` prints for pasting names the
+    store with `***` in its place, and names none where LOOM_OPS_DB names it already."""
+    with postgres_schema() as url:
+        secret_url = url.replace("://postgres@", "://postgres:s3cret-pw@", 1)
+        assert secret_url != url, url  # the server trusts 127.0.0.1: the password is ignored
+        started = cli("runbook", LATENCY, "--run-id", "pw", "--mock-llm", db=secret_url)
+        assert started.returncode == 0, started.describe()
+        flagged = cli("status", "pw", db=secret_url)
+        in_env = cli("status", "pw", db=secret_url, env={"LOOM_OPS_DB": secret_url})
+    for result in (started, flagged, in_env):
+        assert "s3cret-pw" not in result.stdout + result.stderr, result.describe()
+    decide = next(line for line in flagged.stdout.splitlines() if line.startswith("Decide with"))
+    assert "--db 'postgresql://postgres:***@" in decide, decide
+    decide = next(line for line in in_env.stdout.splitlines() if line.startswith("Decide with"))
+    assert "--db" not in decide, decide
+
+
 def test_status_without_a_run_id_writes_nothing(cli: Cli) -> None:
     result = cli("status")
     assert result.returncode == 0, result.describe()
