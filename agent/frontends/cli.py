@@ -50,7 +50,6 @@ from agent.records import (
 from agent.runbook.request import MAX_REQUEST_BYTES
 from agent.service.runs import (
     NO_POLICY,
-    PROCESS_LIVE_WITHIN,
     RunService,
     missing_store,
     probe_store,
@@ -831,7 +830,16 @@ async def _cmd_status(service: RunService, args: argparse.Namespace) -> int:
     # A live process that drives runs picks up what nobody holds (after an outage's pause).
     drivers = sorted({p.kind for p in await service.live_processes() if p.drives_runs})
     named = "it" if waits else ", ".join(r.id for r in unowned)
-    if drivers:
+    # A worker takes over a gone driver's run once its lease runs out (`serve` sooner when
+    # the driver died on its host); `resume` does at once.
+    leases = [r.lease_expires_at or 0.0 for r in unowned if r.lease_owner]
+    if drivers and max(leases, default=0.0) > time.time():
+        at = time.strftime("%H:%M:%S UTC", time.gmtime(max(leases)))
+        print(
+            f"Waiting for the live {', '.join(drivers)} to take {named} over, by {at} when the "
+            f"lease of its gone driver runs out (or now: {resume})"
+        )
+    elif drivers:
         print(f"Waiting for the live {', '.join(drivers)} to pick {named} up")
     elif waits and run.lease_owner:
         print(f"Its driver {run.lease_owner} is gone (dead, or its lease ran out): {resume}")
@@ -864,16 +872,17 @@ def _where(service: RunService) -> str:
 
 async def _print_processes(service: RunService | None, as_json: bool) -> int:
     """`loom-ops status` without a run id: the processes that serve the store (serve,
-    telegram, sandbox, workers), live or gone by their heartbeat. `service` is None when the
-    store does not exist yet (nothing serves it)."""
+    telegram, sandbox, workers), live or gone (by their heartbeat, or killed on this host).
+    `service` is None when the store does not exist yet (nothing serves it)."""
     now = time.time()
     processes = await service.processes() if service is not None else []
+    live = {p.owner for p in await service.live_processes()} if service is not None else set()
     listed = [
         {
             "owner": p.owner,
             "kind": p.kind,
             "drives_runs": p.drives_runs,
-            "live": now - p.heartbeat_at <= PROCESS_LIVE_WITHIN,
+            "live": p.owner in live,
             "started_at": p.started_at,
             "heartbeat_at": p.heartbeat_at,
         }

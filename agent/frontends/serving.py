@@ -79,10 +79,10 @@ def check_telegram(settings: Settings, options: WebhookOptions | None = None) ->
     if refusal is not None:  # its alert cards would wait in the outbox for ever
         raise ServingRefused(refusal)
     try:
+        secret = settings.telegram_bot_token  # first: what a new bot is set up with first
+        token = check_token(secret.get_secret_value() if secret else None)
         telegram = TelegramSettings()
         check_config(telegram, load_people(settings))
-        secret = settings.telegram_bot_token
-        token = check_token(secret.get_secret_value() if secret else None)
         webhook = _check_webhook(telegram, options or WebhookOptions())
     except ValidationError as exc:
         first = exc.errors()[0]

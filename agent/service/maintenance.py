@@ -27,7 +27,7 @@ RUNNABLE_POLL = 0.5
 # when a run becomes runnable here; and how soon after the last look at the earliest. A run
 # is named once it waited a whole PROCESS_LIVE_WITHIN with no live process that drives runs:
 # a worker started beside this process, or back from an outage, has beaten by then.
-UNDRIVEN_CHECK = 10.0
+UNDRIVEN_CHECK = 3.0
 UNDRIVEN_SPACING = 1.0
 
 

@@ -509,12 +509,15 @@ class RunService:
         return await self.store.get_run(run_id)
 
     async def live_processes(self) -> list[ProcessRecord]:
-        """The other long-running processes serving this store now (a fresh heartbeat)."""
+        """The other long-running processes serving this store now: a fresh heartbeat, and
+        not provably gone (one of this host killed since its last beat)."""
         now = time.time()
         return [
             process
             for process in await self.store.list_processes()
-            if now - process.heartbeat_at <= PROCESS_LIVE_WITHIN and process.owner != self.owner
+            if now - process.heartbeat_at <= PROCESS_LIVE_WITHIN
+            and process.owner != self.owner
+            and not owner_is_dead(process.owner)
         ]
 
     async def runs_nobody_drives(self) -> list[str]:

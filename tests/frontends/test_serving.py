@@ -59,6 +59,13 @@ def test_a_people_file_with_telegram_people_stands_in_for_approver_ids(
     ("change", "message"),
     [
         ({"TELEGRAM_BOT_TOKEN": ""}, "TELEGRAM_BOT_TOKEN is not set"),
+        # Nothing set yet: the token first, what @BotFather hands a new bot.
+        (
+            dict.fromkeys(
+                ["TELEGRAM_BOT_TOKEN", "TELEGRAM_ALLOWED_CHAT_IDS", "TELEGRAM_APPROVER_IDS"], ""
+            ),
+            "TELEGRAM_BOT_TOKEN is not set",
+        ),
         ({"TELEGRAM_BOT_TOKEN": "not-a-token"}, "TELEGRAM_BOT_TOKEN is malformed"),
         ({"TELEGRAM_ALLOWED_CHAT_IDS": ""}, "TELEGRAM_ALLOWED_CHAT_IDS is not set"),
         ({"TELEGRAM_ALLOWED_CHAT_IDS": "-100,general"}, "'general' is not a numeric Telegram id"),

@@ -197,7 +197,7 @@ def test_sigkill_anywhere_in_the_tree_then_resume_the_root(
 def test_status_of_a_parent_names_the_children_nobody_drives(tmp_path: Path) -> None:
     """Killed while its executor ran, the root waits for children nobody drives: its
     `status` names them, with the command that drives the tree on; with a live worker, it
-    says that worker picks them up instead."""
+    says by when that worker takes them over instead."""
     workspace = make_workspace(tmp_path / "ws")
     db = tmp_path / "ops.sqlite"
     code = _cli(workspace, db, "supervise", LATENCY, "--run-id", "t", failpoint="after_intent:5")
@@ -231,8 +231,9 @@ def test_status_of_a_parent_names_the_children_nobody_drives(tmp_path: Path) -> 
             "VALUES ('w:1', 'worker', 1, ?, ?)",
             (time.time(), time.time()),
         )
-    said = status()
-    assert said.startswith("Waiting for the live worker to pick t:sub:executor"), said
+    said = status()  # the dead driver's lease has not run out yet: when, and what is faster
+    assert said.startswith("Waiting for the live worker to take t:sub:executor"), said
+    assert said.endswith("when the lease of its gone driver runs out (or now: loom-ops resume t)")
     with sqlite3.connect(db) as conn:
         conn.execute("DELETE FROM processes")
     assert _cli(workspace, db, "resume", "t") in (0, 1)  # what it says does drive them on
