@@ -170,6 +170,7 @@ class RunService:
         self._drives: dict[str, asyncio.Task[RunRecord]] = {}
         self.drive_ended = asyncio.Event()  # a slot for another run is free
         self._side_tasks: set[asyncio.Task[None]] = set()
+        self._next_death_look = 0.0  # (time.monotonic) see `claim`
 
     @functools.cached_property
     def redactor(self) -> Redactor:
@@ -1133,9 +1134,18 @@ class RunService:
 
     async def claim(self, limit: int) -> list[Claim]:
         """Claim up to `limit` runs nobody drives, under this process's lease, for
-        `drive_claimed`; StoreUnavailable when the database is away (try again later)."""
+        `drive_claimed`; StoreUnavailable when the database is away (try again later).
+
+        A run whose driver died on this host is taken at once, as `serve` takes it, not when
+        its lease runs out: every HEARTBEAT_INTERVAL at most, the leases' owners are looked
+        at (one read) for one proven gone."""
+        dead: list[str] = []
+        if limit > 0 and time.monotonic() >= self._next_death_look:
+            self._next_death_look = time.monotonic() + HEARTBEAT_INTERVAL
+            owners = await _answering(self.store.lease_owners())
+            dead = [owner for owner in owners if owner_is_dead(owner)]
         return await _answering(
-            self.store.claim_runnable(self.owner, self.settings.lease_ttl, limit)
+            self.store.claim_runnable(self.owner, self.settings.lease_ttl, limit, dead)
         )
 
     async def release(self, claim: Claim) -> None:

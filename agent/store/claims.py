@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from agent.errors import LeaseLost, RunBusy, RunNotFound, RunNotRunnable
 from agent.events import Event, PolicyTurn, RunClaimed, RunInterrupted
@@ -112,22 +112,26 @@ class ClaimsStore(StoreBase):
         self._queued.keep.append(claim)
         return claim
 
-    async def claim_runnable(self, owner: str, ttl: float, limit: int) -> list[Claim]:
-        """Claim up to `limit` runs nobody drives (queued, or running with an expired lease),
-        oldest first, and mark them running under `owner`'s lease: what a worker takes.
+    async def claim_runnable(
+        self, owner: str, ttl: float, limit: int, dead: Sequence[str] = ()
+    ) -> list[Claim]:
+        """Claim up to `limit` runs nobody drives (queued, or running with an expired lease
+        or under an owner in `dead`, processes proven gone), oldest first, and mark them
+        running under `owner`'s lease: what a worker takes.
 
         Rows another transaction holds are skipped (PostgreSQL's SKIP LOCKED), so workers
         claiming at once take different runs instead of queueing behind each other.
         """
         now = time.time()
+        gone = f" OR lease_owner IN ({', '.join('?' for _ in dead)})" if dead else ""
 
         def claim(conn: Connection) -> list[tuple[Claim, RunRecord]]:
             rows = conn.execute(
                 "SELECT id, status, lease_owner, lease_epoch FROM runs "
                 "WHERE (status = 'queued' AND (not_before IS NULL OR not_before <= ?)) "
-                "OR (status = 'running' AND (lease_expires_at IS NULL OR lease_expires_at < ?)) "
-                f"ORDER BY created_at, id LIMIT ?{self.dialect.skip_locked}",
-                (now, now, limit),
+                "OR (status = 'running' AND (lease_expires_at IS NULL OR lease_expires_at < ?"
+                f"{gone})) ORDER BY created_at, id LIMIT ?{self.dialect.skip_locked}",
+                (now, now, *dead, limit),
             ).fetchall()
             claims = []
             for row in rows:
@@ -202,6 +206,18 @@ class ClaimsStore(StoreBase):
         except LeaseLost:  # another process holds the run now; its journal is not ours
             return False
         return True
+
+    async def lease_owners(self) -> list[str]:
+        """The owners whose leases of running runs have not run out: the processes that drive
+        runs now, unless one of them died since its last renewal."""
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT DISTINCT lease_owner FROM runs WHERE status = 'running' "
+                "AND lease_expires_at >= ?",
+                (time.time(),),
+            ).fetchall()
+        )
+        return [row[0] for row in rows if row[0]]
 
     async def runnable_run_ids(
         self, owner_is_dead: Callable[[str], bool], due_only: bool = False

@@ -692,6 +692,38 @@ async def test_a_stopped_worker_lets_its_step_in_flight_finish_and_hands_the_run
     assert raw_rows(db, "SELECT kind FROM approvals WHERE run_id = 'd'") == []
 
 
+async def test_a_worker_takes_over_at_once_a_run_whose_driver_died_on_its_host(
+    tmp_path: Path, db_url: str
+) -> None:
+    """A worker SIGKILLed mid-step on this host (the OOM killer, say): another worker here
+    takes its run over at once, as `serve` does, not when the dead one's lease runs out
+    (60 s here); the step cut short goes to a person, in doubt. On both engines."""
+    workspace, _, logs = _drain_drill(tmp_path, seconds=30)
+    db = db_url
+    with worker_pool(1, workspace, db, logs, concurrency=2, ttl=60.0) as (first,):
+        await _start_the_slow_step(workspace, db, first)
+        first.proc.kill()
+        first.proc.wait(timeout=10)
+    second = start_worker("second", workspace, db, logs, 2, 60.0)
+    try:
+        await_ready([second])
+        deadline = time.monotonic() + 20
+        while run_status(db, "d") != "waiting_approval":
+            assert time.monotonic() < deadline, diagnostics(db, [first, second], None)
+            await asyncio.sleep(0.05)
+    finally:
+        stop_workers([second])
+    claims = [
+        json.loads(row[0])
+        for row in raw_rows(db, "SELECT data FROM events WHERE type = 'run_claimed' ORDER BY seq")
+    ]
+    assert claims[-1]["owner"] == second.owner, claims
+    assert claims[-1]["taken_over_from"] == first.owner, claims
+    assert raw_rows(db, "SELECT kind, step_id FROM approvals WHERE run_id = 'd'") == [
+        ("in_doubt", "slow")
+    ]
+
+
 async def test_a_second_sigterm_stops_a_draining_worker_at_once(tmp_path: Path) -> None:
     """Whoever sends a second SIGTERM (or Ctrl-C) will not wait: the worker hands the run
     back at once, its step in flight in doubt, as before there was a drain."""
