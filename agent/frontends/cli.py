@@ -830,14 +830,14 @@ async def _cmd_status(service: RunService, args: argparse.Namespace) -> int:
     # A live process that drives runs picks up what nobody holds (after an outage's pause).
     drivers = sorted({p.kind for p in await service.live_processes() if p.drives_runs})
     named = "it" if waits else ", ".join(r.id for r in unowned)
-    # A worker takes over a gone driver's run once its lease runs out (`serve` sooner when
-    # the driver died on its host); `resume` does at once.
+    # A live process takes over a gone driver's run at once where it can tell the driver
+    # died (on its host), else when the lease runs out; `resume` does at once.
     leases = [r.lease_expires_at or 0.0 for r in unowned if r.lease_owner]
     if drivers and max(leases, default=0.0) > time.time():
         at = time.strftime("%H:%M:%S UTC", time.gmtime(max(leases)))
         print(
-            f"Waiting for the live {', '.join(drivers)} to take {named} over, by {at} when the "
-            f"lease of its gone driver runs out (or now: {resume})"
+            f"Waiting for the live {', '.join(drivers)} to take {named} over, by {at} at the "
+            f"latest, when the lease of its gone driver runs out (or now: {resume})"
         )
     elif drivers:
         print(f"Waiting for the live {', '.join(drivers)} to pick {named} up")

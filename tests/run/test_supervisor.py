@@ -233,7 +233,7 @@ def test_status_of_a_parent_names_the_children_nobody_drives(tmp_path: Path) -> 
         )
     said = status()  # the dead driver's lease has not run out yet: when, and what is faster
     assert said.startswith("Waiting for the live worker to take t:sub:executor"), said
-    assert said.endswith("when the lease of its gone driver runs out (or now: loom-ops resume t)")
+    assert said.endswith("the lease of its gone driver runs out (or now: loom-ops resume t)")
     with sqlite3.connect(db) as conn:
         conn.execute("DELETE FROM processes")
     assert _cli(workspace, db, "resume", "t") in (0, 1)  # what it says does drive them on
