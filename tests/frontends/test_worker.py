@@ -563,10 +563,10 @@ async def test_three_workers_share_the_runs_and_survive_a_sigkill(
         }
         assert {frm for _, frm, _, _ in report.takeovers} == {victim.owner}, report.takeovers
         assert {to for _, _, to, _ in report.takeovers} <= {w.owner for w in survivors}
+        # (Before its lease ran out, too, where a survivor looked at the leases' owners first:
+        # the victim died on this host, which they can tell. That no run was ever driven by
+        # two workers at once is point 4.)
         assert all(ts > victim.killed_at for *_, ts in report.takeovers), report.takeovers
-        # ...and not before its lease ran out (the store's clock is this host's).
-        early = [t for t in report.takeovers if t[3] <= held_at_kill.get(t[0], float("inf"))]
-        assert early == [], (early, held_at_kill)
         assert {run_id for run_id, *_ in report.takeovers} == set(held_at_kill), (
             report.takeovers,
             held_at_kill,
