@@ -217,7 +217,7 @@ class ClaimsStore(StoreBase):
                 (time.time(),),
             ).fetchall()
         )
-        return [row[0] for row in rows if row[0]]
+        return [row["lease_owner"] for row in rows if row["lease_owner"]]
 
     async def runnable_run_ids(
         self, owner_is_dead: Callable[[str], bool], due_only: bool = False
