@@ -33,24 +33,25 @@ test: $(BIN)/loom-ops
 	$(BIN)/python -m pytest -q -n 2; code=$$?; if [ $$code -eq 5 ]; then echo "pytest ran no tests" >&2; exit 1; fi; exit $$code
 
 bench: $(BIN)/loom-ops
-	$(BIN)/python bench/kernel.py
+	$(BIN)/python bench/kernel.py --against
 	$(BIN)/python bench/redaction.py
 	$(BIN)/python bench/supervise.py
 	$(BIN)/python bench/bot.py
 	$(BIN)/python bench/http.py
-	$(BIN)/python bench/scale.py
+	$(BIN)/python bench/scale.py --against
 	$(BIN)/python bench/decision.py
 	$(BIN)/python bench/soak.py
 
-# Every benchmark once at a tiny size (about 30 s): what CI runs so that none rots unnoticed.
-# Its figures mean nothing at these sizes.
+# Every benchmark once at a tiny size (about 30 s, and about 45 s more the first time, to make
+# the baseline of --against): what CI runs so that none rots unnoticed. Its figures mean
+# nothing at these sizes.
 bench-smoke: $(BIN)/loom-ops
-	$(BIN)/python bench/kernel.py --big 20 --small 5 --live 2
+	$(BIN)/python bench/kernel.py --big 20 --small 5 --live 2 --against
 	$(BIN)/python bench/redaction.py --steps 10
 	$(BIN)/python bench/supervise.py --runs 1
 	$(BIN)/python bench/bot.py --runs 2 --concurrent 2
 	$(BIN)/python bench/http.py --runs 50 --streams 5 --clients 2 --incidents 2 --seconds 0.5
-	$(BIN)/python bench/scale.py --quick --runs 4 --workers 1 --rounds 1
+	$(BIN)/python bench/scale.py --quick --runs 4 --workers 1 --rounds 1 --against
 	$(BIN)/python bench/decision.py --runs 2
 
 clean:

@@ -17,7 +17,11 @@ Prints figures and ratios; asserts nothing. Run with `make bench` or `python ben
 - the time to resume a 1000-step run killed (SIGKILL, in a real subprocess) at step 500, from
   the resume call to the first new step's committed intent, and the CLI's wall time beside the
   process start-up time;
-- peak RSS.
+- peak RSS;
+- with `--against COMMIT` (alone: the code issue 14 measured), that commit's dry-run step CPU
+  and CLI start-up beside this code's, each in processes of its own, interleaved
+  (bench/baseline.py): the targets as ratios to the figures the issue gave for that code,
+  which carry over to a machine slower or faster than the issue's.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != 
 from agent.service.runs import RunService  # noqa: E402
 from agent.settings import Settings  # noqa: E402
 from agent.store.sqlite import BUSY_TIMEOUT_MS  # noqa: E402
+from bench.baseline import ISSUE_14_CODE, Code, add_against, baseline, this_code  # noqa: E402
 
 
 def write_runbook(workspace: Path, steps: int) -> None:
@@ -198,23 +203,71 @@ async def resume_latency(workspace: Path, db: Path, steps: int) -> tuple[float, 
     return first.ts - started, total
 
 
-def cli_startup(workspace: Path, db: Path) -> tuple[float, float, float]:
-    """Best-of-5 wall times of a bare `python -c pass`, `loom-ops runs` and `loom-ops approve`
-    (of an unknown run: start-up, one read, one line), interleaved so noise hits all alike."""
-    env = dict(os.environ, LOOM_OPS_DB=str(db), LOOM_OPS_WORKSPACE=str(workspace))
-    env["PYTHONPATH"] = str(REPO)
-    # As installed: bytecode cached (here, beside the workspace), whatever this shell says.
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    env["PYTHONPYCACHEPREFIX"] = str(workspace.parent / "pycache")
-    cli = [sys.executable, "-m", "agent.frontends.cli"]
-    commands = ([sys.executable, "-c", "pass"], [*cli, "runs"], [*cli, "approve", "no-such-run"])
-    best = [float("inf")] * len(commands)
-    for _ in range(6):  # the first round writes the bytecode
-        for i, args in enumerate(commands):
-            started = time.perf_counter()
-            subprocess.run(args, env=env, cwd=workspace, capture_output=True)
-            best[i] = min(best[i], time.perf_counter() - started)
-    return best[0], best[1], best[2]
+def cli_startup(code: Code, workspace: Path) -> tuple[float, float]:
+    """Best-of-5 wall times of `loom-ops runs` and `loom-ops approve` (of an unknown run:
+    start-up, one read, one line) over a store of `code`'s own in `workspace`, interleaved so
+    noise hits both alike; bytecode cached, as installed (the first round writes it)."""
+    best = [float("inf")] * 2
+    for _ in range(6):
+        for i, argv in enumerate((["runs"], ["approve", "no-such-run"])):
+            best[i] = min(best[i], code.startup(argv, workspace))
+    return best[0], best[1]
+
+
+def bare_python() -> float:
+    """Best-of-5 wall time of a bare `python -c pass`: the floor of any start-up."""
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], capture_output=True)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+async def against(code: Code, small: int, big: int, directory: Path) -> None:
+    """Print `code`'s dry-run step CPU and CLI start-up beside this code's (three interleaved
+    rounds, each figure at its best) and the issue's targets as ratios to `code`'s figures."""
+    ours, theirs = this_code(), code
+    workspace = directory / "ws"
+    workspace.mkdir()
+    figures: dict[str, list[float]] = {}
+    for _ in range(3):
+        for side in (ours, theirs):
+            for name, value in (
+                ("small", side.step_cpu(small, 5)),
+                ("big", side.step_cpu(big, 1)),
+                *zip(("runs", "approve"), cli_startup(side, workspace), strict=True),
+            ):
+                key = f"{side.label}/{name}"
+                figures[key] = [*figures.get(key, []), value]
+    best = {key: min(values) for key, values in figures.items()}
+
+    def row(title: str, name: str, scale: float, unit: str) -> float:
+        mine, base = best[f"{ours.label}/{name}"], best[f"{theirs.label}/{name}"]
+        print(
+            f"    {title:<30}{mine * scale:7.0f} {unit}  {base * scale:7.0f} {unit}"
+            f"  {mine / base:5.2f}x"
+        )
+        return mine / base
+
+    print(f"  against the code at {theirs.label} (own processes, interleaved, best of 3):")
+    print(f"    {'':<30}{'this code':>10}  {theirs.label:>10}")
+    cpu = max(
+        row(f"dry-run step CPU, N={small}", "small", 1e6, "µs"),
+        row(f"dry-run step CPU, N={big}", "big", 1e6, "µs"),
+    )
+    start = max(
+        row("`runs` start-up", "runs", 1e3, "ms"), row("`approve` start-up", "approve", 1e3, "ms")
+    )
+    if theirs.label == ISSUE_14_CODE:
+        # The issue's figures for that code on its machine; its targets as fractions of them.
+        target(
+            f"dry-run step CPU {cpu:.2f}x the issue's code <= 200/440 µs = 0.45x", cpu <= 200 / 440
+        )
+        target(
+            f"start-up {start:.2f}x the issue's code <= 150/290 ms = 0.52x (its figure: 230-290)",
+            start <= 150 / 290,
+        )
 
 
 def target(what: str, met: bool) -> None:
@@ -227,7 +280,9 @@ async def main() -> None:
     parser.add_argument("--big", type=int, default=1000, help="steps of the long run")
     parser.add_argument("--small", type=int, default=40, help="steps of the short run")
     parser.add_argument("--live", type=int, default=40, help="steps of the side-effect run")
+    add_against(parser)
     args = parser.parse_args()
+    older = baseline(args.against)
     with tempfile.TemporaryDirectory(prefix="loom-bench-", dir=REPO / "bench") as tmp:
         directory = Path(tmp)
         # Best of three rounds, interleaved, so that disk and CPU noise hits both sides alike.
@@ -255,7 +310,8 @@ async def main() -> None:
                 "SELECT COUNT(*) FROM tool_calls WHERE run_id = 'killed' AND outcome IS NOT NULL"
             ).fetchone()[0]
         first_intent, rest = await resume_latency(workspace, db, args.big)
-        bare, cli_runs, cli_approve = cli_startup(workspace, db)
+        bare = bare_python()
+        cli_runs, cli_approve = cli_startup(this_code(), workspace)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     print("loom-ops kernel benchmark (mock policy, dry-run steps, SQLite WAL)")
@@ -302,6 +358,9 @@ async def main() -> None:
     slowest = max(cli_runs, cli_approve)
     target(f"`runs` and `approve` start in {slowest * 1e3:.0f} ms <= 150 ms", slowest <= 0.150)
     print(f"  peak RSS of this process                 {peak_mb:8.1f} MiB")
+    if older is not None:
+        with tempfile.TemporaryDirectory(prefix="loom-bench-", dir=REPO / "bench") as tmp:
+            await against(older, args.small, args.big, Path(tmp))
 
 
 if __name__ == "__main__":

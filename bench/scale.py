@@ -32,6 +32,11 @@ tool calls, is the worker's round trips per step. This process's own (creating t
 counted apart, per run. Then the issue's targets: at most 6 round trips and at most 0.8 ms of
 worker CPU per PostgreSQL step ("met" / "not met"; nothing fails).
 
+With `--against COMMIT` (alone: the code issue 14 measured), each round also runs that commit's
+own bench/scale.py for one PostgreSQL worker (its interpreter, its tree: bench/baseline.py) and
+reads its worker CPU per step: the target as a ratio to the figure the issue gave for that
+code, which carries over to a machine slower or faster than the issue's.
+
 PostgreSQL: LOOM_OPS_BENCH_PG_DSN, else LOOM_OPS_TEST_PG_DSN, else
 postgresql://postgres@127.0.0.1/test. Without a reachable server the PostgreSQL rows are skipped.
 """
@@ -67,6 +72,7 @@ from agent.records import TERMINAL_STATUSES  # noqa: E402
 from agent.service.runs import RunService  # noqa: E402
 from agent.settings import Settings  # noqa: E402
 from agent.store.postgres import redact_url  # noqa: E402
+from bench.baseline import ISSUE_14_CODE, Code, add_against, baseline  # noqa: E402
 from bench.roundtrips import RoundTrips, count_postgres, count_store  # noqa: E402
 
 DEFAULT_DSN = "postgresql://postgres@127.0.0.1/test"
@@ -76,6 +82,10 @@ READY_TIMEOUT = 60.0
 SNAPSHOT_TIMEOUT = 10.0
 TARGET_ROUND_TRIPS = 6
 TARGET_WORKER_CPU_MS = 0.8
+# What the issue measured for its code's worker (1.6-2.2 ms): the target is a fraction of it,
+# taken against the range's top (the largest fraction a shorter figure would allow is 0.5).
+ISSUE_WORKER_CPU_MS = 2.2
+ONE_WORKER = "postgresql, 1 worker"
 FINISH_TIMEOUT = 600.0
 TERMINAL = tuple(sorted(str(status) for status in TERMINAL_STATUSES))
 
@@ -451,10 +461,10 @@ def print_table(results: list[Result], steps: int, concurrency: int, rounds: int
     noisy = [r.label for r in results if r.background > 0.2]
     if noisy:
         print(f"  WARNING: the machine was busy with other work before: {', '.join(noisy)}")
-    base = next((r for r in results if r.label == "postgresql, 1 worker"), None)
+    base = next((r for r in results if r.label == ONE_WORKER), None)
     if base is None:
         return
-    print("  vs postgresql, 1 worker:")
+    print(f"  vs {ONE_WORKER}:")
     for r in results:
         if r is base:
             continue
@@ -469,9 +479,13 @@ def print_table(results: list[Result], steps: int, concurrency: int, rounds: int
         print(line + f"   machine CPU/step {ratio:5.2f}x")
 
 
-def print_targets(results: list[Result], counted: Result | None) -> None:
-    """The PostgreSQL targets of issue 14 against this run's figures (never a failure)."""
-    base = next((r for r in results if r.label == "postgresql, 1 worker"), None)
+def print_targets(
+    results: list[Result], counted: Result | None, older: tuple[Code, float, float] | None
+) -> None:
+    """The PostgreSQL targets of issue 14 against this run's figures (never a failure); with
+    `older` (a code, its worker CPU ms per step and ours, each at its best round), the CPU
+    target as a ratio to that code's figure too."""
+    base = next((r for r in results if r.label == ONE_WORKER), None)
     if base is None or counted is None:
         return
     assert counted.worker_trips is not None and counted.create_trips is not None
@@ -499,6 +513,37 @@ def print_targets(results: list[Result], counted: Result | None) -> None:
         ),
     ):
         print(f"    {'target met    ' if met else 'target NOT met'}  {what}")
+    if older is None:
+        return
+    code, theirs, ours = older
+    ratio = ours / theirs
+    print(
+        f"  against the code at {code.label} (its own bench/scale.py, interleaved, best of each):"
+        f"\n    worker CPU per PostgreSQL step  this code {ours:.3f} ms  {code.label} "
+        f"{theirs:.3f} ms  {ratio:.2f}x"
+    )
+    if code.label == ISSUE_14_CODE:
+        allowed = TARGET_WORKER_CPU_MS / ISSUE_WORKER_CPU_MS
+        met = ratio <= allowed
+        print(
+            f"    {'target met    ' if met else 'target NOT met'}  worker CPU {ratio:.2f}x the "
+            f"issue's code <= {TARGET_WORKER_CPU_MS}/{ISSUE_WORKER_CPU_MS} ms = {allowed:.2f}x"
+        )
+
+
+def older_worker_cpu(code: Code, dsn: str, args: argparse.Namespace) -> float:
+    """`code`'s worker CPU ms per step, from one round of its own bench/scale.py with one
+    PostgreSQL worker (the workload's size as ours)."""
+    size = ["--runs", str(args.runs), "--steps", str(args.steps)]
+    size += ["--concurrency", str(args.concurrency)]
+    one = ["--workers", "1", "--rounds", "1", "--no-inprocess"]
+    table = code.bench("scale.py", [*one, *size], LOOM_OPS_BENCH_PG_DSN=dsn)
+    lines = table.splitlines()
+    header = next(line for line in lines if line.lstrip().startswith("configuration"))
+    row = next(line for line in lines if line.lstrip().startswith(ONE_WORKER))
+    # Right-aligned columns: the figure is the one that ends where the header's name does.
+    end = header.index("workers") + len("workers")
+    return float(row[:end].split()[-1])
 
 
 async def count_round_trips(root: Path, dsn: str, args: argparse.Namespace) -> Result:
@@ -540,7 +585,9 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; best kept")
     parser.add_argument("--quick", action="store_true", help="sanity pass: 40 runs, 1 round")
     parser.add_argument("--no-inprocess", action="store_true", help="skip sqlite in-process")
+    add_against(parser)
     args = parser.parse_args()
+    code = baseline(args.against)
     if args.quick:
         args.runs, args.rounds = 40, 1
     args.steps = max(3, args.steps)
@@ -557,13 +604,26 @@ async def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="loom-ops-bench-scale-"))
     try:
         # Interleaved rounds, so that noise hits every configuration alike; keep the best.
-        rounds = [await one_round(root, dsn, counts, args) for _ in range(max(1, args.rounds))]
+        rounds, theirs = [], []
+        for _ in range(max(1, args.rounds)):
+            rounds.append(await one_round(root, dsn, counts, args))
+            if code is not None and dsn is not None and 1 in counts:
+                theirs.append(older_worker_cpu(code, dsn, args))
         counted = await count_round_trips(root, dsn, args) if dsn is not None else None
     finally:
         shutil.rmtree(root, ignore_errors=True)
     best = [max(column, key=lambda r: r.runs_per_s) for column in zip(*rounds, strict=True)]
     print_table(best, args.steps, args.concurrency, len(rounds))
-    print_targets(best, counted)
+    older = None
+    if code is not None and theirs:
+        ours = min(
+            r.per_step_ms(r.worker_cpu)
+            for results in rounds
+            for r in results
+            if r.label == ONE_WORKER and r.worker_cpu is not None
+        )
+        older = (code, min(theirs), ours)
+    print_targets(best, counted, older)
 
 
 if __name__ == "__main__":
