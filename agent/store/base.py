@@ -525,9 +525,10 @@ class StoreBase:
         """
         head = self._head(conn, run_id)
         origin = _origin(head.origin)
-        target = dumps({"chat_id": origin.chat_id, "thread_id": origin.thread_id})
 
-        def insert(kind: ChatNotice, payload: dict[str, Any], to: str = target) -> None:
+        def insert(kind: ChatNotice, payload: dict[str, Any], to: str | None = None) -> None:
+            if to is None:  # the run's own chat
+                to = dumps({"chat_id": origin.chat_id, "thread_id": origin.thread_id})
             conn.execute(
                 "INSERT INTO outbox (run_id, target, kind, payload, created_at) "
                 "VALUES (?, ?, ?, ?, ?)",
