@@ -33,7 +33,7 @@ test: $(BIN)/loom-ops
 	$(BIN)/python -m pytest -q -n 2; code=$$?; if [ $$code -eq 5 ]; then echo "pytest ran no tests" >&2; exit 1; fi; exit $$code
 
 bench: $(BIN)/loom-ops
-	$(BIN)/python bench/kernel.py --against
+	$(BIN)/python bench/kernel.py --against --instructions
 	$(BIN)/python bench/redaction.py
 	$(BIN)/python bench/supervise.py
 	$(BIN)/python bench/bot.py

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +32,19 @@ CACHE = REPO / "bench" / ".baseline"
 # machine): a dry-run step about 440 µs of CPU (target 200), `runs` 230-290 ms to start
 # (target 150), a PostgreSQL worker 1.6-2.2 ms of CPU per step (target 0.8).
 ISSUE_14_CODE = "f7d0156"
+# Counts every instruction the process runs, its threads' too (the database's).
+VALGRIND = ("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null")
 
-# Run by each code's interpreter with that code first on sys.path: one N-step dry-run run
-# (mock policy) after a warm-up run in one service, the best CPU time per step of `runs`.
-# It imports the service from before and after issue 14's move into packages.
+
+def can_count_instructions() -> bool:
+    """Whether valgrind is here to count (Debian's package `valgrind`)."""
+    return shutil.which(VALGRIND[0]) is not None
+
+
+# Run by each code's interpreter with that code first on sys.path: a warm-up N-step dry-run
+# run (mock policy), then `runs` more in the same service; prints the best CPU time per step
+# of those (nan for none). It imports the service from before and after issue 14's move
+# into packages.
 _STEP_PROBE = """
 import asyncio, sys, time
 from pathlib import Path
@@ -56,15 +68,15 @@ async def main(directory: Path, steps: int, runs: int) -> None:
     service = await RunService.open(settings)
     try:
         await service.start("warm-up", "probe")
-        best = float("inf")
+        spent = []
         for n in range(runs):
             cpu = time.process_time()
             run = await service.start(f"probe-{n}", "probe")
-            best = min(best, time.process_time() - cpu)
+            spent.append(time.process_time() - cpu)
             assert run.status == "succeeded", (run.status, run.error)
     finally:
         await service.close()
-    print(best / steps)
+    print(min(spent) / steps if spent else "nan")
 
 asyncio.run(main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])))
 """
@@ -101,19 +113,36 @@ class Code:
         with tempfile.TemporaryDirectory(prefix="loom-probe-") as tmp:
             return self._probe(Path(tmp), steps, runs)
 
+    def step_instructions(self, steps: int) -> float:
+        """Machine instructions per step of an N-step dry-run run in a warm process, counted
+        by valgrind (callgrind): the process with one run more, less the process without
+        it. Unlike CPU time, the same on every run of the same code on the same Python (string
+        hashing seeded): a comparison no noise moves. System calls are not counted."""
+        counts = []
+        for runs in (0, 1):
+            with tempfile.TemporaryDirectory(prefix="loom-probe-") as tmp:
+                done = self._run_probe(Path(tmp), steps, runs, VALGRIND, PYTHONHASHSEED="0")
+            counts.append(int(re.findall(r"Collected : (\d+)", done.stderr)[-1]))
+        return (counts[1] - counts[0]) / steps
+
     def _probe(self, directory: Path, steps: int, runs: int) -> float:
         """Run the step probe in `directory` (its store: probe.sqlite there)."""
+        return float(self._run_probe(directory, steps, runs).stdout.split()[-1])
+
+    def _run_probe(
+        self, directory: Path, steps: int, runs: int, wrapper: Sequence[str] = (), **settings: str
+    ) -> subprocess.CompletedProcess[str]:
         directory.mkdir(exist_ok=True)
         done = subprocess.run(
-            [str(self.python), "-c", _STEP_PROBE, str(directory), str(steps), str(runs)],
-            env=self.env(),
+            [*wrapper, str(self.python), "-c", _STEP_PROBE, str(directory), str(steps), str(runs)],
+            env=self.env(**settings),
             cwd=directory,
             capture_output=True,
             text=True,
         )
         if done.returncode != 0:
             raise BaselineError(f"{self.label}: the step probe failed: {done.stderr.strip()}")
-        return float(done.stdout.split()[-1])
+        return done
 
     def bench(self, script: str, args: list[str], **settings: str) -> str:
         """What this code's own benchmark `script` (under bench/) prints, run by this code."""

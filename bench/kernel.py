@@ -21,7 +21,9 @@ Prints figures and ratios; asserts nothing. Run with `make bench` or `python ben
 - with `--against COMMIT` (alone: the code issue 14 measured), that commit's dry-run step CPU
   and CLI start-up beside this code's, each in processes of its own, interleaved
   (bench/baseline.py): the targets as ratios to the figures the issue gave for that code,
-  which carry over to a machine slower or faster than the issue's.
+  which carry over to a machine slower or faster than the issue's; with `--instructions`,
+  both codes' machine instructions per step as well, counted by valgrind: a figure no noise
+  moves.
 """
 
 from __future__ import annotations
@@ -49,7 +51,14 @@ sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != 
 from agent.service.runs import RunService  # noqa: E402
 from agent.settings import Settings  # noqa: E402
 from agent.store.sqlite import BUSY_TIMEOUT_MS  # noqa: E402
-from bench.baseline import ISSUE_14_CODE, Code, add_against, baseline, this_code  # noqa: E402
+from bench.baseline import (  # noqa: E402
+    ISSUE_14_CODE,
+    Code,
+    add_against,
+    baseline,
+    can_count_instructions,
+    this_code,
+)
 
 
 def write_runbook(workspace: Path, steps: int) -> None:
@@ -224,9 +233,10 @@ def bare_python() -> float:
     return best
 
 
-async def against(code: Code, small: int, big: int, directory: Path) -> None:
+async def against(code: Code, small: int, big: int, directory: Path, count: bool) -> None:
     """Print `code`'s dry-run step CPU and CLI start-up beside this code's (three interleaved
-    rounds, each figure at its best) and the issue's targets as ratios to `code`'s figures."""
+    rounds, each figure at its best), with `count` their instructions per step too, and the
+    issue's targets as ratios to `code`'s figures."""
     ours, theirs = this_code(), code
     workspace = directory / "ws"
     workspace.mkdir()
@@ -245,13 +255,13 @@ async def against(code: Code, small: int, big: int, directory: Path) -> None:
     def row(title: str, name: str, scale: float, unit: str) -> float:
         mine, base = best[f"{ours.label}/{name}"], best[f"{theirs.label}/{name}"]
         print(
-            f"    {title:<30}{mine * scale:7.0f} {unit}  {base * scale:7.0f} {unit}"
+            f"    {title:<34}{mine * scale:7.0f} {unit}  {base * scale:7.0f} {unit}"
             f"  {mine / base:5.2f}x"
         )
         return mine / base
 
     print(f"  against the code at {theirs.label} (own processes, interleaved, best of 3):")
-    print(f"    {'':<30}{'this code':>10}  {theirs.label:>10}")
+    print(f"    {'':<34}{'this code':>10}  {theirs.label:>10}")
     cpu = max(
         row(f"dry-run step CPU, N={small}", "small", 1e6, "µs"),
         row(f"dry-run step CPU, N={big}", "big", 1e6, "µs"),
@@ -259,11 +269,30 @@ async def against(code: Code, small: int, big: int, directory: Path) -> None:
     start = max(
         row("`runs` start-up", "runs", 1e3, "ms"), row("`approve` start-up", "approve", 1e3, "ms")
     )
+    count = count and can_count_instructions()
+    if count:
+        for n in (small, big):
+            for side in (ours, theirs):
+                best[f"{side.label}/instructions {n}"] = side.step_instructions(n)
+        # Deterministic, so no noise to take the best of; a proxy of CPU time that leaves
+        # out system calls (which the older code, with a thread hop per statement, made more).
+        counted = max(
+            row(f"dry-run step instructions, N={n}", f"instructions {n}", 1e-3, "k ")
+            for n in (small, big)
+        )
+    elif not can_count_instructions():
+        print("    (dry-run step instructions: not counted, valgrind is not installed)")
     if theirs.label == ISSUE_14_CODE:
         # The issue's figures for that code on its machine; its targets as fractions of them.
         target(
             f"dry-run step CPU {cpu:.2f}x the issue's code <= 200/440 µs = 0.45x", cpu <= 200 / 440
         )
+        if count:
+            target(
+                f"dry-run step instructions {counted:.2f}x the issue's code <= 0.45x (the CPU "
+                "target's proxy)",
+                counted <= 200 / 440,
+            )
         target(
             f"start-up {start:.2f}x the issue's code <= 150/290 ms = 0.52x (its figure: 230-290)",
             start <= 150 / 290,
@@ -281,6 +310,11 @@ async def main() -> None:
     parser.add_argument("--small", type=int, default=40, help="steps of the short run")
     parser.add_argument("--live", type=int, default=40, help="steps of the side-effect run")
     add_against(parser)
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="with --against: count both codes' instructions per step too (valgrind; minutes)",
+    )
     args = parser.parse_args()
     older = baseline(args.against)
     with tempfile.TemporaryDirectory(prefix="loom-bench-", dir=REPO / "bench") as tmp:
@@ -360,7 +394,7 @@ async def main() -> None:
     print(f"  peak RSS of this process                 {peak_mb:8.1f} MiB")
     if older is not None:
         with tempfile.TemporaryDirectory(prefix="loom-bench-", dir=REPO / "bench") as tmp:
-            await against(older, args.small, args.big, Path(tmp))
+            await against(older, args.small, args.big, Path(tmp), args.instructions)
 
 
 if __name__ == "__main__":
