@@ -30,6 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / "bench" / ".baseline"
+PROBE = REPO / "bench" / "step_probe.py"
 
 # The last commit before issue 14's work, the code whose figures the issue gave (on its
 # machine), and those figures with the targets. Where the issue gave a range, its top: the
@@ -45,9 +46,6 @@ VALGRIND = ("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null")
 def can_count_instructions() -> bool:
     """Whether valgrind is here to count (Debian's package `valgrind`)."""
     return shutil.which(VALGRIND[0]) is not None
-
-
-PROBE = Path(__file__).resolve().parent / "step_probe.py"
 
 
 class BaselineError(Exception):
@@ -154,6 +152,27 @@ class Code:
         return time.perf_counter() - started
 
 
+def this_code() -> Code:
+    """The code this benchmark is part of, run by this interpreter."""
+    return Code("this code", REPO, Path(sys.executable))
+
+
+def baseline(commit: str) -> Code:
+    """The code at `commit`, with its own virtual environment, made on first use (one process
+    at a time: others wait for it); BaselineError, one line, when it cannot be made."""
+    if _git("rev-parse", "--is-shallow-repository").strip() == "true":
+        raise BaselineError("this clone is shallow: `git fetch --unshallow` first")
+    sha = _git("rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}").strip()
+    # Its own interpreter is this one's version: a venv keeps the interpreter it was made by.
+    root = CACHE / f"{sha[:12]}-py{sys.version_info.major}.{sys.version_info.minor}"
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / f"{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / ".ready").exists():
+            _make(sha, root)
+    return Code(sha[:7], root, root / ".venv" / "bin" / "python", sha)
+
+
 def add_against(parser: argparse.ArgumentParser) -> None:
     """A benchmark's `--against [COMMIT]` option (alone: the code issue 14 measured)."""
     parser.add_argument(
@@ -179,27 +198,6 @@ def baseline_asked(parser: argparse.ArgumentParser, commit: str | None) -> Code 
             parser.error(f"--against {commit}: {exc}")
         print(f"  against {commit}: skipped ({exc})")
         return None
-
-
-def this_code() -> Code:
-    """The code this benchmark is part of, run by this interpreter."""
-    return Code("this code", REPO, Path(sys.executable))
-
-
-def baseline(commit: str) -> Code:
-    """The code at `commit`, with its own virtual environment, made on first use (one process
-    at a time: others wait for it); BaselineError, one line, when it cannot be made."""
-    if _git("rev-parse", "--is-shallow-repository").strip() == "true":
-        raise BaselineError("this clone is shallow: `git fetch --unshallow` first")
-    sha = _git("rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}").strip()
-    # Its own interpreter is this one's version: a venv keeps the interpreter it was made by.
-    root = CACHE / f"{sha[:12]}-py{sys.version_info.major}.{sys.version_info.minor}"
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / f"{root.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (root / ".ready").exists():
-            _make(sha, root)
-    return Code(sha[:7], root, root / ".venv" / "bin" / "python", sha)
 
 
 def _make(sha: str, root: Path) -> None:
