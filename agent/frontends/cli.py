@@ -791,10 +791,14 @@ async def _cmd_status(service: RunService, args: argparse.Namespace) -> int:
         key=lambda child: (child.created_at, child.id),
     )
     approval = await service.pending_approval(run.id)
+    # What nobody holds now: the run itself, else (a parent waiting for them) its children.
+    waits = run.status in (RunStatus.QUEUED, RunStatus.RUNNING)
+    unowned = [r for r in ([run] if waits else children) if _unowned(service, r)]
     if args.json:
         payload = _run_json(run) | {
             "approval": _approval_json(approval),
             "children": [_run_json(child) for child in children],
+            "undriven": [r.id for r in unowned],  # what a monitor alerts on
         }
         print(json.dumps(payload, ensure_ascii=False))
         return _exit_code(run)
@@ -821,9 +825,6 @@ async def _cmd_status(service: RunService, args: argparse.Namespace) -> int:
     if approval is not None:
         await _report(service, run, False)  # the request and how to decide it, as everywhere
         return _exit_code(run)
-    # What nobody holds now: the run itself, else (a parent waiting for them) its children.
-    waits = run.status in (RunStatus.QUEUED, RunStatus.RUNNING)
-    unowned = [r for r in ([run] if waits else children) if _unowned(service, r)]
     if not unowned:
         return _exit_code(run)
     resume = f"loom-ops resume {run.id}{_where(service)}"  # it drives the whole tree

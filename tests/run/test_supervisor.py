@@ -196,8 +196,8 @@ def test_sigkill_anywhere_in_the_tree_then_resume_the_root(
 
 def test_status_of_a_parent_names_the_children_nobody_drives(tmp_path: Path) -> None:
     """Killed while its executor ran, the root waits for children nobody drives: its
-    `status` names them, with the command that drives the tree on; with a live worker, it
-    says by when that worker takes them over instead."""
+    `status` names them, with the command that drives the tree on (`--json`: their ids, as
+    `undriven`); with a live worker, it says by when that worker takes them over instead."""
     workspace = make_workspace(tmp_path / "ws")
     db = tmp_path / "ops.sqlite"
     code = _cli(workspace, db, "supervise", LATENCY, "--run-id", "t", failpoint="after_intent:5")
@@ -205,9 +205,9 @@ def test_status_of_a_parent_names_the_children_nobody_drives(tmp_path: Path) -> 
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOM_OPS_")}
     env.update(LOOM_OPS_DB=str(db), LOOM_OPS_WORKSPACE=str(workspace), PYTHONPATH=str(REPO))
 
-    def status() -> str:
+    def status(*json_flag: str) -> str:
         done = subprocess.run(
-            [sys.executable, "-m", "agent.frontends.cli", "status", "t"],
+            [sys.executable, "-m", "agent.frontends.cli", "status", "t", *json_flag],
             cwd=workspace,
             env=env,
             capture_output=True,
@@ -215,8 +215,16 @@ def test_status_of_a_parent_names_the_children_nobody_drives(tmp_path: Path) -> 
             timeout=60,
         )
         assert done.returncode == 0, done.stderr  # the root itself waits, as it should
+        if json_flag:
+            return done.stdout
         assert done.stdout.startswith("Run t: waiting_children\n"), done.stdout
         return done.stdout.splitlines()[-1]
+
+    def undriven() -> set[str]:
+        """What `status --json` says nobody drives (what a monitor alerts on)."""
+        payload = json.loads(status("--json"))
+        assert payload["status"] == "waiting_children", payload
+        return set(payload["undriven"])
 
     said = status()
     head, _, command = said.partition(" now: ")
@@ -225,6 +233,7 @@ def test_status_of_a_parent_names_the_children_nobody_drives(tmp_path: Path) -> 
     running = {c for c in ("t:sub:executor", "t:sub:verifier") if _status(db, c) == "running"}
     assert "t:sub:executor" in running
     assert head.startswith("Nobody drives ") and set(head[14:].split(", ")) == running, said
+    assert undriven() == running
     with sqlite3.connect(db) as conn:  # a worker's heartbeat, as `loom-ops worker` writes it
         conn.execute(
             "INSERT INTO processes (owner, kind, drives_runs, started_at, heartbeat_at) "
@@ -238,6 +247,7 @@ def test_status_of_a_parent_names_the_children_nobody_drives(tmp_path: Path) -> 
         conn.execute("DELETE FROM processes")
     assert _cli(workspace, db, "resume", "t") in (0, 1)  # what it says does drive them on
     assert _status(db, "t:sub:executor") == "waiting_approval"  # at its gate, scale-out
+    assert undriven() == set()  # every child is held or waits for a person
 
 
 async def test_cancelling_the_root_cancels_the_whole_tree(service: RunService) -> None:
