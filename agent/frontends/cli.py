@@ -233,7 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
         "waiting_approval)",
     )
     p.add_argument("--limit", type=_positive, default=50, help="at most this many (1-1000)")
-    p.add_argument("--all", action="store_true", help="every run, child runs included")
+    p.add_argument(
+        "--all", action="store_true", help="every run, child runs included, each by its own status"
+    )
     _common(p)
 
     p = sub.add_parser("explain", help="a run's timeline")
