@@ -49,7 +49,6 @@ REPO = BENCH.parent
 sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != BENCH]
 
 from agent.service.runs import RunService  # noqa: E402
-from agent.settings import Settings  # noqa: E402
 from agent.store.sqlite import BUSY_TIMEOUT_MS  # noqa: E402
 from bench.baseline import (  # noqa: E402
     ISSUE_14_STARTUP_MS,
@@ -63,32 +62,7 @@ from bench.baseline import (  # noqa: E402
     can_count_instructions,
     this_code,
 )
-
-
-def write_runbook(workspace: Path, steps: int) -> None:
-    """A runbook of `steps` dry-run command steps."""
-    (workspace / "runbooks").mkdir(parents=True, exist_ok=True)
-    lines = [
-        f"id: bench-{steps}",
-        f"title: Benchmark with {steps} steps",
-        f"triggers: [bench {steps}]",
-        "steps:",
-    ]
-    for i in range(steps):
-        lines += [f"  - id: s{i}", f"    title: Step {i}", f"    run: echo step {i}"]
-    (workspace / "runbooks" / f"bench-{steps}.yaml").write_text("\n".join(lines) + "\n")
-
-
-def settings_for(workspace: Path, db: Path, steps: int) -> Settings:
-    """Mock LLM, dry-run, budgets large enough for the run."""
-    return Settings(
-        _env_file=None,
-        db=str(db),
-        workspace=workspace,
-        mock_llm=True,
-        max_steps=steps + 10,
-        max_tool_calls=steps + 10,
-    )
+from bench.step_probe import settings_for, write_runbook  # noqa: E402
 
 
 async def raw_commit_baseline(directory: Path, count: int, synchronous: str | None) -> float:

@@ -4,7 +4,8 @@
 one's, or an older commit's): in DIR a runbook of STEPS dry-run command steps, a warm-up run
 of it (mock policy), then RUNS more runs in the same service; prints the best CPU seconds per
 step of those (nan for none). It imports the service from before and after issue 14's move
-into packages, so it measures the code that issue measured as well.
+into packages, so it measures the code that issue measured as well; bench/kernel.py builds
+its in-process runs from the same runbook and settings.
 """
 
 from __future__ import annotations
@@ -27,28 +28,42 @@ except ImportError:  # the flat layout before the packages
 from agent.settings import Settings  # noqa: E402
 
 
-async def main(directory: Path, steps: int, runs: int) -> None:
-    books = directory / "runbooks"
-    books.mkdir(parents=True, exist_ok=True)
-    lines = ["id: probe", "title: Probe", "triggers: [probe]", "steps:"]
+def write_runbook(workspace: Path, steps: int) -> None:
+    """A runbook of `steps` dry-run command steps."""
+    (workspace / "runbooks").mkdir(parents=True, exist_ok=True)
+    lines = [
+        f"id: bench-{steps}",
+        f"title: Benchmark with {steps} steps",
+        f"triggers: [bench {steps}]",
+        "steps:",
+    ]
     for i in range(steps):
         lines += [f"  - id: s{i}", f"    title: Step {i}", f"    run: echo step {i}"]
-    (books / "probe.yaml").write_text("\n".join(lines) + "\n")
-    settings = Settings(
+    (workspace / "runbooks" / f"bench-{steps}.yaml").write_text("\n".join(lines) + "\n")
+
+
+def settings_for(workspace: Path, db: Path, steps: int) -> Settings:
+    """Mock LLM, dry-run, budgets large enough for the run."""
+    return Settings(
         _env_file=None,
-        db=str(directory / "probe.sqlite"),
-        workspace=directory,
+        db=str(db),
+        workspace=workspace,
         mock_llm=True,
         max_steps=steps + 10,
         max_tool_calls=steps + 10,
     )
+
+
+async def main(directory: Path, steps: int, runs: int) -> None:
+    write_runbook(directory, steps)
+    settings = settings_for(directory, directory / "probe.sqlite", steps)
     service = await RunService.open(settings)
     try:
-        await service.start("warm-up", "probe")
+        await service.start("warm-up", f"bench {steps}")
         spent = []
         for n in range(runs):
             cpu = time.process_time()
-            run = await service.start(f"probe-{n}", "probe")
+            run = await service.start(f"probe-{n}", f"bench {steps}")
             spent.append(time.process_time() - cpu)
             assert run.status == "succeeded", (run.status, run.error)
     finally:
