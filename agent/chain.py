@@ -33,10 +33,10 @@ import hashlib
 import hmac
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
-from agent.records import EventRecord, RunRecord
+from agent.records import EventRecord, RunRecord, record
 
 GENESIS = ""
 RUN_CREATED = "run_created"  # the first event of every run's journal
@@ -59,7 +59,7 @@ def canonical_json(data: Any) -> str:
     return _CANONICAL.encode(data)
 
 
-@dataclass(frozen=True)
+@record
 class AuditKey:
     """The secret the journal's links are MACs under; only its id is ever shown or stored."""
 
@@ -74,7 +74,7 @@ class AuditKey:
         return cls(raw, f"k:{digest[:8]}")
 
 
-@dataclass(frozen=True)
+@record
 class Keyring:
     """The keys a verifier holds: the one in force (which writes) and the ones it replaced
     (rotation), each found by its id; empty when no key is set."""
@@ -99,6 +99,9 @@ class Keyring:
         if self.previous:
             said += f" (and previous {', '.join(k.id for k in self.previous)})"
         return said
+
+
+NO_KEYS = Keyring()
 
 
 def event_hash(prev_hash: str, run_id: str, idx: int, ts: float, type_: str, data_json: str) -> str:
@@ -127,7 +130,7 @@ def event_link(
 
 
 def first_broken_link(
-    events: Iterable[EventRecord], run_no: int | None = None, keys: Keyring = Keyring()
+    events: Iterable[EventRecord], run_no: int | None = None, keys: Keyring = NO_KEYS
 ) -> EventRecord | None:
     """Recompute a run's chain in order; return the first event that does not verify.
 
@@ -155,7 +158,7 @@ def first_broken_link(
     return None
 
 
-@dataclass(frozen=True)
+@record
 class ChainReport:
     """The verdict on one run: intact, TAMPERED (`problems`, one line each), or not verified
     (`unverified`: a key the verifier lacks, or unkeyed events and no anchor to judge them)."""
@@ -270,7 +273,7 @@ def verify_chain(
 # -- the head of a run's tree, published outside the store --------------------------------------
 
 
-@dataclass(frozen=True)
+@record
 class RunHead:
     """What a tree's head covers of one run: its number, id, journal length and last link."""
 
@@ -351,7 +354,7 @@ def _link(event: EventRecord | None) -> str:
     return event.hash if event is not None else GENESIS
 
 
-@dataclass(frozen=True)
+@record
 class NumberingReport:
     """What the global run numbering says about deleted runs."""
 

@@ -8,11 +8,11 @@ returns `UnknownEvent` with the raw data, so explain, trace and the chat still s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import field, fields
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from agent.records import EventRecord
+from agent.records import EventRecord, record
 
 
 class EventType(StrEnum):
@@ -41,7 +41,7 @@ class EventType(StrEnum):
     ALERT_SILENCED = "alert_silenced"
 
 
-@dataclass(frozen=True)
+@record
 class Event:
     """A typed journal payload; `data()` is what the journal stores and hashes."""
 
@@ -52,7 +52,7 @@ class Event:
         return dict(self.__dict__)
 
 
-@dataclass(frozen=True)
+@record
 class RunCreated(Event):
     """A run was created (a root by a person, a child by its parent's delegate call)."""
 
@@ -68,7 +68,7 @@ class RunCreated(Event):
     runbook_id: str | None = None
 
 
-@dataclass(frozen=True)
+@record
 class RunClaimed(Event):
     """A process took the run's lease at `epoch` (from a dead owner, when `taken_over_from`)."""
 
@@ -85,7 +85,7 @@ class RunClaimed(Event):
         return data
 
 
-@dataclass(frozen=True)
+@record
 class RunInterrupted(Event):
     """The drive stopped without an end (a policy outage, a lost lease); resume goes on."""
 
@@ -93,7 +93,7 @@ class RunInterrupted(Event):
     error: str
 
 
-@dataclass(frozen=True)
+@record
 class RunFinished(Event):
     """The run ended with `status`; `summary` is the policy's narrative, `error` the cause."""
 
@@ -110,7 +110,7 @@ class RunFinished(Event):
         return {"status": self.status, "summary": self.summary, "error": self.error}
 
 
-@dataclass(frozen=True)
+@record
 class PolicyTurn(Event):
     """The policy's answer for one turn, journaled before the kernel acts on it."""
 
@@ -123,7 +123,7 @@ class PolicyTurn(Event):
     completion_tokens: int = 0
 
 
-@dataclass(frozen=True)
+@record
 class ToolIntent(Event):
     """A tool call is about to run (attempt `attempt`); committed before its effect."""
 
@@ -135,7 +135,7 @@ class ToolIntent(Event):
     attempt: int = 1
 
 
-@dataclass(frozen=True)
+@record
 class ToolOutcome(Event):
     """What a tool call came to: `status` ok, error, refused, skipped, cancelled…"""
 
@@ -160,7 +160,7 @@ class ToolOutcome(Event):
         return data
 
 
-@dataclass(frozen=True)
+@record
 class ApprovalRequested(Event):
     """A person's decision was asked for (the chat's token is never journaled)."""
 
@@ -185,7 +185,7 @@ class ApprovalRequested(Event):
     on_expiry: str = "stop"
 
 
-@dataclass(frozen=True)
+@record
 class ApprovalDecided(Event):
     """A person approved or rejected request `number`."""
 
@@ -198,7 +198,7 @@ class ApprovalDecided(Event):
     note: str | None = None
 
 
-@dataclass(frozen=True)
+@record
 class ApprovalVoted(Event):
     """A person approved request `number`, which needs more approvals: `approvals` of
     `required` are in (the approval that completes it is an ApprovalDecided)."""
@@ -212,7 +212,7 @@ class ApprovalVoted(Event):
     note: str | None = None
 
 
-@dataclass(frozen=True)
+@record
 class ApprovalExpired(Event):
     """Nobody decided before the deadline (never consent)."""
 
@@ -223,7 +223,7 @@ class ApprovalExpired(Event):
     on_expiry: str = "stop"
 
 
-@dataclass(frozen=True)
+@record
 class ApprovalReminded(Event):
     """Request `number` was still pending at its reminder time: `mentioned` (the identities
     of the people who may decide it) were reminded in its chat, `privately` also in their
@@ -236,7 +236,7 @@ class ApprovalReminded(Event):
     privately: list[str]
 
 
-@dataclass(frozen=True)
+@record
 class ApprovalEscalated(Event):
     """Request `number` was still pending at its escalation time: `escalate_to` (groups or
     identities) became deciders too; `mentioned` are the people that added."""
@@ -249,7 +249,7 @@ class ApprovalEscalated(Event):
     privately: list[str]
 
 
-@dataclass(frozen=True)
+@record
 class ChildrenStarted(Event):
     """A delegate call started these child runs."""
 
@@ -258,7 +258,7 @@ class ChildrenStarted(Event):
     runs: list[str]
 
 
-@dataclass(frozen=True)
+@record
 class WaitingForSibling(Event):
     """The run waits for a sibling started by the same delegate call."""
 
@@ -266,7 +266,7 @@ class WaitingForSibling(Event):
     run_id: str
 
 
-@dataclass(frozen=True)
+@record
 class WaitingForEarlierAttempt(Event):
     """Before a retry: the run waits until an earlier attempt can no longer act."""
 
@@ -276,7 +276,7 @@ class WaitingForEarlierAttempt(Event):
     until: float
 
 
-@dataclass(frozen=True)
+@record
 class Audit(Event):
     """An audit entry the verifier recorded."""
 
@@ -284,7 +284,7 @@ class Audit(Event):
     entry: str
 
 
-@dataclass(frozen=True)
+@record
 class AlertReceived(Event):
     """The run answers an alert group: what fired, when it was first notified (`first_at`,
     Unix seconds), which route started it and who (`auto`: the route, on its own)."""
@@ -302,7 +302,7 @@ class AlertReceived(Event):
     start: str  # the route's `start`: auto or ask
 
 
-@dataclass(frozen=True)
+@record
 class AlertUpdated(Event):
     """The alert group fired again (new alerts, or a re-fire) while the run is open."""
 
@@ -313,7 +313,7 @@ class AlertUpdated(Event):
     received_at: float
 
 
-@dataclass(frozen=True)
+@record
 class AlertResolved(Event):
     """The alert group resolved (`resolved_at`, Unix seconds) while the run is open."""
 
@@ -322,7 +322,7 @@ class AlertResolved(Event):
     resolved_at: float
 
 
-@dataclass(frozen=True)
+@record
 class AlertSilenced(Event):
     """A person silenced the alert group in Alertmanager (`silence_id`) until `until`."""
 
@@ -333,7 +333,7 @@ class AlertSilenced(Event):
     until: float
 
 
-@dataclass(frozen=True)
+@record
 class UnknownEvent:
     """An event this version cannot read (another version's type, a damaged payload)."""
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.errors import PeopleFileError, RunbookError
+from agent.records import record
 from agent.settings import Settings
 
 if TYPE_CHECKING:
@@ -208,7 +209,7 @@ def _unknown_field(loc: Sequence[object]) -> str:
 # -- resolving ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record
 class Person:
     """Someone who may start or decide: a person of the file, or an identity nobody mapped
     (then its own person, named by the identity)."""
@@ -227,7 +228,7 @@ class Person:
         return f"{self.name} ({identity})"
 
 
-@dataclass(frozen=True)
+@record
 class People:
     """Who is who: every identity the file maps, and the settings' `approvers` group.
     Pure lookups; an identity nobody mapped is a person of its own."""

@@ -11,7 +11,6 @@ import logging
 import re
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
 from typing import Any
 
 from markupsafe import Markup
@@ -54,6 +53,7 @@ from agent.records import (
     Decision,
     Origin,
     RunRecord,
+    record,
 )
 from agent.runbook.model import Step
 from agent.service.alerts import AlertService
@@ -134,7 +134,7 @@ def display_of(user: User) -> str:
     return f"@{user.username}" if user.username else user.full_name
 
 
-@dataclass(frozen=True)
+@record
 class TapOutcome:
     """How a tap is answered, and what is done after the answer (e.g. a reject prompt)."""
 
@@ -143,7 +143,7 @@ class TapOutcome:
     then: Coroutine[Any, Any, None] | None = None
 
 
-@dataclass(frozen=True)
+@record
 class RejectPrompt:
     """A ForceReply prompt asking the approver who tapped Reject for a reason."""
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from markupsafe import Markup
 
@@ -19,6 +18,7 @@ from agent.records import (
     ApprovalVote,
     RunRecord,
     RunStatus,
+    record,
 )
 from agent.views.jinja import environment
 
@@ -302,7 +302,7 @@ def approval_buttons(approval: ApprovalRecord) -> list[list[tuple[str, str]]]:
     return [[("✅ Approve", callback_data(token, "y")), ("❌ Reject", callback_data(token, "n"))]]
 
 
-@dataclass(frozen=True)
+@record
 class LastStep:
     """The latest step result a progress message shows."""
 
@@ -317,7 +317,7 @@ class LastStep:
         return f"{words}: {self.detail}" if self.detail and self.result != "ok" else words
 
 
-@dataclass(frozen=True)
+@record
 class Progress:
     """Where a run tree stands, in a person's terms."""
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass
+
+from agent.records import record
 
 
 class RateVerdict(enum.Enum):
@@ -22,7 +23,7 @@ class RateVerdict(enum.Enum):
     IGNORE = "ignore"  # over the rate, refused already in this window: log only
 
 
-@dataclass(frozen=True)
+@record
 class RateDecision:
     """A verdict, and when the oldest counted /run leaves the window (over the rate only)."""
 

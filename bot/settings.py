@@ -4,11 +4,11 @@ network call. The bot token itself lives in the shared settings so every front e
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from agent.errors import LoomOpsError
 from agent.people import People
+from agent.records import record
 from agent.settings import AliasChoices, EnvSettings, Field, SecretStr, field_validator
 
 TELEGRAM_BOT_API = "https://api.telegram.org/bot"
@@ -178,7 +178,7 @@ def check_config(telegram: TelegramSettings, people: People) -> None:
         )
 
 
-@dataclass(frozen=True)
+@record
 class Webhook:
     """Where Telegram sends updates, where we listen for them, and the shared secret."""
 

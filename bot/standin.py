@@ -42,6 +42,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from agent.http_server import HttpServer
+from agent.records import record
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def _bad_request(detail: str) -> BotApiError:
     return BotApiError(400, f"Bad Request: {detail}")
 
 
-@dataclass(frozen=True)
+@record
 class ApiCall:
     """One Bot API call as received: canonical method name, decoded params, monotonic time."""
 
@@ -128,7 +129,7 @@ class ApiCall:
     at: float
 
 
-@dataclass(frozen=True)
+@record
 class UploadedFile:
     """A file part of a multipart request: what the bot uploaded."""
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from markupsafe import Markup
 
 from agent.errors import RequestError
+from agent.records import record
 from agent.runbook.matching import exact_runbook, rank_runbooks
 from agent.runbook.model import Runbook, RunbookCatalog, Step
 from agent.runbook.request import parse_request
@@ -37,7 +38,7 @@ RUN_ID_HEX = 12
 START_ATTEMPTS = 5
 
 
-@dataclass(frozen=True)
+@record
 class Choice:
     """One runbook a request could run, with its parameters resolved."""
 
@@ -51,7 +52,7 @@ class Choice:
         return runbook_key(self.runbook.id)
 
 
-@dataclass(frozen=True)
+@record
 class StartPlan:
     """What a `/run` text leads to: a start at once, a card to confirm, or why neither."""
 

@@ -9,15 +9,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from agent.records import ChatNotice
+from agent.records import ChatNotice, record
 from agent.store.database import Connection, Database, Leadership
 from bot.quota import RateDecision, RateVerdict, rate_decision
 
 
-@dataclass(frozen=True)
+@record
 class ReceivedUpdate:
     """A Telegram update as it arrived: its id, a digest of its content, and its JSON."""
 
@@ -26,7 +25,7 @@ class ReceivedUpdate:
     payload: dict[str, Any]
 
 
-@dataclass(frozen=True)
+@record
 class InboxEntry:
     """An update in the inbox: its row, its Telegram id, and its JSON."""
 
@@ -35,7 +34,7 @@ class InboxEntry:
     payload: dict[str, Any]
 
 
-@dataclass(frozen=True)
+@record
 class OutboxMessage:
     """A message a run must get to a chat."""
 
@@ -50,7 +49,7 @@ class OutboxMessage:
     parts_sent: int = 0  # of a message sent in parts, how many went out already
 
 
-@dataclass(frozen=True)
+@record
 class RunPlace:
     """Where a run tree's messages go in a chat, as recorded: the forum topic the bot opened
     for it, or (no topic) the run's first message there, which the later ones reply to."""

@@ -14,12 +14,12 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from telegram import Bot, ReplyParameters
 from telegram.error import BadRequest, Forbidden, TelegramError
 
+from agent.records import record
 from bot.store import ChatStore, RunPlace
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ KEY_LABELS = ("service", "namespace", "job", "instance", "severity")
 LOST_TOPIC_ERRORS = ("topic_closed", "topic_deleted", "topic_id_invalid", "thread not found")
 
 
-@dataclass(frozen=True)
+@record
 class Placement:
     """Where one message of a run goes: a topic (`thread_id`), a message it replies to, and
     whether the run's topic must be opened first, or this message becomes the run's first."""

@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from agent.errors import LoomOpsError, PeopleFileError, ServingRefused
@@ -29,6 +28,7 @@ from agent.people import (
     load_people,
     load_people_file,
 )
+from agent.records import record
 from agent.redaction import Redactor
 from agent.runbook.model import Runbook, RunbookReport, sample_commands, validate_runbooks
 from agent.settings import Settings
@@ -45,7 +45,7 @@ OPENAI_DEFAULT_BASE = "https://api.openai.com/v1"
 _MAX_SAID = 200  # characters of a server's own words quoted in a finding
 
 
-@dataclass(frozen=True)
+@record
 class Finding:
     """One thing the doctor found: how bad (`severity`), which check, and what to do."""
 

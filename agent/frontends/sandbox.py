@@ -15,7 +15,6 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from starlette.routing import Mount, Route
 from agent.errors import ServingRefused
 from agent.frontends.same_site import SameSiteOnly, server_names
 from agent.http_server import HttpServer
+from agent.records import record
 from agent.service.runs import RunService
 from agent.settings import Settings
 from bot.gateway import serve_bot
@@ -44,7 +44,7 @@ INCIDENT_CHAT = -100777
 DEFAULT_PORT = 8780
 
 
-@dataclass(frozen=True)
+@record
 class Person:
     """Someone in the sandbox's chats."""
 
@@ -251,7 +251,7 @@ async def _document(request: Request) -> Response:
 # -- running it ------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record
 class RunningSandbox:
     """A sandbox being served: its stand-in, its page's URL, and the bot's RunService."""
 

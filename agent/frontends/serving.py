@@ -9,13 +9,13 @@ import ipaddress
 import logging
 import signal
 import sys
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from agent.errors import ErrorKind, ServingRefused
 from agent.people import load_people
+from agent.records import record
 from agent.service.maintenance import Maintenance
 from agent.service.runs import RunService
 from agent.settings import Settings, setting_name
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@record
 class HttpEndpoint:
     """Where the HTTP API listens."""
 
@@ -34,7 +34,7 @@ class HttpEndpoint:
     port: int
 
 
-@dataclass(frozen=True)
+@record
 class WebhookOptions:
     """Webhook flags from the command line (None: take the TELEGRAM_WEBHOOK_* setting)."""
 
@@ -42,7 +42,7 @@ class WebhookOptions:
     listen: tuple[str, int] | None = None
 
 
-@dataclass(frozen=True)
+@record
 class TelegramConfig:
     """The bot's checked settings."""
 

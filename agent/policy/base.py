@@ -10,6 +10,7 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.chain import canonical_json
+from agent.records import record
 from agent.runbook.model import Runbook, RunbookCatalog
 
 
@@ -45,7 +46,7 @@ class PolicyDecision(BaseModel):
     latency_ms: float = 0.0  # how long the policy took to answer (set by the kernel)
 
 
-@dataclass(frozen=True)
+@record
 class Observation:
     """A finished tool call as the policy sees it."""
 

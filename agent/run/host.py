@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
 from typing import Literal
+
+from agent.records import record
 
 _PROC = "/proc"
 _BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 
-@dataclass(frozen=True)
+@record
 class HostIdentity:
     """One kernel boot and PID namespace: hostname, boot id, PID-namespace inode (None: unknown)."""
 
@@ -37,7 +38,7 @@ class HostIdentity:
         )
 
 
-@dataclass(frozen=True)
+@record
 class ProcStat:
     """The fields of /proc/<pid>/stat we use: state letter, parent, group, start time in ticks."""
 

@@ -17,8 +17,8 @@ import os
 import re
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
+from agent.records import record
 from agent.run.host import HostIdentity, read_stat, this_host
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ _OWNER = re.compile(
 _BOOT_TAG_LEN = 12
 
 
-@dataclass(frozen=True)
+@record
 class OwnerId:
     """A parsed owner id; boot, pid_ns and start_time are None where the owner could not tell."""
 

@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
-from agent.records import RunStatus
+from agent.records import RunStatus, record
 from agent.runbook.model import Runbook, Step
 
 STEP_TOOLS = ("execute_step", "check_health")
 DONE = ("ok", "skipped")  # a step with one of these last results has happened
 
 
-@dataclass(frozen=True)
+@record
 class StepState:
     """What one step of a run has done so far."""
 
@@ -127,7 +127,7 @@ def short_result(outcome: Mapping[str, Any]) -> str:
     return ""
 
 
-@dataclass(frozen=True)
+@record
 class Verdict:
     """A run's final status and, when the facts and the model disagree, why in one line."""
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import re
 import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from agent.errors import RequestError
+from agent.records import record
 from agent.runbook.model import Runbook, RunbookCatalog
 from agent.runbook.request import ParsedRequest, parse_request
 
@@ -59,7 +59,7 @@ def exact_runbook(catalog: RunbookCatalog, parsed: ParsedRequest) -> Runbook | N
     return catalog.runbooks.get(words[0]) if words else None
 
 
-@dataclass(frozen=True)
+@record
 class Guess:
     """What a request that names no runbook would run: the runbook its words match best (None
     when none does), with its params resolved (the defaults filled in)."""

@@ -22,7 +22,7 @@ import os
 import re
 import shlex
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
@@ -41,7 +41,7 @@ from pydantic import (
 )
 
 from agent.errors import ParamError, RenderError, RenderLimitError, RunbookError
-from agent.records import IDENTITY_PATTERN, Delay
+from agent.records import IDENTITY_PATTERN, Delay, record
 from agent.runbook.templates import DEFAULT_LIMITS, BoundedSandbox, RenderLimits
 
 __all__ = [
@@ -1121,7 +1121,7 @@ def _used_params(source: str, command: bool, params: Mapping[str, object]) -> se
     return undeclared | (loaded & set(params))
 
 
-@dataclass(frozen=True)
+@record
 class SampleCommand:
     """A command of a runbook (a step's `run` or its rollback's) rendered with the params'
     defaults: what a run without params would execute."""
@@ -1351,7 +1351,7 @@ class _FastLoader(_MarkedValues, getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
     """libyaml's SafeLoader, with marked value errors: the same marks and character rule."""
 
 
-@dataclass(frozen=True)
+@record
 class RunbookCatalog:
     """All runbooks of a directory that loaded, by id, and the errors of those that did not."""
 
@@ -1450,7 +1450,7 @@ class CommandRules(Protocol):
         """The rule admitting `argv`, or None."""
 
 
-@dataclass(frozen=True)
+@record
 class RunbookReport:
     """What validating one runbook file found: the runbook (None when the file is invalid),
     every error of the file by line, and its commands that no allowlist rule admits."""

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import re
 import shlex
-from dataclasses import dataclass
 
 from agent.errors import RequestError
+from agent.records import record
 
 PARAM_WORD = re.compile(r"^([a-z_][a-z0-9_]{0,31})=(.*)$", re.DOTALL)
 MAX_REQUEST_BYTES = 4096
@@ -17,7 +17,7 @@ MAX_REQUEST_BYTES = 4096
 RUNBOOK_KEY = "runbook"
 
 
-@dataclass(frozen=True)
+@record
 class ParsedRequest:
     """The words of a request split into incident text and params."""
 

@@ -42,7 +42,6 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
-from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
@@ -54,6 +53,7 @@ from jinja2.filters import ignore_case, make_attrgetter
 from jinja2.utils import Namespace
 
 from agent.errors import RenderError, RenderLimitError
+from agent.records import record
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -105,7 +105,7 @@ MAX_NESTING = 32
 _MAX_WIDTH_DIGITS = 9
 
 
-@dataclass(frozen=True)
+@record
 class RenderLimits:
     """The bounds of one render: wall-clock seconds, and characters of output (a KiB here is
     1024 characters) that also cap every value built during the render."""
@@ -134,7 +134,7 @@ class RenderLimits:
 DEFAULT_LIMITS = RenderLimits()
 
 
-@dataclass(frozen=True)
+@record
 class _Budget:
     """The bounds of the render running in this context, and when its time is up."""
 

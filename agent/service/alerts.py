@@ -22,7 +22,7 @@ import logging
 import shlex
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -45,6 +45,7 @@ from agent.records import (
     AlertState,
     Origin,
     RunRecord,
+    record,
 )
 from agent.runbook.request import parse_request
 from agent.service.runs import RunService
@@ -64,7 +65,7 @@ REFUSED = "refused"  # the outcome of a notification whose run may not start
 RUN_PREFIX = "al-"
 
 
-@dataclass(frozen=True)
+@record
 class AlertAnswer:
     """What came of one notification, for the sender: an outcome word, one line, and the
     incident, runbook and run it concerns."""
@@ -77,7 +78,7 @@ class AlertAnswer:
     params: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@record
 class AlertCard:
     """What an alert card shows: the incident, its runbook's title, its run (once started),
     the step that mitigated it (once resolved), and how people are named."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 from agent.chain import (
@@ -33,6 +33,7 @@ from agent.records import (
     EventRecord,
     RunRecord,
     ToolCallRecord,
+    record,
 )
 from agent.store.journal import AuditSnapshot
 
@@ -41,7 +42,7 @@ from agent.store.journal import AuditSnapshot
 _BETWEEN_OUTCOMES = frozenset({"intent", "retry"})
 
 
-@dataclass(frozen=True)
+@record
 class TreeReport:
     """The verdict on a run and every run below it: each run's, and the tree's head (what a
     summary or an export published) compared with a published one when given."""
@@ -64,7 +65,7 @@ class TreeReport:
         return sum(r.events for r in self.runs)
 
 
-@dataclass(frozen=True)
+@record
 class StoreReport:
     """The verdict on every run of a store, and on its run numbering."""
 

@@ -19,7 +19,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Coroutine, Iterable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -57,6 +57,7 @@ from agent.records import (
     RunStatus,
     RunTree,
     VoteOutcome,
+    record,
 )
 from agent.run.approvals import (
     check_decider,
@@ -106,7 +107,7 @@ MAX_VOTE_ROUNDS = 8
 TOKEN_PREFIX = "lo_"
 
 
-@dataclass(frozen=True)
+@record
 class DecisionResult:
     """What came of a decision: whether it changed anything, the run after it, and the
     request's votes (a request needing several approvals stays pending until they are in)."""

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
 from agent.errors import ErrorKind, StoreError
 from agent.events import AlertReceived, AlertResolved, AlertSilenced, AlertUpdated, Event
-from agent.records import AlertIncident, AlertNotice, AlertState, ChatNotice
+from agent.records import AlertIncident, AlertNotice, AlertState, ChatNotice, record
 from agent.store.base import StoreBase
 from agent.store.database import OUTBOX_CHANNEL, Connection, Row
 from agent.store.people import names_in
@@ -51,7 +50,7 @@ class Intake(StrEnum):
     UNCHANGED = "unchanged"
 
 
-@dataclass(frozen=True)
+@record
 class NewAlert:
     """One notification to record: the notice, a digest of its content, its group's key
     (a digest), and the incident it opens if its group has none open."""
@@ -67,7 +66,7 @@ class NewAlert:
     refusal: str | None = None  # why an `auto` start may not happen: it opens proposed
 
 
-@dataclass(frozen=True)
+@record
 class AlertReceipt:
     """What a notification did (`intake`), and the incident as it stands after it (None:
     a resolve of a group no incident was ever opened for)."""

@@ -8,7 +8,6 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from agent.errors import ApprovalNotFound
@@ -37,6 +36,7 @@ from agent.records import (
     RunRecord,
     RunStatus,
     VoteOutcome,
+    record,
 )
 from agent.store.base import StoreBase
 from agent.store.commands import DecisionEffect, NewApproval, NewToolCall, Outcome
@@ -53,7 +53,7 @@ from agent.store.rows import (
 )
 
 
-@dataclass(frozen=True)
+@record
 class HopMade:
     """What a hop wrote: whether this call made it (else it was made already, or the
     request is no longer pending), the request as it is now, and whom it reached privately."""
@@ -63,7 +63,7 @@ class HopMade:
     privately: list[str]
 
 
-@dataclass(frozen=True)
+@record
 class Decided:
     """What a decision wrote: whether it was recorded (a late one expires the request
     instead; one judged on votes that changed meanwhile is `stale`), and the request, its

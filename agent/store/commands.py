@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
 from agent.events import Event
-from agent.records import ApprovalKind, Checkpoint, Effects, Origin, RunLimits, RunStatus
+from agent.records import ApprovalKind, Checkpoint, Effects, Origin, RunLimits, RunStatus, record
 
 
-@dataclass(frozen=True)
+@record
 class NewRun:
     """What it takes to create a run."""
 
@@ -25,7 +25,7 @@ class NewRun:
     effects: Effects | None = None  # what it may do live, fixed at start
 
 
-@dataclass(frozen=True)
+@record
 class NewChild:
     """A child run a delegate call starts: its role and, when known, its pinned runbook."""
 
@@ -33,7 +33,7 @@ class NewChild:
     pin: RunbookPin | None = None
 
 
-@dataclass(frozen=True)
+@record
 class NewToolCall:
     """The intent of one tool call."""
 
@@ -46,7 +46,7 @@ class NewToolCall:
     repeatable: bool = False  # safe to run again if it is found in doubt
 
 
-@dataclass(frozen=True)
+@record
 class NewApproval:
     """An approval request to open."""
 
@@ -71,7 +71,7 @@ class NewApproval:
     on_expiry: str = "stop"
 
 
-@dataclass(frozen=True)
+@record
 class RunbookPin:
     """The runbook (and resolved params) a run commits to; later steps must come from it."""
 
@@ -80,7 +80,7 @@ class RunbookPin:
     params: dict[str, Any]
 
 
-@dataclass(frozen=True)
+@record
 class StartedCall:
     """A committed intent: its attempt number, and the instant (wall clock) after which its
     side effect must not start, because the lease may have passed to another process."""
@@ -89,7 +89,7 @@ class StartedCall:
     spawn_before: float
 
 
-@dataclass(frozen=True)
+@record
 class DecisionEffect:
     """What a decision does to the gated call and the run, applied in the decision's transaction."""
 
@@ -100,7 +100,7 @@ class DecisionEffect:
     error: str | None = None
 
 
-@dataclass(frozen=True)
+@record
 class CallResult:
     """What a tool call came to, as the store records it: its status and outcome, how long
     it took, the runbook it pinned (read_runbook), and events of its own (an audit entry)."""
@@ -112,7 +112,7 @@ class CallResult:
     events: Sequence[Event] = ()
 
 
-@dataclass(frozen=True)
+@record
 class Outcome:
     """The outcome of a call attempt in flight, with the checkpoint after it: what a drive
     commits at the head of its next write when the call is safe to repeat."""

@@ -9,11 +9,11 @@ with another's and nothing in it awaits the network.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Protocol, TypeVar
 
 from agent.errors import SchemaTooNew
+from agent.records import record
 
 T = TypeVar("T")
 
@@ -51,7 +51,7 @@ class Connection(Protocol):
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> Cursor: ...
 
 
-@dataclass(frozen=True)
+@record
 class Dialect:
     """The SQL the two engines spell differently."""
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from agent.errors import RunNotFound
@@ -16,6 +15,7 @@ from agent.records import (
     EventRecord,
     RunRecord,
     ToolCallRecord,
+    record,
 )
 from agent.store.base import StoreBase
 from agent.store.commands import Outcome
@@ -36,7 +36,7 @@ from agent.store.rows import (
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
+@record
 class AuditSnapshot:
     """Runs (in number order) and what their journal recorded, as of one moment."""
 
@@ -48,7 +48,7 @@ class AuditSnapshot:
     calls: tuple[ToolCallRecord, ...]
 
 
-@dataclass(frozen=True)
+@record
 class AuditAnchor:
     """Where a store stands on audit keys: its run counter, the first run keyed from its
     first event (None: none yet), and whether any event is unkeyed."""

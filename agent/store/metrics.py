@@ -33,9 +33,8 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass
 
-from agent.records import CHILD_ROLES, ApprovalStatus, RunStatus
+from agent.records import CHILD_ROLES, ApprovalStatus, RunStatus, record
 from agent.store.base import StoreBase
 from agent.store.database import Connection, Dialect
 
@@ -84,7 +83,7 @@ _LLM_MISCONFIGURED = ("LLM misconfigured", "LLM rejected the request")
 Labels = tuple[tuple[str, str], ...]  # sorted (name, value) pairs
 
 
-@dataclass(frozen=True)
+@record
 class MetricsSnapshot:
     """What one scrape shows: the store's counters, and current values counted live."""
 

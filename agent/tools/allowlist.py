@@ -34,13 +34,13 @@ import json
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent.errors import AllowlistError, CommandDenied
+from agent.records import record
 
 DEFAULT_PATH: tuple[str, ...] = (
     "/usr/local/sbin",
@@ -120,7 +120,7 @@ def _check_binary(binary: str) -> None:
 # --- compiled rules --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record
 class _Token:
     kind: Literal["literal", "one", "regex"]
     text: str
@@ -148,7 +148,7 @@ def _compile_token(token: str) -> _Token:
     return _Token("literal", token)
 
 
-@dataclass(frozen=True)
+@record
 class Rule:
     """A compiled rule: the binary, the argument tokens, and whether a `**` tail follows."""
 
@@ -187,7 +187,7 @@ class Rule:
 # --- the allowlist ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record
 class ShellAllowlist:
     """The rules a shell step's argv must match, and where bare binary names are looked up."""
 

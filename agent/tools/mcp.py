@@ -28,13 +28,13 @@ import json
 import os
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent.errors import ErrorKind, McpError
+from agent.records import record
 
 STDERR_KEPT = 8192  # bytes of a server's stderr kept: its last words explain a failure
 _STDERR_SHOWN = 400  # characters of them quoted in an error line
@@ -220,7 +220,7 @@ def _listing(names: Sequence[str]) -> str:
     return ", ".join(shown[:_SHOWN]) + more
 
 
-@dataclass(frozen=True)
+@record
 class McpResult:
     """What a tool call returned: whether the server flagged an error, its text and data, as
     kept under the output cap: `text_bytes` is the whole text's size, `data_bytes` the

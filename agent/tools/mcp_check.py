@@ -14,11 +14,11 @@ a warning while it is dry-run.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from agent.errors import McpError
+from agent.records import record
 from agent.tools.mcp import McpConfig, no_such_tool, offered_tools
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 Severity = Literal["error", "warning", "ok"]
 
 
-@dataclass(frozen=True)
+@record
 class McpUse:
     """One step's use of an MCP tool: which tool, where, and whether it is called live."""
 
@@ -37,7 +37,7 @@ class McpUse:
     live: bool
 
 
-@dataclass(frozen=True)
+@record
 class McpFinding:
     """One line about the MCP tools runbooks use."""
 

@@ -37,11 +37,11 @@ import time
 from asyncio.subprocess import Process
 from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.errors import SpawnRefused
+from agent.records import record
 from agent.tools import attempt_guard
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ _MARKER = re.compile(r"[!-~]{1,200}")  # printable ASCII, no spaces: fits in env
 _SWEEPERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="loom-ops-sweep")
 
 
-@dataclass(frozen=True)
+@record
 class CommandResult:
     """What a command did: exit code (None if it timed out), kept output and byte counts."""
 
@@ -85,7 +85,7 @@ class CommandResult:
     processes_killed: int = 0  # of the attempt, at the timeout or left behind after it ended
 
 
-@dataclass(frozen=True)
+@record
 class AttemptKill:
     """What a sweep of one attempt did: the pids it found alive and killed, and when."""
 
@@ -210,7 +210,7 @@ def scrubbed_environment(source: Mapping[str, str], passthrough: Iterable[str]) 
 # --- the guard, seen from the driver -----------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record
 class _Start:
     """The guard's first word: the command runs (pid), or the gate refused it, or exec failed;
     all None/False when the guard ended without starting it (out of time, or told to stop)."""
@@ -220,7 +220,7 @@ class _Start:
     failure: OSError | None = None
 
 
-@dataclass(frozen=True)
+@record
 class _Ended:
     """The guard's last word: how the attempt ended and what its sweep found."""
 

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agent.errors import CommandDenied, McpError, ParamError, RenderError, SpawnRefused
 from agent.events import Audit, Event
-from agent.records import Effects
+from agent.records import Effects, record
 from agent.runbook.model import (
     HealthCheck,
     McpAction,
@@ -103,7 +103,7 @@ class RecordAuditArgs(BaseModel):
     entry: str = Field(min_length=1, max_length=2000)
 
 
-@dataclass(frozen=True)
+@record
 class ToolSpec:
     """A tool's name, its argument model, the roles that may call it, and what it does."""
 
@@ -123,7 +123,7 @@ class ToolResult:
     events: list[Event] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
+@record
 class EffectGate:
     """When a call may still start its side effect (the fence's spawn deadline: its lease may
     pass to another process after it), and the marker every process of the attempt carries."""

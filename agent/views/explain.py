@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from agent.events import (
@@ -25,7 +24,7 @@ from agent.events import (
     ToolIntent,
     ToolOutcome,
 )
-from agent.records import EventRecord, RunRecord, RunTree
+from agent.records import EventRecord, RunRecord, RunTree, record
 from agent.run.outcomes import DONE, STEP_TOOLS, StepState, short_result, step_states
 from agent.views.journal import JournalEntry, journal_steps, read_journal
 
@@ -140,7 +139,7 @@ def tree_steps(tree: RunTree) -> list[tuple[str, StepState]]:
     return journal_steps(executing[0], journal)
 
 
-@dataclass(frozen=True)
+@record
 class StepProgress:
     """How far a tree's runbook got: steps done of all, and the step that ran last."""
 

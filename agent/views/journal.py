@@ -11,14 +11,13 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 from agent.events import Event, ToolIntent, ToolOutcome, UnknownEvent, parse
-from agent.records import EventRecord, RunRecord
+from agent.records import EventRecord, RunRecord, record
 from agent.run.outcomes import StepState, step_states
 
 
-@dataclass(frozen=True)
+@record
 class JournalEntry:
     """One stored event with its typed payload; for a tool outcome, the call's intent."""
 
@@ -31,15 +30,15 @@ def read_journal(records: Iterable[EventRecord]) -> list[JournalEntry]:
     """The journal's entries in order, each outcome paired with its call's intent."""
     intents: dict[str, ToolIntent] = {}
     entries = []
-    for record in records:
-        event = parse(record)
+    for stored in records:
+        event = parse(stored)
         intent = None
         match event:
             case ToolIntent(call_key=key):
                 intents[key] = event
             case ToolOutcome(call_key=key):
                 intent = intents.get(key)
-        entries.append(JournalEntry(record, event, intent))
+        entries.append(JournalEntry(stored, event, intent))
     return entries
 
 

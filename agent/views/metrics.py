@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -21,6 +20,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from agent.records import record
 from agent.store import MetricsSnapshot
 from agent.store.metrics import (
     DECISIONS,
@@ -35,7 +35,7 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 PREFIX = "loom_ops_"
 
 
-@dataclass(frozen=True)
+@record
 class Family:
     """One family: the store's counter name, its labels, its help, and the label values shown
     at 0 before anything is counted (so a rate has a start)."""

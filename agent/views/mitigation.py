@@ -9,16 +9,14 @@ Invariants:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from agent.events import ApprovalDecided, ApprovalRequested, ToolOutcome
-from agent.records import RunTree
+from agent.records import RunTree, record
 from agent.views.journal import JournalEntry, read_journal
 
 STEP_EXECUTION = "execute_step"  # the tool that runs a step itself (not its approval)
 
 
-@dataclass(frozen=True)
+@record
 class Mitigation:
     """The last approved step that succeeded: when, which (id and title), and whether it
     only pretended (a dry run)."""

@@ -12,7 +12,6 @@ Invariants:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 from agent.events import (
     AlertReceived,
@@ -31,7 +30,7 @@ from agent.events import (
     RunInterrupted,
     ToolOutcome,
 )
-from agent.records import AlertIncident, RunRecord, RunStatus, RunTree
+from agent.records import AlertIncident, RunRecord, RunStatus, RunTree, record
 from agent.run.outcomes import STEP_TOOLS, short_result
 from agent.views.journal import JournalEntry, journal_steps, read_journal
 from agent.views.mitigation import Mitigation, mitigation_of
@@ -43,7 +42,7 @@ EXECUTING_ROLES = ("runbook", "executor")
 NOT_MITIGATED = "no step a person approved succeeded"
 
 
-@dataclass(frozen=True)
+@record
 class Moment:
     """One line of the timeline: when, who, what."""
 

@@ -10,14 +10,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.chain import SHOWN_HEX, RunHead, tree_head
-from agent.records import ApprovalRecord, RunRecord, RunTree, ToolCallRecord
+from agent.records import ApprovalRecord, RunRecord, RunTree, ToolCallRecord, record
 from agent.run.outcomes import STEP_TOOLS, StepState, short_result, step_states
 from agent.views.explain import executing_runs
 from agent.views.jinja import HTML, TEXT
 from agent.views.units import clock, duration, hms
 
 
-@dataclass(frozen=True)
+@record
 class StepResult:
     """The last word on one step of the runbook: what its attempts did, never a refusal of a
     repeat (those are counted apart)."""

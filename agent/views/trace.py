@@ -32,7 +32,7 @@ from agent.events import (
     ToolOutcome,
     UnknownEvent,
 )
-from agent.records import CHAT_IDENTITY, ApprovalRecord, RunRecord, RunTree
+from agent.records import CHAT_IDENTITY, ApprovalRecord, RunRecord, RunTree, record
 from agent.views.explain import EXECUTING_ROLES, executing_runs, step_lines
 from agent.views.jinja import HTML
 from agent.views.journal import JournalEntry, read_journal
@@ -60,7 +60,7 @@ class TraceEntry:
     status: str = ""
 
 
-@dataclass(frozen=True)
+@record
 class Attempt:
     """One attempt of a tool call as people read it: the command it ran, what that printed
     (stderr's tail first), and what a person decided about it; `anchor` is its id on the page,

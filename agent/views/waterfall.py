@@ -31,7 +31,7 @@ from agent.events import (
     ToolIntent,
     ToolOutcome,
 )
-from agent.records import RunRecord
+from agent.records import RunRecord, record
 from agent.views.journal import JournalEntry
 from agent.views.units import duration
 
@@ -50,7 +50,7 @@ _IN_DOUBT_VERBS = {"approved": "retried", "rejected": "aborted"}
 _AXIS_STEPS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 43200)
 
 
-@dataclass(frozen=True)
+@record
 class Bar:
     """One attempt of one tool call: from its intent to its outcome (epoch seconds)."""
 
@@ -71,7 +71,7 @@ class Bar:
         return self.end - self.start
 
 
-@dataclass(frozen=True)
+@record
 class Band:
     """A wait on a person: request #`number`, from its asking to its decision (or to now,
     while pending)."""
@@ -100,7 +100,7 @@ class Band:
         return self.decision
 
 
-@dataclass(frozen=True)
+@record
 class Lane:
     """One run of the tree: its span, its attempts, its waits on people, its policy turns."""
 
@@ -116,7 +116,7 @@ class Lane:
     turns: tuple[float, ...]
 
 
-@dataclass(frozen=True)
+@record
 class AxisTick:
     """A labelled time on the axis, in seconds after the tree's start."""
 
@@ -124,7 +124,7 @@ class AxisTick:
     label: str
 
 
-@dataclass(frozen=True)
+@record
 class Waterfall:
     """The lanes laid out on one time axis: `x` maps an epoch time to a pixel."""
 
