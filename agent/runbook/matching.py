@@ -54,9 +54,19 @@ def exact_runbook(catalog: RunbookCatalog, parsed: ParsedRequest) -> Runbook | N
     None when it only describes an incident: then the runbook is a guess (`match_runbook`),
     which is never enough to start live actions without a person confirming it."""
     if parsed.runbook is not None:
-        return catalog.runbooks.get(parsed.runbook)
+        return runbook_named(catalog, parsed.runbook)
     words = parsed.text.split(maxsplit=1)
+    # The first word only as written: a sentence's capital ("Restart is what everyone
+    # says, but …") would otherwise name a one-word id out of prose and start it live.
     return catalog.runbooks.get(words[0]) if words else None
+
+
+def runbook_named(catalog: RunbookCatalog, name: str) -> Runbook | None:
+    """The runbook a `runbook=<id>` word names, in any case: `runbook=Disk-Almost-Full`
+    names disk-almost-full (ids are lowercase ASCII slugs, so no two differ only in case).
+    Only ASCII folds: a lookalike such as the Kelvin sign, which lowercases to `k`, names
+    nothing."""
+    return catalog.runbooks.get(name.lower() if name.isascii() else name)
 
 
 @record
@@ -124,7 +134,7 @@ def choose_runbook(catalog: RunbookCatalog, parsed: ParsedRequest, request: str)
     """The runbook a request names (`runbook=<id>`, or an id as its first word) or, failing
     that, matches best; raises RequestError (one line) for an unknown id or no match."""
     if parsed.runbook is not None:
-        runbook = catalog.runbooks.get(parsed.runbook)
+        runbook = runbook_named(catalog, parsed.runbook)
         if runbook is None:
             known = ", ".join(sorted(catalog.runbooks)) or "none"
             raise RequestError(f"unknown runbook {parsed.runbook[:80]!r} (known: {known})")
