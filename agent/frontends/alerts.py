@@ -29,6 +29,7 @@ from agent.service.alerts import AlertAnswer, AlertService
 
 MAX_KEY = 4096  # characters of a group key
 MAX_ALERTS = 1000  # alerts in one notification
+NO_BASIC_TOKEN = "missing or wrong token: basic auth takes a loom-ops token as its password"
 Status = Literal["firing", "resolved"]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 Value = Annotated[str, StringConstraints(max_length=4096)]
@@ -204,7 +205,9 @@ async def alert_caller(
     try:
         return await authorized(request, credentials if password else None)
     except HTTPException as exc:
-        raise HTTPException(exc.status_code, exc.detail, {"WWW-Authenticate": "Basic"}) from None
+        # Said in the sender's terms: it sent no bearer token, but a password.
+        detail = NO_BASIC_TOKEN if exc.status_code == 401 else exc.detail
+        raise HTTPException(exc.status_code, detail, {"WWW-Authenticate": "Basic"}) from None
 
 
 Sender = Annotated[Caller, Depends(alert_caller)]

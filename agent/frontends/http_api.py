@@ -598,6 +598,11 @@ async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    if first.get("type") == "json_invalid":
+        # Its location is a character offset, not a field: say what it is.
+        at = first.get("loc", ())[-1:] or ("?",)
+        why = first.get("ctx", {}).get("error", "JSON decode error")
+        return JSONResponse({"error": f"the body is not JSON: {why} at character {at[0]}"}, 422)
     where = ".".join(str(part) for part in first.get("loc", ()) if part != "body")
     return JSONResponse({"error": f"{where}: {first['msg']}" if where else first["msg"]}, 422)
 
