@@ -428,7 +428,18 @@ def _exit_code(run: RunRecord) -> int:
     return EXIT_RUN_FAILED
 
 
-def _approval_json(approval: ApprovalRecord | None) -> dict[str, Any] | None:
+async def _approved_by(service: RunService, approval: ApprovalRecord | None) -> list[str]:
+    """Who approved a pending request that needs several approvals so far (the approvals
+    that count, oldest first); empty for a request one decision ends."""
+    if approval is None or approval.required < 2:
+        return []
+    request = await service.approval_request(approval.id)
+    return [vote.decided_by for vote in request.votes if vote.decision == "approve"]
+
+
+def _approval_json(
+    approval: ApprovalRecord | None, approved_by: Sequence[str] = ()
+) -> dict[str, Any] | None:
     if approval is None:
         return None
     return {
@@ -446,6 +457,8 @@ def _approval_json(approval: ApprovalRecord | None) -> dict[str, Any] | None:
         "mode": approval.mode,
         "runs_on": approval.runs_on,
         "evidence": approval.evidence,
+        "required": approval.required,
+        "approved_by": list(approved_by),
     }
 
 
@@ -505,8 +518,9 @@ def _run_json(run: RunRecord) -> dict[str, Any]:
 async def _report(service: RunService, run: RunRecord, as_json: bool, extra: str = "") -> int:
     """Print where a run stands: its pending approval, or its audit summary once final."""
     approval = await service.pending_approval(run.id)
+    approved_by = await _approved_by(service, approval)
     if as_json:
-        payload = _run_json(run) | {"approval": _approval_json(approval)}
+        payload = _run_json(run) | {"approval": _approval_json(approval, approved_by)}
         if extra:
             payload["message"] = extra
         print(json.dumps(payload, ensure_ascii=False))
@@ -523,6 +537,9 @@ async def _report(service: RunService, run: RunRecord, as_json: bool, extra: str
         print(f"  why:      {approval.reason}")
         print(f"  rollback: {approval.rollback or '-'}")
         print(f"  who:      {', '.join(approval.deciders) or 'any approver'}")
+        if approval.required > 1:
+            so_far = f" ({', '.join(approved_by)})" if approved_by else ""
+            print(f"  approvals: {len(approved_by)} of {approval.required} so far{so_far}")
         print(f"  deadline: {_deadline(approval.deadline_at)}")
         for entry in approval.evidence:
             first, *rest = entry.splitlines()
@@ -798,7 +815,7 @@ async def _cmd_status(service: RunService, args: argparse.Namespace) -> int:
     unowned = [r for r in ([run] if waits else children) if _unowned(service, r)]
     if args.json:
         payload = _run_json(run) | {
-            "approval": _approval_json(approval),
+            "approval": _approval_json(approval, await _approved_by(service, approval)),
             "children": [_run_json(child) for child in children],
             "undriven": [r.id for r in unowned],  # what a monitor alerts on
         }

@@ -151,6 +151,20 @@ def test_the_cli_answer_says_how_many_approvals_are_in(cli: Cli) -> None:
     assert payload["message"] == "Decision: recorded: 1 of 2 approvals, waiting for one more"
 
 
+def test_status_says_how_many_approvals_a_request_has_and_whose(cli: Cli) -> None:
+    """A request that needs two people, one approval in: `status` says 1 of 2 and by whom,
+    so a run whose second approver is missing does not just sit until it expires unsaid."""
+    assert cli("runbook", DEPLOY, "--run-id", "dep-5", "--mock-llm").returncode == 0
+    waiting = cli("status", "dep-5")
+    assert "  approvals: 0 of 2 so far\n" in waiting.stdout, waiting.describe()
+    assert cli("approve", "dep-5", env={"LOOM_OPS_USER": "oncall"}).returncode == 0
+
+    shown = cli("status", "dep-5")
+    assert "  approvals: 1 of 2 so far (cli:oncall)\n" in shown.stdout, shown.describe()
+    request = cli("status", "dep-5", "--json").json()["approval"]
+    assert (request["required"], request["approved_by"]) == (2, ["cli:oncall"])
+
+
 async def test_four_eyes_holds_across_front_ends_for_a_two_person_rule(cli: Cli) -> None:
     """lead starts the run from the CLI: their chat tap is refused; nothing is counted."""
     started = cli(
