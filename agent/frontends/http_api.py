@@ -444,9 +444,11 @@ def create_app(service: RunService, bind_host: str | None = None) -> FastAPI:
         )
         if not result.changed:
             raise HTTPException(409, result.message)
+        # Still waiting (a request short of approvals, the next gate): the run as GET shows it.
+        waits = None if result.run.status.is_terminal else await service.pending_approval(run_id)
         return DecisionOut(
             message=result.message,
-            run=_run_out(result.run),
+            run=_run_out(result.run, waits),
             approved_by=result.approved_by,
             required=result.approval.required,
         )

@@ -155,6 +155,11 @@ def test_four_eyes_refuses_the_requester_through_their_own_token(
         # The rollback needs two people: lead's approval is the first.
         assert decided.json()["approved_by"] == ["api:lead-web"]
         assert decided.json()["message"] == "recorded: 1 of 2 approvals, waiting for one more"
+        # The run in the answer still waits for that request, as GET shows it.
+        waiting = decided.json()["run"]
+        assert waiting["status"] == "waiting_approval"
+        assert waiting["approval"] == oncall.get("/runs/deploy").json()["approval"]
+        assert waiting["approval"]["status"] == "pending"
 
 
 def test_a_revoked_or_unknown_token_gets_401(cli: Cli, serve: ServeProcess) -> None:
