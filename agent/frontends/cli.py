@@ -438,7 +438,7 @@ async def _approved_by(service: RunService, approval: ApprovalRecord | None) -> 
 
 
 def _approval_json(
-    approval: ApprovalRecord | None, approved_by: Sequence[str] = ()
+    approval: ApprovalRecord | None, approved_by: Sequence[str]
 ) -> dict[str, Any] | None:
     if approval is None:
         return None
@@ -515,9 +515,16 @@ def _run_json(run: RunRecord) -> dict[str, Any]:
     }
 
 
-async def _report(service: RunService, run: RunRecord, as_json: bool, extra: str = "") -> int:
-    """Print where a run stands: its pending approval, or its audit summary once final."""
-    approval = await service.pending_approval(run.id)
+async def _report(
+    service: RunService,
+    run: RunRecord,
+    as_json: bool,
+    extra: str = "",
+    pending: ApprovalRecord | None = None,
+) -> int:
+    """Print where a run stands: its pending approval (`pending`, when the caller read it
+    already), or its audit summary once final."""
+    approval = pending or await service.pending_approval(run.id)
     approved_by = await _approved_by(service, approval)
     if as_json:
         payload = _run_json(run) | {"approval": _approval_json(approval, approved_by)}
@@ -842,7 +849,8 @@ async def _cmd_status(service: RunService, args: argparse.Namespace) -> int:
                 f"{' '.join(detail.split())[:80]}".rstrip()
             )
     if approval is not None:
-        await _report(service, run, False)  # the request and how to decide it, as everywhere
+        # The request and how to decide it, as everywhere.
+        await _report(service, run, False, pending=approval)
         return _exit_code(run)
     if not unowned:
         return _exit_code(run)
