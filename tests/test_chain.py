@@ -387,6 +387,20 @@ async def _summary_head(service: RunService, run_id: str) -> str:
             "(SELECT MIN(step_id) FROM tool_calls WHERE run_id = 'victim' AND status = 'ok')",
             ".status is 'error' but the journal recorded 'ok'",
         ),
+        (
+            # The row's arguments are its intent event's: pointed at the last call's, the
+            # first call reads them.
+            "UPDATE tool_calls SET intent_idx = (SELECT MAX(intent_idx) FROM tool_calls "
+            "WHERE run_id = 'victim') WHERE run_id = 'victim' AND intent_idx = "
+            "(SELECT MIN(intent_idx) FROM tool_calls WHERE run_id = 'victim')",
+            ".args is ",
+        ),
+        (
+            "UPDATE tool_calls SET outcome_idx = (SELECT MAX(outcome_idx) FROM tool_calls "
+            "WHERE run_id = 'victim') WHERE run_id = 'victim' AND outcome_idx = "
+            "(SELECT MIN(outcome_idx) FROM tool_calls WHERE run_id = 'victim')",
+            ".outcome is ",
+        ),
     ],
     ids=[
         "decider",
@@ -396,6 +410,8 @@ async def _summary_head(service: RunService, run_id: str) -> str:
         "run-status",
         "vote",
         "step-result",
+        "step-args",
+        "step-outcome",
     ],
 )
 async def test_a_row_the_views_read_changed_behind_the_journal_is_named(

@@ -290,13 +290,14 @@ def _decision(
 
 
 def _call_rows(events: Sequence[EventRecord], calls: Sequence[ToolCallRecord]) -> list[str]:
-    """Each tool call's status and outcome (a step's result in every view) against the last
-    tool_outcome event recorded for it."""
+    """Each tool call's arguments, status and outcome (a step's result in every view) against
+    the last tool_intent and tool_outcome events recorded for it (the row finds its arguments
+    and outcome by chain position: one pointed elsewhere reads another call's)."""
     found: list[str] = []
-    intended = {e.data.get("call_key") for e in events if e.type == EventType.TOOL_INTENT}
+    intended = {e.data.get("call_key"): e.data for e in events if e.type == EventType.TOOL_INTENT}
     outcomes = {e.data.get("call_key"): e.data for e in events if e.type == EventType.TOOL_OUTCOME}
     keys = {call.call_key for call in calls}
-    for call_key in sorted(k for k in intended - keys if k):
+    for call_key in sorted(k for k in intended.keys() - keys if k):
         found.append(
             f"tool_calls[{call_key}] is missing, though the journal recorded its intent: its "
             "row was deleted"
@@ -308,6 +309,8 @@ def _call_rows(events: Sequence[EventRecord], calls: Sequence[ToolCallRecord]) -
                 f"{row} has no tool_intent event: the row was inserted behind the store's back"
             )
             continue
+        if call.args != intended[call.call_key].get("args"):
+            found.append(_differs(row, "args", call.args, intended[call.call_key].get("args")))
         if call.status in _BETWEEN_OUTCOMES:
             continue
         outcome = outcomes.get(call.call_key)

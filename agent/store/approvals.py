@@ -104,7 +104,7 @@ class ApprovalsStore(StoreBase):
             if turn is not None:
                 events.append(turn)
             if call is not None:
-                events.append(self._write_intent(conn, run_id, call, now, False, None)[1])
+                self._write_intent(conn, run_id, call, now, False, None, events)
             cursor = conn.execute(
                 "INSERT INTO approvals (token, run_id, call_key, kind, step_id, action, reason, "
                 "rollback, deciders, four_eyes, requested_by, status, created_at, deadline_at, "
@@ -385,17 +385,6 @@ class ApprovalsStore(StoreBase):
                 "WHERE id = ?",
                 (str(status), decided_by, now, note, approval_id),
             )
-            if effect.call_status is not None:
-                conn.execute(
-                    "UPDATE tool_calls SET status = ?, outcome = COALESCE(?, outcome), "
-                    "outcome_at = ? WHERE call_key = ?",
-                    (
-                        effect.call_status,
-                        dumps(effect.call_outcome) if effect.call_outcome is not None else None,
-                        now,
-                        call_key,
-                    ),
-                )
             events: list[Event] = [
                 ApprovalDecided(
                     approval_id=approval_id,
@@ -415,7 +404,15 @@ class ApprovalsStore(StoreBase):
                 updates["finished_at"] = now
                 updates["error"] = effect.error
                 events.append(RunFinished(str(effect.run_status), error=effect.error))
-            self._append_events(conn, run_id, events, now, updates)
+            taken = self._append_events(conn, run_id, events, now, updates)
+            if effect.call_status is not None:
+                # A new outcome is the event after the decision; a retry keeps the last one.
+                outcome_idx = taken[1] if effect.call_outcome is not None else None
+                conn.execute(
+                    "UPDATE tool_calls SET status = ?, outcome_idx = COALESCE(?, outcome_idx), "
+                    "outcome_at = ? WHERE call_key = ?",
+                    (effect.call_status, outcome_idx, now, call_key),
+                )
             self._enqueue_outbox(
                 conn,
                 run_id,
@@ -472,14 +469,9 @@ class ApprovalsStore(StoreBase):
             # Never consent: the gated call's outcome says no, and the run goes back to the
             # kernel to roll its completed steps back, which then ends it as expired.
             outcome = {"approved": False, "expired": True, "decided_at": now}
-            conn.execute(
-                "UPDATE tool_calls SET status = 'ok', outcome = ?, outcome_at = ? "
-                "WHERE call_key = ?",
-                (dumps(outcome), now, row["call_key"]),
-            )
             head = conn.execute("SELECT checkpoint FROM runs WHERE id = ?", (run_id,)).fetchone()
             checkpoint = Checkpoint.from_json(head["checkpoint"]).rolling_back()
-            self._append_events(
+            _, outcome_idx = self._append_events(
                 conn,
                 run_id,
                 [
@@ -488,6 +480,11 @@ class ApprovalsStore(StoreBase):
                 ],
                 now,
                 {"status": RunStatus.QUEUED, "checkpoint": checkpoint.to_json()},
+            )
+            conn.execute(
+                "UPDATE tool_calls SET status = 'ok', outcome_idx = ?, outcome_at = ? "
+                "WHERE call_key = ?",
+                (outcome_idx, now, row["call_key"]),
             )
             self._enqueue_outbox(conn, run_id, ChatNotice.APPROVAL_EXPIRED, expired, now)
             return run_id

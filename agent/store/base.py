@@ -273,10 +273,13 @@ class StoreBase:
         events: Sequence[Event],
         now: float,
         run_updates: dict[str, Any] | None = None,
-    ) -> None:
+    ) -> range:
         """Append events to a run's chain and apply `run_updates` to its row (a drive's
-        transaction checked its lease first, with `_fence`)."""
+        transaction checked its lease first, with `_fence`); returns the chain positions
+        `events` took (after any carried ones)."""
         head = self._head(conn, run_id)
+        first = head.event_count + len(head.carried_events) + 1
+        taken = range(first, first + len(events))
         if head.carried_events or head.carried_updates:
             events = [*head.carried_events, *events]
             run_updates = {**head.carried_updates, **(run_updates or {})}
@@ -314,6 +317,13 @@ class StoreBase:
             self._announce_runnable(conn)
         assignments = ", ".join(f"{column} = ?" for column in updates)
         conn.execute(f"UPDATE runs SET {assignments} WHERE id = ?", (*updates.values(), run_id))
+        return taken
+
+    def _next_idx(self, conn: Connection, run_id: str) -> int:
+        """In a transaction: the chain position the next event appended to the run takes
+        (the first of the next `_append_events`, after the events it carries)."""
+        head = self._head(conn, run_id)
+        return head.event_count + len(head.carried_events) + 1
 
     @staticmethod
     def _next_run_no(conn: Connection) -> int:
@@ -441,11 +451,19 @@ class StoreBase:
         journal it, and move the run's checkpoint with it; with `carry`, the journal entry and
         the run's row wait for the transaction's next append (one row update, not two)."""
         gone = f"tool call {call.call_key} attempt {attempt} is not in flight"
+        # The outcome event goes first in the run's next append (carried or now).
         self.db.expect(
             conn,
-            "UPDATE tool_calls SET status = ?, outcome = ?, outcome_at = ?, duration_ms = ? "
+            "UPDATE tool_calls SET status = ?, outcome_idx = ?, outcome_at = ?, duration_ms = ? "
             "WHERE call_key = ? AND attempt = ? AND status = 'intent'",
-            (result.status, dumps(result.outcome), now, result.duration_ms, call.call_key, attempt),
+            (
+                result.status,
+                self._next_idx(conn, run_id),
+                now,
+                result.duration_ms,
+                call.call_key,
+                attempt,
+            ),
             1,
             lambda: CallNotInFlight(gone),
         )

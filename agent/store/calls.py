@@ -76,11 +76,10 @@ class CallsStore(StoreBase):
             info = None
             if attempt_info is not None:
                 info = dumps({**attempt_info, "spawn_before": spawn_before})
-            events = []
+            events: list[Event] = []
             if turn is not None:
                 events.append(turn)
-            attempt, intent = self._write_intent(conn, run_id, call, now, rerun, info, fresh)
-            events.append(intent)
+            attempt = self._write_intent(conn, run_id, call, now, rerun, info, events, fresh)
             # The checkpoint moves with the intent so that it never lags the journaled turn.
             self._append_events(conn, run_id, events, now, {"checkpoint": checkpoint.to_json()})
             return StartedCall(attempt, spawn_before)
@@ -95,22 +94,27 @@ class CallsStore(StoreBase):
         now: float,
         rerun: bool,
         info: str | None,
+        events: list[Event],
         fresh: bool = True,
-    ) -> tuple[int, Event]:
-        """In the caller's transaction: record an attempt of the call; returns its number and
-        the event that journals it.
+    ) -> int:
+        """In the caller's transaction: record an attempt of the call, with its intent event
+        added to `events` (what the transaction appends to the run next); returns its number.
 
+        The row keeps the event's chain position: the journal holds the call's arguments.
         A `fresh` call (the caller found none recorded) is attempt 1; the insert carries its
         own check (`Database.expect`), so it waits for no answer (one round trip less on
         PostgreSQL). A call a person marked for retry, or one found in doubt and safe to run
         again (`rerun`), is the next attempt; any other recorded call is never run again."""
-        params = _intent_params(run_id, call, now, info)
+        idx = self._next_idx(conn, run_id) + len(events)
+        params = _intent_params(run_id, call, now, info, idx)
         if fresh and not rerun:
             begun = f"tool call {call.call_key} was begun already; not run again"
             self.db.expect(conn, _INSERT_INTENT, params, 1, lambda: StoreError(begun))
-            return 1, _intent_event(call, 1)
+            events.append(_intent_event(call, 1))
+            return 1
         if conn.execute(_INSERT_INTENT, params).rowcount == 1:
-            return 1, _intent_event(call, 1)
+            events.append(_intent_event(call, 1))
+            return 1
         row = conn.execute(
             "SELECT status, attempt FROM tool_calls WHERE call_key = ?", (call.call_key,)
         ).fetchone()
@@ -119,10 +123,11 @@ class CallsStore(StoreBase):
         attempt = row["attempt"] + 1
         conn.execute(
             "UPDATE tool_calls SET status = 'intent', attempt = ?, intent_at = ?, "
-            "attempt_info = ? WHERE call_key = ?",
-            (attempt, now, info, call.call_key),
+            "attempt_info = ?, intent_idx = ? WHERE call_key = ?",
+            (attempt, now, info, idx, call.call_key),
         )
-        return attempt, _intent_event(call, attempt)
+        events.append(_intent_event(call, attempt))
+        return attempt
 
     async def _finish_call(
         self,
@@ -166,13 +171,13 @@ class CallsStore(StoreBase):
             ).fetchone()
             if row is None:  # no intent committed, or an outcome was recorded after all
                 return False
-            attempt = row["attempt"]
+            event = ToolOutcome(call_key, status, outcome, row["attempt"])
+            (idx,) = self._append_events(conn, run_id, [event], now)
             conn.execute(
-                "UPDATE tool_calls SET status = ?, outcome = ?, outcome_at = ? WHERE call_key = ?",
-                (status, dumps(outcome), now, call_key),
+                "UPDATE tool_calls SET status = ?, outcome_idx = ?, outcome_at = ? "
+                "WHERE call_key = ?",
+                (status, idx, now, call_key),
             )
-            event = ToolOutcome(call_key, status, outcome, attempt)
-            self._append_events(conn, run_id, [event], now)
             return True
 
         return await self._transaction(close, durable=True)
@@ -201,21 +206,23 @@ class CallsStore(StoreBase):
 
 # Attempt 1 of a call, unless the call is recorded already (then it changes no row).
 _INSERT_INTENT = (
-    "INSERT INTO tool_calls (run_id, call_key, turn, position, tool, args, step_id, "
+    "INSERT INTO tool_calls (run_id, call_key, turn, position, tool, intent_idx, step_id, "
     "attempt, status, intent_at, repeatable, attempt_info) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, 1, 'intent', ?, ?, ?) "
     "ON CONFLICT (call_key) DO NOTHING"
 )
 
 
-def _intent_params(run_id: str, call: NewToolCall, now: float, info: str | None) -> tuple[Any, ...]:
+def _intent_params(
+    run_id: str, call: NewToolCall, now: float, info: str | None, intent_idx: int
+) -> tuple[Any, ...]:
     return (
         run_id,
         call.call_key,
         call.turn,
         call.position,
         call.tool,
-        dumps(call.args),
+        intent_idx,
         call.step_id,
         now,
         int(call.repeatable),

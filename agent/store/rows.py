@@ -103,9 +103,16 @@ def run_from_row(row: Row) -> RunRecord:
     )
 
 
+# A call's arguments and outcome are its journal's `tool_intent` and `tool_outcome` events,
+# found by the chain positions its row keeps (each payload is stored once). The event's type
+# is part of the lookup: a position that names any other event reads as nothing.
 CALL_COLUMNS = (
-    "call_key, run_id, turn, position, tool, args, step_id, attempt, status, outcome, intent_at, "
-    "outcome_at, duration_ms, repeatable, attempt_info"
+    "call_key, run_id, turn, position, tool, step_id, attempt, status, intent_at, outcome_at, "
+    "duration_ms, repeatable, attempt_info, "
+    "(SELECT data FROM events WHERE events.run_id = tool_calls.run_id "
+    "AND events.idx = tool_calls.intent_idx AND events.type = 'tool_intent') AS intent, "
+    "(SELECT data FROM events WHERE events.run_id = tool_calls.run_id "
+    "AND events.idx = tool_calls.outcome_idx AND events.type = 'tool_outcome') AS outcome"
 )
 
 
@@ -116,11 +123,11 @@ def call_from_row(row: Row) -> ToolCallRecord:
         turn=row["turn"],
         position=row["position"],
         tool=row["tool"],
-        args=json.loads(row["args"]),
+        args=json.loads(row["intent"])["args"] if row["intent"] else {},
         step_id=row["step_id"],
         attempt=row["attempt"],
         status=row["status"],
-        outcome=json.loads(row["outcome"]) if row["outcome"] else None,
+        outcome=json.loads(row["outcome"])["outcome"] if row["outcome"] else None,
         intent_at=row["intent_at"],
         outcome_at=row["outcome_at"],
         duration_ms=row["duration_ms"],

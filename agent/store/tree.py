@@ -22,7 +22,6 @@ from agent.store.rows import (
     TERMINAL,
     approval_from_row,
     call_from_row,
-    dumps,
     event_from_row,
     run_from_row,
 )
@@ -62,19 +61,19 @@ class TreeStore(StoreBase):
                 for c in children
             ]
         }
-        conn.execute(
-            "UPDATE tool_calls SET status = 'ok', outcome = ?, outcome_at = ? "
-            "WHERE call_key = ? AND status = 'intent'",
-            (dumps(outcome), now, call_key),
-        )
         checkpoint = Checkpoint.from_json(parent[1])
         advanced = Checkpoint(**{**checkpoint.__dict__, "call": checkpoint.call + 1})
-        self._append_events(
+        (idx,) = self._append_events(
             conn,
             parent_id,
             [ToolOutcome(call_key, "ok", outcome)],
             now,
             {"status": RunStatus.QUEUED, "checkpoint": advanced.to_json()},
+        )
+        conn.execute(
+            "UPDATE tool_calls SET status = 'ok', outcome_idx = ?, outcome_at = ? "
+            "WHERE call_key = ? AND status = 'intent'",
+            (idx, now, call_key),
         )
 
     async def _await_sibling(
@@ -105,7 +104,7 @@ class TreeStore(StoreBase):
                 "SELECT 1 FROM tool_calls WHERE call_key = ?", (call.call_key,)
             ).fetchone()
             if known is None:  # a resumed wait keeps the intent it already has
-                events.append(self._write_intent(conn, run_id, call, now, False, None)[1])
+                self._write_intent(conn, run_id, call, now, False, None, events)
             if sibling is None or sibling["status"] in TERMINAL:
                 self._append_events(
                     conn,
@@ -151,20 +150,20 @@ class TreeStore(StoreBase):
             sibling = self._sibling(conn, waiter_id, row["role"])
             if sibling is None or sibling["run_id"] != run_id:
                 continue
-            conn.execute(
-                "UPDATE tool_calls SET status = 'ok', outcome = ?, outcome_at = ? "
-                "WHERE call_key = ?",
-                (dumps(sibling), now, call_key),
-            )
             checkpoint = Checkpoint.from_json(checkpoint_json)
             advanced = Checkpoint(**{**checkpoint.__dict__, "call": checkpoint.call + 1})
             event = ToolOutcome(call_key, "ok", sibling)
-            self._append_events(
+            (idx,) = self._append_events(
                 conn,
                 waiter_id,
                 [event],
                 now,
                 {"status": RunStatus.QUEUED, "checkpoint": advanced.to_json()},
+            )
+            conn.execute(
+                "UPDATE tool_calls SET status = 'ok', outcome_idx = ?, outcome_at = ? "
+                "WHERE call_key = ?",
+                (idx, now, call_key),
             )
 
     async def _open_children(
@@ -195,7 +194,7 @@ class TreeStore(StoreBase):
             events = []
             if turn is not None:
                 events.append(turn)
-            events.append(self._write_intent(conn, parent_id, call, now, False, None)[1])
+            self._write_intent(conn, parent_id, call, now, False, None, events)
             ids = []
             for child in children:
                 base = f"{parent_id}:sub:{child.role}"

@@ -216,11 +216,6 @@ def _recompute_plain(db: Path, run_id: str) -> None:
 def _decider_row(db: Path, run_id: str) -> None:
     """The rest of the issue 17 rewrite: the rows say the new decider too."""
     with sqlite3.connect(db) as conn:
-        conn.execute(
-            "UPDATE tool_calls SET outcome = replace(outcome, 'cli:oncall', 'cli:mallory') "
-            "WHERE run_id = ?",
-            (run_id,),
-        )
         conn.execute("UPDATE approvals SET decided_by = 'cli:mallory' WHERE run_id = ?", (run_id,))
         conn.execute(
             "UPDATE approval_votes SET decided_by = 'cli:mallory' WHERE approval_id IN "

@@ -677,7 +677,7 @@ async def test_a_stopped_worker_lets_its_step_in_flight_finish_and_hands_the_run
         first.proc.send_signal(signal.SIGTERM)
         assert first.proc.wait(timeout=30) == 0, first.tail()
     [(status, outcome)] = raw_rows(
-        db, "SELECT status, outcome IS NOT NULL FROM tool_calls WHERE step_id = 'slow'"
+        db, "SELECT status, outcome_idx IS NOT NULL FROM tool_calls WHERE step_id = 'slow'"
     )
     assert (status, outcome) == ("ok", 1), diagnostics(db, [first], None)
     assert run_status(db, "d") == "queued" and lines(workspace) == ["slow"]

@@ -206,7 +206,7 @@ def _every_boundary(workspace: Path, db: str, failpoint: str) -> None:
         db, "SELECT step_id FROM approvals WHERE run_id = 'drill' AND kind = 'in_doubt'"
     )
     unfinished = raw_rows(
-        db, "SELECT COUNT(*) FROM tool_calls WHERE run_id = 'drill' AND outcome IS NULL"
+        db, "SELECT COUNT(*) FROM tool_calls WHERE run_id = 'drill' AND outcome_idx IS NULL"
     )[0][0]
     assert died >= 2, "the failpoint never fired: the test would prove nothing"
     assert unfinished == 0

@@ -814,6 +814,22 @@ async def test_a_pinned_runbook_moves_out_of_the_run_row_when_the_schema_is_upgr
         await store.close()
 
 
+def _old_run(db_url: str, status: str) -> None:
+    """Run 'old' as a database at an older schema holds it (no journal yet)."""
+    raw_rows(
+        db_url,
+        "INSERT INTO runs (id, role, status, request, requested_by, origin, checkpoint, limits, "
+        "created_at, updated_at) VALUES ('old', 'runbook', ?, 'disk full', 'cli:tester', ?, ?, "
+        "?, 0, 0)",
+        (
+            status,
+            Origin().to_json(),
+            Checkpoint().to_json(),
+            RunLimits(max_steps=40, max_tool_calls=100, deadline_seconds=3600).to_json(),
+        ),
+    )
+
+
 async def test_policy_answers_leave_their_own_table_when_the_schema_is_upgraded(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -828,17 +844,7 @@ async def test_policy_answers_leave_their_own_table_when_the_schema_is_upgraded(
             engine, "migrations", lambda _pkg, shipped=shipped: [m for m in shipped if m[0] <= 12]
         )
     await (await RunStore.open(db_url)).close()  # the schema as an older loom-ops left it
-    raw_rows(
-        db_url,
-        "INSERT INTO runs (id, role, status, request, requested_by, origin, checkpoint, limits, "
-        "created_at, updated_at) VALUES ('old', 'runbook', 'succeeded', 'disk full', "
-        "'cli:tester', ?, ?, ?, 0, 0)",
-        (
-            Origin().to_json(),
-            Checkpoint().to_json(),
-            RunLimits(max_steps=40, max_tool_calls=100, deadline_seconds=3600).to_json(),
-        ),
-    )
+    _old_run(db_url, "succeeded")
     for turn in (0, 1):
         answer = {"calls": [], "final": f"answer {turn}"}
         raw_rows(
@@ -870,6 +876,75 @@ async def test_policy_answers_leave_their_own_table_when_the_schema_is_upgraded(
     finally:
         await store.close()
 
+
+async def test_call_arguments_and_outcomes_leave_their_row_when_the_schema_is_upgraded(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database written while `tool_calls` also held each call's arguments and outcome
+    loses that copy on upgrade: each is read from the call's last intent and outcome events,
+    a retried call's included, and a call in flight again keeps its last outcome."""
+    from agent.store import postgres, sqlite
+
+    for engine in (sqlite, postgres):
+        shipped = engine.migrations(engine.MIGRATIONS)
+        monkeypatch.setattr(engine, "migrations", lambda _pkg, shipped=shipped: shipped[:-1])
+    await (await RunStore.open(db_url)).close()  # the schema as an older loom-ops left it
+    _old_run(db_url, "running")
+    first, second = "old#0.0", "old#1.0"
+    journal = [  # (type, data): the first call once, the second failed, retried, in flight
+        ("tool_intent", {"call_key": first, "tool": "read_runbook", "args": {"id": "disk"}}),
+        ("tool_outcome", {"call_key": first, "status": "ok", "outcome": {"steps": 2}}),
+        ("tool_intent", {"call_key": second, "tool": "execute_step", "args": {"step_id": "a"}}),
+        ("tool_outcome", {"call_key": second, "status": "error", "outcome": {"exit": 1}}),
+        ("tool_intent", {"call_key": second, "tool": "execute_step", "args": {"step_id": "a"}}),
+    ]
+    for idx, (kind, data) in enumerate(journal, start=1):
+        raw_rows(
+            db_url,
+            "INSERT INTO events (run_id, idx, ts, type, data, prev_hash, hash) "
+            "VALUES ('old', ?, 5, ?, ?, '', '')",
+            (idx, kind, json.dumps(data)),
+        )
+    for key, turn, tool, args, attempt, status, outcome in (
+        (first, 0, "read_runbook", {"id": "disk"}, 1, "ok", {"steps": 2}),
+        (second, 1, "execute_step", {"step_id": "a"}, 2, "intent", {"exit": 1}),
+    ):
+        raw_rows(
+            db_url,
+            "INSERT INTO tool_calls (run_id, call_key, turn, position, tool, args, step_id, "
+            "attempt, status, outcome, intent_at) VALUES ('old', ?, ?, 0, ?, ?, ?, ?, ?, ?, 5)",
+            (key, turn, tool, json.dumps(args), args.get("step_id"), attempt, status,
+             json.dumps(outcome)),
+        )  # fmt: skip
+    monkeypatch.undo()
+
+    store = await RunStore.open(db_url)
+    try:
+        read = {c.call_key: c for c in await store.list_tool_calls("old")}
+        assert (read[first].args, read[first].status, read[first].outcome) == (
+            {"id": "disk"},
+            "ok",
+            {"steps": 2},
+        )
+        assert (read[second].args, read[second].attempt, read[second].outcome) == (
+            {"step_id": "a"},
+            2,
+            {"exit": 1},
+        )
+        assert raw_rows(
+            db_url, "SELECT call_key, intent_idx, outcome_idx FROM tool_calls ORDER BY call_key"
+        ) == [(first, 1, 2), (second, 5, 4)]
+        columns = {row[0] for row in raw_rows(db_url, _COLUMNS[store.dialect.name])}
+        assert not {"args", "outcome"} & columns, columns
+    finally:
+        await store.close()
+
+
+_COLUMNS = {
+    SQLITE.name: "SELECT name FROM pragma_table_info('tool_calls')",
+    POSTGRES.name: "SELECT column_name FROM information_schema.columns "
+    "WHERE table_schema = current_schema() AND table_name = 'tool_calls'",
+}
 
 _TABLES = {
     SQLITE.name: "SELECT name FROM sqlite_master WHERE type = 'table'",
