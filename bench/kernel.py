@@ -327,7 +327,8 @@ async def main() -> None:
         workspace, db = kill_at_step(directory, args.big, args.big // 2)
         with sqlite3.connect(db) as conn:
             done = conn.execute(
-                "SELECT COUNT(*) FROM tool_calls WHERE run_id = 'killed' AND outcome IS NOT NULL"
+                "SELECT COUNT(*) FROM tool_calls "
+                "WHERE run_id = 'killed' AND outcome_idx IS NOT NULL"
             ).fetchone()[0]
         first_intent, rest = await resume_latency(workspace, db, args.big)
         bare = bare_python()
