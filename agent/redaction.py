@@ -1,5 +1,9 @@
 """Secret redaction: applied by the kernel to everything it journals or shows a policy.
 
+The same pass replaces U+0000 with U+FFFD: PostgreSQL's JSON types cannot hold U+0000 and
+refuse any text that escapes it, so a command's binary output or a model's stray character
+would make its journal entry, or the approval request quoting it, impossible to store there.
+
 Invariant: `Redactor.text(s) == Redactor.slow_text(s)` for every string `s`. `slow_text` runs
 every pattern over the string; `text` first asks a prefilter, which only answers "no built-in
 shape can match here" when that is certain (each shape needs a literal the string lacks), and
@@ -19,6 +23,7 @@ from typing import Any
 from urllib.parse import quote, quote_plus
 
 REDACTED = "[REDACTED]"
+NUL_REPLACEMENT = "\ufffd"
 
 # Shapes of credentials that show up in command output and URLs often enough to catch by default.
 # A pattern with a `secret` group has only that group replaced, so the key name stays readable.
@@ -128,7 +133,9 @@ class Redactor:
         self._cached = lru_cache(maxsize=_CACHE_SIZE)(self._fresh)
 
     def text(self, value: str) -> str:
-        """Return `value` with every secret replaced."""
+        """Return `value` with every secret (and U+0000) replaced."""
+        if "\x00" in value:
+            value = value.replace("\x00", NUL_REPLACEMENT)
         if len(value) < 4:  # too short to hold any secret shape or value
             return value
         if len(value) <= _CACHED_LENGTH:
@@ -138,6 +145,7 @@ class Redactor:
     def slow_text(self, value: str) -> str:
         """`text` without the prefilter and the cache: every pattern over `value`, the
         definition `text` must agree with (the tests and bench/redaction.py compare them)."""
+        value = value.replace("\x00", NUL_REPLACEMENT)
         if len(value) < 4:
             return value
         return self._apply(value, builtin=True)

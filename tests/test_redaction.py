@@ -14,7 +14,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.redaction import BUILTIN_PATTERNS, REDACTED, Redactor, may_hold_builtin
+from agent.redaction import (
+    BUILTIN_PATTERNS,
+    NUL_REPLACEMENT,
+    REDACTED,
+    Redactor,
+    may_hold_builtin,
+)
 from agent.tools.shell import run_command
 
 BOT_TOKEN = "123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsawA"
@@ -115,6 +121,20 @@ def test_data_is_redacted_recursively() -> None:
         "none": None,
     }
     assert data["env"]["PASS"] == "topsecret", "the input is not modified"
+
+
+def test_nul_characters_are_kept_out_of_everything_journaled() -> None:
+    """PostgreSQL's JSON types cannot hold U+0000: each becomes U+FFFD, in strings too short
+    to hold a secret, in keys, and beside a secret that is still redacted."""
+    redactor = Redactor()
+    assert redactor.text("\x00") == redactor.slow_text("\x00") == NUL_REPLACEMENT
+    assert redactor.text("before\x00after") == f"before{NUL_REPLACEMENT}after"
+    assert redactor.data({"k\x00": ["a\x00", {"out": "x\x00 token=abcdefgh12345678"}]}) == {
+        f"k{NUL_REPLACEMENT}": [
+            f"a{NUL_REPLACEMENT}",
+            {"out": f"x{NUL_REPLACEMENT} token={REDACTED}"},
+        ]
+    }
 
 
 SECRETS = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789", min_size=4, max_size=24)
@@ -308,7 +328,9 @@ SHAPES = st.one_of(
     ),
 )
 FILL = st.text(
-    alphabet=st.sampled_from([*"aksiK =:'\"/@-_.,;}&\n\t0123456789", "\u212a", "\u017f", "\u2014"]),
+    alphabet=st.sampled_from(
+        [*"aksiK =:'\"/@-_.,;}&\n\t0123456789", "\u212a", "\u017f", "\u2014", "\x00"]
+    ),
     max_size=12,
 )
 TEXTS = st.lists(st.one_of(SHAPES, FILL), max_size=8).map("".join)

@@ -230,12 +230,16 @@ def _events_sql(dialect: Dialect) -> str:
     """The fields of the journal events in a seq range that the counters need, and only them
     (a tool's outcome can be large); the tool's name and a request's time come from their
     rows, found by key."""
+    # PostgreSQL's JSON types refuse a text that escapes U+0000, which events written before
+    # the journal kept it out may hold (a command's binary output): read it as U+0001, and
+    # every scrape after such an event goes on.
+    data = "e.data" if dialect.name == "sqlite" else "replace(e.data, '\\u0000', '\\u0001')"
 
     def text(*keys: str) -> str:
-        return _json_path(dialect, "e.data", *keys)
+        return _json_path(dialect, data, *keys)
 
     def number(*keys: str) -> str:
-        return _json_path(dialect, "e.data", *keys, number=True)
+        return _json_path(dialect, data, *keys, number=True)
 
     types = ", ".join(f"'{t}'" for t in _FOLDED)
     return (
@@ -251,7 +255,7 @@ def _events_sql(dialect: Dialect) -> str:
         "FROM events e "
         f"LEFT JOIN tool_calls t ON e.type = 'tool_outcome' AND t.call_key = {text('call_key')} "
         "LEFT JOIN approvals a ON e.type = 'approval_decided' "
-        f"AND a.id = {dialect.json_int('e.data', 'approval_id')} "
+        f"AND a.id = {dialect.json_int(data, 'approval_id')} "
         f"WHERE e.seq > ? AND e.seq <= ? AND e.type IN ({types})"
     )
 

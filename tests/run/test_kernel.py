@@ -46,7 +46,7 @@ approvers: [cli:approver]
 params:
   mode:
     description: What act.py does
-    choices: [fail, leak, ok]
+    choices: [fail, leak, nul, ok]
     default: ok
 steps:
   - id: act
@@ -69,6 +69,8 @@ if sys.argv[1] == "fail":
 if sys.argv[1] == "leak":
     print("export GITHUB_TOKEN=ghp_A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8")
     print("Authorization: Bearer abcdefghijklmnopqrstuvwxyz0123")
+if sys.argv[1] == "nul":
+    print("before\\0after")
 """
 
 DENY_DRILL = """\
@@ -120,7 +122,7 @@ def live(settings: Settings, workspace: Path) -> Settings:
     write_runbook(workspace, "deny-drill", DENY_DRILL)
     write_runbook(workspace, "slow-drill", SLOW_DRILL)
     (workspace / "act.py").write_text(ACT_SCRIPT)
-    allow(workspace, "act.py", "re:fail|leak|ok")
+    allow(workspace, "act.py", "re:fail|leak|nul|ok")
     allow(workspace, "append.py", "re:slow|fast", "**")
     return settings.model_copy(update={"allow_shell": True})
 
@@ -499,6 +501,26 @@ async def test_secrets_never_reach_the_database(live: Settings, workspace: Path)
             assert secret.encode() not in data, f"{secret!r} found in {path.name}"
     memory = (workspace / ".loom-ops" / "memory.txt").read_text()
     assert not any(secret in memory for secret in SECRETS)
+
+
+async def test_a_nul_in_a_commands_output_is_kept_as_a_replacement_character(
+    live: Settings, workspace: Path, db_url: str
+) -> None:
+    """PostgreSQL's JSON cannot hold U+0000: a command that prints one (binary output, `-print0`)
+    leaves U+FFFD in its outcome, and the request of the gated step after it, which quotes that
+    output to its approvers, opens and is decided on either engine."""
+    async with open_service(live.model_copy(update={"db": db_url})) as service:
+        run = await service.start(
+            "nul", "live-drill mode=nul", origin=Origin(kind="telegram", chat_id=42)
+        )
+        assert run.status == RunStatus.WAITING_APPROVAL, run.error
+        act = next(r for r in await service.store.list_tool_calls("nul") if r.step_id == "act")
+        assert act.outcome is not None and act.outcome["stdout"] == "before\ufffdafter\n"
+        [request] = await service.store.list_approvals("nul")
+        assert request.evidence == ["act: ok\n  before\ufffdafter"]
+        result = await service.decide("nul", Decision.APPROVE, "cli:approver")
+        assert result.run.status == RunStatus.SUCCEEDED
+        assert (await service.verify_audit("nul")).intact
 
 
 async def test_secrets_in_an_interruption_are_redacted(settings: Settings) -> None:

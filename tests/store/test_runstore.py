@@ -882,7 +882,9 @@ async def test_call_arguments_and_outcomes_leave_their_row_when_the_schema_is_up
 ) -> None:
     """A database written while `tool_calls` also held each call's arguments and outcome
     loses that copy on upgrade: each is read from the call's last intent and outcome events,
-    a retried call's included, and a call in flight again keeps its last outcome."""
+    a retried call's included, and a call in flight again keeps its last outcome. An outcome
+    journaled with U+0000 in it (before the journal kept it out), which PostgreSQL's JSON
+    types refuse, neither stops the upgrade nor the metrics."""
     from agent.store import postgres, sqlite
 
     for engine in (sqlite, postgres):
@@ -891,11 +893,12 @@ async def test_call_arguments_and_outcomes_leave_their_row_when_the_schema_is_up
     await (await RunStore.open(db_url)).close()  # the schema as an older loom-ops left it
     _old_run(db_url, "running")
     first, second = "old#0.0", "old#1.0"
+    failed = {"exit": 1, "stderr": "bad\x00byte"}  # journaled before U+0000 was kept out
     journal = [  # (type, data): the first call once, the second failed, retried, in flight
         ("tool_intent", {"call_key": first, "tool": "read_runbook", "args": {"id": "disk"}}),
         ("tool_outcome", {"call_key": first, "status": "ok", "outcome": {"steps": 2}}),
         ("tool_intent", {"call_key": second, "tool": "execute_step", "args": {"step_id": "a"}}),
-        ("tool_outcome", {"call_key": second, "status": "error", "outcome": {"exit": 1}}),
+        ("tool_outcome", {"call_key": second, "status": "error", "outcome": failed}),
         ("tool_intent", {"call_key": second, "tool": "execute_step", "args": {"step_id": "a"}}),
     ]
     for idx, (kind, data) in enumerate(journal, start=1):
@@ -907,7 +910,7 @@ async def test_call_arguments_and_outcomes_leave_their_row_when_the_schema_is_up
         )
     for key, turn, tool, args, attempt, status, outcome in (
         (first, 0, "read_runbook", {"id": "disk"}, 1, "ok", {"steps": 2}),
-        (second, 1, "execute_step", {"step_id": "a"}, 2, "intent", {"exit": 1}),
+        (second, 1, "execute_step", {"step_id": "a"}, 2, "intent", failed),
     ):
         raw_rows(
             db_url,
@@ -929,13 +932,16 @@ async def test_call_arguments_and_outcomes_leave_their_row_when_the_schema_is_up
         assert (read[second].args, read[second].attempt, read[second].outcome) == (
             {"step_id": "a"},
             2,
-            {"exit": 1},
+            failed,
         )
         assert raw_rows(
             db_url, "SELECT call_key, intent_idx, outcome_idx FROM tool_calls ORDER BY call_key"
         ) == [(first, 1, 2), (second, 5, 4)]
         columns = {row[0] for row in raw_rows(db_url, _COLUMNS[store.dialect.name])}
         assert not {"args", "outcome"} & columns, columns
+        scraped = await store.metrics_snapshot()  # folds the old journal, the NUL included
+        counted = scraped.counters["tool_calls"]
+        assert (scraped.journal_backlog, sum(counted.values())) == (0, 2), counted
     finally:
         await store.close()
 

@@ -9,13 +9,13 @@ ALTER TABLE tool_calls ADD COLUMN outcome_idx INTEGER;
 UPDATE tool_calls SET intent_idx = found.idx
 FROM (
     SELECT run_id, json_extract(data, '$.call_key') AS call_key, MAX(idx) AS idx
-    FROM events WHERE type = 'tool_intent' GROUP BY 1, 2
+    FROM events WHERE type = 'tool_intent' GROUP BY run_id, call_key
 ) AS found
 WHERE found.run_id = tool_calls.run_id AND found.call_key = tool_calls.call_key;
 UPDATE tool_calls SET outcome_idx = found.idx
 FROM (
     SELECT run_id, json_extract(data, '$.call_key') AS call_key, MAX(idx) AS idx
-    FROM events WHERE type = 'tool_outcome' GROUP BY 1, 2
+    FROM events WHERE type = 'tool_outcome' GROUP BY run_id, call_key
 ) AS found
 WHERE found.run_id = tool_calls.run_id AND found.call_key = tool_calls.call_key
 AND tool_calls.outcome IS NOT NULL;

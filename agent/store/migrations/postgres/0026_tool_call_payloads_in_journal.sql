@@ -4,18 +4,23 @@
 -- outcome) beside the facts only it holds (status, attempt, times). Every row's arguments
 -- were written in the transaction that appended its intent event, and every outcome with its
 -- outcome event (`audit verify` checks both), so nothing is lost with the two columns.
+-- An event written before U+0000 was kept out of the journal may escape one ("\u0000"), which
+-- no JSON type here accepts: the call key is read with that escape changed to "\u0001" (valid
+-- JSON either way, even after an escaped backslash, and never part of a call key).
 ALTER TABLE tool_calls ADD COLUMN intent_idx BIGINT;
 ALTER TABLE tool_calls ADD COLUMN outcome_idx BIGINT;
 UPDATE tool_calls SET intent_idx = found.idx
 FROM (
-    SELECT run_id, ((data)::jsonb ->> 'call_key') AS call_key, MAX(idx) AS idx
-    FROM events WHERE type = 'tool_intent' GROUP BY 1, 2
+    SELECT run_id, MAX(idx) AS idx,
+        ((replace(data, '\u0000', '\u0001'))::jsonb ->> 'call_key') AS call_key
+    FROM events WHERE type = 'tool_intent' GROUP BY run_id, call_key
 ) AS found
 WHERE found.run_id = tool_calls.run_id AND found.call_key = tool_calls.call_key;
 UPDATE tool_calls SET outcome_idx = found.idx
 FROM (
-    SELECT run_id, ((data)::jsonb ->> 'call_key') AS call_key, MAX(idx) AS idx
-    FROM events WHERE type = 'tool_outcome' GROUP BY 1, 2
+    SELECT run_id, MAX(idx) AS idx,
+        ((replace(data, '\u0000', '\u0001'))::jsonb ->> 'call_key') AS call_key
+    FROM events WHERE type = 'tool_outcome' GROUP BY run_id, call_key
 ) AS found
 WHERE found.run_id = tool_calls.run_id AND found.call_key = tool_calls.call_key
 AND tool_calls.outcome IS NOT NULL;
