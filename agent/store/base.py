@@ -277,9 +277,9 @@ class StoreBase:
         """Append events to a run's chain and apply `run_updates` to its row (a drive's
         transaction checked its lease first, with `_fence`); returns the chain positions
         `events` took (after any carried ones)."""
-        head = self._head(conn, run_id)
-        first = head.event_count + len(head.carried_events) + 1
+        first = self._next_idx(conn, run_id)
         taken = range(first, first + len(events))
+        head = self._head(conn, run_id)
         if head.carried_events or head.carried_updates:
             events = [*head.carried_events, *events]
             run_updates = {**head.carried_updates, **(run_updates or {})}

@@ -9,20 +9,16 @@
 -- JSON either way, even after an escaped backslash, and never part of a call key).
 ALTER TABLE tool_calls ADD COLUMN intent_idx BIGINT;
 ALTER TABLE tool_calls ADD COLUMN outcome_idx BIGINT;
-UPDATE tool_calls SET intent_idx = found.idx
+-- One pass over the journal: each call's last intent and last outcome. A row without an
+-- outcome (never decided) keeps none, as before.
+UPDATE tool_calls SET intent_idx = found.intent_idx,
+    outcome_idx = CASE WHEN tool_calls.outcome IS NOT NULL THEN found.outcome_idx END
 FROM (
-    SELECT run_id, MAX(idx) AS idx,
-        ((replace(data, '\u0000', '\u0001'))::jsonb ->> 'call_key') AS call_key
-    FROM events WHERE type = 'tool_intent' GROUP BY run_id, call_key
+    SELECT run_id, ((replace(data, '\u0000', '\u0001'))::jsonb ->> 'call_key') AS call_key,
+        MAX(CASE WHEN type = 'tool_intent' THEN idx END) AS intent_idx,
+        MAX(CASE WHEN type = 'tool_outcome' THEN idx END) AS outcome_idx
+    FROM events WHERE type IN ('tool_intent', 'tool_outcome') GROUP BY run_id, call_key
 ) AS found
 WHERE found.run_id = tool_calls.run_id AND found.call_key = tool_calls.call_key;
-UPDATE tool_calls SET outcome_idx = found.idx
-FROM (
-    SELECT run_id, MAX(idx) AS idx,
-        ((replace(data, '\u0000', '\u0001'))::jsonb ->> 'call_key') AS call_key
-    FROM events WHERE type = 'tool_outcome' GROUP BY run_id, call_key
-) AS found
-WHERE found.run_id = tool_calls.run_id AND found.call_key = tool_calls.call_key
-AND tool_calls.outcome IS NOT NULL;
 ALTER TABLE tool_calls DROP COLUMN args;
 ALTER TABLE tool_calls DROP COLUMN outcome;
