@@ -1,13 +1,14 @@
 """A Jinja2 sandbox in which every render is bounded in time and in size.
 
 Invariant: a render through `BoundedSandbox.render_bounded` returns at most `limits.chars`
-characters within about `limits.seconds`, or raises `RenderLimitError` naming the bound; no
-value built on the way grows much past `limits.chars` either. Operations whose result size
-follows from their inputs (`'a' * n`, `n ** m`, `a + b`, `'%9999d' % x`, `x ~ y`, captured
-blocks, `ljust`/`center`/`zfill`/`expandtabs`/`replace`/`translate`/`join`/`format`/`to_bytes`,
-the `center`/`indent`/`wordwrap`/`replace`/`format`/`join`/`batch`/`slice`/`tojson` filters)
-are refused *before* they allocate; every other call, filter and operator result is measured
-after it returns.
+characters within about `limits.seconds` of its thread's CPU time, or raises `RenderLimitError`
+naming the bound; no value built on the way grows much past `limits.chars` either. Operations
+whose result size follows from their inputs (`'a' * n`, `n ** m`, `a + b`, `'%9999d' % x`,
+`x ~ y`, captured blocks,
+`ljust`/`center`/`zfill`/`expandtabs`/`replace`/`translate`/`join`/`format`/`to_bytes`, the
+`center`/`indent`/`wordwrap`/`replace`/`format`/`join`/`batch`/`slice`/`tojson` filters) are
+refused *before* they allocate; every other call, filter and operator result is measured after
+it returns.
 
 Numbers are bounded too: every int and float a template holds (its literals, its params, the
 arguments and results of its calls, filters and operators, the items its loops and `range`s
@@ -107,8 +108,9 @@ _MAX_WIDTH_DIGITS = 9
 
 @record
 class RenderLimits:
-    """The bounds of one render: wall-clock seconds, and characters of output (a KiB here is
-    1024 characters) that also cap every value built during the render."""
+    """The bounds of one render: seconds of its thread's CPU time (what the template makes
+    us compute; a render waiting for a core is not charged), and characters of output (a KiB
+    here is 1024 characters) that also cap every value built during the render."""
 
     seconds: float = RENDER_SECONDS
     chars: int = RENDER_CHARS
@@ -134,12 +136,31 @@ class RenderLimits:
 DEFAULT_LIMITS = RenderLimits()
 
 
-@record
 class _Budget:
-    """The bounds of the render running in this context, and when its time is up."""
+    """The bounds of the render running in this context, and when its time is up.
 
-    deadline: float
-    limits: RenderLimits
+    The bound is the rendering thread's CPU time. Reading that clock is a system call, ten
+    times the cost of the monotonic clock every tick reads: the CPU clock is read only once
+    the wall-clock `deadline` has passed (a thread's CPU time never grows faster than wall
+    time), and the deadline then moves by the CPU time still unspent. So a render starved of
+    the CPU on a loaded machine, or in a process stopped for a while, is not refused for the
+    time it waited."""
+
+    __slots__ = ("cpu_deadline", "deadline", "limits")
+
+    def __init__(self, limits: RenderLimits) -> None:
+        self.limits = limits
+        self.deadline = time.monotonic() + limits.seconds
+        self.cpu_deadline = time.thread_time() + limits.seconds
+
+    def out_of_cpu(self, now: float) -> bool:
+        """Past the wall deadline (`now`): True once the render has used its seconds of CPU,
+        else the deadline moves to the earliest instant it could have."""
+        left = self.cpu_deadline - time.thread_time()
+        if left <= 0:
+            return True
+        self.deadline = now + left
+        return False
 
 
 _BUDGET: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar(
@@ -165,9 +186,13 @@ def _limits() -> RenderLimits:
 
 
 def _tick() -> None:
-    """Stop the render once its deadline has passed."""
+    """Stop the render once it has used its seconds of CPU."""
     budget = _BUDGET.get()
-    if budget is not None and time.monotonic() > budget.deadline:
+    if (
+        budget is not None
+        and (now := time.monotonic()) > budget.deadline
+        and budget.out_of_cpu(now)
+    ):
         raise _LimitExceeded(f"it ran longer than {budget.limits.seconds:g} s")
 
 
@@ -791,7 +816,7 @@ class BoundedSandbox(jinja2.sandbox.SandboxedEnvironment):
     ) -> str:
         """Compile (cached) and render `source` within `limits`; any failure is a RenderError
         (RenderLimitError when a bound was hit) with a one-line message."""
-        token = _BUDGET.set(_Budget(time.monotonic() + limits.seconds, limits))
+        token = _BUDGET.set(_Budget(limits))
         try:
             if len(source) > MAX_SOURCE_CHARS:
                 raise _LimitExceeded(

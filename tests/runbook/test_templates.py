@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import shlex
+import signal
+import subprocess
+import sys
 import threading
 import time
 import tracemalloc
@@ -402,6 +406,49 @@ def test_time_bound_stops_nested_loops_at_the_deadline() -> None:
         render_command(f"echo {NESTED_LOOPS}", {"n": BIG}, SHORT)
     elapsed = time.monotonic() - started
     assert 0.3 <= elapsed < 5.0, elapsed  # stopped at its deadline, not after the loops
+
+
+# A render in a process of its own: says when it starts, then what it came to, the CPU seconds
+# of its thread and the wall seconds it took, on one line each.
+RENDER_IN_A_PROCESS = f"""
+import json, sys, time
+from agent.runbook.templates import RenderLimits
+from agent.runbook.model import render_text
+from agent.errors import RenderLimitError
+print("rendering", flush=True)
+cpu, wall = time.thread_time(), time.monotonic()
+try:
+    outcome = render_text({NESTED_LOOPS!r}, {{"n": {BIG}}}, RenderLimits(seconds=0.3))
+except RenderLimitError as exc:
+    outcome = str(exc)
+print(json.dumps([outcome, time.thread_time() - cpu, time.monotonic() - wall]), flush=True)
+"""
+
+
+def test_a_render_is_charged_its_cpu_not_the_time_its_process_was_stopped() -> None:
+    # A loaded machine, or a process stopped for a while, must not refuse a render that has
+    # done little: the bound is the CPU it used. Before, the deadline was wall time, and a
+    # render stopped past it was refused at once when it went on, its CPU far from spent.
+    child = subprocess.Popen(
+        [sys.executable, "-c", RENDER_IN_A_PROCESS],
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline() == "rendering\n"
+        time.sleep(0.05)
+        child.send_signal(signal.SIGSTOP)
+        time.sleep(0.6)
+        child.send_signal(signal.SIGCONT)
+        outcome, cpu, wall = json.loads(child.stdout.readline())
+    finally:
+        child.kill()
+        child.wait()
+    assert "it ran longer than 0.3 s" in outcome, outcome
+    assert cpu >= 0.3, (cpu, wall)  # refused once its CPU was spent, not when it went on
+    assert wall >= 0.9, (cpu, wall)  # ...which was past its stop
 
 
 def test_time_bound_stops_loops_over_a_plain_string() -> None:
