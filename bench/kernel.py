@@ -10,7 +10,9 @@ Prints figures and ratios; asserts nothing. Run with `make bench` or `python ben
 - per-step wall time of a run of side-effect steps (live shell steps of `true`, admitted by an
   allowlist: not repeatable, so each intent is committed durably before the command runs),
   whole and without the command's own time (its guard process and `true`, as the kernel
-  journals it), against one raw WAL synchronous=FULL INSERT + COMMIT;
+  journals it), against one raw WAL synchronous=FULL INSERT + COMMIT, made one after another
+  and, for context, each right after a process like the step's command ran (a machine that
+  idled through the command runs what follows it colder, the raw commit as well as the step);
 - the issue's targets against those figures ("met" / "not met"; nothing fails): a dry-run step
   at most 200 µs of CPU, a side-effect step (without its command) at most 1.5x a raw FULL
   commit, and flat from 40 to 1000 steps (at most 1.10x);
@@ -64,11 +66,19 @@ from bench.baseline import (  # noqa: E402
 )
 from bench.step_probe import settings_for, write_runbook  # noqa: E402
 
+# What a side-effect step of `true` runs before its outcome commits: a Python process (the
+# kernel's attempt guard, `python -S -I`) that runs `true`.
+GUARD_LIKE = (sys.executable, "-S", "-I", "-c", "import subprocess; subprocess.run(['true'])")
 
-async def raw_commit_baseline(directory: Path, count: int, synchronous: str | None) -> float:
+
+async def raw_commit_baseline(
+    directory: Path, count: int, synchronous: str | None, after_command: bool = False
+) -> float:
     """Seconds per raw aiosqlite INSERT + COMMIT: WAL with the given sync level, or (None)
-    aiosqlite's own defaults (rollback journal, synchronous=FULL)."""
-    path = directory / f"baseline-{synchronous or 'default'}.sqlite"
+    aiosqlite's own defaults (rollback journal, synchronous=FULL); with `after_command`, each
+    made right after a process like a side-effect step's command ran (not timed): a machine
+    that idled through it runs the commit colder than one commit after another."""
+    path = directory / f"baseline-{synchronous or 'default'}-{after_command}.sqlite"
     async with aiosqlite.connect(path) as db:
         if synchronous is not None:
             await db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -79,11 +89,16 @@ async def raw_commit_baseline(directory: Path, count: int, synchronous: str | No
         )
         await db.commit()
         payload = "x" * 200
-        started = time.perf_counter()
+        spent = 0.0
         for i in range(count):
+            if after_command:
+                command = await asyncio.create_subprocess_exec(*GUARD_LIKE)
+                await command.wait()
+            started = time.perf_counter()
             await db.execute("INSERT INTO t (step, data) VALUES (?, ?)", (i, payload))
             await db.commit()
-        return (time.perf_counter() - started) / count
+            spent += time.perf_counter() - started
+        return spent / count
 
 
 async def run_steps(directory: Path, steps: int, runs: int = 1) -> tuple[float, float]:
@@ -314,6 +329,7 @@ async def main() -> None:
                 await run_steps(directory / f"r{i}", args.small, runs=5),
                 await run_steps(directory / f"r{i}", args.big),
                 await side_effect_steps(directory / f"r{i}", args.live),
+                await raw_commit_baseline(directory, args.live, "FULL", after_command=True),
             )
             for i in range(3)
         ]
@@ -324,6 +340,7 @@ async def main() -> None:
         small, small_cpu = (min(r[3][k] for r in rounds) for k in (0, 1))
         big, big_cpu = (min(r[4][k] for r in rounds) for k in (0, 1))
         live, live_command = min((r[5] for r in rounds), key=lambda w: w[0] - w[1])
+        baseline_cold = min(r[6] for r in rounds)
         workspace, db = kill_at_step(directory, args.big, args.big // 2)
         with sqlite3.connect(db) as conn:
             done = conn.execute(
@@ -359,6 +376,10 @@ async def main() -> None:
     print(
         f"  side-effect step without the command    {kernel_part * 1e3:8.3f} ms/step"
         f"  {kernel_part / baseline_full:5.2f}x FULL"
+    )
+    print(
+        f"  raw INSERT+COMMIT, FULL, after a command {baseline_cold * 1e3:7.3f} ms/commit"
+        f"  the step without it {kernel_part / baseline_cold:.2f}x this"
     )
     print("  targets (issue 14):")
     worst_cpu = max(small_cpu, big_cpu)
