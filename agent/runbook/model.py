@@ -209,16 +209,38 @@ def render_url(
     return url
 
 
+def _compiled(env: jinja2.Environment, source: str) -> tuple[set[str], str | None]:
+    """The names a template reads that it does not set itself, and why it cannot compile
+    (its syntax, a filter or test the sandbox does not have), or None.
+
+    Jinja checks a filter's name when it compiles the template, but one inside an `{% if %}`
+    and every test only when a render reaches them: all are checked here, so a runbook with
+    a misspelt filter is refused when it loads rather than failing its step at run time."""
+    try:
+        ast = env.parse(source)
+        for node in ast.find_all((jinja2.nodes.Filter, jinja2.nodes.Test)):
+            filter_ = isinstance(node, jinja2.nodes.Filter)
+            if node.name not in (env.filters if filter_ else env.tests):
+                what = "filter" if filter_ else "test"
+                return (
+                    set(),
+                    f"template error (template line {node.lineno}): no {what} named {node.name!r}",
+                )
+        return jinja2.meta.find_undeclared_variables(ast), None  # compiles it
+    except jinja2.TemplateSyntaxError as exc:  # the compiler's TemplateAssertionError too
+        return set(), f"template syntax error (template line {exc.lineno}): {exc.message}"
+
+
 def _template_problem(source: str, declared: set[str], command: bool) -> str | None:
-    """Return why a template is unusable (syntax, undeclared names, quoting), or None."""
+    """Return why a template is unusable (syntax, unknown filters and tests, undeclared
+    names, quoting), or None."""
     if "{" not in source:
         return None  # plain text: nothing for Jinja to parse or to quote
     env = _COMMAND_ENV if command else _TEXT_ENV
-    try:
-        ast = env.parse(source)
-    except jinja2.TemplateSyntaxError as exc:
-        return f"template syntax error (template line {exc.lineno}): {exc.message}"
-    unknown = jinja2.meta.find_undeclared_variables(ast) - declared - set(env.globals)
+    names, problem = _compiled(env, source)
+    if problem:
+        return problem
+    unknown = names - declared - set(env.globals)
     if unknown:
         names = ", ".join(sorted(unknown))
         return f"template references undeclared param(s): {names}"
@@ -717,13 +739,10 @@ def _alert_template_problem(source: str) -> str | None:
     """Why an alert route's param template is unusable (syntax, unknown names), or None."""
     if "{" not in source:
         return None
-    try:
-        ast = _TEXT_ENV.parse(source)
-    except jinja2.TemplateSyntaxError as exc:
-        return f"template syntax error (template line {exc.lineno}): {exc.message}"
-    unknown = (
-        jinja2.meta.find_undeclared_variables(ast) - ALERT_TEMPLATE_NAMES - set(_TEXT_ENV.globals)
-    )
+    names, problem = _compiled(_TEXT_ENV, source)
+    if problem:
+        return problem
+    unknown = names - ALERT_TEMPLATE_NAMES - set(_TEXT_ENV.globals)
     if unknown:
         names = ", ".join(sorted(unknown))
         return f"template references {names}: alert params may use labels and annotations"
@@ -1076,12 +1095,17 @@ def _unknown_field_message(loc: tuple[object, ...]) -> str:
 def _render_problems(
     runbook: Runbook, first_only: bool = False
 ) -> list[tuple[tuple[str | int, ...], str]]:
-    """The templates that go past the render bounds with the params' defaults (or an easily
-    derived valid value), as (location, message); only the first when `first_only`.
+    """The templates that fail to render with the params' defaults (or an easily derived
+    valid value), as (location, message); only the first when `first_only`.
 
-    Templates that use a param with no usable value are skipped, and so are other render
-    failures: only the bounds are checked here, the rest is reported when a run renders it."""
+    A template past the render bounds is reported whatever values it was given. Any other
+    failure is reported when the template reads no param without a default: every run that
+    leaves those params out fails there. With a derived value the value may be at fault, so
+    such a failure waits for a run's own values. Templates that use a param with no usable
+    value are skipped. An alert route's param templates are rendered with no labels and no
+    annotations, against the bounds alone: an alert brings its own."""
     values = _sample_values(runbook)
+    defaulted = {name for name, param in runbook.params.items() if param.default is not None}
     found: list[tuple[tuple[str | int, ...], str]] = []
     for loc, source, command in runbook._template_fields():
         if "{" not in source:
@@ -1091,16 +1115,28 @@ def _render_problems(
             continue
         try:
             _render(source, values, command, DEFAULT_LIMITS)
-        except RenderLimitError as exc:
+        except RenderError as exc:
+            if not isinstance(exc, RenderLimitError) and not used <= defaulted:
+                continue
             step = runbook.steps[int(loc[1])]
             given = " ".join(f"{name}={_text_value(values[name])}" for name in sorted(used))
             found.append(
                 (loc, f"step {step.id!r}: {exc} (rendered with {_short(given or 'no params')})")
             )
             if first_only:
-                break
-        except RenderError:
-            continue
+                return found
+    nothing: dict[str, object] = {"labels": {}, "annotations": {}}
+    for index, route in enumerate(runbook.alerts):
+        for name, source in route.params.items():
+            try:
+                render_text(source, nothing)
+            except RenderLimitError as exc:
+                message = f"alert param {name!r}: {exc} (rendered with no labels or annotations)"
+                found.append((("alerts", index, "params", name), message))
+                if first_only:
+                    return found
+            except RenderError:
+                continue
     return found
 
 

@@ -235,6 +235,120 @@ def test_validate_reports_bombs_in_every_template_field_and_passes_the_rest(
     assert not {*BOMBS, "hash-bomb"} & set(ok)
 
 
+UNKNOWN_NAMES = {
+    "a filter": ('run: "echo {{ 1|nosuchfilter }}"', "steps[0].run", "no filter named"),
+    "a filter inside an if": (
+        'run: "echo {% if 1 %}{{ 2|nosuchfilter }}{% endif %}"',
+        "steps[0].run",
+        "no filter named",
+    ),
+    "a filter block": (
+        'note: "{% filter nosuchfilter %}x{% endfilter %}"',
+        "steps[0].note",
+        "no filter named",
+    ),
+    "a test": ('run: "echo {% if 1 is nosuchtest %}x{% endif %}"', "steps[0].run", "no test named"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNKNOWN_NAMES))
+def test_an_unknown_filter_or_test_is_refused_in_one_line_when_the_runbook_loads(
+    tmp_path: Path, case: str
+) -> None:
+    # Jinja names an unknown filter only when it compiles the template (and one inside an
+    # `if`, or a test, only when a render reaches it): the load used to raise that out of
+    # every command, a traceback even for runs of other runbooks.
+    action, field, problem = UNKNOWN_NAMES[case]
+    cli = Cli(make_cli_workspace(tmp_path / "ws"), tmp_path / "ops.sqlite")
+    path = cli.workspace / "runbooks" / "misspelt.yaml"
+    path.write_text(
+        "id: misspelt\ntitle: Misspelt\ntriggers: [misspelt]\nsteps:\n"
+        f"  - id: s\n    title: S\n    {action}\n"
+    )
+    with pytest.raises(RunbookError, match=problem) as caught:
+        load_runbook(path)
+    assert caught.value.field == field and caught.value.line == 7
+    line = assert_usage_error(cli("runbooks", "validate", str(path)), f"{path}:7", field, problem)
+    assert "(template line 1)" in line
+    listed = cli("runbooks", "list")
+    assert listed.returncode == 2 and "Traceback" not in listed.stderr, listed.describe()
+    # The other runbooks still run.
+    run = cli("runbook", "api-latency-spike", "--mock-llm")
+    assert run.returncode == 0 and "waiting for request #1" in run.stdout, run.describe()
+
+
+def test_an_unknown_filter_in_an_alert_param_is_refused_when_the_runbook_loads(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "alerted.yaml"
+    path.write_text(
+        "id: alerted\ntitle: Alerted\ntriggers: [alerted]\nparams:\n  service: {}\n"
+        "alerts:\n  - match: {alertname: Down}\n"
+        "    params: {service: '{{ labels.service|nosuchfilter }}'}\n"
+        "steps:\n  - id: s\n    title: S\n    run: echo {{ service }}\n"
+    )
+    with pytest.raises(RunbookError, match="no filter named 'nosuchfilter'") as caught:
+        load_runbook(path)
+    assert caught.value.field == "alerts[0].params.service"
+
+
+# Templates that fail on every run leaving their params out, beside ones whose failure is a
+# derived value's (`m` has no default) or an alert's labels' to decide.
+ALWAYS_FAILING = """\
+id: always-failing
+title: Always failing
+triggers: [always failing]
+params:
+  n: {type: integer, default: 0}
+  m: {type: integer, min: 0}
+alerts:
+  - match: {alertname: Spin}
+    params:
+      m: "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+  - match: {alertname: Count}
+    params:
+      m: "{{ labels.count }}"
+steps:
+  - id: too-big
+    title: A range past the sandbox's
+    run: "echo {% for i in range(10**9) %}{% endfor %}"
+  - id: by-zero
+    title: Divides by zero
+    run: "echo {{ 1 / 0 }}"
+  - id: by-default
+    title: Divides by the default
+    run: "echo {{ 10 / n }}"
+  - id: by-derived
+    title: Divides by a derived value
+    run: "echo {{ 10 / m }}"
+  - id: listed
+    title: Lists a range past the sandbox's
+    note: "{{ range(10**8)|list|length }}"
+"""
+
+
+def test_validate_refuses_templates_that_fail_with_the_defaults_and_alert_bombs(
+    tmp_path: Path,
+) -> None:
+    cli = Cli(make_cli_workspace(tmp_path / "ws"), tmp_path / "ops.sqlite")
+    path = cli.workspace / "runbooks" / "always-failing.yaml"
+    path.write_text(ALWAYS_FAILING)
+    result = cli("runbooks", "validate", str(path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.describe()
+    lines = result.stderr_lines()
+    expected = [
+        ("alerts[0].params.m", "it ran longer than 1 s", "no labels or annotations"),
+        ("steps[0].run", "step 'too-big'", "Range too big", "no params"),
+        ("steps[1].run", "step 'by-zero'", "division by zero", "no params"),
+        ("steps[2].run", "step 'by-default'", "division by zero", "n=0"),
+        ("steps[4].note", "step 'listed'", "Range too big", "no params"),
+    ]
+    assert len(lines) == len(expected), result.describe()
+    for line, needles in zip(lines, expected, strict=True):
+        for needle in needles:
+            assert needle in line, f"{needle!r} not in {line!r}"
+
+
 def test_runbooks_list_does_not_render_templates(tmp_path: Path) -> None:
     cli = bomb_workspace(tmp_path)
     started = time.monotonic()
