@@ -1184,7 +1184,10 @@ async def _answering(query: Awaitable[T]) -> T:
 
 async def probe_store(settings: Settings) -> tuple[str, int]:
     """(the store's label, its schema version) for a health probe, over one connection;
-    StoreError when it cannot be opened, StoreUnavailable when it does not answer."""
+    StoreError when it cannot be opened or is a SQLite file not created yet (a probe must
+    not create the store it probes), StoreUnavailable when it does not answer."""
+    if (missing := missing_store(settings)) is not None:
+        raise StoreError(f"no database at {missing} yet (a process that records runs creates it)")
     store = await _answering(RunStore.open(settings.db, pool_size=1))
     async with store:
         return store.label, await _answering(store.schema_version())

@@ -8,6 +8,7 @@ with another's and nothing in it awaits the network.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Sequence
 from importlib import resources
 from typing import Any, Protocol, TypeVar
@@ -173,9 +174,21 @@ def is_postgres_url(url: str) -> bool:
 
 
 def sqlite_path(url: str) -> str:
-    """The file a SQLite setting names: a plain path, or `sqlite:///path`."""
+    """The file a SQLite setting names: a plain path, or `sqlite:///path`. Any other URL
+    (`mysql://…`) is refused rather than taken for a path: a directory `mysql:` would hold a
+    fresh SQLite store, and every command would work against it."""
     if url.startswith("sqlite:///"):
         return url[len("sqlite:///") :] or ":memory:"
     if url.startswith("sqlite://"):
         raise ValueError(f"{url}: write sqlite:///relative/path or sqlite:////absolute/path")
+    scheme = _URL_SCHEME.match(url)
+    if scheme:
+        raise ValueError(
+            f"{url}: loom-ops stores runs in SQLite (a path, or sqlite:///path) or PostgreSQL "
+            f"(postgresql://…), not {scheme.group(1)}://"
+        )
     return url
+
+
+# What starts a URL (RFC 3986's scheme): a path starts so only on purpose (`./a://b` does not).
+_URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")

@@ -732,6 +732,36 @@ def test_read_commands_before_any_run_answer_without_creating_the_database(cli: 
     assert not cli.db.exists()
 
 
+def test_healthcheck_calls_a_store_not_created_yet_unhealthy_and_creates_none(cli: Cli) -> None:
+    probe = cli("healthcheck")
+    assert probe.returncode == 1, probe.describe()
+    assert probe.stderr_lines() == [
+        f"loom-ops: unhealthy: no database at {cli.db} yet (a process that records runs creates it)"
+    ], probe.describe()
+    assert not cli.db.exists()
+    _start_waiting(cli, "inc-1")
+    probe = cli("healthcheck")
+    assert (probe.returncode, probe.stderr) == (0, ""), probe.describe()
+    assert probe.stdout.startswith(f"ok: {cli.db} at schema "), probe.describe()
+
+
+@pytest.mark.parametrize("url", ["mysql://db.internal/ops", "Redis://127.0.0.1:6379"])
+def test_a_database_url_of_another_engine_is_refused_not_taken_for_a_path(
+    cli: Cli, url: str
+) -> None:
+    # Taken for a path, it made a directory `mysql:` with a fresh SQLite store in it.
+    scheme = url.split("://")[0]
+    runs = cli("runs", db=url)
+    assert "Traceback" not in runs.stderr and runs.returncode == 2, runs.describe()
+    assert runs.stderr_lines() == [
+        f"loom-ops: {url}: loom-ops stores runs in SQLite (a path, or sqlite:///path) or "
+        f"PostgreSQL (postgresql://…), not {scheme}://"
+    ], runs.describe()
+    assert cli("healthcheck", db=url).returncode == 1
+    assert not (cli.workspace / f"{scheme}:").exists()
+    assert sorted(p.name for p in cli.workspace.iterdir()) == ["people.yaml", "runbooks"]
+
+
 # -- a live run never starts from a guess ------------------------------------------------------
 
 LIVE = {"LOOM_OPS_ALLOW_SHELL": "1"}
