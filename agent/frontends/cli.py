@@ -658,11 +658,16 @@ async def _free_run_id(service: RunService) -> str:
     raise UsageError("could not draw a free run id; name one with --run-id")
 
 
-async def _interrupted(service: RunService, run: RunRecord, as_json: bool) -> int:
+async def _last_stop(service: RunService, run: RunRecord) -> str | None:
+    """Why the run's last drive stopped without an end, when nothing happened to it since
+    (its journal ends with the interruption); else None."""
     events = await service.events(run.id)
-    reason = next(
-        (e.error for e in map(parse, reversed(events)) if isinstance(e, RunInterrupted)), None
-    )
+    last = parse(events[-1]) if events else None
+    return last.error if isinstance(last, RunInterrupted) else None
+
+
+async def _interrupted(service: RunService, run: RunRecord, as_json: bool) -> int:
+    reason = await _last_stop(service, run)
     message = f"run {run.id} was interrupted: {reason or 'unknown reason'}"
     if as_json:
         print(json.dumps(_run_json(run) | {"error": message}))
@@ -820,11 +825,13 @@ async def _cmd_status(service: RunService, args: argparse.Namespace) -> int:
     # What nobody holds now: the run itself, else (a parent waiting for them) its children.
     waits = run.status in (RunStatus.QUEUED, RunStatus.RUNNING)
     unowned = [r for r in ([run] if waits else children) if _unowned(service, r)]
+    stopped = await _last_stop(service, run) if run.status == RunStatus.QUEUED else None
     if args.json:
         payload = _run_json(run) | {
             "approval": _approval_json(approval, await _approved_by(service, approval)),
             "children": [_run_json(child) for child in children],
             "undriven": [r.id for r in unowned],  # what a monitor alerts on
+            "stopped": stopped,  # why its last drive stopped, when it waits since
         }
         print(json.dumps(payload, ensure_ascii=False))
         return _exit_code(run)
@@ -839,6 +846,8 @@ async def _cmd_status(service: RunService, args: argparse.Namespace) -> int:
     outcome = run.error or run.summary
     if run.status.is_terminal and outcome:
         print(f"  outcome:  {' '.join(outcome.split())[:200]}")
+    if stopped is not None:
+        print(f"  stopped:  {' '.join(stopped.split())[:300]}")
     if children:
         print("  children:")
         width = max(len(child.id) for child in children)
@@ -866,6 +875,13 @@ async def _cmd_status(service: RunService, args: argparse.Namespace) -> int:
         print(
             f"Waiting for the live {', '.join(drivers)} to take {named} over, by {at} at the "
             f"latest, when the lease of its gone driver runs out (or now: {resume})"
+        )
+    elif drivers and stopped is not None:
+        # It stopped for a reason that may hold still (a setting of the process that
+        # stopped it, an outage): say so rather than promise it goes on.
+        print(
+            f"The live {', '.join(drivers)} will try {named} again after a pause, and may stop "
+            f"for the same reason; or resume it where that reason does not hold: {resume}"
         )
     elif drivers:
         print(f"Waiting for the live {', '.join(drivers)} to pick {named} up")

@@ -113,6 +113,46 @@ def test_a_cli_start_hands_the_run_to_the_live_process(tmp_path: Path, db_url: s
         server.stop()
 
 
+def test_status_says_why_a_live_process_stopped_a_run_it_may_not_act(tmp_path: Path) -> None:
+    """A live start (`LOOM_OPS_ALLOW_SHELL=1` in the CLI) handed to a `serve` without that
+    setting: serve stops the run at its first command, and `status` says why and how to go
+    on, rather than that serve will pick it up (it stops it again each time)."""
+    workspace = make_cli_workspace(tmp_path / "ws")
+    db = str(tmp_path / "ops.sqlite")
+    server = ServeProcess(workspace, db, free_port()).start()
+    cli = Cli(workspace, db)
+    try:
+        _serve_registered(db)
+        started = cli(
+            "runbook",
+            "failed-deploy-rollback service=checkout-api namespace=production",
+            "--run-id",
+            "live-1",
+            "--mock-llm",
+            env={"LOOM_OPS_ALLOW_SHELL": "1"},
+        )
+        assert "Run live-1 started; the serve process" in started.stdout, started.describe()
+        _wait(
+            lambda: raw_rows(db, "SELECT 1 FROM events WHERE type = 'run_interrupted'"),
+            20,
+            "serve to stop the run",
+        )
+        status = cli("status", "live-1")
+        shown = cli("status", "live-1", "--json")
+    finally:
+        server.stop()
+    assert "Run live-1: queued" in status.stdout, status.describe()
+    assert (
+        "  stopped:  step 'history': this run runs commands live; this process has "
+        "LOOM_OPS_ALLOW_SHELL off" in status.stdout
+    ), status.describe()
+    assert "will try it again after a pause, and may stop for the same reason" in status.stdout
+    assert f"loom-ops resume live-1 --db {db}" in status.stdout, status.describe()
+    assert "Waiting for the live serve to pick it up" not in status.stdout
+    stopped = json.loads(shown.stdout)["stopped"]
+    assert stopped.startswith("step 'history': this run runs commands live"), stopped
+
+
 def test_status_lists_the_live_processes_and_the_gone_ones(tmp_path: Path) -> None:
     """`loom-ops status` without an id: a live `serve` is listed as live and driving runs;
     once SIGKILLed (no clean exit) its heartbeat goes stale and it shows as gone."""
