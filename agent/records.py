@@ -362,6 +362,12 @@ class RunRecord:
     event_count: int = 0  # length of its journal's chain, as the run recorded it
     last_hash: str = ""  # head of that chain (an HMAC when keyed)
     key_id: str | None = None  # id of the audit key its last event was written with (None: unkeyed)
+    not_before: float | None = None  # queued, handed back to be tried again no sooner
+
+    def due(self, now: float) -> bool:
+        """True unless it was handed back to be tried again later than `now` (an outage, a
+        process that may not act it)."""
+        return self.not_before is None or self.not_before <= now
 
 
 @record

@@ -448,13 +448,17 @@ class RunService:
         """Drive a run; drive the children it waits for; when it ends, wake its parent."""
         run = await self.kernel.drive(run_id, claim)
         while run.status == RunStatus.WAITING_CHILDREN and self.executes_runs:
+            now = time.time()
+            # A child handed back to be tried again later (an outage, a process that may not
+            # act it) waits for the claim loop: driving it again now would only stop it
+            # again, journaling a claim and a stop each time, hundreds of times a second.
             runnable = [
                 child.id
                 for child in await self.store.child_runs(run_id)
-                if child.status in (RunStatus.QUEUED, RunStatus.RUNNING)
+                if child.status in (RunStatus.QUEUED, RunStatus.RUNNING) and child.due(now)
             ]
             if not runnable:
-                break  # the children wait for humans; their end will wake this run
+                break  # the children wait for humans or a later try; their end wakes this run
             results = await asyncio.gather(
                 *(self._drive(c) for c in runnable), return_exceptions=True
             )

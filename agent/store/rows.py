@@ -67,7 +67,7 @@ SELECT_RUNS = (
     "SELECT id, parent_id, role, status, request, requested_by, origin, runbook_id, runbook, "
     "params, checkpoint, limits, summary, error, lease_owner, lease_expires_at, created_at, "
     "updated_at, finished_at, lease_epoch, policy, effects, run_no, event_count, last_hash, "
-    "key_id "
+    "key_id, not_before "
     "FROM runs LEFT JOIN run_runbooks ON run_runbooks.run_id = runs.id"
 )
 
@@ -100,6 +100,7 @@ def run_from_row(row: Row) -> RunRecord:
         event_count=row["event_count"],
         last_hash=row["last_hash"],
         key_id=row["key_id"],
+        not_before=row["not_before"],
     )
 
 

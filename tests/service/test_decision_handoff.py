@@ -153,6 +153,49 @@ def test_status_says_why_a_live_process_stopped_a_run_it_may_not_act(tmp_path: P
     assert stopped.startswith("step 'history': this run runs commands live"), stopped
 
 
+def test_a_supervised_child_a_live_process_may_not_act_is_stopped_once_per_try(
+    tmp_path: Path,
+) -> None:
+    """The same live start as a supervised incident: serve stops the executor child at its
+    first command and leaves it for its next try (a lease TTL later). Before, the parent's
+    drive drove the queued child again at once, about 350 times a second, each time
+    journaling a claim and a stop, for as long as serve ran."""
+    workspace = make_cli_workspace(tmp_path / "ws")
+    db = str(tmp_path / "ops.sqlite")
+    server = ServeProcess(workspace, db, free_port()).start()
+    try:
+        _serve_registered(db)
+        started = Cli(workspace, db)(
+            "supervise",
+            "failed-deploy-rollback service=checkout-api namespace=production",
+            "--run-id",
+            "sup-1",
+            "--mock-llm",
+            env={"LOOM_OPS_ALLOW_SHELL": "1"},
+        )
+        assert started.returncode == 0, started.describe()
+        stops = "SELECT run_id FROM events WHERE type = 'run_interrupted'"
+        _wait(lambda: raw_rows(db, stops), 20, "serve to stop the child")
+        time.sleep(2)  # a loop would stop it hundreds of times meanwhile
+        stopped = raw_rows(db, stops)
+        claims = raw_rows(
+            db,
+            "SELECT COUNT(*) FROM events WHERE type = 'run_claimed' "
+            "AND run_id = 'sup-1:sub:executor'",
+        )[0][0]
+        statuses = dict(raw_rows(db, "SELECT role, status FROM runs"))
+    finally:
+        server.stop()
+    assert [run_id for (run_id,) in stopped] == ["sup-1:sub:executor"], stopped
+    assert claims == 1, claims
+    assert statuses == {
+        "supervisor": "waiting_children",
+        "planner": "succeeded",
+        "executor": "queued",  # for its next try
+        "verifier": "waiting_children",  # for the executor
+    }, statuses
+
+
 def test_status_lists_the_live_processes_and_the_gone_ones(tmp_path: Path) -> None:
     """`loom-ops status` without an id: a live `serve` is listed as live and driving runs;
     once SIGKILLed (no clean exit) its heartbeat goes stale and it shows as gone."""
