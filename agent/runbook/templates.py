@@ -1,10 +1,10 @@
 """A Jinja2 sandbox in which every render is bounded in time and in size.
 
 Invariant: a render through `BoundedSandbox.render_bounded` returns at most `limits.chars`
-characters within about `limits.seconds` of its thread's CPU time, or raises `RenderLimitError`
-naming the bound; no value built on the way grows much past `limits.chars` either. Operations
-whose result size follows from their inputs (`'a' * n`, `n ** m`, `a + b`, `'%9999d' % x`,
-`x ~ y`, captured blocks,
+characters within about `limits.seconds` of its thread's CPU time (and WALL_FACTOR times that
+on the wall clock), or raises `RenderLimitError` naming the bound; no value built on the way
+grows much past `limits.chars` either. Operations whose result size follows from their inputs
+(`'a' * n`, `n ** m`, `a + b`, `'%9999d' % x`, `x ~ y`, captured blocks,
 `ljust`/`center`/`zfill`/`expandtabs`/`replace`/`translate`/`join`/`format`/`to_bytes`, the
 `center`/`indent`/`wordwrap`/`replace`/`format`/`join`/`batch`/`slice`/`tojson` filters) are
 refused *before* they allocate; every other call, filter and operator result is measured after
@@ -72,6 +72,9 @@ __all__ = [
 # A runbook template renders a command line, a URL, a note or an MCP argument: milliseconds of
 # work and a few hundred characters. The bounds are far above that and far below harm.
 RENDER_SECONDS = 1.0
+# A render stops after its seconds of CPU, or this many times as long on the wall clock,
+# whichever comes first (see _Budget).
+WALL_FACTOR = 3
 RENDER_CHARS = 64 * 1024  # of output, and the largest value a render may build on the way
 # The largest magnitude of a number in a template: every integer up to it is exact as a float
 # (and in JSON), and distinct ints and floats up to it have distinct hashes (an int's hash is
@@ -109,8 +112,9 @@ _MAX_WIDTH_DIGITS = 9
 @record
 class RenderLimits:
     """The bounds of one render: seconds of its thread's CPU time (what the template makes
-    us compute; a render waiting for a core is not charged), and characters of output (a KiB
-    here is 1024 characters) that also cap every value built during the render."""
+    us compute; a render waiting for a core is not charged, up to WALL_FACTOR times as long),
+    and characters of output (a KiB here is 1024 characters) that also cap every value built
+    during the render."""
 
     seconds: float = RENDER_SECONDS
     chars: int = RENDER_CHARS
@@ -139,28 +143,35 @@ DEFAULT_LIMITS = RenderLimits()
 class _Budget:
     """The bounds of the render running in this context, and when its time is up.
 
-    The bound is the rendering thread's CPU time. Reading that clock is a system call, ten
-    times the cost of the monotonic clock every tick reads: the CPU clock is read only once
-    the wall-clock `deadline` has passed (a thread's CPU time never grows faster than wall
-    time), and the deadline then moves by the CPU time still unspent. So a render starved of
-    the CPU on a loaded machine, or in a process stopped for a while, is not refused for the
-    time it waited."""
+    The bound is the rendering thread's CPU time, so a render starved of the CPU on a loaded
+    machine, or in a process stopped for a while, is not refused for the time it waited;
+    and a wall-clock ceiling, WALL_FACTOR times as long, so that renders contending for the
+    GIL (a burst of bombs, each waiting while the others run) hold their threads, shared
+    with the process's other work, only so long. Reading the CPU clock is a system call, ten
+    times the cost of the monotonic clock every tick reads: it is read only once the wall
+    `deadline` has passed (a thread's CPU time never grows faster than wall time), and the
+    deadline then moves by the CPU time still unspent."""
 
-    __slots__ = ("cpu_deadline", "deadline", "limits")
+    __slots__ = ("ceiling", "cpu_deadline", "deadline", "limits")
 
     def __init__(self, limits: RenderLimits) -> None:
+        now = time.monotonic()
         self.limits = limits
-        self.deadline = time.monotonic() + limits.seconds
+        self.deadline = now + limits.seconds
+        self.ceiling = now + WALL_FACTOR * limits.seconds
         self.cpu_deadline = time.thread_time() + limits.seconds
 
-    def out_of_cpu(self, now: float) -> bool:
-        """Past the wall deadline (`now`): True once the render has used its seconds of CPU,
-        else the deadline moves to the earliest instant it could have."""
+    def overrun(self, now: float) -> str | None:
+        """Past the wall deadline (`now`): why the render must stop, or None, and the
+        deadline moves to the earliest instant it could have to."""
         left = self.cpu_deadline - time.thread_time()
         if left <= 0:
-            return True
-        self.deadline = now + left
-        return False
+            return f"it ran longer than {self.limits.seconds:g} s"
+        if now >= self.ceiling:
+            seconds = WALL_FACTOR * self.limits.seconds
+            return f"it ran longer than {seconds:g} s, most of it waiting for the CPU"
+        self.deadline = min(now + left, self.ceiling)
+        return None
 
 
 _BUDGET: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar(
@@ -186,14 +197,14 @@ def _limits() -> RenderLimits:
 
 
 def _tick() -> None:
-    """Stop the render once it has used its seconds of CPU."""
+    """Stop the render once it has used its seconds of CPU, or its wall-clock ceiling."""
     budget = _BUDGET.get()
     if (
         budget is not None
         and (now := time.monotonic()) > budget.deadline
-        and budget.out_of_cpu(now)
+        and (why := budget.overrun(now))
     ):
-        raise _LimitExceeded(f"it ran longer than {budget.limits.seconds:g} s")
+        raise _LimitExceeded(why)
 
 
 def _allow(size: int, what: str) -> None:
