@@ -184,10 +184,16 @@ def sqlite_path(url: str) -> str:
     scheme = _URL_SCHEME.match(url)
     if scheme:
         raise ValueError(
-            f"{url}: loom-ops stores runs in SQLite (a path, or sqlite:///path) or PostgreSQL "
-            f"(postgresql://…), not {scheme.group(1)}://"
+            f"{redact_url(url)}: loom-ops stores runs in SQLite (a path, or sqlite:///path) or "
+            f"PostgreSQL (postgresql://…), not {scheme.group(1)}://"
         )
     return url
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password hidden (`user:***@`, `password=***`), for messages and logs."""
+    hidden = re.sub(r"(://[^:/@]*):[^/?#]*@", r"\1:***@", url)
+    return re.sub(r"([?&]password=)[^&#]*", r"\1***", hidden)
 
 
 # What starts a URL (RFC 3986's scheme): a path starts so only on purpose (`./a://b` does not).

@@ -39,6 +39,7 @@ from agent.store.database import (
     POSTGRES,
     Connection,
     migrations,
+    redact_url,
     too_new,
 )
 from agent.store.threads import EngineThreads
@@ -530,12 +531,6 @@ def _configure(conn: psycopg.Connection[Any]) -> None:
     # Most commits (a step's) need not wait for the WAL flush; a durable one says so itself
     # (`PostgresDatabase.transaction`): one statement fewer in every other transaction.
     conn.execute("SET synchronous_commit = off")
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password hidden (`user:***@`, `password=***`), for messages and logs."""
-    hidden = re.sub(r"(://[^:/@]*):[^/?#]*@", r"\1:***@", url)
-    return re.sub(r"([?&]password=)[^&#]*", r"\1***", hidden)
 
 
 def scrub(text: str, url: str) -> str:

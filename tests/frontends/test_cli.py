@@ -745,16 +745,23 @@ def test_healthcheck_calls_a_store_not_created_yet_unhealthy_and_creates_none(cl
     assert probe.stdout.startswith(f"ok: {cli.db} at schema "), probe.describe()
 
 
-@pytest.mark.parametrize("url", ["mysql://db.internal/ops", "Redis://127.0.0.1:6379"])
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("mysql://db.internal/ops", "mysql://db.internal/ops"),
+        ("Redis://127.0.0.1:6379", "Redis://127.0.0.1:6379"),
+        ("postgresql+psycopg://loom:S3cret@db/ops", "postgresql+psycopg://loom:***@db/ops"),
+    ],
+)
 def test_a_database_url_of_another_engine_is_refused_not_taken_for_a_path(
-    cli: Cli, url: str
+    cli: Cli, url: str, shown: str
 ) -> None:
     # Taken for a path, it made a directory `mysql:` with a fresh SQLite store in it.
     scheme = url.split("://")[0]
     runs = cli("runs", db=url)
     assert "Traceback" not in runs.stderr and runs.returncode == 2, runs.describe()
     assert runs.stderr_lines() == [
-        f"loom-ops: {url}: loom-ops stores runs in SQLite (a path, or sqlite:///path) or "
+        f"loom-ops: {shown}: loom-ops stores runs in SQLite (a path, or sqlite:///path) or "
         f"PostgreSQL (postgresql://…), not {scheme}://"
     ], runs.describe()
     assert cli("healthcheck", db=url).returncode == 1
