@@ -209,26 +209,38 @@ def render_url(
     return url
 
 
+# Tags that load another template: a runbook's templates have none to load (no loader).
+_LOADING_TAGS = {
+    jinja2.nodes.Extends: "extends",
+    jinja2.nodes.Include: "include",
+    jinja2.nodes.Import: "import",
+    jinja2.nodes.FromImport: "from … import",
+}
+
+
 def _compiled(env: jinja2.Environment, source: str) -> tuple[set[str], str | None]:
     """The names a template reads that it does not set itself, and why it cannot compile
-    (its syntax, a filter or test the sandbox does not have), or None.
+    (its syntax, a filter or test the sandbox does not have, a tag that loads another
+    template), or None.
 
     Jinja checks a filter's name when it compiles the template, but one inside an `{% if %}`
     and every test only when a render reaches them: all are checked here, so a runbook with
     a misspelt filter is refused when it loads rather than failing its step at run time."""
     try:
         ast = env.parse(source)
-        for node in ast.find_all((jinja2.nodes.Filter, jinja2.nodes.Test)):
+        for node in ast.find_all((jinja2.nodes.Filter, jinja2.nodes.Test, *_LOADING_TAGS)):
+            where = f"template error (template line {node.lineno})"
+            if isinstance(node, tuple(_LOADING_TAGS)):
+                tag = _LOADING_TAGS[type(node)]
+                return set(), f"{where}: {{% {tag} %}} has no other template to load here"
             filter_ = isinstance(node, jinja2.nodes.Filter)
             if node.name not in (env.filters if filter_ else env.tests):
-                what = "filter" if filter_ else "test"
-                return (
-                    set(),
-                    f"template error (template line {node.lineno}): no {what} named {node.name!r}",
-                )
+                return set(), f"{where}: no {'filter' if filter_ else 'test'} named {node.name!r}"
         return jinja2.meta.find_undeclared_variables(ast), None  # compiles it
     except jinja2.TemplateSyntaxError as exc:  # the compiler's TemplateAssertionError too
         return set(), f"template syntax error (template line {exc.lineno}): {exc.message}"
+    except ValueError as exc:  # the lexer's int() of a literal past Python's 4,300 digits
+        return set(), f"template error: {str(exc).split(';')[0]}"
 
 
 def _template_problem(source: str, declared: set[str], command: bool) -> str | None:
