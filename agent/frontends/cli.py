@@ -825,11 +825,15 @@ async def _cmd_status(service: RunService, args: argparse.Namespace) -> int:
     # What nobody holds now: the run itself, else (a parent waiting for them) its children.
     waits = run.status in (RunStatus.QUEUED, RunStatus.RUNNING)
     unowned = [r for r in ([run] if waits else children) if _unowned(service, r)]
-    stopped = await _last_stop(service, run) if run.status == RunStatus.QUEUED else None
+    # Why a queued run's last drive stopped, for the run and each of its children.
+    stops = {
+        r.id: await _last_stop(service, r) for r in (run, *children) if r.status == RunStatus.QUEUED
+    }
+    stopped = stops.get(run.id)
     if args.json:
         payload = _run_json(run) | {
             "approval": _approval_json(approval, await _approved_by(service, approval)),
-            "children": [_run_json(child) for child in children],
+            "children": [_run_json(c) | {"stopped": stops.get(c.id)} for c in children],
             "undriven": [r.id for r in unowned],  # what a monitor alerts on
             "stopped": stopped,  # why its last drive stopped, when it waits since
         }
@@ -852,7 +856,8 @@ async def _cmd_status(service: RunService, args: argparse.Namespace) -> int:
         print("  children:")
         width = max(len(child.id) for child in children)
         for child in children:
-            detail = child.error or child.summary or ""
+            stop = stops.get(child.id)
+            detail = child.error or child.summary or (f"stopped: {stop}" if stop else "")
             print(
                 f"    {child.id:<{width}}  {child.status:<17} {child.role:<9} "
                 f"{' '.join(detail.split())[:80]}".rstrip()
@@ -876,7 +881,7 @@ async def _cmd_status(service: RunService, args: argparse.Namespace) -> int:
             f"Waiting for the live {', '.join(drivers)} to take {named} over, by {at} at the "
             f"latest, when the lease of its gone driver runs out (or now: {resume})"
         )
-    elif drivers and stopped is not None:
+    elif drivers and any(stops.get(r.id) for r in unowned):
         # It stopped for a reason that may hold still (a setting of the process that
         # stopped it, an outage): say so rather than promise it goes on.
         print(

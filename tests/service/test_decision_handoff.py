@@ -184,6 +184,8 @@ def test_a_supervised_child_a_live_process_may_not_act_is_stopped_once_per_try(
             "AND run_id = 'sup-1:sub:executor'",
         )[0][0]
         statuses = dict(raw_rows(db, "SELECT role, status FROM runs"))
+        status = Cli(workspace, db)("status", "sup-1")
+        shown = json.loads(Cli(workspace, db)("status", "sup-1", "--json").stdout)
     finally:
         server.stop()
     assert [run_id for (run_id,) in stopped] == ["sup-1:sub:executor"], stopped
@@ -194,6 +196,15 @@ def test_a_supervised_child_a_live_process_may_not_act_is_stopped_once_per_try(
         "executor": "queued",  # for its next try
         "verifier": "waiting_children",  # for the executor
     }, statuses
+    # Its status says why the child stopped, and that serve may stop it again.
+    why = "step 'history': this run runs commands live; this process has LOOM_OPS_ALLOW_SHELL off"
+    child = next(line for line in status.stdout.splitlines() if "sup-1:sub:executor" in line)
+    assert "queued" in child and "stopped: step 'history': this run runs" in child, status.stdout
+    assert "The live serve will try sup-1:sub:executor again after a pause" in status.stdout
+    assert f"loom-ops resume sup-1 --db {db}" in status.stdout, status.stdout
+    stops = {c["run_id"]: c["stopped"] for c in shown["children"]}
+    assert stops["sup-1:sub:executor"] == why, stops
+    assert stops["sup-1:sub:planner"] is None and shown["stopped"] is None, shown
 
 
 def test_status_lists_the_live_processes_and_the_gone_ones(tmp_path: Path) -> None:
