@@ -270,21 +270,31 @@ def test_an_unknown_filter_or_test_is_refused_in_one_line_when_the_runbook_loads
     # `if`, or a test, only when a render reaches it): the load used to raise that out of
     # every command, a traceback even for runs of other runbooks.
     action, field, problem = UNKNOWN_NAMES[case]
-    cli = Cli(make_cli_workspace(tmp_path / "ws"), tmp_path / "ops.sqlite")
+    cli = _misspelt_workspace(tmp_path, action)
     path = cli.workspace / "runbooks" / "misspelt.yaml"
-    path.write_text(
-        "id: misspelt\ntitle: Misspelt\ntriggers: [misspelt]\nsteps:\n"
-        f"  - id: s\n    title: S\n    {action}\n"
-    )
     with pytest.raises(RunbookError, match=re.escape(problem)) as caught:
         load_runbook(path)
     assert caught.value.field == field and caught.value.line == 7
     assert_usage_error(cli("runbooks", "validate", str(path)), f"{path}:7", field, problem)
+
+
+def test_a_runbook_with_an_unknown_filter_leaves_the_others_usable(tmp_path: Path) -> None:
+    cli = _misspelt_workspace(tmp_path, UNKNOWN_NAMES["a filter"][0])
     listed = cli("runbooks", "list")
     assert listed.returncode == 2 and "Traceback" not in listed.stderr, listed.describe()
-    # The other runbooks still run.
+    assert "misspelt.yaml:7" in listed.stderr, listed.describe()
     run = cli("runbook", "api-latency-spike", "--mock-llm")
     assert run.returncode == 0 and "waiting for request #1" in run.stdout, run.describe()
+
+
+def _misspelt_workspace(root: Path, action: str) -> Cli:
+    """A CLI over the shipped runbooks and `misspelt.yaml`, whose one step has `action`."""
+    cli = Cli(make_cli_workspace(root / "ws"), root / "ops.sqlite")
+    (cli.workspace / "runbooks" / "misspelt.yaml").write_text(
+        "id: misspelt\ntitle: Misspelt\ntriggers: [misspelt]\nsteps:\n"
+        f"  - id: s\n    title: S\n    {action}\n"
+    )
+    return cli
 
 
 def test_an_unknown_filter_in_an_alert_param_is_refused_when_the_runbook_loads(
