@@ -661,8 +661,8 @@ async def _free_run_id(service: RunService) -> str:
 async def _last_stop(service: RunService, run: RunRecord) -> str | None:
     """Why the run's last drive stopped without an end, when nothing happened to it since
     (its journal ends with the interruption); else None."""
-    events = await service.events(run.id)
-    last = parse(events[-1]) if events else None
+    newest = await service.last_event(run.id)
+    last = parse(newest) if newest is not None else None
     return last.error if isinstance(last, RunInterrupted) else None
 
 

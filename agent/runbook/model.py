@@ -230,7 +230,7 @@ def _compiled(env: jinja2.Environment, source: str) -> tuple[set[str], str | Non
         ast = env.parse(source)
         for node in ast.find_all((jinja2.nodes.Filter, jinja2.nodes.Test, *_LOADING_TAGS)):
             where = f"template error (template line {node.lineno})"
-            if isinstance(node, tuple(_LOADING_TAGS)):
+            if type(node) in _LOADING_TAGS:
                 tag = _LOADING_TAGS[type(node)]
                 return set(), f"{where}: {{% {tag} %}} has no other template to load here"
             filter_ = isinstance(node, jinja2.nodes.Filter)

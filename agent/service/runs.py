@@ -1040,6 +1040,10 @@ class RunService:
         """A run's journal, in order."""
         return await self.store.list_events(run_id)
 
+    async def last_event(self, run_id: str) -> EventRecord | None:
+        """A run's newest journal event, or None when it has none."""
+        return await self.store.last_event(run_id)
+
     async def tree_events(
         self, run_id: str, after_seq: int = 0, limit: int = 500
     ) -> list[EventRecord]:

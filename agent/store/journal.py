@@ -155,6 +155,12 @@ class JournalStore(StoreBase):
         rows = await self._read(lambda c: c.execute(sql, params).fetchall())
         return [event_from_row(row) for row in rows]
 
+    async def last_event(self, run_id: str) -> EventRecord | None:
+        """The run's newest event (by its chain position), or None for an empty journal."""
+        sql = f"SELECT {EVENT_COLUMNS} FROM events WHERE run_id = ? ORDER BY idx DESC LIMIT 1"
+        row = await self._read(lambda c: c.execute(sql, (run_id,)).fetchone())
+        return event_from_row(row) if row is not None else None
+
     async def list_tree_events(
         self, run_id: str, after_seq: int = 0, limit: int = 500
     ) -> list[EventRecord]:

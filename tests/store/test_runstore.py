@@ -1189,3 +1189,13 @@ async def test_a_cancelled_run_keeps_the_result_of_a_call_that_had_ended(store: 
     record = await store.get_tool_call("z#0.0")
     assert record is not None
     assert (record.status, record.outcome) == ("error", {"exit": 1, "stderr": "boom"})
+
+
+async def test_the_last_event_is_the_newest_of_the_run_alone(service: RunService) -> None:
+    await service.start("first", LATENCY)
+    await service.start("second", LATENCY)
+    for run_id in ("first", "second"):
+        journal = await service.events(run_id)
+        assert await service.last_event(run_id) == journal[-1]
+        assert journal[-1].run_id == run_id and journal[-1].idx == len(journal)
+    assert await service.last_event("nobody") is None
