@@ -137,6 +137,9 @@ steps:
     run: {HASH_BOMB_TEMPLATE}
 """
 NUMBER_REFUSED = "template exceeded the render limit (numbers within \u00b12**53)"
+# A render out of time names its CPU bound, or, when a loaded machine starved it of the CPU,
+# its wall-clock ceiling; which one fires depends on the load. Tests further down pin each.
+OUT_OF_TIME = "it ran longer than "
 
 # Fine with the defaults; a bomb only when someone asks for n=100000.
 PARAM_BOMB = """\
@@ -185,7 +188,7 @@ def bomb_workspace(root: Path) -> Cli:
 @pytest.mark.parametrize(
     ("name", "field", "detail"),
     [
-        ("nested-loops", "steps[0].run", "it ran longer than 1 s"),
+        ("nested-loops", "steps[0].run", OUT_OF_TIME),
         ("string-times", "steps[1].run", "a repeated value would be larger than 64 KiB"),
         ("hash-bomb", "steps[0].run", "a number in the template is 2305843009213693951"),
     ],
@@ -357,7 +360,7 @@ def test_validate_refuses_templates_that_fail_with_the_defaults_and_alert_bombs(
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.describe()
     lines = result.stderr_lines()
     expected = [
-        ("alerts[0].params.m", "it ran longer than 1 s", "no labels or annotations"),
+        ("alerts[0].params.m", OUT_OF_TIME, "no labels or annotations"),
         ("steps[0].run", "step 'too-big'", "Range too big", "no params"),
         ("steps[1].run", "step 'by-zero'", "division by zero", "no params"),
         ("steps[2].run", "step 'by-default'", "division by zero", "n=0"),
@@ -441,7 +444,7 @@ def test_serve_answers_healthz_while_a_run_renders_a_bomb(tmp_path: Path) -> Non
     assert "step 'explode' run: template exceeded the render limit (1 s / 64 KiB)" in (
         run["error"] or ""
     ), run
-    assert "it ran longer than 1 s" in run["error"], run
+    assert OUT_OF_TIME in run["error"], run
     # The render ran to its bound (a second) and the server answered all along.
     assert elapsed >= 1.0, elapsed
     assert len(latencies) >= 10, latencies
@@ -580,8 +583,13 @@ def test_a_render_is_charged_its_cpu_not_the_time_its_process_was_stopped() -> N
     finally:
         child.kill()
         child.wait()
-    assert outcome.endswith("it ran longer than 0.5 s"), outcome
-    assert cpu >= 0.5, (cpu, wall)  # refused once its CPU was spent, not when it went on
+    if outcome.endswith("most of it waiting for the CPU"):
+        # A loaded machine gave it less than half a core after its stop: it went on all the
+        # same, to its ceiling, instead of being refused the moment it was continued.
+        assert wall >= 1.5, (outcome, cpu, wall)
+    else:
+        assert outcome.endswith("it ran longer than 0.5 s"), outcome
+        assert cpu >= 0.5, (cpu, wall)  # refused once its CPU was spent, not when it went on
     assert wall >= 1.0, (cpu, wall)  # ...which was past its stop
 
 
