@@ -311,6 +311,16 @@ class Effects:
         """Parse what `to_json` wrote."""
         return cls(**json.loads(text))
 
+    @property
+    def live(self) -> tuple[str, ...]:
+        """The kinds done live: `shell`, `mcp`, `checks`."""
+        return tuple(kind for kind, on in self.__dict__.items() if on)
+
+    def lacking(self, run: Effects | None) -> tuple[str, ...]:
+        """The kinds a run with the `run` effects does live and a process with these may not;
+        none for a run from before effects were recorded."""
+        return tuple(kind for kind in run.live if not getattr(self, kind)) if run else ()
+
 
 @record
 class RunLimits:
@@ -475,6 +485,12 @@ class ProcessRecord:
     drives_runs: bool  # it claims and drives runnable runs (not a --no-worker front end)
     started_at: float
     heartbeat_at: float
+    effects: Effects | None = None  # what it may act live; None: a process of an older version
+
+    def may_act(self, run: Effects | None) -> bool:
+        """Whether it may drive a run with the `run` effects to its end (an older process
+        does not say what it may act: it is taken to act everything, as it would try to)."""
+        return self.effects is None or not self.effects.lacking(run)
 
 
 @record

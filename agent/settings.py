@@ -16,13 +16,13 @@ import inspect
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypedDict
 
 from agent.chain import AuditKey, Keyring
 from agent.failpoints import Failpoints
-from agent.records import IDENTITY_PATTERN, Delay
+from agent.records import IDENTITY_PATTERN, Delay, Effects
 
 if TYPE_CHECKING:
     from typing import Self
@@ -565,6 +565,20 @@ def _call(validator: Callable[..., Any], value: Any, info: ValidationInfo) -> An
     return validator(value, info) if takes_info else validator(value)
 
 
+# The setting that lets a process act each kind of effect (`Effects`) live.
+EFFECT_SETTINGS = {
+    "shell": "LOOM_OPS_ALLOW_SHELL",
+    "mcp": "LOOM_OPS_ALLOW_MCP",
+    "checks": "LOOM_OPS_LIVE_CHECKS",
+}
+
+
+def switched_on(kinds: Iterable[str]) -> str:
+    """The settings that let a process act these kinds of effect live, as a person sets
+    them: `LOOM_OPS_ALLOW_SHELL=1 LOOM_OPS_LIVE_CHECKS=1`."""
+    return " ".join(f"{EFFECT_SETTINGS[kind]}=1" for kind in kinds)
+
+
 class Settings(EnvSettings):
     """Every knob of loom-ops; `.env.example` documents each one."""
 
@@ -877,6 +891,11 @@ class Settings(EnvSettings):
     def runbooks_dir(self) -> Path:
         """Where this workspace's runbooks live."""
         return self.workspace / "runbooks"
+
+    @property
+    def effects(self) -> Effects:
+        """What a process with these settings may act live; a run it starts acts so."""
+        return Effects(shell=self.allow_shell, mcp=self.allow_mcp, checks=self.live_checks)
 
     @property
     def live_switches(self) -> list[str]:

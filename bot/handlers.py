@@ -291,7 +291,7 @@ class ChatOps:
                 # the run's messages are the answer; another card would only offer it again.
                 return
             toolbox = self._service.toolbox
-            effects = toolbox.effects()  # a run started here acts as this process allows
+            effects = self._service.settings.effects  # a run started here acts so
 
             def mode_of(step: Step) -> str:
                 return toolbox.mode_of(step, effects)

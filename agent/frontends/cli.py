@@ -42,6 +42,7 @@ from agent.records import (
     ApiTokenRecord,
     ApprovalRecord,
     Decision,
+    Effects,
     EventRecord,
     ProcessRecord,
     RunRecord,
@@ -56,7 +57,7 @@ from agent.service.runs import (
     validate_run_id,
     validate_text,
 )
-from agent.settings import Settings, setting_name
+from agent.settings import Settings, setting_name, switched_on
 
 if TYPE_CHECKING:
     from agent.chain import ChainReport
@@ -591,7 +592,7 @@ async def _cmd_runbook(service: RunService, args: argparse.Namespace) -> int:
         run_id = await _free_run_id(service)
         if not args.json:  # said first, so another terminal can follow or cancel it
             print(f"Run id: {run_id}", flush=True)
-    drivers = await _drivers(service)
+    drivers = await _drivers(service, service.settings.effects)  # a run started here acts so
     run = await service.start(
         run_id,
         args.message,
@@ -618,11 +619,12 @@ async def _cmd_runbook(service: RunService, args: argparse.Namespace) -> int:
     return await _report(service, run, args.json)
 
 
-async def _drivers(service: RunService) -> list[ProcessRecord]:
-    """The live processes that drive this store's runs; when there is one, a command records
-    its start or decision and leaves the run to it (at once on PostgreSQL, within a second
-    on SQLite) rather than race it for the run."""
-    drivers = [p for p in await service.live_processes() if p.drives_runs]
+async def _drivers(service: RunService, effects: Effects | None) -> list[ProcessRecord]:
+    """The live processes that drive this store's runs and may act a run with `effects`;
+    when there is one, a command records its start or decision and leaves the run to it (at
+    once on PostgreSQL, within a second on SQLite) rather than race it for the run."""
+    live = await service.live_processes()
+    drivers = [p for p in live if p.drives_runs and p.may_act(effects)]
     if drivers:
         service.executes_runs = False
     return drivers
@@ -700,7 +702,7 @@ async def _cmd_decide(service: RunService, args: argparse.Namespace) -> int:
     else:
         decision = Decision.SKIP if args.skip else Decision.APPROVE
     decider = _cli_user(service, args.as_user)
-    drivers = await _drivers(service)
+    drivers = await _drivers(service, (await service.get(args.run_id)).effects)
     try:
         result = await service.decide(
             args.run_id, decision, decider, args.note, approval_number=args.approval
@@ -869,9 +871,19 @@ async def _cmd_status(service: RunService, args: argparse.Namespace) -> int:
     if not unowned:
         return _exit_code(run)
     resume = f"loom-ops resume {run.id}{_where(service)}"  # it drives the whole tree
-    # A live process that drives runs picks up what nobody holds (after an outage's pause).
-    drivers = sorted({p.kind for p in await service.live_processes() if p.drives_runs})
+    # A live process that drives runs picks up what nobody holds (after an outage's pause),
+    # if its settings allow what the tree does live.
+    live = [p for p in await service.live_processes() if p.drives_runs]
+    drivers = sorted({p.kind for p in live if p.may_act(run.effects)})
     named = "it" if waits else ", ".join(r.id for r in unowned)
+    if live and not drivers:
+        kinds = ", ".join(sorted({p.kind for p in live}))
+        on = switched_on(run.effects.live if run.effects else ())
+        print(
+            f"No live process may act {named}: the live {kinds} may not do what the run does "
+            f"live. Resume it where that is allowed: {on} {resume}"
+        )
+        return _exit_code(run)
     # A live process takes over a gone driver's run at once where it can tell the driver
     # died (on its host), else when the lease runs out; `resume` does at once.
     leases = [r.lease_expires_at or 0.0 for r in unowned if r.lease_owner]
@@ -931,6 +943,9 @@ async def _print_processes(service: RunService | None, as_json: bool) -> int:
             "owner": p.owner,
             "kind": p.kind,
             "drives_runs": p.drives_runs,
+            # What its settings let it act live (`shell`, `mcp`, `checks`); None: an older
+            # version's process, which does not say.
+            "acts_live": list(p.effects.live) if p.effects is not None else None,
             "live": p.owner in live,
             "started_at": p.started_at,
             "heartbeat_at": p.heartbeat_at,
@@ -946,8 +961,13 @@ async def _print_processes(service: RunService | None, as_json: bool) -> int:
         seen = f"{now - entry['heartbeat_at']:.0f} s ago"
         state = "live" if entry["live"] else f"gone (last seen {seen})"
         role = "drives runs" if entry["drives_runs"] else "records only"
+        acts = entry["acts_live"]
+        mode = "" if acts is None else f"live: {', '.join(acts)}" if acts else "dry-run"
         started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(entry["started_at"]))
-        print(f"{entry['kind']:<16} {state:<28} {role:<13} since {started}  {entry['owner']}")
+        print(
+            f"{entry['kind']:<16} {state:<28} {role:<13} {mode:<26} since {started}  "
+            f"{entry['owner']}"
+        )
     print("loom-ops status RUN_ID shows one run; loom-ops runs lists them.")
     return EXIT_OK
 

@@ -290,7 +290,7 @@ class _RunLoop:
         self.run_id = run.id
         # What the run does live was fixed when it started; runs from before that was recorded
         # act as this process's settings say.
-        self.effects = run.effects or kernel.toolbox.effects()
+        self.effects = run.effects or kernel.settings.effects
         self.keeper: LeaseKeeper | None = None
         self.in_flight: str | None = None  # the call key, from its intent to its outcome
         self.state = run.checkpoint

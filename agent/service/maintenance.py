@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 
 from agent.service.runs import HEARTBEAT_INTERVAL, PROCESS_LIVE_WITHIN, RunService
+from agent.settings import switched_on
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +105,10 @@ async def sweep_approvals_forever(service: RunService) -> None:
 async def heartbeat_forever(service: RunService, kind: str, drives_runs: bool) -> None:
     """Keep this process in the store's registry of live processes while it runs, and take
     it out on a clean exit (a killed one goes stale: its heartbeat stops)."""
-    owner = service.owner
+    owner, effects = service.owner, service.settings.effects
     try:
         while True:
-            await service.store.beat_process(owner, kind, drives_runs)
+            await service.store.beat_process(owner, kind, drives_runs, effects)
             await asyncio.sleep(HEARTBEAT_INTERVAL)
     finally:
         with contextlib.suppress(Exception):
@@ -147,9 +148,8 @@ async def warn_of_undriven_runs_forever(service: RunService, warned: set[str]) -
         ]
         if due:
             log.warning(
-                "%s and no live process drives runs: start `loom-ops worker` (this process "
-                "was started with --no-worker)",
-                _runs_wait(due),
+                "%s: start `loom-ops worker`%s (this process was started with --no-worker)",
+                *await _undriven(service, due),
             )
         warned.intersection_update(waiting)  # a run that waits again later is named again
         warned.update(due)
@@ -159,6 +159,18 @@ async def warn_of_undriven_runs_forever(service: RunService, warned: set[str]) -
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(0.0, look - UNDRIVEN_SPACING)):
                 await store.runs_ready.wait()
+
+
+async def _undriven(service: RunService, run_ids: list[str]) -> tuple[str, str]:
+    """The warning's words for runs nobody drives: which wait and why and, where live
+    processes do drive runs but may not act these, the settings a worker needs (a run
+    started here acts as this process's settings allow)."""
+    if not any(p.drives_runs for p in await service.live_processes()):
+        return f"{_runs_wait(run_ids)} and no live process drives runs", ""
+    them = "it" if len(run_ids) == 1 else "them"
+    on = switched_on(service.settings.effects.live)
+    needs = f" with {on}" if on else ""
+    return f"{_runs_wait(run_ids)} and no live process that drives runs may act {them}", needs
 
 
 def _runs_wait(run_ids: list[str], shown: int = 10) -> str:

@@ -48,6 +48,7 @@ from agent.records import (
     ApprovalVote,
     Claim,
     Decision,
+    Effects,
     EventRecord,
     Hop,
     Origin,
@@ -72,7 +73,7 @@ from agent.run.approvals import (
 from agent.run.host import HostIdentity, this_host
 from agent.run.leases import new_owner_id, owner_is_dead
 from agent.runbook.request import MAX_REQUEST_BYTES
-from agent.settings import Settings
+from agent.settings import Settings, switched_on
 from agent.store import Database, JournalWatch, MetricsSnapshot, NewRun, RunStore
 from agent.store.database import is_postgres_url, sqlite_path
 
@@ -380,7 +381,7 @@ class RunService:
                 origin=origin or Origin(),
                 limits=limits,
                 policy=self._policy.name,
-                effects=self.toolbox.effects(),
+                effects=self.settings.effects,
             ),
             max_active=self.settings.max_active_runs if capped else None,
         )
@@ -410,6 +411,11 @@ class RunService:
     def driving(self) -> int:
         """How many runs this process is driving now."""
         return len(self._drives)
+
+    def may_act(self, run: RunRecord) -> bool:
+        """Whether this process's settings allow all a run does live (`Effects.lacking`):
+        it picks up on its own only such runs, and drives others only when asked to."""
+        return not self.settings.effects.lacking(run.effects)
 
     def drive_claimed(self, claim: Claim) -> None:
         """Drive, in the background, a run this process's owner claimed (a worker's claim)."""
@@ -480,11 +486,16 @@ class RunService:
         if not run.status.is_terminal or not run.parent_id:
             return
         for sibling in await self.store.child_runs(run.parent_id):
-            if sibling.status == RunStatus.QUEUED and sibling.id not in self._drives:
+            if self._wakes(sibling):
                 await self._drive(sibling.id)
         parent = await self.store.get_run(run.parent_id)
-        if parent.status == RunStatus.QUEUED and parent.id not in self._drives:
+        if self._wakes(parent):
             await self._drive(parent.id)
+
+    def _wakes(self, run: RunRecord) -> bool:
+        """Whether a run another's end woke is driven here: queued, not driven here yet,
+        and this process may act it (else it is left for one that may)."""
+        return run.status == RunStatus.QUEUED and run.id not in self._drives and self.may_act(run)
 
     def _forget(self, run_id: str, task: asyncio.Task[RunRecord]) -> None:
         if self._drives.get(run_id) is task:
@@ -527,19 +538,28 @@ class RunService:
         ]
 
     async def runs_nobody_drives(self) -> list[str]:
-        """Runnable runs (due now) while no live process drives runs, this one included: they
-        wait until one starts."""
-        if self.executes_runs or any(p.drives_runs for p in await self.live_processes()):
+        """Runnable runs (due now) that no live process driving runs may act, this one
+        included: they wait until one starts whose settings allow what they do live."""
+        if self.executes_runs:
             return []
-        return await self.store.runnable_run_ids(owner_is_dead, due_only=True)
+        waiting = await self.store.runnable_run_ids(owner_is_dead, due_only=True)
+        drivers = {p.effects for p in await self.live_processes() if p.drives_runs}
+        for effects in drivers:  # one read per kind of driver: few, and usually one
+            if not waiting:
+                break
+            acted = await self.store.runnable_run_ids(owner_is_dead, True, effects)
+            waiting = [run_id for run_id in waiting if run_id not in acted]
+        return waiting
 
     async def drive_runnable(self) -> list[str]:
         """Start driving, in the background, every runnable run (due now) this process does
-        not drive yet; returns their ids. What a long-running process does when woken."""
+        not drive yet and may act; returns their ids. What a long-running process does when
+        woken."""
         if not self.executes_runs:
             return []
         started = []
-        for run_id in await self.store.runnable_run_ids(owner_is_dead, due_only=True):
+        runnable = await self.store.runnable_run_ids(owner_is_dead, True, self.settings.effects)
+        for run_id in runnable:
             if run_id not in self._drives:
                 self._start_drive(run_id)
                 started.append(run_id)
@@ -624,6 +644,8 @@ class RunService:
 
     async def _wake_after_end(self, run: RunRecord, wait: bool) -> None:
         if run.status == RunStatus.QUEUED:  # its request expired into a rollback
+            if not self.may_act(run):
+                return  # for a process that may act it (`runs_nobody_drives` names it)
             try:
                 await self._drive(run.id, wait, run)
             except StoreError as exc:  # e.g. another process drives it
@@ -771,7 +793,10 @@ class RunService:
         if approval.required > 1 and outcome == VoteOutcome.COMPLETES:
             message += f": {_tally(approval, len(counted) + 1)}"
         try:
-            if run.status == RunStatus.QUEUED:
+            if run.status == RunStatus.QUEUED and not self.may_act(run):
+                # Left for a process that may act it, rather than stopped at its next step.
+                message += f"; {_waits_for_a_process_that_may(run, self.settings.effects)}"
+            elif run.status == RunStatus.QUEUED:
                 run = await self._drive(run.id, wait, run)
             else:
                 await self._wake_after_end(run, wait)  # e.g. a rejected child: its tree goes on
@@ -1154,7 +1179,9 @@ class RunService:
             owners = await _answering(self.store.lease_owners())
             dead = [owner for owner in owners if owner_is_dead(owner)]
         return await _answering(
-            self.store.claim_runnable(self.owner, self.settings.lease_ttl, limit, dead)
+            self.store.claim_runnable(
+                self.owner, self.settings.lease_ttl, limit, self.settings.effects, dead
+            )
         )
 
     async def release(self, claim: Claim) -> None:
@@ -1174,6 +1201,13 @@ class RunService:
             if pending:
                 return pending[0]
         return None
+
+
+def _waits_for_a_process_that_may(run: RunRecord, here: Effects) -> str:
+    """Why a run this process may not act waits: the settings it needs and this one lacks."""
+    lacking = here.lacking(run.effects)
+    them = "them" if len(lacking) > 1 else "it"
+    return f"the run waits for a process with {switched_on(lacking)} (this one has {them} off)"
 
 
 async def _answering(query: Awaitable[T]) -> T:

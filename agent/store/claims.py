@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 from agent.errors import LeaseLost, RunBusy, RunNotFound, RunNotRunnable
 from agent.events import Event, PolicyTurn, RunClaimed, RunInterrupted
-from agent.records import Checkpoint, Claim, RunRecord, RunStatus
+from agent.records import Checkpoint, Claim, Effects, RunRecord, RunStatus
 from agent.store.base import StoreBase
 from agent.store.commands import Outcome
 from agent.store.database import Connection
@@ -113,11 +113,12 @@ class ClaimsStore(StoreBase):
         return claim
 
     async def claim_runnable(
-        self, owner: str, ttl: float, limit: int, dead: Sequence[str] = ()
+        self, owner: str, ttl: float, limit: int, effects: Effects, dead: Sequence[str] = ()
     ) -> list[Claim]:
         """Claim up to `limit` runs nobody drives (queued, or running with an expired lease
-        or under an owner in `dead`, processes proven gone), oldest first, and mark them
-        running under `owner`'s lease: what a worker takes.
+        or under an owner in `dead`, processes proven gone) that a process with `effects`
+        may act, oldest first, and mark them running under `owner`'s lease: what a worker
+        takes.
 
         Rows another transaction holds are skipped (PostgreSQL's SKIP LOCKED), so workers
         claiming at once take different runs instead of queueing behind each other.
@@ -128,9 +129,10 @@ class ClaimsStore(StoreBase):
         def claim(conn: Connection) -> list[tuple[Claim, RunRecord]]:
             rows = conn.execute(
                 "SELECT id, status, lease_owner, lease_epoch FROM runs "
-                "WHERE (status = 'queued' AND (not_before IS NULL OR not_before <= ?)) "
+                "WHERE ((status = 'queued' AND (not_before IS NULL OR not_before <= ?)) "
                 "OR (status = 'running' AND (lease_expires_at IS NULL OR lease_expires_at < ?"
-                f"{gone})) ORDER BY created_at, id LIMIT ?{self.dialect.skip_locked}",
+                f"{gone}))){self._acted_within(effects)} "
+                f"ORDER BY created_at, id LIMIT ?{self.dialect.skip_locked}",
                 (now, now, *dead, limit),
             ).fetchall()
             claims = []
@@ -220,15 +222,20 @@ class ClaimsStore(StoreBase):
         return [row["lease_owner"] for row in rows if row["lease_owner"]]
 
     async def runnable_run_ids(
-        self, owner_is_dead: Callable[[str], bool], due_only: bool = False
+        self,
+        owner_is_dead: Callable[[str], bool],
+        due_only: bool = False,
+        effects: Effects | None = None,
     ) -> list[str]:
         """Runs a process may pick up: queued ones, and running ones whose owner is gone.
-        `due_only` leaves out queued runs asked to wait (`not_before`, after an outage)."""
+        `due_only` leaves out queued runs asked to wait (`not_before`, after an outage);
+        `effects` leaves out runs a process with them may not act (None: none is left out)."""
         now = time.time()
+        within = self._acted_within(effects) if effects is not None else ""
         rows = await self._read(
             lambda c: c.execute(
                 "SELECT id, status, lease_owner, lease_expires_at, not_before FROM runs "
-                "WHERE status IN ('queued', 'running') ORDER BY created_at"
+                f"WHERE status IN ('queued', 'running'){within} ORDER BY created_at"
             ).fetchall()
         )
         picked = []
@@ -240,6 +247,15 @@ class ClaimsStore(StoreBase):
             ):
                 picked.append(run_id)
         return picked
+
+    def _acted_within(self, effects: Effects) -> str:
+        """SQL that leaves out the runs acting live in a way a process with `effects` may
+        not (`Effects.lacking`); a run from before effects were recorded (NULL) is kept."""
+        lacking = effects.lacking(Effects(shell=True, mcp=True, checks=True))
+        if not lacking:
+            return ""
+        live = " OR ".join(self.dialect.json_true("effects", kind) for kind in lacking)
+        return f" AND (effects IS NULL OR NOT ({live}))"
 
     async def _interrupt(
         self,

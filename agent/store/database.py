@@ -59,6 +59,7 @@ class Dialect:
     name: str
     json_text: Callable[[str, str], str]  # a JSON text column's string field
     json_int: Callable[[str, str], str]  # a JSON text column's integer field
+    json_true: Callable[[str, str], str]  # a JSON text column's boolean field is true
     skip_locked: str  # row locks for a claim that passes over rows others hold
     for_update: str  # a row read now and written later in the same transaction
 
@@ -67,6 +68,7 @@ SQLITE = Dialect(
     name="sqlite",
     json_text=lambda column, key: f"json_extract({column}, '$.{key}')",
     json_int=lambda column, key: f"json_extract({column}, '$.{key}')",
+    json_true=lambda column, key: f"json_extract({column}, '$.{key}') = 1",  # true reads 1
     skip_locked="",  # one writer at a time: nothing to skip, nothing to lock
     for_update="",
 )
@@ -75,6 +77,7 @@ POSTGRES = Dialect(
     name="postgresql",
     json_text=lambda column, key: f"(({column})::jsonb ->> '{key}')",
     json_int=lambda column, key: f"((({column})::jsonb ->> '{key}')::bigint)",
+    json_true=lambda column, key: f"((({column})::jsonb ->> '{key}') = 'true')",
     skip_locked=" FOR UPDATE SKIP LOCKED",
     for_update=" FOR UPDATE",
 )

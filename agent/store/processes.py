@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from agent.records import ProcessRecord
+from agent.records import Effects, ProcessRecord
 from agent.store.base import StoreBase
 from agent.store.database import Connection
 
@@ -12,15 +12,19 @@ from agent.store.database import Connection
 class ProcessesStore(StoreBase):
     """Heartbeats of live processes."""
 
-    async def beat_process(self, owner: str, kind: str, drives_runs: bool) -> None:
-        """Register a long-running process serving this store, or renew its heartbeat."""
+    async def beat_process(
+        self, owner: str, kind: str, drives_runs: bool, effects: Effects
+    ) -> None:
+        """Register a long-running process serving this store, with what it may act live,
+        or renew its heartbeat."""
         now = time.time()
         await self._transaction(
             lambda c: c.execute(
-                "INSERT INTO processes (owner, kind, drives_runs, started_at, heartbeat_at) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (owner) DO UPDATE SET "
+                "INSERT INTO processes "
+                "(owner, kind, drives_runs, started_at, heartbeat_at, effects) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (owner) DO UPDATE SET "
                 "heartbeat_at = excluded.heartbeat_at",
-                (owner, kind, int(drives_runs), now, now),
+                (owner, kind, int(drives_runs), now, now, effects.to_json()),
             )
         )
 
@@ -38,7 +42,8 @@ class ProcessesStore(StoreBase):
         def listing(c: Connection) -> list[ProcessRecord]:
             c.execute("DELETE FROM processes WHERE heartbeat_at < ?", (now - 86400,))
             rows = c.execute(
-                "SELECT owner, kind, drives_runs, started_at, heartbeat_at FROM processes "
+                "SELECT owner, kind, drives_runs, started_at, heartbeat_at, effects "
+                "FROM processes "
                 "ORDER BY started_at DESC"
             ).fetchall()
             return [
@@ -48,6 +53,7 @@ class ProcessesStore(StoreBase):
                     drives_runs=bool(row["drives_runs"]),
                     started_at=row["started_at"],
                     heartbeat_at=row["heartbeat_at"],
+                    effects=Effects.from_json(row["effects"]) if row["effects"] else None,
                 )
                 for row in rows
             ]

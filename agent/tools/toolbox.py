@@ -282,13 +282,6 @@ class Toolbox:
         self._allowlist: ShellAllowlist | None = None
         self._hub: McpHub | None = None
 
-    def effects(self) -> Effects:
-        """What this process's settings let a run it starts do live."""
-        settings = self._settings
-        return Effects(
-            shell=settings.allow_shell, mcp=settings.allow_mcp, checks=settings.live_checks
-        )
-
     def mode_of(self, step: Step, effects: Effects) -> str:
         """Whether the step's action acts on the world in a run with these `effects` ("live")
         or is only shown ("dry-run"), as an approver must know before deciding."""
@@ -302,7 +295,7 @@ class Toolbox:
     def cannot_act(self, step: Step, rollback: bool, effects: Effects) -> str | None:
         """Why this process may not carry out a step that the run does live (its settings
         forbid that kind of effect), or None. The run then waits for a process that may."""
-        here = self.effects()
+        here = self._settings.effects
         rollback_run = step.rollback.run if step.rollback is not None else None
         run = rollback_run if rollback else step.run
         if run is not None and effects.shell and not here.shell:
@@ -482,7 +475,11 @@ class Toolbox:
         return ToolResult("error" if result.is_error else "ok", outcome)
 
     def _effects(self, gate: EffectGate | None) -> Effects:
-        return gate.effects if gate is not None and gate.effects is not None else self.effects()
+        return (
+            gate.effects
+            if gate is not None and gate.effects is not None
+            else self._settings.effects
+        )
 
     def _mcp_target(self, tool: str) -> dict[str, Any]:
         """`mode`, and the server and tool a dry-run MCP call names (None when the config

@@ -222,11 +222,13 @@ def test_the_card_says_live_when_commands_run_for_real(settings: Settings) -> No
     assert choice.runbook.id == "crash-drill"
     toolbox = Toolbox(live, lambda: catalog, None)  # type: ignore[arg-type]
     text = card_text(
-        plan, "crash drill", "@alice", lambda step: toolbox.mode_of(step, toolbox.effects())
+        plan, "crash drill", "@alice", lambda step: toolbox.mode_of(step, live.effects)
     )
     assert "🔴 <b>LIVE</b>: 2 of 4 steps act for real" in text
     dry = Toolbox(settings, lambda: catalog, None)  # type: ignore[arg-type]
-    text = card_text(plan, "crash drill", "@alice", lambda step: dry.mode_of(step, dry.effects()))
+    text = card_text(
+        plan, "crash drill", "@alice", lambda step: dry.mode_of(step, settings.effects)
+    )
     assert "🧪 <b>DRY-RUN</b>: nothing is executed for real" in text
 
 

@@ -27,7 +27,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from agent.errors import PolicyUnavailable
 from agent.frontends.worker import Worker, run_worker
 from agent.policy.base import PolicyContext, PolicyDecision
 from agent.policy.mock import MockPolicy
-from agent.records import Decision, Origin, RunLimits
+from agent.records import Decision, Effects, Origin, RunLimits
 from agent.service.runs import RunService
 from agent.settings import Settings
 from agent.store import NewRun, RunStore
@@ -864,6 +864,49 @@ async def test_the_api_without_a_worker_records_and_a_worker_drives(
         for row in raw_rows(db_url, "SELECT data FROM events WHERE type = 'run_claimed'")
     }
     assert owners == {workers[0].owner}  # the worker drove every claim; the API none
+
+
+async def test_a_front_end_names_the_runs_no_live_worker_may_act(
+    tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A `--no-worker` front end with LOOM_OPS_ALLOW_SHELL=1 records live runs: a live
+    worker without that setting does not drive them, so they are named as waiting, with
+    the setting a worker needs; a run that does nothing live is that worker's."""
+    from agent.service import maintenance
+
+    monkeypatch.setattr(maintenance, "PROCESS_LIVE_WITHIN", 0.0)  # name a waiting run at once
+    settings = Settings(
+        _env_file=None,
+        db=db_url,
+        workspace=make_workspace(tmp_path / "ws"),
+        user="tester",
+        allow_shell=True,
+    )
+    service = RunService(await RunStore.open(db_url), settings, executes_runs=False)
+    try:
+        live = replace(queued_run("live"), effects=Effects(shell=True))
+        await service.store.create_run(live)
+        await service.store.create_run(replace(queued_run("dry"), effects=Effects()))
+        assert sorted(await service.runs_nobody_drives()) == ["dry", "live"]
+        # Processes of another host, live by their heartbeat: a dry worker, then one that may.
+        await service.store.beat_process("elsewhere:1:dry", "worker", True, Effects())
+        assert await service.runs_nobody_drives() == ["live"]
+        with caplog.at_level("WARNING", logger=maintenance.log.name):
+            warning = asyncio.create_task(maintenance.warn_of_undriven_runs_forever(service, set()))
+            deadline = time.monotonic() + 10
+            while "run live waits" not in caplog.text:
+                assert time.monotonic() < deadline, caplog.text
+                await asyncio.sleep(0.05)
+            warning.cancel()
+            await asyncio.gather(warning, return_exceptions=True)
+        await service.store.beat_process("elsewhere:2:live", "worker", True, Effects(shell=True))
+        assert await service.runs_nobody_drives() == []
+    finally:
+        await service.close()
+    assert (
+        "run live waits and no live process that drives runs may act it: start `loom-ops worker` "
+        "with LOOM_OPS_ALLOW_SHELL=1 (this process was started with --no-worker)"
+    ) in caplog.text
 
 
 def _process_state(pid: int) -> str:

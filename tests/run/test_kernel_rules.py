@@ -461,9 +461,10 @@ async def test_a_dry_run_run_stays_dry_when_a_live_process_approves_it(
 async def test_a_live_run_waits_rather_than_finish_dry_in_a_process_that_may_not_act(
     settings: Settings, workspace: Path
 ) -> None:
-    """Started live, approved by a process without LOOM_OPS_ALLOW_SHELL: the run is not
-    finished as a dry run; it waits, saying why, and a process allowed to act goes on live,
-    from the answer the first process got (the policy is not asked for it again)."""
+    """Started live, approved by a process without LOOM_OPS_ALLOW_SHELL: the run is left
+    for a process that may act it, and the decision says so. Resumed there by name, it is
+    not finished as a dry run; it waits, saying why, and a process allowed to act goes on
+    live, from the answer the first process got (the policy is not asked for it again)."""
     live = settings.model_copy(update={"allow_shell": True})
     async with open_service(live) as starter:
         run = await starter.start("live", "crash-drill")
@@ -471,8 +472,17 @@ async def test_a_live_run_waits_rather_than_finish_dry_in_a_process_that_may_not
         assert lines(workspace) == ["one"]
     async with open_service(settings) as dry:
         result = await dry.decide("live", Decision.APPROVE, "cli:approver")
+        left = await dry.store.list_events("live")
+        await dry.resume("live")
         events = await dry.store.list_events("live")
     assert result.run.status == RunStatus.QUEUED
+    assert result.message == (
+        "approved by cli:approver; the run waits for a process with LOOM_OPS_ALLOW_SHELL=1 "
+        "(this one has it off)"
+    )
+    # Not driven there: the starter's claim is the only one, and nothing stopped it.
+    assert [e.type for e in left].count("run_claimed") == 1, left
+    assert "run_interrupted" not in [e.type for e in left], left
     interrupted = [e for e in events if e.type == "run_interrupted"]
     assert "LOOM_OPS_ALLOW_SHELL off" in interrupted[-1].data["error"]
     assert lines(workspace) == ["one"]  # append-two neither ran nor was shown as done

@@ -3,6 +3,7 @@ and what a decision or a cancel sent to one run of the tree does to the rest of 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from agent.chain import first_broken_link
-from agent.errors import ServiceError
+from agent.errors import PolicyUnavailable, ServiceError
 from agent.policy.base import PolicyContext, PolicyDecision
 from agent.policy.mock import MockPolicy
 from agent.records import ApprovalStatus, Decision, RunStatus
@@ -91,6 +92,40 @@ async def test_a_role_delegated_twice_gets_its_own_id(settings: Settings) -> Non
     # No executor ran, so no step did: the model's "succeeded" does not stand.
     assert run.status == RunStatus.FAILED
     assert run.error is not None and "no executor run was started" in run.error
+
+
+class ExecutorLlmDown(MockPolicy):
+    """The mock policy, its endpoint down for the executor alone (counted)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.executor_asked = 0
+
+    async def decide(self, context: PolicyContext) -> PolicyDecision:
+        if context.role == "executor":
+            self.executor_asked += 1
+            raise PolicyUnavailable("LLM endpoint answered 503 Service Unavailable")
+        return await super().decide(context)
+
+
+async def test_a_child_handed_back_for_a_later_try_waits_for_it(settings: Settings) -> None:
+    """A child an outage stopped is handed back to be tried a lease TTL later, and its
+    parent's drive leaves it until then. Before, the parent drove it again at once: each
+    time it asked the dead endpoint and journaled a claim and a stop, hundreds of times a
+    second, for as long as the process ran."""
+    policy = ExecutorLlmDown()
+    async with open_service(settings, policy) as service:
+        root = await asyncio.wait_for(service.start("down", LATENCY, role="supervisor"), 20)
+        events = await service.store.list_events("down:sub:executor")
+        children = {r.role: r.status for r in await service.store.child_runs("down")}
+    assert root.status == RunStatus.WAITING_CHILDREN
+    assert children == {
+        "planner": RunStatus.SUCCEEDED,
+        "executor": RunStatus.QUEUED,  # for its next try
+        "verifier": RunStatus.WAITING_CHILDREN,  # for the executor
+    }
+    assert policy.executor_asked == 1
+    assert [e.type for e in events].count("run_interrupted") == 1
 
 
 async def test_an_unknown_role_is_refused(service: RunService) -> None:

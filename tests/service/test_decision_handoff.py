@@ -8,12 +8,14 @@ and `loom-ops approve`, `runbook` and `status` as processes of their own."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
 import httpx
 
 from tests.cli_helpers import Cli, make_cli_workspace
+from tests.conftest import make_workspace
 from tests.http_harness import ServeProcess, free_port
 from tests.support import raw_rows
 
@@ -113,106 +115,51 @@ def test_a_cli_start_hands_the_run_to_the_live_process(tmp_path: Path, db_url: s
         server.stop()
 
 
-def test_status_says_why_a_live_process_stopped_a_run_it_may_not_act(tmp_path: Path) -> None:
-    """A live start (`LOOM_OPS_ALLOW_SHELL=1` in the CLI) handed to a `serve` without that
-    setting: serve stops the run at its first command, and `status` says why and how to go
-    on, rather than that serve will pick it up (it stops it again each time)."""
-    workspace = make_cli_workspace(tmp_path / "ws")
-    db = str(tmp_path / "ops.sqlite")
-    server = ServeProcess(workspace, db, free_port()).start()
-    cli = Cli(workspace, db)
+def test_a_live_run_is_left_to_a_process_that_may_act_it(tmp_path: Path, db_url: str) -> None:
+    """A live start (`LOOM_OPS_ALLOW_SHELL=1` in the CLI) while a `serve` without that
+    setting drives the store's runs: the CLI drives the run itself, and serve never claims
+    it. Before, the CLI handed it to serve, which stopped it at its first command and again
+    once per lease TTL, for as long as it ran. A decision made in serve leaves the run for
+    a process that may act it and says so; `status` says what to run, and that ends it."""
+    workspace = make_workspace(tmp_path / "ws")
+    server = ServeProcess(workspace, db_url, free_port(), LOOM_OPS_API_USER="cli:approver").start()
+    live = {"LOOM_OPS_ALLOW_SHELL": "1"}
+    cli = Cli(workspace, db_url)
     try:
-        _serve_registered(db)
-        started = cli(
-            "runbook",
-            "failed-deploy-rollback service=checkout-api namespace=production",
-            "--run-id",
-            "live-1",
-            "--mock-llm",
-            env={"LOOM_OPS_ALLOW_SHELL": "1"},
-        )
-        assert "Run live-1 started; the serve process" in started.stdout, started.describe()
-        _wait(
-            lambda: raw_rows(db, "SELECT 1 FROM events WHERE type = 'run_interrupted'"),
-            20,
-            "serve to stop the run",
-        )
+        serve_owner = _serve_registered(db_url)
+        started = cli("runbook", "crash-drill", "--run-id", "live-1", "--mock-llm", env=live)
+        # Driven here to its approval: the CLI never said serve drives it.
+        assert "Run live-1 is waiting for request #1" in started.stdout, started.describe()
+        decided = httpx.post(f"{server.url}/runs/live-1/approve", json={}, timeout=10)
+        assert decided.status_code == 200, decided.text
+        time.sleep(1.5)  # serve, woken by its own decision, would have claimed the run by now
         status = cli("status", "live-1")
-        shown = cli("status", "live-1", "--json")
+        resumed = cli("resume", "--run-id", "live-1", env=live)
     finally:
         server.stop()
+    assert decided.json()["message"] == (
+        "approved by cli:approver; the run waits for a process with LOOM_OPS_ALLOW_SHELL=1 "
+        "(this one has it off)"
+    )
     assert "Run live-1: queued" in status.stdout, status.describe()
     assert (
-        "  stopped:  step 'history': this run runs commands live; this process has "
-        "LOOM_OPS_ALLOW_SHELL off" in status.stdout
-    ), status.describe()
-    assert "will try it again after a pause, and may stop for the same reason" in status.stdout
-    assert f"loom-ops resume live-1 --db {db}" in status.stdout, status.describe()
-    assert "Waiting for the live serve to pick it up" not in status.stdout
-    stopped = json.loads(shown.stdout)["stopped"]
-    assert stopped.startswith("step 'history': this run runs commands live"), stopped
-
-
-def test_a_supervised_child_a_live_process_may_not_act_is_stopped_once_per_try(
-    tmp_path: Path,
-) -> None:
-    """The same live start as a supervised incident: serve stops the executor child at its
-    first command and leaves it for its next try (a lease TTL later). Before, the parent's
-    drive drove the queued child again at once, about 350 times a second, each time
-    journaling a claim and a stop, for as long as serve ran."""
-    workspace = make_cli_workspace(tmp_path / "ws")
-    db = str(tmp_path / "ops.sqlite")
-    server = ServeProcess(workspace, db, free_port()).start()
-    try:
-        _serve_registered(db)
-        started = Cli(workspace, db)(
-            "supervise",
-            "failed-deploy-rollback service=checkout-api namespace=production",
-            "--run-id",
-            "sup-1",
-            "--mock-llm",
-            env={"LOOM_OPS_ALLOW_SHELL": "1"},
-        )
-        assert started.returncode == 0, started.describe()
-        stops = "SELECT run_id FROM events WHERE type = 'run_interrupted'"
-        _wait(lambda: raw_rows(db, stops), 20, "serve to stop the child")
-        time.sleep(2)  # a loop would stop it hundreds of times meanwhile
-        stopped = raw_rows(db, stops)
-        claims = raw_rows(
-            db,
-            "SELECT COUNT(*) FROM events WHERE type = 'run_claimed' "
-            "AND run_id = 'sup-1:sub:executor'",
-        )[0][0]
-        statuses = dict(raw_rows(db, "SELECT role, status FROM runs"))
-        status = Cli(workspace, db)("status", "sup-1")
-        shown = json.loads(Cli(workspace, db)("status", "sup-1", "--json").stdout)
-    finally:
-        server.stop()
-    assert [run_id for (run_id,) in stopped] == ["sup-1:sub:executor"], stopped
-    assert claims == 1, claims
-    assert statuses == {
-        "supervisor": "waiting_children",
-        "planner": "succeeded",
-        "executor": "queued",  # for its next try
-        "verifier": "waiting_children",  # for the executor
-    }, statuses
-    # Its status says why the child stopped, and that serve may stop it again.
-    why = "step 'history': this run runs commands live; this process has LOOM_OPS_ALLOW_SHELL off"
-    child = next(line for line in status.stdout.splitlines() if "sup-1:sub:executor" in line)
-    assert "queued" in child and "stopped: step 'history': this run runs" in child, status.stdout
-    assert "The live serve will try sup-1:sub:executor again after a pause" in status.stdout
-    assert f"loom-ops resume sup-1 --db {db}" in status.stdout, status.stdout
-    stops = {c["run_id"]: c["stopped"] for c in shown["children"]}
-    assert stops["sup-1:sub:executor"] == why, stops
-    assert stops["sup-1:sub:planner"] is None and shown["stopped"] is None, shown
+        "No live process may act it: the live serve may not do what the run does live. Resume "
+        "it where that is allowed: LOOM_OPS_ALLOW_SHELL=1 loom-ops resume live-1 --db "
+    ) in status.stdout, status.describe()
+    assert resumed.returncode == 0 and "SUCCEEDED" in resumed.stdout, resumed.describe()
+    assert serve_owner not in _claimed_by(db_url, "live-1")
+    assert raw_rows(db_url, "SELECT 1 FROM events WHERE type = 'run_interrupted'") == []
+    out = (workspace / "out.txt").read_text().splitlines()
+    assert out == ["one", "two"], out  # each live step ran once, by the CLI
 
 
 def test_status_lists_the_live_processes_and_the_gone_ones(tmp_path: Path) -> None:
-    """`loom-ops status` without an id: a live `serve` is listed as live and driving runs;
-    once SIGKILLed (no clean exit) its heartbeat goes stale and it shows as gone."""
-    workspace = make_cli_workspace(tmp_path / "ws")
+    """`loom-ops status` without an id: a live `serve` is listed as live and driving runs,
+    with what it may act live; once SIGKILLed (no clean exit) its heartbeat goes stale and
+    it shows as gone."""
+    workspace = make_workspace(tmp_path / "ws")
     db = str(tmp_path / "ops.sqlite")
-    server = ServeProcess(workspace, db, free_port()).start()
+    server = ServeProcess(workspace, db, free_port(), LOOM_OPS_ALLOW_SHELL="1").start()
 
     def status() -> dict:
         done = Cli(workspace, db)("status", "--json")
@@ -223,6 +170,9 @@ def test_status_lists_the_live_processes_and_the_gone_ones(tmp_path: Path) -> No
         _wait(lambda: status()["processes"], 10, "serve to register")
         (entry,) = status()["processes"]
         assert (entry["kind"], entry["live"], entry["drives_runs"]) == ("serve", True, True)
+        assert entry["acts_live"] == ["shell"], entry
+        shown = Cli(workspace, db)("status").stdout
+        assert re.search(r"^serve +live +drives runs +live: shell +since ", shown, re.M), shown
     finally:
         assert server.proc is not None
         server.proc.kill()

@@ -105,7 +105,9 @@ async def store(db_url: str) -> AsyncIterator[RunStore]:
         await opened.close()
 
 
-async def _new_run(store: RunStore, run_id: str, origin: Origin | None = None) -> None:
+async def _new_run(
+    store: RunStore, run_id: str, origin: Origin | None = None, effects: Effects | None = None
+) -> None:
     """A queued crash-drill run."""
     await store.create_run(
         NewRun(
@@ -115,6 +117,7 @@ async def _new_run(store: RunStore, run_id: str, origin: Origin | None = None) -
             requested_by="cli:tester",
             origin=origin or Origin(),
             limits=RunLimits(max_steps=40, max_tool_calls=100, deadline_seconds=3600),
+            effects=effects,
         )
     )
 
@@ -889,7 +892,9 @@ async def test_call_arguments_and_outcomes_leave_their_row_when_the_schema_is_up
 
     for engine in (sqlite, postgres):
         shipped = engine.migrations(engine.MIGRATIONS)
-        monkeypatch.setattr(engine, "migrations", lambda _pkg, shipped=shipped: shipped[:-1])
+        payloads = next(i for i, (_, sql) in enumerate(shipped) if "DROP COLUMN args" in sql)
+        older = shipped[:payloads]
+        monkeypatch.setattr(engine, "migrations", lambda _pkg, older=older: older)
     await (await RunStore.open(db_url)).close()  # the schema as an older loom-ops left it
     _old_run(db_url, "running")
     first, second = "old#0.0", "old#1.0"
@@ -1120,6 +1125,37 @@ async def test_a_drives_step_starts_from_the_head_its_last_step_left_until_the_r
         await other.close()
 
 
+async def test_a_claim_takes_only_runs_its_process_may_act(store: RunStore) -> None:
+    """A process claims, and lists as runnable, only runs that do live nothing its settings
+    forbid; a run from before effects were recorded is anyone's."""
+    runs = {
+        "dry": Effects(),
+        "shell": Effects(shell=True),
+        "mcp": Effects(mcp=True),
+        "checks": Effects(checks=True),
+        "all": Effects(shell=True, mcp=True, checks=True),
+        "older": None,
+    }
+    for run_id, effects in runs.items():
+        await _new_run(store, run_id, effects=effects)
+    processes = {
+        Effects(): {"dry", "older"},
+        Effects(shell=True): {"dry", "shell", "older"},
+        Effects(mcp=True, checks=True): {"dry", "mcp", "checks", "older"},
+        Effects(shell=True, mcp=True, checks=True): set(runs),
+    }
+    for effects, acted in processes.items():
+        listed = await store.runnable_run_ids(lambda _owner: False, effects=effects)
+        assert set(listed) == acted, effects
+    assert set(await store.runnable_run_ids(lambda _owner: False)) == set(runs)
+    claimed = await store.claim_runnable(OWNER, 30, 10, Effects(shell=True))
+    assert {claim.run_id for claim in claimed} == {"dry", "shell", "older"}
+    claimed = await store.claim_runnable(OWNER, 30, 10, Effects(shell=True))
+    assert claimed == []  # what is left needs MCP or live checks
+    claimed = await store.claim_runnable(OWNER, 30, 10, Effects(shell=True, mcp=True, checks=True))
+    assert {claim.run_id for claim in claimed} == {"mcp", "checks", "all"}
+
+
 async def test_a_batch_claims_drive_starts_from_the_claimed_row_unless_it_went_stale(
     store: RunStore,
 ) -> None:
@@ -1129,9 +1165,9 @@ async def test_a_batch_claims_drive_starts_from_the_claimed_row_unless_it_went_s
     taken the run), is read anew and refused with LeaseLost before anything is asked."""
     for run_id in ("b1", "b2", "b3"):
         await _new_run(store, run_id)
-    first, again, expiring = await store.claim_runnable(OWNER, 30, 2) + await store.claim_runnable(
-        OWNER, 0.1, 1
-    )
+    dry = Effects()
+    first, again = await store.claim_runnable(OWNER, 30, 2, dry)
+    [expiring] = await store.claim_runnable(OWNER, 0.1, 1, dry)
     counts = count_store(store.db)
     drive = await store.drive(first)
     assert counts.total_calls == 0
