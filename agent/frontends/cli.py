@@ -576,8 +576,8 @@ async def _report(
     else:
         reason = f": {run.error}" if run.error else ""
         print(
-            f"Run {run.id} is {run.status}{reason}; continue with loom-ops resume --run-id "
-            f"{run.id}{_where(service)}"
+            f"Run {run.id} is {run.status}{reason}; continue with {_needs(service, run)}"
+            f"loom-ops resume --run-id {run.id}{_where(service)}"
         )
     return _exit_code(run)
 
@@ -675,7 +675,9 @@ async def _interrupted(service: RunService, run: RunRecord, as_json: bool) -> in
         print(json.dumps(_run_json(run) | {"error": message}))
     else:
         print(
-            f"loom-ops: {message}; resume with loom-ops resume --run-id {run.id}", file=sys.stderr
+            f"loom-ops: {message}; resume with {_needs(service, run)}loom-ops resume --run-id "
+            f"{run.id}",
+            file=sys.stderr,
         )
     return EXIT_RUN_FAILED
 
@@ -870,7 +872,8 @@ async def _cmd_status(service: RunService, args: argparse.Namespace) -> int:
         return _exit_code(run)
     if not unowned:
         return _exit_code(run)
-    resume = f"loom-ops resume {run.id}{_where(service)}"  # it drives the whole tree
+    # It drives the whole tree, with the settings this shell lacks for what the run does live.
+    resume = f"{_needs(service, run)}loom-ops resume {run.id}{_where(service)}"
     # A live process that drives runs picks up what nobody holds (after an outage's pause),
     # if its settings allow what the tree does live.
     live = [p for p in await service.live_processes() if p.drives_runs]
@@ -878,10 +881,9 @@ async def _cmd_status(service: RunService, args: argparse.Namespace) -> int:
     named = "it" if waits else ", ".join(r.id for r in unowned)
     if live and not drivers:
         kinds = ", ".join(sorted({p.kind for p in live}))
-        on = switched_on(run.effects.live if run.effects else ())
         print(
             f"No live process may act {named}: the live {kinds} may not do what the run does "
-            f"live. Resume it where that is allowed: {on} {resume}"
+            f"live. Resume it where that is allowed: {resume}"
         )
         return _exit_code(run)
     # A live process takes over a gone driver's run at once where it can tell the driver
@@ -915,6 +917,13 @@ def _unowned(service: RunService, run: RunRecord) -> bool:
     if run.status not in (RunStatus.QUEUED, RunStatus.RUNNING):
         return False
     return not run.lease_owner or service.driver_gone(run)
+
+
+def _needs(service: RunService, run: RunRecord) -> str:
+    """The settings a pasted `resume` needs that this process lacks to act the run live
+    (`LOOM_OPS_ALLOW_SHELL=1 `), or "": without them it would stop at the first such step."""
+    lacking = service.settings.effects.lacking(run.effects)
+    return f"{switched_on(lacking)} " if lacking else ""
 
 
 def _where(service: RunService) -> str:

@@ -134,6 +134,9 @@ def test_a_live_run_is_left_to_a_process_that_may_act_it(tmp_path: Path, db_url:
         assert decided.status_code == 200, decided.text
         time.sleep(1.5)  # serve, woken by its own decision, would have claimed the run by now
         status = cli("status", "live-1")
+        stops = raw_rows(db_url, "SELECT 1 FROM events WHERE type = 'run_interrupted'")
+        # Resumed by name where the setting is off, it stops at the command, saying so.
+        stopped = cli("resume", "--run-id", "live-1")
         resumed = cli("resume", "--run-id", "live-1", env=live)
     finally:
         server.stop()
@@ -146,9 +149,15 @@ def test_a_live_run_is_left_to_a_process_that_may_act_it(tmp_path: Path, db_url:
         "No live process may act it: the live serve may not do what the run does live. Resume "
         "it where that is allowed: LOOM_OPS_ALLOW_SHELL=1 loom-ops resume live-1 --db "
     ) in status.stdout, status.describe()
+    assert stops == []  # nothing stopped it before that
+    assert stopped.returncode == 1, stopped.describe()
+    assert stopped.stderr == (
+        "loom-ops: run live-1 was interrupted: step 'append-two': this run runs commands live; "
+        "this process has LOOM_OPS_ALLOW_SHELL off; resume with LOOM_OPS_ALLOW_SHELL=1 "
+        "loom-ops resume --run-id live-1\n"
+    ), stopped.describe()
     assert resumed.returncode == 0 and "SUCCEEDED" in resumed.stdout, resumed.describe()
     assert serve_owner not in _claimed_by(db_url, "live-1")
-    assert raw_rows(db_url, "SELECT 1 FROM events WHERE type = 'run_interrupted'") == []
     out = (workspace / "out.txt").read_text().splitlines()
     assert out == ["one", "two"], out  # each live step ran once, by the CLI
 
