@@ -689,12 +689,16 @@ async def _cmd_resume(service: RunService, args: argparse.Namespace) -> int:
             return await _interrupted(service, run, args.json)
         return await _report(service, run, args.json)
     runs = await service.recover()
+    left = [r for r in runs if not service.may_act(r)]  # what this process may not act
     if args.json:
-        print(json.dumps({"run_id": None, "status": "ok", "runs": [_run_json(r) for r in runs]}))
+        listed = [_run_json(r) | {"resumed": service.may_act(r)} for r in runs]
+        print(json.dumps({"run_id": None, "status": "ok", "runs": listed}))
     else:
         for run in runs:
-            print(f"{run.id}: {run.status}")
-        print(f"resumed {len(runs)} run(s)")
+            resume = f"{_needs(service, run)}loom-ops resume --run-id {run.id}"
+            note = "" if service.may_act(run) else f" (not resumed here: run {resume})"
+            print(f"{run.id}: {run.status}{note}")
+        print(f"resumed {len(runs) - len(left)} run(s)")
     return EXIT_OK if all(_exit_code(r) == EXIT_OK for r in runs) else EXIT_RUN_FAILED
 
 
@@ -834,11 +838,16 @@ async def _cmd_status(service: RunService, args: argparse.Namespace) -> int:
         r.id: await _last_stop(service, r) for r in (run, *children) if r.status == RunStatus.QUEUED
     }
     stopped = stops.get(run.id)
+    # The live processes that drive runs, and those of them that may act this tree (what
+    # it does live is the root's, and each child's).
+    live = [p for p in await service.live_processes() if p.drives_runs]
+    drivers = [p for p in live if p.may_act(run.effects)]
     if args.json:
         payload = _run_json(run) | {
             "approval": _approval_json(approval, await _approved_by(service, approval)),
             "children": [_run_json(c) | {"stopped": stops.get(c.id)} for c in children],
             "undriven": [r.id for r in unowned],  # what a monitor alerts on
+            "drivers": [p.owner for p in drivers],  # none: nobody picks `undriven` up
             "stopped": stopped,  # why its last drive stopped, when it waits since
         }
         print(json.dumps(payload, ensure_ascii=False))
@@ -876,8 +885,7 @@ async def _cmd_status(service: RunService, args: argparse.Namespace) -> int:
     resume = f"{_needs(service, run)}loom-ops resume {run.id}{_where(service)}"
     # A live process that drives runs picks up what nobody holds (after an outage's pause),
     # if its settings allow what the tree does live.
-    live = [p for p in await service.live_processes() if p.drives_runs]
-    drivers = sorted({p.kind for p in live if p.may_act(run.effects)})
+    acting = ", ".join(sorted({p.kind for p in drivers}))
     named = "it" if waits else ", ".join(r.id for r in unowned)
     if live and not drivers:
         kinds = ", ".join(sorted({p.kind for p in live}))
@@ -892,18 +900,18 @@ async def _cmd_status(service: RunService, args: argparse.Namespace) -> int:
     if drivers and max(leases, default=0.0) > time.time():
         at = time.strftime("%H:%M:%S UTC", time.gmtime(max(leases)))
         print(
-            f"Waiting for the live {', '.join(drivers)} to take {named} over, by {at} at the "
+            f"Waiting for the live {acting} to take {named} over, by {at} at the "
             f"latest, when the lease of its gone driver runs out (or now: {resume})"
         )
     elif drivers and any(stops.get(r.id) for r in unowned):
         # It stopped for a reason that may hold still (a setting of the process that
         # stopped it, an outage): say so rather than promise it goes on.
         print(
-            f"The live {', '.join(drivers)} will try {named} again after a pause, and may stop "
+            f"The live {acting} will try {named} again after a pause, and may stop "
             f"for the same reason; or resume it where that reason does not hold: {resume}"
         )
     elif drivers:
-        print(f"Waiting for the live {', '.join(drivers)} to pick {named} up")
+        print(f"Waiting for the live {acting} to pick {named} up")
     elif waits and run.lease_owner:
         print(f"Its driver {run.lease_owner} is gone (dead, or its lease ran out): {resume}")
     else:
@@ -965,7 +973,10 @@ async def _print_processes(service: RunService | None, as_json: bool) -> int:
         print(json.dumps({"run_id": None, "status": "ok", "processes": listed}))
         return EXIT_OK
     if not listed:
-        print("No process serves this store: decisions made here drive the run in this process.")
+        print(
+            "No process serves this store: decisions made here drive the run in this process, "
+            "where its settings allow what the run does live."
+        )
     for entry in listed:
         seen = f"{now - entry['heartbeat_at']:.0f} s ago"
         state = "live" if entry["live"] else f"gone (last seen {seen})"

@@ -227,7 +227,10 @@ class RunKernel:
             # Before the outage handlers: a wrong key, URL or model never heals by waiting.
             await self._fail(drive, loop._checkpoint(), self.redactor.text(str(exc)))
         except _CannotAct as exc:
-            await self._interrupt(drive, self.redactor.text(str(exc)), loop.unacted(exc.turn))
+            # No pause: only a process that may act the run picks it up on its own (see
+            # `Effects.lacking`), and it may at once.
+            reason = self.redactor.text(str(exc))
+            await self._interrupt(drive, reason, loop.unacted(exc.turn), retry_after=0.0)
         except PolicyUnavailable as exc:
             await self._interrupt(drive, self.redactor.text(str(exc)))
         except Exception as exc:
@@ -271,10 +274,16 @@ class RunKernel:
             await self._interrupt(drive, reason)
 
     async def _interrupt(
-        self, drive: Drive, reason: str, unacted: tuple[PolicyTurn, Checkpoint] | None = None
+        self,
+        drive: Drive,
+        reason: str,
+        unacted: tuple[PolicyTurn, Checkpoint] | None = None,
+        retry_after: float | None = None,
     ) -> None:
-        # Workers try it again after a lease TTL, not in a tight loop against an outage.
-        if not await drive.interrupt(reason, self.settings.lease_ttl, unacted):
+        # Workers try it again after `retry_after`, by default a lease TTL: not in a tight
+        # loop against an outage.
+        pause = self.settings.lease_ttl if retry_after is None else retry_after
+        if not await drive.interrupt(reason, pause, unacted):
             log.info("run %s was taken over meanwhile; not interrupting it", drive.run_id)
 
 

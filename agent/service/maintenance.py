@@ -11,6 +11,7 @@ import time
 from collections.abc import Awaitable, Callable
 from types import TracebackType
 
+from agent.records import Effects
 from agent.service.runs import HEARTBEAT_INTERVAL, PROCESS_LIVE_WITHIN, RunService
 from agent.settings import switched_on
 
@@ -162,14 +163,18 @@ async def warn_of_undriven_runs_forever(service: RunService, warned: set[str]) -
 
 
 async def _undriven(service: RunService, run_ids: list[str]) -> tuple[str, str]:
-    """The warning's words for runs nobody drives: which wait and why and, where live
-    processes do drive runs but may not act these, the settings a worker needs (a run
-    started here acts as this process's settings allow)."""
-    if not any(p.drives_runs for p in await service.live_processes()):
-        return f"{_runs_wait(run_ids)} and no live process drives runs", ""
-    them = "it" if len(run_ids) == 1 else "them"
-    on = switched_on(service.settings.effects.live)
+    """The warning's words for runs nobody drives: which wait and why, and the settings a
+    worker needs for what they do live. Where live processes do drive runs, they may not
+    act these."""
+    kinds: dict[str, bool] = {}
+    for run_id in run_ids:
+        effects = (await service.get(run_id)).effects
+        kinds.update((kind, True) for kind in (effects.live if effects is not None else ()))
+    on = switched_on(Effects(**kinds).live)  # in the order the settings are documented
     needs = f" with {on}" if on else ""
+    if not any(p.drives_runs for p in await service.live_processes()):
+        return f"{_runs_wait(run_ids)} and no live process drives runs", needs
+    them = "it" if len(run_ids) == 1 else "them"
     return f"{_runs_wait(run_ids)} and no live process that drives runs may act {them}", needs
 
 

@@ -48,7 +48,6 @@ from agent.records import (
     ApprovalVote,
     Claim,
     Decision,
-    Effects,
     EventRecord,
     Hop,
     Origin,
@@ -455,13 +454,16 @@ class RunService:
         run = await self.kernel.drive(run_id, claim)
         while run.status == RunStatus.WAITING_CHILDREN and self.executes_runs:
             now = time.time()
-            # A child handed back to be tried again later (an outage, a process that may not
-            # act it) waits for the claim loop: driving it again now would only stop it
-            # again, journaling a claim and a stop each time, hundreds of times a second.
+            # A child handed back to be tried again later (an outage), or one this process
+            # may not act, waits for the claim loop of a process that may: driving it again
+            # now would only stop it again, journaling a claim and a stop each time,
+            # hundreds of times a second.
             runnable = [
                 child.id
                 for child in await self.store.child_runs(run_id)
-                if child.status in (RunStatus.QUEUED, RunStatus.RUNNING) and child.due(now)
+                if child.status in (RunStatus.QUEUED, RunStatus.RUNNING)
+                and child.due(now)
+                and self.may_act(child)
             ]
             if not runnable:
                 break  # the children wait for humans or a later try; their end wakes this run
@@ -537,6 +539,22 @@ class RunService:
             and not owner_is_dead(process.owner)
         ]
 
+    async def _waits_for(self, run: RunRecord) -> str | None:
+        """Why a queued run this process leaves to others waits longer than for a driver's
+        next look: the settings its live steps need, when no live process that drives runs
+        has them. None when one has (or it needs none: any process that drives runs will)."""
+        needed = run.effects.live if run.effects is not None else ()
+        if not needed:
+            return None
+        live = await self.live_processes()
+        if any(p.drives_runs and p.may_act(run.effects) for p in live):
+            return None
+        them = "them" if len(needed) > 1 else "it"
+        return (
+            f"the run waits for a process with {switched_on(needed)}: no live process that "
+            f"drives runs has {them}"
+        )
+
     async def runs_nobody_drives(self) -> list[str]:
         """Runnable runs (due now) that no live process driving runs may act, this one
         included: they wait until one starts whose settings allow what they do live."""
@@ -566,9 +584,12 @@ class RunService:
         return started
 
     async def recover(self) -> list[RunRecord]:
-        """Pick up every run whose owner died (or that was left queued), and drive them all."""
+        """Pick up every run whose owner died (or that was left queued) and drive those this
+        process may act; the others are returned as they are (`may_act` tells them apart)."""
         await self.expire_overdue()  # what it queues (a rollback, a woken parent) is driven here
-        run_ids = await self.store.runnable_run_ids(owner_is_dead)
+        every = await self.store.runnable_run_ids(owner_is_dead)
+        run_ids = await self.store.runnable_run_ids(owner_is_dead, effects=self.settings.effects)
+        left = [await self.store.get_run(run_id) for run_id in every if run_id not in run_ids]
         results = await asyncio.gather(
             *(self._drive(run_id) for run_id in run_ids), return_exceptions=True
         )
@@ -580,7 +601,7 @@ class RunService:
                 raise result
             else:
                 recovered.append(result)
-        return recovered
+        return recovered + left
 
     async def sweep_approvals(self, wait: bool = True) -> int:
         """Make what the timers of pending approval requests say is due: expire the overdue
@@ -644,8 +665,11 @@ class RunService:
 
     async def _wake_after_end(self, run: RunRecord, wait: bool) -> None:
         if run.status == RunStatus.QUEUED:  # its request expired into a rollback
-            if not self.may_act(run):
-                return  # for a process that may act it (`runs_nobody_drives` names it)
+            if not self.may_act(run):  # left for a process that may act it
+                waits = await self._waits_for(run)
+                if waits is not None:
+                    log.warning("run %s is queued to roll back; %s", run.id, waits)
+                return
             try:
                 await self._drive(run.id, wait, run)
             except StoreError as exc:  # e.g. another process drives it
@@ -793,11 +817,12 @@ class RunService:
         if approval.required > 1 and outcome == VoteOutcome.COMPLETES:
             message += f": {_tally(approval, len(counted) + 1)}"
         try:
-            if run.status == RunStatus.QUEUED and not self.may_act(run):
-                # Left for a process that may act it, rather than stopped at its next step.
-                message += f"; {_waits_for_a_process_that_may(run, self.settings.effects)}"
-            elif run.status == RunStatus.QUEUED:
+            if run.status == RunStatus.QUEUED and self.executes_runs and self.may_act(run):
                 run = await self._drive(run.id, wait, run)
+            elif run.status == RunStatus.QUEUED:
+                # Left for a live process that may act it; said when there is none.
+                waits = await self._waits_for(run)
+                message += f"; {waits}" if waits is not None else ""
             else:
                 await self._wake_after_end(run, wait)  # e.g. a rejected child: its tree goes on
         except StoreError as exc:  # e.g. another process resumed it first: still decided
@@ -1201,13 +1226,6 @@ class RunService:
             if pending:
                 return pending[0]
         return None
-
-
-def _waits_for_a_process_that_may(run: RunRecord, here: Effects) -> str:
-    """Why a run this process may not act waits: the settings it needs and this one lacks."""
-    lacking = here.lacking(run.effects)
-    them = "them" if len(lacking) > 1 else "it"
-    return f"the run waits for a process with {switched_on(lacking)} (this one has {them} off)"
 
 
 async def _answering(query: Awaitable[T]) -> T:

@@ -869,9 +869,10 @@ async def test_the_api_without_a_worker_records_and_a_worker_drives(
 async def test_a_front_end_names_the_runs_no_live_worker_may_act(
     tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A `--no-worker` front end with LOOM_OPS_ALLOW_SHELL=1 records live runs: a live
-    worker without that setting does not drive them, so they are named as waiting, with
-    the setting a worker needs; a run that does nothing live is that worker's."""
+    """Live runs wait beside a `--no-worker` front end (without LOOM_OPS_ALLOW_SHELL
+    itself: the runs were started elsewhere): a live worker without that setting does not
+    drive them, so they are named as waiting, with the setting the runs need; a run that
+    does nothing live is that worker's."""
     from agent.service import maintenance
 
     monkeypatch.setattr(maintenance, "PROCESS_LIVE_WITHIN", 0.0)  # name a waiting run at once
@@ -880,7 +881,6 @@ async def test_a_front_end_names_the_runs_no_live_worker_may_act(
         db=db_url,
         workspace=make_workspace(tmp_path / "ws"),
         user="tester",
-        allow_shell=True,
     )
     service = RunService(await RunStore.open(db_url), settings, executes_runs=False)
     try:

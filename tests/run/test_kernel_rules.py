@@ -8,6 +8,7 @@ runs at most as often as its runbook allows; one approval is one attempt.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from agent.chain import first_broken_link
@@ -475,16 +476,19 @@ async def test_a_live_run_waits_rather_than_finish_dry_in_a_process_that_may_not
         left = await dry.store.list_events("live")
         await dry.resume("live")
         events = await dry.store.list_events("live")
+        # Stopped without a pause: a process that may act it picks it up at once.
+        stopped = await dry.get("live")
     assert result.run.status == RunStatus.QUEUED
     assert result.message == (
-        "approved by cli:approver; the run waits for a process with LOOM_OPS_ALLOW_SHELL=1 "
-        "(this one has it off)"
+        "approved by cli:approver; the run waits for a process with LOOM_OPS_ALLOW_SHELL=1: "
+        "no live process that drives runs has it"
     )
     # Not driven there: the starter's claim is the only one, and nothing stopped it.
     assert [e.type for e in left].count("run_claimed") == 1, left
     assert "run_interrupted" not in [e.type for e in left], left
     interrupted = [e for e in events if e.type == "run_interrupted"]
     assert "LOOM_OPS_ALLOW_SHELL off" in interrupted[-1].data["error"]
+    assert stopped.status == RunStatus.QUEUED and stopped.due(time.time()), stopped
     assert lines(workspace) == ["one"]  # append-two neither ran nor was shown as done
     async with open_service(live) as resumer:
         resumed = await resumer.resume("live")

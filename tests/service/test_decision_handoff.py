@@ -134,6 +134,9 @@ def test_a_live_run_is_left_to_a_process_that_may_act_it(tmp_path: Path, db_url:
         assert decided.status_code == 200, decided.text
         time.sleep(1.5)  # serve, woken by its own decision, would have claimed the run by now
         status = cli("status", "live-1")
+        shown = cli("status", "live-1", "--json").json()
+        # `resume` without an id leaves what this process may not act, and says how to go on.
+        recovered = cli("resume")
         stops = raw_rows(db_url, "SELECT 1 FROM events WHERE type = 'run_interrupted'")
         # Resumed by name where the setting is off, it stops at the command, saying so.
         stopped = cli("resume", "--run-id", "live-1")
@@ -141,14 +144,19 @@ def test_a_live_run_is_left_to_a_process_that_may_act_it(tmp_path: Path, db_url:
     finally:
         server.stop()
     assert decided.json()["message"] == (
-        "approved by cli:approver; the run waits for a process with LOOM_OPS_ALLOW_SHELL=1 "
-        "(this one has it off)"
+        "approved by cli:approver; the run waits for a process with LOOM_OPS_ALLOW_SHELL=1: "
+        "no live process that drives runs has it"
     )
     assert "Run live-1: queued" in status.stdout, status.describe()
     assert (
         "No live process may act it: the live serve may not do what the run does live. Resume "
         "it where that is allowed: LOOM_OPS_ALLOW_SHELL=1 loom-ops resume live-1 --db "
     ) in status.stdout, status.describe()
+    assert (shown["undriven"], shown["drivers"]) == (["live-1"], []), shown
+    assert recovered.stdout == (
+        "live-1: queued (not resumed here: run LOOM_OPS_ALLOW_SHELL=1 loom-ops resume --run-id "
+        "live-1)\nresumed 0 run(s)\n"
+    ), recovered.describe()
     assert stops == []  # nothing stopped it before that
     assert stopped.returncode == 1, stopped.describe()
     assert stopped.stderr == (

@@ -34,7 +34,7 @@ from agent.service.runs import RunService
 from agent.settings import Settings
 from agent.store import RunStore
 from tests.cli_helpers import REPO, cli_env
-from tests.support import raw_rows, write_runbook
+from tests.support import open_service, raw_rows, write_runbook
 
 CHAT = -100101
 
@@ -287,6 +287,35 @@ async def test_expiry_with_on_expiry_rollback_rolls_back_and_ends_the_run_expire
     (expired,) = _events(settings.db, "inc-1", "approval_expired")
     assert expired["on_expiry"] == "rollback"
     assert [e["status"] for e in _events(settings.db, "inc-1", "run_finished")] == ["expired"]
+
+
+async def test_a_rollback_on_expiry_a_process_may_not_act_is_left_for_one_that_may(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A live run's request expires in a process without LOOM_OPS_ALLOW_SHELL: the expiry
+    is recorded, and the rollback it queues is left, with a warning that says what it waits
+    for, to a process that may act it, which rolls back."""
+    live = settings.model_copy(update={"allow_shell": True})
+    async with open_service(live) as starter:
+        await _start_in_chat(starter, "inc-1", "expiry-rollback")
+    async with open_service(settings) as dry:
+        await _until(lambda: _overdue(dry))
+        with caplog.at_level("WARNING", logger="agent.service.runs"):
+            assert await dry.sweep_approvals() == 1
+        left = await dry.get("inc-1")
+    assert left.status == RunStatus.QUEUED, left
+    assert (
+        "run inc-1 is queued to roll back; the run waits for a process with "
+        "LOOM_OPS_ALLOW_SHELL=1: no live process that drives runs has it"
+    ) in caplog.text
+    assert _events(settings.db, "inc-1", "run_claimed")[1:] == []  # only the starter's
+    async with open_service(live) as resumer:
+        assert [r.id for r in await resumer.recover()] == ["inc-1"]
+        run = await resumer.get("inc-1")
+    assert run.status == RunStatus.EXPIRED, run
+    assert run.error == (
+        "approval request expired without a decision; rolled back 1 of 1 step(s) (drain)"
+    )
 
 
 async def test_expiry_never_approves_and_a_late_approval_changes_nothing(
