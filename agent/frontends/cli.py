@@ -575,10 +575,11 @@ async def _report(
             print(f"loom-ops: run {run.id} failed: {' '.join(run.error.split())}", file=sys.stderr)
     else:
         reason = f": {run.error}" if run.error else ""
-        print(
-            f"Run {run.id} is {run.status}{reason}; continue with {_needs(service, run)}"
-            f"loom-ops resume --run-id {run.id}{_where(service)}"
+        goes_on = await _driven_on(service, run) or (
+            f"continue with {_needs(service, run)}loom-ops resume --run-id {run.id}"
+            f"{_where(service)}"
         )
+        print(f"Run {run.id} is {run.status}{reason}; {goes_on}")
     return _exit_code(run)
 
 
@@ -623,11 +624,24 @@ async def _drivers(service: RunService, effects: Effects | None) -> list[Process
     """The live processes that drive this store's runs and may act a run with `effects`;
     when there is one, a command records its start or decision and leaves the run to it (at
     once on PostgreSQL, within a second on SQLite) rather than race it for the run."""
-    live = await service.live_processes()
-    drivers = [p for p in live if p.drives_runs and p.may_act(effects)]
+    drivers = await _live_drivers(service, effects)
     if drivers:
         service.executes_runs = False
     return drivers
+
+
+async def _live_drivers(service: RunService, effects: Effects | None) -> list[ProcessRecord]:
+    """The live processes that drive this store's runs and may act a run with `effects`."""
+    live = await service.live_processes()
+    return [p for p in live if p.drives_runs and p.may_act(effects)]
+
+
+async def _driven_on(service: RunService, run: RunRecord) -> str | None:
+    """Who goes on with a run this process stopped or left, with no person needed: the live
+    processes that drive runs and may act it ("the worker process … goes on with it"), or
+    None."""
+    drivers = await _live_drivers(service, run.effects)
+    return f"{_driven_by(drivers)} goes on with it" if drivers else None
 
 
 def _driven_by(drivers: list[ProcessRecord]) -> str:
@@ -674,11 +688,10 @@ async def _interrupted(service: RunService, run: RunRecord, as_json: bool) -> in
     if as_json:
         print(json.dumps(_run_json(run) | {"error": message}))
     else:
-        print(
-            f"loom-ops: {message}; resume with {_needs(service, run)}loom-ops resume --run-id "
-            f"{run.id}",
-            file=sys.stderr,
+        goes_on = await _driven_on(service, run) or (
+            f"resume with {_needs(service, run)}loom-ops resume --run-id {run.id}"
         )
+        print(f"loom-ops: {message}; {goes_on}", file=sys.stderr)
     return EXIT_RUN_FAILED
 
 
@@ -842,6 +855,7 @@ async def _cmd_status(service: RunService, args: argparse.Namespace) -> int:
     # it does live is the root's, and each child's).
     live = [p for p in await service.live_processes() if p.drives_runs]
     drivers = [p for p in live if p.may_act(run.effects)]
+    now = time.time()
     if args.json:
         payload = _run_json(run) | {
             "approval": _approval_json(approval, await _approved_by(service, approval)),
@@ -897,15 +911,16 @@ async def _cmd_status(service: RunService, args: argparse.Namespace) -> int:
     # A live process takes over a gone driver's run at once where it can tell the driver
     # died (on its host), else when the lease runs out; `resume` does at once.
     leases = [r.lease_expires_at or 0.0 for r in unowned if r.lease_owner]
-    if drivers and max(leases, default=0.0) > time.time():
+    if drivers and max(leases, default=0.0) > now:
         at = time.strftime("%H:%M:%S UTC", time.gmtime(max(leases)))
         print(
             f"Waiting for the live {acting} to take {named} over, by {at} at the "
             f"latest, when the lease of its gone driver runs out (or now: {resume})"
         )
-    elif drivers and any(stops.get(r.id) for r in unowned):
-        # It stopped for a reason that may hold still (a setting of the process that
-        # stopped it, an outage): say so rather than promise it goes on.
+    elif drivers and any(stops.get(r.id) and not r.due(now) for r in unowned):
+        # It stopped for a reason that may hold still (an outage), and is put off until its
+        # next try: say so rather than promise it goes on. (A stop for a setting the process
+        # lacked puts nothing off: a live driver that has it picks the run up.)
         print(
             f"The live {acting} will try {named} again after a pause, and may stop "
             f"for the same reason; or resume it where that reason does not hold: {resume}"

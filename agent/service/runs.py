@@ -541,14 +541,14 @@ class RunService:
 
     async def _waits_for(self, run: RunRecord) -> str | None:
         """Why a queued run this process leaves to others waits longer than for a driver's
-        next look: the settings its live steps need, when no live process that drives runs
-        has them. None when one has (or it needs none: any process that drives runs will)."""
-        needed = run.effects.live if run.effects is not None else ()
-        if not needed:
-            return None
+        next look: no live process drives runs, or none has the settings its live steps
+        need. None when a live process that drives runs may act it."""
         live = await self.live_processes()
         if any(p.drives_runs and p.may_act(run.effects) for p in live):
             return None
+        needed = run.effects.live if run.effects is not None else ()
+        if not needed:
+            return "the run waits for a process that drives runs: none is live (`loom-ops worker`)"
         them = "them" if len(needed) > 1 else "it"
         return (
             f"the run waits for a process with {switched_on(needed)}: no live process that "

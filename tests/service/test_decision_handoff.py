@@ -14,10 +14,14 @@ from pathlib import Path
 
 import httpx
 
+from agent.records import Decision, RunStatus
+from agent.service.runs import RunService
+from agent.settings import Settings
+from agent.store import RunStore
 from tests.cli_helpers import Cli, make_cli_workspace
 from tests.conftest import make_workspace
 from tests.http_harness import ServeProcess, free_port
-from tests.support import raw_rows
+from tests.support import open_service, raw_rows
 
 LATENCY = "incident: API latency spike"
 
@@ -168,6 +172,85 @@ def test_a_live_run_is_left_to_a_process_that_may_act_it(tmp_path: Path, db_url:
     assert serve_owner not in _claimed_by(db_url, "live-1")
     out = (workspace / "out.txt").read_text().splitlines()
     assert out == ["one", "two"], out  # each live step ran once, by the CLI
+
+
+def test_what_a_cli_says_goes_on_with_a_live_run_it_may_not_act(tmp_path: Path) -> None:
+    """A live run approved and then resumed by name in a shell without
+    LOOM_OPS_ALLOW_SHELL: the decision leaves it and says what it waits for; the resume
+    stops it at its command and prints the resume that acts it. Beside a live worker (its
+    heartbeat, as `loom-ops worker` writes it), `status` and a resume say that the worker
+    goes on with it when it may act it, and what to run when it may not; an outage's pause
+    is told apart from a stop for a setting."""
+    workspace = make_workspace(tmp_path / "ws")
+    db = str(tmp_path / "ops.sqlite")
+    cli = Cli(workspace, db)
+    started = cli(
+        "runbook", "crash-drill", "--run-id", "d1", "--mock-llm", env={"LOOM_OPS_ALLOW_SHELL": "1"}
+    )
+    assert "Run d1 is waiting for request #1" in started.stdout, started.describe()
+    approved = cli("approve", "--run-id", "d1", "--as", "approver")
+    assert approved.stdout.splitlines() == [
+        "Decision: approved by cli:approver; the run waits for a process with "
+        "LOOM_OPS_ALLOW_SHELL=1: no live process that drives runs has it",
+        f"Run d1 is queued; continue with LOOM_OPS_ALLOW_SHELL=1 loom-ops resume --run-id d1 "
+        f"--db {db}",
+    ], approved.describe()
+    stopped = cli("resume", "--run-id", "d1")
+    assert stopped.stderr.endswith(
+        "this process has LOOM_OPS_ALLOW_SHELL off; resume with LOOM_OPS_ALLOW_SHELL=1 "
+        "loom-ops resume --run-id d1\n"
+    ), stopped.describe()
+
+    def worker(effects: str) -> None:
+        raw_rows(db, "DELETE FROM processes")
+        raw_rows(
+            db,
+            "INSERT INTO processes (owner, kind, drives_runs, started_at, heartbeat_at, effects) "
+            "VALUES ('elsewhere:1:w', 'worker', 1, ?, ?, ?)",
+            (time.time(), time.time(), effects),
+        )
+
+    def said() -> str:
+        return cli("status", "d1").stdout.splitlines()[-1]
+
+    worker('{"shell":true,"mcp":false,"checks":false}')
+    assert said() == "Waiting for the live worker to pick it up"
+    again = cli("resume", "--run-id", "d1")  # stopped again, and the worker goes on
+    assert again.stderr.endswith("; the worker process elsewhere:1:w goes on with it\n"), again
+    raw_rows(db, "UPDATE runs SET not_before = ?", (time.time() + 60,))  # an outage's pause
+    assert said().startswith("The live worker will try it again after a pause"), said()
+    worker('{"shell":false,"mcp":false,"checks":false}')
+    assert said() == (
+        "No live process may act it: the live worker may not do what the run does live. "
+        f"Resume it where that is allowed: LOOM_OPS_ALLOW_SHELL=1 loom-ops resume d1 --db {db}"
+    )
+
+
+async def test_a_decision_where_no_live_process_drives_runs_says_the_run_waits(
+    tmp_path: Path,
+) -> None:
+    """A front end that drives nothing (`--no-worker`) records a decision while no live
+    process drives runs: its answer says the run waits for one."""
+    settings = Settings(
+        _env_file=None,
+        db=str(tmp_path / "ops.sqlite"),
+        workspace=make_workspace(tmp_path / "ws"),
+        mock_llm=True,
+        user="tester",
+    )
+    async with open_service(settings) as starter:
+        started = await starter.start("f1", "crash-drill")
+    assert started.status == RunStatus.WAITING_APPROVAL
+    front = RunService(await RunStore.open(settings.db), settings, executes_runs=False)
+    try:
+        result = await front.decide("f1", Decision.APPROVE, "cli:approver")
+    finally:
+        await front.close()
+    assert result.run.status == RunStatus.QUEUED
+    assert result.message == (
+        "approved by cli:approver; the run waits for a process that drives runs: none is live "
+        "(`loom-ops worker`)"
+    )
 
 
 def test_status_lists_the_live_processes_and_the_gone_ones(tmp_path: Path) -> None:
