@@ -1312,6 +1312,8 @@ def _export(
     finally:
         if output:
             handle.close()
+    if output:  # as `trace -o` says; and the head, which is what a person publishes
+        print(f"wrote {output}: {len(events)} events, tree head {head['head']}")
     return EXIT_OK
 
 

@@ -124,7 +124,8 @@ def test_export_jsonl_and_csv_hold_every_event_with_its_hashes_and_end_at_the_he
 
     out = tmp_path / "audit.csv"
     done = finished("audit", "export", "--run-id", "a1", "--format", "csv", "-o", str(out))
-    assert done.returncode == 0 and done.stdout == ""
+    assert done.returncode == 0, done.describe()
+    assert done.stdout == f"wrote {out}: {len(rows)} events, tree head {head['head']}\n"
     *table, last = list(csv.DictReader(io.StringIO(out.read_text())))
     assert [(int(r["seq"]), r["type"]) for r in table] == expected
     assert json.loads(table[0]["data"])["request"] == LATENCY
