@@ -902,10 +902,11 @@ async def _cmd_status(service: RunService, args: argparse.Namespace) -> int:
     acting = ", ".join(sorted({p.kind for p in drivers}))
     named = "it" if waits else ", ".join(r.id for r in unowned)
     if live and not drivers:
-        kinds = ", ".join(sorted({p.kind for p in live}))
+        kinds = sorted({p.kind for p in live})
+        lack = "lacks" if len(kinds) == 1 else "lack"
         print(
-            f"No live process may act {named}: the live {kinds} may not do what the run does "
-            f"live. Resume it where that is allowed: {resume}"
+            f"No live process may act {named}: the running {', '.join(kinds)} {lack} the "
+            f"settings its live steps need. Resume it with them: {resume}"
         )
         return _exit_code(run)
     # A live process takes over a gone driver's run at once where it can tell the driver
@@ -992,16 +993,25 @@ async def _print_processes(service: RunService | None, as_json: bool) -> int:
             "No process serves this store: decisions made here drive the run in this process, "
             "where its settings allow what the run does live."
         )
+    else:
+        print(f"{'PROCESS':<16} {'STATE':<28} {'ROLE':<13} {'ACTS LIVE':<17} {'SINCE':<21} OWNER")
     for entry in listed:
         seen = f"{now - entry['heartbeat_at']:.0f} s ago"
-        state = "live" if entry["live"] else f"gone (last seen {seen})"
+        state = "running" if entry["live"] else f"gone (last seen {seen})"
         role = "drives runs" if entry["drives_runs"] else "records only"
-        acts = entry["acts_live"]
-        mode = "" if acts is None else f"live: {', '.join(acts)}" if acts else "dry-run"
+        acts = entry["acts_live"]  # None: an older version, which does not say
+        mode = "-" if acts is None else ", ".join(acts) or "nothing (dry)"
         started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(entry["started_at"]))
         print(
-            f"{entry['kind']:<16} {state:<28} {role:<13} {mode:<26} since {started}  "
-            f"{entry['owner']}"
+            f"{entry['kind']:<16} {state:<28} {role:<13} {mode:<17} {started:<21} {entry['owner']}"
+        )
+    here = service.settings.effects if service is not None else None
+    drivers = [p for p in processes if p.owner in live and p.drives_runs]
+    if here is not None and here.live and drivers and not any(p.may_act(here) for p in drivers):
+        # What a person starting a run from this shell must know: nobody else will drive it.
+        print(
+            f"No running process that drives runs may act what a run started here does live "
+            f"({switched_on(here.live)}): such a run is driven by the command that starts it."
         )
     print("loom-ops status RUN_ID shows one run; loom-ops runs lists them.")
     return EXIT_OK
@@ -1661,7 +1671,9 @@ def _refuse_live_guess(
     why, guess = refused
     if guess.runbook is None:
         raise UsageError(f"{why}; put a runbook id first, or add --yes to let the policy choose")
-    raise UsageError(f"{why}; to run exactly that: {_retyped(args, guess.named())} (or add --yes)")
+    # With the settings that made it live, or the pasted command would start a dry run.
+    retyped = f"{switched_on(settings.effects.live)} {_retyped(args, guess.named())}"
+    raise UsageError(f"{why}; to run exactly that: {retyped} (or add --yes)")
 
 
 def _retyped(args: argparse.Namespace, message: str) -> str:
@@ -1715,7 +1727,8 @@ async def _healthcheck(settings: Settings, url: str | None) -> int:
         if response.status_code != 200:
             print(f"loom-ops: unhealthy: {url} answered {response.status_code}", file=sys.stderr)
             return EXIT_RUN_FAILED
-    print(f"ok: {label} at schema {version}")
+    answered = f"; {url} answered 200" if url is not None else ""  # say all that was checked
+    print(f"ok: {label} at schema {version}{answered}")
     return EXIT_OK
 
 

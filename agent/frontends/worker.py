@@ -93,9 +93,12 @@ async def run_worker(
             worker = asyncio.create_task(
                 Worker(service, concurrency, poll_interval).run(), name="loom-ops:worker"
             )
+            # What it may act live says which runs it takes (only those it may act in full).
+            live = settings.effects.live
+            acts = f"acting live: {', '.join(live)}" if live else "dry-run: acting nothing live"
             print(
                 f"loom-ops: worker {service.owner} on {service.store_label}, "
-                f"up to {concurrency} runs at once",
+                f"up to {concurrency} runs at once, {acts}",
                 file=sys.stderr,
                 flush=True,
             )

@@ -8,6 +8,7 @@ usage or input, which must leave one `loom-ops:` line on stderr and the database
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import re
 import shlex
@@ -745,6 +746,37 @@ def test_healthcheck_calls_a_store_not_created_yet_unhealthy_and_creates_none(cl
     assert probe.stdout.startswith(f"ok: {cli.db} at schema "), probe.describe()
 
 
+def test_healthcheck_with_a_url_says_it_asked_it_too(cli: Cli) -> None:
+    """`healthcheck --url` (a container's probe of `serve`): ok names the URL it asked, and
+    an answer other than 200 is unhealthy."""
+
+    class Healthz(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/healthz" else 503)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    _start_waiting(cli, "inc-1")
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Healthz)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        healthy = cli("healthcheck", "--url", f"{base}/healthz")
+        unhealthy = cli("healthcheck", "--url", f"{base}/down")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert healthy.returncode == 0, healthy.describe()
+    assert re.fullmatch(
+        rf"ok: {re.escape(str(cli.db))} at schema \d+; {base}/healthz answered 200\n",
+        healthy.stdout,
+    ), healthy.describe()
+    assert unhealthy.returncode == 1, unhealthy.describe()
+    assert unhealthy.stderr_lines() == [f"loom-ops: unhealthy: {base}/down answered 503"]
+
+
 @pytest.mark.parametrize(
     ("url", "shown"),
     [
@@ -784,11 +816,13 @@ def test_live_run_from_a_fuzzy_match_is_refused_naming_runbook_params_and_yes(
     assert "LOOM_OPS_ALLOW_SHELL=1" in line
     assert not cli.db.exists()
 
-    # The named form it offers is accepted as it stands (here it fails at the allowlist:
-    # the test workspace has none, which is what makes it safe to start).
+    # The named form it offers, the live setting included (pasted without it, the run would
+    # be a dry run), is accepted as it stands: here it fails at the allowlist, as a live run
+    # does (the test workspace has none, which is what makes it safe to start).
     offered = shlex.split(line.split("to run exactly that: ")[1].removesuffix(" (or add --yes)"))
-    assert offered[:2] == ["loom-ops", "runbook"], offered
-    named = cli(*offered[1:], env=LIVE)
+    assert offered[:3] == ["LOOM_OPS_ALLOW_SHELL=1", "loom-ops", "runbook"], offered
+    setting, value = offered[0].split("=")
+    named = cli(*offered[2:], env={setting: value})
     assert named.returncode == 1, named.describe()
     assert "command denied" in named.stderr
     assert _run_row(cli, "rb-shell")["runbook_id"] == "failed-deploy-rollback"

@@ -620,6 +620,7 @@ async def test_one_worker_drives_a_recorded_run_on_sqlite(tmp_path: Path) -> Non
         stop_workers(workers)
         assert worker.proc.returncode == 0, worker.tail()
         assert "Traceback" not in worker.stderr(), worker.tail()
+    assert "up to 2 runs at once, acting live: shell" in worker.stderr(), worker.tail()
     assert markers(workspace) == Counter(["one w001", "two w001"])
     report = walk_journal(db)
     assert report.violations == [], report.violations

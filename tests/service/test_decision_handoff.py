@@ -153,8 +153,8 @@ def test_a_live_run_is_left_to_a_process_that_may_act_it(tmp_path: Path, db_url:
     )
     assert "Run live-1: queued" in status.stdout, status.describe()
     assert (
-        "No live process may act it: the live serve may not do what the run does live. Resume "
-        "it where that is allowed: LOOM_OPS_ALLOW_SHELL=1 loom-ops resume live-1 --db "
+        "No live process may act it: the running serve lacks the settings its live steps "
+        "need. Resume it with them: LOOM_OPS_ALLOW_SHELL=1 loom-ops resume live-1 --db "
     ) in status.stdout, status.describe()
     assert (shown["undriven"], shown["drivers"]) == (["live-1"], []), shown
     assert recovered.stdout == (
@@ -221,8 +221,8 @@ def test_what_a_cli_says_goes_on_with_a_live_run_it_may_not_act(tmp_path: Path) 
     assert said().startswith("The live worker will try it again after a pause"), said()
     worker('{"shell":false,"mcp":false,"checks":false}')
     assert said() == (
-        "No live process may act it: the live worker may not do what the run does live. "
-        f"Resume it where that is allowed: LOOM_OPS_ALLOW_SHELL=1 loom-ops resume d1 --db {db}"
+        "No live process may act it: the running worker lacks the settings its live steps "
+        f"need. Resume it with them: LOOM_OPS_ALLOW_SHELL=1 loom-ops resume d1 --db {db}"
     )
 
 
@@ -272,7 +272,17 @@ def test_status_lists_the_live_processes_and_the_gone_ones(tmp_path: Path) -> No
         assert (entry["kind"], entry["live"], entry["drives_runs"]) == ("serve", True, True)
         assert entry["acts_live"] == ["shell"], entry
         shown = Cli(workspace, db)("status").stdout
-        assert re.search(r"^serve +live +drives runs +live: shell +since ", shown, re.M), shown
+        assert re.search(r"^PROCESS +STATE +ROLE +ACTS LIVE +SINCE +OWNER$", shown, re.M), shown
+        assert re.search(r"^serve +running +drives runs +shell +20", shown, re.M), shown
+        # A shell without the setting may start runs the serve drives: nothing more to say.
+        assert "No running process that drives runs may act" not in shown, shown
+        both = {"LOOM_OPS_ALLOW_SHELL": "1", "LOOM_OPS_ALLOW_MCP": "1"}
+        shown = Cli(workspace, db)("status", env=both).stdout
+        assert (
+            "No running process that drives runs may act what a run started here does live "
+            "(LOOM_OPS_ALLOW_SHELL=1 LOOM_OPS_ALLOW_MCP=1): such a run is driven by the command "
+            "that starts it."
+        ) in shown, shown
     finally:
         assert server.proc is not None
         server.proc.kill()
