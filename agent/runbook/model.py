@@ -218,14 +218,37 @@ _LOADING_TAGS = {
 }
 
 
+# Filters that name another filter or test by a string: the kind, and which argument.
+_NAMING_FILTERS = {
+    "map": ("filter", 0),
+    "select": ("test", 0),
+    "reject": ("test", 0),
+    "selectattr": ("test", 1),
+    "rejectattr": ("test", 1),
+}
+
+
+def _named_by_string(node: jinja2.nodes.Filter) -> tuple[str, str] | None:
+    """The filter or test a `map`/`select`-like filter names by a literal string (`kind`,
+    `name`), or None (another filter, a name computed at run time, `map(attribute=…)`)."""
+    spec = _NAMING_FILTERS.get(node.name)
+    if spec is None or len(node.args) <= spec[1]:
+        return None
+    named = node.args[spec[1]]
+    if isinstance(named, jinja2.nodes.Const) and isinstance(named.value, str):
+        return spec[0], named.value
+    return None
+
+
 def _compiled(env: jinja2.Environment, source: str) -> tuple[set[str], str | None]:
     """The names a template reads that it does not set itself, and why it cannot compile
     (its syntax, a filter or test the sandbox does not have, a tag that loads another
     template), or None.
 
-    Jinja checks a filter's name when it compiles the template, but one inside an `{% if %}`
-    and every test only when a render reaches them: all are checked here, so a runbook with
-    a misspelt filter is refused when it loads rather than failing its step at run time."""
+    Jinja checks a filter's name when it compiles the template, but one inside an `{% if %}`,
+    every test, and one named by a string (`map('upper')`) only when a render reaches them:
+    all are checked here, so a runbook with a misspelt filter is refused when it loads
+    rather than failing its step at run time."""
     try:
         ast = env.parse(source)
         for node in ast.find_all((jinja2.nodes.Filter, jinja2.nodes.Test, *_LOADING_TAGS)):
@@ -236,6 +259,11 @@ def _compiled(env: jinja2.Environment, source: str) -> tuple[set[str], str | Non
             filter_ = isinstance(node, jinja2.nodes.Filter)
             if node.name not in (env.filters if filter_ else env.tests):
                 return set(), f"{where}: no {'filter' if filter_ else 'test'} named {node.name!r}"
+            named = _named_by_string(node) if filter_ else None
+            if named is not None and named[1] not in (
+                env.filters if named[0] == "filter" else env.tests
+            ):
+                return set(), f"{where}: no {named[0]} named {named[1]!r} (in {node.name})"
         return jinja2.meta.find_undeclared_variables(ast), None  # compiles it
     except jinja2.TemplateSyntaxError as exc:  # the compiler's TemplateAssertionError too
         return set(), f"template syntax error (template line {exc.lineno}): {exc.message}"

@@ -252,6 +252,16 @@ UNKNOWN_NAMES = {
         "no filter named",
     ),
     "a test": ('run: "echo {% if 1 is nosuchtest %}x{% endif %}"', "steps[0].run", "no test named"),
+    "a filter named by map": (
+        "note: \"{{ [1]|map('nosuchfilter')|list }}\"",
+        "steps[0].note",
+        "no filter named 'nosuchfilter' (in map)",
+    ),
+    "a test named by selectattr": (
+        "note: \"{{ [{'a': 1}]|selectattr('a', 'nosuchtest')|list }}\"",
+        "steps[0].note",
+        "no test named 'nosuchtest' (in selectattr)",
+    ),
     "an include": (
         "note: \"{% include 'other' %}\"",
         "steps[0].note",
@@ -279,6 +289,20 @@ def test_an_unknown_filter_or_test_is_refused_in_one_line_when_the_runbook_loads
         load_runbook(path)
     assert caught.value.field == field and caught.value.line == 7
     assert_usage_error(cli("runbooks", "validate", str(path)), f"{path}:7", field, problem)
+
+
+def test_filters_and_tests_named_by_strings_that_exist_load_and_render(tmp_path: Path) -> None:
+    path = tmp_path / "named.yaml"
+    path.write_text(
+        "id: named\ntitle: Named\ntriggers: [named]\nsteps:\n  - id: s\n    title: S\n"
+        "    note: \"{{ ['a', 'b']|map('upper')|join }} {{ [1, 2, 3]|select('odd')|list }} "
+        "{{ [1, 2]|reject('even')|list }} {{ [{'a': 1}]|selectattr('a', 'equalto', 1)|list }} "
+        "{{ [{'a': 1}]|map(attribute='a')|list }} {{ [1]|map(name)|list }}\"\n"
+        "params:\n  name:\n    default: string\n"
+    )
+    runbook = load_runbook(path, render_templates=True)
+    note = render_text(runbook.steps[0].note or "", {"name": "string"}, SHORT)
+    assert note == "AB [1, 3] [1] [{'a': 1}] [1] ['1']", note
 
 
 def test_a_runbook_with_an_unknown_filter_leaves_the_others_usable(tmp_path: Path) -> None:
