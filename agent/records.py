@@ -375,8 +375,7 @@ class RunRecord:
     not_before: float | None = None  # queued, handed back to be tried again no sooner
 
     def due(self, now: float) -> bool:
-        """True unless it was handed back to be tried again later than `now` (an outage, a
-        process that may not act it)."""
+        """True unless it was handed back to be tried again later than `now` (an outage)."""
         return self.not_before is None or self.not_before <= now
 
 

@@ -624,23 +624,17 @@ async def _drivers(service: RunService, effects: Effects | None) -> list[Process
     """The live processes that drive this store's runs and may act a run with `effects`;
     when there is one, a command records its start or decision and leaves the run to it (at
     once on PostgreSQL, within a second on SQLite) rather than race it for the run."""
-    drivers = await _live_drivers(service, effects)
+    drivers = await service.drivers(effects)
     if drivers:
         service.executes_runs = False
     return drivers
-
-
-async def _live_drivers(service: RunService, effects: Effects | None) -> list[ProcessRecord]:
-    """The live processes that drive this store's runs and may act a run with `effects`."""
-    live = await service.live_processes()
-    return [p for p in live if p.drives_runs and p.may_act(effects)]
 
 
 async def _driven_on(service: RunService, run: RunRecord) -> str | None:
     """Who goes on with a run this process stopped or left, with no person needed: the live
     processes that drive runs and may act it ("the worker process … goes on with it"), or
     None."""
-    drivers = await _live_drivers(service, run.effects)
+    drivers = await service.drivers(run.effects)
     return f"{_driven_by(drivers)} goes on with it" if drivers else None
 
 
@@ -702,16 +696,16 @@ async def _cmd_resume(service: RunService, args: argparse.Namespace) -> int:
             return await _interrupted(service, run, args.json)
         return await _report(service, run, args.json)
     runs = await service.recover()
-    left = [r for r in runs if not service.may_act(r)]  # what this process may not act
+    resumed = {r.id for r in runs if service.may_act(r)}  # the others are left to who may
     if args.json:
-        listed = [_run_json(r) | {"resumed": service.may_act(r)} for r in runs]
+        listed = [_run_json(r) | {"resumed": r.id in resumed} for r in runs]
         print(json.dumps({"run_id": None, "status": "ok", "runs": listed}))
     else:
         for run in runs:
             resume = f"{_needs(service, run)}loom-ops resume --run-id {run.id}"
-            note = "" if service.may_act(run) else f" (not resumed here: run {resume})"
+            note = "" if run.id in resumed else f" (not resumed here: run {resume})"
             print(f"{run.id}: {run.status}{note}")
-        print(f"resumed {len(runs) - len(left)} run(s)")
+        print(f"resumed {len(resumed)} run(s)")
     return EXIT_OK if all(_exit_code(r) == EXIT_OK for r in runs) else EXIT_RUN_FAILED
 
 

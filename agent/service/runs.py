@@ -48,6 +48,7 @@ from agent.records import (
     ApprovalVote,
     Claim,
     Decision,
+    Effects,
     EventRecord,
     Hop,
     Origin,
@@ -539,12 +540,17 @@ class RunService:
             and not owner_is_dead(process.owner)
         ]
 
+    async def drivers(self, effects: Effects | None) -> list[ProcessRecord]:
+        """The other live processes that drive runs and may act a run with `effects` in
+        full: those that pick such a run up on their own."""
+        live = await self.live_processes()
+        return [p for p in live if p.drives_runs and p.may_act(effects)]
+
     async def _waits_for(self, run: RunRecord) -> str | None:
         """Why a queued run this process leaves to others waits longer than for a driver's
         next look: no live process drives runs, or none has the settings its live steps
         need. None when a live process that drives runs may act it."""
-        live = await self.live_processes()
-        if any(p.drives_runs and p.may_act(run.effects) for p in live):
+        if await self.drivers(run.effects):
             return None
         needed = run.effects.live if run.effects is not None else ()
         if not needed:

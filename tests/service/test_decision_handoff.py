@@ -201,7 +201,7 @@ def test_what_a_cli_says_goes_on_with_a_live_run_it_may_not_act(tmp_path: Path) 
         "loom-ops resume --run-id d1\n"
     ), stopped.describe()
 
-    def worker(effects: str) -> None:
+    def worker(effects: str | None) -> None:
         raw_rows(db, "DELETE FROM processes")
         raw_rows(
             db,
@@ -218,6 +218,8 @@ def test_what_a_cli_says_goes_on_with_a_live_run_it_may_not_act(tmp_path: Path) 
     again = cli("resume", "--run-id", "d1")  # stopped again, and the worker goes on
     assert again.stderr.endswith("; the worker process elsewhere:1:w goes on with it\n"), again
     raw_rows(db, "UPDATE runs SET not_before = ?", (time.time() + 60,))  # an outage's pause
+    assert said().startswith("The live worker will try it again after a pause"), said()
+    worker(None)  # a worker of an older version says nothing: it is taken to act all
     assert said().startswith("The live worker will try it again after a pause"), said()
     worker('{"shell":false,"mcp":false,"checks":false}')
     assert said() == (
